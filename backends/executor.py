@@ -1,0 +1,137 @@
+"""The Executor: runs an artifact's Plan on numpy arrays. Torch-free.
+
+    run = pared.load("artifact/")
+    y = run(x)                  # one array, a tuple or a dict, as the model returned
+    run.reset()                 # between requests of an iterative model
+
+Each graph runs with ONNX Runtime or the TVM runtime, as the manifest says;
+the Plan (ir.plan) decides which graphs run per call and carries state between
+calls of one request.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from pared.backends.artifact import read_manifest
+from pared.ir import structure as _structure
+from pared.ir.errors import ArtifactError
+from pared.ir.plan import Plan, PlanError, PlanRunner
+
+_RUNTIMES = {
+    "onnxruntime": ("pared.backends.onnxruntime.runtime", "OrtGraph"),
+    "tvm": ("pared.backends.tvm.runtime", "TvmGraph"),
+}
+
+_DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int64": np.int64,
+           "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+
+
+class Executor:
+    """A loaded artifact.
+
+    Args:
+        path: the artifact directory.
+        threads: override the target's intra-op thread count.
+    Raises:
+        ArtifactError: see backends.artifact.read_manifest; also a graph whose
+            backend is unknown or whose runtime cannot load it.
+    """
+
+    def __init__(self, path: str, *, threads: int | None = None):
+        self.path = path
+        self.manifest = read_manifest(path)
+        try:
+            self.plan = Plan.from_json(self.manifest["plan"])
+        except PlanError as e:
+            raise ArtifactError(f"{path}: {e}") from None
+        target = dict(self.manifest["target"])
+        if threads is not None:
+            target["threads"] = threads
+        self.target = target
+        self.graphs: dict[str, Any] = {}
+        for name, entry in self.manifest["graphs"].items():
+            backend = entry.get("backend")
+            if backend not in _RUNTIMES:
+                raise ArtifactError(f"{path}: graph '{name}' has unknown backend {backend!r}")
+            modname, clsname = _RUNTIMES[backend]
+            cls = getattr(importlib.import_module(modname), clsname)
+            try:
+                self.graphs[name] = cls(path, entry, target)
+            except ArtifactError:
+                raise
+            except Exception as e:
+                raise ArtifactError(f"{path}: graph '{name}' could not be loaded by {backend}: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        try:
+            self.plan.validate({n: (len(e["inputs"]), len(e["outputs"])) for n, e in self.manifest["graphs"].items()})
+        except PlanError as e:
+            raise ArtifactError(f"{path}: {e}") from None
+        self.structure = self.manifest.get("output_structure", _structure.TENSOR)
+        self._inputs = self._program_inputs()
+        self._runner = PlanRunner(self.plan, self._run_graph)
+
+    def _program_inputs(self) -> list[dict]:
+        specs: dict[str, dict] = {}
+        for _, calls in self.plan.routines:
+            for c in calls:
+                entry = self.manifest["graphs"][c.graph]
+                for ref, spec in zip(c.inputs, entry["inputs"]):
+                    if ref.startswith("in:"):
+                        specs.setdefault(ref[3:], spec)
+        return [dict(specs.get(n, {"dtype": None, "shape": None}), name=n) for n in self.plan.inputs]
+
+    @property
+    def inputs(self) -> list[dict]:
+        """Name, dtype and shape (str for a dynamic dim) of each input, in order."""
+        return [dict(s) for s in self._inputs]
+
+    @property
+    def report(self) -> Mapping[str, Any]:
+        """Fidelity and speed measured when the artifact was made."""
+        return self.manifest.get("report", {})
+
+    @property
+    def trace(self) -> list[str]:
+        """The routine the plan chose at each call of the current request."""
+        return list(self._runner.trace)
+
+    def _run_graph(self, name: str, arrays: list) -> list:
+        return self.graphs[name](arrays)
+
+    def _check(self, arrays: list) -> list[np.ndarray]:
+        out = []
+        for spec, a in zip(self._inputs, arrays):
+            a = np.asarray(a)
+            want = spec.get("dtype")
+            if want and a.dtype != np.dtype(_DTYPES.get(want, want)):
+                raise TypeError(f"input '{spec['name']}' must be {want}, got {a.dtype}")
+            shape = spec.get("shape")
+            if shape is not None:
+                if a.ndim != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(shape, a.shape)):
+                    raise ValueError(f"input '{spec['name']}' must have shape {shape}, got {list(a.shape)}")
+            out.append(np.ascontiguousarray(a))
+        return out
+
+    def run_flat(self, *arrays: np.ndarray, **named: np.ndarray) -> list[np.ndarray]:
+        """Run one call; outputs as a flat list."""
+        names = [s["name"] for s in self._inputs]
+        args = list(arrays)
+        if named:
+            unknown = [k for k in named if k not in names[len(args):]]
+            if unknown:
+                raise TypeError(f"unknown or duplicate input(s) {unknown}; inputs are {names}")
+            args += [named[n] for n in names[len(args):] if n in named]
+        if len(args) != len(names):
+            raise TypeError(f"expected {len(names)} inputs {names}, got {len(args)}")
+        return self._runner(self._check(args))
+
+    def __call__(self, *arrays: np.ndarray, **named: np.ndarray) -> Any:
+        """Run one call; outputs in the model's structure (an array, a tuple or a dict)."""
+        return _structure.unflatten(self.structure, self.run_flat(*arrays, **named))
+
+    def reset(self) -> None:
+        """Start a new request: clear carried state and the call counter."""
+        self._runner.reset()

@@ -1,0 +1,1 @@
+"""ONNX Runtime backend: `lower` (torch side) and `runtime` (torch-free)."""

@@ -1,0 +1,94 @@
+"""Lower one graph to ONNX with torch.onnx.export(dynamo=True), then check it.
+
+The exported file is run with ONNX Runtime on the graph's example inputs and
+compared with the fx graph; on a mismatch the export is retried without the
+exporter's optimizer (it once silently collapsed two chained index_add ops into
+an Identity here), and a graph that still differs is refused. No graph is
+shipped unchecked.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pared.backends.common import compare, io_spec, retrace, to_numpy
+from pared.ir.errors import BackendError
+from pared.ir.program import Graph
+
+log = logging.getLogger("pared.backends.onnxruntime")
+
+#: graphs whose weights exceed this are saved with external data (protobuf caps a file at 2 GB)
+EXTERNAL_DATA_BYTES = 1 << 30
+#: relative L2 error between ORT and the fx graph above which a lowering is refused
+CHECK_REL_L2 = 1e-4
+
+
+def _quiet_exporter() -> None:
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> None:
+    """Write `graph` as an ONNX model at `path` (+ `path.data` when large)."""
+    import onnx
+
+    _quiet_exporter()
+    ep = retrace(graph)
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), torch.no_grad():
+        onnx_program = torch.onnx.export(ep, (), dynamo=True, input_names=list(graph.input_names),
+                                         output_names=list(graph.output_names), optimize=optimize,
+                                         verbose=False, report=False)
+    weight_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
+    external = weight_bytes > EXTERNAL_DATA_BYTES
+    onnx_program.save(path, external_data=external)
+    onnx.checker.check_model(path if external else onnx.load(path), full_check=False)
+
+
+def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str) -> dict:
+    """Export, check against the fx graph, and return the manifest entry.
+
+    Raises:
+        BackendError: naming the graph, when export fails or ORT disagrees with
+            eager after the retry without the exporter's optimizer.
+    """
+    from pared.backends.onnxruntime.runtime import OrtGraph
+
+    fname = f"{name}.onnx"
+    path = os.path.join(outdir, fname)
+    inputs, outputs = io_spec(graph)
+    expected = to_numpy(graph.run(*graph.example_inputs))
+    feed = to_numpy(graph.example_inputs)
+    last_err: dict | str = ""
+    for optimize in (True, False):
+        for f in (path, path + ".data"):
+            if os.path.exists(f):
+                os.remove(f)
+        try:
+            export_onnx(graph, path, optimize=optimize)
+        except Exception as e:  # exporter and checker raise many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise BackendError(f"graph '{name}': ONNX export failed: {type(e).__name__}: {first[:400]}; "
+                               "try target 'tvm-cpu', or simplify the op named above") from e
+        entry = {"backend": "onnxruntime", "file": fname, "inputs": inputs, "outputs": outputs,
+                 "files": [fname] + ([fname + ".data"] if os.path.exists(path + ".data") else []),
+                 "exporter_optimized": optimize}
+        # the check always runs on the CPU provider: the build machine may lack the target's device
+        check_target = dict(target, provider="CPUExecutionProvider")
+        got = OrtGraph(outdir, entry, check_target)(feed)
+        err = compare(expected, got)
+        if err["rel_l2"] <= CHECK_REL_L2:
+            entry["check"] = err
+            if not optimize:
+                log.warning("graph '%s': the ONNX exporter's optimizer changed results; exported without it", name)
+            return entry
+        last_err = err
+    raise BackendError(f"graph '{name}': ONNX Runtime output differs from eager after export "
+                       f"(max abs {last_err['max_abs']:.3g}, rel L2 {last_err['rel_l2']:.3g}, limit {CHECK_REL_L2}), "
+                       "with and without the exporter's optimizer; try target 'tvm-cpu'")

@@ -1,0 +1,1 @@
+"""TVM backend: `lower` (torch side, relax -> .so) and `runtime` (torch-free)."""

@@ -1,0 +1,322 @@
+"""Pass infrastructure: Pass, Analysis, RewritePass, PassResult, PassContext,
+the registry and the PassManager.
+
+The contract (STYLE.md): a pass is called ``pass_(program, ctx) -> PassResult``.
+Analyses are read-only and return one frozen, serializable record that the
+context caches by type. Rewrites return a new Program and never edit the one
+they were given. After a modifying pass the manager drops every record not in
+``preserved``, lints and recompiles the graphs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import time
+import typing
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+
+from .errors import OptionError, PassError
+from .program import Program
+
+log = logging.getLogger("pared.passes")
+
+
+# -- records -----------------------------------------------------------------
+class Record:
+    """Base of analysis results (`...Profile`) and decisions (`...Plan`).
+
+    Subclasses are frozen dataclasses of JSON-friendly fields (str, int, float,
+    bool, tuples and nested records).
+    """
+
+    def to_json(self) -> dict:
+        def conv(v: Any) -> Any:
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, (tuple, list)):
+                return [conv(x) for x in v]
+            if isinstance(v, Mapping):
+                return {str(k): conv(x) for k, x in v.items()}
+            return v
+        return {"type": type(self).__name__, **conv(self)}
+
+
+# -- options -----------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """A pass without options."""
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list):
+        args = typing.get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        inner = args[0] if args else Any
+        return all(_type_ok(v, inner) for v in value)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def make_options(pass_cls: type["Pass"], given: Mapping[str, Any] | None) -> Any:
+    """Build a pass's Options from a mapping, checking names, types and ranges.
+
+    Raises:
+        OptionError: "pass 'NAME': option 'OPT' ..." with the expected type or
+            range and, for an unknown name, the closest known one.
+    """
+    opts_cls = pass_cls.Options
+    given = dict(given or {})
+    fields = {f.name: f for f in dataclasses.fields(opts_cls)}
+    hints = typing.get_type_hints(opts_cls)
+    pname = pass_cls.name
+    for key, value in given.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else (
+                f"; known options: {', '.join(fields)}" if fields else "; it takes no options")
+            raise OptionError(f"pass '{pname}': unknown option '{key}'{hint}", ) from None
+        expected = hints.get(key, Any)
+        if isinstance(value, list) and typing.get_origin(expected) is tuple:
+            given[key] = value = tuple(value)
+        if not _type_ok(value, expected):
+            raise OptionError(f"pass '{pname}': option '{key}' expects {_type_name(expected)}, "
+                              f"got {type(value).__name__} {value!r}")
+        if expected is float and isinstance(value, int):
+            given[key] = float(value)
+    try:
+        return opts_cls(**given)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        if msg.startswith("pass '"):
+            raise OptionError(msg) from None
+        raise OptionError(f"pass '{pname}': {msg}") from None
+
+
+def check_range(pass_name: str, option: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise OptionError when value falls outside [lo, hi] (or the open ends)."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+          (hi is not None and (value >= hi if hi_open else value > hi))
+    if bad:
+        left = ("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}")
+        right = ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]")
+        raise OptionError(f"pass '{pass_name}': option '{option}' must be in {left}, {right}, got {value!r}")
+
+
+# -- results and context -----------------------------------------------------
+@dataclass(frozen=True)
+class PassResult:
+    program: Program
+    modified: bool
+    preserved: tuple[type, ...] = ()
+    stats: Mapping[str, int | float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stats", MappingProxyType(dict(self.stats)))
+
+
+class PassContext:
+    """What passes share: calibration data, the target, cached records, progress.
+
+    Args:
+        calibration: a list of input tuples, or a callable ``loop(model)`` that
+            drives the model through a calibration run (a sampler loop).
+        target: the pared Target (or None for target-independent work).
+        progress: ``progress(message)`` callback for long work (may be None).
+    """
+
+    def __init__(self, *, calibration: Any = None, target: Any = None,
+                 progress: Callable[[str], None] | None = None, logger: logging.Logger | None = None):
+        self.calibration = calibration
+        self.target = target
+        self.records: dict[type, Record] = {}
+        self.progress = progress or (lambda msg: None)
+        self.log = logger or log
+
+    def get(self, record_type: type) -> Record | None:
+        return self.records.get(record_type)
+
+    def require(self, record_type: type, by: str) -> Record:
+        rec = self.records.get(record_type)
+        if rec is None:
+            producers = [n for n, c in REGISTRY.items()
+                         if issubclass(c, Analysis) and getattr(c, "record", None) is record_type]
+            raise PassError(f"pass '{by}' needs a {record_type.__name__}; run "
+                            f"{' or '.join(repr(p) for p in producers) or 'its analysis'} before it")
+        return rec
+
+
+# -- passes ------------------------------------------------------------------
+class Pass:
+    """Base of every pass. Subclasses set `Options` (a frozen dataclass)."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    requires: ClassVar[tuple[type, ...]] = ()
+
+    def __init__(self, options: Any = None, **kwargs: Any):
+        if options is not None and kwargs:
+            raise TypeError("give options or keyword options, not both")
+        if options is None:
+            options = make_options(type(self), kwargs)
+        elif isinstance(options, Mapping):
+            options = make_options(type(self), options)
+        elif not isinstance(options, self.Options):
+            raise OptionError(f"pass '{self.name}': options must be {self.Options.__qualname__} "
+                              f"or a mapping, got {type(options).__name__}")
+        self.options = options
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+class Analysis(Pass):
+    """A read-only pass producing one record of type `record`."""
+
+    record: ClassVar[type] = Record
+
+    def analyze(self, program: Program, ctx: PassContext) -> Record:
+        raise NotImplementedError
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        rec = self.analyze(program, ctx)
+        if not isinstance(rec, self.record):
+            raise TypeError(f"analysis '{self.name}' returned {type(rec).__name__}, expected {self.record.__name__}")
+        ctx.records[self.record] = rec
+        return PassResult(program, modified=False, preserved=tuple(ctx.records))
+
+
+class RewritePass(Pass):
+    """A pass that returns a new Program (or the same one, unmodified)."""
+
+
+# -- registry ----------------------------------------------------------------
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator: register a pass under its pipeline name.
+
+    Raises:
+        ValueError: when the name is taken by another class.
+    """
+    def deco(cls: type[Pass]) -> type[Pass]:
+        prev = REGISTRY.get(name)
+        if prev is not None and prev.__qualname__ != cls.__qualname__:
+            raise ValueError(f"pass name '{name}' is already registered by "
+                             f"{prev.__module__}.{prev.__qualname__}")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def load_builtin_passes() -> None:
+    """Import the pass packages so their @register_pass decorators run."""
+    import importlib
+    for mod in ("pared.passes.generic", "pared.analysis"):
+        importlib.import_module(mod)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """The pass class registered under `name`.
+
+    Raises:
+        UnknownPassError: naming the closest registered name.
+    """
+    load_builtin_passes()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known passes: {', '.join(sorted(REGISTRY))}"
+        raise UnknownPassError(f"unknown pass '{name}'{hint}") from None
+
+
+class UnknownPassError(OptionError, KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message otherwise
+        return str(self.args[0])
+
+
+# -- manager -----------------------------------------------------------------
+class PassManager:
+    """Runs passes in order.
+
+    After each modifying pass: drops records not preserved, lints and
+    recompiles every graph. Any failure is re-raised as PassError naming the
+    pass and the passes before it.
+    """
+
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = list(passes)
+
+    def run(self, program: Program, ctx: PassContext) -> tuple[Program, list[tuple[str, PassResult, float]]]:
+        history: list[tuple[str, PassResult, float]] = []
+        done: list[str] = []
+        for p in self.passes:
+            ctx.progress(f"pass {p.name}")
+            t0 = time.perf_counter()
+            try:
+                for rt in p.requires:
+                    ctx.require(rt, p.name)
+                result = p(program, ctx)
+                if not isinstance(result, PassResult):
+                    raise TypeError(f"returned {type(result).__name__}, expected PassResult")
+                if not isinstance(result.program, Program):
+                    raise TypeError(f"PassResult.program is {type(result.program).__name__}, expected Program")
+                if not result.modified and result.program is not program:
+                    raise TypeError("reported modified=False but returned a different Program")
+                if result.modified:
+                    for rt in list(ctx.records):
+                        if rt not in result.preserved:
+                            del ctx.records[rt]
+                    for g in result.program.graphs.values():
+                        g.module.graph.lint()
+                        g.module.recompile()
+            except PassError as e:
+                if e.args and str(e.args[0]).startswith(f"pass '{p.name}'"):
+                    raise
+                raise PassError(_fail_msg(p.name, done, e)) from e
+            except Exception as e:
+                raise PassError(_fail_msg(p.name, done, e)) from e
+            dt = time.perf_counter() - t0
+            stats = ", ".join(f"{k}={v}" for k, v in result.stats.items())
+            ctx.log.info("%s: %s in %.2fs%s", p.name, "modified" if result.modified else "no change",
+                         dt, f" ({stats})" if stats else "")
+            history.append((p.name, result, dt))
+            done.append(p.name)
+            program = result.program
+        return program, history
+
+
+def _fail_msg(name: str, done: Iterable[str], e: BaseException) -> str:
+    before = list(done)
+    after = f" (after {', '.join(before)})" if before else " (first pass)"
+    return f"pass '{name}' failed{after}: {type(e).__name__}: {e}"

@@ -1,0 +1,237 @@
+"""The front door: `optimize()` and the `Optimized` result.
+
+    opt = pared.optimize(model, (x,), target="cpu", pipeline=[...] or "p.yaml")
+    opt.report        # fidelity and speed vs. eager, measured side by side
+    opt.save("out/")  # the torch-free artifact
+
+Flow: capture -> passes -> lower to a staging artifact -> run it against the
+eager model on the example and calibration inputs (fidelity) and time both
+alternately (speed) -> `save()` writes the final artifact atomically with the
+report in its manifest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+import pared
+from pared.backends.artifact import write_artifact
+from pared.backends.executor import Executor
+from pared.backends.lower import lower_program
+from pared.fidelity import Fidelity, side_by_side, summarize
+from pared.ir.capture import capture, normalize_inputs
+from pared.ir.errors import FidelityError, PipelineError
+from pared.ir.program import Program
+from pared.ir.transform import PassContext, PassManager, Record
+from pared.targets import Target, get_target
+
+log = logging.getLogger("pared")
+
+
+class Optimized:
+    """The result of `optimize`: the rewritten Program, its lowered artifact and the report.
+
+    Call it like the model (torch tensors or numpy arrays in; the same kind
+    out, in the model's output structure). `save(dir)` writes the artifact.
+    """
+
+    def __init__(self, program: Program, target: Target, staging: str, manifest: dict, report: dict):
+        self.program = program
+        self.target = target
+        self._staging = staging
+        self._manifest = manifest
+        self.report = report
+        self.executor = Executor(staging)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, os.path.dirname(staging), True)
+
+    def __call__(self, *inputs: Any) -> Any:
+        as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
+        self.executor.reset()
+        out = self.executor(*arrays)
+        if as_torch:
+            return pytree.tree_map(lambda a: torch.from_numpy(np.asarray(a)) if isinstance(a, np.ndarray) else a, out)
+        return out
+
+    def save(self, path: str) -> str:
+        """Write the artifact directory (atomically) and return its path."""
+        def build(tmp: str) -> dict:
+            for rel in self._manifest["files"]:
+                dst = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(os.path.join(self._staging, rel), dst)
+            m = {k: v for k, v in self._manifest.items() if k not in ("files", "format", "schema_version")}
+            m["report"] = self.report
+            return m
+        return write_artifact(path, build)
+
+    def __repr__(self) -> str:
+        f = self.report.get("fidelity", {})
+        s = self.report.get("speed", {}).get("speedup_vs_eager")
+        return (f"Optimized(target={self.target.name!r}, graphs={list(self.program.graphs)}, "
+                f"cosine_min={f.get('cosine_min')}, speedup={s})")
+
+
+def _calibration_inputs(calibration: Any) -> list[tuple]:
+    if calibration is None or callable(calibration):
+        return []
+    if isinstance(calibration, torch.Tensor):
+        return [(calibration,)]
+    out = []
+    for item in calibration:
+        out.append(normalize_inputs(item))
+    return out
+
+
+def _flat_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    return [v for v in pytree.tree_leaves((args, dict(kwargs))) if isinstance(v, torch.Tensor)]
+
+
+def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str, Any] | None = None,
+             target: "str | Target | Mapping" = "cpu", pipeline: Any = None, calibration: Any = None,
+             fidelity: "Fidelity | Mapping[str, float] | None" = None, allow_fidelity_loss: bool = False,
+             dynamic_shapes: Any = None, bench_repeats: int = 10, backend_options: Mapping[str, Any] | None = None,
+             progress: Callable[[str], None] | None = None) -> Optimized:
+    """Capture, rewrite, lower and check a model.
+
+    Args:
+        model: the PyTorch module (left untouched: parameters, buffers and
+            train/eval mode are not changed).
+        example_inputs: a tensor or tuple of positional inputs.
+        kwargs: keyword inputs (non-tensor values are baked in).
+        target: a target name (`cpu`, `tvm-cpu`, `tvm-aarch64`, `cuda`), a
+            device-profile YAML path, or a Target.
+        pipeline: None (no rewrites), a pipeline YAML path, or a list of pass
+            specs (`"name"`, `{"name": {options}}`, or Pass objects).
+        calibration: a list of input tuples (also used as held-out fidelity
+            checks), or a callable loop for iterative models.
+        fidelity: bounds (see pared.fidelity.Fidelity); default cosine >= 0.999
+            and relative L2 <= 1e-2 on every output.
+        allow_fidelity_loss: keep a result that misses the bounds instead of raising.
+        dynamic_shapes: torch.export dynamic shapes for the inputs.
+        bench_repeats: rounds of the side-by-side timing (0 skips timing).
+        backend_options: passed to the backend (TVM: `tune`, `tune_trials`, `cache_dir`).
+        progress: called with a short message at each stage.
+    Returns:
+        Optimized.
+    Raises:
+        CaptureError, PipelineError, PassError, BackendError, TargetError,
+        FidelityError (unless allow_fidelity_loss).
+    """
+    say = progress or (lambda m: log.info(m))
+    tgt = get_target(target)
+    bounds = Fidelity.of(fidelity)
+    args = normalize_inputs(example_inputs)
+    kwargs = dict(kwargs or {})
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    say(f"capturing {type(model).__name__}")
+    program = capture(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
+    timings["capture_s"] = time.perf_counter() - t0
+
+    from pared.pipeline import build_passes, load_pipeline
+    if isinstance(pipeline, (str, os.PathLike)):
+        spec = load_pipeline(os.fspath(pipeline))
+        passes = build_passes(spec)
+    else:
+        passes = build_passes(list(pipeline or []))
+    ctx = PassContext(calibration=calibration, target=tgt, progress=say)
+    t0 = time.perf_counter()
+    program, history = PassManager(passes).run(program, ctx)
+    timings["passes_s"] = time.perf_counter() - t0
+
+    staging_root = tempfile.mkdtemp(prefix="pared-build-")
+    staging = os.path.join(staging_root, "artifact")
+    t0 = time.perf_counter()
+    target_json = tgt.to_json()
+
+    def build(tmp: str) -> dict:
+        graphs = lower_program(program, target_json, tmp, progress=say, **dict(backend_options or {}))
+        return _manifest(program, target_json, graphs, history)
+
+    try:
+        write_artifact(staging, build)
+    except BaseException:
+        shutil.rmtree(staging_root, ignore_errors=True)
+        raise
+    timings["lower_s"] = time.perf_counter() - t0
+    manifest = Executor(staging).manifest
+    manifest = {k: v for k, v in manifest.items()}
+    report: dict[str, Any] = {"target": tgt.name, "passes": [
+        {"name": n, "modified": r.modified, "stats": dict(r.stats), "seconds": round(dt, 3)} for n, r, dt in history],
+        "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+    if tgt.is_cross:
+        report["fidelity"] = {"skipped": f"built for {tgt.tvm_target.get('mtriple')}; cannot run on this host"}
+        report["speed"] = {"skipped": "cross build"}
+        opt = Optimized.__new__(Optimized)
+        opt.program, opt.target, opt._staging, opt._manifest, opt.report = program, tgt, staging, manifest, report
+        opt.executor = None
+        opt._cleanup = weakref.finalize(opt, shutil.rmtree, staging_root, True)
+        return opt
+
+    opt = Optimized(program, tgt, staging, manifest, report)
+    say("checking fidelity against eager PyTorch")
+    check_sets = [(args, kwargs)] + [(c, {}) for c in _calibration_inputs(calibration)]
+    pairs = []
+    was_training = model.training
+    with torch.no_grad():
+        for a, kw in check_sets:
+            ref = [t.detach().cpu().numpy() for t in pytree.tree_leaves(model(*a, **kw))
+                   if isinstance(t, torch.Tensor)]
+            opt.executor.reset()
+            got = opt.executor.run_flat(*[t.detach().cpu().numpy() for t in _flat_tensors(a, kw)])
+            pairs.append((ref, got))
+    assert model.training == was_training
+    figures = summarize(pairs)
+    report["fidelity"] = dict(figures, bounds={k: v for k, v in bounds.__dict__.items()})
+    bad = bounds.violations(figures)
+    report["fidelity"]["passed"] = not bad
+    if bench_repeats > 0:
+        say("timing eager PyTorch and the artifact side by side")
+        feed = [t.detach().cpu().numpy() for t in _flat_tensors(args, kwargs)]
+
+        def eager() -> None:
+            with torch.no_grad():
+                model(*args, **kwargs)
+
+        def artifact() -> None:
+            opt.executor.reset()
+            opt.executor.run_flat(*feed)
+
+        sp = side_by_side({"eager": eager, "artifact": artifact}, repeats=bench_repeats, warmup=2)
+        report["speed"] = {"eager_ms": round(sp["median_s"]["eager"] * 1e3, 3),
+                           "artifact_ms": round(sp["median_s"]["artifact"] * 1e3, 3),
+                           "speedup_vs_eager": round(sp["speedup"]["artifact"], 3),
+                           "repeats": sp["repeats"], "torch_threads": torch.get_num_threads(), **sp["env"]}
+    if bad and not allow_fidelity_loss:
+        raise FidelityError(f"optimized model misses the fidelity bound: {'; '.join(bad)} "
+                            "(pass allow_fidelity_loss=True to keep it, or loosen `fidelity`)", report["fidelity"])
+    return opt
+
+
+def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequence) -> dict:
+    records = {}
+    for name, rec in program.records.items():
+        records[name] = rec.to_json() if isinstance(rec, Record) else rec
+    return {
+        "pared_version": pared.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "target": target_json,
+        "inputs": list(program.plan.inputs),
+        "output_structure": program.output_structure,
+        "graphs": graphs,
+        "plan": program.plan.to_json(),
+        "records": records,
+        "pipeline": [{"name": n, "modified": r.modified} for n, r, _ in history],
+    }

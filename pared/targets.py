@@ -1,0 +1,143 @@
+"""Targets: which backend and device a Program is lowered for.
+
+A Target records its backend (ONNX Runtime or TVM), the execution provider or
+TVM target (in TVM 0.27's dict form: it rejects "llvm -mcpu=..." strings), the
+precisions the hardware runs fast, its peak compute and memory bandwidth (for
+the cost model), and threads. Torch-free: the Executor reads the target from
+the manifest.
+
+Named targets: ``cpu`` (the default), ``tvm-cpu``, ``tvm-aarch64``, ``cuda``.
+A YAML device profile defines a custom one::
+
+    name: jetson-orin-cpu
+    backend: tvm
+    tvm_target: {kind: llvm, mtriple: aarch64-linux-gnu, mcpu: cortex-a78}
+    cross_compiler: aarch64-linux-gnu-gcc
+    precisions: [fp32, int8]
+    peak_flops: 2.0e11
+    mem_bandwidth: 1.0e11
+    threads: 8
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pared.ir.errors import TargetError
+
+BACKENDS = ("onnxruntime", "tvm")
+ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str                                  # "onnxruntime" | "tvm"
+    provider: str | None = None                   # ORT execution provider
+    tvm_target: Mapping[str, Any] | None = None   # TVM target, dict form
+    cross_compiler: str | None = None             # linker for a TVM cross build (None: host cc)
+    precisions: tuple[str, ...] = ("fp32",)       # precisions with fast kernels
+    peak_flops: float = 1e11                      # FLOP/s, for the cost model
+    mem_bandwidth: float = 2e10                   # bytes/s, for the cost model
+    threads: int = 0                              # intra-op threads; 0: the runtime's default
+    ort_opt_level: str = "extended"               # ORT graph optimization level
+    description: str = ""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise TargetError(f"target '{self.name}': backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "onnxruntime" and not self.provider:
+            raise TargetError(f"target '{self.name}': an onnxruntime target needs 'provider'")
+        if self.backend == "tvm" and not self.tvm_target:
+            raise TargetError(f"target '{self.name}': a tvm target needs 'tvm_target' (dict form)")
+        if self.tvm_target is not None and not isinstance(self.tvm_target, Mapping):
+            raise TargetError(f"target '{self.name}': tvm_target must be a mapping like "
+                              "{kind: llvm, mtriple: ...}; TVM 0.27 rejects target strings")
+        if self.ort_opt_level not in ORT_OPT_LEVELS:
+            raise TargetError(f"target '{self.name}': ort_opt_level must be one of {ORT_OPT_LEVELS}")
+        if self.threads < 0 or self.peak_flops <= 0 or self.mem_bandwidth <= 0:
+            raise TargetError(f"target '{self.name}': threads must be >= 0 and peak_flops, mem_bandwidth > 0")
+        object.__setattr__(self, "precisions", tuple(self.precisions))
+        if self.tvm_target is not None:
+            object.__setattr__(self, "tvm_target", dict(self.tvm_target))
+
+    @property
+    def is_cross(self) -> bool:
+        """A TVM build for another CPU architecture than this host's."""
+        if self.backend != "tvm":
+            return False
+        triple = str(self.tvm_target.get("mtriple", ""))
+        return bool(triple) and not triple.startswith(platform.machine())
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["precisions"] = list(self.precisions)
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any], *, where: str = "target") -> "Target":
+        fields = {f.name for f in dataclasses.fields(Target)}
+        unknown = [k for k in d if k not in fields]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise TargetError(f"{where}: unknown field '{unknown[0]}'{hint}")
+        if "name" not in d or "backend" not in d:
+            raise TargetError(f"{where}: a target needs at least 'name' and 'backend'")
+        try:
+            return Target(**dict(d))
+        except TypeError as e:
+            raise TargetError(f"{where}: {e}") from None
+
+
+NAMED: dict[str, Target] = {
+    "cpu": Target("cpu", "onnxruntime", provider="CPUExecutionProvider",
+                  precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                  description="ONNX Runtime, CPU execution provider (default)"),
+    "tvm-cpu": Target("tvm-cpu", "tvm", tvm_target={"kind": "llvm"},
+                      precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                      description="TVM, llvm for this host"),
+    "tvm-aarch64": Target("tvm-aarch64", "tvm",
+                          tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+                          cross_compiler="aarch64-linux-gnu-gcc",
+                          precisions=("fp32", "fp16", "int8"), peak_flops=1e11, mem_bandwidth=5e10,
+                          description="TVM cross-compiled for a 64-bit ARM CPU (runs on an ARM host)"),
+    "cuda": Target("cuda", "onnxruntime", provider="CUDAExecutionProvider",
+                   precisions=("fp32", "fp16", "bf16", "int8"), peak_flops=6e13, mem_bandwidth=2e12,
+                   description="ONNX Runtime, CUDA execution provider"),
+}
+
+
+def get_target(spec: "str | os.PathLike | Target | Mapping[str, Any]") -> Target:
+    """A Target from a name, a YAML device profile path, a mapping or a Target.
+
+    Raises:
+        TargetError: unknown name (listing the known ones) or malformed profile.
+    """
+    if isinstance(spec, Target):
+        return spec
+    if isinstance(spec, Mapping):
+        return Target.from_json(spec)
+    s = os.fspath(spec)
+    if s in NAMED:
+        return NAMED[s]
+    if s.endswith((".yaml", ".yml")):
+        if not os.path.exists(s):
+            raise TargetError(f"device profile {s} does not exist")
+        import yaml
+        try:
+            with open(s) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise TargetError(f"device profile {s}: not valid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise TargetError(f"device profile {s}: expected a mapping of target fields")
+        return Target.from_json(data, where=f"device profile {s}")
+    close = difflib.get_close_matches(s, list(NAMED), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise TargetError(f"unknown target '{s}'; {hint}known targets: {', '.join(NAMED)}, "
+                      "or a device profile .yaml")

@@ -1,0 +1,2 @@
+"""Generic clean-up rewrites."""
+from pared.passes.generic import constant_folding, dead_code_elimination  # noqa: F401
