@@ -21,7 +21,7 @@ demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/minilm_demo.py
 
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

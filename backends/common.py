@@ -22,7 +22,8 @@ def io_spec(graph: Graph) -> tuple[list[dict], list[dict]]:
     for name, ex, dims in zip(graph.input_names, graph.example_inputs, graph.dynamic_dims):
         dyn = dict(dims)
         inputs.append({"name": name, "dtype": dtype_name(ex),
-                       "shape": [dyn.get(i, int(s)) for i, s in enumerate(ex.shape)]})
+                       "shape": [dyn.get(i, int(s)) for i, s in enumerate(ex.shape)],
+                       "example_shape": [int(s) for s in ex.shape]})
     outs = graph.run(*graph.example_inputs)
     outputs = [{"name": n, "dtype": dtype_name(o), "shape": [int(s) for s in o.shape]}
                for n, o in zip(graph.output_names, outs)]

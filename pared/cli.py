@@ -1,0 +1,295 @@
+"""The `pared` command line.
+
+    pared optimize PIPELINE.yaml [--out DIR]       capture, rewrite, lower, check, save
+    pared inspect FILE.py:FUNCTION [--depth N]      regions, op counts, parameters, FLOPs
+    pared run ARTIFACT --inputs IN.npz [--out OUT.npz]
+    pared bench ARTIFACT [--repeats N]             latency of an artifact
+
+Errors print one line (no traceback unless --debug). Exit codes: 0 success,
+1 a pared error (bad input, failed pass, failed lowering), 2 usage, 3 fidelity
+bound missed, 4 an unexpected internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+from pared.ir.errors import FidelityError, ParedError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FIDELITY, EXIT_INTERNAL = 0, 1, 2, 3, 4
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True, highlight=False)
+
+
+def _out():
+    from rich.console import Console
+    return Console(highlight=False)
+
+
+class _Progress:
+    """A rich status line that shows the current stage (capture, each pass, each graph)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.status = None
+
+    def __enter__(self):
+        if not self.quiet:
+            self.status = _console().status("starting")
+            self.status.__enter__()
+        return self
+
+    def __call__(self, message: str) -> None:
+        if self.status is not None:
+            self.status.update(message)
+            _console().log(message)
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.__exit__(*exc)
+
+
+def _split_inputs(value: Any) -> tuple[tuple, dict]:
+    """A factory's return: a tensor, a tuple of args, or {"args": ..., "kwargs": ...}."""
+    if isinstance(value, dict) and set(value) <= {"args", "kwargs"}:
+        args = value.get("args", ())
+        return (tuple(args) if isinstance(args, (tuple, list)) else (args,)), dict(value.get("kwargs", {}))
+    if isinstance(value, (tuple, list)):
+        return tuple(value), {}
+    return (value,), {}
+
+
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from pared.pipeline import build_passes, load_pipeline, resolve_ref
+    from pared.ir.errors import PipelineError
+
+    spec = load_pipeline(a.pipeline)
+    base = os.path.dirname(os.path.abspath(a.pipeline))
+    for key in ("model", "example_inputs"):
+        if not getattr(spec, key):
+            raise PipelineError(f"{a.pipeline}: the CLI needs '{key}: path/to/file.py:function'")
+    out = a.out or spec.export
+    if not out:
+        raise PipelineError(f"{a.pipeline}: no output directory; give --out DIR or 'export:' in the file")
+    import pared
+    model = resolve_ref(spec.model, base)()
+    args, kwargs = _split_inputs(resolve_ref(spec.example_inputs, base)())
+    calibration = resolve_ref(spec.calibration, base)() if spec.calibration else None
+    passes = build_passes(spec)
+    with _Progress(a.quiet) as progress:
+        opt = pared.optimize(model, args, kwargs=kwargs, target=a.target or spec.target or "cpu", pipeline=passes,
+                             calibration=calibration, fidelity=spec.fidelity,
+                             allow_fidelity_loss=a.allow_fidelity_loss, bench_repeats=a.repeats,
+                             progress=progress)
+        path = opt.save(out)
+    _print_report(opt.report, path)
+    return EXIT_OK
+
+
+def _print_report(report: dict, path: str) -> None:
+    from rich.table import Table
+    t = Table(title=f"pared artifact: {path}", show_header=False)
+    f = report.get("fidelity", {})
+    s = report.get("speed", {})
+    t.add_row("target", str(report.get("target")))
+    t.add_row("passes", ", ".join(f"{p['name']}{'' if p['modified'] else ' (no change)'}"
+                                  for p in report.get("passes", [])) or "(none)")
+    if "cosine_min" in f:
+        t.add_row("fidelity", f"cosine min {f['cosine_min']:.6f}, rel L2 max {f['rel_l2_max']:.2e}, "
+                              f"max abs {f['max_abs']:.2e} over {f['checked_inputs']} input set(s)")
+    if "speedup_vs_eager" in s:
+        t.add_row("speed", f"{s['artifact_ms']:.3f} ms vs eager {s['eager_ms']:.3f} ms "
+                           f"= {s['speedup_vs_eager']:.2f}x (median of {s['repeats']}, alternating)")
+    _out().print(t)
+
+
+def _load_factory(ref: str):
+    from pared.pipeline import resolve_ref
+    return resolve_ref(ref, os.getcwd())()
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from rich.tree import Tree
+    import pared
+    from pared.analysis.cost import profile_graph
+    from pared.ir.errors import PipelineError
+
+    made = _load_factory(a.model)
+    if isinstance(made, tuple) and len(made) in (2, 3) and hasattr(made[0], "forward"):
+        model, inputs = made[0], made[1]
+        kwargs = made[2] if len(made) == 3 else {}
+    else:
+        if not a.inputs:
+            raise PipelineError(f"{a.model} returned a model; give --inputs FILE.py:FUNCTION, or return "
+                                "(model, example_inputs) from it")
+        model = made
+        inputs, kwargs = _split_inputs(_load_factory(a.inputs))
+    with _Progress(a.quiet) as progress:
+        progress(f"capturing {type(model).__name__}")
+        program = pared.capture(model, inputs, kwargs=kwargs)
+    g = program.main
+    cost = profile_graph(g.module)
+    regions = program.regions()
+    by_path = {r.path: r for r in cost.regions}
+    out = _out()
+    out.print(f"[bold]{type(model).__name__}[/]: {cost.param_count:,} parameters "
+              f"({cost.param_bytes / 1e6:.2f} MB), ~{cost.total_flops / 1e9:.3f} GFLOPs per call, "
+              f"{sum(g.op_counts().values())} ops")
+    out.print(f"inputs: {', '.join(f'{n} {list(t.shape)} {t.dtype}' for n, t in zip(g.input_names, g.example_inputs))}")
+    out.print(f"outputs: {', '.join(g.output_names)}")
+    tree = Tree("regions")
+    nodes = {"": tree}
+    for path, r in regions.items():
+        if r.depth > a.depth:
+            continue
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        c = by_path.get(path)
+        label = f"{path}  [dim]{r.module_type.rsplit('.', 1)[-1]}[/]  {len(r.nodes)} ops"
+        if c and cost.total_flops:
+            label += f", {100 * c.flops / cost.total_flops:.1f}% FLOPs"
+        nodes[path] = nodes.get(parent, tree).add(label)
+    out.print(tree)
+    counts = sorted(g.op_counts().items(), key=lambda kv: -kv[1])
+    out.print("ops: " + ", ".join(f"{k.replace('aten.', '')}×{v}" for k, v in counts[: a.top]))
+    return EXIT_OK
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import numpy as np
+    import pared
+
+    ex = pared.load(a.artifact)
+    with np.load(a.inputs, allow_pickle=False) as data:
+        names = [s["name"] for s in ex.inputs]
+        if all(n in data for n in names):
+            arrays = [data[n] for n in names]
+        else:
+            arrays = [data[f"arr_{i}"] for i in range(len(names)) if f"arr_{i}" in data]
+            if len(arrays) != len(names):
+                raise ParedError(f"{a.inputs}: needs arrays named {names} (or arr_0..arr_{len(names) - 1}); "
+                                 f"it has {list(data.keys())}")
+    flat = ex.run_flat(*arrays)
+    out_names = [o for c in ex.plan.outputs for o in [c.split(":", 1)[-1]]]
+    if a.out:
+        tmp = a.out + ".tmp.npz"
+        np.savez(tmp, **{n: v for n, v in zip(out_names, flat)})
+        os.replace(tmp, a.out)
+        _out().print(f"wrote {len(flat)} output(s) to {a.out}")
+    else:
+        for n, v in zip(out_names, flat):
+            _out().print(f"{n}: {v.dtype}{list(v.shape)} mean {float(np.mean(v)):.6g} std {float(np.std(v)):.6g}")
+    return EXIT_OK
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import numpy as np
+    import pared
+
+    ex = pared.load(a.artifact, threads=a.threads)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for s in ex.inputs:
+        shape = s.get("example_shape") or [d if isinstance(d, int) else 1 for d in s["shape"]]
+        dt = np.dtype(s["dtype"])
+        if dt.kind in "iu":
+            arrays.append(rng.integers(0, 2, size=shape).astype(dt))
+        elif dt.kind == "b":
+            arrays.append(np.ones(shape, dtype=dt))
+        else:
+            arrays.append(rng.standard_normal(shape).astype(dt))
+    for _ in range(a.warmup):
+        ex.reset()
+        ex.run_flat(*arrays)
+    times = []
+    for _ in range(a.repeats):
+        ex.reset()
+        t0 = time.perf_counter()
+        ex.run_flat(*arrays)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    res = {"artifact": a.artifact, "target": ex.target.get("name"), "repeats": a.repeats,
+           "median_ms": statistics.median(times) * 1e3, "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3,
+           "min_ms": times[0] * 1e3, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    if a.json:
+        print(json.dumps(res))
+    else:
+        _out().print(f"{a.artifact} ({res['target']}): median {res['median_ms']:.3f} ms, p90 {res['p90_ms']:.3f} ms, "
+                     f"min {res['min_ms']:.3f} ms over {a.repeats} runs")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pared", description="A compiler for redundancy in generative and embodied models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("optimize", help="run a pipeline file and save the artifact")
+    o.add_argument("pipeline")
+    o.add_argument("--out", help="artifact directory (default: the file's 'export')")
+    o.add_argument("--target", help="override the file's target")
+    o.add_argument("--allow-fidelity-loss", action="store_true", help="save even if the fidelity bound is missed")
+    o.add_argument("--repeats", type=int, default=10, help="rounds of side-by-side timing (0: skip)")
+    o.add_argument("-q", "--quiet", action="store_true")
+    o.set_defaults(func=cmd_optimize)
+    i = sub.add_parser("inspect", help="show a model's regions, ops, parameters and FLOPs")
+    i.add_argument("model", help="FILE.py:FUNCTION returning a model, or (model, example_inputs[, kwargs])")
+    i.add_argument("--inputs", help="FILE.py:FUNCTION returning example inputs")
+    i.add_argument("--depth", type=int, default=2, help="region tree depth shown")
+    i.add_argument("--top", type=int, default=15, help="most frequent ops shown")
+    i.add_argument("-q", "--quiet", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    r = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", required=True)
+    r.add_argument("--out")
+    r.set_defaults(func=cmd_run)
+    b = sub.add_parser("bench", help="time an artifact")
+    b.add_argument("artifact")
+    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--threads", type=int)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except FidelityError as e:
+        if a.debug:
+            raise
+        _console().print(f"[red]error:[/] {e}")
+        return EXIT_FIDELITY
+    except (ParedError, FileNotFoundError, TypeError, ValueError) as e:
+        if a.debug:
+            raise
+        _console().print(f"[red]error:[/] {e}", soft_wrap=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _console().print("interrupted")
+        return 130
+    except Exception as e:
+        if a.debug:
+            raise
+        _console().print(f"[red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                         soft_wrap=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

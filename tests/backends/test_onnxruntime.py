@@ -1,0 +1,142 @@
+"""ONNX Runtime lowering, the Executor and multi-graph plans, against eager PyTorch."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pared.backends.artifact import write_artifact
+from pared.backends.executor import Executor
+from pared.backends.lower import lower_program
+from pared.ir.capture import capture
+from pared.ir.errors import ArtifactError
+from pared.ir.plan import Call, Plan, StateBuffer, Table
+from pared.ir.program import Program
+from pared.targets import get_target
+from pared.testing import assert_close_to_eager, run_torch_free, tiny_transformer
+
+CPU = get_target("cpu").to_json()
+
+
+def _save(program, path):
+    def build(tmp):
+        graphs = lower_program(program, CPU, tmp)
+        return {"graphs": graphs, "plan": program.plan.to_json(), "target": CPU,
+                "output_structure": program.output_structure}
+    return write_artifact(str(path), build)
+
+
+def test_tiny_transformer_matches_eager(tmp_path):
+    m, inputs = tiny_transformer()
+    p = capture(m, inputs)
+    art = _save(p, tmp_path / "a")
+    ex = Executor(art)
+    ids = torch.randint(0, 50, (2, 16))
+    out = ex(ids.numpy())
+    assert set(out) == {"tokens", "logits"}
+    assert_close_to_eager(m(ids), out, rel_l2=1e-5)
+    entry = ex.manifest["graphs"]["main"]
+    assert entry["check"]["rel_l2"] <= 1e-4 and entry["inputs"][0]["dtype"] == "int64"
+
+
+def test_executor_checks_inputs(tmp_path):
+    m, inputs = tiny_transformer()
+    ex = Executor(_save(capture(m, inputs), tmp_path / "a"))
+    with pytest.raises(TypeError, match="must be int64"):
+        ex(np.zeros((2, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"shape \[2, 16\]"):
+        ex(np.zeros((3, 16), dtype=np.int64))
+    with pytest.raises(TypeError, match="expected 1 inputs"):
+        ex()
+
+
+def test_dynamic_batch(tmp_path):
+    m, (ids,) = tiny_transformer()
+    p = capture(m, (ids,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ex = Executor(_save(p, tmp_path / "a"))
+    assert isinstance(ex.inputs[0]["shape"][0], str)
+    for b in (1, 5):
+        x = torch.randint(0, 50, (b, 16))
+        assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
+
+
+class _Full(nn.Module):
+    """Computes the expensive part and emits it as the feature to cache."""
+    def __init__(self):
+        super().__init__()
+        self.deep = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.shallow = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.deep(x)
+        return self.shallow(x) + h, h
+
+
+class _Reuse(nn.Module):
+    def __init__(self, full):
+        super().__init__()
+        self.shallow = full.shallow
+
+    def forward(self, x, h):
+        return self.shallow(x) + h
+
+
+def _two_graph_program():
+    torch.manual_seed(0)
+    full = _Full().eval()
+    x = torch.randn(2, 8)
+    pf = capture(full, (x,), name="full")
+    pr = capture(_Reuse(full), (x, torch.randn(2, 8)), name="reuse")
+    plan = Plan(inputs=("x",), outputs=("y",),
+                routines=(("full", (Call("full", ("in:x",), ("y", "state:h")),)),
+                          ("reuse", (Call("reuse", ("in:x", "state:h"), ("y",)),))),
+                schedule=Table(("full", "reuse", "reuse"), default="full"), state=(StateBuffer("h"),))
+    return full, Program({"full": pf.main, "reuse": pr.main}, plan)
+
+
+def test_multi_graph_plan_same_on_torch_and_executor(tmp_path):
+    full, program = _two_graph_program()
+    ex = Executor(_save(program, tmp_path / "a"))
+    runner = program.runner()
+    xs = [torch.randn(2, 8) for _ in range(4)]
+    for x in xs:
+        a = runner([x])[0]
+        b = ex(x.numpy())
+        assert_close_to_eager(a, b, rel_l2=1e-5)
+    assert ex.trace == runner.trace == ["full", "reuse", "reuse", "full"]
+    # the reuse steps really used the cached feature of step 0
+    expected = full.shallow(xs[1]) + full.deep(xs[0])
+    ex.reset()
+    ex(xs[0].numpy())
+    assert_close_to_eager(expected, ex(xs[1].numpy()), rel_l2=1e-5)
+
+
+def test_executor_runs_without_torch(tmp_path):
+    m, inputs = tiny_transformer()
+    art = _save(capture(m, inputs), tmp_path / "a")
+    np.save(tmp_path / "ids.npy", inputs[0].numpy())
+    out = run_torch_free(f"""
+        import numpy as np, pared, sys
+        ex = pared.load({art!r})
+        y = ex(np.load({str(tmp_path / 'ids.npy')!r}))
+        assert "torch" not in sys.modules
+        np.save({str(tmp_path / 'y.npy')!r}, y["logits"])
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+    assert_close_to_eager(m(*inputs)["logits"], np.load(tmp_path / "y.npy"), rel_l2=1e-5)
+
+
+def test_missing_provider_is_a_clear_error(tmp_path):
+    m, inputs = tiny_transformer()
+    art = _save(capture(m, inputs), tmp_path / "a")
+    import json, os
+    from pared.backends.artifact import MANIFEST
+    mp = os.path.join(art, MANIFEST)
+    man = json.load(open(mp))
+    man["target"] = get_target("cuda").to_json()
+    json.dump(man, open(mp, "w"))
+    import onnxruntime
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ArtifactError, match="needs CUDAExecutionProvider"):
+        Executor(art)

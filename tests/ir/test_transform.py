@@ -1,0 +1,123 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from pared.analysis.cost import CostProfile
+from pared.ir.capture import capture
+from pared.ir.errors import OptionError, PassError
+from pared.ir.transform import (Analysis, PassContext, PassManager, PassResult, Record, RewritePass, check_range,
+                                get_pass, make_options, register_pass)
+from pared.testing import tiny_transformer
+
+
+@dataclass(frozen=True)
+class _CountProfile(Record):
+    nodes: int
+
+
+@register_pass("_t_count")
+class _Count(Analysis):
+    record = _CountProfile
+
+    def analyze(self, program, ctx):
+        return _CountProfile(len(program.main.module.graph.nodes))
+
+
+@register_pass("_t_touch")
+class _Touch(RewritePass):
+    """Modifies: copies the graph (a real new Program)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        ratio: float = 0.5   # a fraction
+        steps: int = 4       # a count
+        name: str = "x"
+
+        def __post_init__(self):
+            check_range("_t_touch", "ratio", self.ratio, lo=0.0, hi=1.0)
+
+    def __call__(self, program, ctx):
+        g = program.main
+        return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=True,
+                          preserved=(), stats={"touched": 1})
+
+
+@register_pass("_t_boom")
+class _Boom(RewritePass):
+    def __call__(self, program, ctx):
+        raise RuntimeError("kaboom")
+
+
+@register_pass("_t_bad_return")
+class _BadReturn(RewritePass):
+    def __call__(self, program, ctx):
+        return program
+
+
+@pytest.fixture(scope="module")
+def program():
+    m, inputs = tiny_transformer()
+    return capture(m, inputs)
+
+
+def test_duplicate_registration_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        @register_pass("_t_touch")
+        class Other(RewritePass):
+            pass
+
+
+def test_unknown_pass_suggests_close_name():
+    with pytest.raises(OptionError, match="did you mean 'dead_code_elimination'"):
+        get_pass("dead_code_elimnation")
+
+
+def test_options_checked():
+    assert make_options(_Touch, {"ratio": 1, "steps": 3}).ratio == 1.0
+    with pytest.raises(OptionError, match="unknown option 'ratoi'; did you mean 'ratio'"):
+        make_options(_Touch, {"ratoi": 0.1})
+    with pytest.raises(OptionError, match="option 'steps' expects int, got str"):
+        make_options(_Touch, {"steps": "four"})
+    with pytest.raises(OptionError, match=r"option 'ratio' must be in \[0, 1\], got 1.5"):
+        make_options(_Touch, {"ratio": 1.5})
+    with pytest.raises(OptionError, match="expects int, got bool"):
+        make_options(_Touch, {"steps": True})
+
+
+def test_manager_drops_stale_records_and_keeps_preserved(program):
+    ctx = PassContext()
+    out, hist = PassManager([_Count(), get_pass("cost")(), _Touch()]).run(program, ctx)
+    assert [h[0] for h in hist] == ["_t_count", "cost", "_t_touch"]
+    assert ctx.records == {}  # _t_touch preserved nothing
+    ctx2 = PassContext()
+    PassManager([_Count(), get_pass("dead_code_elimination")()]).run(program, ctx2)
+    assert _CountProfile in ctx2.records  # an unmodified pass keeps records
+
+
+def test_rewrite_never_edits_its_input(program):
+    before = program.main.module.code
+    out, _ = PassManager([_Touch()]).run(program, PassContext())
+    assert out is not program and program.main.module.code == before
+    assert out.main.module is not program.main.module
+
+
+def test_pass_error_names_pass_and_predecessors(program):
+    with pytest.raises(PassError, match=r"pass '_t_boom' failed \(after _t_count, cost\): RuntimeError: kaboom"):
+        PassManager([_Count(), get_pass("cost")(), _Boom()]).run(program, PassContext())
+
+
+def test_wrong_return_type_is_an_error(program):
+    with pytest.raises(PassError, match="_t_bad_return.*expected PassResult"):
+        PassManager([_BadReturn()]).run(program, PassContext())
+
+
+def test_cost_profile(program):
+    ctx = PassContext()
+    PassManager([get_pass("cost")()]).run(program, ctx)
+    rec = ctx.records[CostProfile]
+    # qkv: 2 * (2*16) tokens * 32 in * 96 out
+    assert rec.region("blocks.0.qkv").flops == 2 * 32 * 32 * 96
+    assert rec.total_flops > rec.region("blocks.0").flops > 0
+    assert rec.param_count == sum(p.numel() for p in tiny_transformer()[0].parameters())
+    assert rec.to_json()["type"] == "CostProfile"

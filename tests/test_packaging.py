@@ -1,0 +1,38 @@
+"""Every folder with an __init__.py is a package in pyproject.toml, under the pared namespace."""
+import os
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_package_folder_is_listed():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        cfg = tomllib.load(f)["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    mapping = cfg["package-dir"]
+    reverse = {v: k for k, v in mapping.items()}
+    found = set()
+    for top in ("pared", "ir", "analysis", "passes", "backends"):
+        for root, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if "__init__.py" in files:
+                rel = os.path.relpath(root, ROOT).split(os.sep)
+                found.add(".".join([reverse[rel[0]].split(".")[-1] if rel[0] != "pared" else "pared", *rel[1:]])
+                          if rel[0] == "pared" else ".".join([reverse[rel[0]], *rel[1:]]))
+    missing = found - listed
+    assert not missing, f"packages missing from pyproject.toml: {sorted(missing)}"
+    assert not (listed - found), f"listed packages without __init__.py: {sorted(listed - found)}"
+
+
+def test_no_bare_top_level_imports():
+    import importlib.util
+    for bare in ("ir", "passes", "analysis", "backends"):
+        spec = importlib.util.find_spec(bare)
+        assert spec is None or ROOT not in (spec.origin or ""), f"'{bare}' is importable as a bare module"
+
+
+def test_namespace_maps_to_folders():
+    import pared.ir.program
+    import pared.passes.generic
+    assert os.path.dirname(pared.ir.program.__file__) == os.path.join(ROOT, "ir")
+    assert os.path.dirname(pared.passes.generic.__file__) == os.path.join(ROOT, "passes", "generic")
