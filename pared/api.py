@@ -11,6 +11,7 @@ report in its manifest.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -54,13 +55,22 @@ class Optimized:
         self._cleanup = weakref.finalize(self, shutil.rmtree, os.path.dirname(staging), True)
 
     def __call__(self, *inputs: Any) -> Any:
+        """One call of the optimized model. State carried by the Plan (caches)
+        persists across calls until `reset()`, as in the Executor."""
+        if self.executor is None:
+            raise pared.ArtifactError(f"this artifact was built for {self.target.name} and cannot run on this "
+                                      "host; save() it and run it there")
         as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
-        self.executor.reset()
         out = self.executor(*arrays)
         if as_torch:
             return pytree.tree_map(lambda a: torch.from_numpy(np.asarray(a)) if isinstance(a, np.ndarray) else a, out)
         return out
+
+    def reset(self) -> None:
+        """Start a new request (clear the Plan's carried state)."""
+        if self.executor is not None:
+            self.executor.reset()
 
     def save(self, path: str) -> str:
         """Write the artifact directory (atomically) and return its path."""
@@ -79,6 +89,22 @@ class Optimized:
         s = self.report.get("speed", {}).get("speedup_vs_eager")
         return (f"Optimized(target={self.target.name!r}, graphs={list(self.program.graphs)}, "
                 f"cosine_min={f.get('cosine_min')}, speedup={s})")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run with every submodule in eval mode, restoring each one's own flag after.
+
+    Inference graphs must not capture dropout or batch-norm updates; the user's
+    modes are put back exactly, so the model ends as it came.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
 
 
 def _calibration_inputs(calibration: Any) -> list[tuple]:
@@ -132,8 +158,15 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
     bounds = Fidelity.of(fidelity)
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
-    timings: dict[str, float] = {}
 
+    with eval_mode(model):
+        return _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fidelity_loss,
+                         dynamic_shapes, bench_repeats, backend_options, say)
+
+
+def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fidelity_loss, dynamic_shapes,
+              bench_repeats, backend_options, say) -> Optimized:
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"capturing {type(model).__name__}")
     program = capture(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes)
@@ -184,7 +217,6 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
     say("checking fidelity against eager PyTorch")
     check_sets = [(args, kwargs)] + [(c, {}) for c in _calibration_inputs(calibration)]
     pairs = []
-    was_training = model.training
     with torch.no_grad():
         for a, kw in check_sets:
             ref = [t.detach().cpu().numpy() for t in pytree.tree_leaves(model(*a, **kw))
@@ -192,7 +224,6 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
             opt.executor.reset()
             got = opt.executor.run_flat(*[t.detach().cpu().numpy() for t in _flat_tensors(a, kw)])
             pairs.append((ref, got))
-    assert model.training == was_training
     figures = summarize(pairs)
     report["fidelity"] = dict(figures, bounds={k: v for k, v in bounds.__dict__.items()})
     bad = bounds.violations(figures)

@@ -1,0 +1,134 @@
+"""The `pared` command: optimize, inspect, run, bench; one-line errors and exit codes."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pared.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+
+MODELS_PY = textwrap.dedent("""
+    import torch
+    from pared.testing import tiny_transformer
+
+    def build_model():
+        return tiny_transformer()[0]
+
+    def example_inputs():
+        return tiny_transformer()[1]
+
+    def calibration():
+        torch.manual_seed(1)
+        return [(torch.randint(0, 50, (2, 16)),)]
+
+    def model_and_inputs():
+        return tiny_transformer()
+
+    class Branchy(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    def branchy():
+        return Branchy(), (torch.randn(3),)
+""")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "models.py").write_text(MODELS_PY)
+    (d / "p.yaml").write_text(textwrap.dedent("""\
+        version: 1
+        target: cpu
+        model: models.py:build_model
+        example_inputs: models.py:example_inputs
+        calibration: models.py:calibration
+        export: out/art
+        passes:
+          - constant_folding: {max_bytes: 1000000}
+          - dead_code_elimination
+    """))
+    return d
+
+
+@pytest.fixture(scope="module")
+def artifact(workdir):
+    assert main(["optimize", str(workdir / "p.yaml"), "--repeats", "2", "-q"]) == EXIT_OK
+    return str(workdir / "out" / "art")
+
+
+def test_optimize_writes_artifact(artifact, capsys):
+    assert os.path.isfile(os.path.join(artifact, "manifest.json"))
+    man = json.load(open(os.path.join(artifact, "manifest.json")))
+    assert [p["name"] for p in man["report"]["passes"]] == ["constant_folding", "dead_code_elimination"]
+    assert man["report"]["fidelity"]["checked_inputs"] == 2
+
+
+def test_optimize_bad_option_is_one_line(workdir, capsys):
+    bad = workdir / "bad.yaml"
+    bad.write_text((workdir / "p.yaml").read_text().replace("max_bytes", "max_bites"))
+    assert main(["optimize", str(bad), "--out", str(workdir / "x")]) == EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert "bad.yaml:10" in err and "constant_folding" in err and "max_bites" in err and "max_bytes" in err
+    assert "Traceback" not in err
+    assert not os.path.exists(workdir / "x")
+
+
+def test_inspect_shows_regions(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    assert main(["inspect", "models.py:model_and_inputs", "-q"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "blocks.0" in out and "blocks.0.qkv" in out and "parameters" in out and "GFLOPs" in out
+    assert "addmm" in out
+
+
+def test_inspect_untraceable_model(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    assert main(["inspect", "models.py:branchy", "-q"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "cannot capture Branchy" in err and "models.py" in err and "if x.sum() > 0" in err
+
+
+def test_run_and_bench(artifact, workdir, capsys):
+    ids = np.random.default_rng(0).integers(0, 50, (2, 16))
+    np.savez(workdir / "in.npz", ids=ids)
+    assert main(["run", artifact, "--inputs", str(workdir / "in.npz"), "--out", str(workdir / "o.npz")]) == EXIT_OK
+    out = np.load(workdir / "o.npz")
+    assert set(out.files) == {"main:tokens", "main:logits"} or len(out.files) == 2
+    capsys.readouterr()
+    assert main(["bench", artifact, "--repeats", "3", "--warmup", "1", "--json"]) == EXIT_OK
+    res = json.loads(capsys.readouterr().out)
+    assert res["median_ms"] > 0 and res["repeats"] == 3
+
+
+def test_run_wrong_inputs(artifact, workdir, capsys):
+    np.savez(workdir / "wrong.npz", foo=np.zeros(3))
+    assert main(["run", artifact, "--inputs", str(workdir / "wrong.npz")]) == EXIT_ERROR
+    assert "needs arrays named ['ids']" in capsys.readouterr().err
+
+
+def test_tampered_artifact_refused(artifact, workdir, capsys, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    onnx_file = copy / "main.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    assert main(["bench", str(copy)]) == EXIT_ERROR
+    assert "does not match its sha256" in capsys.readouterr().err
+
+
+def test_usage_error():
+    assert main(["frobnicate"]) == EXIT_USAGE
+
+
+def test_console_script_entry_point():
+    exe = os.path.join(os.path.dirname(sys.executable), "pared")
+    p = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "optimize" in p.stdout
