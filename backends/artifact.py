@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 from pared.ir.errors import ArtifactError
 

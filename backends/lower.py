@@ -1,10 +1,12 @@
 """Lower every graph of a Program for a target (torch side)."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import time
 from typing import Any, Callable, Mapping
 
+from pared.ir.errors import BackendError
 from pared.ir.program import Program
 
 _BACKENDS = {"onnxruntime": "pared.backends.onnxruntime.lower", "tvm": "pared.backends.tvm.lower"}
@@ -24,6 +26,14 @@ def lower_program(program: Program, target: Mapping[str, Any], outdir: str,
         graph name -> manifest entry (file, files, inputs, outputs, check, ...).
     """
     mod = importlib.import_module(_BACKENDS[target["backend"]])
+    known = tuple(getattr(mod, "OPTIONS", ()))
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = (f"; did you mean '{close[0]}'?" if close else
+                    f"; it takes: {', '.join(known)}" if known else "; it takes none")
+            raise BackendError(f"backend '{target['backend']}' (target '{target['name']}'): unknown option "
+                               f"'{key}'{hint}")
     entries = {}
     for name, graph in program.graphs.items():
         if progress:

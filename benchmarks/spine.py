@@ -18,7 +18,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "e2e"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pared  # noqa: E402

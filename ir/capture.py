@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import traceback
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx

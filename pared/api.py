@@ -25,12 +25,12 @@ import torch
 import torch.utils._pytree as pytree
 
 import pared
-from pared.backends.artifact import write_artifact
+from pared.backends.artifact import read_manifest, write_artifact
 from pared.backends.executor import Executor
 from pared.backends.lower import lower_program
 from pared.fidelity import Fidelity, side_by_side, summarize
 from pared.ir.capture import capture, normalize_inputs
-from pared.ir.errors import FidelityError, PipelineError
+from pared.ir.errors import FidelityError
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassManager, Record
 from pared.targets import Target, get_target
@@ -198,8 +198,7 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fid
         shutil.rmtree(staging_root, ignore_errors=True)
         raise
     timings["lower_s"] = time.perf_counter() - t0
-    manifest = Executor(staging).manifest
-    manifest = {k: v for k, v in manifest.items()}
+    manifest = dict(read_manifest(staging))
     report: dict[str, Any] = {"target": tgt.name, "passes": [
         {"name": n, "modified": r.modified, "stats": dict(r.stats), "seconds": round(dt, 3)} for n, r, dt in history],
         "timings": {k: round(v, 3) for k, v in timings.items()}}

@@ -89,7 +89,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         opt = pared.optimize(model, args, kwargs=kwargs, target=a.target or spec.target or "cpu", pipeline=passes,
                              calibration=calibration, fidelity=spec.fidelity,
                              allow_fidelity_loss=a.allow_fidelity_loss, bench_repeats=a.repeats,
-                             progress=progress)
+                             backend_options=spec.backend, progress=progress)
         path = opt.save(out)
     _print_report(opt.report, path)
     return EXIT_OK
@@ -159,8 +159,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         nodes[path] = nodes.get(parent, tree).add(label)
     out.print(tree)
     counts = sorted(g.op_counts().items(), key=lambda kv: -kv[1])
-    out.print("ops: " + ", ".join(f"{k.replace('aten.', '')}×{v}" for k, v in counts[: a.top]))
+    out.print("ops: " + ", ".join(f"{_op_label(k)}×{v}" for k, v in counts[: a.top]))
     return EXIT_OK
+
+
+def _op_label(op: str) -> str:
+    if op.startswith("<built-in function "):
+        return op[len("<built-in function "):-1]
+    return op.replace("aten.", "")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -242,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a model's regions, ops, parameters and FLOPs")
     i.add_argument("model", help="FILE.py:FUNCTION returning a model, or (model, example_inputs[, kwargs])")
     i.add_argument("--inputs", help="FILE.py:FUNCTION returning example inputs")
-    i.add_argument("--depth", type=int, default=2, help="region tree depth shown")
+    i.add_argument("--depth", type=int, default=3, help="region tree depth shown")
     i.add_argument("--top", type=int, default=15, help="most frequent ops shown")
     i.add_argument("-q", "--quiet", action="store_true")
     i.set_defaults(func=cmd_inspect)

@@ -24,7 +24,7 @@ import dataclasses
 import difflib
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pared.ir.errors import TargetError

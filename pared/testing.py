@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from pared.ir.capture import capture
+from pared.ir.plan import Call, Plan, StateBuffer, Table
 from pared.ir.program import Program
 
 
@@ -116,3 +118,39 @@ def tiny_transformer(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
     torch.manual_seed(seed)
     m = TinyTransformer().eval()
     return m, (torch.randint(0, 50, (2, 16)),)
+
+
+class _Full(nn.Module):
+    """Computes the expensive part and emits it as the feature to cache."""
+    def __init__(self):
+        super().__init__()
+        self.deep = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+        self.shallow = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.deep(x)
+        return self.shallow(x) + h, h
+
+
+class _Reuse(nn.Module):
+    def __init__(self, full):
+        super().__init__()
+        self.shallow = full.shallow
+
+    def forward(self, x, h):
+        return self.shallow(x) + h
+
+
+def two_graph_program() -> "tuple[nn.Module, Program]":
+    """A two-graph Program whose Table plan caches a feature at step 0 and reuses it
+    for two steps (the shape of a cache rewrite). Returns (the full module, program)."""
+    torch.manual_seed(0)
+    full = _Full().eval()
+    x = torch.randn(2, 8)
+    pf = capture(full, (x,), name="full")
+    pr = capture(_Reuse(full), (x, torch.randn(2, 8)), name="reuse")
+    plan = Plan(inputs=("x",), outputs=("y",),
+                routines=(("full", (Call("full", ("in:x",), ("y", "state:h")),)),
+                          ("reuse", (Call("reuse", ("in:x", "state:h"), ("y",)),))),
+                schedule=Table(("full", "reuse", "reuse"), default="full"), state=(StateBuffer("h"),))
+    return full, Program({"full": pf.main, "reuse": pr.main}, plan)

@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from pared.backends.common import compare, io_spec, retrace, to_numpy
@@ -27,6 +26,8 @@ log = logging.getLogger("pared.backends.onnxruntime")
 EXTERNAL_DATA_BYTES = 1 << 30
 #: relative L2 error between ORT and the fx graph above which a lowering is refused
 CHECK_REL_L2 = 1e-4
+#: options this backend takes (none yet)
+OPTIONS: tuple[str, ...] = ()
 
 
 def _quiet_exporter() -> None:

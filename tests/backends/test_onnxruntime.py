@@ -2,17 +2,14 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from pared.backends.artifact import write_artifact
 from pared.backends.executor import Executor
 from pared.backends.lower import lower_program
 from pared.ir.capture import capture
 from pared.ir.errors import ArtifactError
-from pared.ir.plan import Call, Plan, StateBuffer, Table
-from pared.ir.program import Program
 from pared.targets import get_target
-from pared.testing import assert_close_to_eager, run_torch_free, tiny_transformer
+from pared.testing import assert_close_to_eager, run_torch_free, tiny_transformer, two_graph_program
 
 CPU = get_target("cpu").to_json()
 
@@ -59,42 +56,8 @@ def test_dynamic_batch(tmp_path):
         assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
 
 
-class _Full(nn.Module):
-    """Computes the expensive part and emits it as the feature to cache."""
-    def __init__(self):
-        super().__init__()
-        self.deep = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
-        self.shallow = nn.Linear(8, 8)
-
-    def forward(self, x):
-        h = self.deep(x)
-        return self.shallow(x) + h, h
-
-
-class _Reuse(nn.Module):
-    def __init__(self, full):
-        super().__init__()
-        self.shallow = full.shallow
-
-    def forward(self, x, h):
-        return self.shallow(x) + h
-
-
-def _two_graph_program():
-    torch.manual_seed(0)
-    full = _Full().eval()
-    x = torch.randn(2, 8)
-    pf = capture(full, (x,), name="full")
-    pr = capture(_Reuse(full), (x, torch.randn(2, 8)), name="reuse")
-    plan = Plan(inputs=("x",), outputs=("y",),
-                routines=(("full", (Call("full", ("in:x",), ("y", "state:h")),)),
-                          ("reuse", (Call("reuse", ("in:x", "state:h"), ("y",)),))),
-                schedule=Table(("full", "reuse", "reuse"), default="full"), state=(StateBuffer("h"),))
-    return full, Program({"full": pf.main, "reuse": pr.main}, plan)
-
-
 def test_multi_graph_plan_same_on_torch_and_executor(tmp_path):
-    full, program = _two_graph_program()
+    full, program = two_graph_program()
     ex = Executor(_save(program, tmp_path / "a"))
     runner = program.runner()
     xs = [torch.randn(2, 8) for _ in range(4)]

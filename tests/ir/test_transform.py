@@ -1,7 +1,6 @@
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from pared.analysis.cost import CostProfile
 from pared.ir.capture import capture

@@ -74,7 +74,7 @@ def test_optimize_bad_option_is_one_line(workdir, capsys):
     bad.write_text((workdir / "p.yaml").read_text().replace("max_bytes", "max_bites"))
     assert main(["optimize", str(bad), "--out", str(workdir / "x")]) == EXIT_ERROR
     err = capsys.readouterr().err.strip()
-    assert "bad.yaml:10" in err and "constant_folding" in err and "max_bites" in err and "max_bytes" in err
+    assert "bad.yaml:8" in err and "constant_folding" in err and "max_bites" in err and "max_bytes" in err
     assert "Traceback" not in err
     assert not os.path.exists(workdir / "x")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from pared.ir.errors import TargetError
-from pared.targets import NAMED, Target, get_target
+from pared.targets import Target, get_target
 
 
 def test_named_targets():

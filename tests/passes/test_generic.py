@@ -1,13 +1,12 @@
 """dead_code_elimination and constant_folding: structure, numerics, no-op, idempotence, options."""
 import pytest
 import torch
-import torch.fx as fx
 from torch import nn
 
 from pared.ir import meta
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
-from pared.ir.program import Graph, Program
+from pared.ir.program import Program
 from pared.ir.transform import PassContext, get_pass
 from pared.testing import assert_close_to_eager, op_count, tiny_transformer
 

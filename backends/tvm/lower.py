@@ -1,0 +1,200 @@
+"""Lower one graph with TVM: from_exported_program → tvm.compile → export_library.
+
+The graph's weights become constants inside the shared library. A host build
+is loaded back and compared with the fx graph before it is shipped. A cross
+build (an ``mtriple`` other than this host's) is linked with the target's
+cross compiler when one is on PATH; otherwise the compiled objects are shipped
+as a ``.tar`` to link on the target, with a warning that says so. Either way
+the objects are checked to be ELF files for the target's machine.
+
+Tuning (``tune=True``) runs MetaSchedule with a persistent database under
+``cache_dir`` (default ``~/.cache/pared/tvm``); it is off by default and takes
+minutes per graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import platform
+import re
+import shutil
+import tarfile
+from typing import Any, Mapping
+
+from pared.backends.common import compare, io_spec, retrace, to_numpy
+from pared.ir.errors import BackendError
+from pared.ir.program import Graph
+
+log = logging.getLogger("pared.backends.tvm")
+
+#: relative L2 error between TVM and the fx graph above which a lowering is refused
+CHECK_REL_L2 = 1e-4
+#: ELF e_machine codes for the triples we build for
+ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
+#: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
+OPTIONS = ("tune", "tune_trials", "cache_dir")
+LINK_HINT = ("install an aarch64 cross linker (Debian/Ubuntu: apt install gcc-aarch64-linux-gnu) and rebuild, "
+             "or link the objects on the target: tar xf {file} && gcc -shared -o {name}.so *.o")
+
+
+def _triple(target: Mapping[str, Any]) -> str:
+    return str((target.get("tvm_target") or {}).get("mtriple", ""))
+
+
+def is_cross(target: Mapping[str, Any]) -> bool:
+    t = _triple(target)
+    return bool(t) and not t.startswith(platform.machine())
+
+
+def _unsupported_ops(message: str) -> list[str]:
+    """Op names TVM's frontend reported as unsupported, from its error text."""
+    m = re.search(r"Unsupported function types?\s*\[([^\]]*)\]", message)
+    if m:
+        return [s.strip().strip("'\"") for s in m.group(1).split(",") if s.strip()]
+    m = re.search(r"[Uu]nsupported (?:op|operator|function)[^:']*[:']\s*'?([\w.:]+)", message)
+    return [m.group(1)] if m else []
+
+
+def to_relax(graph: Graph, name: str):
+    """The graph as a Relax IRModule with its weights bound as constants.
+
+    Raises:
+        BackendError: naming the ops TVM's frontend does not support.
+    """
+    from tvm.relax.frontend.torch import from_exported_program
+
+    ep = retrace(graph)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False)
+    except Exception as e:
+        msg = str(e)
+        ops = _unsupported_ops(msg)
+        if ops:
+            raise BackendError(f"graph '{name}': TVM does not support op(s) {', '.join(ops)}; "
+                               "use target 'cpu' (ONNX Runtime) or rewrite the op") from e
+        first = msg.strip().splitlines()[0] if msg.strip() else ""
+        raise BackendError(f"graph '{name}': TVM's PyTorch frontend failed: {type(e).__name__}: {first[:400]}; "
+                           "use target 'cpu' (ONNX Runtime)") from e
+
+
+def _tvm_target(target: Mapping[str, Any]):
+    import tvm
+    try:
+        return tvm.target.Target(dict(target["tvm_target"]))
+    except Exception as e:
+        raise BackendError(f"target '{target.get('name')}': TVM rejects tvm_target {target['tvm_target']}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | None, name: str):
+    import tvm
+    from tvm import relax
+
+    if not tune:
+        return tvm.compile(mod, target=tvm_target)
+    work_dir = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pared", "tvm"),
+                            "meta_schedule")
+    os.makedirs(work_dir, exist_ok=True)
+    log.info("graph '%s': tuning with MetaSchedule (%d trials), database in %s", name, tune_trials, work_dir)
+    with tvm_target:
+        pipeline = relax.get_pipeline("static_shape_tuning", target=tvm_target, work_dir=work_dir,
+                                      total_trials=int(tune_trials))
+        tuned = pipeline(mod)
+    return tvm.compile(tuned, target=tvm_target)
+
+
+def _check_elf(path: str, triple: str) -> list[str]:
+    """Names of the ELF objects in a .so or .tar whose machine matches the triple.
+
+    Raises:
+        BackendError: a member is not ELF or is built for another machine.
+    """
+    want = ELF_MACHINES.get(triple.split("-")[0])
+    blobs: list[tuple[str, bytes]] = []
+    if path.endswith(".tar"):
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                if m.isfile() and m.name.endswith(".o"):
+                    blobs.append((m.name, tf.extractfile(m).read(64)))
+    else:
+        with open(path, "rb") as f:
+            blobs.append((os.path.basename(path), f.read(64)))
+    if not blobs:
+        raise BackendError(f"{path}: no object files were produced")
+    checked = []
+    for member, head in blobs:
+        if head[:4] != b"\x7fELF":
+            raise BackendError(f"{path}: {member} is not an ELF object")
+        little = head[5] == 1
+        machine = int.from_bytes(head[18:20], "little" if little else "big")
+        if want is not None and machine != want:
+            raise BackendError(f"{path}: {member} is built for ELF machine {machine:#x}, expected {want:#x} "
+                               f"for {triple}")
+        checked.append(member)
+    return checked
+
+
+def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str, *, tune: bool = False,
+                tune_trials: int = 64, cache_dir: str | None = None) -> dict:
+    """Compile one graph for a TVM target and return its manifest entry.
+
+    Raises:
+        BackendError: unsupported ops (named), a TVM compile failure, a host
+            build that disagrees with the fx graph, or a cross build whose
+            objects are not for the target machine.
+    """
+    import tvm
+
+    if not isinstance(tune, bool) or not isinstance(tune_trials, int) or tune_trials < 1:
+        raise BackendError(f"tvm backend options: 'tune' must be true/false and 'tune_trials' an int >= 1, "
+                           f"got tune={tune!r}, tune_trials={tune_trials!r}")
+    tvm_target = _tvm_target(target)
+    inputs, outputs = io_spec(graph)
+    mod = to_relax(graph, name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name)
+    except BackendError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendError(f"graph '{name}': TVM compile for {target.get('name')} failed: {first[:400]}; "
+                           "use target 'cpu' (ONNX Runtime)") from e
+    entry: dict[str, Any] = {"backend": "tvm", "function": "main", "inputs": inputs, "outputs": outputs,
+                             "tuned": tune, "tvm_version": tvm.__version__}
+    triple = _triple(target)
+    if not is_cross(target):
+        fname = f"{name}.so"
+        path = os.path.join(outdir, fname)
+        ex.export_library(path)
+        entry.update(file=fname, files=[fname], linked=True)
+        from pared.backends.tvm.runtime import TvmGraph
+        got = TvmGraph(outdir, entry, target)(to_numpy(graph.example_inputs))
+        err = compare(to_numpy(graph.run(*graph.example_inputs)), got)
+        if not err["rel_l2"] <= CHECK_REL_L2:
+            raise BackendError(f"graph '{name}': TVM output differs from eager (max abs {err['max_abs']:.3g}, "
+                               f"rel L2 {err['rel_l2']:.3g}, limit {CHECK_REL_L2}); use target 'cpu'")
+        entry["check"] = err
+        return entry
+
+    # cross build: link with the cross compiler if there is one, else ship objects
+    cc = target.get("cross_compiler")
+    if cc and shutil.which(cc):
+        from tvm.contrib import cc as tvm_cc
+        fname = f"{name}.so"
+        path = os.path.join(outdir, fname)
+        ex.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
+        entry.update(file=fname, files=[fname], linked=True)
+    else:
+        fname = f"{name}.tar"
+        path = os.path.join(outdir, fname)
+        ex.export_library(path)
+        entry.update(file=fname, files=[fname], linked=False,
+                     link=LINK_HINT.format(file=fname, name=name))
+        log.warning("graph '%s': no cross linker %s on PATH; shipped unlinked objects %s. %s", name,
+                    repr(cc) if cc else "(target has no cross_compiler)", fname, entry["link"])
+    entry["check"] = {"structural": True, "elf_objects": _check_elf(path, triple), "triple": triple}
+    return entry

@@ -1,0 +1,343 @@
+"""Pipeline files and pass lists.
+
+A pipeline file (YAML, ``version: 1``)::
+
+    version: 1
+    target: cpu                      # a named target or a device profile .yaml
+    model: model.py:build_model      # CLI only: factories, relative to this file
+    example_inputs: model.py:example_inputs
+    calibration: model.py:calibration
+    export: artifacts/model          # CLI only: output directory
+    fidelity: {min_cosine: 0.999}
+    backend: {tune: false}           # options for the backend's lowering
+    passes:
+      - constant_folding: {max_bytes: 1000000}
+      - dead_code_elimination
+
+The same pass list can be given in Python: ``["constant_folding",
+{"dead_code_elimination": {}}, ("constant_folding", {...}), PassInstance]``.
+
+Every error names where it is (``file:line`` or ``passes[i]``), the pass, the
+option, what was expected, and the closest known name for a typo. Torch-free
+at import (passes are imported only when a pipeline is built).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from pared.ir.errors import OptionError, ParedError, PipelineError, TargetError
+
+VERSION = 1
+TOP_LEVEL = ("version", "target", "model", "example_inputs", "calibration", "export", "fidelity", "backend",
+             "passes")
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """One pipeline entry: the pass name, its options, and where it was written."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A parsed pipeline file. Paths in `model`/`example_inputs`/`calibration`
+    and `export` are relative to `base_dir` (the file's folder)."""
+
+    passes: tuple[PassSpec, ...] = ()
+    target: str | None = None
+    model: str | None = None
+    example_inputs: str | None = None
+    calibration: str | None = None
+    export: str | None = None
+    fidelity: Mapping[str, float] | None = None
+    backend: Mapping[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def base_dir(self) -> str:
+        return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
+
+
+# -- YAML with line numbers ---------------------------------------------------
+class _LineDict(dict):
+    lines: dict
+
+
+class _LineList(list):
+    lines: list
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        d = _LineDict()
+        d.lines = {}
+        loader.flatten_mapping(node)
+        for knode, vnode in node.value:
+            key = loader.construct_object(knode, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise _At(knode.start_mark.line + 1, "a mapping key must be a plain value") from None
+            if key in d:
+                raise _At(knode.start_mark.line + 1, f"duplicate key '{key}'")
+            d[key] = loader.construct_object(vnode, deep=True)
+            d.lines[key] = knode.start_mark.line + 1
+        d.lines[None] = node.start_mark.line + 1
+        return d
+
+    def sequence(loader, node):
+        items = _LineList(loader.construct_object(v, deep=True) for v in node.value)
+        items.lines = [v.start_mark.line + 1 for v in node.value]
+        return items
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, sequence)
+    return Loader
+
+
+class _At(Exception):
+    def __init__(self, line: int, msg: str):
+        super().__init__(msg)
+        self.line, self.msg = line, msg
+
+
+def _line(obj: Any, key: Any = None, default: int | None = None) -> int | None:
+    lines = getattr(obj, "lines", None)
+    if isinstance(lines, dict):
+        return lines.get(key, lines.get(None, default))
+    if isinstance(lines, list) and isinstance(key, int) and key < len(lines):
+        return lines[key]
+    return default
+
+
+def _suggest(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(known)}"
+
+
+# -- loading ------------------------------------------------------------------
+def load_pipeline(path: "str | os.PathLike") -> PipelineSpec:
+    """Read and check a pipeline file.
+
+    Checks the version, the top-level keys, the target, every pass name and
+    every pass option (against the pass's Options dataclass).
+
+    Raises:
+        PipelineError: "FILE:LINE: ..." naming the pass, the option, what was
+            expected and the closest known name.
+    """
+    import yaml
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PipelineError(f"pipeline file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())
+    except _At as e:
+        raise PipelineError(f"{path}:{e.line}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PipelineError(f"{where}: not valid YAML: {problem}") from None
+    return parse_pipeline(data, source=path)
+
+
+def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
+    """Check a pipeline given as already-loaded data (a mapping).
+
+    `source` names it in errors; when it is a file path, relative target
+    profiles resolve against the file's folder.
+    """
+    def err(msg: str, key: Any = None, obj: Any = None) -> PipelineError:
+        line = _line(data if obj is None else obj, key)
+        return PipelineError(f"{source}:{line}: {msg}" if line else f"{source}: {msg}")
+
+    if data is None:
+        raise PipelineError(f"{source}: the pipeline is empty; expected 'version: 1' and 'passes:'")
+    if not isinstance(data, Mapping):
+        raise PipelineError(f"{source}: expected a mapping with 'version' and 'passes', got {type(data).__name__}")
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise err(f"unknown key '{key}'{_suggest(str(key), TOP_LEVEL)}", key)
+    if "version" not in data:
+        raise PipelineError(f"{source}: missing 'version: {VERSION}'")
+    if data["version"] != VERSION:
+        raise err(f"pipeline version {data['version']!r} is not supported; this pared reads version {VERSION}",
+                  "version")
+    base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
+
+    strings = {}
+    for key in ("target", "model", "example_inputs", "calibration", "export"):
+        v = data.get(key)
+        if v is not None and not isinstance(v, str):
+            raise err(f"'{key}' expects a string, got {type(v).__name__} {v!r}", key)
+        strings[key] = v
+    for key in ("model", "example_inputs", "calibration"):
+        v = strings[key]
+        if v is not None and (":" not in v or not v.rsplit(":", 1)[0].endswith(".py")):
+            raise err(f"'{key}' expects 'path/to/file.py:function', got {v!r}", key)
+    target = strings["target"]
+    if target is not None:
+        from pared.targets import get_target
+        if target.endswith((".yaml", ".yml")) and not os.path.isabs(target):
+            target = os.path.join(base, target)
+        try:
+            get_target(target)
+        except TargetError as e:
+            raise err(str(e), "target") from None
+    export = strings["export"]
+    if export is not None and not os.path.isabs(export):
+        export = os.path.join(base, export)
+
+    fidelity = data.get("fidelity")
+    if fidelity is not None:
+        if not isinstance(fidelity, Mapping):
+            raise err(f"'fidelity' expects a mapping of bounds, got {type(fidelity).__name__}", "fidelity")
+        from pared.fidelity import Fidelity
+        try:
+            Fidelity.of(fidelity)
+        except (ValueError, TypeError) as e:
+            bad = next((k for k in fidelity if k not in ("min_cosine", "max_rel_l2", "max_abs")), None)
+            raise err(f"fidelity: {e}", bad, fidelity) from None
+        for k, v in fidelity.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise err(f"fidelity: bound '{k}' expects a number, got {type(v).__name__} {v!r}", k, fidelity)
+        fidelity = dict(fidelity)
+    backend = data.get("backend") or {}
+    if not isinstance(backend, Mapping):
+        raise err(f"'backend' expects a mapping of lowering options, got {type(backend).__name__}", "backend")
+
+    raw = data.get("passes")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise err(f"'passes' expects a list of '- name: {{options}}' entries, got {type(raw).__name__}", "passes")
+    specs = []
+    for i, item in enumerate(raw):
+        line = _line(raw, i)
+        where = f"{source}:{line}" if line else f"{source}: passes[{i}]"
+        spec = _entry(item, where)
+        _check(spec)
+        specs.append(spec)
+    return PipelineSpec(passes=tuple(specs), target=target, model=strings["model"],
+                        example_inputs=strings["example_inputs"], calibration=strings["calibration"],
+                        export=export, fidelity=fidelity, backend=dict(backend),
+                        path=source if os.path.exists(source) else None)
+
+
+def _entry(item: Any, where: str) -> PassSpec:
+    """One list entry as a PassSpec: "name", {"name": {opts}}, or (name, opts)."""
+    if isinstance(item, str):
+        return PassSpec(item, {}, where)
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        name, opts = item
+    elif isinstance(item, Mapping) and len(item) == 1:
+        (name, opts), = item.items()
+    elif isinstance(item, Mapping):
+        raise PipelineError(f"{where}: a pass entry is one 'name: {{options}}' pair, got keys "
+                            f"{', '.join(map(str, item))} (is the options mapping indented under the name?)")
+    else:
+        raise PipelineError(f"{where}: a pass entry is a name or 'name: {{options}}', got {type(item).__name__}")
+    if not isinstance(name, str):
+        raise PipelineError(f"{where}: a pass name must be a string, got {name!r}")
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, Mapping):
+        raise PipelineError(f"{where}: pass '{name}': options must be a mapping, got {type(opts).__name__} {opts!r}")
+    return PassSpec(name, dict(opts), where)
+
+
+def _check(spec: PassSpec) -> Any:
+    """Instantiate the pass from its spec; errors become PipelineError at spec.where."""
+    from pared.ir.transform import get_pass
+    try:
+        cls = get_pass(spec.name)
+        return cls(dict(spec.options))
+    except OptionError as e:
+        raise PipelineError(f"{spec.where}: {e}") from None
+
+
+def build_passes(spec: "PipelineSpec | Sequence[Any] | str | os.PathLike | None") -> list:
+    """Fresh pass instances for a pipeline file, a PipelineSpec or a Python list.
+
+    Raises:
+        PipelineError: naming the entry (``passes[i]`` or ``file:line``).
+    """
+    from pared.ir.transform import Pass
+    if spec is None:
+        return []
+    if isinstance(spec, (str, os.PathLike)):
+        spec = load_pipeline(spec)
+    if isinstance(spec, PipelineSpec):
+        return [_check(p) for p in spec.passes]
+    if isinstance(spec, (Mapping, bytes)) or not isinstance(spec, Sequence):
+        raise PipelineError(f"a pipeline is a YAML path or a list of passes, got {type(spec).__name__}")
+    out = []
+    for i, item in enumerate(spec):
+        if isinstance(item, Pass):
+            out.append(item)
+        elif isinstance(item, PassSpec):
+            out.append(_check(item))
+        else:
+            out.append(_check(_entry(item, f"passes[{i}]")))
+    return out
+
+
+# -- factory references -------------------------------------------------------
+def resolve_ref(ref: str, base_dir: str | None = None) -> Callable[..., Any]:
+    """The function named by ``path/to/file.py:function`` (path relative to base_dir).
+
+    The file's folder is on sys.path while it is imported, so it may import
+    its neighbours.
+
+    Raises:
+        PipelineError: the file or the function does not exist, or importing fails.
+    """
+    if not isinstance(ref, str) or ":" not in ref:
+        raise PipelineError(f"expected 'path/to/file.py:function', got {ref!r}")
+    file, func = ref.rsplit(":", 1)
+    path = file if os.path.isabs(file) else os.path.join(base_dir or os.getcwd(), file)
+    path = os.path.normpath(path)
+    if not os.path.isfile(path):
+        raise PipelineError(f"{ref}: file {path} does not exist")
+    mod_name = "pared_user_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(path)[0])[-80:]
+    module = sys.modules.get(mod_name)
+    if module is None or getattr(module, "__file__", None) != path:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        folder = os.path.dirname(path)
+        sys.path.insert(0, folder)
+        try:
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        except ParedError:
+            sys.modules.pop(mod_name, None)
+            raise
+        except Exception as e:
+            sys.modules.pop(mod_name, None)
+            raise PipelineError(f"{ref}: importing {path} failed: {type(e).__name__}: {e}") from e
+        finally:
+            try:
+                sys.path.remove(folder)
+            except ValueError:
+                pass
+    fn = getattr(module, func, None)
+    if not callable(fn):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise PipelineError(f"{ref}: {path} has no function '{func}'{_suggest(func, names)}")
+    return fn

@@ -1,0 +1,138 @@
+"""TVM lowering (host and aarch64 cross builds) and the TVM runtime, against eager PyTorch."""
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pared.backends.artifact import read_manifest, write_artifact
+from pared.backends.executor import Executor
+from pared.backends.lower import lower_program
+from pared.backends.tvm import lower as tvm_lower
+from pared.ir.capture import capture
+from pared.ir.errors import ArtifactError, BackendError
+from pared.targets import get_target
+from pared.testing import assert_close_to_eager, run_torch_free, tiny_transformer, two_graph_program
+
+TVM_CPU = get_target("tvm-cpu").to_json()
+AARCH64 = get_target("tvm-aarch64").to_json()
+
+
+def _save(program, path, target=TVM_CPU, **options):
+    def build(tmp):
+        graphs = lower_program(program, target, tmp, **options)
+        return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
+                "output_structure": program.output_structure}
+    return write_artifact(str(path), build)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    m, inputs = tiny_transformer()
+    return m, _save(capture(m, inputs), tmp_path_factory.mktemp("tvm") / "a")
+
+
+def test_tiny_transformer_matches_eager(tiny_artifact):
+    m, art = tiny_artifact
+    ex = Executor(art)
+    entry = ex.manifest["graphs"]["main"]
+    assert entry["backend"] == "tvm" and entry["file"] == "main.so" and entry["linked"] is True
+    assert entry["check"]["rel_l2"] <= 1e-4 and not entry["tuned"]
+    for seed in (1, 2):
+        ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(seed))
+        out = ex(ids.numpy())
+        assert set(out) == {"tokens", "logits"}
+        assert_close_to_eager(m(ids), out, rel_l2=1e-5)
+
+
+def test_runs_without_torch(tiny_artifact):
+    m, art = tiny_artifact
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
+    np.save(os.path.join(os.path.dirname(art), "ids.npy"), ids.numpy())
+    out = run_torch_free(f"""
+        import numpy as np, pared
+        ex = pared.load({art!r})
+        out = ex(np.load({os.path.join(os.path.dirname(art), 'ids.npy')!r}))
+        np.save({os.path.join(os.path.dirname(art), 'logits.npy')!r}, out["logits"])
+        print("ok")
+    """)
+    assert "ok" in out
+    got = np.load(os.path.join(os.path.dirname(art), "logits.npy"))
+    assert_close_to_eager(m(ids)["logits"], got, rel_l2=1e-5)
+
+
+def test_dynamic_batch(tmp_path):
+    m, (ids,) = tiny_transformer()
+    p = capture(m, (ids,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ex = Executor(_save(p, tmp_path / "a"))
+    assert isinstance(ex.inputs[0]["shape"][0], str)
+    for b in (1, 5):
+        x = torch.randint(0, 50, (b, 16))
+        assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
+
+
+def test_multi_graph_plan_same_on_torch_and_executor(tmp_path):
+    full, program = two_graph_program()
+    ex = Executor(_save(program, tmp_path / "a"))
+    runner = program.runner()
+    xs = [torch.randn(2, 8) for _ in range(4)]
+    for x in xs:
+        assert_close_to_eager(runner([x])[0], ex(x.numpy()), rel_l2=1e-5)
+    assert ex.trace == runner.trace == ["full", "reuse", "reuse", "full"]
+    ex.reset()
+    ex(xs[0].numpy())
+    assert_close_to_eager(full.shallow(xs[1]) + full.deep(xs[0]), ex(xs[1].numpy()), rel_l2=1e-5)
+
+
+class _Special(nn.Module):
+    def forward(self, x):
+        return torch.special.i1e(x) + 1
+
+
+def test_unsupported_op_is_named(tmp_path):
+    p = capture(_Special(), (torch.randn(4),))
+    with pytest.raises(BackendError, match=r"graph 'main': TVM does not support op\(s\) special_i1e.*target 'cpu'"):
+        _save(p, tmp_path / "a")
+    assert not os.path.exists(tmp_path / "a")
+
+
+def test_unknown_backend_option(tmp_path):
+    m, inputs = tiny_transformer()
+    with pytest.raises(BackendError, match=r"unknown option 'tunes'; did you mean 'tune'"):
+        _save(capture(m, inputs), tmp_path / "a", tunes=True)
+
+
+def test_cross_build_without_linker_ships_checked_objects(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    m, inputs = tiny_transformer()
+    art = _save(capture(m, inputs), tmp_path / "arm", target=AARCH64)
+    entry = read_manifest(art)["graphs"]["main"]  # loading it must refuse: read the manifest
+    assert entry["file"] == "main.tar" and entry["linked"] is False
+    assert "gcc-aarch64-linux-gnu" in entry["link"] and "gcc-aarch64-linux-gnu" in caplog.text
+    assert set(entry["check"]["elf_objects"]) >= {"lib0.o"} and entry["check"]["triple"] == "aarch64-linux-gnu"
+    with tarfile.open(os.path.join(art, "main.tar")) as tf:
+        head = tf.extractfile("lib0.o").read(20)
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 0xB7
+    with pytest.raises(ArtifactError, match="built for aarch64-linux-gnu"):
+        Executor(art)
+
+
+def test_elf_check_refuses_wrong_machine(tmp_path):
+    obj = tmp_path / "x.so"
+    head = bytearray(64)
+    head[:4] = b"\x7fELF"
+    head[5] = 1
+    head[18:20] = (0x3E).to_bytes(2, "little")  # x86-64
+    obj.write_bytes(bytes(head))
+    with pytest.raises(BackendError, match="expected 0xb7"):
+        tvm_lower._check_elf(str(obj), "aarch64-linux-gnu")
+    assert tvm_lower._check_elf(str(obj), "x86_64-linux-gnu") == ["x.so"]
+
+
+def test_unsupported_op_parsing():
+    assert tvm_lower._unsupported_ops("Unsupported function types ['nonzero.default', 'foo.bar']") == \
+        ["nonzero.default", "foo.bar"]
+    assert tvm_lower._unsupported_ops("something else") == []
