@@ -95,6 +95,9 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
 
     if not tune:
         return tvm.compile(mod, target=tvm_target)
+    if "num-cores" not in tvm_target.attrs:
+        # MetaSchedule sizes its search by the physical core count the target declares
+        tvm_target = tvm.target.Target(dict(tvm_target.export(), **{"num-cores": _physical_cores()}))
     work_dir = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pared", "tvm"),
                             "meta_schedule")
     os.makedirs(work_dir, exist_ok=True)
@@ -104,6 +107,14 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
                                       total_trials=int(tune_trials))
         tuned = pipeline(mod)
     return tvm.compile(tuned, target=tvm_target)
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return int(os.cpu_count() or 1)
 
 
 def _check_elf(path: str, triple: str) -> list[str]:
@@ -151,6 +162,9 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     if not isinstance(tune, bool) or not isinstance(tune_trials, int) or tune_trials < 1:
         raise BackendError(f"tvm backend options: 'tune' must be true/false and 'tune_trials' an int >= 1, "
                            f"got tune={tune!r}, tune_trials={tune_trials!r}")
+    if tune and is_cross(target):
+        raise BackendError(f"target '{target.get('name')}': tuning measures candidates on the device; a cross "
+                           "build cannot be tuned here (tune on the target, or build untuned)")
     tvm_target = _tvm_target(target)
     inputs, outputs = io_spec(graph)
     mod = to_relax(graph, name)

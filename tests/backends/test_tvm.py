@@ -136,3 +136,21 @@ def test_unsupported_op_parsing():
     assert tvm_lower._unsupported_ops("Unsupported function types ['nonzero.default', 'foo.bar']") == \
         ["nonzero.default", "foo.bar"]
     assert tvm_lower._unsupported_ops("something else") == []
+
+
+@pytest.mark.tuning
+def test_metaschedule_tuning_keeps_a_database(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval()
+    x = torch.randn(2, 16)
+    art = _save(capture(m, (x,)), tmp_path / "a", tune=True, tune_trials=4, cache_dir=str(tmp_path / "cache"))
+    ex = Executor(art)
+    assert ex.manifest["graphs"]["main"]["tuned"] is True
+    assert os.path.getsize(tmp_path / "cache" / "meta_schedule" / "database_tuning_record.json") > 0
+    assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
+
+
+def test_cross_build_cannot_be_tuned(tmp_path):
+    m, inputs = tiny_transformer()
+    with pytest.raises(BackendError, match="cross build cannot be tuned"):
+        _save(capture(m, inputs), tmp_path / "a", target=AARCH64, tune=True)
