@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pared-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
+
+WORKLOADS := dit_mnist dit_moe_mnist vit_mnist minilm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
+
+# Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
+# eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.
+bench: $(STAMP)
+	for w in $(WORKLOADS); do \
+	  OMP_WAIT_POLICY=PASSIVE $(BIN)/pared bench --workload $$w --json benchmarks/results/$$w.json || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

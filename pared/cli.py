@@ -4,6 +4,8 @@
     pared inspect FILE.py:FUNCTION [--depth N]      regions, op counts, parameters, FLOPs
     pared run ARTIFACT --inputs IN.npz [--out OUT.npz]
     pared bench ARTIFACT [--repeats N]             latency of an artifact
+    pared bench --workload NAME [--pipeline P.yaml] [--target T] [--json OUT.json]
+                                                   eager vs. plain lowering vs. pipeline, speed and fidelity
 
 Errors print one line (no traceback unless --debug). Exit codes: 0 success,
 1 a pared error (bad input, failed pass, failed lowering), 2 usage, 3 fidelity
@@ -196,10 +198,25 @@ def cmd_run(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _usage(message: str) -> int:
+    _console().print(f"[red]usage error:[/] {message}")
+    return EXIT_USAGE
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.workload:
+        if a.artifact:
+            return _usage("pared bench: give an ARTIFACT or --workload, not both")
+        return _bench_workload(a)
+    if not a.artifact:
+        return _usage("pared bench: give an ARTIFACT directory or --workload NAME")
+    for opt in ("pipeline", "target", "samples", "steps", "batch"):
+        if getattr(a, opt) is not None:
+            return _usage(f"pared bench: --{opt} needs --workload")
     import numpy as np
     import pared
 
+    a.repeats = 50 if a.repeats is None else a.repeats
     ex = pared.load(a.artifact, threads=a.threads)
     rng = np.random.default_rng(0)
     arrays = []
@@ -225,11 +242,41 @@ def cmd_bench(a: argparse.Namespace) -> int:
     res = {"artifact": a.artifact, "target": ex.target.get("name"), "repeats": a.repeats,
            "median_ms": statistics.median(times) * 1e3, "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3,
            "min_ms": times[0] * 1e3, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
-    if a.json:
+    if a.json == "-":
         print(json.dumps(res))
     else:
+        if a.json:
+            from pared.bench import _write_json
+            _write_json(a.json, res)
         _out().print(f"{a.artifact} ({res['target']}): median {res['median_ms']:.3f} ms, p90 {res['p90_ms']:.3f} ms, "
                      f"min {res['min_ms']:.3f} ms over {a.repeats} runs")
+    return EXIT_OK
+
+
+def _bench_workload(a: argparse.Namespace) -> int:
+    from pared.bench import bench_workload
+    opts = {k: getattr(a, k) for k in ("samples", "steps", "batch") if getattr(a, k) is not None}
+    say = (lambda m: None) if a.quiet else (lambda m: _console().print(f"[dim]{m}[/dim]"))
+    r = bench_workload(a.workload, pipeline=a.pipeline or "default", target=a.target,
+                       threads=a.threads or 1, repeats=5 if a.repeats is None else a.repeats,
+                       json_out=a.json if a.json not in (None, "-") else None, workload_options=opts, progress=say)
+    if a.json == "-":
+        print(json.dumps(r))
+        return EXIT_OK
+    t = r["timings_ms"]
+    out = _out()
+    out.print(f"{r['summary']}")
+    out.print(f"pipeline {r['pipeline'] or '(none)'} -> {r['target']}, {r['torch_threads']} thread(s), "
+              f"median of {r['repeats']} rounds (min-max)")
+    for k in ("eager", "backend_plain", "optimized"):
+        out.print(f"  {k:14s} {t[k]['median']:10.1f} ms  ({t[k]['min']:.1f}-{t[k]['max']:.1f})")
+    s = r["speedup"]
+    out.print(f"speedup vs eager {s['vs_eager']:.2f}x, vs backend_plain {s['vs_backend_plain']:.2f}x "
+              f"(ideal from FLOPs {r['ideal_speedup']:.2f}x)")
+    out.print("fidelity: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in r["fidelity"].items()))
+    if a.json:
+        out.print(f"wrote {a.json}")
     return EXIT_OK
 
 
@@ -257,12 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", required=True)
     r.add_argument("--out")
     r.set_defaults(func=cmd_run)
-    b = sub.add_parser("bench", help="time an artifact")
-    b.add_argument("artifact")
-    b.add_argument("--repeats", type=int, default=50)
+    b = sub.add_parser("bench", help="time an artifact, or benchmark a reference workload side by side")
+    b.add_argument("artifact", nargs="?")
+    b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm")
+    b.add_argument("--pipeline", help="pipeline file for the workload (default: examples/pipelines/NAME.yaml)")
+    b.add_argument("--target", help="target for the workload (default: cpu)")
+    b.add_argument("--samples", type=int, help="workload fidelity-set size (DiT samples, ViT digits)")
+    b.add_argument("--steps", type=int, help="sampler steps (DiT workloads)")
+    b.add_argument("--batch", type=int, help="workload batch size (the timed task runs one batch)")
+    b.add_argument("--repeats", type=int, help="timed rounds (default 50 for an artifact, 5 for a workload)")
     b.add_argument("--warmup", type=int, default=5)
-    b.add_argument("--threads", type=int)
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--threads", type=int, help="intra-op threads for every contender (workload default 1)")
+    b.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
+                   help="write the result as JSON to OUT.json (no file: print it to stdout)")
+    b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p
 

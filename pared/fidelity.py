@@ -98,7 +98,8 @@ def side_by_side(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 10, war
         warmup: untimed rounds first.
         min_time: keep adding rounds until the baseline has run this long (s).
     Returns:
-        {"median_s": {name: s}, "speedup": {name: baseline/name}, "repeats": n, "env": {...}}
+        {"median_s": {name: s}, "min_s": ..., "max_s": ..., "speedup": {name: baseline/name},
+         "repeats": n, "env": {...}}
     """
     names = list(fns)
     for _ in range(warmup):
@@ -117,6 +118,8 @@ def side_by_side(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 10, war
     base = med[names[0]]
     return {
         "median_s": med,
+        "min_s": {n: min(v) for n, v in times.items()},
+        "max_s": {n: max(v) for n, v in times.items()},
         "speedup": {n: (base / med[n] if med[n] > 0 else math.inf) for n in names},
         "repeats": r,
         "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "cpu_count": os.cpu_count()},
