@@ -223,6 +223,10 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fid
             opt.executor.reset()
             got = opt.executor.run_flat(*[t.detach().cpu().numpy() for t in _flat_tensors(a, kw)])
             pairs.append((ref, got))
+    if callable(calibration):
+        # an iterative model is judged on the whole run (a sampler's final sample), not one call
+        say("checking the calibration run against eager PyTorch")
+        pairs.append(_loop_pair(calibration, model, opt.executor))
     figures = summarize(pairs)
     report["fidelity"] = dict(figures, bounds={k: v for k, v in bounds.__dict__.items()})
     bad = bounds.violations(figures)
@@ -248,6 +252,26 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fid
         raise FidelityError(f"optimized model misses the fidelity bound: {'; '.join(bad)} "
                             "(pass allow_fidelity_loss=True to keep it, or loosen `fidelity`)", report["fidelity"])
     return opt
+
+
+def _loop_pair(loop: Callable, model: torch.nn.Module, executor: Any) -> tuple[list, list]:
+    """Run the calibration loop once through the eager model and once through the
+    artifact (fresh request); returns (reference leaves, artifact leaves) as numpy."""
+    def leaves(out: Any) -> list:
+        return [np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+                for v in pytree.tree_leaves(out)]
+
+    def through_artifact(*args: Any) -> Any:
+        arrays = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in args]
+        out = executor(*arrays)
+        return pytree.tree_map(lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v, out)
+
+    with torch.no_grad():
+        ref = leaves(loop(model))
+    executor.reset()
+    got = leaves(loop(through_artifact))
+    executor.reset()
+    return ref, got
 
 
 def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequence) -> dict:

@@ -35,6 +35,11 @@ def routine_flops(program) -> dict[str, int]:
     return {name: sum(per_graph[c.graph] for c in calls) for name, calls in program.plan.routines}
 
 
+def _trace_summary(trace: list[str]) -> dict:
+    """The routine per call of one task, and how often each ran."""
+    return {"calls": len(trace), "counts": {r: trace.count(r) for r in dict.fromkeys(trace)}, "routines": trace}
+
+
 def param_bytes(program) -> int:
     """Bytes of the distinct parameters and constants the Program's graphs hold."""
     import torch
@@ -129,7 +134,10 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     base = routine_flops(programs["backend_plain"])
     base_call = next(iter(base.values()))
     opt_flops = routine_flops(programs["optimized"])
-    remaining = sum(opt_flops[r] for r in trace) / (base_call * len(trace)) if trace else 1.0
+    sched = programs["optimized"].plan.schedule
+    probe = opt_flops[sched.probe] if getattr(sched, "kind", "") == "rule" else 0   # runs every call
+    spent = sum(opt_flops[r] + probe for r in trace)
+    remaining = spent / (base_call * len(trace)) if trace else 1.0
 
     say("fidelity run: eager")
     t0 = time.perf_counter()
@@ -150,7 +158,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
                     "backend_plain_vs_eager": med["eager"] / med["backend_plain"]},
         "ideal_speedup": 1.0 / remaining if remaining > 0 else None,
         "flops_per_task": {"reference": int(base_call * len(trace)),
-                           "optimized": int(sum(opt_flops[r] for r in trace))},
+                           "optimized": int(spent)},
+        "trace": _trace_summary(trace),
         "fidelity": fid,
         "weight_bytes": {"reference": param_bytes(programs["backend_plain"]),
                          "optimized": param_bytes(programs["optimized"])},

@@ -154,3 +154,80 @@ def two_graph_program() -> "tuple[nn.Module, Program]":
                           ("reuse", (Call("reuse", ("in:x", "state:h"), ("y",)),))),
                 schedule=Table(("full", "reuse", "reuse"), default="full"), state=(StateBuffer("h"),))
     return full, Program({"full": pf.main, "reuse": pr.main}, plan)
+
+
+class _TinyBlock(nn.Module):
+    """adaLN-style residual block: h + gate * mlp(norm(h) * (1 + scale) + shift)."""
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada = nn.Linear(dim, 3 * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(c).unsqueeze(1).chunk(3, dim=-1)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class TinyDiT(nn.Module):
+    """A timestep-conditioned stack of residual blocks over tokens: the shape of a
+    diffusion transformer, small enough for pass tests. forward(x [B,T,C], t [B])."""
+
+    def __init__(self, channels: int = 4, dim: int = 32, layers: int = 6):
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(channels, dim)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([_TinyBlock(dim) for _ in range(layers)])
+        self.out = nn.Linear(dim, channels)
+
+    def cond(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-torch.arange(self.dim // 2, dtype=torch.float32) * (4.0 / self.dim))
+        a = t.float()[:, None] * freqs[None]
+        return self.t_mlp(torch.cat([a.sin(), a.cos()], dim=-1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, span: tuple[int, int] | None = None,
+                residual: torch.Tensor | None = None, record: dict | None = None) -> torch.Tensor:
+        """`span=(first, last)` with `residual`: replace those blocks by `input + residual`
+        (the eager meaning of a cache reuse); `record`: store each span's residual."""
+        c = self.cond(t)
+        h = self.embed(x)
+        i = 0
+        while i < len(self.blocks):
+            if span is not None and i == span[0] and residual is not None:
+                h = h + residual
+                i = span[1] + 1
+                continue
+            h_in = h
+            for j in range(i, (span[1] + 1) if span is not None and i == span[0] else i + 1):
+                h = self.blocks[j](h, c)
+            if record is not None and span is not None and i == span[0]:
+                record["residual"] = h - h_in
+            i = j + 1
+        return self.out(h)
+
+
+def tiny_dit(seed: int = 0, layers: int = 6, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(seed)
+    m = TinyDiT(layers=layers).eval()
+    # train-free, but make consecutive steps similar like a real denoiser's:
+    with torch.no_grad():
+        for b in m.blocks:
+            b.ada.weight.mul_(0.2)
+    return m, (torch.randn(batch, 8, 4), torch.full((batch,), 900.0))
+
+
+def tiny_sampler_loop(x0: torch.Tensor, steps: int = 10):
+    """A calibration loop over `steps` calls: x <- x - 0.1 * model(x, t), t from 900 down.
+
+    Returns loop(fn) -> the final x (fn: the model or a Program on torch tensors)."""
+    ts = torch.linspace(900, 0, steps)
+
+    def loop(fn):
+        x = x0.clone()
+        for t in ts:
+            out = fn(x, torch.full((x.shape[0],), float(t)))
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            x = x - 0.1 * torch.as_tensor(out)
+        return x
+    return loop

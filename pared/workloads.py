@@ -31,6 +31,9 @@ from pared.ir.errors import OptionError
 
 Fn = Callable[..., Any]
 
+#: seed of the calibration request, apart from the benchmark's seeds 0, 1, ...
+CALIBRATION_SEED = 10_000
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
@@ -140,10 +143,22 @@ class DiTWorkload(Workload):
         x = NoiseSchedule.linear().add_noise(x0[:n] * 2 - 1, rng.standard_normal(x0[:n].shape).astype(np.float32), t)
         return (torch.from_numpy(x), torch.from_numpy(t.astype(np.float32)), torch.from_numpy(y[:n].copy()))
 
-    def calibration(self) -> list[tuple]:
+    def calibration(self):
+        """The calibration run: a loop callable that drives a denoiser `fn(x, t, y)`
+        (torch tensors in and out) through one DDIM request of this workload
+        (held-apart seed and labels), so that analyses see real consecutive steps."""
         import torch
-        x, _, y = self.example_inputs()
-        return [(x, torch.full((self.rows,), float(t)), y) for t in (999, 500, 20)]
+        from pared.samplers import NoiseSchedule, ddim_sample
+
+        def loop(fn):
+            def call(x, t, y):
+                out = fn(torch.from_numpy(x), torch.from_numpy(np.asarray(t, np.float32)), torch.from_numpy(y))
+                return out.detach().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+            labels = (np.arange(self.batch) * 3 + 1) % 10
+            return ddim_sample(call, (self.batch, 1, self._mod.SIZE, self._mod.SIZE), labels,
+                               schedule=NoiseSchedule.linear(), steps=self.steps, cfg_scale=self.cfg_scale,
+                               null_label=self._mod.NULL_LABEL, seed=CALIBRATION_SEED)
+        return loop
 
     def labels(self, j: int) -> np.ndarray:
         return (np.arange(j * self.batch, (j + 1) * self.batch) % 10).astype(np.int64)

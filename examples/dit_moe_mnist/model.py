@@ -107,6 +107,6 @@ def example_inputs() -> tuple:
     return get_workload("dit_moe_mnist").example_inputs()
 
 
-def calibration() -> list[tuple]:
+def calibration():
     from pared.workloads import get_workload
     return get_workload("dit_moe_mnist").calibration()

@@ -1,0 +1,219 @@
+"""Graph surgery shared by the cache passes: block spans, variant graphs, the CachePlan.
+
+A *span* is a contiguous range of blocks [first, last]. Its input is the
+primary input of the first block and its output the primary output of the last
+(see analysis.redundancy.primary_io); its residual is output - input.
+
+    emit_residuals(graph, spans)   the graph, plus one output per span: its residual
+    reuse_spans(graph, spans)      the graph with each span replaced by
+                                   `input + cached residual` (a new input per span);
+                                   nodes only the span used are removed
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from pared.analysis.redundancy import primary_io
+from pared.ir import meta
+from pared.ir.errors import PassError
+from pared.ir.plan import Always, Call, Plan, StateBuffer, Table
+from pared.ir.program import Graph, Program
+from pared.ir.regions import Region
+from pared.ir.transform import Record
+
+
+@dataclass(frozen=True)
+class Span:
+    name: str                 # state name, e.g. "delta_rear"
+    blocks: tuple[str, ...]   # region paths, in order
+    input: str                # node names in the source graph
+    output: str
+
+
+@dataclass(frozen=True)
+class CachePlan(Record):
+    """What a cache pass decided: which block spans are cached, and the variant per call."""
+    method: str
+    spans: tuple[Span, ...]
+    variants: tuple[tuple[str, tuple[str, ...]], ...]   # variant graph -> spans it reuses
+    schedule: tuple[str, ...]                           # variant per call index (static methods)
+    default: str                                        # past the end of the schedule
+    flops: tuple[tuple[str, int], ...] = ()            # variant -> estimated FLOPs per call
+
+
+def require_single_graph(program: Program, pass_name: str) -> str:
+    if len(program.graphs) != 1 or not isinstance(program.plan.schedule, Always):
+        raise PassError(f"pass '{pass_name}' rewrites a single-graph program; this one has graphs "
+                        f"{list(program.graphs)} and a {program.plan.schedule.kind!r} schedule "
+                        "(run one cache pass per pipeline, before partitioning)")
+    return next(iter(program.graphs))
+
+
+def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: str) -> Span:
+    """A span over consecutive blocks, checked to have a residual path."""
+    if not blocks:
+        raise PassError(f"pass '{pass_name}': span {name!r} has no blocks")
+    first, last = primary_io(gm, blocks[0]), primary_io(gm, blocks[-1])
+    if first is None or last is None:
+        bad = blocks[0] if first is None else blocks[-1]
+        raise PassError(f"pass '{pass_name}': region {bad.path!r} has no primary input/output of one shape "
+                        "(a block that maps hidden states to hidden states); cache a different block range")
+    inside = {n for b in blocks for n in b.nodes}
+    if first[0].name in inside:
+        raise PassError(f"pass '{pass_name}': span {name!r} input {first[0].name} lies inside the span")
+    return Span(name, tuple(b.path for b in blocks), first[0].name, last[1].name)
+
+
+#: checks torch.export leaves in the graph (dtype/device of a traced value). They
+#: are impure to fx, so dead-code elimination keeps them and everything they
+#: read alive: a skipped block would still run up to each check.
+_METADATA_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
+def _eliminate_dead_code(gm: fx.GraphModule) -> None:
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in _METADATA_ASSERTS:
+            gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+
+
+def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _tag(node: fx.Node, by: str, like: fx.Node) -> None:
+    node.meta[meta.CREATED_BY] = by
+    if "val" in like.meta:
+        node.meta["val"] = like.meta["val"]
+
+
+def emit_residuals(graph: Graph, spans: Sequence[Span], by: str) -> Graph:
+    """`graph` with one extra output per span: the span's residual (output - input)."""
+    gm = graph.copy_module()
+    nodes = _nodes(gm)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    extra = []
+    for s in spans:
+        o, i = nodes[s.output], nodes[s.input]
+        with gm.graph.inserting_before(out_node):
+            r = gm.graph.call_function(torch.ops.aten.sub.Tensor, (o, i))
+        _tag(r, by, o)
+        extra.append(r)
+    outs = out_node.args[0]
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    out_node.args = (tuple(outs + extra),)
+    gm.graph.lint()
+    gm.recompile()
+    return graph.with_module(gm, output_names=graph.output_names + tuple(f"cache.{s.name}" for s in spans))
+
+
+def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Tensor], by: str) -> Graph:
+    """`graph` with each span computed as `input + cached residual` (one new input per span).
+
+    Args:
+        examples: an example residual per span (for lowering's re-trace).
+    Raises:
+        PassError: when spans overlap or a span's output is not read after it.
+    """
+    gm = graph.copy_module()
+    nodes = _nodes(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    last_ph = placeholders[-1]
+    new_names = []
+    for s in spans:
+        with gm.graph.inserting_after(last_ph):
+            ph = gm.graph.placeholder(f"cache_{s.name}")
+        ph.meta["val"] = nodes[s.output].meta.get("val")
+        last_ph = ph
+        i, o = nodes[s.input], nodes[s.output]
+        with gm.graph.inserting_after(i):
+            h = gm.graph.call_function(torch.ops.aten.add.Tensor, (i, ph))
+        _tag(h, by, o)
+        o.replace_all_uses_with(h)
+        new_names.append(f"cache.{s.name}")
+    _eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+    # a cache input is batched like the model: it shares the batch symbol, if any
+    batch = next((d[0][1] for d in graph.dynamic_dims if d and d[0][0] == 0), None)
+    dyn = tuple(graph.dynamic_dims) + tuple(((0, batch),) if batch else () for _ in spans)
+    return graph.with_module(gm, input_names=graph.input_names + tuple(new_names),
+                             example_inputs=tuple(graph.example_inputs) + tuple(examples),
+                             dynamic_dims=dyn)
+
+
+def variant_program(program: Program, gname: str, spans: Sequence[Span], reuse: Sequence[tuple[str, Sequence[str]]],
+                    schedule: Sequence[str], default: str, by: str) -> Program:
+    """Build the full graph, one reuse graph per entry of `reuse` (variant name ->
+    span names it reuses) and a Table plan over them."""
+    src = program.graphs[gname]
+    full = emit_residuals(src, spans, by)
+    with torch.no_grad():
+        outs = full.run(*full.example_inputs)
+    examples = {s.name: outs[len(src.output_names) + k].detach().clone() for k, s in enumerate(spans)}
+    by_name = {s.name: s for s in spans}
+    graphs = {"full": full}
+    for vname, names in reuse:
+        chosen = [by_name[n] for n in names]
+        graphs[vname] = reuse_spans(src, chosen, [examples[n] for n in names], by)
+    ins = tuple(f"in:{n}" for n in program.plan.inputs)
+    outs_ref = tuple(f"out:{n}" for n in src.output_names)
+    routines = [("full", (Call("full", ins, outs_ref + tuple(f"state:{s.name}" for s in spans)),))]
+    for vname, names in reuse:
+        routines.append((vname, (Call(vname, ins + tuple(f"state:{n}" for n in names), outs_ref),)))
+    plan = Plan(program.plan.inputs, outs_ref, tuple(routines), Table(tuple(schedule), default),
+                tuple(StateBuffer(s.name) for s in spans))
+    return program.replace(graphs=graphs, plan=plan)
+
+
+def graph_flops(graph: Graph) -> int:
+    from pared.analysis.cost import node_flops
+    return int(sum(node_flops(n) for n in graph.module.graph.nodes))
+
+
+def replace_with_input(graph: Graph, node_name: str, input_name: str, example: torch.Tensor, by: str) -> Graph:
+    """`graph` with the value of `node_name` taken from a new input instead
+    (what computed it, if nothing else needs it, is removed)."""
+    gm = graph.copy_module()
+    nodes = _nodes(gm)
+    last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last_ph):
+        ph = gm.graph.placeholder(input_name.replace(".", "_"))
+    ph.meta["val"] = nodes[node_name].meta.get("val")
+    ph.meta[meta.CREATED_BY] = by
+    nodes[node_name].replace_all_uses_with(ph)
+    _eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+    batch = next((d[0][1] for d in graph.dynamic_dims if d and d[0][0] == 0), None)
+    return graph.with_module(gm, input_names=graph.input_names + (input_name,),
+                             example_inputs=tuple(graph.example_inputs) + (example,),
+                             dynamic_dims=tuple(graph.dynamic_dims) + (((0, batch),) if batch else (),)
+                             if any(graph.dynamic_dims) else ())
+
+
+def with_outputs(graph: Graph, outputs: Sequence[tuple[str, str]], by: str) -> Graph:
+    """`graph` returning only the given (output name, node name or `a-b` difference)
+    values; everything else is removed."""
+    gm = graph.copy_module()
+    nodes = _nodes(gm)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = []
+    for _, ref in outputs:
+        if "-" in ref:
+            a, b = ref.split("-")
+            with gm.graph.inserting_before(out_node):
+                v = gm.graph.call_function(torch.ops.aten.sub.Tensor, (nodes[a], nodes[b]))
+            _tag(v, by, nodes[a])
+        else:
+            v = nodes[ref]
+        vals.append(v)
+    out_node.args = (tuple(vals),)
+    _eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return graph.with_module(gm, output_names=tuple(n for n, _ in outputs))

@@ -1,0 +1,86 @@
+"""Recompute a block range every N steps and reuse its residual in between
+(FORA, "FORA: Fast-Forward Caching in Diffusion Transformer Acceleration";
+DeepCache, "DeepCache: Accelerating Diffusion Models for Free").
+
+Before:  h = blocks[1:7](x)                              at every step
+After:   step i in the table's `full` steps:  h = blocks[1:7](x); state.blocks = h - x
+         otherwise (`reuse`):                 h = x + state.blocks
+Static: the step -> variant table is fixed at compile time: `full` for the first
+`warmup` steps and then every `interval`-th step, `reuse` otherwise.
+
+Reads: RedundancyProfile (optional: the number of steps). Writes: CachePlan,
+graphs `full` and `reuse`, a Table plan. Invariant: interval 1 gives the
+uncached outputs exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pared.analysis.redundancy import RedundancyProfile, block_regions
+from pared.ir.errors import OptionError
+from pared.ir.program import Program
+from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.cache.common import CachePlan, graph_flops, make_span, require_single_graph, variant_program
+
+
+def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name: str) -> tuple[int, int]:
+    """Block indices [first, last] (inclusive; negative counts from the end)."""
+    f = 1 if first is None else first
+    l_ = n_blocks - 2 if last is None else last
+    f = f + n_blocks if f < 0 else f
+    l_ = l_ + n_blocks if l_ < 0 else l_
+    if not (0 <= f <= l_ < n_blocks):
+        raise OptionError(f"pass '{pass_name}' options 'first'/'last': block range [{first}, {last}] is empty or "
+                          f"outside the model's {n_blocks} blocks")
+    return f, l_
+
+
+def calls_of(ctx: PassContext, steps: int | None, pass_name: str) -> int:
+    if steps:
+        return steps
+    prof = ctx.get(RedundancyProfile)
+    if prof is None:
+        raise OptionError(f"pass '{pass_name}' option 'steps': give the number of steps per request, "
+                          "or run temporal_redundancy first")
+    return prof.calls
+
+
+@register_pass("interval_cache")
+class CacheBlocksEveryN(RewritePass):
+    """Static FORA / DeepCache-style block caching (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        interval: int = 3            # N: recompute every N-th step (1: never reuse)
+        warmup: int = 1              # the first steps always compute
+        first: int | None = None     # first cached block (default 1: keep the first block)
+        last: int | None = None      # last cached block, inclusive (default -2: keep the last block)
+        regions: str | None = None   # the blocks (pattern); default: the repeated blocks
+        steps: int | None = None     # steps per request; default: the calibration run's
+
+        def __post_init__(self):
+            check_range("interval_cache", "interval", self.interval, lo=1)
+            check_range("interval_cache", "warmup", self.warmup, lo=1)
+            if self.steps is not None:
+                check_range("interval_cache", "steps", self.steps, lo=1)
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        gname = require_single_graph(program, self.name)
+        steps = calls_of(ctx, o.steps, self.name)
+        table = tuple("full" if i < o.warmup or (i - o.warmup) % o.interval == 0 else "reuse" for i in range(steps))
+        if "reuse" not in table:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        blocks = block_regions(program, o.regions, gname)
+        f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
+        gm = program.graphs[gname].module
+        span = make_span(gm, "blocks", blocks[f:l_ + 1], self.name)
+        new = variant_program(program, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
+        flops = tuple((v, graph_flops(g)) for v, g in new.graphs.items())
+        plan = CachePlan("interval_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops)
+        new = new.replace(records={**program.records, "CachePlan": plan})
+        ctx.log.info("interval_cache: blocks %s..%s, %d of %d steps reuse", span.blocks[0], span.blocks[-1],
+                     table.count("reuse"), steps)
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
+                          stats={"reuse_steps": table.count("reuse"), "cached_blocks": len(span.blocks),
+                                 "steps": steps})

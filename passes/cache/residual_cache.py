@@ -1,0 +1,99 @@
+"""Adaptive reuse of the middle blocks' residual, decided per step by how much
+the first blocks' residual changed (FirstBlockCache / DBCache in cache-dit and
+diffusers; TeaCache, "Timestep Embedding Tells: It's Time to Cache for Video
+Diffusion Model").
+
+Before:  h = blocks(x)                                  at every step
+After:   probe:    h_f = blocks[:F](x); signal = h_f - x
+         compute:  h_m = blocks[F:n-B](h_f); state.mid = h_m - h_f; h = blocks[n-B:](h_m)
+         reuse:    h = blocks[n-B:](h_f + state.mid)
+The Plan's rule runs `probe` every step and picks `reuse` while the accumulated
+relative L1 change of `signal` since the last computed step stays below
+`threshold`, after `warmup` steps and for at most `max_consecutive` steps in a
+row; otherwise `compute`.
+
+Reads: nothing required. Writes: CachePlan, graphs `probe`, `compute`, `reuse`,
+a Rule plan. Invariant: threshold 0 gives the uncached outputs exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pared.analysis.redundancy import RedundancyProfile, block_regions, primary_io
+from pared.ir.errors import OptionError
+from pared.ir.plan import Call, Plan, Rule, StateBuffer
+from pared.ir.program import Program
+from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.cache.common import (CachePlan, emit_residuals, graph_flops, make_span, replace_with_input,
+                                       require_single_graph, with_outputs)
+
+
+@register_pass("residual_cache")
+class CacheResidualAdaptively(RewritePass):
+    """FirstBlockCache / TeaCache-style adaptive caching (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        threshold: float = 0.1        # reuse while the accumulated rel-L1 change stays below this (0: never)
+        front: int = 1                # F: blocks that always run and give the signal
+        back: int = 0                 # B: tail blocks that always run
+        warmup: int = 2               # the first calls always compute
+        max_consecutive: int = 0      # cap on reuses in a row (0: none)
+        accumulate: bool = True       # sum the change over consecutive reuses (TeaCache)
+        regions: str | None = None    # the blocks (pattern); default: the repeated blocks
+
+        def __post_init__(self):
+            check_range("residual_cache", "threshold", self.threshold, lo=0)
+            check_range("residual_cache", "front", self.front, lo=1)
+            check_range("residual_cache", "back", self.back, lo=0)
+            check_range("residual_cache", "warmup", self.warmup, lo=1)
+            check_range("residual_cache", "max_consecutive", self.max_consecutive, lo=0)
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        gname = require_single_graph(program, self.name)
+        if o.threshold == 0:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"cached_blocks": 0})
+        blocks = block_regions(program, o.regions, gname)
+        n = len(blocks)
+        if o.front + o.back >= n:
+            raise OptionError(f"pass 'residual_cache' options 'front'/'back': {o.front} + {o.back} blocks leave "
+                              f"none of the model's {n} blocks to cache")
+        src = program.graphs[gname]
+        gm = src.module
+        head = primary_io(gm, blocks[0])
+        mid = make_span(gm, "mid", blocks[o.front:n - o.back], self.name)
+        if head is None:
+            raise OptionError(f"pass 'residual_cache': block {blocks[0].path!r} has no hidden-state input/output")
+        x0, h_f = head[0].name, mid.input
+        probe = with_outputs(src, [("signal", f"{h_f}-{x0}"), ("hidden", h_f)], self.name)
+        with torch.no_grad():
+            sig, hid = probe.run(*probe.example_inputs)
+        full = emit_residuals(src, [mid], self.name)
+        compute = replace_with_input(full, h_f, "hidden", hid.detach().clone(), self.name)
+        with torch.no_grad():
+            res = compute.run(*compute.example_inputs)[-1]
+        from pared.passes.cache.common import reuse_spans
+        reuse = replace_with_input(reuse_spans(src, [mid], [res.detach().clone()], self.name), h_f, "hidden",
+                                   hid.detach().clone(), self.name)
+        ins = tuple(f"in:{x}" for x in program.plan.inputs)
+        outs = tuple(f"out:{x}" for x in src.output_names)
+        # reuse_spans appended the cache input before `hidden`: bind in that order
+        plan = Plan(program.plan.inputs, outs, (
+            ("probe", (Call("probe", ins, ("probe:signal", "probe:hidden")),)),
+            ("compute", (Call("compute", ins + ("probe:hidden",), outs + ("state:mid",)),)),
+            ("reuse", (Call("reuse", ins + ("state:mid", "probe:hidden"), outs),)),
+        ), Rule(probe="probe", signal="probe:signal", compute="compute", reuse="reuse", threshold=o.threshold,
+                metric="rel_l1", accumulate=o.accumulate, warmup=o.warmup, max_consecutive=o.max_consecutive),
+            (StateBuffer("mid"),))
+        graphs = {"probe": probe, "compute": compute, "reuse": reuse}
+        new = program.replace(graphs=graphs, plan=plan)
+        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
+        rec = CachePlan("residual_cache", (mid,), (("reuse", ("mid",)),), (), "compute", flops)
+        new = new.replace(records={**program.records, "CachePlan": rec})
+        ctx.log.info("residual_cache: probe %d block(s), cache %d, tail %d, threshold %g", o.front, len(mid.blocks),
+                     o.back, o.threshold)
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
+                          stats={"cached_blocks": len(mid.blocks), "front": o.front, "back": o.back})
