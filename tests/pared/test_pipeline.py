@@ -1,4 +1,6 @@
 """Pipeline files and pass lists: parsing, and one clear error per kind of mistake."""
+import glob
+import os
 import textwrap
 
 import pytest
@@ -142,3 +144,11 @@ def test_resolve_ref(tmp_path):
     (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
     with pytest.raises(PipelineError, match="importing .*broken.py failed: RuntimeError: boom"):
         resolve_ref("broken.py:build", str(tmp_path))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                                                               "pipelines", "*.yaml"))))
+def test_every_shipped_pipeline_file_parses(path):
+    spec = load_pipeline(path)
+    passes = build_passes(spec)
+    assert spec.model and spec.example_inputs and passes
