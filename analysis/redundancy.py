@@ -137,6 +137,28 @@ def calibration_calls(calibration: Any, fn: Callable[..., Any]) -> int:
     return count
 
 
+def record_values(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any) -> tuple[int, dict[str, list]]:
+    """Run `gm` through the calibration run and keep the value of each of `nodes`
+    at every call (float32 numpy). Returns (number of calls, node name -> values)."""
+    watch = set(nodes)
+    values: dict[str, list[np.ndarray]] = {n.name: [] for n in watch}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in watch:
+                values[n.name].append(out.detach().to(torch.float32).numpy().copy())
+            return out
+
+    def call(*args):
+        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
+        with torch.no_grad():
+            out = Recorder(gm).run(*flat)
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+    return calibration_calls(calibration, call), values
+
+
 def _rel_l1(a: np.ndarray, b: np.ndarray) -> float:
     d = float(np.mean(np.abs(b)))
     return float(np.mean(np.abs(a - b))) / d if d > 0 else math.inf
@@ -188,24 +210,9 @@ class TemporalRedundancy(Analysis):
         flops = {r.path: sum(node_flops(nodes[n]) for n in r.nodes) for r in chosen}
         total = sum(node_flops(n) for n in gm.graph.nodes)
 
-        watch = {n for _, i, o in taps for n in (i, o) if n is not None}
-        values: dict[str, list[np.ndarray]] = {n.name: [] for n in watch}
-
-        class Recorder(fx.Interpreter):
-            def run_node(self, n):
-                out = super().run_node(n)
-                if n in watch:
-                    values[n.name].append(out.detach().to(torch.float32).numpy().copy())
-                return out
-
-        def call(*args):
-            flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
-            with torch.no_grad():
-                out = Recorder(gm).run(*flat)
-            return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
-
+        watch = [n for _, i, o in taps for n in (i, o) if n is not None]
         ctx.progress(f"temporal_redundancy: recording {len(taps)} regions over the calibration run")
-        calls = calibration_calls(ctx.calibration, call)
+        calls, values = record_values(gm, watch, ctx.calibration)
         if calls < 2:
             raise PassError("temporal_redundancy needs at least 2 consecutive calls in the calibration run, "
                             f"got {calls}")

@@ -95,8 +95,14 @@ def _labels(labels: Sequence[int] | np.ndarray, b: int) -> np.ndarray:
 def ddim_sample(denoiser: Denoiser, shape: Sequence[int], labels: Sequence[int] | np.ndarray, *,
                 schedule: NoiseSchedule, steps: int = 50, cfg_scale: float = 1.0,
                 null_label: int | None = None, seed: int = 0, noise: np.ndarray | None = None,
+                clip_x0: float | None = None,
                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Deterministic DDIM (eta = 0) with an epsilon-predicting denoiser; returns x_0 (float32)."""
+    """Deterministic DDIM (eta = 0) with an epsilon-predicting denoiser; returns x_0 (float32).
+
+    `clip_x0`: clamp each step's x_0 prediction to [-clip_x0, clip_x0] (data in
+    [-1, 1]), as diffusers' DDIMScheduler `clip_sample` does;
+    None (the default here) leaves it unclamped. The noise direction uses the
+    unclipped prediction."""
     x = initial_noise(shape, seed) if noise is None else np.array(noise, dtype=np.float32)
     y = _labels(labels, x.shape[0])
     abar = schedule.alphas_cumprod
@@ -108,6 +114,8 @@ def ddim_sample(denoiser: Denoiser, shape: Sequence[int], labels: Sequence[int] 
         a_t = abar[t]
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
         x0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+        if clip_x0 is not None:
+            x0 = np.clip(x0, -clip_x0, clip_x0)
         x = (np.sqrt(a_prev) * x0 + np.sqrt(1.0 - a_prev) * eps).astype(np.float32)
     return x
 

@@ -113,8 +113,14 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
     if previous:
         meta["continued_from"] = previous
     _atomic_save(ema, out_path, meta)
-    with open(os.path.splitext(out_path)[0].replace("weights", "train_log") + ".json", "w") as f:
-        json.dump({"meta": meta, "log": log}, f, indent=1)
+    log_path = os.path.splitext(out_path)[0].replace("weights", "train_log") + ".json"
+    earlier = []
+    if init and os.path.exists(log_path):   # keep the log of the run this one continues
+        with open(log_path) as f:
+            old = json.load(f)
+        earlier = old.get("earlier_segments", []) + [{"meta": old.get("meta"), "log": old.get("log")}]
+    with open(log_path, "w") as f:
+        json.dump({"meta": meta, "log": log, "earlier_segments": earlier}, f, indent=1)
     print(f"done: {meta}", flush=True)
     return meta
 
@@ -125,13 +131,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (after a 200-step warmup)")
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
     p.add_argument("--init", help="continue from these EMA weights (e.g. the shipped ones)")
     a = p.parse_args()
     sys.path.insert(0, HERE)
     from model import EpsModel
     torch.manual_seed(a.seed)
-    train(EpsModel(), a.out, minutes=a.minutes, batch=a.batch, seed=a.seed, threads=a.threads, init=a.init)
+    train(EpsModel(), a.out, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads,
+          init=a.init)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (after a 200-step warmup)")
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
     p.add_argument("--init", help="continue from these EMA weights (e.g. the shipped ones)")
     a = p.parse_args()
     model = _load(os.path.join(HERE, "model.py"), "dit_moe_model")
     trainer = _load(os.path.join(os.path.dirname(HERE), "dit_mnist", "train.py"), "dit_train")
     torch.manual_seed(a.seed)
-    trainer.train(model.EpsModel(), a.out, minutes=a.minutes, batch=a.batch, seed=a.seed, threads=a.threads,
+    trainer.train(model.EpsModel(), a.out, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads,
                   aux_loss=model.aux_loss, init=a.init)
 
 

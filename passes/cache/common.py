@@ -43,6 +43,7 @@ class CachePlan(Record):
     schedule: tuple[str, ...]                           # variant per call index (static methods)
     default: str                                        # past the end of the schedule
     flops: tuple[tuple[str, int], ...] = ()            # variant -> estimated FLOPs per call
+    calibration: tuple[float, ...] = ()                # per-step figures the decision used (MagCache ratios)
 
 
 def require_single_graph(program: Program, pass_name: str) -> str:

@@ -125,3 +125,13 @@ def test_executor_driven_sampling_gives_the_eager_images(tmp_path):
     lowered = ddim_sample(ex, (2, 1, 8, 8), [1, 2], on_step=lambda i, t: steps.append(t), **kw)
     np.testing.assert_allclose(lowered, eager, rtol=1e-4, atol=1e-4)
     assert steps == list(ddim_timesteps(1000, 8))
+
+
+def test_ddim_clip_x0_bounds_the_prediction():
+    # a denoiser that predicts no noise makes x_0 = x / sqrt(abar): far outside [-1, 1] early on
+    zero = lambda x, t, y: np.zeros_like(x)
+    sched = NoiseSchedule.linear()
+    free = ddim_sample(zero, (2, 1, 4, 4), [0, 1], schedule=sched, steps=5, seed=3)
+    clipped = ddim_sample(zero, (2, 1, 4, 4), [0, 1], schedule=sched, steps=5, seed=3, clip_x0=1.0)
+    assert np.abs(free).max() > 1.5
+    assert np.abs(clipped).max() <= 1.0 + 1e-6

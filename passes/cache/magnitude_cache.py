@@ -1,0 +1,99 @@
+"""Skip the block stack while the calibrated residual-magnitude ratios say the
+step changes little (MagCache, "MagCache: Fast Video Generation with
+Magnitude-Aware Cache").
+
+Before:  h = blocks(x)                                     at every step
+After:   a step table: `full` steps run the blocks and store state.blocks = h - x;
+         `reuse` steps compute h = x + state.blocks
+Calibration: on the calibration run, gamma_t = mean_tokens ||r_t|| / mean_tokens ||r_{t-1}||
+for the span's residual r. Decision (per step, after the first `retention` steps):
+accumulate ratio *= gamma_t and err += |1 - ratio|; reuse while err <= threshold
+and at most `max_skip` steps in a row, else compute and reset. The decisions use
+only the calibrated table, so the plan is static.
+
+Reads: the calibration run. Writes: CachePlan (with the ratios), graphs `full`
+and `reuse`, a Table plan. Invariant: threshold 0 reuses nothing (no-op).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from pared.analysis.redundancy import RedundancyProfile, block_regions, record_values
+from pared.ir.program import Program
+from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.cache.common import CachePlan, graph_flops, make_span, require_single_graph, variant_program
+from pared.passes.cache.interval_cache import resolve_range
+
+
+def magnitude_ratios(residuals: Sequence[np.ndarray]) -> list[float]:
+    """gamma_t for t >= 1 (gamma_0 = 1): ratio of the mean per-token L2 norm of
+    consecutive residuals [B, ..., C] (the last dim is the feature)."""
+    norms = [float(np.mean(np.linalg.norm(r.reshape(-1, r.shape[-1]), axis=-1))) for r in residuals]
+    return [1.0] + [n / p if p > 0 else 1.0 for p, n in zip(norms, norms[1:])]
+
+
+def magcache_schedule(ratios: Sequence[float], threshold: float, max_skip: int, retention: int) -> tuple[str, ...]:
+    """The step -> variant table MagCache's rule gives for these ratios."""
+    out, acc_ratio, acc_err, skipped = [], 1.0, 0.0, 0
+    for t, g in enumerate(ratios):
+        if t < retention:
+            out.append("full")
+            continue
+        acc_ratio *= g
+        acc_err += abs(1.0 - acc_ratio)
+        if acc_err <= threshold and skipped < max_skip:
+            out.append("reuse")
+            skipped += 1
+        else:
+            out.append("full")
+            acc_ratio, acc_err, skipped = 1.0, 0.0, 0
+    return tuple(out)
+
+
+@register_pass("magnitude_cache")
+class CacheByMagnitude(RewritePass):
+    """MagCache (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        threshold: float = 0.06        # tau: accumulated error allowed while reusing
+        max_skip: int = 3              # K: reuses in a row at most
+        retention: float = 0.2         # fraction of the first steps that always compute
+        first: int | None = 0          # first cached block (default: all blocks)
+        last: int | None = -1          # last cached block, inclusive
+        regions: str | None = None     # the blocks (pattern); default: the repeated blocks
+
+        def __post_init__(self):
+            check_range("magnitude_cache", "threshold", self.threshold, lo=0)
+            check_range("magnitude_cache", "max_skip", self.max_skip, lo=0)
+            check_range("magnitude_cache", "retention", self.retention, lo=0, hi=1)
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        gname = require_single_graph(program, self.name)
+        if o.threshold == 0 or o.max_skip == 0:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        blocks = block_regions(program, o.regions, gname)
+        f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
+        gm = program.graphs[gname].module
+        span = make_span(gm, "blocks", blocks[f:l_ + 1], self.name)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        ctx.progress("magnitude_cache: calibrating residual magnitude ratios")
+        calls, vals = record_values(gm, [nodes[span.input], nodes[span.output]], ctx.calibration)
+        residuals = [a - b for a, b in zip(vals[span.output], vals[span.input])]
+        ratios = magnitude_ratios(residuals)
+        table = magcache_schedule(ratios, o.threshold, o.max_skip, int(round(o.retention * calls)))
+        if "reuse" not in table:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        new = variant_program(program, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
+        flops = tuple((v, graph_flops(g)) for v, g in new.graphs.items())
+        rec = CachePlan("magnitude_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops,
+                        tuple(round(r, 6) for r in ratios))
+        new = new.replace(records={**program.records, "CachePlan": rec})
+        ctx.log.info("magnitude_cache: %d of %d steps reuse", table.count("reuse"), calls)
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
+                          stats={"reuse_steps": table.count("reuse"), "cached_blocks": len(span.blocks),
+                                 "steps": calls})
