@@ -12,7 +12,7 @@ primary input of the first block and its output the primary output of the last
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -44,6 +44,8 @@ class CachePlan(Record):
     default: str                                        # past the end of the schedule
     flops: tuple[tuple[str, int], ...] = ()            # variant -> estimated FLOPs per call
     calibration: tuple[float, ...] = ()                # per-step figures the decision used (MagCache ratios)
+    threshold: float | None = None                     # the threshold used (searched when a goal was given)
+    search: tuple[tuple[float, float, float], ...] = ()  # (threshold, psnr_db, FLOPs speedup) measured
 
 
 def require_single_graph(program: Program, pass_name: str) -> str:
@@ -218,3 +220,105 @@ def with_outputs(graph: Graph, outputs: Sequence[tuple[str, str]], by: str) -> G
     gm.graph.lint()
     gm.recompile()
     return graph.with_module(gm, output_names=tuple(n for n, _ in outputs))
+
+
+# -- threshold search --------------------------------------------------------
+GOALS = ("psnr_db", "speedup")
+
+
+def check_goal(pass_name: str, goal: Mapping | None) -> None:
+    """A goal is {"psnr_db": x} or {"speedup": x}."""
+    from pared.ir.errors import OptionError
+    if goal is None:
+        return
+    if not isinstance(goal, Mapping) or len(goal) != 1 or next(iter(goal)) not in GOALS:
+        raise OptionError(f"pass '{pass_name}': option 'target' must be one of {{psnr_db: X}} or {{speedup: X}}, "
+                          f"got {goal!r}")
+    v = next(iter(goal.values()))
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise OptionError(f"pass '{pass_name}': option 'target': the goal must be a positive number, got {v!r}")
+
+
+def _final(out: Any) -> "np.ndarray":
+    import numpy as np
+    leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out])]
+    return np.concatenate([np.asarray(torch.as_tensor(v).detach().float().numpy()).ravel() for v in leaves])
+
+
+def evaluate_on_calibration(program: Program, calibration: Any, reference: Any, base_flops: int) -> tuple[float, float]:
+    """(PSNR in dB of the loop's final output vs. `reference`, with the reference's
+    range as peak; FLOPs speedup over the uncached graph) for one run of the
+    calibration loop through the torch side of `program`."""
+    import math
+    import numpy as np
+    from pared.analysis.redundancy import calibration_calls
+    runner = program.runner()
+    out = calibration(lambda *a: _first(runner(list(a))))
+    ref = _final(reference)
+    got = _final(out)
+    mse = float(np.mean((ref.astype(np.float64) - got) ** 2))
+    peak = float(ref.max() - ref.min()) or 1.0
+    psnr = 200.0 if mse == 0 else min(200.0, 10 * math.log10(peak * peak / mse))
+    flops = {v: graph_flops(g) for v, g in program.graphs.items()}
+    per_routine = {n: sum(flops[c.graph] for c in calls) for n, calls in program.plan.routines}
+    sched = program.plan.schedule
+    probe = per_routine[sched.probe] if getattr(sched, "kind", "") == "rule" else 0
+    spent = sum(per_routine[r] + probe for r in runner.trace)
+    return psnr, (base_flops * len(runner.trace)) / spent if spent else 1.0
+
+
+def _first(outs: list) -> Any:
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def search_threshold(pass_name: str, build: Callable[[float], Program], uncached: Program, calibration: Any,
+                     goal: Mapping, lo: float, hi: float, iters: int = 7,
+                     progress: Callable[[str], None] = lambda m: None) -> tuple[float, tuple]:
+    """Bisect (in log space) for the threshold that meets `goal` on the calibration run.
+
+    psnr_db: the largest threshold whose PSNR stays >= the goal; speedup: the
+    smallest threshold whose FLOPs speedup reaches the goal. Returns (threshold,
+    the measured points ((threshold, psnr_db, speedup), ...)).
+    Raises:
+        PassError: when no threshold in [lo, hi] meets a speedup goal.
+    """
+    import math
+    if not callable(calibration):
+        raise PassError(f"pass '{pass_name}': option 'target' needs a calibration loop (a callable that runs one "
+                        "request through the model) to measure the trade-off on")
+    runner = uncached.runner()
+    reference = calibration(lambda *a: _first(runner(list(a))))
+    base = graph_flops(next(iter(uncached.graphs.values())))
+    key, want = next(iter(goal.items()))
+    points = []
+
+    def ok(th: float) -> bool:
+        psnr, sp = evaluate_on_calibration(build(th), calibration, reference, base)
+        points.append((th, round(psnr, 3), round(sp, 4)))
+        progress(f"{pass_name}: threshold {th:.4g} -> {psnr:.1f} dB, {sp:.2f}x FLOPs")
+        return psnr >= want if key == "psnr_db" else sp >= want
+
+    a, b = math.log(lo), math.log(hi)
+    at = lambda m: float(f"{math.exp(m):.4g}")   # thresholds as a person would write them
+    if key == "psnr_db":
+        if ok(hi):
+            return hi, tuple(points)
+        best = None
+        for _ in range(iters):
+            m = (a + b) / 2
+            if ok(at(m)):
+                best, a = at(m), m
+            else:
+                b = m
+        return (best if best is not None else lo), tuple(points)
+    if not ok(hi):
+        raise PassError(f"pass '{pass_name}': no threshold up to {hi:g} reaches a {want}x FLOPs speedup on the "
+                        f"calibration run (best measured: {max(p[2] for p in points):.2f}x)")
+    best = hi
+    for _ in range(iters):
+        m = (a + b) / 2
+        if ok(at(m)):
+            best, b = at(m), m
+        else:
+            a = m
+    return best, tuple(points)

@@ -16,6 +16,7 @@ and `reuse`, a Table plan. Invariant: threshold 0 reuses nothing (no-op).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +25,8 @@ import numpy as np
 from pared.analysis.redundancy import RedundancyProfile, block_regions, record_values
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import CachePlan, graph_flops, make_span, require_single_graph, variant_program
+from pared.passes.cache.common import (CachePlan, check_goal, graph_flops, make_span, require_single_graph,
+                                       search_threshold, variant_program)
 from pared.passes.cache.interval_cache import resolve_range
 
 
@@ -60,6 +62,7 @@ class CacheByMagnitude(RewritePass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         threshold: float = 0.06        # tau: accumulated error allowed while reusing
+        target: dict | None = None     # instead of threshold: {psnr_db: X} or {speedup: X}, searched on the calibration run
         max_skip: int = 3              # K: reuses in a row at most
         retention: float = 0.2         # fraction of the first steps that always compute
         first: int | None = 0          # first cached block (default: all blocks)
@@ -70,11 +73,12 @@ class CacheByMagnitude(RewritePass):
             check_range("magnitude_cache", "threshold", self.threshold, lo=0)
             check_range("magnitude_cache", "max_skip", self.max_skip, lo=0)
             check_range("magnitude_cache", "retention", self.retention, lo=0, hi=1)
+            check_goal("magnitude_cache", self.target)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
         gname = require_single_graph(program, self.name)
-        if o.threshold == 0 or o.max_skip == 0:
+        if (o.threshold == 0 and o.target is None) or o.max_skip == 0:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
         blocks = block_regions(program, o.regions, gname)
         f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
@@ -85,14 +89,29 @@ class CacheByMagnitude(RewritePass):
         calls, vals = record_values(gm, [nodes[span.input], nodes[span.output]], ctx.calibration)
         residuals = [a - b for a, b in zip(vals[span.output], vals[span.input])]
         ratios = magnitude_ratios(residuals)
-        table = magcache_schedule(ratios, o.threshold, o.max_skip, int(round(o.retention * calls)))
-        if "reuse" not in table:
+        retention = int(round(o.retention * calls))
+
+        def build(th: float) -> Program:
+            table = magcache_schedule(ratios, th, o.max_skip, retention)
+            if "reuse" not in table:
+                return program
+            new = variant_program(program, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
+            flops = tuple((v, graph_flops(g)) for v, g in new.graphs.items())
+            rec = CachePlan("magnitude_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops,
+                            tuple(round(r, 6) for r in ratios), threshold=th)
+            return new.replace(records={**program.records, "CachePlan": rec})
+
+        th, points = o.threshold, ()
+        if o.target is not None:
+            th, points = search_threshold(self.name, build, program, ctx.calibration, o.target, 1e-3, 4.0,
+                                          progress=ctx.progress)
+        new = build(th)
+        if new is program:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
-        new = variant_program(program, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
-        flops = tuple((v, graph_flops(g)) for v, g in new.graphs.items())
-        rec = CachePlan("magnitude_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops,
-                        tuple(round(r, 6) for r in ratios))
-        new = new.replace(records={**program.records, "CachePlan": rec})
+        if points:
+            new = new.replace(records={**new.records, "CachePlan": dataclasses.replace(new.records["CachePlan"],
+                                                                                       search=points)})
+        table = new.plan.schedule.routines
         ctx.log.info("magnitude_cache: %d of %d steps reuse", table.count("reuse"), calls)
         return PassResult(new, modified=True, preserved=(RedundancyProfile,),
                           stats={"reuse_steps": table.count("reuse"), "cached_blocks": len(span.blocks),

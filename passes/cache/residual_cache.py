@@ -17,6 +17,7 @@ a Rule plan. Invariant: threshold 0 gives the uncached outputs exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,8 @@ from pared.ir.errors import OptionError
 from pared.ir.plan import Call, Plan, Rule, StateBuffer
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (CachePlan, emit_residuals, graph_flops, make_span, replace_with_input,
-                                       require_single_graph, with_outputs)
+from pared.passes.cache.common import (CachePlan, check_goal, emit_residuals, graph_flops, make_span,
+                                       replace_with_input, require_single_graph, search_threshold, with_outputs)
 
 
 @register_pass("residual_cache")
@@ -37,6 +38,7 @@ class CacheResidualAdaptively(RewritePass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         threshold: float = 0.1        # reuse while the accumulated rel-L1 change stays below this (0: never)
+        target: dict | None = None    # instead of threshold: {psnr_db: X} or {speedup: X}, searched on the calibration run
         front: int = 1                # F: blocks that always run and give the signal
         back: int = 0                 # B: tail blocks that always run
         warmup: int = 2               # the first calls always compute
@@ -50,12 +52,28 @@ class CacheResidualAdaptively(RewritePass):
             check_range("residual_cache", "back", self.back, lo=0)
             check_range("residual_cache", "warmup", self.warmup, lo=1)
             check_range("residual_cache", "max_consecutive", self.max_consecutive, lo=0)
+            check_goal("residual_cache", self.target)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
         gname = require_single_graph(program, self.name)
+        if o.target is not None:
+            build = lambda th: self._build(program, gname, th)[0]
+            th, points = search_threshold(self.name, build, program, ctx.calibration, o.target, 1e-3, 2.0,
+                                          progress=ctx.progress)
+            new, stats = self._build(program, gname, th)
+            rec = dataclasses.replace(new.records["CachePlan"], search=points)
+            return PassResult(new.replace(records={**new.records, "CachePlan": rec}), modified=True,
+                              preserved=(RedundancyProfile,), stats=stats)
         if o.threshold == 0:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"cached_blocks": 0})
+        new, stats = self._build(program, gname, o.threshold)
+        ctx.log.info("residual_cache: probe %d block(s), cache %d, tail %d, threshold %g", o.front,
+                     stats["cached_blocks"], o.back, o.threshold)
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,), stats=stats)
+
+    def _build(self, program: Program, gname: str, threshold: float) -> tuple[Program, dict]:
+        o = self.options
         blocks = block_regions(program, o.regions, gname)
         n = len(blocks)
         if o.front + o.back >= n:
@@ -85,15 +103,12 @@ class CacheResidualAdaptively(RewritePass):
             ("probe", (Call("probe", ins, ("probe:signal", "probe:hidden")),)),
             ("compute", (Call("compute", ins + ("probe:hidden",), outs + ("state:mid",)),)),
             ("reuse", (Call("reuse", ins + ("state:mid", "probe:hidden"), outs),)),
-        ), Rule(probe="probe", signal="probe:signal", compute="compute", reuse="reuse", threshold=o.threshold,
+        ), Rule(probe="probe", signal="probe:signal", compute="compute", reuse="reuse", threshold=threshold,
                 metric="rel_l1", accumulate=o.accumulate, warmup=o.warmup, max_consecutive=o.max_consecutive),
             (StateBuffer("mid"),))
         graphs = {"probe": probe, "compute": compute, "reuse": reuse}
         new = program.replace(graphs=graphs, plan=plan)
         flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
-        rec = CachePlan("residual_cache", (mid,), (("reuse", ("mid",)),), (), "compute", flops)
+        rec = CachePlan("residual_cache", (mid,), (("reuse", ("mid",)),), (), "compute", flops, threshold=threshold)
         new = new.replace(records={**program.records, "CachePlan": rec})
-        ctx.log.info("residual_cache: probe %d block(s), cache %d, tail %d, threshold %g", o.front, len(mid.blocks),
-                     o.back, o.threshold)
-        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
-                          stats={"cached_blocks": len(mid.blocks), "front": o.front, "back": o.back})
+        return new, {"cached_blocks": len(mid.blocks), "front": o.front, "back": o.back}

@@ -62,3 +62,13 @@ def test_threshold_zero_is_a_no_op():
 def test_bad_options(opts, msg):
     with pytest.raises(OptionError, match=msg):
         _cached(**opts)
+
+
+def test_a_psnr_goal_picks_the_threshold():
+    m, (x, t) = tiny_dit()
+    prog = capture(m, (x, t))
+    res = get_pass("magnitude_cache")(target={"psnr_db": 40.0})(prog, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
+    rec = res.program.records["CachePlan"] if res.modified else None
+    if rec is not None:
+        passing = [p for p in rec.search if p[1] >= 40.0]
+        assert passing and rec.threshold == max(p[0] for p in passing)

@@ -112,3 +112,39 @@ def test_artifact_matches_torch_including_decisions(tmp_path):
 def test_bad_options(opts, msg):
     with pytest.raises(OptionError, match=msg):
         _cached(**opts)
+
+
+def test_a_psnr_or_speedup_goal_searches_the_threshold():
+    from pared.passes.cache.common import evaluate_on_calibration, graph_flops
+    m, (x, t) = tiny_dit()
+    prog = capture(m, (x, t))
+    loop = tiny_sampler_loop(x, STEPS)
+    r = prog.runner()
+    ref = loop(lambda *a: r(list(a))[0])
+    base = graph_flops(prog.main)
+    for goal in ({"psnr_db": 80.0}, {"speedup": 1.5}):
+        res = get_pass("residual_cache")(target=goal)(prog, PassContext(calibration=loop))
+        rec = res.program.records["CachePlan"]
+        assert len(rec.search) >= 2 and rec.threshold in [p[0] for p in rec.search] + [2.0]
+        psnr, sp = evaluate_on_calibration(res.program, loop, ref, base)
+        if "psnr_db" in goal:
+            assert psnr >= 80.0
+            # and it is the largest passing threshold measured
+            assert rec.threshold == max(p[0] for p in rec.search if p[1] >= 80.0)
+        else:
+            assert sp >= 1.5
+            assert rec.threshold == min(p[0] for p in rec.search if p[2] >= 1.5)
+
+
+def test_goal_errors():
+    from pared.ir.errors import PassError
+    m, (x, t) = tiny_dit()
+    prog = capture(m, (x, t))
+    with pytest.raises(OptionError, match="option 'target' must be one of"):
+        get_pass("residual_cache")(target={"fid": 3})
+    with pytest.raises(OptionError, match="must be a positive number"):
+        get_pass("residual_cache")(target={"psnr_db": -3})
+    with pytest.raises(PassError, match="needs a calibration loop"):
+        get_pass("residual_cache")(target={"psnr_db": 30})(prog, PassContext(calibration=[(x, t)]))
+    with pytest.raises(PassError, match="reaches a 50.0x FLOPs speedup"):
+        get_pass("residual_cache")(target={"speedup": 50.0})(prog, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
