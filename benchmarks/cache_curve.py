@@ -40,6 +40,8 @@ PARED = [
     ("residual_cache 0.1", [{"residual_cache": {"threshold": 0.1}}]),
     ("residual_cache 0.2", [{"residual_cache": {"threshold": 0.2}}]),
     ("residual_cache 0.3", [{"residual_cache": {"threshold": 0.3, "max_consecutive": 3}}]),
+    ("taylor_cache N=3", [{"taylor_cache": {"interval": 3}}]),
+    ("taylor_cache N=4", [{"taylor_cache": {"interval": 4}}]),
     ("magnitude_cache 0.06", [{"magnitude_cache": {"threshold": 0.06}}]),
     ("magnitude_cache 0.12", [{"magnitude_cache": {"threshold": 0.12}}]),
     ("magnitude_cache 0.24", [{"magnitude_cache": {"threshold": 0.24}}]),

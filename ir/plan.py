@@ -7,6 +7,10 @@ Values are named by references:
   ``in:NAME``     a program input (one per user input, in order)
   ``state:NAME``  a buffer carried between calls of one request (cache features,
                   the previous probe signal); reset by ``reset()``
+  ``step:NAME``   a per-call scalar from the plan's ``step_values`` table (a float32
+                  tensor of shape [1]: e.g. a forecast coefficient that depends on
+                  how many steps ago the cache was computed); past the table's
+                  end, its last value
   anything else   an intermediate value produced by a call in this step
 A *routine* is an ordered list of graph calls; a call binds each graph input to
 a reference and each graph output to a reference, so graphs exchange tensors
@@ -97,6 +101,13 @@ class Plan:
     routines: tuple[tuple[str, tuple[Call, ...]], ...]
     schedule: Schedule
     state: tuple[StateBuffer, ...] = ()
+    step_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # name -> value per call index
+
+    def step_value(self, name: str, call_index: int) -> float:
+        for n, vals in self.step_values:
+            if n == name:
+                return float(vals[min(call_index, len(vals) - 1)]) if vals else 0.0
+        raise PlanError(f"plan has no step value {name!r}")
 
     @staticmethod
     def single(graph: str, inputs: Sequence[str], outputs: Sequence[str]) -> "Plan":
@@ -133,7 +144,8 @@ class Plan:
             if r not in routine_names:
                 raise PlanError(f"schedule names routine {r!r}, which the plan does not define")
         for rname, calls in self.routines:
-            known = {f"in:{n}" for n in self.inputs} | {f"state:{s}" for s in state}
+            known = ({f"in:{n}" for n in self.inputs} | {f"state:{s}" for s in state}
+                     | {f"step:{n}" for n, _ in self.step_values})
             if isinstance(self.schedule, Rule) and rname != self.schedule.probe:
                 known |= _produced(self.routine(self.schedule.probe))
             for i, c in enumerate(calls):
@@ -167,6 +179,7 @@ class Plan:
             "schedule": sched,
             "state": [{"name": s.name, "shape": None if s.shape is None else list(s.shape), "dtype": s.dtype}
                       for s in self.state],
+            "step_values": {n: list(v) for n, v in self.step_values},
         }
 
     @staticmethod
@@ -187,6 +200,7 @@ class Plan:
                 schedule=_SCHEDULES[kind](**sched),
                 state=tuple(StateBuffer(s["name"], None if s["shape"] is None else tuple(s["shape"]), s["dtype"])
                             for s in d.get("state", [])),
+                step_values=tuple((n, tuple(float(x) for x in v)) for n, v in d.get("step_values", {}).items()),
             )
         except (KeyError, TypeError) as e:
             raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from e
@@ -232,10 +246,15 @@ class PlanRunner:
         to_numpy: converts an array for the decision metric (identity for numpy).
     """
 
-    def __init__(self, plan: Plan, run_graph: Callable[[str, list], list], to_numpy: Callable[[Any], Any] = lambda a: a):
+    def __init__(self, plan: Plan, run_graph: Callable[[str, list], list], to_numpy: Callable[[Any], Any] = lambda a: a,
+                 scalar: Callable[[float], Any] | None = None):
         self.plan = plan
         self._run_graph = run_graph
         self._to_numpy = to_numpy
+        if scalar is None:
+            import numpy as np
+            scalar = lambda v: np.array([v], dtype=np.float32)   # noqa: E731
+        self._scalar = scalar
         self.reset()
 
     def reset(self) -> None:
@@ -269,6 +288,8 @@ class PlanRunner:
         if len(inputs) != len(self.plan.inputs):
             raise PlanError(f"expected {len(self.plan.inputs)} inputs {list(self.plan.inputs)}, got {len(inputs)}")
         env: dict[str, Any] = {f"in:{n}": v for n, v in zip(self.plan.inputs, inputs)}
+        for n, _ in self.plan.step_values:
+            env[f"step:{n}"] = self._scalar(self.plan.step_value(n, self.call_index))
         s = self.plan.schedule
         if isinstance(s, Always):
             chosen = s.routine

@@ -149,7 +149,8 @@ class Program:
         """A stateful runner for one request (use `.reset()` between requests)."""
         def run_graph(name: str, args: list) -> list:
             return list(self.graphs[name].run(*args))
-        return PlanRunner(self.plan, run_graph, to_numpy=lambda t: t.detach().float().cpu().numpy())
+        return PlanRunner(self.plan, run_graph, to_numpy=lambda t: t.detach().float().cpu().numpy(),
+                          scalar=lambda v: torch.tensor([v], dtype=torch.float32))
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         """Run one call with a fresh runner and return outputs in the model's structure."""

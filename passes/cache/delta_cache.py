@@ -51,7 +51,7 @@ class CacheBlockDeltas(RewritePass):
         gname = require_single_graph(program, self.name)
         steps = calls_of(ctx, o.steps, self.name)
         b = round(o.boundary * steps)
-        table = tuple("full" if i < o.warmup or (i - o.warmup) % o.interval == 0
+        table = tuple("full" if i < o.warmup or (i - o.warmup + 1) % o.interval == 0
                       else ("reuse_rear" if i < b else "reuse_front") for i in range(steps))
         if all(v == "full" for v in table):
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})

@@ -6,7 +6,8 @@ Before:  h = blocks[1:7](x)                              at every step
 After:   step i in the table's `full` steps:  h = blocks[1:7](x); state.blocks = h - x
          otherwise (`reuse`):                 h = x + state.blocks
 Static: the step -> variant table is fixed at compile time: `full` for the first
-`warmup` steps and then every `interval`-th step, `reuse` otherwise.
+`warmup` steps and every `interval` steps after the last of them (FORA: steps 0, N, 2N, ...),
+`reuse` otherwise.
 
 Reads: RedundancyProfile (optional: the number of steps). Writes: CachePlan,
 graphs `full` and `reuse`, a Table plan. Invariant: interval 1 gives the
@@ -68,7 +69,7 @@ class CacheBlocksEveryN(RewritePass):
         o = self.options
         gname = require_single_graph(program, self.name)
         steps = calls_of(ctx, o.steps, self.name)
-        table = tuple("full" if i < o.warmup or (i - o.warmup) % o.interval == 0 else "reuse" for i in range(steps))
+        table = tuple("full" if i < o.warmup or (i - o.warmup + 1) % o.interval == 0 else "reuse" for i in range(steps))
         if "reuse" not in table:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
         blocks = block_regions(program, o.regions, gname)

@@ -25,8 +25,8 @@ def test_structure_and_schedule():
     m, x, prog, res = _cached(interval=3, boundary=0.5)
     p = res.program
     assert set(p.graphs) == {"full", "reuse_rear", "reuse_front"}
-    assert p.plan.schedule.routines == ("full", "full", "reuse_rear", "reuse_rear", "full",
-                                        "reuse_front", "reuse_front", "full", "reuse_front", "reuse_front")
+    assert p.plan.schedule.routines == ("full", "reuse_rear", "reuse_rear", "full", "reuse_rear",
+                                        "reuse_front", "full", "reuse_front", "reuse_front", "full")
     assert res.stats == {"reuse_steps": 6, "cached_blocks": 3, "boundary_step": 5, "steps": STEPS}
     spans = {s.name: s.blocks for s in p.records["CachePlan"].spans}
     assert spans == {"delta_front": ("blocks.0", "blocks.1", "blocks.2"),

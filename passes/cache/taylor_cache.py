@@ -1,0 +1,149 @@
+"""Forecast a block range's residual from its last two computed values instead
+of reusing it unchanged (TaylorSeer, "From Reusing to Forecasting:
+Accelerating Diffusion Models with TaylorSeers"), first order.
+
+Before:  h = blocks[1:7](x)                                         at every step
+After:   full step k:   h = blocks[1:7](x); r = h - x
+                        state.delta = r - state.last; state.last = r
+         forecast step: h = x + state.last + c * state.delta
+where c = (steps since the last full step) / (steps between the last two full
+steps) is a per-step value of the plan (`step:coef`), an input of one `forecast`
+graph rather than a constant baked per step. Full steps: the first `warmup`
+(at least 2, to have a difference) and every `interval`-th after.
+
+Reads: RedundancyProfile (optional: the number of steps). Writes: CachePlan,
+graphs `full0`, `full`, `forecast`, a Table plan with step values. Invariant:
+interval 1 gives the uncached outputs exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pared.analysis.redundancy import RedundancyProfile, block_regions
+from pared.ir import meta
+from pared.ir.plan import Call, Plan, StateBuffer, Table
+from pared.ir.program import Graph, Program
+from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.cache.common import (CachePlan, emit_residuals, graph_flops, make_span, require_single_graph,
+                                       reuse_spans)
+from pared.passes.cache.interval_cache import calls_of, resolve_range
+
+
+def _add_input(gm, name: str, like):
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        ph = gm.graph.placeholder(name)
+    ph.meta["val"] = like.meta.get("val") if hasattr(like, "meta") else None
+    return ph
+
+
+def _full_with_delta(full0: Graph, example_last: torch.Tensor, by: str) -> Graph:
+    """full0 (whose last output is the residual r) plus an input `last` and
+    outputs (r, r - last)."""
+    gm = full0.copy_module()
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(out.args[0])
+    r = outs[-1]
+    ph = _add_input(gm, "cache_last", r)
+    with gm.graph.inserting_before(out):
+        d = gm.graph.call_function(torch.ops.aten.sub.Tensor, (r, ph))
+    d.meta[meta.CREATED_BY] = by
+    out.args = (tuple(outs + [d]),)
+    gm.graph.lint()
+    gm.recompile()
+    return full0.with_module(gm, input_names=full0.input_names + ("cache.last",),
+                             output_names=full0.output_names + ("cache.delta",),
+                             example_inputs=tuple(full0.example_inputs) + (example_last,),
+                             dynamic_dims=tuple(full0.dynamic_dims) + ((),) if any(full0.dynamic_dims) else ())
+
+
+def _forecast(reuse: Graph, example_delta: torch.Tensor, by: str) -> Graph:
+    """reuse (whose last input is the cached residual) with the residual replaced by
+    last + coef * delta (two more inputs)."""
+    gm = reuse.copy_module()
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    last = phs[-1]
+    delta = _add_input(gm, "cache_delta", last)
+    coef = _add_input(gm, "coef", last)
+    coef.meta.pop("val", None)
+    users = list(last.users)
+    first_user = next(n for n in gm.graph.nodes if n in users)
+    with gm.graph.inserting_before(first_user):
+        scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (delta, coef))
+        pred = gm.graph.call_function(torch.ops.aten.add.Tensor, (last, scaled))
+    for n in (scaled, pred):
+        n.meta[meta.CREATED_BY] = by
+    for u in users:
+        u.replace_input_with(last, pred)
+    gm.graph.lint()
+    gm.recompile()
+    return reuse.with_module(gm, input_names=reuse.input_names + ("cache.delta", "coef"),
+                             example_inputs=tuple(reuse.example_inputs) + (example_delta, torch.ones(1)),
+                             dynamic_dims=tuple(reuse.dynamic_dims) + ((), ()) if any(reuse.dynamic_dims) else ())
+
+
+def taylor_table(steps: int, interval: int, warmup: int) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The variant and the forecast coefficient per step."""
+    table, coefs, fulls = [], [], []
+    for i in range(steps):
+        if i < warmup or (i - warmup + 1) % interval == 0:
+            table.append("full0" if i == 0 else "full")
+            coefs.append(0.0)
+            fulls.append(i)
+        else:
+            table.append("forecast")
+            coefs.append((i - fulls[-1]) / (fulls[-1] - fulls[-2]))
+    return tuple(table), tuple(coefs)
+
+
+@register_pass("taylor_cache")
+class ForecastBlocks(RewritePass):
+    """TaylorSeer, first order (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        interval: int = 3            # N: a full step every N steps
+        warmup: int = 2              # the first steps always compute (>= 2: a forecast needs a difference)
+        first: int | None = None     # first cached block (default 1)
+        last: int | None = None      # last cached block, inclusive (default -2)
+        regions: str | None = None   # the blocks (pattern); default: the repeated blocks
+        steps: int | None = None     # steps per request; default: the calibration run's
+
+        def __post_init__(self):
+            check_range("taylor_cache", "interval", self.interval, lo=1)
+            check_range("taylor_cache", "warmup", self.warmup, lo=2)
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        gname = require_single_graph(program, self.name)
+        steps = calls_of(ctx, o.steps, self.name)
+        table, coefs = taylor_table(steps, o.interval, o.warmup)
+        if "forecast" not in table:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"forecast_steps": 0})
+        blocks = block_regions(program, o.regions, gname)
+        f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
+        src = program.graphs[gname]
+        span = make_span(src.module, "blocks", blocks[f:l_ + 1], self.name)
+        full0 = emit_residuals(src, [span], self.name)
+        with torch.no_grad():
+            r = full0.run(*full0.example_inputs)[-1].detach().clone()
+        full = _full_with_delta(full0, r, self.name)
+        forecast = _forecast(reuse_spans(src, [span], [r], self.name), torch.zeros_like(r), self.name)
+        ins = tuple(f"in:{n}" for n in program.plan.inputs)
+        outs = tuple(f"out:{n}" for n in src.output_names)
+        plan = Plan(program.plan.inputs, outs, (
+            ("full0", (Call("full0", ins, outs + ("state:last",)),)),
+            ("full", (Call("full", ins + ("state:last",), outs + ("state:last", "state:delta")),)),
+            ("forecast", (Call("forecast", ins + ("state:last", "state:delta", "step:coef"), outs),)),
+        ), Table(table, "full"), (StateBuffer("last"), StateBuffer("delta")), (("coef", coefs),))
+        graphs = {"full0": full0, "full": full, "forecast": forecast}
+        new = program.replace(graphs=graphs, plan=plan)
+        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
+        rec = CachePlan("taylor_cache", (span,), (("forecast", ("blocks",)),), table, "full", flops, coefs)
+        new = new.replace(records={**program.records, "CachePlan": rec})
+        n = table.count("forecast")
+        ctx.log.info("taylor_cache: blocks %s..%s, %d of %d steps forecast", span.blocks[0], span.blocks[-1], n, steps)
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
+                          stats={"forecast_steps": n, "cached_blocks": len(span.blocks), "steps": steps})
