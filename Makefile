@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pared-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo demo-minilm test bench install clean
 
 WORKLOADS := dit_mnist dit_moe_mnist vit_mnist minilm
 
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The trained DiT, cached across DDIM steps, sampled torch-free from its artifact.
 demo: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/dit_cache_demo.py
+
+demo-minilm: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/minilm_demo.py
 
 test: $(STAMP)
