@@ -35,6 +35,15 @@ def routine_flops(program) -> dict[str, int]:
     return {name: sum(per_graph[c.graph] for c in calls) for name, calls in program.plan.routines}
 
 
+def _portable(path: str | None) -> str | None:
+    """A pipeline path relative to the source tree when it lies inside it (JSON that travels)."""
+    if not path:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, root) if full.startswith(root + os.sep) else full
+
+
 def _trace_summary(trace: list[str]) -> dict:
     """The routine per call of one task, and how often each ran."""
     return {"calls": len(trace), "counts": {r: trace.count(r) for r in dict.fromkeys(trace)}, "routines": trace}
@@ -148,7 +157,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
 
     med = timing["median_s"]
     result = {
-        "workload": name, "summary": wl.summary, "pipeline": pipeline or None, "target": target,
+        "workload": name, "summary": wl.summary, "pipeline": _portable(pipeline), "target": target,
         "passes": [getattr(p, "name", str(p)) for p in passes],
         "torch_threads": torch.get_num_threads(), "ort_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": timing["repeats"],
