@@ -42,6 +42,8 @@ PARED = [
     ("residual_cache 0.3", [{"residual_cache": {"threshold": 0.3, "max_consecutive": 3}}]),
     ("taylor_cache N=3", [{"taylor_cache": {"interval": 3}}]),
     ("taylor_cache N=4", [{"taylor_cache": {"interval": 4}}]),
+    ("cfg_skip 0.99", [{"cfg_skip": {"threshold": 0.99}}]),
+    ("cfg_skip 0.995", [{"cfg_skip": {"threshold": 0.995}}]),
     ("magnitude_cache 0.06", [{"magnitude_cache": {"threshold": 0.06}}]),
     ("magnitude_cache 0.12", [{"magnitude_cache": {"threshold": 0.12}}]),
     ("magnitude_cache 0.24", [{"magnitude_cache": {"threshold": 0.24}}]),
@@ -138,8 +140,10 @@ def main() -> None:
     keep = (lambda label: re.search(a.only, label) is not None) if a.only else (lambda label: True)
     for label, plist in [("pared uncached", [])] + [s for s in PARED if keep(s[0])]:
         t0 = time.perf_counter()
+        dyn = wl.dynamic_shapes() if any("cfg_skip" in p for p in plist) else None
         opt = pared.optimize(model, wl.example_inputs(), target="cpu", pipeline=["temporal_redundancy", *plist] if plist else [],
-                             calibration=wl.calibration(), bench_repeats=0, allow_fidelity_loss=True)
+                             calibration=wl.calibration(), bench_repeats=0, allow_fidelity_loss=True,
+                             dynamic_shapes=dyn)
         ex = Executor(opt.save(os.path.join(work, re.sub(r"\W+", "_", label))), threads=a.threads)
         contenders[label] = (ex, ex.reset)
         built[label] = opt

@@ -25,6 +25,9 @@ of the program:
           ``metric``; below ``threshold`` (optionally accumulated), past
           ``warmup`` and under ``max_consecutive`` reuses, run ``reuse``,
           otherwise ``compute`` (adaptive caching: TeaCache, FirstBlockCache)
+  latch   run ``compute`` until its scalar ``signal`` reaches ``threshold`` (at a
+          call index >= ``warmup``), then ``then`` for the rest of the request
+          (Adaptive Guidance: drop the unconditional branch once it agrees)
 """
 from __future__ import annotations
 
@@ -90,8 +93,18 @@ class Rule:
     kind: str = field(default="rule", init=False)
 
 
-Schedule = Always | Table | Rule
-_SCHEDULES = {"always": Always, "table": Table, "rule": Rule}
+@dataclass(frozen=True)
+class Latch:
+    compute: str          # routine until the signal reaches the threshold
+    then: str             # routine for every later call of the request
+    signal: str           # reference to a one-element value `compute` produces
+    threshold: float
+    warmup: int = 1       # calls before this index never latch
+    kind: str = field(default="latch", init=False)
+
+
+Schedule = Always | Table | Rule | Latch
+_SCHEDULES = {"always": Always, "table": Table, "rule": Rule, "latch": Latch}
 
 
 @dataclass(frozen=True)
@@ -211,6 +224,8 @@ def _schedule_routines(s: Schedule) -> list[str]:
         return [s.routine]
     if isinstance(s, Table):
         return list(dict.fromkeys([*s.routines, s.default]))
+    if isinstance(s, Latch):
+        return [s.compute, s.then]
     return [s.probe, s.compute, s.reuse]
 
 
@@ -265,6 +280,7 @@ class PlanRunner:
         self._acc = 0.0
         self._consecutive = 0
         self._prev_signal = None
+        self._latched = False
 
     def _run_routine(self, name: str, env: dict) -> None:
         for call in self.plan.routine(name):
@@ -295,6 +311,8 @@ class PlanRunner:
             chosen = s.routine
         elif isinstance(s, Table):
             chosen = s.routines[self.call_index] if self.call_index < len(s.routines) else s.default
+        elif isinstance(s, Latch):
+            chosen = s.then if self._latched else s.compute
         else:
             self._run_routine(s.probe, env)
             signal = self._to_numpy(env[s.signal])
@@ -312,6 +330,10 @@ class PlanRunner:
                 self._acc = 0.0
             self._prev_signal = signal
         self._run_routine(chosen, env)
+        if isinstance(s, Latch) and not self._latched and self.call_index >= s.warmup:
+            import numpy as np
+            if float(np.asarray(self._to_numpy(env[s.signal])).reshape(-1)[0]) >= s.threshold:
+                self._latched = True
         self.trace.append(chosen)
         self.call_index += 1
         return [env[r] if not r.startswith("state:") else self.state[r[6:]] for r in self.plan.outputs]

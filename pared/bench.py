@@ -117,9 +117,10 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     programs = {}
     for label, plist in (("backend_plain", []), ("optimized", passes)):
         say(f"building {label}")
+        dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in plist) else None
         opt = pared.optimize(model, example, target=target, pipeline=plist, calibration=calib,
                              bench_repeats=0, allow_fidelity_loss=True, backend_options=backend_options,
-                             progress=lambda m: None)
+                             dynamic_shapes=dyn, progress=lambda m: None)
         path = opt.save(os.path.join(work, label))
         programs[label] = opt.program
         contenders[label] = Executor(path, threads=threads)

@@ -93,6 +93,10 @@ class Workload:
         """Positional torch inputs with the shapes the task calls the model with."""
         raise NotImplementedError
 
+    def dynamic_shapes(self) -> Any:
+        """torch.export dynamic shapes for passes that need a dynamic batch (None: static)."""
+        return None
+
     def calibration(self) -> list[tuple]:
         """A few more input tuples (held-out checks in optimize)."""
         return []
@@ -142,6 +146,12 @@ class DiTWorkload(Workload):
         t = rng.integers(0, 1000, n)
         x = NoiseSchedule.linear().add_noise(x0[:n] * 2 - 1, rng.standard_normal(x0[:n].shape).astype(np.float32), t)
         return (torch.from_numpy(x), torch.from_numpy(t.astype(np.float32)), torch.from_numpy(y[:n].copy()))
+
+    def dynamic_shapes(self) -> tuple:
+        """torch.export dynamic shapes with a dynamic batch (dim 0) for (x, t, y)."""
+        from torch.export import Dim
+        b = Dim("batch", min=2, max=4096)
+        return ({0: b}, {0: b}, {0: b})
 
     def calibration(self):
         """The calibration run: a loop callable that drives a denoiser `fn(x, t, y)`
