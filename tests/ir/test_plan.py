@@ -98,3 +98,39 @@ def test_from_json_rejects_unknown_version_and_kind():
 def test_rel_l1():
     assert rel_l1(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 0
     assert rel_l1(np.array([1.1, 0.9]), np.array([1.0, 1.0])) == pytest.approx(0.1)
+
+
+def test_latch_plan_switches_for_the_rest_of_the_request():
+    from pared.ir.plan import Latch
+    plan = Plan(inputs=("x",), outputs=("y",), routines=(
+        ("both", (Call("both", ("in:x",), ("y", "agree")),)),
+        ("half", (Call("half", ("in:x",), ("y",)),)),
+    ), schedule=Latch(compute="both", then="half", signal="agree", threshold=0.9, warmup=1))
+    plan.validate({"both": (1, 2), "half": (1, 1)})
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+    def run(name, args):
+        x = args[0]
+        return [x, np.array([x[0]])] if name == "both" else [x * 0]
+    r = PlanRunner(plan, run)
+    for v in (0.95, 0.5, 0.95, 0.1, 0.1):       # call 0 agrees but is warmup; call 2 latches
+        r([np.array([v])])
+    assert r.trace == ["both", "both", "both", "half", "half"]
+    r.reset()
+    r([np.array([0.1])])
+    assert r.trace == ["both"]
+
+
+def test_step_values_feed_per_call_scalars():
+    plan = Plan(inputs=("x",), outputs=("y",), routines=(
+        ("main", (Call("scale", ("in:x", "step:c"), ("y",)),)),
+    ), schedule=Always("main"), step_values=(("c", (1.0, 2.0, 3.0)),))
+    plan.validate({"scale": (2, 1)})
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    r = PlanRunner(plan, lambda name, args: [args[0] * args[1]])
+    got = [float(r([np.ones(1, np.float32)])[0][0]) for _ in range(4)]
+    assert got == [1.0, 2.0, 3.0, 3.0]          # past the table: the last value
+    bad = Plan(inputs=("x",), outputs=("y",), routines=(("main", (Call("scale", ("in:x", "step:k"), ("y",)),)),),
+               schedule=Always("main"))
+    with pytest.raises(PlanError, match="reads 'step:k' before it is produced"):
+        bad.validate({"scale": (2, 1)})
