@@ -129,7 +129,9 @@ class ForecastBlocks(RewritePass):
         full0 = emit_residuals(src, [span], self.name)
         with torch.no_grad():
             r = full0.run(*full0.example_inputs)[-1].detach().clone()
-        full = _full_with_delta(full0, r, self.name)
+        # an example `last` unlike r: with last == r the delta output is ~0 and the
+        # backend check compares rounding noise
+        full = _full_with_delta(full0, torch.zeros_like(r), self.name)
         forecast = _forecast(reuse_spans(src, [span], [r], self.name), torch.zeros_like(r), self.name)
         ins = tuple(f"in:{n}" for n in program.plan.inputs)
         outs = tuple(f"out:{n}" for n in src.output_names)
