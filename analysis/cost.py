@@ -111,3 +111,23 @@ def profile_graph(gm: fx.GraphModule, name: str = "main") -> CostProfile:
                     for p in sorted(flops, key=lambda p: (p.count("."), p)))
     return CostProfile(name, total, sum(t.numel() * t.element_size() for t in seen_params.values()),
                        sum(t.numel() for t in seen_params.values()), regions)
+
+
+def graph_flops(gm: fx.GraphModule) -> int:
+    """Estimated FLOPs of one call of a graph (the sum of node_flops)."""
+    return int(sum(node_flops(n) for n in gm.graph.nodes))
+
+
+def routine_flops(program: Program) -> dict[str, int]:
+    """FLOPs of one call of each routine of a Program's plan."""
+    per_graph = {name: graph_flops(g.module) for name, g in program.graphs.items()}
+    return {name: sum(per_graph[c.graph] for c in calls) for name, calls in program.plan.routines}
+
+
+def trace_flops(program: Program, trace: list[str]) -> int:
+    """FLOPs the plan spent over the calls of one request, given the routine run at
+    each call (a rule's probe runs every call, beside the routine it chose)."""
+    per = routine_flops(program)
+    sched = program.plan.schedule
+    probe = per[sched.probe] if getattr(sched, "kind", "") == "rule" else 0
+    return int(sum(per[r] + probe for r in trace))

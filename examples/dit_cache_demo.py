@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -26,27 +24,24 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-TORCH_FREE = r"""
-import sys, json, time, numpy as np
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch blocked")
-sys.meta_path.insert(0, _NoTorch())
+# run by pared.testing.run_torch_free: `import torch` fails in that process
+TORCH_FREE = """
+import json, sys, time
+import numpy as np
 import pared
 from pared.samplers import NoiseSchedule, ddim_sample
-art, out, batches, batch, steps, cfg, null, size = sys.argv[1:9]
-ex = pared.load(art)
-imgs, counts, t0 = [], {}, time.perf_counter()
-for j in range(int(batches)):
+a = json.loads({args!r})
+ex = pared.load(a["artifact"])
+imgs, counts, t0 = [], {{}}, time.perf_counter()
+for j in range(a["batches"]):
     ex.reset()
-    labels = (np.arange(j * int(batch), (j + 1) * int(batch)) % 10).astype(np.int64)
-    imgs.append(ddim_sample(ex, (int(batch), 1, int(size), int(size)), labels, schedule=NoiseSchedule.linear(),
-                            steps=int(steps), cfg_scale=float(cfg), null_label=int(null), seed=j))
+    labels = (np.arange(j * a["batch"], (j + 1) * a["batch"]) % 10).astype(np.int64)
+    imgs.append(ddim_sample(ex, (a["batch"], 1, a["size"], a["size"]), labels, schedule=NoiseSchedule.linear(),
+                            steps=a["steps"], cfg_scale=a["cfg"], null_label=a["null"], seed=j))
     for r in ex.trace:
         counts[r] = counts.get(r, 0) + 1
-np.save(out, np.concatenate(imgs))
-print(json.dumps({"seconds": time.perf_counter() - t0, "routines": counts, "torch_imported": "torch" in sys.modules}))
+np.save(a["out"], np.concatenate(imgs))
+print(json.dumps({{"seconds": time.perf_counter() - t0, "routines": counts, "torch_imported": "torch" in sys.modules}}))
 """
 
 
@@ -60,6 +55,7 @@ def main() -> None:
     import pared
     from pared.fidelity import side_by_side
     from pared.pipeline import build_passes, load_pipeline
+    from pared.testing import run_torch_free
     from pared.workloads import DiTWorkload, example_module, torch_callable
     from rich.console import Console
     from rich.table import Table
@@ -79,12 +75,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "samples.npy")
             mod = example_module("dit_mnist")
-            res = subprocess.run([sys.executable, "-c", TORCH_FREE, path, out, str(a.samples // wl.batch),
-                                  str(wl.batch), str(wl.steps), str(wl.cfg_scale), str(mod.NULL_LABEL), str(mod.SIZE)],
-                                 capture_output=True, text=True)
-            if res.returncode != 0:
-                raise SystemExit(f"torch-free sampling failed:\n{res.stderr[-3000:]}")
-            info = json.loads(res.stdout.strip().splitlines()[-1])
+            args = json.dumps({"artifact": path, "out": out, "batches": a.samples // wl.batch, "batch": wl.batch,
+                               "steps": wl.steps, "cfg": wl.cfg_scale, "null": mod.NULL_LABEL, "size": mod.SIZE})
+            info = json.loads(run_torch_free(TORCH_FREE.format(args=args), timeout=1800).strip().splitlines()[-1])
             cached = np.load(out)
 
         status.update(f"sampling {a.samples} digits with the uncached eager model")

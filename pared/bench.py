@@ -28,13 +28,6 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def routine_flops(program) -> dict[str, int]:
-    """FLOPs of one call of each routine of a Program's plan."""
-    from pared.analysis.cost import profile_graph
-    per_graph = {g: profile_graph(program.graphs[g].module, g).total_flops for g in program.graphs}
-    return {name: sum(per_graph[c.graph] for c in calls) for name, calls in program.plan.routines}
-
-
 def _portable(path: str | None) -> str | None:
     """A pipeline path relative to the source tree when it lies inside it (JSON that travels)."""
     if not path:
@@ -98,6 +91,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     from pared.pipeline import build_passes, load_pipeline
     from pared.fidelity import side_by_side
     from pared.workloads import get_workload, torch_callable
+    from pared.analysis.cost import routine_flops, trace_flops
 
     say = progress or (lambda m: None)
     torch.set_num_threads(threads)
@@ -141,12 +135,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     ex.reset()
     wl.task(ex, None)
     trace = ex.trace
-    base = routine_flops(programs["backend_plain"])
-    base_call = next(iter(base.values()))
-    opt_flops = routine_flops(programs["optimized"])
-    sched = programs["optimized"].plan.schedule
-    probe = opt_flops[sched.probe] if getattr(sched, "kind", "") == "rule" else 0   # runs every call
-    spent = sum(opt_flops[r] + probe for r in trace)
+    base_call = next(iter(routine_flops(programs["backend_plain"]).values()))
+    spent = trace_flops(programs["optimized"], trace)
     remaining = spent / (base_call * len(trace)) if trace else 1.0
 
     say("fidelity run: eager")

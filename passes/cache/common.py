@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx as fx
 
+from pared.analysis import cost
 from pared.analysis.redundancy import primary_io
 from pared.ir import meta
 from pared.ir.errors import PassError
@@ -174,8 +175,8 @@ def variant_program(program: Program, gname: str, spans: Sequence[Span], reuse: 
 
 
 def graph_flops(graph: Graph) -> int:
-    from pared.analysis.cost import node_flops
-    return int(sum(node_flops(n) for n in graph.module.graph.nodes))
+    """Estimated FLOPs of one call of a variant graph."""
+    return cost.graph_flops(graph.module)
 
 
 def replace_with_input(graph: Graph, node_name: str, input_name: str, example: torch.Tensor, by: str) -> Graph:
@@ -241,7 +242,7 @@ def check_goal(pass_name: str, goal: Mapping | None) -> None:
 
 def _final(out: Any) -> "np.ndarray":
     import numpy as np
-    leaves = [o for o in (out if isinstance(out, (tuple, list)) else [out])]
+    leaves = out if isinstance(out, (tuple, list)) else [out]
     return np.concatenate([np.asarray(torch.as_tensor(v).detach().float().numpy()).ravel() for v in leaves])
 
 
@@ -251,7 +252,6 @@ def evaluate_on_calibration(program: Program, calibration: Any, reference: Any, 
     calibration loop through the torch side of `program`."""
     import math
     import numpy as np
-    from pared.analysis.redundancy import calibration_calls
     runner = program.runner()
     out = calibration(lambda *a: _first(runner(list(a))))
     ref = _final(reference)
@@ -259,11 +259,7 @@ def evaluate_on_calibration(program: Program, calibration: Any, reference: Any, 
     mse = float(np.mean((ref.astype(np.float64) - got) ** 2))
     peak = float(ref.max() - ref.min()) or 1.0
     psnr = 200.0 if mse == 0 else min(200.0, 10 * math.log10(peak * peak / mse))
-    flops = {v: graph_flops(g) for v, g in program.graphs.items()}
-    per_routine = {n: sum(flops[c.graph] for c in calls) for n, calls in program.plan.routines}
-    sched = program.plan.schedule
-    probe = per_routine[sched.probe] if getattr(sched, "kind", "") == "rule" else 0
-    spent = sum(per_routine[r] + probe for r in runner.trace)
+    spent = cost.trace_flops(program, runner.trace)
     return psnr, (base_flops * len(runner.trace)) / spent if spent else 1.0
 
 
@@ -298,27 +294,22 @@ def search_threshold(pass_name: str, build: Callable[[float], Program], uncached
         progress(f"{pass_name}: threshold {th:.4g} -> {psnr:.1f} dB, {sp:.2f}x FLOPs")
         return psnr >= want if key == "psnr_db" else sp >= want
 
-    a, b = math.log(lo), math.log(hi)
     at = lambda m: float(f"{math.exp(m):.4g}")   # thresholds as a person would write them
-    if key == "psnr_db":
-        if ok(hi):
-            return hi, tuple(points)
-        best = None
-        for _ in range(iters):
-            m = (a + b) / 2
-            if ok(at(m)):
-                best, a = at(m), m
-            else:
-                b = m
-        return (best if best is not None else lo), tuple(points)
-    if not ok(hi):
-        raise PassError(f"pass '{pass_name}': no threshold up to {hi:g} reaches a {want}x FLOPs speedup on the "
-                        f"calibration run (best measured: {max(p[2] for p in points):.2f}x)")
-    best = hi
+    # a larger threshold reuses more: PSNR falls and speedup rises with it. Bisect
+    # (in log space) for the boundary on the side where the goal holds.
+    want_large = key == "speedup"
+    edge = hi if want_large else lo          # the end where the goal is easiest to meet
+    if ok(hi) != want_large:
+        if want_large:
+            raise PassError(f"pass '{pass_name}': no threshold up to {hi:g} reaches a {want}x FLOPs speedup on "
+                            f"the calibration run (best measured: {max(p[2] for p in points):.2f}x)")
+        return hi, tuple(points)             # PSNR holds even at the largest threshold
+    best, a, b = (hi if want_large else None), math.log(lo), math.log(hi)
     for _ in range(iters):
         m = (a + b) / 2
         if ok(at(m)):
-            best, b = at(m), m
+            best = at(m)
+            a, b = (a, m) if want_large else (m, b)
         else:
-            a = m
-    return best, tuple(points)
+            a, b = (m, b) if want_large else (a, m)
+    return (best if best is not None else edge), tuple(points)

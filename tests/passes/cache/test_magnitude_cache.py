@@ -67,8 +67,9 @@ def test_bad_options(opts, msg):
 def test_a_psnr_goal_picks_the_threshold():
     m, (x, t) = tiny_dit()
     prog = capture(m, (x, t))
-    res = get_pass("magnitude_cache")(target={"psnr_db": 40.0})(prog, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
-    rec = res.program.records["CachePlan"] if res.modified else None
-    if rec is not None:
-        passing = [p for p in rec.search if p[1] >= 40.0]
-        assert passing and rec.threshold == max(p[0] for p in passing)
+    res = get_pass("magnitude_cache")(target={"psnr_db": 70.0})(prog, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
+    assert res.modified
+    rec = res.program.records["CachePlan"]
+    passing = [p for p in rec.search if p[1] >= 70.0]
+    assert passing and rec.threshold == max(p[0] for p in passing)
+    assert any(p[1] < 70.0 for p in rec.search)      # the search did cross the goal
