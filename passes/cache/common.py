@@ -49,6 +49,12 @@ class CachePlan(Record):
     search: tuple[tuple[float, float, float], ...] = ()  # (threshold, psnr_db, FLOPs speedup) measured
 
 
+def refreshes(step: int, interval: int, warmup: int) -> bool:
+    """Whether a static schedule computes in full at `step`: the first `warmup`
+    steps, then every `interval` steps after the last of them (FORA: 0, N, 2N...)."""
+    return step < warmup or (step - warmup + 1) % interval == 0
+
+
 def require_single_graph(program: Program, pass_name: str) -> str:
     if len(program.graphs) != 1 or not isinstance(program.plan.schedule, Always):
         raise PassError(f"pass '{pass_name}' rewrites a single-graph program; this one has graphs "

@@ -22,7 +22,7 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import CachePlan, graph_flops, make_span, require_single_graph, variant_program
+from pared.passes.cache.common import refreshes, CachePlan, graph_flops, make_span, require_single_graph, variant_program
 from pared.passes.cache.interval_cache import calls_of
 
 
@@ -51,7 +51,7 @@ class CacheBlockDeltas(RewritePass):
         gname = require_single_graph(program, self.name)
         steps = calls_of(ctx, o.steps, self.name)
         b = round(o.boundary * steps)
-        table = tuple("full" if i < o.warmup or (i - o.warmup + 1) % o.interval == 0
+        table = tuple("full" if refreshes(i, o.interval, o.warmup)
                       else ("reuse_rear" if i < b else "reuse_front") for i in range(steps))
         if all(v == "full" for v in table):
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})

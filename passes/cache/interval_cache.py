@@ -21,7 +21,7 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import CachePlan, graph_flops, make_span, require_single_graph, variant_program
+from pared.passes.cache.common import refreshes, CachePlan, graph_flops, make_span, require_single_graph, variant_program
 
 
 def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name: str) -> tuple[int, int]:
@@ -69,7 +69,7 @@ class CacheBlocksEveryN(RewritePass):
         o = self.options
         gname = require_single_graph(program, self.name)
         steps = calls_of(ctx, o.steps, self.name)
-        table = tuple("full" if i < o.warmup or (i - o.warmup + 1) % o.interval == 0 else "reuse" for i in range(steps))
+        table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
         if "reuse" not in table:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
         blocks = block_regions(program, o.regions, gname)

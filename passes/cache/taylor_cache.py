@@ -26,7 +26,7 @@ from pared.ir import meta
 from pared.ir.plan import Call, Plan, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (CachePlan, emit_residuals, graph_flops, make_span, require_single_graph,
+from pared.passes.cache.common import (refreshes, CachePlan, emit_residuals, graph_flops, make_span, require_single_graph,
                                        reuse_spans)
 from pared.passes.cache.interval_cache import calls_of, resolve_range
 
@@ -88,7 +88,7 @@ def taylor_table(steps: int, interval: int, warmup: int) -> tuple[tuple[str, ...
     """The variant and the forecast coefficient per step."""
     table, coefs, fulls = [], [], []
     for i in range(steps):
-        if i < warmup or (i - warmup + 1) % interval == 0:
+        if refreshes(i, interval, warmup):
             table.append("full0" if i == 0 else "full")
             coefs.append(0.0)
             fulls.append(i)
