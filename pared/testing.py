@@ -217,6 +217,130 @@ def tiny_dit(seed: int = 0, layers: int = 6, batch: int = 2) -> tuple[nn.Module,
     return m, (torch.randn(batch, 8, 4), torch.full((batch,), 900.0))
 
 
+class TinyAttention(nn.Module):
+    """Single-head self-attention over tokens [B, N, d]."""
+    def __init__(self, dim: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        w = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(w @ v)
+
+
+class TinyMoE(nn.Module):
+    """Top-k routed experts with stacked weights ([E, d, h], one batched matmul for
+    all experts, as in the dit_moe_mnist workload) plus a shared expert."""
+    def __init__(self, dim: int, experts: int = 4, hidden: int = 16, top_k: int = 2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, dim, hidden) * dim ** -0.5)
+        self.b1 = nn.Parameter(torch.randn(experts, 1, hidden) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, dim) * hidden ** -0.5)
+        self.b2 = nn.Parameter(torch.randn(experts, 1, dim) * 0.1)
+        self.shared = nn.Linear(dim, dim)
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, idx = self.router(flat).softmax(-1).topk(self.top_k, dim=-1)
+        return gate / gate.sum(-1, keepdim=True), idx
+
+    def experts(self, flat: torch.Tensor) -> torch.Tensor:
+        """Every expert's output for every token: [E, T, d]."""
+        h = nn.functional.gelu(torch.matmul(flat.unsqueeze(0), self.w1) + self.b1)
+        return torch.matmul(h, self.w2) + self.b2
+
+    def combine(self, flat: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        t = flat.shape[0]
+        rows = idx * t + torch.arange(t).unsqueeze(-1)
+        picked = y.reshape(-1, y.shape[-1]).index_select(0, rows.reshape(-1)).reshape(t, self.top_k, -1)
+        return (picked * gate.unsqueeze(-1)).sum(1) + self.shared(flat)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, n, d = h.shape
+        flat = h.reshape(b * n, d)
+        gate, idx = self.route(flat)
+        return self.combine(flat, self.experts(flat), gate, idx).reshape(b, n, d)
+
+
+class _TinyMoEBlock(nn.Module):
+    def __init__(self, dim: int, experts: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada = nn.Linear(dim, 3 * dim)
+        self.attn = TinyAttention(dim)
+        self.ff = TinyMoE(dim, experts)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(c).unsqueeze(1).chunk(3, dim=-1)
+        h = h + gate * self.attn(self.norm(h))
+        return h + self.ff(self.norm(h) * (1 + scale) + shift)
+
+
+class TinyMoEDiT(nn.Module):
+    """TinyDiT with attention + mixture-of-experts blocks. forward(x [B,T,C], t [B]).
+
+    The keyword arguments give the eager meaning of expert caching (expert_cache):
+    `mode="full"` computes and fills `cache`; `mode="reuse"` reads each block's
+    attention output from it and, per batch row, recomputes the `refresh` experts
+    whose routed inputs drifted most (written with plain loops, as a reference)."""
+
+    def __init__(self, channels: int = 4, dim: int = 32, layers: int = 3, experts: int = 4):
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(channels, dim)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([_TinyMoEBlock(dim, experts) for _ in range(layers)])
+        self.out = nn.Linear(dim, channels)
+
+    cond = TinyDiT.cond
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *, mode: str | None = None, cache: dict | None = None,
+                refresh: int = 0) -> torch.Tensor:
+        c = self.cond(t)
+        h = self.embed(x)
+        b, n, d = h.shape
+        for i, blk in enumerate(self.blocks):
+            if mode is None:
+                h = blk(h, c)
+                continue
+            shift, scale, gate = blk.ada(c).unsqueeze(1).chunk(3, dim=-1)
+            a = blk.attn(blk.norm(h)) if mode != "reuse" else cache[("attn", i)]
+            h = h + gate * a
+            flat = (blk.norm(h) * (1 + scale) + shift).reshape(b * n, d)
+            g, idx = blk.ff.route(flat)
+            if mode == "reuse":
+                y, prev, drift = cache[("y", i)], cache[("prev", i)], cache[("drift", i)]
+                for row in range(b):
+                    tok = slice(row * n, (row + 1) * n)
+                    change = (flat[tok] - prev[tok]).abs().mean(-1)
+                    base = prev[tok].abs().mean(-1)
+                    for e in range(y.shape[0]):
+                        routed = (idx[tok] == e).any(-1).float()
+                        drift[row, e] += (routed * change).sum() / ((routed * base).sum() + 1e-8)
+                    for e in drift[row].topk(refresh).indices.tolist() if refresh else []:
+                        y[e, tok] = blk.ff.experts(flat[tok])[e]
+                        drift[row, e] = 0.0
+                cache[("prev", i)] = flat
+            else:
+                y = blk.ff.experts(flat)
+                cache.update({("attn", i): a, ("y", i): y.clone(), ("prev", i): flat,
+                              ("drift", i): torch.zeros(b, y.shape[0])})
+            h = h + blk.ff.combine(flat, y, g, idx).reshape(b, n, d)
+        return self.out(h)
+
+
+def tiny_moe_dit(seed: int = 0, batch: int = 2, tokens: int = 8) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(seed)
+    m = TinyMoEDiT().eval()
+    with torch.no_grad():
+        for b in m.blocks:
+            b.ada.weight.mul_(0.2)
+    return m, (torch.randn(batch, tokens, 4), torch.full((batch,), 900.0))
+
+
 def tiny_sampler_loop(x0: torch.Tensor, steps: int = 10):
     """A calibration loop over `steps` calls: x <- x - 0.1 * model(x, t), t from 900 down.
 

@@ -20,13 +20,13 @@ The model code and weights live in the source tree's `examples/<name>/`.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pared.analysis.metrics import psnr_db  # noqa: F401  (re-exported: workloads report it)
 from pared.ir.errors import OptionError
 
 Fn = Callable[..., Any]
@@ -67,10 +67,6 @@ def torch_callable(model: Any) -> Fn:
     return call
 
 
-def psnr_db(reference: np.ndarray, candidate: np.ndarray, peak: float = 1.0) -> float:
-    """PSNR in dB; identical inputs give 200.0 (a cap: JSON has no infinity)."""
-    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(candidate, np.float64)) ** 2))
-    return 200.0 if mse == 0 else min(200.0, 10 * math.log10(peak * peak / mse))
 
 
 class Workload:

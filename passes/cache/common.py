@@ -18,11 +18,13 @@ import torch
 import torch.fx as fx
 
 from pared.analysis import cost
+from pared.analysis.metrics import psnr_db
 from pared.analysis.redundancy import primary_io
 from pared.ir import meta
 from pared.ir.errors import PassError
 from pared.ir.plan import Always, Call, Plan, StateBuffer, Table
 from pared.ir.program import Graph, Program
+from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.regions import Region
 from pared.ir.transform import Record
 
@@ -76,19 +78,6 @@ def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name
     if first[0].name in inside:
         raise PassError(f"pass '{pass_name}': span {name!r} input {first[0].name} lies inside the span")
     return Span(name, tuple(b.path for b in blocks), first[0].name, last[1].name)
-
-
-#: checks torch.export leaves in the graph (dtype/device of a traced value). They
-#: are impure to fx, so dead-code elimination keeps them and everything they
-#: read alive: a skipped block would still run up to each check.
-_METADATA_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
-
-
-def _eliminate_dead_code(gm: fx.GraphModule) -> None:
-    for n in list(gm.graph.nodes):
-        if n.op == "call_function" and n.target in _METADATA_ASSERTS:
-            gm.graph.erase_node(n)
-    gm.graph.eliminate_dead_code()
 
 
 def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -145,7 +134,7 @@ def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Te
         _tag(h, by, o)
         o.replace_all_uses_with(h)
         new_names.append(f"cache.{s.name}")
-    _eliminate_dead_code(gm)
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     # a cache input is batched like the model: it shares the batch symbol, if any
@@ -196,7 +185,7 @@ def replace_with_input(graph: Graph, node_name: str, input_name: str, example: t
     ph.meta["val"] = nodes[node_name].meta.get("val")
     ph.meta[meta.CREATED_BY] = by
     nodes[node_name].replace_all_uses_with(ph)
-    _eliminate_dead_code(gm)
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     batch = next((d[0][1] for d in graph.dynamic_dims if d and d[0][0] == 0), None)
@@ -223,7 +212,7 @@ def with_outputs(graph: Graph, outputs: Sequence[tuple[str, str]], by: str) -> G
             v = nodes[ref]
         vals.append(v)
     out_node.args = (tuple(vals),)
-    _eliminate_dead_code(gm)
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return graph.with_module(gm, output_names=tuple(n for n, _ in outputs))
@@ -256,15 +245,10 @@ def evaluate_on_calibration(program: Program, calibration: Any, reference: Any, 
     """(PSNR in dB of the loop's final output vs. `reference`, with the reference's
     range as peak; FLOPs speedup over the uncached graph) for one run of the
     calibration loop through the torch side of `program`."""
-    import math
-    import numpy as np
     runner = program.runner()
     out = calibration(lambda *a: _first(runner(list(a))))
     ref = _final(reference)
-    got = _final(out)
-    mse = float(np.mean((ref.astype(np.float64) - got) ** 2))
-    peak = float(ref.max() - ref.min()) or 1.0
-    psnr = 200.0 if mse == 0 else min(200.0, 10 * math.log10(peak * peak / mse))
+    psnr = psnr_db(ref, _final(out), peak=float(ref.max() - ref.min()) or 1.0)
     spent = cost.trace_flops(program, runner.trace)
     return psnr, (base_flops * len(runner.trace)) / spent if spent else 1.0
 

@@ -6,11 +6,14 @@ After:   t = aten.mul(x, 2)
          return (t,)
 Reads: nothing. Writes: nothing on nodes.
 Invariant: outputs are unchanged bit for bit; ops with side effects (asserts,
-in-place ops) are kept.
+in-place ops) are kept, except torch.export's dtype/device checks
+(`_assert_tensor_metadata`), which only restate node metadata and would keep
+dead values alive (ir.rewrite.eliminate_dead_code).
 """
 from __future__ import annotations
 
 from pared.ir.program import Program
+from pared.ir.rewrite import METADATA_ASSERTS, eliminate_dead_code
 from pared.ir.transform import PassContext, PassResult, RewritePass, register_pass
 
 
@@ -24,12 +27,13 @@ class EliminateDeadCode(RewritePass):
         for name, g in program.graphs.items():
             before = sum(1 for n in g.module.graph.nodes if n.op != "placeholder")
             dead = [n for n in g.module.graph.nodes
-                    if n.op in ("call_function", "get_attr") and not n.users and not n.is_impure()]
+                    if (n.op in ("call_function", "get_attr") and not n.users and not n.is_impure())
+                    or n.target in METADATA_ASSERTS]
             if not dead:
                 new_graphs[name] = g
                 continue
             gm = g.copy_module()
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm)
             after = sum(1 for n in gm.graph.nodes if n.op != "placeholder")
             removed += before - after
             gm.recompile()

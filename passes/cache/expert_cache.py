@@ -1,0 +1,366 @@
+"""Reuse each routed expert's output across steps and refresh, per batch row,
+the experts whose own inputs drifted most (MoECa, "branch-level feature reuse
+across timesteps" for DiT-MoE: expert-aware refresh, attention and MoE caches
+updated together).
+
+Recognizes mixture-of-experts layers written with stacked expert weights (the
+form DiT-MoE, grouped-GEMM MoEs and the `dit_moe_mnist` workload use):
+    y_e = act(x @ W1[e] + b1[e]) @ W2[e] + b2[e]     for all e, as batched matmuls
+then combined by the router's top-k gates.
+
+Before:  per MoE layer: every expert on every token; attention every step
+After:   `full` steps (warmup, then every `interval`-th): as before, and store per
+         layer state.experts = y [E, T, d] (every expert's output per token),
+         state.prev = x, state.drift = 0, and each attention output state.attn
+         `reuse` steps: attention output read from state.attn (not computed);
+         the router, the shared branches and the adaLN modulation run fresh; per
+         batch row b and expert e, the drift accumulates
+             drift[b, e] += sum_{t routed to e} |x_t - prev_t| / sum_{t routed to e} |prev_t|
+         and the `refresh` experts with the largest drift are recomputed for
+         that row's tokens (gathered weights, [B, k, N, d]) and written into
+         state.experts; their drift resets. The layer then combines the cached
+         and refreshed expert outputs with the current gates.
+Static table (like FORA) for full/reuse; the per-expert refresh is decided in
+the graph, per row, from the inputs of that step, so no two rows (or CFG
+halves) share a decision or a cache entry.
+
+Reads: nothing required. Writes: CachePlan, graphs `full` and `reuse`, a Table
+plan. Invariant: interval 1 is a no-op; refresh = E with attention off recomputes
+every expert (equal to the uncached model up to float rounding).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from pared.analysis.redundancy import RedundancyProfile, block_regions, primary_io
+from pared.ir import meta
+from pared.ir.errors import OptionError, PassError
+from pared.ir.plan import Call, Plan, StateBuffer, Table
+from pared.ir.program import Graph, Program
+from pared.ir.regions import Region
+from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.cache.common import CachePlan, Span, graph_flops, refreshes, require_single_graph
+from pared.passes.cache.interval_cache import calls_of
+
+_aten = torch.ops.aten
+_VIEWS = {_aten.view.default, _aten.expand.default, _aten.reshape.default, _aten._unsafe_view.default,
+          _aten.unsqueeze.default, _aten.clone.default, _aten.contiguous.default}
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """One MoE layer's stacked-expert computation, by node name."""
+    region: str          # the MoE module's region
+    tokens: str          # x [T, d]: the tokens every expert reads
+    w1: str              # get_attr [E, d, h]
+    b1: str | None       # get_attr [E, 1, h]
+    act: tuple[str, ...]  # elementwise ops between the two matmuls
+    w2: str              # get_attr [E, h, d]
+    b2: str | None       # get_attr [E, 1, d]
+    output: str          # y [E, T, d]: every expert's output per token
+    indices: str         # the router's top-k expert indices [T, k]
+
+
+def _base(n: fx.Node) -> fx.Node:
+    while n.op == "call_function" and n.target in _VIEWS:
+        n = n.args[0]
+    return n
+
+
+def _tokens(n: fx.Node) -> fx.Node:
+    """The [T, d] value a batched matmul's left operand broadcasts over the experts."""
+    while len(_shape(n)) != 2 and n.op == "call_function" and n.target in _VIEWS:
+        n = n.args[0]
+    return n
+
+
+def _shape(n: fx.Node) -> tuple:
+    v = n.meta.get("val")
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def _single_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _param3(n: fx.Node) -> bool:
+    return n.op == "get_attr" and len(_shape(n)) == 3
+
+
+def _bias_of(add: fx.Node, h: fx.Node) -> fx.Node | None:
+    """The [E, 1, *] parameter `add` adds to `h`, if it is such an add."""
+    if add.op != "call_function" or add.target is not _aten.add.Tensor or len(add.args) != 2:
+        return None
+    other = add.args[1] if add.args[0] is h else add.args[0]
+    return other if isinstance(other, fx.Node) and _param3(other) else None
+
+
+def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region]) -> list[ExpertStack]:
+    """Every `bmm(x, W1) (+b1) -> act -> bmm(., W2) (+b2)` chain over stacked
+    [E, ., .] parameters, with the top-k routing of the same region."""
+    region_of = {}          # node -> its innermost region path
+    for r in sorted(regions.values(), key=lambda r: r.depth):
+        region_of.update({n: r.path for n in r.nodes})
+    stacks = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not _aten.bmm.default:
+            continue
+        w1, x = _base(n.args[1]), _tokens(n.args[0])
+        if not _param3(w1) or len(_shape(x)) != 2 or _param3(x):
+            continue
+        e = _shape(w1)[0]
+        # walk forward: views, + b1, activation ops, views, bmm with W2, views, + b2
+        cur, b1, act, w2, b2 = n, None, [], None, None
+        while True:
+            nxt = _single_user(cur)
+            if nxt is None or nxt.op != "call_function":
+                break
+            if nxt.target in _VIEWS:
+                cur = nxt
+                continue
+            if w2 is None and nxt.target is _aten.bmm.default and _param3(_base(nxt.args[1])):
+                w2 = _base(nxt.args[1])
+                cur = nxt
+                continue
+            bias = _bias_of(nxt, cur)
+            if bias is not None and _shape(bias)[0] == e:
+                if w2 is None and b1 is None and not act:
+                    b1 = bias
+                elif w2 is not None and b2 is None:
+                    b2 = bias
+                else:
+                    break
+                cur = nxt
+                continue
+            if w2 is None and len([a for a in nxt.args if isinstance(a, fx.Node)]) == 1:
+                act.append(nxt)          # elementwise activation (gelu, silu, relu...)
+                cur = nxt
+                continue
+            break
+        if w2 is None:
+            continue
+        out = cur
+        while _shape(out)[:1] != (e,) or len(_shape(out)) != 3:
+            out = out.args[0]
+        region = region_of.get(n.name)
+        topk = [m for m in gm.graph.nodes if m.op == "call_function" and m.target is _aten.topk.default
+                and region_of.get(m.name) == region] if region else []
+        if len(topk) != 1:
+            raise PassError(f"pass 'expert_cache': the stacked experts at {n.format_node()} (region {region!r}) "
+                            f"have {len(topk)} top-k routing ops in their region; expected one (the router's)")
+        idx = [u for u in topk[0].users if u.target is operator.getitem and u.args[1] == 1]
+        if not idx:
+            raise PassError(f"pass 'expert_cache': the router's top-k in region {region!r} returns no indices")
+        stacks.append(ExpertStack(region, x.name, w1.name, b1.name if b1 else None, tuple(a.name for a in act),
+                                  w2.name, b2.name if b2 else None, out.name, idx[0].name))
+    return stacks
+
+
+def _attention_regions(program: Program, gname: str, pattern: str | None) -> list[Region]:
+    """Each block's attention sub-module (module type ending in 'Attention'), or the regions matching `pattern`."""
+    if pattern:
+        return block_regions(program, pattern, gname)
+    blocks = block_regions(program, None, gname)
+    regions = program.regions(gname)
+    found = []
+    for b in blocks:
+        kids = [r for p, r in regions.items() if p.startswith(b.path + ".") and p.count(".") == b.path.count(".") + 1
+                and r.module_type.endswith("Attention")]
+        found += kids
+    return found
+
+
+@register_pass("expert_cache")
+class CacheExperts(RewritePass):
+    """MoECa-style expert-level caching (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        interval: int = 4            # N: a full step every N steps (1: never reuse)
+        warmup: int = 2              # the first steps always compute in full
+        refresh: int = 1             # experts recomputed per batch row and layer on a reuse step
+        attention: bool = True       # also reuse each block's attention output on reuse steps
+        attention_regions: str | None = None  # pattern of the attention regions; default: each block's *Attention
+        steps: int | None = None     # steps per request; default: the calibration run's
+
+        def __post_init__(self):
+            check_range("expert_cache", "interval", self.interval, lo=1)
+            check_range("expert_cache", "warmup", self.warmup, lo=1)
+            check_range("expert_cache", "refresh", self.refresh, lo=0)
+            if self.steps is not None:
+                check_range("expert_cache", "steps", self.steps, lo=1)
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        gname = require_single_graph(program, self.name)
+        steps = calls_of(ctx, o.steps, self.name)
+        table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
+        if "reuse" not in table:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        src = program.graphs[gname]
+        if any(src.dynamic_dims):
+            raise PassError("pass 'expert_cache' needs a graph captured with static shapes (it splits the "
+                            "tokens per batch row); capture without dynamic_shapes")
+        stacks = find_expert_stacks(src.module, program.regions(gname))
+        if not stacks:
+            raise PassError("pass 'expert_cache' found no mixture-of-experts layer with stacked expert weights "
+                            "(bmm(x, W1[E,d,h]) -> act -> bmm(., W2[E,h,d]) over [E, ...] parameters, routed by "
+                            "top-k); this model has none, or writes its experts in another form")
+        e = _shape(_node(src.module, stacks[0].w1))[0]
+        if o.refresh > e:
+            raise OptionError(f"pass 'expert_cache' option 'refresh': {o.refresh} is more than the {e} experts "
+                              "of a layer")
+        attn = _attention_regions(program, gname, o.attention_regions) if o.attention else []
+        attn_io = []
+        for r in attn:
+            io = primary_io(src.module, r)
+            if io is None:
+                raise PassError(f"pass 'expert_cache': attention region {r.path!r} has no output shaped like its "
+                                "input; name the attention modules with `attention_regions` or set attention: false")
+            attn_io.append((r.path, io[1].name))
+        full, reuse = self._variants(src, stacks, attn_io, o.refresh)
+        ins = tuple(f"in:{n}" for n in program.plan.inputs)
+        outs = tuple(f"out:{n}" for n in src.output_names)
+        state = [f"experts{i}" for i in range(len(stacks))] + [f"prev{i}" for i in range(len(stacks))] + \
+                [f"drift{i}" for i in range(len(stacks))] + [f"attn{i}" for i in range(len(attn_io))]
+        st = tuple(f"state:{s}" for s in state)
+        moe_state = st[:3 * len(stacks)]
+        plan = Plan(program.plan.inputs, outs, (
+            ("full", (Call("full", ins, outs + st),)),
+            ("reuse", (Call("reuse", ins + st, outs + moe_state),)),
+        ), Table(table, "full"), tuple(StateBuffer(s) for s in state))
+        graphs = {"full": full, "reuse": reuse}
+        new = program.replace(graphs=graphs, plan=plan)
+        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
+        spans = tuple(Span(f"experts{i}", (s.region,), s.tokens, s.output) for i, s in enumerate(stacks)) + \
+            tuple(Span(f"attn{i}", (p,), "", out) for i, (p, out) in enumerate(attn_io))
+        rec = CachePlan("expert_cache", spans, (("reuse", tuple(s.name for s in spans)),), table, "full", flops)
+        new = new.replace(records={**program.records, "CachePlan": rec})
+        ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, "
+                     "%d of %d steps reuse", len(stacks), e, o.refresh, len(attn_io), table.count("reuse"), steps)
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
+                          stats={"reuse_steps": table.count("reuse"), "moe_layers": len(stacks),
+                                 "attention_caches": len(attn_io), "experts": e, "steps": steps})
+
+    def _variants(self, src: Graph, stacks: list[ExpertStack], attn_io: list[tuple[str, str]],
+                  refresh: int) -> tuple[Graph, Graph]:
+        batch = int(src.example_inputs[0].shape[0])
+        by = self.name
+        # -- full: the graph plus every cache as an output
+        gm = src.copy_module()
+        nodes = {n.name: n for n in gm.graph.nodes}
+        zeros = []
+        for s in stacks:
+            e, t, _ = _shape(nodes[s.output])
+            if t % batch:
+                raise PassError(f"pass 'expert_cache': layer {s.region!r} has {t} tokens, not a multiple of the "
+                                f"batch {batch}")
+            # the drift accumulator starts at zero on every full step
+            zeros += splice(gm, _zeros_like_rows(batch, e), [nodes[s.tokens]],
+                            [_fake(nodes[s.tokens])], by)
+        experts = [nodes[s.output] for s in stacks] + [nodes[s.tokens] for s in stacks] + zeros
+        outs_node = next(n for n in gm.graph.nodes if n.op == "output")
+        outs = list(outs_node.args[0])
+        outs_node.args = (tuple(outs + experts + [nodes[o] for _, o in attn_io]),)
+        gm.graph.lint()
+        gm.recompile()
+        state_names = ([f"cache.experts{i}" for i in range(len(stacks))] + [f"cache.prev{i}" for i in range(len(stacks))]
+                       + [f"cache.drift{i}" for i in range(len(stacks))] + [f"cache.attn{i}" for i in range(len(attn_io))])
+        full = src.with_module(gm, output_names=src.output_names + tuple(state_names))
+        with torch.no_grad():
+            vals = full.run(*full.example_inputs)[len(src.output_names):]
+        examples = [v.detach().clone() for v in vals]
+
+        # -- reuse: caches in, attention read from them, experts refreshed per row
+        gm = src.copy_module()
+        nodes = {n.name: n for n in gm.graph.nodes}
+        last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+        phs = []
+        for name, ex in zip(state_names, examples):
+            with gm.graph.inserting_after(last_ph):
+                ph = gm.graph.placeholder(name.replace(".", "_"))
+            ph.meta["val"] = ex
+            ph.meta[meta.CREATED_BY] = by
+            phs.append(ph)
+            last_ph = ph
+        k = len(stacks)
+        new_state = []
+        for i, s in enumerate(stacks):
+            fn = _refresh_fn(gm, nodes, s, batch, refresh)
+            args = [nodes[s.tokens], nodes[s.indices], phs[i], phs[k + i], phs[2 * k + i],
+                    nodes[s.w1], nodes[s.w2]] + [nodes[p] for p in (s.b1, s.b2) if p]
+            y, x_now, drift = splice(gm, fn, args, [_fake(a) for a in args], by)
+            nodes[s.output].replace_all_uses_with(y)
+            new_state.append((y, x_now, drift))
+        for j, (_, out) in enumerate(attn_io):
+            nodes[out].replace_all_uses_with(phs[3 * k + j])
+        outs_node = next(n for n in gm.graph.nodes if n.op == "output")
+        outs = list(outs_node.args[0])
+        outs_node.args = (tuple(outs + [y for y, _, _ in new_state] + [x for _, x, _ in new_state]
+                                + [dr for _, _, dr in new_state]),)
+        eliminate_dead_code(gm)
+        gm.graph.lint()
+        gm.recompile()
+        reuse = src.with_module(gm, input_names=src.input_names + tuple(state_names),
+                                output_names=src.output_names + tuple(n.replace("cache.", "next.")
+                                                                      for n in state_names[:3 * k]),
+                                example_inputs=tuple(src.example_inputs) + tuple(examples),
+                                dynamic_dims=())
+        return full, reuse
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _zeros_like_rows(batch: int, experts: int):
+    return lambda x: x.new_zeros(batch, experts)
+
+
+def _fake(n: fx.Node) -> torch.Tensor:
+    """A zero tensor shaped like node `n`'s value (for tracing a splice)."""
+    v = n.meta["val"]
+    return torch.zeros(tuple(int(s) for s in v.shape), dtype=v.dtype)
+
+
+def _refresh_fn(gm: fx.GraphModule, nodes: dict, s: ExpertStack, batch: int, refresh: int):
+    """The reuse step of one MoE layer as a torch function (traced into the graph)."""
+    acts = [nodes[a] for a in s.act]
+    has_b1, has_b2 = s.b1 is not None, s.b2 is not None
+
+    def step(x, idx, cached, prev, drift, w1, w2, *biases):
+        bl = list(biases)
+        b1 = bl.pop(0) if has_b1 else None
+        b2 = bl.pop(0) if has_b2 else None
+        e, t, d = cached.shape
+        n = t // batch
+        # per-row, per-expert drift of the inputs since the last step, over the tokens routed to it
+        routed = torch.zeros(t, e, dtype=x.dtype).scatter(1, idx, 1.0).view(batch, n, e)
+        change = (x - prev).abs().mean(-1).view(batch, n, 1)
+        scale = prev.abs().mean(-1).view(batch, n, 1)
+        step_drift = (routed * change).sum(1) / ((routed * scale).sum(1) + 1e-8)      # [B, E]
+        drift = drift + step_drift
+        if refresh == 0:
+            return cached, x, drift
+        sel = drift.topk(refresh, dim=-1).indices                                     # [B, k]
+        flat = sel.reshape(-1)
+        g1 = w1.index_select(0, flat).view(batch, refresh, *w1.shape[1:])             # [B, k, d, h]
+        g2 = w2.index_select(0, flat).view(batch, refresh, *w2.shape[1:])             # [B, k, h, d]
+        h = torch.matmul(x.view(batch, 1, n, d), g1)                                  # [B, k, N, h]
+        if b1 is not None:
+            h = h + b1.index_select(0, flat).view(batch, refresh, 1, -1)
+        for a in acts:
+            h = a.target(h, *a.args[1:], **a.kwargs)
+        y = torch.matmul(h, g2)                                                       # [B, k, N, d]
+        if b2 is not None:
+            y = y + b2.index_select(0, flat).view(batch, refresh, 1, -1)
+        tok = torch.arange(t).view(batch, 1, n)
+        cached = cached.index_put((sel.view(batch, refresh, 1), tok), y)
+        drift = drift.scatter(1, sel, 0.0)
+        return cached, x, drift
+    return step
