@@ -1,8 +1,11 @@
 """Speed vs. fidelity of pared's cache passes on dit_mnist, beside diffusers' own
-cache hooks on the eager model (the peers users have today), in one run.
+cache hooks on the eager model (the peers users have today), in one run; on
+dit_moe_mnist, expert_cache (MoECa) beside the block-level passes.
 
     python benchmarks/cache_curve.py                       # ~15 min here, 1 thread
     python benchmarks/cache_curve.py --samples 20 --repeats 3 --json benchmarks/results/cache_curve.json
+    python benchmarks/cache_curve.py --workload dit_moe_mnist --no-peers \
+        --json benchmarks/results/cache_curve_moe.json --png benchmarks/cache_curve_moe.png
 
 Every contender draws the same samples (same seeds, labels, DDIM-50, CFG 1.5).
 Speed: one batch of sampling per contender per round, contenders alternating,
@@ -41,6 +44,27 @@ PARED = [
     ("magnitude_cache 0.12", [{"magnitude_cache": {"threshold": 0.12}}]),
     ("magnitude_cache 0.24", [{"magnitude_cache": {"threshold": 0.24}}]),
     ("cfg_skip 0.99", [{"cfg_skip": {"threshold": 0.99}}]),
+    # every block cached (FORA over the whole stack; TaylorSeer forecasting it)
+    ("interval_cache all N=4", [{"interval_cache": {"interval": 4, "first": 0, "last": -1}}]),
+    ("interval_cache all N=5", [{"interval_cache": {"interval": 5, "first": 0, "last": -1}}]),
+    ("taylor_cache all N=4", [{"taylor_cache": {"interval": 4, "first": 0, "last": -1}}]),
+    ("taylor_cache all N=5", [{"taylor_cache": {"interval": 5, "first": 0, "last": -1}}]),
+    ("taylor_cache all N=6", [{"taylor_cache": {"interval": 6, "first": 0, "last": -1}}]),
+]
+
+# dit_moe_mnist: expert-level reuse (MoECa) against block-level reuse, one curve
+PARED_MOE = [
+    ("expert_cache 0.1", [{"expert_cache": {"threshold": 0.1, "refresh": 0}}]),
+    ("expert_cache 0.2", [{"expert_cache": {"threshold": 0.2, "refresh": 0}}]),
+    ("expert_cache 0.3", [{"expert_cache": {"threshold": 0.3, "refresh": 0}}]),
+    ("expert_cache refresh=1 0.2", [{"expert_cache": {"threshold": 0.2, "refresh": 1}}]),
+    ("expert_cache static N=4 refresh=2", [{"expert_cache": {"interval": 4, "refresh": 2}}]),
+    ("residual_cache 0.1", [{"residual_cache": {"threshold": 0.1}}]),
+    ("residual_cache 0.2", [{"residual_cache": {"threshold": 0.2}}]),
+    ("residual_cache 0.4", [{"residual_cache": {"threshold": 0.4}}]),
+    ("residual_cache 0.6", [{"residual_cache": {"threshold": 0.6}}]),
+    ("interval_cache all N=4", [{"interval_cache": {"interval": 4, "first": 0, "last": -1}}]),
+    ("taylor_cache all N=5", [{"taylor_cache": {"interval": 5, "first": 0, "last": -1}}]),
 ]
 
 
@@ -132,7 +156,8 @@ def main() -> None:
     contenders = {"eager": (eager, None)}
     built = {}
     keep = (lambda label: re.search(a.only, label) is not None) if a.only else (lambda label: True)
-    for label, plist in [("pared uncached", [])] + [s for s in PARED if keep(s[0])]:
+    listed = PARED_MOE if a.workload == "dit_moe_mnist" else PARED
+    for label, plist in [("pared uncached", [])] + [s for s in listed if keep(s[0])]:
         t0 = time.perf_counter()
         dyn = wl.dynamic_shapes() if any("cfg_skip" in p for p in plist) else None
         opt = pared.optimize(model, wl.example_inputs(), target="cpu", pipeline=["temporal_redundancy", *plist] if plist else [],

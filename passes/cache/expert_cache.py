@@ -9,27 +9,32 @@ form DiT-MoE, grouped-GEMM MoEs and the `dit_moe_mnist` workload use):
 then combined by the router's top-k gates.
 
 Before:  per MoE layer: every expert on every token; attention every step
-After:   `full` steps (warmup, then every `interval`-th): as before, and store per
-         layer state.experts = y [E, T, d] (every expert's output per token),
-         state.prev = x, state.drift = 0, and each attention output state.attn
+After:   `full` steps: as before, and store per layer state.experts = y [E, T, d]
+         (every expert's output per token) and each attention output state.attn
+         (with refresh > 0 also state.prev = x and state.drift = 0)
          `reuse` steps: attention output read from state.attn (not computed);
-         the router, the shared branches and the adaLN modulation run fresh; per
-         batch row b and expert e, the drift accumulates
+         the router, the shared branches and the adaLN modulation run fresh, and
+         the layer combines the cached expert outputs with the current gates.
+         With refresh = k > 0, per batch row b and expert e the drift accumulates
              drift[b, e] += sum_{t routed to e} |x_t - prev_t| / sum_{t routed to e} |prev_t|
-         and the `refresh` experts with the largest drift are recomputed for
-         that row's tokens (gathered weights, [B, k, N, d]) and written into
-         state.experts; their drift resets. The layer then combines the cached
-         and refreshed expert outputs with the current gates.
-Static table (like FORA) for full/reuse; the per-expert refresh is decided in
-the graph, per row, from the inputs of that step, so no two rows (or CFG
-halves) share a decision or a cache entry.
+         and the k experts with the largest drift are recomputed for that row's
+         tokens (gathered weights, [B, k, N, d]) and written into state.experts;
+         their drift resets. That choice is made in the graph, per row, so no two
+         rows (or CFG halves) share a decision or a cache entry.
+Which steps are `full`: a static table (a full step every `interval` steps, as
+FORA), or, with `threshold` / `target`, the adaptive rule of residual_cache on a
+`probe` graph whose signal is the first attention's timestep-modulated input
+(TeaCache's signal, `front: 0`, costs only the embeddings) or the first `front`
+blocks' residual (FirstBlockCache; those blocks then run every step).
 
-Reads: nothing required. Writes: CachePlan, graphs `full` and `reuse`, a Table
-plan. Invariant: interval 1 is a no-op; refresh = E with attention off recomputes
-every expert (equal to the uncached model up to float rounding).
+Reads: nothing required. Writes: CachePlan, graphs `full`, `reuse` (and `probe`),
+a Table or Rule plan. Invariant: interval 1 (static) or threshold 0 (adaptive)
+is a no-op; refresh = E with attention off recomputes every expert (equal to
+the uncached model up to float rounding).
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -39,12 +44,13 @@ import torch.fx as fx
 from pared.analysis.redundancy import RedundancyProfile, block_regions, primary_io
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Call, Plan, StateBuffer, Table
+from pared.ir.plan import Call, Plan, Rule, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import Region
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import CachePlan, Span, graph_flops, refreshes, require_single_graph
+from pared.passes.cache.common import (CachePlan, Span, check_goal, graph_flops, refreshes, replace_with_input,
+                                       require_single_graph, search_threshold, with_outputs)
 from pared.passes.cache.interval_cache import calls_of
 
 _aten = torch.ops.aten
@@ -181,27 +187,61 @@ class CacheExperts(RewritePass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        interval: int = 4            # N: a full step every N steps (1: never reuse)
+        interval: int = 4            # static schedule: a full step every N steps (1: never reuse)
+        threshold: float | None = None  # adaptive schedule instead: reuse while the first blocks' residual
+                                     # changed less than this (accumulated relative L1), as residual_cache
+        target: dict | None = None   # adaptive, with the threshold searched for {psnr_db: X} or {speedup: X}
+        front: int = 0               # adaptive: blocks that always run and give the signal (their residual);
+                                     # 0: the signal is the first attention's modulated input (TeaCache)
+        max_consecutive: int = 0     # adaptive: cap on reuses in a row (0: none)
         warmup: int = 2              # the first steps always compute in full
         refresh: int = 1             # experts recomputed per batch row and layer on a reuse step
         attention: bool = True       # also reuse each block's attention output on reuse steps
         attention_regions: str | None = None  # pattern of the attention regions; default: each block's *Attention
-        steps: int | None = None     # steps per request; default: the calibration run's
+        steps: int | None = None     # static schedule: steps per request; default: the calibration run's
 
         def __post_init__(self):
             check_range("expert_cache", "interval", self.interval, lo=1)
             check_range("expert_cache", "warmup", self.warmup, lo=1)
             check_range("expert_cache", "refresh", self.refresh, lo=0)
+            check_range("expert_cache", "front", self.front, lo=0)
+            check_range("expert_cache", "max_consecutive", self.max_consecutive, lo=0)
+            if self.threshold is not None:
+                check_range("expert_cache", "threshold", self.threshold, lo=0)
+            check_goal("expert_cache", self.target)
             if self.steps is not None:
                 check_range("expert_cache", "steps", self.steps, lo=1)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
         gname = require_single_graph(program, self.name)
-        steps = calls_of(ctx, o.steps, self.name)
-        table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
-        if "reuse" not in table:
+        adaptive = o.threshold is not None or o.target is not None
+        table: tuple[str, ...] = ()
+        if not adaptive:
+            steps = calls_of(ctx, o.steps, self.name)
+            table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
+            if "reuse" not in table:
+                return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        elif o.target is None and o.threshold == 0:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        if o.target is not None:
+            th, points = search_threshold(self.name, lambda th: self._build(program, gname, th, ())[0], program,
+                                          ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)
+            new, stats = self._build(program, gname, th, ())
+            rec = dataclasses.replace(new.records["CachePlan"], search=points)
+            new = new.replace(records={**new.records, "CachePlan": rec})
+        else:
+            new, stats = self._build(program, gname, o.threshold, table)
+        ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, %s",
+                     stats["moe_layers"], stats["experts"], o.refresh, stats["attention_caches"],
+                     f"{table.count('reuse')} of {len(table)} steps reuse" if table
+                     else f"adaptive, threshold {new.records['CachePlan'].threshold:g}")
+        return PassResult(new, modified=True, preserved=(RedundancyProfile,), stats=stats)
+
+    def _build(self, program: Program, gname: str, threshold: float | None,
+               table: tuple[str, ...]) -> tuple[Program, dict]:
+        """The cached program: a static `table` (threshold None) or the adaptive rule."""
+        o = self.options
         src = program.graphs[gname]
         if any(src.dynamic_dims):
             raise PassError("pass 'expert_cache' needs a graph captured with static shapes (it splits the "
@@ -216,6 +256,32 @@ class CacheExperts(RewritePass):
             raise OptionError(f"pass 'expert_cache' option 'refresh': {o.refresh} is more than the {e} experts "
                               "of a layer")
         attn = _attention_regions(program, gname, o.attention_regions) if o.attention else []
+        probe = hidden = None
+        if threshold is not None and o.front == 0:
+            # TeaCache's signal: the timestep-modulated input of the first block's attention;
+            # computing it costs the embeddings only, and every block stays cacheable
+            first = _attention_regions(program, gname, o.attention_regions)
+            io = primary_io(src.module, first[0]) if first else None
+            if io is None:
+                raise PassError("pass 'expert_cache' option 'front': 0 takes its signal from the first attention's "
+                                "input, and this model has no attention region with one; set front: 1")
+            probe = with_outputs(src, [("signal", io[0].name)], self.name)
+        elif threshold is not None:
+            # the first `front` blocks run every step (the probe); only the blocks after them are cached
+            blocks = block_regions(program, None, gname)
+            if o.front >= len(blocks):
+                raise OptionError(f"pass 'expert_cache' option 'front': {o.front} blocks leave none of the "
+                                  f"model's {len(blocks)} blocks to cache")
+            front = [b.path + "." for b in blocks[:o.front]]
+            stacks = [s for s in stacks if not any(s.region.startswith(f) for f in front)]
+            attn = [r for r in attn if not any(r.path.startswith(f) for f in front)]
+            head = primary_io(src.module, blocks[0])
+            tail = primary_io(src.module, blocks[o.front - 1])
+            if head is None or tail is None or not stacks:
+                raise PassError(f"pass 'expert_cache': blocks {blocks[0].path!r}..{blocks[o.front - 1].path!r} give "
+                                "no hidden-state signal, or no MoE layer follows them")
+            hidden = tail[1].name
+            probe = with_outputs(src, [("signal", f"{hidden}-{head[0].name}"), ("hidden", hidden)], self.name)
         attn_io = []
         for r in attn:
             io = primary_io(src.module, r)
@@ -226,26 +292,42 @@ class CacheExperts(RewritePass):
         full, reuse = self._variants(src, stacks, attn_io, o.refresh)
         ins = tuple(f"in:{n}" for n in program.plan.inputs)
         outs = tuple(f"out:{n}" for n in src.output_names)
-        state = [f"experts{i}" for i in range(len(stacks))] + [f"prev{i}" for i in range(len(stacks))] + \
-                [f"drift{i}" for i in range(len(stacks))] + [f"attn{i}" for i in range(len(attn_io))]
-        st = tuple(f"state:{s}" for s in state)
-        moe_state = st[:3 * len(stacks)]
-        plan = Plan(program.plan.inputs, outs, (
-            ("full", (Call("full", ins, outs + st),)),
-            ("reuse", (Call("reuse", ins + st, outs + moe_state),)),
-        ), Table(table, "full"), tuple(StateBuffer(s) for s in state))
+        k = len(stacks)
+        state = [f"{kind}{i}" for kind in _moe_state(o.refresh) for i in range(k)] + \
+            [f"attn{i}" for i in range(len(attn_io))]
+        st = tuple(f"state:{x}" for x in state)
+        updated = st[:3 * k] if o.refresh else ()      # without refresh, reuse steps only read the caches
         graphs = {"full": full, "reuse": reuse}
+        if probe is not None:
+            h: tuple[str, ...] = ()
+            if hidden is not None:
+                with torch.no_grad():
+                    hid = probe.run(*probe.example_inputs)[1].detach().clone()
+                full = replace_with_input(full, hidden, "hidden", hid, self.name)
+                reuse = replace_with_input(reuse, hidden, "hidden", hid, self.name)
+                h = ("probe:hidden",)
+            graphs = {"probe": probe, "full": full, "reuse": reuse}
+            routines = (("probe", (Call("probe", ins, ("probe:signal",) + h),)),
+                        ("full", (Call("full", ins + h, outs + st),)),
+                        ("reuse", (Call("reuse", ins + st + h, outs + updated),)))
+            schedule = Rule(probe="probe", signal="probe:signal", compute="full", reuse="reuse", threshold=threshold,
+                            metric="rel_l1", accumulate=True, warmup=o.warmup, max_consecutive=o.max_consecutive)
+        else:
+            routines = (("full", (Call("full", ins, outs + st),)),
+                        ("reuse", (Call("reuse", ins + st, outs + updated),)))
+            schedule = Table(table, "full")
+        plan = Plan(program.plan.inputs, outs, routines, schedule, tuple(StateBuffer(x) for x in state))
         new = program.replace(graphs=graphs, plan=plan)
         flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
         spans = tuple(Span(f"experts{i}", (s.region,), s.tokens, s.output) for i, s in enumerate(stacks)) + \
             tuple(Span(f"attn{i}", (p,), "", out) for i, (p, out) in enumerate(attn_io))
-        rec = CachePlan("expert_cache", spans, (("reuse", tuple(s.name for s in spans)),), table, "full", flops)
+        rec = CachePlan("expert_cache", spans, (("reuse", tuple(sp.name for sp in spans)),), table, "full", flops,
+                        threshold=threshold)
         new = new.replace(records={**program.records, "CachePlan": rec})
-        ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, "
-                     "%d of %d steps reuse", len(stacks), e, o.refresh, len(attn_io), table.count("reuse"), steps)
-        return PassResult(new, modified=True, preserved=(RedundancyProfile,),
-                          stats={"reuse_steps": table.count("reuse"), "moe_layers": len(stacks),
-                                 "attention_caches": len(attn_io), "experts": e, "steps": steps})
+        stats = {"moe_layers": k, "attention_caches": len(attn_io), "experts": e}
+        if table:
+            stats.update(reuse_steps=table.count("reuse"), steps=len(table))
+        return new, stats
 
     def _variants(self, src: Graph, stacks: list[ExpertStack], attn_io: list[tuple[str, str]],
                   refresh: int) -> tuple[Graph, Graph]:
@@ -254,23 +336,27 @@ class CacheExperts(RewritePass):
         # -- full: the graph plus every cache as an output
         gm = src.copy_module()
         nodes = {n.name: n for n in gm.graph.nodes}
-        zeros = []
+        zeros: list[fx.Node] = []
         for s in stacks:
             e, t, _ = _shape(nodes[s.output])
             if t % batch:
                 raise PassError(f"pass 'expert_cache': layer {s.region!r} has {t} tokens, not a multiple of the "
                                 f"batch {batch}")
+            if not refresh:
+                continue
             # the drift accumulator starts at zero on every full step
             zeros += splice(gm, _zeros_like_rows(batch, e), [nodes[s.tokens]],
                             [_fake(nodes[s.tokens])], by)
-        experts = [nodes[s.output] for s in stacks] + [nodes[s.tokens] for s in stacks] + zeros
+        experts = [nodes[s.output] for s in stacks]
+        if refresh:
+            experts += [nodes[s.tokens] for s in stacks] + zeros
         outs_node = next(n for n in gm.graph.nodes if n.op == "output")
         outs = list(outs_node.args[0])
         outs_node.args = (tuple(outs + experts + [nodes[o] for _, o in attn_io]),)
         gm.graph.lint()
         gm.recompile()
-        state_names = ([f"cache.experts{i}" for i in range(len(stacks))] + [f"cache.prev{i}" for i in range(len(stacks))]
-                       + [f"cache.drift{i}" for i in range(len(stacks))] + [f"cache.attn{i}" for i in range(len(attn_io))])
+        state_names = ([f"cache.{kind}{i}" for kind in _moe_state(refresh) for i in range(len(stacks))]
+                       + [f"cache.attn{i}" for i in range(len(attn_io))])
         full = src.with_module(gm, output_names=src.output_names + tuple(state_names))
         with torch.no_grad():
             vals = full.run(*full.example_inputs)[len(src.output_names):]
@@ -291,6 +377,9 @@ class CacheExperts(RewritePass):
         k = len(stacks)
         new_state = []
         for i, s in enumerate(stacks):
+            if not refresh:
+                nodes[s.output].replace_all_uses_with(phs[i])
+                continue
             fn = _refresh_fn(gm, nodes, s, batch, refresh)
             args = [nodes[s.tokens], nodes[s.indices], phs[i], phs[k + i], phs[2 * k + i],
                     nodes[s.w1], nodes[s.w2]] + [nodes[p] for p in (s.b1, s.b2) if p]
@@ -298,7 +387,7 @@ class CacheExperts(RewritePass):
             nodes[s.output].replace_all_uses_with(y)
             new_state.append((y, x_now, drift))
         for j, (_, out) in enumerate(attn_io):
-            nodes[out].replace_all_uses_with(phs[3 * k + j])
+            nodes[out].replace_all_uses_with(phs[len(_moe_state(refresh)) * k + j])
         outs_node = next(n for n in gm.graph.nodes if n.op == "output")
         outs = list(outs_node.args[0])
         outs_node.args = (tuple(outs + [y for y, _, _ in new_state] + [x for _, x, _ in new_state]
@@ -308,10 +397,16 @@ class CacheExperts(RewritePass):
         gm.recompile()
         reuse = src.with_module(gm, input_names=src.input_names + tuple(state_names),
                                 output_names=src.output_names + tuple(n.replace("cache.", "next.")
-                                                                      for n in state_names[:3 * k]),
+                                                                      for n in state_names[:len(new_state) * 3]),
                                 example_inputs=tuple(src.example_inputs) + tuple(examples),
                                 dynamic_dims=())
         return full, reuse
+
+
+def _moe_state(refresh: int) -> tuple[str, ...]:
+    """The cache kinds per MoE layer: every expert's output, and when experts are
+    refreshed, the previous step's tokens and the per-row drift that rank them."""
+    return ("experts", "prev", "drift") if refresh else ("experts",)
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:

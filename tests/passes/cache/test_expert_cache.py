@@ -8,7 +8,7 @@ import torch
 import pared
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Table
+from pared.ir.plan import Rule, Table
 from pared.ir.transform import PassContext, get_pass
 from pared.passes.cache.expert_cache import find_expert_stacks
 from pared.testing import op_count, tiny_dit, tiny_moe_dit, tiny_sampler_loop
@@ -134,10 +134,50 @@ def test_artifact_matches_torch(tmp_path):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def _adaptive(**opts):
+    m, (x, t) = tiny_moe_dit()
+    prog = capture(m, (x, t))
+    return m, x, prog, get_pass("expert_cache")(**opts)(prog, PassContext())
+
+
+@pytest.mark.parametrize("front", [0, 1])
+def test_adaptive_schedule_follows_the_probe_and_the_eager_meaning(front):
+    m, x, prog, res = _adaptive(threshold=0.2, refresh=1, front=front)
+    p = res.program
+    assert set(p.graphs) == {"probe", "full", "reuse"} and isinstance(p.plan.schedule, Rule)
+    assert p.plan.schedule.compute == "full" and p.plan.schedule.threshold == 0.2
+    # front 0: the probe computes no block (TeaCache's modulated input); front 1: the first block
+    assert op_count(p, "aten.bmm.default", "probe") == (0 if front == 0 else 4)
+    assert res.stats["moe_layers"] == 3 - front and res.stats["attention_caches"] == 3 - front
+    got, trace = _run(p, x)
+    assert trace[:2] == ["full", "full"] and "reuse" in trace and "full" in trace[2:]
+    if front == 0:     # the eager emulation caches every block
+        torch.testing.assert_close(got, _eager(m, x, trace, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_threshold_zero_is_a_no_op_and_larger_thresholds_reuse_more():
+    m, x, prog, res = _adaptive(threshold=0.0)
+    assert res.modified is False and res.program is prog
+    counts = [_run(_adaptive(threshold=th)[3].program, x)[1].count("reuse") for th in (1e-6, 0.2, 10.0)]
+    assert counts[0] == 0 and counts[0] <= counts[1] <= counts[2] == STEPS - 2
+
+
+def test_adaptive_psnr_goal_searches_the_threshold():
+    m, (x, t) = tiny_moe_dit()
+    prog = capture(m, (x, t))
+    loop = tiny_sampler_loop(x, STEPS)
+    res = get_pass("expert_cache")(target={"psnr_db": 60.0})(prog, PassContext(calibration=loop))
+    rec = res.program.records["CachePlan"]
+    assert len(rec.search) >= 2
+    assert rec.threshold == max(p[0] for p in rec.search if p[1] >= 60.0)
+
+
 @pytest.mark.parametrize("opts, err, msg", [
     ({"refresh": 5}, OptionError, "5 is more than the 4 experts"),
     ({"interval": 0}, OptionError, "option 'interval'"),
     ({"refresh": -1}, OptionError, "option 'refresh'"),
+    ({"threshold": 0.1, "front": 3}, OptionError, "3 blocks leave none of the model's 3 blocks"),
+    ({"target": {"fid": 1}}, OptionError, "option 'target' must be one of"),
 ])
 def test_bad_options(opts, err, msg):
     with pytest.raises(err, match=msg):

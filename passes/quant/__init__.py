@@ -1,0 +1,8 @@
+"""Quantization passes: insert quantizers so the lowered artifact runs integer kernels.
+
+Each pass decides a QuantPlan (per layer: scales, bits) from the calibration run,
+then rewrites the graph with `torch.ops.quantized_decomposed` quantize /
+dequantize ops, which the ONNX exporter emits as QuantizeLinear /
+DequantizeLinear for ONNX Runtime's QDQ fusion to turn into integer kernels.
+"""
+from pared.passes.quant import quantize_linears  # noqa: F401

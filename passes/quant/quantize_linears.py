@@ -1,0 +1,314 @@
+"""Quantize linear layers to static INT8 that ONNX Runtime runs with integer
+kernels (post-training static quantization, "Quantization and Training of Neural
+Networks for Efficient Integer-Arithmetic-Only Inference", Jacob et al., CVPR 2018).
+
+Before:  y = aten.addmm(b, x, permute(W, [1, 0]))                       float32
+After:   xq = quantize_per_tensor(x, s_x, z_x, 0, 255, uint8)            calibrated s_x, z_x
+         xd = dequantize_per_tensor(xq, s_x, z_x, 0, 255, uint8)
+         wd = dequantize_per_channel(Wq [K, N] int8, s_w [N], 0, axis=1)  constant, transposed
+         bd = dequantize_per_channel(bq [N] int32, s_x * s_w, 0, axis=0)  constant
+         y = aten.addmm(bd, xd, wd)             (aten.mm without a bias)
+The batched form torch.export writes for a Linear on a non-contiguous 3-D input,
+bmm(x, expand(W^T)) -> view -> add(b), becomes the same on x flattened to 2-D.
+Lowered with dynamo ONNX export the quantizers become QuantizeLinear /
+DequantizeLinear, and ORT's QDQ fusion (extended level) turns each node unit
+into QGemm (addmm) or MatMulIntegerToFloat (mm): int8 weights, u8 activations,
+int32 accumulation.
+
+Why the bias is int32 behind a DequantizeLinear: with a float bias, ORT's
+basic-level MatMulAddFusion merges MatMul + Add into a float Gemm before the
+QDQ fusion runs, nothing fuses, and the fake-quant graph ran at 0.53x fp32 (issue
+5). An int32 bias with scale s_x * s_w is the form the QGemm selector takes. The
+weight is stored transposed ([K, N], per-channel axis 1) so the DequantizeLinear
+feeds the Gemm directly: a Transpose in between also stops the fusion; zero
+points are explicit (all 0) because ORT's QDQ selectors skip a DequantizeLinear
+without one (measured: no QGemm formed). Only the
+linear layers' inputs are quantized (not attention matmuls, softmax or the
+attention-mask add): that traded 4% speed for 4x less error (issue 5).
+
+Reads: the calibration run (ctx.calibration). Writes: a QuantPlan record (per
+layer: calibrated range, scales, bits), int8/int32 constants on the new graph
+module, `pared.ir.region` on the inserted nodes (the layer's region).
+Invariant: on the torch side the rewritten graph computes what the integer
+kernels compute, up to values on a rounding boundary (torch rounds x * (1/s), ORT
+x / s), which the ORT backend's looser export bound for quantized graphs allows;
+layers matched by `exclude` stay float. Single-graph programs only: run it before
+cache and partition passes, and after constant_folding (which would fold the
+weights' DequantizeLinear back into float constants).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.fx as fx
+
+from pared.ir import meta
+from pared.ir.errors import OptionError, PassError
+from pared.ir.program import Graph, Program, get_attr
+from pared.ir.regions import match, node_module_path, region_of
+from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
+                                       activation_qparams, observe_ranges, quantize_bias, quantize_weight)
+
+_aten = torch.ops.aten
+_qd = torch.ops.quantized_decomposed
+#: the transposes torch.export leaves between a Linear's [N, K] weight and its matmul
+_TRANSPOSES = {_aten.permute.default, _aten.t.default, _aten.transpose.int}
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A matched linear layer, by node name."""
+    node: str            # the matmul (addmm / mm / bmm)
+    out: str             # the node whose value the quantized layer replaces (the matmul, or its bias add)
+    x: str               # its float activation input ([M, K], or [B, S, K] for a batched matmul)
+    weight: str          # get_attr target of the float weight
+    bias: str | None     # get_attr target of the float bias [N]
+    transposed: bool     # the weight is [N, K] behind a transpose (nn.Linear) rather than [K, N]
+    out_shape: tuple[int, ...] | None  # a batched matmul's output shape (None: 2-D)
+    region: str
+    regions: tuple[str, ...]  # every module path on its stack, outermost first
+
+
+@register_pass("quantize_linears")
+class QuantizeLinears(RewritePass):
+    """Static INT8 for linear layers (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        method: Literal["minmax", "percentile"] = "minmax"  # how activation ranges are calibrated
+        percentile: float = 99.99        # percentile method: keep this share of values (per side) in range
+        exclude: tuple[str, ...] | str = ()  # region patterns whose linear layers stay float (ir.regions syntax)
+        mode: Literal["static", "dynamic"] = "static"  # static: calibrated activation scales
+
+        def __post_init__(self):
+            check_range("quantize_linears", "percentile", self.percentile, lo=50.0, hi=100.0, lo_open=True)
+            if self.mode == "dynamic":
+                raise OptionError("pass 'quantize_linears': option 'mode': 'dynamic' (activation scales computed "
+                                  "at run time) is not implemented yet (issue 5); use mode: static")
+            if isinstance(self.exclude, str):
+                object.__setattr__(self, "exclude", (self.exclude,))
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        if len(program.graphs) != 1:
+            # the calibration run feeds the model's inputs; cache variants and split parts take others
+            raise PassError(f"pass 'quantize_linears' calibrates a single-graph program; this one has graphs "
+                            f"{list(program.graphs)}: run it before cache and partition passes")
+        sites_by_graph = {name: _find_sites(g.module, batched=not any(g.dynamic_dims))
+                          for name, g in program.graphs.items()}
+        excluded = sorted({s.region for sites in sites_by_graph.values() for s in sites if _excluded(s, o.exclude)})
+        todo = {name: [s for s in sites if not _excluded(s, o.exclude)] for name, sites in sites_by_graph.items()}
+        if not any(todo.values()):
+            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+                              stats={"quantized": 0, "excluded": len(excluded)})
+        new_graphs = dict(program.graphs)
+        layers: list[LayerQuant] = []
+        calls = 0
+        for name, sites in todo.items():
+            if not sites:
+                continue
+            src = program.graphs[name]
+            nodes = {n.name: n for n in src.module.graph.nodes}
+            calls, ranges = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
+                                           o.percentile, self.name)
+            # decide: scales per layer
+            decided = []
+            for s in sites:
+                rng = ranges.get(s.x)
+                if rng is None:
+                    ctx.log.debug("quantize_linears: %s: input never observed in calibration; left float", s.node)
+                    continue
+                decided.append((s, rng))
+            # do: rewrite the graph with the decisions
+            new_graphs[name], done = _rewrite(src, decided, self.name)
+            layers += done
+            for lq in done:
+                ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d",
+                              lq.node, lq.region, lq.in_features, lq.out_features, *lq.activation_range,
+                              lq.activation_scale, lq.activation_zero_point)
+        if not layers:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+                              stats={"quantized": 0, "excluded": len(excluded)})
+        plan = QuantPlan("quantize_linears", o.mode, o.method, o.percentile if o.method == "percentile" else None,
+                         "uint8 asymmetric per-tensor", "int8 symmetric per-channel", tuple(layers),
+                         tuple(excluded), calls)
+        new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
+        wbytes = sum(lq.in_features * lq.out_features for lq in layers)
+        ctx.log.info("quantize_linears: %d linear layers to int8 (%s calibration, %d calls), %d excluded, "
+                     "%.1f MB of weights -> %.1f MB", len(layers), o.method, calls, len(excluded),
+                     wbytes * 4 / 1e6, wbytes / 1e6)
+        return PassResult(new, modified=True, stats={"quantized": len(layers), "excluded": len(excluded),
+                                                     "bias_int32": sum(lq.bias for lq in layers),
+                                                     "calibration_calls": calls})
+
+
+def _excluded(site: _Site, patterns: tuple[str, ...]) -> bool:
+    return any(match(p, r) for p in patterns for r in site.regions)
+
+
+def _param(n: object) -> fx.Node | None:
+    return n if isinstance(n, fx.Node) and n.op == "get_attr" else None
+
+
+def _float_tensor(n: fx.Node) -> torch.Tensor | None:
+    v = n.meta.get("val")
+    return v if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else None
+
+
+def _find_sites(gm: fx.GraphModule, batched: bool = True) -> list[_Site]:
+    """Every linear layer whose weight is a 2-D float parameter (behind a transpose,
+    as nn.Linear exports, or used directly as [K, N]):
+        addmm(b, x, W^T) and mm(x, W^T)                          x: [M, K]
+        bmm(x, expand(W^T)) (-> view) (+ b)                      x: [B, S, K]
+    the batched form is what a Linear on a non-contiguous 3-D input exports to; it is
+    matched only when `batched` (static shapes: its rewrite restores the output shape)."""
+    sites = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.kwargs:
+            continue
+        if n.target is _aten.addmm.default:
+            bias, x, w = n.args[:3]
+        elif n.target is _aten.mm.default:
+            bias, (x, w) = None, n.args[:2]
+        elif n.target is _aten.bmm.default and batched:
+            bias, x, w = None, _through(n.args[0], _SAME_SHAPE), _through(n.args[1], _SAME_SHAPE | _EXPANDS)
+        else:
+            continue
+        rank = 3 if n.target is _aten.bmm.default else 2
+        if not isinstance(x, fx.Node) or _param(x) is not None or _float_tensor(x) is None or \
+                x.meta["val"].dim() != rank:
+            continue
+        transposed = False
+        if isinstance(w, fx.Node) and w.op == "call_function" and w.target in _TRANSPOSES:
+            dims = w.args[1:] if w.target is not _aten.t.default else ((1, 0),)
+            if w.target is _aten.permute.default and list(dims[0]) != [1, 0]:
+                continue
+            w, transposed = w.args[0], True
+        wp = _param(w)
+        if wp is None or _float_tensor(wp) is None or wp.meta["val"].dim() != 2:
+            continue
+        n_out = int(wp.meta["val"].shape[0 if transposed else 1])
+        out, out_shape = n, None
+        if rank == 3:
+            out_shape = tuple(int(d) for d in n.meta["val"].shape)
+            out, bias = _bias_add(n, n_out)
+        bp = None
+        if bias is not None:
+            bp = _param(bias)
+            bv = _float_tensor(bp) if bp is not None else None
+            if bv is None or tuple(bv.shape) != (n_out,):
+                continue           # a broadcast or computed bias: not the form QGemm takes
+        stack = node_module_path(n)
+        sites.append(_Site(n.name, out.name, x.name, str(wp.target), str(bp.target) if bp is not None else None,
+                           transposed, out_shape, region_of(n), tuple(p for p, _ in stack)))
+    return sites
+
+
+_SAME_SHAPE = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
+_EXPANDS = {_aten.expand.default}
+
+
+def _through(n: object, ops: set) -> object:
+    """`n` with the shape-only ops in `ops` above it skipped (when they keep its shape
+    or only add the batch dim a bmm broadcasts over)."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in ops:
+        n = n.args[0]
+    return n
+
+
+def _bias_add(mm: fx.Node, n_out: int) -> tuple[fx.Node, fx.Node | None]:
+    """(the node the layer ends at, its bias parameter): `mm -> view -> add(., b[N])`, or (mm, None)."""
+    view = next(iter(mm.users)) if len(mm.users) == 1 else None
+    if view is None or view.op != "call_function" or view.target not in _SAME_SHAPE or len(view.users) != 1:
+        return mm, None
+    add = next(iter(view.users))
+    if add.op != "call_function" or add.target is not _aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+        return mm, None
+    other = add.args[1] if add.args[0] is view else add.args[0]
+    p = _param(other)
+    if p is None or _float_tensor(p) is None or tuple(p.meta["val"].shape) != (n_out,) or \
+            tuple(add.meta["val"].shape) != tuple(view.meta["val"].shape):
+        return mm, None
+    return add, p
+
+
+def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None):
+    """The quantized layer as a torch function (traced into the graph by splice)."""
+    def linear(x, wq, ws, wz, *bias):
+        if out_shape is not None:
+            # x is often a non-contiguous view (heads merged back): copy, as the bmm's own expand did
+            flat = _aten.clone.default(x, memory_format=torch.contiguous_format).view(-1, x.shape[-1])
+            return linear2d(flat, wq, ws, wz, *bias).view(out_shape)
+        return linear2d(x, wq, ws, wz, *bias)
+
+    def linear2d(x, wq, ws, wz, *bias):
+        xq = _qd.quantize_per_tensor.default(x, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
+        xd = _qd.dequantize_per_tensor.default(xq, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
+        wd = _qd.dequantize_per_channel.default(wq, ws, wz, 1, -QMAX_S8, QMAX_S8, torch.int8)
+        if has_bias:
+            bq, bs, bz = bias
+            bd = _qd.dequantize_per_channel.default(bq, bs, bz, 0, INT32_MIN, INT32_MAX, torch.int32)
+            return _aten.addmm.default(bd, xd, wd)
+        return _aten.mm.default(xd, wd)
+    return linear
+
+
+def _rewrite(src: Graph, decided: list[tuple[_Site, tuple[float, float]]], by: str) -> tuple[Graph, list[LayerQuant]]:
+    gm = src.copy_module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done = []
+    index = _next_index(gm)
+    for s, (lo, hi) in decided:
+        node, x = nodes[s.out], nodes[s.x]
+        w = get_attr(gm, s.weight).detach()
+        wq, ws = quantize_weight(w.t() if s.transposed else w)        # [K, N] int8, [N] scales
+        scale, zp = activation_qparams(lo, hi)
+        # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
+        consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
+        if s.bias is not None:
+            consts["b"], consts["bs"] = quantize_bias(get_attr(gm, s.bias), scale, ws)
+            consts["bz"] = torch.zeros(ws.shape, dtype=torch.int32)
+        attrs = []
+        for key, value in consts.items():
+            target = f"_quant_{index}_{key}"
+            gm.register_buffer(target, value)
+            with gm.graph.inserting_before(node):
+                a = gm.graph.get_attr(target)
+            a.meta["val"] = value
+            a.meta[meta.CREATED_BY] = by
+            attrs.append(a)
+        index += 1
+        xval = x.meta["val"]
+        examples = [torch.zeros(tuple(int(d) for d in xval.shape), dtype=torch.float32)] + list(consts.values())
+        (y,) = splice(gm, _qdq_linear(scale, zp, s.bias is not None, s.out_shape), [x] + attrs, examples, by)
+        for new in _created_between(attrs[0], y):
+            new.meta[meta.REGION] = s.region
+        node.replace_all_uses_with(y)
+        k, n_out = wq.shape
+        done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(lo, 0.0), max(hi, 0.0)), scale, zp,
+                               (float(ws.min()), float(ws.max())), s.bias is not None))
+    eliminate_dead_code(gm)
+    gm.graph.lint()
+    # a fresh module holds only what the graph still reads: the float weights go
+    gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
+    return src.with_module(gm), done
+
+
+def _created_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    out, n = [], first
+    while n is not last:
+        out.append(n)
+        n = n.next
+    return out + [last]
+
+
+def _next_index(gm: fx.GraphModule) -> int:
+    i = 0
+    while hasattr(gm, f"_quant_{i}_w"):
+        i += 1
+    return i
