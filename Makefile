@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pared-installed
 
-.PHONY: demo demo-minilm test bench install clean
+.PHONY: demo demo-moe demo-minilm test bench install clean
 
 WORKLOADS := dit_mnist dit_moe_mnist vit_mnist minilm
 
@@ -22,6 +22,10 @@ install: $(STAMP)
 # The trained DiT, cached across DDIM steps, sampled torch-free from its artifact.
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/dit_cache_demo.py
+
+# The DiT-MoE cached per expert (expert_cache, MoECa), sampled the same way.
+demo-moe: $(STAMP)
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/dit_cache_demo.py --workload dit_moe_mnist
 
 demo-minilm: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/minilm_demo.py

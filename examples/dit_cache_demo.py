@@ -3,10 +3,11 @@ as an ONNX Runtime artifact, sample digits with it in a process where torch
 cannot be imported, and print speed and fidelity beside the uncached model.
 
     python examples/dit_cache_demo.py [--samples 100] [--pipeline examples/pipelines/dit_cache.yaml]
+    python examples/dit_cache_demo.py --workload dit_moe_mnist      # `make demo-moe`: expert_cache
 
-Writes artifacts/dit_cache/ (the artifact) and artifacts/dit_cache_samples.png
+Writes artifacts/<pipeline>/ (the artifact) and artifacts/<pipeline>_samples.png
 (the cached model's digits, one row per class; the uncached model's grid is
-examples/dit_mnist/samples.png).
+examples/<workload>/samples.png).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+PIPELINES = {"dit_mnist": "dit_cache.yaml", "dit_moe_mnist": "dit_moe_cache.yaml"}
 
 # run by pared.testing.run_torch_free: `import torch` fails in that process
 TORCH_FREE = """
@@ -48,9 +50,12 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "routines": counts, "tor
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=100)
-    p.add_argument("--pipeline", default=os.path.join(HERE, "pipelines", "dit_cache.yaml"))
+    p.add_argument("--workload", default="dit_mnist", choices=sorted(PIPELINES))
+    p.add_argument("--pipeline", help="default: dit_cache.yaml for dit_mnist, dit_moe_cache.yaml for dit_moe_mnist")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    a.pipeline = a.pipeline or os.path.join(HERE, "pipelines", PIPELINES[a.workload])
+    stem = os.path.splitext(os.path.basename(a.pipeline))[0]
 
     import pared
     from pared.fidelity import side_by_side
@@ -62,19 +67,19 @@ def main() -> None:
 
     console = Console()
     torch.set_num_threads(1)
-    wl = DiTWorkload("dit_mnist", batch=10, samples=a.samples)
+    wl = DiTWorkload(a.workload, batch=10, samples=a.samples)
     model = wl.build()
     spec = load_pipeline(a.pipeline)
-    with console.status("optimizing dit_mnist with caching for target 'cpu'") as status:
+    with console.status(f"optimizing {a.workload} with caching for target 'cpu'") as status:
         opt = pared.optimize(model, wl.example_inputs(), target=spec.target or "cpu", pipeline=build_passes(spec),
                              calibration=wl.calibration(), fidelity=spec.fidelity, bench_repeats=0,
                              progress=lambda m: status.update(m))
-        path = opt.save(os.path.join(ROOT, "artifacts", "dit_cache"))
+        path = opt.save(os.path.join(ROOT, "artifacts", stem))
 
         status.update(f"sampling {a.samples} digits from the artifact in a torch-free process")
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "samples.npy")
-            mod = example_module("dit_mnist")
+            mod = example_module(a.workload)
             args = json.dumps({"artifact": path, "out": out, "batches": a.samples // wl.batch, "batch": wl.batch,
                                "steps": wl.steps, "cfg": wl.cfg_scale, "null": mod.NULL_LABEL, "size": mod.SIZE})
             info = json.loads(run_torch_free(TORCH_FREE.format(args=args), timeout=1800).strip().splitlines()[-1])
@@ -96,11 +101,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     grid = example_module("dit_mnist", "evaluate.py").grid
-    png = os.path.join(ROOT, "artifacts", "dit_cache_samples.png")
+    png = os.path.join(ROOT, "artifacts", f"{stem}_samples.png")
     plt.imsave(png, grid(wl.to_pixels(cached), wl.all_labels(), per_class=min(10, a.samples // 10)),
                cmap="gray", vmin=0, vmax=1)
 
-    t = Table(title="pared demo: dit_mnist (trained DiT, DDIM-50, CFG 1.5) cached -> ONNX Runtime, CPU",
+    t = Table(title=f"pared demo: {a.workload} (trained, DDIM-50, CFG 1.5) cached -> ONNX Runtime, CPU",
               show_header=False)
     t.add_row("pipeline", os.path.relpath(a.pipeline, os.getcwd()))
     t.add_row("artifact", f"{os.path.relpath(path, os.getcwd())} (graphs: {', '.join(opt.program.graphs)})")
@@ -113,7 +118,7 @@ def main() -> None:
                                         f"-> {med['eager'] / med['artifact']:.2f}x (median of {sp['repeats']}, "
                                         "alternating, 1 thread)")
     t.add_row("whole run", f"eager {eager_s:.1f} s, torch-free artifact {info['seconds']:.1f} s")
-    t.add_row("grid", os.path.relpath(png, os.getcwd()) + "  (uncached: examples/dit_mnist/samples.png)")
+    t.add_row("grid", os.path.relpath(png, os.getcwd()) + f"  (uncached: examples/{a.workload}/samples.png)")
     console.print(t)
 
 
