@@ -380,7 +380,7 @@ class CacheExperts(RewritePass):
             if not refresh:
                 nodes[s.output].replace_all_uses_with(phs[i])
                 continue
-            fn = _refresh_fn(gm, nodes, s, batch, refresh)
+            fn = _refresh_fn(nodes, s, batch, refresh)
             args = [nodes[s.tokens], nodes[s.indices], phs[i], phs[k + i], phs[2 * k + i],
                     nodes[s.w1], nodes[s.w2]] + [nodes[p] for p in (s.b1, s.b2) if p]
             y, x_now, drift = splice(gm, fn, args, [_fake(a) for a in args], by)
@@ -423,7 +423,7 @@ def _fake(n: fx.Node) -> torch.Tensor:
     return torch.zeros(tuple(int(s) for s in v.shape), dtype=v.dtype)
 
 
-def _refresh_fn(gm: fx.GraphModule, nodes: dict, s: ExpertStack, batch: int, refresh: int):
+def _refresh_fn(nodes: dict, s: ExpertStack, batch: int, refresh: int):
     """The reuse step of one MoE layer as a torch function (traced into the graph)."""
     acts = [nodes[a] for a in s.act]
     has_b1, has_b2 = s.b1 is not None, s.b2 is not None
@@ -440,8 +440,6 @@ def _refresh_fn(gm: fx.GraphModule, nodes: dict, s: ExpertStack, batch: int, ref
         scale = prev.abs().mean(-1).view(batch, n, 1)
         step_drift = (routed * change).sum(1) / ((routed * scale).sum(1) + 1e-8)      # [B, E]
         drift = drift + step_drift
-        if refresh == 0:
-            return cached, x, drift
         sel = drift.topk(refresh, dim=-1).indices                                     # [B, k]
         flat = sel.reshape(-1)
         g1 = w1.index_select(0, flat).view(batch, refresh, *w1.shape[1:])             # [B, k, d, h]
