@@ -5,6 +5,11 @@ compared with the fx graph; on a mismatch the export is retried without the
 exporter's optimizer (it once silently collapsed two chained index_add ops into
 an Identity here), and a graph that still differs is refused. No graph is
 shipped unchecked.
+
+A graph holding quantizers (`quantized_decomposed` ops, from the quantization
+passes) is also checked for integer kernels: ORT's optimized model must hold
+QGemm / MatMulInteger-family ops and no DequantizeLinear feeding a float matmul
+(see int8_check); the op counts go into the manifest entry as `int8`.
 """
 from __future__ import annotations
 
@@ -26,6 +31,13 @@ log = logging.getLogger("pared.backends.onnxruntime")
 EXTERNAL_DATA_BYTES = 1 << 30
 #: relative L2 error between ORT and the fx graph above which a lowering is refused
 CHECK_REL_L2 = 1e-4
+#: the same bound for a graph holding quantizers. ORT rounds x / s where torch's
+#: quantize op rounds x * (1 / s), and sums in another order; a value on a rounding
+#: boundary then lands one quantization step away, and deeper layers amplify those
+#: steps (measured on all-MiniLM-L6-v2, 36 int8 layers: 4e-5 after one block,
+#: 0.02-0.04 after six depending on the calibration, while ORT and the fx graph were
+#: equally close to the float model). A broken export still shows as an error of order 1.
+CHECK_REL_L2_QUANT = 0.1
 #: options this backend takes (none yet)
 OPTIONS: tuple[str, ...] = ()
 
@@ -52,6 +64,11 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> None:
     onnx.checker.check_model(path if external else onnx.load(path), full_check=False)
 
 
+def _has_quantizers(graph: Graph) -> bool:
+    return any(n.op == "call_function" and str(n.target).startswith("quantized_decomposed.")
+               for n in graph.module.graph.nodes)
+
+
 def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str) -> dict:
     """Export, check against the fx graph, and return the manifest entry.
 
@@ -67,6 +84,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
     expected = to_numpy(graph.run(*graph.example_inputs))
     feed = to_numpy(graph.example_inputs)
     last_err: dict | str = ""
+    quantized = _has_quantizers(graph)
+    limit = CHECK_REL_L2_QUANT if quantized else CHECK_REL_L2
     for optimize in (True, False):
         for f in (path, path + ".data"):
             if os.path.exists(f):
@@ -84,12 +103,15 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
         check_target = dict(target, provider="CPUExecutionProvider")
         got = OrtGraph(outdir, entry, check_target)(feed)
         err = compare(expected, got)
-        if err["rel_l2"] <= CHECK_REL_L2:
+        if err["rel_l2"] <= limit:
             entry["check"] = err
+            if quantized:
+                from pared.backends.onnxruntime.int8_check import check_integer_kernels
+                entry["int8"] = check_integer_kernels(path, check_target, name)
             if not optimize:
                 log.warning("graph '%s': the ONNX exporter's optimizer changed results; exported without it", name)
             return entry
         last_err = err
     raise BackendError(f"graph '{name}': ONNX Runtime output differs from eager after export "
-                       f"(max abs {last_err['max_abs']:.3g}, rel L2 {last_err['rel_l2']:.3g}, limit {CHECK_REL_L2}), "
+                       f"(max abs {last_err['max_abs']:.3g}, rel L2 {last_err['rel_l2']:.3g}, limit {limit}), "
                        "with and without the exporter's optimizer; try target 'tvm-cpu'")

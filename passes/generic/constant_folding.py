@@ -10,7 +10,8 @@ Invariant: outputs are unchanged up to float rounding of the folded ops. A fold
 whose result is larger than its inputs (an expand, a broadcast) is skipped
 beyond `max_bytes`, since it would bloat the artifact. Views of a single
 parameter (transpose, reshape) are left alone: backends fuse them and folding
-would duplicate the weight.
+would duplicate the weight. Quantize/dequantize ops (quantize_linears) are never
+folded: they are what the backend turns into integer kernels.
 """
 from __future__ import annotations
 
@@ -77,6 +78,10 @@ def _is_const(node: fx.Node, const: set[str]) -> bool:
     if node.op == "get_attr":
         return True
     if node.op != "call_function" or node.is_impure():
+        return False
+    # a quantizer's dequantize of int8 weights is what the backend fuses into an
+    # integer kernel; folding it would turn the layer back into float weights
+    if str(node.target).startswith("quantized_decomposed."):
         return False
     if not all(a.name in const for a in node.all_input_nodes):
         return False

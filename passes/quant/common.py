@@ -40,6 +40,7 @@ class LayerQuant:
     activation_zero_point: int         # uint8 zero point z_x
     weight_scale_range: tuple[float, float]  # min and max of the per-channel int8 scales s_w
     bias: bool                         # an int32 bias (scale s_x * s_w) was emitted
+    smooth_range: tuple[float, float] | None = None  # min and max of the SmoothQuant factors (None: off)
     weight_bits: int = 8
     activation_bits: int = 8
 
@@ -55,6 +56,7 @@ class QuantPlan(Record):
     weights: str                       # "int8 symmetric per-channel"
     layers: tuple[LayerQuant, ...]
     excluded: tuple[str, ...] = ()     # regions of linear layers left in float (option `exclude`)
+    smooth: float | None = None        # SmoothQuant migration strength alpha (None: off)
     calls: int = 0                     # calibration calls observed
 
 
@@ -92,15 +94,23 @@ class RangeObserver:
     scale for all of them).
     """
 
-    def __init__(self, method: str, percentile: float):
+    def __init__(self, method: str, percentile: float, channels: bool = False):
         self.method = method
         self.percentile = percentile
+        self.channels = channels
         self.lo: list[float] = []
         self.hi: list[float] = []
+        self.ch_lo: torch.Tensor | None = None
+        self.ch_hi: torch.Tensor | None = None
 
     def observe(self, value: torch.Tensor) -> None:
         if value.numel() == 0:
             return
+        if self.channels:
+            flat = value.detach().to(torch.float32).reshape(-1, value.shape[-1])
+            lo, hi = flat.amin(0), flat.amax(0)
+            self.ch_lo = lo if self.ch_lo is None else torch.minimum(self.ch_lo, lo)
+            self.ch_hi = hi if self.ch_hi is None else torch.maximum(self.ch_hi, hi)
         if self.method == "minmax":
             self.lo.append(float(value.min()))
             self.hi.append(float(value.max()))
@@ -117,11 +127,29 @@ class RangeObserver:
             return min(self.lo), max(self.hi)
         return float(np.mean(self.lo)), float(np.mean(self.hi))
 
+    def channel_range(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per last-dim channel (min, max) over every call (when built with channels=True)."""
+        return None if self.ch_lo is None else (self.ch_lo, self.ch_hi)
+
+
+def smooth_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors s_j = max|x_j|^a / max|W_j|^(1-a): the
+    activation is divided by s and the weight rows multiplied by it, moving outlier
+    channels' range from the activation (one scale per tensor) into the weights (one
+    scale per output channel). Channels with no range get 1."""
+    a = x_absmax.to(torch.float64)
+    w = w_absmax.to(torch.float64)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    ok = (a > 0) & (w > 0) & torch.isfinite(s)
+    s = torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5, max=1e5)
+    return s.to(torch.float32)
+
 
 def observe_ranges(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any, method: str,
-                   percentile: float, by: str) -> tuple[int, dict[str, tuple[float, float] | None]]:
-    """Run `gm` through the calibration run and return (calls, node name -> (lo, hi))
-    of each of `nodes`, reduced on the fly (nothing but the ranges is kept).
+                   percentile: float, by: str, channels: bool = False) -> tuple[int, dict[str, RangeObserver]]:
+    """Run `gm` through the calibration run and return (calls, node name -> its
+    RangeObserver) for each of `nodes`, reduced on the fly (nothing but the ranges
+    is kept; per-channel ranges too when `channels`).
 
     Raises:
         PassError: naming the pass `by`, when there is no calibration run.
@@ -129,7 +157,7 @@ def observe_ranges(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: An
     if calibration is None:
         raise PassError(f"pass '{by}' needs a calibration run to set activation scales: pass calibration= a "
                         "list of input tuples (a few representative batches) or a loop callable")
-    watch = {n.name: RangeObserver(method, percentile) for n in nodes}
+    watch = {n.name: RangeObserver(method, percentile, channels) for n in nodes}
 
     class Observer(fx.Interpreter):
         def run_node(self, n):
@@ -146,4 +174,4 @@ def observe_ranges(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: An
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
     calls = calibration_calls(calibration, call)
-    return calls, {k: o.range() for k, o in watch.items()}
+    return calls, watch

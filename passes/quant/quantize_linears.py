@@ -8,7 +8,12 @@ After:   xq = quantize_per_tensor(x, s_x, z_x, 0, 255, uint8)            calibra
          wd = dequantize_per_channel(Wq [K, N] int8, s_w [N], 0, axis=1)  constant, transposed
          bd = dequantize_per_channel(bq [N] int32, s_x * s_w, 0, axis=0)  constant
          y = aten.addmm(bd, xd, wd)             (aten.mm without a bias)
-The batched form torch.export writes for a Linear on a non-contiguous 3-D input,
+With `smooth: a` (SmoothQuant, "SmoothQuant: Accurate and Efficient Post-Training
+Quantization for Large Language Models", Xiao et al., ICML 2023) the layers that
+read one activation share per-input-channel factors s = max|x|^a / max|W|^(1-a):
+x is multiplied by 1/s (a float Mul before the QuantizeLinear) and the weight rows
+by s before they are quantized, so outlier channels stop setting the single
+activation scale. The batched form torch.export writes for a Linear on a non-contiguous 3-D input,
 bmm(x, expand(W^T)) -> view -> add(b), becomes the same on x flattened to 2-D.
 Lowered with dynamo ONNX export the quantizers become QuantizeLinear /
 DequantizeLinear, and ORT's QDQ fusion (extended level) turns each node unit
@@ -18,7 +23,11 @@ int32 accumulation.
 Why the bias is int32 behind a DequantizeLinear: with a float bias, ORT's
 basic-level MatMulAddFusion merges MatMul + Add into a float Gemm before the
 QDQ fusion runs, nothing fuses, and the fake-quant graph ran at 0.53x fp32 (issue
-5). An int32 bias with scale s_x * s_w is the form the QGemm selector takes. The
+5). An int32 bias with scale s_x * s_w is the form the QGemm selector takes.
+Measured on MiniLM (1 thread, alternating rounds): int32 bias -> 35 QGemm, 1.80x
+ORT fp32; float bias -> 36 float Gemm, 0.83x; float bias with MatMulAddFusion
+disabled in the session -> MatMulIntegerToFloat, 1.93x. The int32 bias is kept:
+7% less, but fast in any ORT session, with no session option to carry. The
 weight is stored transposed ([K, N], per-channel axis 1) so the DequantizeLinear
 feeds the Gemm directly: a Transpose in between also stops the fusion; zero
 points are explicit (all 0) because ORT's QDQ selectors skip a DequantizeLinear
@@ -27,7 +36,7 @@ linear layers' inputs are quantized (not attention matmuls, softmax or the
 attention-mask add): that traded 4% speed for 4x less error (issue 5).
 
 Reads: the calibration run (ctx.calibration). Writes: a QuantPlan record (per
-layer: calibrated range, scales, bits), int8/int32 constants on the new graph
+layer: calibrated range, scales, bits, smoothing factors' range), int8/int32 constants on the new graph
 module, `pared.ir.region` on the inserted nodes (the layer's region).
 Invariant: on the torch side the rewritten graph computes what the integer
 kernels compute, up to values on a rounding boundary (torch rounds x * (1/s), ORT
@@ -52,7 +61,8 @@ from pared.ir.regions import match, node_module_path, region_of
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
-                                       activation_qparams, observe_ranges, quantize_bias, quantize_weight)
+                                       activation_qparams, observe_ranges, quantize_bias, quantize_weight,
+                                       smooth_factors)
 
 _aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -84,14 +94,22 @@ class QuantizeLinears(RewritePass):
         percentile: float = 99.99        # percentile method: keep this share of values (per side) in range
         exclude: tuple[str, ...] | str = ()  # region patterns whose linear layers stay float (ir.regions syntax)
         mode: Literal["static", "dynamic"] = "static"  # static: calibrated activation scales
+        smooth: float | None = None      # SmoothQuant migration strength alpha in [0, 1]; None: off
 
         def __post_init__(self):
             check_range("quantize_linears", "percentile", self.percentile, lo=50.0, hi=100.0, lo_open=True)
+            if self.smooth is not None:
+                check_range("quantize_linears", "smooth", self.smooth, lo=0.0, hi=1.0)
+                if self.method != "minmax":
+                    raise OptionError("pass 'quantize_linears': option 'smooth' needs method 'minmax' (the "
+                                      "smoothed range is derived from per-channel extremes); got method "
+                                      f"'{self.method}'")
             if self.mode == "dynamic":
                 raise OptionError("pass 'quantize_linears': option 'mode': 'dynamic' (activation scales computed "
                                   "at run time) is not implemented yet (issue 5); use mode: static")
-            if isinstance(self.exclude, str):
-                object.__setattr__(self, "exclude", (self.exclude,))
+            # one pattern, or a YAML list, becomes a tuple (options are immutable)
+            object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str)
+                               else tuple(self.exclude))
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -114,17 +132,9 @@ class QuantizeLinears(RewritePass):
                 continue
             src = program.graphs[name]
             nodes = {n.name: n for n in src.module.graph.nodes}
-            calls, ranges = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
-                                           o.percentile, self.name)
-            # decide: scales per layer
-            decided = []
-            for s in sites:
-                rng = ranges.get(s.x)
-                if rng is None:
-                    ctx.log.debug("quantize_linears: %s: input never observed in calibration; left float", s.node)
-                    continue
-                decided.append((s, rng))
-            # do: rewrite the graph with the decisions
+            calls, observed = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
+                                             o.percentile, self.name, channels=o.smooth is not None)
+            decided = _decide(src.module, sites, observed, o.smooth, ctx)
             new_graphs[name], done = _rewrite(src, decided, self.name)
             layers += done
             for lq in done:
@@ -136,7 +146,7 @@ class QuantizeLinears(RewritePass):
                               stats={"quantized": 0, "excluded": len(excluded)})
         plan = QuantPlan("quantize_linears", o.mode, o.method, o.percentile if o.method == "percentile" else None,
                          "uint8 asymmetric per-tensor", "int8 symmetric per-channel", tuple(layers),
-                         tuple(excluded), calls)
+                         excluded=tuple(excluded), calls=calls, smooth=o.smooth)
         new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
         wbytes = sum(lq.in_features * lq.out_features for lq in layers)
         ctx.log.info("quantize_linears: %d linear layers to int8 (%s calibration, %d calls), %d excluded, "
@@ -145,6 +155,49 @@ class QuantizeLinears(RewritePass):
         return PassResult(new, modified=True, stats={"quantized": len(layers), "excluded": len(excluded),
                                                      "bias_int32": sum(lq.bias for lq in layers),
                                                      "calibration_calls": calls})
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What is decided for one layer before the graph is touched."""
+    site: _Site
+    lo: float                        # activation range to quantize (after smoothing)
+    hi: float
+    group: str                       # the activation's source node: layers reading it share `smooth`
+    smooth: torch.Tensor | None      # SmoothQuant factors s [K] (x / s, W rows * s), or None
+
+
+def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, alpha: float | None,
+            ctx: PassContext) -> list[_Decision]:
+    """Ranges (and SmoothQuant factors) per layer from the calibration observations."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    groups: dict[str, list[_Site]] = {}
+    for s in sites:
+        groups.setdefault(_through(nodes[s.x], _SAME_SHAPE).name, []).append(s)
+    out = []
+    for group, members in groups.items():
+        seen = [s for s in members if observed[s.x].range() is not None]
+        for s in members:
+            if s not in seen:
+                ctx.log.debug("quantize_linears: %s: input never observed in calibration; left float", s.node)
+        if not seen:
+            continue
+        if alpha is None:
+            out += [_Decision(s, *observed[s.x].range(), group, None) for s in seen]
+            continue
+        ch_lo, ch_hi = observed[seen[0].x].channel_range()
+        x_abs = torch.maximum(ch_lo.abs(), ch_hi.abs())
+        w_abs = torch.stack([_weight_kn(gm, s).abs().amax(dim=1) for s in seen]).amax(dim=0)
+        factors = smooth_factors(x_abs, w_abs, alpha)
+        lo, hi = float((ch_lo / factors).min()), float((ch_hi / factors).max())
+        out += [_Decision(s, lo, hi, group, factors) for s in seen]
+    return out
+
+
+def _weight_kn(gm: fx.GraphModule, s: _Site) -> torch.Tensor:
+    """The float weight of a layer as [K, N] (input channels first)."""
+    w = get_attr(gm, s.weight).detach()
+    return w.t() if s.transposed else w
 
 
 def _excluded(site: _Site, patterns: tuple[str, ...]) -> bool:
@@ -237,9 +290,16 @@ def _bias_add(mm: fx.Node, n_out: int) -> tuple[fx.Node, fx.Node | None]:
     return add, p
 
 
-def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None):
+def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None,
+                smooth: bool):
     """The quantized layer as a torch function (traced into the graph by splice)."""
-    def linear(x, wq, ws, wz, *bias):
+    def linear(x, *consts):
+        if smooth:
+            inv_s, *consts = consts
+            x = _aten.mul.Tensor(x, inv_s)
+        return linear_nd(x, *consts)
+
+    def linear_nd(x, wq, ws, wz, *bias):
         if out_shape is not None:
             # x is often a non-contiguous view (heads merged back): copy, as the bmm's own expand did
             flat = _aten.clone.default(x, memory_format=torch.contiguous_format).view(-1, x.shape[-1])
@@ -258,22 +318,38 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
     return linear
 
 
-def _rewrite(src: Graph, decided: list[tuple[_Site, tuple[float, float]]], by: str) -> tuple[Graph, list[LayerQuant]]:
+def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list[LayerQuant]]:
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
     index = _next_index(gm)
-    for s, (lo, hi) in decided:
+    last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    smooth_attr: dict[str, fx.Node] = {}      # group -> get_attr of 1 / s, shared by the group's layers
+    for d in decided:
+        s = d.site
         node, x = nodes[s.out], nodes[s.x]
-        w = get_attr(gm, s.weight).detach()
-        wq, ws = quantize_weight(w.t() if s.transposed else w)        # [K, N] int8, [N] scales
-        scale, zp = activation_qparams(lo, hi)
+        w = _weight_kn(gm, s)
+        if d.smooth is not None:
+            w = w * d.smooth[:, None]
+        wq, ws = quantize_weight(w)                                    # [K, N] int8, [N] scales
+        scale, zp = activation_qparams(d.lo, d.hi)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
         consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
         if s.bias is not None:
             consts["b"], consts["bs"] = quantize_bias(get_attr(gm, s.bias), scale, ws)
             consts["bz"] = torch.zeros(ws.shape, dtype=torch.int32)
         attrs = []
+        if d.smooth is not None:
+            if d.group not in smooth_attr:
+                target = f"_quant_{index}_smooth"
+                gm.register_buffer(target, (1.0 / d.smooth).to(torch.float32).contiguous())
+                with gm.graph.inserting_after(last_ph):
+                    a = gm.graph.get_attr(target)
+                a.meta["val"] = getattr(gm, target)
+                a.meta[meta.CREATED_BY] = by
+                smooth_attr[d.group] = a
+            attrs.append(smooth_attr[d.group])
+        layer_attrs = []
         for key, value in consts.items():
             target = f"_quant_{index}_{key}"
             gm.register_buffer(target, value)
@@ -281,17 +357,21 @@ def _rewrite(src: Graph, decided: list[tuple[_Site, tuple[float, float]]], by: s
                 a = gm.graph.get_attr(target)
             a.meta["val"] = value
             a.meta[meta.CREATED_BY] = by
-            attrs.append(a)
+            layer_attrs.append(a)
+        attrs += layer_attrs
         index += 1
         xval = x.meta["val"]
-        examples = [torch.zeros(tuple(int(d) for d in xval.shape), dtype=torch.float32)] + list(consts.values())
-        (y,) = splice(gm, _qdq_linear(scale, zp, s.bias is not None, s.out_shape), [x] + attrs, examples, by)
-        for new in _created_between(attrs[0], y):
+        examples = [torch.zeros(tuple(int(d) for d in xval.shape), dtype=torch.float32)] + \
+            [getattr(gm, str(a.target)) for a in attrs]
+        fn = _qdq_linear(scale, zp, s.bias is not None, s.out_shape, d.smooth is not None)
+        (y,) = splice(gm, fn, [x] + attrs, examples, by)
+        for new in _created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
         k, n_out = wq.shape
-        done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(lo, 0.0), max(hi, 0.0)), scale, zp,
-                               (float(ws.min()), float(ws.max())), s.bias is not None))
+        smooth_range = None if d.smooth is None else (float(d.smooth.min()), float(d.smooth.max()))
+        done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(d.lo, 0.0), max(d.hi, 0.0)),
+                               scale, zp, (float(ws.min()), float(ws.max())), s.bias is not None, smooth_range))
     eliminate_dead_code(gm)
     gm.graph.lint()
     # a fresh module holds only what the graph still reads: the float weights go
