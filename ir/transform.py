@@ -241,7 +241,8 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
 def load_builtin_passes() -> None:
     """Import the pass packages so their @register_pass decorators run."""
     import importlib
-    for mod in ("pared.passes.generic", "pared.passes.cache", "pared.passes.quant", "pared.analysis"):
+    for mod in ("pared.passes.generic", "pared.passes.cache", "pared.passes.quant", "pared.analysis.cost",
+                "pared.analysis.redundancy"):
         importlib.import_module(mod)
 
 

@@ -1,0 +1,377 @@
+"""A small vision-language-action (VLA) policy, pure torch.
+
+Shape of the published diffusion VLAs (CogACT, pi0-style action experts):
+
+    image (64x64) --ViT (patch 8, 64 tokens)--> 2x2 pool -> 16 visual tokens --+
+    instruction --word tokenizer--> 12 ids --embedding--> 12 text tokens ------+--> transformer
+    state (39-D, normalized) --linear--> 1 state token ------------------------+    backbone (6 layers)
+    learned readout token -----------------------------------------------------+         |
+                                                                                readout output = cond (d)
+    noisy action chunk (H=8 x 4) + timestep t + cond --DiT head (adaLN-Zero)--> predicted noise
+
+``VLABackbone.forward(image, text_ids, state) -> cond`` and
+``DiffusionActionHead.forward(noisy_actions, t, cond) -> eps`` are separate
+modules so each can be exported with torch.export and the head called once per
+DDIM step.  Neither has data-dependent Python control flow or in-place buffer
+updates; the text padding mask is an additive attention bias computed with
+tensor ops.
+
+The ViT's 64 patch tokens are 2x2 average-pooled to 16 before the backbone:
+the backbone then runs over 30 tokens instead of 78, which makes CPU training
+about 2.5x faster; the 64-token ViT still sees the image at full patch
+resolution.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------
+# Tokenizer: word level, fixed vocabulary kept here (no hub tokenizer).
+# --------------------------------------------------------------------------
+VOCAB = ["<pad>", "<unk>"] + sorted(set("""
+reach to the goal position push puck pick up and place it at open door close
+drawer press button from top move put object slide pull turn window lever
+handle left right red blue green a of on into in
+""".split()))
+_WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
+PAD_ID, UNK_ID = 0, 1
+
+
+def tokenize(text: str, length: int) -> np.ndarray:
+    """Lower-case words -> ids, padded with PAD_ID / truncated to ``length``."""
+    words = re.findall(r"[a-z]+", text.lower())
+    ids = [_WORD_TO_ID.get(w, UNK_ID) for w in words][:length]
+    return np.array(ids + [PAD_ID] * (length - len(ids)), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+@dataclass
+class VLAConfig:
+    image_size: int = 64
+    patch: int = 8
+    vit_layers: int = 2
+    pool: int = 2              # visual tokens are pool x pool averaged before the backbone
+    text_len: int = 12
+    vocab_size: int = len(VOCAB)
+    state_dim: int = 39
+    d_model: int = 128
+    n_heads: int = 4
+    backbone_layers: int = 6
+    mlp_ratio: int = 4
+    # action head
+    action_dim: int = 4
+    horizon: int = 8
+    head_layers: int = 3
+    d_head: int = 128
+    train_timesteps: int = 100
+    ddim_steps: int = 10
+
+
+# --------------------------------------------------------------------------
+# Transformer pieces (explicit matmul/softmax attention: plain ATen ops)
+# --------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.h = n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                       # (B, h, N, dh)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D // self.h))
+        if bias is not None:
+            att = att + bias                                   # (B, 1, 1, N) key mask
+        att = att.softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(B, N, D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ratio: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, ratio * d)
+        self.fc2 = nn.Linear(ratio * d, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = Attention(d, n_heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = MLP(d, mlp_ratio)
+
+    def forward(self, x, bias=None):
+        x = x + self.attn(self.ln1(x), bias)
+        return x + self.mlp(self.ln2(x))
+
+
+# --------------------------------------------------------------------------
+# Vision encoder + backbone
+# --------------------------------------------------------------------------
+class ViTEncoder(nn.Module):
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch                # 8
+        self.patch_embed = nn.Conv2d(3, d, cfg.patch, stride=cfg.patch)
+        self.pos = nn.Parameter(torch.randn(1, self.grid * self.grid, d) * 0.02)
+        self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio)
+                                     for _ in range(cfg.vit_layers)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (B, 3, 64, 64) float in [0, 1] -> (B, (grid/pool)^2, d)."""
+        x = self.patch_embed(image * 2.0 - 1.0)                # (B, d, 8, 8)
+        B, D = x.shape[0], x.shape[1]
+        x = x.flatten(2).transpose(1, 2) + self.pos            # (B, 64, d)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.ln(x)
+        # 2x2 average pooling over the patch grid -> 16 tokens
+        g, p = self.grid, self.cfg.pool
+        x = x.transpose(1, 2).reshape(B, D, g, g)
+        x = F.avg_pool2d(x, p)
+        return x.flatten(2).transpose(1, 2)
+
+
+class VLABackbone(nn.Module):
+    """backbone(image, text_ids, state) -> cond (B, d_model)."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.vit = ViTEncoder(cfg)
+        self.text_emb = nn.Embedding(cfg.vocab_size, d)
+        self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, d), nn.GELU(approximate="tanh"),
+                                        nn.Linear(d, d))
+        self.readout = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        n_vis = (cfg.image_size // cfg.patch // cfg.pool) ** 2
+        n_tok = cfg.text_len + n_vis + 2
+        # learned position + modality embedding for the whole sequence
+        self.pos = nn.Parameter(torch.randn(1, n_tok, d) * 0.02)
+        self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio)
+                                     for _ in range(cfg.backbone_layers)])
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, image: torch.Tensor, text_ids: torch.Tensor,
+                state: torch.Tensor) -> torch.Tensor:
+        """image (B,3,64,64) float [0,1]; text_ids (B,L) int64; state (B,39) normalized."""
+        B = image.shape[0]
+        vis = self.vit(image)
+        txt = self.text_emb(text_ids)
+        st = self.state_proj(state).unsqueeze(1)
+        ro = self.readout.expand(B, -1, -1)
+        x = torch.cat([txt, vis, st, ro], dim=1) + self.pos
+        # Key mask: padded text positions get -1e9, every other key 0.
+        pad = (text_ids == PAD_ID).to(x.dtype) * -1e9
+        rest = torch.zeros(B, x.shape[1] - text_ids.shape[1], dtype=x.dtype, device=x.device)
+        bias = torch.cat([pad, rest], dim=1)[:, None, None, :]
+        for blk in self.blocks:
+            x = blk(x, bias)
+        return self.ln(x[:, -1])                               # readout token
+
+
+# --------------------------------------------------------------------------
+# Diffusion action head: a small DiT with adaLN-Zero
+# --------------------------------------------------------------------------
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) float timesteps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                        device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, n_heads)
+        self.ln2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(d, mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        nn.init.zeros_(self.ada[1].weight)                     # adaLN-Zero: block starts as identity
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c):
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1.unsqueeze(1) * self.attn(modulate(self.ln1(x), s1, sc1))
+        return x + g2.unsqueeze(1) * self.mlp(modulate(self.ln2(x), s2, sc2))
+
+
+class DiffusionActionHead(nn.Module):
+    """head(noisy_actions (B,H,A), t (B,) float, cond (B,d_model)) -> eps (B,H,A)."""
+
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        d = cfg.d_head
+        self.cfg = cfg
+        self.in_proj = nn.Linear(cfg.action_dim, d)
+        self.pos = nn.Parameter(torch.randn(1, cfg.horizon, d) * 0.02)
+        self.t_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.c_proj = nn.Linear(cfg.d_model, d)
+        self.blocks = nn.ModuleList([DiTBlock(d, cfg.n_heads, cfg.mlp_ratio)
+                                     for _ in range(cfg.head_layers)])
+        self.ln_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.Linear(d, cfg.action_dim)
+        nn.init.zeros_(self.ada_out[1].weight)
+        nn.init.zeros_(self.ada_out[1].bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, noisy_actions: torch.Tensor, t: torch.Tensor,
+                cond: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(noisy_actions) + self.pos
+        c = self.t_mlp(timestep_embedding(t, self.cfg.d_head)) + self.c_proj(cond)
+        for blk in self.blocks:
+            x = blk(x, c)
+        shift, scale = self.ada_out(c).chunk(2, dim=-1)
+        return self.out(modulate(self.ln_out(x), shift, scale))
+
+
+# --------------------------------------------------------------------------
+# Noise schedule and DDIM sampler
+# --------------------------------------------------------------------------
+def cosine_alphas_cumprod(T: int, s: float = 0.008) -> torch.Tensor:
+    """Improved-DDPM cosine schedule, betas capped at 0.999."""
+    steps = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos(((steps / T) + s) / (1 + s) * math.pi / 2) ** 2
+    betas = torch.clamp(1 - f[1:] / f[:-1], max=0.999)
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def ddim_timesteps(T: int, K: int) -> list[int]:
+    """K evenly spaced training timesteps from T-1 down to 0 (99, 88, ..., 11, 0)."""
+    return [int(round(x)) for x in np.linspace(T - 1, 0, K)]
+
+
+class VLAPolicy(nn.Module):
+    """Backbone + diffusion head + schedule; sampling lives outside forward."""
+
+    def __init__(self, cfg: VLAConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or VLAConfig()
+        self.backbone = VLABackbone(self.cfg)
+        self.head = DiffusionActionHead(self.cfg)
+        self.register_buffer("alphas_cumprod",
+                             cosine_alphas_cumprod(self.cfg.train_timesteps), persistent=False)
+
+    def loss(self, image, text_ids, state, actions, n_noise: int = 1,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM epsilon loss.  ``actions`` (B,H,A) in [-1,1].  The backbone is run
+        once and the head on ``n_noise`` independent (t, noise) draws per sample."""
+        cond = self.backbone(image, text_ids, state)
+        B = actions.shape[0]
+        cond = cond.repeat(n_noise, 1)
+        x0 = actions.repeat(n_noise, 1, 1)
+        t = torch.randint(0, self.cfg.train_timesteps, (B * n_noise,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = self.alphas_cumprod[t][:, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        eps = self.head(xt, t.float(), cond)
+        return F.mse_loss(eps, noise)
+
+    @torch.no_grad()
+    def sample(self, image, text_ids, state, noise: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (eta=0) over ``cfg.ddim_steps`` steps from ``noise``
+        (B,H,A); returns the action chunk clipped to [-1, 1]."""
+        cond = self.backbone(image, text_ids, state)
+        return ddim_sample(self.head, cond, noise, self.alphas_cumprod, self.cfg)
+
+
+@torch.no_grad()
+def ddim_sample(head, cond, noise, alphas_cumprod, cfg: VLAConfig) -> torch.Tensor:
+    ts = ddim_timesteps(cfg.train_timesteps, cfg.ddim_steps)
+    x = noise
+    B = x.shape[0]
+    for i, t in enumerate(ts):
+        a_t = alphas_cumprod[t]
+        a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        eps = head(x, torch.full((B,), float(t)), cond)
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()       # re-derive eps after clipping
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x.clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------
+# safetensors I/O (no pickle): config and normalization stats in the metadata
+# --------------------------------------------------------------------------
+def save_policy(path: str, policy: VLAPolicy, stats: dict, extra: dict | None = None):
+    import json
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(asdict(policy.cfg)),
+            "stats": json.dumps({k: np.asarray(v).tolist() for k, v in stats.items()}),
+            "vocab": json.dumps(VOCAB)}
+    for k, v in (extra or {}).items():
+        meta[k] = json.dumps(v)
+    sd = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata=meta)
+    import os
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)                                      # atomic: never a half-written file
+
+
+def load_policy(path: str) -> tuple[VLAPolicy, dict, dict]:
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    cfg = VLAConfig(**json.loads(meta["config"]))
+    policy = VLAPolicy(cfg)
+    policy.load_state_dict(load_file(path))
+    stats = {k: np.array(v, dtype=np.float32) for k, v in json.loads(meta["stats"]).items()}
+    return policy, stats, meta
+
+
+def count_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+if __name__ == "__main__":
+    # Self-check: shapes, parameter counts, and torch.export of both modules.
+    torch.manual_seed(0)
+    p = VLAPolicy().eval()
+    cfg = p.cfg
+    img = torch.rand(2, 3, 64, 64)
+    ids = torch.from_numpy(np.stack([tokenize("open the door", cfg.text_len)] * 2))
+    st = torch.randn(2, cfg.state_dim)
+    cond = p.backbone(img, ids, st)
+    eps = p.head(torch.randn(2, cfg.horizon, cfg.action_dim), torch.tensor([5.0, 50.0]), cond)
+    print("cond", tuple(cond.shape), "eps", tuple(eps.shape))
+    print("params: backbone", count_params(p.backbone), "head", count_params(p.head),
+          "total", count_params(p))
+    ep_b = torch.export.export(p.backbone, (img, ids, st))
+    ep_h = torch.export.export(p.head, (torch.randn(2, cfg.horizon, cfg.action_dim),
+                                        torch.tensor([5.0, 50.0]), cond))
+    print("torch.export ok:", len(ep_b.graph.nodes), "and", len(ep_h.graph.nodes), "nodes")
+    print(ddim_timesteps(cfg.train_timesteps, cfg.ddim_steps))
