@@ -137,26 +137,36 @@ def calibration_calls(calibration: Any, fn: Callable[..., Any]) -> int:
     return count
 
 
-def record_values(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any) -> tuple[int, dict[str, list]]:
-    """Run `gm` through the calibration run and keep the value of each of `nodes`
-    at every call (float32 numpy). Returns (number of calls, node name -> values)."""
-    watch = set(nodes)
-    values: dict[str, list[np.ndarray]] = {n.name: [] for n in watch}
+def observe_values(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any,
+                   on_value: Callable[[str, torch.Tensor], None]) -> int:
+    """Run `gm` as the model through the calibration run, handing the value of each
+    of `nodes` to `on_value(node name, tensor)` at every call. Returns the number
+    of calls. (What to keep — every value, or a running range — is the caller's.)"""
+    watch = {n.name for n in nodes}
 
-    class Recorder(fx.Interpreter):
+    class Observer(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if n in watch:
-                values[n.name].append(out.detach().to(torch.float32).numpy().copy())
+            if n.name in watch and isinstance(out, torch.Tensor):
+                on_value(n.name, out)
             return out
 
     def call(*args):
         flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
         with torch.no_grad():
-            out = Recorder(gm).run(*flat)
+            out = Observer(gm).run(*flat)
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
-    return calibration_calls(calibration, call), values
+    return calibration_calls(calibration, call)
+
+
+def record_values(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any) -> tuple[int, dict[str, list]]:
+    """Run `gm` through the calibration run and keep the value of each of `nodes`
+    at every call (float32 numpy). Returns (number of calls, node name -> values)."""
+    values: dict[str, list[np.ndarray]] = {n.name: [] for n in nodes}
+    calls = observe_values(gm, nodes, calibration,
+                           lambda name, v: values[name].append(v.detach().to(torch.float32).numpy().copy()))
+    return calls, values
 
 
 def _rel_l1(a: np.ndarray, b: np.ndarray) -> float:

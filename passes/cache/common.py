@@ -11,6 +11,7 @@ primary input of the first block and its output the primary output of the last
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -216,6 +217,32 @@ def with_outputs(graph: Graph, outputs: Sequence[tuple[str, str]], by: str) -> G
     gm.graph.lint()
     gm.recompile()
     return graph.with_module(gm, output_names=tuple(n for n, _ in outputs))
+
+
+def first_blocks_probe(src: Graph, blocks: Sequence[Region], front: int, by: str) -> tuple[Graph, str]:
+    """The probe of the adaptive rule (FirstBlockCache): a graph running the first
+    `front` blocks, with outputs `signal` (their residual: the input of block
+    `front` minus the input of block 0) and `hidden` (the input of block `front`).
+    Returns (probe, the name of the hidden-state node the other variants take as input).
+
+    Raises:
+        PassError: when `front` leaves no block, or a block has no hidden-state path.
+    """
+    if not 0 < front < len(blocks):
+        raise PassError(f"pass '{by}': {front} probe block(s) leave none of the model's {len(blocks)} blocks to cache")
+    head, cut = primary_io(src.module, blocks[0]), primary_io(src.module, blocks[front])
+    if head is None or cut is None:
+        bad = blocks[0] if head is None else blocks[front]
+        raise PassError(f"pass '{by}': block {bad.path!r} has no hidden-state input/output (a block that maps "
+                        "hidden states to hidden states); name the blocks with `regions`")
+    hidden = cut[0].name
+    return with_outputs(src, [("signal", f"{hidden}-{head[0].name}"), ("hidden", hidden)], by), hidden
+
+
+def with_search(program: Program, points: tuple) -> Program:
+    """`program` with the measured threshold search recorded in its CachePlan."""
+    rec = dataclasses.replace(program.records["CachePlan"], search=points)
+    return program.replace(records={**program.records, "CachePlan": rec})
 
 
 # -- threshold search --------------------------------------------------------

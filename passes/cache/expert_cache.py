@@ -34,7 +34,6 @@ the uncached model up to float rounding).
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -50,7 +49,8 @@ from pared.ir.regions import Region
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, Span, check_goal, graph_flops, refreshes, replace_with_input,
-                                       require_single_graph, search_threshold, with_outputs)
+                                       first_blocks_probe, require_single_graph, search_threshold, with_outputs,
+                                       with_search)
 from pared.passes.cache.interval_cache import calls_of
 
 _aten = torch.ops.aten
@@ -228,8 +228,7 @@ class CacheExperts(RewritePass):
             th, points = search_threshold(self.name, lambda th: self._build(program, gname, th, ())[0], program,
                                           ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)
             new, stats = self._build(program, gname, th, ())
-            rec = dataclasses.replace(new.records["CachePlan"], search=points)
-            new = new.replace(records={**new.records, "CachePlan": rec})
+            new = with_search(new, points)
         else:
             new, stats = self._build(program, gname, o.threshold, table)
         ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, %s",
@@ -275,13 +274,9 @@ class CacheExperts(RewritePass):
             front = [b.path + "." for b in blocks[:o.front]]
             stacks = [s for s in stacks if not any(s.region.startswith(f) for f in front)]
             attn = [r for r in attn if not any(r.path.startswith(f) for f in front)]
-            head = primary_io(src.module, blocks[0])
-            tail = primary_io(src.module, blocks[o.front - 1])
-            if head is None or tail is None or not stacks:
-                raise PassError(f"pass 'expert_cache': blocks {blocks[0].path!r}..{blocks[o.front - 1].path!r} give "
-                                "no hidden-state signal, or no MoE layer follows them")
-            hidden = tail[1].name
-            probe = with_outputs(src, [("signal", f"{hidden}-{head[0].name}"), ("hidden", hidden)], self.name)
+            if not stacks:
+                raise PassError(f"pass 'expert_cache': no MoE layer follows the {o.front} probe block(s)")
+            probe, hidden = first_blocks_probe(src, blocks, o.front, self.name)
         attn_io = []
         for r in attn:
             io = primary_io(src.module, r)

@@ -16,7 +16,6 @@ and `reuse`, a Table plan. Invariant: threshold 0 reuses nothing (no-op).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,7 +25,7 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions, record_v
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, check_goal, graph_flops, make_span, require_single_graph,
-                                       search_threshold, variant_program)
+                                       search_threshold, variant_program, with_search)
 from pared.passes.cache.interval_cache import resolve_range
 
 
@@ -109,8 +108,7 @@ class CacheByMagnitude(RewritePass):
         if new is program:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
         if points:
-            new = new.replace(records={**new.records, "CachePlan": dataclasses.replace(new.records["CachePlan"],
-                                                                                       search=points)})
+            new = with_search(new, points)
         table = new.plan.schedule.routines
         ctx.log.info("magnitude_cache: %d of %d steps reuse", table.count("reuse"), calls)
         return PassResult(new, modified=True, preserved=(RedundancyProfile,),

@@ -17,18 +17,18 @@ a Rule plan. Invariant: threshold 0 gives the uncached outputs exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from pared.analysis.redundancy import RedundancyProfile, block_regions, primary_io
+from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.plan import Call, Plan, Rule, StateBuffer
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, check_goal, emit_residuals, graph_flops, make_span,
-                                       replace_with_input, require_single_graph, search_threshold, with_outputs)
+                                       first_blocks_probe, replace_with_input, require_single_graph,
+                                       search_threshold, with_search)
 
 
 @register_pass("residual_cache")
@@ -62,9 +62,7 @@ class CacheResidualAdaptively(RewritePass):
             th, points = search_threshold(self.name, build, program, ctx.calibration, o.target, 1e-3, 2.0,
                                           progress=ctx.progress)
             new, stats = self._build(program, gname, th)
-            rec = dataclasses.replace(new.records["CachePlan"], search=points)
-            return PassResult(new.replace(records={**new.records, "CachePlan": rec}), modified=True,
-                              preserved=(RedundancyProfile,), stats=stats)
+            return PassResult(with_search(new, points), modified=True, preserved=(RedundancyProfile,), stats=stats)
         if o.threshold == 0:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"cached_blocks": 0})
         new, stats = self._build(program, gname, o.threshold)
@@ -80,13 +78,8 @@ class CacheResidualAdaptively(RewritePass):
             raise OptionError(f"pass 'residual_cache' options 'front'/'back': {o.front} + {o.back} blocks leave "
                               f"none of the model's {n} blocks to cache")
         src = program.graphs[gname]
-        gm = src.module
-        head = primary_io(gm, blocks[0])
-        mid = make_span(gm, "mid", blocks[o.front:n - o.back], self.name)
-        if head is None:
-            raise OptionError(f"pass 'residual_cache': block {blocks[0].path!r} has no hidden-state input/output")
-        x0, h_f = head[0].name, mid.input
-        probe = with_outputs(src, [("signal", f"{h_f}-{x0}"), ("hidden", h_f)], self.name)
+        mid = make_span(src.module, "mid", blocks[o.front:n - o.back], self.name)
+        probe, h_f = first_blocks_probe(src, blocks, o.front, self.name)
         with torch.no_grad():
             sig, hid = probe.run(*probe.example_inputs)
         full = emit_residuals(src, [mid], self.name)

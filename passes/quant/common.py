@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pared.analysis.redundancy import calibration_calls
+from pared.analysis.redundancy import observe_values
 from pared.ir.errors import PassError
 from pared.ir.transform import Record
 
@@ -158,20 +158,5 @@ def observe_ranges(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: An
         raise PassError(f"pass '{by}' needs a calibration run to set activation scales: pass calibration= a "
                         "list of input tuples (a few representative batches) or a loop callable")
     watch = {n.name: RangeObserver(method, percentile, channels) for n in nodes}
-
-    class Observer(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            obs = watch.get(n.name)
-            if obs is not None and isinstance(out, torch.Tensor):
-                obs.observe(out)
-            return out
-
-    def call(*args):
-        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
-        with torch.no_grad():
-            out = Observer(gm).run(*flat)
-        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
-
-    calls = calibration_calls(calibration, call)
+    calls = observe_values(gm, nodes, calibration, lambda name, v: watch[name].observe(v))
     return calls, watch

@@ -310,9 +310,8 @@ def test_bad_smooth_options(opts, message):
 
 def test_pipeline_file_builds():
     from pared.pipeline import build_passes, load_pipeline
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "..", "..", "..", "examples", "pipelines", "minilm_int8.yaml")
-    passes = build_passes(load_pipeline(path))
+    from pared.workloads import EXAMPLES
+    passes = build_passes(load_pipeline(os.path.join(EXAMPLES, "pipelines", "minilm_int8.yaml")))
     q = next(p for p in passes if p.name == "quantize_linears")
     assert q.options.smooth == 0.5 and q.options.exclude == ("bert.encoder.layer.0.output.dense",)
 
