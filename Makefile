@@ -6,7 +6,7 @@ STAMP := $(VENV)/.pared-installed
 
 .PHONY: demo demo-moe demo-minilm vla test bench install clean
 
-WORKLOADS := dit_mnist dit_moe_mnist vit_mnist minilm
+WORKLOADS := dit_mnist dit_moe_mnist vit_mnist minilm vla_metaworld
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,10 +30,11 @@ demo-moe: $(STAMP)
 demo-minilm: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/minilm_demo.py
 
-# Closed-loop evaluation of the trained diffusion VLA on six Meta-World tasks
-# (25 episodes each, ~10 min on one core): success rates, latency, action MSE.
+# Closed-loop evaluation of the trained VLA (both action heads) on six Meta-World
+# tasks (25 episodes each, ~10 min per head on one core): success, latency, action MSE.
 vla: $(STAMP)
 	MUJOCO_GL=egl OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/vla_metaworld/evaluate.py --episodes 25
+	MUJOCO_GL=egl OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/vla_metaworld/evaluate.py --episodes 25 --head tokens
 
 test: $(STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
@@ -42,7 +43,7 @@ test: $(STAMP)
 # eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.
 bench: $(STAMP)
 	for w in $(WORKLOADS); do \
-	  OMP_WAIT_POLICY=PASSIVE $(BIN)/pared bench --workload $$w --json benchmarks/results/$$w.json || exit 1; \
+	  MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pared bench --workload $$w --json benchmarks/results/$$w.json || exit 1; \
 	done
 
 clean:

@@ -210,7 +210,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         return _bench_workload(a)
     if not a.artifact:
         return _usage("pared bench: give an ARTIFACT directory or --workload NAME")
-    for opt in ("pipeline", "target", "samples", "steps", "batch"):
+    for opt in ("pipeline", "target", "samples", "steps", "batch", "head", "episodes", "tasks"):
         if getattr(a, opt) is not None:
             return _usage(f"pared bench: --{opt} needs --workload")
     import numpy as np
@@ -255,7 +255,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def _bench_workload(a: argparse.Namespace) -> int:
     from pared.bench import bench_workload
-    opts = {k: getattr(a, k) for k in ("samples", "steps", "batch") if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("samples", "steps", "batch", "head", "episodes", "tasks")
+            if getattr(a, k) is not None}
     say = (lambda m: None) if a.quiet else (lambda m: _console().print(f"[dim]{m}[/dim]"))
     r = bench_workload(a.workload, pipeline=a.pipeline or "default", target=a.target,
                        threads=a.threads or 1, repeats=5 if a.repeats is None else a.repeats,
@@ -306,12 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     b = sub.add_parser("bench", help="time an artifact, or benchmark a reference workload side by side")
     b.add_argument("artifact", nargs="?")
-    b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm")
+    b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm, "
+                                      "vla_metaworld")
     b.add_argument("--pipeline", help="pipeline file for the workload (default: examples/pipelines/NAME.yaml)")
     b.add_argument("--target", help="target for the workload (default: cpu)")
     b.add_argument("--samples", type=int, help="workload fidelity-set size (DiT samples, ViT digits)")
     b.add_argument("--steps", type=int, help="sampler steps (DiT workloads)")
     b.add_argument("--batch", type=int, help="workload batch size (the timed task runs one batch)")
+    b.add_argument("--head", choices=("diffusion", "tokens"), help="vla_metaworld: the action head")
+    b.add_argument("--episodes", type=int, help="vla_metaworld: closed-loop episodes per task")
+    b.add_argument("--tasks", help="vla_metaworld: comma-separated Meta-World tasks (default: all six)")
     b.add_argument("--repeats", type=int, help="timed rounds (default 50 for an artifact, 5 for a workload)")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--threads", type=int, help="intra-op threads for every contender (workload default 1)")

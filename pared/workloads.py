@@ -14,14 +14,18 @@ A workload's callables take and return numpy arrays, so the eager model (through
     dit_moe_mnist   the same with the DiT-MoE                  psnr_db, judge_acc_*
     vit_mnist       classify one batch of held-out digits      top1_agreement, accuracy
     minilm          embed the 213-sentence corpus              cosine_min/mean, rank_agreement
+    vla_metaworld   policy calls on held-out observations      closed-loop success rate in the
+                                                               Meta-World simulator, action MSE
 
 The model code and weights live in the source tree's `examples/<name>/`.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -292,11 +296,228 @@ class MiniLMWorkload(Workload):
                 "sentences": int(len(candidate))}
 
 
+class VLAWorkload(Workload):
+    """The Meta-World VLA policy (examples/vla_metaworld) acting in the simulator.
+
+    The model is one policy call: observation (64x64 image, instruction ids,
+    normalized 39-D state) -> an action chunk, with the head's loop unrolled in
+    the graph — `head="diffusion"`: backbone + 10 DDIM steps of the diffusion head
+    from a noise input, 8 actions; `head="tokens"`: backbone + greedy decoding of
+    16 action tokens (4 actions x 4 dimensions, 256 bins).
+
+    task (timed): `calls` policy calls (batch 1) on held-out demonstration
+    observations. run (fidelity): every task x `episodes` closed-loop episodes
+    with fixed evaluation seeds, the policy acting from its own observations
+    (receding horizon: the first `execute` actions of each chunk, then a new
+    call), plus the predicted chunks on `mse_steps` held-out demonstration steps.
+    Diffusion noise is drawn from a per-episode seeded generator, so eager and an
+    artifact that computes the same function take the same actions.
+    """
+
+    name = "vla_metaworld"
+    HOLDOUT_PER_TASK = 2          # examples/vla_metaworld/train.py holds out the last 2 episodes per task
+
+    def __init__(self, *, head: str = "diffusion", episodes: int = 5, tasks: Sequence[str] | str | None = None,
+                 max_steps: int = 200, execute: int | None = None, calls: int = 8, mse_steps: int = 64):
+        if head not in ("diffusion", "tokens"):
+            raise OptionError(f"workload 'vla_metaworld': option 'head' must be 'diffusion' or 'tokens', got {head!r}")
+        for opt, v in (("episodes", episodes), ("max_steps", max_steps), ("calls", calls)):
+            if not isinstance(v, int) or v < 1:
+                raise OptionError(f"workload 'vla_metaworld': option '{opt}' must be a positive integer, got {v!r}")
+        self.head, self.episodes, self.max_steps, self.calls, self.mse_steps = head, episodes, max_steps, calls, mse_steps
+        self._mod = example_module(self.name)
+        self._dir = os.path.join(EXAMPLES, self.name)
+        self.weights = os.path.join(self._dir, "vla_diffusion.safetensors")
+        self.token_weights = os.path.join(self._dir, "vla_tokens.safetensors")
+        meta = self._metadata(self.weights)
+        cfg = json.loads(meta["config"])
+        stats = json.loads(meta["stats"])
+        self.mean = np.asarray(stats["state_mean"], np.float32)
+        self.std = np.asarray(stats["state_std"], np.float32)
+        self.text_len, self.action_dim = cfg["text_len"], cfg["action_dim"]
+        if head == "diffusion":
+            self.horizon = cfg["horizon"]
+            self.execute = 4 if execute is None else execute
+        else:
+            if not os.path.exists(self.token_weights):
+                raise FileNotFoundError(f"{self.token_weights} not found: train it with "
+                                        "examples/vla_metaworld/train_tokens.py")
+            self.horizon = json.loads(self._metadata(self.token_weights)["config"])["horizon"]
+            self.execute = self.horizon if execute is None else execute
+        if not 1 <= self.execute <= self.horizon:
+            raise OptionError(f"workload 'vla_metaworld': option 'execute' must be in 1..{self.horizon} "
+                              f"(the {head} head predicts {self.horizon} actions), got {self.execute}")
+        self._tasks_mod = None
+        names = self.tasks_module().TASK_NAMES
+        if isinstance(tasks, str):
+            tasks = [t for t in tasks.split(",") if t]
+        self.task_names = list(tasks) if tasks else list(names)
+        unknown = [t for t in self.task_names if t not in names]
+        if unknown:
+            raise OptionError(f"workload 'vla_metaworld': unknown task(s) {unknown} (known: {', '.join(names)})")
+        self.summary = (f"vla_metaworld ({head} head): {calls} policy calls timed; closed loop "
+                        f"{episodes} episode(s) x {len(self.task_names)} task(s), max {max_steps} steps, "
+                        f"{self.execute} action(s) executed per call")
+        self._demos = None
+        self._envs: dict = {}
+
+    @property
+    def calls_per_task(self) -> int:
+        """Policy calls in one timed task (timings / calls = latency per call)."""
+        return self.calls
+
+    @staticmethod
+    def _metadata(path: str) -> dict:
+        from safetensors import safe_open
+        with safe_open(path, "np") as f:
+            return f.metadata()
+
+    def tasks_module(self):
+        if self._tasks_mod is None:
+            os.environ.setdefault("MUJOCO_GL", "egl")           # headless rendering
+            self._tasks_mod = example_module(self.name, "tasks.py")
+        return self._tasks_mod
+
+    @property
+    def pipeline(self) -> str | None:
+        p = os.path.join(EXAMPLES, "pipelines", f"{self.name}_{self.head}.yaml")
+        return p if os.path.exists(p) else None
+
+    def build(self):
+        M = self._mod
+        policy, _, _ = M.load_policy(self.weights)
+        policy.eval()
+        if self.head == "diffusion":
+            return M.DiffusionPolicyCall(policy).eval()
+        head, _ = M.load_token_head(self.token_weights, check_backbone=self.weights)
+        return M.TokenPolicyCall(policy.backbone, head).eval()
+
+    # -- observations -----------------------------------------------------------------------------
+    def demos(self) -> dict:
+        if self._demos is None:
+            d = np.load(os.path.join(self._dir, "data", "demos.npz"))
+            self._demos = {k: d[k] for k in ("images", "states", "actions", "task_id", "episode",
+                                             "episode_task", "episode_len", "instructions")}
+        return self._demos
+
+    def heldout_steps(self, n: int) -> np.ndarray:
+        """n step indices spread over the held-out demonstration episodes."""
+        d = self.demos()
+        eps = [e for tid in np.unique(d["episode_task"])
+               for e in np.nonzero(d["episode_task"] == tid)[0][-self.HOLDOUT_PER_TASK:]]
+        idx = np.nonzero(np.isin(d["episode"], eps))[0]
+        return idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
+
+    def text_ids(self, instruction: str) -> np.ndarray:
+        return self._mod.tokenize(str(instruction), self.text_len)[None]
+
+    def inputs(self, image: np.ndarray, instruction: str, state: np.ndarray, noise_seed: int | None) -> tuple:
+        """Model inputs for one observation: (image HWC uint8, instruction, raw state)."""
+        img = (np.ascontiguousarray(image.transpose(2, 0, 1))[None].astype(np.float32) / 255.0)
+        st = ((np.asarray(state, np.float32) - self.mean) / self.std)[None].astype(np.float32)
+        args = (img, self.text_ids(instruction), st)
+        if self.head == "diffusion":
+            rng = np.random.default_rng(noise_seed)
+            args += (rng.standard_normal((1, self.horizon, self.action_dim)).astype(np.float32),)
+        return args
+
+    def _demo_inputs(self, i: int) -> tuple:
+        d = self.demos()
+        return self.inputs(d["images"][i], d["instructions"][d["task_id"][i]], d["states"][i], noise_seed=int(i))
+
+    def example_inputs(self):
+        import torch
+        return tuple(torch.from_numpy(a) for a in self._demo_inputs(int(self.heldout_steps(1)[0])))
+
+    def calibration(self):
+        import torch
+        return [tuple(torch.from_numpy(a) for a in self._demo_inputs(int(i))) for i in self.heldout_steps(4)[1:]]
+
+    # -- the timed task and the closed-loop fidelity run -----------------------------------------
+    def task(self, fn, reset=None):
+        return np.stack([np.asarray(fn(*self._demo_inputs(int(i))))[0] for i in self.heldout_steps(self.calls)])
+
+    def episode(self, fn, task_id: int, ep: int) -> dict:
+        T = self.tasks_module()
+        if task_id not in self._envs:                          # one simulator and camera per task
+            sim = T.make_env(task_id)
+            self._envs[task_id] = (sim, T.Camera(sim))
+        sim, cam = self._envs[task_id]
+        seed = T.episode_seed(task_id, ep, T.EVAL_SEED_BASE)
+        obs = T.reset_episode(sim, seed)
+        queue: list = []
+        call_s: list[float] = []
+        success, steps, calls = False, self.max_steps, 0
+        for t in range(self.max_steps):
+            if not queue:
+                args = self.inputs(cam(), T.INSTRUCTIONS[task_id], obs, noise_seed=seed * 1000 + calls)
+                t0 = time.perf_counter()
+                chunk = np.asarray(fn(*args))[0]
+                call_s.append(time.perf_counter() - t0)
+                calls += 1
+                queue = list(chunk[:self.execute])
+            obs, _, _, _, info = sim.step(np.clip(queue.pop(0), -1, 1).astype(np.float32))
+            obs = obs.astype(np.float32)
+            if info["success"]:
+                success, steps = True, t + 1
+                break
+        return {"success": success, "steps": steps, "call_s": call_s}
+
+    def run(self, fn, reset=None):
+        T = self.tasks_module()
+        episodes = {}
+        for name in self.task_names:
+            tid = T.TASK_NAMES.index(name)
+            episodes[name] = [self.episode(fn, tid, ep) for ep in range(self.episodes)]
+        steps = self.heldout_steps(self.mse_steps)
+        chunks = np.stack([np.asarray(fn(*self._demo_inputs(int(i))))[0] for i in steps])
+        for sim, cam in self._envs.values():
+            cam.close()
+        self._envs = {}
+        return {"episodes": episodes, "heldout_chunks": chunks, "heldout_steps": steps}
+
+    def fidelity(self, reference, candidate):
+        d = self.demos()
+
+        def rates(r):
+            per = {k: float(np.mean([e["success"] for e in v])) for k, v in r["episodes"].items()}
+            return per, float(np.mean(list(per.values())))
+
+        def lengths(r):
+            return float(np.mean([e["steps"] for v in r["episodes"].values() for e in v]))
+
+        def call_ms(r):
+            return 1e3 * float(np.median([s for v in r["episodes"].values() for e in v for s in e["call_s"]]))
+
+        ref_per, ref_all = rates(reference)
+        got_per, got_all = rates(candidate)
+        a, b = reference["heldout_chunks"], candidate["heldout_chunks"]
+        n = min(a.shape[1], b.shape[1])
+        starts = np.concatenate([[0], np.cumsum(d["episode_len"])[:-1]])
+        ends = (starts + d["episode_len"] - 1)[d["episode"][candidate["heldout_steps"]]]
+        idx = np.minimum(candidate["heldout_steps"][:, None] + np.arange(n)[None], ends[:, None])
+        expert = d["actions"][idx]
+        same = sum(ea["success"] == eb["success"] for k in reference["episodes"]
+                   for ea, eb in zip(reference["episodes"][k], candidate["episodes"][k]))
+        total = sum(len(v) for v in reference["episodes"].values())
+        return {"success_reference": ref_all, "success_optimized": got_all,
+                "success_per_task_reference": ref_per, "success_per_task_optimized": got_per,
+                "episode_outcomes_equal": same / total,
+                "mean_episode_len_reference": lengths(reference), "mean_episode_len_optimized": lengths(candidate),
+                "policy_call_ms_reference": call_ms(reference), "policy_call_ms_optimized": call_ms(candidate),
+                "action_mse_vs_reference": float(np.mean((a[:, :n] - b[:, :n]) ** 2)),
+                "action_max_abs_diff_vs_reference": float(np.max(np.abs(a[:, :n] - b[:, :n]))),
+                "action_mse_vs_expert_reference": float(np.mean((a[:, :n] - expert) ** 2)),
+                "action_mse_vs_expert_optimized": float(np.mean((b[:, :n] - expert) ** 2)),
+                "heldout_steps": int(len(b)), "episodes": int(total)}
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "dit_mnist": lambda **kw: DiTWorkload("dit_mnist", **kw),
     "dit_moe_mnist": lambda **kw: DiTWorkload("dit_moe_mnist", **kw),
     "vit_mnist": ViTWorkload,
     "minilm": MiniLMWorkload,
+    "vla_metaworld": VLAWorkload,
 }
 
 
@@ -307,4 +528,9 @@ def get_workload(name: str, **options: Any) -> Workload:
         close = difflib.get_close_matches(name, list(WORKLOADS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise OptionError(f"unknown workload '{name}'{hint} (known: {', '.join(WORKLOADS)})")
-    return WORKLOADS[name](**options)
+    try:
+        return WORKLOADS[name](**options)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
+        raise OptionError(f"workload '{name}' does not take option(s) {sorted(options)}: {e}") from None

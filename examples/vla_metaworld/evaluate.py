@@ -1,12 +1,15 @@
-"""Closed-loop evaluation of the diffusion VLA in the Meta-World simulator.
+"""Closed-loop evaluation of the VLA in the Meta-World simulator.
 
-    python examples/vla_metaworld/evaluate.py --episodes 25
+    python examples/vla_metaworld/evaluate.py --episodes 25                 # diffusion head
+    python examples/vla_metaworld/evaluate.py --episodes 25 --head tokens   # action-token head
 
 For every task: ``--episodes`` layouts with fixed evaluation seeds (disjoint
 from the demonstration seeds).  The policy acts from its own observations
 (camera image + state + instruction): every ``--execute`` steps it samples an
 H=8 action chunk with deterministic DDIM (10 steps, noise from a fixed-seed
-generator) and executes the first ``--execute`` actions (receding horizon).
+generator) and executes the first ``--execute`` actions (receding horizon);
+with ``--head tokens`` it greedily decodes 4 actions (16 tokens) and executes
+them.
 An episode succeeds if the env reports success at any step before
 ``--max-steps``; it stops at the first success.  The scripted expert is run on
 the same seeds for reference.  Also reported: per-step and per-chunk policy
@@ -37,8 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class PolicyRunner:
     """Receding-horizon wrapper: samples a chunk, hands out actions one by one."""
 
-    def __init__(self, policy, stats, instruction: str, execute: int, seed: int):
-        self.policy, self.execute = policy, execute
+    def __init__(self, policy, stats, instruction: str, execute: int, seed: int, tokens=None):
+        self.policy, self.execute, self.tokens = policy, execute, tokens
         self.mean, self.std = stats["state_mean"], stats["state_std"]
         cfg = policy.cfg
         self.text = torch.from_numpy(tokenize(instruction, cfg.text_len))[None]
@@ -52,8 +55,11 @@ class PolicyRunner:
             t = time.perf_counter()
             img = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
             st = torch.from_numpy((state - self.mean) / self.std).float()[None]
-            noise = torch.randn(self.shape, generator=self.gen)
-            chunk = self.policy.sample(img, self.text, st, noise)[0].numpy()
+            if self.tokens is not None:              # TokenPolicyCall: backbone + greedy decoding
+                chunk = self.tokens(img, self.text, st)[0].numpy()
+            else:
+                noise = torch.randn(self.shape, generator=self.gen)
+                chunk = self.policy.sample(img, self.text, st, noise)[0].numpy()
             self.chunk_times.append(time.perf_counter() - t)
             self.queue = list(chunk[: self.execute])
         return self.queue.pop(0)
@@ -72,7 +78,7 @@ def run_episode(env, cam, act_fn, seed, max_steps, render=True):
 
 
 @torch.no_grad()
-def heldout_mse(policy, stats, demos, max_steps: int, seed: int = 0) -> dict:
+def heldout_mse(policy, stats, demos, max_steps: int, seed: int = 0, tokens=None) -> dict:
     """Action MSE vs. the expert on held-out demonstration steps (every other
     step, up to ``max_steps``): first action of the chunk and the whole chunk."""
     from train import chunk_index
@@ -89,8 +95,8 @@ def heldout_mse(policy, stats, demos, max_steps: int, seed: int = 0) -> dict:
         txt = torch.from_numpy(np.stack([tokenize(demos["instructions"][t], cfg.text_len)
                                          for t in demos["task_id"][b]]))
         noise = torch.randn((len(b), cfg.horizon, cfg.action_dim), generator=gen)
-        pred = policy.sample(img, txt, st, noise).numpy()
-        target = demos["actions"][ci[b]]
+        pred = (tokens(img, txt, st) if tokens is not None else policy.sample(img, txt, st, noise)).numpy()
+        target = demos["actions"][ci[b]][:, :pred.shape[1]]
         e1 = ((pred[:, 0] - target[:, 0]) ** 2).mean(-1)
         first.extend(e1.tolist())
         full.extend(((pred - target) ** 2).mean((1, 2)).tolist())
@@ -106,20 +112,30 @@ def heldout_mse(policy, stats, demos, max_steps: int, seed: int = 0) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", default=os.path.join(HERE, "vla_diffusion.safetensors"))
+    ap.add_argument("--head", choices=("diffusion", "tokens"), default="diffusion")
+    ap.add_argument("--token-weights", default=os.path.join(HERE, "vla_tokens.safetensors"))
     ap.add_argument("--episodes", type=int, default=25)
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--execute", type=int, default=4, help="actions executed per predicted chunk")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of task names")
     ap.add_argument("--mse-steps", type=int, default=400)
     ap.add_argument("--no-expert", action="store_true")
-    ap.add_argument("--out", default=os.path.join(HERE, "eval.json"))
+    ap.add_argument("--out", default=None, help="default: eval.json (diffusion), eval_tokens.json (tokens)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = os.path.join(HERE, "eval.json" if args.head == "diffusion" else "eval_tokens.json")
     torch.manual_seed(0)
 
     policy, stats, _ = load_policy(args.weights)
     policy.eval()
+    tokens = None
+    if args.head == "tokens":
+        from model import TokenPolicyCall, load_token_head
+        head, _ = load_token_head(args.token_weights, check_backbone=args.weights)
+        tokens = TokenPolicyCall(policy.backbone, head).eval()
+        args.execute = min(args.execute, head.cfg.horizon)
     names = args.tasks.split(",") if args.tasks else T.TASK_NAMES
     t0 = time.time()
     results, chunk_times, step_times = {}, [], []
@@ -130,7 +146,7 @@ def main():
         succ, lens, exp_succ, exp_lens = [], [], [], []
         for ep in range(args.episodes):
             seed = T.episode_seed(tid, ep, T.EVAL_SEED_BASE)
-            runner = PolicyRunner(policy, stats, T.INSTRUCTIONS[tid], args.execute, seed)
+            runner = PolicyRunner(policy, stats, T.INSTRUCTIONS[tid], args.execute, seed, tokens)
             ts = time.perf_counter()
             ok, n = run_episode(env, cam, runner.act, seed, args.max_steps)
             step_times.append((time.perf_counter() - ts) / n)
@@ -154,6 +170,7 @@ def main():
     overall = float(np.mean([r["success"] for r in results.values()]))
     out = {
         "weights": os.path.relpath(args.weights, HERE),
+        "head": args.head,
         "settings": vars(args),
         "tasks": results,
         "overall_success": overall,
@@ -168,7 +185,8 @@ def main():
         "eval_seeds": f"episode_seed(task, ep, {T.EVAL_SEED_BASE})",
     }
     if args.mse_steps > 0 and os.path.exists(DATA):
-        out["heldout_action_mse"] = heldout_mse(policy, stats, load_demos(), args.mse_steps)
+        out["heldout_action_mse"] = heldout_mse(policy, stats, load_demos(), args.mse_steps,
+                                                tokens=tokens)
     out["wall_s"] = time.time() - t0
     print(json.dumps({k: v for k, v in out.items() if k != "settings"}, indent=1), flush=True)
     with open(args.out, "w") as f:

@@ -322,6 +322,183 @@ def ddim_sample(head, cond, noise, alphas_cumprod, cfg: VLAConfig) -> torch.Tens
 
 
 # --------------------------------------------------------------------------
+# Autoregressive action-token head (OpenVLA style)
+# --------------------------------------------------------------------------
+@dataclass
+class TokenHeadConfig:
+    d_model: int = 128          # the backbone's cond width
+    d: int = 128
+    n_heads: int = 4
+    layers: int = 4
+    mlp_ratio: int = 4
+    bins: int = 256             # each action dimension -> one of 256 uniform bins over [-1, 1]
+    horizon: int = 4            # actions decoded per policy call (= actions executed)
+    action_dim: int = 4
+
+    @property
+    def n_tokens(self) -> int:
+        return self.horizon * self.action_dim
+
+
+def actions_to_tokens(actions: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """(B,H,A) actions in [-1,1] -> (B,H*A) int64 bin ids, time-major
+    (action 0's four dimensions first)."""
+    a = actions.clamp(-1, 1).reshape(actions.shape[0], -1)
+    return torch.round((a + 1) / 2 * (bins - 1)).long()
+
+
+def tokens_to_actions(tokens, bins: int = 256, action_dim: int = 4):
+    """Inverse of actions_to_tokens: bin ids -> bin centres, (B,H,A).
+    Works on torch tensors and numpy arrays."""
+    a = tokens * (2.0 / (bins - 1)) - 1.0
+    return a.reshape(a.shape[0], -1, action_dim)
+
+
+class TokenActionHead(nn.Module):
+    """head(tokens (B,N) int64, cond (B,d_model)) -> logits (B,N,bins).
+
+    A causal transformer over [cond; tok_0 .. tok_{N-2}]: the logits at
+    position j predict action token j from cond and tokens < j, so one graph
+    serves every decoding step (positions >= j of ``tokens`` are ignored by the
+    causal mask; fill them with anything).  Greedy decoding calls it N times.
+    """
+
+    def __init__(self, cfg: TokenHeadConfig | None = None):
+        super().__init__()
+        cfg = cfg or TokenHeadConfig()
+        self.cfg = cfg
+        d, n = cfg.d, cfg.n_tokens
+        self.c_proj = nn.Sequential(nn.Linear(cfg.d_model, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.tok_emb = nn.Embedding(cfg.bins, d)
+        # which action dimension a position holds matters more than where it is: both embeddings
+        self.pos = nn.Parameter(torch.randn(1, n, d) * 0.02)
+        self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.layers)])
+        self.ln = nn.LayerNorm(d)
+        self.out = nn.Linear(d, cfg.bins)
+        causal = torch.full((n, n), -1e9).triu(1)[None, None]
+        self.register_buffer("causal", causal, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        prev = self.tok_emb(tokens[:, :-1])
+        x = torch.cat([self.c_proj(cond).unsqueeze(1), prev], dim=1) + self.pos
+        for blk in self.blocks:
+            x = blk(x, self.causal)
+        return self.out(self.ln(x))
+
+    def loss(self, cond: torch.Tensor, actions: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy of the expert's tokens (teacher forcing); actions (B,>=H,A)."""
+        tok = actions_to_tokens(actions[:, :self.cfg.horizon], self.cfg.bins)
+        logits = self(tok, cond)
+        return F.cross_entropy(logits.reshape(-1, self.cfg.bins), tok.reshape(-1), label_smoothing=smoothing)
+
+
+@torch.no_grad()
+def greedy_decode(head, cond, cfg: TokenHeadConfig):
+    """Greedy autoregressive decoding of N tokens with ``head(tokens, cond)``
+    (a TokenActionHead or any callable with its signature); returns (actions
+    (B,H,A), tokens (B,N))."""
+    B = cond.shape[0]
+    tokens = torch.zeros(B, cfg.n_tokens, dtype=torch.long)
+    for j in range(cfg.n_tokens):
+        logits = head(tokens, cond)
+        tokens[:, j] = logits[:, j].argmax(-1)
+    return tokens_to_actions(tokens, cfg.bins, cfg.action_dim), tokens
+
+
+def save_token_head(path: str, head: TokenActionHead, backbone_file: str, backbone_sha256: str,
+                    extra: dict | None = None):
+    """The token head alone; it runs on the backbone of ``backbone_file``
+    (recorded with its sha256 so a mismatched pair is refused at load)."""
+    import json
+    import os
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(asdict(head.cfg)), "backbone_file": backbone_file,
+            "backbone_sha256": backbone_sha256}
+    for k, v in (extra or {}).items():
+        meta[k] = json.dumps(v)
+    sd = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_token_head(path: str, check_backbone: str | None = None) -> tuple[TokenActionHead, dict]:
+    """Load a token head; with ``check_backbone`` (a diffusion-policy weights
+    file) refuse it unless it is the backbone the head was trained on."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    if check_backbone is not None and file_sha256(check_backbone) != meta["backbone_sha256"]:
+        raise ValueError(f"{path} was trained on the backbone of {meta['backbone_file']} "
+                         f"(sha256 {meta['backbone_sha256'][:12]}...), not on {check_backbone}")
+    head = TokenActionHead(TokenHeadConfig(**json.loads(meta["config"])))
+    head.load_state_dict(load_file(path))
+    return head.eval(), meta
+
+
+# --------------------------------------------------------------------------
+# One policy call as one module (what pared captures and exports)
+# --------------------------------------------------------------------------
+class DiffusionPolicyCall(nn.Module):
+    """call(image, text_ids, state, noise) -> action chunk (B,H,A): the backbone
+    and the K deterministic DDIM steps of the diffusion head, unrolled (the
+    timesteps and alphas are constants), so one policy call is one graph.
+    Computes what ``VLAPolicy.sample`` computes."""
+
+    def __init__(self, policy: VLAPolicy):
+        super().__init__()
+        self.cfg = policy.cfg
+        self.backbone, self.head = policy.backbone, policy.head
+        ac = policy.alphas_cumprod
+        self.ts = ddim_timesteps(self.cfg.train_timesteps, self.cfg.ddim_steps)
+        self.alphas = [float(ac[t]) for t in self.ts] + [1.0]
+
+    def forward(self, image, text_ids, state, noise):
+        cond = self.backbone(image, text_ids, state)
+        x = noise
+        for i, t in enumerate(self.ts):
+            a_t, a_prev = self.alphas[i], self.alphas[i + 1]
+            eps = self.head(x, torch.full_like(x[:, 0, 0], float(t)), cond)
+            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return x.clamp(-1, 1)
+
+
+class TokenPolicyCall(nn.Module):
+    """call(image, text_ids, state) -> actions (B,H,A): the backbone and greedy
+    decoding of the H*A action tokens, unrolled (each step writes its token
+    with tensor ops, no in-place update), so one policy call is one graph."""
+
+    def __init__(self, backbone: VLABackbone, head: TokenActionHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.cfg = head.cfg
+
+    def forward(self, image, text_ids, state):
+        cond = self.backbone(image, text_ids, state)
+        n = self.cfg.n_tokens
+        tokens = torch.zeros_like(text_ids[:, :1]).expand(-1, n)
+        slots = torch.arange(n, device=cond.device)
+        for j in range(n):
+            nxt = self.head(tokens, cond)[:, j].argmax(-1, keepdim=True)
+            tokens = torch.where(slots == j, nxt, tokens)
+        return tokens_to_actions(tokens.to(cond.dtype), self.cfg.bins, self.cfg.action_dim)
+
+
+# --------------------------------------------------------------------------
 # safetensors I/O (no pickle): config and normalization stats in the metadata
 # --------------------------------------------------------------------------
 def save_policy(path: str, policy: VLAPolicy, stats: dict, extra: dict | None = None):

@@ -131,3 +131,105 @@ def test_closed_loop_episode_runs_torch_free_from_artifacts(tmp_path, monkeypatc
     text = torch.tensor([M.tokenize(T.TASKS[task][1], cfg.text_len)])
     want = policy.sample(image, text, state, torch.tensor(f["noise"], dtype=torch.float32))[0].numpy()
     np.testing.assert_allclose(np.array(f["chunk"]), want, atol=2e-3)
+
+
+# --------------------------------------------------------------------------
+# The autoregressive action-token head and the policy-call modules
+# --------------------------------------------------------------------------
+TOKENS = os.path.join(HERE, "vla_tokens.safetensors")
+
+
+def test_token_head_is_causal_and_one_graph_decodes_like_the_loop():
+    M = example_module("vla_metaworld")
+    torch.manual_seed(0)
+    head = M.TokenActionHead(M.TokenHeadConfig(layers=2)).eval()
+    cond = torch.randn(3, 128)
+    tok = torch.randint(0, 256, (3, head.cfg.n_tokens))
+    cut = tok.clone()
+    cut[:, 6:] = 0
+    with torch.no_grad():
+        full, part = head(tok, cond), head(cut, cond)
+    # logits at position j see cond and tokens < j only
+    torch.testing.assert_close(full[:, :7], part[:, :7])
+    assert (full[:, 7:] - part[:, 7:]).abs().max() > 1e-3
+    # bins round-trip within half a bin
+    a = torch.rand(3, 4, 4) * 2 - 1
+    back = M.tokens_to_actions(M.actions_to_tokens(a), 256, 4)
+    assert (back - a).abs().max() <= 1 / 255 + 1e-6
+    # the unrolled policy call equals the Python decoding loop
+    backbone = M.VLABackbone(M.VLAConfig()).eval()
+    call = M.TokenPolicyCall(backbone, head).eval()
+    img, ids, st = torch.rand(2, 3, 64, 64), torch.from_numpy(np.stack([M.tokenize("open the door", 12)] * 2)), torch.randn(2, 39)
+    with torch.no_grad():
+        want, _ = M.greedy_decode(head, backbone(img, ids, st), head.cfg)
+        torch.testing.assert_close(call(img, ids, st), want)
+
+
+def test_diffusion_policy_call_equals_the_sampler():
+    M, policy, _ = _policy()
+    g = torch.Generator().manual_seed(1)
+    img, st = torch.rand(2, 3, 64, 64, generator=g), torch.randn(2, 39, generator=g)
+    ids = torch.from_numpy(np.stack([M.tokenize("push the puck to the goal", 12)] * 2))
+    noise = torch.randn(2, 8, 4, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(M.DiffusionPolicyCall(policy)(img, ids, st, noise),
+                                   policy.sample(img, ids, st, noise), atol=1e-5, rtol=0)
+
+
+def test_token_head_refuses_a_backbone_it_was_not_trained_on(tmp_path):
+    M = example_module("vla_metaworld")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(open(WEIGHTS, "rb").read()[:-1] + b" ")
+    with pytest.raises(ValueError, match="trained on the backbone"):
+        M.load_token_head(TOKENS, check_backbone=str(other))
+    head, meta = M.load_token_head(TOKENS, check_backbone=WEIGHTS)
+    assert meta["backbone_file"] == "vla_diffusion.safetensors"
+
+
+def test_token_head_predicts_held_out_expert_actions():
+    from pared.workloads import get_workload
+    wl = get_workload("vla_metaworld", head="tokens")
+    model = wl.build()
+    d = wl.demos()
+    rows = wl.heldout_steps(96)
+    with torch.no_grad():
+        pred = np.concatenate([model(*[torch.from_numpy(a) for a in wl._demo_inputs(int(i))]).numpy() for i in rows])
+    first = pred[:, 0]
+    target = d["actions"][rows]
+    mse = float(((first - target) ** 2).mean())
+    baseline = float((target ** 2).mean())
+    assert mse < 0.02 and mse < 0.1 * baseline, (mse, baseline)
+
+
+def test_workload_options_are_checked():
+    from pared.ir.errors import OptionError
+    from pared.workloads import get_workload
+    with pytest.raises(OptionError, match="option 'head'"):
+        get_workload("vla_metaworld", head="speculative")
+    with pytest.raises(OptionError, match="unknown task"):
+        get_workload("vla_metaworld", tasks="fly-v3")
+    with pytest.raises(OptionError, match="option 'execute'"):
+        get_workload("vla_metaworld", execute=9)
+    with pytest.raises(OptionError, match="does not take"):
+        get_workload("vla_metaworld", samples=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["diffusion", "tokens"])
+def test_bench_workload_with_no_passes_acts_like_eager(head, tmp_path, monkeypatch):
+    """pared bench --workload vla_metaworld with an empty pipeline: the artifact
+    acts in the simulator like the eager policy (same seeds, same actions)."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    from pared.bench import bench_workload
+    out = tmp_path / "vla.json"
+    r = bench_workload("vla_metaworld", pipeline=None, repeats=1, json_out=str(out),
+                       workload_options={"head": head, "episodes": 1, "tasks": "reach-v3", "mse_steps": 8,
+                                         "calls": 2, "max_steps": 80})
+    f = r["fidelity"]
+    assert f["episodes"] == 1 and f["heldout_steps"] == 8
+    assert f["episode_outcomes_equal"] == 1.0
+    assert f["success_optimized"] == f["success_reference"]
+    assert f["mean_episode_len_optimized"] == f["mean_episode_len_reference"]
+    assert f["action_max_abs_diff_vs_reference"] < (1e-4 if head == "diffusion" else 2 / 255)
+    assert r["calls_per_task"] == 2 and r["speedup"]["vs_eager"] > 0
+    assert json.loads(out.read_text())["workload"] == "vla_metaworld"

@@ -52,3 +52,7 @@ def test_bench_usage_errors(capsys):
     assert "needs --workload" in capsys.readouterr().err
     assert main(["bench", "--workload", "vit_mnst"]) == EXIT_ERROR
     assert "did you mean 'vit_mnist'" in capsys.readouterr().err
+    assert main(["bench", "somewhere", "--head", "tokens"]) == EXIT_USAGE
+    assert "--head needs --workload" in capsys.readouterr().err
+    assert main(["bench", "--workload", "dit_mnist", "--episodes", "3"]) == EXIT_ERROR
+    assert "does not take option(s) ['episodes']" in capsys.readouterr().err
