@@ -35,12 +35,14 @@ class Executor:
     Args:
         path: the artifact directory.
         threads: override the target's intra-op thread count.
+        provider: run the ONNX Runtime graphs on this execution provider instead of
+            the target's (e.g. check a cuda or openvino-cpu artifact on a CPU-only host).
     Raises:
         ArtifactError: see backends.artifact.read_manifest; also a graph whose
             backend is unknown or whose runtime cannot load it.
     """
 
-    def __init__(self, path: str, *, threads: int | None = None):
+    def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None):
         self.path = path
         self.manifest = read_manifest(path)
         try:
@@ -50,6 +52,8 @@ class Executor:
         target = dict(self.manifest["target"])
         if threads is not None:
             target["threads"] = threads
+        if provider is not None:
+            target["provider"] = provider
         self.target = target
         self.graphs: dict[str, Any] = {}
         for name, entry in self.manifest["graphs"].items():

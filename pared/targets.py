@@ -6,7 +6,7 @@ precisions the hardware runs fast, its peak compute and memory bandwidth (for
 the cost model), and threads. Torch-free: the Executor reads the target from
 the manifest.
 
-Named targets: ``cpu`` (the default), ``tvm-cpu``, ``tvm-aarch64``, ``cuda``.
+Named targets: ``cpu`` (the default), ``tvm-cpu``, ``tvm-aarch64``, ``openvino-cpu``, ``cuda``.
 A YAML device profile defines a custom one::
 
     name: jetson-orin-cpu
@@ -106,6 +106,10 @@ NAMED: dict[str, Target] = {
                           cross_compiler="aarch64-linux-gnu-gcc",
                           precisions=("fp32", "fp16", "int8"), peak_flops=1e11, mem_bandwidth=5e10,
                           description="TVM cross-compiled for a 64-bit ARM CPU (runs on an ARM host)"),
+    "openvino-cpu": Target("openvino-cpu", "onnxruntime", provider="OpenVINOExecutionProvider",
+                           precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                           description="ONNX Runtime, OpenVINO execution provider on the CPU (needs the "
+                                       "onnxruntime-openvino package, which replaces onnxruntime)"),
     "cuda": Target("cuda", "onnxruntime", provider="CUDAExecutionProvider",
                    precisions=("fp32", "fp16", "bf16", "int8"), peak_flops=6e13, mem_bandwidth=2e12,
                    description="ONNX Runtime, CUDA execution provider"),

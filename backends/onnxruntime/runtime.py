@@ -37,8 +37,16 @@ def make_session(path: str, target: Mapping[str, Any]):
     if provider not in available:
         raise ArtifactError(f"target '{target.get('name')}' needs {provider}, which this onnxruntime lacks "
                             f"(available: {', '.join(available)}); install the matching onnxruntime build "
-                            "(e.g. onnxruntime-gpu for CUDAExecutionProvider)")
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+                            "(e.g. onnxruntime-gpu for CUDAExecutionProvider, onnxruntime-openvino for "
+                            "OpenVINOExecutionProvider)")
+    first: Any = provider
+    if provider == "OpenVINOExecutionProvider":
+        # OpenVINO keeps its own thread pool: the intra-op setting does not reach it
+        ov = {"device_type": "CPU"}
+        if threads:
+            ov["num_of_threads"] = str(threads)
+        first = (provider, ov)
+    providers = [first] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
     return ort.InferenceSession(path, sess_options=opts, providers=providers)
 
 

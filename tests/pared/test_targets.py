@@ -44,3 +44,26 @@ def test_bad_profiles(tmp_path, text, msg):
 def test_missing_profile():
     with pytest.raises(TargetError, match="does not exist"):
         get_target("/nonexistent/device.yaml")
+
+
+def test_openvino_target_lowers_here_and_names_its_package(tmp_path):
+    """openvino-cpu lowers on any machine (the export check runs on ORT's CPU
+    provider); running it needs onnxruntime-openvino, and a machine without it
+    is told so."""
+    import numpy as np
+    import onnxruntime
+    import torch
+    import pared
+    from pared.ir.errors import ArtifactError
+    from pared.testing import tiny_transformer
+    m, inputs = tiny_transformer()
+    assert get_target("openvino-cpu").provider == "OpenVINOExecutionProvider"
+    path = pared.optimize(m, inputs, target="openvino-cpu", bench_repeats=0).save(str(tmp_path / "ov"))
+    if "OpenVINOExecutionProvider" in onnxruntime.get_available_providers():
+        with torch.no_grad():
+            want = m(*inputs)["logits"].numpy()
+        got = pared.load(path)(*[i.numpy() for i in inputs])["logits"]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    else:
+        with pytest.raises(ArtifactError, match="needs OpenVINOExecutionProvider.*onnxruntime-openvino"):
+            pared.load(path)
