@@ -42,4 +42,6 @@ def lower_program(program: Program, target: Mapping[str, Any], outdir: str,
         entry = mod.lower_graph(graph, name, target, outdir, **options)
         entry["lower_seconds"] = round(time.perf_counter() - t0, 3)
         entries[name] = entry
-    return entries
+    # a backend may post-process the whole set (ORT: store initializers several graphs share once)
+    finish = getattr(mod, "finish_program", None)
+    return finish(entries, outdir) if finish is not None else entries

@@ -1,9 +1,20 @@
-"""Static INT8 (`quantize_linears`) on all-MiniLM-L6-v2 (real weights), side by side
-with torch eager fp32, pared's plain ORT fp32 lowering and ORT's own
-`quantize_dynamic` as a peer, in one process.
+"""INT8 (`quantize_linears`, static and dynamic) on all-MiniLM-L6-v2 (real weights),
+side by side with torch eager fp32, pared's plain ORT fp32 lowering and the peers,
+in one process. pared variants run softmax_guard_elimination first (torch's
+fully-masked-row guard; `pared_int8_guarded` is the same pipeline without it and
+`exp_pared_int8_guard_cut_by_hand` its ONNX file with the guard cut out by hand, a
+check on the pass); `pared_int8_matmuls` also quantizes attention's two matmuls.
+Peers:
+
+    ort_quantize_dynamic          ORT quantize_dynamic, per-channel S8 weights
+    ort_quantize_static_matmul    ORT quantize_static, QDQ, U8S8 per-channel, MatMul only
+    ort_quantize_static_default   the same with ORT's default op types (everything it can)
+    torchao_pt2e_compile          torchao PT2E static INT8 (X86InductorQuantizer) + torch.compile,
+                                  only when torchao is installed (skipped with a note otherwise)
+    tvm_fp32 / tvm_int8 / tvm_dynamic   pared's TVM lowering (with --tvm; untuned)
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/quant_minilm.py \
-        [--batch 8] [--seq 128] [--threads 1] [--repeats 15]
+        [--batch 8] [--seq 128] [--threads 1] [--repeats 15] [--tvm] [--no-peer]
 
 Speed: one batch (batch x seq tokens) per call; every round calls each runner once
 in rotating order (pared.fidelity.side_by_side), medians compared, so load from
@@ -40,7 +51,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--no-peer", action="store_true", help="skip ORT quantize_dynamic")
+    ap.add_argument("--no-peer", action="store_true", help="skip the peers (ORT quantize_dynamic/static, torchao)")
+    ap.add_argument("--tvm", action="store_true", help="also build and time the TVM lowerings (untuned)")
+    ap.add_argument("--tvm-calls", type=int, default=2, help="timed calls per TVM lowering")
+    ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                    help="profile ORT fp32 / pared_int8 / pared_dynamic by op type over this many calls")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "quant_minilm.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -76,18 +91,44 @@ def main() -> None:
 
     print("building: ORT fp32 (plain lowering)", flush=True)
     fp32, fp32_s = build(None)
+    # torch's fully-masked-row softmax guard, removed by softmax_guard_elimination under the
+    # contract that every attention mask keeps a token ([CLS]); every pared variant but
+    # pared_int8_guarded runs it first
+    guard = [{"softmax_guard_elimination": {"assume_mask_keeps_a_key": True}}]
     variants = {
         # the pipeline of examples/pipelines/minilm_int8.yaml: SmoothQuant alpha 0.5, the most sensitive
         # layer (layer 0's FFN output, whose input carries the largest outlier channels) left fp32
-        "pared_int8": [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
-                                             "exclude": ["bert.encoder.layer.0.output.dense"]}}],
-        "pared_int8_all_minmax": [{"quantize_linears": {"method": "minmax"}}],
-        "pared_int8_all_percentile": [{"quantize_linears": {"method": "percentile", "percentile": 99.99}}],
+        "pared_int8": guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
+                                                     "exclude": ["bert.encoder.layer.0.output.dense"]}}],
+        # the same with attention's q.k^T and attn.v quantized too (uint8 x int8, integer kernels)
+        "pared_int8_matmuls": guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5, "matmuls": True,
+                                                             "exclude": ["bert.encoder.layer.0.output.dense"]}}],
+        # the same without softmax_guard_elimination (the pipeline before it existed)
+        "pared_int8_guarded": [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
+                                                     "exclude": ["bert.encoder.layer.0.output.dense"]}}],
+        # fidelity first: every FFN output projection (the layers whose GELU inputs carry the outliers) fp32
+        "pared_int8_ffn_out_fp32": guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
+                                                                  "exclude": ["bert.encoder.layer.*.output.dense"]}}],
+        "pared_int8_all_minmax": guard + [{"quantize_linears": {"method": "minmax"}}],
+        "pared_int8_all_entropy": guard + [{"quantize_linears": {"method": "entropy"}}],
+        "pared_dynamic": guard + [{"quantize_linears": {"mode": "dynamic"}}],
+        # the guard pass alone on fp32
+        "pared_fp32_no_guard": guard,
     }
     built = {}
     for name, pipe in variants.items():
         print(f"building: {name}", flush=True)
         built[name] = build(pipe)
+    tvm_built = {}
+    if a.tvm:
+        tvm_target = dataclasses.replace(get_target("tvm-cpu"), threads=a.threads)
+        for name, pipe in (("tvm_fp32", None), ("tvm_int8", variants["pared_int8"]),
+                           ("tvm_dynamic", variants["pared_dynamic"])):
+            print(f"building: {name}", flush=True)
+            t0 = time.perf_counter()
+            opt = pared.optimize(model, example, target=tvm_target, pipeline=pipe, calibration=calibration,
+                                 allow_fidelity_loss=True, bench_repeats=0)
+            tvm_built[name] = (opt, time.perf_counter() - t0)
 
     runners = {}
 
@@ -103,11 +144,31 @@ def main() -> None:
     for name, (opt, _) in built.items():
         runners[name] = artifact(opt)
 
-    peer = None
+    # a check on the pass: the guarded int8 file with the guard (Where(guard, 0, Softmax(x)) and its
+    # Equal/Not/Cast/ReduceMax) cut out of the ONNX file by hand; should time like pared_int8
+    runners["exp_pared_int8_guard_cut_by_hand"], _ = _ort_session(
+        _strip_safe_softmax(os.path.join(built["pared_int8_guarded"][0]._staging,
+                                         built["pared_int8_guarded"][0]._manifest["graphs"]["main"]["file"])),
+        a.threads)
+    skipped: dict[str, str] = {}
+    peer_kernels: dict[str, dict] = {}
     if not a.no_peer:
         print("building: ORT quantize_dynamic peer", flush=True)
-        peer = _ort_dynamic_peer(fp32, a.threads)
-        runners["ort_quantize_dynamic"] = peer
+        runners["ort_quantize_dynamic"], peer_kernels["ort_quantize_dynamic"] = _ort_dynamic_peer(fp32, a.threads)
+        for name, op_types in (("ort_quantize_static_matmul", ["MatMul"]), ("ort_quantize_static_default", None)):
+            print(f"building: {name} peer", flush=True)
+            runners[name], peer_kernels[name] = _ort_static_peer(fp32, a.threads, calibration, op_types)
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            skipped["torchao_pt2e_compile"] = ("torchao is not installed (left out on purpose: installing it "
+                                               "may pull another torch)")
+        else:
+            print("building: torchao PT2E + torch.compile peer", flush=True)
+            try:
+                runners["torchao_pt2e_compile"] = _torchao_peer(model, example, calibration)
+            except Exception as e:  # a peer that fails to build is reported, not fatal
+                skipped["torchao_pt2e_compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
     # -- fidelity over the whole corpus
     print("embedding the corpus", flush=True)
@@ -127,13 +188,52 @@ def main() -> None:
                  "vs_eager": round(med["torch_eager_fp32"] / med[n], 3),
                  "vs_ort_fp32": round(med["ort_fp32"] / med[n], 3)} for n in runners}
 
+    # -- TVM (untuned: its default schedules make a call take seconds to a minute, so each
+    # lowering is timed over a few calls on the example batch, after the ORT rounds)
+    tvm_report = {}
+    if tvm_built:
+        print("timing the TVM lowerings", flush=True)
+        ref_batch = runners["torch_eager_fp32"](xn, mn)
+        ort_int8 = {"tvm_int8": runners["pared_int8"](xn, mn), "tvm_dynamic": runners["pared_dynamic"](xn, mn)}
+        for name, (opt, _) in tvm_built.items():
+            fn = artifact(opt)
+            times, out = [], None
+            for _ in range(a.tvm_calls):
+                t0 = time.perf_counter()
+                out = fn(xn, mn)
+                times.append(time.perf_counter() - t0)
+            fid = wl.fidelity(ref_batch, out)
+            tvm_report[name] = {"median_s": round(float(np.median(times)), 3), "calls": len(times),
+                                "cosine_min_vs_eager": fid["cosine_min"], "cosine_mean_vs_eager": fid["cosine_mean"],
+                                "lowering": opt._manifest["graphs"]["main"].get("int8")}
+            if name in ort_int8:
+                o = ort_int8[name]
+                tvm_report[name]["rel_l2_vs_ort_int8"] = float(np.linalg.norm(out - o) / np.linalg.norm(o))
+        fp = tvm_report["tvm_fp32"]["median_s"]
+        for name, r in tvm_report.items():
+            r["vs_tvm_fp32"] = round(fp / r["median_s"], 3)
+        for name, ort_name in (("tvm_int8", "pared_int8"), ("tvm_dynamic", "pared_dynamic")):
+            tvm_report[name]["vs_ort_int8"] = round(med[ort_name] / tvm_report[name]["median_s"], 4)
+
+    profile = {}
+    if a.profile:
+        print("profiling ORT sessions by op type", flush=True)
+        for name, opt in (("ort_fp32", fp32), ("pared_int8", built["pared_int8"][0]),
+                          ("pared_int8_guarded", built["pared_int8_guarded"][0]),
+                          ("pared_dynamic", built["pared_dynamic"][0])):
+            profile[name] = _profile_ops(os.path.join(opt._staging, opt._manifest["graphs"]["main"]["file"]),
+                                         a.threads, (xn, mn), a.profile)
+
     int8_report = {name: {"plan_layers": len(opt.program.records["QuantPlan"].layers),
                           "ort_kernels": opt._manifest["graphs"]["main"].get("int8"),
                           "export_check": opt._manifest["graphs"]["main"].get("check"),
-                          "build_s": round(s, 1)} for name, (opt, s) in built.items()}
+                          "build_s": round(s, 1)} for name, (opt, s) in {**built, **tvm_built}.items()
+                   if "QuantPlan" in opt.program.records}
+    int8_report.update({name: {"ort_kernels": k} for name, k in peer_kernels.items()})
     import onnxruntime
     results = {
-        "what": "all-MiniLM-L6-v2 sentence embeddings, real weights; static INT8 via pared quantize_linears",
+        "what": "all-MiniLM-L6-v2 sentence embeddings, real weights; INT8 via pared quantize_linears (static, "
+                "dynamic) on ORT and TVM, with ORT's and torchao's quantizers as peers",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads,
                     "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -145,6 +245,7 @@ def main() -> None:
         "shape": {"batch": a.batch, "seq": a.seq, "sentences": len(corpus),
                   "calibration": f"{len(cal_sentences)} sentences not in the corpus, {len(calibration)} batches"},
         "speed": speed, "repeats": sp["repeats"], "fidelity": fidelity, "int8": int8_report,
+        "skipped": skipped, "tvm": tvm_report, "profile": profile,
         "targets": {"vs_eager": 2.7, "vs_ort_fp32": 2.0, "cosine_min": 0.99, "nn_agreement": 0.95},
         "total_s": round(time.time() - t_start, 1),
     }
@@ -156,28 +257,143 @@ def main() -> None:
         print(f"{n:24s} {speed[n]['median_ms']:8.1f} ms  x{speed[n]['vs_eager']:.2f} vs eager  "
               f"x{speed[n]['vs_ort_fp32']:.2f} vs ORT fp32  cos min {fid.get('cosine_min', 1):.4f} "
               f"mean {fid.get('cosine_mean', 1):.4f}  NN {fid.get('rank_agreement', 1):.3f}")
+    for n, r in tvm_report.items():
+        print(f"{n:24s} {r['median_s'] * 1e3:8.1f} ms  x{r['vs_tvm_fp32']:.2f} vs TVM fp32  "
+              + (f"x{r['vs_ort_int8']:.4f} vs ORT int8  rel L2 vs ORT int8 {r['rel_l2_vs_ort_int8']:.2e}  "
+                 if "vs_ort_int8" in r else "") + f"cos min {r['cosine_min_vs_eager']:.4f} (example batch)")
+    for n, why in skipped.items():
+        print(f"{n:24s} skipped: {why}")
     print(f"wrote {a.out}")
 
 
-def _ort_dynamic_peer(fp32, threads: int):
-    """ORT's own quantize_dynamic (per-channel, S8 weights) on pared's fp32 ONNX file."""
+def _ort_session(path: str, threads: int):
+    """A session as pared's runtime builds one (extended level, no spinning) and the
+    integer-kernel report of the file (op counts after ORT's optimizations)."""
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src_dir = fp32._staging
-    entry = fp32._manifest["graphs"]["main"]
-    tmp = tempfile.mkdtemp(prefix="pared-qdyn-")
-    dst = os.path.join(tmp, "dyn.onnx")
-    quantize_dynamic(os.path.join(src_dir, entry["file"]), dst, per_channel=True, weight_type=QuantType.QInt8)
+    from pared.backends.onnxruntime.int8_check import integer_kernel_report
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    sess = ort.InferenceSession(dst, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    return lambda x, m: sess.run(None, dict(zip(names, (np.asarray(x), np.asarray(m)))))[0]
+    rep = integer_kernel_report(path, {"name": "cpu"})
+    return (lambda x, m: sess.run(None, dict(zip(names, (np.asarray(x), np.asarray(m)))))[0]), rep
+
+
+def _profile_ops(path: str, threads: int, feed, calls: int) -> dict:
+    """ORT's own profiler on `calls` runs of one batch: kernel time per op type (ms per
+    call, share of the kernel total, nodes), largest first."""
+    import collections
+
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="pared-prof-"), "ort")
+    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    sess.run(None, dict(zip(names, feed)))                      # warm-up, also profiled: dropped below
+    for _ in range(calls):
+        sess.run(None, dict(zip(names, feed)))
+    with open(sess.end_profiling()) as f:
+        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(events) // (calls + 1)
+    events = events[per_run:]
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        total[e["args"]["op_name"]] += e["dur"]
+        count[e["args"]["op_name"]] += 1
+    all_us = sum(total.values())
+    return {op: {"ms_per_call": round(us / calls / 1e3, 2), "share": round(us / all_us, 3),
+                 "nodes": count[op] // calls} for op, us in total.most_common()}
+
+
+def _strip_safe_softmax(src: str) -> str:
+    """A copy of the ONNX file with every Where(guard, 0, Softmax(x)) replaced by the Softmax
+    (and the guard's now-dead ops dropped)."""
+    import onnx
+
+    m = onnx.load(src)
+    g = m.graph
+    producer = {o: n for n in g.node for o in n.output}
+    alias = {}
+    for n in list(g.node):
+        if n.op_type == "Where" and n.input[2] in producer and producer[n.input[2]].op_type == "Softmax":
+            alias[n.output[0]] = n.input[2]
+            g.node.remove(n)
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in alias:
+                n.input[k] = alias[i]
+    live = {o.name for o in g.output}
+    for n in reversed(list(g.node)):
+        if any(o in live for o in n.output):
+            live.update(n.input)
+        else:
+            g.node.remove(n)
+    dst = os.path.join(tempfile.mkdtemp(prefix="pared-nosafe-"), "main.onnx")
+    onnx.save(m, dst)
+    return dst
+
+
+def _ort_dynamic_peer(fp32, threads: int):
+    """ORT's own quantize_dynamic (per-channel, S8 weights) on pared's fp32 ONNX file."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    entry = fp32._manifest["graphs"]["main"]
+    dst = os.path.join(tempfile.mkdtemp(prefix="pared-qdyn-"), "dyn.onnx")
+    quantize_dynamic(os.path.join(fp32._staging, entry["file"]), dst, per_channel=True, weight_type=QuantType.QInt8)
+    return _ort_session(dst, threads)
+
+
+def _ort_static_peer(fp32, threads: int, calibration, op_types):
+    """ORT's own quantize_static (QDQ, U8 activations, S8 per-channel weights, min-max
+    calibration on pared's calibration batches) on pared's fp32 ONNX file; `op_types`
+    None: ORT's default (every op type it can quantize)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    entry = fp32._manifest["graphs"]["main"]
+    names = [i["name"] for i in entry["inputs"]]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([dict(zip(names, (x.numpy(), m.numpy()))) for x, m in calibration])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    dst = os.path.join(tempfile.mkdtemp(prefix="pared-qstat-"), "static.onnx")
+    kw = {} if op_types is None else {"op_types_to_quantize": list(op_types)}
+    quantize_static(os.path.join(fp32._staging, entry["file"]), dst, Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True, **kw)
+    return _ort_session(dst, threads)
+
+
+def _torchao_peer(model, example, calibration):
+    """torchao PT2E static INT8 with the X86 Inductor quantizer, then torch.compile (only
+    reached when torchao is installed)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    q = x86.X86InductorQuantizer()
+    q.set_global(x86.get_default_x86_inductor_quantization_config())
+    gm = torch.export.export(model, tuple(example), strict=False).module()
+    prepared = prepare_pt2e(gm, q)
+    with torch.no_grad():
+        for x, m in calibration:
+            prepared(x, m)
+    compiled = torch.compile(convert_pt2e(prepared))
+
+    def run(x, m):
+        with torch.no_grad():
+            return compiled(torch.as_tensor(x), torch.as_tensor(m)).numpy()
+    return run
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ missing zero point) the model runs as float fake-quant, slower than fp32, and
 nothing else says so. This module builds the session the target would build,
 saves ORT's optimized model, and reads it back:
 
+A dynamic-activation graph (DynamicQuantizeLinear -> MatMulInteger, which ORT
+fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat) is checked the same way:
+each DynamicQuantizeLinear left in the optimized model must feed an integer kernel.
+
     integer_kernel_report(path, target)   op counts of the optimized model
     check_integer_kernels(path, target)   the report, or BackendError naming the
                                           DequantizeLinear that still feeds a float matmul
@@ -38,7 +42,9 @@ def integer_kernel_report(path: str, target: Mapping[str, Any] | None = None) ->
     Returns:
         {"level": str, "integer_ops": {op: count}, "float_matmuls": int,
          "dequantize_linear": int, "quantize_linear": int,
-         "dq_into_float_matmul": [[dequantize node, consumer node, consumer op], ...]}
+         "dq_into_float_matmul": [[dequantize node, consumer node, consumer op], ...],
+         "dynamic_quantize_linear": int,
+         "dynamic_into_float": [[DynamicQuantizeLinear node, consumer node, consumer op], ...]}
     Raises:
         BackendError: when the target's ORT optimization level is below extended
             (no QDQ fusion happens there).
@@ -93,12 +99,21 @@ def _describe(graph: Any, level: str) -> dict:
         if n.op_type == "DequantizeLinear":
             for c in float_matmuls_fed_by(n.output[0], set()):
                 offenders.append([n.name or n.output[0], c.name or c.output[0], c.op_type])
+    # a run-time quantized activation must reach an integer kernel, not be dequantized back to float
+    dynamic_offenders = []
+    for n in graph.node:
+        if n.op_type == "DynamicQuantizeLinear":
+            for c in consumers.get(n.output[0], []):
+                if c.op_type not in INTEGER_OPS:
+                    dynamic_offenders.append([n.name or n.output[0], c.name or c.output[0], c.op_type])
     return {"level": level,
             "integer_ops": {op: ops[op] for op in INTEGER_OPS if ops.get(op)},
             "float_matmuls": sum(ops.get(op, 0) for op in FLOAT_MATMULS),
             "dequantize_linear": ops.get("DequantizeLinear", 0),
             "quantize_linear": ops.get("QuantizeLinear", 0),
-            "dq_into_float_matmul": offenders}
+            "dq_into_float_matmul": offenders,
+            "dynamic_quantize_linear": ops.get("DynamicQuantizeLinear", 0),
+            "dynamic_into_float": dynamic_offenders}
 
 
 def check_integer_kernels(path: str, target: Mapping[str, Any] | None = None, graph_name: str = "main") -> dict:
@@ -118,8 +133,33 @@ def check_integer_kernels(path: str, target: Mapping[str, Any] | None = None, gr
                            "float fake-quant, slower than fp32. The QDQ fusion needs DequantizeLinear -> Gemm/MatMul "
                            "with constant int8 weights, explicit zero points and an int32 bias; exclude the layer "
                            "from quantization or fix the pattern that produced it")
+    bad = rep["dynamic_into_float"]
+    if bad:
+        dq, consumer, op = bad[0]
+        raise BackendError(f"graph '{graph_name}': after ONNX Runtime's optimizations DynamicQuantizeLinear '{dq}' "
+                           f"feeds the {op} '{consumer}' ({len(bad)} such edges), not an integer kernel: the "
+                           "activation is quantized per call and then used in float. Dynamic layers need "
+                           "DynamicQuantizeLinear -> MatMulInteger (-> Cast -> Mul) with constant int8 weights")
     if not rep["integer_ops"]:
         raise BackendError(f"graph '{graph_name}': a quantized graph produced no integer kernel in ONNX Runtime "
                            f"(optimized ops: {rep['dequantize_linear']} DequantizeLinear, "
                            f"{rep['float_matmuls']} float matmuls); the quantizers only cost time here")
     return rep
+
+
+def check_int4_kernels(report: dict, layers: int, graph_name: str = "main") -> dict:
+    """Given `integer_kernel_report`'s result for a graph with `layers` weight-only layers
+    (int4, and mixed_precision's weight-only int8; see matmul_nbits), check that ORT runs
+    each as a MatMulNBits (a DequantizeLinear feeding a float matmul is already refused
+    by check_integer_kernels).
+
+    Returns:
+        {"layers": int, "matmul_nbits": int}
+    Raises:
+        BackendError: naming the graph, when fewer MatMulNBits than int4 layers remain.
+    """
+    found = report["integer_ops"].get("MatMulNBits", 0)
+    if found < layers:
+        raise BackendError(f"graph '{graph_name}': {layers} int4 layers but {found} MatMulNBits in ONNX Runtime's "
+                           "optimized model; the others run as float matmuls on dequantized weights")
+    return {"layers": layers, "matmul_nbits": found}

@@ -10,6 +10,11 @@ A graph holding quantizers (`quantized_decomposed` ops, from the quantization
 passes) is also checked for integer kernels: ORT's optimized model must hold
 QGemm / MatMulInteger-family ops and no DequantizeLinear feeding a float matmul
 (see int8_check); the op counts go into the manifest entry as `int8`.
+
+pared's own quantized ops (`pared_quant.*`, from quantize_linears' dynamic mode)
+are exported through a custom translation table: `dynamic_linear` becomes
+DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> (Add), the pattern ORT
+fuses into DynamicQuantizeMatMul.
 """
 from __future__ import annotations
 
@@ -47,6 +52,25 @@ def _quiet_exporter() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _dynamic_linear_onnx(x, wq, w_scale, bias=None):
+    """pared_quant.dynamic_linear in standard ONNX ops (what ORT's quantize_dynamic writes)."""
+    from onnxscript import opset18 as op
+
+    xq, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
+    acc = op.MatMulInteger(xq, wq, x_zero_point)
+    y = op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, w_scale))     # to=1: FLOAT
+    return y if bias is None else op.Add(y, bias)
+
+
+def custom_translations() -> dict:
+    """Translations for pared's own ops that may appear in a graph (torch op -> onnxscript function)."""
+    table = {}
+    ns = getattr(torch.ops, "pared_quant", None)
+    if ns is not None and hasattr(ns, "dynamic_linear"):
+        table[ns.dynamic_linear.default] = _dynamic_linear_onnx
+    return table
+
+
 def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> None:
     """Write `graph` as an ONNX model at `path` (+ `path.data` when large)."""
     import onnx
@@ -57,7 +81,8 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> None:
     with contextlib.redirect_stdout(sink), torch.no_grad():
         onnx_program = torch.onnx.export(ep, (), dynamo=True, input_names=list(graph.input_names),
                                          output_names=list(graph.output_names), optimize=optimize,
-                                         verbose=False, report=False)
+                                         verbose=False, report=False,
+                                         custom_translation_table=custom_translations() or None)
     weight_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx_program.save(path, external_data=external)
@@ -65,7 +90,7 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> None:
 
 
 def _has_quantizers(graph: Graph) -> bool:
-    return any(n.op == "call_function" and str(n.target).startswith("quantized_decomposed.")
+    return any(n.op == "call_function" and str(n.target).startswith(("quantized_decomposed.", "pared_quant."))
                for n in graph.module.graph.nodes)
 
 
@@ -85,6 +110,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
     feed = to_numpy(graph.example_inputs)
     last_err: dict | str = ""
     quantized = _has_quantizers(graph)
+    from pared.backends.onnxruntime.matmul_nbits import int4_layers, lower_matmul_nbits
+    int4 = int4_layers(graph) if quantized else {}
     limit = CHECK_REL_L2_QUANT if quantized else CHECK_REL_L2
     for optimize in (True, False):
         for f in (path, path + ".data"):
@@ -92,6 +119,10 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
                 os.remove(f)
         try:
             export_onnx(graph, path, optimize=optimize)
+            if int4:
+                lower_matmul_nbits(path, int4, name)
+        except BackendError:
+            raise
         except Exception as e:  # exporter and checker raise many types
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise BackendError(f"graph '{name}': ONNX export failed: {type(e).__name__}: {first[:400]}; "
@@ -108,6 +139,9 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
             if quantized:
                 from pared.backends.onnxruntime.int8_check import check_integer_kernels
                 entry["int8"] = check_integer_kernels(path, check_target, name)
+                if int4:
+                    from pared.backends.onnxruntime.int8_check import check_int4_kernels
+                    entry["int4"] = check_int4_kernels(entry["int8"], len(int4), name)
             if not optimize:
                 log.warning("graph '%s': the ONNX exporter's optimizer changed results; exported without it", name)
             return entry
@@ -115,3 +149,10 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
     raise BackendError(f"graph '{name}': ONNX Runtime output differs from eager after export "
                        f"(max abs {last_err['max_abs']:.3g}, rel L2 {last_err['rel_l2']:.3g}, limit {limit}), "
                        "with and without the exporter's optimizer; try target 'tvm-cpu'")
+
+
+def finish_program(entries: Mapping[str, dict], outdir: str) -> dict:
+    """After every graph is lowered: store the initializers several graph files
+    hold (the weights graph variants share) once, in `shared.weights` (see shared)."""
+    from pared.backends.onnxruntime.shared import share_initializers
+    return share_initializers(entries, outdir)

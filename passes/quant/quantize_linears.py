@@ -18,7 +18,10 @@ bmm(x, expand(W^T)) -> view -> add(b), becomes the same on x flattened to 2-D.
 Lowered with dynamo ONNX export the quantizers become QuantizeLinear /
 DequantizeLinear, and ORT's QDQ fusion (extended level) turns each node unit
 into QGemm (addmm) or MatMulIntegerToFloat (mm): int8 weights, u8 activations,
-int32 accumulation.
+int32 accumulation. The TVM backend matches the same node units and lowers each
+to relax.quantize + an int8 x int8 -> int32 matmul (backends/tvm/quant.py).
+Activation ranges come from min-max, per-call percentiles, or `method: entropy`
+(the KL-optimal clipping threshold of a histogram over the calibration run).
 
 Why the bias is int32 behind a DequantizeLinear: with a float bias, ORT's
 basic-level MatMulAddFusion merges MatMul + Add into a float Gemm before the
@@ -35,7 +38,16 @@ without one (measured: no QGemm formed). Only the
 linear layers' inputs are quantized (not attention matmuls, softmax or the
 attention-mask add): that traded 4% speed for 4x less error (issue 5).
 
-Reads: the calibration run (ctx.calibration). Writes: a QuantPlan record (per
+With `mode: dynamic` no activation scale is calibrated: each layer becomes one
+`pared_quant.dynamic_linear(x, Wq [K, N] int8, s_w [N], b)` op whose activation
+scale and zero point come from the range of x at every call (ONNX
+DynamicQuantizeLinear's rule: [min(x, 0), max(x, 0)] on the uint8 grid). The ORT
+backend exports it as DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(s_x * s_w)
+-> Add(b), which ORT fuses into DynamicQuantizeMatMul (the form its own
+quantize_dynamic writes); the TVM backend as an int8 x int8 -> int32 matmul. The
+bias stays float (s_x is only known at run time), and no calibration run is needed.
+
+Reads: the calibration run (ctx.calibration; static mode only). Writes: a QuantPlan record (per
 layer: calibrated range, scales, bits, smoothing factors' range), int8/int32 constants on the new graph
 module, `pared.ir.region` on the inserted nodes (the layer's region).
 Invariant: on the torch side the rewritten graph computes what the integer
@@ -90,11 +102,16 @@ class QuantizeLinears(RewritePass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        method: Literal["minmax", "percentile"] = "minmax"  # how activation ranges are calibrated
+        # how activation ranges are calibrated (static mode): extremes, per-call percentiles, or the
+        # KL-optimal clipping threshold of the calibration histogram (TensorRT's entropy calibration)
+        method: Literal["minmax", "percentile", "entropy"] = "minmax"
         percentile: float = 99.99        # percentile method: keep this share of values (per side) in range
         exclude: tuple[str, ...] | str = ()  # region patterns whose linear layers stay float (ir.regions syntax)
-        mode: Literal["static", "dynamic"] = "static"  # static: calibrated activation scales
+        mode: Literal["static", "dynamic"] = "static"  # static: calibrated activation scales; dynamic: per call
         smooth: float | None = None      # SmoothQuant migration strength alpha in [0, 1]; None: off
+        # also the activation x activation matmuls (attention's q.k^T and attn.v): static uint8 x int8
+        # QDQ on both operands, calibrated like the linear inputs (static mode only)
+        matmuls: bool = False
 
         def __post_init__(self):
             check_range("quantize_linears", "percentile", self.percentile, lo=50.0, hi=100.0, lo_open=True)
@@ -104,9 +121,12 @@ class QuantizeLinears(RewritePass):
                     raise OptionError("pass 'quantize_linears': option 'smooth' needs method 'minmax' (the "
                                       "smoothed range is derived from per-channel extremes); got method "
                                       f"'{self.method}'")
-            if self.mode == "dynamic":
-                raise OptionError("pass 'quantize_linears': option 'mode': 'dynamic' (activation scales computed "
-                                  "at run time) is not implemented yet (issue 5); use mode: static")
+            if self.mode == "dynamic" and self.smooth is not None:
+                raise OptionError("pass 'quantize_linears': option 'smooth' needs mode 'static' (its factors come "
+                                  "from calibrated per-channel ranges; mode 'dynamic' calibrates nothing)")
+            if self.mode == "dynamic" and self.matmuls:
+                raise OptionError("pass 'quantize_linears': option 'matmuls' needs mode 'static' (the attention "
+                                  "matmuls' two operands get calibrated scales)")
             # one pattern, or a YAML list, becomes a tuple (options are immutable)
             object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str)
                                else tuple(self.exclude))
@@ -131,6 +151,13 @@ class QuantizeLinears(RewritePass):
             if not sites:
                 continue
             src = program.graphs[name]
+            if o.mode == "dynamic":
+                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name)
+                layers += done
+                for lq in done:
+                    ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] dynamic activation scale", lq.node,
+                                  lq.region, lq.in_features, lq.out_features)
+                continue
             nodes = {n.name: n for n in src.module.graph.nodes}
             calls, observed = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
                                              o.percentile, self.name, channels=o.smooth is not None)
@@ -141,20 +168,41 @@ class QuantizeLinears(RewritePass):
                 ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d",
                               lq.node, lq.region, lq.in_features, lq.out_features, *lq.activation_range,
                               lq.activation_scale, lq.activation_zero_point)
+        n_matmuls = 0
+        if o.matmuls and o.mode == "static" and layers:
+            for name in todo:
+                g = new_graphs[name]
+                linear_mms = {s.node for s in sites_by_graph[name]}
+                mm_sites = _find_matmul_sites(g.module, linear_mms)
+                if not mm_sites:
+                    continue
+                gnodes = {n.name: n for n in g.module.graph.nodes}
+                operands = sorted({x for site in mm_sites for x in site[1:]})
+                mm_calls, mm_obs = observe_ranges(g.module, [gnodes[x] for x in operands], ctx.calibration,
+                                                  o.method, o.percentile, self.name)
+                calls += mm_calls
+                new_graphs[name], n_done = _rewrite_matmuls(g, mm_sites, mm_obs, self.name, ctx)
+                n_matmuls += n_done
         if not layers:
             return PassResult(program, modified=False, preserved=tuple(ctx.records),
                               stats={"quantized": 0, "excluded": len(excluded)})
-        plan = QuantPlan("quantize_linears", o.mode, o.method, o.percentile if o.method == "percentile" else None,
-                         "uint8 asymmetric per-tensor", "int8 symmetric per-channel", tuple(layers),
+        dynamic = o.mode == "dynamic"
+        plan = QuantPlan("quantize_linears", o.mode, "none (run time)" if dynamic else o.method,
+                         o.percentile if o.method == "percentile" and not dynamic else None,
+                         "uint8 asymmetric per-tensor" + (", scale per call" if dynamic else ""),
+                         "int8 symmetric per-channel", tuple(layers),
                          excluded=tuple(excluded), calls=calls, smooth=o.smooth)
         new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
         wbytes = sum(lq.in_features * lq.out_features for lq in layers)
-        ctx.log.info("quantize_linears: %d linear layers to int8 (%s calibration, %d calls), %d excluded, "
-                     "%.1f MB of weights -> %.1f MB", len(layers), o.method, calls, len(excluded),
+        ctx.log.info("quantize_linears: %d linear layers to int8 (%s, %d calibration calls), %d excluded, "
+                     "%.1f MB of weights -> %.1f MB", len(layers),
+                     "dynamic activation scales" if dynamic else f"{o.method} calibration", calls, len(excluded),
                      wbytes * 4 / 1e6, wbytes / 1e6)
-        return PassResult(new, modified=True, stats={"quantized": len(layers), "excluded": len(excluded),
-                                                     "bias_int32": sum(lq.bias for lq in layers),
-                                                     "calibration_calls": calls})
+        stats = {"quantized": len(layers), "excluded": len(excluded), "bias_int32": sum(lq.bias for lq in layers),
+                 "calibration_calls": calls}
+        if o.matmuls:
+            stats["matmuls"] = n_matmuls
+        return PassResult(new, modified=True, stats=stats)
 
 
 @dataclass(frozen=True)
@@ -376,6 +424,149 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
     gm.graph.lint()
     # a fresh module holds only what the graph still reads: the float weights go
     gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
+    return src.with_module(gm), done
+
+
+@torch.library.custom_op("pared_quant::dynamic_linear", mutates_args=())
+def dynamic_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 times int8 weights Wq [K, N] (scales w_scale [N]) with the
+    activation quantized per call as ONNX DynamicQuantizeLinear does: s_x =
+    (max(x, 0) - min(x, 0)) / 255, z_x = round(-min(x, 0) / s_x), xq = clamp(round(x / s_x)
+    + z_x, 0, 255), rounding half to even; then y = ((xq - z_x) @ Wq) * s_x * w_scale + bias,
+    the integer sum exact (float64 holds K * 255 * 127)."""
+    lo = torch.clamp(x.amin(), max=0.0)
+    hi = torch.clamp(x.amax(), min=0.0)
+    scale = ((hi - lo) / float(QMAX_U8 - QMIN_U8)).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zp = torch.clamp(torch.round(-lo / scale), QMIN_U8, QMAX_U8)
+    xq = torch.clamp(torch.round(x / scale) + zp, QMIN_U8, QMAX_U8)
+    acc = (xq - zp).to(torch.float64) @ wq.to(torch.float64)
+    y = acc.to(torch.float32) * (scale * w_scale)
+    return y if bias is None else y + bias
+
+
+@dynamic_linear.register_fake
+def _(x, wq, w_scale, bias=None):
+    return x.new_empty((*x.shape[:-1], wq.shape[1]))
+
+
+def _dynamic_linear_fn(has_bias: bool, out_shape: tuple[int, ...] | None):
+    """A dynamic-mode layer as a torch function (traced into the graph by splice)."""
+    def linear(x, wq, ws, *bias):
+        if out_shape is not None:
+            flat = _aten.clone.default(x, memory_format=torch.contiguous_format).view(-1, x.shape[-1])
+            return torch.ops.pared_quant.dynamic_linear.default(flat, wq, ws, *bias).view(out_shape)
+        return torch.ops.pared_quant.dynamic_linear.default(x, wq, ws, *bias)
+    return linear
+
+
+def _rewrite_dynamic(src: Graph, sites: list[_Site], by: str) -> tuple[Graph, list[LayerQuant]]:
+    """Each site as one pared_quant.dynamic_linear op: int8 weights, float bias, no calibration."""
+    gm = src.copy_module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done = []
+    index = _next_index(gm)
+    for s in sites:
+        node, x = nodes[s.out], nodes[s.x]
+        wq, ws = quantize_weight(_weight_kn(gm, s))
+        consts = {"w": wq, "ws": ws}
+        if s.bias is not None:
+            consts["bf"] = get_attr(gm, s.bias).detach().to(torch.float32).contiguous()
+        attrs = []
+        for key, value in consts.items():
+            target = f"_quant_{index}_{key}"
+            gm.register_buffer(target, value)
+            with gm.graph.inserting_before(node):
+                a = gm.graph.get_attr(target)
+            a.meta["val"] = value
+            a.meta[meta.CREATED_BY] = by
+            attrs.append(a)
+        index += 1
+        examples = [torch.zeros(tuple(int(d) for d in x.meta["val"].shape), dtype=torch.float32)] + \
+            [getattr(gm, str(a.target)) for a in attrs]
+        (y,) = splice(gm, _dynamic_linear_fn(s.bias is not None, s.out_shape), [x] + attrs, examples, by)
+        for new in _created_between(attrs[0], y):
+            new.meta[meta.REGION] = s.region
+        node.replace_all_uses_with(y)
+        k, n_out = wq.shape
+        done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (0.0, 0.0), 0.0, 0,
+                               (float(ws.min()), float(ws.max())), False))
+    eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm = fx.GraphModule(gm, gm.graph, gm.__class__.__name__)
+    return src.with_module(gm), done
+
+
+# -- activation x activation matmuls (option `matmuls`) ------------------------
+#
+#   Before:  y = aten.bmm(a, b)                          a, b: computed activations
+#   After:   y = aten.bmm(dq(q(a, s_a, z_a, uint8)), dq(q(b, s_b, 0, int8)))
+#   a (attention probabilities or queries) is uint8 asymmetric, b (keys^T or values)
+#   int8 symmetric, both per-tensor with calibrated ranges; ORT's QDQ fusion turns the
+#   node unit into an integer matmul (MatMulIntegerToFloat), which int8_check verifies.
+
+def _find_matmul_sites(gm: fx.GraphModule, linear_mms: set[str]) -> list[tuple[str, str, str]]:
+    """(bmm / matmul node, a, b) for each float matmul whose two operands are both computed
+    activations (no parameter behind views/expands), the linear layers' bmm left out."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (_aten.bmm.default, _aten.matmul.default) or \
+                n.name in linear_mms or n.kwargs:
+            continue
+        a, b = n.args[:2]
+        if not all(isinstance(v, fx.Node) and _float_tensor(v) is not None for v in (a, b)):
+            continue
+        if any(_param(_through(v, _SAME_SHAPE | _EXPANDS | _TRANSPOSES | {_aten.clone.default})) is not None
+               for v in (a, b)):
+            continue
+        if any(str(getattr(v, "target", "")).startswith("quantized_decomposed.") for v in (a, b)):
+            continue   # already quantized (a second run)
+        out.append((n.name, a.name, b.name))
+    return out
+
+
+def _qdq_act(scale: float, zero_point: int, signed: bool):
+    def qdq(x):
+        if signed:
+            q = _qd.quantize_per_tensor.default(x, scale, 0, -QMAX_S8, QMAX_S8, torch.int8)
+            return _qd.dequantize_per_tensor.default(q, scale, 0, -QMAX_S8, QMAX_S8, torch.int8)
+        q = _qd.quantize_per_tensor.default(x, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
+        return _qd.dequantize_per_tensor.default(q, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
+    return qdq
+
+
+def _rewrite_matmuls(src: Graph, sites: list[tuple[str, str, str]], observed: dict, by: str,
+                     ctx: PassContext) -> tuple[Graph, int]:
+    gm = src.copy_module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    done = 0
+    for mm_name, a_name, b_name in sites:
+        ra, rb = observed[a_name].range(), observed[b_name].range()
+        if ra is None or rb is None:
+            ctx.log.debug("quantize_linears: matmul %s: an operand never observed in calibration; left float",
+                          mm_name)
+            continue
+        mm = nodes[mm_name]
+        for name, (lo, hi), signed in ((a_name, ra, False), (b_name, rb, True)):
+            x = nodes[name]
+            if signed:
+                amax = max(abs(float(lo)), abs(float(hi)))
+                scale, zp = (amax / QMAX_S8 if amax > 0 else 1.0), 0
+            else:
+                scale, zp = activation_qparams(lo, hi)
+            example = torch.zeros(tuple(int(d) for d in x.meta["val"].shape), dtype=torch.float32)
+            (y,) = splice(gm, _qdq_act(scale, zp, signed), [x], [example], by)
+            region = mm.meta.get(meta.REGION)
+            if region is not None:
+                for new in _created_between(x.next, y):
+                    new.meta[meta.REGION] = region
+            mm.replace_input_with(x, y)
+            ctx.log.debug("quantize_linears: matmul %s operand %s in [%.4g, %.4g] -> %s scale %.4g", mm_name, name,
+                          lo, hi, "int8" if signed else "uint8", scale)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
     return src.with_module(gm), done
 
 

@@ -128,7 +128,7 @@ def test_closed_loop_episode_runs_torch_free_from_artifacts(tmp_path, monkeypatc
     f = info["first"]
     image = torch.tensor(f["image"], dtype=torch.uint8).permute(2, 0, 1)[None].float() / 255.0
     state = torch.from_numpy((np.array(f["state"], np.float32) - stats["state_mean"]) / stats["state_std"]).float()[None]
-    text = torch.tensor([M.tokenize(T.TASKS[task][1], cfg.text_len)])
+    text = torch.from_numpy(M.tokenize(T.TASKS[task][1], cfg.text_len))[None]
     want = policy.sample(image, text, state, torch.tensor(f["noise"], dtype=torch.float32))[0].numpy()
     np.testing.assert_allclose(np.array(f["chunk"]), want, atol=2e-3)
 
