@@ -4,6 +4,7 @@
                                             through torch.export's metadata checks
     splice(gm, fn, args, examples, by)      trace a torch function to aten ops and
                                             insert it into `gm`, reading `args`
+    add_constant(gm, name, value, by, ...)  a new tensor constant (buffer + get_attr node)
 """
 from __future__ import annotations
 
@@ -74,3 +75,17 @@ def splice(gm: fx.GraphModule, fn: Callable[..., object], args: Sequence[fx.Node
     if not all(isinstance(x, fx.Node) for x in leaves):
         raise ValueError(f"splice: {getattr(fn, '__name__', fn)} must return tensors")
     return [env[x] for x in leaves]
+
+
+def add_constant(gm: fx.GraphModule, target: str, value: torch.Tensor, by: str, *,
+                 before: fx.Node | None = None, after: fx.Node | None = None) -> fx.Node:
+    """Register `value` as buffer `target` of `gm` and return a get_attr node reading
+    it, inserted before `before` (or after `after`), with its value and creator in
+    the node's meta."""
+    gm.register_buffer(target, value)
+    where = gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)
+    with where:
+        a = gm.graph.get_attr(target)
+    a.meta["val"] = value
+    a.meta[meta.CREATED_BY] = by
+    return a

@@ -51,7 +51,7 @@ from pared.analysis.redundancy import observe_values
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Graph, Program, get_attr
-from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.cache.expert_cache import ExpertStack, find_expert_stacks
 from pared.passes.quant.common import quantize_weight_blocks
@@ -427,11 +427,7 @@ def _replace_weight(gm: fx.GraphModule, node: fx.Node, w: torch.Tensor, per: lis
         consts.append((f"{prefix}_perm", perm))
     attrs = []
     for target, value in consts:
-        gm.register_buffer(target, value.contiguous())
-        with gm.graph.inserting_before(node):
-            a = gm.graph.get_attr(target)
-        a.meta["val"] = value
-        a.meta[meta.CREATED_BY] = by
+        a = add_constant(gm, target, value.contiguous(), by, before=node)
         a.meta[meta.REGION] = region
         attrs.append(a)
     (wd,) = splice(gm, _dequantize_stack(tuple(groups), k, n, reorder), attrs, [v for _, v in consts], by)

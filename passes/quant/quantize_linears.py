@@ -70,7 +70,7 @@ from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match, node_module_path, region_of
-from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
                                        activation_qparams, observe_ranges, quantize_bias, quantize_weight,
@@ -399,13 +399,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
             attrs.append(smooth_attr[d.group])
         layer_attrs = []
         for key, value in consts.items():
-            target = f"_quant_{index}_{key}"
-            gm.register_buffer(target, value)
-            with gm.graph.inserting_before(node):
-                a = gm.graph.get_attr(target)
-            a.meta["val"] = value
-            a.meta[meta.CREATED_BY] = by
-            layer_attrs.append(a)
+            layer_attrs.append(add_constant(gm, f"_quant_{index}_{key}", value, by, before=node))
         attrs += layer_attrs
         index += 1
         xval = x.meta["val"]
@@ -473,15 +467,7 @@ def _rewrite_dynamic(src: Graph, sites: list[_Site], by: str) -> tuple[Graph, li
         consts = {"w": wq, "ws": ws}
         if s.bias is not None:
             consts["bf"] = get_attr(gm, s.bias).detach().to(torch.float32).contiguous()
-        attrs = []
-        for key, value in consts.items():
-            target = f"_quant_{index}_{key}"
-            gm.register_buffer(target, value)
-            with gm.graph.inserting_before(node):
-                a = gm.graph.get_attr(target)
-            a.meta["val"] = value
-            a.meta[meta.CREATED_BY] = by
-            attrs.append(a)
+        attrs = [add_constant(gm, f"_quant_{index}_{key}", value, by, before=node) for key, value in consts.items()]
         index += 1
         examples = [torch.zeros(tuple(int(d) for d in x.meta["val"].shape), dtype=torch.float32)] + \
             [getattr(gm, str(a.target)) for a in attrs]

@@ -56,7 +56,7 @@ from pared.ir import meta
 from pared.ir.errors import OptionError
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
-from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, register_pass
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
 from pared.passes.quant.quantize_linears import _created_between, _find_sites, _Site
@@ -235,14 +235,7 @@ def quantize_sites_weight_only(src: Graph, sites: list[_Site], block_size: int, 
         q, scale, zp = quantize_weight_blocks(w_nk, block_size, symmetric, bits)
         prefix = f"{WEIGHT_ONLY_PREFIX[bits]}{index}"
         consts = [(f"{prefix}_w", q), (f"{prefix}_s", scale), (f"{prefix}_z", zp)]
-        attrs = []
-        for target, value in consts:
-            gm.register_buffer(target, value)
-            with gm.graph.inserting_before(node):
-                a = gm.graph.get_attr(target)
-            a.meta["val"] = value
-            a.meta[meta.CREATED_BY] = by
-            attrs.append(a)
+        attrs = [add_constant(gm, target, value, by, before=node) for target, value in consts]
         args = [x] + attrs
         examples = [torch.zeros(tuple(int(d) for d in x.meta["val"].shape), dtype=torch.float32), q, scale, zp]
         if s.bias is not None:

@@ -75,7 +75,7 @@ from pared.ir.errors import OptionError, PassError
 from pared.ir.plan import Always, Call, Plan, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import match, region_of
-from pared.ir.rewrite import splice
+from pared.ir.rewrite import add_constant, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, RangeObserver
 from pared.passes.quant.quantize_linears import _decide, _find_sites, _next_index, _rewrite, _Site
@@ -309,12 +309,7 @@ def _with_table(src: Graph, t_node: fx.Node, borders: list[fx.Node], timesteps: 
     last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
 
     def const(target: str, value: torch.Tensor) -> fx.Node:
-        gm.register_buffer(target, value)
-        with gm.graph.inserting_after(last_ph):
-            a = gm.graph.get_attr(target)
-        a.meta["val"] = value
-        a.meta[meta.CREATED_BY] = by
-        return a
+        return add_constant(gm, target, value, by, after=last_ph)
 
     tt = const("_tsq_timesteps", torch.from_numpy(np.ascontiguousarray(timesteps, dtype=np.float32)))
     t = nodes[t_node.name]
