@@ -20,7 +20,7 @@ def test_bench_dit_workload_writes_the_json(tmp_path, capsys):
     assert FIELDS <= set(r)
     assert r["workload"] == "dit_mnist" and r["target"] == "cpu" and r["torch_threads"] == 1
     assert r["pipeline"].endswith("examples/pipelines/dit_mnist.yaml")
-    assert r["passes"] == ["constant_folding", "dead_code_elimination"]
+    assert r["passes"] == ["constant_folding", "softmax_guard_elimination", "dead_code_elimination"]
     for k in ("eager", "backend_plain", "optimized"):
         t = r["timings_ms"][k]
         assert 0 < t["min"] <= t["median"] <= t["max"]
