@@ -410,26 +410,14 @@ def save_token_head(path: str, head: TokenActionHead, backbone_file: str, backbo
     """The token head alone; it runs on the backbone of ``backbone_file``
     (recorded with its sha256 so a mismatched pair is refused at load)."""
     import json
-    import os
-    from safetensors.torch import save_file
-    meta = {"config": json.dumps(asdict(head.cfg)), "backbone_file": backbone_file,
-            "backbone_sha256": backbone_sha256}
-    for k, v in (extra or {}).items():
-        meta[k] = json.dumps(v)
-    sd = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    _write_safetensors(path, head, {"config": json.dumps(asdict(head.cfg)), "backbone_file": backbone_file,
+                                    "backbone_sha256": backbone_sha256}, extra)
 
 
 def file_sha256(path: str) -> str:
     import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_token_head(path: str, check_backbone: str | None = None) -> tuple[TokenActionHead, dict]:
@@ -501,20 +489,25 @@ class TokenPolicyCall(nn.Module):
 # --------------------------------------------------------------------------
 # safetensors I/O (no pickle): config and normalization stats in the metadata
 # --------------------------------------------------------------------------
-def save_policy(path: str, policy: VLAPolicy, stats: dict, extra: dict | None = None):
+def _write_safetensors(path: str, module: nn.Module, meta: dict, extra: dict | None = None):
+    """The module's weights with string metadata (``extra`` values JSON-encoded),
+    written atomically: never a half-written file."""
     import json
+    import os
     from safetensors.torch import save_file
-    meta = {"config": json.dumps(asdict(policy.cfg)),
-            "stats": json.dumps({k: np.asarray(v).tolist() for k, v in stats.items()}),
-            "vocab": json.dumps(VOCAB)}
-    for k, v in (extra or {}).items():
-        meta[k] = json.dumps(v)
-    sd = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+    meta = dict(meta, **{k: json.dumps(v) for k, v in (extra or {}).items()})
+    sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
-    import os
     os.chmod(tmp, 0o644)
-    os.replace(tmp, path)                                      # atomic: never a half-written file
+    os.replace(tmp, path)
+
+
+def save_policy(path: str, policy: VLAPolicy, stats: dict, extra: dict | None = None):
+    import json
+    _write_safetensors(path, policy, {"config": json.dumps(asdict(policy.cfg)),
+                                      "stats": json.dumps({k: np.asarray(v).tolist() for k, v in stats.items()}),
+                                      "vocab": json.dumps(VOCAB)}, extra)
 
 
 def load_policy(path: str) -> tuple[VLAPolicy, dict, dict]:
