@@ -28,9 +28,13 @@ of the program:
   latch   run ``compute`` until its scalar ``signal`` reaches ``threshold`` (at a
           call index >= ``warmup``), then ``then`` for the rest of the request
           (Adaptive Guidance: drop the unconditional branch once it agrees)
+  bins    a routine by the value of a program input (its first element):
+          ``routines[i]`` for ``edges[i-1] <= v < edges[i]`` (timestep-aware
+          variants chosen by t, whatever the sampler and its step count)
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -103,8 +107,26 @@ class Latch:
     kind: str = field(default="latch", init=False)
 
 
-Schedule = Always | Table | Rule | Latch
-_SCHEDULES = {"always": Always, "table": Table, "rule": Rule, "latch": Latch}
+@dataclass(frozen=True)
+class Bins:
+    input: str                  # the program input whose first element decides (e.g. the timestep)
+    edges: tuple[float, ...]    # ascending bin edges
+    routines: tuple[str, ...]   # one per bin: len(edges) + 1, lowest values first
+    kind: str = field(default="bins", init=False)
+
+    def __post_init__(self):
+        if len(self.routines) != len(self.edges) + 1:
+            raise PlanError(f"bins schedule: {len(self.edges)} edges need {len(self.edges) + 1} routines, "
+                            f"got {len(self.routines)}")
+        if any(not math.isfinite(e) for e in self.edges) or list(self.edges) != sorted(set(self.edges)):
+            raise PlanError(f"bins schedule: edges must be finite and strictly ascending, got {list(self.edges)}")
+
+    def choose(self, value: float) -> str:
+        return self.routines[bisect.bisect_right(self.edges, value)]
+
+
+Schedule = Always | Table | Rule | Latch | Bins
+_SCHEDULES = {"always": Always, "table": Table, "rule": Rule, "latch": Latch, "bins": Bins}
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,9 @@ class Plan:
         state = {s.name for s in self.state}
         routine_names = [n for n, _ in self.routines]
         used = _schedule_routines(self.schedule)
+        if isinstance(self.schedule, Bins) and self.schedule.input not in self.inputs:
+            raise PlanError(f"bins schedule reads input {self.schedule.input!r}; the plan's inputs are "
+                            f"{list(self.inputs)}")
         for r in used:
             if r not in routine_names:
                 raise PlanError(f"schedule names routine {r!r}, which the plan does not define")
@@ -204,8 +229,10 @@ class Plan:
             kind = sched.pop("kind")
             if kind not in _SCHEDULES:
                 raise PlanError(f"unknown schedule kind {kind!r}; known: {sorted(_SCHEDULES)}")
-            if kind == "table":
+            if kind in ("table", "bins"):
                 sched["routines"] = tuple(sched["routines"])
+            if kind == "bins":
+                sched["edges"] = tuple(float(e) for e in sched["edges"])
             return Plan(
                 inputs=tuple(d["inputs"]),
                 outputs=tuple(d["outputs"]),
@@ -224,6 +251,8 @@ def _schedule_routines(s: Schedule) -> list[str]:
         return [s.routine]
     if isinstance(s, Table):
         return list(dict.fromkeys([*s.routines, s.default]))
+    if isinstance(s, Bins):
+        return list(dict.fromkeys(s.routines))
     if isinstance(s, Latch):
         return [s.compute, s.then]
     return [s.probe, s.compute, s.reuse]
@@ -313,6 +342,12 @@ class PlanRunner:
             chosen = s.routines[self.call_index] if self.call_index < len(s.routines) else s.default
         elif isinstance(s, Latch):
             chosen = s.then if self._latched else s.compute
+        elif isinstance(s, Bins):
+            import numpy as np
+            value = np.asarray(self._to_numpy(env[f"in:{s.input}"])).reshape(-1)
+            if value.size == 0:
+                raise PlanError(f"call {self.call_index}: bins schedule input {s.input!r} is empty")
+            chosen = s.choose(float(value[0]))
         else:
             self._run_routine(s.probe, env)
             signal = self._to_numpy(env[s.signal])

@@ -10,7 +10,7 @@ Before:  c = t_mlp(sinusoid(t)); mod = ada(c)                      every call, f
 After:   mod = where(|t - T[k]| <= tol, table_mod[k], ada(t_mlp(sinusoid(t))))
                  with k = argmin_j |t - T[j]| per row              fp32 table, float fallback
          y = QGemm(x; s_x[bucket], Wq, s_w)                        graph `bucket<i>` at its steps
-         plan: Table(step -> bucket<i>)
+         plan: Bins(t -> bucket<i>)    (or Table(step -> bucket<i>), select: call)
 
 Temporal features (TFMQ-DM's temporal information block): every node that
 depends on the timestep input alone (the sinusoidal embedding, the t-MLP, an
@@ -37,10 +37,16 @@ table are the same tensor objects in every variant (a variant differs only in
 its activation scales and the int32 biases, whose scale s_x * s_w follows s_x).
 The ORT backend then stores the initializers several graph files share once
 (backends/onnxruntime/shared.py), so the artifact holds one copy of the weights.
-The Plan is a static Table by call index, like interval_cache's; past its end,
-the last bucket. With `buckets: 1` the program stays one graph under its own name
-with its plan (calibrated on every step, the table still in), so cache passes can
-run after it.
+The Plan chooses the variant by the timestep itself (`select: timestep`, the
+default): a Bins schedule on the timestep input, with an edge halfway between the
+timestep ranges of neighbouring buckets, so a request with another step count or
+sampler still gets the scales calibrated for its noise level (the variant is
+chosen by the first batch row's t; the calibration run must be one sampler
+request, whose buckets cover disjoint timestep ranges). `select: call` keeps a
+static Table by call index, like interval_cache's (past its end, the last bucket),
+for loops whose t does not identify the step. With `buckets: 1` the program stays
+one graph under its own name with its plan (calibrated on every step, the table
+still in), so cache passes can run after it.
 
 Per-bucket precision (`float_blocks: k`, off by default): per bucket, the k
 repeated blocks whose relative input-output difference |out - in| / |in| is
@@ -52,7 +58,7 @@ compute-bound shapes, issue 5), so the choice here is INT8 vs float.
 
 Reads: the calibration run (ctx.calibration). Writes: a TimestepQuantPlan record
 (buckets, schedule, table timesteps, per-bucket layers, block changes), graphs
-`bucket0..bucket<n-1>` and a Table plan; int8/int32 constants and the tables on
+`bucket0..bucket<n-1>` and a Bins (or Table) plan; int8/int32 constants and the tables on
 the graph modules; `pared.ir.region` / `pared.ir.created_by` on inserted nodes.
 Invariant: with the calibration's timesteps every variant computes what
 quantize_linears' rewrite computes with that bucket's scales, on fp32 temporal
@@ -72,7 +78,7 @@ import torch.fx as fx
 from pared.analysis.redundancy import block_regions, observe_values, primary_io
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Always, Call, Plan, Table
+from pared.ir.plan import Always, Bins, Call, Plan, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
@@ -119,6 +125,9 @@ class TimestepQuantPlan(Record):
     tolerance: float                    # |t - T[k]| accepted as a table hit
     excluded: tuple[str, ...] = ()      # regions left float by option `exclude`
     calls: int = 0
+    select: str = "call"                # how the plan picks a variant: by "timestep" value or by "call" index
+    edges: tuple[float, ...] = ()       # select timestep: the Bins edges (ascending t)
+    t_ranges: tuple[tuple[float, float], ...] = ()  # per bucket: [min, max] t of its calibration calls
 
 
 @register_pass("timestep_quant")
@@ -134,6 +143,7 @@ class QuantizePerTimestep(RewritePass):
         exclude: tuple[str, ...] | str = ()  # region patterns whose linear layers stay float (ir.regions syntax)
         float_blocks: int = 0            # per bucket, this many most-changing blocks keep float linears
         tolerance: float = 1e-4          # a row's t matches a table timestep within this (absolute)
+        select: Literal["timestep", "call"] = "timestep"  # the plan picks a bucket by t's value, or by call index
 
         def __post_init__(self):
             check_range("timestep_quant", "buckets", self.buckets, lo=1)
@@ -202,13 +212,20 @@ class QuantizePerTimestep(RewritePass):
             ins = tuple(f"in:{n}" for n in program.plan.inputs)
             outs = tuple(f"out:{n}" for n in src.output_names)
             routines = tuple((name, (Call(name, ins, outs),)) for name in graphs)
-            plan = Plan(program.plan.inputs, outs, routines, Table(schedule, schedule[-1]))
+            if o.select == "timestep":
+                edges, order = _t_edges(obs, spans, self.name)
+                sched = Bins(o.timestep, edges, tuple(buckets[b].graph for b in order))
+            else:
+                sched = Table(schedule, schedule[-1])
+            plan = Plan(program.plan.inputs, outs, routines, sched)
         record = TimestepQuantPlan(
             "timestep_quant", o.method, o.percentile if o.method == "percentile" else None,
             "uint8 asymmetric per-tensor, per step bucket", "int8 symmetric per-channel, shared by the buckets",
             o.timestep, tuple(float(t) for t in timesteps), tuple(n.name for n in borders),
             tuple(sorted({s.region for s in t_sites})), tuple(buckets), schedule, schedule[-1], o.tolerance,
-            tuple(excluded), calls)
+            tuple(excluded), calls, o.select if len(graphs) > 1 else "call",
+            tuple(plan.schedule.edges) if isinstance(plan.schedule, Bins) else (),
+            tuple(_t_range(obs, lo, hi) for lo, hi in spans))
         new = program.replace(graphs=graphs, plan=plan, records={**program.records, "TimestepQuantPlan": record})
         quantized = max(len(bq.layers) for bq in buckets)
         ctx.log.info("timestep_quant: %d buckets over %d steps, %d linear layers int8 (%d float on the t-path, "
@@ -410,6 +427,32 @@ def _bucket_spans(calls: int, buckets: int) -> list[tuple[int, int]]:
     """`buckets` contiguous near-equal ranges of call indices [first, last]."""
     edges = [round(b * calls / buckets) for b in range(buckets + 1)]
     return [(edges[b], edges[b + 1] - 1) for b in range(buckets)]
+
+
+def _t_range(obs: _Observed, first: int, last: int) -> tuple[float, float]:
+    ts = np.concatenate([np.asarray(obs.t[c], dtype=np.float64).reshape(-1) for c in range(first, last + 1)])
+    return float(ts.min()), float(ts.max())
+
+
+def _t_edges(obs: _Observed, spans: list[tuple[int, int]], by: str) -> tuple[tuple[float, ...], list[int]]:
+    """Bins edges (ascending t) halfway between neighbouring buckets' timestep
+    ranges, and the bucket indices in ascending-t order.
+
+    Raises:
+        PassError: when two buckets' timestep ranges overlap (the calibration run
+            is not one sampler request with t monotone over its steps).
+    """
+    ranges = [_t_range(obs, lo, hi) for lo, hi in spans]
+    order = sorted(range(len(spans)), key=lambda b: ranges[b])
+    edges = []
+    for a, b in zip(order, order[1:]):
+        if ranges[a][1] >= ranges[b][0]:
+            raise PassError(f"pass '{by}': option 'select' is 'timestep' but the calibration steps of bucket {a} "
+                            f"(t in [{ranges[a][0]:g}, {ranges[a][1]:g}]) and bucket {b} (t in [{ranges[b][0]:g}, "
+                            f"{ranges[b][1]:g}]) overlap, so t cannot tell them apart; calibrate on one sampler "
+                            "request, or pick variants by call index with select: call")
+        edges.append(0.5 * (ranges[a][1] + ranges[b][0]))
+    return tuple(edges), order
 
 
 def _tables(obs: _Observed, borders: list[fx.Node], tol: float, by: str) -> tuple[np.ndarray, dict]:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -134,3 +135,23 @@ def test_step_values_feed_per_call_scalars():
                schedule=Always("main"))
     with pytest.raises(PlanError, match="reads 'step:k' before it is produced"):
         bad.validate({"scale": (2, 1)})
+
+
+def test_bins_plan_picks_a_routine_by_an_inputs_value():
+    from pared.ir.plan import Bins
+    plan = Plan(inputs=("x", "t"), outputs=("y",), routines=(
+        ("lo", (Call("lo", ("in:x",), ("y",)),)),
+        ("hi", (Call("hi", ("in:x",), ("y",)),)),
+    ), schedule=Bins(input="t", edges=(500.0,), routines=("lo", "hi")))
+    plan.validate({"lo": (1, 1), "hi": (1, 1)})
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    r = PlanRunner(plan, lambda name, args: [args[0] * (1 if name == "lo" else 2)])
+    for t in (900.0, 500.0, 499.9, 0.0):         # an edge belongs to the bin above it
+        r([np.ones(2), np.array([t, 0.0], np.float32)])   # the first row's t decides
+    assert r.trace == ["hi", "hi", "lo", "lo"]
+    with pytest.raises(PlanError, match="bins schedule reads input 'step'"):
+        dataclasses.replace(plan, schedule=Bins("step", (1.0,), ("lo", "hi"))).validate({"lo": (1, 1), "hi": (1, 1)})
+    with pytest.raises(PlanError, match="2 edges need 3 routines"):
+        Bins("t", (1.0, 2.0), ("lo", "hi"))
+    with pytest.raises(PlanError, match="strictly ascending"):
+        Bins("t", (2.0, 1.0), ("lo", "hi", "lo"))

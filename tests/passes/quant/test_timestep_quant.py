@@ -15,6 +15,7 @@ from pared.backends.onnxruntime.lower import lower_graph
 from pared.bench import param_bytes
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
+from pared.ir.plan import Bins, Table
 from pared.ir.program import Program, get_attr
 from pared.ir.transform import PassContext, get_pass
 from pared.passes.quant.common import activation_qparams
@@ -26,6 +27,9 @@ BUCKETS = 4
 #: the lossy bound on the loop's final sample, relative L2 against eager fp32
 #: (measured: 0.0015 with 4 buckets)
 REL_L2 = 0.02
+#: the same bound for a 20-step request (2.5x the steps, each adding its rounding;
+#: measured 0.032 with variants chosen by t)
+STEPS_20_REL_L2 = 0.06
 #: linears of TinyDiT off the t-path: embed, 2 per block (mlp.0, mlp.2), out
 QUANTIZED = 1 + 2 * 6 + 1
 CPU = {"name": "cpu", "backend": "onnxruntime", "threads": 1}
@@ -92,7 +96,13 @@ def test_schedule_runs_each_bucket_at_its_steps_with_its_own_scales():
     m, x, prog, res = _quantized()
     p = res.program
     want = tuple(f"bucket{i * BUCKETS // STEPS}" for i in range(STEPS))
-    assert p.plan.schedule.routines == want
+    rec = p.records["TimestepQuantPlan"]
+    # chosen by t: the sampler runs t = 900 .. 0, so bucket0 holds the highest timesteps
+    assert isinstance(p.plan.schedule, Bins) and p.plan.schedule.input == "t" and rec.select == "timestep"
+    assert p.plan.schedule.routines == tuple(reversed([f"bucket{b}" for b in range(BUCKETS)]))
+    assert rec.schedule == want and len(rec.edges) == BUCKETS - 1
+    for (lo_a, hi_a), (lo_b, hi_b), edge in zip(rec.t_ranges[1:], rec.t_ranges, reversed(rec.edges)):
+        assert hi_a < edge < lo_b                  # each edge lies between two buckets' timesteps
     runner = p.runner()
     tiny_sampler_loop(x, STEPS)(lambda *a: runner(list(a))[0])
     assert runner.trace == list(want)
@@ -111,6 +121,42 @@ def test_schedule_runs_each_bucket_at_its_steps_with_its_own_scales():
         assert lq.activation_scale == pytest.approx(s, rel=1e-6) and lq.activation_zero_point == z
         scales.append(s)
     assert len(set(scales)) == BUCKETS            # the ranges drift across steps
+
+
+def test_another_step_count_gets_the_bucket_of_its_timesteps():
+    m, x, prog, res = _quantized()
+    rec = res.program.records["TimestepQuantPlan"]
+    runner = res.program.runner()
+    steps = 20
+    loop = tiny_sampler_loop(x, steps)
+    got = loop(lambda *a: runner(list(a))[0])
+    # each call runs the bucket whose calibrated timestep range is nearest its t
+    for t, chosen in zip(torch.linspace(900, 0, steps).tolist(), runner.trace):
+        dist = [0.0 if lo <= t <= hi else min(abs(t - lo), abs(t - hi)) for lo, hi in rec.t_ranges]
+        assert chosen == rec.buckets[int(np.argmin(dist))].graph, t
+    assert runner.trace[0] == "bucket0" and runner.trace[-1] == f"bucket{BUCKETS - 1}"
+    with torch.no_grad():
+        ref = loop(m)
+    # by call index, the 20-step request would run bucket3 (t <= 128) from its 8th call (t = 521) on
+    _, _, _, by_call = _quantized(select="call")
+    assert isinstance(by_call.program.plan.schedule, Table)
+    assert by_call.program.records["TimestepQuantPlan"].select == "call"
+    runner = by_call.program.runner()
+    got_by_call = loop(lambda *a: runner(list(a))[0])
+    assert runner.trace[7:] == ["bucket3"] * (steps - 7)
+    print("rel L2 over 20 steps: by t", _rel_l2(ref, got), "by call", _rel_l2(ref, got_by_call))
+    assert _rel_l2(ref, got) < STEPS_20_REL_L2
+
+
+def test_select_timestep_needs_disjoint_timestep_ranges():
+    m, (x, t) = tiny_dit()
+
+    def two_requests(fn):                        # one calibration run, two samplers back to back
+        tiny_sampler_loop(x, 4)(fn)
+        return tiny_sampler_loop(x, 4)(fn)
+    with pytest.raises(PassError, match="option 'select' is 'timestep' but the calibration steps of bucket 0 .* "
+                                        "overlap.*select: call"):
+        get_pass("timestep_quant")(buckets=2)(capture(m, (x, t)), PassContext(calibration=two_requests))
 
 
 def test_numerics_over_the_sampler_loop_within_the_stated_bound():
@@ -168,7 +214,7 @@ def test_artifact_runs_the_schedule_torch_free_and_matches_torch(tmp_path):
         print(ex.manifest["records"]["TimestepQuantPlan"]["method"])
     """)
     trace, method = out.strip().splitlines()[-2:]
-    assert trace.split(",") == list(opt.program.plan.schedule.routines) and method == "timestep_quant"
+    assert trace.split(",") == list(opt.program.records["TimestepQuantPlan"].schedule) and method == "timestep_quant"
     # the variants' int8 weights are stored once: each file points into shared.weights at the same offset
     import onnx
     where = {}
@@ -227,6 +273,7 @@ def test_running_twice_is_refused_on_the_variants():
     ({"tolerance": -1.0}, "option 'tolerance' must be in \\[0, inf\\]"),
     ({"bucket": 2}, "unknown option 'bucket'; did you mean 'buckets'"),
     ({"method": "entropy"}, "option 'method' expects"),
+    ({"select": "step"}, "option 'select' expects"),
 ])
 def test_bad_options(opts, message):
     with pytest.raises(OptionError, match=f"pass 'timestep_quant'.*{message}"):
