@@ -153,7 +153,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         "torch_threads": torch.get_num_threads(), "ort_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": timing["repeats"],
         "timings_ms": {k: _stats(timing, k) for k in ("eager", "backend_plain", "optimized")},
-        "calls_per_task": getattr(wl, "calls_per_task", None),
+        "calls_per_task": wl.calls_per_task,
         "speedup": {"vs_eager": med["eager"] / med["optimized"],
                     "vs_backend_plain": med["backend_plain"] / med["optimized"],
                     "backend_plain_vs_eager": med["eager"] / med["backend_plain"]},

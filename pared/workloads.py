@@ -78,6 +78,9 @@ class Workload:
 
     name = ""
     summary = ""
+    #: model calls in one timed task, where per-call latency is what users quote
+    #: (a policy call); None where the task itself is the unit (a sampler request)
+    calls_per_task: int | None = None
 
     @property
     def pipeline(self) -> str | None:
