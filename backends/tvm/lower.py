@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 import os
 import platform
 import re
@@ -31,11 +32,12 @@ log = logging.getLogger("pared.backends.tvm")
 
 #: relative L2 error between TVM and the fx graph above which a lowering is refused
 CHECK_REL_L2 = 1e-4
-#: the same bound for a graph holding quantizers: TVM rounds x / s (as ORT does) where
+#: the same bound for a graph that quantizes activations: TVM rounds x / s (as ORT does) where
 #: torch's quantize op rounds x * (1 / s), so a value on a rounding boundary lands one
 #: step away and deeper layers amplify it (measured on all-MiniLM-L6-v2: rel L2 0.02-0.03
 #: after six layers; 1e-7 on a 3-layer MLP); the ONNX Runtime backend's bound (see
-#: backends/onnxruntime/lower.py). A broken lowering shows as an error of order 1.
+#: backends/onnxruntime/lower.py). A broken lowering shows as an error of order 1. Weight-only
+#: layers (float activations) keep CHECK_REL_L2.
 CHECK_REL_L2_QUANT = 0.1
 #: ELF e_machine codes for the triples we build for
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
@@ -63,12 +65,48 @@ def _unsupported_ops(message: str) -> list[str]:
     return [m.group(1)] if m else []
 
 
+def _min_dim(node, imp):
+    """aten.min.dim -> (values, indices): torch's (min, first index of the min) as a
+    min and an argmin (TVM's argmin also takes the first of equal values). Read by
+    timestep_quant's table lookup (the nearest calibrated timestep)."""
+    from tvm import relax
+
+    x = imp.env[node.args[0]]
+    dim = int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0))
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    values = imp.block_builder.emit(relax.op.min(x, axis=[dim], keepdims=keep))
+    indices = imp.block_builder.emit(relax.op.argmin(x, axis=dim, keepdims=keep))
+    return imp.block_builder.emit(relax.Tuple([values, indices]))
+
+
+def _shift(op_name: str, python_op):
+    """x << n / x >> n (tensor or scalar n) in x's integer dtype: unpacking codes stored
+    several to a byte (code i = (p >> 4 * i) & 15). A shift by the dtype's width or more
+    is not defined in LLVM, where torch gives 0 (or the sign); unpacking never shifts
+    that far."""
+    def convert(node, imp):
+        from tvm import relax
+        return imp._binary_op(getattr(relax.op, op_name), python_op)(node)
+    return convert
+
+
+#: converters for aten ops TVM's PyTorch frontend lacks (its name -> converter(node, importer))
+CONVERTERS = {
+    "min.dim": _min_dim,
+    **{f"{prefix}.{kind}": _shift(op, python_op)
+       for op, python_op, prefixes in (("right_shift", operator.rshift, ("bitwise_right_shift", "__rshift__")),
+                                       ("left_shift", operator.lshift, ("bitwise_left_shift", "__lshift__")))
+       for prefix in prefixes for kind in ("Tensor", "Scalar", "Tensor_Scalar")},
+}
+
+
 def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
     """The graph as a Relax IRModule with its weights bound as constants.
 
     A graph holding quantizers lowers its quantized linear layers to int8 x int8 ->
     int32 matmuls (see backends/tvm/quant.py); `quant_stats` (when given) receives
-    the counts of layers lowered each way.
+    the counts of layers lowered each way. Ops the frontend lacks and pared's
+    passes emit are converted by CONVERTERS.
 
     Raises:
         BackendError: naming the ops TVM's frontend does not support.
@@ -80,14 +118,16 @@ def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
 
     ep = retrace(graph)
     stats = quant_stats if quant_stats is not None else {}
-    custom = quant.convert_map(ep, stats) if quant.has_quantizers(ep) else None
-    if custom is not None:
+    quantized = quant.has_quantizers(ep)
+    custom = dict(CONVERTERS)
+    if quantized:
+        custom.update(quant.convert_map(ep, stats))
         stats.setdefault("int8_matmul", 0)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False,
                                         custom_convert_map=custom)
-        if custom is not None:
+        if quantized:
             # the fake-quant bindings the integer layers replaced, and the weight-side
             # constants (column sums, s_x * s_w) folded at build time
             mod = relax.transform.DeadCodeElimination()(mod)
@@ -183,6 +223,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     """
     import tvm
 
+    from pared.backends.tvm import quant
+
     if not isinstance(tune, bool) or not isinstance(tune_trials, int) or tune_trials < 1:
         raise BackendError(f"tvm backend options: 'tune' must be true/false and 'tune_trials' an int >= 1, "
                            f"got tune={tune!r}, tune_trials={tune_trials!r}")
@@ -213,13 +255,13 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         from pared.backends.tvm.runtime import TvmGraph
         got = TvmGraph(outdir, entry, target)(to_numpy(graph.example_inputs))
         err = compare(to_numpy(graph.run(*graph.example_inputs)), got)
-        limit = CHECK_REL_L2_QUANT if quant_stats else CHECK_REL_L2
+        # weight-only layers dequantize their codes exactly as the fx graph does: the tight bound
+        limit = CHECK_REL_L2_QUANT if quant.quantizes_activations(graph.module) else CHECK_REL_L2
         if not err["rel_l2"] <= limit:
             raise BackendError(f"graph '{name}': TVM output differs from eager (max abs {err['max_abs']:.3g}, "
                                f"rel L2 {err['rel_l2']:.3g}, limit {limit}); use target 'cpu'")
         entry["check"] = err
-        if quant_stats:
-            entry["int8"] = dict(quant_stats)
+        _record_quant(entry, quant_stats)
         return entry
 
     # cross build: link with the cross compiler if there is one, else ship objects
@@ -239,6 +281,17 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         log.warning("graph '%s': no cross linker %s on PATH; shipped unlinked objects %s. %s", name,
                     repr(cc) if cc else "(target has no cross_compiler)", fname, entry["link"])
     entry["check"] = {"structural": True, "elf_objects": _check_elf(path, triple), "triple": triple}
-    if quant_stats:
-        entry["int8"] = dict(quant_stats)
+    _record_quant(entry, quant_stats)
     return entry
+
+
+def _record_quant(entry: dict, stats: Mapping[str, int]) -> None:
+    """The manifest's account of how the quantized layers were lowered: `int8` the
+    integer layers (as before), `weight_only` the block-wise weight-only ones, whose
+    codes were dequantized to float32 constants at build (see backends/tvm/quant.py)."""
+    if not stats:
+        return
+    entry["int8"] = {k: v for k, v in stats.items() if not k.startswith("weight_only_")}
+    wo = {k[len("weight_only_"):-len("_matmul")]: v for k, v in stats.items() if k.startswith("weight_only_")}
+    if wo:
+        entry["weight_only"] = dict(wo, weights="float32, dequantized at build")

@@ -15,6 +15,15 @@ What the quantization passes leave in the fx graph, and what Relax gets:
     ->  s_x, z_x from the range of x at run time (ONNX DynamicQuantizeLinear's rule),
         then the same integer matmul with the run-time scale.
 
+    weight-only (quantize_weights_int4; mixed_precision's w4 and w8), float activations:
+      y = addmm(b, x, t(view(dequantize_per_channel(codes [N*K/bs, bs] uint8, s, z, axis 0), [N, K])))
+    ->  the same ops in Relax; the codes, scales and zero points are constants, so
+        FoldConstant dequantizes them at build time and the shared library holds the
+        float32 weight: a float matmul, as fast as fp32 and as large. TVM has no
+        block-wise int4 kernel to keep the codes for (ORT's MatMulNBits is one), and a
+        run-time dequantize would be a separate kernel writing the float weight at
+        every call. `weight_only_int4_matmul` / `weight_only_int8_matmul` count them.
+
 Shifting the uint8 activation grid by 128 gives int8 values with exactly the same
 rounding and clamping (clamp(round(x/s) + z, 0, 255) - 128 = clamp(round(x/s) + z - 128,
 -128, 127)), so the integer result equals the uint8 one; the zero point folds into
@@ -127,7 +136,28 @@ def convert_map(ep: Any, stats: dict) -> dict[str, Callable]:
         return int8_layer(imp, x_i8, relax.const(shift, "int32"), relax.const(float(s_x), "float32"), w, ws,
                           bias, int_bias)
 
+    def weight_only_bits(w) -> int | None:
+        """4 or 8 when `w` is t(view(dequantize_per_channel(constant uint8 codes, axis 0))),
+        the weight of a weight-only layer; None otherwise. (The importer's decompositions
+        spell t as permute [1, 0].)"""
+        if not (_is(w, "t.default") or (_is(w, "permute.default") and list(w.args[1]) == [1, 0])):
+            return None
+        v = w.args[0]
+        if not (_is(v, "view.default") or _is(v, "reshape.default")):
+            return None
+        d = v.args[0]
+        if not _is(d, "dequantize_per_channel.default") or dtype_of(d.args[6]) != "uint8" or int(d.args[3]) != 0:
+            return None
+        if value(d.args[0]) is None or value(d.args[1]) is None or value(d.args[2]) is None:
+            return None
+        return {15: 4, 255: 8}.get(int(d.args[5]))
+
     def _count_fake(node):
+        bits = weight_only_bits(node.args[-1])
+        if bits is not None:
+            key = f"weight_only_int{bits}_matmul"
+            stats[key] = stats.get(key, 0) + 1
+            return
         if any(_is(a, "dequantize_per_tensor.default") or _is(a, "dequantize_per_channel.default")
                for a in node.args):
             stats["fake_quant_matmul"] = stats.get("fake_quant_matmul", 0) + 1
@@ -173,3 +203,11 @@ def convert_map(ep: Any, stats: dict) -> dict[str, Callable]:
 def has_quantizers(ep: Any) -> bool:
     return any(n.op == "call_function" and str(n.target).startswith(("quantized_decomposed.", "pared_quant."))
                for n in ep.graph.nodes)
+
+
+def quantizes_activations(graph_module: Any) -> bool:
+    """Whether the graph rounds activations to a grid (static or dynamic quantizers):
+    only then may TVM differ from the fx graph by more than summation order."""
+    return any(n.op == "call_function" and str(n.target).startswith(
+        ("quantized_decomposed.quantize_per_tensor", "pared_quant.dynamic_linear"))
+        for n in graph_module.graph.nodes)
