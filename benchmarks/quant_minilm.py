@@ -1,9 +1,13 @@
 """INT8 (`quantize_linears`, static and dynamic) on all-MiniLM-L6-v2 (real weights),
 side by side with torch eager fp32, pared's plain ORT fp32 lowering and the peers,
-in one process. pared variants run softmax_guard_elimination first (torch's
+in one process. `pared_int8` is examples/pipelines/minilm_int8.yaml (its passes;
+the calibration below). pared variants run softmax_guard_elimination first (torch's
 fully-masked-row guard; `pared_int8_guarded` is the same pipeline without it and
 `exp_pared_int8_guard_cut_by_hand` its ONNX file with the guard cut out by hand, a
-check on the pass); `pared_int8_matmuls` also quantizes attention's two matmuls.
+check on the pass); `pared_int8_matmuls` also quantizes attention's two matmuls;
+`pared_int8_prev` is the pipeline before outlier channels (SmoothQuant 0.5 on every
+layer, layer 0's FFN output fp32) on the previous 9-sentence calibration, and
+`pared_int8_prev_cal64` the same on the 64 sentences.
 Peers:
 
     ort_quantize_dynamic          ORT quantize_dynamic, per-channel S8 weights
@@ -21,8 +25,10 @@ in rotating order (pared.fidelity.side_by_side), medians compared, so load from
 other processes hits all runners alike. Fidelity: the whole 213-sentence corpus
 embedded by each runner vs. eager fp32: per-sentence cosine (min / mean) and
 nearest-neighbour agreement (pared.workloads.MiniLMWorkload.fidelity).
-Calibration uses the example sentences of examples/minilm/model.py that are not
-in the corpus (9 of 16). Writes benchmarks/results/quant_minilm.json.
+Calibration: the 64 sentences of examples/minilm/calibration.txt (none in the
+corpus), 8 batches; `pared_int8_prev` keeps the previous one, the example sentences
+of examples/minilm/model.py that are not in the corpus (9 of 16, 2 batches).
+Writes benchmarks/results/quant_minilm.json.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PIPELINE = os.path.join(HERE, "..", "examples", "pipelines", "minilm_int8.yaml")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -75,17 +82,25 @@ def main() -> None:
     pad = (-len(corpus)) % a.batch
     ids, mask = tokens(corpus + corpus[:pad])
     batches = [(ids[i:i + a.batch], mask[i:i + a.batch]) for i in range(0, len(ids), a.batch)]
-    # calibrate on the example sentences that are not in the corpus (cycled to whole batches)
-    cal_sentences = [s for s in list(mod.HELD_OUT) + list(mod.SENTENCES) if s not in set(corpus)]
-    n_cal = -(-len(cal_sentences) // a.batch) * a.batch
-    cycled = [cal_sentences[i % len(cal_sentences)] for i in range(n_cal)]
-    calibration = [tokens(cycled[i:i + a.batch]) for i in range(0, n_cal, a.batch)]
+    def batched(sentences: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n = -(-len(sentences) // a.batch) * a.batch            # cycled to whole batches
+        cycled = [sentences[i % len(sentences)] for i in range(n)]
+        return [tokens(cycled[i:i + a.batch]) for i in range(0, n, a.batch)]
+
+    # calibrate on the 64 sentences of calibration.txt (none in the corpus)
+    cal_sentences = mod.calibration_sentences()
+    assert not set(cal_sentences) & set(corpus), "calibration sentences must stay out of the corpus"
+    calibration = batched(cal_sentences)
+    # the previous calibration: the example sentences that are not in the corpus (9)
+    prev_sentences = [s for s in list(mod.HELD_OUT) + list(mod.SENTENCES) if s not in set(corpus)]
+    prev_calibration = batched(prev_sentences)
     example = batches[0]
     target = dataclasses.replace(get_target("cpu"), threads=a.threads)
 
-    def build(pipeline):
+    def build(pipeline, cal=None):
         t0 = time.perf_counter()
-        opt = pared.optimize(model, example, target=target, pipeline=pipeline, calibration=calibration,
+        opt = pared.optimize(model, example, target=target, pipeline=pipeline,
+                             calibration=calibration if cal is None else cal,
                              allow_fidelity_loss=True, bench_repeats=0)
         return opt, time.perf_counter() - t0
 
@@ -95,17 +110,26 @@ def main() -> None:
     # contract that every attention mask keeps a token ([CLS]); every pared variant but
     # pared_int8_guarded runs it first
     guard = [{"softmax_guard_elimination": {"assume_mask_keeps_a_key": True}}]
+    # the pipeline file's passes, as specs the variants below change
+    from pared.pipeline import load_pipeline
+    main = [{p.name: dict(p.options)} for p in load_pipeline(PIPELINE).passes]
+
+    def with_quant(**changes):
+        return [{k: ({**v, **changes} if k == "quantize_linears" else v) for k, v in p.items()} for p in main]
+    prev = guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
+                                          "exclude": ["bert.encoder.layer.0.output.dense"]}}]
     variants = {
-        # the pipeline of examples/pipelines/minilm_int8.yaml: SmoothQuant alpha 0.5, the most sensitive
-        # layer (layer 0's FFN output, whose input carries the largest outlier channels) left fp32
-        "pared_int8": guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
-                                                     "exclude": ["bert.encoder.layer.0.output.dense"]}}],
-        # the same with attention's q.k^T and attn.v quantized too (uint8 x int8, integer kernels)
-        "pared_int8_matmuls": guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5, "matmuls": True,
-                                                             "exclude": ["bert.encoder.layer.0.output.dense"]}}],
-        # the same without softmax_guard_elimination (the pipeline before it existed)
-        "pared_int8_guarded": [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
-                                                     "exclude": ["bert.encoder.layer.0.output.dense"]}}],
+        # examples/pipelines/minilm_int8.yaml: SmoothQuant 0.5 and 4 outlier channels in float on the
+        # LayerNorm-fed layers, none on attention's output projection, 32 outlier channels (no
+        # smoothing) on the FFN output projections (post-GELU, 1536 channels)
+        "pared_int8": PIPELINE,
+        # the previous pipeline (every layer smoothed 0.5, layer 0's FFN output fp32), previous calibration
+        "pared_int8_prev": (prev, prev_calibration),
+        "pared_int8_prev_cal64": prev,
+        # the pipeline with attention's q.k^T and attn.v quantized too (uint8 x int8, integer kernels)
+        "pared_int8_matmuls": with_quant(matmuls=True),
+        # the pipeline without softmax_guard_elimination
+        "pared_int8_guarded": [p for p in main if "softmax_guard_elimination" not in p],
         # fidelity first: every FFN output projection (the layers whose GELU inputs carry the outliers) fp32
         "pared_int8_ffn_out_fp32": guard + [{"quantize_linears": {"method": "minmax", "smooth": 0.5,
                                                                   "exclude": ["bert.encoder.layer.*.output.dense"]}}],
@@ -118,7 +142,7 @@ def main() -> None:
     built = {}
     for name, pipe in variants.items():
         print(f"building: {name}", flush=True)
-        built[name] = build(pipe)
+        built[name] = build(*pipe) if isinstance(pipe, tuple) else build(pipe)
     tvm_built = {}
     if a.tvm:
         tvm_target = dataclasses.replace(get_target("tvm-cpu"), threads=a.threads)
@@ -243,7 +267,10 @@ def main() -> None:
                     "load_average": list(os.getloadavg()), "onnxruntime": onnxruntime.__version__,
                     "torch": torch.__version__},
         "shape": {"batch": a.batch, "seq": a.seq, "sentences": len(corpus),
-                  "calibration": f"{len(cal_sentences)} sentences not in the corpus, {len(calibration)} batches"},
+                  "calibration": f"{len(cal_sentences)} sentences not in the corpus (examples/minilm/"
+                                 f"calibration.txt), {len(calibration)} batches",
+                  "calibration_prev": f"{len(prev_sentences)} sentences not in the corpus, "
+                                      f"{len(prev_calibration)} batches (pared_int8_prev)"},
         "speed": speed, "repeats": sp["repeats"], "fidelity": fidelity, "int8": int8_report,
         "skipped": skipped, "tvm": tvm_report, "profile": profile,
         "targets": {"vs_eager": 2.7, "vs_ort_fp32": 2.0, "cosine_min": 0.99, "nn_agreement": 0.95},

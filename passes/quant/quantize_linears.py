@@ -23,6 +23,21 @@ to relax.quantize + an int8 x int8 -> int32 matmul (backends/tvm/quant.py).
 Activation ranges come from min-max, per-call percentiles, or `method: entropy`
 (the KL-optimal clipping threshold of a histogram over the calibration run).
 
+With `outliers: k` (the mixed-precision decomposition of LLM.int8(), "LLM.int8():
+8-bit Matrix Multiplication for Transformers at Scale", Dettmers et al., NeurIPS
+2022, with the channels fixed at calibration) the k input channels with the largest
+calibrated |x| of each activation bypass the integer matmul:
+         xs = x * m                      m: 1 / s (or 1), and 0 on the k channels
+         y  = addmm(bd, dq(q(xs)), wd)   the k rows of Wq are 0
+              + mm(index_select(x, -1, idx), W[idx])   float, [M, k] x [k, N]
+so a few outlier channels no longer set the activation scale, nor (smoothed) the
+weights' per-channel scales. The Mul is the one `smooth` already emits (or a new
+one); ORT runs the extra part as Gather -> MatMul -> Add, k / K of the layer's work.
+`overrides` sets `smooth` and `outliers` per layer by region pattern (first match
+wins), e.g. no smoothing for attention's output projection and outlier channels for
+the FFN output projections (measured on MiniLM: examples/pipelines/minilm_int8.yaml);
+layers that read one activation must agree, since they share its factors.
+
 Why the bias is int32 behind a DequantizeLinear: with a float bias, ORT's
 basic-level MatMulAddFusion merges MatMul + Add into a float Gemm before the
 QDQ fusion runs, nothing fuses, and the fake-quant graph ran at 0.53x fp32 (issue
@@ -48,8 +63,9 @@ quantize_dynamic writes); the TVM backend as an int8 x int8 -> int32 matmul. The
 bias stays float (s_x is only known at run time), and no calibration run is needed.
 
 Reads: the calibration run (ctx.calibration; static mode only). Writes: a QuantPlan record (per
-layer: calibrated range, scales, bits, smoothing factors' range), int8/int32 constants on the new graph
-module, `pared.ir.region` on the inserted nodes (the layer's region).
+layer: calibrated range, scales, bits, smoothing factors' range; the outlier channels are counted in
+the pass's stats, `outlier_channels`), int8/int32 constants on the new graph module,
+`pared.ir.region` on the inserted nodes (the layer's region).
 Invariant: on the torch side the rewritten graph computes what the integer
 kernels compute, up to values on a rounding boundary (torch rounds x * (1/s), ORT
 x / s), which the ORT backend's looser export bound for quantized graphs allows;
@@ -59,8 +75,9 @@ weights' DequantizeLinear back into float constants).
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -80,6 +97,54 @@ _aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
 #: the transposes torch.export leaves between a Linear's [N, K] weight and its matmul
 _TRANSPOSES = {_aten.permute.default, _aten.t.default, _aten.transpose.int}
+#: the pass's registry name: the float matmuls it inserts for outlier channels carry it as created_by
+_NAME = "quantize_linears"
+#: what one entry of the option `overrides` may set
+_OVERRIDE_KEYS = ("layers", "smooth", "outliers")
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """One entry of the option `overrides`: settings for the layers matching `layers`."""
+    layers: tuple[str, ...]          # region patterns (ir.regions syntax)
+    smooth: float | None = None      # SmoothQuant alpha for these layers (None: off), when `set_smooth`
+    set_smooth: bool = False         # the entry sets `smooth` (else the pass-wide value holds)
+    outliers: int | None = None      # outlier channels for these layers (None: the pass-wide value)
+
+    def matches(self, regions: tuple[str, ...]) -> bool:
+        return any(match(p, r) for p in self.layers for r in regions)
+
+
+def _override(entry: Any, i: int) -> LayerOverride:
+    """One `overrides` entry, checked (OptionError names the entry and the key)."""
+    where = f"pass 'quantize_linears': option 'overrides' entry {i}"
+    if isinstance(entry, LayerOverride):
+        return entry
+    if not isinstance(entry, Mapping):
+        raise OptionError(f"{where}: expected a mapping like {{layers: 'encoder.*.fc2', smooth: null, "
+                          f"outliers: 16}}, got {type(entry).__name__} {entry!r}")
+    for key in entry:
+        if key not in _OVERRIDE_KEYS:
+            close = difflib.get_close_matches(str(key), _OVERRIDE_KEYS, n=1)
+            raise OptionError(f"{where}: unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else
+                                                                f"; known: {', '.join(_OVERRIDE_KEYS)}"))
+    layers = entry.get("layers")
+    layers = (layers,) if isinstance(layers, str) else layers
+    if not isinstance(layers, (tuple, list)) or not layers or not all(isinstance(p, str) and p for p in layers):
+        raise OptionError(f"{where}: 'layers' must be a region pattern or a non-empty list of them, "
+                          f"got {entry.get('layers')!r}")
+    smooth = entry.get("smooth")
+    if smooth is not None:
+        if isinstance(smooth, bool) or not isinstance(smooth, (int, float)):
+            raise OptionError(f"{where}: 'smooth' expects a float in [0, 1] or null, got {smooth!r}")
+        check_range("quantize_linears", f"overrides[{i}].smooth", smooth, lo=0.0, hi=1.0)
+        smooth = float(smooth)
+    outliers = entry.get("outliers")
+    if outliers is not None:
+        if isinstance(outliers, bool) or not isinstance(outliers, int):
+            raise OptionError(f"{where}: 'outliers' expects an int >= 0, got {outliers!r}")
+        check_range("quantize_linears", f"overrides[{i}].outliers", outliers, lo=0)
+    return LayerOverride(tuple(layers), smooth, "smooth" in entry, outliers)
 
 
 @dataclass(frozen=True)
@@ -112,6 +177,12 @@ class QuantizeLinears(RewritePass):
         # also the activation x activation matmuls (attention's q.k^T and attn.v): static uint8 x int8
         # QDQ on both operands, calibrated like the linear inputs (static mode only)
         matmuls: bool = False
+        # per activation, this many input channels (largest calibrated |x|) bypass the int8 matmul and
+        # run as a small float matmul added to its result (LLM.int8()-style); static mode, minmax
+        outliers: int = 0
+        # per-layer `smooth` / `outliers`, first match wins: [{layers: pattern(s), smooth: a | null,
+        # outliers: k}]; a key left out keeps the pass-wide value
+        overrides: tuple[Mapping[str, Any], ...] = ()
 
         def __post_init__(self):
             check_range("quantize_linears", "percentile", self.percentile, lo=50.0, hi=100.0, lo_open=True)
@@ -127,6 +198,20 @@ class QuantizeLinears(RewritePass):
             if self.mode == "dynamic" and self.matmuls:
                 raise OptionError("pass 'quantize_linears': option 'matmuls' needs mode 'static' (the attention "
                                   "matmuls' two operands get calibrated scales)")
+            check_range("quantize_linears", "outliers", self.outliers, lo=0)
+            overrides = tuple(_override(e, i) for i, e in enumerate(self.overrides))
+            object.__setattr__(self, "overrides", overrides)
+            per_channel = [("outliers", self.outliers > 0)] + \
+                [(f"overrides[{i}]", (e.set_smooth and e.smooth is not None) or bool(e.outliers))
+                 for i, e in enumerate(overrides)]
+            for what, used in per_channel:
+                if used and self.mode == "dynamic":
+                    raise OptionError(f"pass 'quantize_linears': option '{what}' needs mode 'static' (outlier "
+                                      "channels and smoothing factors come from calibrated per-channel ranges)")
+                if used and self.method != "minmax":
+                    raise OptionError(f"pass 'quantize_linears': option '{what}' needs method 'minmax' (the "
+                                      f"range left after smoothing or removing outlier channels is derived from "
+                                      f"per-channel extremes); got method '{self.method}'")
             # one pattern, or a YAML list, becomes a tuple (options are immutable)
             object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str)
                                else tuple(self.exclude))
@@ -146,7 +231,7 @@ class QuantizeLinears(RewritePass):
                               stats={"quantized": 0, "excluded": len(excluded)})
         new_graphs = dict(program.graphs)
         layers: list[LayerQuant] = []
-        calls = 0
+        calls = n_outliers = 0
         for name, sites in todo.items():
             if not sites:
                 continue
@@ -159,9 +244,11 @@ class QuantizeLinears(RewritePass):
                                   lq.region, lq.in_features, lq.out_features)
                 continue
             nodes = {n.name: n for n in src.module.graph.nodes}
+            channels = any(alpha is not None or k for alpha, k in (_settings(s, o) for s in sites))
             calls, observed = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
-                                             o.percentile, self.name, channels=o.smooth is not None)
-            decided = _decide(src.module, sites, observed, o.smooth, ctx)
+                                             o.percentile, self.name, channels=channels)
+            decided = _decide(src.module, sites, observed, o, ctx)
+            n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None)
             new_graphs[name], done = _rewrite(src, decided, self.name)
             layers += done
             for lq in done:
@@ -200,6 +287,8 @@ class QuantizeLinears(RewritePass):
                      wbytes * 4 / 1e6, wbytes / 1e6)
         stats = {"quantized": len(layers), "excluded": len(excluded), "bias_int32": sum(lq.bias for lq in layers),
                  "calibration_calls": calls}
+        if o.outliers or o.overrides:
+            stats["outlier_channels"] = n_outliers
         if o.matmuls:
             stats["matmuls"] = n_matmuls
         return PassResult(new, modified=True, stats=stats)
@@ -213,11 +302,31 @@ class _Decision:
     hi: float
     group: str                       # the activation's source node: layers reading it share `smooth`
     smooth: torch.Tensor | None      # SmoothQuant factors s [K] (x / s, W rows * s), or None
+    outliers: torch.Tensor | None = None  # int64 [k] input channels run in float (option `outliers`), or None
 
 
-def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, alpha: float | None,
+def _settings(site: _Site, o: "QuantizeLinears.Options") -> tuple[float | None, int]:
+    """(SmoothQuant alpha, outlier channels) for one layer: the first matching override, else the pass-wide
+    options."""
+    alpha, k = o.smooth, o.outliers
+    for ov in o.overrides:
+        if ov.matches(site.regions):
+            if ov.set_smooth:
+                alpha = ov.smooth
+            if ov.outliers is not None:
+                k = ov.outliers
+            break
+    return alpha, k
+
+
+def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, o: "QuantizeLinears.Options",
             ctx: PassContext) -> list[_Decision]:
-    """Ranges (and SmoothQuant factors) per layer from the calibration observations."""
+    """Ranges (and SmoothQuant factors, outlier channels) per layer from the calibration observations.
+
+    Raises:
+        PassError: when layers reading one activation get different settings from `overrides`, or
+            `outliers` leaves no channel for the int8 matmul.
+    """
     nodes = {n.name: n for n in gm.graph.nodes}
     groups: dict[str, list[_Site]] = {}
     for s in sites:
@@ -230,15 +339,42 @@ def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, alpha: float
                 ctx.log.debug("quantize_linears: %s: input never observed in calibration; left float", s.node)
         if not seen:
             continue
-        if alpha is None:
+        settings = {_settings(s, o) for s in seen}
+        if len(settings) > 1:
+            raise PassError(f"pass 'quantize_linears': layers {[s.region for s in seen]} read one activation "
+                            f"({nodes[group].format_node()}) and so share its smoothing factors and outlier "
+                            f"channels, but option 'overrides' gives them different (smooth, outliers): "
+                            f"{sorted(settings, key=str)}; give them one setting")
+        ((alpha, k),) = settings
+        if alpha is None and not k:
             out += [_Decision(s, *observed[s.x].range(), group, None) for s in seen]
             continue
         ch_lo, ch_hi = observed[seen[0].x].channel_range()
         x_abs = torch.maximum(ch_lo.abs(), ch_hi.abs())
-        w_abs = torch.stack([_weight_kn(gm, s).abs().amax(dim=1) for s in seen]).amax(dim=0)
-        factors = smooth_factors(x_abs, w_abs, alpha)
-        lo, hi = float((ch_lo / factors).min()), float((ch_hi / factors).max())
-        out += [_Decision(s, lo, hi, group, factors) for s in seen]
+        idx = None
+        if k:
+            if k >= x_abs.numel():
+                raise PassError(f"pass 'quantize_linears': option 'outliers' ({k}) leaves none of the "
+                                f"{x_abs.numel()} input channels of {[s.region for s in seen]} to the int8 "
+                                f"matmul; use fewer, or exclude the layers")
+            # the k largest |x| channels, in channel order (ties: the lower channel)
+            idx = torch.sort(torch.topk(x_abs, k, sorted=True).indices).values.to(torch.int64)
+            x_abs = x_abs.clone()
+            x_abs[idx] = 0.0            # their range no longer counts: smooth_factors gives them 1
+        if alpha is not None:
+            w_abs = torch.stack([_weight_kn(gm, s).abs().amax(dim=1) for s in seen]).amax(dim=0)
+            factors = smooth_factors(x_abs, w_abs, alpha)
+        else:
+            factors = None
+        lo_ch, hi_ch = (ch_lo, ch_hi) if factors is None else (ch_lo / factors, ch_hi / factors)
+        if idx is not None:
+            keep = torch.ones_like(ch_lo, dtype=torch.bool)
+            keep[idx] = False
+            lo_ch, hi_ch = lo_ch[keep], hi_ch[keep]
+            ctx.log.debug("quantize_linears: %s: input channels %s (|x| up to %.4g) run in float", group,
+                          idx.tolist(), float(torch.maximum(ch_lo.abs(), ch_hi.abs()).max()))
+        lo, hi = float(lo_ch.min()), float(hi_ch.max())
+        out += [_Decision(s, lo, hi, group, factors, idx) for s in seen]
     return out
 
 
@@ -267,10 +403,11 @@ def _find_sites(gm: fx.GraphModule, batched: bool = True) -> list[_Site]:
         addmm(b, x, W^T) and mm(x, W^T)                          x: [M, K]
         bmm(x, expand(W^T)) (-> view) (+ b)                      x: [B, S, K]
     the batched form is what a Linear on a non-contiguous 3-D input exports to; it is
-    matched only when `batched` (static shapes: its rewrite restores the output shape)."""
+    matched only when `batched` (static shapes: its rewrite restores the output shape).
+    The float matmuls this pass inserts for outlier channels are not layers: skipped."""
     sites = []
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.kwargs:
+        if n.op != "call_function" or n.kwargs or n.meta.get(meta.CREATED_BY) == _NAME:
             continue
         if n.target is _aten.addmm.default:
             bias, x, w = n.args[:3]
@@ -339,13 +476,24 @@ def _bias_add(mm: fx.Node, n_out: int) -> tuple[fx.Node, fx.Node | None]:
 
 
 def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None,
-                smooth: bool):
-    """The quantized layer as a torch function (traced into the graph by splice)."""
+                smooth: bool, outliers: bool = False):
+    """The quantized layer as a torch function (traced into the graph by splice). `smooth` (or
+    `outliers`): the first constant multiplies x (1 / s or 1, 0 on the outlier channels); `outliers`:
+    the last two are the outlier channels' indices [k] and float weight rows [k, N], whose float
+    matmul is added to the result."""
     def linear(x, *consts):
-        if smooth:
-            inv_s, *consts = consts
-            x = _aten.mul.Tensor(x, inv_s)
-        return linear_nd(x, *consts)
+        if not outliers:
+            if smooth:
+                inv_s, *consts = consts
+                x = _aten.mul.Tensor(x, inv_s)
+            return linear_nd(x, *consts)
+        inv_s, *consts, idx, w_out = consts
+        xo = _aten.index_select.default(x, -1, idx)            # the outlier channels, before the Mul
+        y = linear_nd(_aten.mul.Tensor(x, inv_s), *consts)
+        if out_shape is not None:
+            xo = xo.reshape(-1, xo.shape[-1])
+            return _aten.add.Tensor(y, _aten.mm.default(xo, w_out).view(out_shape))
+        return _aten.add.Tensor(y, _aten.mm.default(xo, w_out))
 
     def linear_nd(x, wq, ws, wz, *bias):
         if out_shape is not None:
@@ -376,9 +524,12 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
     for d in decided:
         s = d.site
         node, x = nodes[s.out], nodes[s.x]
-        w = _weight_kn(gm, s)
+        w = w_float = _weight_kn(gm, s)
         if d.smooth is not None:
             w = w * d.smooth[:, None]
+        if d.outliers is not None:
+            w = w.clone()
+            w[d.outliers] = 0.0        # those channels go through the float matmul, not the int8 one
         wq, ws = quantize_weight(w)                                    # [K, N] int8, [N] scales
         scale, zp = activation_qparams(d.lo, d.hi)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
@@ -387,16 +538,23 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
             consts["b"], consts["bs"] = quantize_bias(get_attr(gm, s.bias), scale, ws)
             consts["bz"] = torch.zeros(ws.shape, dtype=torch.int32)
         attrs = []
-        if d.smooth is not None:
+        if d.smooth is not None or d.outliers is not None:
             if d.group not in smooth_attr:
                 target = f"_quant_{index}_smooth"
-                gm.register_buffer(target, (1.0 / d.smooth).to(torch.float32).contiguous())
+                inv = torch.ones(w.shape[0]) if d.smooth is None else 1.0 / d.smooth
+                if d.outliers is not None:
+                    inv = inv.clone()
+                    inv[d.outliers] = 0.0
+                gm.register_buffer(target, inv.to(torch.float32).contiguous())
                 with gm.graph.inserting_after(last_ph):
                     a = gm.graph.get_attr(target)
                 a.meta["val"] = getattr(gm, target)
                 a.meta[meta.CREATED_BY] = by
                 smooth_attr[d.group] = a
             attrs.append(smooth_attr[d.group])
+        if d.outliers is not None:     # their indices and float weight rows [k, N]
+            consts["oi"] = d.outliers.contiguous()
+            consts["ow"] = w_float[d.outliers].to(torch.float32).contiguous()
         layer_attrs = []
         for key, value in consts.items():
             layer_attrs.append(add_constant(gm, f"_quant_{index}_{key}", value, by, before=node))
@@ -405,7 +563,8 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
         xval = x.meta["val"]
         examples = [torch.zeros(tuple(int(d) for d in xval.shape), dtype=torch.float32)] + \
             [getattr(gm, str(a.target)) for a in attrs]
-        fn = _qdq_linear(scale, zp, s.bias is not None, s.out_shape, d.smooth is not None)
+        fn = _qdq_linear(scale, zp, s.bias is not None, s.out_shape, d.smooth is not None,
+                         d.outliers is not None)
         (y,) = splice(gm, fn, [x] + attrs, examples, by)
         for new in _created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region

@@ -84,7 +84,7 @@ from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, RangeObserver
-from pared.passes.quant.quantize_linears import _decide, _find_sites, _next_index, _rewrite, _Site
+from pared.passes.quant.quantize_linears import QuantizeLinears, _decide, _find_sites, _next_index, _rewrite, _Site
 
 _aten = torch.ops.aten
 #: ops that only reshape, cast or copy: a t-only border reached through these alone is not worth a table
@@ -95,6 +95,9 @@ _TRIVIAL = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.defaul
 #: variants): int8 weight, its scales and zero points, the bias's zero points
 _WEIGHT_KEYS = ("w", "ws", "wz", "bz")
 
+
+#: per-layer settings for quantize_linears' decision: no smoothing, no float outlier channels
+PLAIN_INT8 = QuantizeLinears.Options()
 
 @dataclass(frozen=True)
 class BucketQuant:
@@ -192,7 +195,7 @@ class QuantizePerTimestep(RewritePass):
             chosen = [s for s in todo if not any(r in floats for r in s.regions)]
             observed = {s.x: _merged(obs.ranges[s.x][lo_step:hi_step + 1], o.method, o.percentile)
                         for s in chosen}
-            decided = _decide(base.module, chosen, observed, None, ctx)
+            decided = _decide(base.module, chosen, observed, PLAIN_INT8, ctx)
             # one bucket keeps the graph's name and plan: a single-graph program cache passes can follow
             name = f"bucket{b}" if len(spans) > 1 else gname
             graph, done = _rewrite(base, decided, self.name) if decided else (base, [])

@@ -314,7 +314,13 @@ def test_pipeline_file_builds():
     from pared.workloads import EXAMPLES
     passes = build_passes(load_pipeline(os.path.join(EXAMPLES, "pipelines", "minilm_int8.yaml")))
     q = next(p for p in passes if p.name == "quantize_linears")
-    assert q.options.smooth == 0.5 and q.options.exclude == ("bert.encoder.layer.0.output.dense",)
+    assert q.options.smooth == 0.5 and q.options.exclude == () and q.options.outliers == 0
+    ffn_out = q.options.overrides[1]
+    assert ffn_out.layers == ("bert.encoder.layer.*.output.dense",) and ffn_out.outliers == 32
+    assert ffn_out.set_smooth and ffn_out.smooth is None
+    # the FFN output pattern does not reach attention's output projection (matched by the first entry)
+    assert q.options.overrides[0].matches(("bert.encoder.layer.0.attention.output.dense",))
+    assert not ffn_out.matches(("bert.encoder.layer.0.attention.output.dense",))
 
 
 def test_constant_folding_after_quantizing_keeps_the_quantizers():
@@ -526,3 +532,133 @@ def test_matmuls_option_checks():
     m, x, prog, res = _quantized(matmuls=True)
     again = get_pass("quantize_linears")(matmuls=True)(res.program, PassContext(calibration=_calibration()))
     assert again.modified is False and again.program is res.program
+
+
+# -- outlier channels in float (LLM.int8()-style) and per-layer overrides
+
+def _outlier_mlp(n=256):
+    torch.manual_seed(0)
+    m = OutlierMLP().eval()
+    x = torch.randn(n, 32)
+    return m, x, capture(m, (x,)), [(torch.randn(n, 32),) for _ in range(3)]
+
+
+def test_outliers_run_the_largest_channels_in_float():
+    m, x, prog, cal = _outlier_mlp()
+    plain = get_pass("quantize_linears")()(prog, PassContext(calibration=cal))
+    res = get_pass("quantize_linears")(outliers=2)(prog, PassContext(calibration=cal))
+    assert res.modified and res.stats["quantized"] == 2 and res.stats["outlier_channels"] == 4
+    p = res.program
+    # per layer: the int8 addmm plus a Gather of the outlier channels into a float mm, added to it;
+    # one Mul (0 on the outlier channels, else 1) ahead of each QuantizeLinear, one shared constant
+    assert op_count(p, "aten.addmm") == 2 and op_count(p, "aten.mm") == 2
+    assert op_count(p, "aten.index_select") == 2
+    assert op_count(p, "aten.mul") == op_count(plain.program, "aten.mul") + 2
+    gm = p.main.module
+    consts = {str(n.target): get_attr(gm, str(n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    (mask,) = [v for k, v in consts.items() if k.endswith("_smooth")]
+    assert mask[:2].tolist() == [0.0, 0.0] and bool((mask[2:] == 1.0).all())
+    idx = [v for k, v in consts.items() if k.endswith("_oi")]
+    assert len(idx) == 2 and all(i.tolist() == [0, 1] for i in idx)        # the two gain-60 channels
+    rows = [v for k, v in consts.items() if k.endswith("_ow")]
+    assert all(r.dtype == torch.float32 and tuple(r.shape) == (2, 16) for r in rows)
+    weights = [v for k, v in consts.items() if k.endswith("_w")]
+    assert all(w.dtype == torch.int8 and not w[:2].any() for w in weights)   # their int8 rows are 0
+    torch.testing.assert_close(rows[0], m.a.weight.detach().t()[:2])
+    # the activation scale no longer covers the outliers: about 60x finer
+    scales = [lq.activation_scale for lq in p.records["QuantPlan"].layers]
+    assert max(scales) < min(lq.activation_scale for lq in plain.program.records["QuantPlan"].layers) / 20
+    with torch.no_grad():
+        ref = m(x)
+        err_plain, err = _rel_l2(ref, plain.program(x)), _rel_l2(ref, p(x))
+    assert err < 0.1 * err_plain and err < 0.005                     # measured: 0.0008 vs 0.040
+    # with smoothing: the same channels in float, SmoothQuant factors on the rest
+    both = get_pass("quantize_linears")(outliers=2, smooth=0.5)(prog, PassContext(calibration=cal))
+    with torch.no_grad():
+        assert _rel_l2(ref, both.program(x)) < 0.005                 # measured: 0.0011
+    assert all(lq.smooth_range is not None for lq in both.program.records["QuantPlan"].layers)
+    assert "QuantPlan" not in prog.records                           # input left alone
+
+
+def test_outliers_lower_to_integer_kernels(tmp_path):
+    m, x, prog, cal = _outlier_mlp(64)
+    res = get_pass("quantize_linears")(outliers=2, smooth=0.5)(prog, PassContext(calibration=[(x,)]))
+    entry = lower_graph(res.program.main, "main", CPU, str(tmp_path))
+    rep = entry["int8"]
+    # the layers stay QGemm; only the [64, 2] x [2, 16] outlier parts are float matmuls
+    assert rep["integer_ops"] == {"QGemm": 2} and rep["dq_into_float_matmul"] == []
+    assert rep["dequantize_linear"] == 0 and rep["float_matmuls"] <= 2
+    from pared.backends.onnxruntime.runtime import OrtGraph
+    got = OrtGraph(str(tmp_path), entry, CPU)([x.numpy()])
+    with torch.no_grad():
+        ref = m(x)
+    assert _rel_l2(ref, torch.from_numpy(got[0])) < 0.005
+
+
+def test_outliers_on_the_batched_linear_form():
+    torch.manual_seed(0)
+    m = PermutedLinear().eval()
+    cal = [(torch.randn(6, 2, 16),) for _ in range(3)]
+    res = get_pass("quantize_linears")(outliers=3)(capture(m, cal[0]), PassContext(calibration=cal))
+    assert res.stats["quantized"] == 2 and res.stats["outlier_channels"] == 6
+    assert op_count(res.program, "aten.bmm") == 0 and op_count(res.program, "aten.index_select") == 2
+    # on a calibrated input (Gaussian channels have no outliers, so a held-out one may clip harder
+    # than without the option: the minmax range of the rest is tighter)
+    with torch.no_grad():
+        assert _rel_l2(m(cal[0][0]), res.program(cal[0][0])) < 0.01        # measured: 0.006
+
+
+def test_overrides_set_smooth_and_outliers_per_layer():
+    m, x, prog, res0 = _quantized(smooth=0.5)
+    res = get_pass("quantize_linears")(
+        smooth=0.5, overrides=[{"layers": "blocks.*.proj", "smooth": None},
+                               {"layers": ["blocks.*.mlp.2", "head"], "smooth": None, "outliers": 4},
+                               {"layers": "blocks.**", "outliers": 1}])(prog, PassContext(calibration=_calibration()))
+    plan = {lq.region: lq for lq in res.program.records["QuantPlan"].layers}
+    assert plan["blocks.0.proj"].smooth_range is None and plan["blocks.1.mlp.2"].smooth_range is None
+    assert plan["blocks.0.qkv"].smooth_range is not None and plan["blocks.1.mlp.0"].smooth_range is not None
+    # proj: first match (smooth off; outliers pass-wide 0); mlp.2 and head: 4 each; qkv and mlp.0: 1 each
+    assert res.stats["outlier_channels"] == 2 * 4 + 4 + 2 * 1 + 2 * 1
+    assert op_count(res.program, "aten.index_select") == 2 + 1 + 2 + 2
+    held_out = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, got = m(held_out), res.program(held_out)
+    for k in ("tokens", "logits"):
+        assert _rel_l2(ref[k], got[k]) < REL_L2, k
+    # running twice: the outlier matmuls are not layers, nothing more to quantize
+    again = get_pass("quantize_linears")(outliers=1)(res.program, PassContext(calibration=_calibration()))
+    assert again.modified is False and again.program is res.program
+    # an override that changes nothing gives the pass-wide result
+    same = get_pass("quantize_linears")(smooth=0.5, overrides=[{"layers": "nothing.*", "outliers": 3}])(
+        prog, PassContext(calibration=_calibration()))
+    assert same.program.main.module.code == res0.program.main.module.code
+
+
+def test_overrides_must_agree_on_a_shared_activation():
+    m, x, prog, cal = _outlier_mlp()
+    with pytest.raises(PassError, match="pass 'quantize_linears': layers \\['a', 'b'\\] read one activation.*"
+                                        "give them one setting"):
+        get_pass("quantize_linears")(overrides=[{"layers": "a", "outliers": 2}])(prog, PassContext(calibration=cal))
+
+
+def test_outliers_must_leave_channels_to_int8():
+    m, x, prog, cal = _outlier_mlp()
+    with pytest.raises(PassError, match="option 'outliers' \\(32\\) leaves none of the 32 input channels"):
+        get_pass("quantize_linears")(outliers=32)(prog, PassContext(calibration=cal))
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"outliers": -1}, "option 'outliers' must be in \\[0, inf\\]"),
+    ({"outliers": 4, "method": "entropy"}, "option 'outliers' needs method 'minmax'"),
+    ({"outliers": 4, "mode": "dynamic"}, "option 'outliers' needs mode 'static'"),
+    ({"overrides": [{"layers": "a", "outlier": 2}]}, "entry 0: unknown key 'outlier'; did you mean 'outliers'"),
+    ({"overrides": [{"smooth": 0.5}]}, "entry 0: 'layers' must be a region pattern"),
+    ({"overrides": [{"layers": "a", "smooth": 1.5}]}, "option 'overrides\\[0\\].smooth' must be in \\[0, 1\\]"),
+    ({"overrides": [{"layers": "a", "outliers": 2.5}]}, "entry 0: 'outliers' expects an int"),
+    ({"overrides": ["a"]}, "entry 0: expected a mapping"),
+    ({"overrides": [{"layers": "a"}, {"layers": "b", "smooth": 0.5}], "method": "percentile"},
+     "option 'overrides\\[1\\]' needs method 'minmax'"),
+])
+def test_bad_outlier_and_override_options(opts, message):
+    with pytest.raises(OptionError, match=f"pass 'quantize_linears'.*{message}"):
+        get_pass("quantize_linears")(**opts)
