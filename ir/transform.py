@@ -242,7 +242,7 @@ def load_builtin_passes() -> None:
     """Import the pass packages so their @register_pass decorators run."""
     import importlib
     for mod in ("pared.passes.generic", "pared.passes.cache", "pared.passes.quant", "pared.analysis.cost",
-                "pared.analysis.redundancy", "pared.analysis.quant_sensitivity"):
+                "pared.analysis.redundancy", "pared.analysis.quant_sensitivity", "pared.analysis.latency"):
         importlib.import_module(mod)
 
 

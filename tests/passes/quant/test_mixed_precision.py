@@ -263,3 +263,201 @@ def test_vit_mnist_mixed_pipeline_end_to_end_torch_free(tmp_path):
     bound = 1e-2 if any(x.format == "w8a8" for x in plan.layers) else 1e-4
     assert np.linalg.norm(got - torch_side) / np.linalg.norm(torch_side) < bound
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.99
+
+
+# -- latency budget -----------------------------------------------------------
+def _ns_cost(lay, fmt):
+    return int(round(lay.cost(fmt) * 1e9))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_with_latency_costs_matches_brute_force(seed):
+    # latency-like costs: nanoseconds, not ordered by bits (a quantized kernel may be slower than fp32)
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(3, 7))
+    costs = [rng.integers(2_000, 9_000, 3).tolist() for _ in range(n)]
+    errors = [[float(rng.random()), float(rng.random()), 0.0] for _ in range(n)]
+    full = sum(c[2] for c in costs)
+    lo = sum(min(c) for c in costs)
+    for frac in (0.5, 0.7, 0.85, 1.0):
+        budget = int(frac * full)
+        if budget < lo:
+            with pytest.raises(ValueError, match="no choice fits"):
+                allocate(costs, errors, budget)
+            continue
+        choice, unit = allocate(costs, errors, budget)
+        assert unit == 1 or all(c % unit == 0 for cs in costs for c in cs)
+        e = sum(errors[i][j] for i, j in enumerate(choice))
+        c = sum(costs[i][j] for i, j in enumerate(choice))
+        assert c <= budget and e == pytest.approx(_brute(costs, errors, budget)[0], abs=1e-12)
+        # an option slower than fp32 and no more accurate is never taken
+        assert all(costs[i][j] <= costs[i][2] or errors[i][j] < 0.0 for i, j in enumerate(choice) if j != 2)
+
+
+def _latency_profile(prof, *, block_size=32, slow_head=True):
+    """A LatencyProfile for the tiny transformer's layers with fixed latencies (fp32: K*N*M/64 ns,
+    w8a8 0.6x, w4 0.3x; the head's quantized kernels slower than its fp32 one), so that the
+    decision does not depend on this machine's timing (measured profiles: tests/analysis/test_latency.py
+    and test_latency_budget_on_a_measured_profile)."""
+    from pared.analysis.latency import LatencyProfile, LayerLatency
+    layers = []
+    for lay in prof.layers:
+        m = 2 if lay.layer == "head" else 32
+        fp32 = lay.in_features * lay.out_features * m / 64 * 1e-9
+        q8, q4 = (3.0, 2.0) if (lay.layer == "head" and slow_head) else (0.6, 0.3)
+        layers.append(LayerLatency(lay.layer, lay.nodes, lay.in_features, lay.out_features, m, True,
+                                   ("fp32", "w8a8", "w4"), (fp32 + 5e-6, q8 * fp32 + 5e-6, q4 * fp32 + 5e-6),
+                                   5e-6))
+    return LatencyProfile(prof.graph, "cpu", "onnxruntime", 1, 15, block_size, 128, True,
+                          len({x.shape for x in layers}), tuple(layers))
+
+
+def _mixed_latency(lat_kwargs=None, **opts):
+    from pared.analysis.latency import LatencyProfile
+    m, (x,) = tiny_transformer()
+    prog = capture(m, (x,))
+    ctx = PassContext(calibration=_calibration())
+    get_pass("quant_sensitivity")()(prog, ctx)
+    ctx.records[LatencyProfile] = _latency_profile(ctx.get(SensitivityProfile), **(lat_kwargs or {}))
+    return m, x, prog, ctx, get_pass("mixed_precision")(**opts)(prog, ctx)
+
+
+@pytest.fixture(scope="module")
+def latency_045():
+    return _mixed_latency(latency=0.45)
+
+
+def test_latency_budget_is_respected_and_optimal(latency_045):
+    from pared.analysis.latency import LatencyProfile
+    m, x, prog, ctx, res = latency_045
+    plan = res.program.records["MixedPrecisionPlan"]
+    lat = ctx.get(LatencyProfile)
+    assert plan.objective == "latency" and plan.unit_bytes == 0 and plan.unit_ns >= 1
+    assert plan.latency_s <= plan.budget_latency_s + 1e-12 and plan.latency_fraction <= 0.45
+    assert plan.budget_latency_s == pytest.approx(int(0.45 * sum(_ns_cost(x, "fp32") for x in lat.layers)) * 1e-9)
+    assert plan.fp32_latency_s == pytest.approx(sum(x.cost("fp32") for x in lat.layers))
+    assert plan.bytes < plan.fp32_bytes and res.stats["latency_permille"] == round(1000 * plan.latency_fraction)
+    assert res.program.records["LatencyProfile"] is lat           # stored on the program (goes to the manifest)
+    fmt = {x.layer: x.format for x in plan.layers}
+    assert fmt["head"] == "fp32"                                    # its int kernels are slower than fp32
+    assert all(x.latency_s == pytest.approx(lat.layer(x.layer).cost(x.format)) for x in plan.layers)
+    # the optimum over all 3^9 choices of the profiles (costs in integer ns, as the pass counts them)
+    prof = ctx.get(SensitivityProfile)
+    costs = [[_ns_cost(lat.layer(x.layer), f) for f in ("w4", "w8a8", "fp32")] for x in prof.layers]
+    errors = [[x.error("w4") ** 2, x.error("w8a8") ** 2, 0.0] for x in prof.layers]
+    budget = int(round(plan.budget_latency_s * 1e9))
+    assert budget <= 1 << 16 and plan.unit_ns == 1                 # gcd units: the DP is exact
+    assert plan.predicted_rel_l2 ** 2 == pytest.approx(_brute(costs, errors, budget)[0], rel=1e-9)
+
+
+def test_latency_choice_lowers_to_its_kernels_and_stays_close_to_eager(latency_045, tmp_path):
+    m, x, prog, ctx, res = latency_045
+    plan = res.program.records["MixedPrecisionPlan"]
+    n4, n8 = sum(x.format == "w4" for x in plan.layers), sum(x.format == "w8a8" for x in plan.layers)
+    assert n4 and n8 and res.stats["w4"] == n4 and res.stats["w8a8"] == n8
+    assert op_count(res.program, "quantized_decomposed.quantize_per_tensor") == n8
+    assert op_count(prog, "quantized_decomposed") == 0 and "MixedPrecisionPlan" not in prog.records
+    held_out = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, got = m(held_out)["tokens"], res.program(held_out)["tokens"]
+    assert 1e-5 < float((ref - got).norm() / ref.norm()) < 0.05      # the pass's lossy bound (as weight_bytes)
+    entry = lower_graph(res.program.main, "main", CPU, str(tmp_path))
+    want = {k: v for k, v in (("QGemm", n8), ("MatMulNBits", n4)) if v}
+    assert entry["int8"]["integer_ops"] == want and entry["int8"]["dq_into_float_matmul"] == []
+
+
+def test_weight_bytes_plan_reports_predicted_latency():
+    _, _, _, ctx, res = _mixed_latency(weight_bytes=0.2)
+    plan = res.program.records["MixedPrecisionPlan"]
+    assert plan.objective == "weight_bytes" and plan.unit_bytes >= 1 and plan.fraction <= 0.2
+    assert plan.budget_latency_s is None and 0 < plan.latency_fraction < 1
+    assert plan.latency_s == pytest.approx(sum(x.latency_s for x in plan.layers))
+
+
+def test_latency_target_search_bisects_on_latency():
+    *_, res = _mixed_latency(target={"cosine": 0.99995}, objective="latency")
+    plan = res.program.records["MixedPrecisionPlan"]
+    assert plan.objective == "latency" and plan.target_met and plan.measured["cosine"] >= 0.99995
+    assert len(plan.probes) >= 2 and any(p[3] < 0.99995 for p in plan.probes)
+    # the probes' budgets are latency fractions; the kept one is the cheapest in latency that met the goal
+    meeting = [p for p in plan.probes if p[3] >= 0.99995]
+    assert plan.budget_latency_s / plan.fp32_latency_s == pytest.approx(min(p[0] for p in meeting), abs=1e-6)
+
+
+def test_too_tight_latency_budget_and_mismatched_profile_are_refused():
+    from pared.analysis.latency import LatencyProfile
+    m, (x,) = tiny_transformer()
+    prog = capture(m, (x,))
+    ctx = PassContext(calibration=_calibration())
+    get_pass("quant_sensitivity")()(prog, ctx)
+    with pytest.raises(PassError, match="pass 'mixed_precision' needs a LatencyProfile; run 'latency'"):
+        PassManager([get_pass("mixed_precision")(latency=0.5)]).run(prog, ctx)
+    ctx.records[LatencyProfile] = _latency_profile(ctx.get(SensitivityProfile))
+    # all w4 (0.3x) but the head: 0.30 of fp32 is the least any choice reaches
+    with pytest.raises(PassError, match="option 'latency' 0.2 is below what any choice .* reaches \\(0.300.* "
+                                        "summed latency measured on cpu .*allow faster formats"):
+        get_pass("mixed_precision")(latency=0.2)(prog, ctx)
+    ctx.records[LatencyProfile] = _latency_profile(ctx.get(SensitivityProfile), block_size=64)
+    with pytest.raises(PassError, match="LatencyProfile timed weight-only formats with block_size 64"):
+        get_pass("mixed_precision")(latency=0.6)(prog, ctx)
+
+
+def test_latency_budget_on_a_measured_profile():
+    """quant_sensitivity -> latency (measured here, 1 thread) -> mixed_precision on a small MLP:
+    whatever the timings, the choice fits the measured budget and the graph holds exactly
+    the chosen quantizers; a full budget keeps fp32 (no quantized format is more accurate)."""
+    from pared.analysis.latency import LatencyProfile
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                            torch.nn.ReLU(), torch.nn.Linear(256, 256)).eval()
+    prog = capture(m, (torch.randn(64, 256),))
+    g = torch.Generator().manual_seed(1)
+    ctx = PassContext(calibration=[(torch.randn(64, 256, generator=g),) for _ in range(2)])
+    PassManager([get_pass("quant_sensitivity")(formats=["w8a8"]),
+                 get_pass("latency")(formats=["w8a8"], repeats=5, min_time=0.2)]).run(prog, ctx)
+    lat = ctx.get(LatencyProfile)
+    assert lat.shapes == 1 and all(len(x.latency_s) == 2 for x in lat.layers)
+    res = get_pass("mixed_precision")(latency=1.0, formats=["w8a8", "fp32"])(prog, ctx)
+    assert res.modified is False and res.program is prog and res.stats["fp32"] == 3
+    full = sum(_ns_cost(x, "fp32") for x in lat.layers)
+    least = sum(min(_ns_cost(x, f) for f in x.formats) for x in lat.layers)
+    with pytest.raises(PassError, match="option 'latency' .* is below what any choice"):
+        get_pass("mixed_precision")(latency=0.5 * least / full, formats=["w8a8", "fp32"])(prog, ctx)
+    if least > 0.95 * full:                  # w8a8 barely (or not) faster than fp32 on this machine: no room
+        return
+    frac = (least + full) / 2 / full
+    res = get_pass("mixed_precision")(latency=frac, formats=["w8a8", "fp32"])(prog, ctx)
+    plan = res.program.records["MixedPrecisionPlan"]
+    assert plan.latency_s <= plan.budget_latency_s + 1e-12
+    n8 = sum(x.format == "w8a8" for x in plan.layers)
+    assert n8 >= 1 and op_count(res.program, "quantized_decomposed.quantize_per_tensor") == n8
+    x = torch.randn(64, 256, generator=g)
+    with torch.no_grad():
+        ref, got = m(x), res.program(x)
+    assert float((ref - got).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"weight_bytes": 0.3, "latency": 0.5}, "options 'weight_bytes' and 'latency' are two budgets"),
+    ({"latency": 0.0}, "option 'latency' must be in \\(0, 1\\]"),
+    ({"latency": 1.2}, "option 'latency' must be in \\(0, 1\\]"),
+    ({"target": {"cosine": 0.99}, "objective": "speed"}, "option 'objective' takes one of \\['weight_bytes', "
+                                                          "'latency'\\]"),
+    ({"latency": 0.5, "objective": "weight_bytes"}, "option 'objective' 'weight_bytes' disagrees with the budget "
+                                                    "given \\(option 'latency'\\)"),
+    ({"latncy": 0.5}, "unknown option 'latncy'; did you mean 'latency'"),
+])
+def test_bad_latency_options(opts, message):
+    with pytest.raises(OptionError, match=f"pass 'mixed_precision'.*{message}"):
+        get_pass("mixed_precision")(**opts)
+
+
+def test_latency_pipeline_file_builds():
+    from pared.pipeline import build_passes, load_pipeline
+    from pared.workloads import EXAMPLES
+    passes = build_passes(load_pipeline(os.path.join(EXAMPLES, "pipelines", "minilm_mixed_latency.yaml")))
+    names = [p.name for p in passes]
+    assert names.index("quant_sensitivity") < names.index("latency") < names.index("mixed_precision")
+    mp, lat = passes[names.index("mixed_precision")], passes[names.index("latency")]
+    assert mp.options.latency == 0.6 and mp.options.weight_bytes is None and mp.options.objective == "latency"
+    assert set(lat.options.formats) == set(mp.options.formats) - {"fp32"} and lat.options.threads == 1
