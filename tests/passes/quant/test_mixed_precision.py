@@ -183,6 +183,20 @@ def test_all_float_is_a_no_op():
     assert res.modified is False and res.program is prog and res.stats["fp32"] == 9
 
 
+def test_running_twice_finds_nothing_more():
+    # the quantized layers are no longer float linears: a second profile sees only the fp32 ones,
+    # and with the whole budget for them (weight_bytes 1.0 of what is left) nothing changes
+    m, x, prog, res = _mixed(target={"rel_l2": 0.01})
+    plan = res.program.records["MixedPrecisionPlan"]
+    left = sum(x.format == "fp32" for x in plan.layers)
+    assert res.modified and 0 < left < len(plan.layers)
+    ctx = PassContext(calibration=_calibration())
+    get_pass("quant_sensitivity")()(res.program, ctx)
+    assert len(ctx.get(SensitivityProfile).layers) == left
+    again = get_pass("mixed_precision")(weight_bytes=1.0)(res.program, ctx)
+    assert again.modified is False and again.program is res.program and again.stats["fp32"] == left
+
+
 def test_needs_the_sensitivity_profile():
     m, (x,) = tiny_transformer()
     with pytest.raises(PassError, match="pass 'mixed_precision'.*needs a SensitivityProfile; run 'quant_sensitivity'"):
