@@ -158,7 +158,7 @@ class Latency(Analysis):
             object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
 
     def analyze(self, program: Program, ctx: PassContext) -> LatencyProfile:
-        from pared.passes.quant.quantize_linears import _find_sites
+        from pared.passes.quant.quantize_linears import find_sites
 
         o = self.options
         gname = o.graph or next(iter(program.graphs))
@@ -169,7 +169,7 @@ class Latency(Analysis):
         gm = g.module
         target = _target_json(ctx.target, o.threads)
         by_layer: dict[str, list] = {}
-        for s in _find_sites(gm, batched=not any(g.dynamic_dims)):
+        for s in find_sites(gm, batched=not any(g.dynamic_dims)):
             by_layer.setdefault(s.region, []).append(s)
         if not by_layer:
             raise PassError(f"pass 'latency': no linear layer in graph '{gname}' to measure")
@@ -253,7 +253,7 @@ class Latency(Analysis):
 
     def _rewrite(self, base: Program, fmt: str) -> Program:
         """The one-layer program in `fmt`, rewritten as mixed_precision rewrites a layer."""
-        from pared.passes.quant.quantize_linears import QuantizeLinears, _find_sites
+        from pared.passes.quant.quantize_linears import QuantizeLinears, find_sites
         from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
 
         o = self.options
@@ -263,7 +263,7 @@ class Latency(Analysis):
             x = base.main.example_inputs[0]
             res = QuantizeLinears()(base, PassContext(calibration=[(x,)]))
             return res.program
-        sites = _find_sites(base.main.module)
+        sites = find_sites(base.main.module)
         g, _ = quantize_sites_weight_only(base.main, sites, o.w8_block_size if fmt == "w8" else o.block_size,
                                           o.symmetric, self.name, FORMATS[fmt])
         return base.with_graph("main", g)

@@ -132,7 +132,7 @@ class QuantSensitivity(Analysis):
     def analyze(self, program: Program, ctx: PassContext) -> SensitivityProfile:
         from pared.passes.quant.common import (dequantize_weight_blocks, fake_quant_weight_int8, observe_ranges,
                                                quantize_weight_blocks, quantized_weight_bytes, weight_only_bytes)
-        from pared.passes.quant.quantize_linears import _find_sites
+        from pared.passes.quant.quantize_linears import find_sites
 
         o = self.options
         gname = o.graph or next(iter(program.graphs))
@@ -147,7 +147,7 @@ class QuantSensitivity(Analysis):
         nodes = {n.name: n for n in gm.graph.nodes}
         skipped: list[tuple[str, str]] = []
         by_layer: dict[str, list] = {}
-        for s in _find_sites(gm, batched=not any(g.dynamic_dims)):
+        for s in find_sites(gm, batched=not any(g.dynamic_dims)):
             regions = s.regions or (s.region,)
             if not any(match(p, r) for p in o.layers for r in regions) or \
                     any(match(p, r) for p in o.exclude for r in regions):

@@ -78,7 +78,7 @@ from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
-from pared.passes.quant.quantize_linears import QuantizeLinears, _find_sites
+from pared.passes.quant.quantize_linears import QuantizeLinears, find_sites
 from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
 
 #: target metrics: name -> True when larger is better
@@ -277,7 +277,7 @@ class MixedPrecision(RewritePass):
             raise PassError(f"pass 'mixed_precision' quantizes a single-graph program (the one the "
                             f"SensitivityProfile measured); this one has graphs {list(program.graphs)}")
         gm = program.graphs[prof.graph].module
-        present = {s.region for s in _find_sites(gm, batched=not any(program.graphs[prof.graph].dynamic_dims))}
+        present = {s.region for s in find_sites(gm, batched=not any(program.graphs[prof.graph].dynamic_dims))}
         layers = [lay for lay in prof.layers if lay.layer in present]
         if not layers:
             return PassResult(program, modified=False, preserved=tuple(ctx.records),
@@ -465,9 +465,9 @@ class MixedPrecision(RewritePass):
         quantize_linears on the layers chosen for w8a8."""
         o = self.options
         g = program.graphs[gname]
-        sites = _find_sites(g.module, batched=not any(g.dynamic_dims))
+        sites = find_sites(g.module, batched=not any(g.dynamic_dims))
         for fmt, bs in (("w4", o.block_size), ("w8", o.w8_block_size)):
-            todo = [s for s in _find_sites(g.module, batched=not any(g.dynamic_dims)) if fmt_of.get(s.region) == fmt]
+            todo = [s for s in find_sites(g.module, batched=not any(g.dynamic_dims)) if fmt_of.get(s.region) == fmt]
             if todo:
                 g, _ = quantize_sites_weight_only(g, todo, bs, o.symmetric, self.name, FORMAT_BITS[fmt])
         new = program.with_graph(gname, g)

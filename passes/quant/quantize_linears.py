@@ -72,6 +72,11 @@ x / s), which the ORT backend's looser export bound for quantized graphs allows;
 layers matched by `exclude` stay float. Single-graph programs only: run it before
 cache and partition passes, and after constant_folding (which would fold the
 weights' DequantizeLinear back into float constants).
+
+Shared: `find_sites` / `Site` (the layer matcher), `decide` (ranges, smoothing and
+outlier channels per layer) and the rewrite helpers are what the other quantization
+passes build on, and what the quant_sensitivity and latency analyses quantize with,
+so that they measure exactly the layers and numerics the passes produce.
 """
 from __future__ import annotations
 
@@ -148,7 +153,7 @@ def _override(entry: Any, i: int) -> LayerOverride:
 
 
 @dataclass(frozen=True)
-class _Site:
+class Site:
     """A matched linear layer, by node name."""
     node: str            # the matmul (addmm / mm / bmm)
     out: str             # the node whose value the quantized layer replaces (the matmul, or its bias add)
@@ -222,7 +227,7 @@ class QuantizeLinears(RewritePass):
             # the calibration run feeds the model's inputs; cache variants and split parts take others
             raise PassError(f"pass 'quantize_linears' calibrates a single-graph program; this one has graphs "
                             f"{list(program.graphs)}: run it before cache and partition passes")
-        sites_by_graph = {name: _find_sites(g.module, batched=not any(g.dynamic_dims))
+        sites_by_graph = {name: find_sites(g.module, batched=not any(g.dynamic_dims))
                           for name, g in program.graphs.items()}
         excluded = sorted({s.region for sites in sites_by_graph.values() for s in sites if _excluded(s, o.exclude)})
         todo = {name: [s for s in sites if not _excluded(s, o.exclude)] for name, sites in sites_by_graph.items()}
@@ -247,7 +252,7 @@ class QuantizeLinears(RewritePass):
             channels = any(alpha is not None or k for alpha, k in (_settings(s, o) for s in sites))
             calls, observed = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
                                              o.percentile, self.name, channels=channels)
-            decided = _decide(src.module, sites, observed, o, ctx)
+            decided = decide(src.module, sites, observed, o, ctx)
             n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None)
             new_graphs[name], done = _rewrite(src, decided, self.name)
             layers += done
@@ -297,7 +302,7 @@ class QuantizeLinears(RewritePass):
 @dataclass(frozen=True)
 class _Decision:
     """What is decided for one layer before the graph is touched."""
-    site: _Site
+    site: Site
     lo: float                        # activation range to quantize (after smoothing)
     hi: float
     group: str                       # the activation's source node: layers reading it share `smooth`
@@ -305,7 +310,7 @@ class _Decision:
     outliers: torch.Tensor | None = None  # int64 [k] input channels run in float (option `outliers`), or None
 
 
-def _settings(site: _Site, o: "QuantizeLinears.Options") -> tuple[float | None, int]:
+def _settings(site: Site, o: "QuantizeLinears.Options") -> tuple[float | None, int]:
     """(SmoothQuant alpha, outlier channels) for one layer: the first matching override, else the pass-wide
     options."""
     alpha, k = o.smooth, o.outliers
@@ -319,7 +324,7 @@ def _settings(site: _Site, o: "QuantizeLinears.Options") -> tuple[float | None, 
     return alpha, k
 
 
-def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, o: "QuantizeLinears.Options",
+def decide(gm: fx.GraphModule, sites: list[Site], observed: dict, o: "QuantizeLinears.Options",
             ctx: PassContext) -> list[_Decision]:
     """Ranges (and SmoothQuant factors, outlier channels) per layer from the calibration observations.
 
@@ -328,7 +333,7 @@ def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, o: "Quantize
             `outliers` leaves no channel for the int8 matmul.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    groups: dict[str, list[_Site]] = {}
+    groups: dict[str, list[Site]] = {}
     for s in sites:
         groups.setdefault(_through(nodes[s.x], _SAME_SHAPE).name, []).append(s)
     out = []
@@ -378,13 +383,13 @@ def _decide(gm: fx.GraphModule, sites: list[_Site], observed: dict, o: "Quantize
     return out
 
 
-def _weight_kn(gm: fx.GraphModule, s: _Site) -> torch.Tensor:
+def _weight_kn(gm: fx.GraphModule, s: Site) -> torch.Tensor:
     """The float weight of a layer as [K, N] (input channels first)."""
     w = get_attr(gm, s.weight).detach()
     return w.t() if s.transposed else w
 
 
-def _excluded(site: _Site, patterns: tuple[str, ...]) -> bool:
+def _excluded(site: Site, patterns: tuple[str, ...]) -> bool:
     return any(match(p, r) for p in patterns for r in site.regions)
 
 
@@ -397,7 +402,7 @@ def _float_tensor(n: fx.Node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else None
 
 
-def _find_sites(gm: fx.GraphModule, batched: bool = True) -> list[_Site]:
+def find_sites(gm: fx.GraphModule, batched: bool = True) -> list[Site]:
     """Every linear layer whose weight is a 2-D float parameter (behind a transpose,
     as nn.Linear exports, or used directly as [K, N]):
         addmm(b, x, W^T) and mm(x, W^T)                          x: [M, K]
@@ -442,7 +447,7 @@ def _find_sites(gm: fx.GraphModule, batched: bool = True) -> list[_Site]:
             if bv is None or tuple(bv.shape) != (n_out,):
                 continue           # a broadcast or computed bias: not the form QGemm takes
         stack = node_module_path(n)
-        sites.append(_Site(n.name, out.name, x.name, str(wp.target), str(bp.target) if bp is not None else None,
+        sites.append(Site(n.name, out.name, x.name, str(wp.target), str(bp.target) if bp is not None else None,
                            transposed, out_shape, region_of(n), tuple(p for p, _ in stack)))
     return sites
 
@@ -518,7 +523,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
-    index = _next_index(gm)
+    index = next_index(gm)
     last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     smooth_attr: dict[str, fx.Node] = {}      # group -> get_attr of 1 / s, shared by the group's layers
     for d in decided:
@@ -566,7 +571,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
         fn = _qdq_linear(scale, zp, s.bias is not None, s.out_shape, d.smooth is not None,
                          d.outliers is not None)
         (y,) = splice(gm, fn, [x] + attrs, examples, by)
-        for new in _created_between(layer_attrs[0], y):
+        for new in created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
         k, n_out = wq.shape
@@ -614,12 +619,12 @@ def _dynamic_linear_fn(has_bias: bool, out_shape: tuple[int, ...] | None):
     return linear
 
 
-def _rewrite_dynamic(src: Graph, sites: list[_Site], by: str) -> tuple[Graph, list[LayerQuant]]:
+def _rewrite_dynamic(src: Graph, sites: list[Site], by: str) -> tuple[Graph, list[LayerQuant]]:
     """Each site as one pared_quant.dynamic_linear op: int8 weights, float bias, no calibration."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
-    index = _next_index(gm)
+    index = next_index(gm)
     for s in sites:
         node, x = nodes[s.out], nodes[s.x]
         wq, ws = quantize_weight(_weight_kn(gm, s))
@@ -631,7 +636,7 @@ def _rewrite_dynamic(src: Graph, sites: list[_Site], by: str) -> tuple[Graph, li
         examples = [torch.zeros(tuple(int(d) for d in x.meta["val"].shape), dtype=torch.float32)] + \
             [getattr(gm, str(a.target)) for a in attrs]
         (y,) = splice(gm, _dynamic_linear_fn(s.bias is not None, s.out_shape), [x] + attrs, examples, by)
-        for new in _created_between(attrs[0], y):
+        for new in created_between(attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
         k, n_out = wq.shape
@@ -704,7 +709,7 @@ def _rewrite_matmuls(src: Graph, sites: list[tuple[str, str, str]], observed: di
             (y,) = splice(gm, _qdq_act(scale, zp, signed), [x], [example], by)
             region = mm.meta.get(meta.REGION)
             if region is not None:
-                for new in _created_between(x.next, y):
+                for new in created_between(x.next, y):
                     new.meta[meta.REGION] = region
             mm.replace_input_with(x, y)
             ctx.log.debug("quantize_linears: matmul %s operand %s in [%.4g, %.4g] -> %s scale %.4g", mm_name, name,
@@ -715,7 +720,8 @@ def _rewrite_matmuls(src: Graph, sites: list[tuple[str, str, str]], observed: di
     return src.with_module(gm), done
 
 
-def _created_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
+def created_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
+    """The nodes from `first` to `last` inclusive, in graph order (what one rewrite inserted)."""
     out, n = [], first
     while n is not last:
         out.append(n)
@@ -723,7 +729,8 @@ def _created_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
     return out + [last]
 
 
-def _next_index(gm: fx.GraphModule) -> int:
+def next_index(gm: fx.GraphModule) -> int:
+    """The first free i of the `_quant_<i>_*` constants on `gm` (timestep_quant's variants count from it)."""
     i = 0
     while hasattr(gm, f"_quant_{i}_w"):
         i += 1

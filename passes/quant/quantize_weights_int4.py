@@ -59,7 +59,7 @@ from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, register_pass
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
-from pared.passes.quant.quantize_linears import _created_between, _find_sites, _Site
+from pared.passes.quant.quantize_linears import created_between, find_sites, Site
 
 _aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -128,7 +128,7 @@ class QuantizeWeightsInt4(RewritePass):
         skipped: list[tuple[str, str]] = []
         for name, g in program.graphs.items():
             todo = []
-            for s in _find_sites(g.module, batched=not any(g.dynamic_dims)):
+            for s in find_sites(g.module, batched=not any(g.dynamic_dims)):
                 why = _skip_reason(g.module, s, o, ridge)
                 if why:
                     skipped.append((s.region, why))
@@ -163,7 +163,7 @@ def ridge_point(target) -> float:
     return float(fields["peak_flops"]) / float(fields["mem_bandwidth"])
 
 
-def site_shape(gm: fx.GraphModule, s: _Site) -> tuple[int, int, int]:
+def site_shape(gm: fx.GraphModule, s: Site) -> tuple[int, int, int]:
     """(M rows per call, K in, N out) of a linear layer (symbolic dims count 1)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     xs = nodes[s.x].meta["val"].shape
@@ -178,7 +178,7 @@ def intensity(rows: int, k: int, n: int) -> float:
     return 2.0 * rows * k * n / (4.0 * (rows * k + rows * n + k * n))
 
 
-def _skip_reason(gm: fx.GraphModule, s: _Site, o, ridge: float) -> str | None:
+def _skip_reason(gm: fx.GraphModule, s: Site, o, ridge: float) -> str | None:
     regions = s.regions or (s.region,)
     if not any(match(p, r) for p in o.layers for r in regions):
         return "not selected"
@@ -217,7 +217,7 @@ def _weight_only_linear(n_out: int, k: int, bits: int, has_bias: bool, out_shape
     return linear
 
 
-def quantize_sites_weight_only(src: Graph, sites: list[_Site], block_size: int, symmetric: bool, by: str,
+def quantize_sites_weight_only(src: Graph, sites: list[Site], block_size: int, symmetric: bool, by: str,
                                bits: int = 4) -> tuple[Graph, list[LayerWeightQuant]]:
     """Rewrite the given linear layers of one graph to block-wise `bits`-bit (4 or 8)
     weight-only codes (the rewrite shared by quantize_weights_int4 and mixed_precision;
@@ -245,7 +245,7 @@ def quantize_sites_weight_only(src: Graph, sites: list[_Site], block_size: int, 
             args.append(b)
             examples.append(get_attr(gm, s.bias).detach())
         (y,) = splice(gm, _weight_only_linear(n_out, k, bits, s.bias is not None, s.out_shape), args, examples, by)
-        for new in _created_between(attrs[0], y):
+        for new in created_between(attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
         index += 1

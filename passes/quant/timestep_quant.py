@@ -84,7 +84,7 @@ from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, RangeObserver
-from pared.passes.quant.quantize_linears import QuantizeLinears, _decide, _find_sites, _next_index, _rewrite, _Site
+from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, next_index, _rewrite, Site
 
 _aten = torch.ops.aten
 #: ops that only reshape, cast or copy: a t-only border reached through these alone is not worth a table
@@ -167,7 +167,7 @@ class QuantizePerTimestep(RewritePass):
         t_node = _timestep_placeholder(src, o.timestep)
         t_only = _t_only_nodes(gm, t_node)
         borders = _borders(gm, t_node, t_only)
-        sites = _find_sites(gm, batched=not any(src.dynamic_dims))
+        sites = find_sites(gm, batched=not any(src.dynamic_dims))
         t_sites = [s for s in sites if s.out in t_only]
         excluded = sorted({s.region for s in sites if s.out not in t_only and _excluded(s, o.exclude)})
         todo = [s for s in sites if s.out not in t_only and not _excluded(s, o.exclude)]
@@ -185,7 +185,7 @@ class QuantizePerTimestep(RewritePass):
         timesteps, tables = _tables(obs, borders, o.tolerance, self.name)
 
         base = _with_table(src, t_node, borders, timesteps, tables, o.tolerance, self.name)
-        first_index = _next_index(base.module)
+        first_index = next_index(base.module)
         graphs: dict[str, Graph] = {}
         buckets: list[BucketQuant] = []
         shared: dict[str, dict[str, torch.Tensor]] = {}   # layer node -> its weight constants
@@ -195,7 +195,7 @@ class QuantizePerTimestep(RewritePass):
             chosen = [s for s in todo if not any(r in floats for r in s.regions)]
             observed = {s.x: _merged(obs.ranges[s.x][lo_step:hi_step + 1], o.method, o.percentile)
                         for s in chosen}
-            decided = _decide(base.module, chosen, observed, PLAIN_INT8, ctx)
+            decided = decide(base.module, chosen, observed, PLAIN_INT8, ctx)
             # one bucket keeps the graph's name and plan: a single-graph program cache passes can follow
             name = f"bucket{b}" if len(spans) > 1 else gname
             graph, done = _rewrite(base, decided, self.name) if decided else (base, [])
@@ -362,7 +362,7 @@ class _Observed:
     change: dict                             # block path -> per call |out - in| / |in|
 
 
-def _observe(gm: fx.GraphModule, t_node: fx.Node, borders: list[fx.Node], sites: list[_Site],
+def _observe(gm: fx.GraphModule, t_node: fx.Node, borders: list[fx.Node], sites: list[Site],
              blocks: list[tuple[str, fx.Node, fx.Node]], calibration: Any, o: Any, by: str) -> _Observed:
     """One run of the calibration loop through the float graph, everything recorded per call."""
     if calibration is None:
@@ -502,7 +502,7 @@ def _block_change(obs: _Observed, blocks: list, first: int, last: int) -> list[t
             if obs.change[p][first:last + 1]]
 
 
-def _excluded(site: _Site, patterns: tuple[str, ...]) -> bool:
+def _excluded(site: Site, patterns: tuple[str, ...]) -> bool:
     return any(match(p, r) for p in patterns for r in site.regions)
 
 
