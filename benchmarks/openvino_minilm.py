@@ -31,6 +31,7 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 HERE = os.path.dirname(os.path.abspath(__file__))
+PIPELINE = os.path.join(HERE, "..", "examples", "pipelines", "minilm_int8.yaml")
 
 CHILD = r"""
 import json, statistics, sys, time
@@ -95,13 +96,16 @@ def main() -> None:
     calibration = [tokens([held[(i + j) % len(held)] for j in range(8)]) for i in range(0, len(held), 8)]
     work = tempfile.mkdtemp(prefix="pared-ov-")
     np.savez(os.path.join(work, "inputs.npz"), input_ids=example[0].numpy(), attention_mask=example[1].numpy())
-    pipelines = {"fp32": ["constant_folding"],
-                 "int8": ["constant_folding", {"quantize_linears": {"method": "minmax", "smooth": 0.5,
-                                                                    "exclude": ["bert.encoder.layer.0.output.dense"]}}]}
+    from pared.pipeline import load_pipeline
+    int8 = [{p.name: dict(p.options)} for p in load_pipeline(PIPELINE).passes]
+    pipelines = {"fp32": ["constant_folding"], "int8": int8}
+    cal64 = mod.calibration_sentences()            # the pipeline file's calibration sentences, at sequence 128
+    calibrations = {"fp32": calibration,
+                    "int8": [tokens([cal64[(i + j) % len(cal64)] for j in range(8)]) for i in range(0, len(cal64), 8)]}
     arts, execs = {}, {}
     for label, pipe in pipelines.items():
         print(f"building {label}", flush=True)
-        opt = pared.optimize(model, example, target="cpu", pipeline=pipe, calibration=calibration,
+        opt = pared.optimize(model, example, target="cpu", pipeline=pipe, calibration=calibrations[label],
                              allow_fidelity_loss=True, bench_repeats=0)
         arts[label] = opt.save(os.path.join(work, label))
         execs[label] = pared.load(arts[label], threads=1)

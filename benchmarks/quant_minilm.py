@@ -14,7 +14,9 @@ Peers:
     ort_quantize_static_matmul    ORT quantize_static, QDQ, U8S8 per-channel, MatMul only
     ort_quantize_static_default   the same with ORT's default op types (everything it can)
     torchao_pt2e_compile          torchao PT2E static INT8 (X86InductorQuantizer) + torch.compile,
-                                  only when torchao is installed (skipped with a note otherwise)
+                                  only when torchao is installed (skipped with a note otherwise:
+                                  `.venv/bin/pip install --no-deps torchao==0.18.0`, which keeps torch
+                                  2.13.0; measured with it on 2026-12-01)
     tvm_fp32 / tvm_int8 / tvm_dynamic   pared's TVM lowering (with --tvm; untuned)
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/quant_minilm.py \
@@ -185,8 +187,8 @@ def main() -> None:
         try:
             import torchao  # noqa: F401
         except ImportError:
-            skipped["torchao_pt2e_compile"] = ("torchao is not installed (left out on purpose: installing it "
-                                               "may pull another torch)")
+            skipped["torchao_pt2e_compile"] = ("torchao is not installed (pip install --no-deps "
+                                               "torchao==0.18.0 adds it without pulling another torch)")
         else:
             print("building: torchao PT2E + torch.compile peer", flush=True)
             try:
