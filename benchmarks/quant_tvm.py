@@ -37,13 +37,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pared.backends.artifact import write_artifact  # noqa: E402
 from pared.backends.executor import Executor  # noqa: E402
-from pared.backends.lower import lower_program  # noqa: E402
 from pared.ir.capture import capture  # noqa: E402
 from pared.ir.transform import PassContext, get_pass  # noqa: E402
 from pared.targets import get_target  # noqa: E402
-from pared.testing import TinyDiT, TinyMoEDiT, tiny_sampler_loop  # noqa: E402
+from pared.testing import TinyDiT, TinyMoEDiT, save_program, tiny_sampler_loop  # noqa: E402
 
 TVM_CPU = dict(get_target("tvm-cpu").to_json(), threads=1)
 CPU = dict(get_target("cpu").to_json(), threads=1)
@@ -58,14 +56,6 @@ class MLP(nn.Module):
         for i, lin in enumerate(self.layers):
             x = lin(x) if i == len(self.layers) - 1 else nn.functional.gelu(lin(x))
         return x
-
-
-def _save(program, path, target):
-    def build(tmp):
-        graphs = lower_program(program, target, tmp)
-        return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
-                "output_structure": program.output_structure}
-    return write_artifact(str(path), build)
 
 
 def _files(path: str) -> int:
@@ -168,7 +158,7 @@ def main():
         for label, prog in (("fp32", program), ("quant", quantized)):
             for tname, target in (("tvm", TVM_CPU), ("ort", CPU)):
                 t0 = time.perf_counter()
-                arts[f"{tname}_{label}"] = _save(prog, os.path.join(root, name, f"{tname}_{label}"), target)
+                arts[f"{tname}_{label}"] = save_program(prog, os.path.join(root, name, f"{tname}_{label}"), target)
                 print(f"{name}: built {tname} {label} in {time.perf_counter() - t0:.1f} s", flush=True)
         ex = {k: Executor(v) for k, v in arts.items()}
         arrays = [i.numpy() for i in inputs]

@@ -55,6 +55,22 @@ def assert_unchanged(model: nn.Module, snapshot: dict) -> None:
         assert torch.equal(now["tensors"][k], v), f"{k} changed"
 
 
+def save_program(program: Program, path: str, target: dict) -> str:
+    """Lower every graph of `program` for `target` (a target's JSON form) and write
+    the artifact atomically at `path`, with the plan and the program's records, as
+    `Optimized.save` does but without a fidelity run. Returns the artifact path."""
+    from pared.backends.artifact import write_artifact
+    from pared.backends.lower import lower_program
+    from pared.ir.transform import Record
+
+    def build(tmp: str) -> dict:
+        graphs = lower_program(program, target, tmp)
+        return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
+                "output_structure": program.output_structure,
+                "records": {k: r.to_json() for k, r in program.records.items() if isinstance(r, Record)}}
+    return write_artifact(str(path), build)
+
+
 def run_torch_free(code: str, *, cwd: str | None = None, timeout: int = 300) -> str:
     """Run Python code in a subprocess where `import torch` fails; return stdout.
 

@@ -3,29 +3,19 @@ import numpy as np
 import pytest
 import torch
 
-from pared.backends.artifact import write_artifact
 from pared.backends.executor import Executor
-from pared.backends.lower import lower_program
 from pared.ir.capture import capture
 from pared.ir.errors import ArtifactError
 from pared.targets import get_target
-from pared.testing import assert_close_to_eager, run_torch_free, tiny_transformer, two_graph_program
+from pared.testing import assert_close_to_eager, run_torch_free, save_program, tiny_transformer, two_graph_program
 
 CPU = get_target("cpu").to_json()
-
-
-def _save(program, path):
-    def build(tmp):
-        graphs = lower_program(program, CPU, tmp)
-        return {"graphs": graphs, "plan": program.plan.to_json(), "target": CPU,
-                "output_structure": program.output_structure}
-    return write_artifact(str(path), build)
 
 
 def test_tiny_transformer_matches_eager(tmp_path):
     m, inputs = tiny_transformer()
     p = capture(m, inputs)
-    art = _save(p, tmp_path / "a")
+    art = save_program(p, tmp_path / "a", CPU)
     ex = Executor(art)
     ids = torch.randint(0, 50, (2, 16))
     out = ex(ids.numpy())
@@ -37,7 +27,7 @@ def test_tiny_transformer_matches_eager(tmp_path):
 
 def test_executor_checks_inputs(tmp_path):
     m, inputs = tiny_transformer()
-    ex = Executor(_save(capture(m, inputs), tmp_path / "a"))
+    ex = Executor(save_program(capture(m, inputs), tmp_path / "a", CPU))
     with pytest.raises(TypeError, match="must be int64"):
         ex(np.zeros((2, 16), dtype=np.float32))
     with pytest.raises(ValueError, match=r"shape \[2, 16\]"):
@@ -49,7 +39,7 @@ def test_executor_checks_inputs(tmp_path):
 def test_dynamic_batch(tmp_path):
     m, (ids,) = tiny_transformer()
     p = capture(m, (ids,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    ex = Executor(_save(p, tmp_path / "a"))
+    ex = Executor(save_program(p, tmp_path / "a", CPU))
     assert isinstance(ex.inputs[0]["shape"][0], str)
     for b in (1, 5):
         x = torch.randint(0, 50, (b, 16))
@@ -58,7 +48,7 @@ def test_dynamic_batch(tmp_path):
 
 def test_multi_graph_plan_same_on_torch_and_executor(tmp_path):
     full, program = two_graph_program()
-    ex = Executor(_save(program, tmp_path / "a"))
+    ex = Executor(save_program(program, tmp_path / "a", CPU))
     runner = program.runner()
     xs = [torch.randn(2, 8) for _ in range(4)]
     for x in xs:
@@ -75,7 +65,7 @@ def test_multi_graph_plan_same_on_torch_and_executor(tmp_path):
 
 def test_executor_runs_without_torch(tmp_path):
     m, inputs = tiny_transformer()
-    art = _save(capture(m, inputs), tmp_path / "a")
+    art = save_program(capture(m, inputs), tmp_path / "a", CPU)
     np.save(tmp_path / "ids.npy", inputs[0].numpy())
     out = run_torch_free(f"""
         import numpy as np, pared, sys
@@ -91,7 +81,7 @@ def test_executor_runs_without_torch(tmp_path):
 
 def test_missing_provider_is_a_clear_error(tmp_path):
     m, inputs = tiny_transformer()
-    art = _save(capture(m, inputs), tmp_path / "a")
+    art = save_program(capture(m, inputs), tmp_path / "a", CPU)
     import json, os
     from pared.backends.artifact import MANIFEST
     mp = os.path.join(art, MANIFEST)

@@ -14,14 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from pared.backends.artifact import write_artifact
 from pared.backends.executor import Executor
-from pared.backends.lower import lower_program
 from pared.backends.tvm.lower import to_relax
 from pared.ir.capture import capture
 from pared.ir.transform import PassContext, get_pass
 from pared.targets import get_target
-from pared.testing import assert_close_to_eager, run_torch_free
+from pared.testing import assert_close_to_eager, run_torch_free, save_program
 
 TVM_CPU = dict(get_target("tvm-cpu").to_json(), threads=1)
 CPU = dict(get_target("cpu").to_json(), threads=1)
@@ -57,19 +55,11 @@ def _quantized(mode="static", seed=0):
     return m, x, res.program
 
 
-def _save(program, path, target):
-    def build(tmp):
-        graphs = lower_program(program, target, tmp)
-        return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
-                "output_structure": program.output_structure}
-    return write_artifact(str(path), build)
-
-
 @pytest.fixture(scope="module", params=["static", "dynamic"])
 def artifacts(request, tmp_path_factory):
     m, x, program = _quantized(request.param)
     root = tmp_path_factory.mktemp(f"tvmq_{request.param}")
-    return request.param, m, x, program, _save(program, root / "tvm", TVM_CPU), _save(program, root / "ort", CPU)
+    return request.param, m, x, program, save_program(program, root / "tvm", TVM_CPU), save_program(program, root / "ort", CPU)
 
 
 def test_relax_holds_int8_matmuls_and_no_float_dequantize():
@@ -145,7 +135,7 @@ def test_quantizers_outside_a_linear_lower_as_relax_quantize_dequantize(tmp_path
     stats: dict = {}
     text = str(to_relax(program.main, "main", stats))
     assert stats == {"int8_matmul": 0} and "R.quantize(" in text and "R.dequantize(" in text
-    ex = Executor(_save(program, tmp_path / "a", TVM_CPU))
+    ex = Executor(save_program(program, tmp_path / "a", TVM_CPU))
     xs, ws = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), torch.randn(8, 4)
     # the same uint8 grid as torch's quantize op, up to values on a rounding boundary
     assert_close_to_eager(m(xs, ws), ex(xs.numpy(), ws.numpy()), rel_l2=1e-2)

@@ -30,16 +30,14 @@ import pytest
 import torch
 from torch import nn
 
-from pared.backends.artifact import write_artifact
 from pared.backends.executor import Executor
-from pared.backends.lower import lower_program
 from pared.backends.tvm import lower as tvm_lower
 from pared.backends.tvm.lower import to_relax
 from pared.ir.capture import capture
-from pared.ir.transform import PassContext, Record, get_pass
+from pared.ir.transform import PassContext, get_pass
 from pared.targets import get_target
-from pared.testing import (TinyMoEDiT, assert_close_to_eager, run_torch_free, tiny_dit, tiny_sampler_loop,
-                           tiny_transformer)
+from pared.testing import (TinyMoEDiT, assert_close_to_eager, run_torch_free, save_program, tiny_dit,
+                           tiny_sampler_loop, tiny_transformer)
 
 TVM_CPU = dict(get_target("tvm-cpu").to_json(), threads=1)
 CPU = dict(get_target("cpu").to_json(), threads=1)
@@ -67,15 +65,6 @@ STEPS = 4
 pytestmark = pytest.mark.slow                  # TVM and ORT builds of every program (about 80 s in all)
 
 
-def _save(program, path, target):
-    def build(tmp):
-        graphs = lower_program(program, target, tmp)
-        return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
-                "output_structure": program.output_structure,
-                "records": {k: r.to_json() for k, r in program.records.items() if isinstance(r, Record)}}
-    return write_artifact(str(path), build)
-
-
 def _both(program, root):
     """(TVM artifact, ORT artifact, graph name -> the text of the Relax module compiled into the TVM one)."""
     relax: dict = {}
@@ -86,8 +75,8 @@ def _both(program, root):
         return mod
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tvm_lower, "to_relax", recording)
-        tvm_art = _save(program, root / "tvm", TVM_CPU)
-    return tvm_art, _save(program, root / "ort", CPU), relax
+        tvm_art = save_program(program, root / "tvm", TVM_CPU)
+    return tvm_art, save_program(program, root / "ort", CPU), relax
 
 
 def _rel_l2(ref, got) -> float:
@@ -347,7 +336,7 @@ def test_min_dim_converter_matches_torch_with_ties(tmp_path):
     program = capture(MinDim(), (x,))
     text = str(to_relax(program.main, "main"))
     assert text.count("R.argmin(") == 2 and text.count("R.min(") == 2
-    ex = Executor(_save(program, tmp_path / "a", TVM_CPU))
+    ex = Executor(save_program(program, tmp_path / "a", TVM_CPU))
     for xs in (x, torch.randn(3, 4, generator=torch.Generator().manual_seed(2))):
         got = ex(xs.numpy())
         for w, g in zip(MinDim()(xs), got):
@@ -359,7 +348,7 @@ def test_shift_converters_unpack_codes_like_torch(tmp_path):
     program = capture(Unpack(), (p,))
     text = str(to_relax(program.main, "main"))
     assert text.count("R.right_shift(") == 5 and text.count("R.left_shift(") == 2
-    ex = Executor(_save(program, tmp_path / "a", TVM_CPU))
+    ex = Executor(save_program(program, tmp_path / "a", TVM_CPU))
     got = ex(p.numpy())
     for w, g in zip(Unpack()(p), got):
         assert g.dtype == np.uint8
