@@ -110,6 +110,11 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     contenders: dict[str, Any] = {}
     programs = {}
     for label, plist in (("backend_plain", []), ("optimized", passes)):
+        if label == "optimized" and not plist:
+            # no passes: the optimized artifact is the plain one; built once, loaded twice (own sessions)
+            programs[label] = programs["backend_plain"]
+            contenders[label] = Executor(os.path.join(work, "backend_plain"), threads=threads)
+            continue
         say(f"building {label}")
         dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in plist) else None
         opt = pared.optimize(model, example, target=target, pipeline=plist, calibration=calib,
