@@ -43,6 +43,7 @@ class LayerQuant:
     smooth_range: tuple[float, float] | None = None  # min and max of the SmoothQuant factors (None: off)
     weight_bits: int = 8
     activation_bits: int = 8
+    outlier_channels: tuple[int, ...] = ()  # input channels run in float beside the int8 matmul (option `outliers`)
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,8 @@ quantize_dynamic writes); the TVM backend as an int8 x int8 -> int32 matmul. The
 bias stays float (s_x is only known at run time), and no calibration run is needed.
 
 Reads: the calibration run (ctx.calibration; static mode only). Writes: a QuantPlan record (per
-layer: calibrated range, scales, bits, smoothing factors' range; the outlier channels are counted in
-the pass's stats, `outlier_channels`), int8/int32 constants on the new graph module,
+layer: calibrated range, scales, bits, smoothing factors' range, the outlier channels' indices;
+their total is the pass's stat `outlier_channels`), int8/int32 constants on the new graph module,
 `pared.ir.region` on the inserted nodes (the layer's region).
 Invariant: on the torch side the rewritten graph computes what the integer
 kernels compute, up to values on a rounding boundary (torch rounds x * (1/s), ORT
@@ -577,7 +577,8 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
         k, n_out = wq.shape
         smooth_range = None if d.smooth is None else (float(d.smooth.min()), float(d.smooth.max()))
         done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(d.lo, 0.0), max(d.hi, 0.0)),
-                               scale, zp, (float(ws.min()), float(ws.max())), s.bias is not None, smooth_range))
+                               scale, zp, (float(ws.min()), float(ws.max())), s.bias is not None, smooth_range,
+                               outlier_channels=() if d.outliers is None else tuple(int(i) for i in d.outliers)))
     eliminate_dead_code(gm)
     gm.graph.lint()
     # a fresh module holds only what the graph still reads: the float weights go

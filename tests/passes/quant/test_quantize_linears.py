@@ -560,6 +560,8 @@ def test_outliers_run_the_largest_channels_in_float():
     assert mask[:2].tolist() == [0.0, 0.0] and bool((mask[2:] == 1.0).all())
     idx = [v for k, v in consts.items() if k.endswith("_oi")]
     assert len(idx) == 2 and all(i.tolist() == [0, 1] for i in idx)        # the two gain-60 channels
+    assert [lq.outlier_channels for lq in p.records["QuantPlan"].layers] == [(0, 1), (0, 1)]
+    assert all(lq.outlier_channels == () for lq in plain.program.records["QuantPlan"].layers)
     rows = [v for k, v in consts.items() if k.endswith("_ow")]
     assert all(r.dtype == torch.float32 and tuple(r.shape) == (2, 16) for r in rows)
     weights = [v for k, v in consts.items() if k.endswith("_w")]
