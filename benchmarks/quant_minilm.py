@@ -7,8 +7,10 @@ fully-masked-row guard; `pared_int8_guarded` is the same pipeline without it and
 check on the pass); `pared_int8_matmuls` also quantizes attention's two matmuls;
 `pared_int8_prev` is the pipeline before outlier channels (SmoothQuant 0.5 on every
 layer, layer 0's FFN output fp32) on the previous 9-sentence calibration, and
-`pared_int8_prev_cal64` the same on the 64 sentences.
-Peers:
+`pared_int8_prev_cal64` the same on the 64 sentences. Every ORT runner leaves out the
+`cpu` target's slow fusions (SkipLayerNormFusion); `ort_fp32_all_fusions` and
+`pared_int8_all_fusions` run the ort_fp32 / pared_int8 files with all of them on.
+Peers (their files run in sessions like pared's):
 
     ort_quantize_dynamic          ORT quantize_dynamic, per-channel S8 weights
     ort_quantize_static_matmul    ORT quantize_static, QDQ, U8S8 per-channel, MatMul only
@@ -176,6 +178,11 @@ def main() -> None:
         _strip_safe_softmax(os.path.join(built["pared_int8_guarded"][0]._staging,
                                          built["pared_int8_guarded"][0]._manifest["graphs"]["main"]["file"])),
         a.threads)
+    # what the `cpu` target's ort_disabled_optimizers (SkipLayerNormFusion) buys: the same two files
+    # with every ORT fusion on
+    for name, opt in (("ort_fp32_all_fusions", fp32), ("pared_int8_all_fusions", built["pared_int8"][0])):
+        runners[name], _ = _ort_session(os.path.join(opt._staging, opt._manifest["graphs"]["main"]["file"]),
+                                        a.threads, disabled=())
     skipped: dict[str, str] = {}
     peer_kernels: dict[str, dict] = {}
     if not a.no_peer:
@@ -295,21 +302,19 @@ def main() -> None:
     print(f"wrote {a.out}")
 
 
-def _ort_session(path: str, threads: int):
-    """A session as pared's runtime builds one (extended level, no spinning) and the
-    integer-kernel report of the file (op counts after ORT's optimizations)."""
-    import onnxruntime as ort
-
+def _ort_session(path: str, threads: int, disabled: tuple[str, ...] | None = None):
+    """A session as pared's runtime builds one for the `cpu` target (extended level, no
+    spinning, its slow fusions left out) and the integer-kernel report of the file (op
+    counts after ORT's optimizations), so that the peers' files run as pared's do.
+    `disabled` replaces the target's ort_disabled_optimizers."""
     from pared.backends.onnxruntime.int8_check import integer_kernel_report
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    from pared.backends.onnxruntime.runtime import make_session
+    target = dict(get_target("cpu").to_json(), threads=threads)
+    if disabled is not None:
+        target["ort_disabled_optimizers"] = list(disabled)
+    sess = make_session(path, target)
     names = [i.name for i in sess.get_inputs()]
-    rep = integer_kernel_report(path, {"name": "cpu"})
+    rep = integer_kernel_report(path, target)
     return (lambda x, m: sess.run(None, dict(zip(names, (np.asarray(x), np.asarray(m)))))[0]), rep
 
 
@@ -326,7 +331,8 @@ def _profile_ops(path: str, threads: int, feed, calls: int) -> dict:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="pared-prof-"), "ort")
-    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(get_target("cpu").ort_disabled_optimizers))
     names = [i.name for i in sess.get_inputs()]
     sess.run(None, dict(zip(names, feed)))                      # warm-up, also profiled: dropped below
     for _ in range(calls):

@@ -17,6 +17,10 @@ A YAML device profile defines a custom one::
     peak_flops: 2.0e11
     mem_bandwidth: 1.0e11
     threads: 8
+
+ONNX Runtime targets may leave out graph rewrites that are slower on their device
+(``ort_disabled_optimizers: [SkipLayerNormFusion]``, what ``cpu`` does); the
+artifact's sessions and the INT8 kernel check use the same list.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class Target:
     mem_bandwidth: float = 2e10                   # bytes/s, for the cost model
     threads: int = 0                              # intra-op threads; 0: the runtime's default
     ort_opt_level: str = "extended"               # ORT graph optimization level
+    ort_disabled_optimizers: tuple[str, ...] = () # ORT graph rewrites left out (names as ORT registers them)
     description: str = ""
 
     def __post_init__(self):
@@ -62,6 +67,11 @@ class Target:
         if self.threads < 0 or self.peak_flops <= 0 or self.mem_bandwidth <= 0:
             raise TargetError(f"target '{self.name}': threads must be >= 0 and peak_flops, mem_bandwidth > 0")
         object.__setattr__(self, "precisions", tuple(self.precisions))
+        disabled = self.ort_disabled_optimizers
+        if isinstance(disabled, str) or not all(isinstance(n, str) and n for n in disabled):
+            raise TargetError(f"target '{self.name}': ort_disabled_optimizers must be a list of ONNX Runtime "
+                              f"optimizer names like [SkipLayerNormFusion], got {disabled!r}")
+        object.__setattr__(self, "ort_disabled_optimizers", tuple(disabled))
         if self.tvm_target is not None:
             object.__setattr__(self, "tvm_target", dict(self.tvm_target))
 
@@ -76,6 +86,7 @@ class Target:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["precisions"] = list(self.precisions)
+        d["ort_disabled_optimizers"] = list(self.ort_disabled_optimizers)
         return d
 
     @staticmethod
@@ -94,9 +105,17 @@ class Target:
             raise TargetError(f"{where}: {e}") from None
 
 
+#: ONNX Runtime rewrites that make the CPU provider slower. SkipLayerNormFusion: ORT 1.32's CPU
+#: SkipLayerNormalization kernel took 2.16 ms where the Add + LayerNormalization it replaces took
+#: 0.60 ms ([8, 128, 384], 1 thread); all-MiniLM-L6-v2 (batch 8, seq 128) ran 1.25x faster in fp32
+#: and 1.30x in INT8 without it (benchmarks/quant_minilm.py). GeluFusion, MatMulScaleFusion,
+#: MatMulTransposeFusion and TransposeOptimizer measured helpful there and stay on.
+CPU_SLOW_FUSIONS = ("SkipLayerNormFusion",)
+
 NAMED: dict[str, Target] = {
     "cpu": Target("cpu", "onnxruntime", provider="CPUExecutionProvider",
                   precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                  ort_disabled_optimizers=CPU_SLOW_FUSIONS,
                   description="ONNX Runtime, CPU execution provider (default)"),
     "tvm-cpu": Target("tvm-cpu", "tvm", tvm_target={"kind": "llvm"},
                       precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,

@@ -52,7 +52,7 @@ def integer_kernel_report(path: str, target: Mapping[str, Any] | None = None) ->
     import onnx
     import onnxruntime as ort
 
-    from pared.backends.onnxruntime.runtime import _LEVELS
+    from pared.backends.onnxruntime.runtime import _LEVELS, disabled_optimizers
 
     target = dict(target or {})
     level = target.get("ort_opt_level", "extended")
@@ -69,7 +69,8 @@ def integer_kernel_report(path: str, target: Mapping[str, Any] | None = None) ->
         opts.optimized_model_filepath = out
         provider = target.get("provider") or "CPUExecutionProvider"
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        ort.InferenceSession(path, sess_options=opts, providers=providers)
+        ort.InferenceSession(path, sess_options=opts, providers=providers,
+                             disabled_optimizers=disabled_optimizers(target))
         model = onnx.load(out)
     return _describe(model.graph, level)
 

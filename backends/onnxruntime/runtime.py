@@ -12,11 +12,13 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
            "all": "ORT_ENABLE_ALL"}
 
 
-def make_session(path: str, target: Mapping[str, Any]):
+def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str | None = None):
     """An InferenceSession with explicit options from the target.
 
     Thread spinning is off: on a shared machine a spinning pool slowed every
-    other process (and our own timings) several-fold.
+    other process (and our own timings) several-fold. The target's
+    `ort_disabled_optimizers` are left out of ORT's graph rewrites.
+    `optimized_model_path`: where ORT writes the graph it runs (for inspection).
 
     Raises:
         ArtifactError: when the target's execution provider is not in this onnxruntime.
@@ -32,6 +34,8 @@ def make_session(path: str, target: Mapping[str, Any]):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
+    if optimized_model_path:
+        opts.optimized_model_filepath = optimized_model_path
     provider = target.get("provider") or "CPUExecutionProvider"
     available = ort.get_available_providers()
     if provider not in available:
@@ -47,7 +51,13 @@ def make_session(path: str, target: Mapping[str, Any]):
             ov["num_of_threads"] = str(threads)
         first = (provider, ov)
     providers = [first] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-    return ort.InferenceSession(path, sess_options=opts, providers=providers)
+    return ort.InferenceSession(path, sess_options=opts, providers=providers,
+                                disabled_optimizers=disabled_optimizers(target))
+
+
+def disabled_optimizers(target: Mapping[str, Any]) -> list[str]:
+    """The target's ORT graph rewrites to leave out (`ort_disabled_optimizers`; none in older manifests)."""
+    return [str(n) for n in target.get("ort_disabled_optimizers") or ()]
 
 
 class OrtGraph:

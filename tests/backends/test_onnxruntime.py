@@ -93,3 +93,41 @@ def test_missing_provider_is_a_clear_error(tmp_path):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ArtifactError, match="needs CUDAExecutionProvider"):
         Executor(art)
+
+
+def _residual_layer_norm_onnx(path):
+    """Add(x, r) -> LayerNormalization: the pattern ORT's SkipLayerNormFusion rewrites."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    d = 16
+    x, r = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4, d]) for n in ("x", "r"))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, d])
+    inits = [numpy_helper.from_array(np.linspace(0.5, 1.5, d).astype(np.float32), "g"),
+             numpy_helper.from_array(np.linspace(-0.1, 0.1, d).astype(np.float32), "b")]
+    nodes = [helper.make_node("Add", ["x", "r"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    g = helper.make_graph(nodes, "g", [x, r], [y], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_target_leaves_out_its_slow_fusions(tmp_path):
+    """The cpu target's sessions run Add + LayerNormalization, not ORT's slower fused
+    SkipLayerNormalization; a target without the list gets the fusion. Same numbers."""
+    import onnx
+
+    from pared.backends.onnxruntime.runtime import make_session
+    src = tmp_path / "m.onnx"
+    _residual_layer_norm_onnx(src)
+    rng = np.random.default_rng(0)
+    feed = {n: rng.standard_normal((2, 4, 16)).astype(np.float32) for n in ("x", "r")}
+    outs, ops = {}, {}
+    for name, disabled in (("cpu", None), ("all_fusions", [])):
+        target = get_target("cpu").to_json()
+        if disabled is not None:
+            target["ort_disabled_optimizers"] = disabled
+        opt = tmp_path / f"{name}.onnx"
+        outs[name] = make_session(str(src), target, optimized_model_path=str(opt)).run(None, feed)[0]
+        ops[name] = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert "SkipLayerNormalization" not in ops["cpu"] and "LayerNormalization" in ops["cpu"]
+    assert "SkipLayerNormalization" in ops["all_fusions"]
+    np.testing.assert_allclose(outs["cpu"], outs["all_fusions"], rtol=1e-5, atol=1e-5)

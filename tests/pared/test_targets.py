@@ -13,6 +13,18 @@ def test_named_targets():
     assert Target.from_json(get_target("cpu").to_json()) == get_target("cpu")
 
 
+def test_ort_disabled_optimizers():
+    assert get_target("cpu").ort_disabled_optimizers == ("SkipLayerNormFusion",)
+    assert get_target("cuda").ort_disabled_optimizers == ()
+    t = Target.from_json({"name": "x", "backend": "onnxruntime", "provider": "CPUExecutionProvider",
+                          "ort_disabled_optimizers": ["GeluFusion"]})
+    assert t.ort_disabled_optimizers == ("GeluFusion",) and t.to_json()["ort_disabled_optimizers"] == ["GeluFusion"]
+    assert Target.from_json(t.to_json()) == t
+    for bad in ("SkipLayerNormFusion", [""], [3]):
+        with pytest.raises(TargetError, match="ort_disabled_optimizers must be a list of ONNX Runtime optimizer"):
+            Target("x", "onnxruntime", provider="CPUExecutionProvider", ort_disabled_optimizers=bad)
+
+
 def test_unknown_target_lists_known_ones():
     with pytest.raises(TargetError, match="unknown target 'tvm_cpu'; did you mean 'tvm-cpu'.*known targets: cpu, tvm-cpu"):
         get_target("tvm_cpu")
