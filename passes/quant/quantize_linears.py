@@ -27,12 +27,14 @@ With `outliers: k` (the mixed-precision decomposition of LLM.int8(), "LLM.int8()
 8-bit Matrix Multiplication for Transformers at Scale", Dettmers et al., NeurIPS
 2022, with the channels fixed at calibration) the k input channels with the largest
 calibrated |x| of each activation bypass the integer matmul:
-         xs = x * m                      m: 1 / s (or 1), and 0 on the k channels
+         xs = x * m                      m: 1 / s, and 0 on the k channels (no Mul unsmoothed)
          y  = addmm(bd, dq(q(xs)), wd)   the k rows of Wq are 0
               + mm(index_select(x, -1, idx), W[idx])   float, [M, k] x [k, N]
 so a few outlier channels no longer set the activation scale, nor (smoothed) the
-weights' per-channel scales. The Mul is the one `smooth` already emits (or a new
-one); ORT runs the extra part as Gather -> MatMul -> Add, k / K of the layer's work.
+weights' per-channel scales. Without smoothing no mask is needed: the outlier
+channels may saturate in q(x), but their int8 weight rows are 0 (an elementwise Mul
+over [M, K] per layer saved). ORT runs the extra part as Gather -> MatMul -> Add,
+k / K of the layer's work.
 `overrides` sets `smooth` and `outliers` per layer by region pattern (first match
 wins), e.g. no smoothing for attention's output projection and outlier channels for
 the FFN output projections (measured on MiniLM: examples/pipelines/minilm_int8.yaml);
@@ -482,19 +484,20 @@ def _bias_add(mm: fx.Node, n_out: int) -> tuple[fx.Node, fx.Node | None]:
 
 def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None,
                 smooth: bool, outliers: bool = False):
-    """The quantized layer as a torch function (traced into the graph by splice). `smooth` (or
-    `outliers`): the first constant multiplies x (1 / s or 1, 0 on the outlier channels); `outliers`:
-    the last two are the outlier channels' indices [k] and float weight rows [k, N], whose float
-    matmul is added to the result."""
+    """The quantized layer as a torch function (traced into the graph by splice). `smooth`: the
+    first constant multiplies x (1 / s, 0 on the outlier channels); `outliers`: the last two are
+    the outlier channels' indices [k] and float weight rows [k, N], whose float matmul is added
+    to the result."""
     def linear(x, *consts):
+        xs = x
+        if smooth:
+            inv_s, *consts = consts
+            xs = _aten.mul.Tensor(x, inv_s)
         if not outliers:
-            if smooth:
-                inv_s, *consts = consts
-                x = _aten.mul.Tensor(x, inv_s)
-            return linear_nd(x, *consts)
-        inv_s, *consts, idx, w_out = consts
+            return linear_nd(xs, *consts)
+        *consts, idx, w_out = consts
         xo = _aten.index_select.default(x, -1, idx)            # the outlier channels, before the Mul
-        y = linear_nd(_aten.mul.Tensor(x, inv_s), *consts)
+        y = linear_nd(xs, *consts)
         if out_shape is not None:
             xo = xo.reshape(-1, xo.shape[-1])
             return _aten.add.Tensor(y, _aten.mm.default(xo, w_out).view(out_shape))
@@ -543,10 +546,10 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
             consts["b"], consts["bs"] = quantize_bias(get_attr(gm, s.bias), scale, ws)
             consts["bz"] = torch.zeros(ws.shape, dtype=torch.int32)
         attrs = []
-        if d.smooth is not None or d.outliers is not None:
+        if d.smooth is not None:
             if d.group not in smooth_attr:
                 target = f"_quant_{index}_smooth"
-                inv = torch.ones(w.shape[0]) if d.smooth is None else 1.0 / d.smooth
+                inv = 1.0 / d.smooth
                 if d.outliers is not None:
                     inv = inv.clone()
                     inv[d.outliers] = 0.0

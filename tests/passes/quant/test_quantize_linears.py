@@ -550,14 +550,14 @@ def test_outliers_run_the_largest_channels_in_float():
     assert res.modified and res.stats["quantized"] == 2 and res.stats["outlier_channels"] == 4
     p = res.program
     # per layer: the int8 addmm plus a Gather of the outlier channels into a float mm, added to it;
-    # one Mul (0 on the outlier channels, else 1) ahead of each QuantizeLinear, one shared constant
+    # unsmoothed, no mask: the outlier channels saturate in the uint8 activation, against zero
+    # weight rows
     assert op_count(p, "aten.addmm") == 2 and op_count(p, "aten.mm") == 2
     assert op_count(p, "aten.index_select") == 2
-    assert op_count(p, "aten.mul") == op_count(plain.program, "aten.mul") + 2
+    assert op_count(p, "aten.mul") == op_count(plain.program, "aten.mul")
     gm = p.main.module
     consts = {str(n.target): get_attr(gm, str(n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    (mask,) = [v for k, v in consts.items() if k.endswith("_smooth")]
-    assert mask[:2].tolist() == [0.0, 0.0] and bool((mask[2:] == 1.0).all())
+    assert not [k for k in consts if k.endswith("_smooth")]
     idx = [v for k, v in consts.items() if k.endswith("_oi")]
     assert len(idx) == 2 and all(i.tolist() == [0, 1] for i in idx)        # the two gain-60 channels
     assert [lq.outlier_channels for lq in p.records["QuantPlan"].layers] == [(0, 1), (0, 1)]
@@ -579,6 +579,12 @@ def test_outliers_run_the_largest_channels_in_float():
     with torch.no_grad():
         assert _rel_l2(ref, both.program(x)) < 0.005                 # measured: 0.0011
     assert all(lq.smooth_range is not None for lq in both.program.records["QuantPlan"].layers)
+    # smoothed: one Mul per layer, both reading one constant: 1 / s with 0 on the outlier channels
+    assert op_count(both.program, "aten.mul") == op_count(plain.program, "aten.mul") + 2
+    bgm = both.program.main.module
+    (inv,) = [get_attr(bgm, str(n.target)) for n in bgm.graph.nodes
+              if n.op == "get_attr" and str(n.target).endswith("_smooth")]
+    assert inv[:2].tolist() == [0.0, 0.0] and bool((inv[2:] > 0).all())
     assert "QuantPlan" not in prog.records                           # input left alone
 
 
