@@ -113,7 +113,10 @@ def main() -> None:
     with torch.no_grad():
         ref = model(*example).numpy()
     print("timing torch eager vs ORT CPU", flush=True)
-    here = side_by_side({"eager": lambda: model(*example),
+    def eager():
+        with torch.no_grad():                       # as quant_minilm times it: no autograd bookkeeping
+            return model(*example)
+    here = side_by_side({"eager": eager,
                          **{f"{k}/CPU": (lambda e=e: e.run_flat(*feed)) for k, e in execs.items()}},
                         repeats=a.repeats, warmup=1)
     print("timing CPU vs OpenVINO provider in the OpenVINO venv", flush=True)
