@@ -61,7 +61,7 @@ import torch.fx as fx
 
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program, get_attr
-from pared.ir.transform import Analysis, PassContext, Record, check_range, register_pass
+from pared.ir.transform import Analysis, PassContext, Record, check_block_size, check_range, register_pass
 
 #: the candidate formats (fp32 is always measured): name -> weight bits
 FORMATS = {"w8a8": 8, "w4": 4, "w8": 8}
@@ -148,10 +148,7 @@ class Latency(Analysis):
                 raise OptionError(f"pass 'latency': option 'formats' takes candidates from {list(FORMATS)} "
                                   f"(fp32 is always measured), got {list(formats)}")
             for opt in ("block_size", "w8_block_size"):
-                check_range("latency", opt, getattr(self, opt), lo=16)
-                if getattr(self, opt) & (getattr(self, opt) - 1):
-                    raise OptionError(f"pass 'latency': option '{opt}' must be a power of two, "
-                                      f"got {getattr(self, opt)}")
+                check_block_size("latency", opt, getattr(self, opt))
             check_range("latency", "threads", self.threads, lo=0)
             check_range("latency", "repeats", self.repeats, lo=3)
             check_range("latency", "min_time", self.min_time, lo=0.0, hi=600.0)

@@ -49,7 +49,7 @@ from pared.analysis.redundancy import calibration_calls
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program, get_attr
 from pared.ir.regions import match
-from pared.ir.transform import Analysis, PassContext, Record, check_range, register_pass
+from pared.ir.transform import Analysis, PassContext, Record, check_block_size, register_pass
 
 _aten = torch.ops.aten
 #: the candidate formats: name -> weight bits
@@ -120,10 +120,7 @@ class QuantSensitivity(Analysis):
                 raise OptionError(f"pass 'quant_sensitivity': option 'formats' takes candidates from "
                                   f"{list(FORMATS)} (W8A8; weight-only int4; weight-only int8), got {list(formats)}")
             for opt in ("block_size", "w8_block_size"):
-                check_range("quant_sensitivity", opt, getattr(self, opt), lo=16)
-                if getattr(self, opt) & (getattr(self, opt) - 1):
-                    raise OptionError(f"pass 'quant_sensitivity': option '{opt}' must be a power of two, "
-                                      f"got {getattr(self, opt)}")
+                check_block_size("quant_sensitivity", opt, getattr(self, opt))
             object.__setattr__(self, "formats", formats)
             for f in ("layers", "exclude"):
                 v = getattr(self, f)

@@ -328,16 +328,9 @@ def _profile_ops(path: str, threads: int, feed, calls: int) -> dict:
     call, share of the kernel total, nodes), largest first."""
     import collections
 
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="pared-prof-"), "ort")
-    sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(get_target("cpu").ort_disabled_optimizers))
+    from pared.backends.onnxruntime.runtime import make_session
+    sess = make_session(path, dict(get_target("cpu").to_json(), threads=threads),
+                        profile_prefix=os.path.join(tempfile.mkdtemp(prefix="pared-prof-"), "ort"))
     names = [i.name for i in sess.get_inputs()]
     sess.run(None, dict(zip(names, feed)))                      # warm-up, also profiled: dropped below
     for _ in range(calls):

@@ -127,6 +127,14 @@ def check_range(pass_name: str, option: str, value: Any, *, lo: float | None = N
         raise OptionError(f"pass '{pass_name}': option '{option}' must be in {left}, {right}, got {value!r}")
 
 
+def check_block_size(pass_name: str, option: str, value: Any) -> None:
+    """Raise OptionError unless value is a weight block size ONNX Runtime's MatMulNBits takes:
+    a power of two >= 16 (the rule every block-wise weight format here follows)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise OptionError(f"pass '{pass_name}': option '{option}' must be a power of two >= 16 (ONNX Runtime's "
+                          f"MatMulNBits), got {value!r}; try 32 or 128")
+
+
 # -- results and context -----------------------------------------------------
 @dataclass(frozen=True)
 class PassResult:

@@ -23,8 +23,6 @@ import tempfile
 import time
 from typing import Any, Callable, Mapping
 
-import numpy as np
-
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -12,13 +12,15 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
            "all": "ORT_ENABLE_ALL"}
 
 
-def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str | None = None):
+def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str | None = None,
+                 profile_prefix: str | None = None):
     """An InferenceSession with explicit options from the target.
 
     Thread spinning is off: on a shared machine a spinning pool slowed every
     other process (and our own timings) several-fold. The target's
     `ort_disabled_optimizers` are left out of ORT's graph rewrites.
-    `optimized_model_path`: where ORT writes the graph it runs (for inspection).
+    For inspection: `optimized_model_path`, where ORT writes the graph it runs;
+    `profile_prefix`, ORT's profiler on (session.end_profiling() returns its file).
 
     Raises:
         ArtifactError: when the target's execution provider is not in this onnxruntime.
@@ -36,6 +38,9 @@ def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str
     opts.log_severity_level = 3
     if optimized_model_path:
         opts.optimized_model_filepath = optimized_model_path
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     provider = target.get("provider") or "CPUExecutionProvider"
     available = ort.get_available_providers()
     if provider not in available:

@@ -50,10 +50,10 @@ from pared.analysis.quant_sensitivity import compare_outputs, replay
 from pared.analysis.redundancy import observe_values
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.program import Graph, Program, get_attr
+from pared.ir.program import Program, get_attr
 from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
-from pared.passes.cache.expert_cache import ExpertStack, find_expert_stacks
+from pared.passes.cache.expert_cache import find_expert_stacks
 from pared.passes.quant.common import quantize_weight_blocks
 from pared.passes.quant.mixed_precision import allocate
 

@@ -76,7 +76,8 @@ from pared.analysis.latency import LatencyProfile
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.ir.transform import (PassContext, PassResult, Record, RewritePass, check_block_size, check_range,
+                                register_pass)
 from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
 from pared.passes.quant.quantize_linears import QuantizeLinears, find_sites
 from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
@@ -256,6 +257,8 @@ class MixedPrecision(RewritePass):
                                   f"budget given (option '{given}'); drop 'objective' or give the '{objective}' "
                                   "budget instead")
             object.__setattr__(self, "objective", objective or given or "weight_bytes")
+            for opt in ("block_size", "w8_block_size"):
+                check_block_size("mixed_precision", opt, getattr(self, opt))
             formats = tuple(self.formats)
             if not formats or any(f not in FORMAT_BITS for f in formats):
                 raise OptionError(f"pass 'mixed_precision': option 'formats' takes values from "

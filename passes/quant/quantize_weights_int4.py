@@ -57,7 +57,7 @@ from pared.ir.errors import OptionError
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, register_pass
+from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_block_size, register_pass
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
 from pared.passes.quant.quantize_linears import created_between, find_sites, Site
 
@@ -110,10 +110,7 @@ class QuantizeWeightsInt4(RewritePass):
         force: bool = False              # quantize compute-bound layers too (the cost model is not asked)
 
         def __post_init__(self):
-            bs = self.block_size
-            if bs < 16 or bs & (bs - 1):
-                raise OptionError(f"pass 'quantize_weights_int4': option 'block_size' must be a power of two "
-                                  f">= 16 (ONNX Runtime's MatMulNBits), got {bs!r}; try 32 or 128")
+            check_block_size("quantize_weights_int4", "block_size", self.block_size)
             object.__setattr__(self, "layers", _as_patterns(self.layers))
             object.__setattr__(self, "exclude", _as_patterns(self.exclude))
             if not self.layers:

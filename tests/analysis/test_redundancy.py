@@ -1,7 +1,6 @@
 """temporal_redundancy: what it records, checked against eager hooks; bad input."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

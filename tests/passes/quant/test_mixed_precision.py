@@ -225,6 +225,7 @@ def test_budget_below_any_choice_and_mismatched_format_are_refused():
     ({"weight_bytes": 0.3, "formats": ["w2", "w8a8"]},
      "option 'formats' takes values from \\['w4', 'w8', 'w8a8', 'fp32'\\]"),
     ({"weight_byte": 0.3}, "unknown option 'weight_byte'; did you mean 'weight_bytes'"),
+    ({"weight_bytes": 0.3, "w8_block_size": 100}, "option 'w8_block_size' must be a power of two >= 16"),
 ])
 def test_bad_options(opts, message):
     with pytest.raises(OptionError, match=f"pass 'mixed_precision'.*{message}"):

@@ -588,9 +588,12 @@ def test_outliers_run_the_largest_channels_in_float():
     assert "QuantPlan" not in prog.records                           # input left alone
 
 
-def test_outliers_lower_to_integer_kernels(tmp_path):
+@pytest.mark.parametrize("smooth", [0.5, None])
+def test_outliers_lower_to_integer_kernels(tmp_path, smooth):
+    """Smoothed, and unsmoothed (no mask: the outlier channels saturate in ORT's QuantizeLinear
+    against zero int8 weight rows), the same integer kernels and numbers."""
     m, x, prog, cal = _outlier_mlp(64)
-    res = get_pass("quantize_linears")(outliers=2, smooth=0.5)(prog, PassContext(calibration=[(x,)]))
+    res = get_pass("quantize_linears")(outliers=2, smooth=smooth)(prog, PassContext(calibration=[(x,)]))
     entry = lower_graph(res.program.main, "main", CPU, str(tmp_path))
     rep = entry["int8"]
     # the layers stay QGemm; only the [64, 2] x [2, 16] outlier parts are float matmuls
