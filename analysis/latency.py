@@ -232,7 +232,7 @@ class Latency(Analysis):
             if has_bias:
                 lin.bias.copy_(bias)
         base = capture(lin, (x,))
-        models = {f: self._rewrite(base, f) for f in formats}
+        models = {f: self._rewrite(base, f, target) for f in formats}
         models["overhead"] = capture(_Times2().eval(), (x,))
         feed = [x.numpy()]
         runners = {}
@@ -248,8 +248,8 @@ class Latency(Analysis):
             runners[name] = lambda graph=graph: graph(feed)
         return runners
 
-    def _rewrite(self, base: Program, fmt: str) -> Program:
-        """The one-layer program in `fmt`, rewritten as mixed_precision rewrites a layer."""
+    def _rewrite(self, base: Program, fmt: str, target: Any = None) -> Program:
+        """The one-layer program in `fmt`, rewritten as mixed_precision rewrites a layer for `target`."""
         from pared.passes.quant.quantize_linears import QuantizeLinears, find_sites
         from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
 
@@ -258,7 +258,7 @@ class Latency(Analysis):
             return base
         if fmt == "w8a8":
             x = base.main.example_inputs[0]
-            res = QuantizeLinears()(base, PassContext(calibration=[(x,)]))
+            res = QuantizeLinears()(base, PassContext(calibration=[(x,)], target=target))
             return res.program
         sites = find_sites(base.main.module)
         g, _ = quantize_sites_weight_only(base.main, sites, o.w8_block_size if fmt == "w8" else o.block_size,

@@ -127,7 +127,8 @@ class QuantSensitivity(Analysis):
                 object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
 
     def analyze(self, program: Program, ctx: PassContext) -> SensitivityProfile:
-        from pared.passes.quant.common import (dequantize_weight_blocks, fake_quant_weight_int8, observe_ranges,
+        from pared.passes.quant.common import (dequantize_weight_blocks, fake_quant_weight_int8, int8_weight_qmax,
+                                               observe_ranges,
                                                quantize_weight_blocks, quantized_weight_bytes, weight_only_bytes)
         from pared.passes.quant.quantize_linears import find_sites
 
@@ -157,6 +158,7 @@ class QuantSensitivity(Analysis):
         calls, observed = observe_ranges(gm, [nodes[x] for x in xs], ctx.calibration, "minmax", 100.0,
                                          self.name, channels=True)
         ref = replay(gm, ctx.calibration)
+        qmax = int8_weight_qmax(ctx.target)         # w8a8 as quantize_linears will emit it for this target
         ctx.progress(f"quant_sensitivity: {len(by_layer)} layers x {len(o.formats)} formats")
         out = []
         for layer, sites in by_layer.items():
@@ -175,7 +177,8 @@ class QuantSensitivity(Analysis):
                     skipped.append((layer, f"{fmt}: input dim {k} not a multiple of block_size {bs}"))
                     continue
                 if fmt == "w8a8":
-                    patches = {s.node: (_kn(fake_quant_weight_int8, gm, s), observed[s.x].range()) for s in sites}
+                    patches = {s.node: (_kn(lambda w: fake_quant_weight_int8(w, qmax), gm, s), observed[s.x].range())
+                               for s in sites}
                     nbytes.append(quantized_weight_bytes(k, n, 8))
                 else:
                     def weight_only(w_kn, bs=bs, bits=FORMATS[fmt]):

@@ -11,11 +11,13 @@ calls of one request.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
 from pared.backends.artifact import read_manifest
+from pared.ir import isa
 from pared.ir import structure as _structure
 from pared.ir.errors import ArtifactError
 from pared.ir.plan import Plan, PlanError, PlanRunner
@@ -29,6 +31,34 @@ _DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, 
            "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
 
 
+def check_cpu(path: str, manifest: Mapping[str, Any], target: Mapping[str, Any], allow: bool = False) -> None:
+    """Refuse (or, with `allow`, warn about) an artifact whose ONNX Runtime integer kernels would
+    saturate on this CPU: int8 weights beyond 7 bits (the lowering records their largest |q|)
+    run by a CPU provider on an x86 CPU without VNNI or AMX (ir.isa).
+
+    Raises:
+        ArtifactError: naming the graph, this CPU, the features it lacks and how to rebuild.
+    """
+    if target.get("provider") not in isa.CPU_EXECUTION_PROVIDERS:
+        return
+    worst, graph = 0, None
+    for name, entry in manifest["graphs"].items():
+        code = int(((entry.get("int8") or {}).get("exact") or {}).get("max_weight_code", 0))
+        if entry.get("backend") == "onnxruntime" and code > worst:
+            worst, graph = code, name
+    why = isa.saturation_risk(isa.host_cpu(), worst)
+    if why is None:
+        return
+    built = manifest["target"].get("isa")
+    msg = (f"{path}: graph '{graph}' runs ONNX Runtime integer kernels, built for a CPU with "
+           f"{', '.join(built) if built else 'unrecorded features'}; {why}, and its outputs would be wrong. "
+           f"Rebuild it on this machine (target 'cpu' reads this CPU) or for a target with int8_weights: 7bit, "
+           f"or load it with allow_isa_mismatch=True to run it anyway")
+    if not allow:
+        raise ArtifactError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 class Executor:
     """A loaded artifact.
 
@@ -37,12 +67,17 @@ class Executor:
         threads: override the target's intra-op thread count.
         provider: run the ONNX Runtime graphs on this execution provider instead of
             the target's (e.g. check a cuda or openvino-cpu artifact on a CPU-only host).
+        allow_isa_mismatch: load an artifact whose integer kernels would saturate on this
+            CPU (full-range int8 weights, no VNNI or AMX here) with a warning instead of
+            refusing it: its INT8 layers will be wrong.
     Raises:
         ArtifactError: see backends.artifact.read_manifest; also a graph whose
-            backend is unknown or whose runtime cannot load it.
+            backend is unknown or whose runtime cannot load it, and an artifact whose
+            integer kernels would saturate on this CPU (see check_cpu).
     """
 
-    def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None):
+    def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
+                 allow_isa_mismatch: bool = False):
         self.path = path
         self.manifest = read_manifest(path)
         try:
@@ -55,6 +90,7 @@ class Executor:
         if provider is not None:
             target["provider"] = provider
         self.target = target
+        check_cpu(path, self.manifest, target, allow_isa_mismatch)
         self.graphs: dict[str, Any] = {}
         for name, entry in self.manifest["graphs"].items():
             backend = entry.get("backend")

@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+from pared.bench import write_results  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -202,11 +203,7 @@ def main() -> None:
               f"psnr {row['psnr_db']:6.2f}", flush=True)
     result = {"workload": wl.summary, "samples": a.samples, "repeats": a.repeats, "threads": a.threads,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__, "rows": rows}
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    tmp = a.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, a.json)
+    write_results(a.json, result, indent=1)
     _plot(rows, a.png, a.workload, peers=not a.no_peers)
     print(f"wrote {a.json} and {a.png}")
 

@@ -38,6 +38,7 @@ import json, statistics, sys, time
 import numpy as np
 import onnxruntime as ort
 from pared.backends.executor import Executor
+from pared.bench import write_results  # noqa: E402
 a = json.loads(sys.argv[1])
 x = np.load(a["inputs"])
 feed = [x["input_ids"], x["attention_mask"]]
@@ -144,11 +145,7 @@ def main() -> None:
                                  for k, v in ov["outputs"].items()},
         "wall_s": time.time() - t_start,
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, a.out)
+    write_results(a.out, result, indent=1)
     print(json.dumps({k: result[k] for k in ("speedup_vs_torch_eager", "speedup_vs_ort_cpu_fp32",
                                              "cosine_vs_torch_fp32")}, indent=1))
 

@@ -33,6 +33,7 @@ from pared.bench import param_bytes  # noqa: E402
 from pared.fidelity import side_by_side  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.workloads import get_workload, psnr_db, torch_callable  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -147,9 +148,7 @@ def main() -> None:
                     "vs_backend_plain": 1.5},
         "total_s": round(time.time() - t_start, 1),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(a.out, results, indent=1)
     for n in runners:
         fid = fidelity.get(n, {})
         print(f"{n:30s} {speed[n]['median_ms']:8.1f} ms  x{speed[n]['vs_eager']:.2f} eager  "

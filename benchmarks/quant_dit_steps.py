@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import pared  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 #: the adaLN modulation linears stay float, as in examples/pipelines/dit_int8.yaml
 ADA = ["dit.transformer_blocks.*.norm1.linear", "dit.proj_out_1"]
@@ -70,11 +71,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": 1},
         "results": results, "total_s": round(time.time() - t_start, 1),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, a.out)
+    write_results(a.out, out, indent=1)
     print(f"wrote {a.out}")
 
 

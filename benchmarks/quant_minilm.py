@@ -55,6 +55,7 @@ import pared  # noqa: E402
 from pared.fidelity import side_by_side  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.workloads import example_module, get_workload  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -290,9 +291,7 @@ def main() -> None:
         "targets": {"vs_eager": 2.7, "vs_ort_fp32": 2.0, "cosine_min": 0.99, "nn_agreement": 0.95},
         "total_s": round(time.time() - t_start, 1),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(a.out, results, indent=2)
     for n in runners:
         fid = fidelity.get(n, {})
         print(f"{n:24s} {speed[n]['median_ms']:8.1f} ms  x{speed[n]['vs_eager']:.2f} vs eager  "

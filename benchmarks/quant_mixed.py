@@ -53,6 +53,7 @@ import pared  # noqa: E402
 from pared.fidelity import side_by_side  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.workloads import example_module, get_workload  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 BUDGET = 0.3
 
@@ -320,9 +321,7 @@ def main() -> None:
         "workloads": results,
         "total_s": round(time.time() - t0, 1),
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2, default=str)
+    write_results(a.out, out, indent=2, default=str)
     print(f"wrote {a.out}")
 
 

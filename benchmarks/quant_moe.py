@@ -44,6 +44,7 @@ from pared.bench import param_bytes  # noqa: E402
 from pared.fidelity import side_by_side  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 
 def onnx_bytes(path: str) -> dict:
@@ -153,10 +154,7 @@ def main():
            "expert_fp32_bytes": fp32_experts, "eager_ms_median": round(timing["median_s"]["eager"] * 1e3, 1),
            "results": results, "target_met": target,
            "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__}}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-        f.write("\n")
+    write_results(a.out, out, indent=1, default=float)
     print(json.dumps(target, indent=1))
 
 

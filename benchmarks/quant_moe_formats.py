@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from pared.passes.quant.expert_quant import expert_bytes, fake_quantize  # noqa: E402
 from pared.passes.quant.mixed_precision import allocate  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 INT4, INT4_B16, INT8, INT8_PC, FP16 = "int4b32", "int4b16", "int8b32", "int8b0", "fp16"
 SPEC = {INT4: (4, 32), INT4_B16: (4, 16), INT8: (8, 32), INT8_PC: (8, 0)}
@@ -142,10 +143,7 @@ def main() -> None:
     out["beats_uniform_int8"] = [r for r in decided if r["bytes"] < int8_bytes
                                  and r["psnr_db"] >= uniform[INT8]["psnr_db"]]
     out["host"] = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
+    write_results(a.out, out, indent=1)
     print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -42,6 +42,7 @@ from pared.ir.capture import capture  # noqa: E402
 from pared.ir.transform import PassContext, get_pass  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.testing import TinyDiT, TinyMoEDiT, save_program, tiny_sampler_loop  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 TVM_CPU = dict(get_target("tvm-cpu").to_json(), threads=1)
 CPU = dict(get_target("cpu").to_json(), threads=1)
@@ -185,9 +186,7 @@ def main():
                              for g, e in ex["tvm_quant"].manifest["graphs"].items()},
         }
         print(name, json.dumps(entry, indent=1), flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+    write_results(a.out, out, indent=1)
     print("wrote", a.out)
 
 

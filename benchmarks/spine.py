@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 import pared  # noqa: E402
 from pared.fidelity import side_by_side  # noqa: E402
+from pared.bench import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -62,11 +63,7 @@ def main() -> None:
             row["tvm_vs_ort"] = round(sp["median_s"]["cpu"] / sp["median_s"]["tvm-cpu"], 3)
         results["models"][name] = row
         print(name, json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, a.out)
+    write_results(a.out, results, indent=1)
     print("wrote", a.out)
 
 

@@ -31,6 +31,7 @@ from pared.backends.lower import lower_program
 from pared.fidelity import Fidelity, side_by_side, summarize
 from pared.ir.capture import capture, normalize_inputs
 from pared.ir.errors import FidelityError
+from pared.ir.isa import host_cpu
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassManager, Record
 from pared.targets import Target, get_target
@@ -163,7 +164,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
         FidelityError (unless allow_fidelity_loss).
     """
     say = progress or (lambda m: log.info(m))
-    tgt = get_target(target)
+    tgt = get_target(target).resolve()        # a host target takes this CPU's instruction set
     bounds = Fidelity.of(fidelity)
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
@@ -294,6 +295,7 @@ def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequen
         "pared_version": pared.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target_json,
+        "build_cpu": host_cpu().to_json(),
         "inputs": list(program.plan.inputs),
         "output_structure": program.output_structure,
         "graphs": graphs,

@@ -59,14 +59,41 @@ def _stats(s: Mapping[str, Any], name: str) -> dict[str, float]:
     return {k: round(s[f"{k}_s"][name] * 1e3, 3) for k in ("min", "median", "max")}
 
 
-def _write_json(path: str, data: dict) -> None:
+def machine() -> dict:
+    """Where a figure was measured: the CPU (model, architecture, the ISA features pared reads,
+    and those hidden by tests/support/hide_isa.c when that emulation is on), cores, runtimes."""
+    import platform
+
+    from pared.ir.isa import host_cpu
+    out = {"cpu": host_cpu().to_json(), "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        import onnxruntime
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    import sys
+    if "torch" in sys.modules:
+        out["torch"] = sys.modules["torch"].__version__
+    return out
+
+
+def write_results(path: str, data: dict, **dump: Any) -> str:
+    """Write a benchmark's results as JSON at `path`, atomically, with `machine()` under the key
+    "machine" (every results file says which CPU and ISA its figures come from). Returns path."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    data = dict(data, machine=machine())
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, **dict({"indent": 1}, **dump))
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
 
 def bench_workload(name: str, *, pipeline: str | None = "default", target: str | None = None, threads: int = 1,
@@ -170,7 +197,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
     }
     if json_out:
-        _write_json(json_out, result)
+        write_results(json_out, result)
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     return result

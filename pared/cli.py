@@ -246,8 +246,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print(json.dumps(res))
     else:
         if a.json:
-            from pared.bench import _write_json
-            _write_json(a.json, res)
+            from pared.bench import write_results
+            write_results(a.json, res)
         _out().print(f"{a.artifact} ({res['target']}): median {res['median_ms']:.3f} ms, p90 {res['p90_ms']:.3f} ms, "
                      f"min {res['min_ms']:.3f} ms over {a.repeats} runs")
     return EXIT_OK

@@ -21,6 +21,20 @@ A YAML device profile defines a custom one::
 ONNX Runtime targets may leave out graph rewrites that are slower on their device
 (``ort_disabled_optimizers: [SkipLayerNormFusion]``, what ``cpu`` does); the
 artifact's sessions and the INT8 kernel check use the same list.
+
+A CPU target knows its instruction set: ``arch`` and ``isa`` (features named as
+/proc/cpuinfo spells them: avx2, avx512f, avx512bw, avx512_vnni, avx_vnni, amx_int8;
+dotprod, i8mm on ARM). Targets that run on the build host (``cpu``, ``tvm-cpu``,
+``openvino-cpu``) leave them out and ``resolve()`` reads the host at build time;
+cross targets and device profiles state them. From them follows the INT8 weight
+range (``int8_weights: auto``): ONNX Runtime's x86 u8 x s8 kernels sum pairs of
+products in 16 bits without VNNI or AMX, and saturate on full-range int8 weights,
+so there weights are quantized to 7 bits (|w| <= 63, ORT's reduce_range), which
+those kernels compute exactly at the same speed; everywhere else (VNNI, AMX, ARM,
+TVM's integer kernels, GPUs) the full range [-127, 127] (ir.isa; measured in
+benchmarks/int8_schemes.py). ``int8_weights: full`` or ``7bit`` forces one. The
+manifest records the CPU the artifact assumes, and pared.load refuses a host whose
+kernels would saturate on it.
 """
 from __future__ import annotations
 
@@ -31,10 +45,14 @@ import platform
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from pared.ir import isa as _isa
 from pared.ir.errors import TargetError
 
 BACKENDS = ("onnxruntime", "tvm")
 ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+INT8_WEIGHTS = ("auto", "full", "7bit")
+INT8_WEIGHT_QMAX = _isa.INT8_WEIGHT_QMAX
+CPU_PROVIDERS = _isa.CPU_EXECUTION_PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,9 @@ class Target:
     threads: int = 0                              # intra-op threads; 0: the runtime's default
     ort_opt_level: str = "extended"               # ORT graph optimization level
     ort_disabled_optimizers: tuple[str, ...] = () # ORT graph rewrites left out (names as ORT registers them)
+    arch: str | None = None                       # CPU architecture (x86_64, aarch64); None: the build host's
+    isa: tuple[str, ...] | None = None            # CPU features assumed (ir.isa names); None: the build host's
+    int8_weights: str = "auto"                    # int8 weight range: auto (by ISA), full [-127, 127], 7bit [-63, 63]
     description: str = ""
 
     def __post_init__(self):
@@ -74,6 +95,20 @@ class Target:
         object.__setattr__(self, "ort_disabled_optimizers", tuple(disabled))
         if self.tvm_target is not None:
             object.__setattr__(self, "tvm_target", dict(self.tvm_target))
+        if self.int8_weights not in INT8_WEIGHTS:
+            raise TargetError(f"target '{self.name}': int8_weights must be one of {INT8_WEIGHTS}, "
+                              f"got {self.int8_weights!r}")
+        if self.isa is not None:
+            if isinstance(self.isa, str) or not all(isinstance(f, str) for f in self.isa):
+                raise TargetError(f"target '{self.name}': isa must be a list of CPU feature names like "
+                                  f"[avx2, avx512_vnni], got {self.isa!r}")
+            unknown = [f for f in self.isa if f not in _isa.FEATURES]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], _isa.FEATURES, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise TargetError(f"target '{self.name}': unknown CPU feature '{unknown[0]}' in isa; {hint}"
+                                  f"known: {', '.join(_isa.FEATURES)}")
+            object.__setattr__(self, "isa", tuple(sorted(set(self.isa))))
 
     @property
     def is_cross(self) -> bool:
@@ -83,10 +118,49 @@ class Target:
         triple = str(self.tvm_target.get("mtriple", ""))
         return bool(triple) and not triple.startswith(platform.machine())
 
+    @property
+    def on_host(self) -> bool:
+        """The target's CPU is the build host's (its ISA is read there, not stated)."""
+        if self.backend == "tvm":
+            return not self.is_cross
+        return self.provider in CPU_PROVIDERS
+
+    def resolve(self) -> "Target":
+        """This target with `arch` and `isa` filled in: read from the build host for a
+        host target that leaves them out, the triple's architecture for a cross build.
+        A GPU target has none (its integer kernels do not run on a CPU)."""
+        arch, isa = self.arch, self.isa
+        if arch is None:
+            if self.backend == "tvm" and self.is_cross:
+                arch = str(self.tvm_target.get("mtriple")).split("-")[0]
+            elif self.on_host:
+                arch = _isa.host_cpu().arch
+        if isa is None:
+            if self.on_host and (arch is None or arch == _isa.host_cpu().arch):
+                isa = _isa.host_cpu().features
+            elif self.backend == "tvm" and self.is_cross:
+                isa = ()
+        if (arch, isa) == (self.arch, self.isa):
+            return self
+        return dataclasses.replace(self, arch=arch, isa=isa)
+
+    @property
+    def int8_weight_range(self) -> str:
+        """`full` or `7bit`: the int8 weight range this target's integer kernels compute exactly
+        (`int8_weights`, or by ISA when `auto`; see the module docstring)."""
+        return _isa.int8_weight_range(self.to_json())
+
+    @property
+    def int8_weight_qmax(self) -> int:
+        """Largest |q| of an int8 weight code on this target (127, or 63 for 7-bit weights)."""
+        return INT8_WEIGHT_QMAX[self.int8_weight_range]
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["precisions"] = list(self.precisions)
         d["ort_disabled_optimizers"] = list(self.ort_disabled_optimizers)
+        if self.isa is not None:
+            d["isa"] = list(self.isa)
         return d
 
     @staticmethod
@@ -122,7 +196,7 @@ NAMED: dict[str, Target] = {
                       description="TVM, llvm for this host"),
     "tvm-aarch64": Target("tvm-aarch64", "tvm",
                           tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
-                          cross_compiler="aarch64-linux-gnu-gcc",
+                          cross_compiler="aarch64-linux-gnu-gcc", arch="aarch64", isa=(),
                           precisions=("fp32", "fp16", "int8"), peak_flops=1e11, mem_bandwidth=5e10,
                           description="TVM cross-compiled for a 64-bit ARM CPU (runs on an ARM host)"),
     "openvino-cpu": Target("openvino-cpu", "onnxruntime", provider="OpenVINOExecutionProvider",

@@ -63,9 +63,12 @@ def save_program(program: Program, path: str, target: dict) -> str:
     from pared.backends.lower import lower_program
     from pared.ir.transform import Record
 
+    from pared.ir.isa import host_cpu
+
     def build(tmp: str) -> dict:
         graphs = lower_program(program, target, tmp)
         return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
+                "build_cpu": host_cpu().to_json(),
                 "output_structure": program.output_structure,
                 "records": {k: r.to_json() for k, r in program.records.items() if isinstance(r, Record)}}
     return write_artifact(str(path), build)
@@ -90,6 +93,65 @@ def run_torch_free(code: str, *, cwd: str | None = None, timeout: int = 300) -> 
     p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
                        cwd=cwd, timeout=timeout, env=env)
     assert p.returncode == 0, f"torch-free subprocess failed:\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+#: the CPU features hide_isa hides to show an AVX2-only x86 CPU (an AMD EPYC of the Zen 2 kind)
+AVX2_ONLY = ("avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+_HIDE_ISA_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "support",
+                             "hide_isa.c")
+
+
+def hidden_isa_env(hide: "tuple[str, ...] | list[str]" = AVX2_ONLY) -> tuple[dict | None, str]:
+    """The environment that runs a child process on this CPU with the features `hide` hidden from
+    CPUID (tests/support/hide_isa.c, built here with cc and kept in build/), so ONNX Runtime and
+    LLVM pick the kernels a CPU without them runs, at this CPU's speed.
+
+    Returns:
+        (env, note): env is None when it cannot work here, and note says why (no x86, no C
+        compiler, no CPUID faulting in this kernel or CPU); otherwise note names the features hidden.
+    """
+    import hashlib
+    import platform
+    import shutil
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"hiding x86 features needs an x86 CPU (this is {platform.machine()})"
+    if not os.path.exists(_HIDE_ISA_SRC):
+        return None, f"{_HIDE_ISA_SRC} is missing (pared.testing runs from a source checkout)"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc) to build tests/support/hide_isa.c"
+    with open(_HIDE_ISA_SRC, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(_HIDE_ISA_SRC)), "..", "build")
+    so = os.path.abspath(os.path.join(out_dir, f"hide_isa-{digest}.so"))
+    if not os.path.exists(so):
+        os.makedirs(os.path.dirname(so), exist_ok=True)
+        tmp = f"{so}.{os.getpid()}.tmp"
+        p = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, _HIDE_ISA_SRC, "-ldl"], capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            return None, f"building hide_isa.c failed: {p.stderr.strip()[-500:]}"
+        os.replace(tmp, so)
+    env = dict(os.environ, PARED_HIDE_ISA=",".join(hide), OMP_WAIT_POLICY="PASSIVE")
+    env["LD_PRELOAD"] = " ".join([so] + [p for p in os.environ.get("LD_PRELOAD", "").split() if p])
+    probe = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('PARED_HIDE_ISA_STATUS'))"],
+                           capture_output=True, text=True, env=env)
+    if probe.stdout.strip() != "active":
+        return None, ("this kernel or CPU has no CPUID faulting (no 'cpuid_fault' in /proc/cpuinfo), which "
+                      f"hide_isa.c needs: {probe.stderr.strip()[-300:]}")
+    return env, f"CPUID without {', '.join(hide)}"
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 600) -> str:
+    """Run Python `code` in a subprocess with `env` (e.g. hidden_isa_env's); return stdout.
+
+    Raises:
+        AssertionError: with stderr, when the code fails.
+    """
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                       env=env or dict(os.environ), timeout=timeout)
+    assert p.returncode == 0, f"subprocess failed:\n{p.stderr[-3000:]}"
     return p.stdout
 
 

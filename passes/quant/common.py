@@ -4,21 +4,25 @@ the calibration observer.
 Scale math (the conventions ONNX QuantizeLinear / DequantizeLinear use):
     activations: asymmetric uint8 per tensor, q = clamp(round(x / s) + z, 0, 255),
                  the range always holds 0 so that zero (padding) is exact
-    weights:     symmetric int8 per output channel, q = clamp(round(w / s), -127, 127)
-                 (-128 unused: symmetric, and no int16 saturation in u8s8 dot products)
+    weights:     symmetric int8 per output channel, q = clamp(round(w / s), -qmax, qmax):
+                 qmax 127 (full range; -128 unused) where the target's integer kernels sum
+                 in 32 bits, 63 (7 bits, ORT's reduce_range) where ORT's x86 u8s8 kernels
+                 sum pairs of products in 16 bits (no VNNI / AMX) and would saturate
+                 (int8_weight_qmax; the rule is the target's, pared.targets / ir.isa)
     bias:        int32 with scale s_x * s_w per output channel, zero point 0, so an
                  integer kernel adds it straight to its int32 accumulator
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 
 from pared.analysis.redundancy import observe_values
+from pared.ir import isa
 from pared.ir.errors import PassError
 from pared.ir.transform import Record
 
@@ -59,6 +63,7 @@ class QuantPlan(Record):
     excluded: tuple[str, ...] = ()     # regions of linear layers left in float (option `exclude`)
     smooth: float | None = None        # SmoothQuant migration strength alpha (None: off)
     calls: int = 0                     # calibration calls observed
+    weight_qmax: int = QMAX_S8         # int8 weight codes lie in [-weight_qmax, weight_qmax] (63: 7-bit range)
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
@@ -71,12 +76,27 @@ def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
     return scale, zp
 
 
-def quantize_weight(w_kn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel of a [K, N] weight: (int8 [K, N], float32 scales [N])."""
+def int8_weight_qmax(target: Any) -> int:
+    """The largest |q| of int8 weight codes for `target` (a pared Target or its JSON; None:
+    the default `cpu` target on this host): 127, or 63 where ORT's u8s8 kernels would
+    saturate (ir.isa.int8_weight_range)."""
+    if target is not None and not isinstance(target, Mapping):
+        target = target.to_json()
+    return isa.INT8_WEIGHT_QMAX[isa.int8_weight_range(target)]
+
+
+def weight_format(qmax: int) -> str:
+    """How QuantPlan records describe int8 weights of this range."""
+    return "int8 symmetric per-channel" + ("" if qmax == QMAX_S8 else f", 7-bit range [-{qmax}, {qmax}]")
+
+
+def quantize_weight(w_kn: torch.Tensor, qmax: int = QMAX_S8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel of a [K, N] weight, codes in [-qmax, qmax]:
+    (int8 [K, N], float32 scales [N])."""
     w = w_kn.detach().to(torch.float32)
     amax = w.abs().amax(dim=0)
-    scale = torch.where(amax > 0, amax / QMAX_S8, torch.ones_like(amax))
-    q = torch.clamp(torch.round(w / scale), -QMAX_S8, QMAX_S8).to(torch.int8)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    q = torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8)
     return q.contiguous(), scale.to(torch.float32).contiguous()
 
 
@@ -299,9 +319,9 @@ def dequantize_weight_int4(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tenso
     return dequantize_weight_blocks(q, scale, zp, shape, 4)
 
 
-def fake_quant_weight_int8(w_kn: torch.Tensor) -> torch.Tensor:
-    """The float [K, N] weight quantize_linears' int8 per-channel codes stand for."""
-    q, s = quantize_weight(w_kn)
+def fake_quant_weight_int8(w_kn: torch.Tensor, qmax: int = QMAX_S8) -> torch.Tensor:
+    """The float [K, N] weight quantize_linears' int8 per-channel codes (in [-qmax, qmax]) stand for."""
+    q, s = quantize_weight(w_kn, qmax)
     return q.to(torch.float32) * s
 
 

@@ -97,8 +97,8 @@ from pared.ir.regions import match, node_module_path, region_of
 from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
-                                       activation_qparams, observe_ranges, quantize_bias, quantize_weight,
-                                       smooth_factors)
+                                       activation_qparams, int8_weight_qmax, observe_ranges, quantize_bias,
+                                       quantize_weight, smooth_factors, weight_format)
 
 _aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -239,12 +239,13 @@ class QuantizeLinears(RewritePass):
         new_graphs = dict(program.graphs)
         layers: list[LayerQuant] = []
         calls = n_outliers = 0
+        qmax = int8_weight_qmax(ctx.target)
         for name, sites in todo.items():
             if not sites:
                 continue
             src = program.graphs[name]
             if o.mode == "dynamic":
-                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name)
+                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name, qmax)
                 layers += done
                 for lq in done:
                     ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] dynamic activation scale", lq.node,
@@ -256,7 +257,7 @@ class QuantizeLinears(RewritePass):
                                              o.percentile, self.name, channels=channels)
             decided = decide(src.module, sites, observed, o, ctx)
             n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None)
-            new_graphs[name], done = _rewrite(src, decided, self.name)
+            new_graphs[name], done = _rewrite(src, decided, self.name, qmax)
             layers += done
             for lq in done:
                 ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d",
@@ -275,7 +276,7 @@ class QuantizeLinears(RewritePass):
                 mm_calls, mm_obs = observe_ranges(g.module, [gnodes[x] for x in operands], ctx.calibration,
                                                   o.method, o.percentile, self.name)
                 calls += mm_calls
-                new_graphs[name], n_done = _rewrite_matmuls(g, mm_sites, mm_obs, self.name, ctx)
+                new_graphs[name], n_done = _rewrite_matmuls(g, mm_sites, mm_obs, self.name, ctx, qmax)
                 n_matmuls += n_done
         if not layers:
             return PassResult(program, modified=False, preserved=tuple(ctx.records),
@@ -284,8 +285,8 @@ class QuantizeLinears(RewritePass):
         plan = QuantPlan("quantize_linears", o.mode, "none (run time)" if dynamic else o.method,
                          o.percentile if o.method == "percentile" and not dynamic else None,
                          "uint8 asymmetric per-tensor" + (", scale per call" if dynamic else ""),
-                         "int8 symmetric per-channel", tuple(layers),
-                         excluded=tuple(excluded), calls=calls, smooth=o.smooth)
+                         weight_format(qmax), tuple(layers),
+                         excluded=tuple(excluded), calls=calls, smooth=o.smooth, weight_qmax=qmax)
         new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
         wbytes = sum(lq.in_features * lq.out_features for lq in layers)
         ctx.log.info("quantize_linears: %d linear layers to int8 (%s, %d calibration calls), %d excluded, "
@@ -522,7 +523,9 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
     return linear
 
 
-def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list[LayerQuant]]:
+def _rewrite(src: Graph, decided: list[_Decision], by: str,
+             qmax: int = QMAX_S8) -> tuple[Graph, list[LayerQuant]]:
+    """The static layers `decided`, int8 weight codes in [-qmax, qmax] (int8_weight_qmax)."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
@@ -538,7 +541,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str) -> tuple[Graph, list
         if d.outliers is not None:
             w = w.clone()
             w[d.outliers] = 0.0        # those channels go through the float matmul, not the int8 one
-        wq, ws = quantize_weight(w)                                    # [K, N] int8, [N] scales
+        wq, ws = quantize_weight(w, qmax)                              # [K, N] int8, [N] scales
         scale, zp = activation_qparams(d.lo, d.hi)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
         consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
@@ -623,15 +626,16 @@ def _dynamic_linear_fn(has_bias: bool, out_shape: tuple[int, ...] | None):
     return linear
 
 
-def _rewrite_dynamic(src: Graph, sites: list[Site], by: str) -> tuple[Graph, list[LayerQuant]]:
-    """Each site as one pared_quant.dynamic_linear op: int8 weights, float bias, no calibration."""
+def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8) -> tuple[Graph, list[LayerQuant]]:
+    """Each site as one pared_quant.dynamic_linear op: int8 weights in [-qmax, qmax], float bias, no
+    calibration."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
     index = next_index(gm)
     for s in sites:
         node, x = nodes[s.out], nodes[s.x]
-        wq, ws = quantize_weight(_weight_kn(gm, s))
+        wq, ws = quantize_weight(_weight_kn(gm, s), qmax)
         consts = {"w": wq, "ws": ws}
         if s.bias is not None:
             consts["bf"] = get_attr(gm, s.bias).detach().to(torch.float32).contiguous()
@@ -657,7 +661,8 @@ def _rewrite_dynamic(src: Graph, sites: list[Site], by: str) -> tuple[Graph, lis
 #   Before:  y = aten.bmm(a, b)                          a, b: computed activations
 #   After:   y = aten.bmm(dq(q(a, s_a, z_a, uint8)), dq(q(b, s_b, 0, int8)))
 #   a (attention probabilities or queries) is uint8 asymmetric, b (keys^T or values)
-#   int8 symmetric, both per-tensor with calibrated ranges; ORT's QDQ fusion turns the
+#   int8 symmetric (in [-qmax, qmax], as weights: b is the s8 side of the u8s8 kernel),
+#   both per-tensor with calibrated ranges; ORT's QDQ fusion turns the
 #   node unit into an integer matmul (MatMulIntegerToFloat), which int8_check verifies.
 
 def _find_matmul_sites(gm: fx.GraphModule, linear_mms: set[str]) -> list[tuple[str, str, str]]:
@@ -680,18 +685,22 @@ def _find_matmul_sites(gm: fx.GraphModule, linear_mms: set[str]) -> list[tuple[s
     return out
 
 
-def _qdq_act(scale: float, zero_point: int, signed: bool):
+def _qdq_act(scale: float, zero_point: int, signed: bool, qmax: int = QMAX_S8):
     def qdq(x):
         if signed:
-            q = _qd.quantize_per_tensor.default(x, scale, 0, -QMAX_S8, QMAX_S8, torch.int8)
-            return _qd.dequantize_per_tensor.default(q, scale, 0, -QMAX_S8, QMAX_S8, torch.int8)
+            if qmax < QMAX_S8:
+                # ONNX QuantizeLinear saturates to the whole int8 range: a value past the calibrated
+                # range would reach |q| > qmax there, so the 7-bit bound is a Clip before it
+                x = _aten.clamp.default(x, -qmax * scale, qmax * scale)
+            q = _qd.quantize_per_tensor.default(x, scale, 0, -qmax, qmax, torch.int8)
+            return _qd.dequantize_per_tensor.default(q, scale, 0, -qmax, qmax, torch.int8)
         q = _qd.quantize_per_tensor.default(x, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
         return _qd.dequantize_per_tensor.default(q, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
     return qdq
 
 
 def _rewrite_matmuls(src: Graph, sites: list[tuple[str, str, str]], observed: dict, by: str,
-                     ctx: PassContext) -> tuple[Graph, int]:
+                     ctx: PassContext, qmax: int = QMAX_S8) -> tuple[Graph, int]:
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = 0
@@ -706,11 +715,11 @@ def _rewrite_matmuls(src: Graph, sites: list[tuple[str, str, str]], observed: di
             x = nodes[name]
             if signed:
                 amax = max(abs(float(lo)), abs(float(hi)))
-                scale, zp = (amax / QMAX_S8 if amax > 0 else 1.0), 0
+                scale, zp = (amax / qmax if amax > 0 else 1.0), 0
             else:
                 scale, zp = activation_qparams(lo, hi)
             example = torch.zeros(tuple(int(d) for d in x.meta["val"].shape), dtype=torch.float32)
-            (y,) = splice(gm, _qdq_act(scale, zp, signed), [x], [example], by)
+            (y,) = splice(gm, _qdq_act(scale, zp, signed, qmax), [x], [example], by)
             region = mm.meta.get(meta.REGION)
             if region is not None:
                 for new in created_between(x.next, y):

@@ -83,7 +83,7 @@ from pared.ir.program import Graph, Program
 from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
-from pared.passes.quant.common import LayerQuant, RangeObserver
+from pared.passes.quant.common import LayerQuant, RangeObserver, int8_weight_qmax, weight_format
 from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, next_index, _rewrite, Site
 
 _aten = torch.ops.aten
@@ -185,6 +185,7 @@ class QuantizePerTimestep(RewritePass):
         timesteps, tables = _tables(obs, borders, o.tolerance, self.name)
 
         base = _with_table(src, t_node, borders, timesteps, tables, o.tolerance, self.name)
+        qmax = int8_weight_qmax(ctx.target)
         first_index = next_index(base.module)
         graphs: dict[str, Graph] = {}
         buckets: list[BucketQuant] = []
@@ -198,7 +199,7 @@ class QuantizePerTimestep(RewritePass):
             decided = decide(base.module, chosen, observed, PLAIN_INT8, ctx)
             # one bucket keeps the graph's name and plan: a single-graph program cache passes can follow
             name = f"bucket{b}" if len(spans) > 1 else gname
-            graph, done = _rewrite(base, decided, self.name) if decided else (base, [])
+            graph, done = _rewrite(base, decided, self.name, qmax) if decided else (base, [])
             _share_weights(graph.module, [d.site.node for d in decided], first_index, shared, self.name)
             graphs[name] = graph
             buckets.append(BucketQuant(name, lo_step, hi_step, tuple(done), floats, tuple(change)))
@@ -223,7 +224,7 @@ class QuantizePerTimestep(RewritePass):
             plan = Plan(program.plan.inputs, outs, routines, sched)
         record = TimestepQuantPlan(
             "timestep_quant", o.method, o.percentile if o.method == "percentile" else None,
-            "uint8 asymmetric per-tensor, per step bucket", "int8 symmetric per-channel, shared by the buckets",
+            "uint8 asymmetric per-tensor, per step bucket", weight_format(qmax) + ", shared by the buckets",
             o.timestep, tuple(float(t) for t in timesteps), tuple(n.name for n in borders),
             tuple(sorted({s.region for s in t_sites})), tuple(buckets), schedule, schedule[-1], o.tolerance,
             tuple(excluded), calls, o.select if len(graphs) > 1 else "call",
