@@ -16,6 +16,8 @@ DynamicQuantizeMatMul), on the three linear shapes of all-MiniLM-L6-v2 at batch 
 tokens, beside the fp32 MatMul. Exactness: the layer on activation codes at the top of
 their range (half at the maximum), against the same product in int64. Time: median over
 alternating rounds, 1 thread, OMP_WAIT_POLICY=PASSIVE, every scheme in the same rounds.
+Weight-only MatMulNBits (4 and 8 bits, block 32) is compared with x times its dequantized
+weight in float64, at accuracy level 0 (what pared emits: float compute) and 4 (int8).
 """
 from __future__ import annotations
 
@@ -91,6 +93,27 @@ def _model(scheme: str, dynamic: bool, m: int, k: int, n: int, rng: np.random.Ge
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString(), exact, feed
 
 
+def _nbits_model(bits: int, accuracy_level: int, m: int, k: int, n: int, rng: np.random.Generator,
+                 block: int = 32):
+    """A weight-only MatMulNBits layer (symmetric codes, MatMulNBits' default zero point) and its
+    reference: x times the dequantized weight in float64."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+    w = rng.standard_normal((n, k // block, block)).astype(np.float32)
+    half = 2 ** (bits - 1)
+    s = (np.abs(w).max(-1) / (half - 1)).astype(np.float32)
+    codes = (np.clip(np.rint(w / s[..., None]), -(half - 1), half - 1) + half).astype(np.uint8)
+    packed = codes if bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    wd = ((codes.astype(np.float64) - half) * s[..., None]).reshape(n, k)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=accuracy_level)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", T.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [m, n])],
+                          [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(s.reshape(-1), "s")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return model.SerializeToString(), lambda x: x.astype(np.float64) @ wd.T
+
+
 def child(repeats: int) -> dict:
     """One world: this process's CPU as ORT sees it."""
     import onnx
@@ -128,6 +151,17 @@ def child(repeats: int) -> dict:
                     row["outputs_off"] = float((np.abs(y - ref) > 1e-4 * np.abs(ref).max()).mean())
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 runs[(scheme, row["mode"])] = (sess, {"x": x}, row)
+        # weight-only (quantize_weights_int4, mixed_precision's w4 / w8): pared lowers them at accuracy
+        # level 0 (float compute on dequantized weights); level 4 quantizes x to int8 per block
+        for bits, level in ((4, 0), (4, 4), (8, 0)):
+            data, ref_fn = _nbits_model(bits, level, m, k, n, rng)
+            sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            ref = ref_fn(x)
+            y = sess.run(None, {"x": x})[0].astype(np.float64)
+            row = {"shape": shape_name, "scheme": f"w{bits} MatMulNBits acc{level}", "mode": "weight-only",
+                   "kernel": ["MatMulNBits"], "rel_l2_vs_float": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
+            runs[(row["scheme"], row["mode"])] = (sess, {"x": x}, row)
         times = {key: [] for key in runs}
         for _ in range(repeats):                    # alternating: each round runs every scheme once
             for key, (sess, fd, _) in runs.items():
@@ -170,8 +204,9 @@ def main() -> None:
         print(f"== {name}: {res['cpu']['model']} ({', '.join(res['cpu']['features'])})")
         for r in res["rows"]:
             ex = f"  rel L2 vs exact {r['rel_l2_vs_exact']:.2g} ({r['outputs_off']:.1%} off)" \
-                if "rel_l2_vs_exact" in r else ""
-            print(f"  {r['shape']:28s} {r['scheme']:10s} {r['mode']:8s} {r['median_ms']:8.3f} ms "
+                if "rel_l2_vs_exact" in r else f"  rel L2 vs float {r['rel_l2_vs_float']:.2g}" \
+                if "rel_l2_vs_float" in r else ""
+            print(f"  {r['shape']:28s} {r['scheme']:22s} {r['mode']:8s} {r['median_ms']:8.3f} ms "
                   f"x{r['speedup_vs_fp32']:.2f} fp32{ex}")
     write_results(a.out, out)
     print("wrote", a.out)

@@ -82,7 +82,8 @@ def write_results(path: str, data: dict, **dump: Any) -> str:
     "machine" (every results file says which CPU and ISA its figures come from). Returns path."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    data = dict(data, machine=machine())
+    mine = data.get("machine")
+    data = dict(data, machine={**mine, **machine()} if isinstance(mine, dict) else machine())
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench-", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w") as f:

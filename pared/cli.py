@@ -175,7 +175,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import numpy as np
     import pared
 
-    ex = pared.load(a.artifact)
+    ex = pared.load(a.artifact, allow_isa_mismatch=a.allow_isa_mismatch)
     with np.load(a.inputs, allow_pickle=False) as data:
         names = [s["name"] for s in ex.inputs]
         if all(n in data for n in names):
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--inputs", required=True)
     r.add_argument("--out")
+    r.add_argument("--allow-isa-mismatch", action="store_true",
+                   help="run an artifact whose INT8 kernels would saturate on this CPU (warns; outputs are wrong)")
     r.set_defaults(func=cmd_run)
     b = sub.add_parser("bench", help="time an artifact, or benchmark a reference workload side by side")
     b.add_argument("artifact", nargs="?")

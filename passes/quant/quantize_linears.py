@@ -70,8 +70,11 @@ their total is the pass's stat `outlier_channels`), int8/int32 constants on the 
 `pared.ir.region` on the inserted nodes (the layer's region).
 Invariant: on the torch side the rewritten graph computes what the integer
 kernels compute, up to values on a rounding boundary (torch rounds x * (1/s), ORT
-x / s), which the ORT backend's looser export bound for quantized graphs allows;
-layers matched by `exclude` stay float. Single-graph programs only: run it before
+x / s), which the backends' check counts rather than tolerates (it follows ORT's own
+codes: backends.common.forced_reference); layers matched by `exclude` stay float.
+Int8 weight codes lie in [-qmax, qmax] with qmax from the target (ctx.target; the host's
+`cpu` without one): 127, or 63 where ORT's x86 u8s8 kernels sum pairs of products in 16
+bits (no VNNI / AMX) and full-range weights would saturate them (ir.isa, issue 22). Single-graph programs only: run it before
 cache and partition passes, and after constant_folding (which would fold the
 weights' DequantizeLinear back into float constants).
 

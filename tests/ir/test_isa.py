@@ -110,3 +110,14 @@ def test_bad_isa_and_int8_weights_are_named():
         _profile(isa="avx2")
     with pytest.raises(TargetError, match="int8_weights must be one of"):
         _profile(int8_weights="8bit")
+
+
+def test_shipped_device_profiles_state_their_isa():
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    profiles = os.path.join(here, "..", "..", "examples", "targets")
+    avx2 = get_target(os.path.join(profiles, "avx2_server.yaml"))
+    vnni = get_target(os.path.join(profiles, "vnni_server.yaml"))
+    assert avx2.isa == ("avx2",) and avx2.int8_weight_qmax == 63
+    assert "avx512_vnni" in vnni.isa and vnni.int8_weight_qmax == 127
+    assert avx2.resolve() is avx2                      # stated, not read from the build host

@@ -56,3 +56,15 @@ def test_bench_usage_errors(capsys):
     assert "--head needs --workload" in capsys.readouterr().err
     assert main(["bench", "--workload", "dit_mnist", "--episodes", "3"]) == EXIT_ERROR
     assert "does not take option(s) ['episodes']" in capsys.readouterr().err
+
+
+def test_results_files_record_the_cpu_and_its_isa(tmp_path):
+    import json
+
+    from pared.bench import write_results
+    from pared.ir.isa import host_cpu
+    path = write_results(str(tmp_path / "r.json"), {"x": 1, "machine": {"threads": 1}})
+    data = json.load(open(path))
+    assert data["x"] == 1 and data["machine"]["threads"] == 1      # the benchmark's own keys are kept
+    assert data["machine"]["cpu"] == host_cpu().to_json() and data["machine"]["cpu"]["model"] is not None
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.json"]    # written atomically, no leftovers

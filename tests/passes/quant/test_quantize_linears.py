@@ -673,3 +673,39 @@ def test_outliers_must_leave_channels_to_int8():
 def test_bad_outlier_and_override_options(opts, message):
     with pytest.raises(OptionError, match=f"pass 'quantize_linears'.*{message}"):
         get_pass("quantize_linears")(**opts)
+
+
+# -- the target's instruction set sets the int8 weight range (issue 22)
+
+def _for_isa(features, **opts):
+    from pared.targets import Target
+    tgt = Target.from_json({"name": "box", "backend": "onnxruntime", "provider": "CPUExecutionProvider",
+                            "arch": "x86_64", "isa": list(features)})
+    m, (x,) = tiny_transformer()
+    prog = capture(m, (x,))
+    return get_pass("quantize_linears")(**opts)(prog, PassContext(calibration=_calibration(), target=tgt))
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_weight_range_follows_the_target_isa(mode):
+    # AVX2 only: ORT's u8s8 kernels sum pairs in 16 bits, so 7-bit codes; with VNNI the full range
+    for features, qmax in ((["avx2"], 63), (["avx2", "avx512f", "avx512bw"], 63), (["avx2", "avx512_vnni"], 127),
+                           (["avx2", "avx_vnni"], 127), (["avx2", "amx_int8"], 127)):
+        res = _for_isa(features, mode=mode)
+        gm = res.program.main.module
+        codes = [get_attr(gm, n) for n in dir(gm) if n.startswith("_quant_") and n.endswith("_w")]
+        assert len(codes) == 9 and max(int(c.abs().max()) for c in codes) == qmax, (features, qmax)
+        plan = res.program.records["QuantPlan"]
+        assert plan.weight_qmax == qmax and ("7-bit" in plan.weights) == (qmax == 63)
+
+
+def test_seven_bit_activation_operands_are_clipped_before_quantize():
+    # ONNX QuantizeLinear saturates to the whole int8 range: the 7-bit bound of the s8 operand of
+    # attention's matmuls is a clamp in the graph (a Clip in ONNX), so fx and ORT agree past the range
+    seven = _for_isa(["avx2"], matmuls=True)
+    full = _for_isa(["avx2", "avx512_vnni"], matmuls=True)
+    assert op_count(seven.program, "aten.clamp") == 4 and op_count(full.program, "aten.clamp") == 0
+    signed = [n for n in seven.program.main.module.graph.nodes
+              if n.op == "call_function" and "quantize_per_tensor" in str(n.target) and n.args[5] == torch.int8]
+    assert signed and all(n.args[3:5] == (-63, 63) for n in signed)
+    assert all(str(n.args[0].target) == "aten.clamp.default" for n in signed if "dequantize" not in str(n.target))
