@@ -79,9 +79,11 @@ def to_numpy(ts: Sequence[torch.Tensor]) -> list[np.ndarray]:
 
 
 #: a quantizer of the backend may round an element one step away from the reference where float
-#: noise (another summation order upstream) moves it across a rounding boundary; more than this
-#: share of its elements, or any element more than one step away, is a real difference
-CODE_FLIP_SHARE = 1e-3
+#: noise upstream (another summation order, another sin/cos) moves it across a rounding boundary:
+#: measured up to 0.08% of a quantizer's elements (dit_mnist's first quantizer, behind the
+#: timestep sinusoid); more than this share, or any element more than one step away, is a real
+#: difference (a rounding rule off by half a step moves about half of them; saturation, many steps)
+CODE_FLIP_SHARE = 1e-2
 
 
 def forced_reference(gm: "torch.fx.GraphModule", inputs: Sequence[torch.Tensor],

@@ -138,6 +138,9 @@ def main() -> None:
         "pared_int8_ffn_in_no_outliers": with_quant(overrides=[
             {"layers": "bert.encoder.layer.*.attention.output.dense", "smooth": None},
             {"layers": "bert.encoder.layer.*.output.dense", "smooth": None, "outliers": 32}]),
+        # where the target takes 7-bit weights (no VNNI / AMX), the pipeline without keep_8bit: every
+        # layer 7-bit on the U8S8 kernels (faster) instead of 8-bit U8U8; the same as pared_int8 elsewhere
+        "pared_int8_7bit": with_quant(keep_8bit=False),
         # the pipeline with attention's q.k^T and attn.v quantized too (uint8 x int8, integer kernels)
         "pared_int8_matmuls": with_quant(matmuls=True),
         # the pipeline without softmax_guard_elimination

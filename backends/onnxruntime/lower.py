@@ -99,13 +99,58 @@ def _has_quantizers(graph: Graph) -> bool:
                for n in graph.module.graph.nodes)
 
 
+def forced_names(gm: "torch.fx.GraphModule", model: Any) -> dict[str, str]:
+    """fx node name -> the ONNX value holding the same thing, for forced_values(gm): by name (the
+    exporter names values after the nodes), else, where its optimizer renamed one, the next
+    unmatched QuantizeLinear with the same scale and zero point (calibrated scales tell quantizers
+    apart; one merged with others of the same input and range by the optimizer is shared) or, for
+    a dynamic layer's input, the next unmatched DynamicQuantizeLinear's input. A wrong match shows:
+    its codes are many steps away."""
+    import numpy as np
+    import torch.fx as fx
+
+    from pared.backends.onnxruntime.int8_check import _constants
+    consts = _constants(model)
+    produced = {o for n in model.graph.node for o in n.output}
+    qnodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[1] in consts]
+    dqls = [n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    wanted = set(forced_values(gm))
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.name in wanted and n.name in produced:
+            out[n.name] = n.name
+            used.add(n.name)
+    d = 0
+    for n in gm.graph.nodes:
+        if n.name not in wanted or n.name in out:
+            continue
+        if str(n.target).startswith("quantized_decomposed.quantize_per_tensor"):
+            scale, zp = np.float32(n.args[1]), int(n.args[2])
+            same = [q.output[0] for q in qnodes if np.float32(consts[q.input[1]]) == scale and
+                    (int(consts[q.input[2]]) if len(q.input) > 2 and q.input[2] in consts else 0) == zp]
+            # an unmatched one first; else one the optimizer merged it with (several layers reading
+            # one activation with one calibrated range become a single QuantizeLinear)
+            pick = next((o for o in same if o not in used), same[0] if same else None)
+            if pick is not None:
+                out[n.name] = pick
+                used.add(pick)
+    for n in gm.graph.nodes:                  # dynamic layers' inputs, in order
+        if n.op == "call_function" and str(n.target).startswith("pared_quant.dynamic_linear") and \
+                isinstance(n.args[0], fx.Node):
+            if n.args[0].name not in out and d < len(dqls) and dqls[d] not in used:
+                out[n.args[0].name] = dqls[d]
+            d += 1
+    return out
+
+
 def with_outputs(path: str, names: list[str], out: str) -> list[str]:
     """Write a copy of the ONNX model at `path` to `out` that also outputs the values `names`
     (those the file has, with a known type); returns the names added."""
     import onnx
     model = onnx.load(path)
-    produced = {o for n in model.graph.node for o in n.output}
-    types = {v.name: v for v in model.graph.value_info}
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    types = {v.name: v for v in list(model.graph.value_info) + list(model.graph.input)}
     have = {o.name for o in model.graph.output}
     added = [n for n in names if n in produced and n in types and n not in have]
     model.graph.output.extend(types[n] for n in added)
@@ -129,16 +174,20 @@ def check_quantized(graph: Graph, ep: "torch.export.ExportedProgram", path: str,
 
     from pared.backends.onnxruntime.runtime import OrtGraph
 
+    import onnx
+
     gm = ep.module()
     names = forced_values(gm)
+    onnx_name = forced_names(gm, onnx.load(path, load_external_data=False))
     with tempfile.TemporaryDirectory(prefix="pared-check-", dir=os.path.dirname(path)) as tmp:
         probe = os.path.join(tmp, "check.onnx")
-        added = with_outputs(path, names, probe)
+        added = with_outputs(path, sorted(set(onnx_name.values())), probe)
         check_entry = dict(entry, file=os.path.relpath(probe, os.path.dirname(path)),
                            outputs=list(entry["outputs"]) + [{"name": n} for n in added])
         values = OrtGraph(os.path.dirname(path), check_entry, target)(feed)
     n_out = len(entry["outputs"])
-    theirs = dict(zip(added, values[n_out:]))
+    by_onnx = dict(zip(added, values[n_out:]))
+    theirs = {fx_name: by_onnx[o] for fx_name, o in onnx_name.items() if o in by_onnx}
     expected, stats = forced_reference(gm, graph.example_inputs, theirs)
     err = compare(to_numpy(expected), values[:n_out])
     # the session that ships and the one that also outputs the codes run the same kernels

@@ -35,7 +35,7 @@ weights' per-channel scales. Without smoothing no mask is needed: the outlier
 channels may saturate in q(x), but their int8 weight rows are 0 (an elementwise Mul
 over [M, K] per layer saved). ORT runs the extra part as Gather -> MatMul -> Add,
 k / K of the layer's work.
-`overrides` sets `smooth` and `outliers` per layer by region pattern (first match
+`overrides` sets `smooth`, `outliers` and `keep_8bit` per layer by region pattern (first match
 wins), e.g. no smoothing for attention's output projection and outlier channels for
 the FFN output projections (measured on MiniLM: examples/pipelines/minilm_int8.yaml);
 layers that read one activation must agree, since they share its factors.
@@ -72,6 +72,11 @@ Invariant: on the torch side the rewritten graph computes what the integer
 kernels compute, up to values on a rounding boundary (torch rounds x * (1/s), ORT
 x / s), which the backends' check counts rather than tolerates (it follows ORT's own
 codes: backends.common.forced_reference); layers matched by `exclude` stay float.
+`keep_8bit: true` keeps a layer's weights at 8 bits where the target takes 7: codes in
+[-127, 127] stored as uint8 around zero point 128, which ORT runs with its U8U8 kernels,
+exact on every CPU and ~25% slower than U8S8 on AVX2 (benchmarks/int8_schemes.py); the
+layers that carry most of the error (MiniLM's FFN output projections) buy back their
+precision there (examples/pipelines/minilm_int8.yaml).
 Int8 weight codes lie in [-qmax, qmax] with qmax from the target (ctx.target; the host's
 `cpu` without one): 127, or 63 where ORT's x86 u8s8 kernels sum pairs of products in 16
 bits (no VNNI / AMX) and full-range weights would saturate them (ir.isa, issue 22). Single-graph programs only: run it before
@@ -110,7 +115,7 @@ _TRANSPOSES = {_aten.permute.default, _aten.t.default, _aten.transpose.int}
 #: the pass's registry name: the float matmuls it inserts for outlier channels carry it as created_by
 _NAME = "quantize_linears"
 #: what one entry of the option `overrides` may set
-_OVERRIDE_KEYS = ("layers", "smooth", "outliers")
+_OVERRIDE_KEYS = ("layers", "smooth", "outliers", "keep_8bit")
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class LayerOverride:
     smooth: float | None = None      # SmoothQuant alpha for these layers (None: off), when `set_smooth`
     set_smooth: bool = False         # the entry sets `smooth` (else the pass-wide value holds)
     outliers: int | None = None      # outlier channels for these layers (None: the pass-wide value)
+    keep_8bit: bool | None = None    # 8-bit weights where the target takes 7 (None: the pass-wide value)
 
     def matches(self, regions: tuple[str, ...]) -> bool:
         return any(match(p, r) for p in self.layers for r in regions)
@@ -154,7 +160,10 @@ def _override(entry: Any, i: int) -> LayerOverride:
         if isinstance(outliers, bool) or not isinstance(outliers, int):
             raise OptionError(f"{where}: 'outliers' expects an int >= 0, got {outliers!r}")
         check_range("quantize_linears", f"overrides[{i}].outliers", outliers, lo=0)
-    return LayerOverride(tuple(layers), smooth, "smooth" in entry, outliers)
+    keep = entry.get("keep_8bit")
+    if keep is not None and not isinstance(keep, bool):
+        raise OptionError(f"{where}: 'keep_8bit' expects true or false, got {keep!r}")
+    return LayerOverride(tuple(layers), smooth, "smooth" in entry, outliers, keep)
 
 
 @dataclass(frozen=True)
@@ -193,6 +202,12 @@ class QuantizeLinears(RewritePass):
         # per-layer `smooth` / `outliers`, first match wins: [{layers: pattern(s), smooth: a | null,
         # outliers: k}]; a key left out keeps the pass-wide value
         overrides: tuple[Mapping[str, Any], ...] = ()
+        # int8 weight scale per output channel: absmax (max|w| / qmax) or mse (the clipping of max|w|
+        # with the least squared weight error; worth it with 7-bit weights, see the module docstring)
+        weight_clip: Literal["absmax", "mse"] = "absmax"
+        # where the target takes 7-bit int8 weights (ORT's u8s8 kernels would saturate: no VNNI / AMX),
+        # keep 8 bits, stored uint8 around 128 for ORT's exact U8U8 kernels (slower); no-op elsewhere
+        keep_8bit: bool = False
 
         def __post_init__(self):
             check_range("quantize_linears", "percentile", self.percentile, lo=50.0, hi=100.0, lo_open=True)
@@ -205,6 +220,10 @@ class QuantizeLinears(RewritePass):
             if self.mode == "dynamic" and self.smooth is not None:
                 raise OptionError("pass 'quantize_linears': option 'smooth' needs mode 'static' (its factors come "
                                   "from calibrated per-channel ranges; mode 'dynamic' calibrates nothing)")
+            if self.mode == "dynamic" and (self.keep_8bit or any(
+                    isinstance(e, Mapping) and e.get("keep_8bit") for e in self.overrides)):
+                raise OptionError("pass 'quantize_linears': option 'keep_8bit' needs mode 'static' (the dynamic "
+                                  "layers' int8 weights feed DynamicQuantizeMatMul as they are)")
             if self.mode == "dynamic" and self.matmuls:
                 raise OptionError("pass 'quantize_linears': option 'matmuls' needs mode 'static' (the attention "
                                   "matmuls' two operands get calibrated scales)")
@@ -248,7 +267,7 @@ class QuantizeLinears(RewritePass):
                 continue
             src = program.graphs[name]
             if o.mode == "dynamic":
-                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name, qmax)
+                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name, qmax, o.weight_clip)
                 layers += done
                 for lq in done:
                     ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] dynamic activation scale", lq.node,
@@ -260,7 +279,8 @@ class QuantizeLinears(RewritePass):
                                              o.percentile, self.name, channels=channels)
             decided = decide(src.module, sites, observed, o, ctx)
             n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None)
-            new_graphs[name], done = _rewrite(src, decided, self.name, qmax)
+            keep = frozenset(d.site.node for d in decided if _keeps_8bit(d.site, o))
+            new_graphs[name], done = _rewrite(src, decided, self.name, qmax, o.weight_clip, keep)
             layers += done
             for lq in done:
                 ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d",
@@ -288,7 +308,8 @@ class QuantizeLinears(RewritePass):
         plan = QuantPlan("quantize_linears", o.mode, "none (run time)" if dynamic else o.method,
                          o.percentile if o.method == "percentile" and not dynamic else None,
                          "uint8 asymmetric per-tensor" + (", scale per call" if dynamic else ""),
-                         weight_format(qmax), tuple(layers),
+                         weight_format(qmax) + (", scales by MSE clipping" if o.weight_clip == "mse" else ""),
+                         tuple(layers),
                          excluded=tuple(excluded), calls=calls, smooth=o.smooth, weight_qmax=qmax)
         new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
         wbytes = sum(lq.in_features * lq.out_features for lq in layers)
@@ -314,6 +335,14 @@ class _Decision:
     group: str                       # the activation's source node: layers reading it share `smooth`
     smooth: torch.Tensor | None      # SmoothQuant factors s [K] (x / s, W rows * s), or None
     outliers: torch.Tensor | None = None  # int64 [k] input channels run in float (option `outliers`), or None
+
+
+def _keeps_8bit(site: Site, o: "QuantizeLinears.Options") -> bool:
+    """`keep_8bit` for one layer: the first matching override's, else the pass-wide option."""
+    for ov in o.overrides:
+        if ov.matches(site.regions):
+            return o.keep_8bit if ov.keep_8bit is None else ov.keep_8bit
+    return o.keep_8bit
 
 
 def _settings(site: Site, o: "QuantizeLinears.Options") -> tuple[float | None, int]:
@@ -487,7 +516,7 @@ def _bias_add(mm: fx.Node, n_out: int) -> tuple[fx.Node, fx.Node | None]:
 
 
 def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None,
-                smooth: bool, outliers: bool = False):
+                smooth: bool, outliers: bool = False, u8_weights: bool = False):
     """The quantized layer as a torch function (traced into the graph by splice). `smooth`: the
     first constant multiplies x (1 / s, 0 on the outlier channels); `outliers`: the last two are
     the outlier channels' indices [k] and float weight rows [k, N], whose float matmul is added
@@ -517,7 +546,10 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
     def linear2d(x, wq, ws, wz, *bias):
         xq = _qd.quantize_per_tensor.default(x, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
         xd = _qd.dequantize_per_tensor.default(xq, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
-        wd = _qd.dequantize_per_channel.default(wq, ws, wz, 1, -QMAX_S8, QMAX_S8, torch.int8)
+        if u8_weights:
+            wd = _qd.dequantize_per_channel.default(wq, ws, wz, 1, 0, 255, torch.uint8)
+        else:
+            wd = _qd.dequantize_per_channel.default(wq, ws, wz, 1, -QMAX_S8, QMAX_S8, torch.int8)
         if has_bias:
             bq, bs, bz = bias
             bd = _qd.dequantize_per_channel.default(bq, bs, bz, 0, INT32_MIN, INT32_MAX, torch.int32)
@@ -526,9 +558,12 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
     return linear
 
 
-def _rewrite(src: Graph, decided: list[_Decision], by: str,
-             qmax: int = QMAX_S8) -> tuple[Graph, list[LayerQuant]]:
-    """The static layers `decided`, int8 weight codes in [-qmax, qmax] (int8_weight_qmax)."""
+def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
+             clip: str = "absmax", keep_8bit: frozenset[str] = frozenset()) -> tuple[Graph, list[LayerQuant]]:
+    """The static layers `decided`, int8 weight codes in [-qmax, qmax] (int8_weight_qmax), scales
+    by `clip` (quantize_weight). Layers in `keep_8bit` (node names) keep codes in [-127, 127]
+    where qmax is smaller, stored as uint8 around zero point 128: ORT runs them with its U8U8
+    kernels, exact on every CPU (slower than U8S8; benchmarks/int8_schemes.py)."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
@@ -544,10 +579,16 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str,
         if d.outliers is not None:
             w = w.clone()
             w[d.outliers] = 0.0        # those channels go through the float matmul, not the int8 one
-        wq, ws = quantize_weight(w, qmax)                              # [K, N] int8, [N] scales
+        u8 = s.node in keep_8bit and qmax < QMAX_S8
+        wq, ws = quantize_weight(w, QMAX_S8 if u8 else qmax, clip)     # [K, N] int8, [N] scales
         scale, zp = activation_qparams(d.lo, d.hi)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
         consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
+        if u8:
+            consts["w"] = (wq.to(torch.int16) + 128).to(torch.uint8).contiguous()
+            # int32 zero points in the graph (uint8 - uint8 would wrap around in torch); the exporter
+            # writes them in the codes' dtype, as DequantizeLinear wants
+            consts["wz"] = torch.full(ws.shape, 128, dtype=torch.int32)
         if s.bias is not None:
             consts["b"], consts["bs"] = quantize_bias(get_attr(gm, s.bias), scale, ws)
             consts["bz"] = torch.zeros(ws.shape, dtype=torch.int32)
@@ -578,7 +619,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str,
         examples = [torch.zeros(tuple(int(d) for d in xval.shape), dtype=torch.float32)] + \
             [getattr(gm, str(a.target)) for a in attrs]
         fn = _qdq_linear(scale, zp, s.bias is not None, s.out_shape, d.smooth is not None,
-                         d.outliers is not None)
+                         d.outliers is not None, u8)
         (y,) = splice(gm, fn, [x] + attrs, examples, by)
         for new in created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region
@@ -587,7 +628,8 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str,
         smooth_range = None if d.smooth is None else (float(d.smooth.min()), float(d.smooth.max()))
         done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(d.lo, 0.0), max(d.hi, 0.0)),
                                scale, zp, (float(ws.min()), float(ws.max())), s.bias is not None, smooth_range,
-                               outlier_channels=() if d.outliers is None else tuple(int(i) for i in d.outliers)))
+                               outlier_channels=() if d.outliers is None else tuple(int(i) for i in d.outliers),
+                               weight_storage="uint8" if u8 else "int8"))
     eliminate_dead_code(gm)
     gm.graph.lint()
     # a fresh module holds only what the graph still reads: the float weights go
@@ -629,7 +671,8 @@ def _dynamic_linear_fn(has_bias: bool, out_shape: tuple[int, ...] | None):
     return linear
 
 
-def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8) -> tuple[Graph, list[LayerQuant]]:
+def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8,
+                     clip: str = "absmax") -> tuple[Graph, list[LayerQuant]]:
     """Each site as one pared_quant.dynamic_linear op: int8 weights in [-qmax, qmax], float bias, no
     calibration."""
     gm = src.copy_module()
@@ -638,7 +681,7 @@ def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8
     index = next_index(gm)
     for s in sites:
         node, x = nodes[s.out], nodes[s.x]
-        wq, ws = quantize_weight(_weight_kn(gm, s), qmax)
+        wq, ws = quantize_weight(_weight_kn(gm, s), qmax, clip)
         consts = {"w": wq, "ws": ws}
         if s.bias is not None:
             consts["bf"] = get_attr(gm, s.bias).detach().to(torch.float32).contiguous()

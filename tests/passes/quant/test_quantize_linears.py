@@ -709,3 +709,31 @@ def test_seven_bit_activation_operands_are_clipped_before_quantize():
               if n.op == "call_function" and "quantize_per_tensor" in str(n.target) and n.args[5] == torch.int8]
     assert signed and all(n.args[3:5] == (-63, 63) for n in signed)
     assert all(str(n.args[0].target) == "aten.clamp.default" for n in signed if "dequantize" not in str(n.target))
+
+
+def test_keep_8bit_stores_uint8_weights_only_where_the_target_takes_7_bits(tmp_path):
+    keep = [{"layers": "blocks.*.mlp.2", "keep_8bit": True}]
+    seven = _for_isa(["avx2"], overrides=keep)
+    gm = seven.program.main.module
+    layers = seven.program.records["QuantPlan"].layers
+    kept = [lq for lq in layers if lq.weight_storage == "uint8"]
+    assert len(kept) == 2 and all(lq.region.endswith("mlp.2") for lq in kept)
+    for i, lq in enumerate(layers):
+        w = get_attr(gm, f"_quant_{i}_w")
+        if lq.weight_storage == "uint8":          # codes around 128 over the full 8 bits
+            assert w.dtype == torch.uint8 and int((w.to(torch.int16) - 128).abs().max()) == 127
+            assert int(get_attr(gm, f"_quant_{i}_wz").unique()) == 128
+        else:
+            assert w.dtype == torch.int8 and int(w.abs().max()) == 63
+    # lowered: ORT fuses the uint8-weight layers into QGemm too, exact (U8U8 sums in 32 bits)
+    from pared.targets import Target
+    tgt = Target.from_json({"name": "box", "backend": "onnxruntime", "provider": "CPUExecutionProvider",
+                            "arch": "x86_64", "isa": ["avx2"]})
+    entry = lower_graph(seven.program.main, "main", dict(tgt.to_json(), threads=1), str(tmp_path))
+    assert entry["int8"]["integer_ops"].get("QGemm") == 9 and entry["int8"]["exact"]["worst_rel_l2"] <= 1e-5
+    assert entry["check"]["rel_l2"] <= 1e-4
+    # with VNNI the int8 weights keep the full range anyway: nothing to keep
+    full = _for_isa(["avx2", "avx512_vnni"], overrides=keep)
+    assert all(lq.weight_storage == "int8" for lq in full.program.records["QuantPlan"].layers)
+    with pytest.raises(OptionError, match="'keep_8bit' expects true or false"):
+        get_pass("quantize_linears")(overrides=[{"layers": "x", "keep_8bit": "yes"}])
