@@ -167,3 +167,20 @@ def forced_values(gm: "torch.fx.GraphModule") -> list[str]:
         elif dyn is not None and n.op == "call_function" and n.target is dyn and isinstance(n.args[0], fx.Node):
             out.append(n.args[0].name)
     return out
+
+
+def with_forced_outputs(graph: Graph) -> tuple[Graph, list[str]]:
+    """A copy of `graph` that also outputs the values forced_reference takes from a backend
+    (forced_values: quantizer codes, dynamic layers' inputs), for backends whose compiled
+    module cannot be asked for an intermediate value; returns it and those node names, in
+    the order of the extra outputs."""
+    gm = graph.copy_module()
+    names = forced_values(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out.args[0]
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    out.args = (outs + tuple(nodes[n] for n in names),)
+    gm.recompile()
+    return graph.with_module(gm, output_names=tuple(graph.output_names) + tuple(f"forced.{n}" for n in names)), names
+

@@ -241,7 +241,7 @@ entry = lower_graph(q.main, "main", tgt.to_json(), d)
 got = TvmGraph(d, entry, tgt.to_json())(to_numpy(q.main.example_inputs))
 ref, _ = forced_reference(q.main.module, q.main.example_inputs)
 print(json.dumps({"features": list(host_cpu().features), "codes": int(q.main.module._quant_0_w.abs().max()),
-                  "rel_l2": compare(to_numpy(ref), got)["rel_l2"]}))
+                  "rel_l2": compare(to_numpy(ref), got)["rel_l2"], "check": entry["check"]}))
 """
 
 
@@ -254,6 +254,9 @@ def test_tvm_integer_kernels_are_exact_on_full_range_weights():
         res = json.loads(run_python(TVM_LAYER, env).strip().splitlines()[-1])
         assert res["codes"] == 127
         assert res["rel_l2"] <= 1e-5, f"{world}: {res}"
+        # the lowering check followed TVM's own codes, held to the float bound
+        assert res["check"]["rel_l2"] <= 1e-4 and res["check"]["codes"]["forced"] == 1
+        assert res["check"]["codes"]["worst_step"] <= 1
         print(f"{world} ({', '.join(res['features'])}): TVM int8 layer, |q| 127, rel L2 {res['rel_l2']:.2g}")
 
 
