@@ -181,6 +181,13 @@ def test_load_refuses_saturating_artifact(tmp_path, monkeypatch):
     epyc = isa.Cpu("x86_64", "AMD EPYC 7B12", ("avx2",))
     monkeypatch.setattr(executor.isa, "host_cpu", lambda: epyc)
     pared.load(seven)                                      # 7-bit: exact on any x86 kernel
+    # the rule on a manifest as the lowering writes it, whatever this host is
+    manifest = {"target": {"isa": ["avx2", "avx512_vnni"]},
+                "graphs": {"g": {"backend": "onnxruntime", "int8": {"exact": {"max_weight_code": 127}}}}}
+    with pytest.raises(ArtifactError, match=r"graph 'g'.*built for a CPU with avx2, avx512_vnni.*AMD EPYC"):
+        executor.check_cpu("art", manifest, {"provider": "CPUExecutionProvider"})
+    manifest["graphs"]["g"]["int8"]["exact"]["max_weight_code"] = 63
+    executor.check_cpu("art", manifest, {"provider": "CPUExecutionProvider"})
     if full is None:
         print("this host saturates: a full-range artifact cannot be built (and checked) here")
         return
