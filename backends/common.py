@@ -184,3 +184,32 @@ def with_forced_outputs(graph: Graph) -> tuple[Graph, list[str]]:
     gm.recompile()
     return graph.with_module(gm, output_names=tuple(graph.output_names) + tuple(f"forced.{n}" for n in names)), names
 
+
+def judge_forced(gm: "torch.fx.GraphModule", inputs: Sequence[torch.Tensor], theirs: dict, outputs: list,
+                 shipped: list, quantized_values: int, limit: float) -> dict:
+    """The lowering check of a quantized graph, for either backend: the fx graph run by
+    forced_reference on the backend's own values `theirs` (by fx node name), compared with the
+    backend's `outputs` of the build that exposed them, and those with the `shipped` build's.
+
+    Returns:
+        compare()'s figures, "check_vs_shipped", "codes" (forced_reference's statistics and
+        `quantized_values`, how many values could be forced); rel_l2 = inf and "why" when a
+        code is more than one step off, more than CODE_FLIP_SHARE of one quantizer's codes are
+        off, a dynamic layer's input or the two builds differ by more than `limit`.
+    """
+    expected, stats = forced_reference(gm, inputs, theirs)
+    err = compare(to_numpy(expected), outputs)
+    err["check_vs_shipped"] = compare(outputs, shipped)["rel_l2"]
+    err["codes"] = dict(stats, quantized_values=quantized_values)
+    if stats["worst_step"] > 1 or stats["flip_share"] > CODE_FLIP_SHARE:
+        err["why"] = (f"quantizer '{stats['worst_node']}' is {stats['worst_step']} steps from the reference "
+                      f"({stats['flip_share']:.2%} of its elements differ at worst)")
+    elif stats["worst_input_rel_l2"] > limit:
+        err["why"] = f"a dynamic layer's input differs by rel L2 {stats['worst_input_rel_l2']:.3g}"
+    elif err["check_vs_shipped"] > limit:
+        err["why"] = (f"the build that also outputs the quantized values differs from the one that ships by "
+                      f"rel L2 {err['check_vs_shipped']:.3g}")
+    if "why" in err:
+        err["rel_l2"] = float("inf")
+    return err
+

@@ -31,8 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
-from pared.backends.common import (CODE_FLIP_SHARE, compare, forced_reference, forced_values, io_spec,
-                                   retrace, to_numpy)
+from pared.backends.common import compare, forced_values, io_spec, judge_forced, retrace, to_numpy
 from pared.ir.errors import BackendError
 from pared.ir.program import Graph
 
@@ -172,9 +171,9 @@ def check_quantized(graph: Graph, ep: "torch.export.ExportedProgram", path: str,
     """
     import tempfile
 
-    from pared.backends.onnxruntime.runtime import OrtGraph
-
     import onnx
+
+    from pared.backends.onnxruntime.runtime import OrtGraph
 
     gm = ep.module()
     names = forced_values(gm)
@@ -188,22 +187,7 @@ def check_quantized(graph: Graph, ep: "torch.export.ExportedProgram", path: str,
     n_out = len(entry["outputs"])
     by_onnx = dict(zip(added, values[n_out:]))
     theirs = {fx_name: by_onnx[o] for fx_name, o in onnx_name.items() if o in by_onnx}
-    expected, stats = forced_reference(gm, graph.example_inputs, theirs)
-    err = compare(to_numpy(expected), values[:n_out])
-    # the session that ships and the one that also outputs the codes run the same kernels
-    err["check_vs_shipped"] = compare(values[:n_out], got)["rel_l2"]
-    err["codes"] = dict(stats, quantized_values=len(names))
-    if stats["worst_step"] > 1 or stats["flip_share"] > CODE_FLIP_SHARE:
-        err["why"] = (f"quantizer '{stats['worst_node']}' is {stats['worst_step']} steps from the reference "
-                      f"({stats['flip_share']:.2%} of its elements differ at worst)")
-    elif stats["worst_input_rel_l2"] > CHECK_REL_L2:
-        err["why"] = f"a dynamic layer's input differs by rel L2 {stats['worst_input_rel_l2']:.3g}"
-    elif err["check_vs_shipped"] > CHECK_REL_L2:
-        err["why"] = (f"the session that also outputs the quantized values differs from the one that ships by "
-                      f"rel L2 {err['check_vs_shipped']:.3g}")
-    if "why" in err:
-        err["rel_l2"] = float("inf")
-    return err
+    return judge_forced(gm, graph.example_inputs, theirs, values[:n_out], got, len(names), CHECK_REL_L2)
 
 
 def layer_names(graph: Graph) -> dict[str, str]:

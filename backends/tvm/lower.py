@@ -24,8 +24,7 @@ import shutil
 import tarfile
 from typing import Any, Mapping
 
-from pared.backends.common import (CODE_FLIP_SHARE, compare, forced_reference, io_spec, retrace, to_numpy,
-                                   with_forced_outputs)
+from pared.backends.common import compare, io_spec, judge_forced, retrace, to_numpy, with_forced_outputs
 from pared.ir.errors import BackendError
 from pared.ir.program import Graph
 
@@ -307,19 +306,7 @@ def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entr
         values = TvmGraph(tmp, dict(entry, file="check.so", outputs=outputs), target)(
             to_numpy(graph.example_inputs))
     theirs = dict(zip(names, values[n_out:]))
-    expected, stats = forced_reference(graph.module, graph.example_inputs, theirs)
-    err = compare(to_numpy(expected), values[:n_out])
-    err["check_vs_shipped"] = compare(values[:n_out], got)["rel_l2"]
-    err["codes"] = dict(stats, quantized_values=len(names))
-    if stats["worst_step"] > 1 or stats["flip_share"] > CODE_FLIP_SHARE:
-        err["why"] = (f"quantizer '{stats['worst_node']}' is {stats['worst_step']} steps from the reference "
-                      f"({stats['flip_share']:.2%} of its elements differ at worst)")
-    elif stats["worst_input_rel_l2"] > CHECK_REL_L2 or err["check_vs_shipped"] > CHECK_REL_L2:
-        err["why"] = (f"a dynamic layer's input differs by rel L2 {stats['worst_input_rel_l2']:.3g}, the build "
-                      f"with the codes as outputs from the shipped one by {err['check_vs_shipped']:.3g}")
-    if "why" in err:
-        err["rel_l2"] = float("inf")
-    return err
+    return judge_forced(graph.module, graph.example_inputs, theirs, values[:n_out], got, len(names), CHECK_REL_L2)
 
 
 def _record_quant(entry: dict, stats: Mapping[str, int]) -> None:
