@@ -470,7 +470,7 @@ def check_integer_exactness(path: str, target: Mapping[str, Any] | None = None, 
         if shape is None:
             continue
         w = consts[mmi.input[1]]
-        wmax = int(np.abs(w.astype(np.int32)).max(initial=0))
+        wmax = int(np.abs(w.astype(np.int32)).max(initial=0)) if w.dtype == np.int8 else 0
         # float values whose per-call codes reach 0 and 255 (min and max of the tensor)
         codes = _codes(rng, np.uint8, shape).astype(np.float32)
         codes.reshape(-1)[0] = 0.0
@@ -494,3 +494,74 @@ def check_integer_exactness(path: str, target: Mapping[str, Any] | None = None, 
             "graph '%s': %d of %d integer node units did not fuse when probed alone; their kernels were not "
             "checked against exact integer math", graph_name, report["units"] - report["fused"], report["units"])
     return report
+
+
+# -- checking a GPU target's INT8 graph on a CPU whose u8s8 kernels saturate -----------------
+#
+# A cuda artifact keeps full-range int8 weights (its kernels sum in 32 bits), and the build host
+# checks it on its CPU provider. Where that CPU's u8s8 kernels saturate, the check runs a copy
+# whose int8 weights are shifted to uint8 around zero point 128: the same integers, run by ORT's
+# U8U8 kernels, which are exact on every CPU.
+
+def int8_weight_inputs(model: Any) -> list[tuple[Any, int]]:
+    """(node, input index) of every int8 weight an integer kernel reads: DequantizeLinear's data and
+    MatMulInteger's B, when they are initializers."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        idx = 0 if n.op_type == "DequantizeLinear" else 1 if n.op_type == "MatMulInteger" else None
+        if idx is not None and len(n.input) > idx and n.input[idx] in inits and \
+                inits[n.input[idx]].data_type == onnx_int8():
+            out.append((n, idx))
+    return out
+
+
+def onnx_int8() -> int:
+    import onnx
+    return onnx.TensorProto.INT8
+
+
+def max_int8_weight_code(path: str) -> int:
+    """The largest |q| of the int8 weights the file's integer kernels read (0 without any)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(path)
+    inits = {i.name: i for i in model.graph.initializer}
+    codes = [int(np.abs(numpy_helper.to_array(inits[n.input[i]]).astype(np.int32)).max(initial=0))
+             for n, i in int8_weight_inputs(model)]
+    return max(codes, default=0)
+
+
+def as_u8_weights(path: str, out: str) -> int:
+    """Write a copy of the ONNX file at `path` to `out` whose int8 weights are uint8 codes around
+    zero point 128 (q + 128, zero point + 128): the same integers, run by ORT's U8U8 kernels.
+    Returns how many weights were shifted."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(path)
+    inits = {i.name: i for i in model.graph.initializer}
+    done: dict[str, str] = {}
+    sites = int8_weight_inputs(model)
+    for n, idx in sites:
+        name = n.input[idx]
+        if name not in done:
+            q = numpy_helper.to_array(inits[name]).astype(np.int16) + 128
+            model.graph.initializer.append(numpy_helper.from_array(q.astype(np.uint8), f"{name}__u8"))
+            done[name] = f"{name}__u8"
+        n.input[idx] = done[name]
+        zi = idx + 2                              # DequantizeLinear: x_zero_point; MatMulInteger: b_zero_point
+        if n.op_type == "DequantizeLinear":
+            zi = 2
+        zero = numpy_helper.to_array(inits[n.input[zi]]).astype(np.int16) \
+            if len(n.input) > zi and n.input[zi] in inits else np.zeros((), np.int16)
+        if n.op_type == "MatMulInteger" and len(n.input) <= 2:
+            n.input.append("")                     # a_zero_point left out: keep its slot empty
+        zname = f"{n.name or name}__zp_u8_{zi}"
+        model.graph.initializer.append(numpy_helper.from_array((zero + 128).astype(np.uint8), zname))
+        while len(n.input) <= zi:
+            n.input.append("")
+        n.input[zi] = zname
+    onnx.save(model, out)
+    return len(done)

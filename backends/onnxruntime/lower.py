@@ -190,6 +190,17 @@ def check_quantized(graph: Graph, ep: "torch.export.ExportedProgram", path: str,
     return judge_forced(gm, graph.example_inputs, theirs, values[:n_out], got, len(names), CHECK_REL_L2)
 
 
+def _checks_as_u8(target: Mapping[str, Any], path: str) -> bool:
+    """Whether this build checks a copy with uint8 weights: a target whose integer kernels are not
+    this CPU's (a GPU provider) holding weights this CPU's u8s8 kernels would saturate on."""
+    from pared.backends.onnxruntime.int8_check import max_int8_weight_code
+    from pared.ir import isa
+    if target.get("provider") in isa.CPU_EXECUTION_PROVIDERS:
+        return False
+    cpu = isa.host_cpu()
+    return isa.u8s8_saturates(cpu.arch, cpu.features) and max_int8_weight_code(path) > isa.QMAX_NO_SATURATION
+
+
 def layer_names(graph: Graph) -> dict[str, str]:
     """Constant name -> the region (module path) of the layer it belongs to, for messages."""
     from pared.ir import meta
@@ -234,21 +245,38 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
                  "exporter_optimized": optimize}
         # the check always runs on the CPU provider: the build machine may lack the target's device
         check_target = dict(target, provider="CPUExecutionProvider")
-        if quantized:
-            # each integer kernel against exact integer math first: a saturating kernel is named
-            # by its layer and this CPU's features rather than by the quantizer it throws off
-            from pared.backends.onnxruntime.int8_check import check_integer_exactness
-            exact = check_integer_exactness(path, check_target, name, layer_names(graph))
-        got = OrtGraph(outdir, entry, check_target)(feed)
-        if quantized:
-            err = check_quantized(graph, ep, path, entry, check_target, feed, got)
-        else:
-            err = compare(expected, got)
+        check_path, check_entry = path, entry
+        if quantized and _checks_as_u8(target, path):
+            # a GPU target's full-range int8 weights on a CPU whose u8s8 kernels saturate: check the
+            # same integers as uint8 around 128, which ORT's U8U8 kernels compute exactly
+            from pared.backends.onnxruntime.int8_check import as_u8_weights
+            check_path = os.path.join(outdir, f".{name}.check-u8.onnx")
+            as_u8_weights(path, check_path)
+            check_entry = dict(entry, file=os.path.basename(check_path))
+        try:
+            if quantized:
+                # each integer kernel against exact integer math first: a saturating kernel is named
+                # by its layer and this CPU's features rather than by the quantizer it throws off
+                from pared.backends.onnxruntime.int8_check import check_integer_exactness, max_int8_weight_code
+                exact = check_integer_exactness(check_path, check_target, name, layer_names(graph))
+                exact["max_weight_code"] = max(exact["max_weight_code"], max_int8_weight_code(path))
+                if check_path != path:
+                    exact["checked_as"] = "uint8 weights (U8U8) on the build CPU, whose u8s8 kernels saturate"
+            got = OrtGraph(outdir, check_entry, check_target)(feed)
+            if quantized:
+                err = check_quantized(graph, ep, check_path, check_entry, check_target, feed, got)
+            else:
+                err = compare(expected, got)
+            if err["rel_l2"] <= CHECK_REL_L2 and quantized:
+                from pared.backends.onnxruntime.int8_check import check_integer_kernels
+                kernels = check_integer_kernels(check_path, check_target, name)
+        finally:
+            if check_path != path and os.path.exists(check_path):
+                os.remove(check_path)
         if err["rel_l2"] <= CHECK_REL_L2:
             entry["check"] = err
             if quantized:
-                from pared.backends.onnxruntime.int8_check import check_integer_kernels
-                entry["int8"] = check_integer_kernels(path, check_target, name)
+                entry["int8"] = kernels
                 entry["int8"]["exact"] = exact
                 if int4:
                     from pared.backends.onnxruntime.int8_check import check_int4_kernels

@@ -276,3 +276,36 @@ def test_compare_judges_near_zero_outputs_absolutely():
     y = np.linspace(-1, 1, 64, dtype=np.float32)
     assert compare([y], [y * 1.01])["rel_l2"] == pytest.approx(0.01, rel=1e-3)
     assert compare([y * RMS_FLOOR * 0.1], [y * RMS_FLOOR * 0.1 + 1e-3])["rel_l2"] > 1e-4
+
+
+GPU_TARGET = """
+import json, tempfile, torch
+from torch import nn
+from pared.ir.capture import capture
+from pared.ir.transform import PassContext, get_pass
+from pared.backends.onnxruntime.lower import lower_graph
+from pared.targets import get_target
+torch.manual_seed(0)
+m = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 32)).eval()
+x = torch.randn(16, 64) * 3
+tgt = get_target("cuda")                              # its int8 kernels sum in 32 bits: full range
+out = {}
+for mode in ("static", "dynamic"):
+    q = get_pass("quantize_linears")(mode=mode)(capture(m, (x,)), PassContext(calibration=[(x,)], target=tgt)).program
+    e = lower_graph(q.main, "main", tgt.to_json(), tempfile.mkdtemp())
+    out[mode] = {"exact": e["int8"]["exact"], "check": e["check"]["rel_l2"], "ops": e["int8"]["integer_ops"]}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_gpu_target_is_checked_exactly_on_a_saturating_build_cpu():
+    """A cuda artifact keeps full-range int8 weights; a build host whose u8s8 kernels saturate checks
+    the same integers as uint8 weights (ORT's exact U8U8 kernels) instead of refusing the build."""
+    world, env = _worlds()[-1]
+    res = json.loads(run_python(GPU_TARGET, env).strip().splitlines()[-1])
+    saturates = env is not None or isa.u8s8_saturates(isa.host_cpu().arch, isa.host_cpu().features)
+    for mode, r in res.items():
+        assert r["exact"]["max_weight_code"] == 127 and r["exact"]["worst_rel_l2"] <= 1e-5, (world, mode, r)
+        assert r["check"] <= 1e-4 and r["ops"], (world, mode, r)
+        assert ("checked_as" in r["exact"]) == saturates, (world, mode, r)
