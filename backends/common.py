@@ -86,6 +86,14 @@ def to_numpy(ts: Sequence[torch.Tensor]) -> list[np.ndarray]:
 CODE_FLIP_SHARE = 1e-2
 
 
+def _forced_ops() -> tuple[Any, Any]:
+    """(quantized_decomposed.quantize_per_tensor, pared_quant.dynamic_linear or None)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+    ns = getattr(torch.ops, "pared_quant", None)
+    dyn = ns.dynamic_linear.default if ns is not None and hasattr(ns, "dynamic_linear") else None
+    return torch.ops.quantized_decomposed.quantize_per_tensor.default, dyn
+
+
 def forced_reference(gm: "torch.fx.GraphModule", inputs: Sequence[torch.Tensor],
                      backend_values: "dict[str, np.ndarray] | None" = None) -> tuple[tuple[torch.Tensor, ...], dict]:
     """Run `gm` (the graph as exported: `retrace(graph).module()`, whose node names the exported
@@ -104,12 +112,9 @@ def forced_reference(gm: "torch.fx.GraphModule", inputs: Sequence[torch.Tensor],
          "worst_node": the node it was at, "flip_share": the largest share of flipped elements at one node,
          "worst_input_rel_l2": the largest rel L2 of a dynamic layer's input})
     """
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
     import torch.fx as fx
 
-    qpt = torch.ops.quantized_decomposed.quantize_per_tensor.default
-    ns = getattr(torch.ops, "pared_quant", None)
-    dyn = ns.dynamic_linear.default if ns is not None and hasattr(ns, "dynamic_linear") else None
+    qpt, dyn = _forced_ops()
     forced = dict(backend_values or {})
     stats = {"forced": 0, "elements": 0, "flips": 0, "worst_step": 0, "worst_node": "", "flip_share": 0.0,
              "worst_input_rel_l2": 0.0}
@@ -155,11 +160,8 @@ def forced_reference(gm: "torch.fx.GraphModule", inputs: Sequence[torch.Tensor],
 def forced_values(gm: "torch.fx.GraphModule") -> list[str]:
     """The fx node names `forced_reference` can take from a backend: each activation quantizer's
     codes and each dynamic layer's input."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401
     import torch.fx as fx
-    qpt = torch.ops.quantized_decomposed.quantize_per_tensor.default
-    ns = getattr(torch.ops, "pared_quant", None)
-    dyn = ns.dynamic_linear.default if ns is not None and hasattr(ns, "dynamic_linear") else None
+    qpt, dyn = _forced_ops()
     out = []
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is qpt:

@@ -419,13 +419,11 @@ def check_integer_exactness(path: str, target: Mapping[str, Any] | None = None, 
             return
         cpu = isa.host_cpu()
         layer = layer_names.get(weight, weight)
-        missing = isa.missing_for_exact_u8s8(cpu.arch, cpu.features)
-        why = (f"this CPU ({cpu.model or cpu.arch}; features {', '.join(cpu.features) or 'none known'}): it has "
-               f"none of {', '.join(missing)}, so ORT's u8 x s8 kernel sums pairs of products in 16 bits, and "
-               f"these weights reach |q| = {wmax} (7-bit weights, |q| <= 63, cannot saturate)") if missing else \
-            f"this CPU ({cpu.model or cpu.arch}; features {', '.join(cpu.features) or 'none known'})"
-        raise BackendError(f"graph '{graph_name}': the integer kernel of layer '{layer}' ({what}, "
-                           f"{'weights' if weight in consts else 'node'} '{weight}') differs from exact integer math (rel L2 {err:.3g} > {EXACT_REL_L2}) on "
+        why = isa.saturation_risk(cpu, wmax) or \
+            f"this CPU ({cpu.model or cpu.arch}; features: {', '.join(cpu.features) or 'none known'})"
+        kind = "weights" if weight in consts else "node"
+        raise BackendError(f"graph '{graph_name}': the integer kernel of layer '{layer}' ({what}, {kind} "
+                           f"'{weight}') differs from exact integer math (rel L2 {err:.3g} > {EXACT_REL_L2}): "
                            f"{why}. Rebuild for this CPU (target 'cpu' reads it; or set int8_weights: 7bit in the "
                            f"target), or build on a CPU with the features the target states")
 
@@ -506,19 +504,15 @@ def check_integer_exactness(path: str, target: Mapping[str, Any] | None = None, 
 def int8_weight_inputs(model: Any) -> list[tuple[Any, int]]:
     """(node, input index) of every int8 weight an integer kernel reads: DequantizeLinear's data and
     MatMulInteger's B, when they are initializers."""
+    import onnx
     inits = {i.name: i for i in model.graph.initializer}
     out = []
     for n in model.graph.node:
         idx = 0 if n.op_type == "DequantizeLinear" else 1 if n.op_type == "MatMulInteger" else None
         if idx is not None and len(n.input) > idx and n.input[idx] in inits and \
-                inits[n.input[idx]].data_type == onnx_int8():
+                inits[n.input[idx]].data_type == onnx.TensorProto.INT8:
             out.append((n, idx))
     return out
-
-
-def onnx_int8() -> int:
-    import onnx
-    return onnx.TensorProto.INT8
 
 
 def max_int8_weight_code(path: str) -> int:
@@ -551,13 +545,9 @@ def as_u8_weights(path: str, out: str) -> int:
             model.graph.initializer.append(numpy_helper.from_array(q.astype(np.uint8), f"{name}__u8"))
             done[name] = f"{name}__u8"
         n.input[idx] = done[name]
-        zi = idx + 2                              # DequantizeLinear: x_zero_point; MatMulInteger: b_zero_point
-        if n.op_type == "DequantizeLinear":
-            zi = 2
+        zi = 2 if n.op_type == "DequantizeLinear" else 3    # x_zero_point / b_zero_point
         zero = numpy_helper.to_array(inits[n.input[zi]]).astype(np.int16) \
             if len(n.input) > zi and n.input[zi] in inits else np.zeros((), np.int16)
-        if n.op_type == "MatMulInteger" and len(n.input) <= 2:
-            n.input.append("")                     # a_zero_point left out: keep its slot empty
         zname = f"{n.name or name}__zp_u8_{zi}"
         model.graph.initializer.append(numpy_helper.from_array((zero + 128).astype(np.uint8), zname))
         while len(n.input) <= zi:

@@ -91,34 +91,11 @@ def weight_format(qmax: int) -> str:
     return "int8 symmetric per-channel" + ("" if qmax == QMAX_S8 else f", 7-bit range [-{qmax}, {qmax}]")
 
 
-#: clipping ratios of max|w| the `mse` weight scale search tries per output channel
-CLIP_RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))      # 1.00 down to 0.50
-
-
-def quantize_weight(w_kn: torch.Tensor, qmax: int = QMAX_S8, clip: str = "absmax") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w_kn: torch.Tensor, qmax: int = QMAX_S8) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel of a [K, N] weight, codes in [-qmax, qmax]:
-    (int8 [K, N], float32 scales [N]).
-
-    clip: `absmax` (scale max|w| / qmax) or `mse` (per output channel, the scale of the ratio
-    r * max|w| in CLIP_RATIOS whose quantized weight is closest to w in squared error: a few
-    outlier weights clipped buy every other weight a finer step; with 7-bit codes that matters).
-    """
+    (int8 [K, N], float32 scales [N])."""
     w = w_kn.detach().to(torch.float32)
     amax = w.abs().amax(dim=0)
-    if clip == "mse":
-        best, best_err = amax, None
-        for r in CLIP_RATIOS:
-            s = torch.where(amax > 0, amax * r / qmax, torch.ones_like(amax))
-            err = ((torch.clamp(torch.round(w / s), -qmax, qmax) * s - w) ** 2).sum(dim=0)
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best = torch.where(better, amax * r, best)
-            best_err = torch.where(better, err, best_err)
-        amax = best
-    elif clip != "absmax":
-        raise ValueError(f"weight clip must be 'absmax' or 'mse', got {clip!r}")
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     q = torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8)
     return q.contiguous(), scale.to(torch.float32).contiguous()

@@ -202,9 +202,6 @@ class QuantizeLinears(RewritePass):
         # per-layer `smooth` / `outliers`, first match wins: [{layers: pattern(s), smooth: a | null,
         # outliers: k}]; a key left out keeps the pass-wide value
         overrides: tuple[Mapping[str, Any], ...] = ()
-        # int8 weight scale per output channel: absmax (max|w| / qmax) or mse (the clipping of max|w|
-        # with the least squared weight error; worth it with 7-bit weights, see the module docstring)
-        weight_clip: Literal["absmax", "mse"] = "absmax"
         # where the target takes 7-bit int8 weights (ORT's u8s8 kernels would saturate: no VNNI / AMX),
         # keep 8 bits, stored uint8 around 128 for ORT's exact U8U8 kernels (slower); no-op elsewhere
         keep_8bit: bool = False
@@ -267,7 +264,7 @@ class QuantizeLinears(RewritePass):
                 continue
             src = program.graphs[name]
             if o.mode == "dynamic":
-                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name, qmax, o.weight_clip)
+                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name, qmax)
                 layers += done
                 for lq in done:
                     ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] dynamic activation scale", lq.node,
@@ -280,7 +277,7 @@ class QuantizeLinears(RewritePass):
             decided = decide(src.module, sites, observed, o, ctx)
             n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None)
             keep = frozenset(d.site.node for d in decided if _keeps_8bit(d.site, o))
-            new_graphs[name], done = _rewrite(src, decided, self.name, qmax, o.weight_clip, keep)
+            new_graphs[name], done = _rewrite(src, decided, self.name, qmax, keep)
             layers += done
             for lq in done:
                 ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d",
@@ -308,8 +305,7 @@ class QuantizeLinears(RewritePass):
         plan = QuantPlan("quantize_linears", o.mode, "none (run time)" if dynamic else o.method,
                          o.percentile if o.method == "percentile" and not dynamic else None,
                          "uint8 asymmetric per-tensor" + (", scale per call" if dynamic else ""),
-                         weight_format(qmax) + (", scales by MSE clipping" if o.weight_clip == "mse" else ""),
-                         tuple(layers),
+                         weight_format(qmax), tuple(layers),
                          excluded=tuple(excluded), calls=calls, smooth=o.smooth, weight_qmax=qmax)
         new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
         wbytes = sum(lq.in_features * lq.out_features for lq in layers)
@@ -559,9 +555,8 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
 
 
 def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
-             clip: str = "absmax", keep_8bit: frozenset[str] = frozenset()) -> tuple[Graph, list[LayerQuant]]:
-    """The static layers `decided`, int8 weight codes in [-qmax, qmax] (int8_weight_qmax), scales
-    by `clip` (quantize_weight). Layers in `keep_8bit` (node names) keep codes in [-127, 127]
+             keep_8bit: frozenset[str] = frozenset()) -> tuple[Graph, list[LayerQuant]]:
+    """The static layers `decided`, int8 weight codes in [-qmax, qmax] (int8_weight_qmax). Layers in `keep_8bit` (node names) keep codes in [-127, 127]
     where qmax is smaller, stored as uint8 around zero point 128: ORT runs them with its U8U8
     kernels, exact on every CPU (slower than U8S8; benchmarks/int8_schemes.py)."""
     gm = src.copy_module()
@@ -580,7 +575,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
             w = w.clone()
             w[d.outliers] = 0.0        # those channels go through the float matmul, not the int8 one
         u8 = s.node in keep_8bit and qmax < QMAX_S8
-        wq, ws = quantize_weight(w, QMAX_S8 if u8 else qmax, clip)     # [K, N] int8, [N] scales
+        wq, ws = quantize_weight(w, QMAX_S8 if u8 else qmax)     # [K, N] int8, [N] scales
         scale, zp = activation_qparams(d.lo, d.hi)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
         consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
@@ -671,8 +666,7 @@ def _dynamic_linear_fn(has_bias: bool, out_shape: tuple[int, ...] | None):
     return linear
 
 
-def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8,
-                     clip: str = "absmax") -> tuple[Graph, list[LayerQuant]]:
+def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8) -> tuple[Graph, list[LayerQuant]]:
     """Each site as one pared_quant.dynamic_linear op: int8 weights in [-qmax, qmax], float bias, no
     calibration."""
     gm = src.copy_module()
@@ -681,7 +675,7 @@ def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8
     index = next_index(gm)
     for s in sites:
         node, x = nodes[s.out], nodes[s.x]
-        wq, ws = quantize_weight(_weight_kn(gm, s), qmax, clip)
+        wq, ws = quantize_weight(_weight_kn(gm, s), qmax)
         consts = {"w": wq, "ws": ws}
         if s.bias is not None:
             consts["bf"] = get_attr(gm, s.bias).detach().to(torch.float32).contiguous()

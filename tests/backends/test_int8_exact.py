@@ -309,3 +309,72 @@ def test_a_gpu_target_is_checked_exactly_on_a_saturating_build_cpu():
         assert r["exact"]["max_weight_code"] == 127 and r["exact"]["worst_rel_l2"] <= 1e-5, (world, mode, r)
         assert r["check"] <= 1e-4 and r["ops"], (world, mode, r)
         assert ("checked_as" in r["exact"]) == saturates, (world, mode, r)
+
+
+def _one_quantizer():
+    """A captured Linear quantized by quantize_linears (one activation quantizer), its input and codes."""
+    from pared.ir.capture import capture
+    from pared.ir.transform import PassContext, get_pass
+    torch.manual_seed(0)
+    m = nn.Linear(64, 16).eval()
+    x = torch.randn(32, 64)
+    q = get_pass("quantize_linears")()(capture(m, (x,)), PassContext(calibration=[(x,)])).program
+    gm = q.main.module
+    (name,) = [n.name for n in gm.graph.nodes if "quantize_per_tensor" in str(n.target)
+               and "dequantize" not in str(n.target)]
+    qnode = next(n for n in gm.graph.nodes if n.name == name)
+    scale, zp = qnode.args[1], qnode.args[2]
+    codes = np.clip(np.rint(x.numpy() / np.float32(scale)) + zp, 0, 255).astype(np.uint8)
+    return gm, x, name, codes
+
+
+def test_forced_check_counts_flips_and_refuses_real_differences():
+    """judge_forced: codes one step off on a few elements are counted and pass; codes many steps
+    off, or one step off on many elements, are refused with the quantizer named."""
+    from pared.backends.common import forced_reference, judge_forced
+    gm, x, name, codes = _one_quantizer()
+    ref, _ = forced_reference(gm, (x,), {name: codes})
+    outs = [r.numpy() for r in ref]
+    ok = judge_forced(gm, (x,), {name: codes}, outs, outs, 1, 1e-4)
+    assert ok["rel_l2"] <= 1e-6 and ok["codes"]["forced"] == 1 and ok["codes"]["flips"] == 0
+    few = codes.copy()
+    few.reshape(-1)[:3] = np.clip(few.reshape(-1)[:3].astype(int) + 1, 0, 255)     # 3 of 2048: 0.15%
+    got = [r.numpy() for r in forced_reference(gm, (x,), {name: few})[0]]
+    res = judge_forced(gm, (x,), {name: few}, got, got, 1, 1e-4)
+    assert res["codes"]["flips"] == 3 and res["codes"]["worst_step"] == 1 and res["rel_l2"] <= 1e-4
+    far = codes.copy()
+    far.reshape(-1)[:3] = np.clip(far.reshape(-1)[:3].astype(int) + 9, 0, 255)
+    got = [r.numpy() for r in forced_reference(gm, (x,), {name: far})[0]]
+    res = judge_forced(gm, (x,), {name: far}, got, got, 1, 1e-4)
+    assert res["rel_l2"] == float("inf") and f"quantizer '{name}' is 9 steps" in res["why"]
+    many = np.clip(codes.astype(int) + 1, 0, 255).astype(np.uint8)                 # every element
+    got = [r.numpy() for r in forced_reference(gm, (x,), {name: many})[0]]
+    res = judge_forced(gm, (x,), {name: many}, got, got, 1, 1e-4)
+    assert res["rel_l2"] == float("inf") and "of its elements differ" in res["why"]
+    # two builds that disagree are refused too
+    res = judge_forced(gm, (x,), {name: codes}, outs, [o * 1.01 for o in outs], 1, 1e-4)
+    assert res["rel_l2"] == float("inf") and "differs from the one that ships" in res["why"]
+
+
+def test_u8_weight_copy_computes_the_same_integers(tmp_path):
+    """as_u8_weights: int8 weights shifted to uint8 around 128 give the same outputs (static and
+    dynamic layers), and the copy holds no int8 weight an integer kernel reads."""
+    import onnx
+    import onnxruntime as ort
+
+    from pared.backends.onnxruntime.int8_check import as_u8_weights, int8_weight_inputs, max_int8_weight_code
+    from pared.backends.onnxruntime.lower import export_onnx
+    from pared.ir.capture import capture
+    from pared.ir.transform import PassContext, get_pass
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
+    x = torch.randn(8, 64)
+    for mode in ("static", "dynamic"):
+        q = get_pass("quantize_linears")(mode=mode)(capture(m, (x,)), PassContext(calibration=[(x,)])).program
+        src, dst = str(tmp_path / f"{mode}.onnx"), str(tmp_path / f"{mode}_u8.onnx")
+        export_onnx(q.main, src)
+        assert as_u8_weights(src, dst) == 2 and max_int8_weight_code(src) > 0
+        assert int8_weight_inputs(onnx.load(dst)) == [] and max_int8_weight_code(dst) == 0
+        sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in (src, dst)]
+        run = [sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0] for sess in sessions]
+        np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)
