@@ -27,10 +27,9 @@ Cost: one fp32 replay (ranges and references) plus one replay per (layer, format
 The int8 bias (int32 at scale s_x * s_w) is not simulated: its rounding is below
 the activation's.
 
-Note on layering: the candidate formats are defined by the quantization passes
-(their site matcher and scale math in passes/quant/); this analysis imports them
-at call time rather than restating them, so that it measures exactly what the
-passes emit.
+Layering: the candidate formats are the quantization passes', but their site
+matcher (ir/patterns.py) and numerics (ir/quant.py) live in ir/, below both, so
+this analysis measures exactly what the passes emit without importing them.
 
 Reads: calibration. Writes: SensitivityProfile (a record; nothing on nodes).
 """
@@ -45,9 +44,12 @@ import torch
 import torch.fx as fx
 
 from pared.analysis.cost import node_flops
-from pared.analysis.redundancy import calibration_calls
+from pared.analysis.redundancy import calibration_calls, observe_values
 from pared.ir.errors import OptionError, PassError
+from pared.ir.patterns import find_sites
 from pared.ir.program import Program, get_attr
+from pared.ir.quant import (RangeObserver, dequantize_weight_blocks, fake_quant_activation, fake_quant_weight_int8,
+                            int8_weight_qmax, quantize_weight_blocks, quantized_weight_bytes, weight_only_bytes)
 from pared.ir.regions import match
 from pared.ir.transform import Analysis, PassContext, Record, check_block_size, register_pass
 
@@ -127,11 +129,6 @@ class QuantSensitivity(Analysis):
                 object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
 
     def analyze(self, program: Program, ctx: PassContext) -> SensitivityProfile:
-        from pared.passes.quant.common import (dequantize_weight_blocks, fake_quant_weight_int8, int8_weight_qmax,
-                                               observe_ranges,
-                                               quantize_weight_blocks, quantized_weight_bytes, weight_only_bytes)
-        from pared.passes.quant.quantize_linears import find_sites
-
         o = self.options
         gname = o.graph or next(iter(program.graphs))
         if gname not in program.graphs:
@@ -155,8 +152,8 @@ class QuantSensitivity(Analysis):
             raise PassError(f"pass 'quant_sensitivity': no linear layer in graph '{gname}' matches layers "
                             f"{list(o.layers)} (exclude {list(o.exclude)})")
         xs = sorted({s.x for sites in by_layer.values() for s in sites})
-        calls, observed = observe_ranges(gm, [nodes[x] for x in xs], ctx.calibration, "minmax", 100.0,
-                                         self.name, channels=True)
+        observed = {x: RangeObserver("minmax", 100.0, channels=True) for x in xs}
+        calls = observe_values(gm, [nodes[x] for x in xs], ctx.calibration, lambda name, v: observed[name].observe(v))
         ref = replay(gm, ctx.calibration)
         qmax = int8_weight_qmax(ctx.target)         # w8a8 as quantize_linears will emit it for this target
         ctx.progress(f"quant_sensitivity: {len(by_layer)} layers x {len(o.formats)} formats")
@@ -224,7 +221,6 @@ class _Patched(fx.Interpreter):
         p = self.patches.get(n.name)
         if p is None:
             return super().run_node(n)
-        from pared.passes.quant.common import fake_quant_activation
         w_kn, rng = p
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         args = list(args)

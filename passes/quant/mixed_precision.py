@@ -75,11 +75,12 @@ import numpy as np
 from pared.analysis.latency import LatencyProfile
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
 from pared.ir.errors import OptionError, PassError
+from pared.ir.patterns import find_sites
 from pared.ir.program import Program
 from pared.ir.transform import (PassContext, PassResult, Record, RewritePass, check_block_size, check_range,
                                 register_pass)
 from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
-from pared.passes.quant.quantize_linears import QuantizeLinears, find_sites
+from pared.passes.quant.quantize_linears import QuantizeLinears
 from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
 
 #: target metrics: name -> True when larger is better

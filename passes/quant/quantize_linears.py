@@ -100,8 +100,9 @@ import torch.fx as fx
 
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
+from pared.ir.patterns import Site, find_sites  # noqa: F401  (the layer matcher; re-exported)
 from pared.ir.program import Graph, Program, get_attr
-from pared.ir.regions import match, node_module_path, region_of
+from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
@@ -164,20 +165,6 @@ def _override(entry: Any, i: int) -> LayerOverride:
     if keep is not None and not isinstance(keep, bool):
         raise OptionError(f"{where}: 'keep_8bit' expects true or false, got {keep!r}")
     return LayerOverride(tuple(layers), smooth, "smooth" in entry, outliers, keep)
-
-
-@dataclass(frozen=True)
-class Site:
-    """A matched linear layer, by node name."""
-    node: str            # the matmul (addmm / mm / bmm)
-    out: str             # the node whose value the quantized layer replaces (the matmul, or its bias add)
-    x: str               # its float activation input ([M, K], or [B, S, K] for a batched matmul)
-    weight: str          # get_attr target of the float weight
-    bias: str | None     # get_attr target of the float bias [N]
-    transposed: bool     # the weight is [N, K] behind a transpose (nn.Linear) rather than [K, N]
-    out_shape: tuple[int, ...] | None  # a batched matmul's output shape (None: 2-D)
-    region: str
-    regions: tuple[str, ...]  # every module path on its stack, outermost first
 
 
 @register_pass("quantize_linears")
@@ -433,56 +420,6 @@ def _float_tensor(n: fx.Node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) and v.dtype == torch.float32 else None
 
 
-def find_sites(gm: fx.GraphModule, batched: bool = True) -> list[Site]:
-    """Every linear layer whose weight is a 2-D float parameter (behind a transpose,
-    as nn.Linear exports, or used directly as [K, N]):
-        addmm(b, x, W^T) and mm(x, W^T)                          x: [M, K]
-        bmm(x, expand(W^T)) (-> view) (+ b)                      x: [B, S, K]
-    the batched form is what a Linear on a non-contiguous 3-D input exports to; it is
-    matched only when `batched` (static shapes: its rewrite restores the output shape).
-    The float matmuls this pass inserts for outlier channels are not layers: skipped."""
-    sites = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.kwargs or n.meta.get(meta.CREATED_BY) == _NAME:
-            continue
-        if n.target is _aten.addmm.default:
-            bias, x, w = n.args[:3]
-        elif n.target is _aten.mm.default:
-            bias, (x, w) = None, n.args[:2]
-        elif n.target is _aten.bmm.default and batched:
-            bias, x, w = None, _through(n.args[0], _SAME_SHAPE), _through(n.args[1], _SAME_SHAPE | _EXPANDS)
-        else:
-            continue
-        rank = 3 if n.target is _aten.bmm.default else 2
-        if not isinstance(x, fx.Node) or _param(x) is not None or _float_tensor(x) is None or \
-                x.meta["val"].dim() != rank:
-            continue
-        transposed = False
-        if isinstance(w, fx.Node) and w.op == "call_function" and w.target in _TRANSPOSES:
-            dims = w.args[1:] if w.target is not _aten.t.default else ((1, 0),)
-            if w.target is _aten.permute.default and list(dims[0]) != [1, 0]:
-                continue
-            w, transposed = w.args[0], True
-        wp = _param(w)
-        if wp is None or _float_tensor(wp) is None or wp.meta["val"].dim() != 2:
-            continue
-        n_out = int(wp.meta["val"].shape[0 if transposed else 1])
-        out, out_shape = n, None
-        if rank == 3:
-            out_shape = tuple(int(d) for d in n.meta["val"].shape)
-            out, bias = _bias_add(n, n_out)
-        bp = None
-        if bias is not None:
-            bp = _param(bias)
-            bv = _float_tensor(bp) if bp is not None else None
-            if bv is None or tuple(bv.shape) != (n_out,):
-                continue           # a broadcast or computed bias: not the form QGemm takes
-        stack = node_module_path(n)
-        sites.append(Site(n.name, out.name, x.name, str(wp.target), str(bp.target) if bp is not None else None,
-                           transposed, out_shape, region_of(n), tuple(p for p, _ in stack)))
-    return sites
-
-
 _SAME_SHAPE = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default}
 _EXPANDS = {_aten.expand.default}
 
@@ -493,22 +430,6 @@ def _through(n: object, ops: set) -> object:
     while isinstance(n, fx.Node) and n.op == "call_function" and n.target in ops:
         n = n.args[0]
     return n
-
-
-def _bias_add(mm: fx.Node, n_out: int) -> tuple[fx.Node, fx.Node | None]:
-    """(the node the layer ends at, its bias parameter): `mm -> view -> add(., b[N])`, or (mm, None)."""
-    view = next(iter(mm.users)) if len(mm.users) == 1 else None
-    if view is None or view.op != "call_function" or view.target not in _SAME_SHAPE or len(view.users) != 1:
-        return mm, None
-    add = next(iter(view.users))
-    if add.op != "call_function" or add.target is not _aten.add.Tensor or len(add.args) != 2 or add.kwargs:
-        return mm, None
-    other = add.args[1] if add.args[0] is view else add.args[0]
-    p = _param(other)
-    if p is None or _float_tensor(p) is None or tuple(p.meta["val"].shape) != (n_out,) or \
-            tuple(add.meta["val"].shape) != tuple(view.meta["val"].shape):
-        return mm, None
-    return add, p
 
 
 def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None,

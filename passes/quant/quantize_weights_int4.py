@@ -54,12 +54,14 @@ import torch.fx as fx
 
 from pared.ir import meta
 from pared.ir.errors import OptionError
+from pared.ir.patterns import Site, find_sites
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
+from pared.ir.target import Target
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_block_size, register_pass
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
-from pared.passes.quant.quantize_linears import created_between, find_sites, Site
+from pared.passes.quant.quantize_linears import created_between
 
 _aten = torch.ops.aten
 _qd = torch.ops.quantized_decomposed
@@ -150,7 +152,6 @@ class QuantizeWeightsInt4(RewritePass):
 def ridge_point(target) -> float:
     """FLOP per byte above which a layer is compute-bound on `target` (a Target, its
     JSON dict, or None for pared's default figures)."""
-    from pared.targets import Target
     if target is None:
         fields = {f: getattr(Target, f) for f in ("peak_flops", "mem_bandwidth")}
     elif isinstance(target, dict):

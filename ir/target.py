@@ -1,0 +1,243 @@
+"""Targets as data: which backend and device a Program is lowered for.
+
+Passes, analyses and backends read the Target from here (`ctx.target` is one);
+`pared.targets` is the front door's name for the same objects.
+
+A Target records its backend (ONNX Runtime or TVM), the execution provider or
+TVM target (in TVM 0.27's dict form: it rejects "llvm -mcpu=..." strings), the
+precisions the hardware runs fast, its peak compute and memory bandwidth (for
+the cost model), and threads. Torch-free: the Executor reads the target from
+the manifest.
+
+Named targets: ``cpu`` (the default), ``tvm-cpu``, ``tvm-aarch64``, ``openvino-cpu``, ``cuda``.
+A YAML device profile defines a custom one::
+
+    name: jetson-orin-cpu
+    backend: tvm
+    tvm_target: {kind: llvm, mtriple: aarch64-linux-gnu, mcpu: cortex-a78}
+    cross_compiler: aarch64-linux-gnu-gcc
+    precisions: [fp32, int8]
+    peak_flops: 2.0e11
+    mem_bandwidth: 1.0e11
+    threads: 8
+
+ONNX Runtime targets may leave out graph rewrites that are slower on their device
+(``ort_disabled_optimizers: [SkipLayerNormFusion]``, what ``cpu`` does); the
+artifact's sessions and the INT8 kernel check use the same list.
+
+A CPU target knows its instruction set: ``arch`` and ``isa`` (features named as
+/proc/cpuinfo spells them: avx2, avx512f, avx512bw, avx512_vnni, avx_vnni, amx_int8;
+dotprod, i8mm on ARM). Targets that run on the build host (``cpu``, ``tvm-cpu``,
+``openvino-cpu``) leave them out and ``resolve()`` reads the host at build time;
+cross targets and device profiles state them. From them follows the INT8 weight
+range (``int8_weights: auto``): ONNX Runtime's x86 u8 x s8 kernels sum pairs of
+products in 16 bits without VNNI or AMX, and saturate on full-range int8 weights,
+so there weights are quantized to 7 bits (|w| <= 63, ORT's reduce_range), which
+those kernels compute exactly at the same speed; everywhere else (VNNI, AMX, ARM,
+TVM's integer kernels, GPUs) the full range [-127, 127] (ir.isa; measured in
+benchmarks/int8_schemes.py). ``int8_weights: full`` or ``7bit`` forces one. The
+manifest records the CPU the artifact assumes, and pared.load refuses a host whose
+kernels would saturate on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pared.ir import isa as _isa
+from pared.ir.errors import TargetError
+
+BACKENDS = ("onnxruntime", "tvm")
+ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+INT8_WEIGHTS = ("auto", "full", "7bit")
+INT8_WEIGHT_QMAX = _isa.INT8_WEIGHT_QMAX
+CPU_PROVIDERS = _isa.CPU_EXECUTION_PROVIDERS
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str                                  # "onnxruntime" | "tvm"
+    provider: str | None = None                   # ORT execution provider
+    tvm_target: Mapping[str, Any] | None = None   # TVM target, dict form
+    cross_compiler: str | None = None             # linker for a TVM cross build (None: host cc)
+    precisions: tuple[str, ...] = ("fp32",)       # precisions with fast kernels
+    peak_flops: float = 1e11                      # FLOP/s, for the cost model
+    mem_bandwidth: float = 2e10                   # bytes/s, for the cost model
+    threads: int = 0                              # intra-op threads; 0: the runtime's default
+    ort_opt_level: str = "extended"               # ORT graph optimization level
+    ort_disabled_optimizers: tuple[str, ...] = () # ORT graph rewrites left out (names as ORT registers them)
+    arch: str | None = None                       # CPU architecture (x86_64, aarch64); None: the build host's
+    isa: tuple[str, ...] | None = None            # CPU features assumed (ir.isa names); None: the build host's
+    int8_weights: str = "auto"                    # int8 weight range: auto (by ISA), full [-127, 127], 7bit [-63, 63]
+    description: str = ""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise TargetError(f"target '{self.name}': backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "onnxruntime" and not self.provider:
+            raise TargetError(f"target '{self.name}': an onnxruntime target needs 'provider'")
+        if self.backend == "tvm" and not self.tvm_target:
+            raise TargetError(f"target '{self.name}': a tvm target needs 'tvm_target' (dict form)")
+        if self.tvm_target is not None and not isinstance(self.tvm_target, Mapping):
+            raise TargetError(f"target '{self.name}': tvm_target must be a mapping like "
+                              "{kind: llvm, mtriple: ...}; TVM 0.27 rejects target strings")
+        if self.ort_opt_level not in ORT_OPT_LEVELS:
+            raise TargetError(f"target '{self.name}': ort_opt_level must be one of {ORT_OPT_LEVELS}")
+        if self.threads < 0 or self.peak_flops <= 0 or self.mem_bandwidth <= 0:
+            raise TargetError(f"target '{self.name}': threads must be >= 0 and peak_flops, mem_bandwidth > 0")
+        object.__setattr__(self, "precisions", tuple(self.precisions))
+        disabled = self.ort_disabled_optimizers
+        if isinstance(disabled, str) or not all(isinstance(n, str) and n for n in disabled):
+            raise TargetError(f"target '{self.name}': ort_disabled_optimizers must be a list of ONNX Runtime "
+                              f"optimizer names like [SkipLayerNormFusion], got {disabled!r}")
+        object.__setattr__(self, "ort_disabled_optimizers", tuple(disabled))
+        if self.tvm_target is not None:
+            object.__setattr__(self, "tvm_target", dict(self.tvm_target))
+        if self.int8_weights not in INT8_WEIGHTS:
+            raise TargetError(f"target '{self.name}': int8_weights must be one of {INT8_WEIGHTS}, "
+                              f"got {self.int8_weights!r}")
+        if self.isa is not None:
+            if isinstance(self.isa, str) or not all(isinstance(f, str) for f in self.isa):
+                raise TargetError(f"target '{self.name}': isa must be a list of CPU feature names like "
+                                  f"[avx2, avx512_vnni], got {self.isa!r}")
+            unknown = [f for f in self.isa if f not in _isa.FEATURES]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], _isa.FEATURES, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise TargetError(f"target '{self.name}': unknown CPU feature '{unknown[0]}' in isa; {hint}"
+                                  f"known: {', '.join(_isa.FEATURES)}")
+            object.__setattr__(self, "isa", tuple(sorted(set(self.isa))))
+
+    @property
+    def is_cross(self) -> bool:
+        """A TVM build for another CPU architecture than this host's."""
+        if self.backend != "tvm":
+            return False
+        triple = str(self.tvm_target.get("mtriple", ""))
+        return bool(triple) and not triple.startswith(platform.machine())
+
+    @property
+    def on_host(self) -> bool:
+        """The target's CPU is the build host's (its ISA is read there, not stated)."""
+        if self.backend == "tvm":
+            return not self.is_cross
+        return self.provider in CPU_PROVIDERS
+
+    def resolve(self) -> "Target":
+        """This target with `arch` and `isa` filled in: read from the build host for a
+        host target that leaves them out, the triple's architecture for a cross build.
+        A GPU target has none (its integer kernels do not run on a CPU)."""
+        arch, isa = self.arch, self.isa
+        if arch is None:
+            if self.backend == "tvm" and self.is_cross:
+                arch = str(self.tvm_target.get("mtriple")).split("-")[0]
+            elif self.on_host:
+                arch = _isa.host_cpu().arch
+        if isa is None:
+            if self.on_host and (arch is None or arch == _isa.host_cpu().arch):
+                isa = _isa.host_cpu().features
+            elif self.backend == "tvm" and self.is_cross:
+                isa = ()
+        if (arch, isa) == (self.arch, self.isa):
+            return self
+        return dataclasses.replace(self, arch=arch, isa=isa)
+
+    @property
+    def int8_weight_range(self) -> str:
+        """`full` or `7bit`: the int8 weight range this target's integer kernels compute exactly
+        (`int8_weights`, or by ISA when `auto`; see the module docstring)."""
+        return _isa.int8_weight_range(self.to_json())
+
+    @property
+    def int8_weight_qmax(self) -> int:
+        """Largest |q| of an int8 weight code on this target (127, or 63 for 7-bit weights)."""
+        return INT8_WEIGHT_QMAX[self.int8_weight_range]
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["precisions"] = list(self.precisions)
+        d["ort_disabled_optimizers"] = list(self.ort_disabled_optimizers)
+        if self.isa is not None:
+            d["isa"] = list(self.isa)
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any], *, where: str = "target") -> "Target":
+        fields = {f.name for f in dataclasses.fields(Target)}
+        unknown = [k for k in d if k not in fields]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise TargetError(f"{where}: unknown field '{unknown[0]}'{hint}")
+        if "name" not in d or "backend" not in d:
+            raise TargetError(f"{where}: a target needs at least 'name' and 'backend'")
+        try:
+            return Target(**dict(d))
+        except TypeError as e:
+            raise TargetError(f"{where}: {e}") from None
+
+
+#: ONNX Runtime rewrites that make the CPU provider slower. SkipLayerNormFusion: ORT 1.32's CPU
+#: SkipLayerNormalization kernel took 2.16 ms where the Add + LayerNormalization it replaces took
+#: 0.60 ms ([8, 128, 384], 1 thread); all-MiniLM-L6-v2 (batch 8, seq 128) ran 1.25x faster in fp32
+#: and 1.30x in INT8 without it (benchmarks/quant_minilm.py). GeluFusion, MatMulScaleFusion,
+#: MatMulTransposeFusion and TransposeOptimizer measured helpful there and stay on.
+CPU_SLOW_FUSIONS = ("SkipLayerNormFusion",)
+
+NAMED: dict[str, Target] = {
+    "cpu": Target("cpu", "onnxruntime", provider="CPUExecutionProvider",
+                  precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                  ort_disabled_optimizers=CPU_SLOW_FUSIONS,
+                  description="ONNX Runtime, CPU execution provider (default)"),
+    "tvm-cpu": Target("tvm-cpu", "tvm", tvm_target={"kind": "llvm"},
+                      precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                      description="TVM, llvm for this host"),
+    "tvm-aarch64": Target("tvm-aarch64", "tvm",
+                          tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+                          cross_compiler="aarch64-linux-gnu-gcc", arch="aarch64", isa=(),
+                          precisions=("fp32", "fp16", "int8"), peak_flops=1e11, mem_bandwidth=5e10,
+                          description="TVM cross-compiled for a 64-bit ARM CPU (runs on an ARM host)"),
+    "openvino-cpu": Target("openvino-cpu", "onnxruntime", provider="OpenVINOExecutionProvider",
+                           precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                           description="ONNX Runtime, OpenVINO execution provider on the CPU (needs the "
+                                       "onnxruntime-openvino package, which replaces onnxruntime)"),
+    "cuda": Target("cuda", "onnxruntime", provider="CUDAExecutionProvider",
+                   precisions=("fp32", "fp16", "bf16", "int8"), peak_flops=6e13, mem_bandwidth=2e12,
+                   description="ONNX Runtime, CUDA execution provider"),
+}
+
+
+def get_target(spec: "str | os.PathLike | Target | Mapping[str, Any]") -> Target:
+    """A Target from a name, a YAML device profile path, a mapping or a Target.
+
+    Raises:
+        TargetError: unknown name (listing the known ones) or malformed profile.
+    """
+    if isinstance(spec, Target):
+        return spec
+    if isinstance(spec, Mapping):
+        return Target.from_json(spec)
+    s = os.fspath(spec)
+    if s in NAMED:
+        return NAMED[s]
+    if s.endswith((".yaml", ".yml")):
+        if not os.path.exists(s):
+            raise TargetError(f"device profile {s} does not exist")
+        import yaml
+        try:
+            with open(s) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise TargetError(f"device profile {s}: not valid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise TargetError(f"device profile {s}: expected a mapping of target fields")
+        return Target.from_json(data, where=f"device profile {s}")
+    close = difflib.get_close_matches(s, list(NAMED), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise TargetError(f"unknown target '{s}'; {hint}known targets: {', '.join(NAMED)}, "
+                      "or a device profile .yaml")
