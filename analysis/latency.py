@@ -38,16 +38,21 @@ weight-only rewrite turn it into, but in fp32 it stays a batched MatMul over an
 expanded weight in the full model (measured on vit_mnist, 1 thread: 0.64 ms
 against the 2-D Gemm's 0.42 ms), so its fp32 latency is underestimated.
 
-Note on layering: as quant_sensitivity, this analysis imports the quantization
-rewrites (passes/quant/) and the backends at call time: it measures exactly what
-they emit and run.
+Layering: the analysis builds the one-layer models from ir/ alone (the layers
+are ir.patterns.find_sites'); rewriting them into a format, lowering and loading
+them is the measurement service's job (`ctx.measure`, a Profiler: ir/measure.py,
+implemented by backends/measure.py with pared's own quantization rewrites and
+the backend's runtime), so it times exactly what the passes emit and the
+artifact runs without importing passes or backends.
 
 Reads: calibration (the shapes; without one, the example inputs' shapes), the
-target (ctx.target; the `cpu` target when there is none). Writes: LatencyProfile
-(a record; nothing on nodes).
+target (ctx.target; the `cpu` target when there is none), the profiler
+(ctx.measure; pared.optimize injects one). Writes: LatencyProfile (a record;
+nothing on nodes).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import tempfile
@@ -59,8 +64,13 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.fx as fx
 
+from pared.analysis.redundancy import observe_values
+from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
+from pared.ir.measure import LinearFormat, Profiler
+from pared.ir.patterns import find_sites
 from pared.ir.program import Program, get_attr
+from pared.ir.target import Target, get_target
 from pared.ir.transform import Analysis, PassContext, Record, check_block_size, check_range, register_pass
 
 #: the candidate formats (fp32 is always measured): name -> weight bits
@@ -155,8 +165,6 @@ class Latency(Analysis):
             object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
 
     def analyze(self, program: Program, ctx: PassContext) -> LatencyProfile:
-        from pared.passes.quant.quantize_linears import find_sites
-
         o = self.options
         gname = o.graph or next(iter(program.graphs))
         if gname not in program.graphs:
@@ -164,7 +172,13 @@ class Latency(Analysis):
                               f"the program has {list(program.graphs)}")
         g = program.graphs[gname]
         gm = g.module
-        target = _target_json(ctx.target, o.threads)
+        if ctx.measure is None:
+            raise PassError("pass 'latency' times one-layer models on the target and needs a measurement service "
+                            "in the context: build it with PassContext(..., measure=pared.backends.measure."
+                            "default_profiler()) (pared.optimize injects one)")
+        target = ctx.target if ctx.target is not None else get_target("cpu")   # the default target
+        if o.threads:
+            target = dataclasses.replace(target, threads=o.threads)
         by_layer: dict[str, list] = {}
         for s in find_sites(gm, batched=not any(g.dynamic_dims)):
             by_layer.setdefault(s.region, []).append(s)
@@ -180,7 +194,7 @@ class Latency(Analysis):
             shape_of[layer] = (k, n, rows[s0.x], s0.bias is not None)
         shapes = list(dict.fromkeys(shape_of.values()))
         ctx.progress(f"latency: {len(by_layer)} layers, {len(shapes)} shapes x {1 + len(o.formats)} formats "
-                     f"on {target['name']}")
+                     f"on {target.name}")
         fmts_of: dict[tuple, list[str]] = {}
         runners: dict[tuple, Callable[[], Any]] = {}
         with tempfile.TemporaryDirectory(prefix="pared-latency-") as tmp:
@@ -196,8 +210,8 @@ class Latency(Analysis):
                                     for layer, sh in shape_of.items() if sh == shape]
                         continue
                     fmts_of[shape].append(f)
-                for name, run in self._lower(w if s0.transposed else w.t(), b, shape, fmts_of[shape], target,
-                                             tmp).items():
+                for name, run in self._lower(ctx.measure, w if s0.transposed else w.t(), b, shape, fmts_of[shape],
+                                             target, tmp).items():
                     runners[(shape, name)] = run
             # every shape and format in the same rounds: a change of load while timing moves them alike
             med, rounds = _alternate(runners, o.repeats, o.min_time)
@@ -212,18 +226,21 @@ class Latency(Analysis):
         fp32 = sum(x.cost("fp32") for x in out)
         best = {f: sum(x.cost(f if f in x.formats else "fp32") for x in out) for f in o.formats}
         ctx.log.info("latency: %d layers (%d shapes) on %s, %d thread(s): fp32 %.3f ms summed%s", len(out),
-                     len(shapes), target["name"], o.threads, fp32 * 1e3,
+                     len(shapes), target.name, o.threads, fp32 * 1e3,
                      "".join(f"; all {f} {v / fp32:.2f}x" for f, v in best.items() if fp32 > 0))
-        return LatencyProfile(gname, str(target["name"]), str(target["backend"]), o.threads, rounds,
+        return LatencyProfile(gname, target.name, target.backend, o.threads, rounds,
                               o.block_size, o.w8_block_size, o.symmetric, len(shapes), out, tuple(skipped))
 
-    def _lower(self, w_nk: torch.Tensor, bias: torch.Tensor | None, shape: tuple[int, int, int, bool],
-               formats: list[str], target: Mapping[str, Any], tmp: str) -> dict[str, Callable[[], Any]]:
-        """Lower the one-layer model in each format, and the overhead model, into `tmp`.
-        Returns format (and "overhead") -> a callable running it once on a fixed input."""
-        from pared.backends.lower import lower_program
-        from pared.ir.capture import capture
+    def _lower(self, profiler: Profiler, w_nk: torch.Tensor, bias: torch.Tensor | None,
+               shape: tuple[int, int, int, bool], formats: list[str], target: Target,
+               tmp: str) -> dict[str, Callable[[], Any]]:
+        """Have `profiler` lower the one-layer model in each format, and the overhead model, into `tmp`.
+        Returns format (and "overhead") -> a callable running it once on a fixed input.
 
+        Raises:
+            PassError: a model that did not lower, naming its shape, format and the target.
+        """
+        o = self.options
         k, n, m, has_bias = shape
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(0))
         lin = torch.nn.Linear(k, n, bias=has_bias).eval()
@@ -232,63 +249,18 @@ class Latency(Analysis):
             if has_bias:
                 lin.bias.copy_(bias)
         base = capture(lin, (x,))
-        models = {f: self._rewrite(base, f, target) for f in formats}
-        models["overhead"] = capture(_Times2().eval(), (x,))
-        feed = [x.numpy()]
+        models = {f: (base, LinearFormat(f, o.w8_block_size if f == "w8" else o.block_size, o.symmetric))
+                  for f in formats}
+        models["overhead"] = (capture(_Times2().eval(), (x,)), None)
         runners = {}
-        for name, prog in models.items():
-            d = tempfile.mkdtemp(dir=tmp)
+        for name, (prog, fmt) in models.items():
             try:
-                entry = lower_program(prog, target, d)["main"]
+                runners[name] = profiler.runner(prog, target, tempfile.mkdtemp(dir=tmp), fmt)
             except Exception as e:
                 raise PassError(f"pass 'latency': the one-layer model [{k} -> {n}, {m} rows] in format "
-                                f"'{name}' did not lower for target '{target['name']}': "
+                                f"'{name}' did not lower for target '{target.name}': "
                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-            graph = _runtime(target)(d, entry, target)
-            runners[name] = lambda graph=graph: graph(feed)
         return runners
-
-    def _rewrite(self, base: Program, fmt: str, target: Any = None) -> Program:
-        """The one-layer program in `fmt`, rewritten as mixed_precision rewrites a layer for `target`."""
-        from pared.passes.quant.quantize_linears import QuantizeLinears, find_sites
-        from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
-
-        o = self.options
-        if fmt == "fp32":
-            return base
-        if fmt == "w8a8":
-            x = base.main.example_inputs[0]
-            res = QuantizeLinears()(base, PassContext(calibration=[(x,)], target=target))
-            return res.program
-        sites = find_sites(base.main.module)
-        g, _ = quantize_sites_weight_only(base.main, sites, o.w8_block_size if fmt == "w8" else o.block_size,
-                                          o.symmetric, self.name, FORMATS[fmt])
-        return base.with_graph("main", g)
-
-
-def _target_json(target: Any, threads: int) -> dict:
-    """The target as the backends take it (Target.to_json()), with `threads` (0: as it is)."""
-    if target is None:
-        from pared.targets import get_target       # the default target when a context has none
-        target = get_target("cpu")
-    tj = dict(target.to_json() if hasattr(target, "to_json") else target)
-    if "backend" not in tj or "name" not in tj:
-        raise PassError(f"pass 'latency': the context's target {target!r} names no backend; give a Target "
-                        "(e.g. pared.targets.get_target('cpu'))")
-    if tj["backend"] == "onnxruntime":
-        tj.setdefault("provider", "CPUExecutionProvider")
-    if threads:
-        tj["threads"] = threads
-    return tj
-
-
-def _runtime(target: Mapping[str, Any]) -> Callable:
-    """The backend's graph runner class (what the Executor loads each graph with)."""
-    if target["backend"] == "tvm":
-        from pared.backends.tvm.runtime import TvmGraph
-        return TvmGraph
-    from pared.backends.onnxruntime.runtime import OrtGraph
-    return OrtGraph
 
 
 def _calibration_rows(gm: fx.GraphModule, xs: list[str], calibration: Any) -> dict[str, int]:
@@ -297,7 +269,6 @@ def _calibration_rows(gm: fx.GraphModule, xs: list[str], calibration: Any) -> di
     nodes = {n.name: n for n in gm.graph.nodes}
     seen: dict[str, Counter] = {x: Counter() for x in xs}
     if calibration is not None:
-        from pared.analysis.redundancy import observe_values
         observe_values(gm, [nodes[x] for x in dict.fromkeys(xs)], calibration,
                        lambda name, v: seen[name].update([math.prod(v.shape[:-1])]))
     rows = {}

@@ -39,7 +39,8 @@ from torch import nn  # noqa: E402
 
 from pared.backends.executor import Executor  # noqa: E402
 from pared.ir.capture import capture  # noqa: E402
-from pared.ir.transform import PassContext, get_pass  # noqa: E402
+from pared.ir.transform import PassContext  # noqa: E402
+from pared.registry import get_pass  # noqa: E402
 from pared.targets import get_target  # noqa: E402
 from pared.testing import TinyDiT, TinyMoEDiT, save_program, tiny_sampler_loop  # noqa: E402
 from pared.bench import write_results  # noqa: E402

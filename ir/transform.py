@@ -1,5 +1,6 @@
 """Pass infrastructure: Pass, Analysis, RewritePass, PassResult, PassContext,
-the registry and the PassManager.
+the registry and the PassManager. (pared.registry imports pared's own passes into
+the registry; get_pass lives there.)
 
 The contract (STYLE.md): a pass is called ``pass_(program, ctx) -> PassResult``.
 Analyses are read-only and return one frozen, serializable record that the
@@ -19,7 +20,9 @@ from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .errors import OptionError, PassError
+from .measure import Profiler
 from .program import Program
+from .target import Target
 
 log = logging.getLogger("pared.passes")
 
@@ -148,19 +151,34 @@ class PassResult:
 
 
 class PassContext:
-    """What passes share: calibration data, the target, cached records, progress.
+    """What passes share: calibration data, the target, the measurement service,
+    cached records, progress.
 
     Args:
         calibration: a list of input tuples, or a callable ``loop(model)`` that
             drives the model through a calibration run (a sampler loop).
-        target: the pared Target (or None for target-independent work).
+        target: the Target (pared.ir.target; a mapping of its fields is converted),
+            or None for target-independent work.
+        measure: the Profiler analyses time models with on the target (ir/measure.py);
+            injected by whoever builds the context (pared.optimize injects
+            pared.backends.measure.default_profiler()); None: no measuring analysis can run.
         progress: ``progress(message)`` callback for long work (may be None).
+
+    Raises:
+        TypeError: a target that is neither a Target, a mapping nor None.
     """
 
-    def __init__(self, *, calibration: Any = None, target: Any = None,
-                 progress: Callable[[str], None] | None = None, logger: logging.Logger | None = None):
+    def __init__(self, *, calibration: Any = None, target: Target | Mapping[str, Any] | None = None,
+                 measure: Profiler | None = None, progress: Callable[[str], None] | None = None,
+                 logger: logging.Logger | None = None):
+        if isinstance(target, Mapping):
+            target = Target.from_json(target, where="PassContext target")
+        elif target is not None and not isinstance(target, Target):
+            raise TypeError(f"PassContext: target must be a pared Target (pared.ir.target.get_target('cpu')), "
+                            f"a mapping of its fields or None, got {type(target).__name__}")
         self.calibration = calibration
-        self.target = target
+        self.target: Target | None = target
+        self.measure: Profiler | None = measure
         self.records: dict[type, Record] = {}
         self.progress = progress or (lambda msg: None)
         self.log = logger or log
@@ -246,21 +264,14 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     return deco
 
 
-def load_builtin_passes() -> None:
-    """Import the pass packages so their @register_pass decorators run."""
-    import importlib
-    for mod in ("pared.passes.generic", "pared.passes.cache", "pared.passes.quant", "pared.analysis.cost",
-                "pared.analysis.redundancy", "pared.analysis.quant_sensitivity", "pared.analysis.latency"):
-        importlib.import_module(mod)
-
-
-def get_pass(name: str) -> type[Pass]:
-    """The pass class registered under `name`.
+def registered_pass(name: str) -> type[Pass]:
+    """The pass class registered under `name` among the passes imported so far. The
+    front door's pared.registry.get_pass imports pared's own passes first; ir/ never
+    imports passes or analyses (they sit above it).
 
     Raises:
         UnknownPassError: naming the closest registered name.
     """
-    load_builtin_passes()
     try:
         return REGISTRY[name]
     except KeyError:

@@ -28,6 +28,7 @@ import pared
 from pared.backends.artifact import read_manifest, write_artifact
 from pared.backends.executor import Executor
 from pared.backends.lower import lower_program
+from pared.backends.measure import default_profiler
 from pared.fidelity import Fidelity, side_by_side, summarize
 from pared.ir.capture import capture, normalize_inputs
 from pared.ir.errors import FidelityError
@@ -188,7 +189,7 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fid
         passes = build_passes(spec)
     else:
         passes = build_passes(list(pipeline or []))
-    ctx = PassContext(calibration=calibration, target=tgt, progress=say)
+    ctx = PassContext(calibration=calibration, target=tgt, measure=default_profiler(), progress=say)
     t0 = time.perf_counter()
     program, history = PassManager(passes).run(program, ctx)
     timings["passes_s"] = time.perf_counter() - t0

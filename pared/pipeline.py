@@ -264,7 +264,7 @@ def _entry(item: Any, where: str) -> PassSpec:
 
 def _check(spec: PassSpec) -> Any:
     """Instantiate the pass from its spec; errors become PipelineError at spec.where."""
-    from pared.ir.transform import get_pass
+    from pared.registry import get_pass
     try:
         cls = get_pass(spec.name)
         return cls(dict(spec.options))

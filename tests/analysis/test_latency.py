@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from pared.analysis.latency import LatencyProfile
+from pared.backends.measure import default_profiler
 from pared.ir.capture import capture
-from pared.ir.errors import OptionError
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.errors import OptionError, PassError
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 
 
 class _MLP(nn.Module):
@@ -38,7 +40,7 @@ def measured():
     g = torch.Generator().manual_seed(1)
     # the example has 4 rows; calibration calls have 6, 6 and 3: the layers are timed at 6
     cal = [(torch.randn(r, 48, generator=g),) for r in (6, 6, 3)]
-    ctx = PassContext(calibration=cal)
+    ctx = PassContext(calibration=cal, measure=default_profiler())
     calls = []
     real = lower.lower_program
 
@@ -101,3 +103,10 @@ def test_record_serializes(measured):
 def test_bad_options(opts, message):
     with pytest.raises(OptionError, match=f"pass 'latency'.*{message}"):
         get_pass("latency")(**opts)
+
+
+def test_without_a_profiler_it_says_what_to_inject():
+    prog = capture(_MLP().eval(), (torch.randn(4, 48),))
+    with pytest.raises(PassError, match="pass 'latency' .* needs a measurement service.*"
+                                        "measure=pared.backends.measure.default_profiler\\(\\)"):
+        get_pass("latency")(repeats=3, min_time=0.0)(prog, PassContext())

@@ -10,7 +10,8 @@ import torch
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.quant.common import dequantize_weight_int4, quantize_weight_int4, quantized_weight_bytes
 from pared.testing import tiny_dit, tiny_sampler_loop, tiny_transformer
 

@@ -7,7 +7,8 @@ import torch
 from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.capture import capture
 from pared.ir.errors import PassError
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import tiny_dit, tiny_sampler_loop
 
 

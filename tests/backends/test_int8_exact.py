@@ -86,7 +86,8 @@ LOWER = """
 import json, tempfile, torch
 from torch import nn
 from pared.ir.capture import capture
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.ir.errors import BackendError
 from pared.backends.onnxruntime.lower import lower_graph
 from pared.targets import get_target, Target
@@ -232,7 +233,8 @@ TVM_LAYER = """
 import json, tempfile, torch
 from torch import nn
 from pared.ir.capture import capture
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.backends.common import forced_reference, compare, to_numpy
 from pared.backends.tvm.lower import lower_graph
 from pared.backends.tvm.runtime import TvmGraph
@@ -282,7 +284,8 @@ GPU_TARGET = """
 import json, tempfile, torch
 from torch import nn
 from pared.ir.capture import capture
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.backends.onnxruntime.lower import lower_graph
 from pared.targets import get_target
 torch.manual_seed(0)
@@ -314,7 +317,8 @@ def test_a_gpu_target_is_checked_exactly_on_a_saturating_build_cpu():
 def _one_quantizer():
     """A captured Linear quantized by quantize_linears (one activation quantizer), its input and codes."""
     from pared.ir.capture import capture
-    from pared.ir.transform import PassContext, get_pass
+    from pared.ir.transform import PassContext
+    from pared.registry import get_pass
     torch.manual_seed(0)
     m = nn.Linear(64, 16).eval()
     x = torch.randn(32, 64)
@@ -365,7 +369,8 @@ def test_u8_weight_copy_computes_the_same_integers(tmp_path):
     from pared.backends.onnxruntime.int8_check import as_u8_weights, int8_weight_inputs, max_int8_weight_code
     from pared.backends.onnxruntime.lower import export_onnx
     from pared.ir.capture import capture
-    from pared.ir.transform import PassContext, get_pass
+    from pared.ir.transform import PassContext
+    from pared.registry import get_pass
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
     x = torch.randn(8, 64)

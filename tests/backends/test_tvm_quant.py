@@ -17,7 +17,8 @@ from torch import nn
 from pared.backends.executor import Executor
 from pared.backends.tvm.lower import to_relax
 from pared.ir.capture import capture
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.targets import get_target
 from pared.testing import assert_close_to_eager, run_torch_free, save_program
 

@@ -34,7 +34,8 @@ from pared.backends.executor import Executor
 from pared.backends.tvm import lower as tvm_lower
 from pared.backends.tvm.lower import to_relax
 from pared.ir.capture import capture
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.targets import Target, get_target
 from pared.testing import (TinyMoEDiT, assert_close_to_eager, run_torch_free, save_program, tiny_dit,
                            tiny_sampler_loop, tiny_transformer)

@@ -6,7 +6,8 @@ import torch.fx as fx
 from pared.ir import meta
 from pared.ir.capture import capture
 from pared.ir.rewrite import eliminate_dead_code, splice
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import op_count
 
 

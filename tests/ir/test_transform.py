@@ -6,7 +6,8 @@ from pared.analysis.cost import CostProfile
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
 from pared.ir.transform import (Analysis, PassContext, PassManager, PassResult, Record, RewritePass, check_range,
-                                get_pass, make_options, register_pass)
+                                make_options, register_pass)
+from pared.registry import get_pass
 from pared.testing import tiny_transformer
 
 

@@ -7,7 +7,8 @@ from pared.ir import meta
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import assert_close_to_eager, op_count, tiny_transformer
 
 torch.manual_seed(0)
@@ -54,7 +55,12 @@ def test_dce_noop_and_idempotent():
     m, inputs = tiny_transformer()
     p = capture(m, inputs)
     res = get_pass("dead_code_elimination")()(p, PassContext())
-    assert res.modified is False and res.program is p
+    assert res.modified is False and res.program is p and res.stats["removed"] == 0
+    # twice: a second run on DCE's own output finds nothing more
+    first = get_pass("dead_code_elimination")()(_with_dead_code(p), PassContext())
+    assert first.modified and first.stats["removed"] == 2
+    again = get_pass("dead_code_elimination")()(first.program, PassContext())
+    assert again.modified is False and again.program is first.program and again.stats["removed"] == 0
 
 
 def test_constant_folding_folds_parameter_only_subgraphs():

@@ -11,7 +11,8 @@ from torch import nn
 from pared.backends.onnxruntime.lower import lower_graph
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import assert_close_to_eager, op_count
 
 CPU = {"name": "cpu", "backend": "onnxruntime", "threads": 1}

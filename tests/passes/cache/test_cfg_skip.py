@@ -9,7 +9,8 @@ import pared
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
 from pared.ir.plan import Latch, Plan
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import op_count, tiny_dit
 
 
@@ -29,7 +30,7 @@ def test_latches_once_the_halves_agree_and_then_runs_half_the_batch():
     m, x, t, prog = _dynamic()
     res = get_pass("cfg_skip")(threshold=0.99, warmup=1)(prog, PassContext())
     p = res.program
-    assert set(p.graphs) == {"both", "cond_only"} and isinstance(p.plan.schedule, Latch)
+    assert set(p.graphs) == {"main.both", "main.cond_only"} and isinstance(p.plan.selects()[0].selector, Latch)
     assert op_count(p, "aten.slice.Tensor", "cond_only") >= 2
     same = torch.cat([x[:2], x[:2]])          # conditional and unconditional agree exactly
     outs, trace = _run(p, same, t)

@@ -7,7 +7,8 @@ import torch
 import pared
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import op_count, tiny_dit, tiny_sampler_loop
 
 STEPS = 10
@@ -24,8 +25,8 @@ def _cached(**opts):
 def test_structure_and_schedule():
     m, x, prog, res = _cached(interval=3, boundary=0.5)
     p = res.program
-    assert set(p.graphs) == {"full", "reuse_rear", "reuse_front"}
-    assert p.plan.schedule.routines == ("full", "reuse_rear", "reuse_rear", "full", "reuse_rear",
+    assert set(p.graphs) == {"main.full", "main.reuse_rear", "main.reuse_front"}
+    assert p.plan.selects()[0].selector.cases == ("full", "reuse_rear", "reuse_rear", "full", "reuse_rear",
                                         "reuse_front", "full", "reuse_front", "reuse_front", "full")
     assert res.stats == {"reuse_steps": 6, "cached_blocks": 3, "boundary_step": 5, "steps": STEPS}
     spans = {s.name: s.blocks for s in p.records["CachePlan"].spans}
@@ -33,13 +34,13 @@ def test_structure_and_schedule():
                      "delta_rear": ("blocks.3", "blocks.4", "blocks.5")}
     mm = lambda g: op_count(p, "aten.addmm.default", g) + op_count(p, "aten.mm.default", g)
     assert mm("full") - mm("reuse_rear") == 3 * 3 and mm("full") - mm("reuse_front") == 3 * 3
-    assert p.graphs["full"].output_names[-2:] == ("cache.delta_front", "cache.delta_rear")
+    assert p.graphs["main.full"].output_names[-2:] == ("cache.delta_front", "cache.delta_rear")
     assert set(prog.graphs) == {"main"}
 
 
 def test_numerics_match_the_eager_meaning():
     m, x, prog, res = _cached(interval=3, boundary=0.5)
-    table = res.program.plan.schedule.routines
+    table = res.program.plan.selects()[0].selector.cases
     runner = res.program.runner()
     got = tiny_sampler_loop(x, STEPS)(lambda *a: runner(list(a))[0])
     ts = torch.linspace(900, 0, STEPS)
@@ -60,7 +61,7 @@ def test_numerics_match_the_eager_meaning():
 
 def test_only_the_variants_the_schedule_uses_are_built():
     m, x, prog, res = _cached(interval=2, boundary=1.0)
-    assert set(res.program.graphs) == {"full", "reuse_rear"}
+    assert set(res.program.graphs) == {"main.full", "main.reuse_rear"}
     assert [s.name for s in res.program.records["CachePlan"].spans] == ["delta_rear"]
 
 

@@ -6,7 +6,8 @@ import torch
 
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.cache.magnitude_cache import magcache_schedule, magnitude_ratios
 from pared.testing import tiny_dit, tiny_sampler_loop
 
@@ -32,7 +33,7 @@ def _cached(**opts):
 def test_structure_and_numerics():
     m, x, prog, res = _cached(threshold=0.5, max_skip=2, retention=0.2)
     p = res.program
-    table = p.plan.schedule.routines
+    table = p.plan.selects()[0].selector.cases
     assert table[:2] == ("full", "full") and "reuse" in table and len(table) == STEPS
     rec = p.records["CachePlan"]
     assert rec.spans[0].blocks == tuple(f"blocks.{i}" for i in range(6)) and len(rec.calibration) == STEPS

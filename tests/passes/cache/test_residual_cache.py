@@ -9,7 +9,8 @@ import pared
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
 from pared.ir.plan import Rule
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.testing import op_count, tiny_dit, tiny_sampler_loop
 
 STEPS = 10
@@ -29,13 +30,13 @@ def _run(program, x):
 def test_structure():
     m, x, prog, res = _cached(threshold=0.2, front=1, back=1)
     p = res.program
-    assert set(p.graphs) == {"probe", "compute", "reuse"} and isinstance(p.plan.schedule, Rule)
+    assert set(p.graphs) == {"main.probe", "main.compute", "main.reuse"} and isinstance(p.plan.selects()[0].selector, Rule)
     mm = lambda g: op_count(p, "aten.addmm.default", g) + op_count(p, "aten.mm.default", g)
     # 3 matmuls per block; t_mlp (2) everywhere, embed in the probe, out after the tail
     assert mm("probe") == 2 + 1 + 3 * 1
     assert mm("compute") == 2 + 3 * 5 + 1
     assert mm("reuse") == 2 + 3 * 1 + 1
-    assert p.graphs["reuse"].input_names[-2:] == ("cache.mid", "hidden")
+    assert p.graphs["main.reuse"].input_names[-2:] == ("cache.mid", "hidden")
     assert p.records["CachePlan"].spans[0].blocks == ("blocks.1", "blocks.2", "blocks.3", "blocks.4")
     assert res.stats == {"cached_blocks": 4, "front": 1, "back": 1}
     assert set(prog.graphs) == {"main"}

@@ -8,7 +8,8 @@ import pared
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
 from pared.ir.plan import Plan
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.cache.taylor_cache import taylor_table
 from pared.testing import tiny_dit, tiny_sampler_loop
 
@@ -31,8 +32,8 @@ def _cached(**opts):
 def test_structure_and_numerics():
     m, x, prog, res = _cached(interval=3)
     p = res.program
-    assert set(p.graphs) == {"full0", "full", "forecast"}
-    assert p.graphs["forecast"].input_names[-3:] == ("cache.blocks", "cache.delta", "coef")
+    assert set(p.graphs) == {"main.full0", "main.full", "main.forecast"}
+    assert p.graphs["main.forecast"].input_names[-3:] == ("cache.blocks", "cache.delta", "coef")
     assert res.stats == {"forecast_steps": 5, "cached_blocks": 4, "steps": STEPS}
     table, coefs = taylor_table(STEPS, 3, 2)
     runner = p.runner()

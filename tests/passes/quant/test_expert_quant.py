@@ -13,7 +13,8 @@ import torch
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import get_attr
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.quant.expert_quant import (allocate_experts, dequantize, expert_bytes, pack, quantize_expert,
                                              routing_frequency)
 from pared.testing import assert_unchanged, state_snapshot, tiny_dit, tiny_moe_dit, tiny_sampler_loop

@@ -15,7 +15,8 @@ from pared.backends.onnxruntime.lower import lower_graph
 from pared.ir.capture import capture
 from pared.ir.errors import BackendError, OptionError, PassError
 from pared.ir.program import get_attr
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.quant.common import QuantPlan
 from pared.testing import op_count, tiny_transformer
 

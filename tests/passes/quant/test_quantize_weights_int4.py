@@ -17,7 +17,8 @@ from pared.backends.onnxruntime.runtime import OrtGraph
 from pared.ir.capture import capture
 from pared.ir.errors import BackendError, OptionError
 from pared.ir.program import get_attr
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.quant.common import dequantize_weight_int4, quantize_weight_int4, quantized_weight_bytes
 from pared.passes.quant.quantize_weights_int4 import WeightQuantPlan
 from pared.targets import get_target

@@ -17,7 +17,8 @@ from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
 from pared.ir.plan import Bins, Table
 from pared.ir.program import Program, get_attr
-from pared.ir.transform import PassContext, get_pass
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
 from pared.passes.quant.common import activation_qparams
 from pared.passes.quant.timestep_quant import TimestepQuantPlan, _t_only_nodes
 from pared.testing import op_count, run_torch_free, tiny_dit, tiny_sampler_loop
