@@ -135,7 +135,7 @@ def _minilm(a, target):
 def _vit(a, target):
     wl = get_workload("vit_mnist", batch=100, samples=500)
     model = wl.build()
-    from pared.data import mnist
+    from pared.workloads.data import mnist
     x_train, _ = mnist("train", 28)          # the test split holds only the 500 scored digits
     cal = [(torch.from_numpy(np.ascontiguousarray(x_train[i:i + 100])),) for i in (0, 100)]
 

@@ -31,7 +31,7 @@ TORCH_FREE = """
 import json, sys, time
 import numpy as np
 import pared
-from pared.samplers import NoiseSchedule, ddim_sample
+from pared.workloads.samplers import NoiseSchedule, ddim_sample
 a = json.loads({args!r})
 ex = pared.load(a["artifact"])
 imgs, counts, t0 = [], {{}}, time.perf_counter()

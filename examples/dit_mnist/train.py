@@ -1,5 +1,5 @@
 """Train dit_mnist: DDPM (linear schedule, 1000 steps, epsilon MSE) on the 4500
-training digits of pared.data.mnist at 16x16, EMA of the weights, labels
+training digits of pared.workloads.data.mnist at 16x16, EMA of the weights, labels
 dropped to the null class 10% of the time (for classifier-free guidance).
 
     python examples/dit_mnist/train.py --minutes 75      # what shipped: 1 thread, ~75 min here
@@ -45,8 +45,8 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
           threads: int = 1, aux_loss=None, save_every_min: float = 5.0, init: str | None = None) -> dict:
     """Train `model` for `minutes`; `init`: continue from saved EMA weights (a fresh
     optimizer with a new warmup; the log records the chain)."""
-    from pared.data import mnist
-    from pared.samplers import NoiseSchedule
+    from pared.workloads.data import mnist
+    from pared.workloads.samplers import NoiseSchedule
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)

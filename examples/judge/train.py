@@ -28,7 +28,7 @@ def shift(x: torch.Tensor, rng: np.random.Generator, max_shift: int = 2) -> torc
 
 def main(epochs: int = 30, seed: int = 0) -> None:
     from safetensors.torch import save_file
-    from pared.data import mnist
+    from pared.workloads.data import mnist
     from model import WEIGHTS, Judge, score
 
     torch.manual_seed(seed)

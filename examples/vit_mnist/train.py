@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     from safetensors.torch import save_file
-    from pared.data import mnist
+    from pared.workloads.data import mnist
     from model import WEIGHTS, ViTClassifier
     teacher = _judge()
 

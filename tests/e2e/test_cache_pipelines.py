@@ -11,7 +11,7 @@ import torch
 
 import pared
 from pared.pipeline import build_passes, load_pipeline
-from pared.samplers import NoiseSchedule, ddim_sample
+from pared.workloads.samplers import NoiseSchedule, ddim_sample
 from pared.testing import run_torch_free
 from pared.workloads import EXAMPLES, DiTWorkload, example_module
 
@@ -19,7 +19,7 @@ SAMPLE = """
 import json, sys
 import numpy as np
 import pared
-from pared.samplers import NoiseSchedule, ddim_sample
+from pared.workloads.samplers import NoiseSchedule, ddim_sample
 a = json.loads({args!r})
 ex = pared.load(a["artifact"])
 x = ddim_sample(ex, (a["batch"], 1, a["size"], a["size"]), np.arange(a["batch"]) % 10,

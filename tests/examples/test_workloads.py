@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from pared.data import mnist
+from pared.workloads.data import mnist
 from pared.ir.errors import OptionError
 from pared.workloads import EXAMPLES, DiTWorkload, example_module, get_workload, psnr_db, torch_callable
 

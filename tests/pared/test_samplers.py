@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pared
-from pared.samplers import (NoiseSchedule, TorchDenoiser, ddim_sample, ddim_timesteps, flow_euler_sample,
+from pared.workloads.samplers import (NoiseSchedule, TorchDenoiser, ddim_sample, ddim_timesteps, flow_euler_sample,
                             initial_noise)
 
 

@@ -18,6 +18,13 @@ A workload's callables take and return numpy arrays, so the eager model (through
                                                                Meta-World simulator, action MSE
 
 The model code and weights live in the source tree's `examples/<name>/`.
+
+This package is the `workloads/` folder, imported as `pared.workloads` (with
+`pared.workloads.data`, the MNIST digits, and `pared.workloads.samplers`, the
+torch-free samplers). It sits above the library: it may import any of pared, and
+nothing in ir/, analysis/, passes/, backends/ or pared's front door imports it
+(only the CLI and pared.bench, which benchmark the workloads; pyproject.toml's
+import-linter contract).
 """
 from __future__ import annotations
 
@@ -141,8 +148,8 @@ class DiTWorkload(Workload):
 
     def example_inputs(self) -> tuple:
         import torch
-        from pared.data import mnist
-        from pared.samplers import NoiseSchedule
+        from pared.workloads.data import mnist
+        from pared.workloads.samplers import NoiseSchedule
         x0, y = mnist("test", self._mod.SIZE)
         n = self.rows
         rng = np.random.default_rng(1)
@@ -161,7 +168,7 @@ class DiTWorkload(Workload):
         (torch tensors in and out) through one DDIM request of this workload
         (held-apart seed and labels), so that analyses see real consecutive steps."""
         import torch
-        from pared.samplers import NoiseSchedule, ddim_sample
+        from pared.workloads.samplers import NoiseSchedule, ddim_sample
 
         def loop(fn):
             def call(x, t, y):
@@ -177,7 +184,7 @@ class DiTWorkload(Workload):
         return (np.arange(j * self.batch, (j + 1) * self.batch) % 10).astype(np.int64)
 
     def sample(self, fn: Fn, j: int, reset: Callable[[], None] | None = None) -> np.ndarray:
-        from pared.samplers import NoiseSchedule, ddim_sample
+        from pared.workloads.samplers import NoiseSchedule, ddim_sample
         if reset is not None:
             reset()
         return ddim_sample(fn, (self.batch, 1, self._mod.SIZE, self._mod.SIZE), self.labels(j),
@@ -220,7 +227,7 @@ class ViTWorkload(Workload):
         self.batch, self.samples = batch, samples
         self.summary = f"vit_mnist: classify batches of {batch} held-out digits ({samples} for fidelity)"
         self._mod = example_module(self.name)
-        from pared.data import mnist
+        from pared.workloads.data import mnist
         self.x, self.y = mnist("test", 28)
         self.x, self.y = self.x[:samples], self.y[:samples]
 
