@@ -1,11 +1,16 @@
 """Shared assertions and tiny seeded models for pared's tests (and users' own)."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +58,300 @@ def assert_unchanged(model: nn.Module, snapshot: dict) -> None:
     assert now["tensors"].keys() == snapshot["tensors"].keys(), "parameters or buffers added/removed"
     for k, v in snapshot["tensors"].items():
         assert torch.equal(now["tensors"][k], v), f"{k} changed"
+
+
+# -- the pass contract (STYLE.md "The pass contract", "Tests") -----------------
+#: set to 1 to (re)write golden files; a regenerating run fails so it never passes silently
+GOLDEN_ENV = "PARED_REGEN_GOLDEN"
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{4,}")
+
+
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (with its dtype and shape): its content, not its identity."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _graph_tensors(gm: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a graph module holds: parameters, buffers and plain tensor attributes
+    that get_attr nodes name."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in gm.named_parameters(remove_duplicate=False):
+        out[k] = v
+    for k, v in gm.named_buffers(remove_duplicate=False):
+        out[k] = v
+    for n in getattr(gm, "graph").nodes:
+        if n.op == "get_attr" and str(n.target) not in out:
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, torch.Tensor):
+                out[str(n.target)] = obj
+    return out
+
+
+def _record_json(rec: Any) -> Any:
+    return rec.to_json() if hasattr(rec, "to_json") else repr(rec)
+
+
+def program_snapshot(program: Program) -> dict:
+    """What a pass must leave alone in the Program it is given: per graph the code, names,
+    pared's node meta and every tensor's identity (data_ptr) and content (sha256), the
+    example inputs; the plan's JSON, the records' JSON and the output structure."""
+    graphs = {}
+    for name, g in program.graphs.items():
+        gm = g.module
+        graphs[name] = {
+            "code": gm.code,
+            "input_names": tuple(g.input_names), "output_names": tuple(g.output_names),
+            "dynamic_dims": tuple(g.dynamic_dims),
+            "node_meta": {n.name: {k: repr(v) for k, v in sorted(n.meta.items()) if k.startswith("pared.")}
+                          for n in gm.graph.nodes},
+            "tensors": {k: (v.data_ptr(), _digest(v)) for k, v in sorted(_graph_tensors(gm).items())},
+            "example_inputs": tuple((x.data_ptr(), _digest(x)) if isinstance(x, torch.Tensor) else repr(x)
+                                    for x in g.example_inputs),
+        }
+    return {
+        "graphs": graphs,
+        "plan": json.dumps(program.plan.to_json(), sort_keys=True, default=repr),
+        "records": {k: json.dumps(_record_json(r), sort_keys=True, default=repr) for k, r in program.records.items()},
+        "record_ids": {k: id(r) for k, r in program.records.items()},
+        "output_structure": json.dumps(program.output_structure, sort_keys=True, default=repr),
+    }
+
+
+def assert_program_unchanged(program: Program, snapshot: dict, *, what: str = "the input program") -> None:
+    """Fail, naming the first difference (graph, tensor, record...), unless `program` still
+    matches `snapshot` (from program_snapshot) exactly."""
+    now = program_snapshot(program)
+    if now == snapshot:
+        return
+    if now["graphs"].keys() != snapshot["graphs"].keys():
+        raise AssertionError(f"{what}: graphs {sorted(snapshot['graphs'])} became {sorted(now['graphs'])}")
+    for name, before in snapshot["graphs"].items():
+        after = now["graphs"][name]
+        for key in ("code", "input_names", "output_names", "dynamic_dims", "node_meta", "example_inputs"):
+            if before[key] != after[key]:
+                detail = ""
+                if key == "code":
+                    detail = "\n" + "\n".join(list(difflib.unified_diff(before[key].splitlines(),
+                                                                        after[key].splitlines(), lineterm=""))[:40])
+                raise AssertionError(f"{what}: graph '{name}' {key} changed{detail}")
+        tb, ta = before["tensors"], after["tensors"]
+        if tb.keys() != ta.keys():
+            raise AssertionError(f"{what}: graph '{name}' tensors added {sorted(ta.keys() - tb.keys())}, "
+                                 f"removed {sorted(tb.keys() - ta.keys())}")
+        for k in tb:
+            if tb[k][0] != ta[k][0]:
+                raise AssertionError(f"{what}: graph '{name}' tensor '{k}' was replaced (data_ptr changed)")
+            if tb[k][1] != ta[k][1]:
+                raise AssertionError(f"{what}: graph '{name}' tensor '{k}' was edited in place (content changed)")
+    for key in ("plan", "output_structure"):
+        if now[key] != snapshot[key]:
+            raise AssertionError(f"{what}: the {key} changed:\n  before {snapshot[key][:500]}\n  after  {now[key][:500]}")
+    if now["records"] != snapshot["records"] or now["record_ids"] != snapshot["record_ids"]:
+        changed = sorted(k for k in now["records"].keys() | snapshot["records"].keys()
+                         if now["records"].get(k) != snapshot["records"].get(k)
+                         or now["record_ids"].get(k) != snapshot["record_ids"].get(k))
+        raise AssertionError(f"{what}: records {changed} changed (before: {sorted(snapshot['records'])}, "
+                             f"after: {sorted(now['records'])})")
+    raise AssertionError(f"{what} changed")     # pragma: no cover - every key is compared above
+
+
+def run_pass_checked(pass_: Any, program: Program, ctx: Any) -> Any:
+    """Run `pass_` on `program` and check what every pass owes its caller: a PassResult
+    holding a Program, modified=False only with the very same Program, and `program`
+    itself unchanged (program_snapshot before and after). Returns the PassResult."""
+    from pared.ir.transform import PassResult
+    name = getattr(pass_, "name", type(pass_).__name__)
+    before = program_snapshot(program)
+    res = pass_(program, ctx)
+    assert isinstance(res, PassResult), f"pass '{name}' returned {type(res).__name__}, expected PassResult"
+    assert isinstance(res.program, Program), \
+        f"pass '{name}': PassResult.program is {type(res.program).__name__}, expected Program"
+    assert res.modified or res.program is program, \
+        f"pass '{name}' reported modified=False but returned a different Program"
+    assert_program_unchanged(program, before, what=f"pass '{name}': its input program")
+    return res
+
+
+def check_noop(pass_: Any, program: Program, ctx: Any) -> Any:
+    """The pass finds nothing to do on `program`: modified=False and the same Program back."""
+    name = getattr(pass_, "name", type(pass_).__name__)
+    res = run_pass_checked(pass_, program, ctx)
+    assert res.modified is False, f"pass '{name}' with {pass_.options} should be a no-op here, but it " \
+                                  f"reported modified=True (stats {dict(res.stats)})"
+    assert res.program is program, f"pass '{name}': a no-op must return the very same Program object"
+    return res
+
+
+def check_idempotent(pass_: Any, program: Program, ctx: Any) -> Any:
+    """Running the pass again on its own output (`program`) finds nothing more."""
+    name = getattr(pass_, "name", type(pass_).__name__)
+    res = run_pass_checked(pass_, program, ctx)
+    assert res.modified is False and res.program is program, \
+        f"pass '{name}' run on its own output changed it again (stats {dict(res.stats)}); " \
+        f"a second run must find nothing more"
+    return res
+
+
+def check_bad_options(pass_cls: type, options: dict, match: str, *, program: Program | None = None,
+                      ctx: Any = None) -> Exception:
+    """`pass_cls(**options)` raises OptionError whose message matches `match` (re.search),
+    either when built or, for options checked against a program, when run on `program` with
+    `ctx` (a PassContext, or a callable making one: called only if the options build)."""
+    from pared.ir.errors import OptionError
+    name = getattr(pass_cls, "name", pass_cls.__name__)
+    try:
+        p = pass_cls(**options)
+        if program is None:
+            raise AssertionError(f"pass '{name}' accepted options {options!r}; expected OptionError "
+                                 f"matching {match!r}")
+        p(program, ctx() if callable(ctx) else ctx)
+    except OptionError as e:
+        assert re.search(match, str(e)), f"pass '{name}' options {options!r}: OptionError {str(e)!r} " \
+                                         f"does not match {match!r}"
+        return e
+    raise AssertionError(f"pass '{name}' ran with options {options!r}; expected OptionError matching {match!r}")
+
+
+def check_analysis(analysis: Any, program: Program, ctx: Any) -> Any:
+    """An analysis is read-only: the same Program back, modified=False, its input unchanged,
+    and one record of its declared type in ctx.records that serializes to JSON. Returns the record."""
+    name = getattr(analysis, "name", type(analysis).__name__)
+    res = run_pass_checked(analysis, program, ctx)
+    assert res.modified is False and res.program is program, f"analysis '{name}' must return its input unchanged"
+    rec = ctx.records.get(type(analysis).record)
+    assert isinstance(rec, type(analysis).record), \
+        f"analysis '{name}' left {type(rec).__name__} in ctx.records, expected {type(analysis).record.__name__}"
+    assert dataclasses.is_dataclass(rec) and type(rec).__dataclass_params__.frozen, \
+        f"analysis '{name}': {type(rec).__name__} must be a frozen dataclass"
+    json.dumps(rec.to_json())
+    return rec
+
+
+def _canonical_json(v: Any, digits: int) -> Any:
+    """JSON with floats to `digits` significant digits (calibrated values differ in their last
+    bits between machines) and addresses stripped."""
+    if isinstance(v, bool) or v is None or isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, str):
+        return _ADDRESS.sub("0x?", v)
+    if isinstance(v, Mapping):
+        return {str(k): _canonical_json(x, digits) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_canonical_json(x, digits) for x in v]
+    return _ADDRESS.sub("0x?", repr(v))
+
+
+def _compact_json(v: Any, indent: str = "") -> str:
+    """JSON with sorted keys, one key per line, and lists of scalars on one line (short diffs)."""
+    inner = indent + "  "
+    if isinstance(v, dict):
+        if not v:
+            return "{}"
+        items = [f"{inner}{json.dumps(k)}: {_compact_json(v[k], inner)}" for k in sorted(v)]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+        return "[\n" + ",\n".join(inner + _compact_json(x, inner) for x in v) + "\n" + indent + "]"
+    return json.dumps(v)
+
+
+def canonical_program_text(program: Program, *, digits: int = 4) -> str:
+    """A stable text of a Program for golden files: per graph (by name) its inputs, outputs,
+    dynamic dims, constants (name, dtype, shape) and code; the plan's JSON with sorted keys;
+    each record's JSON; the output structure. Floats keep `digits` significant digits and
+    memory addresses are replaced by 0x?, so the text is the same from run to run."""
+    lines: list[str] = []
+    for name in sorted(program.graphs):
+        g = program.graphs[name]
+        lines.append(f"== graph {name}")
+        lines.append(f"inputs: {', '.join(g.input_names)}")
+        lines.append(f"outputs: {', '.join(g.output_names)}")
+        if any(g.dynamic_dims):
+            lines.append(f"dynamic_dims: {list(map(list, g.dynamic_dims))}")
+        lines.append("constants:")
+        for k, v in sorted(_graph_tensors(g.module).items()):
+            if any(n.op == "get_attr" and str(n.target) == k for n in g.module.graph.nodes):
+                lines.append(f"  {k}: {str(v.dtype).replace('torch.', '')}{list(v.shape)}")
+        code = "\n".join(s.rstrip() for s in g.module.code.strip("\n").splitlines())
+        lines.append(_ADDRESS.sub("0x?", code))
+    dump = lambda v: _compact_json(_canonical_json(v, digits))
+    lines.append("== plan")
+    lines.append(dump(program.plan.to_json()))
+    for k in sorted(program.records):
+        lines.append(f"== record {k}")
+        lines.append(dump(_record_json(program.records[k])))
+    lines.append("== output_structure")
+    lines.append(dump(program.output_structure))
+    return "\n".join(lines) + "\n"
+
+
+def assert_golden(text: str, path: str) -> None:
+    """`text` equals the golden file at `path`.
+
+    With PARED_REGEN_GOLDEN=1 the file is (re)written and this fails, saying so: a run that
+    regenerates never passes, so a golden cannot be updated by accident. A missing file
+    fails with the command that creates it.
+    """
+    path = os.fspath(path)
+    if os.environ.get(GOLDEN_ENV) == "1":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        raise AssertionError(f"regenerated {path} ({GOLDEN_ENV}=1): review it with `git diff`, then rerun "
+                             f"without {GOLDEN_ENV} (a regenerating run never passes)")
+    if not os.path.exists(path):
+        raise AssertionError(f"golden file {path} is missing: create it with `{GOLDEN_ENV}=1 pytest <this test>`, "
+                             f"review it and commit it")
+    with open(path, encoding="utf-8") as f:
+        want = f.read()
+    if text != want:
+        diff = list(difflib.unified_diff(want.splitlines(), text.splitlines(), f"{path} (golden)", "now",
+                                         lineterm=""))
+        shown = "\n".join(diff[:80]) + (f"\n... ({len(diff) - 80} more diff lines)" if len(diff) > 80 else "")
+        raise AssertionError(f"the program differs from the golden {path}; if the change is intended, "
+                             f"regenerate with `{GOLDEN_ENV}=1 pytest <this test>` and review the diff\n{shown}")
+
+
+def check_pass_contract(pass_: Any, program: Program, make_ctx: Callable[[Program], Any], *,
+                        noop: "tuple[Any, Program] | None" = None, twice: bool = True,
+                        bad_options: "Sequence[tuple[dict, str]]" = (), golden: str | None = None,
+                        numerics: "Callable[[Program], tuple[Any, Any]] | None" = None,
+                        rel_l2: float = 1e-5) -> Any:
+    """Every check of the pass contract in one call, for a pass of one's own.
+
+    Args:
+        pass_: the pass, built with the options under test.
+        program: its input; must stay unchanged (program_snapshot).
+        make_ctx: program -> a fresh PassContext (calibration, analyses it requires).
+        noop: (a pass instance, a program) on which the pass must find nothing to do.
+        twice: run the pass again on its output with a fresh context: nothing more found.
+        bad_options: (options, message regex) pairs that must raise OptionError.
+        golden: path of the golden text (canonical_program_text) of the output.
+        numerics: output program -> (eager reference, got), compared within `rel_l2`.
+    Returns:
+        The first run's PassResult.
+    """
+    res = run_pass_checked(pass_, program, make_ctx(program))
+    assert res.modified, f"pass '{pass_.name}' with {pass_.options} found nothing to do on the contract's program"
+    if noop is not None:
+        check_noop(noop[0], noop[1], make_ctx(noop[1]))
+    if twice:
+        check_idempotent(pass_, res.program, make_ctx(res.program))
+    for opts, msg in bad_options:
+        check_bad_options(type(pass_), opts, msg, program=program, ctx=make_ctx(program))
+    if golden is not None:
+        assert_golden(canonical_program_text(res.program), golden)
+    if numerics is not None:
+        ref, got = numerics(res.program)
+        assert_close_to_eager(ref, got, rel_l2=rel_l2, what=f"pass '{pass_.name}' vs eager")
+    return res
 
 
 def save_program(program: Program, path: str, target: dict) -> str:
