@@ -1,0 +1,635 @@
+"""The pass contract (STYLE.md), checked the same way for every registered pass.
+
+One case per registered name (CASES). For a rewrite: its input is left unchanged
+(graph code, every tensor's data_ptr and content, node meta, plan and records),
+a no-op case returns the same Program, a second run on its own output finds
+nothing more, bad options raise OptionError with the expected message, the
+output's canonical text equals tests/golden/<name>.txt, and its numbers match
+the eager meaning of the rewrite within the bound stated in its case. For an
+analysis: read-only, one record of its type, bad options (and, where it is
+deterministic, the same record from a second run).
+
+Golden files are rewritten only on purpose: PARED_REGEN_GOLDEN=1 pytest
+tests/passes/test_contract.py -k golden (that run fails, saying so).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from pared.backends.measure import default_profiler
+from pared.ir.capture import capture
+from pared.ir.errors import PassError
+from pared.ir.program import Program
+from pared.ir.transform import Analysis, PassContext, PassResult
+from pared.passes.cache.taylor_cache import taylor_table
+from pared.registry import REGISTRY, get_pass
+from pared.testing import (assert_close_to_eager, assert_golden, canonical_program_text, check_analysis,
+                           check_bad_options, check_idempotent, check_noop, run_pass_checked, tiny_dit,
+                           tiny_moe_dit, tiny_sampler_loop, tiny_transformer)
+
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
+MULTI_GRAPH = "issue 14: cache passes on multi-graph programs (in progress)"
+
+
+# -- fixtures: tiny seeded models, captured once (passes never edit their input; checked below) --
+@dataclass(frozen=True)
+class Fixture:
+    model: nn.Module
+    inputs: tuple
+    program: Program
+
+
+@functools.cache
+def dit() -> Fixture:
+    m, inputs = tiny_dit()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
+def dit_batch_dynamic() -> Fixture:
+    m, (x, t) = tiny_dit(batch=4)
+    b = Dim("batch", min=2, max=64)
+    return Fixture(m, (x, t), capture(m, (x, t), dynamic_shapes=({0: b}, {0: b})))
+
+
+@functools.cache
+def moe_dit() -> Fixture:
+    m, inputs = tiny_moe_dit()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
+def transformer() -> Fixture:
+    m, inputs = tiny_transformer()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+class _Scaled(nn.Module):
+    """lin(x * exp(log_scale)) + softplus(bias_raw): two parameter-only subgraphs to fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.randn(8) * 0.1)
+        self.bias_raw = nn.Parameter(torch.randn(8))
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x * torch.exp(self.log_scale)) + F.softplus(self.bias_raw)
+
+
+@functools.cache
+def scaled() -> Fixture:
+    torch.manual_seed(0)
+    m = _Scaled().eval()
+    x = torch.randn(4, 8)
+    return Fixture(m, (x,), capture(m, (x,)))
+
+
+@functools.cache
+def with_dead_code() -> Fixture:
+    """The tiny transformer plus two unused nodes (mul, exp) before the output."""
+    fx_ = transformer()
+    g = fx_.program.main
+    gm = g.copy_module()
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        a = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
+        gm.graph.call_function(torch.ops.aten.exp.default, (a,))
+    gm.recompile()
+    return Fixture(fx_.model, fx_.inputs, fx_.program.with_graph("main", g.with_module(gm)))
+
+
+class _Attention(nn.Module):
+    """One SDPA block: torch decomposes it into a softmax and its fully-masked-row guard."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.out(x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2))
+
+
+@functools.cache
+def attention() -> Fixture:
+    torch.manual_seed(0)
+    m = _Attention().eval()
+    x = torch.randn(2, 6, 16)
+    return Fixture(m, (x,), capture(m, (x,)))
+
+
+class _NoLinears(nn.Module):
+    """x * 2 + t: no linear layer and no t-path to quantize."""
+
+    def forward(self, x, t):
+        return x * 2 + t[:, None]
+
+
+@functools.cache
+def no_linears() -> Fixture:
+    m = _NoLinears()
+    inputs = (torch.randn(2, 4), torch.ones(2))
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
+def one_linear() -> Fixture:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16)).eval()
+    x = torch.randn(4, 16)
+    return Fixture(m, (x,), capture(m, (x,)))
+
+
+# -- contexts ---------------------------------------------------------------------------------
+def _token_batches(n: int = 3) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 50, (2, 16), generator=g),) for _ in range(n)]
+
+
+def no_ctx(fx_: Fixture, program: Program) -> PassContext:
+    return PassContext()
+
+
+def loop_ctx(steps: int) -> Callable[[Fixture, Program], PassContext]:
+    return lambda fx_, program: PassContext(calibration=tiny_sampler_loop(fx_.inputs[0], steps))
+
+
+def tokens_ctx(fx_: Fixture, program: Program) -> PassContext:
+    return PassContext(calibration=_token_batches())
+
+
+def latency_ctx(fx_: Fixture, program: Program) -> PassContext:
+    """latency times with the context's measurement service (ORT on the CPU)."""
+    return PassContext(measure=default_profiler())
+
+
+_PROFILES: dict[int, tuple[Program, Any]] = {}
+
+
+def sensitivity_ctx(fx_: Fixture, program: Program) -> PassContext:
+    """mixed_precision requires a SensitivityProfile of the program it runs on (measured once
+    per program: records are frozen, so contexts may share one)."""
+    from pared.analysis.quant_sensitivity import SensitivityProfile
+    ctx = PassContext(calibration=_token_batches())
+    if id(program) not in _PROFILES:
+        get_pass("quant_sensitivity")()(program, ctx)
+        _PROFILES[id(program)] = (program, ctx.records[SensitivityProfile])    # keeps the id alive
+    ctx.records[SensitivityProfile] = _PROFILES[id(program)][1]
+    return ctx
+
+
+def rows_ctx(fx_: Fixture, program: Program) -> PassContext:
+    g = torch.Generator().manual_seed(1)
+    return PassContext(calibration=[(torch.randn(4, 16, generator=g),) for _ in range(2)])
+
+
+# -- eager meanings ---------------------------------------------------------------------------
+def _run_loop(program: Program, x: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[str]]:
+    """The sampler loop over the program, and the routine each call ran (namespaced names such
+    as 'main.full' read as 'full')."""
+    r = program.runner()
+    out = tiny_sampler_loop(x, steps)(lambda *a: r(list(a))[0])
+    return out, [str(name).rsplit(".", 1)[-1] for name in r.trace]
+
+
+def _eager_loop(x: torch.Tensor, steps: int, step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]):
+    xe = x.clone()
+    with torch.no_grad():
+        for i, t in enumerate(torch.linspace(900, 0, steps)):
+            xe = xe - 0.1 * step(i, xe, torch.full((x.shape[0],), float(t)))
+    return xe
+
+
+def _reused(trace: list[str], computes: set[str]) -> None:
+    assert set(trace) - computes, f"the trace {trace} never reuses: the check would not exercise the cache"
+
+
+def span_cache(span: tuple[int, int], steps: int, computes: set[str]):
+    """Cache a block span: compute steps record its residual, the others add the last one
+    (TinyDiT's span/residual/record keywords)."""
+    def meaning(fx_: Fixture, res: PassResult):
+        m, x = fx_.model, fx_.inputs[0]
+        got, trace = _run_loop(res.program, x, steps)
+        _reused(trace, computes)
+        cache: dict = {}
+
+        def step(i, xe, tt):
+            if trace[i] in computes:
+                return m(xe, tt, span=span, record=cache)
+            return m(xe, tt, span=span, residual=cache["residual"])
+        return _eager_loop(x, steps, step), got
+    return meaning
+
+
+def delta_meaning(fx_: Fixture, res: PassResult):
+    """Δ-DiT: full steps record the front (0-2) and rear (3-5) spans; reuse_rear / reuse_front add one."""
+    m, x = fx_.model, fx_.inputs[0]
+    got, trace = _run_loop(res.program, x, 10)
+    _reused(trace, {"full"})
+    front: dict = {}
+    rear: dict = {}
+
+    def step(i, xe, tt):
+        if trace[i] == "full":
+            m(xe, tt, span=(3, 5), record=rear)
+            return m(xe, tt, span=(0, 2), record=front)
+        if trace[i] == "reuse_rear":
+            return m(xe, tt, span=(3, 5), residual=rear["residual"])
+        return m(xe, tt, span=(0, 2), residual=front["residual"])
+    return _eager_loop(x, 10, step), got
+
+
+def taylor_meaning(fx_: Fixture, res: PassResult):
+    """TaylorSeer, first order: a forecast step adds last + coef * (last - previous) to blocks 1-4."""
+    m, x = fx_.model, fx_.inputs[0]
+    got, trace = _run_loop(res.program, x, 9)
+    _reused(trace, {"full0", "full"})
+    _, coefs = taylor_table(9, 3, 2)
+    hist: list = []
+
+    def step(i, xe, tt):
+        if trace[i] != "forecast":
+            rec: dict = {}
+            out = m(xe, tt, span=(1, 4), record=rec)
+            hist.append(rec["residual"])
+            return out
+        return m(xe, tt, span=(1, 4), residual=hist[-1] + coefs[i] * (hist[-1] - hist[-2]))
+    return _eager_loop(x, 9, step), got
+
+
+def expert_meaning(fx_: Fixture, res: PassResult):
+    """MoECa: TinyMoEDiT's mode=full/reuse reference, refresh 1 expert per row and layer."""
+    m, x = fx_.model, fx_.inputs[0]
+    got, trace = _run_loop(res.program, x, 10)
+    _reused(trace, {"full"})
+    cache: dict = {}
+    return _eager_loop(x, 10, lambda i, xe, tt: m(xe, tt, mode=trace[i], cache=cache, refresh=1)), got
+
+
+def cfg_meaning(fx_: Fixture, res: PassResult):
+    """Adaptive guidance: with equal halves the latch closes after warmup and the half-batch
+    graph's output, duplicated, is the model's on one half."""
+    m, (x, t) = fx_.model, fx_.inputs
+    same = torch.cat([x[:2], x[:2]])
+    r = res.program.runner()
+    got = [r([same, t])[0] for _ in range(3)]
+    _reused([str(name).rsplit(".", 1)[-1] for name in r.trace], {"both"})
+    with torch.no_grad():
+        ref = m(x[:2], t[:2])
+    return [torch.cat([ref, ref])] * 3, got
+
+
+def loop_vs_model(steps: int):
+    """The sampler loop over the rewritten program against the loop over the eager model."""
+    def meaning(fx_: Fixture, res: PassResult):
+        got, _ = _run_loop(res.program, fx_.inputs[0], steps)
+        with torch.no_grad():
+            return tiny_sampler_loop(fx_.inputs[0], steps)(fx_.model), got
+    return meaning
+
+
+def call_vs_model(held_out: Callable[[Fixture], tuple] | None = None):
+    """One call of the program against one call of the eager model (on held-out inputs if given)."""
+    def meaning(fx_: Fixture, res: PassResult):
+        inputs = held_out(fx_) if held_out else fx_.inputs
+        with torch.no_grad():
+            return fx_.model(*inputs), res.program(*inputs)
+    return meaning
+
+
+def held_out_tokens(fx_: Fixture) -> tuple:
+    return (torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7)),)
+
+
+# -- the table --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """How one pass is put through the contract.
+
+    fixture: the tiny model, example inputs and captured program.
+    options: the pass's options for the main run (must modify the program).
+    ctx: (fixture, program) -> a fresh PassContext (calibration, the analyses it requires).
+    noop: options that make the pass find nothing to do; noop_fixture: on another program.
+    bad: (options, message regex) pairs: each raises OptionError (when built or when run).
+    meaning: (fixture, result) -> (eager reference, got); rel_l2: the bound (lossless: tight).
+    twice: "nothing" (a second run finds nothing more) or "refused" (today a PassError: xfail).
+    twice_options / twice_why: a second run given other options, and why.
+    same_record_twice: an analysis whose record a second run reproduces exactly.
+    """
+
+    fixture: Callable[[], Fixture]
+    options: dict = field(default_factory=dict)
+    ctx: Callable[[Fixture, Program], PassContext] = no_ctx
+    noop: dict | None = None
+    noop_fixture: Callable[[], Fixture] | None = None
+    bad: tuple[tuple[dict, str], ...] = ()
+    meaning: Callable[[Fixture, PassResult], tuple[Any, Any]] | None = None
+    rel_l2: float = 0.0
+    twice: str = "nothing"
+    twice_options: dict | None = None
+    twice_why: str = ""
+    same_record_twice: bool = True
+
+
+CASES: dict[str, Case] = {
+    # -- generic rewrites: lossless -----------------------------------------------------------
+    "constant_folding": Case(
+        scaled, noop={}, noop_fixture=transformer,
+        bad=(({"max_bytes": -1}, "pass 'constant_folding': option 'max_bytes' must be in \\[0, inf\\]"),
+             ({"max_byte": 1}, "did you mean 'max_bytes'")),
+        meaning=call_vs_model(), rel_l2=1e-6),
+    "dead_code_elimination": Case(
+        with_dead_code, noop={}, noop_fixture=transformer,
+        bad=(({"aggressive": True}, "pass 'dead_code_elimination': unknown option 'aggressive'; it takes no options"),),
+        meaning=call_vs_model(), rel_l2=0.0),
+    "softmax_guard_elimination": Case(
+        attention, noop={"assume_finite_inputs": False},
+        bad=(({"assume_finite_inputs": 1}, "option 'assume_finite_inputs' expects bool"),
+             ({"assume_mask_keep_a_key": True}, "did you mean 'assume_mask_keeps_a_key'")),
+        meaning=call_vs_model(), rel_l2=1e-6),
+    # -- cache rewrites: exact against the eager emulation of the chosen trace ------------------
+    "interval_cache": Case(
+        dit, {"interval": 3, "steps": 8}, loop_ctx(8), noop={"interval": 1, "steps": 8},
+        bad=(({"interval": 0}, "option 'interval' must be in \\[1, inf\\], got 0"),
+             ({"last": 9}, "outside the model's 6 blocks")),
+        meaning=span_cache((1, 4), 8, {"full"}), rel_l2=1e-5, twice="refused"),
+    "delta_cache": Case(
+        dit, {"interval": 3, "steps": 10}, loop_ctx(10), noop={"interval": 1, "steps": 10},
+        bad=(({"cached_blocks": 7}, "'cached_blocks': 7 is not in \\[1, 6\\]"),
+             ({"boundary": 1.5}, "option 'boundary' must be in \\[0, 1\\]")),
+        meaning=delta_meaning, rel_l2=1e-5, twice="refused"),
+    "taylor_cache": Case(
+        dit, {"interval": 3, "steps": 9}, noop={"interval": 1, "steps": 9},
+        bad=(({"warmup": 1}, "option 'warmup' must be in \\[2, inf\\]"),),
+        meaning=taylor_meaning, rel_l2=1e-5, twice="refused"),
+    "magnitude_cache": Case(
+        dit, {"threshold": 0.5, "max_skip": 2}, loop_ctx(10), noop={"threshold": 0.0},
+        bad=(({"retention": 2}, "option 'retention' must be in \\[0, 1\\]"),
+             ({"first": 5, "last": 1}, "block range")),
+        meaning=span_cache((0, 5), 10, {"full"}), rel_l2=1e-5, twice="refused"),
+    "residual_cache": Case(
+        dit, {"threshold": 0.2}, noop={"threshold": 0.0},
+        bad=(({"front": 3, "back": 3}, "leave none of the model's 6 blocks"),
+             ({"threshold": -1}, "option 'threshold' must be in \\[0, inf\\]")),
+        meaning=span_cache((1, 5), 10, {"compute"}), rel_l2=1e-5, twice="refused"),
+    "expert_cache": Case(
+        moe_dit, {"interval": 3, "refresh": 1, "steps": 10}, noop={"interval": 1, "steps": 10},
+        bad=(({"refresh": 5}, "5 is more than the 4 experts"),
+             ({"target": {"fid": 1}}, "option 'target' must be one of")),
+        meaning=expert_meaning, rel_l2=1e-5, twice="refused"),
+    "cfg_skip": Case(
+        dit_batch_dynamic, {"threshold": 0.99, "warmup": 1}, noop={"threshold": 1.5},
+        bad=(({"warmup": -1}, "option 'warmup' must be in \\[0, inf\\]"),),
+        meaning=cfg_meaning, rel_l2=1e-5, twice="refused"),
+    # -- quantizers: lossy, bounds stated (measured values in the comment) ----------------------
+    # 2 buckets: two variants under a Bins schedule; measured 2e-3 over the 4-step loop
+    "timestep_quant": Case(
+        dit, {"buckets": 2}, loop_ctx(4), noop={}, noop_fixture=no_linears,
+        bad=(({"buckets": 9}, "pass 'timestep_quant': option 'buckets' \\(9\\) exceeds the 4 calls"),
+             ({"bucket": 2}, "did you mean 'buckets'")),
+        meaning=loop_vs_model(4), rel_l2=0.02, twice="refused"),
+    # measured 0.004 on the tokens, 0.02 on the 4 logits (held-out ids)
+    "quantize_linears": Case(
+        transformer, {}, tokens_ctx, noop={"exclude": ["**"]},
+        bad=(({"percentile": 40.0}, "option 'percentile' must be in \\(50, 100\\]"),
+             ({"exlude": ["head"]}, "unknown option 'exlude'; did you mean 'exclude'")),
+        meaning=call_vs_model(held_out_tokens), rel_l2=0.05),
+    # measured 0.029 on the tokens, 0.059 on the 4 logits: every layer int4, block 32
+    "quantize_weights_int4": Case(
+        transformer, {"force": True}, noop={"force": True, "exclude": ["**"]},
+        bad=(({"block_size": 24}, "option 'block_size' must be a power of two >= 16"),
+             ({"symetric": False}, "did you mean 'symmetric'")),
+        meaning=call_vs_model(held_out_tokens), rel_l2=0.1),
+    # budget 0.3 of the experts' fp32 bytes: 2 experts int4, 10 int8 (block 16); measured 0.015 over one call
+    "expert_quant": Case(
+        moe_dit, {"weight_bytes": 0.3, "block_size": 16}, loop_ctx(3), noop={"block_size": 16}, noop_fixture=dit,
+        bad=(({"bits": [3]}, "pass 'expert_quant': option 'bits' must be a non-empty choice"),
+             ({"weight_bytes": 1.5}, "'expert_quant': option 'weight_bytes'")),
+        meaning=call_vs_model(), rel_l2=0.05),
+    # budget 0.35 of the fp32 bytes: 6 layers w8a8, 3 left fp32 (so a second run has layers to profile);
+    # measured 0.003 on the tokens and the logits
+    "mixed_precision": Case(
+        transformer, {"weight_bytes": 0.35}, sensitivity_ctx, noop={"weight_bytes": 1.0, "formats": ["fp32"]},
+        bad=(({"weight_bytes": 1.5}, "option 'weight_bytes' must be in \\(0, 1\\]"),
+             ({"weight_byte": 0.3}, "did you mean 'weight_bytes'")),
+        meaning=call_vs_model(held_out_tokens), rel_l2=0.05,
+        twice_options={"weight_bytes": 1.0},
+        twice_why="the budget is a fraction of the float bytes the profile sees; a second profile sees only "
+                  "the layers left float, so the same fraction would legitimately spend again. Given their "
+                  "whole bytes (1.0), the second run must keep them as they are."),
+    # -- analyses: read-only ------------------------------------------------------------------
+    "cost": Case(transformer, bad=(({"detail": True}, "pass 'cost': unknown option 'detail'; it takes no options"),)),
+    "temporal_redundancy": Case(
+        dit, ctx=loop_ctx(4),
+        bad=(({"graph": "nope"}, "pass 'temporal_redundancy' option 'graph': no graph 'nope'"),
+             ({"region": "blocks.*"}, "did you mean 'regions'"))),
+    "quant_sensitivity": Case(
+        one_linear, {"formats": ["w8a8", "w4"], "block_size": 16}, rows_ctx,
+        bad=(({"format": ["w4"]}, "unknown option 'format'; did you mean 'formats'"),
+             ({"block_size": 48}, "option 'block_size' must be a power of two"))),
+    # fp32 only, the fewest rounds: the contract, not the timings (tests/analysis/test_latency.py)
+    "latency": Case(
+        one_linear, {"formats": [], "repeats": 3, "min_time": 0.0}, latency_ctx,
+        bad=(({"repeats": 1}, "option 'repeats' must be in \\[3, inf\\]"),
+             ({"formats": ["fp32"]}, "fp32 is always measured")),
+        same_record_twice=False),
+}
+
+#: the passes pared itself registers (tests may register throwaway passes of their own)
+BUILTIN = sorted(n for n, c in REGISTRY.items() if c.__module__.startswith("pared."))
+ANALYSES = [n for n in BUILTIN if issubclass(REGISTRY[n], Analysis)]
+REWRITES = [n for n in BUILTIN if not issubclass(REGISTRY[n], Analysis)]
+
+
+def _case(name: str) -> Case:
+    if name not in CASES:
+        pytest.fail(f"pass '{name}' has no contract case: add one to CASES in {__file__}")
+    return CASES[name]
+
+
+def _twice_params() -> list:
+    out = []
+    for n in REWRITES:
+        if CASES.get(n) is not None and CASES[n].twice == "refused":
+            out.append(pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=PassError, reason=MULTI_GRAPH)))
+        else:
+            out.append(n)
+    return out
+
+
+@functools.cache
+def _first_run(name: str) -> tuple[Fixture, PassResult]:
+    """The case's main run, checked by run_pass_checked (input unchanged, result well-formed)."""
+    c = _case(name)
+    fx_ = c.fixture()
+    res = run_pass_checked(get_pass(name)(**c.options), fx_.program, c.ctx(fx_, fx_.program))
+    return fx_, res
+
+
+def test_every_registered_pass_has_a_case():
+    missing = sorted(set(BUILTIN) - set(CASES))
+    stale = sorted(set(CASES) - set(BUILTIN))
+    assert not missing, f"passes without a contract case (add them to CASES): {missing}"
+    assert not stale, f"contract cases for passes no longer registered: {stale}"
+
+
+def test_the_harness_catches_a_pass_that_edits_its_input():
+    """A pass that edits a parameter in place, or the graph it was given, fails run_pass_checked."""
+    class EditsWeight:
+        name, options = "edits_weight", None
+
+        def __call__(self, program, ctx):
+            with torch.no_grad():
+                next(iter(program.main.module.parameters())).add_(1.0)
+            return PassResult(program, modified=True)
+
+    class EditsGraph:
+        name, options = "edits_graph", None
+
+        def __call__(self, program, ctx):
+            gm = program.main.module
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+            with gm.graph.inserting_before(out):
+                gm.graph.call_function(torch.ops.aten.neg.default, (x,))
+            gm.recompile()
+            return PassResult(program, modified=True)
+
+    for bad, msg in ((EditsWeight(), "edited in place"), (EditsGraph(), "code changed")):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 4)).eval()
+        prog = capture(m, (torch.randn(2, 4),))
+        with pytest.raises(AssertionError, match=msg):
+            run_pass_checked(bad, prog, PassContext())
+
+
+@pytest.mark.parametrize("name", REWRITES)
+def test_input_unchanged_and_modified(name):
+    fx_, res = _first_run(name)
+    assert res.modified, f"pass '{name}' with {_case(name).options} found nothing to do on its contract fixture"
+    assert res.program is not fx_.program
+
+
+@pytest.mark.parametrize("name", REWRITES)
+def test_noop(name):
+    c = _case(name)
+    assert c.noop is not None, f"pass '{name}': its case names no no-op"
+    fx_ = (c.noop_fixture or c.fixture)()
+    check_noop(get_pass(name)(**c.noop), fx_.program, c.ctx(fx_, fx_.program))
+
+
+@pytest.mark.parametrize("name", _twice_params())
+def test_running_twice_finds_nothing_more(name):
+    c = _case(name)
+    fx_, res = _first_run(name)
+    opts = c.options if c.twice_options is None else c.twice_options
+    check_idempotent(get_pass(name)(**opts), res.program, c.ctx(fx_, res.program))
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_bad_options(name):
+    c = _case(name)
+    assert c.bad, f"pass '{name}': its case lists no bad options"
+    fx_ = c.fixture()
+    for opts, msg in c.bad:        # on top of the case's options, so only the bad one is wrong
+        check_bad_options(REGISTRY[name], {**c.options, **opts}, msg, program=fx_.program,
+                          ctx=lambda: c.ctx(fx_, fx_.program))
+
+
+@pytest.mark.parametrize("name", REWRITES)
+def test_structure_golden(name):
+    _, res = _first_run(name)
+    assert_golden(canonical_program_text(res.program), os.path.join(GOLDEN, f"{name}.txt"))
+
+
+@pytest.mark.parametrize("name", REWRITES)
+def test_numerics_against_eager(name):
+    c = _case(name)
+    assert c.meaning is not None, f"pass '{name}': its case gives no eager meaning"
+    fx_, res = _first_run(name)
+    ref, got = c.meaning(fx_, res)
+    assert_close_to_eager(ref, got, rel_l2=c.rel_l2, what=f"{name} vs eager")
+
+
+@pytest.mark.parametrize("name", ANALYSES)
+def test_analysis_is_read_only_and_records_its_type(name):
+    c = _case(name)
+    fx_ = c.fixture()
+    check_analysis(get_pass(name)(**c.options), fx_.program, c.ctx(fx_, fx_.program))
+
+
+@pytest.mark.parametrize("name", [n for n in ANALYSES if CASES.get(n) is None or CASES[n].same_record_twice])
+def test_analysis_twice_gives_the_same_record(name):
+    c = _case(name)
+    fx_ = c.fixture()
+    records = []
+    for _ in range(2):
+        ctx = c.ctx(fx_, fx_.program)
+        rec = check_analysis(get_pass(name)(**c.options), fx_.program, ctx)
+        records.append(json.dumps(rec.to_json(), sort_keys=True))
+    assert records[0] == records[1], f"analysis '{name}' gave two different records on the same program"
+
+
+def test_golden_files_fail_when_missing_differ_or_regenerated(tmp_path, monkeypatch):
+    path = str(tmp_path / "g.txt")
+    monkeypatch.delenv("PARED_REGEN_GOLDEN", raising=False)
+    with pytest.raises(AssertionError, match="is missing: create it with `PARED_REGEN_GOLDEN=1 pytest"):
+        assert_golden("a\n", path)
+    monkeypatch.setenv("PARED_REGEN_GOLDEN", "1")
+    with pytest.raises(AssertionError, match="regenerated .*g.txt .*a regenerating run never passes"):
+        assert_golden("a\nb\n", path)
+    monkeypatch.delenv("PARED_REGEN_GOLDEN")
+    assert_golden("a\nb\n", path)
+    with pytest.raises(AssertionError, match="(?s)differs from the golden.*-b.*\\+c"):
+        assert_golden("a\nc\n", path)
+
+
+def test_canonical_text_is_stable_and_strips_addresses():
+    fx_ = scaled()
+    text = canonical_program_text(fx_.program)
+    assert text == canonical_program_text(capture(fx_.model, fx_.inputs))    # a fresh capture: same text
+    assert "== graph main" in text and "lin.weight: float32[8, 8]" in text and "== plan" in text
+    rec = type("Rec", (), {"to_json": lambda self: {"where": "<object at 0x7f3a2b1c4d50>", "v": 1 / 3}})()
+    with_rec = canonical_program_text(fx_.program.replace(records={"R": rec}))
+    assert '"where": "<object at 0x?>"' in with_rec and '"v": "0.3333"' in with_rec
+
+
+def test_the_checks_fail_on_passes_that_break_the_contract():
+    fx_ = scaled()
+
+    class Rebuilds:
+        """Returns a new Program every time; `lies` says modified=False about it."""
+        name, options = "rebuilds", None
+
+        def __init__(self, lies: bool = False):
+            self.lies = lies
+
+        def __call__(self, program, ctx):
+            return PassResult(program.replace(), modified=not self.lies)
+
+    with pytest.raises(AssertionError, match="should be a no-op here"):
+        check_noop(get_pass("constant_folding")(), fx_.program, PassContext())
+    with pytest.raises(AssertionError, match="run on its own output changed it again"):
+        check_idempotent(Rebuilds(), fx_.program, PassContext())
+    with pytest.raises(AssertionError, match="reported modified=False but returned a different Program"):
+        check_noop(Rebuilds(lies=True), fx_.program, PassContext())
+    with pytest.raises(AssertionError, match="accepted options"):
+        check_bad_options(REGISTRY["constant_folding"], {"max_bytes": 5}, "must be in")
+    with pytest.raises(AssertionError, match="does not match"):
+        check_bad_options(REGISTRY["constant_folding"], {"max_bytes": -1}, "expects int")
+    with pytest.raises(AssertionError, match="ran with options"):
+        check_bad_options(REGISTRY["constant_folding"], {"max_bytes": 5}, "must be in", program=fx_.program,
+                          ctx=PassContext())
