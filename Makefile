@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pared-installed
 
-.PHONY: demo demo-moe demo-minilm vla test bench install clean
+.PHONY: demo demo-moe demo-minilm vla test test-heavy bench install clean
 
 WORKLOADS := dit_mnist dit_moe_mnist vit_mnist minilm vla_metaworld
 
@@ -38,6 +38,11 @@ vla: $(STAMP)
 
 test: $(STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
+
+# The heavier end-to-end checks (the composed pipelines on the trained workloads,
+# sampled torch-free from their artifacts); CI runs them after `make test`.
+test-heavy: $(STAMP)
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -m heavy tests
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
 # eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.

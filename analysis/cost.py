@@ -118,16 +118,13 @@ def graph_flops(gm: fx.GraphModule) -> int:
     return int(sum(node_flops(n) for n in gm.graph.nodes))
 
 
-def routine_flops(program: Program) -> dict[str, int]:
-    """FLOPs of one call of each routine of a Program's plan."""
-    per_graph = {name: graph_flops(g.module) for name, g in program.graphs.items()}
-    return {name: sum(per_graph[c.graph] for c in calls) for name, calls in program.plan.routines}
+def graphs_flops(program: Program) -> dict[str, int]:
+    """FLOPs of one call of each graph of a Program."""
+    return {name: graph_flops(g.module) for name, g in program.graphs.items()}
 
 
-def trace_flops(program: Program, trace: list[str]) -> int:
-    """FLOPs the plan spent over the calls of one request, given the routine run at
-    each call (a rule's probe runs every call, beside the routine it chose)."""
-    per = routine_flops(program)
-    sched = program.plan.schedule
-    probe = per[sched.probe] if getattr(sched, "kind", "") == "rule" else 0
-    return int(sum(per[r] + probe for r in trace))
+def trace_flops(program: Program, graph_trace: list[tuple[str, ...]]) -> int:
+    """FLOPs the plan spent over the calls of one request, given the graphs run at
+    each call (`PlanRunner.graph_trace`: a probe counts beside the variant it chose)."""
+    per = graphs_flops(program)
+    return int(sum(per[g] for graphs in graph_trace for g in graphs))

@@ -44,7 +44,8 @@ import torch
 import torch.fx as fx
 
 from pared.analysis.cost import node_flops
-from pared.analysis.redundancy import calibration_calls, observe_values
+from pared.analysis.recorder import output_rows, run_output
+from pared.analysis.redundancy import observe_values
 from pared.ir.errors import OptionError, PassError
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program, get_attr
@@ -244,21 +245,10 @@ def replay(gm: fx.GraphModule, calibration: Any,
         with torch.no_grad():
             res = (_Patched(gm, patches) if patches else fx.Interpreter(gm)).run(*flat)
         res = res if isinstance(res, (tuple, list)) else (res,)
-        rows = [r.detach().to(torch.float64).reshape(r.shape[0] if r.dim() else 1, -1)
-                for r in res if isinstance(r, torch.Tensor) and r.is_floating_point()]
-        outs.append(np.concatenate([r.numpy() for r in rows], axis=1) if len(
-            {r.shape[0] for r in rows}) == 1 else np.concatenate([r.reshape(1, -1).numpy() for r in rows], axis=1))
+        outs.append(output_rows(res))
         return res[0] if len(res) == 1 else res
 
-    if callable(calibration):
-        result = calibration(call)
-        if isinstance(result, (np.ndarray, torch.Tensor)):
-            r = np.asarray(result.detach() if isinstance(result, torch.Tensor) else result, dtype=np.float64)
-            return r.reshape(r.shape[0] if r.ndim else 1, -1)
-    else:
-        calibration_calls(calibration, call)
-    width = {o.shape[1] for o in outs}
-    return np.concatenate(outs) if len(width) == 1 else np.concatenate([o.reshape(1, -1) for o in outs], axis=1)
+    return run_output(calibration, call, outs)
 
 
 def compare_outputs(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:

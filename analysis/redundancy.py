@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from pared.analysis.cost import node_flops
 from pared.ir.errors import OptionError, PassError
+from pared.analysis.recorder import drive
 from pared.ir.program import Program
 from pared.ir.regions import Region, select
 from pared.ir.transform import Analysis, PassContext, Record, register_pass
@@ -113,28 +114,9 @@ def block_regions(program: Program, pattern: str | None = None, graph: str | Non
 
 
 def calibration_calls(calibration: Any, fn: Callable[..., Any]) -> int:
-    """Drive `fn(*tensors)` through the calibration run; returns the number of calls.
-
-    Args:
-        calibration: a list of input tuples (consecutive calls of one request) or
-            a callable `loop(fn)` that calls fn as the model over one request.
-    """
-    if calibration is None:
-        raise PassError("needs a calibration run: pass calibration= a list of consecutive step inputs, "
-                        "or a loop callable that runs one request (e.g. a sampler) through the model")
-    if callable(calibration):
-        n = [0]
-
-        def counted(*a):
-            n[0] += 1
-            return fn(*a)
-        calibration(counted)
-        return n[0]
-    count = 0
-    for item in calibration:
-        fn(*(item if isinstance(item, (tuple, list)) else (item,)))
-        count += 1
-    return count
+    """Drive `fn(*tensors)` through the calibration run; returns the number of calls
+    (analysis.recorder.drive: a list of input tuples, or a loop callable)."""
+    return drive(calibration, fn)
 
 
 def observe_values(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any,

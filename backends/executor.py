@@ -115,12 +115,11 @@ class Executor:
 
     def _program_inputs(self) -> list[dict]:
         specs: dict[str, dict] = {}
-        for _, calls in self.plan.routines:
-            for c in calls:
-                entry = self.manifest["graphs"][c.graph]
-                for ref, spec in zip(c.inputs, entry["inputs"]):
-                    if ref.startswith("in:"):
-                        specs.setdefault(ref[3:], spec)
+        for c in self.plan.calls():
+            entry = self.manifest["graphs"][c.graph]
+            for ref, spec in zip(c.inputs, entry["inputs"]):
+                if ref.startswith("in:"):
+                    specs.setdefault(ref[3:], spec)
         return [dict(specs.get(n, {"dtype": None, "shape": None}), name=n) for n in self.plan.inputs]
 
     @property
@@ -135,8 +134,13 @@ class Executor:
 
     @property
     def trace(self) -> list[str]:
-        """The routine the plan chose at each call of the current request."""
+        """The cases the plan chose at each call of the current request ("/"-joined when selects nest)."""
         return list(self._runner.trace)
+
+    @property
+    def graph_trace(self) -> list[tuple[str, ...]]:
+        """The graphs run at each call since the last reset."""
+        return list(self._runner.graph_trace)
 
     def _run_graph(self, name: str, arrays: list) -> list:
         return self.graphs[name](arrays)

@@ -26,6 +26,10 @@ class PassError(ParedError):
     """A pass failed; the message names it and the passes that ran before it."""
 
 
+class PlanError(ParedError):
+    """A Plan is malformed: a reference is never produced, a graph is unknown, ..."""
+
+
 class TargetError(ParedError):
     """Unknown target name or malformed device profile."""
 

@@ -1,142 +1,187 @@
-"""The Plan: how a Program's graphs run, as declarative, JSON-serializable data.
+"""The Plan: how a Program's graphs run, as a small control-flow IR. JSON, torch-free.
 
-Torch-free: the Executor interprets the same Plan with numpy arrays that the
-torch side interprets with tensors.
+The Executor interprets the same Plan with numpy arrays that the torch side
+interprets with tensors (one `PlanRunner` for both).
 
-Values are named by references:
-  ``in:NAME``     a program input (one per user input, in order)
-  ``state:NAME``  a buffer carried between calls of one request (cache features,
-                  the previous probe signal); reset by ``reset()``
-  ``step:NAME``   a per-call scalar from the plan's ``step_values`` table (a float32
-                  tensor of shape [1]: e.g. a forecast coefficient that depends on
-                  how many steps ago the cache was computed); past the table's
-                  end, its last value
-  anything else   an intermediate value produced by a call in this step
-A *routine* is an ordered list of graph calls; a call binds each graph input to
-a reference and each graph output to a reference, so graphs exchange tensors
-(an edge part feeding a cloud part) and write state (a step that emits the
-features a later step reuses). The *schedule* picks the routine for each call
-of the program:
+Nodes:
+  ``Call(graph, inputs, outputs, device)``  run a graph; each input and output is
+                                            bound to a reference
+  ``Seq(nodes)``                            in order
+  ``Select(selector, cases)``               pick one case per call; selectors are
+                                            registered classes (ir/selectors/, one
+                                            file each: table, rule, latch, bins)
+  ``Loop(body, count | until, max_iters)``  repeat the body: `count` times, or until
+                                            the first element of `until` is nonzero
+  ``Transfer(ref, src, dst, out)``          a value crossing from device `src` to
+                                            `dst`, bound as `out` there
 
-  always  one routine every call (a plain model)
-  table   a routine per call index (static caching: step -> variant); past the
-          end of the table, ``default``
-  rule    run ``probe`` first, compare its ``signal`` with the previous call's by
-          ``metric``; below ``threshold`` (optionally accumulated), past
-          ``warmup`` and under ``max_consecutive`` reuses, run ``reuse``,
-          otherwise ``compute`` (adaptive caching: TeaCache, FirstBlockCache)
-  latch   run ``compute`` until its scalar ``signal`` reaches ``threshold`` (at a
-          call index >= ``warmup``), then ``then`` for the rest of the request
-          (Adaptive Guidance: drop the unconditional branch once it agrees)
-  bins    a routine by the value of a program input (its first element):
-          ``routines[i]`` for ``edges[i-1] <= v < edges[i]`` (timestep-aware
-          variants chosen by t, whatever the sampler and its step count)
+References (the one place they are defined; every pass uses them this way):
+  ``in:NAME``      a program input (one per user input, in order)
+  ``state:NAME``   a buffer carried between calls of one request (cache features,
+                   a previous signal); declared in `Plan.state` with a dtype, a
+                   symbolic shape and a device; reset between requests
+  ``step:NAME``    a per-call scalar from `Plan.step_values` (a float32 tensor of
+                   shape [1], e.g. a forecast coefficient); past the table's end,
+                   its last value
+  anything else    an intermediate produced by a call earlier in the same call of
+                   the program. Passes name theirs ``<pass>.<graph>.<output>``,
+                   and their state ``<pass>.<graph>.<name>``, so two passes never
+                   collide; the captured model's outputs are ``<graph>.<output>``.
+
+Program passes transform the Plan they are given: `replace_calls(graph, fn)`
+swaps every `Call` of one graph for a node built from it (a cache pass puts a
+`Select` over the graph's variants there, bound to the same references), so
+what earlier passes built stays around it.
+
+Version 2. Version-1 plans (a flat routine table with one schedule, pared 0.1
+artifacts) are migrated on load: each routine becomes a `Seq`, the schedule a
+`Select` over them; the trace names stay the same.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
-from .errors import ParedError
+from .errors import PlanError
+from .selectors import SELECTORS, Choice, Selector, selector_from_json
+from .selectors.bins import Bins
+from .selectors.latch import Latch
+from .selectors.rule import METRICS, Rule, rel_l1
+from .selectors.table import Table
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
-
-class PlanError(ParedError):
-    """A Plan is malformed: a reference is never produced, a graph is unknown, ..."""
+__all__ = ["PLAN_VERSION", "PlanError", "Call", "Seq", "Select", "Loop", "Transfer", "Node", "StateBuffer",
+           "Plan", "PlanRunner", "Selector", "SELECTORS", "Table", "Rule", "Latch", "Bins", "METRICS", "rel_l1"]
 
 
 @dataclass(frozen=True)
 class Call:
     graph: str
-    inputs: tuple[str, ...]   # one reference per graph input, in the graph's order
-    outputs: tuple[str, ...]  # one reference per graph output, in the graph's order
+    inputs: tuple[str, ...]    # one reference per graph input, in the graph's order
+    outputs: tuple[str, ...]   # one reference per graph output, in the graph's order
+    device: str | None = None  # the device that runs it (None: the target's only one)
 
-    def to_json(self) -> dict:
-        return {"graph": self.graph, "inputs": list(self.inputs), "outputs": list(self.outputs)}
 
-    @staticmethod
-    def from_json(d: Mapping) -> "Call":
-        return Call(d["graph"], tuple(d["inputs"]), tuple(d["outputs"]))
+@dataclass(frozen=True)
+class Seq:
+    nodes: tuple["Node", ...]
+
+
+@dataclass(frozen=True)
+class Select:
+    selector: Selector
+    cases: tuple[tuple[str, "Node"], ...]   # label -> node, in order
+    key: str | None = None   # selects with one key share the selector's per-request state (variants of one
+                             # graph at other precisions keep one latch, one rule history); None: its own
+
+    def case(self, label: str) -> "Node":
+        for n, node in self.cases:
+            if n == label:
+                return node
+        raise PlanError(f"{self.selector.kind} select has no case {label!r}; it has {[n for n, _ in self.cases]}")
+
+
+@dataclass(frozen=True)
+class Loop:
+    body: "Node"
+    count: int | None = None   # iterations; or
+    until: str | None = None   # stop after an iteration that bound this reference to a nonzero first element
+    max_iters: int = 0         # with `until`: the most iterations (0: no cap)
+
+    def __post_init__(self):
+        if (self.count is None) == (self.until is None):
+            raise PlanError("loop: give exactly one of count and until")
+        if self.count is not None and self.count < 0:
+            raise PlanError(f"loop: count must be >= 0, got {self.count}")
+        if self.max_iters < 0:
+            raise PlanError(f"loop: max_iters must be >= 0, got {self.max_iters}")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    ref: str   # the value on `src`
+    src: str
+    dst: str
+    out: str   # the reference it is bound to on `dst`
+
+
+Node = Union[Call, Seq, Select, Loop, Transfer]
 
 
 @dataclass(frozen=True)
 class StateBuffer:
     name: str
-    shape: tuple[int | None, ...] | None = None  # None: taken from the first value written
+    shape: tuple[int | str | None, ...] | None = None  # symbolic dims by name; None: from the first value written
     dtype: str | None = None
+    device: str | None = None
 
 
-@dataclass(frozen=True)
-class Always:
-    routine: str
-    kind: str = field(default="always", init=False)
+# -- walking -------------------------------------------------------------------
+def iter_nodes(node: Node) -> Iterator[Node]:
+    """Every node of a tree, parents before children."""
+    yield node
+    if isinstance(node, Seq):
+        for n in node.nodes:
+            yield from iter_nodes(n)
+    elif isinstance(node, Select):
+        for _, n in node.cases:
+            yield from iter_nodes(n)
+    elif isinstance(node, Loop):
+        yield from iter_nodes(node.body)
 
 
-@dataclass(frozen=True)
-class Table:
-    routines: tuple[str, ...]  # routine for call index 0, 1, ...
-    default: str               # routine past the end of the table
-    kind: str = field(default="table", init=False)
+def map_calls(node: Node, fn: Callable[[Call], Node]) -> Node:
+    """The tree with each Call replaced by fn(call) (which may return the call)."""
+    if isinstance(node, Call):
+        return fn(node)
+    if isinstance(node, Seq):
+        return Seq(tuple(map_calls(n, fn) for n in node.nodes))
+    if isinstance(node, Select):
+        return Select(node.selector, tuple((lab, map_calls(n, fn)) for lab, n in node.cases), node.key)
+    if isinstance(node, Loop):
+        return dataclasses.replace(node, body=map_calls(node.body, fn))
+    return node
 
 
-@dataclass(frozen=True)
-class Rule:
-    probe: str            # routine run first every call
-    signal: str           # reference the probe produces, compared across calls
-    compute: str          # routine run when the signal changed
-    reuse: str            # routine run when it did not
-    threshold: float
-    metric: str = "rel_l1"
-    accumulate: bool = True   # sum the metric over consecutive reuses (TeaCache)
-    warmup: int = 1           # the first calls always compute
-    max_consecutive: int = 0  # 0: no cap on consecutive reuses
-    kind: str = field(default="rule", init=False)
+def _produced(node: Node) -> set[str]:
+    return {r for n in iter_nodes(node) if isinstance(n, Call) for r in n.outputs} | \
+           {n.out for n in iter_nodes(node) if isinstance(n, Transfer)}
 
 
-@dataclass(frozen=True)
-class Latch:
-    compute: str          # routine until the signal reaches the threshold
-    then: str             # routine for every later call of the request
-    signal: str           # reference to a one-element value `compute` produces
-    threshold: float
-    warmup: int = 1       # calls before this index never latch
-    kind: str = field(default="latch", init=False)
-
-
-@dataclass(frozen=True)
-class Bins:
-    input: str                  # the program input whose first element decides (e.g. the timestep)
-    edges: tuple[float, ...]    # ascending bin edges
-    routines: tuple[str, ...]   # one per bin: len(edges) + 1, lowest values first
-    kind: str = field(default="bins", init=False)
-
-    def __post_init__(self):
-        if len(self.routines) != len(self.edges) + 1:
-            raise PlanError(f"bins schedule: {len(self.edges)} edges need {len(self.edges) + 1} routines, "
-                            f"got {len(self.routines)}")
-        if any(not math.isfinite(e) for e in self.edges) or list(self.edges) != sorted(set(self.edges)):
-            raise PlanError(f"bins schedule: edges must be finite and strictly ascending, got {list(self.edges)}")
-
-    def choose(self, value: float) -> str:
-        return self.routines[bisect.bisect_right(self.edges, value)]
-
-
-Schedule = Always | Table | Rule | Latch | Bins
-_SCHEDULES = {"always": Always, "table": Table, "rule": Rule, "latch": Latch, "bins": Bins}
-
-
+# -- the plan --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
     inputs: tuple[str, ...]
-    outputs: tuple[str, ...]          # references returned, in the flat output order
-    routines: tuple[tuple[str, tuple[Call, ...]], ...]
-    schedule: Schedule
+    outputs: tuple[str, ...]   # references returned, in the flat output order
+    body: Node
     state: tuple[StateBuffer, ...] = ()
     step_values: tuple[tuple[str, tuple[float, ...]], ...] = ()   # name -> value per call index
+
+    @staticmethod
+    def single(graph: str, inputs: Sequence[str], outputs: Sequence[str]) -> "Plan":
+        """The trivial plan: one graph called once per call."""
+        call = Call(graph, tuple(f"in:{n}" for n in inputs), tuple(f"{graph}.{o}" for o in outputs))
+        return Plan(tuple(inputs), call.outputs, call)
+
+    # -- views
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The model's output names: each output reference without its prefix (``in:`` / ``state:``,
+        or the captured graph's name: `Plan.single` binds output o of graph g to ``g.o``)."""
+        return tuple(r.split(":", 1)[1] if ":" in r else r.split(".", 1)[-1] for r in self.outputs)
+
+    def calls(self) -> list[Call]:
+        return [n for n in iter_nodes(self.body) if isinstance(n, Call)]
+
+    @property
+    def graph_names(self) -> tuple[str, ...]:
+        """The graphs the plan calls, in order of first appearance."""
+        return tuple(dict.fromkeys(c.graph for c in self.calls()))
+
+    def selects(self) -> list[Select]:
+        return [n for n in iter_nodes(self.body) if isinstance(n, Select)]
 
     def step_value(self, name: str, call_index: int) -> float:
         for n, vals in self.step_values:
@@ -144,154 +189,236 @@ class Plan:
                 return float(vals[min(call_index, len(vals) - 1)]) if vals else 0.0
         raise PlanError(f"plan has no step value {name!r}")
 
-    @staticmethod
-    def single(graph: str, inputs: Sequence[str], outputs: Sequence[str]) -> "Plan":
-        """The trivial plan: one graph called once per call."""
-        call = Call(graph, tuple(f"in:{n}" for n in inputs), tuple(f"{graph}:{o}" for o in outputs))
-        return Plan(tuple(inputs), call.outputs, (("main", (call,)),), Always("main"))
+    # -- transforming
+    def replace_calls(self, graph: str, fn: Callable[[Call], Node], *, state: Sequence[StateBuffer] = (),
+                      step_values: Sequence[tuple[str, Sequence[float]]] = ()) -> "Plan":
+        """A new plan with every Call of `graph` replaced by fn(call), plus the
+        state buffers and step values the replacement reads.
 
-    def routine(self, name: str) -> tuple[Call, ...]:
-        for n, calls in self.routines:
-            if n == name:
-                return calls
-        raise PlanError(f"plan has no routine {name!r}; it has {[n for n, _ in self.routines]}")
+        Raises:
+            PlanError: when the plan never calls `graph`, or a state buffer or step
+                value is declared twice with different contents.
+        """
+        if graph not in self.graph_names:
+            raise PlanError(f"plan does not call graph {graph!r}; it calls {list(self.graph_names)}")
+        return self.with_declarations(state, step_values, body=map_calls(
+            self.body, lambda c: fn(c) if c.graph == graph else c))
 
-    @property
-    def graph_names(self) -> tuple[str, ...]:
-        seen: dict[str, None] = {}
-        for _, calls in self.routines:
-            for c in calls:
-                seen.setdefault(c.graph)
-        return tuple(seen)
+    def with_declarations(self, state: Sequence[StateBuffer] = (),
+                          step_values: Sequence[tuple[str, Sequence[float]]] = (), body: Node | None = None) -> "Plan":
+        """A new plan declaring more state buffers and step values (an identical
+        redeclaration is allowed: variants of one graph share their state)."""
+        have_state = {s.name: s for s in self.state}
+        for s in state:
+            if s.name in have_state and have_state[s.name] != s:
+                raise PlanError(f"state {s.name!r} is declared twice: {have_state[s.name]} and {s}")
+            have_state.setdefault(s.name, s)
+        have_steps = dict(self.step_values)
+        for n, vals in step_values:
+            vals = tuple(float(v) for v in vals)
+            if n in have_steps and have_steps[n] != vals:
+                raise PlanError(f"step value {n!r} is declared twice with different values")
+            have_steps.setdefault(n, vals)
+        return Plan(self.inputs, self.outputs, self.body if body is None else body, tuple(have_state.values()),
+                    tuple(have_steps.items()))
 
+    # -- checking
     def validate(self, graph_arity: Mapping[str, tuple[int, int]]) -> None:
-        """Check references and graph arities.
+        """Check references, selectors and graph arities.
 
         Args:
             graph_arity: graph name -> (number of inputs, number of outputs).
         Raises:
-            PlanError: naming the routine, call and reference at fault.
+            PlanError: naming the node, call and reference at fault.
         """
         state = {s.name for s in self.state}
-        routine_names = [n for n, _ in self.routines]
-        used = _schedule_routines(self.schedule)
-        if isinstance(self.schedule, Bins) and self.schedule.input not in self.inputs:
-            raise PlanError(f"bins schedule reads input {self.schedule.input!r}; the plan's inputs are "
-                            f"{list(self.inputs)}")
-        for r in used:
-            if r not in routine_names:
-                raise PlanError(f"schedule names routine {r!r}, which the plan does not define")
-        for rname, calls in self.routines:
-            known = ({f"in:{n}" for n in self.inputs} | {f"state:{s}" for s in state}
-                     | {f"step:{n}" for n, _ in self.step_values})
-            if isinstance(self.schedule, Rule) and rname != self.schedule.probe:
-                known |= _produced(self.routine(self.schedule.probe))
-            for i, c in enumerate(calls):
-                if c.graph not in graph_arity:
-                    raise PlanError(f"routine {rname!r} call {i} names unknown graph {c.graph!r}")
-                n_in, n_out = graph_arity[c.graph]
-                if len(c.inputs) != n_in or len(c.outputs) != n_out:
-                    raise PlanError(
-                        f"routine {rname!r} call {i} binds {len(c.inputs)} inputs / {len(c.outputs)} "
-                        f"outputs but graph {c.graph!r} has {n_in} / {n_out}")
-                for ref in c.inputs:
-                    if ref not in known:
-                        raise PlanError(f"routine {rname!r} call {i} ({c.graph}) reads {ref!r} before it is produced")
-                for ref in c.outputs:
-                    if ref.startswith("state:") and ref[6:] not in state:
-                        raise PlanError(f"routine {rname!r} writes undeclared state {ref!r}")
-                    known.add(ref)
-            if rname in _final_routines(self.schedule):
-                for ref in self.outputs:
-                    if ref not in known:
-                        raise PlanError(f"plan output {ref!r} is not produced by routine {rname!r}")
+        steps = {n for n, _ in self.step_values}
+        keyed: dict[str, Selector] = {}
+        for sel in self.selects():
+            if sel.key is not None and keyed.setdefault(sel.key, sel.selector) != sel.selector:
+                raise PlanError(f"selects keyed {sel.key!r} share state but differ: {keyed[sel.key]} vs {sel.selector}")
+        known = {f"in:{n}" for n in self.inputs} | {f"state:{s}" for s in state} | {f"step:{n}" for n in steps}
+        known = self._check(self.body, known, graph_arity, state, "plan")
+        for ref in self.outputs:
+            if ref not in known:
+                raise PlanError(f"plan output {ref!r} is not produced on every path through the plan")
 
+    def _check(self, node: Node, known: set[str], arity: Mapping[str, tuple[int, int]], state: set[str],
+               where: str) -> set[str]:
+        if isinstance(node, Call):
+            if node.graph not in arity:
+                raise PlanError(f"{where}: call names unknown graph {node.graph!r}")
+            n_in, n_out = arity[node.graph]
+            if len(node.inputs) != n_in or len(node.outputs) != n_out:
+                raise PlanError(f"{where}: call binds {len(node.inputs)} inputs / {len(node.outputs)} outputs but "
+                                f"graph {node.graph!r} has {n_in} / {n_out}")
+            for ref in node.inputs:
+                if ref not in known:
+                    raise PlanError(f"{where}: call of {node.graph!r} reads {ref!r} before it is produced")
+            for ref in node.outputs:
+                if ref.startswith("state:") and ref[6:] not in state:
+                    raise PlanError(f"{where}: call of {node.graph!r} writes undeclared state {ref!r}")
+                if ref.startswith(("in:", "step:")):
+                    raise PlanError(f"{where}: call of {node.graph!r} writes {ref!r}, which is read-only")
+            return known | set(node.outputs)
+        if isinstance(node, Seq):
+            for i, n in enumerate(node.nodes):
+                known = self._check(n, known, arity, state, f"{where}/{i}")
+            return known
+        if isinstance(node, Select):
+            sel, labels = node.selector, [lab for lab, _ in node.cases]
+            if len(set(labels)) != len(labels):
+                raise PlanError(f"{where}: {sel.kind} select has duplicate case labels {labels}")
+            for lab in sel.labels():
+                if lab not in labels:
+                    raise PlanError(f"{where}: {sel.kind} selector chooses case {lab!r}, which the select does not "
+                                    f"define (cases: {labels})")
+            for ref in sel.reads():
+                if ref not in known:
+                    raise PlanError(f"{where}: {sel.kind} selector reads {ref!r} before it is produced")
+            after = []
+            for lab, n in node.cases:
+                after.append(self._check(n, known, arity, state, f"{where}/{sel.kind}:{lab}"))
+            for lab, ref in sel.reads_after():
+                if ref not in after[labels.index(lab)]:
+                    raise PlanError(f"{where}: {sel.kind} selector reads {ref!r} after case {lab!r}, which does "
+                                    "not produce it")
+            return set.intersection(*after) if after else known
+        if isinstance(node, Loop):
+            inner = self._check(node.body, known, arity, state, f"{where}/loop")
+            if node.until is not None and node.until not in inner:
+                raise PlanError(f"{where}: loop stops on {node.until!r}, which its body does not produce")
+            return inner if (node.count or node.until) else known
+        if isinstance(node, Transfer):
+            if node.ref not in known:
+                raise PlanError(f"{where}: transfer of {node.ref!r} before it is produced")
+            return known | {node.out}
+        raise PlanError(f"{where}: unknown plan node {type(node).__name__}")
+
+    # -- JSON
     def to_json(self) -> dict:
-        sched = {f.name: (list(v) if isinstance(v, tuple) else v)
-                 for f in dataclasses.fields(self.schedule) for v in [getattr(self.schedule, f.name)]}
         return {
             "version": PLAN_VERSION,
             "inputs": list(self.inputs),
             "outputs": list(self.outputs),
-            "routines": {n: [c.to_json() for c in calls] for n, calls in self.routines},
-            "schedule": sched,
-            "state": [{"name": s.name, "shape": None if s.shape is None else list(s.shape), "dtype": s.dtype}
-                      for s in self.state],
+            "body": _node_json(self.body),
+            "state": [{"name": s.name, "shape": None if s.shape is None else list(s.shape), "dtype": s.dtype,
+                       "device": s.device} for s in self.state],
             "step_values": {n: list(v) for n, v in self.step_values},
         }
 
     @staticmethod
     def from_json(d: Mapping) -> "Plan":
+        """Read a plan (version 2, or migrate version 1).
+
+        Raises:
+            PlanError: an unknown version, node or selector, or a malformed field.
+        """
         try:
-            if d.get("version") != PLAN_VERSION:
-                raise PlanError(f"plan version {d.get('version')!r} is not supported (this pared reads {PLAN_VERSION})")
-            sched = dict(d["schedule"])
-            kind = sched.pop("kind")
-            if kind not in _SCHEDULES:
-                raise PlanError(f"unknown schedule kind {kind!r}; known: {sorted(_SCHEDULES)}")
-            if kind in ("table", "bins"):
-                sched["routines"] = tuple(sched["routines"])
-            if kind == "bins":
-                sched["edges"] = tuple(float(e) for e in sched["edges"])
+            version = d.get("version")
+            if version == 1:
+                d = _migrate_v1(d)
+            elif version != PLAN_VERSION:
+                raise PlanError(f"plan version {version!r} is not supported (this pared reads versions 1 and "
+                                f"{PLAN_VERSION}); rebuild the artifact with this pared")
             return Plan(
                 inputs=tuple(d["inputs"]),
                 outputs=tuple(d["outputs"]),
-                routines=tuple((n, tuple(Call.from_json(c) for c in calls)) for n, calls in d["routines"].items()),
-                schedule=_SCHEDULES[kind](**sched),
-                state=tuple(StateBuffer(s["name"], None if s["shape"] is None else tuple(s["shape"]), s["dtype"])
-                            for s in d.get("state", [])),
+                body=_node_from_json(d["body"]),
+                state=tuple(StateBuffer(s["name"], None if s.get("shape") is None else tuple(s["shape"]),
+                                        s.get("dtype"), s.get("device")) for s in d.get("state", [])),
                 step_values=tuple((n, tuple(float(x) for x in v)) for n, v in d.get("step_values", {}).items()),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from e
 
 
-def _schedule_routines(s: Schedule) -> list[str]:
-    if isinstance(s, Always):
-        return [s.routine]
-    if isinstance(s, Table):
-        return list(dict.fromkeys([*s.routines, s.default]))
-    if isinstance(s, Bins):
-        return list(dict.fromkeys(s.routines))
-    if isinstance(s, Latch):
-        return [s.compute, s.then]
-    return [s.probe, s.compute, s.reuse]
+def _node_json(node: Node) -> dict:
+    if isinstance(node, Call):
+        return {"op": "call", "graph": node.graph, "inputs": list(node.inputs), "outputs": list(node.outputs),
+                "device": node.device}
+    if isinstance(node, Seq):
+        return {"op": "seq", "nodes": [_node_json(n) for n in node.nodes]}
+    if isinstance(node, Select):
+        return {"op": "select", "selector": node.selector.to_json(),
+                "cases": [[lab, _node_json(n)] for lab, n in node.cases], "key": node.key}
+    if isinstance(node, Loop):
+        return {"op": "loop", "body": _node_json(node.body), "count": node.count, "until": node.until,
+                "max_iters": node.max_iters}
+    if isinstance(node, Transfer):
+        return {"op": "transfer", "ref": node.ref, "src": node.src, "dst": node.dst, "out": node.out}
+    raise PlanError(f"unknown plan node {type(node).__name__}")
 
 
-def _final_routines(s: Schedule) -> list[str]:
-    if isinstance(s, Rule):
-        return [s.compute, s.reuse]
-    return _schedule_routines(s)
+def _node_from_json(d: Mapping) -> Node:
+    op = d["op"]
+    if op == "call":
+        return Call(d["graph"], tuple(d["inputs"]), tuple(d["outputs"]), d.get("device"))
+    if op == "seq":
+        return Seq(tuple(_node_from_json(n) for n in d["nodes"]))
+    if op == "select":
+        return Select(selector_from_json(d["selector"]), tuple((lab, _node_from_json(n)) for lab, n in d["cases"]),
+                      d.get("key"))
+    if op == "loop":
+        return Loop(_node_from_json(d["body"]), d.get("count"), d.get("until"), int(d.get("max_iters", 0)))
+    if op == "transfer":
+        return Transfer(d["ref"], d["src"], d["dst"], d["out"])
+    raise PlanError(f"unknown plan node op {op!r}; known: call, seq, select, loop, transfer")
 
 
-def _produced(calls: Sequence[Call]) -> set[str]:
-    return {r for c in calls for r in c.outputs}
+def _migrate_v1(d: Mapping) -> dict:
+    """A version-1 plan (routines + one schedule) as version 2 JSON."""
+    def seq(name: str) -> dict:
+        calls = [{"op": "call", "graph": c["graph"], "inputs": c["inputs"], "outputs": c["outputs"]}
+                 for c in d["routines"][name]]
+        return calls[0] if len(calls) == 1 else {"op": "seq", "nodes": calls}
+
+    s = dict(d["schedule"])
+    kind = s.pop("kind")
+    if kind == "always":
+        body = seq(s["routine"])
+    elif kind == "table":
+        labels = list(dict.fromkeys([*s["routines"], s["default"]]))
+        body = {"op": "select", "selector": {"kind": "table", "cases": s["routines"], "default": s["default"]},
+                "cases": [[r, seq(r)] for r in labels]}
+    elif kind == "bins":
+        body = {"op": "select", "selector": {"kind": "bins", "input": f"in:{s['input']}", "edges": s["edges"],
+                                             "cases": s["routines"]},
+                "cases": [[r, seq(r)] for r in dict.fromkeys(s["routines"])]}
+    elif kind == "latch":
+        body = {"op": "select", "selector": {"kind": "latch", **s},
+                "cases": [[s["compute"], seq(s["compute"])], [s["then"], seq(s["then"])]]}
+    elif kind == "rule":
+        probe = seq(s.pop("probe"))
+        body = {"op": "seq", "nodes": [probe, {
+            "op": "select", "selector": {"kind": "rule", **s},
+            "cases": [[s["compute"], seq(s["compute"])], [s["reuse"], seq(s["reuse"])]]}]}
+    else:
+        raise PlanError(f"version-1 plan: unknown schedule kind {kind!r}")
+    return {"version": PLAN_VERSION, "inputs": d["inputs"], "outputs": d["outputs"], "body": body,
+            "state": d.get("state", []), "step_values": d.get("step_values", {})}
 
 
-def rel_l1(a: Any, b: Any) -> float:
-    """mean|a - b| / mean|b| on numpy arrays (or anything np.asarray takes)."""
-    import numpy as np
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    denom = float(np.mean(np.abs(b)))
-    return float(np.mean(np.abs(a - b))) / denom if denom > 0 else math.inf
-
-
-METRICS: dict[str, Callable[[Any, Any], float]] = {"rel_l1": rel_l1}
-
-
+# -- running -----------------------------------------------------------------------
 class PlanRunner:
     """Interprets a Plan for one request, over any array type.
 
     Args:
         plan: the Plan.
         run_graph: ``(graph_name, [arrays]) -> [arrays]``.
-        to_numpy: converts an array for the decision metric (identity for numpy).
+        to_numpy: converts an array for selectors (identity for numpy).
+        scalar: makes the [1]-shaped float32 array of a step value.
+        transfer: ``(value, src, dst) -> value`` for Transfer nodes (default: the value itself).
+
+    Attributes:
+        trace: per call of the request, the case labels chosen by the selects it
+            passed, joined by "/" (for a plan without selects: its graphs, joined by "+").
+        graph_trace: per call, the graphs run, in order.
     """
 
     def __init__(self, plan: Plan, run_graph: Callable[[str, list], list], to_numpy: Callable[[Any], Any] = lambda a: a,
-                 scalar: Callable[[float], Any] | None = None):
+                 scalar: Callable[[float], Any] | None = None,
+                 transfer: Callable[[Any, str, str], Any] | None = None):
         self.plan = plan
         self._run_graph = run_graph
         self._to_numpy = to_numpy
@@ -299,35 +426,64 @@ class PlanRunner:
             import numpy as np
             scalar = lambda v: np.array([v], dtype=np.float32)   # noqa: E731
         self._scalar = scalar
+        self._transfer = transfer or (lambda v, src, dst: v)
         self.reset()
 
     def reset(self) -> None:
-        """Start a new request: forget carried state and the call counter."""
+        """Start a new request: forget carried state, selector state and the call counter."""
         self.state: dict[str, Any] = {}
         self.call_index = 0
-        self.trace: list[str] = []   # routine chosen per call, for reports and tests
-        self._acc = 0.0
-        self._consecutive = 0
-        self._prev_signal = None
-        self._latched = False
+        self.trace: list[str] = []
+        self.graph_trace: list[tuple[str, ...]] = []
+        self._selectors: dict[tuple, Any] = {}
 
-    def _run_routine(self, name: str, env: dict) -> None:
-        for call in self.plan.routine(name):
-            args = []
-            for ref in call.inputs:
-                if ref.startswith("state:"):
-                    key = ref[6:]
-                    if key not in self.state:
-                        raise PlanError(f"call {self.call_index}: routine {name!r} reads state {key!r} "
-                                        "before any call wrote it; the schedule must compute first")
-                    args.append(self.state[key])
-                else:
-                    args.append(env[ref])
-            outs = self._run_graph(call.graph, args)
-            for ref, val in zip(call.outputs, outs):
+    def _read(self, ref: str, env: dict) -> Any:
+        if ref.startswith("state:"):
+            key = ref[6:]
+            if key not in self.state:
+                raise PlanError(f"call {self.call_index}: reads state {key!r} before any call wrote it; "
+                                "the plan must compute it first")
+            return self.state[key]
+        return env[ref]
+
+    def _run(self, node: Node, env: dict, path: tuple, labels: list, graphs: list) -> None:
+        if isinstance(node, Call):
+            outs = self._run_graph(node.graph, [self._read(r, env) for r in node.inputs])
+            graphs.append(node.graph)
+            for ref, val in zip(node.outputs, outs):
                 if ref.startswith("state:"):
                     self.state[ref[6:]] = val
                 env[ref] = val
+        elif isinstance(node, Seq):
+            for i, n in enumerate(node.nodes):
+                self._run(n, env, path + (i,), labels, graphs)
+        elif isinstance(node, Select):
+            sel = node.selector
+            choice = Choice(self.call_index, lambda ref: self._to_numpy(self._read(ref, env)))
+            key = path if node.key is None else node.key
+            st = self._selectors[key] if key in self._selectors else sel.new_state()
+            label, st = sel.choose(st, choice)
+            labels.append(label)
+            self._run(node.case(label), env, path + (label,), labels, graphs)
+            self._selectors[key] = sel.observe(st, label, choice)
+        elif isinstance(node, Loop):
+            i = 0
+            while True:
+                if node.count is not None and i >= node.count:
+                    break
+                if node.until is not None and node.max_iters and i >= node.max_iters:
+                    break
+                self._run(node.body, env, path + ("loop",), labels, graphs)
+                i += 1
+                if node.until is not None:
+                    import numpy as np
+                    v = np.asarray(self._to_numpy(self._read(node.until, env))).reshape(-1)
+                    if v.size and v[0]:
+                        break
+        elif isinstance(node, Transfer):
+            env[node.out] = self._transfer(self._read(node.ref, env), node.src, node.dst)
+        else:
+            raise PlanError(f"unknown plan node {type(node).__name__}")
 
     def __call__(self, inputs: Sequence[Any]) -> list:
         if len(inputs) != len(self.plan.inputs):
@@ -335,40 +491,10 @@ class PlanRunner:
         env: dict[str, Any] = {f"in:{n}": v for n, v in zip(self.plan.inputs, inputs)}
         for n, _ in self.plan.step_values:
             env[f"step:{n}"] = self._scalar(self.plan.step_value(n, self.call_index))
-        s = self.plan.schedule
-        if isinstance(s, Always):
-            chosen = s.routine
-        elif isinstance(s, Table):
-            chosen = s.routines[self.call_index] if self.call_index < len(s.routines) else s.default
-        elif isinstance(s, Latch):
-            chosen = s.then if self._latched else s.compute
-        elif isinstance(s, Bins):
-            import numpy as np
-            value = np.asarray(self._to_numpy(env[f"in:{s.input}"])).reshape(-1)
-            if value.size == 0:
-                raise PlanError(f"call {self.call_index}: bins schedule input {s.input!r} is empty")
-            chosen = s.choose(float(value[0]))
-        else:
-            self._run_routine(s.probe, env)
-            signal = self._to_numpy(env[s.signal])
-            chosen = s.compute
-            if self._prev_signal is not None and self.call_index >= s.warmup:
-                d = METRICS[s.metric](signal, self._prev_signal)
-                self._acc = self._acc + d if s.accumulate else d
-                cap_ok = s.max_consecutive == 0 or self._consecutive < s.max_consecutive
-                if self._acc < s.threshold and cap_ok:
-                    chosen = s.reuse
-            if chosen == s.reuse:
-                self._consecutive += 1
-            else:
-                self._consecutive = 0
-                self._acc = 0.0
-            self._prev_signal = signal
-        self._run_routine(chosen, env)
-        if isinstance(s, Latch) and not self._latched and self.call_index >= s.warmup:
-            import numpy as np
-            if float(np.asarray(self._to_numpy(env[s.signal])).reshape(-1)[0]) >= s.threshold:
-                self._latched = True
-        self.trace.append(chosen)
+        labels: list[str] = []
+        graphs: list[str] = []
+        self._run(self.plan.body, env, (), labels, graphs)
+        self.trace.append("/".join(labels) if labels else "+".join(graphs))
+        self.graph_trace.append(tuple(graphs))
         self.call_index += 1
-        return [env[r] if not r.startswith("state:") else self.state[r[6:]] for r in self.plan.outputs]
+        return [self._read(r, env) for r in self.plan.outputs]

@@ -10,15 +10,17 @@ flat `GraphModule`: tensor inputs in, a tuple of tensors out, parameters as
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
 from . import structure as _structure
-from .plan import Plan, PlanRunner
+from .errors import PlanError
+from .plan import Call, Node, Plan, PlanRunner, StateBuffer
 from .regions import Region, build_regions, select
 
 
@@ -33,6 +35,11 @@ class Graph:
             re-traces the graph with them.
         dynamic_dims: per input, a tuple of (dim index, symbol name) pairs that
             may vary at run time; empty when the shape is static.
+        lineage: how this graph came from a captured one: (pass, variant label,
+            numeric) per program pass that made it a variant, oldest first.
+            `numeric` variants compute the same function at another precision
+            (timestep buckets); the others compute something else (a cached
+            span, half a batch). See `origin`.
     """
 
     module: fx.GraphModule
@@ -40,6 +47,7 @@ class Graph:
     output_names: tuple[str, ...]
     example_inputs: tuple[torch.Tensor, ...]
     dynamic_dims: tuple[tuple[tuple[int, str], ...], ...] = ()
+    lineage: tuple[tuple[str, str, bool], ...] = ()
 
     def __post_init__(self):
         n_ph = sum(1 for n in self.module.graph.nodes if n.op == "placeholder")
@@ -55,9 +63,17 @@ class Graph:
 
     def with_module(self, module: fx.GraphModule, **changes: Any) -> "Graph":
         fields = dict(module=module, input_names=self.input_names, output_names=self.output_names,
-                      example_inputs=self.example_inputs, dynamic_dims=self.dynamic_dims)
+                      example_inputs=self.example_inputs, dynamic_dims=self.dynamic_dims, lineage=self.lineage)
         fields.update(changes)
         return Graph(**fields)
+
+    def variant(self, by: str, label: str, numeric: bool = False) -> "Graph":
+        """This graph marked as variant `label` made by pass `by`."""
+        return dataclasses.replace(self, lineage=self.lineage + ((by, label, numeric),))
+
+    def made_by(self, pass_name: str) -> bool:
+        """Whether pass `pass_name` made this graph (or one it derives from) a variant."""
+        return any(p == pass_name for p, _, _ in self.lineage)
 
     def run(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -112,10 +128,47 @@ class Program:
             records=self.records if records is None else records,
         )
 
+    def expand(self, name: str, variants: Mapping[str, Graph], node: Callable[[Call, Callable[[str], str]], Node], *,
+               by: str, numeric: bool = False, state: Sequence[StateBuffer] = (),
+               step_values: Sequence[tuple[str, Sequence[float]]] = ()) -> "Program":
+        """Replace graph `name` by its variants, and each Call of it in the Plan by
+        `node(call, graph_of)` (a Select over the variants, bound to the call's
+        references): what a program pass does to one graph.
+
+        Args:
+            variants: label -> the variant graph; it becomes graph `name.label`.
+            node: builds the replacement of one Call; `graph_of(label)` names a variant.
+            by: the pass (recorded in each variant's lineage).
+            numeric: the variants compute the same function at other precisions.
+            state, step_values: what the replacement reads (see Plan.replace_calls).
+        Raises:
+            PlanError: when a variant's name is taken by another graph.
+        """
+        graph_of = lambda label: f"{name}.{label}"   # noqa: E731
+        graphs = {k: v for k, v in self.graphs.items() if k != name}
+        for label, g in variants.items():
+            if graph_of(label) in graphs:
+                raise PlanError(f"pass '{by}': graph name {graph_of(label)!r} is taken")
+            graphs[graph_of(label)] = g.variant(by, label, numeric)
+        plan = self.plan.replace_calls(name, lambda c: node(c, graph_of), state=state, step_values=step_values)
+        return self.replace(graphs=graphs, plan=plan)
+
     def with_graph(self, name: str, graph: Graph) -> "Program":
         g = dict(self.graphs)
         g[name] = graph
         return self.replace(graphs=g)
+
+    def origin(self, name: str) -> str:
+        """The name of graph `name` with its numeric variant steps left out: graphs
+        with the same origin compute the same function (variants of one model at
+        other precisions), so a cache pass lets them share carried state."""
+        g = self.graphs[name]
+        parts = name.split(".")
+        keep = parts[:len(parts) - len(g.lineage)] if len(parts) > len(g.lineage) else parts[:1]
+        for (_, label, numeric), part in zip(g.lineage, parts[len(keep):]):
+            if not numeric:
+                keep.append(part)
+        return ".".join(keep)
 
     # -- views --------------------------------------------------------------
     @property
@@ -145,6 +198,38 @@ class Program:
         return out
 
     # -- running on the torch side -----------------------------------------
+    def weight_groups(self) -> list[list[str]]:
+        """The graphs the Plan calls, grouped by the weight tensors they share (variants
+        of one captured graph land in one group; a draft model and its target in two).
+        A graph pass decides once per group, so a layer gets one decision in every variant."""
+        names = self.called_graphs()
+        parent = {n: n for n in names}
+
+        def find(n: str) -> str:
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+        owner: dict[int, str] = {}
+        for n in names:
+            gm = self.graphs[n].module
+            for node in gm.graph.nodes:
+                if node.op != "get_attr":
+                    continue
+                t = _get_attr(gm, str(node.target))
+                if not isinstance(t, torch.Tensor):
+                    continue
+                first = owner.setdefault(id(t), n)
+                parent[find(n)] = find(first)
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(find(n), []).append(n)
+        return list(groups.values())
+
+    def called_graphs(self) -> list[str]:
+        """The graphs the Plan calls, in order of first appearance."""
+        return list(self.plan.graph_names)
+
     def runner(self) -> PlanRunner:
         """A stateful runner for one request (use `.reset()` between requests)."""
         def run_graph(name: str, args: list) -> list:
@@ -170,9 +255,3 @@ def get_attr(module: torch.nn.Module, target: str) -> torch.Tensor:
     return _get_attr(module, target)
 
 
-def iter_call_nodes(gm: fx.GraphModule) -> Iterable[fx.Node]:
-    return (n for n in gm.graph.nodes if n.op == "call_function")
-
-
-def flat_inputs(args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-    return tuple(a for a in args if isinstance(a, torch.Tensor))

@@ -89,3 +89,36 @@ def add_constant(gm: fx.GraphModule, target: str, value: torch.Tensor, by: str, 
     a.meta["val"] = value
     a.meta[meta.CREATED_BY] = by
     return a
+
+
+def attr_targets(gm: fx.GraphModule) -> set[str]:
+    """The targets of a graph's get_attr nodes."""
+    return {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+
+
+def share_equal_constants(pairs: Sequence[tuple[fx.GraphModule, set[str]]]) -> int:
+    """Make constants equal in dtype, shape and bytes the same tensor object across
+    modules: variants of one graph quantized alike hold one copy of each weight.
+
+    Args:
+        pairs: (module, the targets on it to consider: those a pass just added).
+    Returns:
+        How many attributes now point at a tensor another module holds.
+    """
+    import hashlib
+    seen: dict[tuple, torch.Tensor] = {}
+    shared = 0
+    for gm, targets in pairs:
+        for t in sorted(targets):
+            if "." in t:
+                continue
+            v = getattr(gm, t, None)
+            if not isinstance(v, torch.Tensor):
+                continue
+            raw = v.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            key = (str(v.dtype), tuple(v.shape), hashlib.sha1(raw).hexdigest())
+            first = seen.setdefault(key, v)
+            if first is not v:
+                setattr(gm, t, first)
+                shared += 1
+    return shared

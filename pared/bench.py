@@ -117,7 +117,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     from pared.pipeline import build_passes, load_pipeline
     from pared.fidelity import side_by_side
     from pared.workloads import get_workload, torch_callable
-    from pared.analysis.cost import routine_flops, trace_flops
+    from pared.analysis.cost import graphs_flops, trace_flops
 
     say = progress or (lambda m: None)
     torch.set_num_threads(threads)
@@ -166,8 +166,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     ex.reset()
     wl.task(ex, None)
     trace = ex.trace
-    base_call = next(iter(routine_flops(programs["backend_plain"]).values()))
-    spent = trace_flops(programs["optimized"], trace)
+    base_call = sum(graphs_flops(programs["backend_plain"]).values())
+    spent = trace_flops(programs["optimized"], ex.graph_trace)
     remaining = spent / (base_call * len(trace)) if trace else 1.0
 
     say("fidelity run: eager")

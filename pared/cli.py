@@ -186,7 +186,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                 raise ParedError(f"{a.inputs}: needs arrays named {names} (or arr_0..arr_{len(names) - 1}); "
                                  f"it has {list(data.keys())}")
     flat = ex.run_flat(*arrays)
-    out_names = [o for c in ex.plan.outputs for o in [c.split(":", 1)[-1]]]
+    out_names = list(ex.plan.output_names)
     if a.out:
         tmp = a.out + ".tmp.npz"
         np.savez(tmp, **{n: v for n, v in zip(out_names, flat)})

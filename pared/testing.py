@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pared.ir.capture import capture
-from pared.ir.plan import Call, Plan, StateBuffer, Table
+from pared.ir.plan import Call, Plan, Select, StateBuffer, Table
 from pared.ir.program import Program
 
 
@@ -527,9 +527,10 @@ def two_graph_program() -> "tuple[nn.Module, Program]":
     pf = capture(full, (x,), name="full")
     pr = capture(_Reuse(full), (x, torch.randn(2, 8)), name="reuse")
     plan = Plan(inputs=("x",), outputs=("y",),
-                routines=(("full", (Call("full", ("in:x",), ("y", "state:h")),)),
-                          ("reuse", (Call("reuse", ("in:x", "state:h"), ("y",)),))),
-                schedule=Table(("full", "reuse", "reuse"), default="full"), state=(StateBuffer("h"),))
+                body=Select(Table(("full", "reuse", "reuse"), default="full"), (
+                    ("full", Call("full", ("in:x",), ("y", "state:h"))),
+                    ("reuse", Call("reuse", ("in:x", "state:h"), ("y",))))),
+                state=(StateBuffer("h"),))
     return full, Program({"full": pf.main, "reuse": pr.main}, plan)
 
 
@@ -716,6 +717,24 @@ def tiny_moe_dit(seed: int = 0, batch: int = 2, tokens: int = 8) -> tuple[nn.Mod
         for b in m.blocks:
             b.ada.weight.mul_(0.2)
     return m, (torch.randn(batch, tokens, 4), torch.full((batch,), 900.0))
+
+
+def eager_taylor_loop(m: nn.Module, x0: torch.Tensor, table: Sequence[str], coefs: Sequence[float],
+                      span: tuple[int, int] = (1, 4)) -> torch.Tensor:
+    """What taylor_cache means on TinyDiT, in eager PyTorch, over tiny_sampler_loop's steps:
+    full steps record the span's residual, forecast steps use last + c * (last - previous)."""
+    xe, last, prev = x0.clone(), None, None
+    with torch.no_grad():
+        for i, t in enumerate(torch.linspace(900, 0, len(table))):
+            tt = torch.full((x0.shape[0],), float(t))
+            if table[i] != "forecast":
+                rec: dict = {}
+                out = m(xe, tt, span=span, record=rec)
+                prev, last = last, rec["residual"]
+            else:
+                out = m(xe, tt, span=span, residual=last + coefs[i] * (last - prev))
+            xe = xe - 0.1 * out
+    return xe
 
 
 def tiny_sampler_loop(x0: torch.Tensor, steps: int = 10):

@@ -5,14 +5,18 @@ of Conditional Diffusion Models").
 Before:  eps = model(x, t, y) on the doubled batch [cond; uncond]     every step
 After:   `both`:      eps = model(x, t, y); agreement = cos(eps[:B], eps[B:])
          `cond_only`: e = model(x[:B], t[:B], y[:B]); eps = [e; e]
-The plan's latch runs `both` until `agreement` >= `threshold` (from call
+Each call of a graph G becomes a latch Select over `G.both` and `G.cond_only`:
+the latch runs `both` until `agreement` >= `threshold` (from call
 `warmup` on), then `cond_only` for the rest of the request: the sampler's CFG
 combine then gives the conditional prediction, as the method prescribes. The
 halves stay separate rows, so no state is shared between them.
 
 Needs a graph captured with a dynamic batch dimension (the half batch is a
 different shape; a static capture bakes the batch into its reshapes).
-Reads: nothing. Writes: CachePlan, graphs `both` and `cond_only`, a Latch plan.
+It goes before block caches (they then cache `G.both` and `G.cond_only`, each
+with its own state); numeric variants (timestep buckets) share one latch.
+Reads: nothing. Writes: GuidancePlan; per graph G, graphs `G.both` and
+`G.cond_only` and a latch Select in place of each call of G.
 Invariant: threshold > 1 never latches (outputs exactly the uncached ones).
 """
 from __future__ import annotations
@@ -24,10 +28,10 @@ import torch
 
 from pared.ir import meta
 from pared.ir.errors import PassError
-from pared.ir.plan import Call, Latch, Plan
+from pared.ir.plan import Call, Latch, Select
 from pared.ir.program import Graph, Program
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import CachePlan, graph_flops, require_single_graph
+from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.passes.cache.common import BLOCK_CACHES, graph_flops
 
 _aten = torch.ops.aten
 
@@ -105,28 +109,55 @@ class SkipUnconditionalBranch(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        gname = require_single_graph(program, self.name)
-        src = program.graphs[gname]
-        missing = [n for n, d in zip(src.input_names, src.dynamic_dims) if not any(i == 0 for i, _ in d)]
-        if missing:
-            raise PassError(f"pass 'cfg_skip' needs the batch dimension (dim 0) of every input to be dynamic; "
-                            f"inputs {missing} were captured static. Capture with dynamic_shapes, e.g. "
-                            "({0: Dim('batch')}, ...) for each input")
-        if any(e.shape[0] % 2 for e in src.example_inputs):
-            raise PassError("pass 'cfg_skip': the example batch must be even (conditional rows, then unconditional)")
+        names = []
+        for gname in program.called_graphs():
+            g = program.graphs[gname]
+            if g.made_by(self.name):
+                continue
+            other = next((p for p, _, _ in g.lineage if p in BLOCK_CACHES), None)
+            if other is not None:
+                raise PassError(f"pass 'cfg_skip': graph {gname!r} is a variant {other} made; cfg_skip measures the "
+                                "agreement of the model's two CFG halves, which a cache variant need not output. "
+                                f"Run cfg_skip before {other}")
+            names.append(gname)
+        if not names:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={})
+        for gname in names:
+            src = program.graphs[gname]
+            missing = [n for n, d in zip(src.input_names, src.dynamic_dims) if not any(i == 0 for i, _ in d)]
+            if missing:
+                raise PassError(f"pass 'cfg_skip' needs the batch dimension (dim 0) of every input to be dynamic; "
+                                f"inputs {missing} were captured static (graph {gname!r}). Capture with "
+                                "dynamic_shapes, e.g. ({0: Dim('batch')}, ...) for each input")
+            if any(e.shape[0] % 2 for e in src.example_inputs):
+                raise PassError("pass 'cfg_skip': the example batch must be even (conditional rows, then "
+                                "unconditional)")
         if o.threshold > 1:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={})
-        both, half = with_agreement(src, self.name), conditional_half(src, self.name)
-        ins = tuple(f"in:{n}" for n in program.plan.inputs)
-        outs = tuple(f"out:{n}" for n in src.output_names)
-        plan = Plan(program.plan.inputs, outs, (
-            ("both", (Call("both", ins, outs + ("both:agreement",)),)),
-            ("cond_only", (Call("cond_only", ins, outs),)),
-        ), Latch(compute="both", then="cond_only", signal="both:agreement", threshold=o.threshold, warmup=o.warmup))
-        graphs = {"both": both, "cond_only": half}
-        new = program.replace(graphs=graphs, plan=plan)
-        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
-        rec = CachePlan("cfg_skip", (), (("cond_only", ()),), (), "both", flops, threshold=o.threshold)
-        new = new.replace(records={**program.records, "CachePlan": rec})
-        ctx.log.info("cfg_skip: latch at cosine >= %g after %d calls", o.threshold, o.warmup)
-        return PassResult(new, modified=True, stats={"graphs": 2})
+        new, flops = program, []
+        for gname in names:
+            src = program.graphs[gname]
+            both, half = with_agreement(src, self.name), conditional_half(src, self.name)
+            # numeric variants of one graph (timestep buckets) share one latch
+            key = f"{self.name}.{program.origin(gname)}"
+            agreement = f"{key}.agreement"
+            latch = Latch(compute="both", then="cond_only", signal=agreement, threshold=o.threshold, warmup=o.warmup)
+
+            def node(c: Call, graph_of) -> Select:
+                return Select(latch, (("both", Call(graph_of("both"), c.inputs, c.outputs + (agreement,), c.device)),
+                                      ("cond_only", Call(graph_of("cond_only"), c.inputs, c.outputs, c.device))), key)
+            new = new.expand(gname, {"both": both, "cond_only": half}, node, by=self.name)
+            flops += [(f"{gname}.both", graph_flops(both)), (f"{gname}.cond_only", graph_flops(half))]
+        rec = GuidancePlan(o.threshold, o.warmup, tuple(names), tuple(flops))
+        new = new.replace(records={**new.records, "GuidancePlan": rec})
+        ctx.log.info("cfg_skip: latch at cosine >= %g after %d calls, %d graph(s)", o.threshold, o.warmup, len(names))
+        return PassResult(new, modified=True, stats={"graphs": 2 * len(names)})
+
+
+@dataclass(frozen=True)
+class GuidancePlan(Record):
+    """What cfg_skip decided: the latch threshold and warm-up, and the graphs it split."""
+    threshold: float
+    warmup: int
+    graphs: tuple[str, ...]
+    flops: tuple[tuple[str, int], ...]    # variant graph -> estimated FLOPs per call

@@ -23,7 +23,7 @@ from pared.analysis.metrics import psnr_db
 from pared.analysis.redundancy import primary_io
 from pared.ir import meta
 from pared.ir.errors import PassError
-from pared.ir.plan import Always, Call, Plan, StateBuffer, Table
+from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.regions import Region
@@ -50,6 +50,7 @@ class CachePlan(Record):
     calibration: tuple[float, ...] = ()                # per-step figures the decision used (MagCache ratios)
     threshold: float | None = None                     # the threshold used (searched when a goal was given)
     search: tuple[tuple[float, float, float], ...] = ()  # (threshold, psnr_db, FLOPs speedup) measured
+    graphs: tuple[str, ...] = ()                       # the graphs it cached (their variants are `graph.variant`)
 
 
 def refreshes(step: int, interval: int, warmup: int) -> bool:
@@ -58,12 +59,46 @@ def refreshes(step: int, interval: int, warmup: int) -> bool:
     return step < warmup or (step - warmup + 1) % interval == 0
 
 
-def require_single_graph(program: Program, pass_name: str) -> str:
-    if len(program.graphs) != 1 or not isinstance(program.plan.schedule, Always):
-        raise PassError(f"pass '{pass_name}' rewrites a single-graph program; this one has graphs "
-                        f"{list(program.graphs)} and a {program.plan.schedule.kind!r} schedule "
-                        "(run one cache pass per pipeline, before partitioning)")
-    return next(iter(program.graphs))
+#: passes that cache block spans, each with its own schedule over the calls of a graph
+BLOCK_CACHES = ("interval_cache", "delta_cache", "magnitude_cache", "taylor_cache", "residual_cache", "expert_cache")
+
+
+def graphs_to_cache(program: Program, pass_name: str) -> list[str]:
+    """The graphs a block-cache pass rewrites: every graph the Plan calls, except
+    those this pass already made (so running it again finds nothing more).
+
+    Raises:
+        PassError: when another block-cache pass made a graph: its variants are
+            chosen by that pass's schedule, and a second block cache would decide
+            the same calls by a second schedule.
+    """
+    out = []
+    for name in program.called_graphs():
+        g = program.graphs[name]
+        if g.made_by(pass_name):
+            continue
+        other = next((p for p, _, _ in g.lineage if p in BLOCK_CACHES), None)
+        if other is not None:
+            raise PassError(f"pass '{pass_name}': graph {name!r} is a variant {other} made for its own schedule; "
+                            f"a second block cache would choose the same calls by a second schedule. Use one of "
+                            f"{other} and {pass_name} per pipeline")
+        out.append(name)
+    return out
+
+
+def state_name(program: Program, pass_name: str, graph: str, name: str) -> str:
+    """A state buffer's name, namespaced by the pass and the graph's origin: numeric
+    variants of one graph (timestep buckets) share what they carry across calls."""
+    return f"{pass_name}.{program.origin(graph)}.{name}"
+
+
+def cache_record(program: Program, rec: "CachePlan") -> dict:
+    """`program.records` with a cache pass's decision added (several graphs: one
+    record, naming them)."""
+    prev = program.records.get("CachePlan")
+    if prev is not None and prev.method == rec.method:
+        rec = dataclasses.replace(prev, graphs=prev.graphs + rec.graphs, flops=prev.flops + rec.flops)
+    return {**program.records, "CachePlan": rec}
 
 
 def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: str) -> Span:
@@ -148,26 +183,29 @@ def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Te
 
 def variant_program(program: Program, gname: str, spans: Sequence[Span], reuse: Sequence[tuple[str, Sequence[str]]],
                     schedule: Sequence[str], default: str, by: str) -> Program:
-    """Build the full graph, one reuse graph per entry of `reuse` (variant name ->
-    span names it reuses) and a Table plan over them."""
+    """Replace graph `gname` by its `full` variant (which also writes each span's
+    residual to state) and one reuse variant per entry of `reuse` (variant name ->
+    span names it reuses), and each Call of it by a table Select over them."""
     src = program.graphs[gname]
     full = emit_residuals(src, spans, by)
     with torch.no_grad():
         outs = full.run(*full.example_inputs)
     examples = {s.name: outs[len(src.output_names) + k].detach().clone() for k, s in enumerate(spans)}
     by_name = {s.name: s for s in spans}
-    graphs = {"full": full}
+    variants = {"full": full}
     for vname, names in reuse:
         chosen = [by_name[n] for n in names]
-        graphs[vname] = reuse_spans(src, chosen, [examples[n] for n in names], by)
-    ins = tuple(f"in:{n}" for n in program.plan.inputs)
-    outs_ref = tuple(f"out:{n}" for n in src.output_names)
-    routines = [("full", (Call("full", ins, outs_ref + tuple(f"state:{s.name}" for s in spans)),))]
-    for vname, names in reuse:
-        routines.append((vname, (Call(vname, ins + tuple(f"state:{n}" for n in names), outs_ref),)))
-    plan = Plan(program.plan.inputs, outs_ref, tuple(routines), Table(tuple(schedule), default),
-                tuple(StateBuffer(s.name) for s in spans))
-    return program.replace(graphs=graphs, plan=plan)
+        variants[vname] = reuse_spans(src, chosen, [examples[n] for n in names], by)
+    st = {s.name: f"state:{state_name(program, by, gname, s.name)}" for s in spans}
+
+    def node(call: Call, graph_of) -> Select:
+        cases = [("full", Call(graph_of("full"), call.inputs, call.outputs + tuple(st[s.name] for s in spans),
+                               call.device))]
+        for vname, names in reuse:
+            cases.append((vname, Call(graph_of(vname), call.inputs + tuple(st[n] for n in names), call.outputs,
+                                      call.device)))
+        return Select(Table(tuple(schedule), default), tuple(cases))
+    return program.expand(gname, variants, node, by=by, state=[StateBuffer(r[6:]) for r in st.values()])
 
 
 def graph_flops(graph: Graph) -> int:
@@ -276,7 +314,7 @@ def evaluate_on_calibration(program: Program, calibration: Any, reference: Any, 
     out = calibration(lambda *a: _first(runner(list(a))))
     ref = _final(reference)
     psnr = psnr_db(ref, _final(out), peak=float(ref.max() - ref.min()) or 1.0)
-    spent = cost.trace_flops(program, runner.trace)
+    spent = cost.trace_flops(program, runner.graph_trace)
     return psnr, (base_flops * len(runner.trace)) / spent if spent else 1.0
 
 
@@ -301,7 +339,7 @@ def search_threshold(pass_name: str, build: Callable[[float], Program], uncached
                         "request through the model) to measure the trade-off on")
     runner = uncached.runner()
     reference = calibration(lambda *a: _first(runner(list(a))))
-    base = graph_flops(next(iter(uncached.graphs.values())))
+    base = cost.trace_flops(uncached, runner.graph_trace) / max(1, len(runner.graph_trace))
     key, want = next(iter(goal.items()))
     points = []
 

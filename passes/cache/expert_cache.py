@@ -27,8 +27,12 @@ FORA), or, with `threshold` / `target`, the adaptive rule of residual_cache on a
 (TeaCache's signal, `front: 0`, costs only the embeddings) or the first `front`
 blocks' residual (FirstBlockCache; those blocks then run every step).
 
-Reads: nothing required. Writes: CachePlan, graphs `full`, `reuse` (and `probe`),
-a Table or Rule plan. Invariant: interval 1 (static) or threshold 0 (adaptive)
+Every graph the Plan calls is cached (after expert_quant's single graph, or
+timestep buckets: numeric variants share the caches).
+
+Reads: nothing required. Writes: CachePlan; per graph G, graphs `G.full`,
+`G.reuse` (and `G.probe`) and a table Select (or the probe + rule Select) in
+place of each call of G. Invariant: interval 1 (static) or threshold 0 (adaptive)
 is a no-op; refresh = E with attention off recomputes every expert (equal to
 the uncached model up to float rounding).
 """
@@ -43,13 +47,13 @@ import torch.fx as fx
 from pared.analysis.redundancy import RedundancyProfile, block_regions, primary_io
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Call, Plan, Rule, StateBuffer, Table
+from pared.ir.plan import Call, Node, Rule, Select, Seq, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import Region
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (CachePlan, Span, check_goal, graph_flops, refreshes, replace_with_input,
-                                       first_blocks_probe, require_single_graph, search_threshold, with_outputs,
+from pared.passes.cache.common import (CachePlan, Span, cache_record, check_goal, first_blocks_probe, graph_flops,
+                                       graphs_to_cache, refreshes, replace_with_input, search_threshold, with_outputs,
                                        with_search)
 from pared.passes.cache.interval_cache import calls_of
 
@@ -106,9 +110,25 @@ def _bias_of(add: fx.Node, h: fx.Node) -> fx.Node | None:
     return other if isinstance(other, fx.Node) and _param3(other) else None
 
 
-def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region]) -> list[ExpertStack]:
+def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes computed from parameters alone (no graph input upstream)."""
+    const: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes
+                                  and all(a in const for a in n.all_input_nodes)):
+            const.add(n)
+    return const
+
+
+def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region], computed: bool = False) -> list[ExpertStack]:
     """Every `bmm(x, W1) (+b1) -> act -> bmm(., W2) (+b2)` chain over stacked
-    [E, ., .] parameters, with the top-k routing of the same region."""
+    [E, ., .] parameters, with the top-k routing of the same region. With `computed`,
+    W1 and W2 may also be computed from parameters alone (expert_quant's codes,
+    dequantized in the graph), so a cache pass finds the layers of a quantized model."""
+    weightlike = _param3
+    if computed:
+        const = _constant_nodes(gm)
+        weightlike = lambda n: len(_shape(n)) == 3 and n in const   # noqa: E731
     region_of = {}          # node -> its innermost region path
     for r in sorted(regions.values(), key=lambda r: r.depth):
         region_of.update({n: r.path for n in r.nodes})
@@ -117,7 +137,7 @@ def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region]) -> list[E
         if n.op != "call_function" or n.target is not _aten.bmm.default:
             continue
         w1, x = _base(n.args[1]), _tokens(n.args[0])
-        if not _param3(w1) or len(_shape(x)) != 2 or _param3(x):
+        if not weightlike(w1) or len(_shape(x)) != 2 or weightlike(x):
             continue
         e = _shape(w1)[0]
         # walk forward: views, + b1, activation ops, views, bmm with W2, views, + b2
@@ -129,7 +149,7 @@ def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region]) -> list[E
             if nxt.target in _VIEWS:
                 cur = nxt
                 continue
-            if w2 is None and nxt.target is _aten.bmm.default and _param3(_base(nxt.args[1])):
+            if w2 is None and nxt.target is _aten.bmm.default and weightlike(_base(nxt.args[1])):
                 w2 = _base(nxt.args[1])
                 cur = nxt
                 continue
@@ -214,7 +234,7 @@ class CacheExperts(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        gname = require_single_graph(program, self.name)
+        names = graphs_to_cache(program, self.name)
         adaptive = o.threshold is not None or o.target is not None
         table: tuple[str, ...] = ()
         if not adaptive:
@@ -224,28 +244,36 @@ class CacheExperts(RewritePass):
                 return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
         elif o.target is None and o.threshold == 0:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+        if not names:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+
+        def build(th: float | None, table: tuple[str, ...]) -> tuple[Program, dict]:
+            new = program
+            for gname in names:
+                new, stats = self._build(new, program, gname, th, table)
+            return new, {**stats, "graphs": len(names)}
         if o.target is not None:
-            th, points = search_threshold(self.name, lambda th: self._build(program, gname, th, ())[0], program,
+            th, points = search_threshold(self.name, lambda th: build(th, ())[0], program,
                                           ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)
-            new, stats = self._build(program, gname, th, ())
+            new, stats = build(th, ())
             new = with_search(new, points)
         else:
-            new, stats = self._build(program, gname, o.threshold, table)
+            new, stats = build(o.threshold, table)
         ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, %s",
                      stats["moe_layers"], stats["experts"], o.refresh, stats["attention_caches"],
                      f"{table.count('reuse')} of {len(table)} steps reuse" if table
                      else f"adaptive, threshold {new.records['CachePlan'].threshold:g}")
         return PassResult(new, modified=True, preserved=(RedundancyProfile,), stats=stats)
 
-    def _build(self, program: Program, gname: str, threshold: float | None,
+    def _build(self, new: Program, program: Program, gname: str, threshold: float | None,
                table: tuple[str, ...]) -> tuple[Program, dict]:
-        """The cached program: a static `table` (threshold None) or the adaptive rule."""
+        """`new` with graph `gname` (of `program`) cached: a static `table` (threshold None) or the adaptive rule."""
         o = self.options
         src = program.graphs[gname]
         if any(src.dynamic_dims):
             raise PassError("pass 'expert_cache' needs a graph captured with static shapes (it splits the "
                             "tokens per batch row); capture without dynamic_shapes")
-        stacks = find_expert_stacks(src.module, program.regions(gname))
+        stacks = find_expert_stacks(src.module, program.regions(gname), computed=True)
         if not stacks:
             raise PassError("pass 'expert_cache' found no mixture-of-experts layer with stacked expert weights "
                             "(bmm(x, W1[E,d,h]) -> act -> bmm(., W2[E,h,d]) over [E, ...] parameters, routed by "
@@ -285,14 +313,13 @@ class CacheExperts(RewritePass):
                                 "input; name the attention modules with `attention_regions` or set attention: false")
             attn_io.append((r.path, io[1].name))
         full, reuse = self._variants(src, stacks, attn_io, o.refresh)
-        ins = tuple(f"in:{n}" for n in program.plan.inputs)
-        outs = tuple(f"out:{n}" for n in src.output_names)
         k = len(stacks)
-        state = [f"{kind}{i}" for kind in _moe_state(o.refresh) for i in range(k)] + \
-            [f"attn{i}" for i in range(len(attn_io))]
+        origin = f"{self.name}.{program.origin(gname)}"
+        state = [f"{origin}.{kind}{i}" for kind in _moe_state(o.refresh) for i in range(k)] + \
+            [f"{origin}.attn{i}" for i in range(len(attn_io))]
         st = tuple(f"state:{x}" for x in state)
         updated = st[:3 * k] if o.refresh else ()      # without refresh, reuse steps only read the caches
-        graphs = {"full": full, "reuse": reuse}
+        variants = {"full": full, "reuse": reuse}
         if probe is not None:
             h: tuple[str, ...] = ()
             if hidden is not None:
@@ -300,25 +327,27 @@ class CacheExperts(RewritePass):
                     hid = probe.run(*probe.example_inputs)[1].detach().clone()
                 full = replace_with_input(full, hidden, "hidden", hid, self.name)
                 reuse = replace_with_input(reuse, hidden, "hidden", hid, self.name)
-                h = ("probe:hidden",)
-            graphs = {"probe": probe, "full": full, "reuse": reuse}
-            routines = (("probe", (Call("probe", ins, ("probe:signal",) + h),)),
-                        ("full", (Call("full", ins + h, outs + st),)),
-                        ("reuse", (Call("reuse", ins + st + h, outs + updated),)))
-            schedule = Rule(probe="probe", signal="probe:signal", compute="full", reuse="reuse", threshold=threshold,
-                            metric="rel_l1", accumulate=True, warmup=o.warmup, max_consecutive=o.max_consecutive)
+                h = (f"{origin}.hidden",)
+            variants = {"probe": probe, "full": full, "reuse": reuse}
+            rule = Rule(signal=f"{origin}.signal", compute="full", reuse="reuse", threshold=threshold,
+                        metric="rel_l1", accumulate=True, warmup=o.warmup, max_consecutive=o.max_consecutive)
+
+            def node(c: Call, graph_of) -> Node:
+                return Seq((Call(graph_of("probe"), c.inputs, (f"{origin}.signal",) + h, c.device), Select(rule, (
+                    ("full", Call(graph_of("full"), c.inputs + h, c.outputs + st, c.device)),
+                    ("reuse", Call(graph_of("reuse"), c.inputs + st + h, c.outputs + updated, c.device))), origin)))
         else:
-            routines = (("full", (Call("full", ins, outs + st),)),
-                        ("reuse", (Call("reuse", ins + st, outs + updated),)))
-            schedule = Table(table, "full")
-        plan = Plan(program.plan.inputs, outs, routines, schedule, tuple(StateBuffer(x) for x in state))
-        new = program.replace(graphs=graphs, plan=plan)
-        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
+            def node(c: Call, graph_of) -> Node:
+                return Select(Table(table, "full"), (
+                    ("full", Call(graph_of("full"), c.inputs, c.outputs + st, c.device)),
+                    ("reuse", Call(graph_of("reuse"), c.inputs + st, c.outputs + updated, c.device))))
+        new = new.expand(gname, variants, node, by=self.name, state=[StateBuffer(x) for x in state])
+        flops = tuple((f"{gname}.{v}", graph_flops(g)) for v, g in variants.items())
         spans = tuple(Span(f"experts{i}", (s.region,), s.tokens, s.output) for i, s in enumerate(stacks)) + \
             tuple(Span(f"attn{i}", (p,), "", out) for i, (p, out) in enumerate(attn_io))
         rec = CachePlan("expert_cache", spans, (("reuse", tuple(sp.name for sp in spans)),), table, "full", flops,
-                        threshold=threshold)
-        new = new.replace(records={**program.records, "CachePlan": rec})
+                        threshold=threshold, graphs=(gname,))
+        new = new.replace(records=cache_record(new, rec))
         stats = {"moe_layers": k, "attention_caches": len(attn_io), "experts": e}
         if table:
             stats.update(reuse_steps=table.count("reuse"), steps=len(table))

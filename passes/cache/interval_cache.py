@@ -9,8 +9,11 @@ Static: the step -> variant table is fixed at compile time: `full` for the first
 `warmup` steps and every `interval` steps after the last of them (FORA: steps 0, N, 2N, ...),
 `reuse` otherwise.
 
+Every graph the Plan calls is cached (each Call of graph G becomes a table Select
+over `G.full` and `G.reuse`), so it composes after cfg_skip or timestep_quant.
+
 Reads: RedundancyProfile (optional: the number of steps). Writes: CachePlan,
-graphs `full` and `reuse`, a Table plan. Invariant: interval 1 gives the
+graphs `G.full` and `G.reuse` per graph G, a table Select per call of G. Invariant: interval 1 gives the
 uncached outputs exactly.
 """
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import refreshes, CachePlan, graph_flops, make_span, require_single_graph, variant_program
+from pared.passes.cache.common import (CachePlan, cache_record, graph_flops, graphs_to_cache, make_span, refreshes,
+                                       variant_program)
 
 
 def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name: str) -> tuple[int, int]:
@@ -67,21 +71,23 @@ class CacheBlocksEveryN(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        gname = require_single_graph(program, self.name)
+        names = graphs_to_cache(program, self.name)
         steps = calls_of(ctx, o.steps, self.name)
         table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
-        if "reuse" not in table:
+        if "reuse" not in table or not names:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
-        blocks = block_regions(program, o.regions, gname)
-        f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
-        gm = program.graphs[gname].module
-        span = make_span(gm, "blocks", blocks[f:l_ + 1], self.name)
-        new = variant_program(program, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
-        flops = tuple((v, graph_flops(g)) for v, g in new.graphs.items())
-        plan = CachePlan("interval_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops)
-        new = new.replace(records={**program.records, "CachePlan": plan})
-        ctx.log.info("interval_cache: blocks %s..%s, %d of %d steps reuse", span.blocks[0], span.blocks[-1],
-                     table.count("reuse"), steps)
+        new = program
+        for gname in names:
+            blocks = block_regions(program, o.regions, gname)
+            f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
+            span = make_span(program.graphs[gname].module, "blocks", blocks[f:l_ + 1], self.name)
+            new = variant_program(new, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
+            flops = tuple((f"{gname}.{v}", graph_flops(new.graphs[f"{gname}.{v}"])) for v in ("full", "reuse"))
+            rec = CachePlan("interval_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops,
+                            graphs=(gname,))
+            new = new.replace(records=cache_record(new, rec))
+        ctx.log.info("interval_cache: blocks %s..%s of %d graph(s), %d of %d steps reuse", span.blocks[0],
+                     span.blocks[-1], len(names), table.count("reuse"), steps)
         return PassResult(new, modified=True, preserved=(RedundancyProfile,),
                           stats={"reuse_steps": table.count("reuse"), "cached_blocks": len(span.blocks),
-                                 "steps": steps})
+                                 "steps": steps, "graphs": len(names)})

@@ -11,8 +11,12 @@ accumulate ratio *= gamma_t and err += |1 - ratio|; reuse while err <= threshold
 and at most `max_skip` steps in a row, else compute and reset. The decisions use
 only the calibrated table, so the plan is static.
 
-Reads: the calibration run. Writes: CachePlan (with the ratios), graphs `full`
-and `reuse`, a Table plan. Invariant: threshold 0 reuses nothing (no-op).
+Every graph the Plan calls is cached; the ratios are recorded through the whole
+Program (numeric variants of one graph, such as timestep buckets, share one
+sequence and one table).
+
+Reads: the calibration run. Writes: CachePlan (with the ratios); per graph G,
+graphs `G.full` and `G.reuse` and a table Select in place of each call of G. Invariant: threshold 0 reuses nothing (no-op).
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ from typing import Sequence
 
 import numpy as np
 
-from pared.analysis.redundancy import RedundancyProfile, block_regions, record_values
+import torch
+
+from pared.analysis.recorder import record
+from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (CachePlan, check_goal, graph_flops, make_span, require_single_graph,
+from pared.passes.cache.common import (CachePlan, cache_record, check_goal, graph_flops, graphs_to_cache, make_span,
                                        search_threshold, variant_program, with_search)
 from pared.passes.cache.interval_cache import resolve_range
 
@@ -76,29 +83,50 @@ class CacheByMagnitude(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        gname = require_single_graph(program, self.name)
-        if (o.threshold == 0 and o.target is None) or o.max_skip == 0:
+        names = graphs_to_cache(program, self.name)
+        if (o.threshold == 0 and o.target is None) or o.max_skip == 0 or not names:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
-        blocks = block_regions(program, o.regions, gname)
-        f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
-        gm = program.graphs[gname].module
-        span = make_span(gm, "blocks", blocks[f:l_ + 1], self.name)
-        nodes = {n.name: n for n in gm.graph.nodes}
+        spans = {}
+        for gname in names:
+            blocks = block_regions(program, o.regions, gname)
+            f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
+            spans[gname] = make_span(program.graphs[gname].module, "blocks", blocks[f:l_ + 1], self.name)
         ctx.progress("magnitude_cache: calibrating residual magnitude ratios")
-        calls, vals = record_values(gm, [nodes[span.input], nodes[span.output]], ctx.calibration)
-        residuals = [a - b for a, b in zip(vals[span.output], vals[span.input])]
-        ratios = magnitude_ratios(residuals)
+        # the span's input and output at every call, from whichever graph ran it; numeric
+        # variants of one graph (timestep buckets) share one sequence and one table
+        seen: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+        def keep(tap, value):
+            seen.setdefault((program.origin(tap.graph), tap.call), {})[tap.node] = \
+                value.detach().to(torch.float32).numpy().copy()
+        trace = record(program, ctx.calibration, {g: (s.input, s.output) for g, s in spans.items()}, keep)
+        calls = len(trace)
         retention = int(round(o.retention * calls))
+        ratios = {}
+        for origin in dict.fromkeys(program.origin(g) for g in names):
+            span = next(s for g, s in spans.items() if program.origin(g) == origin)
+            at = sorted(c for (og, c) in seen if og == origin)
+            res = [seen[(origin, c)][span.output] - seen[(origin, c)][span.input] for c in at]
+            ratios[origin] = (at, magnitude_ratios(res))
+
+        def table_of(origin: str, th: float) -> tuple[str, ...]:
+            at, r = ratios[origin]
+            chosen = dict(zip(at, magcache_schedule(r, th, o.max_skip, retention)))
+            return tuple(chosen.get(c, "full") for c in range(calls))
 
         def build(th: float) -> Program:
-            table = magcache_schedule(ratios, th, o.max_skip, retention)
-            if "reuse" not in table:
-                return program
-            new = variant_program(program, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
-            flops = tuple((v, graph_flops(g)) for v, g in new.graphs.items())
-            rec = CachePlan("magnitude_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops,
-                            tuple(round(r, 6) for r in ratios), threshold=th)
-            return new.replace(records={**program.records, "CachePlan": rec})
+            new = program
+            for gname in names:
+                origin = program.origin(gname)
+                table = table_of(origin, th)
+                if "reuse" not in table:
+                    continue
+                new = variant_program(new, gname, [spans[gname]], [("reuse", ["blocks"])], table, "full", self.name)
+                flops = tuple((f"{gname}.{v}", graph_flops(new.graphs[f"{gname}.{v}"])) for v in ("full", "reuse"))
+                rec = CachePlan("magnitude_cache", (spans[gname],), (("reuse", ("blocks",)),), table, "full", flops,
+                                tuple(round(x, 6) for x in ratios[origin][1]), threshold=th, graphs=(gname,))
+                new = new.replace(records=cache_record(new, rec))
+            return new
 
         th, points = o.threshold, ()
         if o.target is not None:
@@ -109,8 +137,8 @@ class CacheByMagnitude(RewritePass):
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
         if points:
             new = with_search(new, points)
-        table = new.plan.schedule.routines
+        table = new.records["CachePlan"].schedule
         ctx.log.info("magnitude_cache: %d of %d steps reuse", table.count("reuse"), calls)
         return PassResult(new, modified=True, preserved=(RedundancyProfile,),
-                          stats={"reuse_steps": table.count("reuse"), "cached_blocks": len(span.blocks),
-                                 "steps": calls})
+                          stats={"reuse_steps": table.count("reuse"), "cached_blocks": len(spans[names[0]].blocks),
+                                 "steps": calls, "graphs": len(names)})

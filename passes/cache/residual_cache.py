@@ -7,13 +7,17 @@ Before:  h = blocks(x)                                  at every step
 After:   probe:    h_f = blocks[:F](x); signal = h_f - x
          compute:  h_m = blocks[F:n-B](h_f); state.mid = h_m - h_f; h = blocks[n-B:](h_m)
          reuse:    h = blocks[n-B:](h_f + state.mid)
-The Plan's rule runs `probe` every step and picks `reuse` while the accumulated
+Each call of a graph G becomes `G.probe`, then a rule Select between
+`G.compute` and `G.reuse`: the rule picks `reuse` while the accumulated
 relative L1 change of `signal` since the last computed step stays below
 `threshold`, after `warmup` steps and for at most `max_consecutive` steps in a
 row; otherwise `compute`.
 
-Reads: nothing required. Writes: CachePlan, graphs `probe`, `compute`, `reuse`,
-a Rule plan. Invariant: threshold 0 gives the uncached outputs exactly.
+Every graph the Plan calls is cached (after cfg_skip: `both` and `cond_only`,
+each with its own rule and state).
+
+Reads: nothing required. Writes: CachePlan; per graph G, graphs `G.probe`,
+`G.compute`, `G.reuse` and the probe + rule Select in place of each call of G. Invariant: threshold 0 gives the uncached outputs exactly.
 """
 from __future__ import annotations
 
@@ -23,12 +27,12 @@ import torch
 
 from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
-from pared.ir.plan import Call, Plan, Rule, StateBuffer
+from pared.ir.plan import Call, Rule, Select, Seq, StateBuffer
 from pared.ir.program import Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (CachePlan, check_goal, emit_residuals, graph_flops, make_span,
-                                       first_blocks_probe, replace_with_input, require_single_graph,
-                                       search_threshold, with_search)
+from pared.passes.cache.common import (CachePlan, cache_record, check_goal, emit_residuals, first_blocks_probe,
+                                       graph_flops, graphs_to_cache, make_span, replace_with_input, reuse_spans,
+                                       search_threshold, state_name, with_search)
 
 
 @register_pass("residual_cache")
@@ -56,21 +60,27 @@ class CacheResidualAdaptively(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        gname = require_single_graph(program, self.name)
-        if o.target is not None:
-            build = lambda th: self._build(program, gname, th)[0]
-            th, points = search_threshold(self.name, build, program, ctx.calibration, o.target, 1e-3, 2.0,
-                                          progress=ctx.progress)
-            new, stats = self._build(program, gname, th)
-            return PassResult(with_search(new, points), modified=True, preserved=(RedundancyProfile,), stats=stats)
-        if o.threshold == 0:
+        names = graphs_to_cache(program, self.name)
+        if not names or (o.target is None and o.threshold == 0):
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"cached_blocks": 0})
-        new, stats = self._build(program, gname, o.threshold)
-        ctx.log.info("residual_cache: probe %d block(s), cache %d, tail %d, threshold %g", o.front,
-                     stats["cached_blocks"], o.back, o.threshold)
+        if o.target is not None:
+            th, points = search_threshold(self.name, lambda th: self._build(program, names, th)[0], program,
+                                          ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)
+            new, stats = self._build(program, names, th)
+            return PassResult(with_search(new, points), modified=True, preserved=(RedundancyProfile,), stats=stats)
+        new, stats = self._build(program, names, o.threshold)
+        ctx.log.info("residual_cache: probe %d block(s), cache %d, tail %d, threshold %g, %d graph(s)", o.front,
+                     stats["cached_blocks"], o.back, o.threshold, len(names))
         return PassResult(new, modified=True, preserved=(RedundancyProfile,), stats=stats)
 
-    def _build(self, program: Program, gname: str, threshold: float) -> tuple[Program, dict]:
+    def _build(self, program: Program, names: list[str], threshold: float) -> tuple[Program, dict]:
+        new = program
+        for gname in names:
+            new, n_cached = self._build_one(new, program, gname, threshold)
+        o = self.options
+        return new, {"cached_blocks": n_cached, "front": o.front, "back": o.back, "graphs": len(names)}
+
+    def _build_one(self, new: Program, program: Program, gname: str, threshold: float) -> tuple[Program, int]:
         o = self.options
         blocks = block_regions(program, o.regions, gname)
         n = len(blocks)
@@ -86,22 +96,23 @@ class CacheResidualAdaptively(RewritePass):
         compute = replace_with_input(full, h_f, "hidden", hid.detach().clone(), self.name)
         with torch.no_grad():
             res = compute.run(*compute.example_inputs)[-1]
-        from pared.passes.cache.common import reuse_spans
         reuse = replace_with_input(reuse_spans(src, [mid], [res.detach().clone()], self.name), h_f, "hidden",
                                    hid.detach().clone(), self.name)
-        ins = tuple(f"in:{x}" for x in program.plan.inputs)
-        outs = tuple(f"out:{x}" for x in src.output_names)
-        # reuse_spans appended the cache input before `hidden`: bind in that order
-        plan = Plan(program.plan.inputs, outs, (
-            ("probe", (Call("probe", ins, ("probe:signal", "probe:hidden")),)),
-            ("compute", (Call("compute", ins + ("probe:hidden",), outs + ("state:mid",)),)),
-            ("reuse", (Call("reuse", ins + ("state:mid", "probe:hidden"), outs),)),
-        ), Rule(probe="probe", signal="probe:signal", compute="compute", reuse="reuse", threshold=threshold,
-                metric="rel_l1", accumulate=o.accumulate, warmup=o.warmup, max_consecutive=o.max_consecutive),
-            (StateBuffer("mid"),))
-        graphs = {"probe": probe, "compute": compute, "reuse": reuse}
-        new = program.replace(graphs=graphs, plan=plan)
-        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
-        rec = CachePlan("residual_cache", (mid,), (("reuse", ("mid",)),), (), "compute", flops, threshold=threshold)
-        new = new.replace(records={**program.records, "CachePlan": rec})
-        return new, {"cached_blocks": len(mid.blocks), "front": o.front, "back": o.back}
+        state = f"state:{state_name(program, self.name, gname, 'mid')}"
+        # numeric variants of one graph (timestep buckets) share the rule's history: one signal name, one key
+        origin = f"{self.name}.{program.origin(gname)}"
+        signal, hidden = f"{origin}.signal", f"{origin}.hidden"
+        rule = Rule(signal=signal, compute="compute", reuse="reuse", threshold=threshold, metric="rel_l1",
+                    accumulate=o.accumulate, warmup=o.warmup, max_consecutive=o.max_consecutive)
+
+        def node(c: Call, graph_of) -> Seq:
+            # reuse_spans appended the cache input before `hidden`: bind in that order
+            return Seq((Call(graph_of("probe"), c.inputs, (signal, hidden), c.device), Select(rule, (
+                ("compute", Call(graph_of("compute"), c.inputs + (hidden,), c.outputs + (state,), c.device)),
+                ("reuse", Call(graph_of("reuse"), c.inputs + (state, hidden), c.outputs, c.device))), origin)))
+        variants = {"probe": probe, "compute": compute, "reuse": reuse}
+        new = new.expand(gname, variants, node, by=self.name, state=(StateBuffer(state[6:]),))
+        flops = tuple((f"{gname}.{v}", graph_flops(g)) for v, g in variants.items())
+        rec = CachePlan("residual_cache", (mid,), (("reuse", ("mid",)),), (), "compute", flops, threshold=threshold,
+                        graphs=(gname,))
+        return new.replace(records=cache_record(new, rec)), len(mid.blocks)

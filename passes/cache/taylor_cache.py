@@ -7,12 +7,17 @@ After:   full step k:   h = blocks[1:7](x); r = h - x
                         state.delta = r - state.last; state.last = r
          forecast step: h = x + state.last + c * state.delta
 where c = (steps since the last full step) / (steps between the last two full
-steps) is a per-step value of the plan (`step:coef`), an input of one `forecast`
+steps) is a per-step value of the plan (`step:taylor_cache.coef`), an input of one `forecast`
 graph rather than a constant baked per step. Full steps: the first `warmup`
 (at least 2, to have a difference) and every `interval`-th after.
 
-Reads: RedundancyProfile (optional: the number of steps). Writes: CachePlan,
-graphs `full0`, `full`, `forecast`, a Table plan with step values. Invariant:
+Every graph the Plan calls is cached; numeric variants of one graph (timestep
+buckets) share `last` and `delta`, so a forecast may follow a full step of
+another bucket.
+
+Reads: RedundancyProfile (optional: the number of steps). Writes: CachePlan;
+per graph G, graphs `G.full0`, `G.full`, `G.forecast` and a table Select in
+place of each call of G; the step value `taylor_cache.coef`. Invariant:
 interval 1 gives the uncached outputs exactly.
 """
 from __future__ import annotations
@@ -23,11 +28,11 @@ import torch
 
 from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir import meta
-from pared.ir.plan import Call, Plan, StateBuffer, Table
+from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (refreshes, CachePlan, emit_residuals, graph_flops, make_span, require_single_graph,
-                                       reuse_spans)
+from pared.passes.cache.common import (CachePlan, cache_record, emit_residuals, graph_flops, graphs_to_cache, make_span,
+                                       refreshes, reuse_spans, state_name)
 from pared.passes.cache.interval_cache import calls_of, resolve_range
 
 
@@ -117,35 +122,43 @@ class ForecastBlocks(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        gname = require_single_graph(program, self.name)
+        names = graphs_to_cache(program, self.name)
         steps = calls_of(ctx, o.steps, self.name)
         table, coefs = taylor_table(steps, o.interval, o.warmup)
-        if "forecast" not in table:
+        if "forecast" not in table or not names:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"forecast_steps": 0})
-        blocks = block_regions(program, o.regions, gname)
-        f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
-        src = program.graphs[gname]
-        span = make_span(src.module, "blocks", blocks[f:l_ + 1], self.name)
-        full0 = emit_residuals(src, [span], self.name)
-        with torch.no_grad():
-            r = full0.run(*full0.example_inputs)[-1].detach().clone()
-        # an example `last` unlike r: with last == r the delta output is ~0 and the
-        # backend check compares rounding noise
-        full = _full_with_delta(full0, torch.zeros_like(r), self.name)
-        forecast = _forecast(reuse_spans(src, [span], [r], self.name), torch.zeros_like(r), self.name)
-        ins = tuple(f"in:{n}" for n in program.plan.inputs)
-        outs = tuple(f"out:{n}" for n in src.output_names)
-        plan = Plan(program.plan.inputs, outs, (
-            ("full0", (Call("full0", ins, outs + ("state:last",)),)),
-            ("full", (Call("full", ins + ("state:last",), outs + ("state:last", "state:delta")),)),
-            ("forecast", (Call("forecast", ins + ("state:last", "state:delta", "step:coef"), outs),)),
-        ), Table(table, "full"), (StateBuffer("last"), StateBuffer("delta")), (("coef", coefs),))
-        graphs = {"full0": full0, "full": full, "forecast": forecast}
-        new = program.replace(graphs=graphs, plan=plan)
-        flops = tuple((v, graph_flops(g)) for v, g in graphs.items())
-        rec = CachePlan("taylor_cache", (span,), (("forecast", ("blocks",)),), table, "full", flops, coefs)
-        new = new.replace(records={**program.records, "CachePlan": rec})
+        new = program
+        coef = f"step:{self.name}.coef"
+        for gname in names:
+            blocks = block_regions(program, o.regions, gname)
+            f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
+            src = program.graphs[gname]
+            span = make_span(src.module, "blocks", blocks[f:l_ + 1], self.name)
+            full0 = emit_residuals(src, [span], self.name)
+            with torch.no_grad():
+                r = full0.run(*full0.example_inputs)[-1].detach().clone()
+            # an example `last` unlike r: with last == r the delta output is ~0 and the
+            # backend check compares rounding noise
+            full = _full_with_delta(full0, torch.zeros_like(r), self.name)
+            forecast = _forecast(reuse_spans(src, [span], [r], self.name), torch.zeros_like(r), self.name)
+            last, delta = (f"state:{state_name(program, self.name, gname, x)}" for x in ("last", "delta"))
+
+            def node(c: Call, graph_of) -> Select:
+                return Select(Table(table, "full"), (
+                    ("full0", Call(graph_of("full0"), c.inputs, c.outputs + (last,), c.device)),
+                    ("full", Call(graph_of("full"), c.inputs + (last,), c.outputs + (last, delta), c.device)),
+                    ("forecast", Call(graph_of("forecast"), c.inputs + (last, delta, coef), c.outputs, c.device)),
+                ))
+            variants = {"full0": full0, "full": full, "forecast": forecast}
+            new = new.expand(gname, variants, node, by=self.name, state=(StateBuffer(last[6:]), StateBuffer(delta[6:])),
+                             step_values=((coef[5:], coefs),))
+            flops = tuple((f"{gname}.{v}", graph_flops(g)) for v, g in variants.items())
+            rec = CachePlan("taylor_cache", (span,), (("forecast", ("blocks",)),), table, "full", flops, coefs,
+                            graphs=(gname,))
+            new = new.replace(records=cache_record(new, rec))
         n = table.count("forecast")
-        ctx.log.info("taylor_cache: blocks %s..%s, %d of %d steps forecast", span.blocks[0], span.blocks[-1], n, steps)
+        ctx.log.info("taylor_cache: blocks %s..%s of %d graph(s), %d of %d steps forecast", span.blocks[0],
+                     span.blocks[-1], len(names), n, steps)
         return PassResult(new, modified=True, preserved=(RedundancyProfile,),
-                          stats={"forecast_steps": n, "cached_blocks": len(span.blocks), "steps": steps})
+                          stats={"forecast_steps": n, "cached_blocks": len(span.blocks), "steps": steps,
+                                 "graphs": len(names)})

@@ -1,5 +1,5 @@
 """What the quantization passes share: the QuantPlan record, SmoothQuant's
-factors, the calibration range pass and the weight-only buffer names.
+factors and the weight-only buffer names (calibration runs through analysis.recorder).
 
 The numerics (scale math, weight codes, fake quantizers, RangeObserver) live in
 pared.ir.quant, where the analyses that measure the passes' formats read them too;
@@ -9,13 +9,8 @@ working for every name it held.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
-
 import torch
-import torch.fx as fx
 
-from pared.analysis.redundancy import observe_values
-from pared.ir.errors import PassError
 from pared.ir.quant import (INT4_SYMMETRIC_ZERO_POINT, INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U4,  # noqa: F401
                             QMAX_U8, QMIN_U4, QMIN_U8, RangeObserver, activation_qparams,
                             dequantize_weight_blocks, dequantize_weight_int4, entropy_threshold,
@@ -77,23 +72,6 @@ def smooth_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float)
     ok = (a > 0) & (w > 0) & torch.isfinite(s)
     s = torch.where(ok, s, torch.ones_like(s)).clamp(min=1e-5, max=1e5)
     return s.to(torch.float32)
-
-
-def observe_ranges(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: Any, method: str,
-                   percentile: float, by: str, channels: bool = False) -> tuple[int, dict[str, RangeObserver]]:
-    """Run `gm` through the calibration run and return (calls, node name -> its
-    RangeObserver) for each of `nodes`, reduced on the fly (nothing but the ranges
-    is kept; per-channel ranges too when `channels`).
-
-    Raises:
-        PassError: naming the pass `by`, when there is no calibration run.
-    """
-    if calibration is None:
-        raise PassError(f"pass '{by}' needs a calibration run to set activation scales: pass calibration= a "
-                        "list of input tuples (a few representative batches) or a loop callable")
-    watch = {n.name: RangeObserver(method, percentile, channels) for n in nodes}
-    calls = observe_values(gm, nodes, calibration, lambda name, v: watch[name].observe(v))
-    return calls, watch
 
 
 #: buffer names of a weight-only layer's constants, by bits: `<prefix><i>_w` (codes

@@ -29,6 +29,12 @@ s_le(b), which already holds the routing of the calibration run) under the byte
 budget, solved exactly by dynamic programming over the experts (mixed_precision's
 `allocate`; the costs share a large common divisor, so the DP runs in whole units).
 
+Every graph the Plan calls is quantized: variants of one model (cfg_skip's halves,
+timestep buckets) share their expert weights, so the calibration run goes through
+the whole Program (analysis.recorder), each expert gets one width, and the
+variants share the packed codes. A cache variant that gathers a few experts
+(expert_cache's `reuse`) is refused: run expert_quant before expert_cache.
+
 Reads: calibration (ctx.calibration). Writes: an ExpertQuantPlan record (per
 expert: frequency, sensitivity per width, chosen bits, bytes), buffers per stacked
 weight: `_moeq_<i>_c` (every group's codes, flat uint8), `_moeq_<i>_s<bits>`
@@ -41,17 +47,18 @@ layers is returned unchanged (stat moe_layers 0); so is a second run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from pared.analysis.quant_sensitivity import compare_outputs, replay
-from pared.analysis.redundancy import observe_values
+from pared.analysis.quant_sensitivity import compare_outputs
+from pared.analysis.recorder import record, replay
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program, get_attr
-from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.cache.expert_cache import find_expert_stacks
 from pared.passes.quant.common import quantize_weight_blocks
@@ -237,20 +244,22 @@ class QuantizeExperts(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        found = {name: find_expert_stacks(g.module, program.regions(name)) for name, g in program.graphs.items()}
+        found = {name: find_expert_stacks(program.graphs[name].module, program.regions(name))
+                 for name in program.called_graphs()}
         found = {k: v for k, v in found.items() if v}
         if not found:
             ctx.log.info("expert_quant: no mixture-of-experts layer with stacked expert weights; nothing to do")
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"moe_layers": 0})
-        if len(program.graphs) != 1:
-            raise PassError(f"pass 'expert_quant' measures one graph on the calibration run; this program has "
-                            f"graphs {list(program.graphs)} (run it before the cache and partition passes)")
         if ctx.calibration is None:
             raise PassError("pass 'expert_quant' needs a calibration run (routing frequency and per-expert "
                             "sensitivity): pass calibration= to pared.optimize or the PassContext")
-        gname, stacks = next(iter(found.items()))
+        # variants of one model (cfg_skip's halves, timestep buckets) share their expert weights: one
+        # allocation for the model, applied to every variant. The graph with the most MoE layers is
+        # the reference; the others' layers are found among its weights.
+        gname = max(found, key=lambda n: len(found[n]))
         src = program.graphs[gname]
         gm = src.module
+        stacks = found[gname]
         nodes = {n.name: n for n in gm.graph.nodes}
         weights = []                                   # per layer: (target W1, target W2, W1, W2)
         for s in stacks:
@@ -267,7 +276,11 @@ class QuantizeExperts(RewritePass):
                                     f"do not pack {8 // min(o.bits)} codes a byte at {min(o.bits)} bits; set "
                                     "block_size to a multiple of 4")
             weights.append((t1, t2, w1, w2))
-
+        layer_of = {(t1, t2): li for li, (t1, t2, _, _) in enumerate(weights)}
+        per_graph = {name: _layers_of(program, name, sts, layer_of, gname) for name, sts in found.items()}
+        for name in program.called_graphs():
+            if name not in found:
+                _layers_of(program, name, [], layer_of, gname)    # reads none of the expert weights
         fp32_total = sum(4 * (w1[0].numel() + w2[0].numel()) * int(w1.shape[0]) for _, _, w1, w2 in weights)
         budget = o.budget(fp32_total)
         least = sum(min(_cost(w1, w2, b, o.block_size) for b in o.bits) * int(w1.shape[0])
@@ -278,11 +291,13 @@ class QuantizeExperts(RewritePass):
                             f"{least} ({least / fp32_total:.3f} of the fp32 {fp32_total}); raise it or offer fewer "
                             "bits")
 
-        # -- measure: routing frequency, then one replay per (expert, width)
-        picks: dict[str, list[torch.Tensor]] = {s.indices: [] for s in stacks}
-        calls = observe_values(gm, [nodes[s.indices] for s in stacks], ctx.calibration,
-                               lambda name, v: picks[name].append(v.detach().clone()))
-        ref = replay(gm, ctx.calibration)
+        # -- measure: routing frequency, then one replay per (expert, width), through the whole Program
+        picks: dict[str, list[torch.Tensor]] = {s.region: [] for s in stacks}
+        region_of = {(name, s.indices): stacks[li].region for name, ls in per_graph.items() for li, s in ls}
+        trace = record(program, ctx.calibration, {name: [s.indices for _, s in ls] for name, ls in per_graph.items()},
+                       lambda tap, v: picks[region_of[(tap.graph, tap.node)]].append(v.detach().clone()))
+        calls = len(trace)
+        ref = replay(program, ctx.calibration)
         freq, sens = [], []
         # one width offered: nothing to decide, no replays (the record then holds no sensitivities)
         widths = [b for b in o.bits if b != FLOAT] if len(o.bits) > 1 else []
@@ -290,7 +305,7 @@ class QuantizeExperts(RewritePass):
         done = 0
         for s, (t1, t2, w1, w2) in zip(stacks, weights):
             e_count = int(w1.shape[0])
-            freq.append(routing_frequency(picks[s.indices], e_count))
+            freq.append(routing_frequency(picks[s.region], e_count))
             layer = []
             for e in range(e_count):
                 row = {FLOAT: 0.0}
@@ -298,7 +313,7 @@ class QuantizeExperts(RewritePass):
                     q1, q2 = w1.clone(), w2.clone()
                     q1[e] = fake_quantize(w1[e], b, o.block_size)
                     q2[e] = fake_quantize(w2[e], b, o.block_size)
-                    got = replay(_with_weights(gm, {t1: q1, t2: q2}), ctx.calibration)
+                    got = replay(_swapped(program, per_graph, {t1: q1, t2: q2}), ctx.calibration)
                     row[b] = compare_outputs(ref, got)["rel_l2"] ** 2
                     done += 1
                 ctx.progress(f"expert_quant: sensitivity {done}/{total}")
@@ -316,35 +331,43 @@ class QuantizeExperts(RewritePass):
         choice = allocate_experts(errors, costs, budget)
         bits_of = {where[i]: o.bits[j] for i, j in enumerate(choice)}
 
-        # -- rewrite
-        new_gm = src.copy_module()
-        new_nodes = {n.name: n for n in new_gm.graph.nodes}
+        # -- rewrite every graph holding the experts, one choice per layer; equal constants shared
+        new_graphs = dict(program.graphs)
+        for name, ls in per_graph.items():
+            g = program.graphs[name]
+            new_gm = g.copy_module()
+            new_nodes = {n.name: n for n in new_gm.graph.nodes}
+            for li, s in ls:
+                t1, t2, w1, w2 = weights[li]
+                per = [bits_of[(li, e)] for e in range(int(w1.shape[0]))]
+                for j, (node_name, w) in enumerate(((s.w1, w1), (s.w2, w2))):
+                    _replace_weight(new_gm, new_nodes[node_name], w, per, o.block_size, f"{PREFIX}{2 * li + j}",
+                                    s.region, self.name)
+            eliminate_dead_code(new_gm)
+            new_gm.graph.lint()
+            # a fresh module holds only what the graph still reads: the float stacks go
+            new_graphs[name] = g.with_module(fx.GraphModule(new_gm, new_gm.graph, new_gm.__class__.__name__))
+        share_equal_constants([(new_graphs[n].module, attr_targets(new_graphs[n].module)
+                                - attr_targets(program.graphs[n].module)) for n in per_graph])
         layers = []
         for li, (s, (t1, t2, w1, w2)) in enumerate(zip(stacks, weights)):
             per = [bits_of[(li, e)] for e in range(int(w1.shape[0]))]
-            for j, (node_name, w) in enumerate(((s.w1, w1), (s.w2, w2))):
-                _replace_weight(new_gm, new_nodes[node_name], w, per, o.block_size, f"{PREFIX}{2 * li + j}",
-                                s.region, self.name)
             experts = tuple(ExpertQuant(e, float(freq[li][e]), tuple((b, float(sens[li][e][b])) for b in widths),
                                         per[e], _cost(w1, w2, per[e], o.block_size),
                                         _cost(w1, w2, FLOAT, o.block_size)) for e in range(len(per)))
             layers.append(ExpertLayerQuant(s.region, t1, t2, experts))
-        eliminate_dead_code(new_gm)
-        new_gm.graph.lint()
-        # a fresh module holds only what the graph still reads: the float stacks go
-        new_gm = fx.GraphModule(new_gm, new_gm.graph, new_gm.__class__.__name__)
         chosen = sum(costs[i][j] for i, j in enumerate(choice))
         objective = float(sum(errors[i][j] for i, j in enumerate(choice)))
         measured: tuple[tuple[str, float], ...] = ()
         if o.measure:
-            m = compare_outputs(ref, replay(new_gm, ctx.calibration))
+            m = compare_outputs(ref, replay(program.replace(graphs=new_graphs), ctx.calibration))
             measured = (("rel_l2", m["rel_l2"]), ("sqnr_db", m["sqnr_db"]))
         plan = ExpertQuantPlan(o.block_size, o.weighting, o.bits, budget, chosen, fp32_total, objective, calls,
                                tuple(layers), measured)
-        new = program.replace(graphs={gname: src.with_module(new_gm)},
-                              records={**program.records, "ExpertQuantPlan": plan})
+        new = program.replace(graphs=new_graphs, records={**program.records, "ExpertQuantPlan": plan})
         counts = plan.bits_count
-        stats = {"moe_layers": len(stacks), "experts": len(choice),
+        stats = {"moe_layers": len(stacks), "experts": len(choice), **({"graphs": len(per_graph)} if len(
+            program.graphs) > 1 else {}),
                  **{f"bits{b}": counts.get(b, 0) for b in o.bits}, "bytes": chosen, "fp32_bytes": fp32_total}
         ctx.log.info("expert_quant: %d MoE layers, %d experts -> %s; expert weights %.3f MB -> %.3f MB "
                      "(budget %.3f MB)%s", len(stacks), len(choice),
@@ -352,6 +375,41 @@ class QuantizeExperts(RewritePass):
                      fp32_total / 1e6, chosen / 1e6, budget / 1e6,
                      f", calibration rel_l2 {measured[0][1]:.2e}" if measured else "")
         return PassResult(new, modified=True, stats=stats)
+
+
+def _layers_of(program: Program, name: str, stacks: list, layer_of: dict, ref: str) -> list[tuple[int, Any]]:
+    """(reference layer index, stack) for each MoE layer of graph `name`.
+
+    Raises:
+        PassError: when the graph's experts are not the reference graph's (another model), or
+            it reads the expert weights outside a recognized MoE layer (a cache variant that
+            gathers a few experts): a choice of bits could not be applied to it.
+    """
+    gm = program.graphs[name].module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out = []
+    for s in stacks:
+        key = (str(nodes[s.w1].target), str(nodes[s.w2].target))
+        if key not in layer_of:
+            raise PassError(f"pass 'expert_quant': graph {name!r} holds experts {key[0]!r} that graph {ref!r} does "
+                            "not; it allocates one budget over one model's experts. Run it on each model's "
+                            "program")
+        out.append((layer_of[key], s))
+    matched = {n for _, s in out for n in (s.w1, s.w2)}
+    stray = sorted(n.name for n in gm.graph.nodes if n.op == "get_attr" and n.name not in matched
+                   and any(str(n.target) in k for k in layer_of))
+    if stray:
+        raise PassError(f"pass 'expert_quant': graph {name!r} reads the expert weights outside a stacked-expert "
+                        f"layer ({stray[:3]}), as a cache variant that gathers experts does; run expert_quant "
+                        "before expert_cache")
+    return out
+
+
+def _swapped(program: Program, per_graph: dict, tensors: dict[str, torch.Tensor]) -> Program:
+    """`program` with every graph holding the experts reading `tensors` in place of the weights they name."""
+    return program.replace(graphs={**program.graphs, **{
+        name: program.graphs[name].with_module(_with_weights(program.graphs[name].module, tensors))
+        for name in per_graph}})
 
 
 def _cost(w1: torch.Tensor, w2: torch.Tensor, bits: int, block_size: int) -> int:

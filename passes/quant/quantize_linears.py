@@ -79,11 +79,16 @@ layers that carry most of the error (MiniLM's FFN output projections) buy back t
 precision there (examples/pipelines/minilm_int8.yaml).
 Int8 weight codes lie in [-qmax, qmax] with qmax from the target (ctx.target; the host's
 `cpu` without one): 127, or 63 where ORT's x86 u8s8 kernels sum pairs of products in 16
-bits (no VNNI / AMX) and full-range weights would saturate them (ir.isa, issue 22). Single-graph programs only: run it before
-cache and partition passes, and after constant_folding (which would fold the
-weights' DequantizeLinear back into float constants).
+bits (no VNNI / AMX) and full-range weights would saturate them (ir.isa, issue 22). Run it after
+constant_folding (which would fold the weights' DequantizeLinear back into float constants).
 
-Shared: `find_sites` / `Site` (the layer matcher), `decide` (ranges, smoothing and
+Every graph the Plan calls is quantized. After a cache pass (or cfg_skip) the variants of one
+graph share their weights (`Program.weight_groups`): the calibration run goes through the whole
+Program, a layer's activation range is observed over every call of every variant that runs it,
+so each layer gets one decision in every variant, and the int8 constants the variants get are
+one tensor each (`ir.rewrite.share_equal_constants`); the QuantPlan lists each layer once.
+
+Shared: `find_sites` / `Site` (the layer matcher, ir.patterns), `decide` (ranges, smoothing and
 outlier channels per layer) and the rewrite helpers are what the other quantization
 passes build on, and what the quant_sensitivity and latency analyses quantize with,
 so that they measure exactly the layers and numerics the passes produce.
@@ -98,15 +103,16 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
 
+from pared.analysis.recorder import record
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.patterns import Site, find_sites  # noqa: F401  (the layer matcher; re-exported)
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
-from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
 from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
-                                       activation_qparams, int8_weight_qmax, observe_ranges, quantize_bias,
+                                       RangeObserver, activation_qparams, int8_weight_qmax, quantize_bias,
                                        quantize_weight, smooth_factors, weight_format)
 
 _aten = torch.ops.aten
@@ -231,63 +237,74 @@ class QuantizeLinears(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        if len(program.graphs) != 1:
-            # the calibration run feeds the model's inputs; cache variants and split parts take others
-            raise PassError(f"pass 'quantize_linears' calibrates a single-graph program; this one has graphs "
-                            f"{list(program.graphs)}: run it before cache and partition passes")
-        sites_by_graph = {name: find_sites(g.module, batched=not any(g.dynamic_dims))
-                          for name, g in program.graphs.items()}
+        names = program.called_graphs()
+        sites_by_graph = {name: find_sites(program.graphs[name].module,
+                                           batched=not any(program.graphs[name].dynamic_dims)) for name in names}
         excluded = sorted({s.region for sites in sites_by_graph.values() for s in sites if _excluded(s, o.exclude)})
         todo = {name: [s for s in sites if not _excluded(s, o.exclude)] for name, sites in sites_by_graph.items()}
         if not any(todo.values()):
             return PassResult(program, modified=False, preserved=tuple(ctx.records),
                               stats={"quantized": 0, "excluded": len(excluded)})
+        # variants of one graph (a cache pass's, cfg_skip's) share their weights: one group. A layer's
+        # activation range is observed over every call of every graph of its group that runs it (the
+        # calibration run goes through the whole Program), so it gets one decision in every variant.
+        group_of = {name: gi for gi, grp in enumerate(program.weight_groups()) for name in grp}
         new_graphs = dict(program.graphs)
         layers: list[LayerQuant] = []
         calls = n_outliers = 0
         qmax = int8_weight_qmax(ctx.target)
-        for name, sites in todo.items():
-            if not sites:
-                continue
-            src = program.graphs[name]
-            if o.mode == "dynamic":
-                new_graphs[name], done = _rewrite_dynamic(src, sites, self.name, qmax)
-                layers += done
-                for lq in done:
-                    ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] dynamic activation scale", lq.node,
-                                  lq.region, lq.in_features, lq.out_features)
-                continue
-            nodes = {n.name: n for n in src.module.graph.nodes}
-            channels = any(alpha is not None or k for alpha, k in (_settings(s, o) for s in sites))
-            calls, observed = observe_ranges(src.module, [nodes[s.x] for s in sites], ctx.calibration, o.method,
-                                             o.percentile, self.name, channels=channels)
-            decided = decide(src.module, sites, observed, o, ctx)
-            n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None)
-            keep = frozenset(d.site.node for d in decided if _keeps_8bit(d.site, o))
-            new_graphs[name], done = _rewrite(src, decided, self.name, qmax, keep)
-            layers += done
-            for lq in done:
-                ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d",
-                              lq.node, lq.region, lq.in_features, lq.out_features, *lq.activation_range,
-                              lq.activation_scale, lq.activation_zero_point)
+        counted: set[tuple[int, str]] = set()
+
+        def _once(done: list[LayerQuant], name: str) -> list[LayerQuant]:
+            # a layer quantized in several variants of a group is one layer (one weight)
+            fresh = [lq for lq in done if (group_of[name], lq.weight) not in counted]
+            counted.update((group_of[name], lq.weight) for lq in fresh)
+            return fresh
+        if o.mode == "dynamic":
+            for name, sites in todo.items():
+                if sites:
+                    new_graphs[name], done = _rewrite_dynamic(program.graphs[name], sites, self.name, qmax)
+                    layers += _once(done, name)
+        else:
+            channels = any(alpha is not None or k for sites in todo.values() for alpha, k in
+                           (_settings(s, o) for s in sites))
+            calls, observed = _observe(program, {n: [s.x for s in sites] for n, sites in todo.items() if sites},
+                                       group_of, ctx.calibration, o.method, o.percentile, self.name, channels)
+            for name, sites in todo.items():
+                if not sites:
+                    continue
+                src = program.graphs[name]
+                seen = {s.x: observed[(group_of[name], s.x)] for s in sites}
+                decided = decide(src.module, sites, seen, o, ctx)
+                keep = frozenset(d.site.node for d in decided if _keeps_8bit(d.site, o))
+                new_graphs[name], done = _rewrite(src, decided, self.name, qmax, keep)
+                fresh = _once(done, name)
+                n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None
+                                  and any(lq.node == d.site.node for lq in fresh))
+                layers += fresh
         n_matmuls = 0
         if o.matmuls and o.mode == "static" and layers:
-            for name in todo:
-                g = new_graphs[name]
-                linear_mms = {s.node for s in sites_by_graph[name]}
-                mm_sites = _find_matmul_sites(g.module, linear_mms)
-                if not mm_sites:
-                    continue
-                gnodes = {n.name: n for n in g.module.graph.nodes}
-                operands = sorted({x for site in mm_sites for x in site[1:]})
-                mm_calls, mm_obs = observe_ranges(g.module, [gnodes[x] for x in operands], ctx.calibration,
-                                                  o.method, o.percentile, self.name)
+            mid = program.replace(graphs=new_graphs)
+            mm_sites = {name: _find_matmul_sites(new_graphs[name].module, {s.node for s in sites_by_graph[name]})
+                        for name in names}
+            operands = {name: sorted({x for site in ms for x in site[1:]}) for name, ms in mm_sites.items() if ms}
+            if operands:
+                mm_calls, mm_obs = _observe(mid, operands, group_of, ctx.calibration, o.method, o.percentile,
+                                            self.name, False)
                 calls += mm_calls
-                new_graphs[name], n_done = _rewrite_matmuls(g, mm_sites, mm_obs, self.name, ctx, qmax)
-                n_matmuls += n_done
+                mm_done: set = set()
+                for name, ms in mm_sites.items():
+                    if ms:
+                        seen = {x: mm_obs[(group_of[name], x)] for x in operands[name]}
+                        new_graphs[name], _ = _rewrite_matmuls(new_graphs[name], ms, seen, self.name, ctx, qmax)
+                        mm_done |= {(group_of[name], m[0]) for m in ms if seen[m[1]].range() is not None
+                                    and seen[m[2]].range() is not None}
+                n_matmuls = len(mm_done)
         if not layers:
             return PassResult(program, modified=False, preserved=tuple(ctx.records),
                               stats={"quantized": 0, "excluded": len(excluded)})
+        shared = share_equal_constants([(new_graphs[n].module, attr_targets(new_graphs[n].module)
+                                         - attr_targets(program.graphs[n].module)) for n in names])
         dynamic = o.mode == "dynamic"
         plan = QuantPlan("quantize_linears", o.mode, "none (run time)" if dynamic else o.method,
                          o.percentile if o.method == "percentile" and not dynamic else None,
@@ -295,18 +312,36 @@ class QuantizeLinears(RewritePass):
                          weight_format(qmax), tuple(layers),
                          excluded=tuple(excluded), calls=calls, smooth=o.smooth, weight_qmax=qmax)
         new = program.replace(graphs=new_graphs, records={**program.records, "QuantPlan": plan})
+        for lq in layers:
+            ctx.log.debug("quantize_linears: %s (%s) [%d -> %d] x in [%.4g, %.4g] s_x %.4g z_x %d", lq.node,
+                          lq.region, lq.in_features, lq.out_features, *lq.activation_range, lq.activation_scale,
+                          lq.activation_zero_point)
         wbytes = sum(lq.in_features * lq.out_features for lq in layers)
-        ctx.log.info("quantize_linears: %d linear layers to int8 (%s, %d calibration calls), %d excluded, "
-                     "%.1f MB of weights -> %.1f MB", len(layers),
-                     "dynamic activation scales" if dynamic else f"{o.method} calibration", calls, len(excluded),
-                     wbytes * 4 / 1e6, wbytes / 1e6)
+        ctx.log.info("quantize_linears: %d linear layers to int8 (%s, %d calibration calls) in %d graph(s), "
+                     "%d excluded, %.1f MB of weights -> %.1f MB", len(layers),
+                     "dynamic activation scales" if dynamic else f"{o.method} calibration", calls,
+                     sum(1 for v in todo.values() if v), len(excluded), wbytes * 4 / 1e6, wbytes / 1e6)
         stats = {"quantized": len(layers), "excluded": len(excluded), "bias_int32": sum(lq.bias for lq in layers),
                  "calibration_calls": calls}
+        if len(names) > 1:
+            stats.update(graphs=sum(1 for v in todo.values() if v), shared_constants=shared)
         if o.outliers or o.overrides:
             stats["outlier_channels"] = n_outliers
         if o.matmuls:
             stats["matmuls"] = n_matmuls
         return PassResult(new, modified=True, stats=stats)
+
+
+def _observe(program: Program, taps: dict[str, list[str]], group_of: dict[str, int], calibration, method: str,
+             percentile: float, by: str, channels: bool) -> tuple[int, dict]:
+    """Run the calibration through `program` and reduce each tapped node's values to a
+    RangeObserver shared by the graphs of one weight group: (calls, (group, node) -> observer)."""
+    if calibration is None:
+        raise PassError(f"pass '{by}' needs a calibration run to set activation scales: pass calibration= a "
+                        "list of input tuples (a few representative batches) or a loop callable")
+    watch = {(group_of[g], x): RangeObserver(method, percentile, channels) for g, xs in taps.items() for x in xs}
+    trace = record(program, calibration, taps, lambda tap, v: watch[(group_of[tap.graph], tap.node)].observe(v))
+    return len(trace), watch
 
 
 @dataclass(frozen=True)
@@ -486,9 +521,12 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
     index = next_index(gm)
     last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     smooth_attr: dict[str, fx.Node] = {}      # group -> get_attr of 1 / s, shared by the group's layers
+    replaced: dict[str, fx.Node] = {}         # a rewritten layer's output node -> its replacement
     for d in decided:
         s = d.site
+        # a layer that reads another layer's output (a t-MLP feeding adaLN) reads its replacement
         node, x = nodes[s.out], nodes[s.x]
+        x = replaced.get(x.name, x)
         w = w_float = _weight_kn(gm, s)
         if d.smooth is not None:
             w = w * d.smooth[:, None]
@@ -540,6 +578,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
         for new in created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
+        replaced[node.name] = y
         k, n_out = wq.shape
         smooth_range = None if d.smooth is None else (float(d.smooth.min()), float(d.smooth.max()))
         done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(d.lo, 0.0), max(d.hi, 0.0)),
@@ -594,8 +633,10 @@ def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
     index = next_index(gm)
+    replaced: dict[str, fx.Node] = {}
     for s in sites:
         node, x = nodes[s.out], nodes[s.x]
+        x = replaced.get(x.name, x)
         wq, ws = quantize_weight(_weight_kn(gm, s), qmax)
         consts = {"w": wq, "ws": ws}
         if s.bias is not None:
@@ -608,6 +649,7 @@ def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8
         for new in created_between(attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
+        replaced[node.name] = y
         k, n_out = wq.shape
         done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (0.0, 0.0), 0.0, 0,
                                (float(ws.min()), float(ws.max())), False))

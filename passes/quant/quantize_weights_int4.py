@@ -57,7 +57,7 @@ from pared.ir.errors import OptionError
 from pared.ir.patterns import Site, find_sites
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
-from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
 from pared.ir.target import Target
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_block_size, register_pass
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
@@ -137,6 +137,11 @@ class QuantizeWeightsInt4(RewritePass):
             if todo:
                 new_graphs[name], done = quantize_sites_weight_only(g, todo, o.block_size, o.symmetric, self.name)
                 layers += done
+        # variants of one graph hold the same layers: list each weight once, store its codes once
+        layers = list({lq.weight: lq for lq in layers}.values())
+        skipped = list(dict.fromkeys(skipped))
+        share_equal_constants([(new_graphs[n].module, attr_targets(new_graphs[n].module)
+                                - attr_targets(program.graphs[n].module)) for n in program.graphs])
         stats = {"quantized": len(layers), **_count_reasons(skipped)}
         if not layers:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats=stats)

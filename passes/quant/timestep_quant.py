@@ -10,7 +10,7 @@ Before:  c = t_mlp(sinusoid(t)); mod = ada(c)                      every call, f
 After:   mod = where(|t - T[k]| <= tol, table_mod[k], ada(t_mlp(sinusoid(t))))
                  with k = argmin_j |t - T[j]| per row              fp32 table, float fallback
          y = QGemm(x; s_x[bucket], Wq, s_w)                        graph `bucket<i>` at its steps
-         plan: Bins(t -> bucket<i>)    (or Table(step -> bucket<i>), select: call)
+         each call of the graph G:  Select(bins by t -> G.bucket<i>)   (or a table by call index)
 
 Temporal features (TFMQ-DM's temporal information block): every node that
 depends on the timestep input alone (the sinusoidal embedding, the t-MLP, an
@@ -46,7 +46,7 @@ request, whose buckets cover disjoint timestep ranges). `select: call` keeps a
 static Table by call index, like interval_cache's (past its end, the last bucket),
 for loops whose t does not identify the step. With `buckets: 1` the program stays
 one graph under its own name with its plan (calibrated on every step, the table
-still in), so cache passes can run after it.
+still in).
 
 Per-bucket precision (`float_blocks: k`, off by default): per bucket, the k
 repeated blocks whose relative input-output difference |out - in| / |in| is
@@ -58,12 +58,13 @@ compute-bound shapes, issue 5), so the choice here is INT8 vs float.
 
 Reads: the calibration run (ctx.calibration). Writes: a TimestepQuantPlan record
 (buckets, schedule, table timesteps, per-bucket layers, block changes), graphs
-`bucket0..bucket<n-1>` and a Bins (or Table) plan; int8/int32 constants and the tables on
+`G.bucket0..G.bucket<n-1>` (numeric variants of G: cache passes after this one
+let them share their caches) and a bins (or table) Select in place of each call of G; int8/int32 constants and the tables on
 the graph modules; `pared.ir.region` / `pared.ir.created_by` on inserted nodes.
 Invariant: with the calibration's timesteps every variant computes what
 quantize_linears' rewrite computes with that bucket's scales, on fp32 temporal
-features. Single-graph programs only (run it before cache and partition passes,
-after constant_folding).
+features. It calibrates the model's one graph: run it first (after
+constant_folding); cache passes after it cache every bucket.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ import torch.fx as fx
 from pared.analysis.redundancy import block_regions, observe_values, primary_io
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Always, Bins, Call, Plan, Table
+from pared.ir.plan import Bins, Call, Select, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
@@ -158,9 +159,16 @@ class QuantizePerTimestep(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        if len(program.graphs) != 1 or not isinstance(program.plan.schedule, Always):
-            raise PassError(f"pass 'timestep_quant' calibrates a single-graph program; this one has graphs "
-                            f"{list(program.graphs)}: run it before cache and partition passes")
+        if program.graphs and all(g.made_by(self.name) for g in program.graphs.values()):
+            # its own buckets: running it again finds nothing more to do
+            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+                              stats={"quantized": 0, "excluded": 0, "temporal": 0})
+        if len(program.graphs) != 1:
+            made = sorted({p for g in program.graphs.values() for p, _, _ in g.lineage})
+            raise PassError(f"pass 'timestep_quant' calibrates activation ranges per step of the model's one graph "
+                            f"and picks a variant per step itself; this program's steps already run variants "
+                            f"{list(program.graphs)} chosen by {', '.join(made) or 'its plan'}. Run timestep_quant "
+                            "first (cache passes after it cache every bucket)")
         gname = next(iter(program.graphs))
         src = program.graphs[gname]
         gm = src.module
@@ -197,7 +205,7 @@ class QuantizePerTimestep(RewritePass):
             observed = {s.x: _merged(obs.ranges[s.x][lo_step:hi_step + 1], o.method, o.percentile)
                         for s in chosen}
             decided = decide(base.module, chosen, observed, PLAIN_INT8, ctx)
-            # one bucket keeps the graph's name and plan: a single-graph program cache passes can follow
+            # one bucket keeps the graph's name and plan; several become graphs `<name>.bucket<i>`
             name = f"bucket{b}" if len(spans) > 1 else gname
             graph, done = _rewrite(base, decided, self.name, qmax) if decided else (base, [])
             _share_weights(graph.module, [d.site.node for d in decided], first_index, shared, self.name)
@@ -210,27 +218,28 @@ class QuantizePerTimestep(RewritePass):
                               stats={"quantized": 0, "excluded": len(excluded), "temporal": 0})
 
         schedule = tuple(buckets[b].graph for b, (lo, hi) in enumerate(spans) for _ in range(lo, hi + 1))
+        edges: tuple[float, ...] = ()
         if len(graphs) == 1:
-            plan = program.plan
+            new = program.replace(graphs=graphs)
         else:
-            ins = tuple(f"in:{n}" for n in program.plan.inputs)
-            outs = tuple(f"out:{n}" for n in src.output_names)
-            routines = tuple((name, (Call(name, ins, outs),)) for name in graphs)
             if o.select == "timestep":
                 edges, order = _t_edges(obs, spans, self.name)
-                sched = Bins(o.timestep, edges, tuple(buckets[b].graph for b in order))
-            else:
-                sched = Table(schedule, schedule[-1])
-            plan = Plan(program.plan.inputs, outs, routines, sched)
+                cases = tuple(buckets[b].graph for b in order)
+            t_at = src.input_names.index(o.timestep)
+
+            def node(c: Call, graph_of) -> Select:
+                sel = Bins(c.inputs[t_at], edges, cases) if o.select == "timestep" else Table(schedule, schedule[-1])
+                return Select(sel, tuple((name, Call(graph_of(name), c.inputs, c.outputs, c.device))
+                                         for name in graphs), f"{self.name}.{gname}")
+            new = program.expand(gname, graphs, node, by=self.name, numeric=True)
         record = TimestepQuantPlan(
             "timestep_quant", o.method, o.percentile if o.method == "percentile" else None,
             "uint8 asymmetric per-tensor, per step bucket", weight_format(qmax) + ", shared by the buckets",
             o.timestep, tuple(float(t) for t in timesteps), tuple(n.name for n in borders),
             tuple(sorted({s.region for s in t_sites})), tuple(buckets), schedule, schedule[-1], o.tolerance,
             tuple(excluded), calls, o.select if len(graphs) > 1 else "call",
-            tuple(plan.schedule.edges) if isinstance(plan.schedule, Bins) else (),
-            tuple(_t_range(obs, lo, hi) for lo, hi in spans))
-        new = program.replace(graphs=graphs, plan=plan, records={**program.records, "TimestepQuantPlan": record})
+            tuple(edges), tuple(_t_range(obs, lo, hi) for lo, hi in spans))
+        new = new.replace(records={**program.records, "TimestepQuantPlan": record})
         quantized = max(len(bq.layers) for bq in buckets)
         ctx.log.info("timestep_quant: %d buckets over %d steps, %d linear layers int8 (%d float on the t-path, "
                      "%d excluded), %d temporal values tabled at %d timesteps", len(buckets), calls, quantized,

@@ -136,7 +136,7 @@ def tsq(tmp_path_factory):
     res = get_pass("timestep_quant")(buckets=2)(capture(m, (x, t)),
                                                 PassContext(calibration=tiny_sampler_loop(x, STEPS)))
     # embed, the block's mlp.0 and mlp.2, out (t_mlp and ada stay float on the t-path)
-    assert set(res.program.graphs) == {"bucket0", "bucket1"} and res.stats["quantized"] == 4
+    assert set(res.program.graphs) == {"main.bucket0", "main.bucket1"} and res.stats["quantized"] == 4
     return m, x, res.program, *_both(res.program, tmp_path_factory.mktemp("tvm_tsq"))
 
 
@@ -214,7 +214,7 @@ def test_mixed_tvm_matches_ort_and_eager(mixed):
 def test_tsq_every_variant_is_a_shared_library_of_int8_matmuls(tsq):
     m, x, program, tvm_art, ort_art, relax = tsq
     graphs = Executor(tvm_art).manifest["graphs"]
-    assert set(graphs) == {"bucket0", "bucket1"}
+    assert set(graphs) == {"main.bucket0", "main.bucket1"}
     for name, entry in graphs.items():
         assert entry["backend"] == "tvm" and entry["file"] == f"{name}.so" and entry["int8"] == {"int8_matmul": 4}
         assert os.path.getsize(os.path.join(tvm_art, entry["file"])) > 0
@@ -251,7 +251,7 @@ def test_tsq_a_timestep_outside_the_table_takes_the_float_t_path_on_tvm(tsq):
     got, want = tvm_ex(x.numpy(), t), ort_ex(x.numpy(), t)
     assert tvm_ex.trace == ["bucket0"]
     assert _rel_l2(want, got) <= TSQ_VS_ORT
-    assert_close_to_eager(program.graphs["bucket0"].run(x, torch.from_numpy(t)), got, rel_l2=TSQ_VS_FX)
+    assert_close_to_eager(program.graphs["main.bucket0"].run(x, torch.from_numpy(t)), got, rel_l2=TSQ_VS_FX)
     with torch.no_grad():
         assert _rel_l2(m(x, torch.from_numpy(t)), got) <= TSQ_VS_EAGER
 

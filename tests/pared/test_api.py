@@ -65,7 +65,7 @@ def test_save_writes_manifest_with_report(optimized, tmp_path):
     path = opt.save(str(tmp_path / "art"))
     man = json.load(open(os.path.join(path, "manifest.json")))
     assert man["report"]["fidelity"]["passed"] is True
-    assert man["target"]["name"] == "cpu" and man["plan"]["schedule"]["kind"] == "always"
+    assert man["target"]["name"] == "cpu" and man["plan"]["body"]["op"] == "call"
     assert man["graphs"]["main"]["inputs"][0]["name"] == "ids"
     ex = pared.load(path)
     assert ex.report["speed"]["repeats"] == 3

@@ -28,7 +28,6 @@ from torch.export import Dim
 
 from pared.backends.measure import default_profiler
 from pared.ir.capture import capture
-from pared.ir.errors import PassError
 from pared.ir.program import Program
 from pared.ir.transform import Analysis, PassContext, PassResult
 from pared.passes.cache.taylor_cache import taylor_table
@@ -38,7 +37,6 @@ from pared.testing import (assert_close_to_eager, assert_golden, canonical_progr
                            tiny_moe_dit, tiny_sampler_loop, tiny_transformer)
 
 GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
-MULTI_GRAPH = "issue 14: cache passes on multi-graph programs (in progress)"
 
 
 # -- fixtures: tiny seeded models, captured once (passes never edit their input; checked below) --
@@ -325,7 +323,6 @@ class Case:
     noop: options that make the pass find nothing to do; noop_fixture: on another program.
     bad: (options, message regex) pairs: each raises OptionError (when built or when run).
     meaning: (fixture, result) -> (eager reference, got); rel_l2: the bound (lossless: tight).
-    twice: "nothing" (a second run finds nothing more) or "refused" (today a PassError: xfail).
     twice_options / twice_why: a second run given other options, and why.
     same_record_twice: an analysis whose record a second run reproduces exactly.
     """
@@ -338,7 +335,6 @@ class Case:
     bad: tuple[tuple[dict, str], ...] = ()
     meaning: Callable[[Fixture, PassResult], tuple[Any, Any]] | None = None
     rel_l2: float = 0.0
-    twice: str = "nothing"
     twice_options: dict | None = None
     twice_why: str = ""
     same_record_twice: bool = True
@@ -365,42 +361,42 @@ CASES: dict[str, Case] = {
         dit, {"interval": 3, "steps": 8}, loop_ctx(8), noop={"interval": 1, "steps": 8},
         bad=(({"interval": 0}, "option 'interval' must be in \\[1, inf\\], got 0"),
              ({"last": 9}, "outside the model's 6 blocks")),
-        meaning=span_cache((1, 4), 8, {"full"}), rel_l2=1e-5, twice="refused"),
+        meaning=span_cache((1, 4), 8, {"full"}), rel_l2=1e-5),
     "delta_cache": Case(
         dit, {"interval": 3, "steps": 10}, loop_ctx(10), noop={"interval": 1, "steps": 10},
         bad=(({"cached_blocks": 7}, "'cached_blocks': 7 is not in \\[1, 6\\]"),
              ({"boundary": 1.5}, "option 'boundary' must be in \\[0, 1\\]")),
-        meaning=delta_meaning, rel_l2=1e-5, twice="refused"),
+        meaning=delta_meaning, rel_l2=1e-5),
     "taylor_cache": Case(
         dit, {"interval": 3, "steps": 9}, noop={"interval": 1, "steps": 9},
         bad=(({"warmup": 1}, "option 'warmup' must be in \\[2, inf\\]"),),
-        meaning=taylor_meaning, rel_l2=1e-5, twice="refused"),
+        meaning=taylor_meaning, rel_l2=1e-5),
     "magnitude_cache": Case(
         dit, {"threshold": 0.5, "max_skip": 2}, loop_ctx(10), noop={"threshold": 0.0},
         bad=(({"retention": 2}, "option 'retention' must be in \\[0, 1\\]"),
              ({"first": 5, "last": 1}, "block range")),
-        meaning=span_cache((0, 5), 10, {"full"}), rel_l2=1e-5, twice="refused"),
+        meaning=span_cache((0, 5), 10, {"full"}), rel_l2=1e-5),
     "residual_cache": Case(
         dit, {"threshold": 0.2}, noop={"threshold": 0.0},
         bad=(({"front": 3, "back": 3}, "leave none of the model's 6 blocks"),
              ({"threshold": -1}, "option 'threshold' must be in \\[0, inf\\]")),
-        meaning=span_cache((1, 5), 10, {"compute"}), rel_l2=1e-5, twice="refused"),
+        meaning=span_cache((1, 5), 10, {"compute"}), rel_l2=1e-5),
     "expert_cache": Case(
         moe_dit, {"interval": 3, "refresh": 1, "steps": 10}, noop={"interval": 1, "steps": 10},
         bad=(({"refresh": 5}, "5 is more than the 4 experts"),
              ({"target": {"fid": 1}}, "option 'target' must be one of")),
-        meaning=expert_meaning, rel_l2=1e-5, twice="refused"),
+        meaning=expert_meaning, rel_l2=1e-5),
     "cfg_skip": Case(
         dit_batch_dynamic, {"threshold": 0.99, "warmup": 1}, noop={"threshold": 1.5},
         bad=(({"warmup": -1}, "option 'warmup' must be in \\[0, inf\\]"),),
-        meaning=cfg_meaning, rel_l2=1e-5, twice="refused"),
+        meaning=cfg_meaning, rel_l2=1e-5),
     # -- quantizers: lossy, bounds stated (measured values in the comment) ----------------------
     # 2 buckets: two variants under a Bins schedule; measured 2e-3 over the 4-step loop
     "timestep_quant": Case(
         dit, {"buckets": 2}, loop_ctx(4), noop={}, noop_fixture=no_linears,
         bad=(({"buckets": 9}, "pass 'timestep_quant': option 'buckets' \\(9\\) exceeds the 4 calls"),
              ({"bucket": 2}, "did you mean 'buckets'")),
-        meaning=loop_vs_model(4), rel_l2=0.02, twice="refused"),
+        meaning=loop_vs_model(4), rel_l2=0.02),
     # measured 0.004 on the tokens, 0.02 on the 4 logits (held-out ids)
     "quantize_linears": Case(
         transformer, {}, tokens_ctx, noop={"exclude": ["**"]},
@@ -461,13 +457,7 @@ def _case(name: str) -> Case:
 
 
 def _twice_params() -> list:
-    out = []
-    for n in REWRITES:
-        if CASES.get(n) is not None and CASES[n].twice == "refused":
-            out.append(pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=PassError, reason=MULTI_GRAPH)))
-        else:
-            out.append(n)
-    return out
+    return list(REWRITES)
 
 
 @functools.cache

@@ -47,18 +47,18 @@ def test_structure():
     # warmup 2, then a full step every 3rd
     assert p.plan.selects()[0].selector.cases == ("full", "full", "reuse", "reuse", "full", "reuse", "reuse", "full", "reuse",
                                         "reuse")
-    assert res.stats == {"reuse_steps": 6, "moe_layers": 3, "attention_caches": 3, "experts": 4, "steps": STEPS}
+    assert res.stats == {"reuse_steps": 6, "moe_layers": 3, "attention_caches": 3, "experts": 4, "steps": STEPS, "graphs": 1}
     # the full graph batches every expert (2 bmm per layer); reuse runs only the gathered ones (4-D matmuls)
-    assert op_count(p, "aten.bmm.default", "full") == 3 * 2 + 3 * 2     # + attention's q@k, w@v
-    assert op_count(p, "aten.bmm.default", "reuse") == 3 * 2             # gathered experts, no attention
-    assert op_count(p, "aten.index_put.default", "reuse") == 3
+    assert op_count(p, "aten.bmm.default", "main.full") == 3 * 2 + 3 * 2     # + attention's q@k, w@v
+    assert op_count(p, "aten.bmm.default", "main.reuse") == 3 * 2             # gathered experts, no attention
+    assert op_count(p, "aten.index_put.default", "main.reuse") == 3
     # attention's qkv and proj linears are gone from reuse; the router, shared expert and ada stay
-    mm = lambda g: op_count(p, "aten.addmm.default", g) + op_count(p, "aten.mm.default", g)
+    mm = lambda g: op_count(p, "aten.addmm.default", f"main.{g}") + op_count(p, "aten.mm.default", f"main.{g}")
     assert mm("full") - mm("reuse") == 3 * 2
     assert p.graphs["main.reuse"].input_names[2:5] == ("cache.experts0", "cache.experts1", "cache.experts2")
     assert p.graphs["main.full"].output_names[-3:] == ("cache.attn0", "cache.attn1", "cache.attn2")
     fl = dict(p.records["CachePlan"].flops)
-    assert fl["reuse"] < fl["full"] / 2
+    assert fl["main.reuse"] < fl["main.full"] / 2
     assert set(prog.graphs) == {"main"}
 
 
@@ -145,7 +145,7 @@ def test_adaptive_schedule_follows_the_probe_and_the_eager_meaning(front):
     assert set(p.graphs) == {"main.probe", "main.full", "main.reuse"} and isinstance(p.plan.selects()[0].selector, Rule)
     assert p.plan.selects()[0].selector.compute == "full" and p.plan.selects()[0].selector.threshold == 0.2
     # front 0: the probe computes no block (TeaCache's modulated input); front 1: the first block
-    assert op_count(p, "aten.bmm.default", "probe") == (0 if front == 0 else 4)
+    assert op_count(p, "aten.bmm.default", "main.probe") == (0 if front == 0 else 4)
     assert res.stats["moe_layers"] == 3 - front and res.stats["attention_caches"] == 3 - front
     got, trace = _run(p, x)
     assert trace[:2] == ["full", "full"] and "reuse" in trace and "full" in trace[2:]

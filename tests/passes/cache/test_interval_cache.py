@@ -45,17 +45,17 @@ def test_structure_and_plan():
     m, x, prog, res = _cached(interval=3)
     before = prog.main.module.code
     p = res.program
-    assert res.modified and set(p.graphs) == {"full", "reuse"}
-    assert p.plan.schedule.routines == ("full", "reuse", "reuse", "full", "reuse", "reuse", "full", "reuse")
-    assert res.stats == {"reuse_steps": 5, "cached_blocks": 4, "steps": STEPS}
+    assert res.modified and set(p.graphs) == {"main.full", "main.reuse"}
+    assert p.plan.selects()[0].selector.cases == ("full", "reuse", "reuse", "full", "reuse", "reuse", "full", "reuse")
+    assert res.stats == {"reuse_steps": 5, "cached_blocks": 4, "steps": STEPS, "graphs": 1}
     # the reuse graph runs 2 of the 6 blocks: 3 matmuls per block (ada, mlp.0, mlp.2) + embed/t_mlp/out
-    mm = lambda g: op_count(p, "aten.addmm.default", g) + op_count(p, "aten.mm.default", g)
+    mm = lambda g: op_count(p, "aten.addmm.default", f"main.{g}") + op_count(p, "aten.mm.default", f"main.{g}")
     assert mm("full") - mm("reuse") == 4 * 3
-    assert p.graphs["reuse"].input_names[-1] == "cache.blocks"
-    assert p.graphs["full"].output_names[-1] == "cache.blocks"
+    assert p.graphs["main.reuse"].input_names[-1] == "cache.blocks"
+    assert p.graphs["main.full"].output_names[-1] == "cache.blocks"
     plan = p.records["CachePlan"]
     assert plan.spans[0].blocks == ("blocks.1", "blocks.2", "blocks.3", "blocks.4")
-    assert dict(plan.flops)["reuse"] < dict(plan.flops)["full"]
+    assert dict(plan.flops)["main.reuse"] < dict(plan.flops)["main.full"]
     assert prog.main.module.code == before and set(prog.graphs) == {"main"}   # input left alone
 
 
@@ -64,9 +64,9 @@ def test_numerics_match_the_eager_meaning_of_caching():
     p = res.program
     runner = p.runner()
     got = tiny_sampler_loop(x, STEPS)(lambda *a: runner(list(a))[0])
-    want = _eager_cached_loop(m, x, p.plan.schedule.routines, (1, 4))
+    want = _eager_cached_loop(m, x, p.plan.selects()[0].selector.cases, (1, 4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert runner.trace == list(p.plan.schedule.routines)
+    assert runner.trace == list(p.plan.selects()[0].selector.cases)
     # and caching changed something: the uncached loop differs
     with torch.no_grad():
         plain = tiny_sampler_loop(x, STEPS)(m)

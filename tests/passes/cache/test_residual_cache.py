@@ -31,14 +31,14 @@ def test_structure():
     m, x, prog, res = _cached(threshold=0.2, front=1, back=1)
     p = res.program
     assert set(p.graphs) == {"main.probe", "main.compute", "main.reuse"} and isinstance(p.plan.selects()[0].selector, Rule)
-    mm = lambda g: op_count(p, "aten.addmm.default", g) + op_count(p, "aten.mm.default", g)
+    mm = lambda g: op_count(p, "aten.addmm.default", f"main.{g}") + op_count(p, "aten.mm.default", f"main.{g}")
     # 3 matmuls per block; t_mlp (2) everywhere, embed in the probe, out after the tail
     assert mm("probe") == 2 + 1 + 3 * 1
     assert mm("compute") == 2 + 3 * 5 + 1
     assert mm("reuse") == 2 + 3 * 1 + 1
     assert p.graphs["main.reuse"].input_names[-2:] == ("cache.mid", "hidden")
     assert p.records["CachePlan"].spans[0].blocks == ("blocks.1", "blocks.2", "blocks.3", "blocks.4")
-    assert res.stats == {"cached_blocks": 4, "front": 1, "back": 1}
+    assert res.stats == {"cached_blocks": 4, "front": 1, "back": 1, "graphs": 1}
     assert set(prog.graphs) == {"main"}
 
 

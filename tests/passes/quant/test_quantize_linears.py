@@ -248,11 +248,21 @@ def test_optimize_end_to_end_records_the_plan_and_the_kernels(tmp_path):
     assert _rel_l2(ref["logits"], torch.from_numpy(np.asarray(got["logits"]))) < REL_L2
 
 
-def test_multi_graph_programs_are_refused():
+def test_every_graph_of_a_multi_graph_program_is_quantized():
+    """A cached program (a full graph, a reuse graph, a table): both graphs quantized, calibrated
+    by running the inputs through the Plan (the reuse graph sees the cached feature)."""
     from pared.testing import two_graph_program
     _, prog = two_graph_program()
-    with pytest.raises(PassError, match="pass 'quantize_linears' calibrates a single-graph program; .*'full', 'reuse'"):
-        get_pass("quantize_linears")()(prog, PassContext(calibration=[(torch.randn(2, 8),)]))
+    torch.manual_seed(1)
+    xs = [(torch.randn(2, 8),) for _ in range(3)]
+    res = get_pass("quantize_linears")()(prog, PassContext(calibration=xs))
+    assert res.modified and res.stats["graphs"] == 2 and res.stats["calibration_calls"] == 3
+    assert op_count(res.program, "quantized_decomposed.quantize_per_tensor", "full") == 3
+    assert op_count(res.program, "quantized_decomposed.quantize_per_tensor", "reuse") == 1
+    want, got = prog.runner(), res.program.runner()
+    for x in xs:
+        assert _rel_l2(want([x[0]])[0], got([x[0]])[0]) < 0.02
+    assert got.trace == ["full", "reuse", "reuse"]
 
 
 class OutlierMLP(nn.Module):

@@ -58,7 +58,7 @@ def test_structure_shared_weights_float_t_path_and_a_row_per_step():
     m, x, prog, res = _quantized()
     before = prog.main.module.code
     p = res.program
-    assert res.modified and set(p.graphs) == {f"bucket{b}" for b in range(BUCKETS)}
+    assert res.modified and set(p.graphs) == {f"main.bucket{b}" for b in range(BUCKETS)}
     assert res.stats["quantized"] == QUANTIZED and res.stats["temporal_layers"] == 8   # t_mlp x2, ada x6
     assert res.stats["timesteps"] == STEPS and res.stats["buckets"] == BUCKETS
     # every variant: a quantizer pair per layer; the same int8 weight tensors (one copy, not one per variant)
@@ -71,9 +71,9 @@ def test_structure_shared_weights_float_t_path_and_a_row_per_step():
     assert all(pt == ptrs[0] for pt in ptrs)
     # 4 variants hold one variant's constants plus, per extra variant, only its int32 biases and their
     # scales s_x * s_w (they follow the bucket's activation scale)
-    one = param_bytes(Program.single(p.graphs["bucket0"]))
+    one = param_bytes(Program.single(p.graphs["main.bucket0"]))
     per_variant = sum(v.numel() * v.element_size() for sfx in ("_b", "_bs")
-                      for v in _consts(p.graphs["bucket0"], sfx).values())
+                      for v in _consts(p.graphs["main.bucket0"], sfx).values())
     assert param_bytes(p) == one + (BUCKETS - 1) * per_variant
     # the t-path: no quantizer on any node that depends on t alone, and its linears stay float
     for g in p.graphs.values():
@@ -99,8 +99,9 @@ def test_schedule_runs_each_bucket_at_its_steps_with_its_own_scales():
     want = tuple(f"bucket{i * BUCKETS // STEPS}" for i in range(STEPS))
     rec = p.records["TimestepQuantPlan"]
     # chosen by t: the sampler runs t = 900 .. 0, so bucket0 holds the highest timesteps
-    assert isinstance(p.plan.schedule, Bins) and p.plan.schedule.input == "t" and rec.select == "timestep"
-    assert p.plan.schedule.routines == tuple(reversed([f"bucket{b}" for b in range(BUCKETS)]))
+    sel = p.plan.body.selector
+    assert isinstance(sel, Bins) and sel.input == "in:t" and rec.select == "timestep"
+    assert sel.cases == tuple(reversed([f"bucket{b}" for b in range(BUCKETS)]))
     assert rec.schedule == want and len(rec.edges) == BUCKETS - 1
     for (lo_a, hi_a), (lo_b, hi_b), edge in zip(rec.t_ranges[1:], rec.t_ranges, reversed(rec.edges)):
         assert hi_a < edge < lo_b                  # each edge lies between two buckets' timesteps
@@ -140,7 +141,7 @@ def test_another_step_count_gets_the_bucket_of_its_timesteps():
         ref = loop(m)
     # by call index, the 20-step request would run bucket3 (t <= 128) from its 8th call (t = 521) on
     _, _, _, by_call = _quantized(select="call")
-    assert isinstance(by_call.program.plan.schedule, Table)
+    assert isinstance(by_call.program.plan.body.selector, Table)
     assert by_call.program.records["TimestepQuantPlan"].select == "call"
     runner = by_call.program.runner()
     got_by_call = loop(lambda *a: runner(list(a))[0])
@@ -262,10 +263,18 @@ def test_running_twice_finds_nothing_more():
     assert again.modified is False and again.program is res.program
 
 
-def test_running_twice_is_refused_on_the_variants():
+def test_running_twice_finds_nothing_more_on_the_variants():
     m, x, prog, res = _quantized()
-    with pytest.raises(PassError, match="pass 'timestep_quant' calibrates a single-graph program; .*'bucket0'"):
-        get_pass("timestep_quant")()(res.program, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
+    again = get_pass("timestep_quant")()(res.program, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
+    assert again.modified is False and again.program is res.program
+
+
+def test_after_a_cache_pass_is_refused_by_meaning():
+    m, x, prog, res = _quantized(buckets=1)
+    cached = get_pass("interval_cache")(interval=2, steps=STEPS)(res.program, PassContext()).program
+    with pytest.raises(PassError, match="pass 'timestep_quant' calibrates activation ranges per step of the model's "
+                                        "one graph .*'main.full'.* chosen by interval_cache. Run timestep_quant first"):
+        get_pass("timestep_quant")()(cached, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -309,8 +318,8 @@ def test_one_bucket_then_a_cache_pass():
     q = get_pass("timestep_quant")(buckets=1)(capture(m, (x, t)), ctx).program
     get_pass("temporal_redundancy")()(q, ctx)
     res = get_pass("interval_cache")(interval=2)(q, ctx)
-    assert res.modified and set(res.program.graphs) == {"full", "reuse"}
-    assert op_count(res.program, "quantized_decomposed.quantize_per_tensor", "full") == QUANTIZED
+    assert res.modified and set(res.program.graphs) == {"main.full", "main.reuse"}
+    assert op_count(res.program, "quantized_decomposed.quantize_per_tensor", "main.full") == QUANTIZED
     runner = res.program.runner()
     got = tiny_sampler_loop(x, STEPS)(lambda *a: runner(list(a))[0])
     with torch.no_grad():

@@ -1,0 +1,145 @@
+"""The Recorder: drives a calibration run through any Program and taps values.
+
+The calibration is a list of input tuples (consecutive calls of one request) or
+a callable ``loop(model)`` that calls the model over one request (a sampler).
+The Program runs with its own Plan (any number of graphs, any selects), and the
+values of the tapped nodes are handed over keyed by (graph, node, call index);
+the returned trace gives the case labels the plan chose at each call.
+
+Reads: nothing. Writes: nothing (a helper for analyses and passes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from pared.ir import structure as _structure
+from pared.ir.errors import PassError
+from pared.ir.plan import PlanRunner
+from pared.ir.program import Program
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where a tapped value came from."""
+    graph: str
+    node: str
+    call: int      # call index within the request
+
+
+def drive(calibration: Any, fn: Callable[..., Any]) -> int:
+    """Call `fn(*tensors)` as the model through the calibration run; returns the number of calls.
+
+    Raises:
+        PassError: when there is no calibration run.
+    """
+    if calibration is None:
+        raise PassError("needs a calibration run: pass calibration= a list of consecutive step inputs, "
+                        "or a loop callable that runs one request (e.g. a sampler) through the model")
+    if callable(calibration):
+        n = [0]
+
+        def counted(*a):
+            n[0] += 1
+            return fn(*a)
+        calibration(counted)
+        return n[0]
+    count = 0
+    for item in calibration:
+        fn(*(item if isinstance(item, (tuple, list)) else (item,)))
+        count += 1
+    return count
+
+
+def record(program: Program, calibration: Any, taps: Mapping[str, Sequence[str]] | None = None,
+           on_value: Callable[[Tap, torch.Tensor], None] | None = None) -> list[str]:
+    """Run `program` through the calibration run, handing each tapped node's value
+    to `on_value(tap, tensor)` whenever its graph runs.
+
+    Args:
+        taps: graph name -> node names to watch in it.
+    Returns:
+        The trace: the case labels chosen at each call.
+    Raises:
+        PassError: when a tapped graph or node does not exist.
+    """
+    taps = {g: set(ns) for g, ns in (taps or {}).items()}
+    for g, ns in taps.items():
+        if g not in program.graphs:
+            raise PassError(f"recorder: no graph {g!r}; the program has {list(program.graphs)}")
+        have = {n.name for n in program.graphs[g].module.graph.nodes}
+        missing = sorted(ns - have)
+        if missing:
+            raise PassError(f"recorder: graph {g!r} has no node(s) {missing[:5]}")
+    state = {"call": 0}
+
+    def run_graph(name: str, args: list) -> list:
+        gm = program.graphs[name].module
+        watch = taps.get(name)
+        with torch.no_grad():
+            if not watch:
+                return list(gm(*args))
+
+            class Observer(fx.Interpreter):
+                def run_node(self, n):
+                    out = super().run_node(n)
+                    if n.name in watch and isinstance(out, torch.Tensor) and on_value is not None:
+                        on_value(Tap(name, n.name, state["call"]), out)
+                    return out
+            return list(Observer(gm).run(*args))
+
+    runner = PlanRunner(program.plan, run_graph, to_numpy=lambda t: t.detach().float().cpu().numpy(),
+                        scalar=lambda v: torch.tensor([v], dtype=torch.float32))
+
+    def call(*args):
+        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
+        state["call"] = runner.call_index
+        outs = runner(flat)
+        return _structure.unflatten(program.output_structure, outs)
+
+    drive(calibration, call)
+    return list(runner.trace)
+
+
+def output_rows(res: Any) -> np.ndarray:
+    """One call's float outputs as one float64 array [rows, features] (rows: the outputs'
+    first dim when they share it, else one row)."""
+    res = res if isinstance(res, (tuple, list)) else (res,)
+    rows = [r.detach().to(torch.float64).reshape(r.shape[0] if r.dim() else 1, -1)
+            for r in res if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    if len({r.shape[0] for r in rows}) == 1:
+        return np.concatenate([r.numpy() for r in rows], axis=1)
+    return np.concatenate([r.reshape(1, -1).numpy() for r in rows], axis=1)
+
+
+def run_output(calibration: Any, call: Callable[..., Any], outs: list[np.ndarray]) -> np.ndarray:
+    """Drive `call` through the calibration run (it appends each call's output_rows to
+    `outs`) and return the run's output: a loop's returned array, or every call's rows."""
+    if callable(calibration):
+        result = calibration(call)
+        if isinstance(result, (np.ndarray, torch.Tensor)):
+            r = np.asarray(result.detach() if isinstance(result, torch.Tensor) else result, dtype=np.float64)
+            return r.reshape(r.shape[0] if r.ndim else 1, -1)
+    else:
+        drive(calibration, call)
+    width = {o.shape[1] for o in outs}
+    return np.concatenate(outs) if len(width) == 1 else np.concatenate([o.reshape(1, -1) for o in outs], axis=1)
+
+
+def replay(program: Program, calibration: Any) -> np.ndarray:
+    """The calibration run's output through `program` (its Plan, every graph) as one float64
+    array [rows, features]: a loop's returned array, or every call's float outputs stacked."""
+    runner = program.runner()
+    outs: list[np.ndarray] = []
+
+    def call(*args):
+        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
+        res = runner(flat)
+        outs.append(output_rows(res))
+        res = _structure.unflatten(program.output_structure, res)
+        return res
+    return run_output(calibration, call, outs)
