@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import pared
-from pared.analysis.redundancy import RedundancyProfile
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
-from pared.ir.transform import PassContext, PassManager
+from pared.ir.transform import PassContext
 from pared.registry import get_pass
 from pared.testing import op_count, tiny_dit, tiny_sampler_loop
 
