@@ -38,10 +38,11 @@ def _variants(graph, *names):
 
 
 BUCKETS = [f"main.bucket{b}" for b in range(4)]
-#: passes whose activations are quantized by integer kernels in the artifact
-ACTIVATION_QUANT = ("timestep_quant", "quantize_linears")
-#: the artifact's samples against the torch side's, with quantized activations (measured: see the test)
-QUANT_PSNR_DB = 30.0
+#: passes after which the artifact's arithmetic differs from the torch side's: integer kernels
+#: (timestep_quant, quantize_linears) or weights dequantized by ORT's own ops (expert_quant)
+QUANTIZING = ("timestep_quant", "quantize_linears", "expert_quant")
+#: their samples against the torch side's (measured here: dit_full 38.5 dB, dit_cache_int8 38.9 dB)
+QUANT_PSNR_DB = 33.0
 
 
 @pytest.mark.slow
@@ -88,12 +89,13 @@ def test_pipeline_artifact_samples_torch_free_like_the_torch_side(tmp_path, work
                        steps=50, cfg_scale=wl.cfg_scale, null_label=mod.NULL_LABEL, seed=3)
     assert runner.trace == info["trace"]
     got = np.load(out)
-    if not any(p.name in ACTIVATION_QUANT for p in passes):
+    if not any(p.name in QUANTIZING for p in passes):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
         return
     # integer kernels: ORT rounds x / s where the torch side rounds x * (1 / s), and over 50
     # DDIM steps the codes that land on the other side of a rounding boundary drift the samples
-    # apart; the bound is on the whole batch (pixels in [-1, 1])
+    # apart (pared's own quantized ops that round like ORT are issue 14's item 4, not built yet);
+    # the bound is on the whole batch (pixels in [-1, 1])
     psnr = psnr_db(want, got, peak=2.0)
     print(f"{pipeline}: artifact vs torch side {psnr:.1f} dB")
     assert psnr >= QUANT_PSNR_DB, psnr
