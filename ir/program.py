@@ -1,8 +1,10 @@
 """The Program: named fx graphs plus the Plan that says how they run.
 
-A plain model is one graph, `main`, and `Plan.single`. Caching adds variants of
-a graph (`full`, `reuse`, `probe`) and a schedule; partitioning adds an `edge`
-and a `cloud` graph connected through the plan's references. Each graph is a
+A plain model is one graph, `main`, and `Plan.single`. A program pass replaces a
+graph G by its variants `G.<label>` (`main.full`, `main.reuse`, `main.bucket2`)
+and each call of G in the Plan by a select over them (`Program.expand`); each
+variant records its lineage. Partitioning will add an `edge` and a `cloud` graph
+connected through the plan's references. Each graph is a
 flat `GraphModule`: tensor inputs in, a tuple of tensors out, parameters as
 `get_attr` nodes. Programs are values: rewrites build a new one with
 `replace()` and share parameters with the old one.

@@ -89,8 +89,24 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.exp
     weight_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx_program.save(path, external_data=external)
-    onnx.checker.check_model(path if external else onnx.load(path), full_check=False)
+    if external:
+        onnx.checker.check_model(path, full_check=False)
+    else:
+        model = onnx.load(path)
+        _strip_node_metadata(model)
+        onnx.checker.check_model(model, full_check=False)
+        onnx.save(model, path)
     return ep
+
+
+def _strip_node_metadata(model: Any) -> None:
+    """Drop the exporter's per-node metadata (torch stack traces, module paths): about 0.85 MB
+    of a DiT graph's 1 MB, once per variant file; nothing reads it at run time."""
+    for n in model.graph.node:
+        del n.metadata_props[:]
+    for f in model.functions:
+        for n in f.node:
+            del n.metadata_props[:]
 
 
 def _has_quantizers(graph: Graph) -> bool:

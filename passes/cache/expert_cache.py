@@ -6,7 +6,9 @@ updated together).
 Recognizes mixture-of-experts layers written with stacked expert weights (the
 form DiT-MoE, grouped-GEMM MoEs and the `dit_moe_mnist` workload use):
     y_e = act(x @ W1[e] + b1[e]) @ W2[e] + b2[e]     for all e, as batched matmuls
-then combined by the router's top-k gates.
+then combined by the router's top-k gates; W1 and W2 may be parameters or computed
+from parameters alone (expert_quant's codes dequantized in the graph), so it caches
+a model whose experts were quantized first.
 
 Before:  per MoE layer: every expert on every token; attention every step
 After:   `full` steps: as before, and store per layer state.experts = y [E, T, d]
