@@ -737,6 +737,38 @@ def eager_taylor_loop(m: nn.Module, x0: torch.Tensor, table: Sequence[str], coef
     return xe
 
 
+class ScaledLinear(nn.Module):
+    """y = lin(x * exp(log_scale)) + softplus(bias_raw): two parameter-only subgraphs to fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.randn(8) * 0.1)
+        self.bias_raw = nn.Parameter(torch.randn(8))
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x * torch.exp(self.log_scale)) + nn.functional.softplus(self.bias_raw)
+
+
+def dequantized_experts(m: nn.Module, plan: Any, block_size: int) -> nn.Module:
+    """A copy of TinyMoEDiT `m` with each expert's weights replaced by the reference
+    dequantization of its codes at the width an ExpertQuantPlan chose (the eager meaning
+    of expert_quant)."""
+    import copy
+    from pared.passes.quant.expert_quant import dequantize, quantize_expert
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        for i, lay in enumerate(plan.layers):
+            ff = ref.blocks[i].ff
+            assert lay.region == f"blocks.{i}.ff", lay.region
+            for e in lay.experts:
+                for w in (ff.w1, ff.w2):
+                    if e.bits != 32:
+                        k, n = w.shape[1:]
+                        w[e.index] = dequantize(*quantize_expert(w[e.index], e.bits, block_size), e.bits, k, n)
+    return ref
+
+
 def tiny_sampler_loop(x0: torch.Tensor, steps: int = 10):
     """A calibration loop over `steps` calls: x <- x - 0.1 * model(x, t), t from 900 down.
 

@@ -280,9 +280,7 @@ def test_artifact_of_buckets_and_taylor_runs_torch_free_with_the_same_trace(tmp_
 
 # -- expert_quant over cfg_skip's two graphs ------------------------------------------
 def test_expert_quant_after_cfg_skip_gives_each_expert_one_width_in_both_halves():
-    import copy
-    from pared.passes.quant.expert_quant import dequantize, quantize_expert
-    from pared.testing import tiny_moe_dit
+    from pared.testing import dequantized_experts, tiny_moe_dit
     m, (x, t) = tiny_moe_dit(batch=4)
     b = Dim("batch", min=2, max=64)
     prog = capture(m, (x, t), dynamic_shapes=({0: b}, {0: b}))
@@ -299,15 +297,7 @@ def test_expert_quant_after_cfg_skip_gives_each_expert_one_width_in_both_halves(
     assert both.keys() == half.keys() and all(both[k] is half[k] for k in both)
     # the eager meaning: the model with each expert's weights dequantized at its chosen width,
     # run on the whole batch, then (latched) on the conditional half
-    ref = copy.deepcopy(m)
-    with torch.no_grad():
-        for i, lay in enumerate(plan.layers):
-            ff = ref.blocks[i].ff
-            for e in lay.experts:
-                for w in (ff.w1, ff.w2):
-                    if e.bits != 32:
-                        k, n = w.shape[1:]
-                        w[e.index] = dequantize(*quantize_expert(w[e.index], e.bits, 16), e.bits, k, n)
+    ref = dequantized_experts(m, plan, 16)
     same = torch.cat([x[:2], x[:2]])
     r = p.runner()
     outs = [r([same, t])[0] for _ in range(3)]
@@ -355,9 +345,7 @@ def test_graph_passes_rewrite_every_variant_alike(name, opts):
 def test_expert_cache_after_expert_quant_caches_the_quantized_experts(refresh):
     """MoECa over MoQa-style expert bits: the cache pass finds the MoE layers whose weights are now
     codes dequantized in the graph, and caches (and refreshes) the quantized experts."""
-    import copy
-    from pared.passes.quant.expert_quant import dequantize, quantize_expert
-    from pared.testing import tiny_moe_dit
+    from pared.testing import dequantized_experts, tiny_moe_dit
     m, (x, t) = tiny_moe_dit()
     prog = capture(m, (x, t))
     steps = 8
@@ -366,15 +354,7 @@ def test_expert_cache_after_expert_quant_caches_the_quantized_experts(refresh):
     res = get_pass("expert_cache")(interval=3, refresh=refresh, steps=steps)(q, ctx)
     p = res.program
     assert res.stats["moe_layers"] == 3 and set(p.graphs) == {"main.full", "main.reuse"}
-    plan = q.records["ExpertQuantPlan"]
-    ref = copy.deepcopy(m)
-    with torch.no_grad():
-        for i, lay in enumerate(plan.layers):
-            ff = ref.blocks[i].ff
-            for e in lay.experts:
-                for w in (ff.w1, ff.w2):
-                    k, n = w.shape[1:]
-                    w[e.index] = dequantize(*quantize_expert(w[e.index], e.bits, 16), e.bits, k, n)
+    ref = dequantized_experts(m, q.records["ExpertQuantPlan"], 16)
     r = p.runner()
     got = tiny_sampler_loop(x, steps)(lambda *a: r(list(a))[0])
     xe, cache = x.clone(), {}

@@ -32,7 +32,7 @@ from pared.ir.program import Program
 from pared.ir.transform import Analysis, PassContext, PassResult
 from pared.passes.cache.taylor_cache import taylor_table
 from pared.registry import REGISTRY, get_pass
-from pared.testing import (assert_close_to_eager, assert_golden, canonical_program_text, check_analysis,
+from pared.testing import (ScaledLinear, assert_close_to_eager, assert_golden, canonical_program_text, check_analysis,
                            check_bad_options, check_idempotent, check_noop, run_pass_checked, tiny_dit,
                            tiny_moe_dit, tiny_sampler_loop, tiny_transformer)
 
@@ -72,23 +72,10 @@ def transformer() -> Fixture:
     return Fixture(m, inputs, capture(m, inputs))
 
 
-class _Scaled(nn.Module):
-    """lin(x * exp(log_scale)) + softplus(bias_raw): two parameter-only subgraphs to fold."""
-
-    def __init__(self):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.randn(8) * 0.1)
-        self.bias_raw = nn.Parameter(torch.randn(8))
-        self.lin = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.lin(x * torch.exp(self.log_scale)) + F.softplus(self.bias_raw)
-
-
 @functools.cache
 def scaled() -> Fixture:
     torch.manual_seed(0)
-    m = _Scaled().eval()
+    m = ScaledLinear().eval()
     x = torch.randn(4, 8)
     return Fixture(m, (x,), capture(m, (x,)))
 

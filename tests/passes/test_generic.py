@@ -9,22 +9,9 @@ from pared.ir.errors import OptionError
 from pared.ir.program import Program
 from pared.ir.transform import PassContext
 from pared.registry import get_pass
-from pared.testing import assert_close_to_eager, op_count, tiny_transformer
+from pared.testing import ScaledLinear, assert_close_to_eager, op_count, tiny_transformer
 
 torch.manual_seed(0)
-
-
-class Scaled(nn.Module):
-    """y = lin(x * exp(log_scale)) + softplus(bias_raw): two parameter-only subgraphs."""
-
-    def __init__(self):
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.randn(8) * 0.1)
-        self.bias_raw = nn.Parameter(torch.randn(8))
-        self.lin = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.lin(x * torch.exp(self.log_scale)) + nn.functional.softplus(self.bias_raw)
 
 
 def _with_dead_code(program: Program) -> Program:
@@ -64,7 +51,7 @@ def test_dce_noop_and_idempotent():
 
 
 def test_constant_folding_folds_parameter_only_subgraphs():
-    m = Scaled().eval()
+    m = ScaledLinear().eval()
     x = torch.randn(4, 8)
     p = capture(m, (x,))
     assert op_count(p, "aten.exp") == 2  # exp(log_scale), and softplus decomposes to exp/log1p/where

@@ -15,9 +15,8 @@ from pared.ir.errors import OptionError, PassError
 from pared.ir.program import get_attr
 from pared.ir.transform import PassContext
 from pared.registry import get_pass
-from pared.passes.quant.expert_quant import (allocate_experts, dequantize, expert_bytes, pack, quantize_expert,
-                                             routing_frequency)
-from pared.testing import assert_unchanged, state_snapshot, tiny_dit, tiny_moe_dit, tiny_sampler_loop
+from pared.passes.quant.expert_quant import allocate_experts, expert_bytes, pack, routing_frequency
+from pared.testing import assert_unchanged, dequantized_experts, state_snapshot, tiny_dit, tiny_moe_dit, tiny_sampler_loop
 
 STEPS = 3
 BS = 16          # TinyMoE's experts: W1 [4, 32, 16], W2 [4, 16, 32]
@@ -38,17 +37,7 @@ def _quantized(**opts):
 
 def _reference_model(m, plan, block_size=BS):
     """The eager model with each expert's weights replaced by the reference dequantization of its codes."""
-    ref = copy.deepcopy(m)
-    with torch.no_grad():
-        for i, lay in enumerate(plan.layers):
-            ff = ref.blocks[i].ff
-            assert lay.region == f"blocks.{i}.ff"
-            for e in lay.experts:
-                for w in (ff.w1, ff.w2):
-                    if e.bits != 32:
-                        k, n = w.shape[1:]
-                        w[e.index] = dequantize(*quantize_expert(w[e.index], e.bits, block_size), e.bits, k, n)
-    return ref
+    return dequantized_experts(m, plan, block_size)
 
 
 def test_graph_equals_reference_dequantization_and_stays_near_eager():
