@@ -737,6 +737,19 @@ def eager_taylor_loop(m: nn.Module, x0: torch.Tensor, table: Sequence[str], coef
     return xe
 
 
+def with_dead_code(program: Program) -> Program:
+    """`program` with two unused nodes (mul, exp of the first input) before its first graph's output."""
+    g = program.main
+    gm = g.copy_module()
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        a = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
+        gm.graph.call_function(torch.ops.aten.exp.default, (a,))
+    gm.recompile()
+    return program.with_graph(next(iter(program.graphs)), g.with_module(gm))
+
+
 class ScaledLinear(nn.Module):
     """y = lin(x * exp(log_scale)) + softplus(bias_raw): two parameter-only subgraphs to fold."""
 

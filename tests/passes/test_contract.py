@@ -32,6 +32,7 @@ from pared.ir.program import Program
 from pared.ir.transform import Analysis, PassContext, PassResult
 from pared.passes.cache.taylor_cache import taylor_table
 from pared.registry import REGISTRY, get_pass
+from pared import testing
 from pared.testing import (ScaledLinear, assert_close_to_eager, assert_golden, canonical_program_text, check_analysis,
                            check_bad_options, check_idempotent, check_noop, run_pass_checked, tiny_dit,
                            tiny_moe_dit, tiny_sampler_loop, tiny_transformer)
@@ -81,18 +82,10 @@ def scaled() -> Fixture:
 
 
 @functools.cache
-def with_dead_code() -> Fixture:
+def dead_code() -> Fixture:
     """The tiny transformer plus two unused nodes (mul, exp) before the output."""
     fx_ = transformer()
-    g = fx_.program.main
-    gm = g.copy_module()
-    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(out):
-        a = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
-        gm.graph.call_function(torch.ops.aten.exp.default, (a,))
-    gm.recompile()
-    return Fixture(fx_.model, fx_.inputs, fx_.program.with_graph("main", g.with_module(gm)))
+    return Fixture(fx_.model, fx_.inputs, testing.with_dead_code(fx_.program))
 
 
 class _Attention(nn.Module):
@@ -335,7 +328,7 @@ CASES: dict[str, Case] = {
              ({"max_byte": 1}, "did you mean 'max_bytes'")),
         meaning=call_vs_model(), rel_l2=1e-6),
     "dead_code_elimination": Case(
-        with_dead_code, noop={}, noop_fixture=transformer,
+        dead_code, noop={}, noop_fixture=transformer,
         bad=(({"aggressive": True}, "pass 'dead_code_elimination': unknown option 'aggressive'; it takes no options"),),
         meaning=call_vs_model(), rel_l2=0.0),
     "softmax_guard_elimination": Case(

@@ -6,29 +6,16 @@ from torch import nn
 from pared.ir import meta
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError
-from pared.ir.program import Program
 from pared.ir.transform import PassContext
 from pared.registry import get_pass
-from pared.testing import ScaledLinear, assert_close_to_eager, op_count, tiny_transformer
+from pared.testing import ScaledLinear, assert_close_to_eager, op_count, tiny_transformer, with_dead_code
 
 torch.manual_seed(0)
 
 
-def _with_dead_code(program: Program) -> Program:
-    g = program.main
-    gm = g.copy_module()
-    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(out):
-        a = gm.graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
-        gm.graph.call_function(torch.ops.aten.exp.default, (a,))
-    gm.recompile()
-    return program.with_graph("main", g.with_module(gm))
-
-
 def test_dce_removes_unused_nodes():
     m, inputs = tiny_transformer()
-    p = _with_dead_code(capture(m, inputs))
+    p = with_dead_code(capture(m, inputs))
     assert op_count(p, "aten.exp") == 1
     before = p.main.module.code
     res = get_pass("dead_code_elimination")()(p, PassContext())
@@ -44,7 +31,7 @@ def test_dce_noop_and_idempotent():
     res = get_pass("dead_code_elimination")()(p, PassContext())
     assert res.modified is False and res.program is p and res.stats["removed"] == 0
     # twice: a second run on DCE's own output finds nothing more
-    first = get_pass("dead_code_elimination")()(_with_dead_code(p), PassContext())
+    first = get_pass("dead_code_elimination")()(with_dead_code(p), PassContext())
     assert first.modified and first.stats["removed"] == 2
     again = get_pass("dead_code_elimination")()(first.program, PassContext())
     assert again.modified is False and again.program is first.program and again.stats["removed"] == 0
