@@ -29,8 +29,8 @@ FORA), or, with `threshold` / `target`, the adaptive rule of residual_cache on a
 (TeaCache's signal, `front: 0`, costs only the embeddings) or the first `front`
 blocks' residual (FirstBlockCache; those blocks then run every step).
 
-Every graph the Plan calls is cached (after expert_quant's single graph, or
-timestep buckets: numeric variants share the caches).
+Every graph the Plan calls is cached (after expert_quant, the quantized graph;
+after timestep_quant, every bucket: numeric variants share the caches).
 
 Reads: nothing required. Writes: CachePlan; per graph G, graphs `G.full`,
 `G.reuse` (and `G.probe`) and a table Select (or the probe + rule Select) in

@@ -278,8 +278,11 @@ class MixedPrecision(RewritePass):
                             f"{prof.symmetric}, but this pass emits block_size {o.block_size}, w8_block_size "
                             f"{o.w8_block_size}, symmetric {o.symmetric}; give quant_sensitivity the same options")
         if prof.graph not in program.graphs or len(program.graphs) != 1:
-            raise PassError(f"pass 'mixed_precision' quantizes a single-graph program (the one the "
-                            f"SensitivityProfile measured); this one has graphs {list(program.graphs)}")
+            made = sorted({p for g in program.graphs.values() for p, _, _ in g.lineage})
+            raise PassError(f"pass 'mixed_precision' allocates bits from the per-layer errors quant_sensitivity "
+                            f"measured on graph {prof.graph!r}; this program runs graphs {list(program.graphs)}"
+                            f"{' made by ' + ', '.join(made) if made else ''}, whose calls that measurement does "
+                            "not cover. Run quant_sensitivity and mixed_precision before cache passes")
         gm = program.graphs[prof.graph].module
         present = {s.region for s in find_sites(gm, batched=not any(program.graphs[prof.graph].dynamic_dims))}
         layers = [lay for lay in prof.layers if lay.layer in present]

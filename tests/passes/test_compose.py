@@ -364,3 +364,14 @@ def test_expert_cache_after_expert_quant_caches_the_quantized_experts(refresh):
             xe = xe - 0.1 * out
     assert "reuse" in r.trace
     torch.testing.assert_close(got, xe, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_after_a_cache_pass_is_refused_by_meaning():
+    m, (x, t) = tiny_dit()
+    prog = capture(m, (x, t))
+    ctx = PassContext(calibration=tiny_sampler_loop(x, STEPS))
+    get_pass("quant_sensitivity")()(prog, ctx)
+    cached = get_pass("interval_cache")(interval=3, steps=STEPS)(prog, ctx).program
+    with pytest.raises(PassError, match="measured on graph 'main'; this program runs graphs .* made by interval_cache, "
+                                        "whose calls that measurement does not cover"):
+        get_pass("mixed_precision")(weight_bytes=0.5)(cached, ctx)
