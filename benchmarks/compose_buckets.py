@@ -1,0 +1,65 @@
+"""Timestep buckets under a cache pass, side by side in one process: does choosing the
+activation scales by t (4 buckets) cost speed against one bucket?
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/compose_buckets.py [--repeats 9]
+
+Builds the dit_mnist artifacts of examples/pipelines/dit_full.yaml (timestep_quant with
+4 buckets chosen by t, then taylor_cache in each) and dit_full_1bucket.yaml (one bucket,
+then taylor_cache), and times the workload's task (one DDIM-50 batch of 10, CFG 1.5) with
+each, alternating, one thread each, median over rounds. Fidelity is measured by
+`pared bench` (benchmarks/results/dit_full.json, dit_full_1bucket.json); this script
+answers only the speed question. Writes benchmarks/results/compose_buckets.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+import torch  # noqa: E402
+
+import pared  # noqa: E402
+from pared.backends.executor import Executor  # noqa: E402
+from pared.bench import write_results  # noqa: E402
+from pared.fidelity import side_by_side  # noqa: E402
+from pared.pipeline import build_passes, load_pipeline  # noqa: E402
+from pared.workloads import EXAMPLES, get_workload  # noqa: E402
+
+PIPELINES = {"4_buckets": "dit_full.yaml", "1_bucket": "dit_full_1bucket.yaml"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "compose_buckets.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    wl = get_workload("dit_mnist")
+    model, example, calib = wl.build(), wl.example_inputs(), wl.calibration()
+    runs, graphs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, file in PIPELINES.items():
+            print(f"building {label} ({file})", flush=True)
+            spec = load_pipeline(os.path.join(EXAMPLES, "pipelines", file))
+            opt = pared.optimize(model, example, target=spec.target, pipeline=build_passes(spec), calibration=calib,
+                                 bench_repeats=0, allow_fidelity_loss=True)
+            ex = Executor(opt.save(os.path.join(tmp, label)), threads=1)
+            graphs[label] = len(opt.program.graphs)
+            runs[label] = (lambda ex=ex: wl.task(ex, ex.reset))
+        print(f"timing, {a.repeats} alternating rounds", flush=True)
+        timing = side_by_side(runs, repeats=a.repeats, warmup=1)
+    med = timing["median_s"]
+    out = {"what": "dit_mnist: timestep_quant 4 buckets vs 1 bucket, each then taylor_cache N=4; one DDIM-50 "
+                   "batch of 10 per call, alternating, 1 thread",
+           "repeats": a.repeats, "graphs": graphs, "timing": timing,
+           "four_over_one": med["4_buckets"] / med["1_bucket"]}
+    print(f"4 buckets {med['4_buckets'] * 1e3:.1f} ms, 1 bucket {med['1_bucket'] * 1e3:.1f} ms: "
+          f"{out['four_over_one']:.3f}x the time", flush=True)
+    write_results(a.json, out)
+
+
+if __name__ == "__main__":
+    main()
