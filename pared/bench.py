@@ -1,32 +1,17 @@
-"""The side-by-side benchmark of a reference workload.
-
-    result = bench_workload("dit_mnist", pipeline="examples/pipelines/dit_mnist.yaml")
-
-In one process it builds three contenders and times the workload's task with
-each, in alternating rounds (median, min and max of the rounds):
-
-    eager           the trained PyTorch model
-    backend_plain   the model lowered with no passes to the same target
-    optimized       the model lowered with the pipeline
-
-then runs the workload's whole fidelity set with `eager` and `optimized` and
-compares them (the workload decides the figures). Thread counts are fixed for
-every contender (torch intra-op threads, ONNX Runtime / TVM pool) and recorded;
-OMP_WAIT_POLICY is set to PASSIVE and ONNX Runtime does not spin.
-"""
+"""Helpers every benchmark shares: results files written atomically with the machine
+they ran on, parameter bytes, trace summaries. The side-by-side benchmark of a reference
+workload (`pared bench --workload`) is pared.workloads.bench."""
 from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
-import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _portable(path: str | None) -> str | None:
+def portable_path(path: str | None) -> str | None:
     """A pipeline path relative to the source tree when it lies inside it (JSON that travels)."""
     if not path:
         return None
@@ -35,7 +20,7 @@ def _portable(path: str | None) -> str | None:
     return os.path.relpath(full, root) if full.startswith(root + os.sep) else full
 
 
-def _trace_summary(trace: list[str]) -> dict:
+def trace_summary(trace: list[str]) -> dict:
     """The routine per call of one task, and how often each ran."""
     return {"calls": len(trace), "counts": {r: trace.count(r) for r in dict.fromkeys(trace)}, "routines": trace}
 
@@ -55,7 +40,7 @@ def param_bytes(program) -> int:
     return sum(seen.values())
 
 
-def _stats(s: Mapping[str, Any], name: str) -> dict[str, float]:
+def timing_stats(s: Mapping[str, Any], name: str) -> dict[str, float]:
     return {k: round(s[f"{k}_s"][name] * 1e3, 3) for k in ("min", "median", "max")}
 
 
@@ -95,110 +80,3 @@ def write_results(path: str, data: dict, **dump: Any) -> str:
             os.remove(tmp)
         raise
     return path
-
-
-def bench_workload(name: str, *, pipeline: str | None = "default", target: str | None = None, threads: int = 1,
-                   repeats: int = 5, json_out: str | None = None, workload_options: Mapping[str, Any] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict:
-    """Measure one workload; returns (and optionally writes) the result record.
-
-    Args:
-        name: a workload of pared.workloads.
-        pipeline: a pipeline file, "default" (examples/pipelines/<name>.yaml, or
-            none when the workload has none), or None for no passes.
-        target: a target name (cpu, tvm-cpu, ...); default: the pipeline file's, else cpu.
-        threads: intra-op threads for every contender.
-        repeats: timed rounds (each round runs every contender once).
-        workload_options: size options for the workload (samples, steps, batch, ...).
-    """
-    import torch
-    import pared
-    from pared.backends.executor import Executor
-    from pared.pipeline import build_passes, load_pipeline
-    from pared.fidelity import side_by_side
-    from pared.workloads import get_workload, torch_callable
-    from pared.analysis.cost import graphs_flops, trace_flops
-
-    say = progress or (lambda m: None)
-    torch.set_num_threads(threads)
-    wl = get_workload(name, **dict(workload_options or {}))
-    if pipeline == "default":
-        pipeline = wl.pipeline
-    spec = load_pipeline(pipeline) if pipeline else None
-    passes = build_passes(spec) if spec else []
-    target = target or (spec.target if spec and spec.target else "cpu")
-    backend_options = dict(spec.backend) if spec else {}
-    say(f"{wl.summary}; pipeline {pipeline or '(none)'}; target {target}; {threads} thread(s)")
-    model = wl.build()
-    example, calib = wl.example_inputs(), wl.calibration()
-
-    work = tempfile.mkdtemp(prefix="pared-bench-")
-    contenders: dict[str, Any] = {}
-    programs = {}
-    for label, plist in (("backend_plain", []), ("optimized", passes)):
-        if label == "optimized" and not plist:
-            # no passes: the optimized artifact is the plain one; built once, loaded twice (own sessions)
-            programs[label] = programs["backend_plain"]
-            contenders[label] = Executor(os.path.join(work, "backend_plain"), threads=threads)
-            continue
-        say(f"building {label}")
-        dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in plist) else None
-        opt = pared.optimize(model, example, target=target, pipeline=plist, calibration=calib,
-                             bench_repeats=0, allow_fidelity_loss=True, backend_options=backend_options,
-                             dynamic_shapes=dyn, progress=lambda m: None)
-        path = opt.save(os.path.join(work, label))
-        programs[label] = opt.program
-        contenders[label] = Executor(path, threads=threads)
-    eager = torch_callable(model)
-
-    def run_task(label: str):
-        if label == "eager":
-            return lambda: wl.task(eager)
-        ex = contenders[label]
-        return lambda: wl.task(ex, ex.reset)
-
-    say(f"timing eager / backend_plain / optimized, {repeats} alternating rounds")
-    timing = side_by_side({k: run_task(k) for k in ("eager", "backend_plain", "optimized")},
-                                         repeats=repeats, warmup=1)
-
-    # FLOPs the pipeline removed, over the calls the task made (the plan may pick cheaper routines)
-    ex = contenders["optimized"]
-    ex.reset()
-    wl.task(ex, None)
-    trace = ex.trace
-    base_call = sum(graphs_flops(programs["backend_plain"]).values())
-    spent = trace_flops(programs["optimized"], ex.graph_trace)
-    remaining = spent / (base_call * len(trace)) if trace else 1.0
-
-    say("fidelity run: eager")
-    t0 = time.perf_counter()
-    ref = wl.run(eager)
-    say(f"fidelity run: optimized (eager took {time.perf_counter() - t0:.0f} s)")
-    got = wl.run(ex, ex.reset)
-    fid = wl.fidelity(ref, got)
-
-    med = timing["median_s"]
-    result = {
-        "workload": name, "summary": wl.summary, "pipeline": _portable(pipeline), "target": target,
-        "passes": [getattr(p, "name", str(p)) for p in passes],
-        "torch_threads": torch.get_num_threads(), "ort_threads": threads,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": timing["repeats"],
-        "timings_ms": {k: _stats(timing, k) for k in ("eager", "backend_plain", "optimized")},
-        "calls_per_task": wl.calls_per_task,
-        "speedup": {"vs_eager": med["eager"] / med["optimized"],
-                    "vs_backend_plain": med["backend_plain"] / med["optimized"],
-                    "backend_plain_vs_eager": med["eager"] / med["backend_plain"]},
-        "ideal_speedup": 1.0 / remaining if remaining > 0 else None,
-        "flops_per_task": {"reference": int(base_call * len(trace)),
-                           "optimized": int(spent)},
-        "trace": _trace_summary(trace),
-        "fidelity": fid,
-        "weight_bytes": {"reference": param_bytes(programs["backend_plain"]),
-                         "optimized": param_bytes(programs["optimized"])},
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
-    }
-    if json_out:
-        write_results(json_out, result)
-    import shutil
-    shutil.rmtree(work, ignore_errors=True)
-    return result

@@ -254,7 +254,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _bench_workload(a: argparse.Namespace) -> int:
-    from pared.bench import bench_workload
+    from pared.workloads.bench import bench_workload
     opts = {k: getattr(a, k) for k in ("samples", "steps", "batch", "head", "episodes", "tasks")
             if getattr(a, k) is not None}
     say = (lambda m: None) if a.quiet else (lambda m: _console().print(f"[dim]{m}[/dim]"))

@@ -23,8 +23,8 @@ This package is the `workloads/` folder, imported as `pared.workloads` (with
 `pared.workloads.data`, the MNIST digits, and `pared.workloads.samplers`, the
 torch-free samplers). It sits above the library: it may import any of pared, and
 nothing in ir/, analysis/, passes/, backends/ or pared's front door imports it
-(only the CLI and pared.bench, which benchmark the workloads; pyproject.toml's
-import-linter contract).
+(only the CLI, whose `pared bench --workload` runs pared.workloads.bench;
+pyproject.toml's import-linter contract).
 """
 from __future__ import annotations
 

@@ -220,7 +220,7 @@ def test_bench_workload_with_no_passes_acts_like_eager(head, tmp_path, monkeypat
     """pared bench --workload vla_metaworld with an empty pipeline: the artifact
     acts in the simulator like the eager policy (same seeds, same actions)."""
     monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
-    from pared.bench import bench_workload
+    from pared.workloads.bench import bench_workload
     out = tmp_path / "vla.json"
     r = bench_workload("vla_metaworld", pipeline=None, repeats=1, json_out=str(out),
                        workload_options={"head": head, "episodes": 1, "tasks": "reach-v3", "mse_steps": 8,

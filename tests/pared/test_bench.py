@@ -36,7 +36,7 @@ def test_bench_dit_workload_writes_the_json(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_without_passes_on_minilm(tmp_path):
-    from pared.bench import bench_workload
+    from pared.workloads.bench import bench_workload
     r = bench_workload("minilm", pipeline=None, repeats=1, workload_options={"sentences": 40, "batch": 16})
     assert r["pipeline"] is None and r["passes"] == []
     assert r["fidelity"]["sentences"] == 40

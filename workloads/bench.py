@@ -1,0 +1,132 @@
+"""The side-by-side benchmark of a reference workload (`pared bench --workload NAME`).
+
+    result = bench_workload("dit_mnist", pipeline="examples/pipelines/dit_mnist.yaml")
+
+In one process it builds three contenders and times the workload's task with
+each, in alternating rounds (median, min and max of the rounds):
+
+    eager           the trained PyTorch model
+    backend_plain   the model lowered with no passes to the same target
+    optimized       the model lowered with the pipeline
+
+then runs the workload's whole fidelity set with `eager` and `optimized` and
+compares them (the workload decides the figures). Thread counts are fixed for
+every contender (torch intra-op threads, ONNX Runtime / TVM pool) and recorded;
+OMP_WAIT_POLICY is set to PASSIVE and ONNX Runtime does not spin.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Callable, Mapping
+
+from pared.bench import portable_path, timing_stats, trace_summary, param_bytes, write_results
+
+
+def bench_workload(name: str, *, pipeline: str | None = "default", target: str | None = None, threads: int = 1,
+                   repeats: int = 5, json_out: str | None = None, workload_options: Mapping[str, Any] | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict:
+    """Measure one workload; returns (and optionally writes) the result record.
+
+    Args:
+        name: a workload of pared.workloads.
+        pipeline: a pipeline file, "default" (examples/pipelines/<name>.yaml, or
+            none when the workload has none), or None for no passes.
+        target: a target name (cpu, tvm-cpu, ...); default: the pipeline file's, else cpu.
+        threads: intra-op threads for every contender.
+        repeats: timed rounds (each round runs every contender once).
+        workload_options: size options for the workload (samples, steps, batch, ...).
+    """
+    import torch
+    import pared
+    from pared.backends.executor import Executor
+    from pared.pipeline import build_passes, load_pipeline
+    from pared.fidelity import side_by_side
+    from pared.workloads import get_workload, torch_callable
+    from pared.analysis.cost import graphs_flops, trace_flops
+
+    say = progress or (lambda m: None)
+    torch.set_num_threads(threads)
+    wl = get_workload(name, **dict(workload_options or {}))
+    if pipeline == "default":
+        pipeline = wl.pipeline
+    spec = load_pipeline(pipeline) if pipeline else None
+    passes = build_passes(spec) if spec else []
+    target = target or (spec.target if spec and spec.target else "cpu")
+    backend_options = dict(spec.backend) if spec else {}
+    say(f"{wl.summary}; pipeline {pipeline or '(none)'}; target {target}; {threads} thread(s)")
+    model = wl.build()
+    example, calib = wl.example_inputs(), wl.calibration()
+
+    work = tempfile.mkdtemp(prefix="pared-bench-")
+    contenders: dict[str, Any] = {}
+    programs = {}
+    for label, plist in (("backend_plain", []), ("optimized", passes)):
+        if label == "optimized" and not plist:
+            # no passes: the optimized artifact is the plain one; built once, loaded twice (own sessions)
+            programs[label] = programs["backend_plain"]
+            contenders[label] = Executor(os.path.join(work, "backend_plain"), threads=threads)
+            continue
+        say(f"building {label}")
+        dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in plist) else None
+        opt = pared.optimize(model, example, target=target, pipeline=plist, calibration=calib,
+                             bench_repeats=0, allow_fidelity_loss=True, backend_options=backend_options,
+                             dynamic_shapes=dyn, progress=lambda m: None)
+        path = opt.save(os.path.join(work, label))
+        programs[label] = opt.program
+        contenders[label] = Executor(path, threads=threads)
+    eager = torch_callable(model)
+
+    def run_task(label: str):
+        if label == "eager":
+            return lambda: wl.task(eager)
+        ex = contenders[label]
+        return lambda: wl.task(ex, ex.reset)
+
+    say(f"timing eager / backend_plain / optimized, {repeats} alternating rounds")
+    timing = side_by_side({k: run_task(k) for k in ("eager", "backend_plain", "optimized")},
+                                         repeats=repeats, warmup=1)
+
+    # FLOPs the pipeline removed, over the calls the task made (the plan may pick cheaper routines)
+    ex = contenders["optimized"]
+    ex.reset()
+    wl.task(ex, None)
+    trace = ex.trace
+    base_call = sum(graphs_flops(programs["backend_plain"]).values())
+    spent = trace_flops(programs["optimized"], ex.graph_trace)
+    remaining = spent / (base_call * len(trace)) if trace else 1.0
+
+    say("fidelity run: eager")
+    t0 = time.perf_counter()
+    ref = wl.run(eager)
+    say(f"fidelity run: optimized (eager took {time.perf_counter() - t0:.0f} s)")
+    got = wl.run(ex, ex.reset)
+    fid = wl.fidelity(ref, got)
+
+    med = timing["median_s"]
+    result = {
+        "workload": name, "summary": wl.summary, "pipeline": portable_path(pipeline), "target": target,
+        "passes": [getattr(p, "name", str(p)) for p in passes],
+        "torch_threads": torch.get_num_threads(), "ort_threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": timing["repeats"],
+        "timings_ms": {k: timing_stats(timing, k) for k in ("eager", "backend_plain", "optimized")},
+        "calls_per_task": wl.calls_per_task,
+        "speedup": {"vs_eager": med["eager"] / med["optimized"],
+                    "vs_backend_plain": med["backend_plain"] / med["optimized"],
+                    "backend_plain_vs_eager": med["eager"] / med["backend_plain"]},
+        "ideal_speedup": 1.0 / remaining if remaining > 0 else None,
+        "flops_per_task": {"reference": int(base_call * len(trace)),
+                           "optimized": int(spent)},
+        "trace": trace_summary(trace),
+        "fidelity": fid,
+        "weight_bytes": {"reference": param_bytes(programs["backend_plain"]),
+                         "optimized": param_bytes(programs["optimized"])},
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
+    }
+    if json_out:
+        write_results(json_out, result)
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
+    return result
