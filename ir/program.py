@@ -200,6 +200,10 @@ class Program:
         return out
 
     # -- running on the torch side -----------------------------------------
+    def variant_makers(self) -> list[str]:
+        """The passes that made this program's graphs variants (from their lineage), sorted."""
+        return sorted({p for g in self.graphs.values() for p, _, _ in g.lineage})
+
     def weight_groups(self) -> list[list[str]]:
         """The graphs the Plan calls, grouped by the weight tensors they share (variants
         of one captured graph land in one group; a draft model and its target in two).

@@ -31,7 +31,7 @@ from pared.ir.errors import PassError
 from pared.ir.plan import Call, Latch, Select
 from pared.ir.program import Graph, Program
 from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
-from pared.passes.cache.common import BLOCK_CACHES, graph_flops
+from pared.passes.cache.common import graph_flops, graphs_to_cache
 
 _aten = torch.ops.aten
 
@@ -109,17 +109,9 @@ class SkipUnconditionalBranch(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        names = []
-        for gname in program.called_graphs():
-            g = program.graphs[gname]
-            if g.made_by(self.name):
-                continue
-            other = next((p for p, _, _ in g.lineage if p in BLOCK_CACHES), None)
-            if other is not None:
-                raise PassError(f"pass 'cfg_skip': graph {gname!r} is a variant {other} made; cfg_skip measures the "
-                                "agreement of the model's two CFG halves, which a cache variant need not output. "
-                                f"Run cfg_skip before {other}")
-            names.append(gname)
+        names = graphs_to_cache(program, self.name, lambda g, other: (
+            "cfg_skip measures the agreement of the model's two CFG halves, which a cache variant need not "
+            f"output. Run cfg_skip before {other}"))
         if not names:
             return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={})
         for gname in names:

@@ -63,9 +63,13 @@ def refreshes(step: int, interval: int, warmup: int) -> bool:
 BLOCK_CACHES = ("interval_cache", "delta_cache", "magnitude_cache", "taylor_cache", "residual_cache", "expert_cache")
 
 
-def graphs_to_cache(program: Program, pass_name: str) -> list[str]:
-    """The graphs a block-cache pass rewrites: every graph the Plan calls, except
-    those this pass already made (so running it again finds nothing more).
+def graphs_to_cache(program: Program, pass_name: str, why: Callable[[str, str], str] | None = None) -> list[str]:
+    """The graphs a cache pass rewrites: every graph the Plan calls, except those
+    this pass already made (so running it again finds nothing more).
+
+    Args:
+        why: (graph, the block cache that made it) -> why this pass cannot follow it;
+            default: two block caches would schedule the same calls.
 
     Raises:
         PassError: when another block-cache pass made a graph: its variants are
@@ -79,9 +83,9 @@ def graphs_to_cache(program: Program, pass_name: str) -> list[str]:
             continue
         other = next((p for p, _, _ in g.lineage if p in BLOCK_CACHES), None)
         if other is not None:
-            raise PassError(f"pass '{pass_name}': graph {name!r} is a variant {other} made for its own schedule; "
-                            f"a second block cache would choose the same calls by a second schedule. Use one of "
-                            f"{other} and {pass_name} per pipeline")
+            raise PassError(f"pass '{pass_name}': graph {name!r} is a variant {other} made" + (
+                "; " + why(name, other) if why else " for its own schedule; a second block cache would choose the "
+                f"same calls by a second schedule. Use one of {other} and {pass_name} per pipeline"))
         out.append(name)
     return out
 

@@ -278,7 +278,7 @@ class MixedPrecision(RewritePass):
                             f"{prof.symmetric}, but this pass emits block_size {o.block_size}, w8_block_size "
                             f"{o.w8_block_size}, symmetric {o.symmetric}; give quant_sensitivity the same options")
         if prof.graph not in program.graphs or len(program.graphs) != 1:
-            made = sorted({p for g in program.graphs.values() for p, _, _ in g.lineage})
+            made = program.variant_makers()
             raise PassError(f"pass 'mixed_precision' allocates bits from the per-layer errors quant_sensitivity "
                             f"measured on graph {prof.graph!r}; this program runs graphs {list(program.graphs)}"
                             f"{' made by ' + ', '.join(made) if made else ''}, whose calls that measurement does "

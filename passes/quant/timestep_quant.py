@@ -164,7 +164,7 @@ class QuantizePerTimestep(RewritePass):
             return PassResult(program, modified=False, preserved=tuple(ctx.records),
                               stats={"quantized": 0, "excluded": 0, "temporal": 0})
         if len(program.graphs) != 1:
-            made = sorted({p for g in program.graphs.values() for p, _, _ in g.lineage})
+            made = program.variant_makers()
             raise PassError(f"pass 'timestep_quant' calibrates activation ranges per step of the model's one graph "
                             f"and picks a variant per step itself; this program's steps already run variants "
                             f"{list(program.graphs)} chosen by {', '.join(made) or 'its plan'}. Run timestep_quant "

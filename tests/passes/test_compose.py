@@ -320,8 +320,7 @@ def test_expert_quant_after_expert_cache_is_refused_by_meaning():
 
 @pytest.mark.parametrize("name, opts", [
     ("quantize_weights_int4", {"force": True, "block_size": 16}),
-    ("constant_folding", {}),
-    ("dead_code_elimination", {}),
+    ("dead_code_elimination", {}),     # the cache variants leave a dead node behind in each
 ])
 def test_graph_passes_rewrite_every_variant_alike(name, opts):
     """After a cache pass: every variant is rewritten, and the result equals rewriting the
@@ -331,7 +330,9 @@ def test_graph_passes_rewrite_every_variant_alike(name, opts):
     ctx = PassContext()
     cache = get_pass("interval_cache")(interval=3, steps=STEPS)
     rewrite = get_pass(name)(**opts)
-    a = rewrite(cache(prog, ctx).program, ctx).program
+    res = rewrite(cache(prog, ctx).program, ctx)
+    assert res.modified, f"{name} found nothing to rewrite in the variants: the test would compare no-ops"
+    a = res.program
     b = cache(rewrite(prog, ctx).program, ctx).program
     for g in a.graphs:
         assert a.graphs[g].op_counts() == b.graphs[g].op_counts(), g
