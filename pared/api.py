@@ -5,9 +5,10 @@
     opt.save("out/")  # the torch-free artifact
 
 Flow: capture -> passes -> lower to a staging artifact -> run it against the
-eager model on the example and calibration inputs (fidelity) and time both
-alternately (speed) -> `save()` writes the final artifact atomically with the
-report in its manifest.
+eager model on the example and the held-out inputs, or the calibration inputs
+(in-sample) when none are held out (fidelity) -> time both alternately on the
+same fixed thread count (speed) -> `save()` writes the final artifact atomically
+with the report in its manifest.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def eval_mode(model: torch.nn.Module):
             m.training = flag
 
 
-def _calibration_inputs(calibration: Any) -> list[tuple]:
+def _input_sets(calibration: Any) -> list[tuple]:
     if calibration is None or callable(calibration):
         return []
     if isinstance(calibration, torch.Tensor):
@@ -137,7 +138,8 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
              target: "str | Target | Mapping" = "cpu", pipeline: Any = None, calibration: Any = None,
              fidelity: "Fidelity | Mapping[str, float] | None" = None, allow_fidelity_loss: bool = False,
              dynamic_shapes: Any = None, bench_repeats: int = 10, backend_options: Mapping[str, Any] | None = None,
-             progress: Callable[[str], None] | None = None) -> Optimized:
+             progress: Callable[[str], None] | None = None, holdout: Any = None,
+             bench_threads: int | None = None) -> Optimized:
     """Capture, rewrite, lower and check a model.
 
     Args:
@@ -149,13 +151,21 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
             device-profile YAML path, or a Target.
         pipeline: None (no rewrites), a pipeline YAML path, or a list of pass
             specs (`"name"`, `{"name": {options}}`, or Pass objects).
-        calibration: a list of input tuples (also used as held-out fidelity
-            checks), or a callable loop for iterative models.
+        calibration: a list of input tuples, or a callable loop for iterative
+            models; what the passes calibrate on.
+        holdout: inputs the passes never see, to judge fidelity on (a list of
+            input tuples, or a callable loop); fidelity is checked on the example
+            plus these. Without it the calibration inputs are checked instead,
+            which is an in-sample check: the report says so
+            (`report["fidelity"]["in_sample"]`, `["judged_on"]`).
         fidelity: bounds (see pared.fidelity.Fidelity); default cosine >= 0.999
             and relative L2 <= 1e-2 on every output.
         allow_fidelity_loss: keep a result that misses the bounds instead of raising.
         dynamic_shapes: torch.export dynamic shapes for the inputs.
         bench_repeats: rounds of the side-by-side timing (0 skips timing).
+        bench_threads: intra-op threads for both sides of the timing (torch, and
+            the ONNX Runtime / TVM pool); default the target's `threads`, else
+            torch's current count. Recorded as `report["speed"]["threads"]`.
         backend_options: passed to the backend (TVM: `tune`, `tune_trials`, `cache_dir`).
         progress: called with a short message at each stage.
     Returns:
@@ -170,13 +180,17 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
 
+    if bench_threads is not None and bench_threads < 1:
+        raise ValueError(f"bench_threads must be >= 1, got {bench_threads}")
+    threads = bench_threads or tgt.threads or torch.get_num_threads()
+
     with eval_mode(model):
-        return _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fidelity_loss,
-                         dynamic_shapes, bench_repeats, backend_options, say)
+        return _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, allow_fidelity_loss,
+                         dynamic_shapes, bench_repeats, threads, backend_options, say)
 
 
-def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fidelity_loss, dynamic_shapes,
-              bench_repeats, backend_options, say) -> Optimized:
+def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, allow_fidelity_loss,
+              dynamic_shapes, bench_repeats, threads, backend_options, say) -> Optimized:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"capturing {type(model).__name__}")
@@ -224,8 +238,11 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fid
         return opt
 
     opt = Optimized(program, tgt, staging, manifest, report)
-    say("checking fidelity against eager PyTorch")
-    check_sets = [(args, kwargs)] + [(c, {}) for c in _calibration_inputs(calibration)]
+    # judged on inputs the passes never saw when the caller holds some out; else in-sample
+    judged = holdout if holdout is not None else calibration
+    in_sample = holdout is None and (callable(calibration) or bool(_input_sets(calibration)))
+    say("checking fidelity against eager PyTorch" + (" (in-sample: on the calibration inputs)" if in_sample else ""))
+    check_sets = [(args, kwargs)] + [(c, {}) for c in _input_sets(judged)]
     pairs = []
     with torch.no_grad():
         for a, kw in check_sets:
@@ -234,38 +251,57 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, allow_fid
             opt.executor.reset()
             got = opt.executor.run_flat(*[t.detach().cpu().numpy() for t in _flat_tensors(a, kw)])
             pairs.append((ref, got))
-    if callable(calibration):
+    if callable(judged):
         # an iterative model is judged on the whole run (a sampler's final sample), not one call
-        say("checking the calibration run against eager PyTorch")
-        pairs.append(_loop_pair(calibration, model, opt.executor))
+        say("checking the whole loop against eager PyTorch")
+        pairs.append(_loop_pair(judged, model, opt.executor))
     figures = summarize(pairs)
-    report["fidelity"] = dict(figures, bounds={k: v for k, v in bounds.__dict__.items()})
+    report["fidelity"] = dict(figures, bounds={k: v for k, v in bounds.__dict__.items()}, in_sample=in_sample,
+                              judged_on=("example + holdout" if holdout is not None else
+                                         "example + calibration (in-sample)" if in_sample else "example only"))
     if _host_provider(tgt):
         report["fidelity"]["checked_on"] = (f"CPUExecutionProvider ({tgt.provider} is not in this host's "
                                             "onnxruntime; the ONNX graphs are the same)")
     bad = bounds.violations(figures)
     report["fidelity"]["passed"] = not bad
     if bench_repeats > 0:
-        say("timing eager PyTorch and the artifact side by side")
-        feed = [t.detach().cpu().numpy() for t in _flat_tensors(args, kwargs)]
-
-        def eager() -> None:
-            with torch.no_grad():
-                model(*args, **kwargs)
-
-        def artifact() -> None:
-            opt.executor.reset()
-            opt.executor.run_flat(*feed)
-
-        sp = side_by_side({"eager": eager, "artifact": artifact}, repeats=bench_repeats, warmup=2)
-        report["speed"] = {"eager_ms": round(sp["median_s"]["eager"] * 1e3, 3),
-                           "artifact_ms": round(sp["median_s"]["artifact"] * 1e3, 3),
-                           "speedup_vs_eager": round(sp["speedup"]["artifact"], 3),
-                           "repeats": sp["repeats"], "torch_threads": torch.get_num_threads(), **sp["env"]}
+        say(f"timing eager PyTorch and the artifact side by side ({threads} thread(s) each)")
+        report["speed"] = _time_side_by_side(model, args, kwargs, opt, staging, threads, bench_repeats)
     if bad and not allow_fidelity_loss:
         raise FidelityError(f"optimized model misses the fidelity bound: {'; '.join(bad)} "
                             "(pass allow_fidelity_loss=True to keep it, or loosen `fidelity`)", report["fidelity"])
     return opt
+
+
+def _time_side_by_side(model: torch.nn.Module, args: tuple, kwargs: dict, opt: Optimized, staging: str,
+                       threads: int, repeats: int) -> dict:
+    """Median ms of eager and of the artifact, alternating, both on `threads` intra-op
+    threads (torch's count is put back after); the artifact is timed by its own
+    Executor on that count unless the target already fixes it."""
+    feed = [t.detach().cpu().numpy() for t in _flat_tensors(args, kwargs)]
+    timed = (opt.executor if opt.executor.target.get("threads") == threads else
+             Executor(staging, threads=threads, provider=_host_provider(opt.target)))
+
+    def eager() -> None:
+        with torch.no_grad():
+            model(*args, **kwargs)
+
+    def artifact() -> None:
+        timed.reset()
+        timed.run_flat(*feed)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sp = side_by_side({"eager": eager, "artifact": artifact}, repeats=repeats, warmup=2)
+        torch_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return {"eager_ms": round(sp["median_s"]["eager"] * 1e3, 3),
+            "artifact_ms": round(sp["median_s"]["artifact"] * 1e3, 3),
+            "speedup_vs_eager": round(sp["speedup"]["artifact"], 3),
+            "repeats": sp["repeats"], "threads": threads, "torch_threads": torch_threads,
+            "artifact_threads": int(timed.target.get("threads") or 0), **sp["env"]}
 
 
 def _loop_pair(loop: Callable, model: torch.nn.Module, executor: Any) -> tuple[list, list]:

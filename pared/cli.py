@@ -86,10 +86,11 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     model = resolve_ref(spec.model, base)()
     args, kwargs = _split_inputs(resolve_ref(spec.example_inputs, base)())
     calibration = resolve_ref(spec.calibration, base)() if spec.calibration else None
+    holdout = resolve_ref(spec.holdout, base)() if spec.holdout else None
     passes = build_passes(spec)
     with _Progress(a.quiet) as progress:
         opt = pared.optimize(model, args, kwargs=kwargs, target=a.target or spec.target or "cpu", pipeline=passes,
-                             calibration=calibration, fidelity=spec.fidelity,
+                             calibration=calibration, holdout=holdout, fidelity=spec.fidelity,
                              allow_fidelity_loss=a.allow_fidelity_loss, bench_repeats=a.repeats,
                              backend_options=spec.backend, progress=progress)
         path = opt.save(out)
@@ -107,10 +108,12 @@ def _print_report(report: dict, path: str) -> None:
                                   for p in report.get("passes", [])) or "(none)")
     if "cosine_min" in f:
         t.add_row("fidelity", f"cosine min {f['cosine_min']:.6f}, rel L2 max {f['rel_l2_max']:.2e}, "
-                              f"max abs {f['max_abs']:.2e} over {f['checked_inputs']} input set(s)")
+                              f"max abs {f['max_abs']:.2e} over {f['checked_inputs']} input set(s)"
+                              + (f" ({f['judged_on']})" if "judged_on" in f else ""))
     if "speedup_vs_eager" in s:
         t.add_row("speed", f"{s['artifact_ms']:.3f} ms vs eager {s['eager_ms']:.3f} ms "
-                           f"= {s['speedup_vs_eager']:.2f}x (median of {s['repeats']}, alternating)")
+                           f"= {s['speedup_vs_eager']:.2f}x (median of {s['repeats']}, alternating"
+                           + (f", {s['threads']} thread(s) each)" if "threads" in s else ")"))
     _out().print(t)
 
 

@@ -7,6 +7,7 @@ A pipeline file (YAML, ``version: 1``)::
     model: model.py:build_model      # CLI only: factories, relative to this file
     example_inputs: model.py:example_inputs
     calibration: model.py:calibration
+    holdout: model.py:holdout        # inputs fidelity is judged on (else calibration, in-sample)
     export: artifacts/model          # CLI only: output directory
     fidelity: {min_cosine: 0.999}
     backend: {tune: false}           # options for the backend's lowering
@@ -33,8 +34,8 @@ from typing import Any, Callable, Mapping, Sequence
 from pared.ir.errors import OptionError, ParedError, PipelineError, TargetError
 
 VERSION = 1
-TOP_LEVEL = ("version", "target", "model", "example_inputs", "calibration", "export", "fidelity", "backend",
-             "passes")
+TOP_LEVEL = ("version", "target", "model", "example_inputs", "calibration", "holdout", "export", "fidelity",
+             "backend", "passes")
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,15 @@ class PassSpec:
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    """A parsed pipeline file. Paths in `model`/`example_inputs`/`calibration`
-    and `export` are relative to `base_dir` (the file's folder)."""
+    """A parsed pipeline file. Paths in `model`/`example_inputs`/`calibration`/
+    `holdout` and `export` are relative to `base_dir` (the file's folder)."""
 
     passes: tuple[PassSpec, ...] = ()
     target: str | None = None
     model: str | None = None
     example_inputs: str | None = None
     calibration: str | None = None
+    holdout: str | None = None
     export: str | None = None
     fidelity: Mapping[str, float] | None = None
     backend: Mapping[str, Any] = field(default_factory=dict)
@@ -182,12 +184,12 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
     base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
 
     strings = {}
-    for key in ("target", "model", "example_inputs", "calibration", "export"):
+    for key in ("target", "model", "example_inputs", "calibration", "holdout", "export"):
         v = data.get(key)
         if v is not None and not isinstance(v, str):
             raise err(f"'{key}' expects a string, got {type(v).__name__} {v!r}", key)
         strings[key] = v
-    for key in ("model", "example_inputs", "calibration"):
+    for key in ("model", "example_inputs", "calibration", "holdout"):
         v = strings[key]
         if v is not None and (":" not in v or not v.rsplit(":", 1)[0].endswith(".py")):
             raise err(f"'{key}' expects 'path/to/file.py:function', got {v!r}", key)
@@ -236,6 +238,7 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
         specs.append(spec)
     return PipelineSpec(passes=tuple(specs), target=target, model=strings["model"],
                         example_inputs=strings["example_inputs"], calibration=strings["calibration"],
+                        holdout=strings["holdout"],
                         export=export, fidelity=fidelity, backend=dict(backend),
                         path=source if os.path.exists(source) else None)
 

@@ -2,9 +2,14 @@
 training digits of pared.workloads.data.mnist at 16x16, EMA of the weights, labels
 dropped to the null class 10% of the time (for classifier-free guidance).
 
-    python examples/dit_mnist/train.py --minutes 75      # what shipped: 1 thread, ~75 min here
+    python examples/dit_mnist/train.py --steps 407       # the shipped weights: three segments,
+    python examples/dit_mnist/train.py --steps 1910 --init examples/dit_mnist/weights.safetensors
+    python examples/dit_mnist/train.py --steps 891 --lr 3e-4 --init examples/dit_mnist/weights.safetensors
 
-Deterministic for a given seed and thread count. Writes the EMA weights
+(they were trained by time, 15 + 72 + 25 min on 1 thread here; their step counts are in
+train_log.json). Every segment restarts the seed, the optimizer and its warmup.
+Deterministic for a given seed, thread count and torch build in principle; the
+replay has not been checked bit for bit against the shipped file. Writes the EMA weights
 (atomically, every few minutes and at the end) to weights.safetensors beside
 this file, and a log of the loss to train_log.json.
 """
@@ -42,9 +47,11 @@ def disable_builtin_label_dropout(model: torch.nn.Module) -> None:
 
 def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int = 128, lr: float = 4e-4,
           ema_decay: float = 0.999, null_label: int = 10, p_uncond: float = 0.1, seed: int = 0,
-          threads: int = 1, aux_loss=None, save_every_min: float = 5.0, init: str | None = None) -> dict:
-    """Train `model` for `minutes`; `init`: continue from saved EMA weights (a fresh
-    optimizer with a new warmup; the log records the chain)."""
+          threads: int = 1, aux_loss=None, save_every_min: float = 5.0, init: str | None = None,
+          steps: int | None = None) -> dict:
+    """Train `model` for `minutes`, or exactly `steps` optimizer steps when given; `init`:
+    continue from saved EMA weights (a fresh optimizer with a new warmup; the log records
+    the chain)."""
     from pared.workloads.data import mnist
     from pared.workloads.samplers import NoiseSchedule
 
@@ -69,12 +76,12 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {n_params / 1e6:.2f}M parameters for {minutes} min, batch {batch}, {threads} thread(s)",
-          flush=True)
+    print(f"training {n_params / 1e6:.2f}M parameters for {f'{steps} steps' if steps is not None else f'{minutes} min'}, "
+          f"batch {batch}, {threads} thread(s)", flush=True)
     log, t0, last_save, step, run_loss = [], time.time(), time.time(), 0, None
     while True:
         elapsed = time.time() - t0
-        if elapsed > minutes * 60:
+        if (step >= steps) if steps is not None else (elapsed > minutes * 60):
             break
         idx = torch.from_numpy(rng.integers(0, len(x_all), batch))
         x0, y = x_all[idx], y_all[idx].clone()
@@ -128,6 +135,7 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=75.0)
+    p.add_argument("--steps", type=int, help="stop after this many steps (instead of --minutes)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -139,7 +147,7 @@ def main() -> None:
     from model import EpsModel
     torch.manual_seed(a.seed)
     train(EpsModel(), a.out, minutes=a.minutes, batch=a.batch, lr=a.lr, seed=a.seed, threads=a.threads,
-          init=a.init)
+          init=a.init, steps=a.steps)
 
 
 if __name__ == "__main__":

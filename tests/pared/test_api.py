@@ -112,3 +112,52 @@ def test_bad_option_in_pass_list():
     m, inputs = tiny_transformer()
     with pytest.raises(pared.PipelineError, match=r"passes\[0\].*'_api_perturb'.*'eps'"):
         pared.optimize(m, inputs, pipeline=[{"_api_perturb": {"eps": "x"}}])
+
+
+def _mlp_and_inputs():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    small = [(0.1 * torch.randn(4, 16),) for _ in range(3)]    # the calibrated range
+    large = [(20.0 * torch.randn(4, 16),) for _ in range(2)]   # far outside it: clipped by the quantizers
+    return m, small, large
+
+
+def test_fidelity_is_judged_on_holdout_when_given():
+    m, small, large = _mlp_and_inputs()
+    common = dict(pipeline=["quantize_linears"], calibration=small, bench_repeats=0, allow_fidelity_loss=True)
+    held = pared.optimize(m, small[0], holdout=large, **common).report["fidelity"]
+    assert held["in_sample"] is False and held["judged_on"] == "example + holdout"
+    assert held["checked_inputs"] == 1 + len(large)
+    inside = pared.optimize(m, small[0], **common).report["fidelity"]
+    assert inside["in_sample"] is True and inside["judged_on"] == "example + calibration (in-sample)"
+    assert inside["checked_inputs"] == 1 + len(small)
+    # the held-out inputs, not the calibration ones, were judged: only they saturate the int8 ranges
+    assert inside["rel_l2_max"] < 0.1 < held["rel_l2_max"]
+
+
+def test_fidelity_without_calibration_or_holdout_is_the_example_only():
+    m, small, _ = _mlp_and_inputs()
+    f = pared.optimize(m, small[0], bench_repeats=0).report["fidelity"]
+    assert f["in_sample"] is False and f["judged_on"] == "example only" and f["checked_inputs"] == 1
+
+
+def test_speed_runs_both_sides_on_the_same_pinned_threads(monkeypatch):
+    made = []
+
+    class Recording(pared.api.Executor):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(pared.api, "Executor", Recording)
+    m, small, _ = _mlp_and_inputs()
+    before = torch.get_num_threads()
+    s = pared.optimize(m, small[0], bench_repeats=2, bench_threads=2).report["speed"]
+    assert s["threads"] == 2 and s["torch_threads"] == 2 and s["artifact_threads"] == 2
+    assert torch.get_num_threads() == before            # torch's own count is put back
+    timed = [ex for ex in made if ex.target.get("threads") == 2]
+    assert timed, "no Executor was made with the pinned thread count"
+    opts = timed[0].graphs["main"].session.get_session_options()
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    with pytest.raises(ValueError, match="bench_threads must be >= 1"):
+        pared.optimize(m, small[0], bench_threads=0)

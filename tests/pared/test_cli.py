@@ -24,6 +24,10 @@ MODELS_PY = textwrap.dedent("""
         torch.manual_seed(1)
         return [(torch.randint(0, 50, (2, 16)),)]
 
+    def holdout():
+        torch.manual_seed(2)
+        return [(torch.randint(0, 50, (2, 16)),) for _ in range(2)]
+
     def model_and_inputs():
         return tiny_transformer()
 
@@ -67,6 +71,17 @@ def test_optimize_writes_artifact(artifact, capsys):
     man = json.load(open(os.path.join(artifact, "manifest.json")))
     assert [p["name"] for p in man["report"]["passes"]] == ["constant_folding", "dead_code_elimination"]
     assert man["report"]["fidelity"]["checked_inputs"] == 2
+
+
+def test_optimize_judges_the_holdout_named_in_the_file(artifact, workdir):
+    man = json.load(open(os.path.join(artifact, "manifest.json")))
+    assert man["report"]["fidelity"]["judged_on"] == "example + calibration (in-sample)"
+    held = workdir / "held.yaml"
+    held.write_text((workdir / "p.yaml").read_text().replace("export:", "holdout: models.py:holdout\nexport:"))
+    out = str(workdir / "held_art")
+    assert main(["optimize", str(held), "--out", out, "--repeats", "0", "-q"]) == EXIT_OK
+    f = json.load(open(os.path.join(out, "manifest.json")))["report"]["fidelity"]
+    assert f["judged_on"] == "example + holdout" and f["in_sample"] is False and f["checked_inputs"] == 3
 
 
 def test_optimize_bad_option_is_one_line(workdir, capsys):

@@ -107,6 +107,13 @@ def test_bad_fidelity_and_entries(tmp_path):
     assert "pipeline is empty" in _error(tmp_path, "# nothing\n")
 
 
+def test_holdout_key(tmp_path):
+    spec = load_pipeline(_write(tmp_path, GOOD.replace("export:", "holdout: models.py:heldout\nexport:")))
+    assert spec.holdout == "models.py:heldout" and load_pipeline(_write(tmp_path, GOOD)).holdout is None
+    assert "'holdout' expects 'path/to/file.py:function'" in _error(
+        tmp_path, GOOD.replace("export:", "holdout: heldout\nexport:"))
+
+
 def test_missing_file():
     with pytest.raises(PipelineError, match="does not exist"):
         load_pipeline("/no/such/pipeline.yaml")
