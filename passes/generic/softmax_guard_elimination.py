@@ -17,8 +17,9 @@ three-point lattice: finite < row_safe (may hold -inf, never a whole softmax row
 by the `assume_mask_keeps_a_key` contract) < unknown. Integer and bool values,
 parameters and buffers whose values are finite, and finite literals are finite;
 ops on an allow-list (linear algebra, add/sub/mul, views, casts, norms, gelu/silu/
-tanh, embedding, softmax, where over finite branches...) keep finiteness; a
-literal inf/nan (masked_fill/full/where/scalar_tensor with -inf), log, division
+tanh, embedding, softmax, where over finite branches...) keep finiteness, as do x^k for
+a natural k, sqrt of a value nonnegative by construction, and rsqrt of one at least a
+literal eps > 0 (RMSNorm's rsqrt(mean(x^2) + eps)); a literal inf/nan (masked_fill/full/where/scalar_tensor with -inf), log, division
 by a tensor and any op not on the list make a value unknown, except that a value
 computed from constants alone (a timestep embedding's exp(arange)) is evaluated
 and checked when small. Overflow of finite arithmetic
@@ -308,6 +309,14 @@ def _transfer(gm: fx.GraphModule, n: fx.Node, facts: dict[str, _Fact],
             and n.args[1] != 0:
         # division by a finite nonzero literal is a multiplication by its inverse
         return worst if worst.level != ROW_SAFE or n.args[1] > 0 else _Fact(UNKNOWN, worst.why)
+    if name == "pow" and worst.level == FINITE and len(ins) == 1 and n.args[0] is not None and \
+            _natural(n.args[1]):
+        # x^k for a natural k is repeated multiplication (RMSNorm's x^2)
+        return _Fact(FINITE)
+    if name in ("rsqrt", "sqrt") and worst.level == FINITE and len(ins) == 1 and \
+            (_at_least_eps(n.args[0]) if name == "rsqrt" else _nonnegative(n.args[0])):
+        # RMSNorm's x * rsqrt(mean(x^2) + eps): 1 / sqrt of a value >= eps > 0 is finite
+        return _Fact(FINITE)
     if name not in _KEEP:
         return _Fact(UNKNOWN, f"unknown op {n.format_node()}")
     if name in _FACTORY_LIKE:
@@ -327,6 +336,47 @@ def _transfer(gm: fx.GraphModule, n: fx.Node, facts: dict[str, _Fact],
         if name in ("_softmax", "softmax", "_safe_softmax"):
             return _Fact(FINITE)  # some key per row is finite: every probability is
     return _Fact(UNKNOWN, worst.why)
+
+
+def _natural(k: object) -> bool:
+    """Whether `k` is a literal integer >= 0 (an int, or a float with an integer value)."""
+    return isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and \
+        float(k).is_integer() and k >= 0
+
+
+def _nonnegative(v: object) -> bool:
+    """Whether `v` is >= 0 by construction: x^k for an even integer k, |x|, x * x, or a
+    sum / mean of such values (what RMSNorm's variance is built from)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return v >= 0
+    if not isinstance(v, fx.Node) or v.op != "call_function":
+        return False
+    name = _packet(v)
+    if name == "pow" and len(v.args) == 2 and _natural(v.args[1]):
+        return int(v.args[1]) % 2 == 0
+    if name == "abs":
+        return True
+    if name == "mul" and len(v.args) == 2:
+        return v.args[0] is v.args[1] or all(_nonnegative(a) for a in v.args)
+    if name in ("mean", "sum", "_to_copy", "clone", "alias", "view", "_unsafe_view", "expand") and v.args:
+        return _nonnegative(v.args[0])
+    if name == "add" and len(v.args) == 2:
+        return all(_nonnegative(a) for a in v.args)
+    return False
+
+
+def _at_least_eps(v: object) -> bool:
+    """Whether `v` is >= some literal c > 0 by construction: a nonnegative value plus c."""
+    if not isinstance(v, fx.Node) or v.op != "call_function" or _packet(v) != "add" or len(v.args) != 2:
+        return False
+    a, b = v.args
+    val = v.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+
+    def lit(x: object) -> bool:       # > 0 also once rounded to the sum's dtype (no underflow to 0)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and \
+            bool(torch.tensor(x, dtype=dtype) > 0)
+    return (lit(b) and _nonnegative(a)) or (lit(a) and _nonnegative(b))
 
 
 def _is_mask_cond(c: object) -> bool:

@@ -28,6 +28,9 @@ class Attention(nn.Module):
     mask="div": q divided by a tensor (kept). mask="prep": the input normalized by
     literals and a sinusoidal embedding exp(arange) added (constants only: proven).
     mask="causal": a constant triu(full(-inf)) mask (a literal -inf: kept).
+    mask="rmsnorm": RMSNorm (Llama's x * rsqrt(mean(x^2) + eps)) instead of LayerNorm (proven).
+    mask="rmsnorm_no_eps" / "rmsnorm_odd": rsqrt(mean(x^2)) / rsqrt(mean(x^3) + eps), which
+    may be inf / NaN (kept).
     """
 
     def __init__(self, dim: int = 16, mask: str = "none"):
@@ -43,7 +46,7 @@ class Attention(nn.Module):
             pos = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * freqs
             x = (x - 0.13) / 0.31 + torch.cat([pos.sin(), pos.cos()], dim=-1)
         for lin in self.qkv:
-            q, k, v = lin(F.layer_norm(x, x.shape[-1:])).chunk(3, dim=-1)
+            q, k, v = lin(self._norm(x)).chunk(3, dim=-1)
             q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v))
             if self.mask == "log":
                 q = torch.log(q.abs() + 1)
@@ -56,6 +59,13 @@ class Attention(nn.Module):
                 bias = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, float("-inf"))[:, None, None, :]
             x = x + F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(-2)
         return self.out(F.gelu(x))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.mask.startswith("rmsnorm"):
+            return F.layer_norm(x, x.shape[-1:])
+        eps = 0.0 if self.mask == "rmsnorm_no_eps" else 1e-6
+        variance = x.pow(3 if self.mask == "rmsnorm_odd" else 2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(variance + eps) if eps else x * torch.rsqrt(variance)
 
 
 def _model(mask="none", seed=0):
@@ -153,6 +163,23 @@ def test_literal_division_and_constant_subgraphs(mask, proven):
     else:
         key = "kept_inf_constant" if mask == "causal" else "kept_unknown_op"
         assert res.stats[key] == 2 and res.stats["simplified"] == 0
+
+
+@pytest.mark.parametrize("mask,proven", [("rmsnorm", True), ("rmsnorm_no_eps", False), ("rmsnorm_odd", False)])
+def test_rmsnorm_is_finite_only_with_an_even_power_and_eps(mask, proven):
+    """Llama's RMSNorm, x * rsqrt(mean(x^2) + eps), is finite for finite x (the guard goes); without
+    eps a zero row gives rsqrt(0) = inf, and an odd power a negative mean (NaN): both keep it."""
+    m, inputs = _model(mask)
+    p = capture(m, inputs)
+    assert op_count(p, "aten.rsqrt") == 2 and op_count(p, "aten.pow") == 2
+    res = _run(p)
+    assert res.modified is proven
+    if proven:
+        assert res.stats["simplified"] == 2 and all(v == 0 for v in _guard_ops(res.program).values())
+        with torch.no_grad():
+            assert torch.equal(p(*inputs), res.program(*inputs))
+    else:
+        assert res.stats["kept_unknown_op"] == 2 and res.stats["simplified"] == 0
 
 
 def test_float_inputs_not_assumed_finite():
