@@ -1,6 +1,9 @@
 """Lower one graph with TVM: from_exported_program → tvm.compile → export_library.
 
-The graph's weights become constants inside the shared library. A host build
+The graph's weights are folded as constants, then lifted out as parameters
+(backends/tvm/weights.py): the shared library holds code, and one `tvm.weights`
+file holds every weight of the artifact once, however many graph variants read
+it. A host build
 is loaded back and compared with the fx graph before it is shipped. A cross
 build (an ``mtriple`` other than this host's) is linked with the target's
 cross compiler when one is on PATH; otherwise the compiled objects are shipped
@@ -140,6 +143,19 @@ def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
                            "use target 'cpu' (ONNX Runtime)") from e
 
 
+def _lift_weights(mod, outdir: str, fname: str) -> tuple[Any, dict]:
+    """Lift the module's constants into parameters and write their values to
+    `outdir/fname`; the manifest fields that say so. (A quantized graph's weight-side
+    work was folded into constants by to_relax; a float graph is not folded here,
+    since FoldConstant would also materialize weights broadcast over the batch.)"""
+    from pared.backends.tvm import weights
+
+    mod, values = weights.lift(mod)
+    if not values:
+        return mod, {}
+    return mod, {"params": weights.write(os.path.join(outdir, fname), values), "weights_file": fname}
+
+
 def _tvm_target(target: Mapping[str, Any]):
     import tvm
     try:
@@ -230,7 +246,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     tvm_target = _tvm_target(target)
     inputs, outputs = io_spec(graph)
     quant_stats: dict = {}
-    mod = to_relax(graph, name, quant_stats)
+    mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name)
@@ -241,13 +257,14 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         raise BackendError(f"graph '{name}': TVM compile for {target.get('name')} failed: {first[:400]}; "
                            "use target 'cpu' (ONNX Runtime)") from e
     entry: dict[str, Any] = {"backend": "tvm", "function": "main", "inputs": inputs, "outputs": outputs,
-                             "tuned": tune, "tvm_version": tvm.__version__}
+                             "tuned": tune, "tvm_version": tvm.__version__, **lifted}
+    extra = [lifted["weights_file"]] if lifted else []
     triple = _triple(target)
     if not is_cross(target):
         fname = f"{name}.so"
         path = os.path.join(outdir, fname)
         ex.export_library(path)
-        entry.update(file=fname, files=[fname], linked=True)
+        entry.update(file=fname, files=[fname] + extra, linked=True)
         from pared.backends.tvm.runtime import TvmGraph
         got = TvmGraph(outdir, entry, target)(to_numpy(graph.example_inputs))
         if quant.quantizes_activations(graph.module):
@@ -270,12 +287,12 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         fname = f"{name}.so"
         path = os.path.join(outdir, fname)
         ex.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
-        entry.update(file=fname, files=[fname], linked=True)
+        entry.update(file=fname, files=[fname] + extra, linked=True)
     else:
         fname = f"{name}.tar"
         path = os.path.join(outdir, fname)
         ex.export_library(path)
-        entry.update(file=fname, files=[fname], linked=False,
+        entry.update(file=fname, files=[fname] + extra, linked=False,
                      link=LINK_HINT.format(file=fname, name=name))
         log.warning("graph '%s': no cross linker %s on PATH; shipped unlinked objects %s. %s", name,
                     repr(cc) if cc else "(target has no cross_compiler)", fname, entry["link"])
@@ -296,17 +313,26 @@ def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entr
 
     check_graph, names = with_forced_outputs(graph)
     n_out = len(graph.output_names)
-    with contextlib.redirect_stdout(io.StringIO()):
-        ex = _compile(to_relax(check_graph, name + "_check"), tvm_target, tune=False, tune_trials=1,
-                      cache_dir=None, name=name + "_check")
     with tempfile.TemporaryDirectory(prefix="pared-check-", dir=outdir) as tmp:
+        # built as the shipped graph is (weights lifted), so the codes compared are the ones it computes
+        mod, lifted = _lift_weights(to_relax(check_graph, name + "_check"), tmp, "check.weights")
+        with contextlib.redirect_stdout(io.StringIO()):
+            ex = _compile(mod, tvm_target, tune=False, tune_trials=1, cache_dir=None, name=name + "_check")
         path = os.path.join(tmp, "check.so")
         ex.export_library(path)
         outputs = [{"name": n} for n in check_graph.output_names]
-        values = TvmGraph(tmp, dict(entry, file="check.so", outputs=outputs), target)(
+        check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file")}
+        values = TvmGraph(tmp, dict(check_entry, file="check.so", outputs=outputs, **lifted), target)(
             to_numpy(graph.example_inputs))
     theirs = dict(zip(names, values[n_out:]))
     return judge_forced(graph.module, graph.example_inputs, theirs, values[:n_out], got, len(names), CHECK_REL_L2)
+
+
+def finish_program(entries: Mapping[str, dict], outdir: str) -> dict:
+    """After every graph is lowered: one `tvm.weights` file holds each weight once
+    (see backends/tvm/weights.merge)."""
+    from pared.backends.tvm import weights
+    return weights.merge(entries, outdir)
 
 
 def _record_quant(entry: dict, stats: Mapping[str, int]) -> None:

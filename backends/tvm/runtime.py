@@ -1,7 +1,9 @@
 """Run one lowered graph with the TVM runtime (Relax VM). Torch-free.
 
 The graph is a shared library exported by ``tvm.compile(...).export_library``;
-its weights are constants inside it. A graph built for another architecture
+its weights are trailing parameters of ``main`` whose values the artifact's
+``tvm.weights`` file holds (backends/tvm/weights.py; an artifact built before
+that kept them as constants in the library, and its entry lists no params). A graph built for another architecture
 (a cross build) or left unlinked (no cross linker here) is refused with a
 message saying where it can run.
 """
@@ -51,10 +53,19 @@ class TvmGraph:
         self.vm = relax.VirtualMachine(self.lib, self.device)
         self.fn = self.vm[entry.get("function", "main")]
         self._tensor = tvm.runtime.tensor
+        self.params: list = []
+        if entry.get("params"):
+            from pared.backends.tvm.weights import WeightStore
+            path = os.path.join(artifact_dir, entry["weights_file"])
+            if not os.path.isfile(path):
+                raise ArtifactError(f"{artifact_dir}: graph file '{entry['file']}' reads its weights from "
+                                    f"{entry['weights_file']}, which is missing")
+            self._store = WeightStore.get(path, self.device)      # held: graphs of one artifact share it
+            self.params = self._store.tensors(entry["params"], f"{artifact_dir}: graph file '{entry['file']}'")
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         args = [self._tensor(np.ascontiguousarray(a), self.device) for a in arrays]
-        out = self.fn(*args)
+        out = self.fn(*args, *self.params)
         if hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]

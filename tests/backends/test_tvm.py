@@ -154,3 +154,93 @@ def test_cross_build_cannot_be_tuned(tmp_path):
     m, inputs = tiny_transformer()
     with pytest.raises(BackendError, match="cross build cannot be tuned"):
         _save(capture(m, inputs), tmp_path / "a", target=AARCH64, tune=True)
+
+
+# -- weights as parameters, stored once ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def cached_dit(tmp_path_factory):
+    from pared.ir.transform import PassContext
+    from pared.registry import get_pass
+    from pared.testing import tiny_dit, tiny_sampler_loop
+
+    m, (x, t) = tiny_dit()
+    ctx = PassContext(calibration=tiny_sampler_loop(x, 8))
+    program = get_pass("interval_cache")(interval=3, steps=8)(capture(m, (x, t)), ctx).program
+    return m, x, program, _save(program, tmp_path_factory.mktemp("tvm") / "cached")
+
+
+def test_variants_store_each_weight_once_as_parameters(cached_dit):
+    from pared.backends.tvm.weights import ALIGN, WEIGHTS_FILE
+
+    m, x, program, art = cached_dit
+    graphs = read_manifest(art)["graphs"]
+    assert set(graphs) == {"main.full", "main.reuse"}
+    keys = {g: [p["key"] for p in e["params"]] for g, e in graphs.items()}
+    unique = {p["key"]: p["bytes"] for e in graphs.values() for p in e["params"]}
+    # `reuse` reads a subset of `full`'s weights; both point at the same offsets of one file
+    assert set(keys["main.reuse"]) < set(keys["main.full"])
+    offsets = {g: {p["key"]: p["offset"] for p in e["params"]} for g, e in graphs.items()}
+    assert all(offsets["main.full"][k] == o for k, o in offsets["main.reuse"].items())
+    assert graphs["main.reuse"]["shared_params"] == len(set(keys["main.reuse"])) > 0
+    for e in graphs.values():
+        assert e["weights_file"] == WEIGHTS_FILE and WEIGHTS_FILE in e["files"]
+    size = os.path.getsize(os.path.join(art, WEIGHTS_FILE))
+    assert sum(unique.values()) <= size < sum(unique.values()) + ALIGN * len(unique)
+    assert not [f for f in os.listdir(art) if f.endswith(".weights") and f != WEIGHTS_FILE]
+    # a float graph's weights are stored as the model holds them (none broadcast over the batch)
+    assert size <= 1.05 * sum(v.numel() * v.element_size() for v in m.state_dict().values())
+    # the libraries hold code, not weights: the largest weight's bytes are in no .so
+    big = max(program.graphs["main.full"].module.state_dict().values(), key=lambda v: v.numel())
+    for e in graphs.values():
+        with open(os.path.join(art, e["file"]), "rb") as f:
+            assert big.detach().numpy().tobytes() not in f.read()
+
+
+def test_variants_share_weight_tensors_in_memory_and_match_the_fx_plan(cached_dit):
+    from pared.testing import tiny_sampler_loop
+
+    m, x, program, art = cached_dit
+    ex = Executor(art)
+    full, reuse = ex.graphs["main.full"], ex.graphs["main.reuse"]
+    by_key = dict(zip([p["key"] for p in full.entry["params"]], full.params))
+    for p, t in zip(reuse.entry["params"], reuse.params):
+        assert t is by_key[p["key"]]
+    runner = program.runner()
+    want = tiny_sampler_loop(x, 8)(lambda *a: runner(list(a))[0])
+    got = tiny_sampler_loop(x, 8)(lambda *a: torch.from_numpy(ex(*[v.numpy() for v in a])))
+    assert ex.trace == runner.trace and "reuse" in ex.trace
+    assert_close_to_eager(want, got, rel_l2=1e-5)
+
+
+def test_a_weight_record_that_does_not_fit_its_file_is_refused(tmp_path):
+    import tvm
+
+    from pared.backends.tvm.weights import WeightStore, write
+
+    path = str(tmp_path / "w.weights")
+    rec = write(path, [("k", np.ones((4, 64), np.float32))])[0]
+    store = WeightStore(path, tvm.cpu(0))
+    assert store.tensors([rec], "here")[0].numpy().sum() == 256
+    with pytest.raises(ArtifactError, match=r"here: weight k .*float32 \[8, 64\].* does not fit w.weights"):
+        WeightStore(path, tvm.cpu(0)).tensors([dict(rec, shape=[8, 64], bytes=2048)], "here")
+
+
+def test_a_splat_constant_is_made_at_run_time_not_stored():
+    import tvm
+    from tvm import relax
+
+    from pared.backends.tvm.weights import lift
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 256), "float32"))
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.matmul(x, relax.const(w)))
+        z = bb.emit(relax.op.add(y, relax.const(np.full((4, 256), 2.0, np.float32))))
+        bb.emit_func_output(z)
+    mod, values = lift(bb.get())
+    assert [v.shape for _, v in values] == [(256, 256)]
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu(0))
+    a = np.ones((4, 256), np.float32)
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w)).numpy()
+    np.testing.assert_allclose(got, a @ w + 2.0, rtol=1e-5)
