@@ -38,9 +38,10 @@ test: $(STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
 
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,
-# sampled torch-free from their artifacts); CI runs them after `make test`.
+# sampled torch-free from their artifacts) and the MetaSchedule tuning test; CI runs
+# them after `make test`.
 test-heavy: $(STAMP)
-	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -m heavy tests
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -m "heavy or tuning" tests
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
 # eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.
