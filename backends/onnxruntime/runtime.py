@@ -1,4 +1,22 @@
-"""Run one lowered ONNX graph with ONNX Runtime. Torch-free."""
+"""Run one lowered ONNX graph with ONNX Runtime. Torch-free.
+
+The graphs of one artifact share the initializers they have in common
+(`shared.weights`, see shared): on the CPU provider each of them is read once per
+process and every session is handed the same buffer (SessionOptions.add_initializer),
+so N variants hold those weights once, not N times. ORT then runs its kernels
+without prepacking in those sessions: a kernel that prepacks (MatMul, Gemm, QGemm,
+MatMulInteger, ... on the CPU provider) copies its weight into a packed buffer of
+its own session, and this onnxruntime's Python API has no shared prepacked-weights
+container (the C API's CreateSessionWithPrepackedWeightsContainer), so a prepacked
+session would hold its packed copy besides the shared one (more memory than not
+sharing). Measured: four variants sharing 10 MB of weights (fp32 MatMul and Gemm,
+int8 QGemm and MatMulInteger) grew the process by 11.7 MB shared, 45.9 MB with
+per-session copies (tests/backends/test_ort_shared.py); outputs bit-identical. The
+price: those kernels pack their weight panels on every call instead of once.
+A graph with an op whose unprepacked kernel dequantizes its whole weight on every
+call (MatMulNBits) keeps its own prepacked copies. `PARED_ORT_SHARED_WEIGHTS=per_session`
+gives every session its own (prepacked) copies, as before.
+"""
 from __future__ import annotations
 
 import os
@@ -6,14 +24,24 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pared.backends.onnxruntime.shared import SHARED_FILE, SharedWeights, shared_references
 from pared.ir.errors import ArtifactError
+
+#: environment variable choosing how sessions hold the weights in `shared.weights`: one of SHARED_WEIGHTS_MODES
+SHARED_WEIGHTS_ENV = "PARED_ORT_SHARED_WEIGHTS"
+#: "share": one buffer per process, prepacking off in those sessions (the default);
+#: "per_session": each session reads and prepacks its own copy
+SHARED_WEIGHTS_MODES = ("share", "per_session")
+#: ops whose ORT CPU kernel, unprepacked, dequantizes its whole weight to fp32 on every call
+#: (MatMulNBits: +16 MB per call for a 2048x2048 int4 weight): a graph with one is not shared
+UNPACKED_SLOW_OPS = frozenset({"MatMulNBits"})
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
 
 
 def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, initializers: Mapping[str, Any] | None = None):
     """An InferenceSession with explicit options from the target.
 
     Thread spinning is off: on a shared machine a spinning pool slowed every
@@ -21,6 +49,8 @@ def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str
     `ort_disabled_optimizers` are left out of ORT's graph rewrites.
     For inspection: `optimized_model_path`, where ORT writes the graph it runs;
     `profile_prefix`, ORT's profiler on (session.end_profiling() returns its file).
+    `initializers` (name -> OrtValue): used instead of the file's, without prepacking
+    (see the module docstring); the session holds them, so they outlive it.
 
     Raises:
         ArtifactError: when the target's execution provider is not in this onnxruntime.
@@ -41,6 +71,10 @@ def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
+    if initializers:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     provider = target.get("provider") or "CPUExecutionProvider"
     available = ort.get_available_providers()
     if provider not in available:
@@ -56,8 +90,12 @@ def make_session(path: str, target: Mapping[str, Any], optimized_model_path: str
             ov["num_of_threads"] = str(threads)
         first = (provider, ov)
     providers = [first] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-    return ort.InferenceSession(path, sess_options=opts, providers=providers,
-                                disabled_optimizers=disabled_optimizers(target))
+    session = ort.InferenceSession(path, sess_options=opts, providers=providers,
+                                   disabled_optimizers=disabled_optimizers(target))
+    if initializers:
+        # ORT keeps only pointers to them; set after the native session, so released after it
+        session._pared_initializers = dict(initializers)
+    return session
 
 
 def disabled_optimizers(target: Mapping[str, Any]) -> list[str]:
@@ -65,15 +103,53 @@ def disabled_optimizers(target: Mapping[str, Any]) -> list[str]:
     return [str(n) for n in target.get("ort_disabled_optimizers") or ()]
 
 
+def shared_weights_mode() -> str:
+    """How sessions hold the weights in `shared.weights` (PARED_ORT_SHARED_WEIGHTS; default "share").
+
+    Raises:
+        ValueError: the variable is set to something else than SHARED_WEIGHTS_MODES.
+    """
+    mode = os.environ.get(SHARED_WEIGHTS_ENV) or "share"
+    if mode not in SHARED_WEIGHTS_MODES:
+        raise ValueError(f"{SHARED_WEIGHTS_ENV}={mode!r}: expected one of {', '.join(SHARED_WEIGHTS_MODES)}")
+    return mode
+
+
 class OrtGraph:
-    """One graph of an artifact, run by ONNX Runtime."""
+    """One graph of an artifact, run by ONNX Runtime.
+
+    `shared_initializers`: name -> OrtValue of the initializers this session reads from
+    the artifact's SharedWeights (the same objects in every graph of the artifact; empty
+    when not shared, see the module docstring).
+
+    Raises:
+        ArtifactError: `shared.weights` missing or too short for a range the graph reads.
+    """
 
     def __init__(self, artifact_dir: str, entry: Mapping[str, Any], target: Mapping[str, Any]):
         self.entry = entry
-        self.session = make_session(os.path.join(artifact_dir, entry["file"]), target)
+        path = os.path.join(artifact_dir, entry["file"])
+        self.weights: SharedWeights | None = None       # held: the store lives while any graph of it does
+        self.shared_initializers: dict[str, Any] = {}
+        if self._shares(entry, target):
+            import onnx
+
+            model = onnx.load(path, load_external_data=False)
+            if not any(n.op_type in UNPACKED_SLOW_OPS for n in model.graph.node):
+                where = f"{artifact_dir}: {entry['file']}"
+                self.weights = SharedWeights.get(os.path.join(artifact_dir, SHARED_FILE), where)
+                self.shared_initializers = self.weights.initializers(shared_references(model), where)
+            del model
+        self.session = make_session(path, target, initializers=self.shared_initializers)
         self.input_names = [i["name"] for i in entry["inputs"]]
         self.output_names = [o["name"] for o in entry["outputs"]]
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         feed = {n: a for n, a in zip(self.input_names, arrays)}
         return self.session.run(self.output_names, feed)
+
+    @staticmethod
+    def _shares(entry: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
+        # only the CPU provider runs on host buffers; other providers place (and copy) weights themselves
+        return (SHARED_FILE in entry.get("files", ()) and shared_weights_mode() == "share"
+                and (target.get("provider") or "CPUExecutionProvider") == "CPUExecutionProvider")

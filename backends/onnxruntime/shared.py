@@ -8,18 +8,33 @@ two or more files (and that is at least `MIN_BYTES`) is written once to
 `shared.weights` and each file refers to it as ONNX external data (location,
 offset, length), which ONNX Runtime reads when it builds each session. Files
 that already use external data (graphs over 1 GB) are left alone.
+
+At run time `SharedWeights` reads each range of `shared.weights` once per process
+into a numpy buffer wrapped as an OrtValue, and every session of the artifact is
+handed the same OrtValue for its initializer (SessionOptions.add_initializer), so
+the variants also share the weights in memory (see runtime.OrtGraph for when).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import weakref
 from typing import Any, Mapping
+
+import numpy as np
+
+from pared.ir.errors import ArtifactError
 
 SHARED_FILE = "shared.weights"
 #: initializers smaller than this stay in their file (the bookkeeping would outweigh them)
 MIN_BYTES = 1024
 #: offsets in the shared file are aligned to this (ORT may map the file)
 ALIGN = 64
+#: ONNX element types (TensorProto.DataType) read into numpy buffers at run time; an
+#: initializer of another type (bfloat16, float8, ...) is left to ORT, which reads its own copy
+NUMPY_TYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 
 
 def share_initializers(entries: Mapping[str, dict], outdir: str) -> dict[str, dict]:
@@ -80,3 +95,90 @@ def _key(init: Any) -> str | None:
         return None
     h = hashlib.sha256(init.raw_data).hexdigest()
     return f"{init.data_type}:{tuple(init.dims)}:{h}"
+
+
+def shared_references(model: Any) -> list[tuple[str, int, int | None, int, tuple[int, ...]]]:
+    """The initializers of an ONNX model (loaded without its external data) stored in
+    `shared.weights`: [(name, offset, length or None, ONNX element type, dims)]."""
+    out = []
+    for init in model.graph.initializer:
+        if init.data_location != 1:                                    # 1: EXTERNAL
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        if info.get("location") != SHARED_FILE:
+            continue
+        length = int(info["length"]) if "length" in info else None
+        out.append((init.name, int(info.get("offset", 0)), length, int(init.data_type), tuple(int(d) for d in init.dims)))
+    return out
+
+
+class SharedWeights:
+    """The tensors of one artifact's `shared.weights` as OrtValues, each read once per
+    process and handed to every session that reads it (the mirror of the TVM backend's
+    WeightStore). Held weakly: when every graph of the artifact is gone, so are the buffers.
+
+    An OrtValue made by `ortvalue_from_numpy` points into its numpy buffer (no copy on the
+    CPU) and keeps it alive; a session given one with `add_initializer` uses that buffer
+    instead of its own, and must not outlive it (runtime.make_session ties them together).
+    """
+
+    _open: "weakref.WeakValueDictionary[tuple, SharedWeights]" = weakref.WeakValueDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, path: str):
+        self.path = path
+        self.size = os.path.getsize(path)
+        self._values: dict[tuple, Any] = {}
+
+    @classmethod
+    def get(cls, path: str, where: str) -> "SharedWeights":
+        """The store of `path`, shared by every graph that reads it while any holds it.
+
+        Raises:
+            ArtifactError: `path` is missing (`where` names the graph that reads it).
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ArtifactError(f"{where} reads its weights from {SHARED_FILE}, which is missing ({path}); "
+                                "re-export the artifact") from None
+        ident = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        with cls._lock:
+            store = cls._open.get(ident)
+            if store is None:
+                store = cls(path)
+                cls._open[ident] = store
+            return store
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def initializers(self, refs: list[tuple[str, int, int | None, int, tuple[int, ...]]], where: str) -> dict[str, Any]:
+        """name -> OrtValue for each of `refs` (as `shared_references` gives them) whose type
+        numpy holds; equal ranges (offset, length, type, dims) get the same OrtValue.
+
+        Raises:
+            ArtifactError: a range outside the file, or whose length does not fit its type and dims.
+        """
+        import onnxruntime as ort
+
+        out = {}
+        with self._lock:
+            for name, offset, length, elem, dims in refs:
+                if elem not in NUMPY_TYPES:
+                    continue
+                dtype = np.dtype(NUMPY_TYPES[elem])
+                n = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+                if (length is not None and length != n) or offset < 0 or offset + n > self.size:
+                    raise ArtifactError(
+                        f"{where}: initializer '{name}' ({dtype} {list(dims)}, {n} bytes) reads bytes "
+                        f"[{offset}, {offset + (length if length is not None else n)}) of {self.path}, which has "
+                        f"{self.size} bytes; the artifact is damaged, re-export it")
+                key = (offset, n, elem, dims)
+                value = self._values.get(key)
+                if value is None:
+                    arr = np.fromfile(self.path, dtype=dtype, count=n // dtype.itemsize, offset=offset).reshape(dims)
+                    value = ort.OrtValue.ortvalue_from_numpy(arr)
+                    self._values[key] = value
+                out[name] = value
+        return out
