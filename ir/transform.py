@@ -139,6 +139,11 @@ def check_block_size(pass_name: str, option: str, value: Any) -> None:
 
 
 # -- results and context -----------------------------------------------------
+#: `PassResult.preserved` for a pass that leaves every record valid (a record is kept when its
+#: type is a subclass of a preserved type, and every record is a Record)
+PRESERVE_ALL: tuple[type, ...] = (Record,)
+
+
 @dataclass(frozen=True)
 class PassResult:
     program: Program
@@ -189,11 +194,15 @@ class PassContext:
     def require(self, record_type: type, by: str) -> Record:
         rec = self.records.get(record_type)
         if rec is None:
-            producers = [n for n, c in REGISTRY.items()
-                         if issubclass(c, Analysis) and getattr(c, "record", None) is record_type]
+            producers = _producers(record_type)
             raise PassError(f"pass '{by}' needs a {record_type.__name__}; run "
                             f"{' or '.join(repr(p) for p in producers) or 'its analysis'} before it")
         return rec
+
+
+def _producers(record_type: type) -> list[str]:
+    """The registered analyses that produce `record_type`."""
+    return [n for n, c in REGISTRY.items() if issubclass(c, Analysis) and getattr(c, "record", None) is record_type]
 
 
 # -- passes ------------------------------------------------------------------
@@ -236,7 +245,7 @@ class Analysis(Pass):
         if not isinstance(rec, self.record):
             raise TypeError(f"analysis '{self.name}' returned {type(rec).__name__}, expected {self.record.__name__}")
         ctx.records[self.record] = rec
-        return PassResult(program, modified=False, preserved=tuple(ctx.records))
+        return PassResult(program, modified=False, preserved=PRESERVE_ALL)
 
 
 class RewritePass(Pass):
@@ -289,9 +298,12 @@ class UnknownPassError(OptionError, KeyError):
 class PassManager:
     """Runs passes in order.
 
-    After each modifying pass: drops records not preserved, lints and
-    recompiles every graph. Any failure is re-raised as PassError naming the
-    pass and the passes before it.
+    Before a pass: a record it `requires` that no earlier pass produced is computed on
+    demand by the one registered analysis that produces it, with that analysis's
+    default options (logged, and listed in the history as "NAME (for PASS)"); with
+    no such analysis, or several, the pass fails naming them. After each modifying
+    pass: drops records not preserved, lints and recompiles every graph. Any
+    failure is re-raised as PassError naming the pass and the passes before it.
     """
 
     def __init__(self, passes: Sequence[Pass]):
@@ -301,6 +313,7 @@ class PassManager:
         history: list[tuple[str, PassResult, float]] = []
         done: list[str] = []
         for p in self.passes:
+            self._on_demand(p, program, ctx, history, done)
             ctx.progress(f"pass {p.name}")
             t0 = time.perf_counter()
             try:
@@ -315,7 +328,7 @@ class PassManager:
                     raise TypeError("reported modified=False but returned a different Program")
                 if result.modified:
                     for rt in list(ctx.records):
-                        if rt not in result.preserved:
+                        if not issubclass(rt, tuple(result.preserved)):
                             del ctx.records[rt]
                     for g in result.program.graphs.values():
                         g.module.graph.lint()
@@ -334,6 +347,33 @@ class PassManager:
             done.append(p.name)
             program = result.program
         return program, history
+
+
+    @staticmethod
+    def _on_demand(p: Pass, program: Program, ctx: PassContext, history: list, done: list) -> None:
+        """Run the analysis behind each record `p` requires and nobody produced yet (see run)."""
+        for rt in p.requires:
+            if ctx.get(rt) is not None:
+                continue
+            producers = _producers(rt)
+            if len(producers) != 1:
+                continue        # ctx.require names them (or says none is registered)
+            name = producers[0]
+            ctx.progress(f"computing {rt.__name__} for pass {p.name} ({name}, default options)")
+            ctx.log.info("%s needs a %s: running %s with its default options", p.name, rt.__name__, name)
+            t0 = time.perf_counter()
+            try:
+                analysis = REGISTRY[name]()
+                result = analysis(program, ctx)
+            except PassError as e:
+                if e.args and str(e.args[0]).startswith(f"pass '{name}'"):
+                    raise PassError(f"pass '{p.name}' needs a {rt.__name__}, computed on demand by '{name}': "
+                                    f"{e}") from e
+                raise PassError(_fail_msg(f"{name} (for {p.name})", done, e)) from e
+            except Exception as e:
+                raise PassError(_fail_msg(f"{name} (for {p.name})", done, e)) from e
+            history.append((f"{name} (for {p.name})", result, time.perf_counter() - t0))
+            done.append(f"{name} (for {p.name})")
 
 
 def _fail_msg(name: str, done: Iterable[str], e: BaseException) -> str:

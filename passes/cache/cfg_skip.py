@@ -30,7 +30,7 @@ from pared.ir import meta
 from pared.ir.errors import PassError
 from pared.ir.plan import Call, Latch, Select
 from pared.ir.program import Graph, Program
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.cache.common import graph_flops, graphs_to_cache
 
 _aten = torch.ops.aten
@@ -113,7 +113,7 @@ class SkipUnconditionalBranch(RewritePass):
             "cfg_skip measures the agreement of the model's two CFG halves, which a cache variant need not "
             f"output. Run cfg_skip before {other}"))
         if not names:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
         for gname in names:
             src = program.graphs[gname]
             missing = [n for n, d in zip(src.input_names, src.dynamic_dims) if not any(i == 0 for i, _ in d)]
@@ -125,7 +125,7 @@ class SkipUnconditionalBranch(RewritePass):
                 raise PassError("pass 'cfg_skip': the example batch must be even (conditional rows, then "
                                 "unconditional)")
         if o.threshold > 1:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
         new, flops = program, []
         for gname in names:
             src = program.graphs[gname]

@@ -53,7 +53,7 @@ from pared.ir.plan import Call, Node, Rule, Select, Seq, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import Region
 from pared.ir.rewrite import eliminate_dead_code, splice
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, Span, cache_record, check_goal, first_blocks_probe, graph_flops,
                                        graphs_to_cache, refreshes, replace_with_input, search_threshold, with_outputs,
                                        with_search)
@@ -243,11 +243,11 @@ class CacheExperts(RewritePass):
             steps = calls_of(ctx, o.steps, self.name)
             table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
             if "reuse" not in table:
-                return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+                return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
         elif o.target is None and o.threshold == 0:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
         if not names:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
 
         def build(th: float | None, table: tuple[str, ...]) -> tuple[Program, dict]:
             new = program

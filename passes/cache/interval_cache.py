@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, cache_record, graph_flops, graphs_to_cache, make_span, refreshes,
                                        variant_program)
 
@@ -75,7 +75,7 @@ class CacheBlocksEveryN(RewritePass):
         steps = calls_of(ctx, o.steps, self.name)
         table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
         if "reuse" not in table or not names:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
         new = program
         for gname in names:
             blocks = block_regions(program, o.regions, gname)

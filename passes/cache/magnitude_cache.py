@@ -30,7 +30,7 @@ import torch
 from pared.analysis.recorder import record
 from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.program import Program
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, cache_record, check_goal, graph_flops, graphs_to_cache, make_span,
                                        search_threshold, variant_program, with_search)
 from pared.passes.cache.interval_cache import resolve_range
@@ -85,7 +85,7 @@ class CacheByMagnitude(RewritePass):
         o = self.options
         names = graphs_to_cache(program, self.name)
         if (o.threshold == 0 and o.target is None) or o.max_skip == 0 or not names:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
         spans = {}
         for gname in names:
             blocks = block_regions(program, o.regions, gname)
@@ -134,7 +134,7 @@ class CacheByMagnitude(RewritePass):
                                           progress=ctx.progress)
         new = build(th)
         if new is program:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"reuse_steps": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
         if points:
             new = with_search(new, points)
         table = new.records["CachePlan"].schedule

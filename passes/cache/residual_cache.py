@@ -29,7 +29,7 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.plan import Call, Rule, Select, Seq, StateBuffer
 from pared.ir.program import Program
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, cache_record, check_goal, emit_residuals, first_blocks_probe,
                                        graph_flops, graphs_to_cache, make_span, replace_with_input, reuse_spans,
                                        search_threshold, state_name, with_search)
@@ -62,7 +62,7 @@ class CacheResidualAdaptively(RewritePass):
         o = self.options
         names = graphs_to_cache(program, self.name)
         if not names or (o.target is None and o.threshold == 0):
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"cached_blocks": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"cached_blocks": 0})
         if o.target is not None:
             th, points = search_threshold(self.name, lambda th: self._build(program, names, th)[0], program,
                                           ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)

@@ -30,7 +30,7 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir import meta
 from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, cache_record, emit_residuals, graph_flops, graphs_to_cache, make_span,
                                        refreshes, reuse_spans, state_name)
 from pared.passes.cache.interval_cache import calls_of, resolve_range
@@ -126,7 +126,7 @@ class ForecastBlocks(RewritePass):
         steps = calls_of(ctx, o.steps, self.name)
         table, coefs = taylor_table(steps, o.interval, o.warmup)
         if "forecast" not in table or not names:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"forecast_steps": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"forecast_steps": 0})
         new = program
         coef = f"step:{self.name}.coef"
         for gname in names:

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from pared.ir import meta
 from pared.ir.program import Program, get_attr
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 
 _aten = torch.ops.aten
 _VIEWS = {
@@ -70,7 +70,7 @@ class FoldConstants(RewritePass):
             folded_total += len(roots)
             new_graphs[name] = g.with_module(gm)
         if folded_total == 0:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"folded": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"folded": 0})
         return PassResult(program.replace(graphs=new_graphs), modified=True, stats={"folded": folded_total})
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pared.ir.program import Program
 from pared.ir.rewrite import METADATA_ASSERTS, eliminate_dead_code
-from pared.ir.transform import PassContext, PassResult, RewritePass, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, register_pass
 
 
 @register_pass("dead_code_elimination")
@@ -39,5 +39,5 @@ class EliminateDeadCode(RewritePass):
             gm.recompile()
             new_graphs[name] = g.with_module(gm)
         if removed == 0:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"removed": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"removed": 0})
         return PassResult(program.replace(graphs=new_graphs), modified=True, stats={"removed": removed})

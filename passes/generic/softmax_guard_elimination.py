@@ -38,7 +38,7 @@ import torch.fx as fx
 from pared.ir import meta
 from pared.ir.program import Program, get_attr
 from pared.ir.rewrite import eliminate_dead_code
-from pared.ir.transform import PassContext, PassResult, RewritePass, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, register_pass
 
 _aten = torch.ops.aten
 
@@ -128,7 +128,7 @@ class EliminateSoftmaxGuards(RewritePass):
         kept = stats["kept_inf_constant"] + stats["kept_unknown_op"] + stats["kept_float_input"]
         ctx.log.info("softmax_guard_elimination: %d guard(s) removed, %d kept", stats["simplified"], kept)
         if stats["simplified"] == 0:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats=stats)
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats=stats)
         return PassResult(program.replace(graphs=new_graphs), modified=True, stats=stats)
 
 

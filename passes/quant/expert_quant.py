@@ -59,7 +59,7 @@ from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program, get_attr
 from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.cache.expert_cache import find_expert_stacks
 from pared.passes.quant.common import quantize_weight_blocks
 from pared.passes.quant.mixed_precision import allocate
@@ -249,7 +249,7 @@ class QuantizeExperts(RewritePass):
         found = {k: v for k, v in found.items() if v}
         if not found:
             ctx.log.info("expert_quant: no mixture-of-experts layer with stacked expert weights; nothing to do")
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"moe_layers": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"moe_layers": 0})
         if ctx.calibration is None:
             raise PassError("pass 'expert_quant' needs a calibration run (routing frequency and per-expert "
                             "sensitivity): pass calibration= to pared.optimize or the PassContext")

@@ -77,8 +77,8 @@ from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs
 from pared.ir.errors import OptionError, PassError
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program
-from pared.ir.transform import (PassContext, PassResult, Record, RewritePass, check_block_size, check_range,
-                                register_pass)
+from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_block_size,
+                              check_range, register_pass)
 from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
 from pared.passes.quant.quantize_linears import QuantizeLinears
 from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
@@ -287,7 +287,7 @@ class MixedPrecision(RewritePass):
         present = {s.region for s in find_sites(gm, batched=not any(program.graphs[prof.graph].dynamic_dims))}
         layers = [lay for lay in prof.layers if lay.layer in present]
         if not layers:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL,
                               stats={f: 0 for f in FORMAT_BITS})
         unmeasured = [f for f in o.formats if f != "fp32" and not any(f in lay.formats for lay in layers)]
         if unmeasured:
@@ -407,7 +407,7 @@ class MixedPrecision(RewritePass):
                      f", layer latency {lf:.3f} of fp32 (predicted)" if lf is not None else "", o.objective,
                      budget / full if full else 1.0, plan.predicted_rel_l2, measured["rel_l2"], measured["cosine"])
         if counts["fp32"] == len(chosen):
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats=counts)
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats=counts)
         records = {**new.records, "MixedPrecisionPlan": plan}
         if lat is not None:
             records["LatencyProfile"] = lat

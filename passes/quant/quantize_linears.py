@@ -110,7 +110,7 @@ from pared.ir.patterns import Site, find_sites  # noqa: F401  (the layer matcher
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
-from pared.ir.transform import PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
                                        RangeObserver, activation_qparams, int8_weight_qmax, quantize_bias,
                                        quantize_weight, smooth_factors, weight_format)
@@ -243,7 +243,7 @@ class QuantizeLinears(RewritePass):
         excluded = sorted({s.region for sites in sites_by_graph.values() for s in sites if _excluded(s, o.exclude)})
         todo = {name: [s for s in sites if not _excluded(s, o.exclude)] for name, sites in sites_by_graph.items()}
         if not any(todo.values()):
-            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL,
                               stats={"quantized": 0, "excluded": len(excluded)})
         # variants of one graph (a cache pass's, cfg_skip's) share their weights: one group. A layer's
         # activation range is observed over every call of every graph of its group that runs it (the
@@ -301,7 +301,7 @@ class QuantizeLinears(RewritePass):
                                     and seen[m[2]].range() is not None}
                 n_matmuls = len(mm_done)
         if not layers:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL,
                               stats={"quantized": 0, "excluded": len(excluded)})
         shared = share_equal_constants([(new_graphs[n].module, attr_targets(new_graphs[n].module)
                                          - attr_targets(program.graphs[n].module)) for n in names])

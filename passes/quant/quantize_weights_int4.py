@@ -59,7 +59,8 @@ from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
 from pared.ir.target import Target
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_block_size, register_pass
+from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_block_size,
+                              register_pass)
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
 from pared.passes.quant.quantize_linears import created_between
 
@@ -144,7 +145,7 @@ class QuantizeWeightsInt4(RewritePass):
                                 - attr_targets(program.graphs[n].module)) for n in program.graphs])
         stats = {"quantized": len(layers), **_count_reasons(skipped)}
         if not layers:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats=stats)
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats=stats)
         plan = WeightQuantPlan(4, o.block_size, o.symmetric, ridge, o.force, tuple(layers), tuple(skipped))
         new = program.replace(graphs=new_graphs, records={**program.records, "WeightQuantPlan": plan})
         before, after = sum(lq.fp32_bytes for lq in layers), sum(lq.quant_bytes for lq in layers)

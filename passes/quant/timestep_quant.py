@@ -83,7 +83,7 @@ from pared.ir.plan import Bins, Call, Select, Table
 from pared.ir.program import Graph, Program
 from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, RangeObserver, int8_weight_qmax, weight_format
 from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, next_index, _rewrite, Site
 
@@ -161,7 +161,7 @@ class QuantizePerTimestep(RewritePass):
         o = self.options
         if program.graphs and all(g.made_by(self.name) for g in program.graphs.values()):
             # its own buckets: running it again finds nothing more to do
-            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL,
                               stats={"quantized": 0, "excluded": 0, "temporal": 0})
         if len(program.graphs) != 1:
             made = program.variant_makers()
@@ -180,7 +180,7 @@ class QuantizePerTimestep(RewritePass):
         excluded = sorted({s.region for s in sites if s.out not in t_only and _excluded(s, o.exclude)})
         todo = [s for s in sites if s.out not in t_only and not _excluded(s, o.exclude)]
         if not todo and not borders:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL,
                               stats={"quantized": 0, "excluded": len(excluded), "temporal": 0})
 
         blocks = _blocks(program, gname) if o.float_blocks else []
@@ -214,7 +214,7 @@ class QuantizePerTimestep(RewritePass):
             ctx.log.debug("timestep_quant: %s steps %d..%d: %d layers int8, float blocks %s", name, lo_step,
                           hi_step, len(done), list(floats))
         if not any(bq.layers for bq in buckets) and not borders:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records),
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL,
                               stats={"quantized": 0, "excluded": len(excluded), "temporal": 0})
 
         schedule = tuple(buckets[b].graph for b, (lo, hi) in enumerate(spans) for _ in range(lo, hi + 1))

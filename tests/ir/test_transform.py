@@ -5,8 +5,8 @@ import pytest
 from pared.analysis.cost import CostProfile
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
-from pared.ir.transform import (Analysis, PassContext, PassManager, PassResult, Record, RewritePass, check_range,
-                                make_options, register_pass)
+from pared.ir.transform import (PRESERVE_ALL, Analysis, PassContext, PassManager, PassResult, Record, RewritePass,
+                                check_range, make_options, register_pass)
 from pared.registry import get_pass
 from pared.testing import tiny_transformer
 
@@ -121,3 +121,58 @@ def test_cost_profile(program):
     assert rec.total_flops > rec.region("blocks.0").flops > 0
     assert rec.param_count == sum(p.numel() for p in tiny_transformer()[0].parameters())
     assert rec.to_json()["type"] == "CostProfile"
+
+
+@dataclass(frozen=True)
+class _OrphanProfile(Record):
+    n: int
+
+
+@register_pass("_t_keep_all")
+class _KeepAll(RewritePass):
+    """Modifies the program and says every record still holds."""
+
+    def __call__(self, program, ctx):
+        g = program.main
+        return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=True,
+                          preserved=PRESERVE_ALL)
+
+
+@register_pass("_t_needs_count")
+class _NeedsCount(RewritePass):
+    requires = (_CountProfile,)
+
+    def __call__(self, program, ctx):
+        return PassResult(program, modified=False, stats={"nodes": ctx.require(_CountProfile, self.name).nodes})
+
+
+@register_pass("_t_needs_orphan")
+class _NeedsOrphan(RewritePass):
+    requires = (_OrphanProfile,)
+
+    def __call__(self, program, ctx):
+        return PassResult(program, modified=False)
+
+
+def test_preserve_all_keeps_every_record_through_a_modifying_pass(program):
+    ctx = PassContext()
+    PassManager([_Count(), get_pass("cost")(), _KeepAll()]).run(program, ctx)
+    assert set(ctx.records) == {_CountProfile, CostProfile}
+    PassManager([_Touch()]).run(program, ctx)
+    assert ctx.records == {}
+
+
+def test_a_required_record_is_computed_on_demand_by_its_analysis(program):
+    ctx = PassContext()
+    out, hist = PassManager([_NeedsCount()]).run(program, ctx)
+    assert [h[0] for h in hist] == ["_t_count (for _t_needs_count)", "_t_needs_count"]
+    assert hist[1][1].stats["nodes"] == len(program.main.module.graph.nodes) == ctx.get(_CountProfile).nodes
+    # computed once: a record already there is used as is
+    ctx.records[_CountProfile] = _CountProfile(-1)
+    _, hist = PassManager([_NeedsCount()]).run(program, ctx)
+    assert [h[0] for h in hist] == ["_t_needs_count"] and hist[0][1].stats["nodes"] == -1
+
+
+def test_a_required_record_no_analysis_produces_is_an_error_naming_it(program):
+    with pytest.raises(PassError, match="pass '_t_needs_orphan' needs a _OrphanProfile; run its analysis before it"):
+        PassManager([_NeedsOrphan()]).run(program, PassContext())

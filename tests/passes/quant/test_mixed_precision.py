@@ -198,11 +198,20 @@ def test_running_twice_finds_nothing_more():
     assert again.modified is False and again.program is res.program and again.stats["fp32"] == left
 
 
-def test_needs_the_sensitivity_profile():
+def test_the_sensitivity_profile_is_computed_on_demand_as_quant_sensitivity_would():
     m, (x,) = tiny_transformer()
-    with pytest.raises(PassError, match="pass 'mixed_precision'.*needs a SensitivityProfile; run 'quant_sensitivity'"):
-        PassManager([get_pass("mixed_precision")(weight_bytes=0.3)]).run(capture(m, (x,)),
-                                                                       PassContext(calibration=_calibration()))
+    prog = capture(m, (x,))
+    ctx = PassContext(calibration=_calibration())
+    out, hist = PassManager([get_pass("mixed_precision")(weight_bytes=0.3)]).run(prog, ctx)
+    assert [h[0] for h in hist] == ["quant_sensitivity (for mixed_precision)", "mixed_precision"]
+    ctx2 = PassContext(calibration=_calibration())
+    out2, _ = PassManager([get_pass("quant_sensitivity")(), get_pass("mixed_precision")(weight_bytes=0.3)]).run(
+        prog, ctx2)
+    assert out.records["MixedPrecisionPlan"] == out2.records["MixedPrecisionPlan"]
+    assert hist[1][1].stats == _[1][1].stats
+    # without calibration the analysis cannot run: the error names both passes
+    with pytest.raises(PassError, match="mixed_precision.*SensitivityProfile.*quant_sensitivity"):
+        PassManager([get_pass("mixed_precision")(weight_bytes=0.3)]).run(prog, PassContext())
 
 
 def test_budget_below_any_choice_and_mismatched_format_are_refused():
