@@ -16,6 +16,7 @@ import pared.analysis.redundancy  # noqa: F401
 import pared.passes.cache  # noqa: F401
 import pared.passes.generic  # noqa: F401
 import pared.passes.quant  # noqa: F401
+import pared.passes.sparsity  # noqa: F401
 from pared.ir.transform import REGISTRY, Pass, UnknownPassError, registered_pass
 
 __all__ = ["REGISTRY", "UnknownPassError", "get_pass"]

@@ -796,3 +796,157 @@ def tiny_sampler_loop(x0: torch.Tensor, steps: int = 10):
             x = x - 0.1 * torch.as_tensor(out)
         return x
     return loop
+
+
+# -- token merging: ToMe's own eager form, the reference token_merge is checked against ---------
+def tome_merge(x: torch.Tensor, metric: torch.Tensor, size: "torch.Tensor | None", r: int,
+               protect: int = 1) -> "tuple[torch.Tensor, torch.Tensor | None]":
+    """ToMe's bipartite soft matching + size-weighted merge ("Token Merging: Your ViT But Faster",
+    tome/merge.py: bipartite_soft_matching + merge_wavg), written as ToMe writes it (argsort,
+    scatter_reduce), with `protect` leading tokens kept: protect 1 is ToMe's class token, 2 its
+    class + distillation tokens. Unmerged tokens keep their order (ToMe sorts them only with a
+    class token; without one the order differs by a permutation).
+
+    Args:
+        x: [B, N, C] tokens; metric: [B, N, d] (the keys averaged over heads); size: [B, N, 1] or None (ones).
+    Returns:
+        (merged tokens [B, N - r, C], their sizes [B, N - r, 1]); r is capped at (N - protect) // 2.
+    """
+    b, n, c = x.shape
+    r = min(r, (n - protect) // 2)
+    if r <= 0:
+        return x, size
+    if size is None:
+        size = torch.ones_like(x[..., 0, None])
+    pa, pb = (protect + 1) // 2, protect // 2
+    with torch.no_grad():
+        m = metric / metric.norm(dim=-1, keepdim=True)
+        a, bb = m[..., ::2, :], m[..., 1::2, :]
+        scores = a @ bb.transpose(-1, -2)
+        scores[..., :pa, :] = -float("inf")
+        scores[..., :, :pb] = -float("inf")
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx = edge_idx[..., r:, :].sort(dim=1)[0]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        nb, t1, ch = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(nb, t1 - r, ch))
+        src = src.gather(dim=-2, index=src_idx.expand(nb, r, ch))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(nb, r, ch), src, reduce="sum")
+        front = [(unm if i % 2 == 0 else dst)[:, i // 2:i // 2 + 1] for i in range(protect)]
+        return torch.cat(front + [unm[:, pa:], dst[:, pb:]], dim=1)
+    xm = merge(x * size)
+    sm = merge(size)
+    return xm / sm, sm
+
+
+class ToMeState:
+    """Per-call state of an eager model patched with ToMe: r per block, the token sizes."""
+
+    def __init__(self, r: "int | Sequence[int]", blocks: int, protect: int = 1, proportional_attention: bool = True):
+        self.r = list(r) if not isinstance(r, int) else [r] * blocks
+        assert len(self.r) == blocks, f"{len(self.r)} r values for {blocks} blocks"
+        self.protect, self.prop = protect, proportional_attention
+        self.reset()
+
+    def reset(self) -> None:
+        self.size: "torch.Tensor | None" = None
+        self.block = 0
+        self.tokens: list[tuple[int, int]] = []
+
+    def bias(self) -> "torch.Tensor | None":
+        """log(size) per key, [B, 1, 1, N], once tokens have merged (ToMe's proportional attention)."""
+        return self.size.log()[:, None, None, :, 0] if self.prop and self.size is not None else None
+
+    def merge(self, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+        r = self.r[self.block]
+        self.block += 1
+        n = x.shape[1]
+        x, self.size = tome_merge(x, metric, self.size, r, self.protect)
+        self.tokens.append((n, x.shape[1]))
+        return x
+
+
+class _TinyViTBlock(TinyBlock):
+    def forward(self, x: torch.Tensor, tome: "ToMeState | None" = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+        bias = tome.bias() if tome is not None else None
+        a = torch.softmax(s if bias is None else s + bias, dim=-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
+        if tome is not None:
+            x = tome.merge(x, k.mean(1))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """A ViT classifier: 2x2 patches of an 8x8 image (16 tokens) and a [CLS] token, pre-norm blocks
+    with a fused qkv, the head on [CLS]. `forward(x, tome=ToMeState(...))` runs ToMe's merging eagerly."""
+
+    def __init__(self, image: int = 8, patch: int = 2, dim: int = 32, heads: int = 4, layers: int = 3,
+                 classes: int = 4):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.5)
+        self.blocks = nn.ModuleList([_TinyViTBlock(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor, tome: "ToMeState | None" = None) -> torch.Tensor:
+        if tome is not None:
+            tome.reset()
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        for blk in self.blocks:
+            t = blk(t, tome)
+        return self.head(self.norm(t)[:, 0])
+
+
+def tiny_vit(seed: int = 0, batch: int = 3) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(seed)
+    m = TinyViT().eval()
+    return m, (torch.randn(batch, 1, 8, 8),)
+
+
+def tome_vit(model: nn.Module, r: "int | Sequence[int]", protect: int = 1,
+             proportional_attention: bool = True) -> nn.Module:
+    """A copy of a transformers ViT model (any module holding ViTLayer blocks, e.g.
+    examples/vit_mnist's classifier) patched with ToMe the way ToMe patches timm: each block's
+    attention returns its keys averaged over heads and adds log(size) to its scores, each block
+    merges r tokens after its attention (tome_merge), and the model's forward resets the sizes.
+    The copy's `_tome` is the ToMeState (tokens per block after a call)."""
+    import copy
+    import types
+    m = copy.deepcopy(model)
+    layers = [mod for mod in m.modules() if type(mod).__name__ == "ViTLayer"]
+    state = ToMeState(r, len(layers), protect, proportional_attention)
+
+    def layer_forward(self, hidden_states, *args, **kwargs):
+        att = self.attention
+        x = hidden_states
+        h = self.layernorm_before(x)
+        b, n, _ = h.shape
+        q, k, v = (p(h).view(b, n, -1, att.head_dim).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+        w = torch.matmul(q, k.transpose(2, 3)) * att.scaling
+        bias = state.bias()
+        w = torch.softmax(w if bias is None else w + bias, dim=-1)
+        o = att.o_proj(torch.matmul(w, v).transpose(1, 2).reshape(b, n, -1))
+        x = self.dropout(o) + x
+        x = state.merge(x, k.mean(1))
+        return self.dropout(self.mlp(self.layernorm_after(x))) + x
+    for lay in layers:
+        lay.forward = types.MethodType(layer_forward, lay)
+    cls = type(m)
+
+    def forward(self, *args, **kwargs):
+        state.reset()
+        return cls.forward(self, *args, **kwargs)
+    m.__class__ = type(f"ToMe{cls.__name__}", (cls,), {"forward": forward})
+    m._tome = state
+    return m

@@ -35,7 +35,7 @@ from pared.registry import REGISTRY, get_pass
 from pared import testing
 from pared.testing import (ScaledLinear, assert_close_to_eager, assert_golden, canonical_program_text, check_analysis,
                            check_bad_options, check_idempotent, check_noop, run_pass_checked, tiny_dit,
-                           tiny_moe_dit, tiny_sampler_loop, tiny_transformer)
+                           tiny_moe_dit, tiny_sampler_loop, tiny_transformer, tiny_vit, ToMeState)
 
 GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden")
 
@@ -70,6 +70,12 @@ def moe_dit() -> Fixture:
 @functools.cache
 def transformer() -> Fixture:
     m, inputs = tiny_transformer()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
+def vit() -> Fixture:
+    m, inputs = tiny_vit()
     return Fixture(m, inputs, capture(m, inputs))
 
 
@@ -288,6 +294,13 @@ def call_vs_model(held_out: Callable[[Fixture], tuple] | None = None):
     return meaning
 
 
+def tome_meaning(fx_: Fixture, res: PassResult):
+    """ToMe r=2 in each of TinyViT's 3 blocks, eagerly (ToMe's own scatter_reduce merge), on held-out images."""
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return fx_.model(x, tome=ToMeState(2, 3)), res.program(x)
+
+
 def held_out_tokens(fx_: Fixture) -> tuple:
     return (torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7)),)
 
@@ -406,6 +419,13 @@ CASES: dict[str, Case] = {
         twice_why="the budget is a fraction of the float bytes the profile sees; a second profile sees only "
                   "the layers left float, so the same fraction would legitimately spend again. Given their "
                   "whole bytes (1.0), the second run must keep them as they are."),
+    # -- sparsity: exact against ToMe's eager form (measured 2e-7) ----------------------------
+    "token_merge": Case(
+        vit, {"r": 2}, noop={"r": 0},
+        bad=(({"r": -1}, "pass 'token_merge': option 'r' must be in \\[0, inf\\]"),
+             ({"ratoi": 0.1}, "unknown option 'ratoi'; did you mean 'ratio'"),
+             ({"layers": [5]}, "option 'layers': block 5 is outside the model's 3 blocks")),
+        meaning=tome_meaning, rel_l2=1e-5),
     # -- analyses: read-only ------------------------------------------------------------------
     "cost": Case(transformer, bad=(({"detail": True}, "pass 'cost': unknown option 'detail'; it takes no options"),)),
     "temporal_redundancy": Case(

@@ -1,0 +1,7 @@
+"""Sparsity passes: remove tokens, neurons and layers that barely change the output.
+
+Each pass decides what to drop or merge (a `...Decisions` record that goes into the
+manifest) and rewrites the graph with ordinary ops (gather, matmul, top-k), so the
+result lowers to ONNX Runtime and TVM with no custom op.
+"""
+from pared.passes.sparsity import token_merge  # noqa: F401

@@ -1,0 +1,942 @@
+"""Merge similar tokens inside a transformer's blocks (ToMe, "Token Merging: Your ViT But
+Faster", Bolya, Fu, Dai, Zhang, Feichtenhofer and Hoffman, ICLR 2023).
+
+Before:  (block l, N tokens)
+         h = x + attn(norm1(x))                    scores = q·kᵀ·c (+ mask)
+         y = h + mlp(norm2(h))
+After:   h = x + attn(norm1(x))                    scores = q·kᵀ·c + log s   (blocks after the first merge)
+         h', s' = merge_r(h, s, mean_heads(k))     N -> N - r tokens; s: how many tokens each one stands for
+         y = h' + mlp(norm2(h'))                   every later op sized for N - r tokens
+merge_r is ToMe's bipartite soft matching: tokens alternate into sets A (even positions) and
+B (odd); each A token finds its most similar B token by the cosine of the keys averaged over
+heads; the r A tokens with the most similar partners are averaged into them, weighted by size
+(x' = sum(s * x) / sum(s)); the first `protect` tokens ([CLS]) never merge and stay in front,
+followed by the unmerged A tokens in order, then B. With `proportional_attention` the scores
+of every block after the first merge get log(s) per key, so a merged token draws the attention
+its tokens drew together.
+
+Lowering: the merge is slices, a max, two top-k, one-hot masks (eq against arange) and
+matmuls, a gather and a concat. The merged B tokens are b*s_b + D @ (a*s_a), D [batch, |B|, |A|]
+the one-hot assignment of the merged A tokens to their partners, so nothing scatters (ToMe's
+scatter_reduce, the known obstacle to exporting it, never appears) and no custom op is needed:
+it lowers to ONNX Runtime (TopK, GatherElements, MatMul) and TVM as it is. r is fixed per block,
+so every shape stays static.
+
+Finding the sites in the captured graph (no model code is changed): a block is the outermost
+module holding exactly one attention softmax; its scores come from the bmm whose output has
+the token axis twice, and the keys are that bmm's second operand ([batch*heads, d, N]); the
+merge goes after the block's first residual add after the softmax (the block's input plus a
+value computed from the attention). The token axis is followed from the first block's input
+through the rest of the graph: which dims of each value carry it (`_Atoms`), so that each later
+view / reshape / expand is re-sized for the merged count. Ops not known to act per token on the
+token axis (a convolution over tokens, a slice of merged tokens, a graph output that carries
+the token axis: dense outputs need ToMe-SD's unmerge, not built yet) are refused, naming the
+node. A mask added to the attention scores over the old token count is dropped where it is a
+constant zero (transformers' ViT adds one) and refused otherwise.
+
+Reads: nothing (r is an option). Writes: a TokenMergeDecisions record (per graph and block: r,
+tokens in and out, FLOPs before and after from analysis.cost, the merge's own FLOPs),
+`pared.ir.created_by` and `pared.ir.region` (the block) on every inserted node.
+Invariant: a graph computes what the eager model patched with ToMe computes (the reference:
+pared.testing.tome_merge, ToMe's own scatter_reduce form) up to float rounding; where every
+block's r is 0 the program comes back unchanged; a graph token_merge already rewrote is left
+alone (a second run finds nothing more).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from pared.analysis.cost import graph_flops, node_flops, profile_graph
+from pared.ir import meta
+from pared.ir.errors import OptionError, PassError
+from pared.ir.program import Graph, Program, get_attr
+from pared.ir.regions import match, node_module_path
+from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+
+_aten = torch.ops.aten
+_NAME = "token_merge"
+#: the symbolic atoms of a dim: the token count (changes at each merge) and the batch
+TOK, BATCH = "N", "B"
+
+
+# -- records ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockMerge:
+    """What token_merge decided for one block."""
+    block: str                    # the block's region path
+    r: int                        # tokens merged after its attention (0: none)
+    r_requested: int              # what the options asked for (capped at ToMe's (tokens - protect) // 2)
+    tokens_in: int
+    tokens_out: int
+    proportional_attention: bool  # log(size) added to its attention scores
+    flops_before: int             # the block's ops (analysis.cost) before the rewrite
+    flops_after: int              # the same ops after it (the merge excluded)
+    merge_flops: int              # the merge inserted after its attention
+
+
+@dataclass(frozen=True)
+class GraphMerge:
+    graph: str
+    protect: int                  # leading tokens that never merge
+    protect_from: str             # "option", or how it was detected
+    tokens_in: int                # tokens entering the first block
+    tokens_out: int               # tokens leaving the last block
+    flops_before: int             # one call of the graph (analysis.cost)
+    flops_after: int
+    blocks: tuple[BlockMerge, ...]
+
+
+@dataclass(frozen=True)
+class TokenMergeDecisions(Record):
+    method: str
+    proportional_attention: bool
+    graphs: tuple[GraphMerge, ...]
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs after / before, over every graph rewritten."""
+        before = sum(g.flops_before for g in self.graphs)
+        return sum(g.flops_after for g in self.graphs) / before if before else 1.0
+
+
+# -- the pass --------------------------------------------------------------------------------
+@register_pass("token_merge")
+class MergeTokens(RewritePass):
+    """ToMe bipartite soft matching after each block's attention (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        # tokens merged in each selected block (ToMe's r), or a list with one value per selected block
+        r: int | tuple[int, ...] | None = None
+        # instead of r: this fraction of each selected block's unprotected input tokens, in (0, 0.5]
+        ratio: float | None = None
+        # leading tokens that never merge and keep their place ([CLS]); None: detected from the graph
+        # (the leading tokens concatenated from parameters in front of the first block's input)
+        protect: int | None = None
+        # add log(token size) to the attention scores of every block after the first merge
+        proportional_attention: bool = True
+        # the blocks to merge in: indices (0 first, -1 last) or region patterns; empty: every block
+        layers: tuple[int | str, ...] | str = ()
+
+        def __post_init__(self):
+            if (self.r is None) == (self.ratio is None):
+                raise OptionError("pass 'token_merge': give option 'r' (tokens merged per block) or option "
+                                  "'ratio' (a fraction of each block's tokens)" +
+                                  (", not both" if self.r is not None else ""))
+            if isinstance(self.r, (list, tuple)):
+                object.__setattr__(self, "r", tuple(self.r))
+                if not self.r:
+                    raise OptionError("pass 'token_merge': option 'r' is an empty list; give one value per "
+                                      "selected block, or one int for all")
+                for i, v in enumerate(self.r):
+                    check_range("token_merge", f"r[{i}]", v, lo=0)
+            elif self.r is not None:
+                check_range("token_merge", "r", self.r, lo=0)
+            if self.ratio is not None:
+                check_range("token_merge", "ratio", self.ratio, lo=0.0, hi=0.5, lo_open=True)
+            if self.protect is not None:
+                check_range("token_merge", "protect", self.protect, lo=0)
+            object.__setattr__(self, "layers", (self.layers,) if isinstance(self.layers, str)
+                               else tuple(self.layers))
+            for v in self.layers:
+                if isinstance(v, str) and not v:
+                    raise OptionError("pass 'token_merge': option 'layers' holds an empty pattern")
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        new_graphs = dict(program.graphs)
+        done: list[GraphMerge] = []
+        for name in program.called_graphs():
+            g = program.graphs[name]
+            if any(n.meta.get(meta.CREATED_BY) == _NAME for n in g.module.graph.nodes):
+                ctx.log.debug("token_merge: graph '%s' is merged already", name)
+                continue
+            out = _merge_graph(g, name, o, ctx)
+            if out is not None:
+                new_graphs[name], rec = out
+                done.append(rec)
+        merged = sum(1 for g in done for b in g.blocks if b.r)
+        if not done:
+            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"merged_blocks": 0})
+        rec = TokenMergeDecisions("ToMe bipartite soft matching (size-weighted mean)", o.proportional_attention,
+                                  tuple(done))
+        for g in done:
+            ctx.log.info("token_merge: graph '%s': %d -> %d tokens over %d blocks (r %s, protect %d), FLOPs %.3g -> "
+                         "%.3g (%.2fx)", g.graph, g.tokens_in, g.tokens_out, len(g.blocks),
+                         [b.r for b in g.blocks], g.protect, g.flops_before, g.flops_after,
+                         g.flops_after / max(g.flops_before, 1))
+        stats = {"merged_blocks": merged, "graphs": len(done), "tokens_in": done[0].tokens_in,
+                 "tokens_out": done[0].tokens_out, "flops_ratio": round(rec.flops_ratio, 4)}
+        new = program.replace(graphs=new_graphs, records={**program.records, "TokenMergeDecisions": rec})
+        return PassResult(new, modified=True, stats=stats)
+
+
+# -- the token axis through the graph ----------------------------------------------------------
+class _NotPerToken(Exception):
+    """An op reads the token axis in a way token merging would change the meaning (or shape) of."""
+
+    def __init__(self, node: fx.Node, why: str):
+        super().__init__(f"{why} ({node.format_node()})")
+        self.node = node
+
+
+class _Multi(tuple):
+    """The dims of each output of a multi-output op (native_layer_norm, max.dim, split, ...)."""
+
+
+def _shape(v: Any) -> tuple[int, ...] | None:
+    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _val_shape(n: Any) -> tuple[int, ...] | None:
+    return _shape(n.meta.get("val")) if isinstance(n, fx.Node) else None
+
+
+def _ints(size: int) -> tuple:
+    return () if size == 1 else (int(size),)
+
+
+def _packet(node: fx.Node) -> str:
+    t = node.target
+    if t is operator.getitem:
+        return "getitem"
+    name = getattr(getattr(t, "overloadpacket", None), "__name__", None) or getattr(t, "__name__", str(t))
+    return name.split(".")[-1]
+
+
+def _namespace(node: fx.Node) -> str:
+    return getattr(node.target, "namespace", "aten")
+
+
+#: ops that act per element (with numpy broadcasting): per token wherever the token axis sits;
+#: softmax over the key axis is attention's own normalization
+_ELEMENTWISE = {
+    "add", "sub", "rsub", "mul", "div", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "pow", "reciprocal", "square",
+    "gelu", "relu", "silu", "tanh", "sigmoid", "erf", "sin", "cos", "hardtanh", "hardswish", "hardsigmoid",
+    "leaky_relu", "elu", "mish", "softplus", "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "round",
+    "clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "lift_fresh_copy", "dropout",
+    "where", "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
+    "bitwise_not", "full_like", "zeros_like", "ones_like", "empty_like", "fill",
+    "_softmax", "softmax", "_safe_softmax", "_log_softmax", "log_softmax",
+    # quantize_linears' per-tensor / per-channel quantizers (per element, scales fixed)
+    "quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel",
+}
+_VIEWS = {"view", "reshape", "_unsafe_view"}
+#: reductions: (position of dim, position of keepdim) in args
+_REDUCE = {"sum": (1, 2), "mean": (1, 2), "amax": (1, 2), "amin": (1, 2), "any": (1, 2), "all": (1, 2),
+           "max": (1, 2), "min": (1, 2), "argmax": (1, 2), "argmin": (1, 2), "var": (1, None),
+           "linalg_vector_norm": (2, 3), "logsumexp": (1, 2)}
+#: pared's row-wise layers ([..., K] -> [..., N], per row): quantize_linears' dynamic mode
+_ROWWISE = {("pared_quant", "dynamic_linear")}
+_SOFTMAX = {_aten._softmax.default, _aten._safe_softmax.default, _aten.softmax.int}
+
+
+@dataclass
+class _Atoms:
+    """Which dims of each value carry the token axis (propagated from the first block's input).
+
+    dims[node]: per dim a tuple of atoms whose product is the dim's size: TOK (the token count),
+    BATCH, or an int; () for a size-1 dim. Only values that carry TOK are listed.
+    conflicts[node]: an elementwise op that combines a token-axis value with a fixed tensor
+    spanning that axis (an attention mask over the old token count).
+    reads[node]: the highest token index a select / leading slice reads (it must stay in place).
+    """
+    n0: int
+    b0: int
+    dims: dict
+    conflicts: dict
+    reads: dict
+
+    def size(self, dim: tuple, n: int) -> int:
+        return math.prod(n if a == TOK else self.b0 if a == BATCH else a for a in dim)
+
+    def sizes(self, node: fx.Node, n: int) -> list[int]:
+        return [self.size(d, n) for d in self.dims[node]]
+
+
+def _follow_tokens(gm: fx.GraphModule, seed: fx.Node, n0: int, b0: int) -> _Atoms:
+    """Propagate the token axis of `seed` ([batch, tokens, channels]) through the graph.
+
+    Raises:
+        _NotPerToken: an op that reads the token axis other than per token.
+    """
+    x_shape = _val_shape(seed)
+    at = _Atoms(n0, b0, {seed: ((BATCH,), (TOK,), _ints(x_shape[2]))}, {}, {})
+    started = False
+    for node in gm.graph.nodes:
+        if node is seed:
+            started = True
+            continue
+        if not started or node.op != "call_function":
+            continue
+        if not any(a in at.dims for a in node.all_input_nodes):
+            continue
+        out = _rule(node, at)
+        if out is not None and (isinstance(out, _Multi) or any(TOK in d for d in out)):
+            at.dims[node] = out
+    return at
+
+
+def _has_tok(dims: Any) -> bool:
+    return dims is not None and not isinstance(dims, _Multi) and any(TOK in d for d in dims)
+
+
+def _dims_of(a: Any, at: _Atoms) -> tuple | None:
+    """The dims of a tensor argument: its atoms, or plain ints for a value without the token axis."""
+    if a in at.dims:
+        d = at.dims[a]
+        return None if isinstance(d, _Multi) else d
+    s = _val_shape(a)
+    return None if s is None else tuple(_ints(x) for x in s)
+
+
+def _rule(node: fx.Node, at: _Atoms) -> Any:
+    """The dims of `node`'s value(s), given its inputs' (see _follow_tokens)."""
+    name, ns = _packet(node), _namespace(node)
+    out_shape = _val_shape(node)
+    args = node.args
+    x = args[0] if args else None
+    xd = at.dims.get(x) if isinstance(x, fx.Node) else None
+    if name == "getitem":
+        multi = at.dims.get(x)
+        return multi[args[1]] if isinstance(multi, _Multi) else None
+    if ns == "aten" and name in _ELEMENTWISE or ns == "quantized_decomposed" and name in _ELEMENTWISE:
+        return _broadcast(node, out_shape, at)
+    if (ns, name) in _ROWWISE:
+        _no_tok(node, xd[-1:], "a row-wise layer over the token axis")
+        return xd[:-1] + (_ints(out_shape[-1]),)
+    if name in _VIEWS:
+        got = _view(list(xd), out_shape, at)
+        if got is None:
+            raise _NotPerToken(node, "a reshape that splits or reorders the token axis")
+        return got
+    if name == "permute":
+        perm = [p % len(xd) for p in args[1]]
+        return tuple(xd[p] for p in perm)
+    if name == "transpose":
+        d0, d1 = args[1] % len(xd), args[2] % len(xd)
+        dims = list(xd)
+        dims[d0], dims[d1] = dims[d1], dims[d0]
+        return tuple(dims)
+    if name == "t":
+        return tuple(reversed(xd))
+    if name == "unsqueeze":
+        d = args[1] % (len(xd) + 1)
+        return xd[:d] + ((),) + xd[d:]
+    if name == "squeeze":
+        in_shape = _val_shape(x)
+        ds = range(len(xd)) if len(args) < 2 else ([args[1]] if isinstance(args[1], int) else args[1])
+        drop = {d % len(xd) for d in ds if in_shape[d % len(xd)] == 1}
+        return tuple(d for i, d in enumerate(xd) if i not in drop)
+    if name == "expand":
+        in_shape = _val_shape(x)
+        lead = len(out_shape) - len(in_shape)
+        return tuple(xd[j - lead] if j >= lead and in_shape[j - lead] == s else _ints(s)
+                     for j, s in enumerate(out_shape))
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        return _matmul(node, name, at)
+    if name == "native_layer_norm":
+        k = len(args[1])
+        _no_tok(node, xd[-k:], "a normalization over the token axis")
+        stat = xd[:-k] + ((),) * k
+        return _Multi((xd, stat, stat))
+    if name in _REDUCE:
+        return _reduce(node, name, xd, at)
+    if name == "select":
+        d = args[1] % len(xd)
+        if TOK in xd[d]:
+            if xd[d] != (TOK,) or args[2] < 0:
+                raise _NotPerToken(node, f"selects token {args[2]} of a reshaped token axis or from the end")
+            at.reads[node] = args[2]
+        return xd[:d] + xd[d + 1:]
+    if name == "slice":
+        d = (args[1] if len(args) > 1 else 0) % len(xd)
+        if TOK not in xd[d]:
+            return xd[:d] + (_ints(out_shape[d]),) + xd[d + 1:]
+        start = args[2] if len(args) > 2 and args[2] is not None else 0
+        end = args[3] if len(args) > 3 and args[3] is not None else at.n0
+        step = args[4] if len(args) > 4 else 1
+        if xd[d] != (TOK,) or step != 1 or start < 0 or end < 0:
+            raise _NotPerToken(node, "a strided or negative slice of the token axis")
+        if start == 0 and end >= at.n0:
+            return xd
+        if start != 0:
+            raise _NotPerToken(node, f"a slice that drops the first {start} token(s) (slices of merged tokens "
+                               "are not supported yet)")
+        at.reads[node] = end - 1
+        return xd[:d] + (_ints(out_shape[d]),) + xd[d + 1:]
+    if name == "unbind":
+        d = (args[1] if len(args) > 1 else 0) % len(xd)
+        _no_tok(node, [xd[d]], "unbinds the token axis")
+        rest = xd[:d] + xd[d + 1:]
+        return _Multi(rest for _ in node.meta["val"])
+    if name in ("split", "split_with_sizes"):
+        d = (args[2] if len(args) > 2 else 0) % len(xd)
+        _no_tok(node, [xd[d]], "splits the token axis")
+        return _Multi(xd[:d] + (_ints(_shape(v)[d]),) + xd[d + 1:] for v in node.meta["val"])
+    if name == "cat":
+        parts = args[0]
+        d = (args[1] if len(args) > 1 else 0) % len(out_shape)
+        dims = [at.dims.get(p) for p in parts]
+        if any(p is None or isinstance(p, _Multi) for p in dims):
+            raise _NotPerToken(node, "concatenates token-axis values with other values")
+        _no_tok(node, [p[d] for p in dims], "concatenates along the token axis")
+        first = dims[0]
+        if any(p[:d] + p[d + 1:] != first[:d] + first[d + 1:] for p in dims):
+            raise _NotPerToken(node, "concatenates values whose token axes differ")
+        return first[:d] + (_ints(out_shape[d]),) + first[d + 1:]
+    raise _NotPerToken(node, f"{ns}.{name} on the token axis is not known to act per token")
+
+
+def _no_tok(node: fx.Node, dims: Sequence[tuple], what: str) -> None:
+    if any(TOK in d for d in dims):
+        raise _NotPerToken(node, what)
+
+
+def _broadcast(node: fx.Node, out_shape: tuple[int, ...], at: _Atoms) -> tuple:
+    tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)
+               and isinstance(a.meta.get("val"), torch.Tensor)]
+    out = []
+    for i in range(1, len(out_shape) + 1):
+        size = out_shape[-i]
+        carried, fixed = [], []
+        for t in tensors:
+            s = _val_shape(t)
+            if len(s) < i or s[-i] != size:
+                continue
+            d = at.dims.get(t)
+            if d is not None and not isinstance(d, _Multi):
+                if size > 1 or d[-i]:          # a size-1 dim only counts where it is the batch (of 1)
+                    carried.append(d[-i])
+            elif size > 1:
+                fixed.append(t)
+        if carried:
+            if any(c != carried[0] for c in carried):
+                raise _NotPerToken(node, "combines values whose token axes differ")
+            if fixed and TOK in carried[0]:
+                at.conflicts.setdefault(node, fixed[0])
+            out.append(carried[0])
+        else:
+            out.append(_ints(size))
+    return tuple(reversed(out))
+
+
+def _view(atoms_by_dim: list, out_shape: tuple[int, ...], at: _Atoms) -> tuple | None:
+    """The dims of a row-major reshape: the atoms regrouped in order; ints may split, the token
+    count and the batch may not (None)."""
+    atoms = [a for d in atoms_by_dim for a in d]
+    val = lambda a: at.n0 if a == TOK else at.b0 if a == BATCH else a  # noqa: E731
+    out, i = [], 0
+    for size in out_shape:
+        group, prod = [], 1
+        if size == 1 and i < len(atoms) and val(atoms[i]) == 1:     # a batch of 1 keeps its name
+            group.append(atoms[i])
+            i += 1
+        while prod < size:
+            if i >= len(atoms):
+                return None
+            a = atoms[i]
+            if size % (prod * val(a)) == 0:
+                group.append(a)
+                prod *= val(a)
+                i += 1
+            elif isinstance(a, int) and size % prod == 0 and a % (size // prod) == 0:
+                need = size // prod
+                group.append(need)
+                atoms[i] = a // need
+                prod = size
+            else:
+                return None
+        if prod != size:
+            return None
+        out.append(tuple(group))
+    return tuple(out) if i == len(atoms) else None
+
+
+def _matmul(node: fx.Node, name: str, at: _Atoms) -> tuple:
+    args = node.args[1:3] if name in ("addmm", "baddbmm") else node.args[:2]
+    if name in ("addmm", "baddbmm") and _has_tok(at.dims.get(node.args[0])):
+        raise _NotPerToken(node, "a matmul whose bias carries the token axis")
+    a, b = (_dims_of(x, at) for x in args)
+    if (TOK in a[-1]) != (TOK in b[-2]):
+        raise _NotPerToken(node, "a matmul that contracts the token axis with another")
+    if len(a) == 2:
+        return (a[0], b[1])
+    batch = a[0] if TOK in a[0] or BATCH in a[0] or not (TOK in b[0] or BATCH in b[0]) else b[0]
+    return (batch, a[1], b[2])
+
+
+def _reduce(node: fx.Node, name: str, xd: tuple, at: _Atoms) -> Any:
+    dpos, kpos = _REDUCE[name]
+    args = node.args
+    dims = args[dpos] if len(args) > dpos else node.kwargs.get("dim")
+    keep = (args[kpos] if kpos is not None and len(args) > kpos else node.kwargs.get("keepdim", False))
+    if dims is None:
+        dims = range(len(xd))
+    elif isinstance(dims, int):
+        dims = [dims]
+    red = {d % len(xd) for d in dims}
+    out = tuple(() if i in red else d for i, d in enumerate(xd)) if keep else \
+        tuple(d for i, d in enumerate(xd) if i not in red)
+    return _Multi((out, out)) if name in ("max", "min") and isinstance(node.meta.get("val"), (tuple, list)) else out
+
+
+# -- finding the blocks -----------------------------------------------------------------------
+@dataclass
+class _Block:
+    path: str
+    softmax: fx.Node
+    residual: fx.Node | None = None   # the residual add the merge follows
+    keys: fx.Node | None = None       # the scores bmm's second operand, [batch*heads, d, tokens]
+    heads: int = 1
+
+
+def _find_blocks(gm: fx.GraphModule, name: str) -> list[_Block]:
+    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SOFTMAX]
+    counts: dict[str, int] = {}
+    stacks = {}
+    for s in softmaxes:
+        stacks[s] = [p for p, _ in node_module_path(s)]
+        for p in stacks[s]:
+            counts[p] = counts.get(p, 0) + 1
+    blocks = []
+    for s in softmaxes:
+        outer = next((p for p in stacks[s] if counts[p] == 1), None)
+        if outer is None:
+            raise PassError(f"pass 'token_merge': graph '{name}': the softmax {s.format_node()} is not inside a "
+                            "module of its own (a transformer block); capture a model whose blocks are modules")
+        blocks.append(_Block(outer, s))
+    return blocks
+
+
+def _in_region(node: fx.Node, path: str) -> bool:
+    return any(p == path for p, _ in node_module_path(node))
+
+
+def _descendants(node: fx.Node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _residual_add(gm: fx.GraphModule, blk: _Block, x_shape: tuple | None = None) -> tuple[fx.Node, fx.Node] | None:
+    """(the block's first residual add after its softmax, its input operand), or None."""
+    desc = _descendants(blk.softmax)
+    after = False
+    for n in gm.graph.nodes:
+        if n is blk.softmax:
+            after = True
+            continue
+        if not after or n.op != "call_function" or n.target is not _aten.add.Tensor or not _in_region(n, blk.path):
+            continue
+        a, b = n.args[:2]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        shape = _val_shape(n)
+        if shape is None or len(shape) != 3 or (x_shape is not None and shape != x_shape):
+            continue
+        if (a in desc) != (b in desc) and _val_shape(a) == shape and _val_shape(b) == shape:
+            return n, (b if a in desc else a)
+    return None
+
+
+def _has_placeholder_ancestor(node: fx.Node, memo: dict) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in memo:
+            if memo[n]:
+                memo[node] = True
+                return True
+            continue
+        if n.op == "placeholder":
+            memo[node] = True
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    memo[node] = False
+    return False
+
+
+def _detect_protect(x0: fx.Node) -> tuple[int, str]:
+    """Leading tokens concatenated from parameters ([CLS], distillation tokens) in front of the
+    first block's input, found back through same-shape ops (position embedding, dropout)."""
+    shape = _val_shape(x0)
+    memo: dict = {}
+    n = x0
+    for _ in range(64):
+        if n.op != "call_function":
+            break
+        if n.target is _aten.cat.default and ((n.args[1] if len(n.args) > 1 else 0) % 3) == 1:
+            k, names = 0, []
+            for part in n.args[0]:
+                if _has_placeholder_ancestor(part, memo):
+                    break
+                k += _val_shape(part)[1]
+                names.append(part.name)
+            how = f"detected: {k} leading token(s) from parameters ({', '.join(names)})" if k else \
+                "detected: no leading parameter tokens"
+            return k, how
+        same = [a for a in n.all_input_nodes if _val_shape(a) == shape and _has_placeholder_ancestor(a, memo)]
+        if len(same) != 1:
+            break
+        n = same[0]
+    return 0, "detected: no leading parameter tokens"
+
+
+# -- the schedule -----------------------------------------------------------------------------
+def _selected(blocks: list[_Block], layers: tuple) -> list[bool]:
+    if not layers:
+        return [True] * len(blocks)
+    chosen = [False] * len(blocks)
+    paths = [b.path for b in blocks]
+    for v in layers:
+        if isinstance(v, int):
+            if not -len(blocks) <= v < len(blocks):
+                raise OptionError(f"pass 'token_merge': option 'layers': block {v} is outside the model's "
+                                  f"{len(blocks)} blocks ({paths[0]} ... {paths[-1]})")
+            chosen[v % len(blocks)] = True
+        else:
+            hits = [i for i, p in enumerate(paths) if match(v, p)]
+            if not hits:
+                raise OptionError(f"pass 'token_merge': option 'layers': pattern '{v}' matches none of the "
+                                  f"blocks ({', '.join(paths)})")
+            for i in hits:
+                chosen[i] = True
+    return chosen
+
+
+def _schedule(o: Any, chosen: list[bool], n0: int, protect: int) -> list[tuple[int, int, int, int]]:
+    """Per block: (r requested, r, tokens in, tokens out)."""
+    k = sum(chosen)
+    if isinstance(o.r, tuple) and len(o.r) != k:
+        raise OptionError(f"pass 'token_merge': option 'r' lists {len(o.r)} values for the {k} selected blocks; "
+                          "give one per selected block, or one int for all")
+    out, n, j = [], n0, 0
+    for sel in chosen:
+        req = 0
+        if sel:
+            if o.ratio is not None:
+                req = int(o.ratio * max(n - protect, 0))
+            else:
+                req = o.r[j] if isinstance(o.r, tuple) else o.r
+            j += 1
+        a_free = (n + 1) // 2 - (protect + 1) // 2      # unprotected tokens of set A
+        b_free = n // 2 - protect // 2
+        cap = min(max(n - protect, 0) // 2, a_free) if b_free > 0 else 0
+        r = max(0, min(req, cap))
+        out.append((req, r, n, n - r))
+        n -= r
+    return out
+
+
+# -- the rewrite ------------------------------------------------------------------------------
+def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, GraphMerge] | None:
+    """Decide and rewrite one graph; None when nothing merges in it."""
+    blocks = _find_blocks(g.module, name)
+    if not blocks:
+        ctx.log.debug("token_merge: graph '%s' has no attention softmax", name)
+        return None
+    first = _residual_add(g.module, blocks[0])
+    if first is None:
+        raise PassError(f"pass 'token_merge': graph '{name}': block {blocks[0].path} has no residual add after its "
+                        f"attention ({blocks[0].softmax.format_node()}); token_merge expects transformer blocks "
+                        "x + attn(...)")
+    x0 = first[1]
+    x_shape = _val_shape(x0)
+    n0 = _val_shape(blocks[0].softmax)[-1]
+    if any(g.dynamic_dims):
+        raise PassError(f"pass 'token_merge': graph '{name}' has dynamic dims {list(g.dynamic_dims)}; token merging "
+                        "fixes the token count per block, so capture with static shapes")
+    if x_shape[1] != n0:
+        raise PassError(f"pass 'token_merge': graph '{name}': the residual stream {x0.format_node()} has shape "
+                        f"{list(x_shape)}; token_merge expects [batch, tokens, channels] with the attention's "
+                        f"{n0} tokens on axis 1")
+    if o.protect is not None:
+        protect, how = o.protect, "option"
+    else:
+        protect, how = _detect_protect(x0)
+    chosen = _selected(blocks, o.layers)
+    sched = _schedule(o, chosen, n0, protect)
+    if not any(r for _, r, _, _ in sched):
+        ctx.log.info("token_merge: graph '%s': r is 0 in every block (%d tokens, protect %d): nothing to merge",
+                     name, n0, protect)
+        return None
+
+    gm = g.copy_module()
+    eliminate_dead_code(gm)
+    blocks = _find_blocks(gm, name)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    x0 = by_name[x0.name]
+    try:
+        at = _follow_tokens(gm, x0, n0, x_shape[0])
+    except _NotPerToken as e:
+        raise PassError(f"pass 'token_merge': graph '{name}': {e}; token merging would change what it computes") \
+            from None
+    _check_reads(at, protect, name)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    for i, v in enumerate(out_node.args[0]):
+        if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
+            raise PassError(f"pass 'token_merge': graph '{name}': output {g.output_names[i]!r} ({v.format_node()}) "
+                            f"carries the token axis; merging would change its shape. Dense outputs need ToMe-SD's "
+                            "unmerge after each block (not built yet); merge in a model whose outputs are pooled "
+                            "or read from protected tokens")
+    for blk in blocks:
+        _locate(gm, blk, at, x_shape, name)
+
+    before = profile_graph(g.module, name)
+    prop = [o.proportional_attention and any(s[1] for s in sched[:i]) for i in range(len(blocks))]
+    result_count: dict[fx.Node, int] = {}
+    size_node = None
+    for blk, (req, r, n_in, n_out), p_attn in zip(blocks, sched, prop):
+        if p_attn:
+            s_in = blk.softmax.args[0]
+            ex = [torch.zeros(at.sizes(s_in, n_in)), torch.zeros(x_shape[0], n_in, 1)]
+            new_nodes, (biased,) = _splice(gm, _bias_fn(at.dims[s_in], x_shape[0]), [s_in, size_node], ex, blk.path)
+            s_in.replace_all_uses_with(biased, delete_user_cb=lambda u: u not in new_nodes)
+            at.dims[biased] = at.dims[s_in]
+            result_count[biased] = n_in
+        if r:
+            args = [blk.residual, blk.keys] + ([size_node] if size_node is not None else [])
+            ex = [torch.zeros(x_shape[0], n_in, x_shape[2]), torch.zeros(at.sizes(blk.keys, n_in))]
+            ex += [torch.zeros(x_shape[0], n_in, 1)] if size_node is not None else []
+            fn = _merge_fn(x_shape[0], blk.heads, r, protect)
+            new_nodes, (merged, size_node) = _splice(gm, fn, args, ex, blk.path)
+            blk.residual.replace_all_uses_with(merged, delete_user_cb=lambda u: u not in new_nodes)
+            at.dims[merged] = at.dims[blk.residual]
+            result_count[merged] = n_out
+    _resize(gm, at, result_count, name)
+    eliminate_dead_code(gm)
+    gm.recompile()
+    _revalue(gm, g.example_inputs, name)
+    new_graph = g.with_module(gm)
+    outs = new_graph.run(*g.example_inputs)
+    old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
+    for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
+        if _shape(got) != _shape(want):
+            raise PassError(f"pass 'token_merge': graph '{name}': output {nm!r} changed shape "
+                            f"{_shape(want)} -> {_shape(got)} (internal)")
+    after = profile_graph(gm, name)
+    merge_flops: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.meta.get(meta.CREATED_BY) == _NAME:
+            merge_flops[n.meta[meta.REGION]] = merge_flops.get(n.meta[meta.REGION], 0) + node_flops(n)
+    rows = []
+    for blk, (req, r, n_in, n_out), p_attn in zip(blocks, sched, prop):
+        rows.append(BlockMerge(blk.path, r, req, n_in, n_out, p_attn, _region_flops(before, blk.path),
+                               _region_flops(after, blk.path), merge_flops.get(blk.path, 0)))
+    rec = GraphMerge(name, protect, how, n0, sched[-1][3], graph_flops(g.module), graph_flops(gm), tuple(rows))
+    for b in rows:
+        ctx.log.debug("token_merge: %s/%s: r %d (asked %d), %d -> %d tokens, FLOPs %d -> %d + merge %d", name,
+                      b.block, b.r, b.r_requested, b.tokens_in, b.tokens_out, b.flops_before, b.flops_after,
+                      b.merge_flops)
+    return new_graph, rec
+
+
+def _region_flops(profile: Any, path: str) -> int:
+    try:
+        return profile.region(path).flops
+    except KeyError:
+        return 0
+
+
+def _check_reads(at: _Atoms, protect: int, name: str) -> None:
+    for node, idx in at.reads.items():
+        if idx >= protect:
+            raise OptionError(f"pass 'token_merge': option 'protect': graph '{name}' reads token {idx} after the "
+                              f"blocks ({node.format_node()}), but only the first {protect} token(s) are protected "
+                              f"and keep their place; set protect: {idx + 1}")
+
+
+def _locate(gm: fx.GraphModule, blk: _Block, at: _Atoms, x_shape: tuple, name: str) -> None:
+    """Fill in a block's residual add, keys and heads (PassError when the block is not a ViT block)."""
+    where = f"pass 'token_merge': graph '{name}': block {blk.path}"
+    found = _residual_add(gm, blk, x_shape)
+    if found is None or found[0] not in at.dims:
+        raise PassError(f"{where}: no residual add [batch, tokens, channels] after its attention "
+                        f"({blk.softmax.format_node()})")
+    blk.residual = found[0]
+    if at.dims[blk.residual] != at.dims[found[1]] or at.dims[blk.residual][:2] != ((BATCH,), (TOK,)):
+        raise PassError(f"{where}: the residual stream {blk.residual.format_node()} is not [batch, tokens, channels]")
+    scores = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _aten.bmm.default
+              and _in_region(n, blk.path) and n in at.dims and at.dims[n][-1] == (TOK,) and at.dims[n][-2] == (TOK,)]
+    if len(scores) != 1:
+        raise PassError(f"{where}: expected one bmm of queries and keys (output [batch*heads, tokens, tokens]), "
+                        f"found {len(scores)}")
+    keys = scores[0].args[1]
+    kd = at.dims.get(keys)
+    if kd is None or len(kd) != 3 or kd[2] != (TOK,) or not kd[0] or kd[0][0] != BATCH or \
+            any(a in (TOK, BATCH) for a in kd[0][1:] + kd[1]):
+        raise PassError(f"{where}: the keys {keys.format_node()} are not [batch*heads, d, tokens] (dims {kd})")
+    blk.keys, blk.heads = keys, math.prod(kd[0][1:])
+    s_in = blk.softmax.args[0]
+    sd = at.dims.get(s_in)
+    sm_dim = blk.softmax.args[1] if len(blk.softmax.args) > 1 else -1
+    if sd is None or sd[-1] != (TOK,) or sm_dim % len(sd) != len(sd) - 1 or \
+            sum(1 for d in sd if BATCH in d) != 1 or any(d and d[0] != BATCH and BATCH in d for d in sd):
+        raise PassError(f"{where}: the softmax {blk.softmax.format_node()} does not normalize attention scores "
+                        f"[batch(*heads), ..., keys] over the keys (dims {sd})")
+
+
+def _splice(gm: fx.GraphModule, fn: Any, args: list, examples: list, region: str) -> tuple[set, list]:
+    before = set(gm.graph.nodes)
+    results = splice(gm, fn, args, examples, _NAME)
+    new_nodes = set(gm.graph.nodes) - before
+    for n in new_nodes:
+        n.meta[meta.REGION] = region
+    return new_nodes, results
+
+
+def _merge_fn(batch: int, heads: int, r: int, protect: int) -> Any:
+    """ToMe's bipartite soft matching and size-weighted merge, without scatter (see docstring)."""
+    pa, pb = (protect + 1) // 2, protect // 2      # protected tokens in set A (even) and B (odd)
+
+    def merge(x: torch.Tensor, keys: torch.Tensor, *size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c = x.shape[1], x.shape[2]
+        s = size[0] if size else torch.ones_like(x[:, :, :1])
+        k = keys.reshape(batch, heads, keys.shape[1], n).mean(1).transpose(1, 2)   # [B, N, d], mean over heads
+        k = k / k.norm(dim=-1, keepdim=True)
+        ka, kb = k[:, 2 * pa::2], k[:, 2 * pb + 1::2]                              # unprotected A, B
+        na, nb = ka.shape[1], kb.shape[1]
+        best, partner = (ka @ kb.transpose(1, 2)).max(dim=-1)                      # [B, |A|]
+        src = best.topk(r, dim=-1).indices                                          # the r merged A tokens
+        merged = (src[..., None] == torch.arange(na)).to(x.dtype).sum(1)           # [B, |A|] 1: merged
+        assign = ((partner[..., None] == torch.arange(nb)).to(x.dtype) * merged[..., None]).transpose(1, 2)
+        xs = x * s
+        xa, sa = xs[:, 2 * pa::2], s[:, 2 * pa::2]
+        xb = xs[:, 2 * pb + 1::2] + assign @ xa                                     # [B, |B|, C]
+        sb = s[:, 2 * pb + 1::2] + assign @ sa
+        order = merged * na + torch.arange(na).to(x.dtype)                        # unmerged first, in order
+        parts_x, parts_s = [xb], [sb]
+        if na > r:
+            keep = order.topk(na - r, dim=-1, largest=False).indices[..., None]    # [B, |A| - r, 1]
+            parts_x.insert(0, xa.gather(1, keep.expand(batch, na - r, c)))
+            parts_s.insert(0, sa.gather(1, keep))
+        if protect:
+            parts_x.insert(0, xs[:, :protect])
+            parts_s.insert(0, s[:, :protect])
+        so = torch.cat(parts_s, dim=1)
+        return torch.cat(parts_x, dim=1) / so, so
+    return merge
+
+
+def _bias_fn(dims: tuple, batch: int) -> Any:
+    """scores + log(size) per key, shaped to the scores' dims ([B, H, Nq, Nk] or [B*H, Nq, Nk])."""
+    bpos = next(i for i, d in enumerate(dims) if BATCH in d)
+    h = math.prod(dims[bpos][1:])
+    ndim = len(dims)
+
+    def add_log_size(scores: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        n = size.shape[1]
+        logs = size[:, :, 0].log()                                                # [B, N]
+        if h > 1:
+            logs = logs[:, None, :].expand(batch, h, n).reshape(batch * h, n)
+        shape = [1] * ndim
+        shape[bpos], shape[-1] = batch * h, n
+        return scores + logs.reshape(shape)
+    return add_log_size
+
+
+def _resize(gm: fx.GraphModule, at: _Atoms, result_count: dict, name: str) -> None:
+    """Re-size every view / reshape / expand downstream of a merge for its block's token count,
+    and drop constant-zero masks over the old count."""
+    count: dict[fx.Node, int] = {}
+    for node in list(gm.graph.nodes):
+        if node in result_count:
+            count[node] = result_count[node]
+            continue
+        if node.meta.get(meta.CREATED_BY) == _NAME or node not in at.dims:
+            continue
+        cs = {count[a] for a in node.all_input_nodes if a in count}
+        if len(cs) > 1:
+            raise PassError(f"pass 'token_merge': graph '{name}': {node.format_node()} combines values of "
+                            f"{sorted(cs)} tokens")
+        c = cs.pop() if cs else at.n0
+        count[node] = c
+        if c == at.n0:
+            continue
+        if node in at.conflicts:
+            _drop_zero_mask(gm, node, at.conflicts[node], at, name)
+            continue
+        name_ = _packet(node)
+        if name_ in _VIEWS or name_ == "expand":
+            node.args = (node.args[0], at.sizes(node, c)) + tuple(node.args[2:])
+
+
+def _drop_zero_mask(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, at: _Atoms, name: str) -> None:
+    other = [a for a in node.args[:2] if isinstance(a, fx.Node) and a is not fixed]
+    value = _constant_value(gm, fixed)
+    if node.target is not _aten.add.Tensor or len(other) != 1 or value is None or bool(value.any()) or \
+            at.dims.get(other[0]) != at.dims[node]:
+        raise PassError(f"pass 'token_merge': graph '{name}': {node.format_node()} adds {fixed.name} (shape "
+                        f"{list(_val_shape(fixed))}) over the token axis, which merging shortens; only a constant "
+                        "zero mask can be dropped (an attention mask over padding cannot be merged)")
+    node.replace_all_uses_with(other[0])
+
+
+def _constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The value of a node computed from parameters and literals alone (None: it reads an input)."""
+    order, seen, todo = [], set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return None
+        order.append(n)
+        todo.extend(n.all_input_nodes)
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    env: dict = {}
+    with torch.no_grad():
+        for n in sorted(order, key=pos.__getitem__):
+            if n.op == "get_attr":
+                env[n] = get_attr(gm, str(n.target))
+            elif n.op == "call_function":
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+                env[n] = n.target(*args, **kwargs)
+            else:
+                return None
+    v = env[node]
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _revalue(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str) -> None:
+    """Recompute every node's `val` (fake tensors) after the re-sizing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    env: dict = {}
+    it = iter(inputs)
+    consts: dict[int, Any] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = mode.from_tensor(next(it))
+        elif n.op == "get_attr":
+            t = get_attr(gm, str(n.target))
+            if isinstance(t, torch.Tensor):
+                t = consts.setdefault(id(t), mode.from_tensor(t))
+            env[n] = t
+        elif n.op == "call_function":
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+            try:
+                with mode:
+                    out = n.target(*args, **kwargs)
+            except Exception as e:  # torch raises many types for a shape mismatch
+                raise PassError(f"pass 'token_merge': graph '{name}': after re-sizing for the merged tokens, "
+                                f"{n.format_node()} fails: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+            env[n] = out
+            n.meta["val"] = out
