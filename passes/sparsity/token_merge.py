@@ -58,7 +58,8 @@ from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match, node_module_path
 from pared.ir.rewrite import eliminate_dead_code, splice
-from pared.ir.transform import PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range,
+                                register_pass)
 
 _aten = torch.ops.aten
 _NAME = "token_merge"
@@ -164,7 +165,7 @@ class MergeTokens(RewritePass):
                 done.append(rec)
         merged = sum(1 for g in done for b in g.blocks if b.r)
         if not done:
-            return PassResult(program, modified=False, preserved=tuple(ctx.records), stats={"merged_blocks": 0})
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"merged_blocks": 0})
         rec = TokenMergeDecisions("ToMe bipartite soft matching (size-weighted mean)", o.proportional_attention,
                                   tuple(done))
         for g in done:
