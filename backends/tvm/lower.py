@@ -38,6 +38,9 @@ log = logging.getLogger("pared.backends.tvm")
 #: one-step flips at rounding boundaries grew to rel L2 0.02-0.03 on all-MiniLM-L6-v2, which a 0.1
 #: bound used to absorb.
 CHECK_REL_L2 = 1e-4
+#: linker options of a shipped library: stripped of its static symbol table (a third of an untuned
+#: dit_mnist library; the runtime finds its entry points in the dynamic symbol table, which stays)
+LINK_OPTIONS = ["-s"]
 #: ELF e_machine codes for the triples we build for
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
@@ -263,7 +266,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     if not is_cross(target):
         fname = f"{name}.so"
         path = os.path.join(outdir, fname)
-        ex.export_library(path)
+        ex.export_library(path, options=LINK_OPTIONS)
         entry.update(file=fname, files=[fname] + extra, linked=True)
         from pared.backends.tvm.runtime import TvmGraph
         got = TvmGraph(outdir, entry, target)(to_numpy(graph.example_inputs))
@@ -286,7 +289,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         from tvm.contrib import cc as tvm_cc
         fname = f"{name}.so"
         path = os.path.join(outdir, fname)
-        ex.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
+        ex.export_library(path, fcompile=tvm_cc.cross_compiler(cc), options=LINK_OPTIONS)
         entry.update(file=fname, files=[fname] + extra, linked=True)
     else:
         fname = f"{name}.tar"
@@ -319,7 +322,7 @@ def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entr
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=False, tune_trials=1, cache_dir=None, name=name + "_check")
         path = os.path.join(tmp, "check.so")
-        ex.export_library(path)
+        ex.export_library(path, options=LINK_OPTIONS)
         outputs = [{"name": n} for n in check_graph.output_names]
         check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file")}
         values = TvmGraph(tmp, dict(check_entry, file="check.so", outputs=outputs, **lifted), target)(
