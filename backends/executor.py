@@ -70,6 +70,10 @@ class Executor:
         allow_isa_mismatch: load an artifact whose integer kernels would saturate on this
             CPU (full-range int8 weights, no VNNI or AMX here) with a warning instead of
             refusing it: its INT8 layers will be wrong.
+        share_weights: ONNX Runtime graphs on the CPU provider read the weights variants
+            share (`shared.weights`) from one buffer instead of a copy each, with ORT's
+            prepacking off in those sessions: N variants hold them once, a few percent
+            slower (backends/onnxruntime/runtime.py). TVM graphs always share theirs.
     Raises:
         ArtifactError: see backends.artifact.read_manifest; also a graph whose
             backend is unknown or whose runtime cannot load it, and an artifact whose
@@ -77,7 +81,7 @@ class Executor:
     """
 
     def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
-                 allow_isa_mismatch: bool = False):
+                 allow_isa_mismatch: bool = False, share_weights: bool = False):
         self.path = path
         self.manifest = read_manifest(path)
         try:
@@ -89,6 +93,8 @@ class Executor:
             target["threads"] = threads
         if provider is not None:
             target["provider"] = provider
+        if share_weights:
+            target["share_weights"] = True
         self.target = target
         check_cpu(path, self.manifest, target, allow_isa_mismatch)
         self.graphs: dict[str, Any] = {}

@@ -6,7 +6,10 @@ activation scales by t (4 buckets) cost speed against one bucket?
 Builds the dit_mnist artifacts of examples/pipelines/dit_full.yaml (timestep_quant with
 4 buckets chosen by t, then taylor_cache in each) and dit_full_1bucket.yaml (one bucket,
 then taylor_cache), and times the workload's task (one DDIM-50 batch of 10, CFG 1.5) with
-each, alternating, one thread each, median over rounds. Fidelity is measured by
+each, alternating, one thread each, median over rounds. The 4-bucket artifact is
+loaded twice: its ONNX Runtime sessions each holding their own prepacked copy of
+the weights (the default), and sharing the weights of shared.weights (one copy in
+memory, prepacking off: `pared.load(path, share_weights=True)`). Fidelity is measured by
 `pared bench` (benchmarks/results/dit_full.json, dit_full_1bucket.json); this script
 answers only the speed question. Writes benchmarks/results/compose_buckets.json.
 """
@@ -46,18 +49,25 @@ def main() -> None:
             spec = load_pipeline(os.path.join(EXAMPLES, "pipelines", file))
             opt = pared.optimize(model, example, target=spec.target, pipeline=build_passes(spec), calibration=calib,
                                  bench_repeats=0, allow_fidelity_loss=True)
-            ex = Executor(opt.save(os.path.join(tmp, label)), threads=1)
+            path = opt.save(os.path.join(tmp, label))
+            ex = Executor(path, threads=1)
             graphs[label] = len(opt.program.graphs)
             runs[label] = (lambda ex=ex: wl.task(ex, ex.reset))
+            if label == "4_buckets":
+                shared = Executor(path, threads=1, share_weights=True)
+                runs["4_buckets_shared_weights"] = (lambda ex=shared: wl.task(ex, ex.reset))
         print(f"timing, {a.repeats} alternating rounds", flush=True)
         timing = side_by_side(runs, repeats=a.repeats, warmup=1)
     med = timing["median_s"]
     out = {"what": "dit_mnist: timestep_quant 4 buckets vs 1 bucket, each then taylor_cache N=4; one DDIM-50 "
                    "batch of 10 per call, alternating, 1 thread",
            "repeats": a.repeats, "graphs": graphs, "timing": timing,
-           "four_over_one": med["4_buckets"] / med["1_bucket"]}
+           "four_over_one": med["4_buckets"] / med["1_bucket"],
+           "shared_weights_over_one": med["4_buckets_shared_weights"] / med["1_bucket"],
+           "shared_weights_over_own": med["4_buckets_shared_weights"] / med["4_buckets"]}
     print(f"4 buckets {med['4_buckets'] * 1e3:.1f} ms, 1 bucket {med['1_bucket'] * 1e3:.1f} ms: "
-          f"{out['four_over_one']:.3f}x the time", flush=True)
+          f"{out['four_over_one']:.3f}x the time; 4 buckets sharing one copy of the weights "
+          f"{med['4_buckets_shared_weights'] * 1e3:.1f} ms ({out['shared_weights_over_one']:.3f}x)", flush=True)
     write_results(a.json, out)
 
 

@@ -1,9 +1,11 @@
 """Run one lowered ONNX graph with ONNX Runtime. Torch-free.
 
-The graphs of one artifact share the initializers they have in common
-(`shared.weights`, see shared): on the CPU provider each of them is read once per
-process and every session is handed the same buffer (SessionOptions.add_initializer),
-so N variants hold those weights once, not N times. ORT then runs its kernels
+The graphs of one artifact store the initializers they have in common once
+(`shared.weights`, see shared). By default each session reads and prepacks its own
+copy, as ORT does. Loaded with `share_weights=True` (pared.load / Executor), on the
+CPU provider each of them is read once per process and every session is handed the
+same buffer (SessionOptions.add_initializer), so N variants hold those weights once,
+not N times: for a device short of memory. ORT then runs its kernels
 without prepacking in those sessions: a kernel that prepacks (MatMul, Gemm, QGemm,
 MatMulInteger, ... on the CPU provider) copies its weight into a packed buffer of
 its own session, and this onnxruntime's Python API has no shared prepacked-weights
@@ -12,10 +14,11 @@ session would hold its packed copy besides the shared one (more memory than not
 sharing). Measured: four variants sharing 10 MB of weights (fp32 MatMul and Gemm,
 int8 QGemm and MatMulInteger) grew the process by 11.7 MB shared, 45.9 MB with
 per-session copies (tests/backends/test_ort_shared.py); outputs bit-identical. The
-price: those kernels pack their weight panels on every call instead of once.
+price: those kernels pack their weight panels on every call instead of once
+(dit_full, 4 timestep buckets under taylor_cache: 452.1 vs. 440.2 ms a batch,
+benchmarks/results/compose_buckets.json), hence not the default.
 A graph with an op whose unprepacked kernel dequantizes its whole weight on every
-call (MatMulNBits) keeps its own prepacked copies. `PARED_ORT_SHARED_WEIGHTS=per_session`
-gives every session its own (prepacked) copies, as before.
+call (MatMulNBits) keeps its own prepacked copies even when sharing.
 """
 from __future__ import annotations
 
@@ -27,11 +30,6 @@ import numpy as np
 from pared.backends.onnxruntime.shared import SHARED_FILE, SharedWeights, shared_references
 from pared.ir.errors import ArtifactError
 
-#: environment variable choosing how sessions hold the weights in `shared.weights`: one of SHARED_WEIGHTS_MODES
-SHARED_WEIGHTS_ENV = "PARED_ORT_SHARED_WEIGHTS"
-#: "share": one buffer per process, prepacking off in those sessions (the default);
-#: "per_session": each session reads and prepacks its own copy
-SHARED_WEIGHTS_MODES = ("share", "per_session")
 #: ops whose ORT CPU kernel, unprepacked, dequantizes its whole weight to fp32 on every call
 #: (MatMulNBits: +16 MB per call for a 2048x2048 int4 weight): a graph with one is not shared
 UNPACKED_SLOW_OPS = frozenset({"MatMulNBits"})
@@ -103,18 +101,6 @@ def disabled_optimizers(target: Mapping[str, Any]) -> list[str]:
     return [str(n) for n in target.get("ort_disabled_optimizers") or ()]
 
 
-def shared_weights_mode() -> str:
-    """How sessions hold the weights in `shared.weights` (PARED_ORT_SHARED_WEIGHTS; default "share").
-
-    Raises:
-        ValueError: the variable is set to something else than SHARED_WEIGHTS_MODES.
-    """
-    mode = os.environ.get(SHARED_WEIGHTS_ENV) or "share"
-    if mode not in SHARED_WEIGHTS_MODES:
-        raise ValueError(f"{SHARED_WEIGHTS_ENV}={mode!r}: expected one of {', '.join(SHARED_WEIGHTS_MODES)}")
-    return mode
-
-
 class OrtGraph:
     """One graph of an artifact, run by ONNX Runtime.
 
@@ -151,5 +137,5 @@ class OrtGraph:
     @staticmethod
     def _shares(entry: Mapping[str, Any], target: Mapping[str, Any]) -> bool:
         # only the CPU provider runs on host buffers; other providers place (and copy) weights themselves
-        return (SHARED_FILE in entry.get("files", ()) and shared_weights_mode() == "share"
+        return (SHARED_FILE in entry.get("files", ()) and bool(target.get("share_weights"))
                 and (target.get("provider") or "CPUExecutionProvider") == "CPUExecutionProvider")

@@ -28,6 +28,7 @@ from pared.testing import assert_close_to_eager, run_python, save_program
 
 CPU = get_target("cpu").to_json()
 ORT_CPU = {"name": "cpu", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "threads": 1}
+SHARE = dict(ORT_CPU, share_weights=True)      # what Executor(path, share_weights=True) hands each graph
 
 
 class _Full(nn.Module):
@@ -84,11 +85,11 @@ def _eager(full: _Full, xs):
     return out
 
 
-def test_variants_share_weights_and_match_eager_and_per_session(tmp_path, monkeypatch):
+def test_variants_share_weights_and_match_eager_and_per_session(tmp_path):
     full, program = _cached_program()
     art = save_program(program, tmp_path / "a", CPU)
     xs = [torch.randn(2, 64) for _ in range(6)]
-    ex = Executor(art)
+    ex = Executor(art, share_weights=True)
     got = [ex(x.numpy()) for x in xs]
     with torch.no_grad():
         for want, y in zip(_eager(full, xs), got):
@@ -103,8 +104,7 @@ def test_variants_share_weights_and_match_eager_and_per_session(tmp_path, monkey
     for name, value in g_full.shared_initializers.items():
         assert g_full.session._pared_initializers[name] is value          # held as long as the session
     assert _prepacking_disabled(g_full.session) and _prepacking_disabled(g_reuse.session)
-    # the previous path (each session reads and prepacks its own copy) gives the same numbers
-    monkeypatch.setenv(runtime.SHARED_WEIGHTS_ENV, "per_session")
+    # the default (each session reads and prepacks its own copy) gives the same numbers
     own = Executor(art)
     assert own.graphs["full"].shared_initializers == {} and own.graphs["full"].weights is None
     for x, y in zip(xs, got):
@@ -162,12 +162,12 @@ def build_variants(outdir: str, n: int, d: int = 256, nbits: bool = False) -> di
     return share_initializers(entries, outdir)
 
 
-def _run_all(d, entries, x):
-    graphs = {g: OrtGraph(d, e, ORT_CPU) for g, e in entries.items()}
+def _run_all(d, entries, x, target=SHARE):
+    graphs = {g: OrtGraph(d, e, target) for g, e in entries.items()}
     return graphs, {g: og([x])[0] for g, og in graphs.items()}
 
 
-def test_prepacking_kernels_read_one_buffer_with_the_same_numbers(tmp_path, monkeypatch):
+def test_prepacking_kernels_read_one_buffer_with_the_same_numbers(tmp_path):
     d = str(tmp_path)
     entries = build_variants(d, 3)
     assert all(e["shared_initializers"] == 4 for e in entries.values())     # w_mm, w_gemm, w_q, w_mi
@@ -177,8 +177,7 @@ def test_prepacking_kernels_read_one_buffer_with_the_same_numbers(tmp_path, monk
     assert all(set(g.shared_initializers) == names for g in graphs.values())
     assert len({id(g.shared_initializers[n]) for g in graphs.values() for n in names}) == 4
     assert len(SharedWeights._open) >= 1 and graphs["v0"].weights is graphs["v2"].weights
-    monkeypatch.setenv(runtime.SHARED_WEIGHTS_ENV, "per_session")
-    _, own = _run_all(d, entries, x)
+    _, own = _run_all(d, entries, x, ORT_CPU)
     assert not np.array_equal(shared["v0"], shared["v1"])                   # the variants differ
     for g in entries:
         np.testing.assert_array_equal(shared[g], own[g])
@@ -186,14 +185,13 @@ def test_prepacking_kernels_read_one_buffer_with_the_same_numbers(tmp_path, monk
 
 _MEASURE = """
 import json, os
-os.environ["PARED_ORT_SHARED_WEIGHTS"] = {mode!r}
 from pared.backends.onnxruntime.runtime import OrtGraph
 def anon():
     for line in open("/proc/self/smaps_rollup"):
         if line.startswith("Anonymous:"):
             return int(line.split()[1]) * 1024
 d, entries = {d!r}, json.load(open({entries!r}))
-target = {{"name": "cpu", "provider": "CPUExecutionProvider", "threads": 1}}
+target = {{"name": "cpu", "provider": "CPUExecutionProvider", "threads": 1, "share_weights": {share!r}}}
 graphs = [OrtGraph(d, entries.pop("v0"), target)]
 first = anon()
 graphs += [OrtGraph(d, e, target) for e in entries.values()]
@@ -213,7 +211,7 @@ def test_memory_of_n_variants_is_one_copy_of_the_shared_weights(tmp_path):
     shared_bytes = os.path.getsize(os.path.join(d, SHARED_FILE))
     grown = {}
     for mode in ("share", "per_session"):
-        code = _MEASURE.format(mode=mode, d=d, entries=str(tmp_path / "entries.json"))
+        code = _MEASURE.format(share=mode == "share", d=d, entries=str(tmp_path / "entries.json"))
         grown[mode] = json.loads(run_python(code).strip().splitlines()[-1])["next"] / shared_bytes
     # measured: the three after the first add 0.03x (share) and 3.35x (per_session) the shared bytes
     assert grown["share"] < 0.3, grown
@@ -223,7 +221,7 @@ def test_memory_of_n_variants_is_one_copy_of_the_shared_weights(tmp_path):
 def test_store_is_released_with_the_last_graph(tmp_path):
     d = str(tmp_path)
     entries = build_variants(d, 2, d=64)
-    a, b = (OrtGraph(d, e, ORT_CPU) for e in entries.values())
+    a, b = (OrtGraph(d, e, SHARE) for e in entries.values())
     store = weakref.ref(a.weights)
     assert a.weights is b.weights
     del a
@@ -235,14 +233,14 @@ def test_store_is_released_with_the_last_graph(tmp_path):
     gc.collect()
     assert store() is None
     assert not any(ident[0] == os.path.realpath(os.path.join(d, SHARED_FILE)) for ident in SharedWeights._open.keys())
-    c = OrtGraph(d, entries["v0"], ORT_CPU)                                    # read again, a new store
+    c = OrtGraph(d, entries["v0"], SHARE)                                      # read again, a new store
     assert c.weights is not None and len(c.weights) == 4
 
 
-def test_graphs_not_shared_keep_their_own_copies(tmp_path, monkeypatch):
+def test_graphs_not_shared_keep_their_own_copies(tmp_path):
     # one graph: no shared.weights, the session as before
     one = build_variants(str(tmp_path / "one"), 1, d=64)["v0"]
-    g = OrtGraph(str(tmp_path / "one"), one, ORT_CPU)
+    g = OrtGraph(str(tmp_path / "one"), one, SHARE)
     assert one["files"] == ["v0.onnx"] and g.weights is None and g.shared_initializers == {}
     assert not _prepacking_disabled(g.session)
     # MatMulNBits unprepacked dequantizes its weight on every call: those sessions keep prepacking
@@ -252,9 +250,6 @@ def test_graphs_not_shared_keep_their_own_copies(tmp_path, monkeypatch):
     assert all(og.weights is None and og.shared_initializers == {} for og in graphs.values())
     assert not any(_prepacking_disabled(og.session) for og in graphs.values())
     np.testing.assert_array_equal(out["v0"], out["v1"])
-    monkeypatch.setenv(runtime.SHARED_WEIGHTS_ENV, "both")
-    with pytest.raises(ValueError, match="PARED_ORT_SHARED_WEIGHTS='both': expected one of share, per_session"):
-        OrtGraph(str(tmp_path / "nbits"), nb["v0"], ORT_CPU)
 
 
 def test_missing_or_short_shared_weights_is_refused(tmp_path):
@@ -263,7 +258,7 @@ def test_missing_or_short_shared_weights_is_refused(tmp_path):
     missing = shutil.copytree(src, str(tmp_path / "missing"))
     os.remove(os.path.join(missing, SHARED_FILE))
     with pytest.raises(ArtifactError, match=r"missing: v0.onnx reads its weights from shared.weights, which is missing"):
-        OrtGraph(missing, entries["v0"], ORT_CPU)
+        OrtGraph(missing, entries["v0"], SHARE)
     short = shutil.copytree(src, str(tmp_path / "short"))
     path = os.path.join(short, SHARED_FILE)
     size = os.path.getsize(path)
@@ -271,4 +266,4 @@ def test_missing_or_short_shared_weights_is_refused(tmp_path):
         f.truncate(size - 100)
     with pytest.raises(ArtifactError, match=rf"short: v0.onnx: initializer '\w+' .* of {re.escape(path)}, which "
                                             rf"has {size - 100} bytes; the artifact is damaged"):
-        OrtGraph(short, entries["v0"], ORT_CPU)
+        OrtGraph(short, entries["v0"], SHARE)
