@@ -21,8 +21,10 @@ import torch.fx as fx
 from pared.analysis import cost
 from pared.analysis.metrics import psnr_db
 from pared.analysis.redundancy import primary_io
+from pared.analysis.search import bisect_log
 from pared.ir import meta
 from pared.ir.errors import PassError
+from pared.ir.goal import Goal
 from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.rewrite import eliminate_dead_code
@@ -291,17 +293,9 @@ def with_search(program: Program, points: tuple) -> Program:
 GOALS = ("psnr_db", "speedup")
 
 
-def check_goal(pass_name: str, goal: Mapping | None) -> None:
-    """A goal is {"psnr_db": x} or {"speedup": x}."""
-    from pared.ir.errors import OptionError
-    if goal is None:
-        return
-    if not isinstance(goal, Mapping) or len(goal) != 1 or next(iter(goal)) not in GOALS:
-        raise OptionError(f"pass '{pass_name}': option 'target' must be one of {{psnr_db: X}} or {{speedup: X}}, "
-                          f"got {goal!r}")
-    v = next(iter(goal.values()))
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        raise OptionError(f"pass '{pass_name}': option 'target': the goal must be a positive number, got {v!r}")
+def check_goal(pass_name: str, goal: Mapping | None) -> Goal | None:
+    """A cache pass's goal (ir/goal.py): one of {psnr_db: X} or {speedup: X}, X > 0."""
+    return Goal.parse(goal, f"pass '{pass_name}': option 'target'", GOALS, single=True, positive=True)
 
 
 def _final(out: Any) -> "np.ndarray":
@@ -337,38 +331,26 @@ def search_threshold(pass_name: str, build: Callable[[float], Program], uncached
     Raises:
         PassError: when no threshold in [lo, hi] meets a speedup goal.
     """
-    import math
     if not callable(calibration):
         raise PassError(f"pass '{pass_name}': option 'target' needs a calibration loop (a callable that runs one "
                         "request through the model) to measure the trade-off on")
     runner = uncached.runner()
     reference = calibration(lambda *a: _first(runner(list(a))))
     base = cost.trace_flops(uncached, runner.graph_trace) / max(1, len(runner.graph_trace))
-    key, want = next(iter(goal.items()))
+    goal = check_goal(pass_name, goal)
+    key, want = goal.terms[0]
     points = []
 
     def ok(th: float) -> bool:
         psnr, sp = evaluate_on_calibration(build(th), calibration, reference, base)
         points.append((th, round(psnr, 3), round(sp, 4)))
         progress(f"{pass_name}: threshold {th:.4g} -> {psnr:.1f} dB, {sp:.2f}x FLOPs")
-        return psnr >= want if key == "psnr_db" else sp >= want
+        return goal.met({"psnr_db": psnr, "speedup": sp})
 
-    at = lambda m: float(f"{math.exp(m):.4g}")   # thresholds as a person would write them
-    # a larger threshold reuses more: PSNR falls and speedup rises with it. Bisect
-    # (in log space) for the boundary on the side where the goal holds.
-    want_large = key == "speedup"
-    edge = hi if want_large else lo          # the end where the goal is easiest to meet
-    if ok(hi) != want_large:
-        if want_large:
-            raise PassError(f"pass '{pass_name}': no threshold up to {hi:g} reaches a {want}x FLOPs speedup on "
-                            f"the calibration run (best measured: {max(p[2] for p in points):.2f}x)")
-        return hi, tuple(points)             # PSNR holds even at the largest threshold
-    best, a, b = (hi if want_large else None), math.log(lo), math.log(hi)
-    for _ in range(iters):
-        m = (a + b) / 2
-        if ok(at(m)):
-            best = at(m)
-            a, b = (a, m) if want_large else (m, b)
-        else:
-            a, b = (m, b) if want_large else (a, m)
-    return (best if best is not None else edge), tuple(points)
+    # a larger threshold reuses more: PSNR falls and speedup rises with it
+    th, met = bisect_log(ok, lo, hi, holds_above=key == "speedup", iters=iters)
+    if not met and key == "speedup":
+        raise PassError(f"pass '{pass_name}': no threshold up to {hi:g} reaches a {want}x FLOPs speedup on "
+                        f"the calibration run (best measured: {max(p[2] for p in points):.2f}x)")
+    # a PSNR goal no trial met: the smallest threshold, as little reuse as the range allows
+    return th, tuple(points)

@@ -75,6 +75,7 @@ import numpy as np
 from pared.analysis.latency import LatencyProfile
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
 from pared.ir.errors import OptionError, PassError
+from pared.ir.goal import Goal
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program
 from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_block_size,
@@ -83,8 +84,8 @@ from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
 from pared.passes.quant.quantize_linears import QuantizeLinears
 from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
 
-#: target metrics: name -> True when larger is better
-TARGET_METRICS = {"cosine": True, "cosine_mean": True, "agreement": True, "sqnr_db": True, "rel_l2": False}
+#: the metrics option 'target' (a Goal, ir/goal.py) can name: what compare_outputs measures
+TARGET_METRICS = ("cosine", "cosine_mean", "agreement", "sqnr_db", "rel_l2")
 #: formats: name -> weight bits
 FORMAT_BITS = {"w4": 4, "w8": 8, "w8a8": 8, "fp32": 32}
 #: budgets (as fractions of the cap above the smallest feasible one) tried by the target search
@@ -190,28 +191,12 @@ def allocate(costs: list[list[int]], errors: list[list[float]], budget: int,
     return choice[::-1], unit
 
 
-def _as_target(value: Any) -> tuple[tuple[str, float], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping) or not value:
-        raise OptionError("pass 'mixed_precision': option 'target' takes a mapping like {cosine: 0.995}, "
-                          f"got {value!r}")
-    out = []
-    for k, v in value.items():
-        if k not in TARGET_METRICS:
-            import difflib
-            close = difflib.get_close_matches(str(k), list(TARGET_METRICS), n=1)
-            raise OptionError(f"pass 'mixed_precision': option 'target': unknown metric {k!r}"
-                              + (f"; did you mean '{close[0]}'?" if close else
-                                 f"; known: {', '.join(TARGET_METRICS)}"))
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise OptionError(f"pass 'mixed_precision': option 'target': {k} expects a number, got {v!r}")
-        out.append((str(k), float(v)))
-    return tuple(out)
+def _as_target(value: Any) -> Goal | None:
+    return Goal.parse(value, "pass 'mixed_precision': option 'target'", TARGET_METRICS)
 
 
-def meets(measured: Mapping[str, float], target: tuple[tuple[str, float], ...]) -> bool:
-    return all(measured[k] >= v if TARGET_METRICS[k] else measured[k] <= v for k, v in target)
+def meets(measured: Mapping[str, float], target: Goal | None) -> bool:
+    return target is None or target.met(measured)
 
 
 @register_pass("mixed_precision")
@@ -349,7 +334,7 @@ class MixedPrecision(RewritePass):
                 key = tuple(fmt_of[lay.layer] for lay in layers)
                 sols.setdefault(key, (budget, unit))
             order = sorted(sols, key=lambda k: (total(dict(zip([x.layer for x in layers], k))), -sols[k][0]))
-            metric = o.target[0][0]
+            metric = o.target.terms[0][0]
             tried: dict[int, tuple[Program, dict]] = {}
 
             def probe(i: int) -> bool:
@@ -368,7 +353,7 @@ class MixedPrecision(RewritePass):
             if not probe(hi):
                 pick = hi
                 ctx.log.warning("mixed_precision: target %s not met even at the largest budget (%.3f of fp32 %s); "
-                                "keeping that choice", dict(o.target), cap / full if full else 1.0, o.objective)
+                                "keeping that choice", o.target.to_json(), cap / full if full else 1.0, o.objective)
             else:
                 while lo < hi:                   # first solution (by the objective's cost) that meets the target
                     mid = (lo + hi) // 2
@@ -398,7 +383,8 @@ class MixedPrecision(RewritePass):
         if by_latency:
             lat_fields.update(objective="latency", unit_ns=unit_ns * unit, budget_latency_s=budget * unit_ns * 1e-9)
         plan = MixedPrecisionPlan("dp", 0 if by_latency else unit, fp32, fp32 if by_latency else budget, nbytes,
-                                  _predicted(layers, fmt_of), {k: float(v) for k, v in measured.items()}, o.target,
+                                  _predicted(layers, fmt_of), {k: float(v) for k, v in measured.items()},
+                                  o.target.terms if o.target else (),
                                   met, chosen, tuple(probes), **lat_fields)
         counts = {f: sum(x.format == f for x in chosen) for f in FORMAT_BITS}
         lf = plan.latency_fraction

@@ -377,7 +377,7 @@ CASES: dict[str, Case] = {
     "expert_cache": Case(
         moe_dit, {"interval": 3, "refresh": 1, "steps": 10}, noop={"interval": 1, "steps": 10},
         bad=(({"refresh": 5}, "5 is more than the 4 experts"),
-             ({"target": {"fid": 1}}, "option 'target' must be one of")),
+             ({"target": {"fid": 1}}, "option 'target': unknown metric 'fid'; known: psnr_db, speedup")),
         meaning=expert_meaning, rel_l2=1e-5),
     "cfg_skip": Case(
         dit_batch_dynamic, {"threshold": 0.99, "warmup": 1}, noop={"threshold": 1.5},
