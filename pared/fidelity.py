@@ -26,18 +26,39 @@ class Fidelity:
 
     @staticmethod
     def of(spec: "Fidelity | Mapping[str, Any] | None") -> "Fidelity":
+        """Bounds from a Goal's spelling ({cosine: 0.999, rel_l2: 0.01, max_abs: 0.1}, see
+        pared.ir.goal) or this class's field names (min_cosine, max_rel_l2, max_abs).
+        Bounds left out keep their defaults; give one as None (null) to leave it unchecked.
+
+        Raises:
+            ValueError: an unknown bound (naming the closest known one) or a bound that
+                is not a number.
+        """
         if spec is None:
             return Fidelity()
         if isinstance(spec, Fidelity):
             return spec
-        known = {"min_cosine", "max_rel_l2", "max_abs"}
-        bad = [k for k in spec if k not in known]
+        goal = {k: v for k, v in spec.items() if k in _GOAL_FIELDS}
+        fields = {k: v for k, v in spec.items() if k not in _GOAL_FIELDS}
+        known = set(_GOAL_FIELDS) | {"min_cosine", "max_rel_l2", "max_abs"}
+        bad = [k for k in fields if k not in known]
         if bad:
             import difflib
-            close = difflib.get_close_matches(bad[0], sorted(known), n=1)
+            close = difflib.get_close_matches(str(bad[0]), sorted(known), n=1)
             raise ValueError(f"unknown fidelity bound '{bad[0]}'" + (f"; did you mean '{close[0]}'?" if close else
                                                                    f"; known: {', '.join(sorted(known))}"))
-        return Fidelity(**dict(spec))
+        if goal:
+            from pared.ir.errors import OptionError
+            from pared.ir.goal import Goal
+            try:
+                parsed = Goal.parse(goal, "fidelity", tuple(_GOAL_FIELDS))
+            except OptionError as e:
+                raise ValueError(str(e)) from None
+            fields.update({_GOAL_FIELDS[k]: v for k, v in parsed.terms})
+        for k, v in fields.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"fidelity bound '{k}' expects a number, got {v!r}")
+        return Fidelity(**fields)
 
     def violations(self, figures: Mapping[str, float]) -> list[str]:
         out = []
@@ -48,6 +69,10 @@ class Fidelity:
         if self.max_abs is not None and figures["max_abs"] > self.max_abs:
             out.append(f"max abs {figures['max_abs']:.3g} > {self.max_abs}")
         return out
+
+
+#: a Goal's metric (pared.ir.goal) -> the Fidelity field it bounds
+_GOAL_FIELDS = {"cosine": "min_cosine", "rel_l2": "max_rel_l2", "max_abs": "max_abs"}
 
 
 def metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

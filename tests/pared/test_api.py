@@ -161,3 +161,14 @@ def test_speed_runs_both_sides_on_the_same_pinned_threads(monkeypatch):
     assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
     with pytest.raises(ValueError, match="bench_threads must be >= 1"):
         pared.optimize(m, small[0], bench_threads=0)
+
+
+def test_fidelity_takes_the_goal_spelling_and_the_field_names():
+    from pared.fidelity import Fidelity
+    assert Fidelity.of({"cosine": 0.99, "rel_l2": 0.05}) == Fidelity(min_cosine=0.99, max_rel_l2=0.05)
+    assert Fidelity.of({"min_cosine": 0.99}) == Fidelity(min_cosine=0.99)           # max_rel_l2 keeps 1e-2
+    assert Fidelity.of({"cosine": 0.9, "max_rel_l2": None}) == Fidelity(min_cosine=0.9, max_rel_l2=None)
+    with pytest.raises(ValueError, match="unknown fidelity bound 'cosin'; did you mean 'cosine'"):
+        Fidelity.of({"cosin": 0.9})
+    with pytest.raises(ValueError, match="fidelity: cosine expects a number, got 'high'"):
+        Fidelity.of({"cosine": "high"})
