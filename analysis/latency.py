@@ -67,14 +67,14 @@ import torch.fx as fx
 from pared.analysis.redundancy import observe_values
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
-from pared.ir.measure import LinearFormat, Profiler
+from pared.ir.measure import LINEAR_FORMATS, LinearFormat, Profiler
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program, get_attr
 from pared.ir.target import Target, get_target
 from pared.ir.transform import Analysis, PassContext, Record, check_block_size, check_range, register_pass
 
-#: the candidate formats (fp32 is always measured): name -> weight bits
-FORMATS = {"w8a8": 8, "w4": 4, "w8": 8}
+#: the candidate formats (fp32 is always measured): name -> weight bits (the registry's, ir/formats.py)
+FORMATS = {name: bits for name, bits in LINEAR_FORMATS.items() if name != "fp32"}
 #: a timed chunk of calls lasts at least this long (s): timer resolution and call jitter amortized
 CHUNK_S = 2e-3
 #: untimed rounds before the timed ones

@@ -47,6 +47,7 @@ from pared.analysis.cost import node_flops
 from pared.analysis.recorder import output_rows, run_output
 from pared.analysis.redundancy import observe_values
 from pared.ir.errors import OptionError, PassError
+from pared.ir.formats import FORMATS as QUANT_FORMATS
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program, get_attr
 from pared.ir.quant import (RangeObserver, dequantize_weight_blocks, fake_quant_activation, fake_quant_weight_int8,
@@ -55,8 +56,8 @@ from pared.ir.regions import match
 from pared.ir.transform import Analysis, PassContext, Record, check_block_size, register_pass
 
 _aten = torch.ops.aten
-#: the candidate formats: name -> weight bits
-FORMATS = {"w8a8": 8, "w4": 4, "w8": 8}
+#: the candidate formats: name -> weight bits (the registry's, ir/formats.py, fp32 aside)
+FORMATS = {name: f.weight_bits for name, f in QUANT_FORMATS.items() if name != "fp32"}
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
+from .formats import FORMATS
+
 if TYPE_CHECKING:
     from pared.ir.program import Program
     from pared.ir.target import Target
 
-#: the candidate formats of a linear layer: name -> weight bits
-LINEAR_FORMATS = {"fp32": 32, "w8a8": 8, "w4": 4, "w8": 8}
+#: the candidate formats of a linear layer: name -> weight bits (from the registry, ir/quant.FORMATS)
+LINEAR_FORMATS = {name: f.weight_bits for name, f in FORMATS.items()}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pared.ir import isa
+from pared.ir.formats import FORMATS, QuantFormat, get_format, quantized_weight_bytes, weight_only_bytes  # noqa: F401
 
 QMIN_U8, QMAX_U8 = 0, 255
 QMAX_S8 = 127
@@ -253,28 +254,3 @@ def fake_quant_activation(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor
     xq = qd.quantize_per_tensor.default(x, scale, zp, QMIN_U8, QMAX_U8, torch.uint8)
     return qd.dequantize_per_tensor.default(xq, scale, zp, QMIN_U8, QMAX_U8, torch.uint8)
 
-
-def weight_only_bytes(in_features: int, out_features: int, bits: int, block_size: int,
-                      symmetric: bool = True) -> int:
-    """Bytes of a block-wise weight-only layer: codes (4-bit packed two per byte), a float32
-    scale per block and, asymmetric, zero points (4-bit: packed two per byte)."""
-    k, n = int(in_features), int(out_features)
-    blocks = -(-k // block_size)
-    codes = n * blocks * (block_size * bits // 8)
-    zps = 0 if symmetric else n * (-(-blocks * bits // 8))
-    return codes + 4 * n * blocks + zps
-
-
-def quantized_weight_bytes(in_features: int, out_features: int, bits: int, block_size: int = 32,
-                           symmetric: bool = True) -> int:
-    """Bytes a linear layer's weight takes at `bits` (32: float; 8: quantize_linears' int8
-    codes and a float32 scale per output channel; 4: block-wise int4, see
-    weight_only_bytes). The bias is not counted (float or int32: 4 bytes either way)."""
-    k, n = int(in_features), int(out_features)
-    if bits == 32:
-        return 4 * k * n
-    if bits == 8:
-        return k * n + 4 * n
-    if bits == 4:
-        return weight_only_bytes(k, n, 4, block_size, symmetric)
-    raise ValueError(f"no weight format for {bits} bits (4, 8 or 32)")

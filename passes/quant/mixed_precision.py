@@ -75,6 +75,7 @@ import numpy as np
 from pared.analysis.latency import LatencyProfile
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
 from pared.ir.errors import OptionError, PassError
+from pared.ir.formats import FORMATS
 from pared.ir.goal import Goal
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program
@@ -87,7 +88,7 @@ from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
 #: the metrics option 'target' (a Goal, ir/goal.py) can name: what compare_outputs measures
 TARGET_METRICS = ("cosine", "cosine_mean", "agreement", "sqnr_db", "rel_l2")
 #: formats: name -> weight bits
-FORMAT_BITS = {"w4": 4, "w8": 8, "w8a8": 8, "fp32": 32}
+FORMAT_BITS = {name: FORMATS[name].weight_bits for name in ("w4", "w8", "w8a8", "fp32")}
 #: budgets (as fractions of the cap above the smallest feasible one) tried by the target search
 SEARCH_POINTS = 48
 #: what a budget can count (each is also the option that gives that budget)
