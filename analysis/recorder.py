@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from pared.ir import structure as _structure
-from pared.ir.errors import PassError
+from pared.ir.errors import OptionError, PassError
 from pared.ir.plan import PlanRunner
 from pared.ir.program import Program
 
@@ -143,3 +143,18 @@ def replay(program: Program, calibration: Any) -> np.ndarray:
         res = _structure.unflatten(program.output_structure, res)
         return res
     return run_output(calibration, call, outs)
+
+
+def analysed_graphs(program: Program, wanted: Sequence[str] | None, by: str) -> list[str]:
+    """The graphs an analysis looks at: `wanted` (checked), or every graph the Plan calls.
+
+    Raises:
+        OptionError: "pass 'BY' option 'graphs': no graph ..." naming the program's graphs.
+    """
+    if not wanted:
+        return program.called_graphs() or list(program.graphs)
+    missing = [g for g in wanted if g not in program.graphs]
+    if missing:
+        raise OptionError(f"pass '{by}' option 'graphs': no graph {missing[0]!r}; the program has "
+                          f"{list(program.graphs)}")
+    return list(dict.fromkeys(wanted))

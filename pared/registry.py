@@ -9,8 +9,11 @@ passes and analyses and never imports them.
 """
 from __future__ import annotations
 
-import pared.analysis.cost  # noqa: F401  (each import registers the passes it defines)
+import pared.analysis.activation_sparsity  # noqa: F401  (each import registers the passes it defines)
+import pared.analysis.attention_entropy  # noqa: F401
+import pared.analysis.cost  # noqa: F401
 import pared.analysis.latency  # noqa: F401
+import pared.analysis.layer_redundancy  # noqa: F401
 import pared.analysis.quant_sensitivity  # noqa: F401
 import pared.analysis.redundancy  # noqa: F401
 import pared.passes.cache  # noqa: F401

@@ -180,6 +180,12 @@ def rows_ctx(fx_: Fixture, program: Program) -> PassContext:
     return PassContext(calibration=[(torch.randn(4, 16, generator=g),) for _ in range(2)])
 
 
+def images_ctx(fx_: Fixture, program: Program) -> PassContext:
+    """Two calls of held-out 8x8 images for TinyViT."""
+    g = torch.Generator().manual_seed(1)
+    return PassContext(calibration=[(torch.randn(3, 1, 8, 8, generator=g),) for _ in range(2)])
+
+
 # -- eager meanings ---------------------------------------------------------------------------
 def _run_loop(program: Program, x: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[str]]:
     """The sampler loop over the program, and the routine each call ran (namespaced names such
@@ -427,11 +433,25 @@ CASES: dict[str, Case] = {
              ({"layers": [5]}, "option 'layers': block 5 is outside the model's 3 blocks")),
         meaning=tome_meaning, rel_l2=1e-5),
     # -- analyses: read-only ------------------------------------------------------------------
+    "activation_sparsity": Case(
+        transformer, ctx=tokens_ctx,
+        bad=(({"sparsities": [0.5, 1.5]}, "pass 'activation_sparsity': option 'sparsities' must be in \\(0, 1\\)"),
+             ({"sparsity": [0.5]}, "unknown option 'sparsity'; did you mean 'sparsities'"),
+             ({"graphs": ["nope"]}, "option 'graphs': no graph 'nope'"))),
+    "attention_entropy": Case(
+        vit, {"query_groups": [["cls", 0, 1]]}, images_ctx,
+        bad=(({"local_threshold": 0.9, "global_threshold": 0.5}, "'local_threshold' \\(0.9\\) must not exceed"),
+             ({"query_groups": [["cls", 2, 1]]}, "option 'query_groups' takes \\(name, start, stop\\)"),
+             ({"graphs": ["nope"]}, "pass 'attention_entropy' option 'graphs': no graph 'nope'"))),
     "cost": Case(transformer, bad=(({"detail": True}, "pass 'cost': unknown option 'detail'; it takes no options"),)),
     "temporal_redundancy": Case(
         dit, ctx=loop_ctx(4),
         bad=(({"graph": "nope"}, "pass 'temporal_redundancy' option 'graph': no graph 'nope'"),
              ({"region": "blocks.*"}, "did you mean 'regions'"))),
+    "layer_redundancy": Case(
+        vit, ctx=images_ctx,
+        bad=(({"graphs": "nope"}, "pass 'layer_redundancy' option 'graphs': no graph 'nope'"),
+             ({"region": "blocks.*"}, "unknown option 'region'; did you mean 'regions'"))),
     "quant_sensitivity": Case(
         one_linear, {"formats": ["w8a8", "w4"], "block_size": 16}, rows_ctx,
         bad=(({"format": ["w4"]}, "unknown option 'format'; did you mean 'formats'"),
