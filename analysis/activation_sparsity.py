@@ -117,15 +117,22 @@ class LogHistogram:
         self.lo, self.hi = math.inf, 0.0
 
     def add(self, v: torch.Tensor) -> None:
-        v = v.detach().reshape(-1).double()
-        self.n += v.numel()
-        self.total += float(v.sum())
-        nz = v[v > 0]
-        self.zeros += v.numel() - nz.numel()
-        if nz.numel():
-            self.lo, self.hi = min(self.lo, float(nz.min())), max(self.hi, float(nz.max()))
-            idx = ((torch.log10(nz) - _LO_DECADE) * self.bpd).floor().clamp_(0, len(self.counts) - 1).long()
-            self.counts += np.bincount(idx.numpy(), minlength=len(self.counts))
+        v = v.detach().reshape(-1).float()
+        n = v.numel()
+        if not n:
+            return
+        zeros = int((v == 0).sum())
+        self.n += n
+        self.zeros += zeros
+        self.total += float(v.sum(dtype=torch.float64))
+        if zeros < n:
+            self.lo = min(self.lo, float(v.masked_fill(v == 0, math.inf).min()))
+            self.hi = max(self.hi, float(v.max()))
+        # log10(0) = -inf lands in the first bin: taken out again below (zeros are counted apart)
+        idx = ((torch.log10(v) - _LO_DECADE) * self.bpd).floor_().clamp_(0, len(self.counts) - 1).long()
+        counts = np.bincount(idx.numpy(), minlength=len(self.counts))
+        counts[0] -= zeros
+        self.counts += counts
 
     def _order_stat(self, k: int, cum: np.ndarray) -> float:
         """The k-th smallest value (0-based), placed evenly inside its bin."""
@@ -160,7 +167,7 @@ class LogHistogram:
 def column_norms(gm, site: Site) -> torch.Tensor:
     """||W[:, i]||_2 for each input channel i of a linear site (nn.Linear's weight.norm(dim=0))."""
     w = get_attr(gm, site.weight).detach().double()
-    return w.norm(dim=0 if site.transposed else 1)
+    return w.norm(dim=0 if site.transposed else 1).float()
 
 
 # -- the analysis ------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ class ActivationSparsity(Analysis):
         seen: dict[tuple[str, str], set[int]] = {}
 
         def on_value(tap: Tap, v: torch.Tensor) -> None:
-            a = v.detach().abs().double()
+            a = v.detach().abs().float()
             abs_hist[(tap.graph, tap.node)].add(a)
             for s in readers[(tap.graph, tap.node)]:
                 wina_hist[(tap.graph, s.node)].add(a * norms[(tap.graph, s.node)])
