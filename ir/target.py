@@ -182,6 +182,61 @@ class Target:
             raise TargetError(f"{where}: {e}") from None
 
 
+@dataclass(frozen=True)
+class Link:
+    """A network link between two devices, as data: what a partition's cost model reads and
+    what backends/link.ShapingProxy emulates on loopback.
+
+    bandwidth: bytes per second each way (None: unlimited); rtt: round-trip time (s), half
+    each way; jitter: one-way delay spread (s, uniform in [0, jitter]); loss: probability a
+    chunk is lost and retransmitted after `rto` seconds (TCP recovers it: late, not missing).
+    """
+
+    name: str
+    bandwidth: float | None = None
+    rtt: float = 0.0
+    jitter: float = 0.0
+    loss: float = 0.0
+    rto: float = 0.2
+    description: str = ""
+
+    def __post_init__(self):
+        for f in ("rtt", "jitter", "rto"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise TargetError(f"link '{self.name}': {f} must be a number of seconds >= 0, got {v!r}")
+        bw = self.bandwidth
+        if bw is not None and (isinstance(bw, bool) or not isinstance(bw, (int, float)) or bw <= 0):
+            raise TargetError(f"link '{self.name}': bandwidth must be bytes/s > 0 (or null: unlimited), "
+                              f"got {self.bandwidth!r}")
+        if isinstance(self.loss, bool) or not isinstance(self.loss, (int, float)) or not 0 <= self.loss <= 1:
+            raise TargetError(f"link '{self.name}': loss must be a probability in [0, 1], got {self.loss!r}")
+
+    @staticmethod
+    def mbit(name: str, mbit_s: float, rtt_ms: float = 0.0, **kw: Any) -> "Link":
+        """A link spelled as people do: Mbit/s and milliseconds."""
+        return Link(name, bandwidth=mbit_s * 1e6 / 8, rtt=rtt_ms / 1e3, **kw)
+
+    def transfer_s(self, nbytes: int) -> float:
+        """Ideal time to deliver `nbytes` one way: half the RTT plus serialization (no jitter, no loss)."""
+        return self.rtt / 2 + (nbytes / self.bandwidth if self.bandwidth else 0.0)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any], *, where: str = "link") -> "Link":
+        fields = {f.name for f in dataclasses.fields(Link)}
+        unknown = [k for k in d if k not in fields]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            raise TargetError(f"{where}: unknown field '{unknown[0]}'" + (f"; did you mean '{close[0]}'?" if close
+                                                                        else f"; known: {', '.join(sorted(fields))}"))
+        if "name" not in d:
+            raise TargetError(f"{where}: a link needs a 'name'")
+        return Link(**dict(d))
+
+
 #: ONNX Runtime rewrites that make the CPU provider slower. SkipLayerNormFusion: ORT 1.32's CPU
 #: SkipLayerNormalization kernel took 2.16 ms where the Add + LayerNormalization it replaces took
 #: 0.60 ms ([8, 128, 384], 1 thread); all-MiniLM-L6-v2 (batch 8, seq 128) ran 1.25x faster in fp32
