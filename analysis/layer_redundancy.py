@@ -3,7 +3,8 @@
 layer importance I(l) = 1 - mean cos(x_l, x_{l+1})).
 
 For every repeated block of every analysed graph (the largest group of ModuleList siblings
-of one module type, as temporal_redundancy finds them, or the regions the option names) the
+of one module type whose blocks each have one input of their output's shape, or the regions
+the option names) the
 calibration run (analysis.recorder) hands over the block's input x_l and output x_{l+1} (its
 primary data path: the one input of the output's shape). Per token (a row of the last axis):
 
@@ -27,6 +28,7 @@ from pared.analysis.recorder import Tap, analysed_graphs, record
 from pared.analysis.redundancy import block_regions, primary_io
 from pared.ir.errors import PassError
 from pared.ir.program import Program
+from pared.ir.regions import Region
 from pared.ir.transform import Analysis, PassContext, Record, register_pass
 
 _NAME = "layer_redundancy"
@@ -80,6 +82,24 @@ def token_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.reshape(-1, d).double(), b.reshape(-1, d).double(), dim=-1, eps=1e-8)
 
 
+def _stack(program: Program, graph: str) -> list[Region]:
+    """The repeated blocks of a graph: the largest group of ModuleList siblings of one module type
+    (by node count) whose every block has a primary input (redundancy.primary_io), else
+    redundancy.block_regions' choice. (A block run several times in one graph, such as a
+    denoising head unrolled into a policy, has no single input: the group behind it is passed
+    over for, say, the backbone's layers.)"""
+    gm = program.graphs[graph].module
+    groups: dict[tuple[str, str], list[Region]] = {}
+    for p, r in program.regions(graph).items():
+        head, _, last = p.rpartition(".")
+        if last.isdigit():
+            groups.setdefault((head, r.module_type), []).append(r)
+    for rs in sorted((v for v in groups.values() if len(v) >= 2), key=lambda rs: -sum(len(r.nodes) for r in rs)):
+        if all(primary_io(gm, r) is not None for r in rs):
+            return sorted(rs, key=lambda r: int(r.path.rpartition(".")[2]))
+    return block_regions(program, None, graph)
+
+
 @register_pass(_NAME)
 class LayerRedundancy(Analysis):
     """Per block: 1 - mean cosine between its input and output tokens (see module docstring)."""
@@ -108,7 +128,7 @@ class LayerRedundancy(Analysis):
         for name in names:
             gm = program.graphs[name].module
             try:
-                blocks = block_regions(program, o.regions, name)
+                blocks = block_regions(program, o.regions, name) if o.regions else _stack(program, name)
             except PassError as e:
                 why_none.append(f"{name}: {e}")
                 continue
@@ -119,8 +139,9 @@ class LayerRedundancy(Analysis):
                 else:
                     plan.setdefault(name, []).append((b.path, io[0].name, io[1].name))
         if not plan:
-            raise PassError(f"pass '{_NAME}': no block with an input and an output of one shape in graphs {names}"
-                            + (f" ({'; '.join(why_none)})" if why_none else ""))
+            raise PassError(f"pass '{_NAME}': no block with an input and an output of one shape in graphs {names} "
+                            "(a block run more than once in one graph has several inputs: name another stack "
+                            "with `regions`)" + (f" ({'; '.join(why_none)})" if why_none else ""))
         # per (graph, block): call -> [sum of cosines, tokens, min]
         sums: dict[tuple[str, str], dict[int, list[float]]] = {(g, b): {} for g, bs in plan.items() for b, _, _ in bs}
         by_output = {(g, out): (b, inp) for g, bs in plan.items() for b, inp, out in bs}

@@ -80,6 +80,49 @@ def test_multi_graph_programs_are_keyed_by_graph_and_call():
     assert np.mean(pa.blocks[0].call_importance) == pytest.approx(pa.blocks[0].importance, rel=1e-9)
 
 
+class _Residual(torch.nn.Module):
+    def __init__(self, f: torch.nn.Module):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class _BackboneAndLoopedHead(torch.nn.Module):
+    """Two block stacks: a small backbone run once and a larger head run twice in one graph (a
+    sampler unrolled into a policy): the head's blocks have no single input, the backbone's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.ModuleList([_Residual(torch.nn.Linear(8, 8)) for _ in range(2)])
+        self.head = torch.nn.ModuleList([_Residual(torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))) for _ in range(3)])
+
+    def forward(self, x):
+        for b in self.backbone:
+            x = b(x)
+        for _ in range(2):
+            for b in self.head:
+                x = b(x)
+        return x
+
+
+def test_the_default_stack_is_one_whose_blocks_have_a_single_input():
+    torch.manual_seed(0)
+    m = _BackboneAndLoopedHead().eval()
+    x = torch.randn(4, 8)
+    prog = capture(m, (x,))
+    g = _profile(prog, [(x,)]).graph()
+    assert [b.block for b in g.blocks] == ["backbone.0", "backbone.1"]
+    with torch.no_grad():
+        y = m.backbone[0](x)
+        want = 1 - float(F.cosine_similarity(y, m.backbone[1](y), dim=-1).mean())
+    assert g.blocks[1].importance == pytest.approx(want, rel=1e-5)
+    with pytest.raises(PassError, match="no block with an input and an output of one shape"):
+        _profile(prog, [(x,)], regions="head.*")
+
+
 def test_bad_options_and_inputs_raise():
     m, (x,) = tiny_vit()
     prog = capture(m, (x,))
