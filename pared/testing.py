@@ -547,16 +547,48 @@ class _TinyBlock(nn.Module):
         return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
 
 
+class _TinyDiTBlock(nn.Module):
+    """DiT block (adaLN-Zero): h + g1 * attn(norm1(h) * (1 + a1) + b1), then h + g2 * mlp(...).
+    `forward(h, c, tome, index)` runs ToMe-SD eagerly (ToMeSDState: tomesd's merge/unmerge)."""
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada = nn.Linear(dim, 6 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor, tome: "ToMeSDState | None" = None,
+                index: int = 0) -> torch.Tensor:
+        b1, a1, g1, b2, a2, g2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
+        (m_a, u_a), (m_m, u_m) = tome.merges(h, index) if tome is not None else ((_same, _same),) * 2
+        a = m_a(self.norm1(h) * (1 + a1) + b1)
+        b, n, d = a.shape
+        q, k, v = self.qkv(a).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1) @ v
+        h = h + u_a(g1 * self.proj(att.transpose(1, 2).reshape(b, n, d)))
+        return h + u_m(g2 * self.mlp(m_m(self.norm2(h) * (1 + a2) + b2)))
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class TinyDiT(nn.Module):
     """A timestep-conditioned stack of residual blocks over tokens: the shape of a
-    diffusion transformer, small enough for pass tests. forward(x [B,T,C], t [B])."""
+    diffusion transformer, small enough for pass tests. forward(x [B,T,C], t [B]).
+    `attention=True`: DiT blocks with self-attention (_TinyDiTBlock), for token merging;
+    `forward(..., tome=ToMeSDState(...))` then runs ToMe-SD eagerly."""
 
-    def __init__(self, channels: int = 4, dim: int = 32, layers: int = 6):
+    def __init__(self, channels: int = 4, dim: int = 32, layers: int = 6, attention: bool = False, heads: int = 2):
         super().__init__()
         self.dim = dim
         self.embed = nn.Linear(channels, dim)
         self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList([_TinyBlock(dim) for _ in range(layers)])
+        self.blocks = nn.ModuleList([_TinyDiTBlock(dim, heads) if attention else _TinyBlock(dim)
+                                     for _ in range(layers)])
         self.out = nn.Linear(dim, channels)
 
     def cond(self, t: torch.Tensor) -> torch.Tensor:
@@ -565,9 +597,11 @@ class TinyDiT(nn.Module):
         return self.t_mlp(torch.cat([a.sin(), a.cos()], dim=-1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, span: tuple[int, int] | None = None,
-                residual: torch.Tensor | None = None, record: dict | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, record: dict | None = None,
+                tome: "ToMeSDState | None" = None) -> torch.Tensor:
         """`span=(first, last)` with `residual`: replace those blocks by `input + residual`
-        (the eager meaning of a cache reuse); `record`: store each span's residual."""
+        (the eager meaning of a cache reuse); `record`: store each span's residual;
+        `tome`: ToMe-SD in every block (attention=True)."""
         c = self.cond(t)
         h = self.embed(x)
         i = 0
@@ -578,21 +612,23 @@ class TinyDiT(nn.Module):
                 continue
             h_in = h
             for j in range(i, (span[1] + 1) if span is not None and i == span[0] else i + 1):
-                h = self.blocks[j](h, c)
+                h = self.blocks[j](h, c) if tome is None else self.blocks[j](h, c, tome, j)
             if record is not None and span is not None and i == span[0]:
                 record["residual"] = h - h_in
             i = j + 1
         return self.out(h)
 
 
-def tiny_dit(seed: int = 0, layers: int = 6, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def tiny_dit(seed: int = 0, layers: int = 6, batch: int = 2, *, attention: bool = False,
+             tokens: int | None = None) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """TinyDiT and (x, t): 8 tokens, or with attention=True 16 (a 4x4 grid) unless `tokens` says."""
     torch.manual_seed(seed)
-    m = TinyDiT(layers=layers).eval()
+    m = TinyDiT(layers=layers, attention=attention).eval()
     # train-free, but make consecutive steps similar like a real denoiser's:
     with torch.no_grad():
         for b in m.blocks:
             b.ada.weight.mul_(0.2)
-    return m, (torch.randn(batch, 8, 4), torch.full((batch,), 900.0))
+    return m, (torch.randn(batch, tokens or (16 if attention else 8), 4), torch.full((batch,), 900.0))
 
 
 class TinyAttention(nn.Module):
@@ -720,19 +756,20 @@ def tiny_moe_dit(seed: int = 0, batch: int = 2, tokens: int = 8) -> tuple[nn.Mod
 
 
 def eager_taylor_loop(m: nn.Module, x0: torch.Tensor, table: Sequence[str], coefs: Sequence[float],
-                      span: tuple[int, int] = (1, 4)) -> torch.Tensor:
+                      span: tuple[int, int] = (1, 4), **kw: Any) -> torch.Tensor:
     """What taylor_cache means on TinyDiT, in eager PyTorch, over tiny_sampler_loop's steps:
-    full steps record the span's residual, forecast steps use last + c * (last - previous)."""
+    full steps record the span's residual, forecast steps use last + c * (last - previous).
+    `kw` goes to every call (tome=ToMeSDState(...): cache + ToMe-SD)."""
     xe, last, prev = x0.clone(), None, None
     with torch.no_grad():
         for i, t in enumerate(torch.linspace(900, 0, len(table))):
             tt = torch.full((x0.shape[0],), float(t))
             if table[i] != "forecast":
                 rec: dict = {}
-                out = m(xe, tt, span=span, record=rec)
+                out = m(xe, tt, span=span, record=rec, **kw)
                 prev, last = last, rec["residual"]
             else:
-                out = m(xe, tt, span=span, residual=last + coefs[i] * (last - prev))
+                out = m(xe, tt, span=span, residual=last + coefs[i] * (last - prev), **kw)
             xe = xe - 0.1 * out
     return xe
 
@@ -949,4 +986,122 @@ def tome_vit(model: nn.Module, r: "int | Sequence[int]", protect: int = 1,
         return cls.forward(self, *args, **kwargs)
     m.__class__ = type(f"ToMe{cls.__name__}", (cls,), {"forward": forward})
     m._tome = state
+    return m
+
+
+# -- ToMe-SD: tomesd's own eager form, the reference token_merge's unmerge mode is checked against --
+def tomesd_matching(x: torch.Tensor, r: int, grid: "tuple[int, int]", stride: "tuple[int, int]" = (2, 2),
+                    seed: "int | None" = None) -> "tuple[Callable, Callable]":
+    """tomesd's bipartite_soft_matching_random2d ("Token Merging for Fast Stable Diffusion", Bolya and
+    Hoffman, 2023; tomesd/merge.py) as tomesd writes it (argsort, gather, scatter_reduce, scatter_):
+    one destination per stride window of the (rows, cols) grid (its top-left token, tomesd's
+    use_rand=False, or drawn with `seed` by randint as tomesd draws it), the r sources most similar
+    (cosine of x) to their best destination merged into it by mean.
+    The sort of the grid is stable (tomesd's argsort is not; it only reorders tokens within a set).
+
+    Returns:
+        (merge [B, N, C] -> [B, N - r, C], unmerge [B, N - r, C] -> [B, N, C]).
+    """
+    bsz, n, _ = x.shape
+    h, w = grid
+    sy, sx = min(stride[0], h), min(stride[1], w)
+    hsy, wsx = h // sy, w // sx
+    if seed is None:
+        rand_idx = torch.zeros(hsy, wsx, 1, dtype=torch.int64)
+    else:
+        rand_idx = torch.randint(sy * sx, size=(hsy, wsx, 1), generator=torch.Generator().manual_seed(seed))
+    view = torch.zeros(hsy, wsx, sy * sx, dtype=torch.int64)
+    view.scatter_(dim=2, index=rand_idx, src=-torch.ones_like(rand_idx))
+    view = view.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    buf = torch.zeros(h, w, dtype=torch.int64)
+    buf[:hsy * sy, :wsx * sx] = view
+    rand_idx = buf.reshape(1, -1, 1).argsort(dim=1, stable=True)
+    num_dst = hsy * wsx
+    a_idx, b_idx = rand_idx[:, num_dst:, :], rand_idx[:, :num_dst, :]
+
+    def split(t):
+        c = t.shape[-1]
+        return t.gather(1, a_idx.expand(bsz, n - num_dst, c)), t.gather(1, b_idx.expand(bsz, num_dst, c))
+    with torch.no_grad():
+        a, b = split(x / x.norm(dim=-1, keepdim=True))
+        r = min(a.shape[1], r)
+        node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        src, dst = split(t)
+        nb, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(nb, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(nb, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(nb, r, c), src, reduce="mean")
+        return torch.cat([unm, dst], dim=1)
+
+    def unmerge(t: torch.Tensor) -> torch.Tensor:
+        unm_len = unm_idx.shape[1]
+        unm, dst = t[..., :unm_len, :], t[..., unm_len:, :]
+        c = unm.shape[-1]
+        src = dst.gather(dim=-2, index=dst_idx.expand(bsz, r, c))
+        out = torch.zeros(bsz, n, c, dtype=t.dtype)
+        a_all = a_idx.expand(bsz, a_idx.shape[1], 1)
+        out.scatter_(dim=-2, index=b_idx.expand(bsz, num_dst, c), src=dst)
+        out.scatter_(dim=-2, index=a_all.gather(dim=1, index=unm_idx).expand(bsz, unm_len, c), src=unm)
+        out.scatter_(dim=-2, index=a_all.gather(dim=1, index=src_idx).expand(bsz, r, c), src=src)
+        return out
+    return merge, unmerge
+
+
+class ToMeSDState:
+    """ToMe-SD in an eager model: per block, r and the branches merged; each block asks
+    `merges(x, index)` for ((merge, unmerge) of its attention, (merge, unmerge) of its MLP),
+    computed once from its input x as tomesd's compute_merge does."""
+
+    def __init__(self, r: "int | Sequence[int]", blocks: int, grid: "tuple[int, int]",
+                 stride: "tuple[int, int]" = (2, 2), seed: "int | None" = None,
+                 branches: "Sequence[str]" = ("attn",)):
+        self.r = list(r) if not isinstance(r, int) else [r] * blocks
+        assert len(self.r) == blocks, f"{len(self.r)} r values for {blocks} blocks"
+        self.grid, self.stride, self.seed, self.branches = tuple(grid), tuple(stride), seed, tuple(branches)
+
+    def merges(self, x: torch.Tensor, index: int) -> tuple:
+        if self.r[index] <= 0:
+            return (_same, _same), (_same, _same)
+        mu = tomesd_matching(x, self.r[index], self.grid, self.stride, self.seed)
+        return tuple(mu if b in self.branches else (_same, _same) for b in ("attn", "mlp"))
+
+
+def tomesd_dit(model: nn.Module, r: "int | Sequence[int]", grid: "tuple[int, int] | None" = None,
+               stride: "tuple[int, int]" = (2, 2), seed: "int | None" = None,
+               branches: "Sequence[str]" = ("attn",)) -> nn.Module:
+    """A copy of a diffusers DiT (any module holding adaLN-Zero BasicTransformerBlocks without cross
+    attention, e.g. examples/dit_mnist's EpsModel) patched with ToMe-SD the way tomesd patches
+    diffusers (tomesd/patch.py, make_diffusers_tome_block): each block computes the matching from its
+    input, merges the normalized, modulated tokens before attn1 (and ff), and unmerges the gated output
+    before the residual add. `grid` defaults to the square of the token count."""
+    import copy
+    import types
+    m = copy.deepcopy(model)
+    blocks = [mod for mod in m.modules() if type(mod).__name__ == "BasicTransformerBlock"]
+    state: "list[ToMeSDState]" = []
+
+    def block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                      encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                      added_cond_kwargs=None):
+        assert self.norm_type == "ada_norm_zero" and self.attn2 is None, "tomesd_dit: adaLN-Zero blocks only"
+        if not state:
+            n = hidden_states.shape[1]
+            side = int(round(n ** 0.5))
+            state.append(ToMeSDState(r, len(blocks), grid or (side, side), stride, seed, branches))
+        (m_a, u_a), (m_m, u_m) = state[0].merges(hidden_states, self._tome_index)
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
+            hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype)
+        attn_output = gate_msa.unsqueeze(1) * self.attn1(m_a(norm_hidden_states), attention_mask=attention_mask)
+        hidden_states = u_a(attn_output) + hidden_states
+        norm_hidden_states = self.norm3(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        ff_output = gate_mlp.unsqueeze(1) * self.ff(m_m(norm_hidden_states))
+        return u_m(ff_output) + hidden_states
+    for i, blk in enumerate(blocks):
+        blk._tome_index = i
+        blk.forward = types.MethodType(block_forward, blk)
     return m

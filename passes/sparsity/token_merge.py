@@ -30,15 +30,41 @@ value computed from the attention). The token axis is followed from the first bl
 through the rest of the graph: which dims of each value carry it (`_Atoms`), so that each later
 view / reshape / expand is re-sized for the merged count. Ops not known to act per token on the
 token axis (a convolution over tokens, a slice of merged tokens, a graph output that carries
-the token axis: dense outputs need ToMe-SD's unmerge, not built yet) are refused, naming the
+the token axis with unmerge: false) are refused, naming the
 node. A mask added to the attention scores over the old token count is dropped where it is a
 constant zero (transformers' ViT adds one) and refused otherwise.
+
+ToMe-SD ("Token Merging for Fast Stable Diffusion", Bolya and Hoffman, CVPR-W 2023), for graphs
+whose tokens leave the blocks dense (a DiT: an output carries the token axis, or an op after the
+blocks reads it whole, as the unpatchify does); picked per graph by default (option `unmerge`):
+Before:  (block l, N tokens)
+         h = x + g1 * attn(mod1(norm1(x)))
+         y = h + g2 * mlp(mod2(norm2(h)))
+After:   m, u = match_r(x)                           once per block, from its input x
+         h = x + u(g1 * attn(m(mod1(norm1(x)))))     attn on N - r tokens
+         y = h + g2 * mlp(mod2(norm2(h)))            (branches: [attn, mlp]: the same m, u here too)
+match_r is tomesd's bipartite_soft_matching_random2d: the (rows, cols) token grid (option `grid`;
+square by default) gets one destination per stride window (top-left, or drawn once with `seed`);
+each source finds its most similar destination by the cosine of x, and the r best-matched sources
+are merged into theirs. m merges a branch's input (the last [batch, tokens, *] value every path of
+the branch passes before its first matmul: after the norm and the adaLN modulation, where tomesd
+merges) by tomesd's mean: a destination becomes the mean of itself and its sources, the merged set
+is [unmerged sources | destinations]; u unmerges the branch output (after its gate, before the
+residual add): every token takes its value in the merged set, a merged source its destination's.
+Every block's output keeps all N tokens. Lowering: the grid's split is one constant index
+(index_select → Gather); the matching is a matmul, a max, top-k and one-hot masks as above; the
+merge is one matmul (assignment [B, nd, ns] @ sources) and a gather; the unmerge one gather. No
+scatter, no custom op; r is fixed per block (capped at the sources), so shapes stay static. There
+are no token sizes (tomesd has none): proportional attention is ToMe's only.
 
 Reads: nothing (r is an option). Writes: a TokenMergeDecisions record (per graph and block: r,
 tokens in and out, FLOPs before and after from analysis.cost, the merge's own FLOPs),
 `pared.ir.created_by` and `pared.ir.region` (the block) on every inserted node.
+For ToMe-SD its graphs are GraphUnmerge (the grid, stride, seed, destinations) and its blocks
+BlockUnmerge (the branches merged and the tokens they ran on; tokens_in == tokens_out).
 Invariant: a graph computes what the eager model patched with ToMe computes (the reference:
-pared.testing.tome_merge, ToMe's own scatter_reduce form) up to float rounding; where every
+pared.testing.tome_merge, ToMe's own scatter_reduce form; for ToMe-SD pared.testing.tomesd_matching,
+tomesd's own form) up to float rounding; where every
 block's r is 0 the program comes back unchanged; a graph token_merge already rewrote is left
 alone (a second run finds nothing more).
 """
@@ -65,6 +91,8 @@ _aten = torch.ops.aten
 _NAME = "token_merge"
 #: the symbolic atoms of a dim: the token count (changes at each merge) and the batch
 TOK, BATCH = "N", "B"
+#: the branches of a block ToMe-SD merges around
+BRANCHES = ("attn", "mlp")
 
 
 # -- records ---------------------------------------------------------------------------------
@@ -107,6 +135,26 @@ class TokenMergeDecisions(Record):
         return sum(g.flops_after for g in self.graphs) / before if before else 1.0
 
 
+@dataclass(frozen=True)
+class BlockUnmerge(BlockMerge):
+    """ToMe-SD in one block: tokens_in == tokens_out; its branches ran on branch_tokens."""
+    branches: tuple[str, ...]     # the branches merged ("attn", "mlp")
+    branch_tokens: int            # tokens the merged branches run on (tokens_in - r)
+
+
+@dataclass(frozen=True)
+class GraphUnmerge(GraphMerge):
+    """ToMe-SD in one graph: the partition of the token grid into destinations and sources."""
+    grid: tuple[int, int]         # token rows, cols
+    stride: tuple[int, int]       # one destination per window of this many rows, cols
+    seed: int | None              # None: top-left destinations; else the seed of their draw
+    dst_tokens: int               # destinations (never merged away); sources: tokens_in - dst_tokens
+
+
+TOME_METHOD = "ToMe bipartite soft matching (size-weighted mean)"
+SD_METHOD = "ToMe-SD merge -> branch -> unmerge (2D-grid bipartite matching on the block input, mean)"
+
+
 # -- the pass --------------------------------------------------------------------------------
 @register_pass("token_merge")
 class MergeTokens(RewritePass):
@@ -125,6 +173,20 @@ class MergeTokens(RewritePass):
         proportional_attention: bool = True
         # the blocks to merge in: indices (0 first, -1 last) or region patterns; empty: every block
         layers: tuple[int | str, ...] | str = ()
+        # ToMe-SD (merge before a block's branches, unmerge their outputs back to every token) instead
+        # of ToMe: None picks it per graph where the tokens leave the blocks dense (an output carries
+        # the token axis, or an op after the blocks reads it whole: a DiT's unpatchify); True / False:
+        # always / never (False refuses dense graphs, as ToMe cannot shorten their outputs)
+        unmerge: bool | None = None
+        # ToMe-SD: the branches merged in each block, "attn" (tomesd's default) and/or "mlp"
+        branches: tuple[str, ...] | str = ("attn",)
+        # ToMe-SD: the token grid (rows, cols); None: square when the token count is a square, else one row
+        grid: tuple[int, int] | None = None
+        # ToMe-SD: one destination token per window of (rows, cols) tokens, tomesd's (sy, sx)
+        stride: tuple[int, int] | int = (2, 2)
+        # ToMe-SD: None: each window's destination is its top-left token (tomesd's use_rand=False); an int:
+        # a random one per window, drawn once with this seed and fixed in the graph (tomesd draws per call)
+        seed: int | None = None
 
         def __post_init__(self):
             if (self.r is None) == (self.ratio is None):
@@ -149,6 +211,26 @@ class MergeTokens(RewritePass):
             for v in self.layers:
                 if isinstance(v, str) and not v:
                     raise OptionError("pass 'token_merge': option 'layers' holds an empty pattern")
+            object.__setattr__(self, "branches", (self.branches,) if isinstance(self.branches, str)
+                               else tuple(self.branches))
+            if not self.branches or any(b not in BRANCHES for b in self.branches):
+                raise OptionError(f"pass 'token_merge': option 'branches' must name some of {list(BRANCHES)}, "
+                                  f"got {list(self.branches)}")
+            stride = (self.stride, self.stride) if isinstance(self.stride, int) else tuple(self.stride)
+            if len(stride) != 2 or any(v < 1 for v in stride):
+                raise OptionError(f"pass 'token_merge': option 'stride' must be one or two positive ints "
+                                  f"(rows, cols), got {self.stride}")
+            object.__setattr__(self, "stride", stride)
+            if self.grid is not None:
+                object.__setattr__(self, "grid", tuple(self.grid))
+                if len(self.grid) != 2 or any(v < 1 for v in self.grid):
+                    raise OptionError(f"pass 'token_merge': option 'grid' must be two positive ints (rows, cols), "
+                                      f"got {list(self.grid)}")
+            if self.seed is not None:
+                check_range("token_merge", "seed", self.seed, lo=0)
+            if self.unmerge and self.protect:
+                raise OptionError("pass 'token_merge': option 'protect' must be 0 with unmerge: true (ToMe-SD "
+                                  "partitions every token on the grid; protected tokens are not supported there)")
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -166,8 +248,9 @@ class MergeTokens(RewritePass):
         merged = sum(1 for g in done for b in g.blocks if b.r)
         if not done:
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"merged_blocks": 0})
-        rec = TokenMergeDecisions("ToMe bipartite soft matching (size-weighted mean)", o.proportional_attention,
-                                  tuple(done))
+        sd = [isinstance(g, GraphUnmerge) for g in done]
+        method = SD_METHOD if all(sd) else TOME_METHOD if not any(sd) else f"{TOME_METHOD}; {SD_METHOD} where dense"
+        rec = TokenMergeDecisions(method, o.proportional_attention and not all(sd), tuple(done))
         for g in done:
             ctx.log.info("token_merge: graph '%s': %d -> %d tokens over %d blocks (r %s, protect %d), FLOPs %.3g -> "
                          "%.3g (%.2fx)", g.graph, g.tokens_in, g.tokens_out, len(g.blocks),
@@ -262,20 +345,24 @@ class _Atoms:
         return [self.size(d, n) for d in self.dims[node]]
 
 
-def _follow_tokens(gm: fx.GraphModule, seed: fx.Node, n0: int, b0: int) -> _Atoms:
-    """Propagate the token axis of `seed` ([batch, tokens, channels]) through the graph.
+def _follow_tokens(gm: fx.GraphModule, seed: fx.Node, n0: int, b0: int, at: _Atoms | None = None,
+                   within: set | None = None) -> _Atoms:
+    """Propagate the token axis of `seed` ([batch, tokens, channels]) through the graph (only
+    through the nodes `within`, when given; into `at`, when given).
 
     Raises:
         _NotPerToken: an op that reads the token axis other than per token.
     """
     x_shape = _val_shape(seed)
-    at = _Atoms(n0, b0, {seed: ((BATCH,), (TOK,), _ints(x_shape[2]))}, {}, {})
+    if at is None:
+        at = _Atoms(n0, b0, {}, {}, {})
+    at.dims[seed] = ((BATCH,), (TOK,), _ints(x_shape[2]))
     started = False
     for node in gm.graph.nodes:
         if node is seed:
             started = True
             continue
-        if not started or node.op != "call_function":
+        if not started or node.op != "call_function" or within is not None and node not in within:
             continue
         if not any(a in at.dims for a in node.all_input_nodes):
             continue
@@ -648,6 +735,10 @@ def _schedule(o: Any, chosen: list[bool], n0: int, protect: int) -> list[tuple[i
 # -- the rewrite ------------------------------------------------------------------------------
 def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, GraphMerge] | None:
     """Decide and rewrite one graph; None when nothing merges in it."""
+    if any(n.op == "call_function" and "val" not in n.meta for n in g.module.graph.nodes):
+        gm = g.copy_module()          # a pass before left nodes without values (taylor_cache's forecast)
+        _revalue(gm, g.example_inputs, name)
+        g = g.with_module(gm)
     blocks = _find_blocks(g.module, name)
     if not blocks:
         ctx.log.debug("token_merge: graph '%s' has no attention softmax", name)
@@ -667,6 +758,11 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
         raise PassError(f"pass 'token_merge': graph '{name}': the residual stream {x0.format_node()} has shape "
                         f"{list(x_shape)}; token_merge expects [batch, tokens, channels] with the attention's "
                         f"{n0} tokens on axis 1")
+    dense = _dense(g.module, blocks, x0, n0, x_shape[0], g.output_names, name) if o.unmerge is None else None
+    if o.unmerge or dense:
+        if dense:
+            ctx.log.debug("token_merge: graph '%s' is dense (%s): ToMe-SD", name, dense)
+        return _unmerge_graph(g, name, o, ctx, x0, x_shape, n0)
     if o.protect is not None:
         protect, how = o.protect, "option"
     else:
@@ -694,8 +790,7 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
         if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
             raise PassError(f"pass 'token_merge': graph '{name}': output {g.output_names[i]!r} ({v.format_node()}) "
                             f"carries the token axis; merging would change its shape. Dense outputs need ToMe-SD's "
-                            "unmerge after each block (not built yet); merge in a model whose outputs are pooled "
-                            "or read from protected tokens")
+                            "unmerge after each block's branches: leave option 'unmerge' unset (or true)")
     for blk in blocks:
         _locate(gm, blk, at, x_shape, name)
 
@@ -941,3 +1036,292 @@ def _revalue(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str) -> N
                                 f"{n.format_node()} fails: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
             env[n] = out
             n.meta["val"] = out
+
+
+# -- ToMe-SD: merge -> branch -> unmerge ------------------------------------------------------
+#: ops that mix tokens' features with weights: the merge goes before the first of them in a branch
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+_QDQ = {"quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel"}
+
+
+def _dense(gm: fx.GraphModule, blocks: list[_Block], x0: fx.Node, n0: int, b0: int, output_names: Sequence[str],
+           name: str) -> str | None:
+    """Why the tokens leave the blocks dense (ToMe-SD's case), or None (ToMe can shorten them).
+
+    Raises:
+        PassError: an op inside a block reads the token axis other than per token.
+    """
+    try:
+        at = _follow_tokens(gm, x0, n0, b0)
+    except _NotPerToken as e:
+        if any(_in_region(e.node, b.path) for b in blocks):
+            raise PassError(f"pass 'token_merge': graph '{name}': {e}; token merging would change what it "
+                            "computes") from None
+        return f"after the blocks, {e}"
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    for i, v in enumerate(out_node.args[0]):
+        if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
+            return f"output {output_names[i]!r} carries the token axis"
+    return None
+
+
+def grid_partition(grid: tuple[int, int], stride: tuple[int, int], seed: int | None) -> tuple[list[int], list[int]]:
+    """ToMe-SD's destination / source split of a (rows, cols) token grid (tomesd's
+    bipartite_soft_matching_random2d): one destination per window of stride tokens (its top-left
+    one, or one drawn with `seed` as tomesd draws them: randint(sy * sx) per window); tokens
+    outside the whole windows are sources. Returns (destinations, sources), each in raster order."""
+    h, w = grid
+    sy, sx = min(stride[0], h), min(stride[1], w)
+    hs, ws = h // sy, w // sx
+    if seed is None:
+        pick = torch.zeros(hs, ws, dtype=torch.int64)
+    else:
+        pick = torch.randint(sy * sx, (hs, ws, 1), generator=torch.Generator().manual_seed(seed))[..., 0]
+    dst = sorted((i * sy + int(pick[i, j]) // sx) * w + j * sx + int(pick[i, j]) % sx
+                 for i in range(hs) for j in range(ws))
+    taken = set(dst)
+    return dst, [k for k in range(h * w) if k not in taken]
+
+
+def _sd_match_fn(batch: int, n: int, nd: int, r: int) -> Any:
+    """The matching of one block, from its input x: (assign [B, nd, ns] one-hot of the merged
+    sources to their destinations, where each of the n tokens reads its unmerged value from the
+    merged set [unmerged sources | destinations] [B, n] int64, the kept sources [B, ns - r])."""
+    ns = n - nd
+
+    def match(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dt = x.dtype
+        m = x / x.norm(dim=-1, keepdim=True)
+        mp = m.index_select(1, perm)
+        mb, ma = mp[:, :nd], mp[:, nd:]
+        best, partner = (ma @ mb.transpose(1, 2)).max(dim=-1)                     # [B, ns]
+        src = best.topk(r, dim=-1).indices                                         # the r merged sources
+        merged = (src[..., None] == torch.arange(ns)).to(dt).sum(1)               # [B, ns] 1: merged
+        assign = ((partner[..., None] == torch.arange(nd)).to(dt) * merged[..., None]).transpose(1, 2)
+        src_from = merged * ((ns - r) + partner.to(dt))
+        keep = []
+        if ns > r:
+            order = merged * ns + torch.arange(ns).to(dt)                          # unmerged first, in order
+            kept = order.topk(ns - r, dim=-1, largest=False).indices               # [B, ns - r]
+            rank = ((kept[..., None] == torch.arange(ns)).to(dt) * torch.arange(ns - r).to(dt)[:, None]).sum(1)
+            src_from = src_from + (1 - merged) * rank
+            keep = [kept]
+        dst_from = ((ns - r) + torch.arange(nd).to(dt)).expand(batch, nd)
+        idx = torch.cat([dst_from, src_from], dim=1).index_select(1, inv).to(torch.int64)
+        return (assign, idx, *keep)
+    return match
+
+
+def _sd_merge_fn(batch: int, n: int, nd: int, r: int) -> Any:
+    """tomesd's merge (mode "mean"): each destination becomes the mean of itself and the sources
+    merged into it; the merged set is [unmerged sources | destinations]."""
+    ns = n - nd
+
+    def merge(t: torch.Tensor, assign: torch.Tensor, perm: torch.Tensor, *keep: torch.Tensor) -> torch.Tensor:
+        c = t.shape[2]
+        tp = t.index_select(1, perm)
+        tb, ta = tp[:, :nd], tp[:, nd:]
+        tb = (tb + assign @ ta) / (1 + assign.sum(-1, keepdim=True))
+        if not keep:
+            return tb
+        return torch.cat([ta.gather(1, keep[0][..., None].expand(batch, ns - r, c)), tb], dim=1)
+    return merge
+
+
+def _sd_unmerge_fn(batch: int, n: int) -> Any:
+    """tomesd's unmerge: every token takes its value in the merged set (a merged source its destination's)."""
+    def unmerge(y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return y.gather(1, idx[..., None].expand(batch, n, y.shape[2]))
+    return unmerge
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _reaches(src: fx.Node, dst: fx.Node, within: set, avoid: fx.Node) -> bool:
+    seen, todo = {src}, [src]
+    while todo:
+        for u in todo.pop().users:
+            if u is dst:
+                return True
+            if u in within and u is not avoid and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def _branch(gm: fx.GraphModule, src: fx.Node, out: fx.Node, x_shape: tuple, where: str) -> tuple[set, fx.Node]:
+    """The nodes of a residual branch from the stream `src` to its output `out`, and where to merge:
+    the last value [batch, tokens, *] every path passes through before the first matmul (after the
+    normalization and modulation, before the projections, as tomesd merges)."""
+    within = (_descendants(src) & _ancestors(out)) | {out}
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = sorted(within, key=pos.__getitem__)
+    first_mm = next((pos[n] for n in nodes if n.op == "call_function" and
+                     (_packet(n) in _MATMULS or (_namespace(n), _packet(n)) in _ROWWISE)), len(pos))
+    point = src
+    for n in nodes:
+        s = _val_shape(n)
+        if pos[n] >= first_mm or n is out or s is None or len(s) != 3 or s[:2] != x_shape[:2]:
+            continue
+        if _packet(n) in _QDQ:
+            continue
+        if not _reaches(src, out, within, avoid=n):
+            point = n
+    for n in nodes:
+        for u in n.users:
+            if u not in within and n is not out and u.users:     # asserts (no users) only check dtypes
+                raise PassError(f"{where}: {n.format_node()} inside the merged branch is also read by "
+                                f"{u.format_node()} outside it; ToMe-SD merges only self-contained branches")
+    return within, point
+
+
+def _second_residual(gm: fx.GraphModule, blk: _Block, first: fx.Node, x_shape: tuple) -> tuple[fx.Node, fx.Node] | None:
+    """The block's residual add after `first` (h + mlp(h)): (the add, its branch operand)."""
+    desc = _descendants(first)
+    after = False
+    for n in gm.graph.nodes:
+        if n is first:
+            after = True
+            continue
+        if not after or n.op != "call_function" or n.target is not _aten.add.Tensor or not _in_region(n, blk.path):
+            continue
+        a, b = n.args[:2]
+        if _val_shape(n) == x_shape and first in (a, b) and isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            other = b if a is first else a
+            if other in desc and _val_shape(other) == x_shape:
+                return n, other
+    return None
+
+
+def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x_shape: tuple,
+                   n0: int) -> tuple[Graph, GraphMerge] | None:
+    """ToMe-SD in one graph (see module docstring); None when r is 0 in every block."""
+    from pared.ir.rewrite import add_constant
+    protect, how = (o.protect, "option") if o.protect is not None else _detect_protect(x0)
+    if protect:
+        raise PassError(f"pass 'token_merge': graph '{name}': ToMe-SD (its tokens leave the blocks dense) partitions "
+                        f"every token on the grid, but the first {protect} token(s) are protected ({how}); set "
+                        "protect: 0 to merge them too, or merge with ToMe (unmerge: false) where the output allows")
+    if o.grid is not None:
+        grid = o.grid
+        if grid[0] * grid[1] != n0:
+            raise OptionError(f"pass 'token_merge': option 'grid': {list(grid)} is {grid[0] * grid[1]} tokens, "
+                              f"graph '{name}' has {n0}")
+    else:
+        side = math.isqrt(n0)
+        grid = (side, side) if side * side == n0 else (1, n0)
+    stride = (min(o.stride[0], grid[0]), min(o.stride[1], grid[1]))
+    dst, srcs = grid_partition(grid, stride, o.seed)
+    nd, ns = len(dst), len(srcs)
+    blocks = _find_blocks(g.module, name)
+    chosen = _selected(blocks, o.layers)
+    k = sum(chosen)
+    if isinstance(o.r, tuple) and len(o.r) != k:
+        raise OptionError(f"pass 'token_merge': option 'r' lists {len(o.r)} values for the {k} selected blocks; "
+                          "give one per selected block, or one int for all")
+    sched, j = [], 0
+    for sel in chosen:
+        req = 0
+        if sel:
+            req = int(o.ratio * n0) if o.ratio is not None else (o.r[j] if isinstance(o.r, tuple) else o.r)
+            j += 1
+        sched.append((req, min(req, ns)))
+    if not any(r for _, r in sched):
+        ctx.log.info("token_merge: graph '%s': r is 0 in every block (%d tokens): nothing to merge", name, n0)
+        return None
+
+    gm = g.copy_module()
+    eliminate_dead_code(gm)
+    blocks = _find_blocks(gm, name)
+    b0 = x_shape[0]
+    at = _Atoms(n0, b0, {}, {}, {})
+    result_count: dict[fx.Node, int] = {}
+    last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    perm_t = torch.tensor(dst + srcs, dtype=torch.int64)
+    inv_t = torch.argsort(perm_t)
+    perm = add_constant(gm, "_token_merge_perm", perm_t, _NAME, after=last_ph)
+    inv = add_constant(gm, "_token_merge_inv", inv_t, _NAME, after=perm)
+    perm.meta[meta.REGION] = inv.meta[meta.REGION] = blocks[0].path
+    for blk, (req, r) in zip(blocks, sched):
+        if not r:
+            continue
+        where = f"pass 'token_merge': graph '{name}': block {blk.path}"
+        found = _residual_add(gm, blk, x_shape)
+        if found is None:
+            raise PassError(f"{where}: no residual add [batch, tokens, channels] after its attention "
+                            f"({blk.softmax.format_node()})")
+        res1, x = found
+        out1 = res1.args[0] if res1.args[1] is x else res1.args[1]
+        branches = [("attn", x, out1)]
+        if "mlp" in o.branches:
+            second = _second_residual(gm, blk, res1, x_shape)
+            if second is None:
+                raise PassError(f"{where}: option 'branches' holds 'mlp', but no second residual add "
+                                f"(h + mlp(h)) follows {res1.format_node()}")
+            branches.append(("mlp", res1, second[1]))
+        if "attn" not in o.branches:
+            branches = branches[1:]
+        ex_x = torch.zeros(x_shape)
+        new_nodes, (assign, idx, *keep) = _splice(gm, _sd_match_fn(b0, n0, nd, r), [x, perm, inv],
+                                                  [ex_x, perm_t, inv_t], blk.path)
+        for kind, src, out in branches:
+            within, point = _branch(gm, src, out, x_shape, f"{where} ({kind})")
+            if kind == "attn" and blk.softmax not in within:
+                raise PassError(f"{where}: its attention {blk.softmax.format_node()} is not on the branch "
+                                f"{x.name} -> {out.name} of the residual add {res1.format_node()}")
+            c = _val_shape(point)[2]
+            ex = [torch.zeros(b0, n0, c), torch.zeros(b0, nd, ns), perm_t] + \
+                 ([torch.zeros(b0, ns - r, dtype=torch.int64)] if keep else [])
+            mnodes, (merged,) = _splice(gm, _sd_merge_fn(b0, n0, nd, r), [point, assign, perm, *keep], ex, blk.path)
+            point.replace_all_uses_with(merged, delete_user_cb=lambda u: u in within and u not in mnodes)
+            merged.meta["val"] = point.meta["val"]    # the old count while following (as every node's); _revalue
+            result_count[merged] = n0 - r
+            try:
+                _follow_tokens(gm, merged, n0, b0, at=at, within=within)
+            except _NotPerToken as e:
+                raise PassError(f"{where} ({kind}): {e}; token merging would change what it computes") from None
+            if any(nd_ in within for nd_ in at.reads):
+                raise PassError(f"{where} ({kind}): the branch reads single tokens "
+                                f"({next(n for n in at.reads if n in within).format_node()}); ToMe-SD's merged "
+                                "tokens have no fixed places")
+            unodes, (unmerged,) = _splice(gm, _sd_unmerge_fn(b0, n0), [out, idx],
+                                          [torch.zeros(b0, n0 - r, x_shape[2]), torch.zeros(b0, n0, dtype=torch.int64)],
+                                          blk.path)
+            out.replace_all_uses_with(unmerged, delete_user_cb=lambda u: u not in unodes)
+            result_count[unmerged] = n0
+        blk.residual = res1
+    _resize(gm, at, result_count, name)
+    eliminate_dead_code(gm)
+    gm.recompile()
+    _revalue(gm, g.example_inputs, name)
+    new_graph = g.with_module(gm)
+    outs = new_graph.run(*g.example_inputs)
+    old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
+    for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
+        if _shape(got) != _shape(want):
+            raise PassError(f"pass 'token_merge': graph '{name}': output {nm!r} changed shape "
+                            f"{_shape(want)} -> {_shape(got)} (internal)")
+    before, after = profile_graph(g.module, name), profile_graph(gm, name)
+    merge_flops: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.meta.get(meta.CREATED_BY) == _NAME and meta.REGION in n.meta:
+            merge_flops[n.meta[meta.REGION]] = merge_flops.get(n.meta[meta.REGION], 0) + node_flops(n)
+    kinds = tuple(b for b in BRANCHES if b in o.branches)
+    rows = tuple(BlockUnmerge(blk.path, r, req, n0, n0, False, _region_flops(before, blk.path),
+                              _region_flops(after, blk.path), merge_flops.get(blk.path, 0) if r else 0,
+                              kinds if r else (), n0 - r)
+                 for blk, (req, r) in zip(blocks, sched))
+    rec = GraphUnmerge(name, 0, how, n0, n0, graph_flops(g.module), graph_flops(gm), rows, grid, stride, o.seed, nd)
+    for b in rows:
+        ctx.log.debug("token_merge: %s/%s: ToMe-SD r %d (asked %d), branches %s on %d of %d tokens, FLOPs %d -> %d "
+                      "+ merge %d", name, b.block, b.r, b.r_requested, b.branches, b.branch_tokens, b.tokens_in,
+                      b.flops_before, b.flops_after, b.merge_flops)
+    return new_graph, rec

@@ -167,12 +167,12 @@ def test_bad_options_for_the_model(opts, message):
 
 
 def test_refuses_an_output_that_carries_the_token_axis():
-    """TinyTransformer returns its tokens: merging would change that output's shape (ToMe-SD's
-    unmerge is what dense outputs need)."""
+    """TinyTransformer returns its tokens: with unmerge: false (ToMe only), merging would change that
+    output's shape (by default token_merge picks ToMe-SD there: test_token_merge_dit.py)."""
     m, inputs = tiny_transformer()
     with pytest.raises(PassError, match="pass 'token_merge': graph 'main': output 'tokens' .* carries the token "
                                         "axis.*unmerge"):
-        get_pass("token_merge")(r=2)(capture(m, inputs), PassContext())
+        get_pass("token_merge")(r=2, unmerge=False)(capture(m, inputs), PassContext())
 
 
 def test_a_graph_without_attention_is_left_alone():
