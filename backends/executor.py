@@ -10,13 +10,16 @@ calls of one request.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
 from pared.backends.artifact import read_manifest
+from pared.backends.signing import SIGNATURE, UnsignedCodeWarning
 from pared.ir import isa
 from pared.ir import structure as _structure
 from pared.ir.errors import ArtifactError
@@ -59,6 +62,30 @@ def check_cpu(path: str, manifest: Mapping[str, Any], target: Mapping[str, Any],
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+@contextlib.contextmanager
+def _malformed(path: str, what: str):
+    """The manifest is data: a field of the wrong shape in `what` is an ArtifactError naming it, never a
+    KeyError or AttributeError from deep inside the loader."""
+    try:
+        yield
+    except (PlanError, ArtifactError) as e:
+        raise ArtifactError(f"{path}: {e}" if not str(e).startswith(path) else str(e)) from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ArtifactError(f"{path}: the manifest's {what} is malformed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''}); the artifact is damaged") from None
+
+
+def _warn_unverified_code(path: str, manifest: Mapping[str, Any]) -> None:
+    libs = sorted({e["file"] for e in manifest["graphs"].values() if e.get("backend") == "tvm"})
+    if not libs:
+        return
+    why = ("its signature was not checked (no trusted_keys given)" if os.path.isfile(os.path.join(path, SIGNATURE))
+           else "it is not signed")
+    warnings.warn(f"{path}: loading it executes code from the artifact (TVM shared libraries {', '.join(libs)}) "
+                  f"and {why}; load it with trusted_keys=[...] to accept only artifacts signed by a key you trust "
+                  "(pared sign)", UnsignedCodeWarning, stacklevel=3)
+
+
 class Executor:
     """A loaded artifact.
 
@@ -74,20 +101,32 @@ class Executor:
             share (`shared.weights`) from one buffer instead of a copy each, with ORT's
             prepacking off in those sessions: N variants hold them once, a few percent
             slower (backends/onnxruntime/runtime.py). TVM graphs always share theirs.
+        trusted_keys: Ed25519 public keys (paths to `pared keygen`'s .pub files, PEM or
+            raw bytes). When given, the artifact must be signed by one of them: the
+            signature over manifest.json, then every file's sha256, are checked before
+            any model file is parsed or library loaded. Without them, an artifact with
+            TVM shared libraries warns (UnsignedCodeWarning, a RuntimeWarning) that
+            loading it runs code from it unverified.
+
+    Inputs are checked for count, dtype and shape (TypeError / ValueError naming the
+    input). Values are not: NaN and Inf pass through to the runtime and propagate
+    through the arithmetic as IEEE floats do (no error, no crash).
     Raises:
         ArtifactError: see backends.artifact.read_manifest; also a graph whose
             backend is unknown or whose runtime cannot load it, and an artifact whose
-            integer kernels would saturate on this CPU (see check_cpu).
+            integer kernels would saturate on this CPU (see check_cpu). With trusted_keys:
+            unsigned, signed by another key, or modified after signing.
     """
 
     def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
-                 allow_isa_mismatch: bool = False, share_weights: bool = False):
+                 allow_isa_mismatch: bool = False, share_weights: bool = False,
+                 trusted_keys: "list | tuple | None" = None):
         self.path = path
-        self.manifest = read_manifest(path)
-        try:
+        self.manifest = read_manifest(path, trusted_keys=trusted_keys)
+        if trusted_keys is None:
+            _warn_unverified_code(path, self.manifest)
+        with _malformed(path, "plan"):
             self.plan = Plan.from_json(self.manifest["plan"])
-        except PlanError as e:
-            raise ArtifactError(f"{path}: {e}") from None
         target = dict(self.manifest["target"])
         if threads is not None:
             target["threads"] = threads
@@ -96,7 +135,8 @@ class Executor:
         if share_weights:
             target["share_weights"] = True
         self.target = target
-        check_cpu(path, self.manifest, target, allow_isa_mismatch)
+        with _malformed(path, "graphs' int8 checks"):
+            check_cpu(path, self.manifest, target, allow_isa_mismatch)
         self.graphs: dict[str, Any] = {}
         for name, entry in self.manifest["graphs"].items():
             backend = entry.get("backend")
@@ -111,12 +151,11 @@ class Executor:
             except Exception as e:
                 raise ArtifactError(f"{path}: graph '{name}' could not be loaded by {backend}: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        try:
+        with _malformed(path, "plan"):
             self.plan.validate({n: (len(e["inputs"]), len(e["outputs"])) for n, e in self.manifest["graphs"].items()})
-        except PlanError as e:
-            raise ArtifactError(f"{path}: {e}") from None
         self.structure = self.manifest.get("output_structure", _structure.TENSOR)
-        self._inputs = self._program_inputs()
+        with _malformed(path, "input specs"):
+            self._inputs = self._program_inputs()
         self._runner = PlanRunner(self.plan, self._run_graph)
 
     def _program_inputs(self) -> list[dict]:
@@ -154,7 +193,10 @@ class Executor:
     def _check(self, arrays: list) -> list[np.ndarray]:
         out = []
         for spec, a in zip(self._inputs, arrays):
-            a = np.asarray(a)
+            try:
+                a = np.asarray(a)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"input '{spec['name']}' is not an array ({str(e).splitlines()[0][:100]})") from None
             want = spec.get("dtype")
             if want and a.dtype != np.dtype(_DTYPES.get(want, want)):
                 raise TypeError(f"input '{spec['name']}' must be {want}, got {a.dtype}")

@@ -84,6 +84,16 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "")
 
 
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value
+    if isinstance(value, (tuple, list)):
+        return any(_has_nan(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_nan(v) for v in value.values())
+    return False
+
+
 def make_options(pass_cls: type["Pass"], given: Mapping[str, Any] | None) -> Any:
     """Build a pass's Options from a mapping, checking names, types and ranges.
 
@@ -101,12 +111,14 @@ def make_options(pass_cls: type["Pass"], given: Mapping[str, Any] | None) -> Any
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else (
                 f"; known options: {', '.join(fields)}" if fields else "; it takes no options")
-            raise OptionError(f"pass '{pname}': unknown option '{key}'{hint}", ) from None
+            raise OptionError(f"pass '{pname}': unknown option {key!r}{hint}", ) from None
         expected = hints.get(key, Any)
+        if _has_nan(value):     # every comparison with NaN is false: a range check would let it through
+            raise OptionError(f"pass '{pname}': option {key!r} is NaN ({value!r}); give a number")
         if isinstance(value, list) and typing.get_origin(expected) is tuple:
             given[key] = value = tuple(value)
         if not _type_ok(value, expected):
-            raise OptionError(f"pass '{pname}': option '{key}' expects {_type_name(expected)}, "
+            raise OptionError(f"pass '{pname}': option {key!r} expects {_type_name(expected)}, "
                               f"got {type(value).__name__} {value!r}")
         if expected is float and isinstance(value, int):
             given[key] = float(value)
@@ -286,7 +298,7 @@ def registered_pass(name: str) -> type[Pass]:
     except KeyError:
         close = difflib.get_close_matches(name, list(REGISTRY), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known passes: {', '.join(sorted(REGISTRY))}"
-        raise UnknownPassError(f"unknown pass '{name}'{hint}") from None
+        raise UnknownPassError(f"unknown pass {name!r}{hint}") from None
 
 
 class UnknownPassError(OptionError, KeyError):

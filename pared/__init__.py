@@ -25,10 +25,15 @@ __all__ = [
 ]
 
 
-def load(path: str, **kwargs: Any):
-    """Load an artifact directory and return a torch-free Executor (see backends.executor)."""
+def load(path: str, *, trusted_keys: Any = None, **kwargs: Any):
+    """Load an artifact directory and return a torch-free Executor (see backends.executor).
+
+    With ``trusted_keys=[...]`` (public key files from `pared keygen`, PEM or raw bytes)
+    the artifact must be signed by one of them (`pared sign`); an unsigned, otherwise
+    signed or modified artifact is refused before any model file is read.
+    """
     from pared.backends.executor import Executor
-    return Executor(path, **kwargs)
+    return Executor(path, trusted_keys=trusted_keys, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,6 +31,7 @@ from pared.backends.artifact import read_manifest, write_artifact
 from pared.backends.executor import Executor
 from pared.backends.lower import lower_program
 from pared.backends.measure import default_profiler
+from pared.backends.signing import UnsignedCodeWarning
 from pared.fidelity import Fidelity, side_by_side, summarize
 from pared.ir.capture import capture, normalize_inputs
 from pared.ir.errors import FidelityError
@@ -50,6 +52,14 @@ def _host_provider(target: Target) -> str | None:
     return None if target.provider in onnxruntime.get_available_providers() else "CPUExecutionProvider"
 
 
+def _own_executor(staging: str, **kwargs: Any) -> Executor:
+    """An Executor on the staging artifact this process just built: its TVM libraries
+    are our own, so the warning about loading unsigned code does not apply."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsignedCodeWarning)
+        return Executor(staging, **kwargs)
+
+
 class Optimized:
     """The result of `optimize`: the rewritten Program, its lowered artifact and the report.
 
@@ -63,7 +73,7 @@ class Optimized:
         self._staging = staging
         self._manifest = manifest
         self.report = report
-        self.executor = Executor(staging, provider=_host_provider(target))
+        self.executor = _own_executor(staging, provider=_host_provider(target))
         self._cleanup = weakref.finalize(self, shutil.rmtree, os.path.dirname(staging), True)
 
     def __call__(self, *inputs: Any) -> Any:
@@ -84,8 +94,13 @@ class Optimized:
         if self.executor is not None:
             self.executor.reset()
 
-    def save(self, path: str) -> str:
-        """Write the artifact directory (atomically) and return its path."""
+    def save(self, path: str, *, sign_key: str | None = None) -> str:
+        """Write the artifact directory (atomically) and return its path.
+
+        Args:
+            sign_key: an Ed25519 private key file (`pared keygen`): the artifact is
+                written signed (signature.json), loadable with trusted_keys=[its .pub].
+        """
         def build(tmp: str) -> dict:
             for rel in self._manifest["files"]:
                 dst = os.path.join(tmp, rel)
@@ -94,7 +109,7 @@ class Optimized:
             m = {k: v for k, v in self._manifest.items() if k not in ("files", "format", "schema_version")}
             m["report"] = self.report
             return m
-        return write_artifact(path, build)
+        return write_artifact(path, build, sign_key=sign_key)
 
     def __repr__(self) -> str:
         f = self.report.get("fidelity", {})
@@ -280,7 +295,7 @@ def _time_side_by_side(model: torch.nn.Module, args: tuple, kwargs: dict, opt: O
     Executor on that count unless the target already fixes it."""
     feed = [t.detach().cpu().numpy() for t in _flat_tensors(args, kwargs)]
     timed = (opt.executor if opt.executor.target.get("threads") == threads else
-             Executor(staging, threads=threads, provider=_host_provider(opt.target)))
+             _own_executor(staging, threads=threads, provider=_host_provider(opt.target)))
 
     def eager() -> None:
         with torch.no_grad():

@@ -4,6 +4,8 @@
     pared inspect FILE.py:FUNCTION [--depth N]      regions, op counts, parameters, FLOPs
     pared run ARTIFACT --inputs IN.npz [--out OUT.npz]
     pared bench ARTIFACT [--repeats N]             latency of an artifact
+    pared keygen --out KEY                         Ed25519 key pair: KEY (private, 0600) and KEY.pub
+    pared sign ARTIFACT --key KEY                  write ARTIFACT/signature.json (over manifest.json)
     pared bench --workload NAME [--pipeline P.yaml] [--target T] [--json OUT.json]
                                                    eager vs. plain lowering vs. pipeline, speed and fidelity
 
@@ -178,7 +180,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import numpy as np
     import pared
 
-    ex = pared.load(a.artifact, allow_isa_mismatch=a.allow_isa_mismatch)
+    ex = pared.load(a.artifact, allow_isa_mismatch=a.allow_isa_mismatch, trusted_keys=a.trusted_key)
     with np.load(a.inputs, allow_pickle=False) as data:
         names = [s["name"] for s in ex.inputs]
         if all(n in data for n in names):
@@ -198,6 +200,22 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         for n, v in zip(out_names, flat):
             _out().print(f"{n}: {v.dtype}{list(v.shape)} mean {float(np.mean(v)):.6g} std {float(np.std(v)):.6g}")
+    return EXIT_OK
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from pared.backends.signing import fingerprint, generate_key, load_private_key
+    private, public = generate_key(a.out, overwrite=a.force)
+    _out().print(f"wrote {private} (private, keep it secret) and {public} (public: give it to whoever loads "
+                 f"your artifacts); fingerprint {fingerprint(load_private_key(private).public_key())}",
+                 soft_wrap=True)
+    return EXIT_OK
+
+
+def cmd_sign(a: argparse.Namespace) -> int:
+    from pared.backends.artifact import sign_artifact
+    path = sign_artifact(a.artifact, a.key)
+    _out().print(f"signed {a.artifact}: {path}", soft_wrap=True)
     return EXIT_OK
 
 
@@ -309,7 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out")
     r.add_argument("--allow-isa-mismatch", action="store_true",
                    help="run an artifact whose INT8 kernels would saturate on this CPU (warns; outputs are wrong)")
+    r.add_argument("--trusted-key", action="append", metavar="KEY.pub",
+                   help="load only if signed by this public key (repeatable)")
     r.set_defaults(func=cmd_run)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts")
+    k.add_argument("--out", required=True, help="private key file; the public key goes to OUT.pub")
+    k.add_argument("--force", action="store_true", help="overwrite existing key files")
+    k.set_defaults(func=cmd_keygen)
+    sg = sub.add_parser("sign", help="sign an artifact (signature.json over its manifest) with a private key")
+    sg.add_argument("artifact")
+    sg.add_argument("--key", required=True, help="Ed25519 private key file (pared keygen)")
+    sg.set_defaults(func=cmd_sign)
     b = sub.add_parser("bench", help="time an artifact, or benchmark a reference workload side by side")
     b.add_argument("artifact", nargs="?")
     b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm, "

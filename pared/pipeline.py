@@ -145,17 +145,30 @@ def load_pipeline(path: "str | os.PathLike") -> PipelineSpec:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise PipelineError(f"pipeline file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise PipelineError(f"{path}:{line}: not UTF-8 text (byte "
+                            f"0x{raw[e.start]:02x}); save the file as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_yaml_loader())
     except _At as e:
         raise PipelineError(f"{path}:{e.line}: {e.msg}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if mark is not None:
+            where = f"{path}:{mark.line + 1}"
+        elif isinstance(getattr(e, "position", None), int):     # yaml.reader.ReaderError: a character
+            where = f"{path}:{text[:e.position].count(chr(10)) + 1}"
+        else:
+            where = path
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
         raise PipelineError(f"{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise PipelineError(f"{path}: not valid YAML: nested too deeply") from None
     return parse_pipeline(data, source=path)
 
 
@@ -175,10 +188,10 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
         raise PipelineError(f"{source}: expected a mapping with 'version' and 'passes', got {type(data).__name__}")
     for key in data:
         if key not in TOP_LEVEL:
-            raise err(f"unknown key '{key}'{_suggest(str(key), TOP_LEVEL)}", key)
+            raise err(f"unknown key {key!r}{_suggest(str(key), TOP_LEVEL)}", key)
     if "version" not in data:
         raise PipelineError(f"{source}: missing 'version: {VERSION}'")
-    if data["version"] != VERSION:
+    if type(data["version"]) is not int or data["version"] != VERSION:
         raise err(f"pipeline version {data['version']!r} is not supported; this pared reads version {VERSION}",
                   "version")
     base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
@@ -220,7 +233,8 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise err(f"fidelity: bound '{k}' expects a number, got {type(v).__name__} {v!r}", k, fidelity)
         fidelity = dict(fidelity)
-    backend = data.get("backend") or {}
+    backend = data.get("backend")
+    backend = {} if backend is None else backend
     if not isinstance(backend, Mapping):
         raise err(f"'backend' expects a mapping of lowering options, got {type(backend).__name__}", "backend")
 
@@ -253,7 +267,7 @@ def _entry(item: Any, where: str) -> PassSpec:
         (name, opts), = item.items()
     elif isinstance(item, Mapping):
         raise PipelineError(f"{where}: a pass entry is one 'name: {{options}}' pair, got keys "
-                            f"{', '.join(map(str, item))} (is the options mapping indented under the name?)")
+                            f"{', '.join(map(repr, item))} (is the options mapping indented under the name?)")
     else:
         raise PipelineError(f"{where}: a pass entry is a name or 'name: {{options}}', got {type(item).__name__}")
     if not isinstance(name, str):
@@ -261,7 +275,7 @@ def _entry(item: Any, where: str) -> PassSpec:
     if opts is None:
         opts = {}
     if not isinstance(opts, Mapping):
-        raise PipelineError(f"{where}: pass '{name}': options must be a mapping, got {type(opts).__name__} {opts!r}")
+        raise PipelineError(f"{where}: pass {name!r}: options must be a mapping, got {type(opts).__name__} {opts!r}")
     return PassSpec(name, dict(opts), where)
 
 
