@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 
 from pared.analysis.cost import node_flops
+from pared.analysis.metrics import compare_outputs  # noqa: F401  (re-exported)
 from pared.analysis.recorder import output_rows, run_output
 from pared.analysis.redundancy import observe_values
 from pared.ir.errors import OptionError, PassError
@@ -251,16 +252,3 @@ def replay(gm: fx.GraphModule, calibration: Any,
 
     return run_output(calibration, call, outs)
 
-
-def compare_outputs(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """rel_l2, sqnr_db, the smallest per-row cosine and top-1 (argmax per row) agreement."""
-    err = float(np.linalg.norm(got - ref))
-    norm = float(np.linalg.norm(ref))
-    rel = err / norm if norm > 0 else (0.0 if err == 0 else math.inf)
-    rn, gn = np.linalg.norm(ref, axis=1), np.linalg.norm(got, axis=1)
-    ok = (rn > 0) & (gn > 0)
-    cos = np.sum(ref * got, axis=1)[ok] / (rn[ok] * gn[ok])
-    return {"rel_l2": rel, "sqnr_db": -20.0 * math.log10(rel) if rel > 0 else math.inf,
-            "cosine": float(cos.min()) if cos.size else 1.0,
-            "cosine_mean": float(cos.mean()) if cos.size else 1.0,
-            "agreement": float(np.mean(np.argmax(ref, axis=1) == np.argmax(got, axis=1)))}

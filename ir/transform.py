@@ -203,13 +203,44 @@ class PassContext:
     def get(self, record_type: type) -> Record | None:
         return self.records.get(record_type)
 
-    def require(self, record_type: type, by: str) -> Record:
+    def require(self, record_type: type, by: str, program: Program | None = None) -> Record:
+        """The record of `record_type` pass `by` needs; given the `program`, one no earlier pass
+        produced is computed on demand (see compute).
+
+        Raises:
+            PassError: it is missing and cannot be computed here, naming the analyses that make it.
+        """
         rec = self.records.get(record_type)
+        if rec is None and program is not None and self.compute(record_type, program, by) is not None:
+            rec = self.records.get(record_type)
         if rec is None:
             producers = _producers(record_type)
             raise PassError(f"pass '{by}' needs a {record_type.__name__}; run "
                             f"{' or '.join(repr(p) for p in producers) or 'its analysis'} before it")
         return rec
+
+    def compute(self, record_type: type, program: Program, by: str) -> tuple[str, "PassResult"] | None:
+        """Run the one registered analysis that produces `record_type`, with its default options,
+        on `program` for pass `by`; its record joins the context. None when no analysis, or
+        several, produce it (require then names them).
+
+        Raises:
+            PassError: the analysis failed, naming both passes.
+        """
+        producers = _producers(record_type)
+        if len(producers) != 1:
+            return None
+        name = producers[0]
+        self.progress(f"computing {record_type.__name__} for pass {by} ({name}, default options)")
+        self.log.info("%s needs a %s: running %s with its default options", by, record_type.__name__, name)
+        try:
+            result = REGISTRY[name]()(program, self)
+        except PassError as e:
+            if e.args and str(e.args[0]).startswith(f"pass '{name}'"):
+                raise PassError(f"pass '{by}' needs a {record_type.__name__}, computed on demand by '{name}': "
+                                f"{e}") from e
+            raise
+        return name, result
 
 
 def _producers(record_type: type) -> list[str]:
@@ -367,25 +398,19 @@ class PassManager:
         for rt in p.requires:
             if ctx.get(rt) is not None:
                 continue
-            producers = _producers(rt)
-            if len(producers) != 1:
-                continue        # ctx.require names them (or says none is registered)
-            name = producers[0]
-            ctx.progress(f"computing {rt.__name__} for pass {p.name} ({name}, default options)")
-            ctx.log.info("%s needs a %s: running %s with its default options", p.name, rt.__name__, name)
+            label = f"{(_producers(rt) or ['?'])[0]} (for {p.name})"
             t0 = time.perf_counter()
             try:
-                analysis = REGISTRY[name]()
-                result = analysis(program, ctx)
+                made = ctx.compute(rt, program, p.name)
             except PassError as e:
-                if e.args and str(e.args[0]).startswith(f"pass '{name}'"):
-                    raise PassError(f"pass '{p.name}' needs a {rt.__name__}, computed on demand by '{name}': "
-                                    f"{e}") from e
-                raise PassError(_fail_msg(f"{name} (for {p.name})", done, e)) from e
+                if e.args and str(e.args[0]).startswith(f"pass '{p.name}'"):
+                    raise
+                raise PassError(_fail_msg(label, done, e)) from e
             except Exception as e:
-                raise PassError(_fail_msg(f"{name} (for {p.name})", done, e)) from e
-            history.append((f"{name} (for {p.name})", result, time.perf_counter() - t0))
-            done.append(f"{name} (for {p.name})")
+                raise PassError(_fail_msg(label, done, e)) from e
+            if made is not None:
+                history.append((label, made[1], time.perf_counter() - t0))
+                done.append(label)
 
 
 def _fail_msg(name: str, done: Iterable[str], e: BaseException) -> str:

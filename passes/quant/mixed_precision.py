@@ -256,7 +256,7 @@ class MixedPrecision(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        prof: SensitivityProfile = ctx.require(SensitivityProfile, self.name)
+        prof: SensitivityProfile = ctx.require(SensitivityProfile, self.name, program)
         mine = (o.block_size, o.w8_block_size, o.symmetric)
         if (prof.block_size, prof.w8_block_size, prof.symmetric) != mine and ({"w4", "w8"} & set(o.formats)):
             raise PassError(f"pass 'mixed_precision': the SensitivityProfile measured weight-only formats with "

@@ -300,6 +300,21 @@ def call_vs_model(held_out: Callable[[Fixture], tuple] | None = None):
     return meaning
 
 
+def skip_meaning(fx_: Fixture, res: PassResult):
+    """The sampler loop over the eager model with the skipped blocks replaced by the identity."""
+    import copy
+
+    class Identity(nn.Module):
+        def forward(self, h, c):
+            return h
+    m = copy.deepcopy(fx_.model)
+    for b in res.program.records["LayerSkipDecisions"].blocks:
+        m.blocks[int(b.block.rsplit(".", 1)[1])] = Identity()
+    got, _ = _run_loop(res.program, fx_.inputs[0], 8)
+    with torch.no_grad():
+        return tiny_sampler_loop(fx_.inputs[0], 8)(m), got
+
+
 def tome_meaning(fx_: Fixture, res: PassResult):
     """ToMe r=2 in each of TinyViT's 3 blocks, eagerly (ToMe's own scatter_reduce merge), on held-out images."""
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -426,6 +441,12 @@ CASES: dict[str, Case] = {
                   "the layers left float, so the same fraction would legitimately spend again. Given their "
                   "whole bytes (1.0), the second run must keep them as they are."),
     # -- sparsity: exact against ToMe's eager form (measured 2e-7) ----------------------------
+    "layer_skip": Case(
+        dit, {"skip": 2}, loop_ctx(8), noop={"skip": 0},
+        bad=(({"skip": 1, "layers": ["blocks.0"]}, "give exactly one of options 'skip'"),
+             ({"skp": 1}, "unknown option 'skp'; did you mean 'skip'"),
+             ({"skip": 9}, "option 'skip' asks for 9 blocks; the model has 6")),
+        meaning=skip_meaning, rel_l2=1e-5),
     "token_merge": Case(
         vit, {"r": 2}, noop={"r": 0},
         bad=(({"r": -1}, "pass 'token_merge': option 'r' must be in \\[0, inf\\]"),
