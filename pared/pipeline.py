@@ -45,6 +45,7 @@ class PassSpec:
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
     where: str = ""
+    option_where: Mapping[Any, str] = field(default_factory=dict)   # option -> "file:line" when on its own line
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,11 @@ def _entry(item: Any, where: str) -> PassSpec:
         opts = {}
     if not isinstance(opts, Mapping):
         raise PipelineError(f"{where}: pass {name!r}: options must be a mapping, got {type(opts).__name__} {opts!r}")
-    return PassSpec(name, dict(opts), where)
+    option_where = {}
+    if isinstance(getattr(opts, "lines", None), dict) and ":" in where:
+        file = where.rsplit(":", 1)[0]
+        option_where = {k: f"{file}:{line}" for k, line in opts.lines.items() if k is not None}
+    return PassSpec(name, dict(opts), where, option_where)
 
 
 def _check(spec: PassSpec) -> Any:
@@ -286,7 +291,11 @@ def _check(spec: PassSpec) -> Any:
         cls = get_pass(spec.name)
         return cls(dict(spec.options))
     except OptionError as e:
-        raise PipelineError(f"{spec.where}: {e}") from None
+        msg = str(e)
+        # the line of the option the error names (options written one per line), else the pass's
+        where = next((w for k, w in spec.option_where.items()
+                      if f"option {k!r}" in msg or f"option '{k}[" in msg), spec.where)
+        raise PipelineError(f"{where}: {msg}") from None
 
 
 def build_passes(spec: "PipelineSpec | Sequence[Any] | str | os.PathLike | None") -> list:

@@ -48,10 +48,15 @@ def _fields(name):
 
 
 def _one_line_flow(value) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, width=10 ** 9, allow_unicode=False).strip()
-    if text.endswith("\n..."):
-        text = text[:-4].strip()
-    elif text.endswith("..."):
+    """YAML flow text on one line (strings as JSON: double-quoted with escapes, which YAML reads alike)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_one_line_flow(k)}: {_one_line_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_one_line_flow(v) for v in value) + "]"
+    text = yaml.safe_dump(value).strip()
+    if text.endswith("..."):
         text = text[:-3].strip()
     assert "\n" not in text
     return text
@@ -103,7 +108,8 @@ def pipeline_case(draw):
             key, opts = None, draw(st.one_of(_scalars.filter(lambda v: v is not None), st.lists(_scalars, max_size=2)))
         i = draw(st.integers(0, len(passes)))
         passes.insert(i, (name, opts))
-        return top, passes, kind, (name, key, i)
+        block = kind == "option" and draw(st.booleans())    # options one per line, under the name
+        return top, passes, kind, (name, key, i, block)
     if kind == "top_value":
         key = draw(st.sampled_from([k for k in TOP_LEVEL if k != "version"]))
         top.append((key, draw(NASTY)))
@@ -126,7 +132,7 @@ def pipeline_case(draw):
     return top, passes, kind, "version"
 
 
-def _render(top, passes):
+def _render(top, passes, block=None):
     lines, at = [], {}
     for k, v in top:
         at[k] = len(lines) + 1
@@ -141,6 +147,10 @@ def _render(top, passes):
                 lines.append(f"  - {_one_line_flow(opts)}")
             elif opts is None:
                 lines.append(f"  - {_one_line_flow(name)}")
+            elif len(entry_lines) - 1 == block:
+                lines.append(f"  - {_one_line_flow(name)}:")
+                for k, v in opts.items():
+                    lines.append(f"      {_one_line_flow(k)}: {_one_line_flow(v)}")
             else:
                 lines.append(f"  - {_one_line_flow(name)}: {_one_line_flow(opts)}")
     return "\n".join(lines) + "\n", at, entry_lines
@@ -169,7 +179,8 @@ def _load_error(text: "str | bytes"):
 @given(pipeline_case())
 def test_malformed_pipeline_files_are_one_line_errors(case):
     top, passes, kind, what = case
-    text, at, entries = _render(top, passes)
+    block = what[2] if kind == "option" and what[3] else None
+    text, at, entries = _render(top, passes, block)
     path, msg = _load_error(text)
     if kind in ("unknown_pass", "entry"):
         assert msg is not None, f"accepted:\n{text}"
@@ -178,10 +189,12 @@ def test_malformed_pipeline_files_are_one_line_errors(case):
         if kind == "unknown_pass":
             assert "unknown pass" in msg or "pass name" in msg or "a name or" in msg, msg
     elif kind in ("option", "options_type"):
-        name, key, i = what
+        name, key, i, block = what
         if msg is None:
             return
-        assert msg.startswith(f"{path}:{entries[i]}: "), (msg, text)
+        names = f"option {key!r}" in msg or f"option '{key}[" in msg
+        line = entries[i] + 1 if block and names else entries[i]
+        assert msg.startswith(f"{path}:{line}: "), (msg, text)
         assert f"pass '{name}'" in msg, msg
         if key is not None and msg[msg.index(": ", len(path)) + 2:] != _base_error(name):
             assert _names_option(msg, key), msg
