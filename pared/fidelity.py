@@ -45,7 +45,7 @@ class Fidelity:
         if bad:
             import difflib
             close = difflib.get_close_matches(str(bad[0]), sorted(known), n=1)
-            raise ValueError(f"unknown fidelity bound '{bad[0]}'" + (f"; did you mean '{close[0]}'?" if close else
+            raise ValueError(f"unknown fidelity bound {bad[0]!r}" + (f"; did you mean '{close[0]}'?" if close else
                                                                    f"; known: {', '.join(sorted(known))}"))
         if goal:
             from pared.ir.errors import OptionError
@@ -58,6 +58,8 @@ class Fidelity:
         for k, v in fields.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ValueError(f"fidelity bound '{k}' expects a number, got {v!r}")
+            if v is not None and v != v:    # NaN: every comparison is false, the bound would never fail
+                raise ValueError(f"fidelity bound '{k}' is NaN; give a number (or null to leave it unchecked)")
         return Fidelity(**fields)
 
     def violations(self, figures: Mapping[str, float]) -> list[str]:

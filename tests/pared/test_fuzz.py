@@ -19,7 +19,7 @@ import typing
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pared.backends import artifact as artifact_mod
@@ -91,7 +91,7 @@ def pipeline_case(draw):
     top = list(GOOD_TOP)
     passes = list(GOOD_PASSES)
     kind = draw(st.sampled_from(["unknown_pass", "option", "options_type", "top_value", "top_key", "entry",
-                                 "version"]))
+                                 "version", "fidelity"]))
     if kind == "unknown_pass":
         name = draw(st.one_of(_text, st.sampled_from([p + "x" for p in PASS_NAMES] + ["constant-folding", "CSE"]))
                     .filter(lambda n: n not in REGISTRY))
@@ -128,6 +128,10 @@ def pipeline_case(draw):
         i = draw(st.integers(0, len(passes)))
         passes.insert(i, ("__raw__", entry))
         return top, passes, kind, (None, i)
+    if kind == "fidelity":
+        keys = st.sampled_from(["cosine", "rel_l2", "max_abs", "min_cosine", "max_rel_l2", "psnr_db"])
+        top.append(("fidelity", draw(st.dictionaries(st.one_of(keys, _text), NASTY, min_size=1, max_size=3))))
+        return top, passes, kind, "fidelity"
     top[0] = ("version", draw(NASTY.filter(lambda v: not (type(v) is int and v == 1))))
     return top, passes, kind, "version"
 
@@ -163,25 +167,28 @@ def _load_error(text: "str | bytes"):
         with open(path, "wb") as f:
             f.write(text.encode() if isinstance(text, str) else text)
         try:
-            load_pipeline(path)
+            spec = load_pipeline(path)
         except PipelineError as e:
             msg = str(e)
             assert "\n" not in msg, f"multi-line message: {msg!r}"
             assert msg.startswith(path), msg
-            return path, msg
+            return path, msg, None
         # any other exception type propagates and fails the property
-        return path, None
+        return path, None, spec
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
 @settings(max_examples=MAX_EXAMPLES["pipeline"], **FUZZ)
 @given(pipeline_case())
+@example((GOOD_TOP + [("fidelity", {"cosine": float("nan")})], GOOD_PASSES, "fidelity", "fidelity"))
+@example((GOOD_TOP, GOOD_PASSES[:1] + [("__raw__", {"constant_folding": {"max_bytes": float("nan")}})], "entry",
+          (None, 1)))
 def test_malformed_pipeline_files_are_one_line_errors(case):
     top, passes, kind, what = case
     block = what[2] if kind == "option" and what[3] else None
     text, at, entries = _render(top, passes, block)
-    path, msg = _load_error(text)
+    path, msg, spec = _load_error(text)
     if kind in ("unknown_pass", "entry"):
         assert msg is not None, f"accepted:\n{text}"
         i = what[1]
@@ -198,9 +205,11 @@ def test_malformed_pipeline_files_are_one_line_errors(case):
         assert f"pass '{name}'" in msg, msg
         if key is not None and msg[msg.index(": ", len(path)) + 2:] != _base_error(name):
             assert _names_option(msg, key), msg
-    elif kind in ("top_value", "top_key", "version"):
+    elif kind in ("top_value", "top_key", "version", "fidelity"):
         if msg is None:
-            assert kind == "top_value", text
+            assert kind in ("top_value", "fidelity"), text
+            bounds = spec.fidelity or {}
+            assert not any(isinstance(v, float) and math.isnan(v) for v in bounds.values()), bounds
             return
         assert msg.startswith(f"{path}:{at[what]}: "), (msg, text)
 
@@ -227,7 +236,7 @@ def broken_yaml(draw):
 @settings(max_examples=MAX_EXAMPLES["syntax"], **FUZZ)
 @given(broken_yaml())
 def test_bad_yaml_syntax_names_the_line(text):
-    path, msg = _load_error(text)
+    path, msg, _ = _load_error(text)
     if msg is not None and "not valid YAML" in msg:
         n = (text.count(b"\n") if isinstance(text, bytes) else text.count("\n")) + 1
         line = msg[len(path) + 1:].split(":", 1)[0]
