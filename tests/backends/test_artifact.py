@@ -102,3 +102,56 @@ def test_manifest_cannot_point_outside(artifact):
     json.dump(m, open(p, "w"))
     with pytest.raises(ArtifactError, match="outside the artifact|missing"):
         read_manifest(artifact)
+
+
+def _rewrite(artifact, edit):
+    p = os.path.join(artifact, MANIFEST)
+    m = json.load(open(p))
+    edit(m)
+    json.dump(m, open(p, "w"))
+
+
+@pytest.mark.parametrize("field, name", [("file", "/etc/passwd"), ("file", "../outside.bin"),
+                                         ("weights_file", "../outside.bin"), ("files", "a/../../outside.bin")])
+def test_graph_file_names_outside_the_artifact_are_refused(artifact, field, name):
+    """A graph's 'file' was unchecked when it also listed 'files', and 'weights_file' always was:
+    the TVM runtime would have loaded a library from anywhere."""
+    def edit(m):
+        g = m["graphs"]["main"]
+        if field == "files":
+            g["files"].append(name)
+        else:
+            g[field] = name
+    _rewrite(artifact, edit)
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        read_manifest(artifact)
+
+
+def test_symlink_leading_out_is_refused(artifact, tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(open(os.path.join(artifact, "main.bin"), "rb").read())
+    os.remove(os.path.join(artifact, "main.bin"))
+    os.symlink(outside, os.path.join(artifact, "main.bin"))
+    with pytest.raises(ArtifactError, match="resolves outside the artifact"):
+        read_manifest(artifact)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.__setitem__("files", ["main.bin"]), "'files' must be an object"),
+    (lambda m: m["files"].__setitem__("main.bin", "abc"), r"files\['main.bin'\] must be"),
+    (lambda m: m["graphs"].__setitem__("main", []), "graph 'main' must be an object"),
+    (lambda m: m["graphs"]["main"].__setitem__("inputs", None), "'inputs' must be a list"),
+    (lambda m: m.__setitem__("schema_version", True), "schema_version missing or not an integer"),
+    (lambda m: m["files"].__setitem__("signature.json", {"sha256": "0", "bytes": 1}), "cannot cover"),
+])
+def test_wrong_typed_fields_are_refused(artifact, edit, match):
+    _rewrite(artifact, edit)
+    with pytest.raises(ArtifactError, match=match):
+        read_manifest(artifact)
+
+
+def test_oversized_manifest_is_refused(artifact, monkeypatch):
+    from pared.backends import artifact as artifact_mod
+    monkeypatch.setattr(artifact_mod, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(ArtifactError, match="larger than 100 bytes"):
+        read_manifest(artifact)
