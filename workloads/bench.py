@@ -25,6 +25,18 @@ from typing import Any, Callable, Mapping
 from pared.bench import portable_path, timing_stats, trace_summary, param_bytes, write_results
 
 
+def _own_executor(path: str, threads: int) -> Any:
+    """An Executor on an artifact this run just built: its TVM libraries are our own, so the
+    warning about loading unsigned code does not apply."""
+    import warnings
+
+    from pared.backends.executor import Executor
+    from pared.backends.signing import UnsignedCodeWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsignedCodeWarning)
+        return Executor(path, threads=threads)
+
+
 def bench_workload(name: str, *, pipeline: str | None = "default", target: str | None = None, threads: int = 1,
                    repeats: int = 5, json_out: str | None = None, workload_options: Mapping[str, Any] | None = None,
                    progress: Callable[[str], None] | None = None) -> dict:
@@ -41,7 +53,6 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     """
     import torch
     import pared
-    from pared.backends.executor import Executor
     from pared.pipeline import build_passes, load_pipeline
     from pared.fidelity import side_by_side
     from pared.workloads import get_workload, torch_callable
@@ -67,7 +78,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         if label == "optimized" and not plist:
             # no passes: the optimized artifact is the plain one; built once, loaded twice (own sessions)
             programs[label] = programs["backend_plain"]
-            contenders[label] = Executor(os.path.join(work, "backend_plain"), threads=threads)
+            contenders[label] = _own_executor(os.path.join(work, "backend_plain"), threads)
             continue
         say(f"building {label}")
         dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in plist) else None
@@ -76,7 +87,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
                              dynamic_shapes=dyn, progress=lambda m: None)
         path = opt.save(os.path.join(work, label))
         programs[label] = opt.program
-        contenders[label] = Executor(path, threads=threads)
+        contenders[label] = _own_executor(path, threads)
     eager = torch_callable(model)
 
     def run_task(label: str):
