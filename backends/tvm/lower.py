@@ -10,7 +10,9 @@ cross compiler when one is on PATH; otherwise the compiled objects are shipped
 as a ``.tar`` to link on the target, with a warning that says so. Either way
 the objects are checked to be ELF files for the target's machine.
 
-Tuning (``tune=True``) runs MetaSchedule with a persistent database under
+Untuned builds get default schedules (backends/tvm/schedule.py: tiled, vectorized,
+parallel matmuls; dlight's CPU reduction rule; parallel elementwise loops) after
+TVM's fusion. Tuning (``tune=True``) runs MetaSchedule with a persistent database under
 ``cache_dir`` (default ``~/.cache/pared/tvm``); it is off by default and takes
 minutes per graph.
 """
@@ -173,7 +175,9 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
     from tvm import relax
 
     if not tune:
-        return tvm.compile(mod, target=tvm_target)
+        # untuned: TVM's CPU pipeline with pared's default schedules after fusion (schedule.py)
+        from pared.backends.tvm import schedule
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=schedule.pipeline(tvm_target))
     if "num-cores" not in tvm_target.attrs:
         # MetaSchedule sizes its search by the physical core count the target declares
         tvm_target = tvm.target.Target(dict(tvm_target.export(), **{"num-cores": _physical_cores()}))

@@ -1,0 +1,421 @@
+"""Default CPU schedules for graphs nobody has tuned: a dlight-style rule for dense and
+batched matmul (float and int8 x int8 -> int32), applied between TVM's fusion and its
+lowering, plus dlight's own CPU reduction rule and a rule for elementwise functions.
+
+TVM 0.27's CPU pipeline (relax/backend/cpu_generic) legalizes and fuses, then lowers
+every PrimFunc as written: one scalar loop nest per op, single-threaded. This module
+schedules the PrimFuncs left after FuseOps/FuseTIR:
+
+Before (a fused linear layer, as legalized):
+    for i, j, k: C[i, j] += A[i, k] * B[k, j]              "matmul" block, SSR
+    for i, j:    D[i, j] = gelu(C[i, j] + bias[j])          epilogue blocks
+After (`Matmul`):
+    parallel for (io, jo):                                 MR x NR tiles over the cores
+        for ii, ji(vec):  acc[ii, ji] = 0                  the accumulator tile, NR = 2 SIMD vectors
+        for k, ii(unroll), ji(vec): acc[ii, ji] += A[i, k] * B[k, j]
+        for ii, ji(vec):  D[i, j] = gelu(acc[ii, ji] + bias[j])   epilogue on the tile
+
+The pattern is recognized from the block structure, not the function's name: one
+reduction block with spatial iterators S.. and a single reduction iterator k, whose
+body is C[s..] = C[s..] + cast(X) * cast(Y), where the output's last index j is the
+last index of one operand (contiguous, vectorized) and absent from the other
+(broadcast). Every other block must be spatial. Each output element still sums over
+k in the same order, so results are bitwise those of the unscheduled function.
+
+The SIMD width is read from the target (LLVM's CPU features for its mcpu / mattr:
+AVX-512 16 floats, AVX/AVX2 8, SSE/NEON 4). A target without mcpu builds for the
+architecture's baseline (x86-64: SSE2), which LLVM also does.
+
+Reads: PrimFuncs of an IRModule. Writes: the same functions scheduled, marked
+``tirx.is_scheduled`` (dlight's mark; scheduled functions are left alone by later rules).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("pared.backends.tvm")
+
+#: rows of one accumulator tile (unrolled); with NR = 2 vectors, 8 accumulator registers
+MR = 4
+#: SIMD vectors per accumulator tile row
+NR_VECTORS = 2
+
+
+def simd_bits(target: Any) -> int:
+    """The widest SIMD register, in bits, of an LLVM target's CPU (its mcpu / mattr)."""
+    from tvm.target import codegen
+
+    try:
+        feats = set(str(f) for f in codegen.llvm_get_cpu_features(target))
+    except Exception:  # a target LLVM cannot describe: assume the 128-bit baseline
+        return 128
+    if "avx512f" in feats:
+        return 512
+    if "avx" in feats or "avx2" in feats:
+        return 256
+    return 128
+
+
+def _lanes(target: Any, dtype_bits: int) -> int:
+    return max(simd_bits(target) // max(dtype_bits, 8), 1)
+
+
+def _const(expr: Any) -> int | None:
+    from tvm import tirx
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _loads(expr: Any) -> list:
+    """The buffer loads of a product of (cast) loads, or [] if it is anything else."""
+    from tvm.ir import TensorLoad
+    from tvm.ir.prim import Cast, Mul
+    if isinstance(expr, Cast):
+        return _loads(expr.value)
+    if isinstance(expr, TensorLoad):
+        return [expr]
+    if isinstance(expr, Mul):
+        a, b = _loads(expr.a), _loads(expr.b)
+        return a + b if a and b else []
+    return []
+
+
+def _is_var(expr: Any, var: Any) -> bool:
+    from tvm import tirx
+    return isinstance(expr, tirx.Var) and expr.same_as(var)
+
+
+def _uses(expr: Any, var: Any) -> bool:
+    from tvm.tirx.analysis import undefined_vars
+    return any(v.same_as(var) for v in undefined_vars(expr, []))
+
+
+def match_matmul(block: Any) -> tuple[int, int] | None:
+    """(spatial iterator count, index of the vectorized operand) when the block computes
+    C[s0, .., j] += X * Y with one reduction iterator k, j last in C and in one operand
+    and absent from the other; else None."""
+    from tvm import tirx
+    from tvm.ir import TensorLoad as Load
+    from tvm.ir.prim import Add
+
+    iters = list(block.iter_vars)
+    kinds = [iv.iter_type for iv in iters]
+    if kinds.count(tirx.IterVar.CommReduce) != 1 or kinds[-1] != tirx.IterVar.CommReduce:
+        return None
+    if any(k not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce) for k in kinds) or len(iters) < 3:
+        return None
+    if block.init is None or not isinstance(block.body, tirx.BufferStore):
+        return None
+    store = block.body
+    spatial = [iv.var for iv in iters[:-1]]
+    k = iters[-1].var
+    if len(store.indices) != len(spatial) or not all(_is_var(i, v) for i, v in zip(store.indices, spatial)):
+        return None
+    value = store.value
+    if not isinstance(value, Add):
+        return None
+    acc, prod = value.a, value.b
+    if not (isinstance(acc, Load) and acc.source.same_as(store.buffer)):
+        acc, prod = value.b, value.a
+    if not (isinstance(acc, Load) and acc.source.same_as(store.buffer)):
+        return None
+    ops = _loads(prod)
+    if len(ops) != 2:
+        return None
+    j = spatial[-1]
+
+    def uses(load, var):
+        return any(_uses(i, var) for i in load.indices)
+
+    if not all(uses(op, k) for op in ops):
+        return None
+    contiguous = [n for n, op in enumerate(ops) if op.indices and _is_var(op.indices[-1], j)
+                  and not any(_uses(i, j) for i in op.indices[:-1])]
+    broadcast = [n for n, op in enumerate(ops) if not uses(op, j)]
+    if len(contiguous) != 1 or len(broadcast) != 1:
+        return None
+    return len(spatial), contiguous[0]
+
+
+def _output_buffers(func: Any) -> list:
+    """The function's parameter buffers (inputs and outputs: neither may be inlined away)."""
+    return list(func.params)
+
+
+def _in(buf: Any, bufs: list) -> bool:
+    return any(buf.same_as(b) for b in bufs)
+
+
+def _pick(extent: int | None, choices: tuple[int, ...]) -> int:
+    """The first choice that divides the extent (no tail), else the first choice."""
+    if extent is None:
+        return choices[0]
+    for c in choices:
+        if c <= extent and extent % c == 0:
+            return c
+    return min(choices[0], extent)
+
+
+def _vectorize_inner(sch: Any, block: Any, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    extent = _const(sch.get(inner).extent)
+    if extent is None or extent < 2:
+        return
+    if extent <= lanes:
+        sch.vectorize(inner)
+    else:
+        _, vec = sch.split(inner, factors=[None, _pick(extent, (lanes,))])
+        sch.vectorize(vec)
+
+
+def _base():
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+    return CPUScheduleRule
+
+
+class Matmul(_base()):
+    """Dense and batched matmul, float or integer, with fused prologue/epilogue ops."""
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any:
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        if root is None:
+            return None
+        blocks = list(sch.get_child_blocks(root))
+        found = [(b, match_matmul(sch.get(b))) for b in blocks]
+        mm = [(b, m) for b, m in found if m is not None]
+        if len(mm) != 1:
+            return None
+        block, (n_spatial, _vec_operand) = mm[0]
+        others = [b for b in blocks if not sch.get(b).same_as(sch.get(block))]
+        if any(any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars) for b in others):
+            return None  # a second reduction (softmax, norm) shares the function: not ours
+        loops = sch.get_loops(block)
+        if len(loops) != n_spatial + 1:
+            return None
+        # the block's iterators must be bound to its loops one to one (as legalized)
+        realize = _realize(sch, block)
+        if realize is None or not all(_is_var(v, sch.get(l).loop_var) for v, l in zip(realize.iter_values, loops)):
+            return None
+
+        # fused producers and consumers: inline what can be, so the epilogue is one block
+        outputs = _output_buffers(func)
+        _inline_spatial(sch, block, outputs)
+        out_dtype = sch.get(block).writes[0].source.dtype
+        lanes = _lanes(target, _bits(out_dtype))
+        extents = [_const(sch.get(l).extent) for l in loops]
+        if any(e is None for e in extents):
+            return None  # symbolic shapes: left to the unscheduled lowering
+        n_ext, m_ext = extents[n_spatial - 1], 1
+        for e in extents[: n_spatial - 1]:
+            m_ext *= e
+        nr = _pick(n_ext, (NR_VECTORS * lanes, lanes)) if n_ext >= lanes else n_ext
+        mr = _pick(m_ext, (MR, 3, 2, 1))
+
+        spatial, k = loops[:-1], loops[-1]
+        m = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
+        mo, mi = sch.split(m, factors=[None, mr])
+        no, ni = sch.split(spatial[-1], factors=[None, nr])
+        sch.reorder(mo, no, k, mi, ni)
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, no, preserve_unit_loops=True)
+        # the epilogue (bias, activation, residual...) on the tile while it is hot
+        for consumer in _consumers_chain(sch, acc):
+            try:
+                sch.reverse_compute_at(consumer, no, preserve_unit_loops=True)
+            except Exception:  # an epilogue that is not tile-wise: it runs after, on its own loops
+                break
+        epilogue = _blocks_under(sch, no, exclude=(block,))
+        outer = sch.fuse(mo, no)
+        sch.parallel(outer)
+        for b in epilogue:
+            _vectorize_inner(sch, b, lanes)
+        sch.unroll(mi)
+        sch.vectorize(ni)
+        init = sch.decompose_reduction(block, k)
+        _vectorize_inner(sch, init, lanes)
+        # whatever stayed outside the tile loop (prologue copies, non-tile epilogues)
+        for b in sch.get_child_blocks(root):
+            if not sch.get(b).same_as(sch.get(block)) and sch.get_loops(b) and \
+                    not any(sch.get(lp).same_as(sch.get(outer)) for lp in sch.get_loops(b)):
+                _parallel_spatial(sch, b, lanes)
+        log.debug("matmul schedule: M=%d N=%d tile %dx%d, %d lanes", m_ext, n_ext, mr, nr, lanes)
+        return sch
+
+
+class Elementwise(_base()):
+    """Functions of spatial blocks only (transposes, reshapes, activations): the outer
+    loops fused and parallel, the innermost vectorized when it has a constant extent."""
+
+    #: below this many elements the thread pool costs more than it saves
+    min_parallel = 4096
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any:
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        if not _has_root(sch):
+            return None
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        if not blocks or any(any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars)
+                             for b in blocks):
+            return None
+        _inline_spatial(sch, None, _output_buffers(func))
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        for b in blocks:
+            _parallel_spatial(sch, b, _lanes(target, 32), self.min_parallel)
+        return sch
+
+
+def _bits(dtype: str) -> int:
+    import re
+    m = re.search(r"(\d+)$", str(dtype))
+    return int(m.group(1)) if m else 32
+
+
+def _has_root(sch: Any) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:
+        return False
+
+
+def _realize(sch: Any, block: Any) -> Any:
+    """The block's realize, when it is the body of its innermost loop."""
+    loops = sch.get_loops(block)
+    body = sch.get(loops[-1]).body if loops else None
+    return body if hasattr(body, "iter_values") and body.block.same_as(sch.get(block)) else None
+
+
+def _inline_spatial(sch: Any, keep: Any, outputs: list) -> None:
+    """Inline spatial blocks into their consumers (or producers) until none moves."""
+    from tvm import tirx
+    root = sch.get_sblock("root")
+    progress = True
+    while progress:
+        progress = False
+        for b in sch.get_child_blocks(root):
+            if keep is not None and sch.get(b).same_as(sch.get(keep)):
+                continue
+            if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars):
+                continue
+            for op in (sch.compute_inline, sch.reverse_compute_inline):
+                if op is sch.compute_inline and any(_in(w.source, outputs) for w in sch.get(b).writes):
+                    continue
+                if op is sch.reverse_compute_inline and keep is not None and \
+                        any(r.source.same_as(sch.get(keep).writes[0].source) for r in sch.get(b).reads):
+                    continue  # the epilogue stays a block of its own, computed at the tile
+                try:
+                    op(b)
+                except Exception:
+                    continue
+                progress = True
+                break
+            if progress:
+                break
+
+
+def _consumers_chain(sch: Any, block: Any) -> list:
+    """The blocks downstream of `block`, producers first."""
+    out, frontier, seen = [], [block], set()
+    while frontier:
+        nxt = []
+        for b in frontier:
+            for c in sch.get_consumers(b):
+                name = sch.get(c).name_hint
+                if name not in seen:
+                    seen.add(name)
+                    out.append(c)
+                    nxt.append(c)
+        frontier = nxt
+    return out
+
+
+def _blocks_under(sch: Any, loop: Any, exclude: tuple) -> list:
+    ex = [sch.get(b) for b in exclude]
+    return [b for b in sch.get_child_blocks(loop) if not any(sch.get(b).same_as(e) for e in ex)]
+
+
+#: side of the square tiles of a transposing copy
+TILE = 16
+
+
+def _transposes(sch: Any, block: Any, loops: list) -> bool:
+    """Whether a read of the block does not run along its innermost iterator (a transpose)."""
+    stmt = sch.get(block)
+    realize = _realize(sch, block)
+    if realize is None or len(loops) < 2 or not _is_var(realize.iter_values[-1], sch.get(loops[-1]).loop_var):
+        return False
+    inner = stmt.iter_vars[-1].var
+    for r in stmt.reads:
+        idx = [rg.min for rg in r.region]
+        if len(idx) >= 2 and any(_uses(i, inner) for i in idx) and not _uses(idx[-1], inner):
+            return True
+    return False
+
+
+def _parallel_spatial(sch: Any, block: Any, lanes: int, min_parallel: int = 0) -> None:
+    """Vectorize the innermost loop of a spatial block and run its outer loops in parallel."""
+    loops = sch.get_loops(block)
+    extents = [_const(sch.get(lp).extent) for lp in loops]
+    if not loops or any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    if total < 2:
+        return
+    if _transposes(sch, block, loops) and extents[-1] >= TILE and extents[-2] >= TILE:
+        # read along one axis, written along another: square tiles keep both in cache
+        i1, i0 = loops[-2], loops[-1]
+        o1, t1 = sch.split(i1, factors=[None, TILE])
+        o0, t0 = sch.split(i0, factors=[None, TILE])
+        sch.reorder(o1, o0, t1, t0)
+        _vectorize_inner(sch, block, lanes)
+        if total >= min_parallel:
+            sch.parallel(sch.fuse(*sch.get_loops(block)[:len(loops)]))
+        return
+    _vectorize_inner(sch, block, lanes)
+    loops = sch.get_loops(block)
+    if total >= min_parallel and len(loops) > 1:
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+        sch.parallel(outer)
+
+
+def rules() -> list:
+    """The default rules, in the order they are tried on each PrimFunc."""
+    from tvm.s_tir import dlight
+    return [Matmul(), dlight.cpu.Reduction(), Elementwise()]
+
+
+def default_schedule():
+    """The pass: pared's rules applied to every PrimFunc not scheduled yet."""
+    from tvm.s_tir import dlight
+    return dlight.ApplyDefaultSchedule(*rules())
+
+
+def pipeline(target: Any):
+    """TVM's CPU pipeline (relax/backend/cpu_generic) with the default schedules run
+    after fusion, before the dataflow is lowered."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.default_pipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+                                           + [default_schedule()] + cpu.dataflow_lower_passes(target)
+                                           + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline

@@ -1,0 +1,123 @@
+"""pared's default TVM schedules (backends/tvm/schedule.py): which PrimFuncs the matmul rule
+takes, what it does to their loops, and that every scheduled build computes exactly what
+TVM's unscheduled default pipeline computes."""
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from pared.backends.tvm import schedule  # noqa: E402
+
+TARGET = tvm.target.Target({"kind": "llvm"})          # tvm-cpu's target: the x86-64 baseline (SSE2)
+AVX512 = tvm.target.Target({"kind": "llvm", "mattr": ["+avx512f"]})
+
+
+def _module(shapes, body, dtypes=None):
+    """A Relax module main(*params) -> body(*vars)."""
+    dtypes = dtypes or ["float32"] * len(shapes)
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"p{i}", relax.TensorType(s, d)) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(body(*params)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _fused(mod, target=TARGET):
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    with target:
+        return tvm.transform.Sequential(cpu.legalize_passes(target))(mod)
+
+
+def _primfuncs(mod):
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _scheduled(mod, target=TARGET):
+    with target:
+        return _primfuncs(schedule.default_schedule()(_fused(mod, target)))
+
+
+def _run_both(mod, shapes, dtypes=None):
+    """Outputs of TVM's default build and of pared's scheduled build on the same inputs."""
+    dtypes = dtypes or ["float32"] * len(shapes)
+    rng = np.random.default_rng(0)
+    dev = tvm.cpu()
+    vals = [rng.standard_normal(s).astype(d) if d.startswith("float") else
+            rng.integers(-128, 128, s).astype(d) for s, d in zip(shapes, dtypes)]
+    args = [tvm.runtime.tensor(v, dev) for v in vals]
+    outs = []
+    for ex in (tvm.compile(mod, target=TARGET),
+               tvm.compile(mod, target=TARGET, relax_pipeline=schedule.pipeline(TARGET))):
+        outs.append(relax.VirtualMachine(ex, dev)["main"](*args).numpy())
+    return outs
+
+
+def _matmul_bias_gelu(x, w, b):
+    return relax.op.nn.gelu(relax.op.add(relax.op.matmul(x, w), b))
+
+
+def test_matmul_is_tiled_vectorized_parallel():
+    mod = _module([(64, 96), (96, 128), (128,)], _matmul_bias_gelu)
+    (name, f), = [(n, f) for n, f in _scheduled(mod).items() if "matmul" in n]
+    text = f.script()
+    assert f.attrs["tirx.is_scheduled"]
+    assert "T.parallel(" in text and "T.unroll(" in text
+    assert "matmul_intermediate_local" in text               # the accumulator tile
+    assert "matmul_init" in text and "matmul_update" in text  # reduction decomposed
+    # SSE2: 4 float lanes, tiles of 2 vectors; the gelu epilogue runs on the tile, vectorized
+    assert "T.vectorized(T.int64(8))" in text and "T.vectorized(T.int64(4))" in text
+    body = text[text.index("T.parallel("):]
+    assert "T.erf(" in body
+
+
+def test_vector_width_follows_the_target():
+    assert schedule.simd_bits(TARGET) == 128
+    assert schedule.simd_bits(AVX512) == 512
+    assert schedule.simd_bits(tvm.target.Target({"kind": "llvm", "mattr": ["+avx2"]})) == 256
+    mod = _module([(64, 96), (96, 128)], relax.op.matmul)
+    text = _scheduled(mod, AVX512)["matmul"].script()
+    assert "T.vectorized(T.int64(32))" in text              # 2 x 16 floats
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 96, 128), (7, 13, 19), (1, 5, 3), (33, 70, 9), (128, 256, 36)])
+def test_matmul_bias_gelu_equals_unscheduled(m, k, n):
+    mod = _module([(m, k), (k, n), (n,)], _matmul_bias_gelu)
+    assert all(f.attrs.get("tirx.is_scheduled") for f in _scheduled(mod).values())
+    ref, got = _run_both(mod, [(m, k), (k, n), (n,)])
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("b,m,k,n", [(3, 16, 8, 24), (5, 7, 9, 11)])
+def test_batched_matmul_equals_unscheduled(b, m, k, n):
+    mod = _module([(b, m, k), (b, k, n)], relax.op.matmul)
+    assert _scheduled(mod)["matmul"].attrs["tirx.is_scheduled"]
+    ref, got = _run_both(mod, [(b, m, k), (b, k, n)])
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_int8_matmul_equals_unscheduled():
+    # the integer layers of backends/tvm/quant.py: int8 x int8 -> int32
+    mod = _module([(24, 40), (40, 17)], lambda x, w: relax.op.matmul(x, w, out_dtype="int32"), ["int8", "int8"])
+    text = _scheduled(mod)["matmul"].script()
+    assert "T.parallel(" in text and "T.vectorized(" in text
+    ref, got = _run_both(mod, [(24, 40), (40, 17)], ["int8", "int8"])
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_non_matmul_functions_are_not_taken_by_the_matmul_rule():
+    from tvm import s_tir
+    mod = _module([(8, 16)], lambda x: relax.op.nn.softmax(relax.op.exp(x)))
+    funcs = _primfuncs(_fused(mod))
+    rule = schedule.Matmul()
+    assert funcs and all(rule.apply(f, TARGET, False) is None for f in funcs.values())
+    # a matmul-shaped reduction that is not a matmul (a sum of a product over a spatial axis) is left alone too
+    mod = _module([(8, 16)], lambda x: relax.op.sum(relax.op.multiply(x, x), axis=[1]))
+    funcs = _primfuncs(_fused(mod))
+    assert all(rule.apply(f, TARGET, False) is None for f in funcs.values())
+    assert isinstance(s_tir.Schedule(next(iter(funcs.values()))), s_tir.Schedule)
+    ref, got = _run_both(mod, [(8, 16)])
+    np.testing.assert_array_equal(got, ref)
