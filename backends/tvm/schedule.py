@@ -213,17 +213,16 @@ class Matmul(_base()):
         extents = [_const(sch.get(l).extent) for l in loops]
         if any(e is None for e in extents):
             return None  # symbolic shapes: left to the unscheduled lowering
-        n_ext, m_ext = extents[n_spatial - 1], 1
-        for e in extents[: n_spatial - 1]:
-            m_ext *= e
+        n_ext, m_ext = extents[n_spatial - 1], extents[n_spatial - 2]
         nr = _pick(n_ext, (NR_VECTORS * lanes, lanes)) if n_ext >= lanes else n_ext
+        # rows of a tile divide the row extent: a tile never spans two batches, which would
+        # make its write-back cover rows another tile computes
         mr = _pick(m_ext, (MR, 3, 2, 1))
 
-        spatial, k = loops[:-1], loops[-1]
-        m = sch.fuse(*spatial[:-1]) if len(spatial) > 2 else spatial[0]
-        mo, mi = sch.split(m, factors=[None, mr])
-        no, ni = sch.split(spatial[-1], factors=[None, nr])
-        sch.reorder(mo, no, k, mi, ni)
+        batch, (i, j), k = loops[: n_spatial - 2], loops[n_spatial - 2: n_spatial], loops[-1]
+        mo, mi = sch.split(i, factors=[None, mr])
+        no, ni = sch.split(j, factors=[None, nr])
+        sch.reorder(*batch, mo, no, k, mi, ni)
         acc = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(acc, no, preserve_unit_loops=True)
         # the epilogue (bias, activation, residual...) on the tile while it is hot
@@ -233,7 +232,7 @@ class Matmul(_base()):
             except Exception:  # an epilogue that is not tile-wise: it runs after, on its own loops
                 break
         epilogue = _blocks_under(sch, no, exclude=(block,))
-        outer = sch.fuse(mo, no)
+        outer = sch.fuse(*batch, mo, no)
         sch.parallel(outer)
         for b in epilogue:
             _vectorize_inner(sch, b, lanes)
@@ -404,16 +403,65 @@ def default_schedule():
     return dlight.ApplyDefaultSchedule(*rules())
 
 
+def _shape(expr: Any) -> tuple | None:
+    """The static shape of a Relax tensor expression, or None."""
+    try:
+        return tuple(int(d) for d in expr.ty.shape)
+    except Exception:
+        return None
+
+
+def unbroadcast_matmul_weights():
+    """A Relax pass: matmul(A [b.., m, k], broadcast_to(W [k, n], [b.., k, n])) ->
+    matmul(A, W), and broadcast_to(x, shape of x) -> x. torch's decomposition of a linear
+    layer on a batched input (nn.MultiheadAttention's in_proj: bmm(expand(x), expand(W.T)))
+    copies the weight once per batch at every call; relax.matmul broadcasts by itself, and
+    each output element is the same sum in the same order."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    a, w, shape = wildcard(), wildcard(), wildcard()
+    matmul = is_op("relax.matmul")(a, is_op("relax.broadcast_to")(w, shape))
+    x, xshape = wildcard(), wildcard()
+    noop = is_op("relax.broadcast_to")(x, xshape)
+
+    def drop_weight_broadcast(call, m):
+        if not isinstance(call, relax.Call):  # rewrite_call also offers the bound variable
+            return call
+        sa, sw, sb = _shape(m[a]), _shape(m[w]), _shape(call.args[1])
+        if None in (sa, sw, sb) or len(sw) != 2 or len(sa) < 3 or sb[-2:] != sw or sa[:-2] != sb[:-2]:
+            return call
+        return relax.op.matmul(m[a], m[w], out_dtype=call.attrs.out_dtype)
+
+    def drop_noop_broadcast(call, m):
+        if not isinstance(call, relax.Call):
+            return call
+        sx, sb = _shape(m[x]), _shape(call)
+        return m[x] if sx is not None and sx == sb else call
+
+    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.unbroadcast_matmul_weights")
+    def _pass(mod, _ctx):
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, relax.Function):
+                mod[gv] = rewrite_call(noop, drop_noop_broadcast, rewrite_call(matmul, drop_weight_broadcast, f))
+        return mod
+
+    return _pass
+
+
 def pipeline(target: Any):
     """TVM's CPU pipeline (relax/backend/cpu_generic) with the default schedules run
     after fusion, before the dataflow is lowered."""
     import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0, name="pared.tvm.default_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            seq = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+            seq = tvm.transform.Sequential([unbroadcast_matmul_weights(), relax.transform.DeadCodeElimination()]
+                                           + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
                                            + [default_schedule()] + cpu.dataflow_lower_passes(target)
                                            + cpu.finalize_passes(target))
             return seq(mod)

@@ -90,7 +90,7 @@ def test_matmul_bias_gelu_equals_unscheduled(m, k, n):
     np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("b,m,k,n", [(3, 16, 8, 24), (5, 7, 9, 11)])
+@pytest.mark.parametrize("b,m,k,n", [(3, 16, 8, 24), (5, 7, 9, 11), (4, 6, 8, 13)])
 def test_batched_matmul_equals_unscheduled(b, m, k, n):
     mod = _module([(b, m, k), (b, k, n)], relax.op.matmul)
     assert _scheduled(mod)["matmul"].attrs["tirx.is_scheduled"]
@@ -121,3 +121,22 @@ def test_non_matmul_functions_are_not_taken_by_the_matmul_rule():
     assert isinstance(s_tir.Schedule(next(iter(funcs.values()))), s_tir.Schedule)
     ref, got = _run_both(mod, [(8, 16)])
     np.testing.assert_array_equal(got, ref)
+
+
+def test_weight_broadcast_of_a_batched_matmul_is_dropped():
+    # torch's bmm(expand(x), expand(W.T)) (nn.MultiheadAttention's in_proj) copies W per batch
+    def body(x, w):
+        return relax.op.matmul(relax.op.broadcast_to(x, relax.ShapeExpr([6, 5, 8])),
+                               relax.op.broadcast_to(w, relax.ShapeExpr([6, 8, 12])))
+    mod = _module([(6, 5, 8), (8, 12)], body)
+    rewritten = relax.transform.DeadCodeElimination()(schedule.unbroadcast_matmul_weights()(mod))
+    text = rewritten["main"].script()
+    assert "broadcast_to" not in text and "R.matmul(p0, p1" in text
+    funcs = _scheduled(rewritten)
+    assert [n for n in funcs if "broadcast" in n] == [] and funcs["matmul"].attrs["tirx.is_scheduled"]
+    ref, got = _run_both(mod, [(6, 5, 8), (8, 12)])
+    np.testing.assert_array_equal(got, ref)
+    # a broadcast that grows the batch of the output stays
+    grow = _module([(1, 5, 8), (8, 12)], lambda x, w: relax.op.matmul(
+        x, relax.op.broadcast_to(w, relax.ShapeExpr([3, 8, 12]))))
+    assert "broadcast_to" in schedule.unbroadcast_matmul_weights()(grow)["main"].script()
