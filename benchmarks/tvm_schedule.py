@@ -62,7 +62,9 @@ def _profile(mod, target, dev, top: int = 6) -> list:
     from pared.backends.tvm import schedule
 
     with target:
-        seq = tvm.transform.Sequential(_legalize(target) + [schedule.default_schedule()])
+        # the build's passes up to the schedules (schedule.pipeline)
+        seq = tvm.transform.Sequential([schedule.unbroadcast_matmul_weights(), relax.transform.DeadCodeElimination()]
+                                       + _legalize(target) + [schedule.default_schedule()])
         lowered = seq(mod)
     text = lowered["main"].script()
     rows = []

@@ -1,6 +1,8 @@
 """Default CPU schedules for graphs nobody has tuned: a dlight-style rule for dense and
 batched matmul (float and int8 x int8 -> int32), applied between TVM's fusion and its
-lowering, plus dlight's own CPU reduction rule and a rule for elementwise functions.
+lowering, plus dlight's own CPU reduction rule (softmax, norms) and a rule for spatial
+functions (parallel, vectorized; transposing copies in square tiles). Before fusion, a
+weight broadcast to a batched matmul's batch is dropped (unbroadcast_matmul_weights).
 
 TVM 0.27's CPU pipeline (relax/backend/cpu_generic) legalizes and fuses, then lowers
 every PrimFunc as written: one scalar loop nest per op, single-threaded. This module
@@ -193,7 +195,7 @@ class Matmul(_base()):
         mm = [(b, m) for b, m in found if m is not None]
         if len(mm) != 1:
             return None
-        block, (n_spatial, _vec_operand) = mm[0]
+        block, (n_spatial, _) = mm[0]
         others = [b for b in blocks if not sch.get(b).same_as(sch.get(block))]
         if any(any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars) for b in others):
             return None  # a second reduction (softmax, norm) shares the function: not ours
