@@ -42,7 +42,7 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.heavy     # lowers and runs artifacts: `make test-heavy` (CI runs it after `make test`)
 def test_llama_static_int8_lowers_and_runs_torch_free(tmp_path):
     torch.set_num_threads(1)
     llama = example_module("llama")

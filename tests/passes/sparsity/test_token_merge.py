@@ -201,7 +201,7 @@ def test_top1_agreement_on_held_out_digits():
 
 
 # -- lowering ---------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.heavy     # lowers and runs artifacts: `make test-heavy` (CI runs it after `make test`)
 def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path):
     """r=8 (tokens 50 -> 6): the ONNX file has no scatter, both artifacts carry the record, and
     loaded without torch they compute what the rewritten torch graph computes."""
@@ -237,7 +237,7 @@ def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path):
 
 
 # -- composition ------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.heavy     # lowers and runs artifacts: `make test-heavy` (CI runs it after `make test`)
 def test_composes_after_quantize_linears(tmp_path):
     """Static INT8 first (calibrated on the unmerged tokens), then ToMe: the merge follows the
     quantizers on the token axis, ORT still runs every layer as QGemm, and the lowered graph

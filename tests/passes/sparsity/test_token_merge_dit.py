@@ -228,7 +228,7 @@ def test_composes_with_taylor_cache(order):
 
 
 # -- lowering ---------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.heavy     # lowers and runs artifacts: `make test-heavy` (CI runs it after `make test`)
 def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path):
     """ToMe-SD r=6 on attention and MLP: the ONNX file has no scatter, both artifacts carry the
     record, and loaded without torch they compute what the rewritten torch graph computes."""
