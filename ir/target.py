@@ -58,6 +58,16 @@ INT8_WEIGHT_QMAX = _isa.INT8_WEIGHT_QMAX
 CPU_PROVIDERS = _isa.CPU_EXECUTION_PROVIDERS
 
 
+def _check_fields(cls: type, d: Mapping[str, Any], where: str) -> None:
+    """Refuse a key of `d` that is not a field of dataclass `cls`, naming the closest one."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), sorted(fields), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(fields))}"
+        raise TargetError(f"{where}: unknown field '{unknown[0]}'{hint}")
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -168,12 +178,7 @@ class Target:
 
     @staticmethod
     def from_json(d: Mapping[str, Any], *, where: str = "target") -> "Target":
-        fields = {f.name for f in dataclasses.fields(Target)}
-        unknown = [k for k in d if k not in fields]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise TargetError(f"{where}: unknown field '{unknown[0]}'{hint}")
+        _check_fields(Target, d, where)
         if "name" not in d or "backend" not in d:
             raise TargetError(f"{where}: a target needs at least 'name' and 'backend'")
         try:
@@ -226,12 +231,7 @@ class Link:
 
     @staticmethod
     def from_json(d: Mapping[str, Any], *, where: str = "link") -> "Link":
-        fields = {f.name for f in dataclasses.fields(Link)}
-        unknown = [k for k in d if k not in fields]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-            raise TargetError(f"{where}: unknown field '{unknown[0]}'" + (f"; did you mean '{close[0]}'?" if close
-                                                                        else f"; known: {', '.join(sorted(fields))}"))
+        _check_fields(Link, d, where)
         if "name" not in d:
             raise TargetError(f"{where}: a link needs a 'name'")
         return Link(**dict(d))

@@ -815,17 +815,7 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
             blk.residual.replace_all_uses_with(merged, delete_user_cb=lambda u: u not in new_nodes)
             at.dims[merged] = at.dims[blk.residual]
             result_count[merged] = n_out
-    _resize(gm, at, result_count, name)
-    eliminate_dead_code(gm)
-    gm.recompile()
-    _revalue(gm, g.example_inputs, name)
-    new_graph = g.with_module(gm)
-    outs = new_graph.run(*g.example_inputs)
-    old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
-    for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
-        if _shape(got) != _shape(want):
-            raise PassError(f"pass 'token_merge': graph '{name}': output {nm!r} changed shape "
-                            f"{_shape(want)} -> {_shape(got)} (internal)")
+    new_graph = _finish(gm, g, at, result_count, name)
     after = profile_graph(gm, name)
     merge_flops: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -1298,17 +1288,7 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
             out.replace_all_uses_with(unmerged, delete_user_cb=lambda u: u not in unodes)
             result_count[unmerged] = n0
         blk.residual = res1
-    _resize(gm, at, result_count, name)
-    eliminate_dead_code(gm)
-    gm.recompile()
-    _revalue(gm, g.example_inputs, name)
-    new_graph = g.with_module(gm)
-    outs = new_graph.run(*g.example_inputs)
-    old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
-    for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
-        if _shape(got) != _shape(want):
-            raise PassError(f"pass 'token_merge': graph '{name}': output {nm!r} changed shape "
-                            f"{_shape(want)} -> {_shape(got)} (internal)")
+    new_graph = _finish(gm, g, at, result_count, name)
     before, after = profile_graph(g.module, name), profile_graph(gm, name)
     merge_flops: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -1325,3 +1305,20 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
                       "+ merge %d", name, b.block, b.r, b.r_requested, b.branches, b.branch_tokens, b.tokens_in,
                       b.flops_before, b.flops_after, b.merge_flops)
     return new_graph, rec
+
+
+def _finish(gm: fx.GraphModule, g: Graph, at: Any, result_count: dict, name: str) -> Graph:
+    """Re-size every value after the merges, drop the dead nodes, recompute the shapes and
+    check that the graph's outputs kept theirs (the rewrite is internal to the blocks)."""
+    _resize(gm, at, result_count, name)
+    eliminate_dead_code(gm)
+    gm.recompile()
+    _revalue(gm, g.example_inputs, name)
+    new_graph = g.with_module(gm)
+    outs = new_graph.run(*g.example_inputs)
+    old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
+    for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
+        if _shape(got) != _shape(want):
+            raise PassError(f"pass 'token_merge': graph '{name}': output {nm!r} changed shape "
+                            f"{_shape(want)} -> {_shape(got)} (internal)")
+    return new_graph
