@@ -19,6 +19,7 @@ minutes per graph.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import logging
 import operator
@@ -184,11 +185,19 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
     work_dir = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pared", "tvm"),
                             "meta_schedule")
     os.makedirs(work_dir, exist_ok=True)
-    log.info("graph '%s': tuning with MetaSchedule (%d trials), database in %s", name, tune_trials, work_dir)
+    # MetaSchedule's learned cost model needs xgboost (not a pared dependency: its Linux wheels pull
+    # CUDA libraries); without it the search ranks candidates at random and measures the same count
+    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
+    log.info("graph '%s': tuning with MetaSchedule (%d trials, %s cost model), database in %s", name, tune_trials,
+             cost_model, work_dir)
+    from tvm.s_tir.meta_schedule.relax_integration import tune_relax
     with tvm_target:
-        pipeline = relax.get_pipeline("static_shape_tuning", target=tvm_target, work_dir=work_dir,
-                                      total_trials=int(tune_trials))
-        tuned = pipeline(mod)
+        # relax's static_shape_tuning pipeline, with the cost model chosen here
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                        relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
+        tune_relax(mod, params={}, target=tvm_target, work_dir=work_dir, max_trials_global=int(tune_trials),
+                   cost_model=cost_model, seed=0)
+        tuned = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
     return tvm.compile(tuned, target=tvm_target)
 
 
