@@ -26,7 +26,7 @@ from .program import Graph, Program
 log = logging.getLogger("pared.capture")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_PARED_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PARED_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def normalize_inputs(example_inputs: Any) -> tuple:
@@ -179,7 +179,7 @@ def _user_frame(e: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         for fr in traceback.extract_tb(exc.__traceback__):
-            f = os.path.abspath(fr.filename)
+            f = os.path.realpath(fr.filename)     # pared/ir is a link to ir/
             if f.startswith(_TORCH_DIR) or "site-packages/torch" in f or f.startswith(os.path.join(_PARED_DIR, "ir")):
                 continue
             if "<frozen" in f or "/contextlib.py" in f:

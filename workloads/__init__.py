@@ -45,7 +45,7 @@ Fn = Callable[..., Any]
 #: seed of the calibration request, apart from the benchmark's seeds 0, 1, ...
 CALIBRATION_SEED = 10_000
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "examples")
 
 
 def example_module(name: str, file: str = "model.py"):
