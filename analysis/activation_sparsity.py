@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pared.analysis.recorder import Tap, analysed_graphs, record
+from pared.analysis.recorder import PerGraph, Tap, analysed_graphs, record
 from pared.ir.errors import OptionError, PassError
 from pared.ir.patterns import Site, find_sites
 from pared.ir.program import Program, get_attr
@@ -79,18 +79,11 @@ class GraphSparsity:
 
 
 @dataclass(frozen=True)
-class ActivationSparsityProfile(Record):
+class ActivationSparsityProfile(PerGraph, Record):
     quantiles: tuple[float, ...]
     sparsities: tuple[float, ...]
     relative_resolution: float          # the histograms' relative bin width (quantiles are exact to it)
     graphs: tuple[GraphSparsity, ...]
-
-    def graph(self, name: str | None = None) -> GraphSparsity:
-        """The entry of graph `name` (default: the first)."""
-        for g in self.graphs:
-            if name is None or g.graph == name:
-                return g
-        raise KeyError(f"no graph {name!r} in the ActivationSparsityProfile; it has {[g.graph for g in self.graphs]}")
 
     def linear(self, name: str, graph: str | None = None) -> LinearSparsity:
         """A layer by region path or matmul node name."""

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pared.analysis.recorder import Tap, analysed_graphs, record
+from pared.analysis.recorder import PerGraph, Tap, analysed_graphs, record
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
 from pared.ir.regions import match, node_module_path, region_of
@@ -94,19 +94,12 @@ class GraphEntropy:
 
 
 @dataclass(frozen=True)
-class AttentionEntropyProfile(Record):
+class AttentionEntropyProfile(PerGraph, Record):
     percentiles: tuple[float, ...]
     local_threshold: float
     global_threshold: float
     query_groups: tuple[tuple[str, int, int], ...]
     graphs: tuple[GraphEntropy, ...]    # one per analysed graph with attention
-
-    def graph(self, name: str | None = None) -> GraphEntropy:
-        """The entry of graph `name` (default: the first)."""
-        for g in self.graphs:
-            if name is None or g.graph == name:
-                return g
-        raise KeyError(f"no graph {name!r} in the AttentionEntropyProfile; it has {[g.graph for g in self.graphs]}")
 
     def site(self, layer: str, graph: str | None = None) -> AttentionSite:
         for s in self.graph(graph).sites:

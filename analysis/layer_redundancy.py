@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pared.analysis.recorder import Tap, analysed_graphs, record
+from pared.analysis.recorder import PerGraph, Tap, analysed_graphs, record
 from pared.analysis.redundancy import block_regions, primary_io
 from pared.ir.errors import PassError
 from pared.ir.program import Program
@@ -59,15 +59,8 @@ class GraphLayers:
 
 
 @dataclass(frozen=True)
-class LayerRedundancyProfile(Record):
+class LayerRedundancyProfile(PerGraph, Record):
     graphs: tuple[GraphLayers, ...]
-
-    def graph(self, name: str | None = None) -> GraphLayers:
-        """The entry of graph `name` (default: the first)."""
-        for g in self.graphs:
-            if name is None or g.graph == name:
-                return g
-        raise KeyError(f"no graph {name!r} in the LayerRedundancyProfile; it has {[g.graph for g in self.graphs]}")
 
     def block(self, path: str, graph: str | None = None) -> BlockRedundancy:
         for b in self.graph(graph).blocks:

@@ -158,3 +158,15 @@ def analysed_graphs(program: Program, wanted: Sequence[str] | None, by: str) -> 
         raise OptionError(f"pass '{by}' option 'graphs': no graph {missing[0]!r}; the program has "
                           f"{list(program.graphs)}")
     return list(dict.fromkeys(wanted))
+
+
+class PerGraph:
+    """Mixed into a record holding `graphs`, one entry per analysed graph, each with a
+    `graph` name: the lookup every such record offers."""
+
+    def graph(self, name: str | None = None):
+        """The entry of graph `name` (default: the first)."""
+        for g in self.graphs:
+            if name is None or g.graph == name:
+                return g
+        raise KeyError(f"no graph {name!r} in the {type(self).__name__}; it has {[g.graph for g in self.graphs]}")
