@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
+import weakref
 from typing import Any, Callable, Iterable
 
 from pared.backends.signing import SIGNATURE, load_private_key, verify_manifest_bytes, write_signature
@@ -250,3 +252,37 @@ def _check_fields(path: str, mpath: str, manifest: dict) -> None:
                                                        for s in specs):
                 raise ArtifactError(f"{mpath}: graph '{g}' '{key}' must be a list of {{\"name\": ...}} objects, "
                                     f"got {_short(specs)}")
+
+
+class SharedFile:
+    """Base of a process-level store of what one artifact file holds (the weights graph
+    variants share): every graph that reads the file gets the same store while any holds
+    it (held weakly: when the last goes, so does the memory). A store is keyed by the file's
+    identity (real path, size, mtime, inode) and the extra arguments it is opened with.
+    Subclasses take (path, *args) in their constructor. Torch-free."""
+
+    _lock = threading.Lock()
+    _open: "weakref.WeakValueDictionary[tuple, SharedFile]"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._open = weakref.WeakValueDictionary()
+
+    @classmethod
+    def open(cls, path: str, *args, missing: str):
+        """The store of `path` (made on first use).
+
+        Raises:
+            ArtifactError: `missing`, when the file is not there.
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise ArtifactError(missing) from None
+        ident = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, *map(str, args))
+        with cls._lock:
+            store = cls._open.get(ident)
+            if store is None:
+                store = cls(path, *args)
+                cls._open[ident] = store
+            return store

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import weakref
 from typing import Any, Mapping
 
 import numpy as np
 
+from pared.backends.artifact import SharedFile
 from pared.ir.errors import ArtifactError
 
 SHARED_FILE = "shared.weights"
@@ -112,7 +111,7 @@ def shared_references(model: Any) -> list[tuple[str, int, int | None, int, tuple
     return out
 
 
-class SharedWeights:
+class SharedWeights(SharedFile):
     """The tensors of one artifact's `shared.weights` as OrtValues, each read once per
     process and handed to every session that reads it (the mirror of the TVM backend's
     WeightStore). Held weakly: when every graph of the artifact is gone, so are the buffers.
@@ -121,9 +120,6 @@ class SharedWeights:
     CPU) and keeps it alive; a session given one with `add_initializer` uses that buffer
     instead of its own, and must not outlive it (runtime.make_session ties them together).
     """
-
-    _open: "weakref.WeakValueDictionary[tuple, SharedWeights]" = weakref.WeakValueDictionary()
-    _lock = threading.Lock()
 
     def __init__(self, path: str):
         self.path = path
@@ -137,18 +133,8 @@ class SharedWeights:
         Raises:
             ArtifactError: `path` is missing (`where` names the graph that reads it).
         """
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise ArtifactError(f"{where} reads its weights from {SHARED_FILE}, which is missing ({path}); "
-                                "re-export the artifact") from None
-        ident = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-        with cls._lock:
-            store = cls._open.get(ident)
-            if store is None:
-                store = cls(path)
-                cls._open[ident] = store
-            return store
+        return cls.open(path, missing=f"{where} reads its weights from {SHARED_FILE}, which is missing ({path}); "
+                                      "re-export the artifact")
 
     def __len__(self) -> int:
         return len(self._values)

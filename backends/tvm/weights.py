@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import weakref
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pared.backends.artifact import SharedFile
 from pared.ir.errors import ArtifactError
 
 #: the one weights file of a TVM artifact
@@ -139,11 +138,8 @@ def merge(entries: Mapping[str, dict], outdir: str) -> dict[str, dict]:
     return out
 
 
-class WeightStore:
+class WeightStore(SharedFile):
     """The values of one weights file as TVM tensors on one device, made once per key."""
-
-    _open: "weakref.WeakValueDictionary[tuple, WeightStore]" = weakref.WeakValueDictionary()
-    _lock = threading.Lock()
 
     def __init__(self, path: str, device: Any):
         self.path = path
@@ -153,15 +149,13 @@ class WeightStore:
 
     @classmethod
     def get(cls, path: str, device: Any) -> "WeightStore":
-        """The store of `path` (shared by every graph that reads it while any holds it)."""
-        st = os.stat(path)
-        ident = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, str(device))
-        with cls._lock:
-            store = cls._open.get(ident)
-            if store is None:
-                store = cls(path, device)
-                cls._open[ident] = store
-            return store
+        """The store of `path` on `device` (shared by every graph that reads it while any holds it).
+
+        Raises:
+            ArtifactError: the file is missing.
+        """
+        return cls.open(path, device, missing=f"{os.path.dirname(path)}: the weights file "
+                                              f"{os.path.basename(path)} is missing; re-export the artifact")
 
     def tensors(self, params: Sequence[Mapping[str, Any]], where: str) -> list:
         """The device tensors of `params` (manifest records), in order.
