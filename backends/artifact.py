@@ -5,22 +5,28 @@ into place only when complete, so a crash mid-export leaves no half artifact.
 `read_manifest` refuses a missing, tampered, truncated or newer-schema
 artifact, and file names outside the artifact; given trusted keys it checks the
 Ed25519 signature over the manifest's bytes first (backends.signing). No pickle anywhere: the manifest is JSON, weights live inside the
-model files.
+model files. `read_records` gives the manifest's records back as a RecordStore.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import logging
 import os
+import pkgutil
 import shutil
 import tempfile
 import threading
 import uuid
 import weakref
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from pared.backends.signing import SIGNATURE, load_private_key, verify_manifest_bytes, write_signature
-from pared.ir.errors import ArtifactError
+from pared.ir.errors import ArtifactError, RecordError
+from pared.ir.records import RecordStore, record_types
+
+log = logging.getLogger("pared.backends")
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -286,3 +292,57 @@ class SharedFile:
                 store = cls(path, *args)
                 cls._open[ident] = store
             return store
+
+
+# -- records -------------------------------------------------------------------
+#: the packages whose modules define pared's Record classes (they import torch)
+RECORD_PACKAGES = ("pared.analysis", "pared.passes")
+_imported_records: list[bool] = []      # once per process: whether every module imported
+
+
+def import_record_classes() -> bool:
+    """Import every module of pared's analyses and passes, so that each Record class pared
+    defines is registered (Record.from_json finds classes by name among those imported).
+    Those modules need torch: where a module cannot be imported (no torch here) its records
+    stay unregistered. Runs once per process; returns whether every module imported."""
+    if not _imported_records:
+        ok = True
+        for pkg_name in RECORD_PACKAGES:
+            try:
+                pkg = importlib.import_module(pkg_name)
+            except ImportError as e:
+                log.debug("record classes: %s not importable here (%s)", pkg_name, e)
+                ok = False
+                continue
+            for mod in pkgutil.walk_packages(pkg.__path__, prefix=pkg_name + ".", onerror=lambda name: None):
+                try:
+                    importlib.import_module(mod.name)
+                except ImportError as e:
+                    log.debug("record classes: %s not importable here (%s)", mod.name, e)
+                    ok = False
+        _imported_records.append(ok)
+    return _imported_records[0]
+
+
+def read_records(path: str, manifest: Mapping[str, Any]) -> RecordStore:
+    """The manifest's records as a RecordStore keyed as Program.records was ("QuantPlan",
+    "CostProfile@main"). A record whose class is importable here comes back as that Record
+    (Record.from_json; pared's own classes are imported on demand, see import_record_classes);
+    otherwise (no torch in this process, a record of a pass not installed here) it stays the
+    JSON object the manifest holds.
+
+    Raises:
+        ArtifactError: "records" is not an object, or a record of a known type does not rebuild
+            (a field unknown, missing or of another type: an artifact of another pared version);
+            the message names the record and the field.
+    """
+    raw = manifest.get("records", {})
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path}: the manifest's 'records' must be an object, got {type(raw).__name__}")
+    known = record_types()
+    if any(isinstance(v, dict) and isinstance(v.get("type"), str) and v["type"] not in known for v in raw.values()):
+        import_record_classes()
+    try:
+        return RecordStore.from_json(raw, strict=False)
+    except RecordError as e:
+        raise ArtifactError(f"{path}: the manifest's {e}; its JSON is in the manifest's 'records'") from None

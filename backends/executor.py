@@ -18,12 +18,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pared.backends.artifact import read_manifest
+from pared.backends.artifact import read_manifest, read_records
 from pared.backends.signing import SIGNATURE, UnsignedCodeWarning
 from pared.ir import isa
 from pared.ir import structure as _structure
 from pared.ir.errors import ArtifactError
 from pared.ir.plan import Plan, PlanError, PlanRunner
+from pared.ir.records import RecordStore
 
 _RUNTIMES = {
     "onnxruntime": ("pared.backends.onnxruntime.runtime", "OrtGraph"),
@@ -157,6 +158,7 @@ class Executor:
         with _malformed(path, "input specs"):
             self._inputs = self._program_inputs()
         self._runner = PlanRunner(self.plan, self._run_graph)
+        self._records: RecordStore | None = None
 
     def _program_inputs(self) -> list[dict]:
         specs: dict[str, dict] = {}
@@ -176,6 +178,21 @@ class Executor:
     def report(self) -> Mapping[str, Any]:
         """Fidelity and speed measured when the artifact was made."""
         return self.manifest.get("report", {})
+
+    @property
+    def records(self) -> RecordStore:
+        """What the passes decided and measured, as the Program held them: a RecordStore
+        (pared.ir.records) keyed by (record type, graph), `records["QuantPlan"]` for a
+        program-wide record. Read on first use. Each is a Record object where its class
+        can be imported here (pared's own need torch); without torch they stay the JSON
+        objects of the manifest (`{"type": "QuantPlan", ...}`).
+
+        Raises:
+            ArtifactError: a record that does not rebuild (see backends.artifact.read_records).
+        """
+        if self._records is None:
+            self._records = read_records(self.path, self.manifest)
+        return self._records
 
     @property
     def trace(self) -> list[str]:

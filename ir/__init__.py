@@ -2,6 +2,7 @@
 infrastructure.
 
 Submodules that need torch (capture, program, regions, transform) are imported
-on use; `pared.ir.errors`, `pared.ir.plan` and `pared.ir.structure` are
-torch-free so the Executor can use them without torch installed.
+on use; `pared.ir.errors`, `pared.ir.plan`, `pared.ir.records` (Record,
+RecordStore) and `pared.ir.structure` are torch-free so the Executor can use
+them without torch installed.
 """

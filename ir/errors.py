@@ -38,6 +38,11 @@ class BackendError(ParedError):
     """Lowering a graph to ONNX Runtime or TVM failed, or its result did not match eager."""
 
 
+class RecordError(ParedError, ValueError):
+    """A record does not rebuild from its JSON (unknown type, unknown or missing field, a value of
+    another type than its field's), or a record store was given a malformed key."""
+
+
 class ArtifactError(ParedError):
     """An artifact directory is missing, tampered, truncated or of a newer schema."""
 

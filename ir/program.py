@@ -7,7 +7,9 @@ variant records its lineage. Partitioning will add an `edge` and a `cloud` graph
 connected through the plan's references. Each graph is a
 flat `GraphModule`: tensor inputs in, a tuple of tensors out, parameters as
 `get_attr` nodes. Programs are values: rewrites build a new one with
-`replace()` and share parameters with the old one.
+`replace()` and share parameters with the old one. What passes decide and
+measure travels with the Program in `records` (a RecordStore, ir/records.py)
+and goes into the artifact's manifest.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.fx as fx
 from . import structure as _structure
 from .errors import PlanError
 from .plan import Call, Node, Plan, PlanRunner, StateBuffer
+from .records import Record, RecordStore, as_store
 from .regions import Region, build_regions, select
 
 
@@ -100,18 +103,24 @@ class Program:
         graphs: name -> Graph (read-only mapping).
         plan: how the graphs run per call.
         output_structure: nested structure of the model's outputs (see ir.structure).
-        records: analysis and plan records the Plan needs at run time (they go
-            into the manifest), by record type name.
+        records: what passes decided and measured (plans, decisions, profiles), one
+            RecordStore (ir/records.py) keyed by (record type, graph): graph None for a
+            program-wide record. As a mapping its keys are strings, "QuantPlan" for a
+            program-wide record and "CostProfile@main" for one about graph main, so
+            `records["QuantPlan"]` and `{**records, "QuantPlan": plan}` work as for a dict;
+            `records.of(CostProfile, "main")` reads by the pair. Any mapping given is
+            converted. The records go into the manifest and load back
+            (`Executor.records`, `Record.from_json`).
     """
 
     graphs: Mapping[str, Graph]
     plan: Plan
     output_structure: dict = field(default_factory=lambda: dict(_structure.TENSOR))
-    records: Mapping[str, Any] = field(default_factory=dict)
+    records: RecordStore = field(default_factory=RecordStore)
 
     def __post_init__(self):
         object.__setattr__(self, "graphs", MappingProxyType(dict(self.graphs)))
-        object.__setattr__(self, "records", MappingProxyType(dict(self.records)))
+        object.__setattr__(self, "records", as_store(self.records))
         self.plan.validate({n: (len(g.input_names), len(g.output_names)) for n, g in self.graphs.items()})
 
     # -- construction -------------------------------------------------------
@@ -122,7 +131,8 @@ class Program:
 
     def replace(self, *, graphs: Mapping[str, Graph] | None = None, plan: Plan | None = None,
                 records: Mapping[str, Any] | None = None, output_structure: dict | None = None) -> "Program":
-        """A new Program with some parts replaced (the rest shared)."""
+        """A new Program with some parts replaced (the rest shared); `records` is any mapping
+        a RecordStore takes (see `records`)."""
         return Program(
             graphs=self.graphs if graphs is None else graphs,
             plan=self.plan if plan is None else plan,
@@ -154,6 +164,11 @@ class Program:
             graphs[graph_of(label)] = g.variant(by, label, numeric)
         plan = self.plan.replace_calls(name, lambda c: node(c, graph_of), state=state, step_values=step_values)
         return self.replace(graphs=graphs, plan=plan)
+
+    def with_record(self, record: Record, graph: str | None = None) -> "Program":
+        """A new Program with `record` in its records under (its type, `graph`; None:
+        program-wide), replacing any there."""
+        return self.replace(records=self.records.with_record(record, graph))
 
     def with_graph(self, name: str, graph: Graph) -> "Program":
         g = dict(self.graphs)

@@ -22,29 +22,16 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 from .errors import OptionError, PassError
 from .measure import Profiler
 from .program import Program
+from .records import Record, RecordStore, record_type  # noqa: F401  (re-exported: passes import Record from here)
 from .target import Target
 
 log = logging.getLogger("pared.passes")
 
 
-# -- records -----------------------------------------------------------------
-class Record:
-    """Base of analysis results (`...Profile`) and decisions (`...Plan`).
-
-    Subclasses are frozen dataclasses of JSON-friendly fields (str, int, float,
-    bool, tuples and nested records).
-    """
-
-    def to_json(self) -> dict:
-        def conv(v: Any) -> Any:
-            if dataclasses.is_dataclass(v):
-                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            if isinstance(v, (tuple, list)):
-                return [conv(x) for x in v]
-            if isinstance(v, Mapping):
-                return {str(k): conv(x) for k, x in v.items()}
-            return v
-        return {"type": type(self).__name__, **conv(self)}
+# -- records ---------------------------------------------------------------
+# Record (the base of analysis results and decisions, with to_json / from_json) and the store a
+# Program keeps them in live in ir/records.py, torch-free, so the Executor can read them back;
+# this module re-exports Record, RecordStore and record_type.
 
 
 # -- options -----------------------------------------------------------------

@@ -37,7 +37,7 @@ from pared.ir.capture import capture, normalize_inputs
 from pared.ir.errors import FidelityError
 from pared.ir.isa import host_cpu
 from pared.ir.program import Program
-from pared.ir.transform import PassContext, PassManager, Record
+from pared.ir.transform import PassContext, PassManager
 from pared.targets import Target, get_target
 
 log = logging.getLogger("pared")
@@ -340,9 +340,7 @@ def _loop_pair(loop: Callable, model: torch.nn.Module, executor: Any) -> tuple[l
 
 
 def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequence) -> dict:
-    records = {}
-    for name, rec in program.records.items():
-        records[name] = rec.to_json() if isinstance(rec, Record) else rec
+    records = program.records.to_json()     # "Type" / "Type@graph" -> the record's JSON (Executor.records reads it)
     return {
         "pared_version": pared.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
