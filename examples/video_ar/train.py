@@ -1,0 +1,141 @@
+"""Train video_ar: teacher forcing with noise-augmented context (the CausVid /
+Diffusion Forcing recipe at toy scale) on moving-digits clips of TRAIN_FRAMES
+frames drawn on the fly from the 4500 training digits.
+
+One optimizer step sees B clips. Per clip, the clean frames 0..T-2 are noised to
+a small random level (t ~ U(0, --ctx-max), per frame: the context a rollout
+re-encodes is never exactly clean) and frames 1..T-1 to t ~ U(0, 1), one level
+per frame; one forward (`VideoDiT.sequence`, block-causal) predicts every noisy
+frame's x0 from the clean frames before it. Loss: MSE on x0.
+
+    python examples/video_ar/train.py --max-minutes 45          # the shipped weights
+    python examples/video_ar/train.py --steps 200 --out /tmp/w.safetensors
+
+The learning rate warms up for 100 steps, then follows a cosine to 10% over the
+run (measured in steps with --steps, in wall time otherwise). Writes the EMA
+weights (atomically, every few minutes and at the end) to weights.safetensors
+beside this file and the loss log to train_log.json. Seeded; 1 thread by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _atomic_save(state: dict, path: str, meta: dict) -> None:
+    from safetensors.torch import save_file
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp,
+              metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
+          ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
+          save_every_min: float = 5.0, init: str | None = None) -> dict:
+    """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
+    (a fresh optimizer with a new warmup; the log records the chain)."""
+    from pared.workloads import example_module
+    mdl = example_module("video_ar")
+    data = example_module("video_ar", "data.py")
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    T = mdl.TRAIN_FRAMES
+    model = mdl.VideoDiT(**mdl.CONFIG)
+    previous = None
+    if init:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(init))
+        with safe_open(init, "pt") as f:
+            previous = dict(f.metadata() or {})
+    model.train()
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
+          f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
+    noisy_pos = torch.arange(1, T)
+    log, t0, last_save, step, run_loss = [], time.time(), time.time(), 0, None
+    while True:
+        elapsed = time.time() - t0
+        frac = max(step / steps if steps else 0.0, elapsed / (max_minutes * 60))
+        if frac >= 1.0:
+            break
+        clips = data.batch(rng.integers(0, 2**31, batch), T, "train")              # [B, T, 1, 32, 32]
+        clean, target = clips[:, :-1], clips[:, 1:]
+        t_clean = torch.from_numpy(rng.uniform(0, ctx_max, (batch, T - 1))).float()
+        t_noisy = torch.from_numpy(rng.uniform(0, 1, (batch, T - 1)) ** t_power).float()
+        a, s = mdl.alpha_sigma(t_clean[..., None, None, None])
+        clean = a * clean + s * torch.randn_like(clean)
+        a, s = mdl.alpha_sigma(t_noisy[..., None, None, None])
+        noisy = a * target + s * torch.randn_like(target)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        pred = model.sequence(clean, t_clean, noisy, t_noisy, noisy_pos)
+        loss = torch.nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        step += 1
+        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        if step % 25 == 0 or step == 1:
+            log.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": round(run_loss, 5)})
+            print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {run_loss:.4f}", flush=True)
+        if time.time() - last_save > save_every_min * 60:
+            _atomic_save(ema, out_path, {"step": step, "minutes": round(elapsed / 60, 1)})
+            last_save = time.time()
+    meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(run_loss, 5),
+            "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
+            "ctx_max": ctx_max, "t_power": t_power, "ema_decay": ema_decay,
+            "objective": "x0 MSE, teacher forcing, noisy context"}
+    if previous:
+        meta["continued_from"] = previous
+    _atomic_save(ema, out_path, meta)
+    log_path = (os.path.join(os.path.dirname(out_path), "train_log.json")
+                if os.path.basename(out_path) == "weights.safetensors" else os.path.splitext(out_path)[0] + "_log.json")
+    earlier = []
+    if init and os.path.exists(log_path):   # keep the log of the run this one continues
+        with open(log_path) as f:
+            old = json.load(f)
+        earlier = old.get("earlier_segments", []) + [{"meta": old.get("meta"), "log": old.get("log")}]
+    with open(log_path, "w") as f:
+        json.dump({"meta": meta, "log": log, "earlier_segments": earlier}, f, indent=1)
+    print(f"done: {meta}", flush=True)
+    return meta
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-minutes", type=float, default=45.0, help="stop and save after this much wall time")
+    p.add_argument("--steps", type=int, help="stop after this many steps (or at --max-minutes, whichever first)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ctx-max", type=float, default=0.15, help="largest noise level of the context frames")
+    p.add_argument("--t-power", type=float, default=1.0,
+                   help="target noise levels t = u ** t_power, u ~ U(0, 1); below 1 favours high noise")
+    p.add_argument("--init", help="continue from these EMA weights (a fresh optimizer and warmup)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
+    a = p.parse_args()
+    train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
+          t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init)
+
+
+if __name__ == "__main__":
+    main()
