@@ -15,7 +15,13 @@ CREATED_BY: Final = "pared.ir.created_by"
 #: tuple[str, ...] — the target names of the constant nodes folded into this get_attr.
 FOLDED_FROM: Final = "pared.generic.folded_from"
 
-ALL_KEYS: Final = (REGION, CREATED_BY, FOLDED_FROM)
+#: ir.formats.LinearSpec | ir.formats.ExpertsSpec — a quantization decision (annotate -> validate ->
+#: convert, passes/quant/convert.py): written by a policy on the node it decides for (a linear
+#: layer's output node, a stacked expert weight's get_attr), read by the converter, and kept on the
+#: node that computes the converted layer's output, so the rewritten graph shows what was decided.
+QUANT_SPEC: Final = "pared.quant.spec"
+
+ALL_KEYS: Final = (REGION, CREATED_BY, FOLDED_FROM, QUANT_SPEC)
 
 # torch-owned keys pared reads but never writes.
 TORCH_NN_MODULE_STACK: Final = "nn_module_stack"

@@ -57,16 +57,18 @@ from pared.analysis.quant_sensitivity import compare_outputs
 from pared.analysis.recorder import record, replay
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.program import Program, get_attr
+from pared.ir.formats import EXPERT_BITS, ExpertsSpec
+from pared.ir.program import Graph, Program, get_attr
 from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.cache.expert_cache import find_expert_stacks
 from pared.passes.quant.common import quantize_weight_blocks
+from pared.passes.quant.convert import apply, keep_decision, register_converter
 from pared.passes.quant.mixed_precision import allocate
 
 PREFIX = "_moeq_"
 FLOAT = 32                      # "bits" of an expert kept in float32
-_WIDTHS = (2, 4, 8, FLOAT)
+_WIDTHS = EXPERT_BITS            # 32 (FLOAT) keeps an expert float
 _DEFAULT_FRACTION = 0.2         # budget when neither weight_bytes nor avg_bits is given
 
 
@@ -334,19 +336,12 @@ class QuantizeExperts(RewritePass):
         # -- rewrite every graph holding the experts, one choice per layer; equal constants shared
         new_graphs = dict(program.graphs)
         for name, ls in per_graph.items():
-            g = program.graphs[name]
-            new_gm = g.copy_module()
-            new_nodes = {n.name: n for n in new_gm.graph.nodes}
+            specs = {}
             for li, s in ls:
-                t1, t2, w1, w2 = weights[li]
-                per = [bits_of[(li, e)] for e in range(int(w1.shape[0]))]
-                for j, (node_name, w) in enumerate(((s.w1, w1), (s.w2, w2))):
-                    _replace_weight(new_gm, new_nodes[node_name], w, per, o.block_size, f"{PREFIX}{2 * li + j}",
-                                    s.region, self.name)
-            eliminate_dead_code(new_gm)
-            new_gm.graph.lint()
-            # a fresh module holds only what the graph still reads: the float stacks go
-            new_graphs[name] = g.with_module(fx.GraphModule(new_gm, new_gm.graph, new_gm.__class__.__name__))
+                per = tuple(bits_of[(li, e)] for e in range(int(weights[li][2].shape[0])))
+                for j, node_name in enumerate((s.w1, s.w2)):
+                    specs[node_name] = ExpertsSpec(per, o.block_size, f"{PREFIX}{2 * li + j}", self.name, s.region)
+            new_graphs[name], _ = apply(program.graphs[name], specs, ctx.target, self.name)
         share_equal_constants([(new_graphs[n].module, attr_targets(new_graphs[n].module)
                                 - attr_targets(program.graphs[n].module)) for n in per_graph])
         layers = []
@@ -456,8 +451,25 @@ def _dequantize_stack(groups: tuple[tuple[int, int, int, int], ...], k: int, n: 
     return stack
 
 
+@register_converter("experts")
+def convert_experts(src: Graph, items: list[tuple[str, ExpertsSpec, None]], by: str) -> tuple[Graph, list]:
+    """The expert-stack decisions `items` of one graph (convert's converter): each stacked weight
+    becomes its codes, scales and their dequantization."""
+    gm = src.copy_module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, spec, _ in items:
+        node = nodes[name]
+        w = get_attr(gm, str(node.target)).detach()
+        wd = _replace_weight(gm, node, w, list(spec.bits), spec.block_size, spec.name, spec.region, by)
+        keep_decision(wd, spec)
+    eliminate_dead_code(gm)
+    gm.graph.lint()
+    # a fresh module holds only what the graph still reads: the float stacks go
+    return src.with_module(fx.GraphModule(gm, gm.graph, gm.__class__.__name__)), []
+
+
 def _replace_weight(gm: fx.GraphModule, node: fx.Node, w: torch.Tensor, per: list[int], block_size: int,
-                    prefix: str, region: str, by: str) -> None:
+                    prefix: str, region: str, by: str) -> fx.Node:
     """Replace the stacked weight read by get_attr `node` with codes, scales and its dequantization."""
     e_count, k, n = (int(d) for d in w.shape)
     groups, consts, order, codes_flat, start = [], [], [], [], 0
@@ -494,3 +506,4 @@ def _replace_weight(gm: fx.GraphModule, node: fx.Node, w: torch.Tensor, per: lis
         cur.meta[meta.REGION] = region
         cur = cur.next
     node.replace_all_uses_with(wd)
+    return wd

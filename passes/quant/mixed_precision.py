@@ -75,7 +75,7 @@ import numpy as np
 from pared.analysis.latency import LatencyProfile
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
 from pared.ir.errors import OptionError, PassError
-from pared.ir.formats import FORMATS
+from pared.ir.formats import FORMATS, LinearSpec
 from pared.ir.goal import Goal
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program
@@ -83,7 +83,8 @@ from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, R
                               check_range, register_pass)
 from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
 from pared.passes.quant.quantize_linears import QuantizeLinears
-from pared.passes.quant.quantize_weights_int4 import quantize_sites_weight_only
+from pared.passes.quant.convert import apply
+from pared.passes.quant import quantize_weights_int4  # noqa: F401  (registers the weight-only converter)
 
 #: the metrics option 'target' (a Goal, ir/goal.py) can name: what compare_outputs measures
 TARGET_METRICS = ("cosine", "cosine_mean", "agreement", "sqnr_db", "rel_l2")
@@ -460,10 +461,12 @@ class MixedPrecision(RewritePass):
         o = self.options
         g = program.graphs[gname]
         sites = find_sites(g.module, batched=not any(g.dynamic_dims))
-        for fmt, bs in (("w4", o.block_size), ("w8", o.w8_block_size)):
-            todo = [s for s in find_sites(g.module, batched=not any(g.dynamic_dims)) if fmt_of.get(s.region) == fmt]
-            if todo:
-                g, _ = quantize_sites_weight_only(g, todo, bs, o.symmetric, self.name, FORMAT_BITS[fmt])
+        # the weight-only layers: one decision each, converted together
+        block = {"w4": o.block_size, "w8": o.w8_block_size}
+        specs = {s.out: LinearSpec(fmt_of[s.region], self.name, s.region, block_size=block[fmt_of[s.region]],
+                                   symmetric=o.symmetric) for s in sites if fmt_of.get(s.region) in block}
+        if specs:
+            g, _ = apply(g, specs, ctx.target, self.name)
         new = program.with_graph(gname, g)
         eight = {r for r, f in fmt_of.items() if f == "w8a8"}
         if eight:

@@ -106,11 +106,13 @@ import torch.fx as fx
 from pared.analysis.recorder import record
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
+from pared.ir.formats import LinearSpec
 from pared.ir.patterns import Site, find_sites  # noqa: F401  (the layer matcher; re-exported)
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
 from pared.ir.rewrite import add_constant, attr_targets, eliminate_dead_code, share_equal_constants, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.quant.convert import apply, keep_decision, register_converter
 from pared.passes.quant.common import (INT32_MAX, INT32_MIN, QMAX_S8, QMAX_U8, QMIN_U8, LayerQuant, QuantPlan,
                                        RangeObserver, activation_qparams, int8_weight_qmax, quantize_bias,
                                        quantize_weight, smooth_factors, weight_format)
@@ -263,7 +265,9 @@ class QuantizeLinears(RewritePass):
         if o.mode == "dynamic":
             for name, sites in todo.items():
                 if sites:
-                    new_graphs[name], done = _rewrite_dynamic(program.graphs[name], sites, self.name, qmax)
+                    specs = {st.out: LinearSpec("w8a8", self.name, st.region, dynamic=True, weight_qmax=qmax)
+                             for st in sites}
+                    new_graphs[name], done = apply(program.graphs[name], specs, ctx.target, self.name)
                     layers += _once(done, name)
         else:
             channels = any(alpha is not None or k for sites in todo.values() for alpha, k in
@@ -276,8 +280,8 @@ class QuantizeLinears(RewritePass):
                 src = program.graphs[name]
                 seen = {s.x: observed[(group_of[name], s.x)] for s in sites}
                 decided = decide(src.module, sites, seen, o, ctx)
-                keep = frozenset(d.site.node for d in decided if _keeps_8bit(d.site, o))
-                new_graphs[name], done = _rewrite(src, decided, self.name, qmax, keep)
+                specs = {d.site.out: spec_of(d, self.name, qmax, _keeps_8bit(d.site, o)) for d in decided}
+                new_graphs[name], done = apply(src, specs, ctx.target, self.name)
                 fresh = _once(done, name)
                 n_outliers += sum(len(d.outliers) for d in decided if d.outliers is not None
                                   and any(lq.node == d.site.node for lq in fresh))
@@ -353,6 +357,17 @@ class _Decision:
     group: str                       # the activation's source node: layers reading it share `smooth`
     smooth: torch.Tensor | None      # SmoothQuant factors s [K] (x / s, W rows * s), or None
     outliers: torch.Tensor | None = None  # int64 [k] input channels run in float (option `outliers`), or None
+
+
+def spec_of(d: _Decision, by: str, qmax: int, keep_8bit: bool = False) -> LinearSpec:
+    """The static w8a8 decision for one layer, as its annotation: codes in [-qmax, qmax], or with
+    `keep_8bit` where qmax < 127, full-range codes stored uint8 (ORT's exact U8U8 kernels)."""
+    u8 = keep_8bit and qmax < QMAX_S8
+    return LinearSpec("w8a8", by, d.site.region, act_range=(float(d.lo), float(d.hi)),
+                      weight_qmax=QMAX_S8 if u8 else qmax, u8_weights=u8,
+                      smooth=None if d.smooth is None else tuple(float(v) for v in d.smooth.tolist()),
+                      smooth_group=None if d.smooth is None else d.group,
+                      outliers=None if d.outliers is None else tuple(int(i) for i in d.outliers.tolist()))
 
 
 def _keeps_8bit(site: Site, o: "QuantizeLinears.Options") -> bool:
@@ -510,11 +525,12 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
     return linear
 
 
-def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
-             keep_8bit: frozenset[str] = frozenset()) -> tuple[Graph, list[LayerQuant]]:
-    """The static layers `decided`, int8 weight codes in [-qmax, qmax] (int8_weight_qmax). Layers in `keep_8bit` (node names) keep codes in [-127, 127]
-    where qmax is smaller, stored as uint8 around zero point 128: ORT runs them with its U8U8
-    kernels, exact on every CPU (slower than U8S8; benchmarks/int8_schemes.py)."""
+@register_converter("w8a8")
+def convert_static(src: Graph, items: list[tuple[str, LinearSpec, Site]], by: str) -> tuple[Graph, list[LayerQuant]]:
+    """The static w8a8 decisions `items` of one graph (convert's converter): int8 weight codes in
+    [-weight_qmax, weight_qmax]; with `u8_weights` codes in [-127, 127] stored as uint8 around zero
+    point 128, which ORT runs with its U8U8 kernels, exact on every CPU (slower than U8S8;
+    benchmarks/int8_schemes.py)."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
@@ -522,8 +538,10 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
     last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     smooth_attr: dict[str, fx.Node] = {}      # group -> get_attr of 1 / s, shared by the group's layers
     replaced: dict[str, fx.Node] = {}         # a rewritten layer's output node -> its replacement
-    for d in decided:
-        s = d.site
+    for _, spec, s in items:
+        d = _Decision(s, *spec.act_range, spec.smooth_group or "",
+                      None if spec.smooth is None else torch.tensor(spec.smooth, dtype=torch.float32),
+                      None if spec.outliers is None else torch.tensor(spec.outliers, dtype=torch.int64))
         # a layer that reads another layer's output (a t-MLP feeding adaLN) reads its replacement
         node, x = nodes[s.out], nodes[s.x]
         x = replaced.get(x.name, x)
@@ -533,8 +551,8 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
         if d.outliers is not None:
             w = w.clone()
             w[d.outliers] = 0.0        # those channels go through the float matmul, not the int8 one
-        u8 = s.node in keep_8bit and qmax < QMAX_S8
-        wq, ws = quantize_weight(w, QMAX_S8 if u8 else qmax)     # [K, N] int8, [N] scales
+        u8 = spec.u8_weights
+        wq, ws = quantize_weight(w, spec.weight_qmax)     # [K, N] int8, [N] scales
         scale, zp = activation_qparams(d.lo, d.hi)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
         consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
@@ -578,6 +596,7 @@ def _rewrite(src: Graph, decided: list[_Decision], by: str, qmax: int = QMAX_S8,
         for new in created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
+        keep_decision(y, spec)
         replaced[node.name] = y
         k, n_out = wq.shape
         smooth_range = None if d.smooth is None else (float(d.smooth.min()), float(d.smooth.max()))
@@ -626,18 +645,20 @@ def _dynamic_linear_fn(has_bias: bool, out_shape: tuple[int, ...] | None):
     return linear
 
 
-def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8) -> tuple[Graph, list[LayerQuant]]:
-    """Each site as one pared_quant.dynamic_linear op: int8 weights in [-qmax, qmax], float bias, no
+@register_converter("w8a8_dynamic")
+def convert_dynamic(src: Graph, items: list[tuple[str, LinearSpec, Site]], by: str) -> tuple[Graph, list[LayerQuant]]:
+    """The dynamic w8a8 decisions `items` (convert's converter): each layer one
+    pared_quant.dynamic_linear op, int8 weights in [-weight_qmax, weight_qmax], float bias, no
     calibration."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
     done = []
     index = next_index(gm)
     replaced: dict[str, fx.Node] = {}
-    for s in sites:
+    for _, spec, s in items:
         node, x = nodes[s.out], nodes[s.x]
         x = replaced.get(x.name, x)
-        wq, ws = quantize_weight(_weight_kn(gm, s), qmax)
+        wq, ws = quantize_weight(_weight_kn(gm, s), spec.weight_qmax)
         consts = {"w": wq, "ws": ws}
         if s.bias is not None:
             consts["bf"] = get_attr(gm, s.bias).detach().to(torch.float32).contiguous()
@@ -649,6 +670,7 @@ def _rewrite_dynamic(src: Graph, sites: list[Site], by: str, qmax: int = QMAX_S8
         for new in created_between(attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
+        keep_decision(y, spec)
         replaced[node.name] = y
         k, n_out = wq.shape
         done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (0.0, 0.0), 0.0, 0,

@@ -54,6 +54,7 @@ import torch.fx as fx
 
 from pared.ir import meta
 from pared.ir.errors import OptionError
+from pared.ir.formats import FORMATS, LinearSpec
 from pared.ir.patterns import Site, find_sites
 from pared.ir.program import Graph, Program, get_attr
 from pared.ir.regions import match
@@ -62,6 +63,7 @@ from pared.ir.target import Target
 from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_block_size,
                               register_pass)
 from pared.passes.quant.common import (WEIGHT_ONLY_PREFIX, quantize_weight_blocks, weight_only_bytes)
+from pared.passes.quant.convert import apply, keep_decision, register_converter
 from pared.passes.quant.quantize_linears import created_between
 
 _aten = torch.ops.aten
@@ -224,20 +226,31 @@ def _weight_only_linear(n_out: int, k: int, bits: int, has_bias: bool, out_shape
 def quantize_sites_weight_only(src: Graph, sites: list[Site], block_size: int, symmetric: bool, by: str,
                                bits: int = 4) -> tuple[Graph, list[LayerWeightQuant]]:
     """Rewrite the given linear layers of one graph to block-wise `bits`-bit (4 or 8)
-    weight-only codes (the rewrite shared by quantize_weights_int4 and mixed_precision;
-    the ORT backend lowers both widths to MatMulNBits). Returns the new graph (the
-    source is not touched) and a record per layer."""
+    weight-only codes: annotate each as w4 / w8, validate, convert (the policy shared by
+    quantize_weights_int4, mixed_precision and the latency analysis; the ORT backend lowers
+    both widths to MatMulNBits). Returns the new graph (the source is not touched) and a
+    record per layer."""
+    fmt = {4: "w4", 8: "w8"}[bits]
+    specs = {s.out: LinearSpec(fmt, by, s.region, block_size=block_size, symmetric=symmetric) for s in sites}
+    return apply(src, specs, None, by)
+
+
+@register_converter("weight_only")
+def convert_weight_only(src: Graph, items: list[tuple[str, LinearSpec, Site]],
+                        by: str) -> tuple[Graph, list[LayerWeightQuant]]:
+    """The weight-only decisions `items` of one graph (convert's converter)."""
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
-    index = _next_index(gm, bits)
+    index = {b: _next_index(gm, b) for b in WEIGHT_ONLY_PREFIX}
     done = []
-    for s in sites:
+    for _, spec, s in items:
+        bits, block_size, symmetric = FORMATS[spec.format].weight_bits, spec.block_size, spec.symmetric
         node, x = nodes[s.out], nodes[s.x]
         rows, k, n_out = site_shape(gm, s)
         w = get_attr(gm, s.weight).detach()
         w_nk = w if s.transposed else w.t()
         q, scale, zp = quantize_weight_blocks(w_nk, block_size, symmetric, bits)
-        prefix = f"{WEIGHT_ONLY_PREFIX[bits]}{index}"
+        prefix = f"{WEIGHT_ONLY_PREFIX[bits]}{index[bits]}"
         consts = [(f"{prefix}_w", q), (f"{prefix}_s", scale), (f"{prefix}_z", zp)]
         attrs = [add_constant(gm, target, value, by, before=node) for target, value in consts]
         args = [x] + attrs
@@ -252,7 +265,8 @@ def quantize_sites_weight_only(src: Graph, sites: list[Site], block_size: int, s
         for new in created_between(attrs[0], y):
             new.meta[meta.REGION] = s.region
         node.replace_all_uses_with(y)
-        index += 1
+        keep_decision(y, spec)
+        index[bits] += 1
         done.append(LayerWeightQuant(s.node, s.region, s.weight, k, n_out, rows, intensity(rows, k, n_out),
                                      4 * k * n_out, weight_only_bytes(k, n_out, bits, block_size, symmetric),
                                      prefix, bits))

@@ -85,7 +85,8 @@ from pared.ir.regions import match, region_of
 from pared.ir.rewrite import add_constant, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, RangeObserver, int8_weight_qmax, weight_format
-from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, next_index, _rewrite, Site
+from pared.passes.quant.convert import apply
+from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, next_index, spec_of, Site
 
 _aten = torch.ops.aten
 #: ops that only reshape, cast or copy: a t-only border reached through these alone is not worth a table
@@ -207,8 +208,9 @@ class QuantizePerTimestep(RewritePass):
             decided = decide(base.module, chosen, observed, PLAIN_INT8, ctx)
             # one bucket keeps the graph's name and plan; several become graphs `<name>.bucket<i>`
             name = f"bucket{b}" if len(spans) > 1 else gname
-            graph, done = _rewrite(base, decided, self.name, qmax) if decided else (base, [])
-            _share_weights(graph.module, [d.site.node for d in decided], first_index, shared, self.name)
+            specs = {d.site.out: spec_of(d, self.name, qmax) for d in decided}
+            graph, done = apply(base, specs, ctx.target, self.name) if decided else (base, [])
+            _share_weights(graph.module, [lq.node for lq in done], first_index, shared, self.name)
             graphs[name] = graph
             buckets.append(BucketQuant(name, lo_step, hi_step, tuple(done), floats, tuple(change)))
             ctx.log.debug("timestep_quant: %s steps %d..%d: %d layers int8, float blocks %s", name, lo_step,
