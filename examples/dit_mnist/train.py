@@ -16,7 +16,6 @@ this file, and a log of the loss to train_log.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,15 +24,9 @@ import time
 import numpy as np
 import torch
 
+from pared.workloads.training import Progress, atomic_save, ema_update, optimizer_step, write_train_log
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _atomic_save(state: dict, path: str, meta: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp,
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
 
 
 def disable_builtin_label_dropout(model: torch.nn.Module) -> None:
@@ -78,7 +71,8 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {n_params / 1e6:.2f}M parameters for {f'{steps} steps' if steps is not None else f'{minutes} min'}, "
           f"batch {batch}, {threads} thread(s)", flush=True)
-    log, t0, last_save, step, run_loss = [], time.time(), time.time(), 0, None
+    t0, step = time.time(), 0
+    progress = Progress(out_path, every=50, smoothing=0.02, save_every_min=save_every_min)
     while True:
         elapsed = time.time() - t0
         if (step >= steps) if steps is not None else (elapsed > minutes * 60):
@@ -96,38 +90,17 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
         pred = model(xt, t.float(), y)
         loss = torch.nn.functional.mse_loss(pred, noise)
         total = loss + (aux_loss(model) if aux_loss is not None else 0.0)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
-                else:
-                    ema[k].copy_(v)
+        optimizer_step(opt, model, total)
+        ema_update(ema, model, step, ema_decay)
         step += 1
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
-        if step % 50 == 0 or step == 1:
-            log.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": round(run_loss, 5)})
-            print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {run_loss:.4f}", flush=True)
-        if time.time() - last_save > save_every_min * 60:
-            _atomic_save(ema, out_path, {"step": step, "minutes": round(elapsed / 60, 1)})
-            last_save = time.time()
-    meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(run_loss, 5),
+        progress.after(step, loss.item(), elapsed, ema)
+    meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(progress.loss, 5),
             "params": n_params, "batch": batch, "threads": threads, "seed": seed, "lr": lr, "ema_decay": ema_decay}
     if previous:
         meta["continued_from"] = previous
-    _atomic_save(ema, out_path, meta)
+    atomic_save(ema, out_path, meta)
     log_path = os.path.splitext(out_path)[0].replace("weights", "train_log") + ".json"
-    earlier = []
-    if init and os.path.exists(log_path):   # keep the log of the run this one continues
-        with open(log_path) as f:
-            old = json.load(f)
-        earlier = old.get("earlier_segments", []) + [{"meta": old.get("meta"), "log": old.get("log")}]
-    with open(log_path, "w") as f:
-        json.dump({"meta": meta, "log": log, "earlier_segments": earlier}, f, indent=1)
+    write_train_log(log_path, meta, progress.log, continued=bool(init))
     print(f"done: {meta}", flush=True)
     return meta
 

@@ -19,7 +19,6 @@ beside this file and the loss log to train_log.json. Seeded; 1 thread by default
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -27,15 +26,9 @@ import time
 import numpy as np
 import torch
 
+from pared.workloads.training import Progress, atomic_save, ema_update, optimizer_step, write_train_log
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _atomic_save(state: dict, path: str, meta: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, tmp,
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
 
 
 def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
@@ -65,7 +58,8 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
-    log, t0, last_save, step, run_loss = [], time.time(), time.time(), 0, None
+    t0, step = time.time(), 0
+    progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min)
     while True:
         elapsed = time.time() - t0
         frac = max(step / steps if steps else 0.0, elapsed / (max_minutes * 60))
@@ -83,38 +77,20 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         pred = model.sequence(clean, t_clean, noisy, t_noisy, noisy_pos)
         loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        optimizer_step(opt, model, loss)
+        ema_update(ema, model, step, ema_decay)
         step += 1
-        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
-        if step % 25 == 0 or step == 1:
-            log.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": round(run_loss, 5)})
-            print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {run_loss:.4f}", flush=True)
-        if time.time() - last_save > save_every_min * 60:
-            _atomic_save(ema, out_path, {"step": step, "minutes": round(elapsed / 60, 1)})
-            last_save = time.time()
-    meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(run_loss, 5),
+        progress.after(step, loss.item(), elapsed, ema)
+    meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(progress.loss, 5),
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
             "ctx_max": ctx_max, "t_power": t_power, "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
     if previous:
         meta["continued_from"] = previous
-    _atomic_save(ema, out_path, meta)
+    atomic_save(ema, out_path, meta)
     log_path = (os.path.join(os.path.dirname(out_path), "train_log.json")
                 if os.path.basename(out_path) == "weights.safetensors" else os.path.splitext(out_path)[0] + "_log.json")
-    earlier = []
-    if init and os.path.exists(log_path):   # keep the log of the run this one continues
-        with open(log_path) as f:
-            old = json.load(f)
-        earlier = old.get("earlier_segments", []) + [{"meta": old.get("meta"), "log": old.get("log")}]
-    with open(log_path, "w") as f:
-        json.dump({"meta": meta, "log": log, "earlier_segments": earlier}, f, indent=1)
+    write_train_log(log_path, meta, progress.log, continued=bool(init))
     print(f"done: {meta}", flush=True)
     return meta
 
