@@ -56,6 +56,8 @@ bench: $(STAMP)
 	$(BENCH) minilm --repeats 7 --json benchmarks/results/minilm.json
 	$(BENCH) vla_metaworld --head diffusion --episodes 25 --repeats 7 --json benchmarks/results/vla_metaworld.json
 	$(BENCH) vla_metaworld --head tokens --episodes 25 --repeats 7 --json benchmarks/results/vla_metaworld_tokens.json
+	# the per-call speed alone, alternated (run it on a quiet machine)
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_speed.py --repeats 25
 
 clean:
 	rm -rf $(VENV) build *.egg-info
