@@ -31,6 +31,7 @@ mapping with string (or pair) keys converts back losslessly (`RecordStore(d)`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import types
 import typing
@@ -68,6 +69,8 @@ class Record:
                 return [conv(x) for x in v]
             if isinstance(v, Mapping):
                 return {str(k): conv(x) for k, x in v.items()}
+            if isinstance(v, float) and not math.isfinite(v):
+                return _NONFINITE_OUT[str(v)]   # strict JSON has no NaN / Infinity
             return v
         return {"type": type(self).__name__, **conv(self)}
 
@@ -127,6 +130,11 @@ def record_types() -> dict[str, type[Record]]:
 def _short(v: Any, n: int = 80) -> str:
     s = repr(v)
     return s if len(s) <= n else s[:n - 3] + "..."
+
+
+#: a float field's non-finite values as to_json writes them (strings: strict JSON has no NaN), and back
+_NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_NONFINITE_IN = {v: float(k) for k, v in _NONFINITE_OUT.items()}
 
 
 def _json_kind(v: Any) -> str:
@@ -267,6 +275,8 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if value in _NONFINITE_IN:
+            return _NONFINITE_IN[value]
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -427,3 +428,12 @@ def test_a_fresh_process_with_torch_imports_the_record_classes_on_demand(artifac
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.split() == ["GuidancePlan", "CostProfile"]
+
+
+def test_non_finite_floats_go_to_strict_json_and_come_back():
+    rec = _ShapesPlan(leaves=(_Leaf("a", (float("nan"), float("-inf"), 1.5)),), nested=(), by_index={1: float("inf")},
+                      by_name={}, threshold=float("nan"), flag=None, count=0)
+    text = json.dumps(rec.to_json(), allow_nan=False)          # strict JSON: no bare NaN / Infinity
+    back = Record.from_json(json.loads(text))
+    assert math.isnan(back.threshold) and math.isnan(back.leaves[0].values[0])
+    assert back.leaves[0].values[1:] == (float("-inf"), 1.5) and back.by_index == {1: float("inf")}
