@@ -18,6 +18,27 @@ def atomic_save(state: dict, path: str, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def load_init(model, path: str | None) -> dict | None:
+    """Load the weights at `path` (safetensors) into `model` to continue training from them;
+    their metadata (the run that wrote them), or None without a path."""
+    if not path:
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(path))
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def start(model, lr: float):
+    """Train mode, the EMA copy of the weights, AdamW at `lr` (no weight decay), the parameter count."""
+    import torch
+    model.train()
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return ema, opt, sum(p.numel() for p in model.parameters())
+
+
 def write_train_log(log_path: str, meta: dict, log: list, continued: bool) -> None:
     """Write `{meta, log, earlier_segments}` to `log_path`; when this run `continued` an earlier
     one, the log already there becomes the last of its earlier segments."""

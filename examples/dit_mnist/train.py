@@ -24,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-from pared.workloads.training import Progress, atomic_save, ema_update, optimizer_step, write_train_log
+from pared.workloads.training import (Progress, atomic_save, ema_update, load_init, optimizer_step, start,
+                                      write_train_log)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,18 +58,9 @@ def train(model: torch.nn.Module, out_path: str, *, minutes: float, batch: int =
     sched = NoiseSchedule.linear(1000)
     abar = torch.from_numpy(sched.alphas_cumprod).float()
 
-    previous = None
-    if init:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(init))
-        with safe_open(init, "pt") as f:
-            previous = dict(f.metadata() or {})
+    previous = load_init(model, init)
     disable_builtin_label_dropout(model)
-    model.train()
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    n_params = sum(p.numel() for p in model.parameters())
+    ema, opt, n_params = start(model, lr)
     print(f"training {n_params / 1e6:.2f}M parameters for {f'{steps} steps' if steps is not None else f'{minutes} min'}, "
           f"batch {batch}, {threads} thread(s)", flush=True)
     t0, step = time.time(), 0

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from pared.workloads.training import Progress, atomic_save, ema_update, optimizer_step, write_train_log
+from pared.workloads.training import (Progress, atomic_save, ema_update, load_init, optimizer_step, start,
+                                      write_train_log)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,17 +45,8 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     rng = np.random.default_rng(seed)
     T = mdl.TRAIN_FRAMES
     model = mdl.VideoDiT(**mdl.CONFIG)
-    previous = None
-    if init:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(init))
-        with safe_open(init, "pt") as f:
-            previous = dict(f.metadata() or {})
-    model.train()
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    n_params = sum(p.numel() for p in model.parameters())
+    previous = load_init(model, init)
+    ema, opt, n_params = start(model, lr)
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
