@@ -96,9 +96,10 @@ def get_format(name: str, where: str = "") -> QuantFormat:
 #   passes/quant/convert.py checks every one against the target and rewrites the graph from them.
 #   Values only (tuples, not tensors): fx copies node.meta shallowly, and they go to JSON as they are.
 
-#: weight-only block sizes MatMulNBits takes (a power of two, at least 16)
 def block_size_problem(block_size: int) -> str | None:
-    """Why `block_size` is not a weight-only block size (None: it is one)."""
+    """Why `block_size` is not a weight-only block size, a power of two >= 16 as MatMulNBits
+    takes (None: it is one). The one rule: options (ir.transform.check_block_size) and
+    decisions (LinearSpec.problems) both ask it."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or \
             block_size & (block_size - 1):
         return f"block_size {block_size!r} is not a power of two >= 16 (MatMulNBits' block sizes)"

@@ -15,13 +15,15 @@ CREATED_BY: Final = "pared.ir.created_by"
 #: tuple[str, ...] — the target names of the constant nodes folded into this get_attr.
 FOLDED_FROM: Final = "pared.generic.folded_from"
 
-#: ir.formats.LinearSpec | ir.formats.ExpertsSpec — a quantization decision (annotate -> validate ->
-#: convert, passes/quant/convert.py): written by a policy on the node it decides for (a linear
-#: layer's output node, a stacked expert weight's get_attr), read by the converter, and kept on the
-#: node that computes the converted layer's output, so the rewritten graph shows what was decided.
+#: ir.formats.LinearSpec | ir.formats.ExpertsSpec — a quantization decision still to convert
+#: (annotate -> validate -> convert, passes/quant/convert.py): written by a policy on the node it
+#: decides for (a linear layer's output node, a stacked expert weight's get_attr), read by the converter.
 QUANT_SPEC: Final = "pared.quant.spec"
+#: the same value, once converted: on the node that now computes the layer's output (or the
+#: dequantized expert stack), so the rewritten graph shows what was decided.
+QUANT_CONVERTED: Final = "pared.quant.converted"
 
-ALL_KEYS: Final = (REGION, CREATED_BY, FOLDED_FROM, QUANT_SPEC)
+ALL_KEYS: Final = (REGION, CREATED_BY, FOLDED_FROM, QUANT_SPEC, QUANT_CONVERTED)
 
 # torch-owned keys pared reads but never writes.
 TORCH_NN_MODULE_STACK: Final = "nn_module_stack"

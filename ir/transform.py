@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .errors import OptionError, PassError
+from .formats import block_size_problem
 from .measure import Profiler
 from .program import Program
 from .records import Record, RecordStore, record_type  # noqa: F401  (re-exported: passes import Record from here)
@@ -132,7 +133,7 @@ def check_range(pass_name: str, option: str, value: Any, *, lo: float | None = N
 def check_block_size(pass_name: str, option: str, value: Any) -> None:
     """Raise OptionError unless value is a weight block size ONNX Runtime's MatMulNBits takes:
     a power of two >= 16 (the rule every block-wise weight format here follows)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+    if block_size_problem(value) is not None:
         raise OptionError(f"pass '{pass_name}': option '{option}' must be a power of two >= 16 (ONNX Runtime's "
                           f"MatMulNBits), got {value!r}; try 32 or 128")
 

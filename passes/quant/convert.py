@@ -11,7 +11,7 @@ factors and outlier channels fitting the layer) and raises a PassError naming th
 the node and its region. `convert` rewrites every pending decision of a graph with the
 converter registered for its kind, in one order (weight-only, static w8a8, dynamic w8a8,
 expert stacks), and leaves the decision on the node that now computes the layer's
-output, so the rewritten graph still shows what was decided.
+output (meta.QUANT_CONVERTED), so the rewritten graph still shows what was decided.
 
 The policies: quantize_linears (static and dynamic), timestep_quant (per step bucket),
 mixed_precision (w4 / w8 / w8a8 per layer), quantize_weights_int4 and expert_quant
@@ -19,7 +19,7 @@ mixed_precision (w4 / w8 / w8a8 per layer), quantize_weights_int4 and expert_qua
 write: w8a8 in quantize_linears, weight-only in quantize_weights_int4, expert stacks in
 expert_quant. A decision is pending while its node is still what was decided on: a
 linear spec on a float linear layer's output node (ir.patterns.find_sites), an experts
-spec on a get_attr.
+spec on a get_attr; a spec anywhere else is an error.
 
 A policy of one's own needs only the first step: annotate the layers (e.g. w8a8 for the
 layers whose input dim is at least 256), validate, convert.
@@ -75,7 +75,7 @@ def annotate(src: Graph, specs: Mapping[str, Spec], by: str = "annotate") -> Gra
 
 def pending(graph: Graph) -> list[tuple[str, Spec, Site | None]]:
     """The decisions of `graph` still to convert, in graph order: (node, spec, the layer's Site
-    for a linear spec).
+    for a linear spec). A converted decision is under meta.QUANT_CONVERTED, not here.
 
     Raises:
         PassError: a linear spec on a node that is not a float linear layer's output, or an
@@ -89,15 +89,14 @@ def pending(graph: Graph) -> list[tuple[str, Spec, Site | None]]:
     out = []
     for n in annotated:
         spec = n.meta[meta.QUANT_SPEC]
-        if isinstance(spec, ExpertsSpec):
-            if n.op == "get_attr":
-                out.append((n.name, spec, None))
-            continue        # elsewhere: a converted stack (the spec sits on its dequantization)
-        if n.name in sites:
+        if isinstance(spec, ExpertsSpec) and n.op == "get_attr":
+            out.append((n.name, spec, None))
+        elif isinstance(spec, LinearSpec) and n.name in sites:
             out.append((n.name, spec, sites[n.name]))
-        elif n.meta.get(meta.CREATED_BY) is None:
-            raise PassError(f"pass '{spec.by}': node '{n.name}' is annotated {spec.format} but is not a float "
-                            f"linear layer's output ({n.format_node()})")
+        else:
+            what = "a stacked weight (get_attr)" if isinstance(spec, ExpertsSpec) else "a float linear layer's output"
+            raise PassError(f"pass '{spec.by}': node '{n.name}' is annotated "
+                            f"{spec.to_json().get('format')} but is not {what} ({n.format_node()})")
     return out
 
 
@@ -151,8 +150,10 @@ def apply(src: Graph, specs: Mapping[str, Spec], target, by: str) -> tuple[Graph
 
 
 def keep_decision(node: fx.Node, spec: Spec) -> None:
-    """Leave `spec` on the node that computes a converted layer's output (and off the old one)."""
-    node.meta[meta.QUANT_SPEC] = spec
+    """Record `spec`, converted, on the node that now computes the layer's output (the converters
+    call it; the decided node itself goes with the rewrite)."""
+    node.meta.pop(meta.QUANT_SPEC, None)
+    node.meta[meta.QUANT_CONVERTED] = spec
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -586,6 +586,28 @@ def test_structure_golden(name):
     assert_golden(canonical_program_text(res.program), os.path.join(GOLDEN, f"{name}.txt"))
 
 
+#: the quantization passes: each decides, and passes/quant/convert.py converts
+QUANT = ("quantize_linears", "timestep_quant", "mixed_precision", "quantize_weights_int4", "expert_quant")
+
+
+@pytest.mark.parametrize("name", QUANT)
+def test_quantization_passes_convert_their_decisions_through_the_one_converter(name):
+    # every decision is converted (on the node that now computes the layer), none left pending,
+    # and each names this pass
+    from pared.ir import meta
+    _, res = _first_run(name)
+    converted, pending = [], []
+    for g in res.program.graphs.values():
+        for n in g.module.graph.nodes:
+            converted += [n.meta[meta.QUANT_CONVERTED]] if meta.QUANT_CONVERTED in n.meta else []
+            pending += [n.name] if meta.QUANT_SPEC in n.meta else []
+    assert converted and not pending, (name, len(converted), pending)
+    # mixed_precision picks the formats and hands its w8a8 layers to quantize_linears, which
+    # calibrates their ranges (the decision the annotation holds)
+    deciders = {name, "quantize_linears"} if name == "mixed_precision" else {name}
+    assert {spec.by for spec in converted} <= deciders
+
+
 @pytest.mark.parametrize("name", REWRITES)
 def test_numerics_against_eager(name):
     c = _case(name)

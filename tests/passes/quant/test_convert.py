@@ -31,8 +31,8 @@ def _program():
     return m, x, capture(m, (x,))
 
 
-def _decided(graph):
-    return {n.name: n.meta[meta.QUANT_SPEC] for n in graph.module.graph.nodes if meta.QUANT_SPEC in n.meta}
+def _decided(graph, key=meta.QUANT_CONVERTED):
+    return {n.name: n.meta[key] for n in graph.module.graph.nodes if key in n.meta}
 
 
 def test_quantize_linears_is_its_decisions_converted():
@@ -56,8 +56,10 @@ def test_quantize_linears_is_its_decisions_converted():
         assert torch.equal(u, v)
     assert canonical_program_text(res.program.replace(graphs={"main": again})) == \
         canonical_program_text(res.program)
-    # the input graph is not touched by annotating or converting
-    assert not _decided(prog.main) and len(find_sites(prog.main.module)) == 9
+    # nothing is left pending, and the input graph is not touched by annotating or converting
+    assert not _decided(after, meta.QUANT_SPEC) and convert.pending(after) == []
+    assert not _decided(prog.main) and not _decided(prog.main, meta.QUANT_SPEC)
+    assert len(find_sites(prog.main.module)) == 9
 
 
 def test_a_policy_of_ones_own_annotates_and_the_converter_does_the_rest():
