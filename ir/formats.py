@@ -112,7 +112,8 @@ class LinearSpec:
 
     format: a FORMATS name other than fp32. w8a8 (quantize_linears' integer kernels) takes
     `act_range` (static: the calibrated uint8 range of x) or `dynamic` (the range per call),
-    weight codes in [-weight_qmax, weight_qmax] (stored uint8 around 128 with `u8_weights`),
+    weight codes in [-weight_qmax, weight_qmax] (None: the range the target's kernels compute
+    exactly; stored uint8 around 128 with `u8_weights`),
     SmoothQuant factors `smooth` (one per input channel, shared by the layers of `smooth_group`,
     the activation they read) and `outliers` (input channels run as a float matmul). w4 / w8
     (weight-only) take `block_size` and `symmetric`.
@@ -123,7 +124,7 @@ class LinearSpec:
     region: str = ""
     dynamic: bool = False
     act_range: tuple[float, float] | None = None
-    weight_qmax: int = 127
+    weight_qmax: int | None = None       # None: the target's exact range (convert.apply fills it in)
     u8_weights: bool = False
     smooth: tuple[float, ...] | None = None
     smooth_group: str | None = None
@@ -165,7 +166,9 @@ class LinearSpec:
             lo, hi = self.act_range
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
                 out.append(f"activation range {self.act_range} is not a finite [lo, hi]")
-        if not 1 <= self.weight_qmax <= 127:
+        if self.weight_qmax is None:
+            out.append("weight_qmax is not set (convert.apply sets it from the target)")
+        elif not 1 <= self.weight_qmax <= 127:
             out.append(f"weight_qmax {self.weight_qmax} is outside [1, 127]")
         elif self.u8_weights:
             if self.weight_qmax != 127:

@@ -26,6 +26,7 @@ layers whose input dim is at least 256), validate, convert.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping
 
 import torch.fx as fx
@@ -35,7 +36,7 @@ from pared.ir.errors import PassError
 from pared.ir.formats import ExpertsSpec, LinearSpec
 from pared.ir.patterns import Site, find_sites
 from pared.ir.program import Graph, get_attr
-from pared.ir.quant import int8_weight_qmax
+from pared.ir.quant import QMAX_S8, int8_weight_qmax
 
 Spec = LinearSpec | ExpertsSpec
 #: kind -> converter(graph, [(node name, spec, site or None)], by) -> (graph, per-layer records)
@@ -143,8 +144,17 @@ def convert(src: Graph, by: str) -> tuple[Graph, list]:
 
 
 def apply(src: Graph, specs: Mapping[str, Spec], target, by: str) -> tuple[Graph, list]:
-    """annotate, validate, convert: what a policy does once it has decided."""
-    annotated = annotate(src, specs, by)
+    """annotate, validate, convert: what a policy does once it has decided. A w8a8 decision without
+    `weight_qmax` gets the target's exact int8 weight range (127, or 63 where ORT's u8s8 kernels
+    would saturate)."""
+    limit = None
+    resolved = {}
+    for name, spec in specs.items():
+        if isinstance(spec, LinearSpec) and spec.weight_qmax is None and spec.kind != "weight_only":
+            limit = int8_weight_qmax(target) if limit is None else limit
+            spec = dataclasses.replace(spec, weight_qmax=QMAX_S8 if spec.u8_weights else limit)
+        resolved[name] = spec
+    annotated = annotate(src, resolved, by)
     validate(annotated, target, by)
     return convert(annotated, by)
 

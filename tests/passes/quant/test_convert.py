@@ -155,3 +155,19 @@ def test_weight_only_decisions_stay_on_the_converted_graph():
     assert kept and all(s.format == "w4" and s.block_size == 16 and s.by == "quantize_weights_int4"
                         for s in kept.values())
     assert len(kept) == len(res.program.records["WeightQuantPlan"].layers)
+
+
+def test_a_decision_without_a_weight_range_gets_the_targets():
+    # 7 bits where ORT's u8s8 kernels would saturate (AVX2 only), the full range with VNNI
+    _, _, prog = _program()
+    site = find_sites(prog.main.module)[0]
+    spec = LinearSpec("w8a8", "mine", site.region, dynamic=True)
+    for target, qmax in ((AVX2, 63), (FULL, 127)):
+        new, _ = convert.apply(prog.main, {site.out: spec}, target, "mine")
+        (kept,) = _decided(new).values()
+        codes = [get_attr(new.module, n.target) for n in new.module.graph.nodes
+                 if n.op == "get_attr" and str(n.target).endswith("_w")]
+        assert kept.weight_qmax == qmax and int(codes[0].abs().max()) == qmax
+    # convert alone does not guess it: validate names what is missing
+    with pytest.raises(PassError, match="weight_qmax is not set"):
+        convert.validate(convert.annotate(prog.main, {site.out: spec}), AVX2, "mine")
