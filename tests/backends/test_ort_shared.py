@@ -267,3 +267,15 @@ def test_missing_or_short_shared_weights_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match=rf"short: v0.onnx: initializer '\w+' .* of {re.escape(path)}, which "
                                             rf"has {size - 100} bytes; the artifact is damaged"):
         OrtGraph(short, entries["v0"], SHARE)
+
+
+def test_integer_kernel_report_reads_a_graph_whose_weights_are_shared(tmp_path):
+    # ORT's optimized copy keeps the references into shared.weights, which is not beside
+    # it: the report counts ops and must not try to read the weights
+    from pared.backends.onnxruntime.int8_check import integer_kernel_report
+    d = str(tmp_path)
+    entries = build_variants(d, 2)
+    assert entries["v1"]["shared_initializers"] == 4
+    rep = integer_kernel_report(os.path.join(d, entries["v1"]["file"]), CPU)
+    assert rep["integer_ops"] == {"QGemm": 1, "MatMulInteger": 1}
+    assert rep["dq_into_float_matmul"] == []
