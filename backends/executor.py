@@ -102,6 +102,10 @@ class Executor:
             share (`shared.weights`) from one buffer instead of a copy each, with ORT's
             prepacking off in those sessions: N variants hold them once, a few percent
             slower (backends/onnxruntime/runtime.py). TVM graphs always share theirs.
+        shared_arena: ONNX Runtime graphs on the CPU provider take their intermediate
+            tensors from one arena per process (the default), so a request moving from
+            one variant to another finds its buffers in cache; False: an arena each, as
+            ORT does by itself (backends/onnxruntime/runtime.py).
         trusted_keys: Ed25519 public keys (paths to `pared keygen`'s .pub files, PEM or
             raw bytes). When given, the artifact must be signed by one of them: the
             signature over manifest.json, then every file's sha256, are checked before
@@ -120,7 +124,7 @@ class Executor:
     """
 
     def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
-                 allow_isa_mismatch: bool = False, share_weights: bool = False,
+                 allow_isa_mismatch: bool = False, share_weights: bool = False, shared_arena: bool = True,
                  trusted_keys: "list | tuple | None" = None):
         self.path = path
         self.manifest = read_manifest(path, trusted_keys=trusted_keys)
@@ -135,6 +139,8 @@ class Executor:
             target["provider"] = provider
         if share_weights:
             target["share_weights"] = True
+        if not shared_arena:
+            target["shared_arena"] = False
         self.target = target
         with _malformed(path, "graphs' int8 checks"):
             check_cpu(path, self.manifest, target, allow_isa_mismatch)

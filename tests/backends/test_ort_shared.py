@@ -279,3 +279,68 @@ def test_integer_kernel_report_reads_a_graph_whose_weights_are_shared(tmp_path):
     rep = integer_kernel_report(os.path.join(d, entries["v1"]["file"]), CPU)
     assert rep["integer_ops"] == {"QGemm": 1, "MatMulInteger": 1}
     assert rep["dq_into_float_matmul"] == []
+
+
+_ACTIVATIONS = """
+import json, sys
+import numpy as np
+from pared.backends.onnxruntime.runtime import make_session
+def anon():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) * 1024
+target = {{"name": "cpu", "provider": "CPUExecutionProvider", "threads": 1, "shared_arena": {shared!r}}}
+x = np.ones({shape!r}, np.float32)
+sessions = [make_session(p, target) for p in {paths!r}]
+ys = [float(sessions[0].run(None, {{"x": x}})[0])]
+first = anon()
+ys += [float(s.run(None, {{"x": x}})[0]) for s in sessions[1:]]
+print(json.dumps({{"next": (anon() - first) / x.nbytes, "y": ys}}))
+"""
+
+
+def _elementwise_onnx(path: str, variant: int, shape: tuple) -> None:
+    """x -> three elementwise ops -> a sum: intermediates the size of x, no weights to speak of."""
+    import onnx
+    from onnx import TensorProto as T, helper, numpy_helper
+    nodes = [helper.make_node("Mul", ["x", "a"], ["h1"]), helper.make_node("Add", ["h1", "x"], ["h2"]),
+             helper.make_node("Mul", ["h2", "h1"], ["h3"]), helper.make_node("ReduceSum", ["h3"], ["y"], keepdims=0)]
+    g = helper.make_graph(nodes, f"v{variant}", [helper.make_tensor_value_info("x", T.FLOAT, list(shape))],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [])],
+                          [numpy_helper.from_array(np.array(1.0 + variant, np.float32), "a")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps_rollup")
+def test_sessions_take_activations_from_one_arena(tmp_path):
+    """Four sessions with 8 MB intermediates, in a fresh process each way: once the first
+    has run, the other three add almost nothing from the process's shared arena (default);
+    with an arena each (shared_arena false) each adds its own buffers. Same numbers."""
+    shape = (2048, 1024)
+    paths = [str(tmp_path / f"v{i}.onnx") for i in range(4)]
+    for i, p in enumerate(paths):
+        _elementwise_onnx(p, i, shape)
+    got = {}
+    for shared in (True, False):
+        code = _ACTIVATIONS.format(shared=shared, shape=shape, paths=paths)
+        got[shared] = json.loads(run_python(code).strip().splitlines()[-1])
+    # measured: the three after the first add 0.001x (one arena) and 9.4x (an arena each) the bytes of x
+    assert got[True]["next"] < 0.5, got
+    assert got[False]["next"] > 2.5, got
+    assert got[True]["y"] == got[False]["y"]
+
+
+def test_shared_arena_is_the_default_and_off_on_request(tmp_path):
+    entries = build_variants(str(tmp_path), 1, d=64)
+
+    def env_allocators(target) -> bool:
+        opts = OrtGraph(str(tmp_path), entries["v0"], target).session.get_session_options()
+        try:
+            return opts.get_session_config_entry("session.use_env_allocators") == "1"
+        except RuntimeError:                                                  # not set
+            return False
+    assert env_allocators(ORT_CPU) and env_allocators(SHARE)
+    assert not env_allocators(dict(ORT_CPU, shared_arena=False))
+    assert Executor.__init__.__kwdefaults__["shared_arena"] is True
