@@ -145,6 +145,22 @@ def map_calls(node: Node, fn: Callable[[Call], Node]) -> Node:
     return node
 
 
+def map_nodes(node: Node, fn: Callable[[Node], Node]) -> Node:
+    """The tree with each node replaced by fn(node), parents first: where fn returns another
+    node, that node stands as it is (its children are not visited); where it returns the node,
+    its children are mapped."""
+    new = fn(node)
+    if new is not node:
+        return new
+    if isinstance(node, Seq):
+        return Seq(tuple(map_nodes(n, fn) for n in node.nodes))
+    if isinstance(node, Select):
+        return Select(node.selector, tuple((lab, map_nodes(n, fn)) for lab, n in node.cases), node.key)
+    if isinstance(node, Loop):
+        return dataclasses.replace(node, body=map_nodes(node.body, fn))
+    return node
+
+
 def _produced(node: Node) -> set[str]:
     return {r for n in iter_nodes(node) if isinstance(n, Call) for r in n.outputs} | \
            {n.out for n in iter_nodes(node) if isinstance(n, Transfer)}

@@ -17,6 +17,7 @@ import pared.analysis.layer_redundancy  # noqa: F401
 import pared.analysis.quant_sensitivity  # noqa: F401
 import pared.analysis.redundancy  # noqa: F401
 import pared.passes.cache  # noqa: F401
+import pared.passes.decode  # noqa: F401
 import pared.passes.generic  # noqa: F401
 import pared.passes.quant  # noqa: F401
 import pared.passes.sparsity  # noqa: F401

@@ -497,6 +497,69 @@ def tiny_transformer(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
     return m, (torch.randint(0, 50, (2, 16)),)
 
 
+class _TinyEncoder(nn.Module):
+    """(obs (B, 6) float, task (B, 2) int64) -> cond (B, dim)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.obs = nn.Linear(6, dim)
+        self.task = nn.Embedding(4, dim)
+
+    def forward(self, obs: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.obs(obs)) + self.task(task).sum(1)
+
+
+class TinyTokenHead(nn.Module):
+    """head(tokens (B, N) int64, cond (B, dim)) -> logits (B, N, vocab): a causal transformer over
+    [cond; embed(tokens[:, :-1])], like the VLA's action-token head."""
+
+    def __init__(self, dim: int = 32, vocab: int = 16, n_tokens: int = 8, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.3)
+        self.blocks = nn.ModuleList([TinyBlock(dim, 4) for _ in range(layers)])
+        self.out = nn.Linear(dim, vocab)
+        self.register_buffer("causal", torch.full((n_tokens, n_tokens), -1e9).triu(1), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([cond[:, None], self.embed(tokens[:, :-1])], 1) + self.pos
+        for b in self.blocks:
+            b_, n, d = x.shape
+            q, k, v = b.qkv(b.norm1(x)).reshape(b_, n, 3, b.heads, d // b.heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / (d // b.heads) ** 0.5 + self.causal, dim=-1) @ v
+            x = x + b.proj(att.transpose(1, 2).reshape(b_, n, d))
+            x = x + b.mlp(b.norm2(x))
+        return self.out(x)
+
+
+class TinyDetokenize(nn.Module):
+    """tokens (B, N) -> their bins' centres in [-1, 1], (B, N)."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.to(torch.float32) * (2.0 / (self.vocab - 1)) - 1.0
+
+
+def tiny_decoder(seed: int = 0, batch: int = 1, n_tokens: int = 8, vocab: int = 16) -> tuple[nn.Module, tuple]:
+    """A pared Decoder (encoder, causal token head, detokenize) and example inputs (obs, task)."""
+    from pared.ir.decode import Decoder
+    torch.manual_seed(seed)
+    enc, head = _TinyEncoder(32), TinyTokenHead(32, vocab, n_tokens)
+    m = Decoder(enc, head, n_tokens, TinyDetokenize(vocab)).eval()
+    return m, tiny_decoder_inputs(batch, seed + 1)
+
+
+def tiny_decoder_inputs(batch: int = 1, seed: int = 1, base: "tuple | None" = None, noise: float = 0.05) -> tuple:
+    """Inputs of tiny_decoder: random, or `base` with its observation perturbed by `noise`."""
+    g = torch.Generator().manual_seed(seed)
+    if base is not None:
+        return base[0] + noise * torch.randn(base[0].shape, generator=g), base[1].clone()
+    return torch.randn(batch, 6, generator=g), torch.randint(0, 4, (batch, 2), generator=g)
+
+
 class _Full(nn.Module):
     """Computes the expensive part and emits it as the feature to cache."""
     def __init__(self):

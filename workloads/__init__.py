@@ -322,15 +322,32 @@ class VLAWorkload(Workload):
     call), plus the predicted chunks on `mse_steps` held-out demonstration steps.
     Diffusion noise is drawn from a per-episode seeded generator, so eager and an
     artifact that computes the same function take the same actions.
+
+    `decoder="loop"` (token head only) builds the policy as a `pared.ir.decode.Decoder`
+    (backbone, head, detokenize): greedy decoding with the same actions, captured with its
+    loop in the Plan, which decoding passes (speculative_decode) rewrite. Each episode is one
+    request of the artifact (`reset` before it), so state a pass carries across policy calls
+    (a Kalman drafter's) lives one episode. Calibration: `calibration_steps` observations
+    spread over the training demonstration episodes (never the evaluation seeds).
     """
 
     name = "vla_metaworld"
     HOLDOUT_PER_TASK = 2          # examples/vla_metaworld/train.py holds out the last 2 episodes per task
 
     def __init__(self, *, head: str = "diffusion", episodes: int = 5, tasks: Sequence[str] | str | None = None,
-                 max_steps: int = 200, execute: int | None = None, calls: int = 8, mse_steps: int = 64):
+                 max_steps: int = 200, execute: int | None = None, calls: int = 8, mse_steps: int = 64,
+                 decoder: str = "unrolled", calibration_steps: int = 1024):
         if head not in ("diffusion", "tokens"):
             raise OptionError(f"workload 'vla_metaworld': option 'head' must be 'diffusion' or 'tokens', got {head!r}")
+        if decoder not in ("unrolled", "loop"):
+            raise OptionError(f"workload 'vla_metaworld': option 'decoder' must be 'unrolled' or 'loop', got {decoder!r}")
+        if decoder == "loop" and head != "tokens":
+            raise OptionError("workload 'vla_metaworld': option decoder='loop' is for the token head (head='tokens'); "
+                              "the diffusion head has no decoding loop")
+        if not isinstance(calibration_steps, int) or calibration_steps < 1:
+            raise OptionError("workload 'vla_metaworld': option 'calibration_steps' must be a positive integer, "
+                              f"got {calibration_steps!r}")
+        self.decoder, self.calibration_steps = decoder, calibration_steps
         for opt, v in (("episodes", episodes), ("max_steps", max_steps), ("calls", calls)):
             if not isinstance(v, int) or v < 1:
                 raise OptionError(f"workload 'vla_metaworld': option '{opt}' must be a positive integer, got {v!r}")
@@ -400,6 +417,10 @@ class VLAWorkload(Workload):
         if self.head == "diffusion":
             return M.DiffusionPolicyCall(policy).eval()
         head, _ = M.load_token_head(self.token_weights, check_backbone=self.weights)
+        if self.decoder == "loop":
+            from pared.ir.decode import Decoder
+            cfg = head.cfg
+            return Decoder(policy.backbone, head, cfg.n_tokens, M.Detokenize(cfg.bins, cfg.action_dim)).eval()
         return M.TokenPolicyCall(policy.backbone, head).eval()
 
     # -- observations -----------------------------------------------------------------------------
@@ -417,6 +438,25 @@ class VLAWorkload(Workload):
                for e in np.nonzero(d["episode_task"] == tid)[0][-self.HOLDOUT_PER_TASK:]]
         idx = np.nonzero(np.isin(d["episode"], eps))[0]
         return idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
+
+    def replay_sequences(self, per_task: int = 2, calls: int = 12) -> list[list[tuple]]:
+        """Policy-call inputs along held-out demonstration episodes: for `per_task` episodes of each
+        task, the observations at every `execute`-th step from the start (at most `calls`), as a
+        closed-loop run would see them; one list per episode (one request)."""
+        d = self.demos()
+        out = []
+        for tid in np.unique(d["episode_task"]):
+            for e in np.nonzero(d["episode_task"] == tid)[0][-self.HOLDOUT_PER_TASK:][:per_task]:
+                idx = np.nonzero(d["episode"] == e)[0][::self.execute][:calls]
+                out.append([self._demo_inputs(int(i)) for i in idx])
+        return out
+
+    def train_steps(self, n: int) -> np.ndarray:
+        """n step indices spread over the training demonstration episodes (not the held-out ones)."""
+        d = self.demos()
+        held = self.heldout_steps(len(d["episode"]))
+        idx = np.setdiff1d(np.arange(len(d["episode"])), held)
+        return idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int)]
 
     def text_ids(self, instruction: str) -> np.ndarray:
         return self._mod.tokenize(str(instruction), self.text_len)[None]
@@ -441,13 +481,19 @@ class VLAWorkload(Workload):
 
     def calibration(self):
         import torch
-        return [tuple(torch.from_numpy(a) for a in self._demo_inputs(int(i))) for i in self.heldout_steps(4)[1:]]
+        return [tuple(torch.from_numpy(a) for a in self._demo_inputs(int(i)))
+                for i in self.train_steps(self.calibration_steps)]
 
     # -- the timed task and the closed-loop fidelity run -----------------------------------------
     def task(self, fn, reset=None):
+        if reset is not None:
+            reset()
         return np.stack([np.asarray(fn(*self._demo_inputs(int(i))))[0] for i in self.heldout_steps(self.calls)])
 
-    def episode(self, fn, task_id: int, ep: int) -> dict:
+    def episode(self, fn, task_id: int, ep: int, reset: Callable[[], None] | None = None) -> dict:
+        """One closed-loop episode: one request of `fn` (`reset` before it)."""
+        if reset is not None:
+            reset()
         T = self.tasks_module()
         if task_id not in self._envs:                          # one simulator and camera per task
             sim = T.make_env(task_id)
@@ -478,9 +524,14 @@ class VLAWorkload(Workload):
         episodes = {}
         for name in self.task_names:
             tid = T.TASK_NAMES.index(name)
-            episodes[name] = [self.episode(fn, tid, ep) for ep in range(self.episodes)]
+            episodes[name] = [self.episode(fn, tid, ep, reset) for ep in range(self.episodes)]
         steps = self.heldout_steps(self.mse_steps)
-        chunks = np.stack([np.asarray(fn(*self._demo_inputs(int(i))))[0] for i in steps])
+
+        def one(i):               # each held-out observation is a request of its own
+            if reset is not None:
+                reset()
+            return np.asarray(fn(*self._demo_inputs(int(i))))[0]
+        chunks = np.stack([one(i) for i in steps])
         for sim, cam in self._envs.values():
             cam.close()
         self._envs = {}

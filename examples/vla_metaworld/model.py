@@ -354,6 +354,18 @@ def tokens_to_actions(tokens, bins: int = 256, action_dim: int = 4):
     return a.reshape(a.shape[0], -1, action_dim)
 
 
+class Detokenize(nn.Module):
+    """tokens (B, H*A) -> actions (B, H, A): tokens_to_actions as a module (the last part of
+    a pared Decoder over the backbone and the token head)."""
+
+    def __init__(self, bins: int = 256, action_dim: int = 4):
+        super().__init__()
+        self.bins, self.action_dim = bins, action_dim
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens_to_actions(tokens.to(torch.float32), self.bins, self.action_dim)
+
+
 class TokenActionHead(nn.Module):
     """head(tokens (B,N) int64, cond (B,d_model)) -> logits (B,N,bins).
 

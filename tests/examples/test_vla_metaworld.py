@@ -212,6 +212,30 @@ def test_workload_options_are_checked():
         get_workload("vla_metaworld", execute=9)
     with pytest.raises(OptionError, match="does not take"):
         get_workload("vla_metaworld", samples=10)
+    with pytest.raises(OptionError, match="option decoder='loop' is for the token head"):
+        get_workload("vla_metaworld", decoder="loop")
+    with pytest.raises(OptionError, match="option 'calibration_steps' must be a positive integer"):
+        get_workload("vla_metaworld", calibration_steps=0)
+
+
+def test_the_loop_decoder_acts_as_the_unrolled_one_and_calibrates_on_training_episodes():
+    from pared.ir.decode import Decoder
+    from pared.workloads import get_workload
+    loop = get_workload("vla_metaworld", head="tokens", decoder="loop", calibration_steps=16)
+    unrolled = get_workload("vla_metaworld", head="tokens")
+    a, b = loop.build(), unrolled.build()
+    assert isinstance(a, Decoder) and not isinstance(b, Decoder)
+    for i in loop.heldout_steps(6):
+        x = [torch.from_numpy(v) for v in loop._demo_inputs(int(i))]
+        with torch.no_grad():
+            assert torch.equal(a(*x), b(*x))
+    d = loop.demos()
+    train = loop.train_steps(16)
+    held_eps = set(d["episode"][loop.heldout_steps(len(d["episode"]))])
+    assert len(train) == 16 and not set(d["episode"][train]) & held_eps
+    assert len(loop.calibration()) == 16
+    seqs = loop.replay_sequences(per_task=1, calls=5)
+    assert len(seqs) == 6 and all(len(s) == 5 for s in seqs)
 
 
 @pytest.mark.slow
@@ -233,3 +257,19 @@ def test_bench_workload_with_no_passes_acts_like_eager(head, tmp_path, monkeypat
     assert f["action_max_abs_diff_vs_reference"] < (1e-4 if head == "diffusion" else 2 / 255)
     assert r["calls_per_task"] == 2 and r["speedup"]["vs_eager"] > 0
     assert json.loads(out.read_text())["workload"] == "vla_metaworld"
+
+
+@pytest.mark.heavy
+def test_lossless_speculative_decoding_acts_exactly_like_greedy_in_the_simulator(tmp_path, monkeypatch):
+    """pared bench with examples/pipelines/vla_tokens_speculative.yaml: the workload switches to its
+    loop decoder, and the artifact's actions equal eager greedy decoding's (same outcome, same
+    chunks on the held-out steps) while calling the head fewer times."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    from pared.workloads.bench import bench_workload
+    r = bench_workload("vla_metaworld", pipeline=os.path.join(EXAMPLES, "pipelines", "vla_tokens_speculative.yaml"),
+                       repeats=1, json_out=str(tmp_path / "spec.json"),
+                       workload_options={"head": "tokens", "episodes": 1, "tasks": "reach-v3", "mse_steps": 8,
+                                         "calls": 2, "max_steps": 80, "calibration_steps": 64})
+    f = r["fidelity"]
+    assert f["episode_outcomes_equal"] == 1.0 and f["action_max_abs_diff_vs_reference"] == 0.0
+    assert r["flops_per_task"]["optimized"] < r["flops_per_task"]["reference"], r["flops_per_task"]

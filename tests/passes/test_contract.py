@@ -62,6 +62,18 @@ def dit_batch_dynamic() -> Fixture:
 
 
 @functools.cache
+def decoder() -> Fixture:
+    m, inputs = testing.tiny_decoder()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
+def one_token_decoder() -> Fixture:
+    m, inputs = testing.tiny_decoder(n_tokens=1)
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
 def moe_dit() -> Fixture:
     m, inputs = tiny_moe_dit()
     return Fixture(m, inputs, capture(m, inputs))
@@ -178,6 +190,11 @@ def sensitivity_ctx(fx_: Fixture, program: Program) -> PassContext:
 def rows_ctx(fx_: Fixture, program: Program) -> PassContext:
     g = torch.Generator().manual_seed(1)
     return PassContext(calibration=[(torch.randn(4, 16, generator=g),) for _ in range(2)])
+
+
+def decoder_ctx(fx_: Fixture, program: Program) -> PassContext:
+    """16 observations for a retrieval table (tiny_decoder's inputs)."""
+    return PassContext(calibration=[testing.tiny_decoder_inputs(1, 100 + i) for i in range(16)])
 
 
 def images_ctx(fx_: Fixture, program: Program) -> PassContext:
@@ -453,6 +470,14 @@ CASES: dict[str, Case] = {
              ({"ratoi": 0.1}, "unknown option 'ratoi'; did you mean 'ratio'"),
              ({"layers": [5]}, "option 'layers': block 5 is outside the model's 3 blocks")),
         meaning=tome_meaning, rel_l2=1e-5),
+    # -- decoding: exact acceptance is lossless (greedy decoding's tokens, bit for bit) ------------
+    "speculative_decode": Case(
+        decoder, {"drafter": "retrieval"}, decoder_ctx, noop={"drafter": "none"}, noop_fixture=one_token_decoder,
+        bad=(({"radius": -1}, "pass 'speculative_decode': option 'radius' must be in \\[0, inf\\]"),
+             ({"drafter": "kalman"}, "drafter 'kalman' needs option 'action_dim'"),
+             ({"drafter": "kalman", "action_dim": 3}, "option 'action_dim' \\(3\\) does not divide the 8 tokens"),
+             ({"radus": 1}, "unknown option 'radus'; did you mean 'radius'")),
+        meaning=call_vs_model(lambda fx_: testing.tiny_decoder_inputs(1, 77)), rel_l2=0.0),
     # -- analyses: read-only ------------------------------------------------------------------
     "activation_sparsity": Case(
         transformer, ctx=tokens_ctx,

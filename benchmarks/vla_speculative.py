@@ -1,0 +1,221 @@
+"""Speculative decoding of the Meta-World VLA's action tokens, judged in closed loop.
+
+    MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/vla_speculative.py [--episodes 25]
+
+The token-head policy (backbone + 16 greedy action tokens -> 4 actions) is built as a pared
+Decoder and lowered to ONNX Runtime (1 thread) in several arms:
+  plain_unrolled   the shipped plain artifact: greedy decoding unrolled in one graph
+  plain_loop       the same, decoding as a loop of the Plan (what speculative_decode rewrites)
+  exact_<drafter>  speculative_decode, radius 0 (lossless): drafter none (Jacobi decoding),
+                   retrieval (HeiSD: nearest calibration observation's tokens), kalman (KERV)
+  r<k>_<drafter>   relaxed acceptance: draft tokens within k bins of the head's argmax
+
+Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes, as the workload): eager
+PyTorch's greedy policy acts; every lossless arm shadows it, called on the same observation at
+every policy call (each episode one request), and its chunk is compared with eager's. Equal
+chunks at every call mean equal trajectories, so a lossless arm's success is eager's; the count
+of unequal chunks is reported (0 is the claim). Each relaxed arm acts in its own closed loop.
+Calibration (the retrieval table) uses training demonstration episodes only.
+
+Timing: the first 12 policy-call observations (every 4th step) of two held-out demonstration
+episodes per task are replayed through every arm (reset per episode, so a Kalman drafter sees
+its history), arms alternating in rotating order each round; medians over rounds of the per-call
+time. Eager is timed the same way. Run it on a quiet machine (the load average is recorded);
+`--part timing` reruns the timing alone and keeps the closed-loop section, `--part closed_loop`
+the other way round. Writes benchmarks/results/vla_speculative.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("MUJOCO_GL", "egl")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pared  # noqa: E402
+from pared.backends.executor import Executor  # noqa: E402
+from pared.bench import write_results  # noqa: E402
+from pared.workloads import get_workload, torch_callable  # noqa: E402
+
+LOSSLESS = {"exact_none": {"drafter": "none"},
+            "exact_retrieval": {"drafter": "retrieval"},
+            "exact_kalman": {"drafter": "kalman", "action_dim": 4}}
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def heads(ex: Executor) -> int:
+    return sum(g == "head" for g in ex.graph_trace[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--episodes", type=int, default=25)
+    ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six)")
+    ap.add_argument("--radius", type=int, nargs="*", default=[2, 5], help="relaxed acceptance radii (bins)")
+    ap.add_argument("--relaxed-drafters", nargs="*", default=["retrieval"])
+    ap.add_argument("--repeats", type=int, default=7, help="timing rounds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--part", choices=("all", "closed_loop", "timing"), default="all",
+                    help="run one part; the other's section of --json is kept as it is")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "vla_speculative.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    opts = dict(head="tokens", episodes=a.episodes, tasks=a.tasks)
+    wl = get_workload("vla_metaworld", decoder="loop", **opts)
+    model = wl.build()
+    example, calib = wl.example_inputs(), wl.calibration()
+    holdout = [tuple(torch.from_numpy(x) for x in wl._demo_inputs(int(i))) for i in wl.heldout_steps(9)[1:]]
+    relaxed = {f"r{r}_{d}": {"drafter": d, "radius": r, **({"action_dim": 4} if d == "kalman" else {})}
+               for r in a.radius for d in a.relaxed_drafters}
+    arms = {"plain_loop": None, **LOSSLESS, **relaxed}
+    work = tempfile.mkdtemp(prefix="pared-spec-")
+    ex: dict[str, Executor] = {}
+    records = {}
+    for name, o in arms.items():
+        say(f"building {name}")
+        opt = pared.optimize(model, example, target="cpu", calibration=calib, bench_repeats=0,
+                             pipeline=[] if o is None else [{"speculative_decode": o}], allow_fidelity_loss=True,
+                             holdout=holdout)
+        ex[name] = Executor(opt.save(os.path.join(work, name)), threads=a.threads)
+        records[name] = dict(opt.program.records.get("SpeculativePlan").to_json()) if o else None
+    say("building plain_unrolled")
+    unrolled_wl = get_workload("vla_metaworld", decoder="unrolled", **opts)
+    opt = pared.optimize(unrolled_wl.build(), example, target="cpu", pipeline=[], bench_repeats=0)
+    ex["plain_unrolled"] = Executor(opt.save(os.path.join(work, "plain_unrolled")), threads=a.threads)
+    eager = torch_callable(model)
+
+    previous: dict = {}
+    if a.part != "all" and os.path.exists(a.json):
+        with open(a.json) as f:
+            previous = json.load(f)
+    if a.part in ("all", "closed_loop"):
+        previous["closed_loop"] = _closed_loop(a, wl, ex, eager, relaxed, model.n_tokens)
+    # -- timing: replayed demonstration episodes, arms alternating --------------------------------
+    if a.part in ("all", "timing"):
+        seqs = wl.replay_sequences(per_task=2, calls=12)
+        contenders = {"eager": (eager, None), **{n: (ex[n], ex[n].reset) for n in ["plain_unrolled", *arms]}}
+        per_call: dict[str, list[float]] = {n: [] for n in contenders}
+        names = list(contenders)
+        n_calls = sum(len(q) for q in seqs)
+        say(f"timing: {n_calls} replayed policy calls x {len(names)} contenders x {a.repeats} rounds "
+            f"(load {os.getloadavg()[0]:.2f})")
+        load_before = os.getloadavg()
+        for r in range(a.repeats + 1):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for n in order:
+                fn, rst = contenders[n]
+                dt = 0.0
+                for seq in seqs:
+                    if rst is not None:
+                        rst()
+                    for args in seq:
+                        t0 = time.perf_counter()
+                        fn(*args)
+                        dt += time.perf_counter() - t0
+                if r:                                   # round 0 warms up
+                    per_call[n].append(dt / n_calls)
+        ms = {n: 1e3 * statistics.median(v) for n, v in per_call.items()}
+        n_tok = model.n_tokens
+        timing = {}
+        for n in names:
+            t = {"policy_call_ms": round(ms[n], 3), "tokens_per_s": round(n_tok / ms[n] * 1e3, 1),
+                 "speedup_vs_eager": round(ms["eager"] / ms[n], 3),
+                 "speedup_vs_plain_loop": round(ms["plain_loop"] / ms[n], 3),
+                 "speedup_vs_plain_unrolled": round(ms["plain_unrolled"] / ms[n], 3)}
+            timing[n] = t
+        previous["timing"] = {"repeats": a.repeats, "replayed_calls": n_calls, "threads": a.threads,
+                              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                              "measured": time.strftime("%Y-%m-%d %H:%M"), "arms": timing}
+
+    previous.update({
+        "what": "VLA token head (16 action tokens per policy call), speculative decoding: closed-loop success and "
+                "head calls (closed_loop), per-call latency (timing: batch 1, ORT CPU, 1 thread), beside eager "
+                "greedy decoding", "calibration_steps": wl.calibration_steps, "decisions": records})
+    write_results(a.json, previous)
+    for n, r in previous.get("closed_loop", {}).get("arms", {}).items():
+        t = previous.get("timing", {}).get("arms", {}).get(n, {})
+        print(f"{n:18s} success {r.get('success', float('nan')):.3f}  heads/call "
+              f"{r.get('head_calls_per_policy_call', 0):5.2f}  {t.get('policy_call_ms', 0):7.3f} ms  "
+              f"x{t.get('speedup_vs_plain_loop', 0):.2f} vs plain loop  x{t.get('speedup_vs_eager', 0):.2f} vs eager")
+
+
+
+
+def _closed_loop(a, wl, ex, eager, relaxed, n_tok) -> dict:
+    shadow_names = ["plain_unrolled", "plain_loop", *LOSSLESS]
+    shadow = {n: {"unequal_chunks": 0, "calls": 0, "head_calls": 0} for n in shadow_names}
+
+    def reset():
+        for n in shadow_names:
+            ex[n].reset()
+
+    def acting(*args):
+        ref = np.asarray(eager(*args))
+        for n in shadow_names:
+            got = np.asarray(ex[n](*args))
+            s = shadow[n]
+            s["calls"] += 1
+            s["unequal_chunks"] += int(not np.array_equal(got, ref))
+            s["head_calls"] += heads(ex[n]) if n != "plain_unrolled" else 16
+        return ref
+
+    say(f"closed loop: eager acting, {len(shadow_names)} lossless arms shadowing")
+    t0 = time.perf_counter()
+    ref_run = wl.run(acting, reset)
+    say(f"  took {time.perf_counter() - t0:.0f} s")
+    results: dict = {"eager": dict(_summary(wl, ref_run, None), head_calls_per_policy_call=float(n_tok))}
+    for n in shadow_names:
+        s = shadow[n]
+        results[n] = dict(results["eager"], **{
+            "success_from": "eager's closed loop (every chunk equal)" if s["unequal_chunks"] == 0 else
+                            "NOT VALID: chunks differ from eager's",
+            "unequal_chunks": s["unequal_chunks"], "policy_calls_checked": s["calls"],
+            "head_calls_per_policy_call": s["head_calls"] / max(s["calls"], 1)})
+
+    # -- closed loop: each relaxed arm acts ------------------------------------------------------
+    for n in relaxed:
+        counts = {"calls": 0, "heads": 0}
+
+        def act(*args, n=n, counts=counts):
+            out = ex[n](*args)
+            counts["calls"] += 1
+            counts["heads"] += heads(ex[n])
+            return out
+        say(f"closed loop: {n} acting")
+        t0 = time.perf_counter()
+        run = wl.run(act, ex[n].reset)
+        say(f"  took {time.perf_counter() - t0:.0f} s")
+        fid = wl.fidelity(ref_run, run)
+        results[n] = dict(_summary(wl, run, fid), head_calls_per_policy_call=counts["heads"] / max(counts["calls"], 1))
+    for r in results.values():
+        r["tokens_per_head_call"] = round(n_tok / r["head_calls_per_policy_call"], 3)
+    return {"episodes_per_task": a.episodes, "tasks": wl.task_names, "arms": results}
+
+
+def _summary(wl, run, fid) -> dict:
+    eps = run["episodes"]
+    per = {k: float(np.mean([e["success"] for e in v])) for k, v in eps.items()}
+    out = {"success": float(np.mean(list(per.values()))), "success_per_task": per,
+           "mean_episode_len": float(np.mean([e["steps"] for v in eps.values() for e in v])),
+           "episodes": int(sum(len(v) for v in eps.values()))}
+    if fid is not None:
+        out["vs_eager"] = {k: fid[k] for k in ("episode_outcomes_equal", "action_mse_vs_reference",
+                                               "action_mse_vs_expert_reference", "action_mse_vs_expert_optimized")}
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

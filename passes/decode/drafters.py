@@ -1,0 +1,172 @@
+"""The graphs speculative decoding adds: drafters and the acceptance step (torch modules that
+speculative_decode captures into the Program; each is plain tensor code that lowers to ONNX
+and TVM).
+
+Drafters propose all N tokens of a call at once:
+  `Retrieval`   the tokens stored with the nearest key in a table (HeiSD's retrieval drafting):
+                float keys by standardized L2, integer keys (an instruction's ids) must match.
+  `KalmanDraft` / `KalmanUpdate` / `KalmanStart`
+                per-dimension constant-velocity Kalman filters over the actions decoded at
+                earlier calls of the request (KERV): the draft is the filters' prediction of
+                the next H actions, in bins; after a call the filters take its H actions in.
+`Accept` verifies a draft against the head's logits at every position (one head call) and
+keeps the longest acceptable prefix plus the head's own token where it first disagrees.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: a mismatched integer key adds this to the squared distance: never nearer than a matching one
+_MISMATCH = 1e30
+
+
+class Retrieval(nn.Module):
+    """forward(*keys) -> draft tokens (B, N) int64: the stored tokens of the nearest row.
+
+    Args:
+        float_keys: per float key input, its table (M, D) (inputs flattened from dim 1).
+        int_keys: per integer key input, its table (M, D); a row whose ids differ is never chosen
+            while one that matches exists.
+        tokens: (M, N) int64, the tokens stored with each row.
+        order: for each forward argument, ("f", i) or ("i", i): which table it is matched against.
+    """
+
+    def __init__(self, float_keys: list[torch.Tensor], int_keys: list[torch.Tensor], tokens: torch.Tensor,
+                 order: list[tuple[str, int]]):
+        super().__init__()
+        self.order = list(order)
+        for i, k in enumerate(float_keys):
+            k = k.reshape(k.shape[0], -1).to(torch.float32)
+            std = k.std(0).clamp_min(1e-6) if k.shape[0] > 1 else torch.ones(k.shape[1])
+            # standardized: each feature weighs the same whatever its scale
+            self.register_buffer(f"f{i}", (k / std).contiguous())
+            self.register_buffer(f"f{i}_inv_std", (1.0 / std).contiguous())
+        for i, k in enumerate(int_keys):
+            self.register_buffer(f"i{i}", k.reshape(k.shape[0], -1).to(torch.int64).contiguous())
+        self.register_buffer("tokens", tokens.to(torch.int64).contiguous())
+
+    def forward(self, *keys: torch.Tensor) -> torch.Tensor:
+        dist = None
+        for (kind, i), x in zip(self.order, keys):
+            table = getattr(self, f"{kind}{i}")
+            x = x.reshape(x.shape[0], -1)
+            if kind == "f":
+                q = x.to(torch.float32) * getattr(self, f"f{i}_inv_std")
+                # |q - k|^2 = |q|^2 - 2 q.k + |k|^2, as one matmul
+                d = (q * q).sum(-1, keepdim=True) - 2.0 * q @ table.t() + (table * table).sum(-1)[None]
+            else:
+                d = (x[:, None, :] != table[None]).any(-1).to(torch.float32) * _MISMATCH
+            dist = d if dist is None else dist + d
+        idx = dist.argmin(-1)
+        return self.tokens.index_select(0, idx)
+
+
+def _cv_predict(x, v, p00, p01, p11, q):
+    """One constant-velocity predict step (dt = 1, white-noise acceleration of variance q)."""
+    x = x + v
+    p00, p01, p11 = p00 + 2 * p01 + p11 + q / 4, p01 + p11 + q / 2, p11 + q
+    return x, v, p00, p01, p11
+
+
+def _cv_update(x, v, p00, p01, p11, z, r):
+    """Take measurement z of the position (noise variance r)."""
+    s = p00 + r
+    k0, k1 = p00 / s, p01 / s
+    y = z - x
+    x, v = x + k0 * y, v + k1 * y
+    p00, p01, p11 = (1 - k0) * p00, (1 - k0) * p01, p11 - k1 * p01
+    return x, v, p00, p01, p11
+
+
+class KalmanStart(nn.Module):
+    """tokens (B, N) of the first call -> filter state (B, 5, A): position, velocity and the
+    covariance (p00, p01, p11) per action dimension, after taking the call's H actions in."""
+
+    def __init__(self, horizon: int, action_dim: int, q: float, r: float):
+        super().__init__()
+        self.h, self.a, self.q, self.r = horizon, action_dim, float(q), float(r)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        z = tokens.to(torch.float32).reshape(tokens.shape[0], self.h, self.a)
+        x, v = z[:, 0], torch.zeros_like(z[:, 0])
+        p00, p01, p11 = torch.full_like(x, self.r), torch.zeros_like(x), torch.full_like(x, 4.0 * self.r)
+        for t in range(1, self.h):
+            x, v, p00, p01, p11 = _cv_update(*_cv_predict(x, v, p00, p01, p11, self.q), z[:, t], self.r)
+        return torch.stack([x, v, p00, p01, p11], 1)
+
+
+class KalmanUpdate(nn.Module):
+    """(tokens (B, N) of this call, state (B, 5, A)) -> the state after taking its H actions in."""
+
+    def __init__(self, horizon: int, action_dim: int, q: float, r: float):
+        super().__init__()
+        self.h, self.a, self.q, self.r = horizon, action_dim, float(q), float(r)
+
+    def forward(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        z = tokens.to(torch.float32).reshape(tokens.shape[0], self.h, self.a)
+        x, v, p00, p01, p11 = state.unbind(1)
+        for t in range(self.h):
+            x, v, p00, p01, p11 = _cv_update(*_cv_predict(x, v, p00, p01, p11, self.q), z[:, t], self.r)
+        return torch.stack([x, v, p00, p01, p11], 1)
+
+
+class KalmanDraft(nn.Module):
+    """state (B, 5, A) -> draft tokens (B, N) int64: the filters' next H positions, rounded to bins."""
+
+    def __init__(self, horizon: int, action_dim: int, vocab: int):
+        super().__init__()
+        self.h, self.a, self.vocab = horizon, action_dim, vocab
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        x, v = state[:, 0], state[:, 1]
+        steps = torch.arange(1, self.h + 1, dtype=torch.float32, device=state.device)
+        pred = x[:, None, :] + steps[None, :, None] * v[:, None, :]           # (B, H, A)
+        pred = torch.round(pred).clamp(0, self.vocab - 1)
+        return pred.reshape(state.shape[0], self.h * self.a).to(torch.int64)
+
+
+class Counted(nn.Module):
+    """A drafter whose draft comes with the accepted count the verify loop starts from:
+    forward(*x) -> (draft (B, N), zeros (B, 1) int64)."""
+
+    def __init__(self, drafter: nn.Module):
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, *x: torch.Tensor):
+        d = self.drafter(*x)
+        return d, torch.zeros(d.shape[0], 1, dtype=torch.int64, device=d.device)
+
+
+class Accept(nn.Module):
+    """One verify step. forward(logits (B, N, V), tokens (B, N), n (B, 1)) ->
+    (tokens', n', done (1,) int64).
+
+    `tokens` holds n accepted tokens followed by the draft. Position j >= n is acceptable when
+    its token equals the head's argmax at j (radius 0: exact, lossless) or lies within `radius`
+    bins of it (Spec-VLA's relaxed acceptance over ordered bins). The longest acceptable run from
+    n is kept; at the first position that is not, the head's argmax goes in (the logits there
+    were computed from an accepted prefix, so it is the token greedy decoding would pick); the
+    draft after it stays, to be verified next time. n' counts what is now fixed; done once every
+    row has all N.
+    """
+
+    def __init__(self, radius: int = 0, refill: str = "draft"):
+        super().__init__()
+        self.radius, self.refill = int(radius), refill
+
+    def forward(self, logits: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor):
+        pred = logits.argmax(-1)                                           # (B, N)
+        slots = torch.arange(tokens.shape[1], device=tokens.device)[None]  # (1, N)
+        ok = (tokens == pred) if self.radius == 0 else ((tokens - pred).abs() <= self.radius)
+        ok = ok | (slots < n)
+        # leading acceptable positions (B, 1): the first position that is not, or N
+        m = torch.where(ok, tokens.shape[1], slots).amin(1, keepdim=True)
+        if self.refill == "head":     # past the first disagreement: the head's guesses (Jacobi decoding)
+            tokens = torch.where(slots >= m, pred, tokens)
+        else:
+            tokens = torch.where(slots == m, pred, tokens)
+        n = torch.clamp(m + 1, max=tokens.shape[1])
+        done = (n >= tokens.shape[1]).all().reshape(1).to(torch.int64)
+        return tokens, n, done

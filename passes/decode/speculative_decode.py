@@ -1,0 +1,304 @@
+"""Speculative decoding of a captured Decoder's tokens (HeiSD retrieval drafts, KERV Kalman
+drafts, Spec-VLA relaxed acceptance).
+
+Before (ir/decode.py): N iterations of  head(tokens) -> logits; pick: token pos = argmax, pos + 1
+After:   draft: all N tokens proposed at once (no head call), then until every token is fixed:
+             head(tokens) -> logits; accept: keep the longest acceptable run of the draft, the
+             head's own token where it first disagrees (drafters.Accept)
+
+A greedy head call costs the same whatever it verifies (the head computes the logits of every
+position in one call), so each iteration fixes at least one token and usually several: the
+head calls per call fall from N to about N / (mean accepted run + 1).
+
+Drafters (`drafter:`):
+  retrieval  the tokens of the nearest stored observation (HeiSD). The table is the head's own
+             greedy tokens on the calibration inputs (up to `table_size`), or an .npz file
+             (`table:`) with one array per key input (named as the program's inputs) and
+             `tokens` (M, N), e.g. tokenized demonstration actions. Keys: `keys:` (program input
+             names), default every input with at most 256 values per row (a state vector, an
+             instruction's ids; not an image). Float keys are matched by standardized L2,
+             integer keys must match exactly.
+  kalman     per action dimension, a constant-velocity Kalman filter over the actions decoded at
+             the earlier calls of the request (KERV); the draft is its prediction of the next H
+             actions. The first call of a request has no history: it decodes with a draft of
+             zeros. Tokens are read as H actions of `action_dim` bins each (time-major).
+  none       a draft of zeros: with `refill: head` this is Jacobi decoding, the baseline a
+             drafter has to beat.
+
+Past the first rejected position (`refill:`): `head` puts the head's own guesses there (its
+argmax at those positions, computed from a prefix that was wrong at one token; Jacobi
+decoding), `draft` keeps the rest of the draft. Either way each iteration fixes at least one
+token, and exact acceptance stays lossless.
+
+Acceptance (`radius:`): 0 accepts a draft token only when it equals the head's argmax, so the
+tokens are exactly greedy decoding's (lossless); r > 0 accepts tokens within r bins of the
+argmax (Spec-VLA: action tokens are ordered bins), trading fidelity for fewer head calls.
+
+Reads: the DecodeLoop record (capture of a pared.ir.decode.Decoder writes it).
+Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`) and
+`speculative_decode.accept`; the decoding Loop becomes draft + Loop(until done, at most N);
+a SpeculativePlan record. Earlier rewrites of the head call (quantization, variants) stay as
+they are: only the pick step is replaced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pared.ir.capture import capture
+from pared.ir.decode import DecodeLoop
+from pared.ir.errors import OptionError, PassError
+from pared.ir.plan import Call, Loop, Node, Plan, Select, Seq, StateBuffer, Table, map_nodes
+from pared.ir.program import Program
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.passes.decode import drafters
+
+NAME = "speculative_decode"
+DRAFT, ACCEPT = f"{NAME}.draft", f"{NAME}.accept"
+K_START, K_UPDATE = f"{NAME}.kalman_start", f"{NAME}.kalman_update"
+#: the references the pass adds
+N_REF, DONE_REF, KF_STATE = f"{NAME}.n", f"{NAME}.done", f"{NAME}.kalman"
+#: default keys: inputs with at most this many values per row
+_SMALL_KEY = 256
+
+
+@register_pass(NAME)
+class SpeculativeDecode(RewritePass):
+    """Draft all tokens, verify them with one head call per iteration (see module docstring)."""
+
+    #: harnesses build the model in its decoding-loop form (a pared.ir.decode.Decoder) for this pass
+    needs_decode_loop = True
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        drafter: Literal["retrieval", "kalman", "none"] = "retrieval"
+        radius: int = 0                     # acceptance: 0 exact (lossless); r: within r bins of the argmax
+        refill: Literal["head", "draft"] = "head"    # past a rejection: the head's guesses, or the rest of the draft
+        keys: tuple[str, ...] | None = None  # retrieval: the program inputs matched (default: the small ones)
+        table: str | None = None            # retrieval: an .npz table instead of the calibration inputs
+        table_size: int = 4096              # retrieval: at most this many calibration rows
+        action_dim: int | None = None       # kalman: values per action (tokens are H actions of this many)
+        process_noise: float = 16.0         # kalman: acceleration variance, in bins^2 per step^2
+        measurement_noise: float = 4.0      # kalman: variance of a decoded action around the filter's, bins^2
+
+        def __post_init__(self):
+            check_range(NAME, "radius", self.radius, lo=0)
+            check_range(NAME, "table_size", self.table_size, lo=1)
+            check_range(NAME, "process_noise", self.process_noise, lo=0, lo_open=True)
+            check_range(NAME, "measurement_noise", self.measurement_noise, lo=0, lo_open=True)
+            if self.drafter == "kalman" and self.action_dim is None:
+                raise OptionError(f"pass '{NAME}': drafter 'kalman' needs option 'action_dim' (the values per "
+                                  "action: the tokens are read as H actions of that many bins)")
+            if self.action_dim is not None:
+                check_range(NAME, "action_dim", self.action_dim, lo=1)
+            if self.drafter != "retrieval" and (self.keys is not None or self.table is not None):
+                raise OptionError(f"pass '{NAME}': options 'keys' and 'table' belong to drafter 'retrieval', "
+                                  f"not {self.drafter!r}")
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        loop_rec = program.records.get("DecodeLoop")
+        if not isinstance(loop_rec, DecodeLoop):
+            raise PassError(f"pass '{NAME}' needs a decoding loop in the plan: wrap the model in "
+                            "pared.ir.decode.Decoder(encoder, head, n_tokens, detokenize) so capture declares it "
+                            "(the program has no DecodeLoop record)")
+        loops = _pick_loops(program.plan.body, loop_rec)
+        if not loops:
+            if ACCEPT in program.graphs:          # already speculative: nothing more to do
+                return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
+            raise PassError(f"pass '{NAME}': the plan has no greedy loop over {loop_rec.pick!r} "
+                            f"({loop_rec.n_tokens} iterations) to replace; an earlier pass changed it")
+        n, vocab = loop_rec.n_tokens, loop_rec.vocab
+        if n == 1:          # one token is one head call whatever the draft: nothing to gain
+            ctx.log.info("%s: the loop decodes one token; nothing to speculate", NAME)
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
+        if o.action_dim is not None and n % o.action_dim:
+            raise OptionError(f"pass '{NAME}': option 'action_dim' ({o.action_dim}) does not divide the "
+                              f"{n} tokens per call")
+        graphs = dict(program.graphs)
+        head = program.graphs[loop_rec.head]
+        example_tokens = head.example_inputs[0]
+        batch = example_tokens.shape[0]
+        state: tuple[StateBuffer, ...] = ()
+        stats: dict = {"tokens": n}
+        if o.drafter == "retrieval":
+            keys, float_keys, int_keys, order, rows, source = self._table(program, loop_rec, ctx)
+            mod = drafters.Counted(drafters.Retrieval(float_keys, int_keys, rows, order))
+            ex = tuple(program.graphs[_input_graph(program)].example_inputs[loop_rec.inputs.index(k)] for k in keys)
+            graphs[DRAFT] = capture(mod, ex, name=DRAFT).main
+            draft: Node = Call(DRAFT, tuple(f"in:{k}" for k in keys), (loop_rec.tokens, N_REF))
+            after: Node | None = None
+            stats.update(table_rows=int(rows.shape[0]), keys=list(keys))
+            detail = {"keys": list(keys), "table_rows": int(rows.shape[0]), "table": source}
+        elif o.drafter == "none":
+            graphs[DRAFT] = capture(drafters.Counted(_Zeros(n)), (example_tokens,), name=DRAFT).main
+            draft, after = Call(DRAFT, (loop_rec.tokens,), (loop_rec.tokens, N_REF)), None
+            detail = {}
+        else:
+            h = n // o.action_dim
+            q, r = o.process_noise, o.measurement_noise
+            kf_state = torch.zeros(batch, 5, o.action_dim)
+            graphs[DRAFT] = capture(drafters.Counted(drafters.KalmanDraft(h, o.action_dim, vocab)), (kf_state,),
+                                    name=DRAFT).main
+            graphs[K_START] = capture(drafters.KalmanStart(h, o.action_dim, q, r), (example_tokens,),
+                                      name=K_START).main
+            graphs[K_UPDATE] = capture(drafters.KalmanUpdate(h, o.action_dim, q, r), (example_tokens, kf_state),
+                                       name=K_UPDATE).main
+            graphs[f"{DRAFT}.cold"] = capture(drafters.Counted(_Zeros(n)), (example_tokens,),
+                                              name=f"{DRAFT}.cold").main
+            kf = f"state:{KF_STATE}"
+            cold_warm = Table(("cold",), "warm")
+            draft = Select(cold_warm, (("cold", Call(f"{DRAFT}.cold", (loop_rec.tokens,), (loop_rec.tokens, N_REF))),
+                                       ("warm", Call(DRAFT, (kf,), (loop_rec.tokens, N_REF)))), f"{NAME}.history")
+            after = Select(cold_warm, (("cold", Call(K_START, (loop_rec.tokens,), (kf,))),
+                                       ("warm", Call(K_UPDATE, (loop_rec.tokens, kf), (kf,)))), f"{NAME}.history")
+            state = (StateBuffer(KF_STATE, (None, 5, o.action_dim), "float32"),)
+            detail = {"action_dim": o.action_dim, "process_noise": q, "measurement_noise": r}
+        logits_ex = torch.zeros(batch, n, vocab)
+        graphs[ACCEPT] = capture(drafters.Accept(o.radius, o.refill), (logits_ex, example_tokens,
+                                                             torch.zeros(batch, 1, dtype=torch.int64)),
+                                 name=ACCEPT).main
+
+        def speculative(loop: Loop) -> Node:
+            *verify, _pick = loop.body.nodes
+            body = Seq((*verify, Call(ACCEPT, (loop_rec.logits, loop_rec.tokens, N_REF),
+                                      (loop_rec.tokens, N_REF, DONE_REF))))
+            nodes = [draft, Loop(body, until=DONE_REF, max_iters=n)]
+            return Seq(tuple(nodes + ([after] if after is not None else [])))
+
+        body = map_nodes(program.plan.body, lambda node: speculative(node) if node in loops else node)
+        plan = dataclasses.replace(program.plan, body=body).with_declarations(state)
+        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=o.radius == 0, detail=detail)
+        new = program.replace(graphs=graphs, plan=plan).with_record(rec)
+        ctx.log.info("%s: %s drafts, radius %d, %d tokens", NAME, o.drafter, o.radius, n)
+        return PassResult(new, modified=True, stats=stats)
+
+    # -- the retrieval table ----------------------------------------------------------------
+    def _table(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext):
+        o = self.options
+        ex = {k: program.graphs[_input_graph(program)].example_inputs[i] for i, k in enumerate(loop_rec.inputs)}
+        if o.keys is not None:
+            unknown = [k for k in o.keys if k not in ex]
+            if unknown or not o.keys:
+                raise OptionError(f"pass '{NAME}': option 'keys': {unknown or 'none given'} are not inputs of the "
+                                  f"program (its inputs: {list(loop_rec.inputs)})")
+            keys = list(o.keys)
+        else:
+            keys = [k for k, t in ex.items() if t[0].numel() <= _SMALL_KEY]
+            if not keys:
+                raise PassError(f"pass '{NAME}': no program input is small enough to key the retrieval table "
+                                f"(at most {_SMALL_KEY} values per row); name the keys with option 'keys'")
+        if o.table is not None:
+            cols, rows = _load_table(o.table, keys, loop_rec.n_tokens, ex)
+            source = os.path.basename(o.table)
+        else:
+            cols, rows = self._from_calibration(program, loop_rec, ctx, keys)
+            source = "calibration"
+        float_keys, int_keys, order = [], [], []
+        for k in keys:
+            if cols[k].dtype.is_floating_point:
+                order.append(("f", len(float_keys)))
+                float_keys.append(cols[k])
+            else:
+                order.append(("i", len(int_keys)))
+                int_keys.append(cols[k])
+        if int(rows.min()) < 0 or int(rows.max()) >= loop_rec.vocab:
+            raise PassError(f"pass '{NAME}': the retrieval table holds tokens outside [0, {loop_rec.vocab})")
+        return keys, float_keys, int_keys, order, rows, source
+
+    def _from_calibration(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext, keys: list[str]):
+        calib = ctx.calibration
+        if callable(calib) or not calib:
+            raise PassError(f"pass '{NAME}': drafter 'retrieval' builds its table from calibration inputs (a list "
+                            "of input tuples, e.g. demonstration observations); none were given. Pass "
+                            "calibration=[...] or option 'table' (an .npz file)")
+        sets = list(calib)[: self.options.table_size]
+        greedy = program.replace(plan=dataclasses.replace(program.plan, outputs=(loop_rec.tokens,)))
+        runner = greedy.runner()
+        cols: dict[str, list] = {k: [] for k in keys}
+        rows = []
+        for i, inputs in enumerate(sets):
+            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            if len(inputs) != len(loop_rec.inputs):
+                raise PassError(f"pass '{NAME}': calibration input {i} has {len(inputs)} tensors; the program "
+                                f"takes {len(loop_rec.inputs)} ({list(loop_rec.inputs)})")
+            runner.reset()
+            with torch.no_grad():
+                tokens = runner(list(inputs))[0]
+            for k in keys:
+                cols[k].append(inputs[loop_rec.inputs.index(k)])
+            rows.append(tokens)
+            if i % 256 == 255:
+                ctx.progress(f"{NAME}: retrieval table, {i + 1}/{len(sets)} calibration inputs decoded")
+        return {k: torch.cat(v) for k, v in cols.items()}, torch.cat(rows)
+
+
+class _Zeros(torch.nn.Module):
+    """The cold-start draft: zeros shaped like the tokens."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(tokens)
+
+
+def _input_graph(program: Program) -> str:
+    """The graph that reads the program's inputs (the Decoder's encoder)."""
+    for c in program.plan.calls():
+        if any(r.startswith("in:") for r in c.inputs):
+            return c.graph
+    raise PassError(f"pass '{NAME}': no graph of the plan reads the program's inputs")
+
+
+def _pick_loops(body: Node, rec: DecodeLoop) -> list[Loop]:
+    """The greedy loops: count = N, body a Seq ending in a Call of the pick graph."""
+    from pared.ir.plan import iter_nodes
+    out = []
+    for node in iter_nodes(body):
+        if (isinstance(node, Loop) and node.count == rec.n_tokens and isinstance(node.body, Seq)
+                and node.body.nodes and isinstance(node.body.nodes[-1], Call) and node.body.nodes[-1].graph == rec.pick):
+            out.append(node)
+    return out
+
+
+def _load_table(path: str, keys: list[str], n: int, ex: dict) -> tuple[dict, torch.Tensor]:
+    if not os.path.exists(path):
+        raise OptionError(f"pass '{NAME}': option 'table': {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise OptionError(f"pass '{NAME}': option 'table': {path} is not an .npz of arrays ({e})") from e
+    missing = [k for k in [*keys, "tokens"] if k not in data]
+    if missing:
+        raise OptionError(f"pass '{NAME}': option 'table': {path} lacks arrays {missing} (it has {sorted(data)}; "
+                          "one per key input and 'tokens')")
+    rows = torch.from_numpy(np.ascontiguousarray(data["tokens"])).to(torch.int64)
+    if rows.dim() != 2 or rows.shape[1] != n:
+        raise OptionError(f"pass '{NAME}': option 'table': 'tokens' in {path} must be (M, {n}), got {tuple(rows.shape)}")
+    cols = {}
+    for k in keys:
+        a = torch.from_numpy(np.ascontiguousarray(data[k]))
+        if a.shape[0] != rows.shape[0] or a[0].numel() != ex[k][0].numel():
+            raise OptionError(f"pass '{NAME}': option 'table': {k!r} in {path} must be ({rows.shape[0]}, ...) with "
+                              f"{ex[k][0].numel()} values per row like the input, got {tuple(a.shape)}")
+        cols[k] = a.to(ex[k].dtype)
+    return cols, rows
+
+
+@dataclass(frozen=True)
+class SpeculativePlan(Record):
+    """What speculative_decode decided: the drafter, the acceptance radius (0: lossless) and the
+    drafter's settings (table keys and size, or the Kalman filters' noise)."""
+    drafter: str
+    radius: int
+    tokens: int
+    lossless: bool
+    detail: dict

@@ -1,0 +1,290 @@
+"""speculative_decode: the rewritten loop against greedy decoding (exact acceptance is lossless,
+relaxed acceptance keeps every token within the radius of the head's own choice), each drafter
+against an independent emulation, the plan it builds, and the artifact torch-free."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pared.ir.capture import capture
+from pared.ir.decode import TOKENS
+from pared.ir.errors import OptionError, PassError
+from pared.ir.plan import Call, Loop, Select, Seq, iter_nodes
+from pared.ir.transform import PassContext
+from pared.passes.decode import drafters
+from pared.passes.decode.speculative_decode import ACCEPT, DRAFT, K_UPDATE, SpeculativeDecode
+from pared.testing import run_pass_checked, tiny_decoder, tiny_decoder_inputs, tiny_transformer
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m, ex = tiny_decoder()
+    calib = [tiny_decoder_inputs(1, 100 + i) for i in range(32)]
+    return m, capture(m, ex), calib
+
+
+def _heads(runner) -> int:
+    return sum(g == "head" for g in runner.graph_trace[-1])
+
+
+def _run(prog, inputs: list[tuple], reset_each: bool = True):
+    r = prog.runner()
+    outs, heads = [], []
+    for x in inputs:
+        if reset_each:
+            r.reset()
+        outs.append(r(list(x))[0])
+        heads.append(_heads(r))
+    return outs, heads
+
+
+# -- the acceptance step against a plain Python verify loop ------------------------------------------
+def _accept_reference(logits, tokens, n, radius, refill):
+    pred = logits.argmax(-1)
+    tokens, n = tokens.clone(), n.clone()
+    for b in range(tokens.shape[0]):
+        m = int(n[b])
+        while m < tokens.shape[1] and abs(int(tokens[b, m]) - int(pred[b, m])) <= radius:
+            m += 1
+        if m < tokens.shape[1]:
+            tokens[b, m] = pred[b, m]
+            if refill == "head":
+                tokens[b, m + 1:] = pred[b, m + 1:]
+        n[b] = min(m + 1, tokens.shape[1])
+    return tokens, n
+
+
+@pytest.mark.parametrize("radius,refill", [(0, "draft"), (0, "head"), (2, "draft"), (3, "head")])
+def test_accept_matches_a_python_verify_step(radius, refill):
+    g = torch.Generator().manual_seed(radius)
+    for trial in range(30):
+        logits = torch.randn(3, N, 6, generator=g)
+        pred = logits.argmax(-1)
+        # drafts that agree with the argmax for a while, then not
+        tokens = torch.where(torch.rand(3, N, generator=g) < 0.7, pred, torch.randint(0, 6, (3, N), generator=g))
+        n = torch.randint(0, N, (3, 1), generator=g)
+        got_t, got_n, done = drafters.Accept(radius, refill)(logits, tokens, n)
+        want_t, want_n = _accept_reference(logits, tokens, n, radius, refill)
+        assert torch.equal(got_t, want_t) and torch.equal(got_n, want_n)
+        assert int(done) == int(bool((want_n >= N).all()))
+
+
+# -- the rewritten loop ------------------------------------------------------------------------
+@pytest.mark.parametrize("drafter,opts", [("retrieval", {}), ("none", {}), ("kalman", {"action_dim": 2}),
+                                          ("retrieval", {"refill": "draft"})])
+def test_exact_acceptance_gives_greedy_decodings_tokens(tiny, drafter, opts):
+    m, prog, calib = tiny
+    res = run_pass_checked(SpeculativeDecode(drafter=drafter, **opts), prog, PassContext(calibration=calib))
+    held = [tiny_decoder_inputs(base=calib[i], seed=500 + i) for i in range(6)] + \
+           [tiny_decoder_inputs(1, 900 + i) for i in range(6)]
+    # one request: the Kalman drafter carries its history from call to call
+    outs, heads = _run(res.program, held, reset_each=False)
+    with torch.no_grad():
+        for x, got in zip(held, outs):
+            assert torch.equal(got, m(*x)), "exact acceptance must reproduce greedy decoding bit for bit"
+    assert all(1 <= h <= N for h in heads)
+    assert res.program.records["SpeculativePlan"].lossless
+
+
+def test_retrieval_drafts_cut_head_calls_on_observations_near_the_table(tiny):
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="retrieval")(prog, PassContext(calibration=calib))
+    near = [tiny_decoder_inputs(base=calib[i], seed=500 + i) for i in range(8)]
+    _, heads = _run(res.program, near)
+    # measured: 1.0 (the nearest row's tokens are the greedy ones); greedy decoding needs N
+    assert np.mean(heads) <= 2.0, heads
+
+
+@pytest.mark.parametrize("radius", [1, 3])
+def test_relaxed_acceptance_keeps_every_token_within_radius_of_the_heads_choice(tiny, radius):
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="none", radius=radius)(prog, PassContext(calibration=calib))
+    inputs = [tiny_decoder_inputs(1, 700 + i) for i in range(10)]
+    r = res.program.runner()
+    t_prog = res.program.replace(plan=res.program.plan.__class__(
+        res.program.plan.inputs, (TOKENS,), res.program.plan.body, res.program.plan.state,
+        res.program.plan.step_values))
+    tr = t_prog.runner()
+    heads_relaxed, heads_exact = [], []
+    exact = SpeculativeDecode(drafter="none")(prog, PassContext()).program.runner()
+    for x in inputs:
+        tr.reset()
+        tokens = tr(list(x))[0]
+        with torch.no_grad():
+            pred = m.head(tokens, *m.cond(*x)).argmax(-1)
+        # each final token was accepted given its final prefix: within `radius` of the head's argmax there
+        assert int((tokens - pred).abs().max()) <= radius
+        r.reset(), exact.reset()
+        r(list(x)), exact(list(x))
+        heads_relaxed.append(_heads(r))
+        heads_exact.append(_heads(exact))
+    assert np.mean(heads_relaxed) <= np.mean(heads_exact)
+
+
+def test_the_plan_keeps_the_head_call_and_replaces_the_pick(tiny):
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="kalman", action_dim=2)(prog, PassContext())
+    plan = res.program.plan
+    loops = [n for n in iter_nodes(plan.body) if isinstance(n, Loop)]
+    assert len(loops) == 1 and loops[0].until is not None and loops[0].max_iters == N and loops[0].count is None
+    calls = [c.graph for c in loops[0].body.nodes]
+    assert calls == ["head", ACCEPT]
+    graphs = {c.graph for c in plan.calls()}
+    assert "decode.pick" not in graphs and {DRAFT, f"{DRAFT}.cold", K_UPDATE} <= graphs
+    selects = [n for n in iter_nodes(plan.body) if isinstance(n, Select)]
+    assert [s.selector.kind for s in selects] == ["table", "table"]      # cold start, then the filters' history
+    assert [s.name for s in plan.state] == ["speculative_decode.kalman"]
+    # running it again finds nothing more to do
+    again = SpeculativeDecode(drafter="kalman", action_dim=2)(res.program, PassContext())
+    assert not again.modified and again.program is res.program
+
+
+def test_after_a_graph_pass_the_rewritten_head_is_the_one_verified(tiny):
+    """quantize the head first: the speculative loop calls the quantized head, and exact acceptance
+    reproduces greedy decoding of the quantized program."""
+    from pared.passes.quant.quantize_linears import QuantizeLinears
+    from pared.ir.target import get_target
+    m, prog, calib = tiny
+    ctx = PassContext(calibration=calib, target=get_target("cpu"))
+    q = QuantizeLinears(mode="dynamic")(prog, ctx).program
+    s = SpeculativeDecode(drafter="none")(q, PassContext()).program
+    assert s.graphs["head"] is q.graphs["head"]
+    held = [tiny_decoder_inputs(1, 300 + i) for i in range(8)]
+    a, _ = _run(q, held)
+    b, _ = _run(s, held)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# -- drafters against independent emulations ------------------------------------------------------
+def test_retrieval_returns_the_nearest_rows_tokens_and_never_a_mismatched_id():
+    g = torch.Generator().manual_seed(0)
+    keys_f = torch.randn(50, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 1.0, 3.0])
+    keys_i = torch.randint(0, 3, (50, 2), generator=g)
+    rows = torch.randint(0, 16, (50, N), generator=g)
+    mod = drafters.Retrieval([keys_f], [keys_i], rows, [("f", 0), ("i", 0)])
+    std = keys_f.std(0)
+    for trial in range(40):
+        qf = torch.randn(1, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 1.0, 3.0])
+        qi = keys_i[trial % 50][None]
+        d = (((qf - keys_f) / std) ** 2).sum(-1).numpy()
+        d[(keys_i != qi).any(-1).numpy()] = np.inf
+        assert torch.equal(mod(qf, qi)[0], rows[int(np.argmin(d))])
+
+
+def _kalman_reference(zs, q, r, horizon):
+    """Matrix-form constant-velocity Kalman filter (numpy): start at z0 with zero velocity, take
+    the rest, then predict `horizon` positions."""
+    F = np.array([[1.0, 1.0], [0.0, 1.0]])
+    G = np.array([[0.5], [1.0]])
+    Q = q * G @ G.T
+    H = np.array([[1.0, 0.0]])
+    x = np.array([zs[0], 0.0])
+    P = np.diag([r, 4.0 * r])
+    for z in zs[1:]:
+        x, P = F @ x, F @ P @ F.T + Q
+        S = H @ P @ H.T + r
+        K = P @ H.T / S
+        x = x + (K * (z - H @ x)).ravel()
+        P = (np.eye(2) - K @ H) @ P
+    return np.array([x[0] + k * x[1] for k in range(1, horizon + 1)])
+
+
+def test_kalman_filters_match_the_matrix_form():
+    h, a, q, r = 4, 3, 16.0, 4.0
+    g = torch.Generator().manual_seed(1)
+    calls = [torch.randint(0, 256, (1, h * a), generator=g) for _ in range(3)]
+    state = drafters.KalmanStart(h, a, q, r)(calls[0])
+    for c in calls[1:]:
+        state = drafters.KalmanUpdate(h, a, q, r)(c, state)
+    draft = drafters.KalmanDraft(h, a, 256)(state)
+    zs = torch.cat([c.reshape(h, a) for c in calls]).double().numpy()
+    for dim in range(a):
+        want = _kalman_reference(zs[:, dim], q, r, h)
+        assert np.allclose(draft.reshape(h, a)[:, dim].numpy(), np.clip(np.round(want), 0, 255)), dim
+
+
+def test_the_kalman_draft_follows_a_constant_velocity_motion(tiny):
+    """On a request whose actions move at constant speed, the filters' draft is the next actions."""
+    h, a = 4, 2
+    ramp = torch.arange(0, 40).reshape(-1, h * a)       # 5 calls of 4 actions x 2 dims, +1 bin per value
+    calls = [(torch.stack([c[0::2], c[1::2] * 0 + 100], 1).reshape(1, -1)) for c in ramp]
+    state = drafters.KalmanStart(h, a, 16.0, 4.0)(calls[0])
+    for c in calls[1:4]:
+        state = drafters.KalmanUpdate(h, a, 16.0, 4.0)(c, state)
+    draft = drafters.KalmanDraft(h, a, 256)(state)
+    assert (draft - calls[4]).abs().max() <= 1
+
+
+# -- options and errors ----------------------------------------------------------------------------
+def test_bad_options_and_programs_are_named(tiny, tmp_path):
+    m, prog, calib = tiny
+    with pytest.raises(OptionError, match="drafter 'kalman' needs option 'action_dim'"):
+        SpeculativeDecode(drafter="kalman")
+    with pytest.raises(OptionError, match="option 'radius' must be in \\[0, inf\\]"):
+        SpeculativeDecode(radius=-1)
+    with pytest.raises(OptionError, match="options 'keys' and 'table' belong to drafter 'retrieval'"):
+        SpeculativeDecode(drafter="none", keys=("obs",))
+    with pytest.raises(OptionError, match="option 'action_dim' \\(3\\) does not divide the 8 tokens"):
+        SpeculativeDecode(drafter="kalman", action_dim=3)(prog, PassContext())
+    with pytest.raises(OptionError, match="option 'keys': \\['img'\\] are not inputs of the program"):
+        SpeculativeDecode(keys=("img",))(prog, PassContext(calibration=calib))
+    with pytest.raises(PassError, match="builds its table from calibration inputs"):
+        SpeculativeDecode()(prog, PassContext())
+    plain = capture(*tiny_transformer())
+    with pytest.raises(PassError, match="wrap the model in pared.ir.decode.Decoder"):
+        SpeculativeDecode(drafter="none")(plain, PassContext())
+    bad = tmp_path / "table.npz"
+    np.savez(bad, obs=np.zeros((4, 6), np.float32), tokens=np.zeros((4, 5), np.int64))
+    with pytest.raises(OptionError, match="'tokens' in .* must be \\(M, 8\\)"):
+        SpeculativeDecode(table=str(bad), keys=("obs",))(prog, PassContext())
+    with pytest.raises(OptionError, match="does not exist"):
+        SpeculativeDecode(table=str(tmp_path / "nope.npz"))(prog, PassContext())
+
+
+def test_a_table_file_drafts_its_tokens(tiny, tmp_path):
+    """HeiSD's form: a table of stored trajectories (here: the greedy tokens of 8 observations)."""
+    m, prog, calib = tiny
+    obs = torch.cat([c[0] for c in calib[:8]])
+    task = torch.cat([c[1] for c in calib[:8]])
+    with torch.no_grad():
+        tokens = torch.cat([_tokens(m, c) for c in calib[:8]])
+    path = tmp_path / "demos.npz"
+    np.savez(path, obs=obs.numpy(), task=task.numpy(), tokens=tokens.numpy())
+    res = SpeculativeDecode(table=str(path))(prog, PassContext())
+    assert res.program.records["SpeculativePlan"].detail["table_rows"] == 8
+    _, heads = _run(res.program, calib[:8])
+    assert heads == [1] * 8                               # each draft is the greedy answer: one verify call
+
+
+def _tokens(m, x):
+    cond = m.cond(*x)
+    t = torch.zeros(1, N, dtype=torch.int64)
+    for j in range(N):
+        t[:, j] = m.head(t, *cond)[:, j].argmax(-1)
+    return t
+
+
+# -- torch-free ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("drafter,opts", [("retrieval", {"radius": 0}), ("kalman", {"action_dim": 2, "radius": 1})])
+def test_the_artifact_runs_the_same_loop_torch_free(tiny, tmp_path, drafter, opts):
+    import pared
+    m, prog, calib = tiny
+    held = [tiny_decoder_inputs(base=calib[i], seed=40 + i) for i in range(4)] + \
+           [tiny_decoder_inputs(1, 60 + i) for i in range(4)]
+    opt = pared.optimize(m, tiny_decoder_inputs(1, 1), target="cpu", calibration=calib, bench_repeats=0,
+                         pipeline=[{"speculative_decode": {"drafter": drafter, **opts}}], allow_fidelity_loss=True,
+                         holdout=held[:1])
+    path = opt.save(str(tmp_path / "art"))
+    ex = pared.load(path)
+    r = opt.program.runner()
+    for x in held:                                          # one request on both sides
+        got = ex(*[t.numpy() for t in x])
+        want = r(list(x))[0]
+        assert np.array_equal(np.asarray(got), want.numpy())
+        assert ex.graph_trace[-1] == r.graph_trace[-1]
+    assert "SpeculativePlan" in ex.records
