@@ -8,7 +8,9 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
   plain_loop       the same, decoding as a loop of the Plan (what speculative_decode rewrites)
   exact_<drafter>  speculative_decode, radius 0 (lossless): drafter none (Jacobi decoding),
                    retrieval (HeiSD: nearest calibration observation's tokens), kalman (KERV)
-  r<k>_<drafter>   relaxed acceptance: draft tokens within k bins of the head's argmax
+  lossy arms       (--lossy, see LOSSY) r<k>_*: draft tokens within k bins of the head's argmax;
+                   kerv<k>_kalman: at most k head calls, the Kalman draft completing the chunk;
+                   skip<q>_*: no head call for retrievals nearer than the table's q-quantile
 
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes, as the workload): eager
 PyTorch's greedy policy acts; every lossless arm shadows it, called on the same observation at
@@ -49,6 +51,14 @@ from pared.workloads import get_workload, torch_callable  # noqa: E402
 LOSSLESS = {"exact_none": {"drafter": "none"},
             "exact_retrieval": {"drafter": "retrieval"},
             "exact_kalman": {"drafter": "kalman", "action_dim": 4}}
+#: lossy arms (--lossy NAME ...): relaxed acceptance (Spec-VLA), capped verification with the Kalman
+#: draft completing the chunk (KERV), verify-skip for near retrievals (HeiSD)
+LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
+         "r5_retrieval": {"drafter": "retrieval", "radius": 5},
+         "kerv1_kalman": {"drafter": "kalman", "action_dim": 4, "refill": "draft", "max_verify": 1},
+         "kerv2_kalman": {"drafter": "kalman", "action_dim": 4, "refill": "draft", "max_verify": 2},
+         "skip25_retrieval": {"drafter": "retrieval", "skip_verify": 0.25},
+         "skip50_r2_retrieval": {"drafter": "retrieval", "radius": 2, "skip_verify": 0.5}}
 
 
 def say(msg: str) -> None:
@@ -63,8 +73,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=25)
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six)")
-    ap.add_argument("--radius", type=int, nargs="*", default=[2, 5], help="relaxed acceptance radii (bins)")
-    ap.add_argument("--relaxed-drafters", nargs="*", default=["retrieval"])
+    ap.add_argument("--lossless", nargs="*", default=sorted(LOSSLESS), choices=sorted(LOSSLESS),
+                    help="lossless arms, shadowing eager's closed loop")
+    ap.add_argument("--lossy", nargs="*", default=["r2_retrieval", "r5_retrieval"], choices=sorted(LOSSY),
+                    help="lossy arms, each acting in its own closed loop")
     ap.add_argument("--repeats", type=int, default=7, help="timing rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--part", choices=("all", "closed_loop", "timing"), default="all",
@@ -77,9 +89,9 @@ def main() -> None:
     model = wl.build()
     example, calib = wl.example_inputs(), wl.calibration()
     holdout = [tuple(torch.from_numpy(x) for x in wl._demo_inputs(int(i))) for i in wl.heldout_steps(9)[1:]]
-    relaxed = {f"r{r}_{d}": {"drafter": d, "radius": r, **({"action_dim": 4} if d == "kalman" else {})}
-               for r in a.radius for d in a.relaxed_drafters}
-    arms = {"plain_loop": None, **LOSSLESS, **relaxed}
+    relaxed = {n: LOSSY[n] for n in a.lossy}
+    lossless = {n: LOSSLESS[n] for n in a.lossless}
+    arms = {"plain_loop": None, **lossless, **relaxed}
     work = tempfile.mkdtemp(prefix="pared-spec-")
     ex: dict[str, Executor] = {}
     records = {}
@@ -101,7 +113,7 @@ def main() -> None:
         with open(a.json) as f:
             previous = json.load(f)
     if a.part in ("all", "closed_loop"):
-        previous["closed_loop"] = _closed_loop(a, wl, ex, eager, relaxed, model.n_tokens)
+        previous["closed_loop"] = _closed_loop(a, wl, ex, eager, lossless, relaxed, model.n_tokens)
     # -- timing: replayed demonstration episodes, arms alternating --------------------------------
     if a.part in ("all", "timing"):
         seqs = wl.replay_sequences(per_task=2, calls=12)
@@ -154,8 +166,8 @@ def main() -> None:
 
 
 
-def _closed_loop(a, wl, ex, eager, relaxed, n_tok) -> dict:
-    shadow_names = ["plain_unrolled", "plain_loop", *LOSSLESS]
+def _closed_loop(a, wl, ex, eager, lossless, relaxed, n_tok) -> dict:
+    shadow_names = ["plain_unrolled", "plain_loop", *lossless]
     shadow = {n: {"unequal_chunks": 0, "calls": 0, "head_calls": 0} for n in shadow_names}
 
     def reset():

@@ -22,7 +22,8 @@ _MISMATCH = 1e30
 
 
 class Retrieval(nn.Module):
-    """forward(*keys) -> draft tokens (B, N) int64: the stored tokens of the nearest row.
+    """forward(*keys) -> draft tokens (B, N) int64: the stored tokens of the nearest row (and,
+    `with_distance`, the largest over the batch of the nearest row's distance, shape (1,)).
 
     Args:
         float_keys: per float key input, its table (M, D) (inputs flattened from dim 1).
@@ -33,9 +34,9 @@ class Retrieval(nn.Module):
     """
 
     def __init__(self, float_keys: list[torch.Tensor], int_keys: list[torch.Tensor], tokens: torch.Tensor,
-                 order: list[tuple[str, int]]):
+                 order: list[tuple[str, int]], with_distance: bool = False):
         super().__init__()
-        self.order = list(order)
+        self.order, self.with_distance = list(order), with_distance
         for i, k in enumerate(float_keys):
             k = k.reshape(k.shape[0], -1).to(torch.float32)
             std = k.std(0).clamp_min(1e-6) if k.shape[0] > 1 else torch.ones(k.shape[1])
@@ -46,7 +47,9 @@ class Retrieval(nn.Module):
             self.register_buffer(f"i{i}", k.reshape(k.shape[0], -1).to(torch.int64).contiguous())
         self.register_buffer("tokens", tokens.to(torch.int64).contiguous())
 
-    def forward(self, *keys: torch.Tensor) -> torch.Tensor:
+    def distances(self, *keys: torch.Tensor) -> torch.Tensor:
+        """(B, M): the standardized squared distance of each query to each row (+1e30 where an
+        integer key differs)."""
         dist = None
         for (kind, i), x in zip(self.order, keys):
             table = getattr(self, f"{kind}{i}")
@@ -58,8 +61,31 @@ class Retrieval(nn.Module):
             else:
                 d = (x[:, None, :] != table[None]).any(-1).to(torch.float32) * _MISMATCH
             dist = d if dist is None else dist + d
+        return dist
+
+    def forward(self, *keys: torch.Tensor):
+        dist = self.distances(*keys)
         idx = dist.argmin(-1)
-        return self.tokens.index_select(0, idx)
+        draft = self.tokens.index_select(0, idx)
+        if not self.with_distance:
+            return draft
+        # the farthest row's nearest distance: verification is skipped only when every row is near
+        return draft, dist.amin(-1).amax().reshape(1)
+
+    def table_keys(self) -> list[torch.Tensor]:
+        """The table's own keys, as queries (float keys un-standardized)."""
+        out = []
+        for kind, i in self.order:
+            t = getattr(self, f"{kind}{i}")
+            out.append(t / getattr(self, f"f{i}_inv_std") if kind == "f" else t)
+        return out
+
+    def leave_one_out(self) -> torch.Tensor:
+        """(M,): each row's distance to its nearest other row (what verify-skip thresholds are
+        quantiles of)."""
+        d = self.distances(*self.table_keys())
+        d.fill_diagonal_(float("inf"))
+        return d.amin(-1)
 
 
 def _cv_predict(x, v, p00, p01, p11, q):
@@ -136,7 +162,8 @@ class Counted(nn.Module):
 
     def forward(self, *x: torch.Tensor):
         d = self.drafter(*x)
-        return d, torch.zeros(d.shape[0], 1, dtype=torch.int64, device=d.device)
+        d, extra = (d[0], tuple(d[1:])) if isinstance(d, tuple) else (d, ())
+        return (d, torch.zeros(d.shape[0], 1, dtype=torch.int64, device=d.device), *extra)
 
 
 class Accept(nn.Module):

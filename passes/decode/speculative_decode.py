@@ -33,6 +33,11 @@ token, and exact acceptance stays lossless.
 Acceptance (`radius:`): 0 accepts a draft token only when it equals the head's argmax, so the
 tokens are exactly greedy decoding's (lossless); r > 0 accepts tokens within r bins of the
 argmax (Spec-VLA: action tokens are ordered bins), trading fidelity for fewer head calls.
+Two more lossy savings: `max_verify: k` stops after k head calls and keeps the draft (or the
+head's guesses) for what is not verified by then (with the Kalman drafter and k = 1: KERV's
+completion of the action segment instead of re-inference); `skip_verify: q` (retrieval) sends
+the nearest row's tokens out without any head call when the observation is nearer to it than a
+fraction q of the table's rows are to their own nearest other row (HeiSD's verify-skip).
 
 Reads: the DecodeLoop record (capture of a pared.ir.decode.Decoder writes it).
 Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`) and
@@ -53,7 +58,7 @@ import torch
 from pared.ir.capture import capture
 from pared.ir.decode import DecodeLoop
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Call, Loop, Node, Plan, Select, Seq, StateBuffer, Table, map_nodes
+from pared.ir.plan import Bins, Call, Loop, Node, Select, Seq, StateBuffer, Table, map_nodes
 from pared.ir.program import Program
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.decode import drafters
@@ -62,7 +67,7 @@ NAME = "speculative_decode"
 DRAFT, ACCEPT = f"{NAME}.draft", f"{NAME}.accept"
 K_START, K_UPDATE = f"{NAME}.kalman_start", f"{NAME}.kalman_update"
 #: the references the pass adds
-N_REF, DONE_REF, KF_STATE = f"{NAME}.n", f"{NAME}.done", f"{NAME}.kalman"
+N_REF, DONE_REF, KF_STATE, DIST_REF = f"{NAME}.n", f"{NAME}.done", f"{NAME}.kalman", f"{NAME}.distance"
 #: default keys: inputs with at most this many values per row
 _SMALL_KEY = 256
 
@@ -85,6 +90,10 @@ class SpeculativeDecode(RewritePass):
         action_dim: int | None = None       # kalman: values per action (tokens are H actions of this many)
         process_noise: float = 16.0         # kalman: acceleration variance, in bins^2 per step^2
         measurement_noise: float = 4.0      # kalman: variance of a decoded action around the filter's, bins^2
+        max_verify: int | None = None       # at most this many head calls; what is not verified by then keeps
+                                            # the draft (KERV's Kalman completion) or the head's guesses
+        skip_verify: float | None = None    # retrieval: no head call when the observation is nearer its table
+                                            # row than this quantile of the rows' own nearest distances (HeiSD)
 
         def __post_init__(self):
             check_range(NAME, "radius", self.radius, lo=0)
@@ -96,9 +105,14 @@ class SpeculativeDecode(RewritePass):
                                   "action: the tokens are read as H actions of that many bins)")
             if self.action_dim is not None:
                 check_range(NAME, "action_dim", self.action_dim, lo=1)
-            if self.drafter != "retrieval" and (self.keys is not None or self.table is not None):
-                raise OptionError(f"pass '{NAME}': options 'keys' and 'table' belong to drafter 'retrieval', "
-                                  f"not {self.drafter!r}")
+            if self.drafter != "retrieval" and (self.keys is not None or self.table is not None
+                                                 or self.skip_verify is not None):
+                raise OptionError(f"pass '{NAME}': options 'keys', 'table' and 'skip_verify' belong to drafter "
+                                  f"'retrieval', not {self.drafter!r}")
+            if self.max_verify is not None:
+                check_range(NAME, "max_verify", self.max_verify, lo=1)
+            if self.skip_verify is not None:
+                check_range(NAME, "skip_verify", self.skip_verify, lo=0, hi=1, lo_open=True, hi_open=True)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -128,13 +142,19 @@ class SpeculativeDecode(RewritePass):
         stats: dict = {"tokens": n}
         if o.drafter == "retrieval":
             keys, float_keys, int_keys, order, rows, source = self._table(program, loop_rec, ctx)
-            mod = drafters.Counted(drafters.Retrieval(float_keys, int_keys, rows, order))
+            retrieval = drafters.Retrieval(float_keys, int_keys, rows, order, with_distance=o.skip_verify is not None)
             ex = tuple(program.graphs[_input_graph(program)].example_inputs[loop_rec.inputs.index(k)] for k in keys)
-            graphs[DRAFT] = capture(mod, ex, name=DRAFT).main
-            draft: Node = Call(DRAFT, tuple(f"in:{k}" for k in keys), (loop_rec.tokens, N_REF))
+            graphs[DRAFT] = capture(drafters.Counted(retrieval), ex, name=DRAFT).main
+            outs = (loop_rec.tokens, N_REF) + ((DIST_REF,) if o.skip_verify is not None else ())
+            draft: Node = Call(DRAFT, tuple(f"in:{k}" for k in keys), outs)
             after: Node | None = None
             stats.update(table_rows=int(rows.shape[0]), keys=list(keys))
             detail = {"keys": list(keys), "table_rows": int(rows.shape[0]), "table": source}
+            if o.skip_verify is not None:
+                with torch.no_grad():
+                    near = retrieval.leave_one_out()
+                threshold = float(torch.quantile(near[torch.isfinite(near)], o.skip_verify))
+                detail["skip_verify_below"] = threshold
         elif o.drafter == "none":
             graphs[DRAFT] = capture(drafters.Counted(_Zeros(n)), (example_tokens,), name=DRAFT).main
             draft, after = Call(DRAFT, (loop_rec.tokens,), (loop_rec.tokens, N_REF)), None
@@ -168,12 +188,18 @@ class SpeculativeDecode(RewritePass):
             *verify, _pick = loop.body.nodes
             body = Seq((*verify, Call(ACCEPT, (loop_rec.logits, loop_rec.tokens, N_REF),
                                       (loop_rec.tokens, N_REF, DONE_REF))))
-            nodes = [draft, Loop(body, until=DONE_REF, max_iters=n)]
+            verify: Node = Loop(body, until=DONE_REF, max_iters=min(n, o.max_verify or n))
+            if o.skip_verify is not None:        # HeiSD's verify-skip: a near neighbour's tokens go out as they are
+                verify = Select(Bins(DIST_REF, (detail["skip_verify_below"],), ("skip", "verify")),
+                                (("skip", Seq(())), ("verify", verify)))
+            nodes = [draft, verify]
             return Seq(tuple(nodes + ([after] if after is not None else [])))
 
         body = map_nodes(program.plan.body, lambda node: speculative(node) if node in loops else node)
         plan = dataclasses.replace(program.plan, body=body).with_declarations(state)
-        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=o.radius == 0, detail=detail)
+        lossless = o.radius == 0 and o.max_verify is None and o.skip_verify is None
+        detail.update(refill=o.refill, max_verify=o.max_verify)
+        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, detail=detail)
         new = program.replace(graphs=graphs, plan=plan).with_record(rec)
         ctx.log.info("%s: %s drafts, radius %d, %d tokens", NAME, o.drafter, o.radius, n)
         return PassResult(new, modified=True, stats=stats)

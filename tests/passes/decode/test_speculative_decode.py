@@ -227,7 +227,7 @@ def test_bad_options_and_programs_are_named(tiny, tmp_path):
         SpeculativeDecode(drafter="kalman")
     with pytest.raises(OptionError, match="option 'radius' must be in \\[0, inf\\]"):
         SpeculativeDecode(radius=-1)
-    with pytest.raises(OptionError, match="options 'keys' and 'table' belong to drafter 'retrieval'"):
+    with pytest.raises(OptionError, match="options 'keys', 'table' and 'skip_verify' belong to drafter 'retrieval'"):
         SpeculativeDecode(drafter="none", keys=("obs",))
     with pytest.raises(OptionError, match="option 'action_dim' \\(3\\) does not divide the 8 tokens"):
         SpeculativeDecode(drafter="kalman", action_dim=3)(prog, PassContext())
@@ -288,3 +288,42 @@ def test_the_artifact_runs_the_same_loop_torch_free(tiny, tmp_path, drafter, opt
         assert np.array_equal(np.asarray(got), want.numpy())
         assert ex.graph_trace[-1] == r.graph_trace[-1]
     assert "SpeculativePlan" in ex.records
+
+
+# -- the lossy savings: capped verification (KERV completion) and verify-skip (HeiSD) -------------
+def test_max_verify_caps_head_calls_and_keeps_the_verified_prefix(tiny):
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="none", refill="draft", max_verify=1)(prog, PassContext())
+    assert not res.program.records["SpeculativePlan"].lossless
+    t_prog = res.program.replace(plan=res.program.plan.__class__(
+        res.program.plan.inputs, (TOKENS,), res.program.plan.body, res.program.plan.state,
+        res.program.plan.step_values))
+    r = t_prog.runner()
+    for i in range(8):
+        x = tiny_decoder_inputs(1, 800 + i)
+        r.reset()
+        tokens = r(list(x))[0]
+        assert _heads(r) == 1
+        with torch.no_grad():
+            greedy = _tokens(m, x)
+        # one verify call over a zero draft: greedy's first token, and the zeros greedy agrees with after it
+        k = int((greedy[0] != 0).nonzero()[0]) if (greedy != 0).any() else N
+        assert torch.equal(tokens[0, :k + 1], greedy[0, :k + 1])
+        assert (tokens[0, k + 1:] == 0).all()
+
+
+def test_skip_verify_sends_a_near_neighbours_tokens_without_a_head_call(tiny):
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="retrieval", skip_verify=0.5)(prog, PassContext(calibration=calib))
+    rec = res.program.records["SpeculativePlan"]
+    assert rec.detail["skip_verify_below"] > 0 and not rec.lossless
+    sel = [n for n in iter_nodes(res.program.plan.body) if isinstance(n, Select)]
+    assert [s.selector.kind for s in sel] == ["bins"]
+    near = [tiny_decoder_inputs(base=calib[i], seed=500 + i, noise=1e-4) for i in range(6)]
+    far = [tiny_decoder_inputs(base=calib[i], seed=4000 + i, noise=5.0) for i in range(6)]
+    outs, heads = _run(res.program, near)
+    assert heads == [0] * 6
+    with torch.no_grad():              # the table's tokens are greedy's at the row: equal this near
+        assert all(torch.equal(o, m(*x)) for o, x in zip(outs, near))
+    _, heads_far = _run(res.program, far)
+    assert all(h >= 1 for h in heads_far)
