@@ -15,7 +15,7 @@ sharing). Measured: four variants sharing 10 MB of weights (fp32 MatMul and Gemm
 int8 QGemm and MatMulInteger) grew the process by 11.7 MB shared, 45.9 MB with
 per-session copies (tests/backends/test_ort_shared.py); outputs bit-identical. The
 price: those kernels pack their weight panels on every call instead of once
-(dit_full, 4 timestep buckets under taylor_cache: 452.1 vs. 440.2 ms a batch,
+(dit_full, 4 timestep buckets under taylor_cache: 470.2 vs. 459.2 ms a batch,
 benchmarks/results/compose_buckets.json), hence not the default.
 A graph with an op whose unprepacked kernel dequantizes its whole weight on every
 call (MatMulNBits) keeps its own prepacked copies even when sharing.
