@@ -7,7 +7,8 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
   plain_unrolled   the shipped plain artifact: greedy decoding unrolled in one graph
   plain_loop       the same, decoding as a loop of the Plan (what speculative_decode rewrites)
   exact_<drafter>  speculative_decode, radius 0 (lossless): drafter none (Jacobi decoding),
-                   retrieval (HeiSD: nearest calibration observation's tokens), kalman (KERV)
+                   retrieval (HeiSD: nearest calibration observation's tokens), kalman (KERV),
+                   distilled (a parallel draft head trained on the calibration tokens)
   lossy arms       (--lossy, see LOSSY) r<k>_*: draft tokens within k bins of the head's argmax;
                    kerv<k>_kalman: at most k head calls, the Kalman draft completing the chunk;
                    skip<q>_*: no head call for retrievals nearer than the table's q-quantile
@@ -50,11 +51,13 @@ from pared.workloads import get_workload, torch_callable  # noqa: E402
 
 LOSSLESS = {"exact_none": {"drafter": "none"},
             "exact_retrieval": {"drafter": "retrieval"},
-            "exact_kalman": {"drafter": "kalman", "action_dim": 4}}
+            "exact_kalman": {"drafter": "kalman", "action_dim": 4},
+            "exact_distilled": {"drafter": "distilled"}}
 #: lossy arms (--lossy NAME ...): relaxed acceptance (Spec-VLA), capped verification with the Kalman
 #: draft completing the chunk (KERV), verify-skip for near retrievals (HeiSD)
 LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
          "r5_retrieval": {"drafter": "retrieval", "radius": 5},
+         "r2_kalman": {"drafter": "kalman", "action_dim": 4, "radius": 2},
          "kerv1_kalman": {"drafter": "kalman", "action_dim": 4, "refill": "draft", "max_verify": 1},
          "kerv2_kalman": {"drafter": "kalman", "action_dim": 4, "refill": "draft", "max_verify": 2},
          "skip25_retrieval": {"drafter": "retrieval", "skip_verify": 0.25},
@@ -73,9 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=25)
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six)")
-    ap.add_argument("--lossless", nargs="*", default=sorted(LOSSLESS), choices=sorted(LOSSLESS),
+    ap.add_argument("--lossless", nargs="*", default=list(LOSSLESS), choices=sorted(LOSSLESS),
                     help="lossless arms, shadowing eager's closed loop")
-    ap.add_argument("--lossy", nargs="*", default=["r2_retrieval", "r5_retrieval"], choices=sorted(LOSSY),
+    ap.add_argument("--lossy", nargs="*", default=["r2_retrieval", "r5_retrieval", "r2_kalman", "kerv1_kalman",
+                                                   "kerv2_kalman", "skip25_retrieval"], choices=sorted(LOSSY),
                     help="lossy arms, each acting in its own closed loop")
     ap.add_argument("--repeats", type=int, default=7, help="timing rounds")
     ap.add_argument("--threads", type=int, default=1)

@@ -16,6 +16,7 @@ OMP_WAIT_POLICY is set to PASSIVE and ONNX Runtime does not spin.
 """
 from __future__ import annotations
 
+import collections
 import os
 import platform
 import tempfile
@@ -140,6 +141,10 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         "flops_per_task": {"reference": int(base),
                            "optimized": int(spent)},
         "trace": trace_summary(trace),
+        # graphs run per program call (a decoding loop's head calls; a cache plan's variants)
+        "graph_calls_per_call": {k: {g: n / max(len(t), 1) for g, n in sorted(collections.Counter(
+            g for graphs in t for g in graphs).items())} for k, t in (("reference", plain.graph_trace),
+                                                                     ("optimized", ex.graph_trace))},
         "fidelity": fid,
         "weight_bytes": {"reference": param_bytes(programs["backend_plain"]),
                          "optimized": param_bytes(programs["optimized"])},

@@ -70,7 +70,7 @@ class Retrieval(nn.Module):
         if not self.with_distance:
             return draft
         # the farthest row's nearest distance: verification is skipped only when every row is near
-        return draft, dist.amin(-1).amax().reshape(1)
+        return draft, dist.amin(-1).amax(0, keepdim=True)
 
     def table_keys(self) -> list[torch.Tensor]:
         """The table's own keys, as queries (float keys un-standardized)."""
@@ -150,6 +150,61 @@ class KalmanDraft(nn.Module):
         pred = x[:, None, :] + steps[None, :, None] * v[:, None, :]           # (B, H, A)
         pred = torch.round(pred).clamp(0, self.vocab - 1)
         return pred.reshape(state.shape[0], self.h * self.a).to(torch.int64)
+
+
+class ParallelDraft(nn.Module):
+    """cond... -> draft tokens (B, N): all N tokens in one call from the head's condition (a
+    Medusa-style parallel head), distilled from the head's greedy tokens by `distill`."""
+
+    def __init__(self, cond_dims: list[int], n_tokens: int, vocab: int, hidden: int = 512):
+        super().__init__()
+        self.n, self.vocab = n_tokens, vocab
+        self.norm = nn.LayerNorm(sum(cond_dims))
+        self.inp = nn.Linear(sum(cond_dims), hidden)
+        self.mid = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, n_tokens * vocab)
+
+    def logits(self, *cond: torch.Tensor) -> torch.Tensor:
+        x = self.norm(torch.cat([c.reshape(c.shape[0], -1).to(torch.float32) for c in cond], -1))
+        h = torch.nn.functional.gelu(self.inp(x))
+        h = h + torch.nn.functional.gelu(self.mid(h))
+        return self.out(h).reshape(x.shape[0], self.n, self.vocab)
+
+    def forward(self, *cond: torch.Tensor) -> torch.Tensor:
+        return self.logits(*cond).argmax(-1)
+
+
+def distill(draft: ParallelDraft, conds: list[torch.Tensor], tokens: torch.Tensor, steps: int, batch: int = 128,
+            lr: float = 2e-3, seed: int = 0) -> dict:
+    """Train `draft` to predict `tokens` (M, N) from `conds` (each (M, ...)) by cross-entropy; seeded
+    (the global RNG is left as it was). Returns {"loss_first", "loss_last", "train_token_accuracy"}."""
+    m = tokens.shape[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for p in draft.parameters():                 # a fresh, seeded init
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            else:
+                nn.init.zeros_(p)
+        draft.norm.weight.data.fill_(1.0)
+        opt = torch.optim.AdamW(draft.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+        losses = []
+        draft.train()
+        for _ in range(steps):
+            idx = torch.randint(0, m, (min(batch, m),))
+            logits = draft.logits(*[c[idx] for c in conds])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, draft.vocab), tokens[idx].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        draft.eval()
+        with torch.no_grad():
+            acc = float((draft(*conds) == tokens).float().mean())
+    return {"loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "train_token_accuracy": acc}
 
 
 class Counted(nn.Module):

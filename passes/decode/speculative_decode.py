@@ -22,6 +22,9 @@ Drafters (`drafter:`):
              the earlier calls of the request (KERV); the draft is its prediction of the next H
              actions. The first call of a request has no history: it decodes with a draft of
              zeros. Tokens are read as H actions of `action_dim` bins each (time-major).
+  distilled  a parallel draft head (LayerNorm + 2-layer MLP on the head's condition, all N tokens
+             in one call, Medusa-style) trained at compile time on the head's greedy tokens for
+             the calibration inputs (`draft_hidden`, `draft_steps`; seeded).
   none       a draft of zeros: with `refill: head` this is Jacobi decoding, the baseline a
              drafter has to beat.
 
@@ -81,12 +84,14 @@ class SpeculativeDecode(RewritePass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        drafter: Literal["retrieval", "kalman", "none"] = "retrieval"
+        drafter: Literal["retrieval", "distilled", "kalman", "none"] = "retrieval"
         radius: int = 0                     # acceptance: 0 exact (lossless); r: within r bins of the argmax
         refill: Literal["head", "draft"] = "head"    # past a rejection: the head's guesses, or the rest of the draft
         keys: tuple[str, ...] | None = None  # retrieval: the program inputs matched (default: the small ones)
         table: str | None = None            # retrieval: an .npz table instead of the calibration inputs
-        table_size: int = 4096              # retrieval: at most this many calibration rows
+        table_size: int = 4096              # retrieval / distilled: at most this many calibration inputs
+        draft_hidden: int = 512             # distilled: the parallel draft head's width
+        draft_steps: int = 1500             # distilled: training steps on the calibration inputs' greedy tokens
         action_dim: int | None = None       # kalman: values per action (tokens are H actions of this many)
         process_noise: float = 16.0         # kalman: acceleration variance, in bins^2 per step^2
         measurement_noise: float = 4.0      # kalman: variance of a decoded action around the filter's, bins^2
@@ -111,6 +116,8 @@ class SpeculativeDecode(RewritePass):
                                   f"'retrieval', not {self.drafter!r}")
             if self.max_verify is not None:
                 check_range(NAME, "max_verify", self.max_verify, lo=1)
+            check_range(NAME, "draft_hidden", self.draft_hidden, lo=1)
+            check_range(NAME, "draft_steps", self.draft_steps, lo=0)
             if self.skip_verify is not None:
                 check_range(NAME, "skip_verify", self.skip_verify, lo=0, hi=1, lo_open=True, hi_open=True)
 
@@ -149,12 +156,25 @@ class SpeculativeDecode(RewritePass):
             draft: Node = Call(DRAFT, tuple(f"in:{k}" for k in keys), outs)
             after: Node | None = None
             stats.update(table_rows=int(rows.shape[0]), keys=list(keys))
-            detail = {"keys": list(keys), "table_rows": int(rows.shape[0]), "table": source}
+            detail = {"keys": tuple(keys), "table_rows": int(rows.shape[0]), "table": source}
             if o.skip_verify is not None:
                 with torch.no_grad():
                     near = retrieval.leave_one_out()
                 threshold = float(torch.quantile(near[torch.isfinite(near)], o.skip_verify))
                 detail["skip_verify_below"] = threshold
+        elif o.drafter == "distilled":
+            inputs, tokens, conds = _decode_calibration(program, loop_rec, ctx, loop_rec.cond, o.table_size,
+                                                        "distilled")
+            dims = [int(c[0].numel()) for c in conds]
+            mod = drafters.ParallelDraft(dims, n, vocab, o.draft_hidden)
+            ctx.progress(f"{NAME}: distilling a parallel draft head on {tokens.shape[0]} calibration inputs")
+            fit = drafters.distill(mod, conds, tokens, o.draft_steps)
+            cond_ex = tuple(c[:batch] for c in conds)
+            graphs[DRAFT] = capture(drafters.Counted(mod), cond_ex, name=DRAFT).main
+            draft, after = Call(DRAFT, tuple(loop_rec.cond), (loop_rec.tokens, N_REF)), None
+            detail = {"draft_hidden": o.draft_hidden, "draft_steps": o.draft_steps, "samples": int(tokens.shape[0]),
+                      **fit}
+            stats.update(draft_train_accuracy=fit["train_token_accuracy"])
         elif o.drafter == "none":
             graphs[DRAFT] = capture(drafters.Counted(_Zeros(n)), (example_tokens,), name=DRAFT).main
             draft, after = Call(DRAFT, (loop_rec.tokens,), (loop_rec.tokens, N_REF)), None
@@ -199,7 +219,7 @@ class SpeculativeDecode(RewritePass):
         plan = dataclasses.replace(program.plan, body=body).with_declarations(state)
         lossless = o.radius == 0 and o.max_verify is None and o.skip_verify is None
         detail.update(refill=o.refill, max_verify=o.max_verify)
-        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, detail=detail)
+        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, **detail)
         new = program.replace(graphs=graphs, plan=plan).with_record(rec)
         ctx.log.info("%s: %s drafts, radius %d, %d tokens", NAME, o.drafter, o.radius, n)
         return PassResult(new, modified=True, stats=stats)
@@ -238,30 +258,39 @@ class SpeculativeDecode(RewritePass):
         return keys, float_keys, int_keys, order, rows, source
 
     def _from_calibration(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext, keys: list[str]):
-        calib = ctx.calibration
-        if callable(calib) or not calib:
-            raise PassError(f"pass '{NAME}': drafter 'retrieval' builds its table from calibration inputs (a list "
-                            "of input tuples, e.g. demonstration observations); none were given. Pass "
-                            "calibration=[...] or option 'table' (an .npz file)")
-        sets = list(calib)[: self.options.table_size]
-        greedy = program.replace(plan=dataclasses.replace(program.plan, outputs=(loop_rec.tokens,)))
-        runner = greedy.runner()
-        cols: dict[str, list] = {k: [] for k in keys}
-        rows = []
-        for i, inputs in enumerate(sets):
-            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-            if len(inputs) != len(loop_rec.inputs):
-                raise PassError(f"pass '{NAME}': calibration input {i} has {len(inputs)} tensors; the program "
-                                f"takes {len(loop_rec.inputs)} ({list(loop_rec.inputs)})")
-            runner.reset()
-            with torch.no_grad():
-                tokens = runner(list(inputs))[0]
-            for k in keys:
-                cols[k].append(inputs[loop_rec.inputs.index(k)])
-            rows.append(tokens)
-            if i % 256 == 255:
-                ctx.progress(f"{NAME}: retrieval table, {i + 1}/{len(sets)} calibration inputs decoded")
-        return {k: torch.cat(v) for k, v in cols.items()}, torch.cat(rows)
+        inputs, tokens, _ = _decode_calibration(program, loop_rec, ctx, (), self.options.table_size, "retrieval")
+        cols = {k: torch.cat([x[loop_rec.inputs.index(k)] for x in inputs]) for k in keys}
+        return cols, tokens
+
+
+def _decode_calibration(program: Program, loop_rec: DecodeLoop, ctx: PassContext, refs: tuple[str, ...],
+                        limit: int, drafter: str) -> tuple[list[tuple], torch.Tensor, list[torch.Tensor]]:
+    """Greedy-decode up to `limit` calibration inputs with the program; returns the inputs, their
+    tokens (M, N) and the values of `refs` (each concatenated over the inputs)."""
+    calib = ctx.calibration
+    if callable(calib) or not calib:
+        raise PassError(f"pass '{NAME}': drafter '{drafter}' learns from calibration inputs (a list of input "
+                        "tuples, e.g. demonstration observations); none were given. Pass calibration=[...]"
+                        + (" or option 'table' (an .npz file)" if drafter == "retrieval" else ""))
+    sets = list(calib)[:limit]
+    greedy = program.replace(plan=dataclasses.replace(program.plan, outputs=(loop_rec.tokens, *refs)))
+    runner = greedy.runner()
+    inputs, rows, vals = [], [], [[] for _ in refs]
+    for i, x in enumerate(sets):
+        x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        if len(x) != len(loop_rec.inputs):
+            raise PassError(f"pass '{NAME}': calibration input {i} has {len(x)} tensors; the program "
+                            f"takes {len(loop_rec.inputs)} ({list(loop_rec.inputs)})")
+        runner.reset()
+        with torch.no_grad():
+            out = runner(list(x))
+        inputs.append(x)
+        rows.append(out[0])
+        for v, o in zip(vals, out[1:]):
+            v.append(o)
+        if i % 256 == 255:
+            ctx.progress(f"{NAME}: {i + 1}/{len(sets)} calibration inputs decoded")
+    return inputs, torch.cat(rows), [torch.cat(v) for v in vals]
 
 
 class _Zeros(torch.nn.Module):
@@ -321,10 +350,27 @@ def _load_table(path: str, keys: list[str], n: int, ex: dict) -> tuple[dict, tor
 
 @dataclass(frozen=True)
 class SpeculativePlan(Record):
-    """What speculative_decode decided: the drafter, the acceptance radius (0: lossless) and the
-    drafter's settings (table keys and size, or the Kalman filters' noise)."""
+    """What speculative_decode decided: the drafter, the acceptance radius (0 with no cap and no skip:
+    lossless) and the drafter's settings (those of other drafters stay at their defaults)."""
     drafter: str
     radius: int
     tokens: int
     lossless: bool
-    detail: dict
+    refill: str = "head"
+    max_verify: int | None = None
+    # retrieval
+    keys: tuple[str, ...] = ()
+    table_rows: int = 0
+    table: str = ""
+    skip_verify_below: float | None = None
+    # kalman
+    action_dim: int | None = None
+    process_noise: float | None = None
+    measurement_noise: float | None = None
+    # distilled
+    draft_hidden: int | None = None
+    draft_steps: int | None = None
+    samples: int = 0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    train_token_accuracy: float | None = None

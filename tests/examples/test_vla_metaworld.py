@@ -273,3 +273,5 @@ def test_lossless_speculative_decoding_acts_exactly_like_greedy_in_the_simulator
     f = r["fidelity"]
     assert f["episode_outcomes_equal"] == 1.0 and f["action_max_abs_diff_vs_reference"] == 0.0
     assert r["flops_per_task"]["optimized"] < r["flops_per_task"]["reference"], r["flops_per_task"]
+    calls = r["graph_calls_per_call"]
+    assert calls["reference"]["head"] == 16 and 1 <= calls["optimized"]["head"] < 16, calls

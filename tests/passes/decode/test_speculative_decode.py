@@ -76,7 +76,8 @@ def test_accept_matches_a_python_verify_step(radius, refill):
 
 # -- the rewritten loop ------------------------------------------------------------------------
 @pytest.mark.parametrize("drafter,opts", [("retrieval", {}), ("none", {}), ("kalman", {"action_dim": 2}),
-                                          ("retrieval", {"refill": "draft"})])
+                                          ("retrieval", {"refill": "draft"}),
+                                          ("distilled", {"draft_steps": 150, "draft_hidden": 64})])
 def test_exact_acceptance_gives_greedy_decodings_tokens(tiny, drafter, opts):
     m, prog, calib = tiny
     res = run_pass_checked(SpeculativeDecode(drafter=drafter, **opts), prog, PassContext(calibration=calib))
@@ -160,6 +161,21 @@ def test_after_a_graph_pass_the_rewritten_head_is_the_one_verified(tiny):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_the_distilled_draft_learns_the_heads_tokens(tiny):
+    """Trained at compile time on the calibration inputs' greedy tokens: it fits them, its draft
+    graph reads the head's condition, and it drafts better than zeros on nearby observations."""
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="distilled", draft_steps=400, draft_hidden=64)(prog, PassContext(calibration=calib))
+    rec = res.program.records["SpeculativePlan"]
+    assert rec.loss_last < 0.5 * rec.loss_first and rec.train_token_accuracy > 0.9
+    draft_call = next(c for c in res.program.plan.calls() if c.graph == DRAFT)
+    assert draft_call.inputs == prog.records["DecodeLoop"].cond
+    near = [tiny_decoder_inputs(base=calib[i], seed=500 + i, noise=0.01) for i in range(8)]
+    _, heads = _run(res.program, near)
+    _, heads_none = _run(SpeculativeDecode(drafter="none")(prog, PassContext()).program, near)
+    assert np.mean(heads) < np.mean(heads_none), (heads, heads_none)
+
+
 # -- drafters against independent emulations ------------------------------------------------------
 def test_retrieval_returns_the_nearest_rows_tokens_and_never_a_mismatched_id():
     g = torch.Generator().manual_seed(0)
@@ -233,7 +249,7 @@ def test_bad_options_and_programs_are_named(tiny, tmp_path):
         SpeculativeDecode(drafter="kalman", action_dim=3)(prog, PassContext())
     with pytest.raises(OptionError, match="option 'keys': \\['img'\\] are not inputs of the program"):
         SpeculativeDecode(keys=("img",))(prog, PassContext(calibration=calib))
-    with pytest.raises(PassError, match="builds its table from calibration inputs"):
+    with pytest.raises(PassError, match="drafter .retrieval. learns from calibration inputs"):
         SpeculativeDecode()(prog, PassContext())
     plain = capture(*tiny_transformer())
     with pytest.raises(PassError, match="wrap the model in pared.ir.decode.Decoder"):
@@ -256,7 +272,7 @@ def test_a_table_file_drafts_its_tokens(tiny, tmp_path):
     path = tmp_path / "demos.npz"
     np.savez(path, obs=obs.numpy(), task=task.numpy(), tokens=tokens.numpy())
     res = SpeculativeDecode(table=str(path))(prog, PassContext())
-    assert res.program.records["SpeculativePlan"].detail["table_rows"] == 8
+    assert res.program.records["SpeculativePlan"].table_rows == 8
     _, heads = _run(res.program, calib[:8])
     assert heads == [1] * 8                               # each draft is the greedy answer: one verify call
 
@@ -270,7 +286,9 @@ def _tokens(m, x):
 
 
 # -- torch-free ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("drafter,opts", [("retrieval", {"radius": 0}), ("kalman", {"action_dim": 2, "radius": 1})])
+@pytest.mark.parametrize("drafter,opts", [("retrieval", {"radius": 0, "skip_verify": 0.3}),
+                                          ("kalman", {"action_dim": 2, "radius": 1, "max_verify": 3}),
+                                          ("distilled", {"draft_steps": 50, "draft_hidden": 32})])
 def test_the_artifact_runs_the_same_loop_torch_free(tiny, tmp_path, drafter, opts):
     import pared
     m, prog, calib = tiny
@@ -316,7 +334,7 @@ def test_skip_verify_sends_a_near_neighbours_tokens_without_a_head_call(tiny):
     m, prog, calib = tiny
     res = SpeculativeDecode(drafter="retrieval", skip_verify=0.5)(prog, PassContext(calibration=calib))
     rec = res.program.records["SpeculativePlan"]
-    assert rec.detail["skip_verify_below"] > 0 and not rec.lossless
+    assert rec.skip_verify_below > 0 and not rec.lossless
     sel = [n for n in iter_nodes(res.program.plan.body) if isinstance(n, Select)]
     assert [s.selector.kind for s in sel] == ["bins"]
     near = [tiny_decoder_inputs(base=calib[i], seed=500 + i, noise=1e-4) for i in range(6)]
