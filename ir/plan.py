@@ -134,15 +134,7 @@ def iter_nodes(node: Node) -> Iterator[Node]:
 
 def map_calls(node: Node, fn: Callable[[Call], Node]) -> Node:
     """The tree with each Call replaced by fn(call) (which may return the call)."""
-    if isinstance(node, Call):
-        return fn(node)
-    if isinstance(node, Seq):
-        return Seq(tuple(map_calls(n, fn) for n in node.nodes))
-    if isinstance(node, Select):
-        return Select(node.selector, tuple((lab, map_calls(n, fn)) for lab, n in node.cases), node.key)
-    if isinstance(node, Loop):
-        return dataclasses.replace(node, body=map_calls(node.body, fn))
-    return node
+    return map_nodes(node, lambda n: fn(n) if isinstance(n, Call) else n)
 
 
 def map_nodes(node: Node, fn: Callable[[Node], Node]) -> Node:
