@@ -153,7 +153,7 @@ class SpeculativeDecode(RewritePass):
             ex = tuple(program.graphs[_input_graph(program)].example_inputs[loop_rec.inputs.index(k)] for k in keys)
             graphs[DRAFT] = capture(drafters.Counted(retrieval), ex, name=DRAFT).main
             outs = (loop_rec.tokens, N_REF) + ((DIST_REF,) if o.skip_verify is not None else ())
-            draft: Node = Call(DRAFT, tuple(f"in:{k}" for k in keys), outs)
+            draft: "Node | dict[str, Node]" = Call(DRAFT, tuple(f"in:{k}" for k in keys), outs)
             after: Node | None = None
             stats.update(table_rows=int(rows.shape[0]), keys=list(keys))
             detail = {"keys": tuple(keys), "table_rows": int(rows.shape[0]), "table": source}
@@ -193,8 +193,10 @@ class SpeculativeDecode(RewritePass):
                                               name=f"{DRAFT}.cold").main
             kf = f"state:{KF_STATE}"
             cold_warm = Table(("cold",), "warm")
-            draft = Select(cold_warm, (("cold", Call(f"{DRAFT}.cold", (loop_rec.tokens,), (loop_rec.tokens, N_REF))),
-                                       ("warm", Call(DRAFT, (kf,), (loop_rec.tokens, N_REF)))), f"{NAME}.history")
+            # the first call has no history: a zero draft, verified to the end even under max_verify
+            # (completing a chunk from zeros would act on bin 0); later calls: the filters' draft
+            draft = {"cold": Call(f"{DRAFT}.cold", (loop_rec.tokens,), (loop_rec.tokens, N_REF)),
+                     "warm": Call(DRAFT, (kf,), (loop_rec.tokens, N_REF))}
             after = Select(cold_warm, (("cold", Call(K_START, (loop_rec.tokens,), (kf,))),
                                        ("warm", Call(K_UPDATE, (loop_rec.tokens, kf), (kf,)))), f"{NAME}.history")
             state = (StateBuffer(KF_STATE, (None, 5, o.action_dim), "float32"),)
@@ -212,7 +214,12 @@ class SpeculativeDecode(RewritePass):
             if o.skip_verify is not None:        # HeiSD's verify-skip: a near neighbour's tokens go out as they are
                 verify = Select(Bins(DIST_REF, (detail["skip_verify_below"],), ("skip", "verify")),
                                 (("skip", Seq(())), ("verify", verify)))
-            nodes = [draft, verify]
+            if isinstance(draft, dict):          # kalman: cold start, then the filters' history
+                full = Loop(body, until=DONE_REF, max_iters=n)
+                nodes = [Select(Table(("cold",), "warm"), (("cold", Seq((draft["cold"], full))),
+                                                          ("warm", Seq((draft["warm"], verify)))), f"{NAME}.history")]
+            else:
+                nodes = [draft, verify]
             return Seq(tuple(nodes + ([after] if after is not None else [])))
 
         body = map_nodes(program.plan.body, lambda node: speculative(node) if node in loops else node)

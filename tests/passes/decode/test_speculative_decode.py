@@ -132,9 +132,9 @@ def test_the_plan_keeps_the_head_call_and_replaces_the_pick(tiny):
     res = SpeculativeDecode(drafter="kalman", action_dim=2)(prog, PassContext())
     plan = res.program.plan
     loops = [n for n in iter_nodes(plan.body) if isinstance(n, Loop)]
-    assert len(loops) == 1 and loops[0].until is not None and loops[0].max_iters == N and loops[0].count is None
-    calls = [c.graph for c in loops[0].body.nodes]
-    assert calls == ["head", ACCEPT]
+    # one verify loop per case of the cold/warm select (they differ only under max_verify)
+    assert len(loops) == 2 and all(lp.until is not None and lp.max_iters == N and lp.count is None for lp in loops)
+    assert all([c.graph for c in lp.body.nodes] == ["head", ACCEPT] for lp in loops)
     graphs = {c.graph for c in plan.calls()}
     assert "decode.pick" not in graphs and {DRAFT, f"{DRAFT}.cold", K_UPDATE} <= graphs
     selects = [n for n in iter_nodes(plan.body) if isinstance(n, Select)]
@@ -345,3 +345,15 @@ def test_skip_verify_sends_a_near_neighbours_tokens_without_a_head_call(tiny):
         assert all(torch.equal(o, m(*x)) for o, x in zip(outs, near))
     _, heads_far = _run(res.program, far)
     assert all(h >= 1 for h in heads_far)
+
+
+def test_kerv_completion_verifies_the_first_call_to_the_end(tiny):
+    """max_verify caps the head calls only once the Kalman filters have a history: the first call of
+    a request (a zero draft) is decoded as greedy decoding does."""
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="kalman", action_dim=2, refill="draft", max_verify=1)(prog, PassContext())
+    seq = [tiny_decoder_inputs(1, 1200 + i) for i in range(5)]
+    outs, heads = _run(res.program, seq, reset_each=False)
+    with torch.no_grad():
+        assert torch.equal(outs[0], m(*seq[0]))
+    assert heads[0] >= 1 and heads[1:] == [1, 1, 1, 1]
