@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(BENCH) vla_metaworld --head tokens --episodes 25 --repeats 7 --json benchmarks/results/vla_metaworld_tokens.json
 	# the per-call speed alone, alternated (run it on a quiet machine)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_speed.py --repeats 25
+	# speculative decoding of the token head: closed loop, 25 episodes per task, and per-call timing
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_speculative.py --episodes 25
 
 clean:
 	rm -rf $(VENV) build *.egg-info
