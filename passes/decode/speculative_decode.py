@@ -47,6 +47,8 @@ Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`) 
 `speculative_decode.accept`; the decoding Loop becomes draft + Loop(until done, at most N);
 a SpeculativePlan record. Earlier rewrites of the head call (quantization, variants) stay as
 they are: only the pick step is replaced.
+Invariant: `radius: 0` without `max_verify` or `skip_verify` gives greedy decoding's tokens
+exactly, whatever the drafter.
 """
 from __future__ import annotations
 
