@@ -64,12 +64,17 @@ class Decoder(torch.nn.Module):
         c = self.encoder(*inputs)
         return tuple(c) if isinstance(c, (tuple, list)) else (c,)
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
+    def tokens(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Greedy decoding's tokens (B, n_tokens) int64, before detokenize."""
         cond = self.cond(*inputs)
         tokens, pos = Start(self.n_tokens)(cond[0])
         pick = Pick()
         for _ in range(self.n_tokens):
             tokens, pos = pick(self.head(tokens, *cond), tokens, pos)
+        return tokens
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        tokens = self.tokens(*inputs)
         return tokens if self.detokenize is None else self.detokenize(tokens)
 
 

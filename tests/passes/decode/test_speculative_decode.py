@@ -3,7 +3,7 @@ relaxed acceptance keeps every token within the radius of the head's own choice)
 against an independent emulation, the plan it builds, and the artifact torch-free."""
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import numpy as np
 import pytest
@@ -26,6 +26,11 @@ def tiny():
     m, ex = tiny_decoder()
     calib = [tiny_decoder_inputs(1, 100 + i) for i in range(32)]
     return m, capture(m, ex), calib
+
+
+def _tokens_out(prog):
+    """`prog` returning the decoded tokens instead of the detokenized outputs."""
+    return prog.replace(plan=dataclasses.replace(prog.plan, outputs=(TOKENS,)))
 
 
 def _heads(runner) -> int:
@@ -107,9 +112,7 @@ def test_relaxed_acceptance_keeps_every_token_within_radius_of_the_heads_choice(
     res = SpeculativeDecode(drafter="none", radius=radius)(prog, PassContext(calibration=calib))
     inputs = [tiny_decoder_inputs(1, 700 + i) for i in range(10)]
     r = res.program.runner()
-    t_prog = res.program.replace(plan=res.program.plan.__class__(
-        res.program.plan.inputs, (TOKENS,), res.program.plan.body, res.program.plan.state,
-        res.program.plan.step_values))
+    t_prog = _tokens_out(res.program)
     tr = t_prog.runner()
     heads_relaxed, heads_exact = [], []
     exact = SpeculativeDecode(drafter="none")(prog, PassContext()).program.runner()
@@ -224,7 +227,7 @@ def test_kalman_filters_match_the_matrix_form():
         assert np.allclose(draft.reshape(h, a)[:, dim].numpy(), np.clip(np.round(want), 0, 255)), dim
 
 
-def test_the_kalman_draft_follows_a_constant_velocity_motion(tiny):
+def test_the_kalman_draft_follows_a_constant_velocity_motion():
     """On a request whose actions move at constant speed, the filters' draft is the next actions."""
     h, a = 4, 2
     ramp = torch.arange(0, 40).reshape(-1, h * a)       # 5 calls of 4 actions x 2 dims, +1 bin per value
@@ -278,11 +281,7 @@ def test_a_table_file_drafts_its_tokens(tiny, tmp_path):
 
 
 def _tokens(m, x):
-    cond = m.cond(*x)
-    t = torch.zeros(1, N, dtype=torch.int64)
-    for j in range(N):
-        t[:, j] = m.head(t, *cond)[:, j].argmax(-1)
-    return t
+    return m.tokens(*x)
 
 
 # -- torch-free ----------------------------------------------------------------------------------
@@ -313,9 +312,7 @@ def test_max_verify_caps_head_calls_and_keeps_the_verified_prefix(tiny):
     m, prog, calib = tiny
     res = SpeculativeDecode(drafter="none", refill="draft", max_verify=1)(prog, PassContext())
     assert not res.program.records["SpeculativePlan"].lossless
-    t_prog = res.program.replace(plan=res.program.plan.__class__(
-        res.program.plan.inputs, (TOKENS,), res.program.plan.body, res.program.plan.state,
-        res.program.plan.step_values))
+    t_prog = _tokens_out(res.program)
     r = t_prog.runner()
     for i in range(8):
         x = tiny_decoder_inputs(1, 800 + i)
