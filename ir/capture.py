@@ -49,8 +49,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str,
         dynamic_shapes: passed to torch.export (e.g. ``({0: Dim("batch")},)``).
         name: the graph's name in the Program.
     Returns:
-        A Program with one graph and the trivial plan; for a `pared.ir.decode.Decoder`, the
-        Program of its parts with the decoding loop in the Plan (ir/decode.py).
+        A Program with one graph and the trivial plan; for a `pared.ir.decode.Decoder` or a
+        `pared.ir.denoise.Denoiser`, the Program of its parts with the decoding or denoising
+        loop in the Plan (ir/decode.py, ir/denoise.py).
     Raises:
         CaptureError: naming the failing op or data-dependent expression, the
             user's source line, and what to try.
@@ -60,9 +61,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str,
                            "(wrap a function in an nn.Module whose forward calls it)")
     args = normalize_inputs(example_inputs)
     kwargs = dict(kwargs or {})
-    from .decode import Decoder, capture_decoder   # decode imports this module
+    from .decode import Decoder, capture_decoder   # decode and denoise import this module
+    from .denoise import Denoiser, capture_denoiser
     if isinstance(model, Decoder):
         return capture_decoder(model, args, kwargs, dynamic_shapes)
+    if isinstance(model, Denoiser):
+        return capture_denoiser(model, args, kwargs, dynamic_shapes)
     for i, a in enumerate([*args, *kwargs.values()]):
         if isinstance(a, torch.Tensor) and a.requires_grad:
             args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)

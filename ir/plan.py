@@ -10,8 +10,10 @@ Nodes:
   ``Select(selector, cases)``               pick one case per call; selectors are
                                             registered classes (ir/selectors/, one
                                             file each: table, rule, latch, bins)
-  ``Loop(body, count | until, max_iters)``  repeat the body: `count` times, or until
-                                            the first element of `until` is nonzero
+  ``Loop(body, count | until, max_iters, steps)``  repeat the body: `count` times, or
+                                            until the first element of `until` is nonzero;
+                                            `steps`: each iteration is a step of the
+                                            request (a sampler's denoising step), see below
   ``Transfer(ref, src, dst, out)``          a value crossing from device `src` to
                                             `dst`, bound as `out` there
 
@@ -20,9 +22,16 @@ References (the one place they are defined; every pass uses them this way):
   ``state:NAME``   a buffer carried between calls of one request (cache features,
                    a previous signal); declared in `Plan.state` with a dtype, a
                    symbolic shape and a device; reset between requests
-  ``step:NAME``    a per-call scalar from `Plan.step_values` (a float32 tensor of
+  ``step:NAME``    a per-step scalar from `Plan.step_values` (a float32 tensor of
                    shape [1], e.g. a forecast coefficient); past the table's end,
                    its last value
+
+Steps. By default a step is one call of the program (a denoiser called once per
+sampler step by the user's loop), so selectors choose, and `step:` references
+read, by the call index. Inside a `Loop(..., steps=True)` (a sampler captured
+whole, ir/denoise.py) a step is one iteration of that loop instead: selectors
+in its body choose by the iteration index and `step:` references there read the
+iteration's value, so a cache pass's step table means the same in both forms.
   anything else    an intermediate produced by a call earlier in the same call of
                    the program. Passes name theirs ``<pass>.<graph>.<output>``,
                    and their state ``<pass>.<graph>.<name>``, so two passes never
@@ -89,6 +98,7 @@ class Loop:
     count: int | None = None   # iterations; or
     until: str | None = None   # stop after an iteration that bound this reference to a nonzero first element
     max_iters: int = 0         # with `until`: the most iterations (0: no cap)
+    steps: bool = False        # each iteration is a step: selects and step values inside see its index
 
     def __post_init__(self):
         if (self.count is None) == (self.until is None):
@@ -187,6 +197,21 @@ class Plan:
     def graph_names(self) -> tuple[str, ...]:
         """The graphs the plan calls, in order of first appearance."""
         return tuple(dict.fromkeys(c.graph for c in self.calls()))
+
+    def step_loops(self) -> list[Loop]:
+        """The loops whose iterations are steps (`Loop(steps=True)`), outermost first."""
+        return [n for n in iter_nodes(self.body) if isinstance(n, Loop) and n.steps]
+
+    def stepped_graphs(self) -> dict[str, int]:
+        """Graph -> the iteration count of the steps loop that calls it (`until` loops: their
+        `max_iters`), for every graph called inside one; empty when the plan has no steps loop."""
+        out: dict[str, int] = {}
+        for loop in self.step_loops():
+            n = loop.count if loop.count is not None else loop.max_iters
+            for c in iter_nodes(loop.body):
+                if isinstance(c, Call):
+                    out[c.graph] = n
+        return out
 
     def selects(self) -> list[Select]:
         return [n for n in iter_nodes(self.body) if isinstance(n, Select)]
@@ -351,8 +376,11 @@ def _node_json(node: Node) -> dict:
         return {"op": "select", "selector": node.selector.to_json(),
                 "cases": [[lab, _node_json(n)] for lab, n in node.cases], "key": node.key}
     if isinstance(node, Loop):
-        return {"op": "loop", "body": _node_json(node.body), "count": node.count, "until": node.until,
-                "max_iters": node.max_iters}
+        out = {"op": "loop", "body": _node_json(node.body), "count": node.count, "until": node.until,
+               "max_iters": node.max_iters}
+        if node.steps:
+            out["steps"] = True
+        return out
     if isinstance(node, Transfer):
         return {"op": "transfer", "ref": node.ref, "src": node.src, "dst": node.dst, "out": node.out}
     raise PlanError(f"unknown plan node {type(node).__name__}")
@@ -368,7 +396,8 @@ def _node_from_json(d: Mapping) -> Node:
         return Select(selector_from_json(d["selector"]), tuple((lab, _node_from_json(n)) for lab, n in d["cases"]),
                       d.get("key"))
     if op == "loop":
-        return Loop(_node_from_json(d["body"]), d.get("count"), d.get("until"), int(d.get("max_iters", 0)))
+        return Loop(_node_from_json(d["body"]), d.get("count"), d.get("until"), int(d.get("max_iters", 0)),
+                    bool(d.get("steps", False)))
     if op == "transfer":
         return Transfer(d["ref"], d["src"], d["dst"], d["out"])
     raise PlanError(f"unknown plan node op {op!r}; known: call, seq, select, loop, transfer")
@@ -441,6 +470,7 @@ class PlanRunner:
         """Start a new request: forget carried state, selector state and the call counter."""
         self.state: dict[str, Any] = {}
         self.call_index = 0
+        self._steps: list[int] = []      # iteration index of each enclosing steps loop
         self.trace: list[str] = []
         self.graph_trace: list[tuple[str, ...]] = []
         self._selectors: dict[tuple, Any] = {}
@@ -467,7 +497,7 @@ class PlanRunner:
                 self._run(n, env, path + (i,), labels, graphs)
         elif isinstance(node, Select):
             sel = node.selector
-            choice = Choice(self.call_index, lambda ref: self._to_numpy(self._read(ref, env)))
+            choice = Choice(self.step_index, lambda ref: self._to_numpy(self._read(ref, env)))
             key = path if node.key is None else node.key
             st = self._selectors[key] if key in self._selectors else sel.new_state()
             label, st = sel.choose(st, choice)
@@ -481,7 +511,15 @@ class PlanRunner:
                     break
                 if node.until is not None and node.max_iters and i >= node.max_iters:
                     break
-                self._run(node.body, env, path + ("loop",), labels, graphs)
+                if node.steps:
+                    self._steps.append(i)
+                    self._bind_steps(env)
+                try:
+                    self._run(node.body, env, path + ("loop",), labels, graphs)
+                finally:
+                    if node.steps:
+                        self._steps.pop()
+                        self._bind_steps(env)
                 i += 1
                 if node.until is not None:
                     import numpy as np
@@ -493,12 +531,21 @@ class PlanRunner:
         else:
             raise PlanError(f"unknown plan node {type(node).__name__}")
 
+    @property
+    def step_index(self) -> int:
+        """The current step: the iteration of the innermost steps loop, else the call index."""
+        return self._steps[-1] if self._steps else self.call_index
+
+    def _bind_steps(self, env: dict) -> None:
+        for n, _ in self.plan.step_values:
+            env[f"step:{n}"] = self._scalar(self.plan.step_value(n, self.step_index))
+
     def __call__(self, inputs: Sequence[Any]) -> list:
         if len(inputs) != len(self.plan.inputs):
             raise PlanError(f"expected {len(self.plan.inputs)} inputs {list(self.plan.inputs)}, got {len(inputs)}")
         env: dict[str, Any] = {f"in:{n}": v for n, v in zip(self.plan.inputs, inputs)}
-        for n, _ in self.plan.step_values:
-            env[f"step:{n}"] = self._scalar(self.plan.step_value(n, self.call_index))
+        self._steps = []
+        self._bind_steps(env)
         labels: list[str] = []
         graphs: list[str] = []
         self._run(self.plan.body, env, (), labels, graphs)

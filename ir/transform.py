@@ -237,12 +237,23 @@ def _producers(record_type: type) -> list[str]:
 
 
 # -- passes ------------------------------------------------------------------
+#: what a pass may ask of the capture, in `Pass.capture_needs` (a harness that builds the model,
+#: such as `pared bench`, gives every contender the form the pipeline's passes need)
+CAPTURE_NEEDS = {
+    "loop": "the model's own loop (decoding, denoising steps) as a loop of the Plan: the model built as a "
+            "pared.ir.decode.Decoder or pared.ir.denoise.Denoiser instead of unrolled in one graph",
+    "dynamic_batch": "the batch dimension of every input dynamic",
+}
+
+
 class Pass:
-    """Base of every pass. Subclasses set `Options` (a frozen dataclass)."""
+    """Base of every pass. Subclasses set `Options` (a frozen dataclass), and `capture_needs`
+    (keys of CAPTURE_NEEDS) when they rewrite only a model captured in that form."""
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     requires: ClassVar[tuple[type, ...]] = ()
+    capture_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is not None and kwargs:
@@ -261,6 +272,22 @@ class Pass:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+def capture_needs(passes: Sequence[Pass]) -> frozenset[str]:
+    """What the passes of a pipeline need of the capture (see CAPTURE_NEEDS).
+
+    Raises:
+        ValueError: a pass declaring a need this pared does not know.
+    """
+    out: set[str] = set()
+    for p in passes:
+        unknown = set(p.capture_needs) - set(CAPTURE_NEEDS)
+        if unknown:
+            raise ValueError(f"pass '{p.name}' declares unknown capture needs {sorted(unknown)}; "
+                             f"known: {sorted(CAPTURE_NEEDS)}")
+        out |= set(p.capture_needs)
+    return frozenset(out)
 
 
 class Analysis(Pass):

@@ -276,7 +276,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def _bench_workload(a: argparse.Namespace) -> int:
     from pared.workloads.bench import bench_workload
-    opts = {k: getattr(a, k) for k in ("samples", "steps", "batch", "head", "episodes", "tasks", "decoder",
+    opts = {k: getattr(a, k) for k in ("samples", "steps", "batch", "head", "episodes", "tasks", "decoder", "policy",
                                        "calibration_steps")
             if getattr(a, k) is not None}
     say = (lambda m: None) if a.quiet else (lambda m: _console().print(f"[dim]{m}[/dim]"))
@@ -352,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--episodes", type=int, help="vla_metaworld: closed-loop episodes per task")
     b.add_argument("--tasks", help="vla_metaworld: comma-separated Meta-World tasks (default: all six)")
     b.add_argument("--decoder", choices=("unrolled", "loop"),
-                   help="vla_metaworld token head: greedy decoding unrolled in one graph, or as a loop of the plan "
-                        "(a decoding pass in the pipeline picks loop)")
+                   help="vla_metaworld: the head's loop (greedy decoding, or the DDIM steps) unrolled in one graph, "
+                        "or as a loop of the plan (a pass that rewrites that loop picks loop)")
+    b.add_argument("--policy", choices=("base", "large"),
+                   help="vla_metaworld diffusion head: the shipped head, or the larger one (train_large_head.py)")
     b.add_argument("--calibration-steps", type=int, dest="calibration_steps",
                    help="vla_metaworld: calibration observations from the training demonstrations (default 1024)")
     b.add_argument("--repeats", type=int, help="timed rounds (default 50 for an artifact, 5 for a workload)")

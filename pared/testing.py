@@ -560,6 +560,101 @@ def tiny_decoder_inputs(batch: int = 1, seed: int = 1, base: "tuple | None" = No
     return torch.randn(batch, 6, generator=g), torch.randint(0, 4, (batch, 2), generator=g)
 
 
+# -- a sampler captured whole: the tiny action head of a diffusion policy ----------------------
+class _TinyActionBlock(nn.Module):
+    """adaLN-Zero block with the sub-blocks named as in the VLA's head: h + g1 * attn(...), then
+    h + g2 * mlp(...)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada = nn.Linear(dim, 6 * dim)
+        self.attn = TinyAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        b1, a1, g1, b2, a2, g2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
+        h = h + g1 * self.attn(self.norm1(h) * (1 + a1) + b1)
+        return h + g2 * self.mlp(self.norm2(h) * (1 + a2) + b2)
+
+
+class TinyActionHead(nn.Module):
+    """head(x (B, H, A), t (1,), cond (B, dim)) -> eps (B, H, A): a diffusion action head."""
+
+    def __init__(self, dim: int = 32, action_dim: int = 4, horizon: int = 6, layers: int = 3):
+        super().__init__()
+        self.dim = dim
+        self.inp = nn.Linear(action_dim, dim)
+        self.pos = nn.Parameter(torch.randn(1, horizon, dim) * 0.1)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([_TinyActionBlock(dim) for _ in range(layers)])
+        self.out = nn.Linear(dim, action_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(-torch.arange(self.dim // 2, dtype=torch.float32) * (4.0 / self.dim))
+        a = t.float()[:, None] * freqs[None]
+        c = self.t_mlp(torch.cat([a.sin(), a.cos()], dim=-1)) + cond
+        h = self.inp(x) + self.pos
+        for b in self.blocks:
+            h = b(h, c)
+        return self.out(h)
+
+
+class TinyUpdate(nn.Module):
+    """x <- x - scale * eps (a sampler step with a per-step coefficient)."""
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x - scale * eps
+
+
+def tiny_denoiser(seed: int = 0, steps: int = 8, batch: int = 1) -> tuple[nn.Module, tuple]:
+    """A pared Denoiser (the tiny decoder's encoder, TinyActionHead, TinyUpdate) over `steps` steps,
+    and example inputs (obs, task, noise)."""
+    from pared.ir.denoise import Denoiser
+    torch.manual_seed(seed)
+    head = TinyActionHead()
+    with torch.no_grad():                       # consecutive steps similar, as in a trained head
+        for b in head.blocks:
+            b.ada.weight.mul_(0.2)
+    schedule = {"t": [float(v) for v in torch.linspace(900, 0, steps)], "scale": [0.1] * steps}
+    m = Denoiser(_TinyEncoder(32), head, TinyUpdate(), schedule, head_values=("t",)).eval()
+    return m, tiny_denoiser_inputs(batch, seed + 1)
+
+
+def tiny_denoiser_inputs(batch: int = 1, seed: int = 1) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    obs, task = tiny_decoder_inputs(batch, seed)
+    return obs, task, torch.randn(batch, 6, 4, generator=g)
+
+
+def eager_block_cache(model: nn.Module, inputs: tuple, updates: "Mapping[str, Sequence[int]]") -> torch.Tensor:
+    """What sub-block caching means, in eager PyTorch: run a pared Denoiser with each named
+    sub-module's output, at every step not among its update steps, replaced (by a forward hook)
+    with what it computed at its last update step."""
+    mods = dict(model.head.named_modules())
+    step = {"i": 0}
+    kept: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, ups in updates.items():
+        def hook(mod, args, out, path=path, ups=tuple(ups)):
+            if step["i"] in ups:
+                kept[path] = out
+                return out
+            return kept[path]
+        hooks.append(mods[path].register_forward_hook(hook))
+
+    def count(mod, args, out):
+        step["i"] += 1
+    hooks.append(model.head.register_forward_hook(count))
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 class _Full(nn.Module):
     """Computes the expensive part and emits it as the feature to cache."""
     def __init__(self):

@@ -323,9 +323,15 @@ class VLAWorkload(Workload):
     Diffusion noise is drawn from a per-episode seeded generator, so eager and an
     artifact that computes the same function take the same actions.
 
-    `decoder="loop"` (token head only) builds the policy as a `pared.ir.decode.Decoder`
-    (backbone, head, detokenize): greedy decoding with the same actions, captured with its
-    loop in the Plan, which decoding passes (speculative_decode) rewrite. Each episode is one
+    `policy="large"`: the diffusion head of vla_diffusion_large.safetensors (4 blocks of width
+    256, about 5x the FLOPs per step, trained on the same frozen backbone by
+    train_large_head.py), for methods the shipped head is too small to show.
+
+    `decoder="loop"` keeps the head's loop in the Plan instead of unrolling it, with the same
+    actions: the token head as a `pared.ir.decode.Decoder` (backbone, head, detokenize; greedy
+    decoding), which decoding passes (speculative_decode) rewrite; the diffusion head as a
+    `pared.ir.denoise.Denoiser` (backbone; head + DDIM update per step; clamp), whose steps the
+    cache passes (action_cache, interval_cache) schedule. Each episode is one
     request of the artifact (`reset` before it), so state a pass carries across policy calls
     (a Kalman drafter's) lives one episode. Calibration: `calibration_steps` observations
     spread over the training demonstration episodes (never the evaluation seeds).
@@ -336,17 +342,20 @@ class VLAWorkload(Workload):
 
     def __init__(self, *, head: str = "diffusion", episodes: int = 5, tasks: Sequence[str] | str | None = None,
                  max_steps: int = 200, execute: int | None = None, calls: int = 8, mse_steps: int = 64,
-                 decoder: str = "unrolled", calibration_steps: int = 1024):
+                 decoder: str = "unrolled", calibration_steps: int = 1024, policy: str = "base"):
         if head not in ("diffusion", "tokens"):
             raise OptionError(f"workload 'vla_metaworld': option 'head' must be 'diffusion' or 'tokens', got {head!r}")
         if decoder not in ("unrolled", "loop"):
             raise OptionError(f"workload 'vla_metaworld': option 'decoder' must be 'unrolled' or 'loop', got {decoder!r}")
-        if decoder == "loop" and head != "tokens":
-            raise OptionError("workload 'vla_metaworld': option decoder='loop' is for the token head (head='tokens'); "
-                              "the diffusion head has no decoding loop")
         if not isinstance(calibration_steps, int) or calibration_steps < 1:
             raise OptionError("workload 'vla_metaworld': option 'calibration_steps' must be a positive integer, "
                               f"got {calibration_steps!r}")
+        if policy not in ("base", "large"):
+            raise OptionError(f"workload 'vla_metaworld': option 'policy' must be 'base' or 'large', got {policy!r}")
+        if policy == "large" and head != "diffusion":
+            raise OptionError("workload 'vla_metaworld': option policy='large' is the larger diffusion head "
+                              "(head='diffusion')")
+        self.policy = policy
         self.decoder, self.calibration_steps = decoder, calibration_steps
         for opt, v in (("episodes", episodes), ("max_steps", max_steps), ("calls", calls)):
             if not isinstance(v, int) or v < 1:
@@ -355,6 +364,11 @@ class VLAWorkload(Workload):
         self._mod = example_module(self.name)
         self._dir = os.path.join(EXAMPLES, self.name)
         self.weights = os.path.join(self._dir, "vla_diffusion.safetensors")
+        self.policy_weights = os.path.join(self._dir, "vla_diffusion_large.safetensors" if policy == "large"
+                                           else "vla_diffusion.safetensors")
+        if not os.path.exists(self.policy_weights):
+            raise FileNotFoundError(f"{self.policy_weights} not found: train it with "
+                                    "examples/vla_metaworld/train_large_head.py")
         self.token_weights = os.path.join(self._dir, "vla_tokens.safetensors")
         meta = self._metadata(self.weights)
         cfg = json.loads(meta["config"])
@@ -412,9 +426,11 @@ class VLAWorkload(Workload):
 
     def build(self):
         M = self._mod
-        policy, _, _ = M.load_policy(self.weights)
+        policy, _, _ = M.load_policy(self.policy_weights)
         policy.eval()
         if self.head == "diffusion":
+            if self.decoder == "loop":
+                return M.diffusion_denoiser(policy).eval()
             return M.DiffusionPolicyCall(policy).eval()
         head, _ = M.load_token_head(self.token_weights, check_backbone=self.weights)
         if self.decoder == "loop":

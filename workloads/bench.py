@@ -58,6 +58,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     from pared.fidelity import side_by_side
     from pared.workloads import get_workload, torch_callable
     from pared.analysis.cost import trace_flops
+    from pared.ir.transform import capture_needs
 
     say = progress or (lambda m: None)
     torch.set_num_threads(threads)
@@ -67,7 +68,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         pipeline = wl.pipeline
     spec = load_pipeline(pipeline) if pipeline else None
     passes = build_passes(spec) if spec else []
-    if any(getattr(p, "needs_decode_loop", False) for p in passes) and wopts.get("decoder") != "loop":
+    if "loop" in capture_needs(passes) and wopts.get("decoder") != "loop":
         # a decoding pass rewrites the decoding loop: every contender gets the model in its loop form
         # (the same function; eager, plain and optimized compared like with like)
         wl = get_workload(name, **{**wopts, "decoder": "loop"})
@@ -87,7 +88,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
             contenders[label] = _own_executor(os.path.join(work, "backend_plain"), threads)
             continue
         say(f"building {label}")
-        dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in plist) else None
+        dyn = wl.dynamic_shapes() if "dynamic_batch" in capture_needs(plist) else None
         # fidelity is the workload's own run below; optimize checks the example only (holdout=[]), not
         # every calibration input again (the VLA calibrates on 1024 observations)
         opt = pared.optimize(model, example, target=target, pipeline=plist, calibration=calib,

@@ -1,15 +1,21 @@
-"""The token-head policy as a pared Decoder, for pipeline files (model / example_inputs /
-calibration hooks): backbone -> 16 greedy action tokens -> 4 actions, with the decoding loop
-in the Plan so decoding passes (speculative_decode) can rewrite it.
+"""The policy with its head's loop in the pared Plan, for pipeline files (model /
+example_inputs / calibration hooks):
+
+- the token head as a pared Decoder: backbone -> 16 greedy action tokens -> 4 actions, the
+  decoding loop in the Plan so decoding passes (speculative_decode) can rewrite it;
+- the diffusion head as a pared Denoiser (`*_denoiser` hooks): backbone -> 10 DDIM steps of
+  the head -> 8 actions, the steps a steps loop of the Plan so cache passes (action_cache)
+  schedule them.
 
     pared optimize examples/pipelines/vla_tokens_speculative.yaml
+    pared optimize examples/pipelines/vla_action_cache.yaml
 """
 from __future__ import annotations
 
 
-def _workload():
+def _workload(head: str = "tokens"):
     from pared.workloads import get_workload
-    return get_workload("vla_metaworld", head="tokens", decoder="loop")
+    return get_workload("vla_metaworld", head=head, decoder="loop")
 
 
 def build_model():
@@ -24,3 +30,17 @@ def example_inputs() -> tuple:
 def calibration() -> list[tuple]:
     """1024 observations spread over the training demonstration episodes."""
     return _workload().calibration()
+
+
+def build_denoiser():
+    return _workload("diffusion").build()
+
+
+def example_inputs_denoiser() -> tuple:
+    """One held-out demonstration observation and its noise: (image, ids, state, noise)."""
+    return _workload("diffusion").example_inputs()
+
+
+def calibration_denoiser() -> list[tuple]:
+    """1024 observations (with noise) spread over the training demonstration episodes."""
+    return _workload("diffusion").calibration()

@@ -477,6 +477,37 @@ class DiffusionPolicyCall(nn.Module):
         return x.clamp(-1, 1)
 
 
+class DDIMUpdate(nn.Module):
+    """One deterministic DDIM step of ``DiffusionPolicyCall`` as a module:
+    (x, eps, sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev)) -> next x, the
+    coefficients as float32 tensors of shape (1,) (a pared Denoiser's step values)."""
+
+    def forward(self, x, eps, sa, s1a, sap, s1ap):
+        x0 = ((x - s1a * eps) / sa).clamp(-1, 1)
+        eps = (x - sa * x0) / s1a
+        return sap * x0 + s1ap * eps
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return x.clamp(-1, 1)
+
+
+def diffusion_denoiser(policy: VLAPolicy):
+    """The policy call as a `pared.ir.denoise.Denoiser` (backbone; head + DDIMUpdate per
+    DDIM step; clamp): the same actions as ``DiffusionPolicyCall``, with the K steps a
+    loop of the pared Plan instead of unrolled in one graph."""
+    from pared.ir.denoise import Denoiser
+    call = DiffusionPolicyCall(policy)
+    a = call.alphas
+    schedule = {"t": [float(t) for t in call.ts],
+                "sa": [math.sqrt(a[i]) for i in range(len(call.ts))],
+                "s1a": [math.sqrt(1 - a[i]) for i in range(len(call.ts))],
+                "sap": [math.sqrt(a[i + 1]) for i in range(len(call.ts))],
+                "s1ap": [math.sqrt(1 - a[i + 1]) for i in range(len(call.ts))]}
+    return Denoiser(policy.backbone, policy.head, DDIMUpdate(), schedule, head_values=("t",), finish=Clamp())
+
+
 class TokenPolicyCall(nn.Module):
     """call(image, text_ids, state) -> actions (B,H,A): the backbone and greedy
     decoding of the H*A action tokens, unrolled (each step writes its token

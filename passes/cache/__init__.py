@@ -6,5 +6,5 @@ skip the cached regions) and a Plan that picks the variant per call. All cache
 state is explicit graph inputs and outputs carried by the Plan, per request;
 each batch row (and each CFG half of a doubled batch) has its own rows of it.
 """
-from pared.passes.cache import (cfg_skip, delta_cache, expert_cache, interval_cache, magnitude_cache, residual_cache,  # noqa: F401
-                                taylor_cache)
+from pared.passes.cache import (action_cache, cfg_skip, delta_cache, expert_cache, interval_cache,  # noqa: F401
+                                magnitude_cache, residual_cache, taylor_cache)

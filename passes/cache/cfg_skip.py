@@ -96,7 +96,7 @@ class SkipUnconditionalBranch(RewritePass):
     """Adaptive Guidance (see module docstring)."""
 
     #: capture the model with a dynamic batch dimension for this pass (harnesses read it)
-    needs_dynamic_batch = True
+    capture_needs = frozenset({"dynamic_batch"})
 
     @dataclass(frozen=True, kw_only=True)
     class Options:

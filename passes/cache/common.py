@@ -62,12 +62,14 @@ def refreshes(step: int, interval: int, warmup: int) -> bool:
 
 
 #: passes that cache block spans, each with its own schedule over the calls of a graph
-BLOCK_CACHES = ("interval_cache", "delta_cache", "magnitude_cache", "taylor_cache", "residual_cache", "expert_cache")
+BLOCK_CACHES = ("interval_cache", "delta_cache", "magnitude_cache", "taylor_cache", "residual_cache", "expert_cache",
+                "action_cache")
 
 
 def graphs_to_cache(program: Program, pass_name: str, why: Callable[[str, str], str] | None = None) -> list[str]:
     """The graphs a cache pass rewrites: every graph the Plan calls, except those
-    this pass already made (so running it again finds nothing more).
+    this pass already made (so running it again finds nothing more); for a captured
+    `Denoiser` (a DenoiseLoop record), only its head.
 
     Args:
         why: (graph, the block cache that made it) -> why this pass cannot follow it;
@@ -89,6 +91,11 @@ def graphs_to_cache(program: Program, pass_name: str, why: Callable[[str, str], 
                 "; " + why(name, other) if why else " for its own schedule; a second block cache would choose the "
                 f"same calls by a second schedule. Use one of {other} and {pass_name} per pipeline"))
         out.append(name)
+    loop = program.records.get("DenoiseLoop")
+    if loop is not None:
+        # a sampler captured whole (ir/denoise.py): its steps are the head's calls in the steps loop;
+        # the encoder runs once per request and the update has no blocks
+        out = [n for n in out if program.origin(n).split(".")[0] == loop.head]
     return out
 
 

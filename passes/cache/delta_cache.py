@@ -51,7 +51,7 @@ class CacheBlockDeltas(RewritePass):
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
         names = graphs_to_cache(program, self.name)
-        steps = calls_of(ctx, o.steps, self.name)
+        steps = calls_of(ctx, o.steps, self.name, program)
         b = round(o.boundary * steps)
         table = tuple("full" if refreshes(i, o.interval, o.warmup)
                       else ("reuse_rear" if i < b else "reuse_front") for i in range(steps))

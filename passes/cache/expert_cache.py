@@ -240,7 +240,7 @@ class CacheExperts(RewritePass):
         adaptive = o.threshold is not None or o.target is not None
         table: tuple[str, ...] = ()
         if not adaptive:
-            steps = calls_of(ctx, o.steps, self.name)
+            steps = calls_of(ctx, o.steps, self.name, program)
             table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
             if "reuse" not in table:
                 return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})

@@ -40,9 +40,14 @@ def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name:
     return f, l_
 
 
-def calls_of(ctx: PassContext, steps: int | None, pass_name: str) -> int:
+def calls_of(ctx: PassContext, steps: int | None, pass_name: str, program: Program | None = None) -> int:
+    """Steps per request: the option; else the iterations of the plan's steps loop (a sampler
+    captured whole); else the calibration run's calls (RedundancyProfile)."""
     if steps:
         return steps
+    stepped = program.plan.stepped_graphs() if program is not None else {}
+    if stepped:
+        return max(stepped.values())
     prof = ctx.get(RedundancyProfile)
     if prof is None:
         raise OptionError(f"pass '{pass_name}' option 'steps': give the number of steps per request, "
@@ -72,7 +77,7 @@ class CacheBlocksEveryN(RewritePass):
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
         names = graphs_to_cache(program, self.name)
-        steps = calls_of(ctx, o.steps, self.name)
+        steps = calls_of(ctx, o.steps, self.name, program)
         table = tuple("full" if refreshes(i, o.interval, o.warmup) else "reuse" for i in range(steps))
         if "reuse" not in table or not names:
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})

@@ -123,7 +123,7 @@ class ForecastBlocks(RewritePass):
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
         names = graphs_to_cache(program, self.name)
-        steps = calls_of(ctx, o.steps, self.name)
+        steps = calls_of(ctx, o.steps, self.name, program)
         table, coefs = taylor_table(steps, o.interval, o.warmup)
         if "forecast" not in table or not names:
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"forecast_steps": 0})

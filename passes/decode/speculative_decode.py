@@ -82,7 +82,7 @@ class SpeculativeDecode(RewritePass):
     """Draft all tokens, verify them with one head call per iteration (see module docstring)."""
 
     #: harnesses build the model in its decoding-loop form (a pared.ir.decode.Decoder) for this pass
-    needs_decode_loop = True
+    capture_needs = frozenset({"loop"})
 
     @dataclass(frozen=True, kw_only=True)
     class Options:

@@ -14,6 +14,7 @@ import torch
 
 import pared
 from pared.pipeline import build_passes, load_pipeline
+from pared.ir.transform import capture_needs
 from pared.workloads.samplers import NoiseSchedule, ddim_sample
 from pared.analysis.metrics import psnr_db
 from pared.testing import run_torch_free
@@ -68,7 +69,7 @@ def test_pipeline_artifact_samples_torch_free_like_the_torch_side(tmp_path, work
     wl = DiTWorkload(workload, batch=10, samples=10)
     spec = load_pipeline(os.path.join(EXAMPLES, "pipelines", pipeline))
     passes = build_passes(spec)
-    dyn = wl.dynamic_shapes() if any(getattr(p, "needs_dynamic_batch", False) for p in passes) else None
+    dyn = wl.dynamic_shapes() if "dynamic_batch" in capture_needs(passes) else None
     opt = pared.optimize(wl.build(), wl.example_inputs(), target=spec.target, pipeline=passes,
                          calibration=wl.calibration(), fidelity=spec.fidelity, bench_repeats=0, dynamic_shapes=dyn)
     assert set(opt.program.graphs) == graphs

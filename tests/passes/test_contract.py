@@ -68,6 +68,12 @@ def decoder() -> Fixture:
 
 
 @functools.cache
+def denoiser() -> Fixture:
+    m, inputs = testing.tiny_denoiser()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
 def one_token_decoder() -> Fixture:
     m, inputs = testing.tiny_decoder(n_tokens=1)
     return Fixture(m, inputs, capture(m, inputs))
@@ -195,6 +201,18 @@ def rows_ctx(fx_: Fixture, program: Program) -> PassContext:
 def decoder_ctx(fx_: Fixture, program: Program) -> PassContext:
     """16 observations for a retrieval table (tiny_decoder's inputs)."""
     return PassContext(calibration=[testing.tiny_decoder_inputs(1, 100 + i) for i in range(16)])
+
+
+def denoiser_ctx(fx_: Fixture, program: Program) -> PassContext:
+    """6 observations (with noise) for the step-to-step similarity (tiny_denoiser's inputs)."""
+    return PassContext(calibration=[testing.tiny_denoiser_inputs(1, 50 + i) for i in range(6)])
+
+
+def block_cache_meaning(fx_: Fixture, res: PassResult):
+    """The eager Denoiser with each cached sub-block's output held between its update steps."""
+    rec = res.program.records.get("ActionCachePlan", graph="head")
+    held = testing.tiny_denoiser_inputs(1, 3)
+    return testing.eager_block_cache(fx_.model, held, dict(zip(rec.blocks, rec.updates))), res.program(*held)
 
 
 def images_ctx(fx_: Fixture, program: Program) -> PassContext:
@@ -478,6 +496,19 @@ CASES: dict[str, Case] = {
              ({"drafter": "kalman", "action_dim": 3}, "option 'action_dim' \\(3\\) does not divide the 8 tokens"),
              ({"radus": 1}, "unknown option 'radus'; did you mean 'radius'")),
         meaning=call_vs_model(lambda fx_: testing.tiny_decoder_inputs(1, 77)), rel_l2=0.0),
+    # -- plan call fusion: lossless ------------------------------------------------------------------
+    "fuse_calls": Case(
+        denoiser, noop={}, noop_fixture=dit,
+        bad=(({"graphs": ["head"]}, "pass 'fuse_calls': unknown option 'graphs'; it takes no options"),),
+        meaning=call_vs_model(lambda fx_: testing.tiny_denoiser_inputs(1, 3)), rel_l2=1e-6),
+    # -- action-head caching: the eager hook emulation ---------------------------------------------
+    "action_cache": Case(
+        denoiser, {"schedule": "bac", "updates": 3}, denoiser_ctx, noop={"schedule": "interval", "interval": 1},
+        bad=(({"schedule": "fora"}, "option 'schedule': must be one of \\['bac', 'interval'\\]"),
+             ({"updates": 0}, "pass 'action_cache': option 'updates' must be in \\[1, inf\\]"),
+             ({"parts": "ffn", "schedule": "interval"}, "no sub-block named one of \\['ffn'\\]"),
+             ({"update": 3}, "unknown option 'update'; did you mean 'updates'")),
+        meaning=block_cache_meaning, rel_l2=1e-5),
     # -- analyses: read-only ------------------------------------------------------------------
     "activation_sparsity": Case(
         transformer, ctx=tokens_ctx,

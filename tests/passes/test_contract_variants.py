@@ -22,7 +22,8 @@ if not hasattr(_contract, "CASES"):
 #: passes that change the graph set or the plan (program passes), and one that refuses a
 #: multi-graph program by meaning (it allocates from one graph's measured sensitivity)
 PROGRAM_PASSES = {"interval_cache", "taylor_cache", "magnitude_cache", "residual_cache", "delta_cache",
-                  "expert_cache", "cfg_skip", "timestep_quant", "mixed_precision", "speculative_decode"}
+                  "expert_cache", "cfg_skip", "timestep_quant", "mixed_precision", "speculative_decode",
+                  "action_cache", "fuse_calls"}
 GRAPH_PASSES = [n for n in _contract.REWRITES if n not in PROGRAM_PASSES]
 
 
