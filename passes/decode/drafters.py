@@ -232,11 +232,14 @@ class Accept(nn.Module):
     were computed from an accepted prefix, so it is the token greedy decoding would pick); the
     draft after it stays, to be verified next time. n' counts what is now fixed; done once every
     row has all N.
+
+    `sequence` (HeiSD's sequence-wise relaxed acceptance): a row whose unfixed positions deviate
+    from the head's argmax by at most `sequence` bins on average is accepted whole, as drafted.
     """
 
-    def __init__(self, radius: int = 0, refill: str = "draft"):
+    def __init__(self, radius: int = 0, refill: str = "draft", sequence: float | None = None):
         super().__init__()
-        self.radius, self.refill = int(radius), refill
+        self.radius, self.refill, self.sequence = int(radius), refill, sequence
 
     def forward(self, logits: torch.Tensor, tokens: torch.Tensor, n: torch.Tensor):
         pred = logits.argmax(-1)                                           # (B, N)
@@ -245,6 +248,11 @@ class Accept(nn.Module):
         ok = ok | (slots < n)
         # leading acceptable positions (B, 1): the first position that is not, or N
         m = torch.where(ok, tokens.shape[1], slots).amin(1, keepdim=True)
+        if self.sequence is not None:
+            free = slots >= n
+            dev = ((tokens - pred).abs() * free).sum(1, keepdim=True).to(torch.float32)
+            whole = dev <= self.sequence * free.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+            m = torch.where(whole, tokens.shape[1], m)
         if self.refill == "head":     # past the first disagreement: the head's guesses (Jacobi decoding)
             tokens = torch.where(slots >= m, pred, tokens)
         else:

@@ -40,7 +40,10 @@ Two more lossy savings: `max_verify: k` stops after k head calls and keeps the d
 head's guesses) for what is not verified by then (with the Kalman drafter and k = 1: KERV's
 completion of the action segment instead of re-inference); `skip_verify: q` (retrieval) sends
 the nearest row's tokens out without any head call when the observation is nearer to it than a
-fraction q of the table's rows are to their own nearest other row (HeiSD's verify-skip).
+fraction q of the table's rows are to their own nearest other row (HeiSD's verify-skip);
+`sequence: d` accepts the whole remaining draft when its tokens deviate from the head's argmax
+by at most d bins on average (HeiSD's sequence-wise relaxed acceptance; the paper's exact
+aggregate is not public, the mean absolute bin distance is this pass's).
 
 Reads: the DecodeLoop record (capture of a pared.ir.decode.Decoder writes it).
 Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`) and
@@ -101,6 +104,8 @@ class SpeculativeDecode(RewritePass):
                                             # the draft (KERV's Kalman completion) or the head's guesses
         skip_verify: float | None = None    # retrieval: no head call when the observation is nearer its table
                                             # row than this quantile of the rows' own nearest distances (HeiSD)
+        sequence: float | None = None       # accept a whole draft whose unverified tokens deviate from the
+                                            # head's argmax by at most this many bins on average (HeiSD)
 
         def __post_init__(self):
             check_range(NAME, "radius", self.radius, lo=0)
@@ -122,6 +127,8 @@ class SpeculativeDecode(RewritePass):
             check_range(NAME, "draft_steps", self.draft_steps, lo=0)
             if self.skip_verify is not None:
                 check_range(NAME, "skip_verify", self.skip_verify, lo=0, hi=1, lo_open=True, hi_open=True)
+            if self.sequence is not None:
+                check_range(NAME, "sequence", self.sequence, lo=0)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -204,7 +211,7 @@ class SpeculativeDecode(RewritePass):
             state = (StateBuffer(KF_STATE, (None, 5, o.action_dim), "float32"),)
             detail = {"action_dim": o.action_dim, "process_noise": q, "measurement_noise": r}
         logits_ex = torch.zeros(batch, n, vocab)
-        graphs[ACCEPT] = capture(drafters.Accept(o.radius, o.refill), (logits_ex, example_tokens,
+        graphs[ACCEPT] = capture(drafters.Accept(o.radius, o.refill, o.sequence), (logits_ex, example_tokens,
                                                              torch.zeros(batch, 1, dtype=torch.int64)),
                                  name=ACCEPT).main
 
@@ -226,9 +233,10 @@ class SpeculativeDecode(RewritePass):
 
         body = map_nodes(program.plan.body, lambda node: speculative(node) if node in loops else node)
         plan = dataclasses.replace(program.plan, body=body).with_declarations(state)
-        lossless = o.radius == 0 and o.max_verify is None and o.skip_verify is None
+        lossless = o.radius == 0 and o.max_verify is None and o.skip_verify is None and o.sequence is None
         detail.update(refill=o.refill, max_verify=o.max_verify)
-        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, **detail)
+        rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, sequence=o.sequence,
+                              **detail)
         new = program.replace(graphs=graphs, plan=plan).with_record(rec)
         ctx.log.info("%s: %s drafts, radius %d, %d tokens", NAME, o.drafter, o.radius, n)
         return PassResult(new, modified=True, stats=stats)
@@ -367,6 +375,7 @@ class SpeculativePlan(Record):
     lossless: bool
     refill: str = "head"
     max_verify: int | None = None
+    sequence: float | None = None
     # retrieval
     keys: tuple[str, ...] = ()
     table_rows: int = 0

@@ -494,7 +494,8 @@ CASES: dict[str, Case] = {
         bad=(({"radius": -1}, "pass 'speculative_decode': option 'radius' must be in \\[0, inf\\]"),
              ({"drafter": "kalman"}, "drafter 'kalman' needs option 'action_dim'"),
              ({"drafter": "kalman", "action_dim": 3}, "option 'action_dim' \\(3\\) does not divide the 8 tokens"),
-             ({"radus": 1}, "unknown option 'radus'; did you mean 'radius'")),
+             ({"radus": 1}, "unknown option 'radus'; did you mean 'radius'"),
+             ({"sequence": -1.0}, "pass 'speculative_decode': option 'sequence' must be in \\[0, inf\\]")),
         meaning=call_vs_model(lambda fx_: testing.tiny_decoder_inputs(1, 77)), rel_l2=0.0),
     # -- plan call fusion: lossless ------------------------------------------------------------------
     "fuse_calls": Case(

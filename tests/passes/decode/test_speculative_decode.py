@@ -49,11 +49,15 @@ def _run(prog, inputs: list[tuple], reset_each: bool = True):
 
 
 # -- the acceptance step against a plain Python verify loop ------------------------------------------
-def _accept_reference(logits, tokens, n, radius, refill):
+def _accept_reference(logits, tokens, n, radius, refill, sequence=None):
     pred = logits.argmax(-1)
     tokens, n = tokens.clone(), n.clone()
     for b in range(tokens.shape[0]):
         m = int(n[b])
+        free = [abs(int(tokens[b, j]) - int(pred[b, j])) for j in range(m, tokens.shape[1])]
+        if sequence is not None and sum(free) <= sequence * max(len(free), 1):
+            n[b] = tokens.shape[1]                  # HeiSD sequence-wise: the whole draft as it is
+            continue
         while m < tokens.shape[1] and abs(int(tokens[b, m]) - int(pred[b, m])) <= radius:
             m += 1
         if m < tokens.shape[1]:
@@ -64,8 +68,9 @@ def _accept_reference(logits, tokens, n, radius, refill):
     return tokens, n
 
 
-@pytest.mark.parametrize("radius,refill", [(0, "draft"), (0, "head"), (2, "draft"), (3, "head")])
-def test_accept_matches_a_python_verify_step(radius, refill):
+@pytest.mark.parametrize("radius,refill,sequence", [(0, "draft", None), (0, "head", None), (2, "draft", None),
+                                                   (3, "head", None), (0, "head", 1.0), (1, "draft", 0.5)])
+def test_accept_matches_a_python_verify_step(radius, refill, sequence):
     g = torch.Generator().manual_seed(radius)
     for trial in range(30):
         logits = torch.randn(3, N, 6, generator=g)
@@ -73,8 +78,8 @@ def test_accept_matches_a_python_verify_step(radius, refill):
         # drafts that agree with the argmax for a while, then not
         tokens = torch.where(torch.rand(3, N, generator=g) < 0.7, pred, torch.randint(0, 6, (3, N), generator=g))
         n = torch.randint(0, N, (3, 1), generator=g)
-        got_t, got_n, done = drafters.Accept(radius, refill)(logits, tokens, n)
-        want_t, want_n = _accept_reference(logits, tokens, n, radius, refill)
+        got_t, got_n, done = drafters.Accept(radius, refill, sequence)(logits, tokens, n)
+        want_t, want_n = _accept_reference(logits, tokens, n, radius, refill, sequence)
         assert torch.equal(got_t, want_t) and torch.equal(got_n, want_n)
         assert int(done) == int(bool((want_n >= N).all()))
 
@@ -354,3 +359,16 @@ def test_kerv_completion_verifies_the_first_call_to_the_end(tiny):
     with torch.no_grad():
         assert torch.equal(outs[0], m(*seq[0]))
     assert heads[0] >= 1 and heads[1:] == [1, 1, 1, 1]
+
+
+def test_sequence_wise_acceptance_takes_whole_drafts_and_is_marked_lossy(tiny):
+    m, prog, calib = tiny
+    exact = run_pass_checked(SpeculativeDecode(drafter="retrieval"), prog, PassContext(calibration=calib))
+    seq = run_pass_checked(SpeculativeDecode(drafter="retrieval", sequence=3.0), prog,
+                           PassContext(calibration=calib))
+    rec = seq.program.records["SpeculativePlan"]
+    assert rec.sequence == 3.0 and not rec.lossless
+    held = [tiny_decoder_inputs(base=calib[i], seed=700 + i, noise=0.3) for i in range(8)]
+    _, h_exact = _run(exact.program, held)
+    _, h_seq = _run(seq.program, held)
+    assert sum(h_seq) < sum(h_exact) and min(h_seq) == 1          # whole drafts accepted in one call
