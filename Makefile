@@ -60,6 +60,9 @@ bench: $(STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_speed.py --repeats 25
 	# speculative decoding of the token head: closed loop, 25 episodes per task, and per-call timing
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_speculative.py --episodes 25
+	# action-head caching of the diffusion head (shipped and larger head): closed loop and timing
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_action_cache.py --episodes 25
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_action_cache.py --episodes 25 --policy large
 
 clean:
 	rm -rf $(VENV) build *.egg-info

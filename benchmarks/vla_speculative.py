@@ -9,9 +9,12 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
   exact_<drafter>  speculative_decode, radius 0 (lossless): drafter none (Jacobi decoding),
                    retrieval (HeiSD: nearest calibration observation's tokens), kalman (KERV),
                    distilled (a parallel draft head trained on the calibration tokens)
+  <arm>_fused      the same pipeline then fuse_calls (the head and the pick / accept one graph)
   lossy arms       (--lossy, see LOSSY) r<k>_*: draft tokens within k bins of the head's argmax;
                    kerv<k>_kalman: at most k head calls, the Kalman draft completing the chunk;
-                   skip<q>_*: no head call for retrievals nearer than the table's q-quantile
+                   skip<q>_*: no head call for retrievals nearer than the table's q-quantile;
+                   seq<d>_*: a whole draft accepted when its tokens are within a mean of d bins of
+                   the head's argmax (HeiSD's sequence-wise relaxed acceptance)
 
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes, as the workload): eager
 PyTorch's greedy policy acts; every lossless arm shadows it, called on the same observation at
@@ -52,7 +55,10 @@ from pared.workloads import get_workload, torch_callable  # noqa: E402
 LOSSLESS = {"exact_none": {"drafter": "none"},
             "exact_retrieval": {"drafter": "retrieval"},
             "exact_kalman": {"drafter": "kalman", "action_dim": 4},
-            "exact_distilled": {"drafter": "distilled"}}
+            "exact_distilled": {"drafter": "distilled"},
+            # then fuse_calls: the head and the pick / accept one graph per iteration
+            "plain_loop_fused": {"fuse": True},
+            "exact_retrieval_fused": {"drafter": "retrieval", "fuse": True}}
 #: lossy arms (--lossy NAME ...): relaxed acceptance (Spec-VLA), capped verification with the Kalman
 #: draft completing the chunk (KERV), verify-skip for near retrievals (HeiSD)
 LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
@@ -61,7 +67,11 @@ LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
          "kerv1_kalman": {"drafter": "kalman", "action_dim": 4, "refill": "draft", "max_verify": 1},
          "kerv2_kalman": {"drafter": "kalman", "action_dim": 4, "refill": "draft", "max_verify": 2},
          "skip25_retrieval": {"drafter": "retrieval", "skip_verify": 0.25},
-         "skip50_r2_retrieval": {"drafter": "retrieval", "radius": 2, "skip_verify": 0.5}}
+         "skip50_r2_retrieval": {"drafter": "retrieval", "radius": 2, "skip_verify": 0.5},
+         # HeiSD's sequence-wise relaxed acceptance: a whole draft within a mean of d bins of the head's argmax
+         "seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0},
+         "seq2_retrieval": {"drafter": "retrieval", "sequence": 2.0},
+         "skip25_seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0, "skip_verify": 0.25}}
 
 
 def say(msg: str) -> None:
@@ -69,7 +79,13 @@ def say(msg: str) -> None:
 
 
 def heads(ex: Executor) -> int:
-    return sum(g == "head" for g in ex.graph_trace[-1])
+    return sum(g == "head" or g.startswith("head+") for g in ex.graph_trace[-1])
+
+
+def pipeline_of(o: dict | None) -> list:
+    o = dict(o or {})
+    fuse = o.pop("fuse", False)
+    return ([{"speculative_decode": o}] if o else []) + (["fuse_calls"] if fuse else [])
 
 
 def main() -> None:
@@ -84,7 +100,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timing rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--part", choices=("all", "closed_loop", "timing"), default="all",
-                    help="run one part; the other's section of --json is kept as it is")
+                    help="run one part; the other's section of --json is kept as it is (closed_loop: so are the "
+                         "arms it does not run)")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "vla_speculative.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -102,10 +119,10 @@ def main() -> None:
     for name, o in arms.items():
         say(f"building {name}")
         opt = pared.optimize(model, example, target="cpu", calibration=calib, bench_repeats=0,
-                             pipeline=[] if o is None else [{"speculative_decode": o}], allow_fidelity_loss=True,
-                             holdout=holdout)
+                             pipeline=pipeline_of(o), allow_fidelity_loss=True, holdout=holdout)
         ex[name] = Executor(opt.save(os.path.join(work, name)), threads=a.threads)
-        records[name] = dict(opt.program.records.get("SpeculativePlan").to_json()) if o else None
+        rec = opt.program.records.get("SpeculativePlan")
+        records[name] = None if rec is None else dict(rec.to_json())
     say("building plain_unrolled")
     unrolled_wl = get_workload("vla_metaworld", decoder="unrolled", **opts)
     opt = pared.optimize(unrolled_wl.build(), example, target="cpu", pipeline=[], bench_repeats=0)
@@ -117,31 +134,18 @@ def main() -> None:
         with open(a.json) as f:
             previous = json.load(f)
     if a.part in ("all", "closed_loop"):
-        previous["closed_loop"] = _closed_loop(a, wl, ex, eager, lossless, relaxed, model.n_tokens)
+        loop = _closed_loop(a, wl, ex, eager, lossless, relaxed, model.n_tokens)
+        if a.part == "closed_loop" and "closed_loop" in previous:     # arms run before are kept
+            loop["arms"] = {**previous["closed_loop"]["arms"], **loop["arms"]}
+        previous["closed_loop"] = loop
     # -- timing: replayed demonstration episodes, arms alternating --------------------------------
     if a.part in ("all", "timing"):
         seqs = wl.replay_sequences(per_task=2, calls=12)
         contenders = {"eager": (eager, None), **{n: (ex[n], ex[n].reset) for n in ["plain_unrolled", *arms]}}
-        per_call: dict[str, list[float]] = {n: [] for n in contenders}
         names = list(contenders)
-        n_calls = sum(len(q) for q in seqs)
-        say(f"timing: {n_calls} replayed policy calls x {len(names)} contenders x {a.repeats} rounds "
-            f"(load {os.getloadavg()[0]:.2f})")
         load_before = os.getloadavg()
-        for r in range(a.repeats + 1):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for n in order:
-                fn, rst = contenders[n]
-                dt = 0.0
-                for seq in seqs:
-                    if rst is not None:
-                        rst()
-                    for args in seq:
-                        t0 = time.perf_counter()
-                        fn(*args)
-                        dt += time.perf_counter() - t0
-                if r:                                   # round 0 warms up
-                    per_call[n].append(dt / n_calls)
+        per_call = time_replay(contenders, seqs, a.repeats)
+        n_calls = sum(len(q) for q in seqs)
         ms = {n: 1e3 * statistics.median(v) for n, v in per_call.items()}
         n_tok = model.n_tokens
         timing = {}
@@ -159,7 +163,8 @@ def main() -> None:
     previous.update({
         "what": "VLA token head (16 action tokens per policy call), speculative decoding: closed-loop success and "
                 "head calls (closed_loop), per-call latency (timing: batch 1, ORT CPU, 1 thread), beside eager "
-                "greedy decoding", "calibration_steps": wl.calibration_steps, "decisions": records})
+                "greedy decoding", "calibration_steps": wl.calibration_steps,
+        "decisions": {**previous.get("decisions", {}), **records}})
     write_results(a.json, previous)
     for n, r in previous.get("closed_loop", {}).get("arms", {}).items():
         t = previous.get("timing", {}).get("arms", {}).get(n, {})
@@ -168,6 +173,35 @@ def main() -> None:
               f"x{t.get('speedup_vs_plain_loop', 0):.2f} vs plain loop  x{t.get('speedup_vs_eager', 0):.2f} vs eager")
 
 
+def time_replay(contenders: dict, seqs: list, repeats: int, after=None) -> dict[str, list[float]]:
+    """Seconds per policy call of each contender, one value per round: every contender runs every
+    replayed sequence (reset before each) in each round, in an order rotated by one per round;
+    round 0 warms up and is dropped. `after(name, round)` is called after each contender's round.
+
+    Args:
+        contenders: name -> (callable, reset or None).
+    """
+    names = list(contenders)
+    n_calls = sum(len(q) for q in seqs)
+    say(f"timing: {n_calls} replayed policy calls x {len(names)} contenders x {repeats} rounds "
+        f"(load {os.getloadavg()[0]:.2f})")
+    per_call: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats + 1):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            fn, rst = contenders[n]
+            dt = 0.0
+            for seq in seqs:
+                if rst is not None:
+                    rst()
+                for args in seq:
+                    t0 = time.perf_counter()
+                    fn(*args)
+                    dt += time.perf_counter() - t0
+            if r:
+                per_call[n].append(dt / n_calls)
+            if after is not None:
+                after(n, r)
+    return per_call
 
 
 def _closed_loop(a, wl, ex, eager, lossless, relaxed, n_tok) -> dict:

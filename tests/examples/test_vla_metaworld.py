@@ -212,8 +212,10 @@ def test_workload_options_are_checked():
         get_workload("vla_metaworld", execute=9)
     with pytest.raises(OptionError, match="does not take"):
         get_workload("vla_metaworld", samples=10)
-    with pytest.raises(OptionError, match="option decoder='loop' is for the token head"):
-        get_workload("vla_metaworld", decoder="loop")
+    with pytest.raises(OptionError, match="option 'policy' must be 'base' or 'large'"):
+        get_workload("vla_metaworld", policy="huge")
+    with pytest.raises(OptionError, match="policy='large' is the larger diffusion head"):
+        get_workload("vla_metaworld", head="tokens", policy="large")
     with pytest.raises(OptionError, match="option 'calibration_steps' must be a positive integer"):
         get_workload("vla_metaworld", calibration_steps=0)
 
@@ -236,6 +238,45 @@ def test_the_loop_decoder_acts_as_the_unrolled_one_and_calibrates_on_training_ep
     assert len(loop.calibration()) == 16
     seqs = loop.replay_sequences(per_task=1, calls=5)
     assert len(seqs) == 6 and all(len(s) == 5 for s in seqs)
+
+
+@pytest.mark.parametrize("policy", ["base", "large"])
+def test_the_denoiser_acts_as_the_unrolled_diffusion_policy(policy):
+    """decoder='loop' on the diffusion head: a pared Denoiser (the DDIM steps a steps loop of the
+    plan) with the same actions as the unrolled policy call, bit for bit, and the captured
+    program within float tolerance."""
+    from pared.ir.capture import capture
+    from pared.ir.denoise import Denoiser
+    from pared.workloads import get_workload
+    loop = get_workload("vla_metaworld", decoder="loop", policy=policy)
+    a, b = loop.build(), get_workload("vla_metaworld", policy=policy).build()
+    assert isinstance(a, Denoiser) and a.steps == 10
+    xs = [[torch.from_numpy(v) for v in loop._demo_inputs(int(i))] for i in loop.heldout_steps(4)]
+    prog = capture(a, xs[0])
+    assert prog.plan.stepped_graphs()["head"] == 10
+    for x in xs:
+        with torch.no_grad():
+            want = b(*x)
+            assert torch.equal(a(*x), want)
+        torch.testing.assert_close(prog(*x), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_bench_with_action_cache_switches_to_the_loop_and_caches_the_head(tmp_path, monkeypatch):
+    """pared bench with the action_cache pipeline: every contender gets the Denoiser form, the
+    artifact's head runs its BAC schedule, and it acts in the simulator."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    from pared.workloads.bench import bench_workload
+    pipe = os.path.join(EXAMPLES, "pipelines", "vla_action_cache.yaml")
+    r = bench_workload("vla_metaworld", pipeline=pipe, repeats=1, json_out=str(tmp_path / "v.json"),
+                       workload_options={"episodes": 1, "tasks": "reach-v3", "mse_steps": 8, "calls": 2,
+                                         "max_steps": 60, "calibration_steps": 64})
+    f = r["fidelity"]
+    assert f["episodes"] == 1 and f["heldout_steps"] == 8
+    assert 0 < f["action_mse_vs_reference"] < 0.05          # cached: close to, not equal to, eager
+    calls = r["graph_calls_per_call"]["optimized"]          # the head loop: 10 steps, a variant each
+    assert sum(n for g, n in calls.items() if g.startswith("head.")) == 10 and calls["denoise.update"] == 10
+    assert calls.get("head.full", 0) < 10
 
 
 @pytest.mark.slow
