@@ -44,3 +44,10 @@ def example_inputs_denoiser() -> tuple:
 def calibration_denoiser() -> list[tuple]:
     """1024 observations (with noise) spread over the training demonstration episodes."""
     return _workload("diffusion").calibration()
+
+
+def holdout_denoiser() -> list[tuple]:
+    """64 held-out demonstration observations (with noise): what `pared optimize` judges on."""
+    wl = _workload("diffusion")
+    import torch
+    return [tuple(torch.from_numpy(a) for a in wl._demo_inputs(int(i))) for i in wl.heldout_steps(64)]
