@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -153,63 +153,12 @@ class SpeculativeDecode(RewritePass):
         graphs = dict(program.graphs)
         head = program.graphs[loop_rec.head]
         example_tokens = head.example_inputs[0]
-        batch = example_tokens.shape[0]
-        state: tuple[StateBuffer, ...] = ()
         stats: dict = {"tokens": n}
-        if o.drafter == "retrieval":
-            keys, float_keys, int_keys, order, rows, source = self._table(program, loop_rec, ctx)
-            retrieval = drafters.Retrieval(float_keys, int_keys, rows, order, with_distance=o.skip_verify is not None)
-            ex = tuple(program.graphs[_input_graph(program)].example_inputs[loop_rec.inputs.index(k)] for k in keys)
-            graphs[DRAFT] = capture(drafters.Counted(retrieval), ex, name=DRAFT).main
-            outs = (loop_rec.tokens, N_REF) + ((DIST_REF,) if o.skip_verify is not None else ())
-            draft: "Node | dict[str, Node]" = Call(DRAFT, tuple(f"in:{k}" for k in keys), outs)
-            after: Node | None = None
-            stats.update(table_rows=int(rows.shape[0]), keys=list(keys))
-            detail = {"keys": tuple(keys), "table_rows": int(rows.shape[0]), "table": source}
-            if o.skip_verify is not None:
-                with torch.no_grad():
-                    near = retrieval.leave_one_out()
-                threshold = float(torch.quantile(near[torch.isfinite(near)], o.skip_verify))
-                detail["skip_verify_below"] = threshold
-        elif o.drafter == "distilled":
-            inputs, tokens, conds = _decode_calibration(program, loop_rec, ctx, loop_rec.cond, o.table_size,
-                                                        "distilled")
-            dims = [int(c[0].numel()) for c in conds]
-            mod = drafters.ParallelDraft(dims, n, vocab, o.draft_hidden)
-            ctx.progress(f"{NAME}: distilling a parallel draft head on {tokens.shape[0]} calibration inputs")
-            fit = drafters.distill(mod, conds, tokens, o.draft_steps)
-            cond_ex = tuple(c[:batch] for c in conds)
-            graphs[DRAFT] = capture(drafters.Counted(mod), cond_ex, name=DRAFT).main
-            draft, after = Call(DRAFT, tuple(loop_rec.cond), (loop_rec.tokens, N_REF)), None
-            detail = {"draft_hidden": o.draft_hidden, "draft_steps": o.draft_steps, "samples": int(tokens.shape[0]),
-                      **fit}
-            stats.update(draft_train_accuracy=fit["train_token_accuracy"])
-        elif o.drafter == "none":
-            graphs[DRAFT] = capture(drafters.Counted(_Zeros(n)), (example_tokens,), name=DRAFT).main
-            draft, after = Call(DRAFT, (loop_rec.tokens,), (loop_rec.tokens, N_REF)), None
-            detail = {}
-        else:
-            h = n // o.action_dim
-            q, r = o.process_noise, o.measurement_noise
-            kf_state = torch.zeros(batch, 5, o.action_dim)
-            graphs[DRAFT] = capture(drafters.Counted(drafters.KalmanDraft(h, o.action_dim, vocab)), (kf_state,),
-                                    name=DRAFT).main
-            graphs[K_START] = capture(drafters.KalmanStart(h, o.action_dim, q, r), (example_tokens,),
-                                      name=K_START).main
-            graphs[K_UPDATE] = capture(drafters.KalmanUpdate(h, o.action_dim, q, r), (example_tokens, kf_state),
-                                       name=K_UPDATE).main
-            graphs[f"{DRAFT}.cold"] = capture(drafters.Counted(_Zeros(n)), (example_tokens,),
-                                              name=f"{DRAFT}.cold").main
-            kf = f"state:{KF_STATE}"
-            cold_warm = Table(("cold",), "warm")
-            # the first call has no history: a zero draft, verified to the end even under max_verify
-            # (completing a chunk from zeros would act on bin 0); later calls: the filters' draft
-            draft = {"cold": Call(f"{DRAFT}.cold", (loop_rec.tokens,), (loop_rec.tokens, N_REF)),
-                     "warm": Call(DRAFT, (kf,), (loop_rec.tokens, N_REF))}
-            after = Select(cold_warm, (("cold", Call(K_START, (loop_rec.tokens,), (kf,))),
-                                       ("warm", Call(K_UPDATE, (loop_rec.tokens, kf), (kf,)))), f"{NAME}.history")
-            state = (StateBuffer(KF_STATE, (None, 5, o.action_dim), "float32"),)
-            detail = {"action_dim": o.action_dim, "process_noise": q, "measurement_noise": r}
+        parts = getattr(self, f"_draft_{o.drafter}")(program, loop_rec, ctx, example_tokens)
+        graphs.update(parts.graphs)
+        stats.update(parts.stats)
+        detail = dict(parts.detail)
+        batch = example_tokens.shape[0]
         logits_ex = torch.zeros(batch, n, vocab)
         graphs[ACCEPT] = capture(drafters.Accept(o.radius, o.refill, o.sequence), (logits_ex, example_tokens,
                                                              torch.zeros(batch, 1, dtype=torch.int64)),
@@ -223,16 +172,16 @@ class SpeculativeDecode(RewritePass):
             if o.skip_verify is not None:        # HeiSD's verify-skip: a near neighbour's tokens go out as they are
                 verify = Select(Bins(DIST_REF, (detail["skip_verify_below"],), ("skip", "verify")),
                                 (("skip", Seq(())), ("verify", verify)))
-            if isinstance(draft, dict):          # kalman: cold start, then the filters' history
+            if parts.cold is not None:           # the first call's own draft, verified to the end
                 full = Loop(body, until=DONE_REF, max_iters=n)
-                nodes = [Select(Table(("cold",), "warm"), (("cold", Seq((draft["cold"], full))),
-                                                          ("warm", Seq((draft["warm"], verify)))), f"{NAME}.history")]
+                nodes = [Select(Table(("cold",), "warm"), (("cold", Seq((parts.cold, full))),
+                                                          ("warm", Seq((parts.draft, verify)))), f"{NAME}.history")]
             else:
-                nodes = [draft, verify]
-            return Seq(tuple(nodes + ([after] if after is not None else [])))
+                nodes = [parts.draft, verify]
+            return Seq(tuple(nodes + ([parts.after] if parts.after is not None else [])))
 
         body = map_nodes(program.plan.body, lambda node: speculative(node) if node in loops else node)
-        plan = dataclasses.replace(program.plan, body=body).with_declarations(state)
+        plan = dataclasses.replace(program.plan, body=body).with_declarations(parts.state)
         lossless = o.radius == 0 and o.max_verify is None and o.skip_verify is None and o.sequence is None
         detail.update(refill=o.refill, max_verify=o.max_verify)
         rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, sequence=o.sequence,
@@ -240,6 +189,67 @@ class SpeculativeDecode(RewritePass):
         new = program.replace(graphs=graphs, plan=plan).with_record(rec)
         ctx.log.info("%s: %s drafts, radius %d, %d tokens", NAME, o.drafter, o.radius, n)
         return PassResult(new, modified=True, stats=stats)
+
+    # -- drafters: each builds its graphs and plan nodes ---------------------------------------
+    def _draft_retrieval(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
+                         example_tokens: torch.Tensor) -> "DraftParts":
+        o = self.options
+        keys, float_keys, int_keys, order, rows, source = self._table(program, loop_rec, ctx)
+        retrieval = drafters.Retrieval(float_keys, int_keys, rows, order, with_distance=o.skip_verify is not None)
+        ex = tuple(program.graphs[_input_graph(program)].example_inputs[loop_rec.inputs.index(k)] for k in keys)
+        outs = (loop_rec.tokens, N_REF) + ((DIST_REF,) if o.skip_verify is not None else ())
+        detail = {"keys": tuple(keys), "table_rows": int(rows.shape[0]), "table": source}
+        if o.skip_verify is not None:
+            with torch.no_grad():
+                near = retrieval.leave_one_out()
+            detail["skip_verify_below"] = float(torch.quantile(near[torch.isfinite(near)], o.skip_verify))
+        return DraftParts({DRAFT: capture(drafters.Counted(retrieval), ex, name=DRAFT).main},
+                          Call(DRAFT, tuple(f"in:{k}" for k in keys), outs), detail=detail,
+                          stats={"table_rows": int(rows.shape[0]), "keys": list(keys)})
+
+    def _draft_distilled(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
+                         example_tokens: torch.Tensor) -> "DraftParts":
+        o = self.options
+        n, batch = loop_rec.n_tokens, example_tokens.shape[0]
+        inputs, tokens, conds = _decode_calibration(program, loop_rec, ctx, loop_rec.cond, o.table_size, "distilled")
+        mod = drafters.ParallelDraft([int(c[0].numel()) for c in conds], n, loop_rec.vocab, o.draft_hidden)
+        ctx.progress(f"{NAME}: distilling a parallel draft head on {tokens.shape[0]} calibration inputs")
+        fit = drafters.distill(mod, conds, tokens, o.draft_steps)
+        graph = capture(drafters.Counted(mod), tuple(c[:batch] for c in conds), name=DRAFT).main
+        return DraftParts({DRAFT: graph}, Call(DRAFT, tuple(loop_rec.cond), (loop_rec.tokens, N_REF)),
+                          detail={"draft_hidden": o.draft_hidden, "draft_steps": o.draft_steps,
+                                  "samples": int(tokens.shape[0]), **fit},
+                          stats={"draft_train_accuracy": fit["train_token_accuracy"]})
+
+    def _draft_none(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
+                    example_tokens: torch.Tensor) -> "DraftParts":
+        graph = capture(drafters.Counted(_Zeros(loop_rec.n_tokens)), (example_tokens,), name=DRAFT).main
+        return DraftParts({DRAFT: graph}, Call(DRAFT, (loop_rec.tokens,), (loop_rec.tokens, N_REF)))
+
+    def _draft_kalman(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
+                      example_tokens: torch.Tensor) -> "DraftParts":
+        o = self.options
+        n, batch = loop_rec.n_tokens, example_tokens.shape[0]
+        h, q, r = n // o.action_dim, o.process_noise, o.measurement_noise
+        kf_state = torch.zeros(batch, 5, o.action_dim)
+        graphs = {
+            DRAFT: capture(drafters.Counted(drafters.KalmanDraft(h, o.action_dim, loop_rec.vocab)), (kf_state,),
+                           name=DRAFT).main,
+            K_START: capture(drafters.KalmanStart(h, o.action_dim, q, r), (example_tokens,), name=K_START).main,
+            K_UPDATE: capture(drafters.KalmanUpdate(h, o.action_dim, q, r), (example_tokens, kf_state),
+                              name=K_UPDATE).main,
+            f"{DRAFT}.cold": capture(drafters.Counted(_Zeros(n)), (example_tokens,), name=f"{DRAFT}.cold").main}
+        kf = f"state:{KF_STATE}"
+        # the first call has no history: a zero draft, verified to the end even under max_verify
+        # (completing a chunk from zeros would act on bin 0); later calls: the filters' draft; after
+        # each call the filters take in its tokens
+        after = Select(Table(("cold",), "warm"), (("cold", Call(K_START, (loop_rec.tokens,), (kf,))),
+                                                  ("warm", Call(K_UPDATE, (loop_rec.tokens, kf), (kf,)))),
+                       f"{NAME}.history")
+        return DraftParts(graphs, Call(DRAFT, (kf,), (loop_rec.tokens, N_REF)),
+                          cold=Call(f"{DRAFT}.cold", (loop_rec.tokens,), (loop_rec.tokens, N_REF)), after=after,
+                          state=(StateBuffer(KF_STATE, (None, 5, o.action_dim), "float32"),),
+                          detail={"action_dim": o.action_dim, "process_noise": q, "measurement_noise": r})
 
     # -- the retrieval table ----------------------------------------------------------------
     def _table(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext):
@@ -363,6 +373,20 @@ def _load_table(path: str, keys: list[str], n: int, ex: dict) -> tuple[dict, tor
                               f"{ex[k][0].numel()} values per row like the input, got {tuple(a.shape)}")
         cols[k] = a.to(ex[k].dtype)
     return cols, rows
+
+
+@dataclass(frozen=True)
+class DraftParts:
+    """What a drafter adds: its graphs; the plan node that drafts every call (or, with `cold`, every
+    call but the request's first, whose draft `cold` is verified to the end); a node run after
+    each call (`after`: the drafter's own history); its state; its settings for the record."""
+    graphs: dict
+    draft: Node
+    cold: Node | None = None
+    after: Node | None = None
+    state: tuple[StateBuffer, ...] = ()
+    detail: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
