@@ -261,7 +261,7 @@ def test_the_denoiser_acts_as_the_unrolled_diffusion_policy(policy):
         torch.testing.assert_close(prog(*x), want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_with_action_cache_switches_to_the_loop_and_caches_the_head(tmp_path, monkeypatch):
     """pared bench with the action_cache pipeline: every contender gets the Denoiser form, the
     artifact's head runs its BAC schedule, and it acts in the simulator."""
