@@ -16,6 +16,8 @@ is built as a pared Denoiser (the steps a steps loop of the Plan) and lowered to
   bac<M>_nobubble  the same without Bubbling Union
   <arm>_fused      the same pipeline then fuse_calls: the head (variant) and the DDIM update run
                    as one graph per step (11 ORT calls per policy call instead of 22)
+  <arm>_shared     the same artifact loaded with share_weights=True: every head variant reads one
+                   copy of the weights (ORT's per-session prepacked copies off)
 
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes, as the workload): eager
 PyTorch acts, then every arm acts in its own closed loop from the same seeds (diffusion noise from
@@ -64,10 +66,14 @@ ARMS = {"interval2": {"schedule": "interval", "interval": 2},
         "interval5": {"schedule": "interval", "interval": 5}}
 #: arms whose pipeline ends with fuse_calls (the head and the DDIM update one graph per step)
 FUSED = ["plain_loop_fused", "interval2_fused", "bac4_fused", "bac3_fused", "bac2_fused"]
-DEFAULT = list(ARMS) + FUSED
+#: arms whose artifact is loaded with share_weights=True: the variants read one copy of the weights
+#: (ORT prepacking off) instead of a prepacked copy per variant session
+SHARED = ["plain_loop_shared", "interval2_shared", "bac4_shared", "bac3_shared"]
+DEFAULT = list(ARMS) + FUSED + SHARED
 
 
 def pipeline(name: str) -> list:
+    name = name[:-len("_shared")] if name.endswith("_shared") else name
     base = name[:-len("_fused")] if name.endswith("_fused") else name
     steps = [] if base == "plain_loop" else [{"action_cache": ARMS[base]}]
     return steps + (["fuse_calls"] if name.endswith("_fused") else [])
@@ -93,7 +99,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=DEFAULT, choices=sorted(DEFAULT))
     ap.add_argument("--repeats", type=int, default=7, help="timing rounds")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--part", choices=("all", "closed_loop", "timing"), default="all")
+    ap.add_argument("--part", choices=("all", "closed_loop", "timing", "graphs"), default="all",
+                    help="graphs: per-graph time of each arm's ORT calls, one arm at a time (not in 'all')")
     ap.add_argument("--policy", choices=("base", "large"), default="base",
                     help="the shipped head, or the larger one (train_large_head.py)")
     ap.add_argument("--json", default=None, help="default: results/vla_action_cache[_large].json")
@@ -112,7 +119,8 @@ def main() -> None:
         say(f"building {name}")
         opt = pared.optimize(model, example, target="cpu", calibration=calib, bench_repeats=0, holdout=[],
                              pipeline=pipeline(name), allow_fidelity_loss=True)
-        ex[name] = Executor(opt.save(os.path.join(work, name)), threads=a.threads)
+        ex[name] = Executor(opt.save(os.path.join(work, name)), threads=a.threads,
+                            share_weights=name.endswith("_shared"))
         programs[name] = opt.program
         rec = opt.program.records.get("ActionCachePlan", graph="head")
         records[name] = None if rec is None else dict(rec.to_json())
@@ -139,8 +147,14 @@ def main() -> None:
         if a.part == "closed_loop" and "closed_loop" in previous:     # arms run before are kept
             loop["arms"] = {**previous["closed_loop"]["arms"], **loop["arms"]}
         previous["closed_loop"] = loop
+    if a.part == "graphs":
+        previous["graphs"] = _graphs(a, wl, ex, ["plain_loop", *a.arms], records)
     if a.part in ("all", "timing"):
-        previous["timing"] = _timing(a, wl, ex, eager, backbone, ["plain_unrolled", "plain_loop", *a.arms], flops)
+        timing = _timing(a, wl, ex, eager, backbone, ["plain_unrolled", "plain_loop", *a.arms], flops)
+        if a.part == "timing" and "timing" in previous:      # arms timed before are kept (their ratios are
+            timing["arms"] = {**previous["timing"]["arms"], **timing["arms"]}   # to their own run's plain arms)
+            timing["runs"] = previous["timing"].get("runs", 1) + 1
+        previous["timing"] = timing
     previous.update({
         "policy": a.policy,
         "what": "VLA diffusion head (10 DDIM steps per policy call), action_cache: closed-loop success "
@@ -169,6 +183,41 @@ def _closed_loop(a, wl, ex, eager, arms) -> dict:
         results[n] = _summary(wl, run, wl.fidelity(ref_run, run))
         results[n]["success_minus_eager"] = round(results[n]["success"] - results["eager"]["success"], 4)
     return {"episodes_per_task": a.episodes, "tasks": wl.task_names, "arms": results}
+
+
+def _graphs(a, wl, ex, arms, records) -> dict:
+    """Per graph of each arm: calls per policy call and median microseconds per call, each arm
+    replaying the same observations alone (a graph's time among its arm's other graphs)."""
+    seqs = wl.replay_sequences(per_task=2, calls=12)
+    out = {}
+    for n in arms:
+        times: dict[str, list[float]] = {g: [] for g in ex[n].graphs}
+
+        def timed(fn, g):
+            def run(arrays):
+                t0 = time.perf_counter()
+                res = fn(arrays)
+                times[g].append(time.perf_counter() - t0)
+                return res
+            return run
+        ex[n].graphs.update({g: timed(fn, g) for g, fn in list(ex[n].graphs.items())})
+        calls = 0
+        for r in range(a.repeats + 1):
+            if r == 1:                                   # round 0 warms up
+                times = {g: [] for g in times}
+                calls = 0
+            for seq in seqs:
+                ex[n].reset()
+                for args in seq:
+                    ex[n](*args)
+                    calls += 1
+        variants = dict((records.get(n) or {}).get("variants", ()))
+        out[n] = {g: {"calls_per_policy_call": round(len(v) / calls, 3), "us_per_call": round(1e6 * statistics.median(v), 1),
+                      "reused_sub_blocks": len(variants.get(g.split(".")[-1], ()))}
+                  for g, v in times.items() if v}
+        say(f"{n}: " + ", ".join(f"{g} {d['us_per_call']:.0f} us" for g, d in out[n].items()))
+    return {"repeats": a.repeats, "measured": time.strftime("%Y-%m-%d %H:%M"), "load_average": os.getloadavg(),
+            "arms": out}
 
 
 def _timing(a, wl, ex, eager, backbone, arms, flops) -> dict:

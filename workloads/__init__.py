@@ -323,7 +323,7 @@ class VLAWorkload(Workload):
     Diffusion noise is drawn from a per-episode seeded generator, so eager and an
     artifact that computes the same function take the same actions.
 
-    `policy="large"`: the diffusion head of vla_diffusion_large.safetensors (4 blocks of width
+    `policy="large"`: the diffusion head of vla_diffusion_large_head.npz (4 blocks of width
     256, about 5x the FLOPs per step, trained on the same frozen backbone by
     train_large_head.py), for methods the shipped head is too small to show.
 
@@ -364,7 +364,7 @@ class VLAWorkload(Workload):
         self._mod = example_module(self.name)
         self._dir = os.path.join(EXAMPLES, self.name)
         self.weights = os.path.join(self._dir, "vla_diffusion.safetensors")
-        self.policy_weights = os.path.join(self._dir, "vla_diffusion_large.safetensors" if policy == "large"
+        self.policy_weights = os.path.join(self._dir, "vla_diffusion_large_head.npz" if policy == "large"
                                            else "vla_diffusion.safetensors")
         if not os.path.exists(self.policy_weights):
             raise FileNotFoundError(f"{self.policy_weights} not found: train it with "
@@ -426,7 +426,10 @@ class VLAWorkload(Workload):
 
     def build(self):
         M = self._mod
-        policy, _, _ = M.load_policy(self.policy_weights)
+        if self.policy == "large":        # a head file on the shipped (frozen) backbone
+            policy, _, _ = M.load_head_npz(self.policy_weights, self.weights)
+        else:
+            policy, _, _ = M.load_policy(self.policy_weights)
         policy.eval()
         if self.head == "diffusion":
             if self.decoder == "loop":

@@ -566,6 +566,38 @@ def load_policy(path: str) -> tuple[VLAPolicy, dict, dict]:
     return policy, stats, meta
 
 
+def save_head_npz(path: str, policy: VLAPolicy, backbone_file: str, backbone_sha256: str,
+                  extra: dict | None = None):
+    """The diffusion head alone, float32, in a compressed .npz (no pickle: arrays and JSON strings),
+    with its config and the sha256 of the policy file whose backbone it was trained on. A head
+    trained on a frozen backbone ships without a copy of it (load_head_npz takes it from there)."""
+    import json
+    arrays = {f"head.{k}": v.detach().cpu().numpy() for k, v in policy.head.state_dict().items()}
+    meta = {"config": asdict(policy.cfg), "backbone_file": backbone_file, "backbone_sha256": backbone_sha256,
+            **(extra or {})}
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
+    import os
+    os.replace(tmp, path)
+
+
+def load_head_npz(path: str, backbone_path: str) -> tuple[VLAPolicy, dict, dict]:
+    """(policy, stats, meta): the backbone (and normalization stats) of `backbone_path` with the
+    head of `path` (save_head_npz). Refuses a backbone file other than the one the head was trained on."""
+    import json
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["__meta__"]))
+        head = {k[5:]: torch.from_numpy(z[k]) for k in z.files if k.startswith("head.")}
+    if file_sha256(backbone_path) != meta["backbone_sha256"]:
+        raise ValueError(f"{path}: this head was trained on the backbone of {meta['backbone_file']} "
+                         f"(sha256 {meta['backbone_sha256'][:12]}...), not {backbone_path}")
+    base, stats, _ = load_policy(backbone_path)
+    policy = VLAPolicy(VLAConfig(**meta["config"]))
+    policy.backbone.load_state_dict(base.backbone.state_dict())
+    policy.head.load_state_dict(head)
+    return policy, stats, meta
+
+
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

@@ -186,6 +186,17 @@ def test_token_head_refuses_a_backbone_it_was_not_trained_on(tmp_path):
     assert meta["backbone_file"] == "vla_diffusion.safetensors"
 
 
+def test_large_head_refuses_a_backbone_it_was_not_trained_on(tmp_path):
+    M = example_module("vla_metaworld")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(open(WEIGHTS, "rb").read()[:-1] + b" ")
+    head = os.path.join(HERE, "vla_diffusion_large_head.npz")
+    with pytest.raises(ValueError, match="trained on the backbone of vla_diffusion.safetensors"):
+        M.load_head_npz(head, str(other))
+    policy, _, meta = M.load_head_npz(head, WEIGHTS)
+    assert policy.cfg.d_head == 256 and policy.cfg.head_layers == 4 and meta["train_log"]["steps"] == 7217
+
+
 def test_token_head_predicts_held_out_expert_actions():
     from pared.workloads import get_workload
     wl = get_workload("vla_metaworld", head="tokens")
