@@ -65,9 +65,9 @@ def analyse(name: str, steps: int) -> dict:
             ("activation_sparsity", {"sparsities": SPARSITIES, "quantiles": QUANTILES}, ActivationSparsityProfile)):
         ctx = PassContext(calibration=wl.calibration())
         t0 = time.perf_counter()
-        get_pass(pass_name)(**opts)(program, ctx)
+        measured = get_pass(pass_name)(**opts)(program, ctx).program
         out["seconds"][pass_name] = round(time.perf_counter() - t0, 2)
-        out[pass_name] = ctx.get(rec)
+        out[pass_name] = measured.records.of(rec)
         print(f"{name}: {pass_name} in {out['seconds'][pass_name]:.1f}s", flush=True)
     return out
 

@@ -37,7 +37,7 @@ import types
 import typing
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import RecordError
 
@@ -444,6 +444,16 @@ class RecordStore(Mapping):
             raise RecordError(f"with_record takes a Record, got {type(record).__name__}")
         out = RecordStore.__new__(RecordStore)
         out._entries = {**self._entries, _pair(type(record), graph): record}
+        return out
+
+    def without(self, drop: "Callable[[Key, Any], bool]") -> "RecordStore":
+        """A new store without the entries for which `drop((type name, graph), record)` is true
+        (itself when none is dropped)."""
+        kept = {pair: rec for pair, rec in self._entries.items() if not drop(pair, rec)}
+        if len(kept) == len(self._entries):
+            return self
+        out = RecordStore.__new__(RecordStore)
+        out._entries = kept
         return out
 
     # -- JSON ------------------------------------------------------------------

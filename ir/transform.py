@@ -3,10 +3,11 @@ the registry and the PassManager. (pared.registry imports pared's own passes int
 the registry; get_pass lives there.)
 
 The contract (STYLE.md): a pass is called ``pass_(program, ctx) -> PassResult``.
-Analyses are read-only and return one frozen, serializable record that the
-context caches by type. Rewrites return a new Program and never edit the one
-they were given. After a modifying pass the manager drops every record not in
-``preserved``, lints and recompiles the graphs.
+Analyses leave graphs and plan as they are and return the program with one
+frozen, serializable record added to its records (modified=False). Rewrites
+return a new Program and never edit the one they were given. After a modifying
+pass the manager drops every measurement (a record an analysis produces) not in
+``preserved`` (a pass's own decisions stay), lints and recompiles the graphs.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ class PassResult:
 
 class PassContext:
     """What passes share: calibration data, the target, the measurement service,
-    cached records, progress.
+    progress. Records are the Program's (program.records).
 
     Args:
         calibration: a list of input tuples, or a callable ``loop(model)`` that
@@ -184,23 +185,28 @@ class PassContext:
         self.calibration = calibration
         self.target: Target | None = target
         self.measure: Profiler | None = measure
-        self.records: dict[type, Record] = {}
         self.progress = progress or (lambda msg: None)
         self.log = logger or log
 
-    def get(self, record_type: type) -> Record | None:
-        return self.records.get(record_type)
+    @property
+    def records(self) -> Any:
+        raise AttributeError("PassContext has no records: they live on the Program (program.records, keyed by "
+                             "record type and graph); an analysis returns program.with_record(record), and a pass "
+                             "reads a record with ctx.require(RecordType, by, program)")
 
-    def require(self, record_type: type, by: str, program: Program | None = None) -> Record:
-        """The record of `record_type` pass `by` needs; given the `program`, one no earlier pass
-        produced is computed on demand (see compute).
+    def require(self, record_type: type, by: str, program: Program) -> Record:
+        """The record of `record_type` in `program`'s records that pass `by` needs; one no earlier
+        pass produced is computed on demand (see compute; the pass manager does that before the
+        pass runs, so the program it hands the pass already holds it).
 
         Raises:
             PassError: it is missing and cannot be computed here, naming the analyses that make it.
         """
-        rec = self.records.get(record_type)
-        if rec is None and program is not None and self.compute(record_type, program, by) is not None:
-            rec = self.records.get(record_type)
+        rec = record_of(program, record_type)
+        if rec is None:
+            made = self.compute(record_type, program, by)
+            if made is not None:
+                rec = record_of(made[1].program, record_type)
         if rec is None:
             producers = _producers(record_type)
             raise PassError(f"pass '{by}' needs a {record_type.__name__}; run "
@@ -209,8 +215,8 @@ class PassContext:
 
     def compute(self, record_type: type, program: Program, by: str) -> tuple[str, "PassResult"] | None:
         """Run the one registered analysis that produces `record_type`, with its default options,
-        on `program` for pass `by`; its record joins the context. None when no analysis, or
-        several, produce it (require then names them).
+        on `program` for pass `by`; its result's program holds the record. None when no analysis,
+        or several, produce it (require then names them).
 
         Raises:
             PassError: the analysis failed, naming both passes.
@@ -229,6 +235,21 @@ class PassContext:
                                 f"{e}") from e
             raise
         return name, result
+
+
+def record_of(program: Program, record_type: type, graph: str | None = None) -> Record | None:
+    """The record of `record_type` (or a subclass registered under its name) in `program`'s
+    records about `graph` (None: program-wide), or None."""
+    rec = program.records.get(record_type, graph=graph)
+    return rec if isinstance(rec, record_type) else None
+
+
+def _measured(record_type: type) -> bool:
+    """Whether records of `record_type` are measurements: some registered analysis produces
+    them (what a rewrite invalidates unless it preserves them). A pass's decisions (plans) are
+    not: they stay true of the program that carries them."""
+    return any(issubclass(c, Analysis) and isinstance(getattr(c, "record", None), type)
+               and issubclass(record_type, c.record) and c.record is not Record for c in REGISTRY.values())
 
 
 def _producers(record_type: type) -> list[str]:
@@ -291,7 +312,8 @@ def capture_needs(passes: Sequence[Pass]) -> frozenset[str]:
 
 
 class Analysis(Pass):
-    """A read-only pass producing one record of type `record`."""
+    """A read-only pass producing one record of type `record`: it returns the program with
+    the record added to its records (program-wide), graphs and plan unchanged, modified=False."""
 
     record: ClassVar[type] = Record
 
@@ -302,8 +324,7 @@ class Analysis(Pass):
         rec = self.analyze(program, ctx)
         if not isinstance(rec, self.record):
             raise TypeError(f"analysis '{self.name}' returned {type(rec).__name__}, expected {self.record.__name__}")
-        ctx.records[self.record] = rec
-        return PassResult(program, modified=False, preserved=PRESERVE_ALL)
+        return PassResult(program.with_record(rec), modified=False, preserved=PRESERVE_ALL)
 
 
 class RewritePass(Pass):
@@ -359,8 +380,9 @@ class PassManager:
     Before a pass: a record it `requires` that no earlier pass produced is computed on
     demand by the one registered analysis that produces it, with that analysis's
     default options (logged, and listed in the history as "NAME (for PASS)"); with
-    no such analysis, or several, the pass fails naming them. After each modifying
-    pass: drops records not preserved, lints and recompiles every graph. Any
+    no such analysis, or several, the pass fails naming them. A pass that reports
+    modified=False may only add records. After each modifying pass: drops the
+    measurements it did not preserve, lints and recompiles every graph. Any
     failure is re-raised as PassError naming the pass and the passes before it.
     """
 
@@ -371,23 +393,21 @@ class PassManager:
         history: list[tuple[str, PassResult, float]] = []
         done: list[str] = []
         for p in self.passes:
-            self._on_demand(p, program, ctx, history, done)
+            program = self._on_demand(p, program, ctx, history, done)
             ctx.progress(f"pass {p.name}")
             t0 = time.perf_counter()
             try:
                 for rt in p.requires:
-                    ctx.require(rt, p.name)
+                    ctx.require(rt, p.name, program)
                 result = p(program, ctx)
                 if not isinstance(result, PassResult):
                     raise TypeError(f"returned {type(result).__name__}, expected PassResult")
                 if not isinstance(result.program, Program):
                     raise TypeError(f"PassResult.program is {type(result.program).__name__}, expected Program")
-                if not result.modified and result.program is not program:
-                    raise TypeError("reported modified=False but returned a different Program")
-                if result.modified:
-                    for rt in list(ctx.records):
-                        if not issubclass(rt, tuple(result.preserved)):
-                            del ctx.records[rt]
+                if not result.modified:
+                    _check_unmodified(program, result.program)
+                else:
+                    result = dataclasses.replace(result, program=_drop_stale(result.program, result.preserved))
                     for g in result.program.graphs.values():
                         g.module.graph.lint()
                         g.module.recompile()
@@ -408,10 +428,11 @@ class PassManager:
 
 
     @staticmethod
-    def _on_demand(p: Pass, program: Program, ctx: PassContext, history: list, done: list) -> None:
-        """Run the analysis behind each record `p` requires and nobody produced yet (see run)."""
+    def _on_demand(p: Pass, program: Program, ctx: PassContext, history: list, done: list) -> Program:
+        """Run the analysis behind each record `p` requires and nobody produced yet (see run);
+        returns the program with those records."""
         for rt in p.requires:
-            if ctx.get(rt) is not None:
+            if record_of(program, rt) is not None:
                 continue
             label = f"{(_producers(rt) or ['?'])[0]} (for {p.name})"
             t0 = time.perf_counter()
@@ -424,8 +445,39 @@ class PassManager:
             except Exception as e:
                 raise PassError(_fail_msg(label, done, e)) from e
             if made is not None:
+                _check_unmodified(program, made[1].program)
                 history.append((label, made[1], time.perf_counter() - t0))
                 done.append(label)
+                program = made[1].program
+        return program
+
+
+def _check_unmodified(before: Program, after: Program) -> None:
+    """A result that reports modified=False may add records, nothing else.
+
+    Raises:
+        TypeError: its graphs or plan are not those of `before`.
+    """
+    if after is before:
+        return
+    same = after.plan is before.plan and list(after.graphs) == list(before.graphs) and \
+        all(after.graphs[k] is g for k, g in before.graphs.items()) and \
+        after.output_structure == before.output_structure
+    if not same:
+        raise TypeError("reported modified=False but returned a Program with other graphs or another plan "
+                        "(an unmodified result may only add records)")
+
+
+def _drop_stale(program: Program, preserved: tuple[type, ...]) -> Program:
+    """`program` without the measurements (records an analysis produces) a modifying pass did
+    not preserve; decisions stay."""
+    keep = tuple(preserved)
+
+    def stale(_: Any, rec: Any) -> bool:
+        return isinstance(rec, Record) and not isinstance(rec, keep) and _measured(type(rec))
+
+    store = program.records.without(stale)
+    return program if store is program.records else program.replace(records=store)
 
 
 def _fail_msg(name: str, done: Iterable[str], e: BaseException) -> str:

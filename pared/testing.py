@@ -161,10 +161,16 @@ def assert_program_unchanged(program: Program, snapshot: dict, *, what: str = "t
     raise AssertionError(f"{what} changed")     # pragma: no cover - every key is compared above
 
 
+def _same_graphs_and_plan(a: Program, b: Program) -> bool:
+    return b is a or (b.plan is a.plan and list(b.graphs) == list(a.graphs) and
+                      all(b.graphs[k] is g for k, g in a.graphs.items()))
+
+
 def run_pass_checked(pass_: Any, program: Program, ctx: Any) -> Any:
     """Run `pass_` on `program` and check what every pass owes its caller: a PassResult
-    holding a Program, modified=False only with the very same Program, and `program`
-    itself unchanged (program_snapshot before and after). Returns the PassResult."""
+    holding a Program, modified=False only with the same graphs and plan (an analysis adds its
+    record), and `program` itself unchanged (program_snapshot before and after). Returns the
+    PassResult."""
     from pared.ir.transform import PassResult
     name = getattr(pass_, "name", type(pass_).__name__)
     before = program_snapshot(program)
@@ -172,8 +178,8 @@ def run_pass_checked(pass_: Any, program: Program, ctx: Any) -> Any:
     assert isinstance(res, PassResult), f"pass '{name}' returned {type(res).__name__}, expected PassResult"
     assert isinstance(res.program, Program), \
         f"pass '{name}': PassResult.program is {type(res.program).__name__}, expected Program"
-    assert res.modified or res.program is program, \
-        f"pass '{name}' reported modified=False but returned a different Program"
+    assert res.modified or _same_graphs_and_plan(program, res.program), \
+        f"pass '{name}' reported modified=False but returned other graphs or another plan"
     assert_program_unchanged(program, before, what=f"pass '{name}': its input program")
     return res
 
@@ -219,17 +225,25 @@ def check_bad_options(pass_cls: type, options: dict, match: str, *, program: Pro
 
 
 def check_analysis(analysis: Any, program: Program, ctx: Any) -> Any:
-    """An analysis is read-only: the same Program back, modified=False, its input unchanged,
-    and one record of its declared type in ctx.records that serializes to JSON. Returns the record."""
+    """An analysis is read-only: modified=False, the same graphs and plan back, its input
+    unchanged, and one record of its declared type in the returned program's records
+    (program-wide) that serializes to JSON and reads back. Returns the record."""
+    from pared.ir.records import Record
     name = getattr(analysis, "name", type(analysis).__name__)
     res = run_pass_checked(analysis, program, ctx)
-    assert res.modified is False and res.program is program, f"analysis '{name}' must return its input unchanged"
-    rec = ctx.records.get(type(analysis).record)
+    out = res.program
+    assert res.modified is False, f"analysis '{name}' reported modified=True"
+    assert _same_graphs_and_plan(program, out), \
+        f"analysis '{name}' must return its input's graphs and plan"
+    rec = out.records.get(type(analysis).record)
     assert isinstance(rec, type(analysis).record), \
-        f"analysis '{name}' left {type(rec).__name__} in ctx.records, expected {type(analysis).record.__name__}"
+        f"analysis '{name}' left {type(rec).__name__} in the program's records, expected {type(analysis).record.__name__}"
     assert dataclasses.is_dataclass(rec) and type(rec).__dataclass_params__.frozen, \
         f"analysis '{name}': {type(rec).__name__} must be a frozen dataclass"
-    json.dumps(rec.to_json())
+    assert set(out.records) - set(program.records) <= {type(rec).__name__}, \
+        f"analysis '{name}' added other records: {sorted(set(out.records) - set(program.records))}"
+    back = Record.from_json(json.loads(json.dumps(rec.to_json())))
+    assert type(back) is type(rec), f"analysis '{name}': {type(rec).__name__} read back as {type(back).__name__}"
     return rec
 
 

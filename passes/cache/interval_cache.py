@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
-from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, record_of, register_pass
 from pared.passes.cache.common import (CachePlan, cache_record, graph_flops, graphs_to_cache, make_span, refreshes,
                                        variant_program)
 
@@ -40,15 +40,15 @@ def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name:
     return f, l_
 
 
-def calls_of(ctx: PassContext, steps: int | None, pass_name: str, program: Program | None = None) -> int:
+def calls_of(ctx: PassContext, steps: int | None, pass_name: str, program: Program) -> int:
     """Steps per request: the option; else the iterations of the plan's steps loop (a sampler
     captured whole); else the calibration run's calls (RedundancyProfile)."""
     if steps:
         return steps
-    stepped = program.plan.stepped_graphs() if program is not None else {}
+    stepped = program.plan.stepped_graphs()
     if stepped:
         return max(stepped.values())
-    prof = ctx.get(RedundancyProfile)
+    prof = record_of(program, RedundancyProfile)
     if prof is None:
         raise OptionError(f"pass '{pass_name}' option 'steps': give the number of steps per request, "
                           "or run temporal_redundancy first")

@@ -80,7 +80,7 @@ from pared.ir.goal import Goal
 from pared.ir.patterns import find_sites
 from pared.ir.program import Program
 from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_block_size,
-                              check_range, register_pass)
+                              check_range, record_of, register_pass)
 from pared.passes.quant.common import quantized_weight_bytes, weight_only_bytes
 from pared.passes.quant.quantize_linears import QuantizeLinears
 from pared.passes.quant.convert import apply
@@ -282,7 +282,7 @@ class MixedPrecision(RewritePass):
                             f"SensitivityProfile did not measure; run quant_sensitivity with formats "
                             f"{[f for f in o.formats if f != 'fp32']}")
         by_latency = o.objective == "latency"
-        lat = ctx.require(LatencyProfile, self.name) if by_latency else ctx.get(LatencyProfile)
+        lat = ctx.require(LatencyProfile, self.name, program) if by_latency else record_of(program, LatencyProfile)
         times = self._latencies(lat, prof, layers, required=by_latency)     # layer -> format -> seconds
         options = [[f for f in o.formats if (f == "fp32" or f in lay.formats) and (times is None or f in
                                                                                      times[lay.layer])]
@@ -403,7 +403,9 @@ class MixedPrecision(RewritePass):
         stats = {**counts, "weight_bytes_permille": round(1000 * nbytes / fp32), "probes": len(probes)}
         if lf is not None:
             stats["latency_permille"] = round(1000 * lf)
-        return PassResult(new, modified=True, stats=stats)
+        # the latency table times each layer in each format on its own: converting some layers leaves those
+        # timings true, so it stays (the table the budget was solved on); the sensitivity profile does not
+        return PassResult(new, modified=True, preserved=(LatencyProfile,), stats=stats)
 
     def _latencies(self, lat: LatencyProfile | None, prof: SensitivityProfile, layers,
                    required: bool) -> dict[str, dict[str, float]] | None:

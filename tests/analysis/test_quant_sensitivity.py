@@ -26,7 +26,7 @@ def _profile(**opts):
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
     res = get_pass("quant_sensitivity")(**opts)(prog, ctx)
-    return m, prog, res, ctx.get(SensitivityProfile)
+    return m, prog, res, res.program.records.of(SensitivityProfile)
 
 
 def _eager_outputs(m, calibration):
@@ -40,7 +40,7 @@ def _eager_outputs(m, calibration):
 
 def test_records_every_layer_and_format():
     m, prog, res, prof = _profile()
-    assert res.modified is False and res.program is prog           # read-only
+    assert res.modified is False and res.program.main is prog.main and not prog.records     # read-only
     assert prof.calls == 3 and prof.block_size == 32 and len(prof.layers) == 9
     lay = prof.layer("blocks.0.mlp.0")
     assert (lay.in_features, lay.out_features, lay.formats) == (32, 128, ("w8a8", "w4"))
@@ -102,8 +102,7 @@ def test_loop_calibration_measures_the_loop_result():
     m, (x, t) = tiny_dit(layers=2)
     prog = capture(m, (x, t))
     ctx = PassContext(calibration=tiny_sampler_loop(x, 4))
-    get_pass("quant_sensitivity")(formats=["w4"])(prog, ctx)
-    prof = ctx.get(SensitivityProfile)
+    prof = get_pass("quant_sensitivity")(formats=["w4"])(prog, ctx).program.records.of(SensitivityProfile)
     assert prof.calls == 4 and all(x.formats == ("w4",) and x.rel_l2[0] > 0 for x in prof.layers if x.layer != "embed")
     # a layer with no int4 form is kept (its bytes count) with no candidate, and says why
     assert prof.layer("embed").formats == () and ("embed", "w4: input dim 4 not a multiple of block_size 32") in \

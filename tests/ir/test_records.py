@@ -192,7 +192,7 @@ def _same(a: Any, b: Any) -> bool:
 @pytest.fixture(scope="module")
 def pared_records() -> dict[str, list[Record]]:
     """Every record the contract cases produce: each rewrite's main run (Program.records) and
-    each analysis (its record in the context), by type name."""
+    each analysis (its record in the program it returns), by type name."""
     c = _contract()
     out: dict[str, list[Record]] = {}
     for name in c.REWRITES:
@@ -203,8 +203,8 @@ def pared_records() -> dict[str, list[Record]]:
         case = c._case(name)
         fx_ = case.fixture()
         ctx = case.ctx(fx_, fx_.program)
-        c.get_pass(name)(**case.options)(fx_.program, ctx)
-        for rec in ctx.records.values():
+        res = c.get_pass(name)(**case.options)(fx_.program, ctx)
+        for _, rec in res.program.records.entries():
             out.setdefault(type(rec).__name__, []).append(rec)
     return out
 

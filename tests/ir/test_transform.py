@@ -43,6 +43,20 @@ class _Touch(RewritePass):
                           preserved=(), stats={"touched": 1})
 
 
+@dataclass(frozen=True)
+class _Decision(Record):
+    what: str
+
+
+@register_pass("_t_lies")
+class _Lies(RewritePass):
+    """Says modified=False, but copies the graph."""
+
+    def __call__(self, program, ctx):
+        g = program.main
+        return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=False)
+
+
 @register_pass("_t_boom")
 class _Boom(RewritePass):
     def __call__(self, program, ctx):
@@ -85,14 +99,34 @@ def test_options_checked():
         make_options(_Touch, {"steps": True})
 
 
-def test_manager_drops_stale_records_and_keeps_preserved(program):
-    ctx = PassContext()
-    out, hist = PassManager([_Count(), get_pass("cost")(), _Touch()]).run(program, ctx)
+def test_analyses_add_their_record_to_the_program_and_leave_the_rest(program):
+    out, hist = PassManager([_Count(), get_pass("cost")()]).run(program, PassContext())
+    assert set(out.records) == {"_CountProfile", "CostProfile"} and not program.records
+    assert out.plan is program.plan and out.main is program.main
+    assert all(h[1].modified is False for h in hist)
+    assert out.records.of(_CountProfile).nodes == len(program.main.module.graph.nodes)
+
+
+def test_manager_drops_stale_measurements_and_keeps_decisions(program):
+    out, hist = PassManager([_Count(), get_pass("cost")(), _Touch()]).run(program, PassContext())
     assert [h[0] for h in hist] == ["_t_count", "cost", "_t_touch"]
-    assert ctx.records == {}  # _t_touch preserved nothing
-    ctx2 = PassContext()
-    PassManager([_Count(), get_pass("dead_code_elimination")()]).run(program, ctx2)
-    assert _CountProfile in ctx2.records  # an unmodified pass keeps records
+    assert not out.records  # _t_touch preserved nothing
+    out2, _ = PassManager([_Count(), get_pass("dead_code_elimination")()]).run(program, PassContext())
+    assert "_CountProfile" in out2.records  # an unmodified pass keeps records
+    # a pass's decision is not a measurement: a later rewrite keeps it
+    decided = program.with_record(_Decision("kept"))
+    out3, _ = PassManager([_Count(), _Touch()]).run(decided, PassContext())
+    assert set(out3.records) == {"_Decision"}
+
+
+def test_an_unmodified_result_may_only_add_records(program):
+    with pytest.raises(PassError, match="_t_lies.*modified=False but returned a Program with other graphs"):
+        PassManager([_Lies()]).run(program, PassContext())
+
+
+def test_the_context_holds_no_records():
+    with pytest.raises(AttributeError, match="they live on the Program"):
+        PassContext().records
 
 
 def test_rewrite_never_edits_its_input(program):
@@ -113,9 +147,8 @@ def test_wrong_return_type_is_an_error(program):
 
 
 def test_cost_profile(program):
-    ctx = PassContext()
-    PassManager([get_pass("cost")()]).run(program, ctx)
-    rec = ctx.records[CostProfile]
+    out, _ = PassManager([get_pass("cost")()]).run(program, PassContext())
+    rec = out.records.of(CostProfile)
     # qkv: 2 * (2*16) tokens * 32 in * 96 out
     assert rec.region("blocks.0.qkv").flops == 2 * 32 * 32 * 96
     assert rec.total_flops > rec.region("blocks.0").flops > 0
@@ -143,7 +176,7 @@ class _NeedsCount(RewritePass):
     requires = (_CountProfile,)
 
     def __call__(self, program, ctx):
-        return PassResult(program, modified=False, stats={"nodes": ctx.require(_CountProfile, self.name).nodes})
+        return PassResult(program, modified=False, stats={"nodes": ctx.require(_CountProfile, self.name, program).nodes})
 
 
 @register_pass("_t_needs_orphan")
@@ -155,21 +188,19 @@ class _NeedsOrphan(RewritePass):
 
 
 def test_preserve_all_keeps_every_record_through_a_modifying_pass(program):
-    ctx = PassContext()
-    PassManager([_Count(), get_pass("cost")(), _KeepAll()]).run(program, ctx)
-    assert set(ctx.records) == {_CountProfile, CostProfile}
-    PassManager([_Touch()]).run(program, ctx)
-    assert ctx.records == {}
+    out, _ = PassManager([_Count(), get_pass("cost")(), _KeepAll()]).run(program, PassContext())
+    assert set(out.records) == {"_CountProfile", "CostProfile"}
+    out, _ = PassManager([_Touch()]).run(out, PassContext())
+    assert not out.records
 
 
 def test_a_required_record_is_computed_on_demand_by_its_analysis(program):
     ctx = PassContext()
     out, hist = PassManager([_NeedsCount()]).run(program, ctx)
     assert [h[0] for h in hist] == ["_t_count (for _t_needs_count)", "_t_needs_count"]
-    assert hist[1][1].stats["nodes"] == len(program.main.module.graph.nodes) == ctx.get(_CountProfile).nodes
+    assert hist[1][1].stats["nodes"] == len(program.main.module.graph.nodes) == out.records.of(_CountProfile).nodes
     # computed once: a record already there is used as is
-    ctx.records[_CountProfile] = _CountProfile(-1)
-    _, hist = PassManager([_NeedsCount()]).run(program, ctx)
+    _, hist = PassManager([_NeedsCount()]).run(program.with_record(_CountProfile(-1)), ctx)
     assert [h[0] for h in hist] == ["_t_needs_count"] and hist[0][1].stats["nodes"] == -1
 
 

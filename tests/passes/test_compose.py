@@ -371,7 +371,7 @@ def test_mixed_precision_after_a_cache_pass_is_refused_by_meaning():
     m, (x, t) = tiny_dit()
     prog = capture(m, (x, t))
     ctx = PassContext(calibration=tiny_sampler_loop(x, STEPS))
-    get_pass("quant_sensitivity")()(prog, ctx)
+    prog = get_pass("quant_sensitivity")()(prog, ctx).program
     cached = get_pass("interval_cache")(interval=3, steps=STEPS)(prog, ctx).program
     with pytest.raises(PassError, match="measured on graph 'main'; this program runs graphs .* made by interval_cache, "
                                         "whose calls that measurement does not cover"):

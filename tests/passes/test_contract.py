@@ -178,19 +178,11 @@ def latency_ctx(fx_: Fixture, program: Program) -> PassContext:
     return PassContext(measure=default_profiler())
 
 
-_PROFILES: dict[int, tuple[Program, Any]] = {}
-
-
 def sensitivity_ctx(fx_: Fixture, program: Program) -> PassContext:
-    """mixed_precision requires a SensitivityProfile of the program it runs on (measured once
-    per program: records are frozen, so contexts may share one)."""
-    from pared.analysis.quant_sensitivity import SensitivityProfile
-    ctx = PassContext(calibration=_token_batches())
-    if id(program) not in _PROFILES:
-        get_pass("quant_sensitivity")()(program, ctx)
-        _PROFILES[id(program)] = (program, ctx.records[SensitivityProfile])    # keeps the id alive
-    ctx.records[SensitivityProfile] = _PROFILES[id(program)][1]
-    return ctx
+    """mixed_precision requires a SensitivityProfile of the program it runs on: the program
+    holds none, so the pass computes it on demand with quant_sensitivity's defaults on this
+    calibration."""
+    return PassContext(calibration=_token_batches())
 
 
 def rows_ctx(fx_: Fixture, program: Program) -> PassContext:
@@ -728,14 +720,20 @@ def test_the_checks_fail_on_passes_that_break_the_contract():
             self.lies = lies
 
         def __call__(self, program, ctx):
-            return PassResult(program.replace(), modified=not self.lies)
+            if self.lies:       # a new graph, said to be unmodified
+                g = program.main
+                return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=False)
+            return PassResult(program.replace(), modified=True)
 
     with pytest.raises(AssertionError, match="should be a no-op here"):
         check_noop(get_pass("constant_folding")(), fx_.program, PassContext())
     with pytest.raises(AssertionError, match="run on its own output changed it again"):
         check_idempotent(Rebuilds(), fx_.program, PassContext())
-    with pytest.raises(AssertionError, match="reported modified=False but returned a different Program"):
+    with pytest.raises(AssertionError, match="reported modified=False but returned other graphs"):
         check_noop(Rebuilds(lies=True), fx_.program, PassContext())
+    with pytest.raises(AssertionError, match="a no-op must return the very same Program"):
+        check_noop(type("Relabels", (), {"name": "relabels", "options": None, "__call__": lambda self, p, c:
+                                         PassResult(p.replace(), modified=False)})(), fx_.program, PassContext())
     with pytest.raises(AssertionError, match="accepted options"):
         check_bad_options(REGISTRY["constant_folding"], {"max_bytes": 5}, "must be in")
     with pytest.raises(AssertionError, match="does not match"):

@@ -18,7 +18,7 @@ def _cached(**opts):
     m, (x, t) = tiny_dit()
     prog = capture(m, (x, t))
     ctx = PassContext(calibration=tiny_sampler_loop(x, STEPS))
-    get_pass("temporal_redundancy")()(prog, ctx)
+    prog = get_pass("temporal_redundancy")()(prog, ctx).program
     return m, x, prog, get_pass("delta_cache")(**opts)(prog, ctx)
 
 

@@ -78,7 +78,7 @@ def _mixed(ctx_out=None, **opts):
     m, (x,) = tiny_transformer()
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")()(prog, ctx)
+    prog = get_pass("quant_sensitivity")()(prog, ctx).program
     res = get_pass("mixed_precision")(**opts)(prog, ctx)
     if ctx_out is not None:
         ctx_out.append(ctx)
@@ -106,7 +106,7 @@ def test_budget_is_respected_and_the_choice_emitted(budget_02):
     assert {lq.region for lq in res.program.records["QuantPlan"].layers} == {k for k, f in fmt.items() if f == "w8a8"}
     assert "MixedPrecisionPlan" not in prog.records and op_count(prog, "quantized_decomposed") == 0  # input untouched
     # the decision is the optimum over all 3^9 choices of the profile's sensitivities
-    prof = ctx.get(SensitivityProfile)
+    prof = prog.records.of(SensitivityProfile)
     costs = [[x.bytes[x.formats.index("w4")], x.bytes[x.formats.index("w8a8")], x.fp32_bytes] for x in prof.layers]
     errors = [[x.error("w4") ** 2, x.error("w8a8") ** 2, 0.0] for x in prof.layers]
     assert all(c % plan.unit_bytes == 0 for cs in costs for c in cs)      # gcd units: the DP is exact
@@ -137,7 +137,7 @@ def test_weight_only_int8_format_lowers_to_8_bit_matmul_nbits(tmp_path):
     m, (x,) = tiny_transformer()
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")(formats=["w8a8", "w4", "w8"], w8_block_size=32)(prog, ctx)
+    prog = get_pass("quant_sensitivity")(formats=["w8a8", "w4", "w8"], w8_block_size=32)(prog, ctx).program
     # w8 in blocks of 32 takes 28% of fp32: the 0.3 budget leaves room for one small layer in fp32
     res = get_pass("mixed_precision")(weight_bytes=0.3, formats=["w8", "fp32"], w8_block_size=32)(prog, ctx)
     plan = res.program.records["MixedPrecisionPlan"]
@@ -179,7 +179,7 @@ def test_all_float_is_a_no_op():
     m, (x,) = tiny_transformer()
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")()(prog, ctx)
+    prog = get_pass("quant_sensitivity")()(prog, ctx).program
     res = get_pass("mixed_precision")(weight_bytes=1.0, formats=["fp32"])(prog, ctx)
     assert res.modified is False and res.program is prog and res.stats["fp32"] == 9
 
@@ -192,10 +192,10 @@ def test_running_twice_finds_nothing_more():
     left = sum(x.format == "fp32" for x in plan.layers)
     assert res.modified and 0 < left < len(plan.layers)
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")()(res.program, ctx)
-    assert len(ctx.get(SensitivityProfile).layers) == left
-    again = get_pass("mixed_precision")(weight_bytes=1.0)(res.program, ctx)
-    assert again.modified is False and again.program is res.program and again.stats["fp32"] == left
+    measured = get_pass("quant_sensitivity")()(res.program, ctx).program
+    assert len(measured.records.of(SensitivityProfile).layers) == left
+    again = get_pass("mixed_precision")(weight_bytes=1.0)(measured, ctx)
+    assert again.modified is False and again.program is measured and again.stats["fp32"] == left
 
 
 def test_the_sensitivity_profile_is_computed_on_demand_as_quant_sensitivity_would():
@@ -218,7 +218,7 @@ def test_budget_below_any_choice_and_mismatched_format_are_refused():
     m, (x,) = tiny_transformer()
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")()(prog, ctx)
+    prog = get_pass("quant_sensitivity")()(prog, ctx).program
     with pytest.raises(PassError, match="option 'weight_bytes' 0.1 is below what any choice .* reaches \\(0.15"):
         get_pass("mixed_precision")(weight_bytes=0.1)(prog, ctx)
     with pytest.raises(PassError, match="measured weight-only formats with block_size 32.* emits block_size 64"):
@@ -342,8 +342,8 @@ def _mixed_latency(lat_kwargs=None, **opts):
     m, (x,) = tiny_transformer()
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")()(prog, ctx)
-    ctx.records[LatencyProfile] = _latency_profile(ctx.get(SensitivityProfile), **(lat_kwargs or {}))
+    prog = get_pass("quant_sensitivity")()(prog, ctx).program
+    prog = prog.with_record(_latency_profile(prog.records.of(SensitivityProfile), **(lat_kwargs or {})))
     return m, x, prog, ctx, get_pass("mixed_precision")(**opts)(prog, ctx)
 
 
@@ -356,7 +356,7 @@ def test_latency_budget_is_respected_and_optimal(latency_045):
     from pared.analysis.latency import LatencyProfile
     m, x, prog, ctx, res = latency_045
     plan = res.program.records["MixedPrecisionPlan"]
-    lat = ctx.get(LatencyProfile)
+    lat = prog.records.of(LatencyProfile)
     assert plan.objective == "latency" and plan.unit_bytes == 0 and plan.unit_ns >= 1
     assert plan.latency_s <= plan.budget_latency_s + 1e-12 and plan.latency_fraction <= 0.45
     assert plan.budget_latency_s == pytest.approx(int(0.45 * sum(_ns_cost(x, "fp32") for x in lat.layers)) * 1e-9)
@@ -367,7 +367,7 @@ def test_latency_budget_is_respected_and_optimal(latency_045):
     assert fmt["head"] == "fp32"                                    # its int kernels are slower than fp32
     assert all(x.latency_s == pytest.approx(lat.layer(x.layer).cost(x.format)) for x in plan.layers)
     # the optimum over all 3^9 choices of the profiles (costs in integer ns, as the pass counts them)
-    prof = ctx.get(SensitivityProfile)
+    prof = prog.records.of(SensitivityProfile)
     costs = [[_ns_cost(lat.layer(x.layer), f) for f in ("w4", "w8a8", "fp32")] for x in prof.layers]
     errors = [[x.error("w4") ** 2, x.error("w8a8") ** 2, 0.0] for x in prof.layers]
     budget = int(round(plan.budget_latency_s * 1e9))
@@ -414,15 +414,16 @@ def test_too_tight_latency_budget_and_mismatched_profile_are_refused():
     m, (x,) = tiny_transformer()
     prog = capture(m, (x,))
     ctx = PassContext(calibration=_calibration())
-    get_pass("quant_sensitivity")()(prog, ctx)
-    with pytest.raises(PassError, match="pass 'mixed_precision' needs a LatencyProfile; run 'latency'"):
+    prog = get_pass("quant_sensitivity")()(prog, ctx).program
+    with pytest.raises(PassError, match="pass 'mixed_precision' needs a LatencyProfile, computed on demand by 'latency'.*"
+                                        "needs a measurement service"):
         PassManager([get_pass("mixed_precision")(latency=0.5)]).run(prog, ctx)
-    ctx.records[LatencyProfile] = _latency_profile(ctx.get(SensitivityProfile))
+    prog = prog.with_record(_latency_profile(prog.records.of(SensitivityProfile)))
     # all w4 (0.3x) but the head: 0.30 of fp32 is the least any choice reaches
     with pytest.raises(PassError, match="option 'latency' 0.2 is below what any choice .* reaches \\(0.300.* "
                                         "summed latency measured on cpu .*allow faster formats"):
         get_pass("mixed_precision")(latency=0.2)(prog, ctx)
-    ctx.records[LatencyProfile] = _latency_profile(ctx.get(SensitivityProfile), block_size=64)
+    prog = prog.with_record(_latency_profile(prog.records.of(SensitivityProfile), block_size=64))
     with pytest.raises(PassError, match="LatencyProfile timed weight-only formats with block_size 64"):
         get_pass("mixed_precision")(latency=0.6)(prog, ctx)
 
@@ -440,9 +441,9 @@ def test_latency_budget_on_a_measured_profile():
     g = torch.Generator().manual_seed(1)
     ctx = PassContext(calibration=[(torch.randn(64, 256, generator=g),) for _ in range(2)],
                      measure=default_profiler())
-    PassManager([get_pass("quant_sensitivity")(formats=["w8a8"]),
-                 get_pass("latency")(formats=["w8a8"], repeats=5, min_time=0.2)]).run(prog, ctx)
-    lat = ctx.get(LatencyProfile)
+    prog, _ = PassManager([get_pass("quant_sensitivity")(formats=["w8a8"]),
+                           get_pass("latency")(formats=["w8a8"], repeats=5, min_time=0.2)]).run(prog, ctx)
+    lat = prog.records.of(LatencyProfile)
     assert lat.shapes == 1 and all(len(x.latency_s) == 2 for x in lat.layers)
     res = get_pass("mixed_precision")(latency=1.0, formats=["w8a8", "fp32"])(prog, ctx)
     assert res.modified is False and res.program is prog and res.stats["fp32"] == 3

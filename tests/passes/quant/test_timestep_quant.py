@@ -316,7 +316,7 @@ def test_one_bucket_then_a_cache_pass():
     m, (x, t) = tiny_dit()
     ctx = PassContext(calibration=tiny_sampler_loop(x, STEPS))
     q = get_pass("timestep_quant")(buckets=1)(capture(m, (x, t)), ctx).program
-    get_pass("temporal_redundancy")()(q, ctx)
+    q = get_pass("temporal_redundancy")()(q, ctx).program
     res = get_pass("interval_cache")(interval=2)(q, ctx)
     assert res.modified and set(res.program.graphs) == {"main.full", "main.reuse"}
     assert op_count(res.program, "quantized_decomposed.quantize_per_tensor", "main.full") == QUANTIZED
