@@ -372,6 +372,26 @@ def test_manifest_records_load_back_as_records(artifact):
     assert ex.records.of("CostProfile", "main").regions[0].path == "0"
 
 
+def test_an_analysis_record_a_pipeline_keeps_reaches_the_artifact(tmp_path):
+    """An analysis's record is the program's: through the pass manager into the manifest and back;
+    a later rewrite that does not preserve it drops it, the rewrite's own decision stays."""
+    from pared.analysis.cost import CostProfile
+    from pared.ir.transform import PassContext, PassManager
+    from pared.registry import get_pass
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).eval()
+    p = capture(m, (torch.randn(2, 8),))
+    measured, _ = PassManager([get_pass("cost")()]).run(p, PassContext())
+    ex = Executor(save_program(measured, tmp_path / "a", CPU))
+    assert ex.records.of("CostProfile") == measured.records.of(CostProfile)
+    assert ex.records.of("CostProfile").region("0").flops == 2 * 2 * 8 * 8     # 2 rows x 8 x 8 multiply-adds
+    g = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(2, 8, generator=g),) for _ in range(2)]
+    quantized, _ = PassManager([get_pass("cost")(), get_pass("quantize_linears")()]).run(
+        p, PassContext(calibration=calib))
+    assert set(quantized.records) == {"QuantPlan"}
+
+
 def test_the_front_doors_manifest_writes_the_store(artifact):
     from pared.api import _manifest
     p, _ = artifact
