@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -215,3 +216,72 @@ def judge_forced(gm: "torch.fx.GraphModule", inputs: Sequence[torch.Tensor], the
         err["rel_l2"] = float("inf")
     return err
 
+
+
+# -- export failures -----------------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TRANSLATING = re.compile(r"Error when translating node %(?P<node>[\w.]+)\s*:.*?target=(?P<target>[\w.:]+)", re.S)
+_NO_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='(?P<op>[\w.:]+)', overload='(?P<ov>\w+)'\)>")
+
+
+def plain(text: str) -> str:
+    """`text` without terminal colour codes."""
+    return _ANSI.sub("", text)
+
+
+def where_in_model(graph: Graph, node_name: str | None, op: str | None) -> str:
+    """Where a node of the captured graph comes from, for messages: its module path and the
+    module's class with the file and line of its forward ("in blocks.0.attn (Attention.forward,
+    attention.py:88)"); found by node name, else by op; "" when the captured graph has neither."""
+    import inspect
+
+    from pared.ir import meta
+    nodes = list(graph.module.graph.nodes)
+    node = next((n for n in nodes if node_name and n.name == node_name), None)
+    if node is None and op:
+        node = next((n for n in nodes if n.op == "call_function" and (
+            str(n.target) in (op, f"{op}.default") or str(n.target).endswith(f".{op}"))), None)
+    if node is None:
+        return ""
+    stack = node.meta.get(meta.TORCH_NN_MODULE_STACK) or {}
+    if not stack:
+        return f"node '{node.name}' of the captured graph, at the model's top level"
+    path, cls = list(stack.values())[-1]
+    if isinstance(cls, str):                    # "package.module.Class": the class, where importable
+        import sys
+        mod, _, qual = cls.rpartition(".")
+        found = sys.modules.get(mod)
+        cls = getattr(found, qual, cls) if found is not None else cls
+    cls_name = getattr(cls, "__qualname__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
+    src = ""
+    if isinstance(cls, type) and hasattr(cls, "forward"):
+        try:
+            fn = inspect.unwrap(cls.forward)
+            src = f", {inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+        except (OSError, TypeError):
+            src = ""
+    path = path.replace("L['self'].", "").replace("L__self__.", "") or "the model"
+    return f"node '{node.name}' of the captured graph, in module '{path}' ({cls_name}.forward{src})"
+
+
+def export_failure(e: BaseException, graph: Graph, name: str, exporter: str = "ONNX") -> str:
+    """What went wrong when an exporter failed on graph `name`, as one message: the op the
+    exporter has no translation for, the node, where in the user's model it comes from, and what
+    to try; otherwise the exporter's own first line (colour codes removed)."""
+    chain, c = [], e
+    while c is not None and len(chain) < 12:
+        chain.append(plain(str(c)))
+        c = c.__cause__ or c.__context__
+    text = "\n".join(chain)
+    m_node, m_op = _TRANSLATING.search(text), _NO_FUNCTION.search(text)
+    op = f"{m_op['op']}.{m_op['ov']}" if m_op else (m_node["target"] if m_node else None)
+    node = m_node["node"] if m_node else None
+    if op:
+        where = where_in_model(graph, node, op)
+        where = f"; it is {where}" if where else (
+            f"; node '{node}' is not in the captured graph: the exporter's own decompositions made it" if node else "")
+        return (f"graph '{name}': the {exporter} exporter has no translation for op '{op}'{where}. pared has none "
+                f"either; express that computation with other torch ops, or try target 'tvm-cpu'")
+    first = next((ln.strip() for ln in chain[0].splitlines() if ln.strip()), "")
+    return (f"graph '{name}': {exporter} export failed: {type(e).__name__}: {first[:400]} (no single op named; "
+            f"the cause chain follows this error); try target 'tvm-cpu'")

@@ -109,16 +109,20 @@ def _flatten(ep: "torch.export.ExportedProgram", args: tuple, kwargs: dict, name
                                    "pass it as a tensor or bind it in a wrapper module")
             graph.erase_node(node)
     out_node = next(n for n in graph.nodes if n.op == "output")
-    leaves = pytree.tree_leaves(out_node.args[0])
-    for leaf in leaves:
-        if not isinstance(leaf, fx.Node):
+    all_leaves = pytree.tree_leaves(out_node.args[0])
+    for leaf in all_leaves:
+        if leaf is not None and not isinstance(leaf, fx.Node):
             raise CaptureError(f"the model returns a non-tensor value {leaf!r}; pared graphs return tensors only")
+    # a None output (a loss or a cache the call did not compute) is no graph output; the structure keeps it
+    leaves = [leaf for leaf in all_leaves if leaf is not None]
     out_node.args = (tuple(leaves),)
     graph._codegen = fx.graph.CodeGen()
     graph.eliminate_dead_code()
     graph.lint()
     gm = fx.GraphModule(unlifted, graph, "CapturedGraph")
     structure = spec_to_structure(ep.call_spec.out_spec)
+    if _structure.count_leaves(structure) == len(all_leaves):
+        structure = _structure.mark_none(structure, [leaf is None for leaf in all_leaves])
     if _structure.count_leaves(structure) != len(leaves):
         structure = {"kind": "tuple", "items": [dict(_structure.TENSOR) for _ in leaves]}
     g = Graph(gm, tuple(input_names), tuple(_structure.output_names(structure)), tuple(example), tuple(dyn))

@@ -54,6 +54,21 @@ def output_names(structure: dict) -> list[str]:
     return unique
 
 
+def mark_none(structure: dict, none: Sequence[bool]) -> dict:
+    """`structure` with its tensor leaves turned into {"kind": "none"} where `none` (one flag per
+    tensor leaf, depth-first) is true: outputs that are always None."""
+    it = iter(none)
+
+    def walk(s: dict) -> dict:
+        if s["kind"] == "tensor":
+            return {"kind": "none"} if next(it) else dict(s)
+        if s["kind"] == "none":
+            return dict(s)
+        return {**s, "items": [walk(i) for i in s["items"]]}
+
+    return walk(structure)
+
+
 def unflatten(structure: dict, leaves: Sequence[Any]) -> Any:
     """Rebuild the nested outputs from flat leaves. Dicts come back as plain dicts."""
     it = iter(leaves)

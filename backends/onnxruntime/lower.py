@@ -31,7 +31,8 @@ from typing import Any, Mapping
 
 import torch
 
-from pared.backends.common import compare, forced_values, io_spec, judge_forced, retrace, to_numpy
+from pared.backends.common import (compare, export_failure, forced_values, io_spec, judge_forced, retrace,
+                                   to_numpy)
 from pared.ir.errors import BackendError
 from pared.ir.program import Graph
 
@@ -66,7 +67,8 @@ def _dynamic_linear_onnx(x, wq, w_scale, bias=None):
 
 def custom_translations() -> dict:
     """Translations for pared's own ops that may appear in a graph (torch op -> onnxscript function)."""
-    table = {}
+    from pared.backends.onnxruntime.translations import gap_translations
+    table = gap_translations()
     ns = getattr(torch.ops, "pared_quant", None)
     if ns is not None and hasattr(ns, "dynamic_linear"):
         table[ns.dynamic_linear.default] = _dynamic_linear_onnx
@@ -253,9 +255,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
         except BackendError:
             raise
         except Exception as e:  # exporter and checker raise many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise BackendError(f"graph '{name}': ONNX export failed: {type(e).__name__}: {first[:400]}; "
-                               "try target 'tvm-cpu', or simplify the op named above") from e
+            raise BackendError(export_failure(e, graph, name)) from e
         entry = {"backend": "onnxruntime", "file": fname, "inputs": inputs, "outputs": outputs,
                  "files": [fname] + ([fname + ".data"] if os.path.exists(path + ".data") else []),
                  "exporter_optimized": optimize}

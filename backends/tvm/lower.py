@@ -30,7 +30,8 @@ import shutil
 import tarfile
 from typing import Any, Mapping
 
-from pared.backends.common import compare, io_spec, judge_forced, retrace, to_numpy, with_forced_outputs
+from pared.backends.common import (compare, io_spec, judge_forced, retrace, to_numpy, where_in_model,
+                                   with_forced_outputs)
 from pared.ir.errors import BackendError
 from pared.ir.program import Graph
 
@@ -142,8 +143,10 @@ def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
         msg = str(e)
         ops = _unsupported_ops(msg)
         if ops:
-            raise BackendError(f"graph '{name}': TVM does not support op(s) {', '.join(ops)}; "
-                               "use target 'cpu' (ONNX Runtime) or rewrite the op") from e
+            where = "; ".join(f"'{op}' is {w}" for op in ops for w in [where_in_model(graph, None, op)] if w)
+            raise BackendError(f"graph '{name}': TVM does not support op(s) {', '.join(ops)}"
+                               f"{f' ({where})' if where else ''}; use target 'cpu' (ONNX Runtime) or express "
+                               "that computation with other torch ops") from e
         first = msg.strip().splitlines()[0] if msg.strip() else ""
         raise BackendError(f"graph '{name}': TVM's PyTorch frontend failed: {type(e).__name__}: {first[:400]}; "
                            "use target 'cpu' (ONNX Runtime)") from e

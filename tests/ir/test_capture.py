@@ -95,3 +95,30 @@ def test_capture_error_for_non_module():
 def test_capture_rejects_bad_example_inputs():
     with pytest.raises(CaptureError, match="example_inputs"):
         capture(Nested(), {"x": 1})
+
+
+def test_outputs_that_are_none_stay_in_the_structure_and_a_constant_output_is_refused(tmp_path):
+    """A None output (a loss or cache not computed) is no graph output; the structure keeps it, so
+    the Executor gives the same nesting back. Any other non-tensor output is refused."""
+    import pared
+
+    class WithNone(nn.Module):
+        def forward(self, x):
+            return x + 1, None, {"a": x * 2, "b": None}
+
+    prog = capture(WithNone(), (torch.randn(2),))
+    assert prog.main.output_names == ("output_0", "output_2.a")
+    assert prog.output_structure["items"][1] == {"kind": "none"}
+    x = torch.randn(2)
+    ex = pared.load(pared.optimize(WithNone(), (torch.randn(2),), target="cpu", bench_repeats=1)
+                    .save(str(tmp_path / "a")))
+    got = ex(x.numpy())
+    assert got[1] is None and got[2]["b"] is None
+    assert_close_to_eager((x + 1, x * 2), (got[0], got[2]["a"]), rel_l2=1e-6)
+
+    class WithNumber(nn.Module):
+        def forward(self, x):
+            return x + 1, 3
+
+    with pytest.raises(CaptureError, match="returns a non-tensor value 3"):
+        capture(WithNumber(), (torch.randn(2),))
