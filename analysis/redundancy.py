@@ -87,8 +87,10 @@ def primary_io(gm: fx.GraphModule, region: Region) -> tuple[fx.Node, fx.Node] | 
 
 def block_regions(program: Program, pattern: str | None = None, graph: str | None = None) -> list[Region]:
     """The repeated blocks of a model: regions `<parent>.<index>` with at least two
-    siblings of one module type, the largest such group (by node count); or the
-    regions matching `pattern`.
+    siblings of one module type, the largest such group (by node count) whose blocks
+    each have a residual path (primary_io: a block of a model with several stacks, such
+    as Flux's dual-stream blocks before its single-stream ones, may carry two streams,
+    which a block cache cannot reuse as one); or the regions matching `pattern`.
 
     Raises:
         PassError: when nothing matches.
@@ -109,7 +111,9 @@ def block_regions(program: Program, pattern: str | None = None, graph: str | Non
     if not groups:
         raise PassError("found no repeated blocks (a ModuleList of >= 2 modules of one type); "
                         "name the regions with the `regions` option")
-    best = max(groups.values(), key=lambda rs: sum(len(r.nodes) for r in rs))
+    gm = program.graphs[graph].module if graph is not None else program.main.module
+    ranked = sorted(groups.values(), key=lambda rs: -sum(len(r.nodes) for r in rs))
+    best = next((rs for rs in ranked if all(primary_io(gm, r) is not None for r in rs)), ranked[0])
     return sorted(best, key=lambda r: int(r.path.rpartition(".")[2]))
 
 

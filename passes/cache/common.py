@@ -123,6 +123,11 @@ def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name
         bad = blocks[0] if first is None else blocks[-1]
         raise PassError(f"pass '{pass_name}': region {bad.path!r} has no primary input/output of one shape "
                         "(a block that maps hidden states to hidden states); cache a different block range")
+    shapes = [tuple(n.meta["val"].shape) if hasattr(n.meta.get("val"), "shape") else None for n in (first[0], last[1])]
+    if shapes[0] != shapes[1]:
+        raise PassError(f"pass '{pass_name}': span {name!r} from {blocks[0].path!r} to {blocks[-1].path!r} takes "
+                        f"{list(shapes[0] or ())} and gives {list(shapes[1] or ())}: it has no residual to reuse "
+                        "(the blocks span stacks that change the hidden states' shape); cache one stack's blocks")
     inside = {n for b in blocks for n in b.nodes}
     if first[0].name in inside:
         raise PassError(f"pass '{pass_name}': span {name!r} input {first[0].name} lies inside the span")

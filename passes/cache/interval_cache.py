@@ -29,9 +29,12 @@ from pared.passes.cache.common import (CachePlan, cache_record, graph_flops, gra
 
 
 def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name: str) -> tuple[int, int]:
-    """Block indices [first, last] (inclusive; negative counts from the end)."""
-    f = 1 if first is None else first
-    l_ = n_blocks - 2 if last is None else last
+    """Block indices [first, last] (inclusive; negative counts from the end). By default the
+    first and last blocks are left computed (FORA); a stack of fewer than 3 blocks is cached
+    whole by default."""
+    short = n_blocks < 3
+    f = (0 if short else 1) if first is None else first
+    l_ = (n_blocks - 1 if short else n_blocks - 2) if last is None else last
     f = f + n_blocks if f < 0 else f
     l_ = l_ + n_blocks if l_ < 0 else l_
     if not (0 <= f <= l_ < n_blocks):

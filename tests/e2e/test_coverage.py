@@ -112,3 +112,39 @@ def test_lowers_to_onnx_runtime_and_runs_torch_free(name, tmp_path):
     flat = [got[f"arr_{i}"] for i in range(len(got.files))]
     want = [x for x in pytree.tree_leaves(expected) if x is not None]
     assert_close_to_eager(want, flat, rel_l2=1e-4, what=f"{name} (fresh inputs, torch-free)")
+
+
+def _flux(dual: int, single: int):
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=dual, num_single_layers=single,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                               pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    g = torch.Generator().manual_seed(0)
+    kw = {"hidden_states": torch.randn(1, 16, 16, generator=g), "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
+          "pooled_projections": torch.randn(1, 16, generator=g), "timestep": torch.tensor([0.5]),
+          "img_ids": torch.randn(16, 3, generator=g), "txt_ids": torch.zeros(5, 3), "return_dict": False}
+    return m, kw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dual,single,stack", [(2, 4, "single_transformer_blocks"), (4, 2, "transformer_blocks"),
+                                               (2, 1, "transformer_blocks")])
+def test_cache_passes_take_a_stack_of_a_two_stack_model_by_default(dual, single, stack):
+    """Flux: dual-stream blocks, then single-stream ones. The default stack is the largest with a
+    residual path; a short stack is cached whole (it once gave "block range is empty"); the
+    first call computes every block, so it equals eager."""
+    from pared.ir.capture import capture
+    from pared.ir.transform import PassContext
+    from pared.registry import get_pass
+    m, kw = _flux(dual, single)
+    prog = capture(m, (), kwargs=kw)
+    n = dual if stack == "transformer_blocks" else single
+    want = [f"{stack}.{i}" for i in (range(n) if n < 3 else range(1, n - 1))]
+    for name in ("interval_cache", "taylor_cache"):
+        res = get_pass(name)(steps=4)(prog, PassContext())
+        (span,) = res.program.records["CachePlan"].spans
+        assert list(span.blocks) == want, (name, span.blocks)
+        flat = [t for t in pytree.tree_leaves(((), kw)) if isinstance(t, torch.Tensor)]
+        with torch.no_grad():
+            assert_close_to_eager(m(**kw), res.program.runner()(flat), rel_l2=1e-5, what=f"{name}, first call")

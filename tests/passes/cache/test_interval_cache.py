@@ -6,7 +6,7 @@ import torch
 
 import pared
 from pared.ir.capture import capture
-from pared.ir.errors import OptionError
+from pared.ir.errors import OptionError, PassError
 from pared.ir.transform import PassContext
 from pared.registry import get_pass
 from pared.testing import op_count, tiny_dit, tiny_sampler_loop
@@ -127,3 +127,39 @@ def test_steps_must_be_known():
     m, (x, t) = tiny_dit()
     with pytest.raises(OptionError, match="option 'steps'"):
         get_pass("interval_cache")()(capture(m, (x, t)), PassContext())
+
+
+def test_a_span_whose_hidden_states_change_shape_is_refused():
+    """Blocks of two stacks of different widths: no residual (output - input) to reuse."""
+    from torch import nn
+
+    from pared.passes.cache.common import make_span
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.lin = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + self.lin(x)
+
+    class TwoStacks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.ModuleList([Block(8), Block(8)])
+            self.proj = nn.Linear(8, 16)
+            self.b = nn.ModuleList([Block(16), Block(16)])
+
+        def forward(self, x):
+            for blk in self.a:
+                x = blk(x)
+            x = self.proj(x)
+            for blk in self.b:
+                x = blk(x)
+            return x
+
+    prog = capture(TwoStacks().eval(), (torch.randn(2, 8),))
+    regions = prog.regions()
+    with pytest.raises(PassError, match=r"takes \[2, 8\] and gives \[2, 16\]: it has no residual to reuse"):
+        make_span(prog.main.module, "blocks", [regions["a.0"], regions["b.1"]], "interval_cache")
+    assert make_span(prog.main.module, "blocks", [regions["b.0"], regions["b.1"]], "interval_cache").blocks == ("b.0", "b.1")
