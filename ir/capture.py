@@ -156,6 +156,9 @@ _HINTS = [
      "or make that value a constant input"),
     (re.compile(r"\.item\(\)|aten\._local_scalar_dense", re.I),
      "a tensor is turned into a Python number; keep it a tensor or pass the number as a constant"),
+    (re.compile(r"Cannot view a tensor with shape", re.I),
+     "a .view() of a non-contiguous tensor (torch.export meets this in transformers' GPT-2 with SDPA attention); "
+     "load the model with attn_implementation='eager', or use .reshape() in that line"),
     (re.compile(r"nonzero|masked_select|unique", re.I),
      "an op with a data-dependent output shape; replace it with a static form (top-k, a mask)"),
     (re.compile(r"numpy|__array__", re.I),

@@ -1,0 +1,189 @@
+"""Tiny configurations of third-party architectures, random weights, no downloads: the
+coverage suite's models (tests/e2e/test_coverage.py).
+
+ZOO: name -> (family, build): build() returns (model in eval mode, inputs) and inputs(seed)
+returns (args, kwargs) for one call. Families: "diffusion" (a denoiser: cache passes),
+"language" and "vision" (quantizers).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def dit():
+    from diffusers import DiTTransformer2DModel
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                              num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                              norm_type="ada_norm_zero")
+
+    def inputs(seed):
+        g = _g(seed)
+        return (torch.randn(2, 4, 8, 8, generator=g), torch.randint(0, 1000, (2,), generator=g),
+                torch.randint(0, 1000, (2,), generator=g)), {"return_dict": False}
+    return m, inputs
+
+
+def pixart_alpha():
+    from diffusers import PixArtTransformer2DModel
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                 num_layers=4, cross_attention_dim=32, sample_size=8, patch_size=2,
+                                 caption_channels=24, norm_type="ada_norm_single", use_additional_conditions=False)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (torch.randn(2, 4, 8, 8, generator=g),), {
+            "encoder_hidden_states": torch.randn(2, 5, 24, generator=g),
+            "timestep": torch.randint(0, 1000, (2,), generator=g), "return_dict": False}
+    return m, inputs
+
+
+def sd3():
+    from diffusers import SD3Transformer2DModel
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (), {"hidden_states": torch.randn(1, 4, 8, 8, generator=g),
+                    "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
+                    "pooled_projections": torch.randn(1, 16, generator=g),
+                    "timestep": torch.randint(0, 1000, (1,), generator=g), "return_dict": False}
+    return m, inputs
+
+
+def flux():
+    from diffusers import FluxTransformer2DModel
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
+                               axes_dims_rope=(2, 2, 4))
+
+    def inputs(seed):
+        g = _g(seed)
+        return (), {"hidden_states": torch.randn(1, 16, 16, generator=g),
+                    "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
+                    "pooled_projections": torch.randn(1, 16, generator=g),
+                    "timestep": torch.rand(1, generator=g), "img_ids": torch.randn(16, 3, generator=_g(0)),
+                    "txt_ids": torch.zeros(5, 3), "return_dict": False}
+    return m, inputs
+
+
+def wan21():
+    from diffusers import WanTransformer3DModel
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=24, freq_dim=32, ffn_dim=64, num_layers=4, rope_max_seq_len=32)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (torch.randn(1, 4, 2, 8, 8, generator=g), torch.randint(0, 1000, (1,), generator=g),
+                torch.randn(1, 5, 24, generator=g)), {"return_dict": False}
+    return m, inputs
+
+
+def _tokens(vocab: int, **extra):
+    def inputs(seed):
+        return (torch.randint(0, vocab, (2, 16), generator=_g(seed)),), dict(extra)
+    return inputs
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg), _tokens(64, use_cache=False, return_dict=False)
+
+
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    # eager attention: with SDPA, torch.export itself fails here (a view of SDPA's non-contiguous output in
+    # Conv1D; capture's error says so and suggests this)
+    cfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                     attn_implementation="eager")
+    return GPT2LMHeadModel(cfg), _tokens(64, use_cache=False, return_dict=False)
+
+
+def mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64)
+    return MixtralForCausalLM(cfg), _tokens(64, use_cache=False, return_dict=False)
+
+
+def qwen3_moe():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                         num_experts_per_tok=2, head_dim=8, max_position_embeddings=64)
+    return Qwen3MoeForCausalLM(cfg), _tokens(64, use_cache=False, return_dict=False)
+
+
+def llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=7)
+    text = LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=79, projector_hidden_act="gelu",
+                      vision_feature_layer=-1)
+
+    def inputs(seed):
+        g = _g(seed)
+        ids = torch.randint(0, 70, (1, 24), generator=g)
+        ids[0, 2:18] = 79                                   # 16 image tokens: (28 / 7)^2 patches
+        return (), {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=g), "use_cache": False,
+                    "return_dict": False}
+    return LlavaForConditionalGeneration(cfg), inputs
+
+
+def vit():
+    from transformers import ViTConfig, ViTModel
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    image_size=28, patch_size=4, num_channels=1)
+
+    def inputs(seed):
+        return (torch.randn(2, 1, 28, 28, generator=_g(seed)),), {"return_dict": False}
+    return ViTModel(cfg), inputs
+
+
+def clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=7)
+
+    def inputs(seed):
+        return (torch.randn(2, 3, 28, 28, generator=_g(seed)),), {"return_dict": False}
+    return CLIPVisionModel(cfg), inputs
+
+
+def whisper_encoder():
+    from transformers import WhisperConfig, WhisperModel
+    cfg = WhisperConfig(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                        num_mel_bins=16, encoder_layers=2, encoder_attention_heads=2,
+                        decoder_layers=1, decoder_attention_heads=2, d_model=32, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16)
+    encoder = WhisperModel(cfg).get_encoder()
+
+    def inputs(seed):
+        return (torch.randn(2, 16, 32, generator=_g(seed)),), {"return_dict": False}
+    return encoder, inputs
+
+
+ZOO = {
+    "dit": ("diffusion", dit), "pixart_alpha": ("diffusion", pixart_alpha), "sd3": ("diffusion", sd3),
+    "flux": ("diffusion", flux), "wan21": ("diffusion", wan21),
+    "llama": ("language", llama), "gpt2": ("language", gpt2), "mixtral": ("language", mixtral),
+    "qwen3_moe": ("language", qwen3_moe), "llava": ("language", llava),
+    "vit": ("vision", vit), "clip_vision": ("vision", clip_vision), "whisper_encoder": ("vision", whisper_encoder),
+}
+
+
+def build(name: str):
+    """(model in eval mode, inputs) of ZOO[name], weights seeded."""
+    torch.manual_seed(0)
+    model, inputs = ZOO[name][1]()
+    return model.eval(), inputs
