@@ -120,9 +120,9 @@ def mixed(transformer, tmp_path_factory):
     # for ORT too, to compare): the same program, and so the same mix, on AVX2-only and VNNI hosts
     seven = Target.from_json(dict(get_target("cpu").to_json(), int8_weights="7bit"))
     ctx = PassContext(calibration=[(torch.randint(0, 50, (2, 16), generator=g),) for _ in range(3)], target=seven)
-    get_pass("quant_sensitivity")(formats=["w8a8", "w4", "w8"], w8_block_size=32)(prog, ctx)
+    measured = get_pass("quant_sensitivity")(formats=["w8a8", "w4", "w8"], w8_block_size=32)(prog, ctx).program
     res = get_pass("mixed_precision")(formats=["w4", "w8", "w8a8", "fp32"], w8_block_size=32,
-                                      weight_bytes=0.24)(prog, ctx)
+                                      weight_bytes=0.24)(measured, ctx)
     count = {f: sum(lb.format == f for lb in res.program.records["MixedPrecisionPlan"].layers)
              for f in ("w4", "w8", "w8a8", "fp32")}
     # a real mix: every quantized format lowers (no budget here leaves a layer fp32 beside all three)
