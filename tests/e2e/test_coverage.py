@@ -48,6 +48,14 @@ def _cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def _artifact(name, tmp_path, **options):
+    """(model, inputs, the Optimized, its saved artifact loaded) for ZOO[name], built from inputs(0)."""
+    model, inputs = build(name)
+    args, kwargs = inputs(0)
+    opt = pared.optimize(model, args, kwargs=kwargs, bench_repeats=1, **options)
+    return model, inputs, opt, pared.load(opt.save(str(tmp_path / "artifact")))
+
+
 def _eager(model, args, kwargs) -> list:
     with torch.no_grad():
         return [x for x in pytree.tree_leaves(model(*args, **kwargs)) if x is not None]
@@ -77,11 +85,8 @@ def test_the_readme_matrix_is_the_one_these_tests_assert():
 @pytest.mark.heavy
 @pytest.mark.parametrize("name,target", _EMPTY)
 def test_empty_pipeline_lowers_and_matches_eager_on_fresh_inputs(name, target, tmp_path):
-    model, inputs = build(name)
-    args, kwargs = inputs(0)
-    opt = pared.optimize(model, args, kwargs=kwargs, target=target, bench_repeats=1)
+    model, inputs, opt, ex = _artifact(name, tmp_path, target=target)
     assert opt.report["fidelity"]["rel_l2_max"] <= 1e-4
-    ex = pared.load(opt.save(str(tmp_path / "artifact")))
     fresh = inputs(1)                             # other values: for the MoEs, another routing
     got = ex.run_flat(*[t.numpy() for t in _flat(*fresh)])
     assert_close_to_eager(_eager(model, *fresh), got, rel_l2=1e-4, what=f"{name} on {target}, fresh inputs")
@@ -90,11 +95,8 @@ def test_empty_pipeline_lowers_and_matches_eager_on_fresh_inputs(name, target, t
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", [n for n in ZOO if COVERAGE[n]["cache"]])
 def test_a_cache_pass_lowers_and_the_artifact_follows_the_program_over_a_request(name, tmp_path):
-    model, inputs = build(name)
-    args, kwargs = inputs(0)
-    opt = pared.optimize(model, args, kwargs=kwargs, target="cpu", bench_repeats=1,
-                         pipeline=[{"interval_cache": {"interval": 2, "steps": 4}}])
-    ex = pared.load(opt.save(str(tmp_path / "artifact")))
+    _, inputs, opt, ex = _artifact(name, tmp_path, target="cpu",
+                                   pipeline=[{"interval_cache": {"interval": 2, "steps": 4}}])
     runner = opt.program.runner()
     for step in range(4):                         # a sampler's calls: new latents and t each step
         flat = _flat(*inputs(step))
@@ -108,13 +110,10 @@ def test_a_cache_pass_lowers_and_the_artifact_follows_the_program_over_a_request
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", [n for n in ZOO if COVERAGE[n]["int8"]])
 def test_dynamic_int8_lowers_and_stays_close_to_eager(name, tmp_path):
-    model, inputs = build(name)
-    args, kwargs = inputs(0)
-    opt = pared.optimize(model, args, kwargs=kwargs, target="cpu", bench_repeats=1,
-                         pipeline=[{"quantize_linears": {"mode": "dynamic"}}],
-                         fidelity={"min_cosine": 0.995, "max_rel_l2": 0.05})
+    model, inputs, opt, ex = _artifact(name, tmp_path, target="cpu",
+                                       pipeline=[{"quantize_linears": {"mode": "dynamic"}}],
+                                       fidelity={"min_cosine": 0.995, "max_rel_l2": 0.05})
     assert opt.program.records["QuantPlan"].layers
-    ex = pared.load(opt.save(str(tmp_path / "artifact")))
     fresh = inputs(1)
     got = ex.run_flat(*[t.numpy() for t in _flat(*fresh)])
     assert _cosine(_eager(model, *fresh), got) >= 0.995

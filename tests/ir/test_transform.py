@@ -16,6 +16,12 @@ class _CountProfile(Record):
     nodes: int
 
 
+def _copied(program):
+    """The program with its graph copied: a real new Program."""
+    g = program.main
+    return program.with_graph("main", g.with_module(g.copy_module()))
+
+
 @register_pass("_t_count")
 class _Count(Analysis):
     record = _CountProfile
@@ -38,9 +44,7 @@ class _Touch(RewritePass):
             check_range("_t_touch", "ratio", self.ratio, lo=0.0, hi=1.0)
 
     def __call__(self, program, ctx):
-        g = program.main
-        return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=True,
-                          preserved=(), stats={"touched": 1})
+        return PassResult(_copied(program), modified=True, preserved=(), stats={"touched": 1})
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,7 @@ class _Lies(RewritePass):
     """Says modified=False, but copies the graph."""
 
     def __call__(self, program, ctx):
-        g = program.main
-        return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=False)
+        return PassResult(_copied(program), modified=False)
 
 
 @register_pass("_t_boom")
@@ -166,9 +169,7 @@ class _KeepAll(RewritePass):
     """Modifies the program and says every record still holds."""
 
     def __call__(self, program, ctx):
-        g = program.main
-        return PassResult(program.with_graph("main", g.with_module(g.copy_module())), modified=True,
-                          preserved=PRESERVE_ALL)
+        return PassResult(_copied(program), modified=True, preserved=PRESERVE_ALL)
 
 
 @register_pass("_t_needs_count")
