@@ -1,0 +1,1 @@
+"""One-call integration where users already are: diffusers pipelines (pared.integrations.diffusers)."""
