@@ -290,7 +290,7 @@ def test_bench_with_action_cache_switches_to_the_loop_and_caches_the_head(tmp_pa
     assert calls.get("head.full", 0) < 10
 
 
-@pytest.mark.slow
+@pytest.mark.heavy      # pared bench on the trained policy, closed loop (about 1 min per head)
 @pytest.mark.parametrize("head", ["diffusion", "tokens"])
 def test_bench_workload_with_no_passes_acts_like_eager(head, tmp_path, monkeypatch):
     """pared bench --workload vla_metaworld with an empty pipeline: the artifact

@@ -263,6 +263,7 @@ def test_a_cache_pass_run_twice_finds_nothing_more(name, opts):
     assert twice.modified is False and twice.program is once.program
 
 
+@pytest.mark.heavy      # the trained dit_mnist, 4 buckets x taylor_cache, sampled torch-free (about 1 min)
 def test_artifact_of_buckets_and_taylor_runs_torch_free_with_the_same_trace(tmp_path):
     import pared
     m, (x, t) = tiny_dit()

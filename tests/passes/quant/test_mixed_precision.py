@@ -253,7 +253,7 @@ def test_pipeline_files_build(name):
     assert mp.options.weight_bytes == 0.3 and mp.options.target
 
 
-@pytest.mark.slow
+@pytest.mark.heavy      # the trained vit_mnist through quant_sensitivity, latency and mixed_precision
 def test_vit_mnist_mixed_pipeline_end_to_end_torch_free(tmp_path):
     """examples/pipelines/vit_mnist_mixed.yaml on the trained ViT: bytes within the budget,
     int kernels in ORT, and the saved artifact, loaded without torch, computes what the
