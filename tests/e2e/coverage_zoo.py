@@ -84,6 +84,33 @@ def wan21():
     return m, inputs
 
 
+def sana():
+    from diffusers import SanaTransformer2DModel
+    m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=4,
+                               num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                               caption_channels=24, sample_size=8, patch_size=1)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 24, generator=g),
+                torch.randint(0, 1000, (1,), generator=g)), {"return_dict": False}
+    return m, inputs
+
+
+def unet():
+    from diffusers import UNet2DConditionModel
+    m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+                             attention_head_dim=4, norm_num_groups=8)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (torch.randn(1, 4, 8, 8, generator=g), torch.randint(0, 1000, (1,), generator=g),
+                torch.randn(1, 5, 24, generator=g)), {"return_dict": False}
+    return m, inputs
+
+
 def _tokens(vocab: int, **extra):
     def inputs(seed):
         return (torch.randint(0, vocab, (2, 16), generator=_g(seed)),), dict(extra)
@@ -175,7 +202,8 @@ def whisper_encoder():
 
 ZOO = {
     "dit": ("diffusion", dit), "pixart_alpha": ("diffusion", pixart_alpha), "sd3": ("diffusion", sd3),
-    "flux": ("diffusion", flux), "wan21": ("diffusion", wan21),
+    "flux": ("diffusion", flux), "wan21": ("diffusion", wan21), "sana": ("diffusion", sana),
+    "unet": ("diffusion", unet),
     "llama": ("language", llama), "gpt2": ("language", gpt2), "mixtral": ("language", mixtral),
     "qwen3_moe": ("language", qwen3_moe), "llava": ("language", llava),
     "vit": ("vision", vit), "clip_vision": ("vision", clip_vision), "whisper_encoder": ("vision", whisper_encoder),

@@ -33,7 +33,7 @@ from coverage_zoo import ZOO, build    # noqa: E402
 #: tvm-cpu fails today on llama and gpt2 (TVM's compile: a float-only intrinsic meets an integer tensor),
 #: mixtral and qwen3_moe (no converter for histc and transformers' grouped matmul), llava (masked_scatter,
 #: _is_all_true, sym_ite): their errors name the op, its node and module
-TVM = {"dit", "pixart_alpha", "sd3", "flux", "wan21", "vit", "clip_vision", "whisper_encoder"}
+TVM = {"dit", "pixart_alpha", "sd3", "flux", "wan21", "sana", "unet", "vit", "clip_vision", "whisper_encoder"}
 COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion", "int8": fam != "diffusion"}
             for name, (fam, _) in ZOO.items()}
 
