@@ -452,18 +452,21 @@ class PassManager:
         return program
 
 
+def same_graphs_and_plan(before: Program, after: Program) -> bool:
+    """Whether `after` holds the very graphs, plan and output structure of `before` (its records
+    may differ): what a result reporting modified=False may return."""
+    return after is before or (after.plan is before.plan and list(after.graphs) == list(before.graphs) and
+                               all(after.graphs[k] is g for k, g in before.graphs.items()) and
+                               after.output_structure == before.output_structure)
+
+
 def _check_unmodified(before: Program, after: Program) -> None:
     """A result that reports modified=False may add records, nothing else.
 
     Raises:
         TypeError: its graphs or plan are not those of `before`.
     """
-    if after is before:
-        return
-    same = after.plan is before.plan and list(after.graphs) == list(before.graphs) and \
-        all(after.graphs[k] is g for k, g in before.graphs.items()) and \
-        after.output_structure == before.output_structure
-    if not same:
+    if not same_graphs_and_plan(before, after):
         raise TypeError("reported modified=False but returned a Program with other graphs or another plan "
                         "(an unmodified result may only add records)")
 

@@ -145,7 +145,9 @@ def _input_sets(calibration: Any) -> list[tuple]:
     return out
 
 
-def _flat_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+def flat_tensors(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The tensors of one call `(args, kwargs)`, in the order capture makes them graph inputs
+    (the order an artifact's run_flat takes)."""
     return [v for v in pytree.tree_leaves((args, dict(kwargs))) if isinstance(v, torch.Tensor)]
 
 
@@ -264,7 +266,7 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, 
             ref = [t.detach().cpu().numpy() for t in pytree.tree_leaves(model(*a, **kw))
                    if isinstance(t, torch.Tensor)]
             opt.executor.reset()
-            got = opt.executor.run_flat(*[t.detach().cpu().numpy() for t in _flat_tensors(a, kw)])
+            got = opt.executor.run_flat(*[t.detach().cpu().numpy() for t in flat_tensors(a, kw)])
             pairs.append((ref, got))
     if callable(judged):
         # an iterative model is judged on the whole run (a sampler's final sample), not one call
@@ -293,7 +295,7 @@ def _time_side_by_side(model: torch.nn.Module, args: tuple, kwargs: dict, opt: O
     """Median ms of eager and of the artifact, alternating, both on `threads` intra-op
     threads (torch's count is put back after); the artifact is timed by its own
     Executor on that count unless the target already fixes it."""
-    feed = [t.detach().cpu().numpy() for t in _flat_tensors(args, kwargs)]
+    feed = [t.detach().cpu().numpy() for t in flat_tensors(args, kwargs)]
     timed = (opt.executor if opt.executor.target.get("threads") == threads else
              _own_executor(staging, threads=threads, provider=_host_provider(opt.target)))
 

@@ -19,6 +19,7 @@ from torch import nn
 from pared.ir.capture import capture
 from pared.ir.plan import Call, Plan, Select, StateBuffer, Table
 from pared.ir.program import Program
+from pared.ir.transform import same_graphs_and_plan
 
 
 def op_count(program: Program, op: str, graph: str | None = None) -> int:
@@ -161,11 +162,6 @@ def assert_program_unchanged(program: Program, snapshot: dict, *, what: str = "t
     raise AssertionError(f"{what} changed")     # pragma: no cover - every key is compared above
 
 
-def _same_graphs_and_plan(a: Program, b: Program) -> bool:
-    return b is a or (b.plan is a.plan and list(b.graphs) == list(a.graphs) and
-                      all(b.graphs[k] is g for k, g in a.graphs.items()))
-
-
 def run_pass_checked(pass_: Any, program: Program, ctx: Any) -> Any:
     """Run `pass_` on `program` and check what every pass owes its caller: a PassResult
     holding a Program, modified=False only with the same graphs and plan (an analysis adds its
@@ -178,7 +174,7 @@ def run_pass_checked(pass_: Any, program: Program, ctx: Any) -> Any:
     assert isinstance(res, PassResult), f"pass '{name}' returned {type(res).__name__}, expected PassResult"
     assert isinstance(res.program, Program), \
         f"pass '{name}': PassResult.program is {type(res.program).__name__}, expected Program"
-    assert res.modified or _same_graphs_and_plan(program, res.program), \
+    assert res.modified or same_graphs_and_plan(program, res.program), \
         f"pass '{name}' reported modified=False but returned other graphs or another plan"
     assert_program_unchanged(program, before, what=f"pass '{name}': its input program")
     return res
@@ -233,7 +229,7 @@ def check_analysis(analysis: Any, program: Program, ctx: Any) -> Any:
     res = run_pass_checked(analysis, program, ctx)
     out = res.program
     assert res.modified is False, f"analysis '{name}' reported modified=True"
-    assert _same_graphs_and_plan(program, out), \
+    assert same_graphs_and_plan(program, out), \
         f"analysis '{name}' must return its input's graphs and plan"
     rec = out.records.get(type(analysis).record)
     assert isinstance(rec, type(analysis).record), \

@@ -24,10 +24,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
-from pared.api import Optimized, optimize
+from pared.api import Optimized, flat_tensors, optimize
 
 #: the pipeline attributes a denoiser may live under, in the order they are looked for
 DENOISERS = ("transformer", "unet")
@@ -44,11 +43,6 @@ def denoiser_name(pipe: Any) -> str:
             return name
     raise ValueError(f"{type(pipe).__name__} has no denoiser module under {' or '.join(DENOISERS)}; pass a "
                      "diffusers pipeline built with a transformer or a U-Net")
-
-
-def _flat(args: tuple, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
-    """The tensors of one call, in the order pared's capture makes them graph inputs."""
-    return [t for t in pytree.tree_leaves((args, dict(kwargs))) if isinstance(t, torch.Tensor)]
 
 
 class _Calling(nn.Module):
@@ -77,7 +71,7 @@ class _Calling(nn.Module):
         if self.fn is self._denoiser:
             out = self.fn(*args, **kwargs, return_dict=False)
         else:
-            out = self.fn(*_flat(args, kwargs))
+            out = self.fn(*flat_tensors(args, kwargs))
         out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         out = tuple(torch.as_tensor(o) if isinstance(o, np.ndarray) else o for o in out)
         if not return_dict:

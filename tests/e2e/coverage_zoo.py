@@ -56,9 +56,10 @@ def sd3():
     return m, inputs
 
 
-def flux():
+def flux(dual: int = 2, single: int = 4):
+    """Flux: `dual` dual-stream blocks, then `single` single-stream ones."""
     from diffusers import FluxTransformer2DModel
-    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=8,
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=dual, num_single_layers=single, attention_head_dim=8,
                                num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
                                axes_dims_rope=(2, 2, 4))
 

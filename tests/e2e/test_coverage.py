@@ -18,12 +18,13 @@ import torch
 import torch.utils._pytree as pytree
 
 import pared
+from pared.api import flat_tensors
 from pared.testing import assert_close_to_eager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-from coverage_zoo import ZOO, build    # noqa: E402
+from coverage_zoo import ZOO, build, flux    # noqa: E402
 
 #: the coverage matrix the README reports; a cell is True only where a test below asserts it.
 #: "cpu" / "tvm-cpu": the empty pipeline lowered and compared with eager on fresh inputs;
@@ -36,10 +37,6 @@ from coverage_zoo import ZOO, build    # noqa: E402
 TVM = {"dit", "pixart_alpha", "sd3", "flux", "wan21", "sana", "unet", "vit", "clip_vision", "whisper_encoder"}
 COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion", "int8": fam != "diffusion"}
             for name, (fam, _) in ZOO.items()}
-
-
-def _flat(args, kwargs) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
 def _cosine(a, b) -> float:
@@ -88,7 +85,7 @@ def test_empty_pipeline_lowers_and_matches_eager_on_fresh_inputs(name, target, t
     model, inputs, opt, ex = _artifact(name, tmp_path, target=target)
     assert opt.report["fidelity"]["rel_l2_max"] <= 1e-4
     fresh = inputs(1)                             # other values: for the MoEs, another routing
-    got = ex.run_flat(*[t.numpy() for t in _flat(*fresh)])
+    got = ex.run_flat(*[t.numpy() for t in flat_tensors(*fresh)])
     assert_close_to_eager(_eager(model, *fresh), got, rel_l2=1e-4, what=f"{name} on {target}, fresh inputs")
 
 
@@ -99,7 +96,7 @@ def test_a_cache_pass_lowers_and_the_artifact_follows_the_program_over_a_request
                                    pipeline=[{"interval_cache": {"interval": 2, "steps": 4}}])
     runner = opt.program.runner()
     for step in range(4):                         # a sampler's calls: new latents and t each step
-        flat = _flat(*inputs(step))
+        flat = flat_tensors(*inputs(step))
         with torch.no_grad():
             want = runner(flat)
         got = ex.run_flat(*[t.numpy() for t in flat])
@@ -115,21 +112,8 @@ def test_dynamic_int8_lowers_and_stays_close_to_eager(name, tmp_path):
                                        fidelity={"min_cosine": 0.995, "max_rel_l2": 0.05})
     assert opt.program.records["QuantPlan"].layers
     fresh = inputs(1)
-    got = ex.run_flat(*[t.numpy() for t in _flat(*fresh)])
+    got = ex.run_flat(*[t.numpy() for t in flat_tensors(*fresh)])
     assert _cosine(_eager(model, *fresh), got) >= 0.995
-
-
-def _flux(dual: int, single: int):
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=dual, num_single_layers=single,
-                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
-                               pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
-    g = torch.Generator().manual_seed(0)
-    kw = {"hidden_states": torch.randn(1, 16, 16, generator=g), "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
-          "pooled_projections": torch.randn(1, 16, generator=g), "timestep": torch.tensor([0.5]),
-          "img_ids": torch.randn(16, 3, generator=g), "txt_ids": torch.zeros(5, 3), "return_dict": False}
-    return m, kw
 
 
 @pytest.mark.slow
@@ -142,7 +126,10 @@ def test_cache_passes_take_a_stack_of_a_two_stack_model_by_default(dual, single,
     from pared.ir.capture import capture
     from pared.ir.transform import PassContext
     from pared.registry import get_pass
-    m, kw = _flux(dual, single)
+    torch.manual_seed(0)
+    m, inputs = flux(dual, single)
+    m = m.eval()
+    _, kw = inputs(0)
     prog = capture(m, (), kwargs=kw)
     n = dual if stack == "transformer_blocks" else single
     want = [f"{stack}.{i}" for i in (range(n) if n < 3 else range(1, n - 1))]
@@ -150,6 +137,6 @@ def test_cache_passes_take_a_stack_of_a_two_stack_model_by_default(dual, single,
         res = get_pass(name)(steps=4)(prog, PassContext())
         (span,) = res.program.records["CachePlan"].spans
         assert list(span.blocks) == want, (name, span.blocks)
-        flat = [t for t in pytree.tree_leaves(((), kw)) if isinstance(t, torch.Tensor)]
+        flat = flat_tensors((), kw)
         with torch.no_grad():
             assert_close_to_eager(m(**kw), res.program.runner()(flat), rel_l2=1e-5, what=f"{name}, first call")
