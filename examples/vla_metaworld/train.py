@@ -75,22 +75,57 @@ def random_shift(img: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Ten
     return torch.stack([padded[i, :, oy[i]:oy[i] + H, ox[i]:ox[i] + W] for i in range(B)])
 
 
+def add_training_args(ap, *, batch: int, lr: float) -> None:
+    """The options every training script here takes (optimizer, EMA, checkpoints, seed, threads)."""
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--save-every-min", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+
+
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` in eval mode with no gradients: the EMA weights."""
+    out = copy.deepcopy(module).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def warmup_cosine(lr: float, step: int, warmup: int, frac: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 5% over the wall-clock budget
+    (`frac` of it spent)."""
+    return lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
+
+
+def optimizer_step(opt, loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module, step: int, lr: float,
+                   ema_max: float) -> None:
+    """One step at learning rate `lr` (gradients clipped to norm 1), then the EMA update of
+    `ema` from `model` with a warmed-up decay min(ema_max, (1 + step) / (10 + step))."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        d = min(ema_max, (1 + step) / (10 + step))
+        for pe, pp in zip(ema.parameters(), model.parameters()):
+            pe.mul_(d).add_(pp.detach(), alpha=1 - d)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock training budget")
     ap.add_argument("--init", default=None, help="resume from these safetensors weights")
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", default=os.path.join(HERE, "vla_diffusion.safetensors"))
-    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n-noise", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--shift", type=int, default=4)
-    ap.add_argument("--save-every-min", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    add_training_args(ap, batch=64, lr=3e-4)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -111,9 +146,7 @@ def main():
         stats = state_stats(demos["states"][train_idx])
         prev_log = {}
     cfg = policy.cfg
-    ema = copy.deepcopy(policy).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
+    ema = frozen_copy(policy)
 
     # Everything as tensors up front: images stay uint8 until a batch is drawn.
     images = torch.from_numpy(demos["images"]).permute(0, 3, 1, 2)            # (N,3,64,64) uint8
@@ -152,24 +185,13 @@ def main():
         elapsed = time.time() - t0
         if elapsed >= budget:
             break
-        # warmup, then cosine decay over the remaining wall-clock budget
-        frac = min(elapsed / budget, 1.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = warmup_cosine(args.lr, step, args.warmup, min(elapsed / budget, 1.0))
 
         b = train_idx_t[torch.randint(0, len(train_idx_t), (args.batch,), generator=gen)]
         img = random_shift(images[b].float() / 255.0, args.shift, gen)
         loss = policy.loss(img, text[task_id[b]], states[b], chunks[b],
                            n_noise=args.n_noise, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))        # EMA warmup
-            for pe, pp in zip(ema.parameters(), policy.parameters()):
-                pe.mul_(d).add_(pp.detach(), alpha=1 - d)
+        optimizer_step(opt, loss, policy, ema, step, lr, args.ema)
         step += 1
         lv = loss.item()
         running = lv if running is None else 0.99 * running + 0.01 * lv

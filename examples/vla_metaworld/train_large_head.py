@@ -13,7 +13,6 @@ backbone file's sha256; model.load_head_npz puts it on that backbone.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from model import VLAPolicy, count_params, file_sha256, load_policy, save_head_npz
-from train import DATA, chunk_index, load_demos, split_episodes
+from train import (DATA, add_training_args, chunk_index, frozen_copy, load_demos, optimizer_step,
+                   split_episodes, warmup_cosine)
 from train_tokens import backbone_conds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,15 +41,8 @@ def main():
     ap.add_argument("--d-head", type=int, default=256)
     ap.add_argument("--head-layers", type=int, default=4)
     ap.add_argument("--aug", type=int, default=3, help="shifted copies per step")
-    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n-noise", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--save-every-min", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    add_training_args(ap, batch=64, lr=3e-4)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -73,9 +66,7 @@ def main():
         conds = backbone_conds(backbone, demos, stats, train_idx, cfg, args.aug, args.seed)
     cond_s = time.time() - t_start
     targets = chunks[torch.from_numpy(train_idx)]
-    ema = copy.deepcopy(policy).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
+    ema = frozen_copy(policy)
     print(f"head: {count_params(head)} params (shipped head: {count_params(base.head)}); conds took {cond_s:.0f} s",
           flush=True)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -96,10 +87,7 @@ def main():
     head.train()
     n = len(train_idx)
     while time.time() - t0 < budget:
-        frac = min((time.time() - t0) / budget, 1.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = warmup_cosine(args.lr, step, args.warmup, min((time.time() - t0) / budget, 1.0))
         i = torch.randint(0, n, (args.batch,), generator=gen)
         k = torch.randint(0, args.aug + 1, (args.batch,), generator=gen)
         cond = conds[k, i].repeat(args.n_noise, 1)
@@ -108,14 +96,7 @@ def main():
         noise = torch.randn(x0.shape, generator=gen)
         a = ac[t][:, None, None]
         loss = F.mse_loss(head(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.float(), cond), noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pp in zip(ema.head.parameters(), head.parameters()):
-                pe.mul_(d).add_(pp.detach(), alpha=1 - d)
+        optimizer_step(opt, loss, head, ema.head, step, lr, args.ema)
         step += 1
         lv = loss.item()
         running = lv if running is None else 0.99 * running + 0.01 * lv

@@ -14,7 +14,6 @@ weights is saved to vla_tokens.safetensors with the backbone file's sha256.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -27,7 +26,8 @@ import torch
 
 from model import (TokenActionHead, TokenHeadConfig, count_params, file_sha256, load_policy,
                    save_token_head, tokenize)
-from train import DATA, chunk_index, load_demos, random_shift, split_episodes
+from train import (DATA, add_training_args, chunk_index, frozen_copy, load_demos, optimizer_step, random_shift,
+                   split_episodes, warmup_cosine)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,15 +59,8 @@ def main():
     ap.add_argument("--backbone", default=os.path.join(HERE, "vla_diffusion.safetensors"))
     ap.add_argument("--out", default=os.path.join(HERE, "vla_tokens.safetensors"))
     ap.add_argument("--aug", type=int, default=3, help="shifted copies per step")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--smoothing", type=float, default=0.0)
-    ap.add_argument("--save-every-min", type=float, default=5.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
+    add_training_args(ap, batch=128, lr=5e-4)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -90,9 +83,7 @@ def main():
     targets = chunks[torch.from_numpy(train_idx)]
 
     head = TokenActionHead(hcfg)
-    ema = copy.deepcopy(head).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
+    ema = frozen_copy(head)
     print(f"token head: {count_params(head)} params, {hcfg.n_tokens} tokens of {hcfg.bins} bins; "
           f"conds took {cond_s:.0f} s", flush=True)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -112,21 +103,11 @@ def main():
     head.train()
     n = len(train_idx)
     while time.time() - t0 < budget:
-        frac = min((time.time() - t0) / budget, 1.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = warmup_cosine(args.lr, step, args.warmup, min((time.time() - t0) / budget, 1.0))
         i = torch.randint(0, n, (args.batch,), generator=gen)
         k = torch.randint(0, args.aug + 1, (args.batch,), generator=gen)
         loss = head.loss(conds[k, i], targets[i], args.smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pp in zip(ema.parameters(), head.parameters()):
-                pe.mul_(d).add_(pp.detach(), alpha=1 - d)
+        optimizer_step(opt, loss, head, ema, step, lr, args.ema)
         step += 1
         lv = loss.item()
         running = lv if running is None else 0.99 * running + 0.01 * lv
