@@ -1273,3 +1273,99 @@ def tomesd_dit(model: nn.Module, r: "int | Sequence[int]", grid: "tuple[int, int
         blk._tome_index = i
         blk.forward = types.MethodType(block_forward, blk)
     return m
+
+
+# -- token pruning: a tiny VLA-shaped model and the eager reference of token_prune ---------------
+class _TinyVLABlock(TinyBlock):
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":  # type: ignore[override]
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias, dim=-1)
+        x = x + self.proj((p @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x)), p
+
+
+class TinyVLA(nn.Module):
+    """A VLA-shaped backbone: [text (4 ids, 0 = padding) | 16 visual tokens (2x2 patches of an 8x8
+    image) | state | readout] with the padded text keys masked by an additive bias, pre-norm
+    blocks with explicit softmax attention, the head on the readout token (x[:, -1]), as
+    examples/vla_metaworld's backbone. `forward(..., prune=PruneTokensRef(...))` drops tokens
+    eagerly after one block (and gathers the mask); `skip` names blocks replaced by the identity."""
+
+    def __init__(self, vocab: int = 10, text: int = 4, dim: int = 32, heads: int = 4, layers: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        self.state = nn.Linear(3, dim)
+        self.readout = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, text + 16 + 2, dim) * 0.5)
+        self.blocks = nn.ModuleList([_TinyVLABlock(dim, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor, state: torch.Tensor,
+                prune: "Callable | None" = None, skip: "Sequence[int]" = ()) -> torch.Tensor:
+        b = image.shape[0]
+        vis = self.patch(image).flatten(2).transpose(1, 2)
+        x = torch.cat([self.embed(ids), vis, self.state(state)[:, None], self.readout.expand(b, -1, -1)], dim=1)
+        x = x + self.pos
+        pad = (ids == 0).to(x.dtype) * -1e9
+        bias = torch.cat([pad, torch.zeros(b, x.shape[1] - ids.shape[1])], dim=1)[:, None, None, :]
+        for i, blk in enumerate(self.blocks):
+            if i in skip:
+                continue
+            x, p = blk(x, bias)
+            if prune is not None and i == prune.after:
+                x, idx = prune(x, p)
+                bias = bias.gather(-1, idx[:, None, None, :])
+        return self.head(self.norm(x[:, -1]))
+
+
+def tiny_vla(seed: int = 0, batch: int = 3) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(seed)
+    m = TinyVLA().eval()
+    return m, tiny_vla_inputs(batch, seed + 1)
+
+
+def tiny_vla_inputs(batch: int = 3, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """An image, text ids whose rows are padded differently (0 = padding), a state."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 10, (batch, 4), generator=g)
+    for i in range(batch):
+        ids[i, 4 - (i % 3):] = 0
+    return torch.rand(batch, 1, 8, 8, generator=g), ids, torch.randn(batch, 3, generator=g)
+
+
+@dataclasses.dataclass
+class PruneTokensRef:
+    """token_prune's meaning in eager PyTorch (argsort and Python loops, not the graph's form):
+    after block `after`, keep `keep` of the candidates [start, end) by `score` (see
+    passes/sparsity/token_prune.py), `by_diversity` of them picked greedily for diversity."""
+    after: int
+    start: int
+    end: int
+    keep: int
+    score: str = "relevance"
+    queries: "tuple | None" = None
+    by_diversity: int = 0
+
+    def __call__(self, x: torch.Tensor, p: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        b, n0, c = x.shape
+        pm = p.reshape(b, -1, n0, n0).mean(1)
+        if self.score == "received":
+            s = pm.mean(1)[:, self.start:self.end]
+        else:
+            rows = self.queries if self.queries is not None else [(0, self.start), (self.end, n0)]
+            s = sum(pm[:, a:e].sum(1) for a, e in rows if a < e)[:, self.start:self.end]
+        n = self.end - self.start
+        index = []
+        for i in range(b):
+            kept = torch.argsort(s[i], descending=True, stable=True)[:self.keep - self.by_diversity].tolist()
+            f = torch.nn.functional.normalize(x[i, self.start:self.end], dim=-1)
+            sim = f @ f.T
+            for _ in range(self.by_diversity):
+                rest = [j for j in range(n) if j not in kept]
+                kept.append(min(rest, key=lambda j: float(sim[j, kept].max())))
+            index.append(list(range(self.start)) + [self.start + j for j in sorted(kept)] + list(range(self.end, n0)))
+        idx = torch.tensor(index)
+        return x.gather(1, idx[..., None].expand(b, idx.shape[1], c)), idx

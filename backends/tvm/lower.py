@@ -96,9 +96,21 @@ def _shift(op_name: str, python_op):
     return convert
 
 
-#: converters for aten ops TVM's PyTorch frontend lacks (its name -> converter(node, importer))
+def _select(node, imp):
+    """aten.select.int with a negative index taken modulo the dim's size: TVM's own converter
+    reads x[:, -1] (a readout token) out of bounds, silently (garbage, not an error)."""
+    from tvm import relax
+
+    shape = node.args[0].meta["val"].shape
+    dim = int(node.args[1]) % len(shape)
+    index = int(node.args[2]) % int(shape[dim])
+    return imp.block_builder.emit(relax.op.take(imp.env[node.args[0]], relax.const(index, "int64"), axis=dim))
+
+
+#: converters for aten ops TVM's PyTorch frontend lacks or gets wrong (its name -> converter(node, importer))
 CONVERTERS = {
     "min.dim": _min_dim,
+    "select.int": _select,
     **{f"{prefix}.{kind}": _shift(op, python_op)
        for op, python_op, prefixes in (("right_shift", operator.rshift, ("bitwise_right_shift", "__rshift__")),
                                        ("left_shift", operator.lshift, ("bitwise_left_shift", "__lshift__")))

@@ -174,6 +174,10 @@ def _skip(program: Program, blocks: list[str], prof: LayerRedundancyProfile) -> 
             continue
         gm = graph.copy_module()
         nodes = {n.name: n for n in gm.graph.nodes}
+        # a skipped block's output -> what now stands for it: a block whose input is the output of
+        # one skipped before (adjacent blocks, any order) must pass that one's input through, or
+        # the earlier block comes back to life
+        alias: dict = {}
         for b in todo:
             io = primary_io(gm, regions[b])
             if io is None:
@@ -186,7 +190,10 @@ def _skip(program: Program, blocks: list[str], prof: LayerRedundancyProfile) -> 
                 raise PassError(f"pass '{_NAME}': block {b!r} of graph {name!r} also hands {others[0]!r} to "
                                 f"{reader.name if reader is not None else 'the graph output'} outside it; skipping it "
                                 "would leave that reader without a value")
+            while inp in alias:
+                inp = alias[inp]
             out.replace_all_uses_with(inp)
+            alias[out] = inp
         eliminate_dead_code(gm)
         gm.recompile()
         graphs[name] = graph.with_module(gm)

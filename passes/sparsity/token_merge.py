@@ -440,9 +440,9 @@ def _rule(node: fx.Node, at: _Atoms) -> Any:
     if name == "select":
         d = args[1] % len(xd)
         if TOK in xd[d]:
-            if xd[d] != (TOK,) or args[2] < 0:
-                raise _NotPerToken(node, f"selects token {args[2]} of a reshaped token axis or from the end")
-            at.reads[node] = args[2]
+            if xd[d] != (TOK,):
+                raise _NotPerToken(node, f"selects token {args[2]} of a reshaped token axis")
+            at.reads[node] = args[2]         # negative: from the end (checked by the pass)
         return xd[:d] + xd[d + 1:]
     if name == "slice":
         d = (args[1] if len(args) > 1 else 0) % len(xd)
@@ -586,7 +586,10 @@ class _Block:
     heads: int = 1
 
 
-def _find_blocks(gm: fx.GraphModule, name: str) -> list[_Block]:
+def _find_blocks(gm: fx.GraphModule, name: str, strict: bool = True) -> list[_Block]:
+    """The blocks: per attention softmax, the outermost module holding it and no other. With
+    strict=False a softmax without one (a block called several times in an unrolled loop) is
+    not a block; with strict=True it is refused."""
     softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SOFTMAX]
     counts: dict[str, int] = {}
     stacks = {}
@@ -597,6 +600,8 @@ def _find_blocks(gm: fx.GraphModule, name: str) -> list[_Block]:
     blocks = []
     for s in softmaxes:
         outer = next((p for p in stacks[s] if counts[p] == 1), None)
+        if outer is None and not strict:
+            continue
         if outer is None:
             raise PassError(f"pass 'token_merge': graph '{name}': the softmax {s.format_node()} is not inside a "
                             "module of its own (a transformer block); capture a model whose blocks are modules")
@@ -842,6 +847,10 @@ def _region_flops(profile: Any, path: str) -> int:
 
 def _check_reads(at: _Atoms, protect: int, name: str) -> None:
     for node, idx in at.reads.items():
+        if idx < 0:
+            raise OptionError(f"pass 'token_merge': graph '{name}' reads token {idx} (from the end) after the "
+                              f"blocks ({node.format_node()}); merged tokens keep no place from the end, only "
+                              "the first 'protect' tokens keep theirs")
         if idx >= protect:
             raise OptionError(f"pass 'token_merge': option 'protect': graph '{name}' reads token {idx} after the "
                               f"blocks ({node.format_node()}), but only the first {protect} token(s) are protected "
@@ -878,9 +887,9 @@ def _locate(gm: fx.GraphModule, blk: _Block, at: _Atoms, x_shape: tuple, name: s
                         f"[batch(*heads), ..., keys] over the keys (dims {sd})")
 
 
-def _splice(gm: fx.GraphModule, fn: Any, args: list, examples: list, region: str) -> tuple[set, list]:
+def _splice(gm: fx.GraphModule, fn: Any, args: list, examples: list, region: str, by: str = _NAME) -> tuple[set, list]:
     before = set(gm.graph.nodes)
-    results = splice(gm, fn, args, examples, _NAME)
+    results = splice(gm, fn, args, examples, by)
     new_nodes = set(gm.graph.nodes) - before
     for n in new_nodes:
         n.meta[meta.REGION] = region
@@ -937,26 +946,28 @@ def _bias_fn(dims: tuple, batch: int) -> Any:
     return add_log_size
 
 
-def _resize(gm: fx.GraphModule, at: _Atoms, result_count: dict, name: str) -> None:
+def _resize(gm: fx.GraphModule, at: _Atoms, result_count: dict, name: str, who: str = _NAME,
+            conflict: Any = None) -> None:
     """Re-size every view / reshape / expand downstream of a merge for its block's token count,
-    and drop constant-zero masks over the old count."""
+    and drop constant-zero masks over the old count (or hand them to `conflict(gm, node, fixed)`,
+    token_prune's gather)."""
     count: dict[fx.Node, int] = {}
     for node in list(gm.graph.nodes):
         if node in result_count:
             count[node] = result_count[node]
             continue
-        if node.meta.get(meta.CREATED_BY) == _NAME or node not in at.dims:
+        if node.meta.get(meta.CREATED_BY) == who or node not in at.dims:
             continue
         cs = {count[a] for a in node.all_input_nodes if a in count}
         if len(cs) > 1:
-            raise PassError(f"pass 'token_merge': graph '{name}': {node.format_node()} combines values of "
+            raise PassError(f"pass '{who}': graph '{name}': {node.format_node()} combines values of "
                             f"{sorted(cs)} tokens")
         c = cs.pop() if cs else at.n0
         count[node] = c
         if c == at.n0:
             continue
         if node in at.conflicts:
-            _drop_zero_mask(gm, node, at.conflicts[node], at, name)
+            (conflict or _drop_zero_mask)(gm, node, at.conflicts[node], at, name)
             continue
         name_ = _packet(node)
         if name_ in _VIEWS or name_ == "expand":
@@ -1001,7 +1012,7 @@ def _constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _revalue(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str) -> None:
+def _revalue(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str, who: str = _NAME) -> None:
     """Recompute every node's `val` (fake tensors) after the re-sizing."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -1022,7 +1033,7 @@ def _revalue(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str) -> N
                 with mode:
                     out = n.target(*args, **kwargs)
             except Exception as e:  # torch raises many types for a shape mismatch
-                raise PassError(f"pass 'token_merge': graph '{name}': after re-sizing for the merged tokens, "
+                raise PassError(f"pass '{who}': graph '{name}': after re-sizing for the new token counts, "
                                 f"{n.format_node()} fails: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
             env[n] = out
             n.meta["val"] = out
@@ -1307,18 +1318,19 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
     return new_graph, rec
 
 
-def _finish(gm: fx.GraphModule, g: Graph, at: Any, result_count: dict, name: str) -> Graph:
+def _finish(gm: fx.GraphModule, g: Graph, at: Any, result_count: dict, name: str, who: str = _NAME,
+            conflict: Any = None) -> Graph:
     """Re-size every value after the merges, drop the dead nodes, recompute the shapes and
     check that the graph's outputs kept theirs (the rewrite is internal to the blocks)."""
-    _resize(gm, at, result_count, name)
+    _resize(gm, at, result_count, name, who, conflict)
     eliminate_dead_code(gm)
     gm.recompile()
-    _revalue(gm, g.example_inputs, name)
+    _revalue(gm, g.example_inputs, name, who)
     new_graph = g.with_module(gm)
     outs = new_graph.run(*g.example_inputs)
     old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
     for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
         if _shape(got) != _shape(want):
-            raise PassError(f"pass 'token_merge': graph '{name}': output {nm!r} changed shape "
+            raise PassError(f"pass '{who}': graph '{name}': output {nm!r} changed shape "
                             f"{_shape(want)} -> {_shape(got)} (internal)")
     return new_graph

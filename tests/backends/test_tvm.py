@@ -244,3 +244,16 @@ def test_a_splat_constant_is_made_at_run_time_not_stored():
     a = np.ones((4, 256), np.float32)
     got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w)).numpy()
     np.testing.assert_allclose(got, a @ w + 2.0, rtol=1e-5)
+
+
+class _ReadEnds(nn.Module):
+    def forward(self, x):
+        return x[:, -1] * 2 + x[:, 0] - x[-2, :, -3].sum()
+
+
+def test_negative_select_reads_the_token_from_the_end(tmp_path):
+    """x[:, -1] (a VLA's readout token): TVM's own converter read it out of bounds, silently."""
+    x = torch.randn(3, 5, 4)
+    path = _save(capture(_ReadEnds(), (x,)), tmp_path / "a")
+    got = Executor(path).run_flat(x.numpy())[0]
+    assert_close_to_eager(_ReadEnds()(x), torch.from_numpy(got), rel_l2=1e-6)

@@ -98,6 +98,12 @@ def vit() -> Fixture:
 
 
 @functools.cache
+def vla() -> Fixture:
+    m, inputs = testing.tiny_vla()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
 def scaled() -> Fixture:
     torch.manual_seed(0)
     m = ScaledLinear().eval()
@@ -349,6 +355,14 @@ def tome_meaning(fx_: Fixture, res: PassResult):
         return fx_.model(x, tome=ToMeState(2, 3)), res.program(x)
 
 
+def prune_meaning(fx_: Fixture, res: PassResult):
+    """6 of TinyVLA's 16 visual tokens kept after block 1 by instruction relevance + diversity,
+    dropped eagerly (argsort and loops), on held-out inputs."""
+    x = testing.tiny_vla_inputs(3, seed=7)
+    with torch.no_grad():
+        return fx_.model(*x, prune=testing.PruneTokensRef(1, 4, 20, 6, "relevance", ((0, 4),), 3)), res.program(*x)
+
+
 def held_out_tokens(fx_: Fixture) -> tuple:
     return (torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7)),)
 
@@ -480,6 +494,13 @@ CASES: dict[str, Case] = {
              ({"ratoi": 0.1}, "unknown option 'ratoi'; did you mean 'ratio'"),
              ({"layers": [5]}, "option 'layers': block 5 is outside the model's 3 blocks")),
         meaning=tome_meaning, rel_l2=1e-5),
+    "token_prune": Case(
+        vla, {"keep": 6, "tokens": [4, 20], "queries": [[0, 4]], "after": 1, "score": "relevance_diversity"},
+        noop={"keep": 16, "tokens": [4, 20]},
+        bad=(({"keep": 0, "tokens": [4, 20]}, "pass 'token_prune': option 'keep' must be in \\[1, inf\\]"),
+             ({"kepe": 2}, "unknown option 'kepe'; did you mean 'keep'"),
+             ({"keep": 2, "tokens": [4, 22]}, "reads token -1 after the blocks")),
+        meaning=prune_meaning, rel_l2=1e-5),
     # -- decoding: exact acceptance is lossless (greedy decoding's tokens, bit for bit) ------------
     "speculative_decode": Case(
         decoder, {"drafter": "retrieval"}, decoder_ctx, noop={"drafter": "none"}, noop_fixture=one_token_decoder,
