@@ -51,3 +51,15 @@ def holdout_denoiser() -> list[tuple]:
     wl = _workload("diffusion")
     import torch
     return [tuple(torch.from_numpy(a) for a in wl._demo_inputs(int(i))) for i in wl.heldout_steps(64)]
+
+
+def build_policy_call():
+    """The diffusion policy as one graph: backbone + the 10 DDIM steps unrolled (what layer_skip
+    and token_prune rewrite in examples/pipelines/vla_efficient.yaml)."""
+    from pared.workloads import get_workload
+    return get_workload("vla_metaworld", head="diffusion", decoder="unrolled").build()
+
+
+def holdout_policy_call() -> list[tuple]:
+    """64 held-out demonstration observations (with noise), as holdout_denoiser."""
+    return holdout_denoiser()

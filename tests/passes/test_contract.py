@@ -363,6 +363,20 @@ def prune_meaning(fx_: Fixture, res: PassResult):
         return fx_.model(*x, prune=testing.PruneTokensRef(1, 4, 20, 6, "relevance", ((0, 4),), 3)), res.program(*x)
 
 
+def teal_meaning(fx_: Fixture, res: PassResult):
+    """The eager transformer with each recorded layer's input zeroed where |x| <= its threshold
+    (forward pre-hooks), on held-out tokens."""
+    import copy
+    m = copy.deepcopy(fx_.model)
+    th = {x.layer: x.threshold for x in res.program.records["ActivationSparsityDecisions"].layers}
+    for name, mod in m.named_modules():
+        if name in th:
+            mod.register_forward_pre_hook(lambda mod, a, t=th[name]: (a[0] * (a[0].abs() > t),))
+    x = held_out_tokens(fx_)
+    with torch.no_grad():
+        return m(*x), res.program(*x)
+
+
 def held_out_tokens(fx_: Fixture) -> tuple:
     return (torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7)),)
 
@@ -494,6 +508,12 @@ CASES: dict[str, Case] = {
              ({"ratoi": 0.1}, "unknown option 'ratoi'; did you mean 'ratio'"),
              ({"layers": [5]}, "option 'layers': block 5 is outside the model's 3 blocks")),
         meaning=tome_meaning, rel_l2=1e-5),
+    "sparsify_activations": Case(
+        transformer, {"sparsity": 0.5}, tokens_ctx, noop={"sparsity": 0.0},
+        bad=(({"sparsity": 1.0}, "pass 'sparsify_activations': option 'sparsity' must be in \\[0, 1\\)"),
+             ({"methd": "wina"}, "unknown option 'methd'; did you mean 'method'"),
+             ({"sparsity": 0.3}, "option 'sparsity' 0.3 has no threshold")),
+        meaning=teal_meaning, rel_l2=1e-6),
     "token_prune": Case(
         vla, {"keep": 6, "tokens": [4, 20], "queries": [[0, 4]], "after": 1, "score": "relevance_diversity"},
         noop={"keep": 16, "tokens": [4, 20]},

@@ -24,7 +24,12 @@ if not hasattr(_contract, "CASES"):
 PROGRAM_PASSES = {"interval_cache", "taylor_cache", "magnitude_cache", "residual_cache", "delta_cache",
                   "expert_cache", "cfg_skip", "timestep_quant", "mixed_precision", "speculative_decode",
                   "action_cache", "fuse_calls"}
-GRAPH_PASSES = [n for n in _contract.REWRITES if n not in PROGRAM_PASSES]
+#: graph passes whose decisions are calibrated per graph on the calls that graph ran: variants
+#: alternated per call each see their own half of the calibration run, so their thresholds differ
+#: from the single graph's by meaning (sparsify_activations: TEAL's per-layer |x| quantiles; a
+#: cache's full and reuse variants run at different steps, whose inputs differ)
+PER_GRAPH_CALIBRATION = {"sparsify_activations"}
+GRAPH_PASSES = [n for n in _contract.REWRITES if n not in PROGRAM_PASSES | PER_GRAPH_CALIBRATION]
 
 
 def _two_variants(program):

@@ -1,0 +1,169 @@
+"""Zero the small inputs of linear layers, with thresholds calibrated to a target sparsity (TEAL,
+"Training-Free Activation Sparsity in Large Language Models", Liu et al., ICLR 2025; WINA, "WINA:
+Weight Informed Neuron Activation for Accelerating Large Language Model Inference", Chen et al.).
+
+Before:  y = x @ Wᵀ + b
+After:   y = (x * (|x| > t)) @ Wᵀ + b                   method teal: t = the sparsity-quantile of |x|
+         y = (x * (|x| * c > s)) @ Wᵀ + b               method wina: c_i = ||W[:, i]||_2, s the
+                                                         sparsity-quantile of |x_i| * c_i
+Thresholds come from the ActivationSparsityProfile (analysis/activation_sparsity.py, computed on
+demand on the calibration run) at option `sparsity`, the same target for every layer chosen
+(TEAL's uniform allocation; its greedy per-block allocation is not built). Inputs a layer shares
+(q, k, v reading one normed x) get one mask each, as TEAL masks each projection.
+
+What it saves: the mask is elementwise, so a dense matmul still does all of its work; the
+saving is real only where a kernel skips the zeroed columns of W (TEAL's GEMV at batch 1, seq 1).
+Neither ONNX Runtime's nor TVM's CPU matmuls do, so here the pass records the FLOPs a skipping
+kernel would spend (ideal) beside the graph's own (which grow by the masks): masks-only, said
+honestly in its record. Lowering: abs, mul, gt, a cast and a multiply: anywhere.
+
+Reads: ActivationSparsityProfile. Writes: ActivationSparsityDecisions (per layer: threshold,
+sparsity measured on the calibration run, ideal FLOPs per call), `pared.ir.created_by` and
+`pared.ir.region` on the inserted nodes. Invariant: each graph computes what the eager model
+computes with the same thresholds applied to each chosen layer's input (a forward pre-hook);
+sparsity 0 layers are left as they are; a layer masked already is not masked again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from pared.analysis.activation_sparsity import ActivationSparsityProfile, column_norms
+from pared.analysis.cost import node_flops
+from pared.ir import meta
+from pared.ir.errors import OptionError, PassError
+from pared.ir.patterns import find_sites
+from pared.ir.program import Program
+from pared.ir.regions import match
+from pared.ir.rewrite import add_constant, splice
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
+
+_NAME = "sparsify_activations"
+METHODS = ("teal", "wina")
+
+
+@dataclass(frozen=True)
+class MaskedLinear:
+    graph: str
+    layer: str                  # region path
+    node: str                   # the matmul
+    threshold: float            # on |x| (teal) or |x| * ||W[:, i]|| (wina)
+    calibrated_sparsity: float  # the fraction the threshold zeroes on the calibration run (the profile's)
+    flops: int                  # the dense matmul's, one call
+    ideal_flops: int            # what a kernel skipping the zeroed columns would spend: (1 - sparsity) * flops
+
+
+@dataclass(frozen=True)
+class ActivationSparsityDecisions(Record):
+    method: str
+    sparsity: float
+    lowering: str               # "masks-only": the dense matmuls still run every column
+    layers: tuple[MaskedLinear, ...]
+
+    @property
+    def ideal_flops_ratio(self) -> float:
+        dense = sum(x.flops for x in self.layers)
+        return sum(x.ideal_flops for x in self.layers) / dense if dense else 1.0
+
+
+@register_pass(_NAME)
+class SparsifyActivations(RewritePass):
+    """Mask each chosen linear's small inputs at a calibrated threshold (see module docstring)."""
+
+    requires = (ActivationSparsityProfile,)
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        sparsity: float = 0.5                   # target fraction of each layer's inputs zeroed; one of the
+                                                # profile's sparsities (the on-demand profile has 0.25, 0.4, 0.5)
+        method: str = "teal"                    # teal (|x|) or wina (|x| * ||W[:, i]||_2)
+        layers: tuple[str, ...] = ("**",)       # region patterns of the linear layers masked
+        exclude: tuple[str, ...] = ()           # region patterns left dense
+        graphs: tuple[str, ...] = ()            # graph name patterns (default: every graph the profile measured)
+
+        def __post_init__(self):
+            check_range(_NAME, "sparsity", self.sparsity, lo=0.0, hi=1.0, hi_open=True)
+            if self.method not in METHODS:
+                raise OptionError(f"pass '{_NAME}': option 'method' must be one of {list(METHODS)}, got "
+                                  f"{self.method!r}")
+            for f in ("layers", "exclude", "graphs"):
+                v = getattr(self, f)
+                object.__setattr__(self, f, (v,) if isinstance(v, str) else tuple(v))
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        if o.sparsity == 0:
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"masked": 0})
+        prof: ActivationSparsityProfile = ctx.require(ActivationSparsityProfile, self.name, program)
+        if not any(abs(o.sparsity - p) < 1e-9 for p in prof.sparsities):
+            raise OptionError(f"pass '{_NAME}': option 'sparsity' {o.sparsity} has no threshold in the "
+                              f"ActivationSparsityProfile (it has {list(prof.sparsities)}); run "
+                              f"'activation_sparsity: {{sparsities: [{o.sparsity}]}}' before it")
+        k = min(range(len(prof.sparsities)), key=lambda i: abs(prof.sparsities[i] - o.sparsity))
+        graphs = [g for g in prof.graphs if not o.graphs or any(match(p, g.graph) for p in o.graphs)]
+        if o.graphs and not graphs:
+            raise OptionError(f"pass '{_NAME}': option 'graphs' {list(o.graphs)} matches none of the graphs the "
+                              f"profile measured ({[g.graph for g in prof.graphs]})")
+        new_graphs = dict(program.graphs)
+        done: list[MaskedLinear] = []
+        for gp in graphs:
+            if gp.graph not in program.graphs:
+                continue
+            g = program.graphs[gp.graph]
+            gm = g.copy_module()
+            sites = {s.node: s for s in find_sites(gm)}
+            nodes = {n.name: n for n in gm.graph.nodes}
+            masked_here = 0
+            for lin in gp.linears:
+                if not any(match(p, lin.layer) for p in o.layers) or any(match(p, lin.layer) for p in o.exclude):
+                    continue
+                site, mm = sites.get(lin.node), nodes.get(lin.node)
+                if site is None or mm is None:
+                    raise PassError(f"pass '{_NAME}': graph '{gp.graph}': the profile's linear {lin.layer} "
+                                    f"({lin.node}) is not in the graph any more; run activation_sparsity again")
+                x = nodes[site.x]
+                if x.meta.get(meta.CREATED_BY) == _NAME:
+                    continue                                  # masked already
+                t = (lin.abs_x if o.method == "teal" else lin.wina).thresholds[k]
+                args, ex = [x], [torch.zeros(tuple(x.meta["val"].shape))]
+                if o.method == "wina":
+                    c = column_norms(gm, site)
+                    target = f"_sparsify_colnorm_{mm.name}"
+                    args.append(add_constant(gm, target, c, _NAME, before=mm))
+                    ex.append(c)
+                before = set(gm.graph.nodes)
+                (y,) = splice(gm, _mask_fn(t, o.method), args, ex, _NAME)
+                for n in set(gm.graph.nodes) - before:
+                    n.meta[meta.REGION] = lin.layer
+                mm.replace_input_with(x, y)
+                flops = node_flops(mm)
+                done.append(MaskedLinear(gp.graph, lin.layer, lin.node, float(t), float(prof.sparsities[k]), flops,
+                                         int(round(flops * (1 - prof.sparsities[k])))))
+                masked_here += 1
+            if masked_here:
+                gm.recompile()
+                new_graphs[gp.graph] = g.with_module(gm)
+        if not done:
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"masked": 0})
+        prior = program.records.get("ActivationSparsityDecisions")
+        rec = ActivationSparsityDecisions(o.method, o.sparsity, "masks-only",
+                                          (prior.layers if prior is not None else ()) + tuple(done))
+        ctx.log.info("%s: %s masks on %d linear inputs at sparsity %.2f; ideal matmul FLOPs %.2fx of dense "
+                     "(masks-only here: the dense matmuls still run)", _NAME, o.method, len(done), o.sparsity,
+                     rec.ideal_flops_ratio)
+        new = program.replace(graphs=new_graphs, records={**program.records, "ActivationSparsityDecisions": rec})
+        return PassResult(new, modified=True, stats={"masked": len(done),
+                                                     "ideal_flops_ratio": round(rec.ideal_flops_ratio, 4)})
+
+
+def _mask_fn(t: float, method: str) -> Any:
+    if method == "teal":
+        def mask(x: torch.Tensor) -> torch.Tensor:
+            return x * (x.abs() > t).to(x.dtype)
+    else:
+        def mask(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:      # type: ignore[misc]
+            return x * ((x.abs() * c) > t).to(x.dtype)
+    return mask
