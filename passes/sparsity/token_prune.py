@@ -33,9 +33,13 @@ views and reshapes are re-sized and ops that read the token axis other than per 
 refused, naming the node. A graph whose outputs carry the token axis (a DiT's dense output)
 cannot drop tokens: it is left alone when option `graphs` is unset, refused when it names it.
 
-Reads: nothing (keep is an option). Writes: a TokenPruneDecisions record (per graph: the block,
+How many: option `keep` (candidates kept), `ratio` (a fraction of them), or `target`, a goal on the
+calibration run ({agreement: 0.99}, {cosine: 0.999}, ...: ir/goal.py, measured against the
+unpruned program's outputs): the fewest kept that still meet it, by a binary search over keep.
+
+Reads: calibration (with `target`). Writes: a TokenPruneDecisions record (per graph: the block,
 score, candidate range, queries, kept count, tokens in and out, FLOPs before and after from
-analysis.cost and the selection's own), `pared.ir.created_by` and `pared.ir.region` on every
+analysis.cost and the selection's own; the goal and its trials), `pared.ir.created_by` and `pared.ir.region` on every
 inserted node. Invariant: each graph computes what the eager model computes when the same
 candidates are dropped after that block (pared.testing.prune_tokens, an argsort form) up to float
 rounding; keep >= the candidates leaves the program unchanged; a graph already pruned is left
@@ -43,6 +47,7 @@ alone.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,12 +55,16 @@ import torch
 import torch.fx as fx
 
 from pared.analysis.cost import graph_flops, node_flops
+from pared.analysis.metrics import compare_outputs
+from pared.analysis.recorder import replay
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
+from pared.ir.goal import Goal
 from pared.ir.program import Graph, Program
 from pared.ir.regions import match
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
+from pared.passes.sparsity.layer_skip import TARGET_METRICS
 from pared.passes.sparsity.token_merge import (TOK, _Atoms, _detect_protect, _find_blocks, _finish, _has_tok,
                                                _NotPerToken, _packet, _residual_add, _revalue, _second_residual,
                                                _splice, _val_shape, _follow_tokens)
@@ -84,6 +93,8 @@ class GraphPrune:
 @dataclass(frozen=True)
 class TokenPruneDecisions(Record):
     graphs: tuple[GraphPrune, ...]
+    target: tuple[tuple[str, float], ...] = ()          # the goal, when keep was searched for
+    trials: tuple[tuple[int, tuple[tuple[str, float], ...]], ...] = ()   # (keep, measured metrics)
 
     @property
     def flops_ratio(self) -> float:
@@ -117,11 +128,18 @@ class PruneTokens(RewritePass):
                                                               # (None: every token not a candidate)
         diversity: float = 0.5              # relevance_diversity: the fraction of keep picked for diversity
         graphs: tuple[str, ...] = ()        # graph name patterns (default: every graph the plan calls)
+        target: Any = None                  # instead of keep / ratio: a goal on the calibration run
+                                            # ({agreement: 0.99}, {cosine: 0.999}, ...): the fewest kept
+                                            # candidates that still meet it (a binary search over keep)
 
         def __post_init__(self):
-            if (self.keep is None) == (self.ratio is None):
-                raise OptionError(f"pass '{_NAME}': give option 'keep' (candidate tokens kept) or option 'ratio' "
-                                  "(a fraction of them)" + (", not both" if self.keep is not None else ""))
+            given = [k for k in ("keep", "ratio", "target") if getattr(self, k) is not None]
+            if len(given) != 1:
+                raise OptionError(f"pass '{_NAME}': give one of option 'keep' (candidate tokens kept), 'ratio' "
+                                  "(a fraction of them) or 'target' (a goal like {agreement: 0.99})" +
+                                  (f"; got {' and '.join(given)}" if given else ""))
+            object.__setattr__(self, "target", Goal.parse(self.target, f"pass '{_NAME}': option 'target'",
+                                                          TARGET_METRICS))
             if self.keep is not None:
                 check_range(_NAME, "keep", self.keep, lo=1)
             if self.ratio is not None:
@@ -152,6 +170,49 @@ class PruneTokens(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
+        if o.target is None:
+            return self._prune(program, ctx, o)
+        return self._search(program, ctx, o)
+
+    def _search(self, program: Program, ctx: PassContext, o: Any) -> PassResult:
+        """The fewest candidates kept whose pruning still meets the goal on the calibration run:
+        a binary search over keep (assumed monotone: keeping more never measures worse), each
+        trial a replay of the calibration run against the unpruned program's."""
+        if ctx.calibration is None:
+            raise PassError(f"pass '{_NAME}': option 'target' needs a calibration run to measure the goal on")
+        probe = self._prune(program, ctx, dataclasses.replace(o, target=None, keep=1))
+        if not probe.modified:
+            return probe
+        n = probe.program.records["TokenPruneDecisions"].graphs[-1]
+        n = n.tokens[1] - n.tokens[0]
+        ref = replay(program, ctx.calibration)
+        trials: dict[int, tuple] = {}
+
+        def met(keep: int) -> bool:
+            res = self._prune(program, ctx, dataclasses.replace(o, target=None, keep=keep))
+            measured = compare_outputs(ref, replay(res.program, ctx.calibration))
+            trials[keep] = tuple((m, round(float(measured[m]), 6)) for m in o.target.metrics)
+            ctx.progress(f"{_NAME}: keeping {keep} of {n}: " + ", ".join(f"{m} {v:.4g}" for m, v in trials[keep]))
+            return o.target.met(measured)
+        lo, hi = 1, n                               # keep = n (nothing dropped) meets any goal
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if met(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo >= n:
+            ctx.log.info("%s: no keep below %d meets %s on the calibration run: nothing dropped", _NAME, n,
+                         o.target.terms)
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"pruned_graphs": 0,
+                                                                                    "trials": len(trials)})
+        res = self._prune(program, ctx, dataclasses.replace(o, target=None, keep=lo))
+        rec = res.program.records["TokenPruneDecisions"]
+        rec = dataclasses.replace(rec, target=o.target.terms, trials=tuple(sorted(trials.items())))
+        return PassResult(res.program.replace(records={**res.program.records, "TokenPruneDecisions": rec}),
+                          modified=True, stats=dict(res.stats, trials=len(trials), keep=lo))
+
+    def _prune(self, program: Program, ctx: PassContext, o: Any) -> PassResult:
         names = program.called_graphs() or list(program.graphs)
         if o.graphs:
             for pat in o.graphs:

@@ -97,8 +97,8 @@ def test_keep_all_is_a_noop_and_a_second_run_finds_nothing():
 
 
 @pytest.mark.parametrize("opts, message", [
-    ({"tokens": VIS}, "give option 'keep' .* or option 'ratio'"),
-    ({"keep": 2, "ratio": 0.5, "tokens": VIS}, "not both"),
+    ({"tokens": VIS}, "give one of option .keep. .* or .target."),
+    ({"keep": 2, "ratio": 0.5, "tokens": VIS}, "; got keep and ratio"),
     ({"keep": 0, "tokens": VIS}, "option 'keep' must be in \\[1, inf\\]"),
     ({"ratio": 1.5, "tokens": VIS}, "option 'ratio' must be in \\(0, 1\\]"),
     ({"keep": 2, "tokens": [5, 3]}, "option 'tokens' takes a token range"),
@@ -197,3 +197,24 @@ def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path):
     for t in paths:
         got = np.load(tmp_path / f"y_{t}.npy")
         assert np.abs(got - want).max() < 1e-4 * np.abs(want).max(), t
+
+
+def test_a_goal_keeps_the_fewest_tokens_that_still_meet_it():
+    """target: {cosine: 0.999} on the calibration run: the kept count is the smallest trial that
+    meets the goal and the one below it (when tried) misses; the record keeps the trials."""
+    m, inputs, prog = _tiny()
+    calib = [tiny_vla_inputs(3, seed=s) for s in (11, 12, 13)]
+    res = run_pass_checked(get_pass("token_prune")(target={"cosine": 0.999}, tokens=VIS, after=1), prog,
+                           PassContext(calibration=calib))
+    rec = res.program.records["TokenPruneDecisions"]
+    keep = rec.graphs[0].keep
+    trials = dict(rec.trials)
+    assert rec.target == (("cosine", 0.999),) and 1 <= keep < 16 and keep in trials
+    assert dict(trials[keep])["cosine"] >= 0.999
+    if keep - 1 in trials:
+        assert dict(trials[keep - 1])["cosine"] < 0.999
+    assert len(trials) <= 5                                       # a binary search over 1..16
+    with pytest.raises(OptionError, match="give one of option .keep.*; got keep and target"):
+        get_pass("token_prune")(keep=2, target={"cosine": 0.99})
+    with pytest.raises(PassError, match="option 'target' needs a calibration run"):
+        get_pass("token_prune")(target={"cosine": 0.99}, tokens=VIS)(prog, PassContext())
