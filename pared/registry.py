@@ -16,6 +16,7 @@ import pared.analysis.latency  # noqa: F401
 import pared.analysis.layer_redundancy  # noqa: F401
 import pared.analysis.quant_sensitivity  # noqa: F401
 import pared.analysis.redundancy  # noqa: F401
+import pared.analysis.token_importance  # noqa: F401
 import pared.passes.cache  # noqa: F401
 import pared.passes.decode  # noqa: F401
 import pared.passes.generic  # noqa: F401

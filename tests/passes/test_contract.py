@@ -179,6 +179,10 @@ def tokens_ctx(fx_: Fixture, program: Program) -> PassContext:
     return PassContext(calibration=_token_batches())
 
 
+def vla_ctx(fx_: Fixture, program: Program) -> PassContext:
+    return PassContext(calibration=[testing.tiny_vla_inputs(3, seed=s) for s in (11, 12)])
+
+
 def latency_ctx(fx_: Fixture, program: Program) -> PassContext:
     """latency times with the context's measurement service (ORT on the CPU)."""
     return PassContext(measure=default_profiler())
@@ -554,6 +558,10 @@ CASES: dict[str, Case] = {
         bad=(({"local_threshold": 0.9, "global_threshold": 0.5}, "'local_threshold' \\(0.9\\) must not exceed"),
              ({"query_groups": [["cls", 2, 1]]}, "option 'query_groups' takes \\(name, start, stop\\)"),
              ({"graphs": ["nope"]}, "pass 'attention_entropy' option 'graphs': no graph 'nope'"))),
+    "token_importance": Case(
+        vla, {"query_groups": [["text", 0, 4]]}, vla_ctx,
+        bad=(({"keep_fraction": 0.0}, "pass 'token_importance': option 'keep_fraction' must be in \\(0, 1\\]"),
+             ({"query_group": []}, "unknown option 'query_group'; did you mean 'query_groups'"))),
     "cost": Case(transformer, bad=(({"detail": True}, "pass 'cost': unknown option 'detail'; it takes no options"),)),
     "temporal_redundancy": Case(
         dit, ctx=loop_ctx(4),
