@@ -1348,6 +1348,7 @@ class PruneTokensRef:
     score: str = "relevance"
     queries: "tuple | None" = None
     by_diversity: int = 0
+    temperature: "float | None" = None      # Token Transforming (mode transform)
 
     def __call__(self, x: torch.Tensor, p: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
         b, n0, c = x.shape
@@ -1368,4 +1369,20 @@ class PruneTokensRef:
                 kept.append(min(rest, key=lambda j: float(sim[j, kept].max())))
             index.append(list(range(self.start)) + [self.start + j for j in sorted(kept)] + list(range(self.end, n0)))
         idx = torch.tensor(index)
-        return x.gather(1, idx[..., None].expand(b, idx.shape[1], c)), idx
+        out = x.gather(1, idx[..., None].expand(b, idx.shape[1], c))
+        if self.temperature is not None:            # each dropped token's share of every kept one
+            out = out.clone()
+            for i in range(b):
+                kept = [j - self.start for j in index[i][self.start:self.start + self.keep]]
+                f = torch.nn.functional.normalize(x[i, self.start:self.end], dim=-1)
+                acc = {k: (x[i, self.start + k].clone(), 1.0) for k in kept}
+                for j in range(n):
+                    if j in kept:
+                        continue
+                    w = torch.softmax(torch.stack([f[j] @ f[k] for k in kept]) / self.temperature, 0)
+                    for k, wk in zip(kept, w):
+                        v, tot = acc[k]
+                        acc[k] = (v + wk * x[i, self.start + j], tot + float(wk))
+                for p, k in enumerate(kept):
+                    out[i, self.start + p] = acc[k][0] / acc[k][1]
+        return out, idx

@@ -19,6 +19,10 @@ Scores (option `score`), from the block's own attention probabilities averaged o
   relevance_diversity  EfficientVLA's selection: keep - d candidates by relevance, then d more
                        (d = round(diversity * keep)) one at a time, each the candidate least similar
                        (cosine of x_{l+1}) to any kept so far, so the kept set covers the image
+Token Transforming ("Token Transforming: A Unified and Training-Free Token Compression Framework
+for Vision Transformer Acceleration"), option `mode: transform`: the same kept set, but no token
+is lost: T [keep, n] is the selection plus, for each dropped candidate j, a row of softmax over the
+kept tokens k of cos(x_j, x_k) / temperature; x' = (T / rowsum(T)) @ candidates (a matmul).
 Every block's token count is static (keep is fixed per graph). Lowering: top-k, one-hot masks
 (eq against arange), a cumulative sum and a matmul give the kept positions in order; one gather
 takes the tokens; a later attention mask over the old token count ([B, 1, 1, N], text padding)
@@ -71,6 +75,7 @@ from pared.passes.sparsity.token_merge import (TOK, _Atoms, _detect_protect, _fi
 
 _NAME = "token_prune"
 SCORES = ("relevance", "received", "relevance_diversity")
+MODES = ("select", "transform")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class GraphPrune:
     graph: str
     block: str                          # tokens are dropped after this block
     score: str
+    mode: str                           # select | transform
     tokens: tuple[int, int]             # the candidate range [start, end)
     queries: tuple[tuple[int, int], ...]   # the query rows relevance sums over
     keep: int                           # candidates kept
@@ -128,6 +134,9 @@ class PruneTokens(RewritePass):
                                                               # (None: every token not a candidate)
         diversity: float = 0.5              # relevance_diversity: the fraction of keep picked for diversity
         graphs: tuple[str, ...] = ()        # graph name patterns (default: every graph the plan calls)
+        mode: str = "select"                # select: drop the others; transform: Token Transforming, each
+                                            # dropped token spread over the kept by softmax(cos / temperature)
+        temperature: float = 0.1            # transform: the softmax temperature over cosine similarity
         target: Any = None                  # instead of keep / ratio: a goal on the calibration run
                                             # ({agreement: 0.99}, {cosine: 0.999}, ...): the fewest kept
                                             # candidates that still meet it (a binary search over keep)
@@ -166,6 +175,9 @@ class PruneTokens(RewritePass):
                     raise OptionError(f"pass '{_NAME}': option 'queries' goes with score 'relevance' or "
                                       "'relevance_diversity'; 'received' averages over every query")
             check_range(_NAME, "diversity", self.diversity, lo=0.0, hi=1.0, hi_open=True)
+            if self.mode not in MODES:
+                raise OptionError(f"pass '{_NAME}': option 'mode' must be one of {list(MODES)}, got {self.mode!r}")
+            check_range(_NAME, "temperature", self.temperature, lo=0.0, lo_open=True)
             object.__setattr__(self, "graphs", (self.graphs,) if isinstance(self.graphs, str) else tuple(self.graphs))
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
@@ -348,7 +360,8 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     _check_reads(at, start, end, n0, dropped, name)
 
     before = graph_flops(g.module)
-    fn = _prune_fn(b0, n0, start, end, keep, k_div, o.score, queries)
+    fn = _prune_fn(b0, n0, start, end, keep, k_div, o.score, queries,
+                   o.temperature if o.mode == "transform" else None)
     ex = [torch.zeros(x_shape), torch.full(probs_shape, 1.0 / n0)]
     new_nodes, (pruned, index) = _splice(gm, fn, [seed, blk.softmax], ex, blk.path, by=_NAME)
     seed.replace_all_uses_with(pruned, delete_user_cb=lambda u: u not in new_nodes)
@@ -362,7 +375,7 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
 
     new_graph = _finish(gm, g, at, {pruned: n0 - dropped}, name, _NAME, gather_mask)
     sel_flops = sum(node_flops(nd) for nd in gm.graph.nodes if nd.meta.get(meta.CREATED_BY) == _NAME)
-    rec = GraphPrune(name, blk.path, o.score, (start, end), queries if o.score != "received" else (), keep, k_div,
+    rec = GraphPrune(name, blk.path, o.score, o.mode, (start, end), queries if o.score != "received" else (), keep, k_div,
                      n0, n0 - dropped, before, graph_flops(gm), sel_flops)
     return new_graph, rec
 
@@ -383,8 +396,9 @@ def _check_reads(at: _Atoms, start: int, end: int, n0: int, dropped: int, name: 
 
 
 def _prune_fn(batch: int, n0: int, start: int, end: int, keep: int, k_div: int, score: str,
-              queries: tuple) -> Any:
-    """The selection (see module docstring): scores, top-k (+ diverse picks), positions in order, one gather."""
+              queries: tuple, temperature: float | None = None) -> Any:
+    """The selection (see module docstring): scores, top-k (+ diverse picks), positions in order, one
+    gather; with a temperature (mode transform) the kept tokens are T @ candidates instead."""
     n = end - start
 
     def prune(x: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,7 +412,7 @@ def _prune_fn(batch: int, n0: int, start: int, end: int, keep: int, k_div: int, 
             s = (p * rows[None, :, None]).sum(1)[:, start:end]            # [B, n]
         cand = torch.arange(n)
         kept = (s.topk(keep - k_div, dim=-1).indices[..., None] == cand).to(x.dtype).sum(1)   # [B, n] 0/1
-        if k_div:
+        if k_div or temperature is not None:
             f = x[:, start:end]
             f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             sim = f @ f.transpose(1, 2)                                   # [B, n, n] cosine
@@ -415,7 +429,16 @@ def _prune_fn(batch: int, n0: int, start: int, end: int, keep: int, k_div: int, 
         if end < n0:
             parts.append(torch.arange(end, n0).expand(batch, n0 - end))
         index = torch.cat(parts, dim=1) if len(parts) > 1 else idx
-        return x.gather(1, index[..., None].expand(batch, index.shape[1], c)), index
+        if temperature is None:
+            return x.gather(1, index[..., None].expand(batch, index.shape[1], c)), index
+        # Token Transforming: each dropped candidate spreads over the kept ones by softmax(cos / T);
+        # a kept token becomes the weighted mean of itself and what it absorbed
+        w = torch.softmax(sim / temperature - 1e4 * (1.0 - kept[:, None, :]), dim=-1) * (1.0 - kept)[..., None]
+        t = sel + sel @ w.transpose(1, 2)                                 # [B, keep, n]: T, many-to-many
+        moved = (t / t.sum(-1, keepdim=True)) @ x[:, start:end]
+        out = [x[:, :start]] if start else []
+        out += [moved] + ([x[:, end:]] if end < n0 else [])
+        return torch.cat(out, dim=1) if len(out) > 1 else moved, index
     return prune
 
 

@@ -34,7 +34,7 @@ def _tiny(batch=3):
 
 def _softmax_shapes(program):
     return [tuple(n.meta["val"].shape) for n in program.graphs["main"].module.graph.nodes
-            if n.op == "call_function" and "softmax" in str(n.target)]
+            if n.op == "call_function" and "softmax" in str(n.target) and not n.meta.get("pared.ir.created_by")]
 
 
 @pytest.mark.parametrize("opts, ref", [
@@ -47,6 +47,9 @@ def _softmax_shapes(program):
     ({"ratio": 0.25, "tokens": VIS}, PruneTokensRef(0, 4, 20, 4)),            # queries: text, state, readout
     ({"keep": 3, "tokens": [0, 20], "queries": [[20, 22]], "after": -2}, PruneTokensRef(2, 0, 20, 3, "relevance",
                                                                                        ((20, 22),))),
+    ({"keep": 5, "tokens": VIS, "after": 1, "mode": "transform"}, PruneTokensRef(1, 4, 20, 5, temperature=0.1)),
+    ({"keep": 6, "tokens": VIS, "score": "relevance_diversity", "mode": "transform", "temperature": 0.5},
+     PruneTokensRef(0, 4, 20, 6, by_diversity=3, temperature=0.5)),
 ])
 def test_matches_the_eager_model_with_the_same_tokens_dropped(opts, ref):
     m, _, prog = _tiny()
@@ -106,6 +109,8 @@ def test_keep_all_is_a_noop_and_a_second_run_finds_nothing():
     ({"keep": 2, "tokens": VIS, "score": "received", "queries": [[0, 4]]}, "option 'queries' goes with score"),
     ({"keep": 2, "tokens": VIS, "diversity": 1.0}, "option 'diversity' must be in \\[0, 1\\)"),
     ({"keep": 2, "tokens": VIS, "kepe": 3}, "unknown option 'kepe'; did you mean 'keep'"),
+    ({"keep": 2, "tokens": VIS, "mode": "merge"}, "option 'mode' must be one of \\['select', 'transform'\\]"),
+    ({"keep": 2, "tokens": VIS, "temperature": 0.0}, "option 'temperature' must be in \\(0, inf\\]"),
 ])
 def test_bad_options(opts, message):
     with pytest.raises(OptionError, match=message):
@@ -167,15 +172,17 @@ def test_composes_with_layer_skip_in_either_order():
 
 
 @pytest.mark.heavy     # lowers and runs artifacts: `make test-heavy` (CI runs it after `make test`)
-def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path):
-    """relevance + diversity after block 0 (22 -> 11 tokens): the ONNX file has no scatter, both
-    artifacts carry the record, and loaded without torch they compute what the torch graph computes."""
+@pytest.mark.parametrize("mode", ["select", "transform"])
+def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path, mode):
+    """relevance + diversity after block 0 (22 -> 11 tokens), dropped or transformed: the ONNX file
+    has no scatter, both artifacts carry the record, and loaded without torch they compute what
+    the torch graph computes."""
     import onnx
 
     from pared.ir.target import get_target
     from pared.testing import run_torch_free, save_program
     _, _, prog = _tiny()
-    res = _prune(prog, keep=5, tokens=VIS, score="relevance_diversity")
+    res = _prune(prog, keep=5, tokens=VIS, score="relevance_diversity", mode=mode)
     paths = {t: save_program(res.program, str(tmp_path / t), get_target(t).to_json()) for t in ("cpu", "tvm-cpu")}
     ops = {n.op_type for f in os.listdir(paths["cpu"]) if f.endswith(".onnx")
            for n in onnx.load(os.path.join(paths["cpu"], f), load_external_data=False).graph.node}
