@@ -113,8 +113,9 @@ def _op(n: fx.Node) -> str:
     return getattr(n.target, "__name__", str(n.target)).split(".")[0]
 
 
-def _feeds_matmul(n: fx.Node) -> bool:
-    """Whether `n`'s value reaches a matmul's first operand through shape-only ops."""
+def fed_matmul(n: fx.Node) -> fx.Node | None:
+    """The matmul whose first operand `n`'s value reaches through shape-only ops (attention
+    probabilities -> the matmul with the values), or None."""
     todo, seen = [n], set()
     while todo:
         cur = todo.pop()
@@ -124,10 +125,14 @@ def _feeds_matmul(n: fx.Node) -> bool:
             seen.add(u)
             name = _op(u)
             if name in _MATMULS and u.args and u.args[-2 if name == "baddbmm" else 0] is cur:
-                return True
+                return u
             if name in _PASS_THROUGH:
                 todo.append(u)
-    return False
+    return None
+
+
+def _feeds_matmul(n: fx.Node) -> bool:
+    return fed_matmul(n) is not None
 
 
 @dataclass(frozen=True)

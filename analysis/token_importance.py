@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from pared.analysis.attention_entropy import _PASS_THROUGH, _op, find_attention, sdpa_probabilities
+from pared.analysis.attention_entropy import fed_matmul, find_attention, sdpa_probabilities
 from pared.analysis.recorder import PerGraph, Tap, analysed_graphs, record
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
@@ -74,24 +74,16 @@ class TokenImportanceProfile(PerGraph, Record):
 
 
 def _values(site) -> fx.Node | None:
-    """The values an attention's probabilities multiply: the matmul they reach (through shape-only
-    ops) as its first operand; its second operand. For SDPA its `value` argument."""
+    """The values an attention's probabilities multiply: the second operand of the matmul they
+    reach (attention_entropy.fed_matmul); for SDPA its `value` argument."""
     node = site.node
     if site.source != "softmax":
         return node.args[2] if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else None
-    todo, seen = [node], set()
-    while todo:
-        cur = todo.pop()
-        for u in cur.users:
-            if u in seen or u.op != "call_function":
-                continue
-            seen.add(u)
-            name = _op(u)
-            if name in ("bmm", "matmul", "mm") and u.args and u.args[0] is cur:
-                return u.args[1] if isinstance(u.args[1], fx.Node) else None
-            if name in _PASS_THROUGH:
-                todo.append(u)
-    return None
+    mm = fed_matmul(node)
+    if mm is None:
+        return None
+    v = mm.args[-1]
+    return v if isinstance(v, fx.Node) else None
 
 
 class _Acc:

@@ -107,6 +107,49 @@ def flops_of(program, example) -> dict:
             "encoder": prof.total_flops, "policy_call": trace_flops(program, runner.graph_trace[-1:])}
 
 
+def run_parts(a, wl, ex: dict, eager) -> dict:
+    """The closed-loop and timing parts `a.part` asks for, merged into the results file's previous
+    content (a partial rerun keeps the arms it does not run). Shared with vla_teal.py.
+
+    closed loop: eager acts, then every arm in its own loop from the same seeds;
+    timing: replayed policy-call observations through eager and every arm, alternating rounds."""
+    previous: dict = {}
+    if a.part != "all" and os.path.exists(a.json):
+        with open(a.json) as f:
+            previous = json.load(f)
+    if a.part in ("all", "closed_loop"):
+        say("closed loop: eager acting")
+        ref_run = wl.run(eager)
+        arms = {"eager": _summary(wl, ref_run, None)}
+        for n in a.arms:
+            t0 = time.perf_counter()
+            run = wl.run(ex[n], ex[n].reset)
+            arms[n] = _summary(wl, run, wl.fidelity(ref_run, run))
+            arms[n]["success_minus_eager"] = round(arms[n]["success"] - arms["eager"]["success"], 4)
+            say(f"closed loop: {n}: success {arms[n]['success']:.3f} (eager {arms['eager']['success']:.3f}), "
+                f"{time.perf_counter() - t0:.0f} s")
+        if a.part == "closed_loop" and previous.get("closed_loop", {}).get("episodes_per_task") == a.episodes:
+            arms = {**previous["closed_loop"]["arms"], **arms}
+        previous["closed_loop"] = {"episodes_per_task": a.episodes, "tasks": wl.task_names, "arms": arms}
+    if a.part in ("all", "timing"):
+        seqs = wl.replay_sequences(per_task=2, calls=12)
+        contenders = {"eager": (eager, None), **{n: (ex[n], ex[n].reset) for n in a.arms}}
+        load_before = os.getloadavg()
+        per_call = time_replay(contenders, seqs, a.repeats)
+        ms = {n: 1e3 * statistics.median(v) for n, v in per_call.items()}
+        ref = "plain" if "plain" in ms else a.arms[0]
+        timing = {n: {"policy_call_ms": round(ms[n], 3), "speedup_vs_eager": round(ms["eager"] / ms[n], 3),
+                      "speedup_vs_plain": round(ms[ref] / ms[n], 3)} for n in ms}
+        previous["timing"] = {"repeats": a.repeats, "replayed_calls": sum(len(q) for q in seqs),
+                              "threads": a.threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                              "measured": time.strftime("%Y-%m-%d %H:%M"), "arms": timing}
+        for n, t in timing.items():
+            say(f"{n}: {t['policy_call_ms']:.2f} ms per call, {t['speedup_vs_plain']:.3f}x plain, "
+                f"{t['speedup_vs_eager']:.3f}x eager")
+    return previous
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=25)
@@ -141,44 +184,7 @@ def main() -> None:
                   if f.get(k) and base.get(k)})
     eager = torch_callable(model)
 
-    previous: dict = {}
-    if a.part != "all" and os.path.exists(a.json):
-        with open(a.json) as f:
-            previous = json.load(f)
-    if a.part in ("all", "closed_loop"):
-        say("closed loop: eager acting")
-        t0 = time.perf_counter()
-        ref_run = wl.run(eager)
-        say(f"  took {time.perf_counter() - t0:.0f} s")
-        arms = {"eager": _summary(wl, ref_run, None)}
-        for n in a.arms:
-            say(f"closed loop: {n} acting")
-            t0 = time.perf_counter()
-            run = wl.run(ex[n], ex[n].reset)
-            arms[n] = _summary(wl, run, wl.fidelity(ref_run, run))
-            arms[n]["success_minus_eager"] = round(arms[n]["success"] - arms["eager"]["success"], 4)
-            say(f"  success {arms[n]['success']:.3f} (eager {arms['eager']['success']:.3f}), "
-                f"took {time.perf_counter() - t0:.0f} s")
-        if a.part == "closed_loop" and "closed_loop" in previous and previous["closed_loop"].get(
-                "episodes_per_task") == a.episodes:
-            arms = {**previous["closed_loop"]["arms"], **arms}
-        previous["closed_loop"] = {"episodes_per_task": a.episodes, "tasks": wl.task_names, "arms": arms}
-    if a.part in ("all", "timing"):
-        seqs = wl.replay_sequences(per_task=2, calls=12)
-        contenders = {"eager": (eager, None), **{n: (ex[n], ex[n].reset) for n in a.arms}}
-        load_before = os.getloadavg()
-        per_call = time_replay(contenders, seqs, a.repeats)
-        ms = {n: 1e3 * statistics.median(v) for n, v in per_call.items()}
-        ref = "plain" if "plain" in ms else a.arms[0]
-        timing = {n: {"policy_call_ms": round(ms[n], 3), "speedup_vs_eager": round(ms["eager"] / ms[n], 3),
-                      "speedup_vs_plain": round(ms[ref] / ms[n], 3)} for n in ms}
-        previous["timing"] = {"repeats": a.repeats, "replayed_calls": sum(len(q) for q in seqs),
-                              "threads": a.threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                              "measured": time.strftime("%Y-%m-%d %H:%M"), "arms": timing}
-        for n, t in timing.items():
-            say(f"{n}: {t['policy_call_ms']:.2f} ms per call, {t['speedup_vs_plain']:.3f}x plain, "
-                f"{t['speedup_vs_eager']:.3f}x eager")
+    previous = run_parts(a, wl, ex, eager)
     previous.update({
         "what": "VLA diffusion policy (unrolled policy call), EfficientVLA's backbone recipe: layer_skip + "
                 "token_prune; closed-loop success, FLOPs per policy call, per-call latency (batch 1, ORT CPU)",

@@ -19,12 +19,10 @@ order each round, medians over rounds. Writes benchmarks/results/vla_teal.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -38,7 +36,8 @@ from pared.analysis.cost import profile_graph  # noqa: E402
 from pared.backends.executor import Executor  # noqa: E402
 from pared.bench import write_results  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
-from vla_speculative import _summary, say, time_replay  # noqa: E402
+from vla_efficient import run_parts  # noqa: E402
+from vla_speculative import say  # noqa: E402
 
 HEAD = ["head.blocks.**"]
 
@@ -100,39 +99,7 @@ def main() -> None:
             f["head_ideal_ratio"] = round((base - f["head_linears_dense"] + f["head_linears_ideal"]) / base, 4)
     eager = torch_callable(model)
 
-    previous: dict = {}
-    if a.part != "all" and os.path.exists(a.json):
-        with open(a.json) as f:
-            previous = json.load(f)
-    if a.part in ("all", "closed_loop"):
-        say("closed loop: eager acting")
-        ref_run = wl.run(eager)
-        arms = {"eager": _summary(wl, ref_run, None)}
-        for n in a.arms:
-            t0 = time.perf_counter()
-            run = wl.run(ex[n], ex[n].reset)
-            arms[n] = _summary(wl, run, wl.fidelity(ref_run, run))
-            arms[n]["success_minus_eager"] = round(arms[n]["success"] - arms["eager"]["success"], 4)
-            say(f"closed loop: {n}: success {arms[n]['success']:.3f} (eager {arms['eager']['success']:.3f}), "
-                f"{time.perf_counter() - t0:.0f} s")
-        if a.part == "closed_loop" and previous.get("closed_loop", {}).get("episodes_per_task") == a.episodes:
-            arms = {**previous["closed_loop"]["arms"], **arms}
-        previous["closed_loop"] = {"episodes_per_task": a.episodes, "tasks": wl.task_names, "arms": arms}
-    if a.part in ("all", "timing"):
-        seqs = wl.replay_sequences(per_task=2, calls=12)
-        contenders = {"eager": (eager, None), **{n: (ex[n], ex[n].reset) for n in a.arms}}
-        load_before = os.getloadavg()
-        per_call = time_replay(contenders, seqs, a.repeats)
-        ms = {n: 1e3 * statistics.median(v) for n, v in per_call.items()}
-        ref = "plain" if "plain" in ms else a.arms[0]
-        timing = {n: {"policy_call_ms": round(ms[n], 3), "speedup_vs_eager": round(ms["eager"] / ms[n], 3),
-                      "speedup_vs_plain": round(ms[ref] / ms[n], 3)} for n in ms}
-        previous["timing"] = {"repeats": a.repeats, "replayed_calls": sum(len(q) for q in seqs),
-                              "threads": a.threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                              "measured": time.strftime("%Y-%m-%d %H:%M"), "arms": timing}
-        for n, t in timing.items():
-            say(f"{n}: {t['policy_call_ms']:.2f} ms per call, {t['speedup_vs_plain']:.3f}x plain")
+    previous = run_parts(a, wl, ex, eager)
     previous.update({
         "what": "VLA action-token head (16 greedy tokens unrolled, batch 1), sparsify_activations (TEAL / WINA "
                 "masks on the head's linear inputs): closed-loop success, head FLOPs dense vs ideal, per-call "
