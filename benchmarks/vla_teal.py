@@ -105,7 +105,8 @@ def main() -> None:
                 "masks on the head's linear inputs): closed-loop success, head FLOPs dense vs ideal, per-call "
                 "latency (ORT CPU)",
         "calibration": f"{a.calibration} training-demonstration observations",
-        "pipelines": {n: ARMS[n] for n in a.arms}, "flops": flops, "decisions": decisions})
+        "pipelines": {**previous.get("pipelines", {}), **{n: ARMS[n] for n in a.arms}},
+        "flops": {**previous.get("flops", {}), **flops}, "decisions": {**previous.get("decisions", {}), **decisions}})
     write_results(a.json, previous)
     say(f"wrote {a.json}")
 
