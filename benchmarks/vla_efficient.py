@@ -150,6 +150,17 @@ def run_parts(a, wl, ex: dict, eager) -> dict:
     return previous
 
 
+def write_parts(a, previous: dict, pipelines: dict, flops: dict, decisions: dict, **about: str) -> None:
+    """Write the results file: the parts run_parts measured, this run's arms' pipelines, FLOPs and
+    decisions over those of earlier runs (a partial rerun keeps the arms it did not build)."""
+    previous.update({**about,
+                     "pipelines": {**previous.get("pipelines", {}), **pipelines},
+                     "flops": {**previous.get("flops", {}), **flops},
+                     "decisions": {**previous.get("decisions", {}), **decisions}})
+    write_results(a.json, previous)
+    say(f"wrote {a.json}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--episodes", type=int, default=25)
@@ -184,15 +195,10 @@ def main() -> None:
                   if f.get(k) and base.get(k)})
     eager = torch_callable(model)
 
-    previous = run_parts(a, wl, ex, eager)
-    previous.update({
-        "what": "VLA diffusion policy (unrolled policy call), EfficientVLA's backbone recipe: layer_skip + "
-                "token_prune; closed-loop success, FLOPs per policy call, per-call latency (batch 1, ORT CPU)",
-        "calibration": "1024 training-demonstration observations (layer_skip's I(l))",
-        "pipelines": {**previous.get("pipelines", {}), **{n: ARMS[n] for n in a.arms}},
-        "flops": {**previous.get("flops", {}), **flops}, "decisions": {**previous.get("decisions", {}), **decisions}})
-    write_results(a.json, previous)
-    say(f"wrote {a.json}")
+    write_parts(a, run_parts(a, wl, ex, eager), {n: ARMS[n] for n in a.arms}, flops, decisions,
+                what="VLA diffusion policy (unrolled policy call), EfficientVLA's backbone recipe: layer_skip + "
+                     "token_prune; closed-loop success, FLOPs per policy call, per-call latency (batch 1, ORT CPU)",
+                calibration="1024 training-demonstration observations (layer_skip's I(l))")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ import torch  # noqa: E402
 import pared  # noqa: E402
 from pared.analysis.cost import profile_graph  # noqa: E402
 from pared.backends.executor import Executor  # noqa: E402
-from pared.bench import write_results  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
-from vla_efficient import run_parts  # noqa: E402
+from vla_efficient import run_parts, write_parts  # noqa: E402
 from vla_speculative import say  # noqa: E402
 
 HEAD = ["head.blocks.**"]
@@ -99,17 +98,11 @@ def main() -> None:
             f["head_ideal_ratio"] = round((base - f["head_linears_dense"] + f["head_linears_ideal"]) / base, 4)
     eager = torch_callable(model)
 
-    previous = run_parts(a, wl, ex, eager)
-    previous.update({
-        "what": "VLA action-token head (16 greedy tokens unrolled, batch 1), sparsify_activations (TEAL / WINA "
-                "masks on the head's linear inputs): closed-loop success, head FLOPs dense vs ideal, per-call "
-                "latency (ORT CPU)",
-        "calibration": f"{a.calibration} training-demonstration observations",
-        "pipelines": {**previous.get("pipelines", {}), **{n: ARMS[n] for n in a.arms}},
-        "flops": {**previous.get("flops", {}), **flops}, "decisions": {**previous.get("decisions", {}), **decisions}})
-    write_results(a.json, previous)
-    say(f"wrote {a.json}")
-
+    write_parts(a, run_parts(a, wl, ex, eager), {n: ARMS[n] for n in a.arms}, flops, decisions,
+                what="VLA action-token head (16 greedy tokens unrolled, batch 1), sparsify_activations (TEAL / "
+                     "WINA masks on the head's linear inputs): closed-loop success, head FLOPs dense vs ideal, "
+                     "per-call latency (ORT CPU)",
+                calibration=f"{a.calibration} training-demonstration observations")
 
 if __name__ == "__main__":
     sys.exit(main())
