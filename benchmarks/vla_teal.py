@@ -47,7 +47,7 @@ def teal(p: float, method: str = "teal") -> list:
 
 ARMS = {"plain": [], "teal25": teal(0.25), "teal40": teal(0.4), "teal50": teal(0.5), "wina40": teal(0.4, "wina"),
         "wina50": teal(0.5, "wina")}
-DEFAULT = ["plain", "teal25", "teal40", "teal50", "wina50"]
+DEFAULT = list(ARMS)
 
 
 def head_flops(program) -> int:

@@ -69,7 +69,7 @@ from pared.ir.regions import match
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
-from pared.passes.sparsity.token_merge import (TOK, _Atoms, _detect_protect, _find_blocks, _finish, _has_tok,
+from pared.passes.sparsity.token_merge import (BATCH, TOK, _Atoms, _detect_protect, _find_blocks, _finish, _has_tok,
                                                _NotPerToken, _packet, _residual_add, _revalue, _second_residual,
                                                _splice, _val_shape, _follow_tokens)
 
@@ -450,7 +450,7 @@ def _gather_fixed(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, index: fx.N
     out_dims = at.dims[node]
     lead = len(out_dims) - len(shape)
     tok_axes = [j for j in range(len(shape)) if shape[j] == n0 and j + lead >= 0 and TOK in out_dims[j + lead]]
-    bat_axes = [j for j in range(len(shape)) if j + lead >= 0 and any(a == "B" for a in out_dims[j + lead])]
+    bat_axes = [j for j in range(len(shape)) if j + lead >= 0 and BATCH in out_dims[j + lead]]
     if not tok_axes:
         raise PassError(f"pass '{_NAME}': graph '{name}': {node.format_node()} combines {fixed.name} (shape "
                         f"{list(shape)}) with the token axis in a way pruning cannot follow")

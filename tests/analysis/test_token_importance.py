@@ -48,7 +48,11 @@ def test_matches_the_eager_probabilities_and_values():
             near.append(s.amax(-1).reshape(-1, 22).mean(0))
         torch.testing.assert_close(torch.tensor(site.nearest_similarity, dtype=torch.float64), torch.stack(near).mean(0), atol=1e-6, rtol=0)
         assert site.tokens == 22 and site.calls == 3
-        assert all(0 < v <= 1 for _, v in site.stability)
+        # stability: each call's top-6 (keep_fraction 0.25 of 22) against the whole run's top-6
+        for name, rows in (("received", p.mean(1)), ("text", p[:, 0:4].sum(1))):
+            top = set(rows.sum(0).topk(6).indices.tolist())
+            want = sum(len(top & set(r.topk(6).indices.tolist())) for r in rows) / (6 * len(rows))
+            assert abs(dict(site.stability)[name] - want) < 1e-6, (site.layer, name)
 
 
 class _SDPA(torch.nn.Module):
