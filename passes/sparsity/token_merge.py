@@ -1063,6 +1063,9 @@ def _dense(gm: fx.GraphModule, blocks: list[_Block], x0: fx.Node, n0: int, b0: i
     for i, v in enumerate(out_node.args[0]):
         if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
             return f"output {output_names[i]!r} carries the token axis"
+    for node, idx in at.reads.items():
+        if idx < 0:             # merged tokens keep no place from the end; ToMe-SD keeps every token
+            return f"after the blocks, {node.format_node()} reads token {idx} from the end"
     return None
 
 

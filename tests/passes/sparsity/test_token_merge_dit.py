@@ -296,3 +296,23 @@ def test_dit_mnist_cache_plus_tome_sd_fidelity_on_the_calibration_request():
             out, _ = PassManager([get_pass("token_merge")(r=r)]).run(cached, PassContext())
             assert [g.graph for g in out.records["TokenMergeDecisions"].graphs] == ["main.full0", "main.full"]
             assert psnr_db(wl.to_pixels(ref), wl.to_pixels(run(out))) >= bound, r
+
+
+def test_a_read_from_the_end_picks_tomesd():
+    """A model that reads its last token after the blocks (a readout, x[:, -1]) cannot let ToMe
+    move tokens, so token_merge picks ToMe-SD, which keeps every token in place."""
+    from pared.testing import TinyViT
+
+    class ReadLast(TinyViT):
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2)
+            t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+            for blk in self.blocks:
+                t = blk(t)
+            return self.head(self.norm(t)[:, -1])
+    torch.manual_seed(0)
+    m = ReadLast(image=8, patch=1).eval()           # 64 patches + [CLS]
+    x = torch.randn(2, 1, 8, 8)
+    res = get_pass("token_merge")(r=4, protect=0, grid=(1, 65), stride=(1, 2))(capture(m, (x,)), PassContext())
+    (g,) = res.program.records["TokenMergeDecisions"].graphs
+    assert isinstance(g, GraphUnmerge) and g.tokens_out == g.tokens_in == 65
