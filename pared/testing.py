@@ -1077,10 +1077,12 @@ class ToMeState:
 
 
 class _TinyViTBlock(TinyBlock):
-    def forward(self, x: torch.Tensor, tome: "ToMeState | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tome: "ToMeState | None" = None, scores: Any = None) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         s = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+        if scores is not None:
+            s = scores(s)
         bias = tome.bias() if tome is not None else None
         a = torch.softmax(s if bias is None else s + bias, dim=-1) @ v
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
@@ -1091,7 +1093,9 @@ class _TinyViTBlock(TinyBlock):
 
 class TinyViT(nn.Module):
     """A ViT classifier: 2x2 patches of an 8x8 image (16 tokens) and a [CLS] token, pre-norm blocks
-    with a fused qkv, the head on [CLS]. `forward(x, tome=ToMeState(...))` runs ToMe's merging eagerly."""
+    with a fused qkv, the head on [CLS]. `forward(x, tome=ToMeState(...))` runs ToMe's merging eagerly;
+    `forward(x, scores={block: fn})` applies fn to that block's scores [B, H, N, N] before the softmax
+    (sparse_attention_bias's masks)."""
 
     def __init__(self, image: int = 8, patch: int = 2, dim: int = 32, heads: int = 4, layers: int = 3,
                  classes: int = 4):
@@ -1103,14 +1107,46 @@ class TinyViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
 
-    def forward(self, x: torch.Tensor, tome: "ToMeState | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tome: "ToMeState | None" = None, scores: Any = None) -> torch.Tensor:
         if tome is not None:
             tome.reset()
         t = self.patch(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
-        for blk in self.blocks:
-            t = blk(t, tome)
+        for i, blk in enumerate(self.blocks):
+            t = blk(t, tome, (scores or {}).get(i))
         return self.head(self.norm(t)[:, 0])
+
+
+def sparse_attention_bias(heads: int, n: int, local: "Sequence[int]", *, grid: "tuple[int, int] | None" = None,
+                          window: "tuple[int, int] | None" = None, tokens: "tuple[int, int] | None" = None,
+                          k: "int | None" = None) -> Any:
+    """The eager meaning of sparse_attention on one site, as a function of its scores [B, H, n, n]:
+    for each local head an additive -inf mask, built here with Python loops over the grid: a grid
+    query sees the keys in its own window (row // window rows, col // window cols) and every token
+    outside the grid; a token outside the grid sees every key. With k (mode topk): the keys below
+    each row's k-th largest score are masked instead."""
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    if k is None:
+        start, end = tokens
+        cols = grid[1]
+
+        def cell(i: int) -> tuple[int, int]:
+            r, c = divmod(i - start, cols)
+            return r // window[0], c // window[1]
+        for i in range(start, end):
+            for j in range(start, end):
+                allowed[i, j] = cell(i) == cell(j)
+
+    def apply(s: torch.Tensor) -> torch.Tensor:
+        s = s.clone()
+        for h in local:
+            if k is None:
+                s[:, h] = s[:, h].masked_fill(~allowed, float("-inf"))
+            else:
+                kth = torch.sort(s[:, h], dim=-1, descending=True).values[..., k - 1:k]
+                s[:, h] = s[:, h].masked_fill(s[:, h] < kth, float("-inf"))
+        return s
+    return apply
 
 
 def tiny_vit(seed: int = 0, batch: int = 3) -> tuple[nn.Module, tuple[torch.Tensor]]:

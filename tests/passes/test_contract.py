@@ -367,6 +367,18 @@ def prune_meaning(fx_: Fixture, res: PassResult):
         return fx_.model(*x, prune=testing.PruneTokensRef(1, 4, 20, 6, "relevance", ((0, 4),), 3)), res.program(*x)
 
 
+def sparse_attention_meaning(fx_: Fixture, res: PassResult):
+    """TinyViT with each recorded local head masked to its 2 x 2 window (+ [CLS]) eagerly (an
+    additive -inf mask built with Python loops), on held-out images."""
+    rec = res.program.records["AttentionSparsityDecisions"]
+    scores = {int(s.layer.split(".")[1]): testing.sparse_attention_bias(s.heads, 17, s.local, grid=rec.grid,
+                                                                        window=rec.window, tokens=rec.tokens)
+              for s in rec.sites}
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return fx_.model(x, scores=scores), res.program(x)
+
+
 def teal_meaning(fx_: Fixture, res: PassResult):
     """The eager transformer with each recorded layer's input zeroed where |x| <= its threshold
     (forward pre-hooks), on held-out tokens."""
@@ -525,6 +537,13 @@ CASES: dict[str, Case] = {
              ({"kepe": 2}, "unknown option 'kepe'; did you mean 'keep'"),
              ({"keep": 2, "tokens": [4, 22]}, "reads token -1 after the blocks")),
         meaning=prune_meaning, rel_l2=1e-5),
+    # named heads (the entropy-driven choice is per graph by meaning; tests/passes/sparsity covers it)
+    "sparse_attention": Case(
+        vit, {"heads": {"blocks.0": [1, 2], "blocks.2": [0]}}, images_ctx, noop={"max_normalized": 0.0},
+        bad=(({"mode": "sliding"}, "pass 'sparse_attention': option 'mode' must be one of"),
+             ({"widow": [2, 2]}, "unknown option 'widow'; did you mean 'window'"),
+             ({"window": [3, 2]}, "option 'window' \\[3, 2\\] does not divide the grid")),
+        meaning=sparse_attention_meaning, rel_l2=1e-5),
     # -- decoding: exact acceptance is lossless (greedy decoding's tokens, bit for bit) ------------
     "speculative_decode": Case(
         decoder, {"drafter": "retrieval"}, decoder_ctx, noop={"drafter": "none"}, noop_fixture=one_token_decoder,
