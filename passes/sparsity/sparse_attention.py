@@ -64,7 +64,7 @@ from pared.ir.regions import match, region_of
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
-from pared.passes.sparsity.token_merge import _constant_value
+from pared.passes.sparsity.tokens import constant_value
 
 _NAME = "sparse_attention"
 MODES = ("window", "topk")
@@ -423,7 +423,7 @@ def _attention(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str) -> _Att:
                         f"(q {list(_shape(q))}, kᵀ {list(_shape(kt))}, v {list(_shape(v))})")
     bias = None
     for b in biases:
-        val = _constant_value(gm, b)
+        val = constant_value(gm, b)
         if val is not None and bool((val == 0).all()):
             continue                                    # a mask that masks nothing
         if bias is not None:

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 
 from pared.analysis.activation_sparsity import ActivationSparsityProfile, column_norms
 from pared.analysis.cost import node_flops

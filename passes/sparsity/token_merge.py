@@ -27,8 +27,8 @@ module holding exactly one attention softmax; its scores come from the bmm whose
 the token axis twice, and the keys are that bmm's second operand ([batch*heads, d, N]); the
 merge goes after the block's first residual add after the softmax (the block's input plus a
 value computed from the attention). The token axis is followed from the first block's input
-through the rest of the graph: which dims of each value carry it (`_Atoms`), so that each later
-view / reshape / expand is re-sized for the merged count. Ops not known to act per token on the
+through the rest of the graph (passes/sparsity/tokens.py): which dims of each value carry it
+(`Atoms`), so that each later view / reshape / expand is re-sized for the merged count. Ops not known to act per token on the
 token axis (a convolution over tokens, a slice of merged tokens, a graph output that carries
 the token axis with unmerge: false) are refused, naming the
 node. A mask added to the attention scores over the old token count is dropped where it is a
@@ -71,7 +71,6 @@ alone (a second run finds nothing more).
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -81,16 +80,18 @@ import torch.fx as fx
 from pared.analysis.cost import graph_flops, node_flops, profile_graph
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
-from pared.ir.program import Graph, Program, get_attr
-from pared.ir.regions import match, node_module_path
-from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.program import Graph, Program
+from pared.ir.regions import match
+from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import (PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range,
                                 register_pass)
+from pared.passes.sparsity.tokens import (BATCH, ROWWISE, TOK, Atoms, Block, NotPerToken, ancestors, constant_value,
+                                          descendants, detect_protect, find_blocks, finish, follow_tokens, has_tok,
+                                          in_region, namespace, packet, reaches, residual_add, revalue,
+                                          second_residual, splice_in, val_shape)
 
 _aten = torch.ops.aten
 _NAME = "token_merge"
-#: the symbolic atoms of a dim: the token count (changes at each merge) and the batch
-TOK, BATCH = "N", "B"
 #: the branches of a block ToMe-SD merges around
 BRANCHES = ("attn", "mlp")
 
@@ -262,437 +263,8 @@ class MergeTokens(RewritePass):
         return PassResult(new, modified=True, stats=stats)
 
 
-# -- the token axis through the graph ----------------------------------------------------------
-class _NotPerToken(Exception):
-    """An op reads the token axis in a way token merging would change the meaning (or shape) of."""
-
-    def __init__(self, node: fx.Node, why: str):
-        super().__init__(f"{why} ({node.format_node()})")
-        self.node = node
-
-
-class _Multi(tuple):
-    """The dims of each output of a multi-output op (native_layer_norm, max.dim, split, ...)."""
-
-
-def _shape(v: Any) -> tuple[int, ...] | None:
-    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _val_shape(n: Any) -> tuple[int, ...] | None:
-    return _shape(n.meta.get("val")) if isinstance(n, fx.Node) else None
-
-
-def _ints(size: int) -> tuple:
-    return () if size == 1 else (int(size),)
-
-
-def _packet(node: fx.Node) -> str:
-    t = node.target
-    if t is operator.getitem:
-        return "getitem"
-    name = getattr(getattr(t, "overloadpacket", None), "__name__", None) or getattr(t, "__name__", str(t))
-    return name.split(".")[-1]
-
-
-def _namespace(node: fx.Node) -> str:
-    return getattr(node.target, "namespace", "aten")
-
-
-#: ops that act per element (with numpy broadcasting): per token wherever the token axis sits;
-#: softmax over the key axis is attention's own normalization
-_ELEMENTWISE = {
-    "add", "sub", "rsub", "mul", "div", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "pow", "reciprocal", "square",
-    "gelu", "relu", "silu", "tanh", "sigmoid", "erf", "sin", "cos", "hardtanh", "hardswish", "hardsigmoid",
-    "leaky_relu", "elu", "mish", "softplus", "clamp", "clamp_min", "clamp_max", "maximum", "minimum", "round",
-    "clone", "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "lift_fresh_copy", "dropout",
-    "where", "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
-    "bitwise_not", "full_like", "zeros_like", "ones_like", "empty_like", "fill",
-    "_softmax", "softmax", "_safe_softmax", "_log_softmax", "log_softmax",
-    # quantize_linears' per-tensor / per-channel quantizers (per element, scales fixed)
-    "quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel",
-}
-_VIEWS = {"view", "reshape", "_unsafe_view"}
-#: reductions: (position of dim, position of keepdim) in args
-_REDUCE = {"sum": (1, 2), "mean": (1, 2), "amax": (1, 2), "amin": (1, 2), "any": (1, 2), "all": (1, 2),
-           "max": (1, 2), "min": (1, 2), "argmax": (1, 2), "argmin": (1, 2), "var": (1, None),
-           "linalg_vector_norm": (2, 3), "logsumexp": (1, 2)}
-#: pared's row-wise layers ([..., K] -> [..., N], per row): quantize_linears' dynamic mode
-_ROWWISE = {("pared_quant", "dynamic_linear")}
-_SOFTMAX = {_aten._softmax.default, _aten._safe_softmax.default, _aten.softmax.int}
-
-
-@dataclass
-class _Atoms:
-    """Which dims of each value carry the token axis (propagated from the first block's input).
-
-    dims[node]: per dim a tuple of atoms whose product is the dim's size: TOK (the token count),
-    BATCH, or an int; () for a size-1 dim. Only values that carry TOK are listed.
-    conflicts[node]: an elementwise op that combines a token-axis value with a fixed tensor
-    spanning that axis (an attention mask over the old token count).
-    reads[node]: the highest token index a select / leading slice reads (it must stay in place).
-    """
-    n0: int
-    b0: int
-    dims: dict
-    conflicts: dict
-    reads: dict
-
-    def size(self, dim: tuple, n: int) -> int:
-        return math.prod(n if a == TOK else self.b0 if a == BATCH else a for a in dim)
-
-    def sizes(self, node: fx.Node, n: int) -> list[int]:
-        return [self.size(d, n) for d in self.dims[node]]
-
-
-def _follow_tokens(gm: fx.GraphModule, seed: fx.Node, n0: int, b0: int, at: _Atoms | None = None,
-                   within: set | None = None) -> _Atoms:
-    """Propagate the token axis of `seed` ([batch, tokens, channels]) through the graph (only
-    through the nodes `within`, when given; into `at`, when given).
-
-    Raises:
-        _NotPerToken: an op that reads the token axis other than per token.
-    """
-    x_shape = _val_shape(seed)
-    if at is None:
-        at = _Atoms(n0, b0, {}, {}, {})
-    at.dims[seed] = ((BATCH,), (TOK,), _ints(x_shape[2]))
-    started = False
-    for node in gm.graph.nodes:
-        if node is seed:
-            started = True
-            continue
-        if not started or node.op != "call_function" or within is not None and node not in within:
-            continue
-        if not any(a in at.dims for a in node.all_input_nodes):
-            continue
-        out = _rule(node, at)
-        if out is not None and (isinstance(out, _Multi) or any(TOK in d for d in out)):
-            at.dims[node] = out
-    return at
-
-
-def _has_tok(dims: Any) -> bool:
-    return dims is not None and not isinstance(dims, _Multi) and any(TOK in d for d in dims)
-
-
-def _dims_of(a: Any, at: _Atoms) -> tuple | None:
-    """The dims of a tensor argument: its atoms, or plain ints for a value without the token axis."""
-    if a in at.dims:
-        d = at.dims[a]
-        return None if isinstance(d, _Multi) else d
-    s = _val_shape(a)
-    return None if s is None else tuple(_ints(x) for x in s)
-
-
-def _rule(node: fx.Node, at: _Atoms) -> Any:
-    """The dims of `node`'s value(s), given its inputs' (see _follow_tokens)."""
-    name, ns = _packet(node), _namespace(node)
-    out_shape = _val_shape(node)
-    args = node.args
-    x = args[0] if args else None
-    xd = at.dims.get(x) if isinstance(x, fx.Node) else None
-    if name == "getitem":
-        multi = at.dims.get(x)
-        return multi[args[1]] if isinstance(multi, _Multi) else None
-    if ns == "aten" and name in _ELEMENTWISE or ns == "quantized_decomposed" and name in _ELEMENTWISE:
-        return _broadcast(node, out_shape, at)
-    if (ns, name) in _ROWWISE:
-        _no_tok(node, xd[-1:], "a row-wise layer over the token axis")
-        return xd[:-1] + (_ints(out_shape[-1]),)
-    if name in _VIEWS:
-        got = _view(list(xd), out_shape, at)
-        if got is None:
-            raise _NotPerToken(node, "a reshape that splits or reorders the token axis")
-        return got
-    if name == "permute":
-        perm = [p % len(xd) for p in args[1]]
-        return tuple(xd[p] for p in perm)
-    if name == "transpose":
-        d0, d1 = args[1] % len(xd), args[2] % len(xd)
-        dims = list(xd)
-        dims[d0], dims[d1] = dims[d1], dims[d0]
-        return tuple(dims)
-    if name == "t":
-        return tuple(reversed(xd))
-    if name == "unsqueeze":
-        d = args[1] % (len(xd) + 1)
-        return xd[:d] + ((),) + xd[d:]
-    if name == "squeeze":
-        in_shape = _val_shape(x)
-        ds = range(len(xd)) if len(args) < 2 else ([args[1]] if isinstance(args[1], int) else args[1])
-        drop = {d % len(xd) for d in ds if in_shape[d % len(xd)] == 1}
-        return tuple(d for i, d in enumerate(xd) if i not in drop)
-    if name == "expand":
-        in_shape = _val_shape(x)
-        lead = len(out_shape) - len(in_shape)
-        return tuple(xd[j - lead] if j >= lead and in_shape[j - lead] == s else _ints(s)
-                     for j, s in enumerate(out_shape))
-    if name in ("mm", "addmm", "bmm", "baddbmm"):
-        return _matmul(node, name, at)
-    if name == "native_layer_norm":
-        k = len(args[1])
-        _no_tok(node, xd[-k:], "a normalization over the token axis")
-        stat = xd[:-k] + ((),) * k
-        return _Multi((xd, stat, stat))
-    if name in _REDUCE:
-        return _reduce(node, name, xd, at)
-    if name == "select":
-        d = args[1] % len(xd)
-        if TOK in xd[d]:
-            if xd[d] != (TOK,):
-                raise _NotPerToken(node, f"selects token {args[2]} of a reshaped token axis")
-            at.reads[node] = args[2]         # negative: from the end (checked by the pass)
-        return xd[:d] + xd[d + 1:]
-    if name == "slice":
-        d = (args[1] if len(args) > 1 else 0) % len(xd)
-        if TOK not in xd[d]:
-            return xd[:d] + (_ints(out_shape[d]),) + xd[d + 1:]
-        start = args[2] if len(args) > 2 and args[2] is not None else 0
-        end = args[3] if len(args) > 3 and args[3] is not None else at.n0
-        step = args[4] if len(args) > 4 else 1
-        if xd[d] != (TOK,) or step != 1 or start < 0 or end < 0:
-            raise _NotPerToken(node, "a strided or negative slice of the token axis")
-        if start == 0 and end >= at.n0:
-            return xd
-        if start != 0:
-            raise _NotPerToken(node, f"a slice that drops the first {start} token(s) (slices of merged tokens "
-                               "are not supported yet)")
-        at.reads[node] = end - 1
-        return xd[:d] + (_ints(out_shape[d]),) + xd[d + 1:]
-    if name == "unbind":
-        d = (args[1] if len(args) > 1 else 0) % len(xd)
-        _no_tok(node, [xd[d]], "unbinds the token axis")
-        rest = xd[:d] + xd[d + 1:]
-        return _Multi(rest for _ in node.meta["val"])
-    if name in ("split", "split_with_sizes"):
-        d = (args[2] if len(args) > 2 else 0) % len(xd)
-        _no_tok(node, [xd[d]], "splits the token axis")
-        return _Multi(xd[:d] + (_ints(_shape(v)[d]),) + xd[d + 1:] for v in node.meta["val"])
-    if name == "cat":
-        parts = args[0]
-        d = (args[1] if len(args) > 1 else 0) % len(out_shape)
-        dims = [at.dims.get(p) for p in parts]
-        if any(p is None or isinstance(p, _Multi) for p in dims):
-            raise _NotPerToken(node, "concatenates token-axis values with other values")
-        _no_tok(node, [p[d] for p in dims], "concatenates along the token axis")
-        first = dims[0]
-        if any(p[:d] + p[d + 1:] != first[:d] + first[d + 1:] for p in dims):
-            raise _NotPerToken(node, "concatenates values whose token axes differ")
-        return first[:d] + (_ints(out_shape[d]),) + first[d + 1:]
-    raise _NotPerToken(node, f"{ns}.{name} on the token axis is not known to act per token")
-
-
-def _no_tok(node: fx.Node, dims: Sequence[tuple], what: str) -> None:
-    if any(TOK in d for d in dims):
-        raise _NotPerToken(node, what)
-
-
-def _broadcast(node: fx.Node, out_shape: tuple[int, ...], at: _Atoms) -> tuple:
-    tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)
-               and isinstance(a.meta.get("val"), torch.Tensor)]
-    out = []
-    for i in range(1, len(out_shape) + 1):
-        size = out_shape[-i]
-        carried, fixed = [], []
-        for t in tensors:
-            s = _val_shape(t)
-            if len(s) < i or s[-i] != size:
-                continue
-            d = at.dims.get(t)
-            if d is not None and not isinstance(d, _Multi):
-                if size > 1 or d[-i]:          # a size-1 dim only counts where it is the batch (of 1)
-                    carried.append(d[-i])
-            elif size > 1:
-                fixed.append(t)
-        if carried:
-            if any(c != carried[0] for c in carried):
-                raise _NotPerToken(node, "combines values whose token axes differ")
-            if fixed and TOK in carried[0]:
-                at.conflicts.setdefault(node, fixed[0])
-            out.append(carried[0])
-        else:
-            out.append(_ints(size))
-    return tuple(reversed(out))
-
-
-def _view(atoms_by_dim: list, out_shape: tuple[int, ...], at: _Atoms) -> tuple | None:
-    """The dims of a row-major reshape: the atoms regrouped in order; ints may split, the token
-    count and the batch may not (None)."""
-    atoms = [a for d in atoms_by_dim for a in d]
-    val = lambda a: at.n0 if a == TOK else at.b0 if a == BATCH else a  # noqa: E731
-    out, i = [], 0
-    for size in out_shape:
-        group, prod = [], 1
-        if size == 1 and i < len(atoms) and val(atoms[i]) == 1:     # a batch of 1 keeps its name
-            group.append(atoms[i])
-            i += 1
-        while prod < size:
-            if i >= len(atoms):
-                return None
-            a = atoms[i]
-            if size % (prod * val(a)) == 0:
-                group.append(a)
-                prod *= val(a)
-                i += 1
-            elif isinstance(a, int) and size % prod == 0 and a % (size // prod) == 0:
-                need = size // prod
-                group.append(need)
-                atoms[i] = a // need
-                prod = size
-            else:
-                return None
-        if prod != size:
-            return None
-        out.append(tuple(group))
-    return tuple(out) if i == len(atoms) else None
-
-
-def _matmul(node: fx.Node, name: str, at: _Atoms) -> tuple:
-    args = node.args[1:3] if name in ("addmm", "baddbmm") else node.args[:2]
-    if name in ("addmm", "baddbmm") and _has_tok(at.dims.get(node.args[0])):
-        raise _NotPerToken(node, "a matmul whose bias carries the token axis")
-    a, b = (_dims_of(x, at) for x in args)
-    if (TOK in a[-1]) != (TOK in b[-2]):
-        raise _NotPerToken(node, "a matmul that contracts the token axis with another")
-    if len(a) == 2:
-        return (a[0], b[1])
-    batch = a[0] if TOK in a[0] or BATCH in a[0] or not (TOK in b[0] or BATCH in b[0]) else b[0]
-    return (batch, a[1], b[2])
-
-
-def _reduce(node: fx.Node, name: str, xd: tuple, at: _Atoms) -> Any:
-    dpos, kpos = _REDUCE[name]
-    args = node.args
-    dims = args[dpos] if len(args) > dpos else node.kwargs.get("dim")
-    keep = (args[kpos] if kpos is not None and len(args) > kpos else node.kwargs.get("keepdim", False))
-    if dims is None:
-        dims = range(len(xd))
-    elif isinstance(dims, int):
-        dims = [dims]
-    red = {d % len(xd) for d in dims}
-    out = tuple(() if i in red else d for i, d in enumerate(xd)) if keep else \
-        tuple(d for i, d in enumerate(xd) if i not in red)
-    return _Multi((out, out)) if name in ("max", "min") and isinstance(node.meta.get("val"), (tuple, list)) else out
-
-
-# -- finding the blocks -----------------------------------------------------------------------
-@dataclass
-class _Block:
-    path: str
-    softmax: fx.Node
-    residual: fx.Node | None = None   # the residual add the merge follows
-    keys: fx.Node | None = None       # the scores bmm's second operand, [batch*heads, d, tokens]
-    heads: int = 1
-
-
-def _find_blocks(gm: fx.GraphModule, name: str, strict: bool = True) -> list[_Block]:
-    """The blocks: per attention softmax, the outermost module holding it and no other. With
-    strict=False a softmax without one (a block called several times in an unrolled loop) is
-    not a block; with strict=True it is refused."""
-    softmaxes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SOFTMAX]
-    counts: dict[str, int] = {}
-    stacks = {}
-    for s in softmaxes:
-        stacks[s] = [p for p, _ in node_module_path(s)]
-        for p in stacks[s]:
-            counts[p] = counts.get(p, 0) + 1
-    blocks = []
-    for s in softmaxes:
-        outer = next((p for p in stacks[s] if counts[p] == 1), None)
-        if outer is None and not strict:
-            continue
-        if outer is None:
-            raise PassError(f"pass 'token_merge': graph '{name}': the softmax {s.format_node()} is not inside a "
-                            "module of its own (a transformer block); capture a model whose blocks are modules")
-        blocks.append(_Block(outer, s))
-    return blocks
-
-
-def _in_region(node: fx.Node, path: str) -> bool:
-    return any(p == path for p, _ in node_module_path(node))
-
-
-def _descendants(node: fx.Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
-def _residual_add(gm: fx.GraphModule, blk: _Block, x_shape: tuple | None = None) -> tuple[fx.Node, fx.Node] | None:
-    """(the block's first residual add after its softmax, its input operand), or None."""
-    desc = _descendants(blk.softmax)
-    after = False
-    for n in gm.graph.nodes:
-        if n is blk.softmax:
-            after = True
-            continue
-        if not after or n.op != "call_function" or n.target is not _aten.add.Tensor or not _in_region(n, blk.path):
-            continue
-        a, b = n.args[:2]
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-            continue
-        shape = _val_shape(n)
-        if shape is None or len(shape) != 3 or (x_shape is not None and shape != x_shape):
-            continue
-        if (a in desc) != (b in desc) and _val_shape(a) == shape and _val_shape(b) == shape:
-            return n, (b if a in desc else a)
-    return None
-
-
-def _has_placeholder_ancestor(node: fx.Node, memo: dict) -> bool:
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n in memo:
-            if memo[n]:
-                memo[node] = True
-                return True
-            continue
-        if n.op == "placeholder":
-            memo[node] = True
-            return True
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    memo[node] = False
-    return False
-
-
-def _detect_protect(x0: fx.Node) -> tuple[int, str]:
-    """Leading tokens concatenated from parameters ([CLS], distillation tokens) in front of the
-    first block's input, found back through same-shape ops (position embedding, dropout)."""
-    shape = _val_shape(x0)
-    memo: dict = {}
-    n = x0
-    for _ in range(64):
-        if n.op != "call_function":
-            break
-        if n.target is _aten.cat.default and ((n.args[1] if len(n.args) > 1 else 0) % 3) == 1:
-            k, names = 0, []
-            for part in n.args[0]:
-                if _has_placeholder_ancestor(part, memo):
-                    break
-                k += _val_shape(part)[1]
-                names.append(part.name)
-            how = f"detected: {k} leading token(s) from parameters ({', '.join(names)})" if k else \
-                "detected: no leading parameter tokens"
-            return k, how
-        same = [a for a in n.all_input_nodes if _val_shape(a) == shape and _has_placeholder_ancestor(a, memo)]
-        if len(same) != 1:
-            break
-        n = same[0]
-    return 0, "detected: no leading parameter tokens"
-
-
 # -- the schedule -----------------------------------------------------------------------------
-def _selected(blocks: list[_Block], layers: tuple) -> list[bool]:
+def _selected(blocks: list[Block], layers: tuple) -> list[bool]:
     if not layers:
         return [True] * len(blocks)
     chosen = [False] * len(blocks)
@@ -742,20 +314,20 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     """Decide and rewrite one graph; None when nothing merges in it."""
     if any(n.op == "call_function" and "val" not in n.meta for n in g.module.graph.nodes):
         gm = g.copy_module()          # a pass before left nodes without values (taylor_cache's forecast)
-        _revalue(gm, g.example_inputs, name)
+        revalue(gm, g.example_inputs, name, _NAME)
         g = g.with_module(gm)
-    blocks = _find_blocks(g.module, name)
+    blocks = find_blocks(g.module, name, _NAME)
     if not blocks:
         ctx.log.debug("token_merge: graph '%s' has no attention softmax", name)
         return None
-    first = _residual_add(g.module, blocks[0])
+    first = residual_add(g.module, blocks[0])
     if first is None:
         raise PassError(f"pass 'token_merge': graph '{name}': block {blocks[0].path} has no residual add after its "
                         f"attention ({blocks[0].softmax.format_node()}); token_merge expects transformer blocks "
                         "x + attn(...)")
     x0 = first[1]
-    x_shape = _val_shape(x0)
-    n0 = _val_shape(blocks[0].softmax)[-1]
+    x_shape = val_shape(x0)
+    n0 = val_shape(blocks[0].softmax)[-1]
     if any(g.dynamic_dims):
         raise PassError(f"pass 'token_merge': graph '{name}' has dynamic dims {list(g.dynamic_dims)}; token merging "
                         "fixes the token count per block, so capture with static shapes")
@@ -771,7 +343,7 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     if o.protect is not None:
         protect, how = o.protect, "option"
     else:
-        protect, how = _detect_protect(x0)
+        protect, how = detect_protect(x0)
     chosen = _selected(blocks, o.layers)
     sched = _schedule(o, chosen, n0, protect)
     if not any(r for _, r, _, _ in sched):
@@ -781,18 +353,18 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
 
     gm = g.copy_module()
     eliminate_dead_code(gm)
-    blocks = _find_blocks(gm, name)
+    blocks = find_blocks(gm, name, _NAME)
     by_name = {n.name: n for n in gm.graph.nodes}
     x0 = by_name[x0.name]
     try:
-        at = _follow_tokens(gm, x0, n0, x_shape[0])
-    except _NotPerToken as e:
+        at = follow_tokens(gm, x0, n0, x_shape[0])
+    except NotPerToken as e:
         raise PassError(f"pass 'token_merge': graph '{name}': {e}; token merging would change what it computes") \
             from None
     _check_reads(at, protect, name)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     for i, v in enumerate(out_node.args[0]):
-        if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
+        if isinstance(v, fx.Node) and has_tok(at.dims.get(v)):
             raise PassError(f"pass 'token_merge': graph '{name}': output {g.output_names[i]!r} ({v.format_node()}) "
                             f"carries the token axis; merging would change its shape. Dense outputs need ToMe-SD's "
                             "unmerge after each block's branches: leave option 'unmerge' unset (or true)")
@@ -807,7 +379,8 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
         if p_attn:
             s_in = blk.softmax.args[0]
             ex = [torch.zeros(at.sizes(s_in, n_in)), torch.zeros(x_shape[0], n_in, 1)]
-            new_nodes, (biased,) = _splice(gm, _bias_fn(at.dims[s_in], x_shape[0]), [s_in, size_node], ex, blk.path)
+            new_nodes, (biased,) = splice_in(gm, _bias_fn(at.dims[s_in], x_shape[0]), [s_in, size_node], ex,
+                                             blk.path, _NAME)
             s_in.replace_all_uses_with(biased, delete_user_cb=lambda u: u not in new_nodes)
             at.dims[biased] = at.dims[s_in]
             result_count[biased] = n_in
@@ -816,11 +389,11 @@ def _merge_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
             ex = [torch.zeros(x_shape[0], n_in, x_shape[2]), torch.zeros(at.sizes(blk.keys, n_in))]
             ex += [torch.zeros(x_shape[0], n_in, 1)] if size_node is not None else []
             fn = _merge_fn(x_shape[0], blk.heads, r, protect)
-            new_nodes, (merged, size_node) = _splice(gm, fn, args, ex, blk.path)
+            new_nodes, (merged, size_node) = splice_in(gm, fn, args, ex, blk.path, _NAME)
             blk.residual.replace_all_uses_with(merged, delete_user_cb=lambda u: u not in new_nodes)
             at.dims[merged] = at.dims[blk.residual]
             result_count[merged] = n_out
-    new_graph = _finish(gm, g, at, result_count, name)
+    new_graph = finish(gm, g, at, result_count, name, _NAME, _drop_zero_mask)
     after = profile_graph(gm, name)
     merge_flops: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -845,7 +418,7 @@ def _region_flops(profile: Any, path: str) -> int:
         return 0
 
 
-def _check_reads(at: _Atoms, protect: int, name: str) -> None:
+def _check_reads(at: Atoms, protect: int, name: str) -> None:
     for node, idx in at.reads.items():
         if idx < 0:
             raise OptionError(f"pass 'token_merge': graph '{name}' reads token {idx} (from the end) after the "
@@ -857,10 +430,10 @@ def _check_reads(at: _Atoms, protect: int, name: str) -> None:
                               f"and keep their place; set protect: {idx + 1}")
 
 
-def _locate(gm: fx.GraphModule, blk: _Block, at: _Atoms, x_shape: tuple, name: str) -> None:
+def _locate(gm: fx.GraphModule, blk: Block, at: Atoms, x_shape: tuple, name: str) -> None:
     """Fill in a block's residual add, keys and heads (PassError when the block is not a ViT block)."""
     where = f"pass 'token_merge': graph '{name}': block {blk.path}"
-    found = _residual_add(gm, blk, x_shape)
+    found = residual_add(gm, blk, x_shape)
     if found is None or found[0] not in at.dims:
         raise PassError(f"{where}: no residual add [batch, tokens, channels] after its attention "
                         f"({blk.softmax.format_node()})")
@@ -868,7 +441,7 @@ def _locate(gm: fx.GraphModule, blk: _Block, at: _Atoms, x_shape: tuple, name: s
     if at.dims[blk.residual] != at.dims[found[1]] or at.dims[blk.residual][:2] != ((BATCH,), (TOK,)):
         raise PassError(f"{where}: the residual stream {blk.residual.format_node()} is not [batch, tokens, channels]")
     scores = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _aten.bmm.default
-              and _in_region(n, blk.path) and n in at.dims and at.dims[n][-1] == (TOK,) and at.dims[n][-2] == (TOK,)]
+              and in_region(n, blk.path) and n in at.dims and at.dims[n][-1] == (TOK,) and at.dims[n][-2] == (TOK,)]
     if len(scores) != 1:
         raise PassError(f"{where}: expected one bmm of queries and keys (output [batch*heads, tokens, tokens]), "
                         f"found {len(scores)}")
@@ -885,15 +458,6 @@ def _locate(gm: fx.GraphModule, blk: _Block, at: _Atoms, x_shape: tuple, name: s
             sum(1 for d in sd if BATCH in d) != 1 or any(d and d[0] != BATCH and BATCH in d for d in sd):
         raise PassError(f"{where}: the softmax {blk.softmax.format_node()} does not normalize attention scores "
                         f"[batch(*heads), ..., keys] over the keys (dims {sd})")
-
-
-def _splice(gm: fx.GraphModule, fn: Any, args: list, examples: list, region: str, by: str = _NAME) -> tuple[set, list]:
-    before = set(gm.graph.nodes)
-    results = splice(gm, fn, args, examples, by)
-    new_nodes = set(gm.graph.nodes) - before
-    for n in new_nodes:
-        n.meta[meta.REGION] = region
-    return new_nodes, results
 
 
 def _merge_fn(batch: int, heads: int, r: int, protect: int) -> Any:
@@ -946,97 +510,15 @@ def _bias_fn(dims: tuple, batch: int) -> Any:
     return add_log_size
 
 
-def _resize(gm: fx.GraphModule, at: _Atoms, result_count: dict, name: str, who: str = _NAME,
-            conflict: Any = None) -> None:
-    """Re-size every view / reshape / expand downstream of a merge for its block's token count,
-    and drop constant-zero masks over the old count (or hand them to `conflict(gm, node, fixed)`,
-    token_prune's gather)."""
-    count: dict[fx.Node, int] = {}
-    for node in list(gm.graph.nodes):
-        if node in result_count:
-            count[node] = result_count[node]
-            continue
-        if node.meta.get(meta.CREATED_BY) == who or node not in at.dims:
-            continue
-        cs = {count[a] for a in node.all_input_nodes if a in count}
-        if len(cs) > 1:
-            raise PassError(f"pass '{who}': graph '{name}': {node.format_node()} combines values of "
-                            f"{sorted(cs)} tokens")
-        c = cs.pop() if cs else at.n0
-        count[node] = c
-        if c == at.n0:
-            continue
-        if node in at.conflicts:
-            (conflict or _drop_zero_mask)(gm, node, at.conflicts[node], at, name)
-            continue
-        name_ = _packet(node)
-        if name_ in _VIEWS or name_ == "expand":
-            node.args = (node.args[0], at.sizes(node, c)) + tuple(node.args[2:])
-
-
-def _drop_zero_mask(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, at: _Atoms, name: str) -> None:
+def _drop_zero_mask(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, at: Atoms, name: str) -> None:
     other = [a for a in node.args[:2] if isinstance(a, fx.Node) and a is not fixed]
-    value = _constant_value(gm, fixed)
+    value = constant_value(gm, fixed)
     if node.target is not _aten.add.Tensor or len(other) != 1 or value is None or bool(value.any()) or \
             at.dims.get(other[0]) != at.dims[node]:
         raise PassError(f"pass 'token_merge': graph '{name}': {node.format_node()} adds {fixed.name} (shape "
-                        f"{list(_val_shape(fixed))}) over the token axis, which merging shortens; only a constant "
+                        f"{list(val_shape(fixed))}) over the token axis, which merging shortens; only a constant "
                         "zero mask can be dropped (an attention mask over padding cannot be merged)")
     node.replace_all_uses_with(other[0])
-
-
-def _constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The value of a node computed from parameters and literals alone (None: it reads an input)."""
-    order, seen, todo = [], set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return None
-        order.append(n)
-        todo.extend(n.all_input_nodes)
-    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
-    env: dict = {}
-    with torch.no_grad():
-        for n in sorted(order, key=pos.__getitem__):
-            if n.op == "get_attr":
-                env[n] = get_attr(gm, str(n.target))
-            elif n.op == "call_function":
-                args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-                env[n] = n.target(*args, **kwargs)
-            else:
-                return None
-    v = env[node]
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _revalue(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str, who: str = _NAME) -> None:
-    """Recompute every node's `val` (fake tensors) after the re-sizing."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    env: dict = {}
-    it = iter(inputs)
-    consts: dict[int, Any] = {}
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            env[n] = mode.from_tensor(next(it))
-        elif n.op == "get_attr":
-            t = get_attr(gm, str(n.target))
-            if isinstance(t, torch.Tensor):
-                t = consts.setdefault(id(t), mode.from_tensor(t))
-            env[n] = t
-        elif n.op == "call_function":
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-            try:
-                with mode:
-                    out = n.target(*args, **kwargs)
-            except Exception as e:  # torch raises many types for a shape mismatch
-                raise PassError(f"pass '{who}': graph '{name}': after re-sizing for the new token counts, "
-                                f"{n.format_node()} fails: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-            env[n] = out
-            n.meta["val"] = out
 
 
 # -- ToMe-SD: merge -> branch -> unmerge ------------------------------------------------------
@@ -1045,7 +527,7 @@ _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
 _QDQ = {"quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel"}
 
 
-def _dense(gm: fx.GraphModule, blocks: list[_Block], x0: fx.Node, n0: int, b0: int, output_names: Sequence[str],
+def _dense(gm: fx.GraphModule, blocks: list[Block], x0: fx.Node, n0: int, b0: int, output_names: Sequence[str],
            name: str) -> str | None:
     """Why the tokens leave the blocks dense (ToMe-SD's case), or None (ToMe can shorten them).
 
@@ -1053,15 +535,15 @@ def _dense(gm: fx.GraphModule, blocks: list[_Block], x0: fx.Node, n0: int, b0: i
         PassError: an op inside a block reads the token axis other than per token.
     """
     try:
-        at = _follow_tokens(gm, x0, n0, b0)
-    except _NotPerToken as e:
-        if any(_in_region(e.node, b.path) for b in blocks):
+        at = follow_tokens(gm, x0, n0, b0)
+    except NotPerToken as e:
+        if any(in_region(e.node, b.path) for b in blocks):
             raise PassError(f"pass 'token_merge': graph '{name}': {e}; token merging would change what it "
                             "computes") from None
         return f"after the blocks, {e}"
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     for i, v in enumerate(out_node.args[0]):
-        if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
+        if isinstance(v, fx.Node) and has_tok(at.dims.get(v)):
             return f"output {output_names[i]!r} carries the token axis"
     for node, idx in at.reads.items():
         if idx < 0:             # merged tokens keep no place from the end; ToMe-SD keeps every token
@@ -1139,45 +621,23 @@ def _sd_unmerge_fn(batch: int, n: int) -> Any:
     return unmerge
 
 
-def _ancestors(node: fx.Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
-
-
-def _reaches(src: fx.Node, dst: fx.Node, within: set, avoid: fx.Node) -> bool:
-    seen, todo = {src}, [src]
-    while todo:
-        for u in todo.pop().users:
-            if u is dst:
-                return True
-            if u in within and u is not avoid and u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return False
-
-
 def _branch(gm: fx.GraphModule, src: fx.Node, out: fx.Node, x_shape: tuple, where: str) -> tuple[set, fx.Node]:
     """The nodes of a residual branch from the stream `src` to its output `out`, and where to merge:
     the last value [batch, tokens, *] every path passes through before the first matmul (after the
     normalization and modulation, before the projections, as tomesd merges)."""
-    within = (_descendants(src) & _ancestors(out)) | {out}
+    within = (descendants(src) & ancestors(out)) | {out}
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     nodes = sorted(within, key=pos.__getitem__)
     first_mm = next((pos[n] for n in nodes if n.op == "call_function" and
-                     (_packet(n) in _MATMULS or (_namespace(n), _packet(n)) in _ROWWISE)), len(pos))
+                     (packet(n) in _MATMULS or (namespace(n), packet(n)) in ROWWISE)), len(pos))
     point = src
     for n in nodes:
-        s = _val_shape(n)
+        s = val_shape(n)
         if pos[n] >= first_mm or n is out or s is None or len(s) != 3 or s[:2] != x_shape[:2]:
             continue
-        if _packet(n) in _QDQ:
+        if packet(n) in _QDQ:
             continue
-        if not _reaches(src, out, within, avoid=n):
+        if not reaches(src, out, within, avoid=n):
             point = n
     for n in nodes:
         for u in n.users:
@@ -1187,29 +647,11 @@ def _branch(gm: fx.GraphModule, src: fx.Node, out: fx.Node, x_shape: tuple, wher
     return within, point
 
 
-def _second_residual(gm: fx.GraphModule, blk: _Block, first: fx.Node, x_shape: tuple) -> tuple[fx.Node, fx.Node] | None:
-    """The block's residual add after `first` (h + mlp(h)): (the add, its branch operand)."""
-    desc = _descendants(first)
-    after = False
-    for n in gm.graph.nodes:
-        if n is first:
-            after = True
-            continue
-        if not after or n.op != "call_function" or n.target is not _aten.add.Tensor or not _in_region(n, blk.path):
-            continue
-        a, b = n.args[:2]
-        if _val_shape(n) == x_shape and first in (a, b) and isinstance(a, fx.Node) and isinstance(b, fx.Node):
-            other = b if a is first else a
-            if other in desc and _val_shape(other) == x_shape:
-                return n, other
-    return None
-
-
 def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x_shape: tuple,
                    n0: int) -> tuple[Graph, GraphMerge] | None:
     """ToMe-SD in one graph (see module docstring); None when r is 0 in every block."""
     from pared.ir.rewrite import add_constant
-    protect, how = (o.protect, "option") if o.protect is not None else _detect_protect(x0)
+    protect, how = (o.protect, "option") if o.protect is not None else detect_protect(x0)
     if protect:
         raise PassError(f"pass 'token_merge': graph '{name}': ToMe-SD (its tokens leave the blocks dense) partitions "
                         f"every token on the grid, but the first {protect} token(s) are protected ({how}); set "
@@ -1225,7 +667,7 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
     stride = (min(o.stride[0], grid[0]), min(o.stride[1], grid[1]))
     dst, srcs = grid_partition(grid, stride, o.seed)
     nd, ns = len(dst), len(srcs)
-    blocks = _find_blocks(g.module, name)
+    blocks = find_blocks(g.module, name, _NAME)
     chosen = _selected(blocks, o.layers)
     k = sum(chosen)
     if isinstance(o.r, tuple) and len(o.r) != k:
@@ -1244,9 +686,9 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
 
     gm = g.copy_module()
     eliminate_dead_code(gm)
-    blocks = _find_blocks(gm, name)
+    blocks = find_blocks(gm, name, _NAME)
     b0 = x_shape[0]
-    at = _Atoms(n0, b0, {}, {}, {})
+    at = Atoms(n0, b0, {}, {}, {})
     result_count: dict[fx.Node, int] = {}
     last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     perm_t = torch.tensor(dst + srcs, dtype=torch.int64)
@@ -1258,7 +700,7 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
         if not r:
             continue
         where = f"pass 'token_merge': graph '{name}': block {blk.path}"
-        found = _residual_add(gm, blk, x_shape)
+        found = residual_add(gm, blk, x_shape)
         if found is None:
             raise PassError(f"{where}: no residual add [batch, tokens, channels] after its attention "
                             f"({blk.softmax.format_node()})")
@@ -1266,7 +708,7 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
         out1 = res1.args[0] if res1.args[1] is x else res1.args[1]
         branches = [("attn", x, out1)]
         if "mlp" in o.branches:
-            second = _second_residual(gm, blk, res1, x_shape)
+            second = second_residual(gm, blk, res1, x_shape)
             if second is None:
                 raise PassError(f"{where}: option 'branches' holds 'mlp', but no second residual add "
                                 f"(h + mlp(h)) follows {res1.format_node()}")
@@ -1274,35 +716,36 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
         if "attn" not in o.branches:
             branches = branches[1:]
         ex_x = torch.zeros(x_shape)
-        new_nodes, (assign, idx, *keep) = _splice(gm, _sd_match_fn(b0, n0, nd, r), [x, perm, inv],
-                                                  [ex_x, perm_t, inv_t], blk.path)
+        new_nodes, (assign, idx, *keep) = splice_in(gm, _sd_match_fn(b0, n0, nd, r), [x, perm, inv],
+                                                  [ex_x, perm_t, inv_t], blk.path, _NAME)
         for kind, src, out in branches:
             within, point = _branch(gm, src, out, x_shape, f"{where} ({kind})")
             if kind == "attn" and blk.softmax not in within:
                 raise PassError(f"{where}: its attention {blk.softmax.format_node()} is not on the branch "
                                 f"{x.name} -> {out.name} of the residual add {res1.format_node()}")
-            c = _val_shape(point)[2]
+            c = val_shape(point)[2]
             ex = [torch.zeros(b0, n0, c), torch.zeros(b0, nd, ns), perm_t] + \
                  ([torch.zeros(b0, ns - r, dtype=torch.int64)] if keep else [])
-            mnodes, (merged,) = _splice(gm, _sd_merge_fn(b0, n0, nd, r), [point, assign, perm, *keep], ex, blk.path)
+            mnodes, (merged,) = splice_in(gm, _sd_merge_fn(b0, n0, nd, r), [point, assign, perm, *keep], ex,
+                                          blk.path, _NAME)
             point.replace_all_uses_with(merged, delete_user_cb=lambda u: u in within and u not in mnodes)
-            merged.meta["val"] = point.meta["val"]    # the old count while following (as every node's); _revalue
+            merged.meta["val"] = point.meta["val"]    # the old count while following (as every node's); revalue
             result_count[merged] = n0 - r
             try:
-                _follow_tokens(gm, merged, n0, b0, at=at, within=within)
-            except _NotPerToken as e:
+                follow_tokens(gm, merged, n0, b0, at=at, within=within)
+            except NotPerToken as e:
                 raise PassError(f"{where} ({kind}): {e}; token merging would change what it computes") from None
             if any(nd_ in within for nd_ in at.reads):
                 raise PassError(f"{where} ({kind}): the branch reads single tokens "
                                 f"({next(n for n in at.reads if n in within).format_node()}); ToMe-SD's merged "
                                 "tokens have no fixed places")
-            unodes, (unmerged,) = _splice(gm, _sd_unmerge_fn(b0, n0), [out, idx],
+            unodes, (unmerged,) = splice_in(gm, _sd_unmerge_fn(b0, n0), [out, idx],
                                           [torch.zeros(b0, n0 - r, x_shape[2]), torch.zeros(b0, n0, dtype=torch.int64)],
-                                          blk.path)
+                                          blk.path, _NAME)
             out.replace_all_uses_with(unmerged, delete_user_cb=lambda u: u not in unodes)
             result_count[unmerged] = n0
         blk.residual = res1
-    new_graph = _finish(gm, g, at, result_count, name)
+    new_graph = finish(gm, g, at, result_count, name, _NAME, _drop_zero_mask)
     before, after = profile_graph(g.module, name), profile_graph(gm, name)
     merge_flops: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -1320,20 +763,3 @@ def _unmerge_graph(g: Graph, name: str, o: Any, ctx: PassContext, x0: fx.Node, x
                       b.flops_before, b.flops_after, b.merge_flops)
     return new_graph, rec
 
-
-def _finish(gm: fx.GraphModule, g: Graph, at: Any, result_count: dict, name: str, who: str = _NAME,
-            conflict: Any = None) -> Graph:
-    """Re-size every value after the merges, drop the dead nodes, recompute the shapes and
-    check that the graph's outputs kept theirs (the rewrite is internal to the blocks)."""
-    _resize(gm, at, result_count, name, who, conflict)
-    eliminate_dead_code(gm)
-    gm.recompile()
-    _revalue(gm, g.example_inputs, name, who)
-    new_graph = g.with_module(gm)
-    outs = new_graph.run(*g.example_inputs)
-    old_out = next(n for n in g.module.graph.nodes if n.op == "output").args[0]
-    for nm, got, want in zip(g.output_names, outs, (o_.meta.get("val") for o_ in old_out)):
-        if _shape(got) != _shape(want):
-            raise PassError(f"pass '{who}': graph '{name}': output {nm!r} changed shape "
-                            f"{_shape(want)} -> {_shape(got)} (internal)")
-    return new_graph

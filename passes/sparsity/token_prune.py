@@ -32,7 +32,7 @@ the prefix or the suffix (a readout token read as x[:, -1]); reading a candidate
 
 Finding the site (no model code is changed): the blocks are token_merge's (the outermost module
 holding one attention softmax); the block's output is its second residual add after the softmax
-(x + attn, then + mlp). The token axis is followed from there as token_merge follows it, so
+(x + attn, then + mlp). The token axis is followed from there (passes/sparsity/tokens.py, as token_merge follows it), so
 views and reshapes are re-sized and ops that read the token axis other than per token are
 refused, naming the node. A graph whose outputs carry the token axis (a DiT's dense output)
 cannot drop tokens: it is left alone when option `graphs` is unset, refused when it names it.
@@ -45,7 +45,7 @@ Reads: calibration (with `target`). Writes: a TokenPruneDecisions record (per gr
 score, candidate range, queries, kept count, tokens in and out, FLOPs before and after from
 analysis.cost and the selection's own; the goal and its trials), `pared.ir.created_by` and `pared.ir.region` on every
 inserted node. Invariant: each graph computes what the eager model computes when the same
-candidates are dropped after that block (pared.testing.prune_tokens, an argsort form) up to float
+candidates are dropped after that block (pared.testing.PruneTokensRef, an argsort form) up to float
 rounding; keep >= the candidates leaves the program unchanged; a graph already pruned is left
 alone.
 """
@@ -69,9 +69,9 @@ from pared.ir.regions import match
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
-from pared.passes.sparsity.token_merge import (BATCH, TOK, _Atoms, _detect_protect, _find_blocks, _finish, _has_tok,
-                                               _NotPerToken, _packet, _residual_add, _revalue, _second_residual,
-                                               _splice, _val_shape, _follow_tokens)
+from pared.passes.sparsity.tokens import (BATCH, TOK, Atoms, NotPerToken, detect_protect, find_blocks, finish,
+                                          follow_tokens, has_tok, packet, residual_add, revalue, second_residual,
+                                          splice_in, val_shape)
 
 _NAME = "token_prune"
 SCORES = ("relevance", "received", "relevance_diversity")
@@ -290,11 +290,11 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     where = f"pass '{_NAME}': graph '{name}'"
     if any(n.op == "call_function" and "val" not in n.meta for n in g.module.graph.nodes):
         gm = g.copy_module()          # a pass before left nodes without values (taylor_cache's forecast)
-        _revalue(gm, g.example_inputs, name, _NAME)
+        revalue(gm, g.example_inputs, name, _NAME)
         g = g.with_module(gm)
     gm = g.copy_module()
     eliminate_dead_code(gm)
-    blocks = _find_blocks(gm, name, strict=False)
+    blocks = find_blocks(gm, name, _NAME, strict=False)
     blk = _pick_block(blocks, o.after) if blocks else None
     if isinstance(blk, list):
         raise OptionError(f"pass '{_NAME}': option 'after': {o.after!r} matches {len(blk)} blocks of graph "
@@ -302,15 +302,15 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     if blk is None:
         raise _Unfit(f"pass '{_NAME}': option 'after': graph '{name}' has no attention block {o.after!r}" +
                      (f" (its blocks: {', '.join(b.path for b in blocks)})" if blocks else ""))
-    first = _residual_add(gm, blk)
+    first = residual_add(gm, blk)
     if first is None:
         raise PassError(f"{where}: block {blk.path} has no residual add after its attention "
                         f"({blk.softmax.format_node()}); token_prune expects transformer blocks x + attn(...)")
-    x_shape = _val_shape(first[0])
-    second = _second_residual(gm, blk, first[0], x_shape)
+    x_shape = val_shape(first[0])
+    second = second_residual(gm, blk, first[0], x_shape)
     seed = second[0] if second is not None else first[0]
     b0, n0 = x_shape[0], x_shape[1]
-    probs_shape = _val_shape(blk.softmax)
+    probs_shape = val_shape(blk.softmax)
     if any(g.dynamic_dims):
         raise PassError(f"{where} has dynamic dims {list(g.dynamic_dims)}; token pruning fixes the token count, "
                         "so capture with static shapes")
@@ -326,8 +326,8 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
             raise _Unfit(f"pass '{_NAME}': option 'tokens': [{start}, {end}) runs past the {n0} tokens of "
                          f"graph '{name}' after {blk.path}")
     else:
-        x_first = _residual_add(gm, blocks[0])
-        protect = _detect_protect(x_first[1])[0] if x_first is not None and _val_shape(x_first[0]) == x_shape else 0
+        x_first = residual_add(gm, blocks[0])
+        protect = detect_protect(x_first[1])[0] if x_first is not None and val_shape(x_first[0]) == x_shape else 0
         start, end = protect, n0
     n = end - start
     keep = o.keep if o.keep is not None else max(1, round(o.ratio * n))
@@ -347,12 +347,12 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     k_div = min(k_div, keep - 1)                # at least one by relevance seeds the diverse picks
 
     try:
-        at = _follow_tokens(gm, seed, n0, b0)
-    except _NotPerToken as e:
+        at = follow_tokens(gm, seed, n0, b0)
+    except NotPerToken as e:
         raise PassError(f"{where}: {e}; dropping tokens would change what it computes") from None
     out_node = next(n_ for n_ in gm.graph.nodes if n_.op == "output")
     for i, v in enumerate(out_node.args[0]):
-        if isinstance(v, fx.Node) and _has_tok(at.dims.get(v)):
+        if isinstance(v, fx.Node) and has_tok(at.dims.get(v)):
             raise _Unfit(f"{where}: output {g.output_names[i]!r} ({v.format_node()}) carries the token axis; "
                          "dropping tokens would change its shape (a dense output needs every token: use "
                          "token_merge, whose ToMe-SD form unmerges)", option=False)
@@ -363,28 +363,28 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     fn = _prune_fn(b0, n0, start, end, keep, k_div, o.score, queries,
                    o.temperature if o.mode == "transform" else None)
     ex = [torch.zeros(x_shape), torch.full(probs_shape, 1.0 / n0)]
-    new_nodes, (pruned, index) = _splice(gm, fn, [seed, blk.softmax], ex, blk.path, by=_NAME)
+    new_nodes, (pruned, index) = splice_in(gm, fn, [seed, blk.softmax], ex, blk.path, by=_NAME)
     seed.replace_all_uses_with(pruned, delete_user_cb=lambda u: u not in new_nodes)
     at.dims[pruned] = at.dims[seed]
     gathered: dict = {}
 
-    def gather_mask(gm_: fx.GraphModule, node: fx.Node, fixed: fx.Node, at_: _Atoms, name_: str) -> None:
+    def gather_mask(gm_: fx.GraphModule, node: fx.Node, fixed: fx.Node, at_: Atoms, name_: str) -> None:
         if fixed not in gathered:
             gathered[fixed] = _gather_fixed(gm_, node, fixed, index, at_, n0, b0, blk.path, name_)
         node.args = tuple(gathered[fixed] if a is fixed else a for a in node.args)
 
-    new_graph = _finish(gm, g, at, {pruned: n0 - dropped}, name, _NAME, gather_mask)
+    new_graph = finish(gm, g, at, {pruned: n0 - dropped}, name, _NAME, gather_mask)
     sel_flops = sum(node_flops(nd) for nd in gm.graph.nodes if nd.meta.get(meta.CREATED_BY) == _NAME)
     rec = GraphPrune(name, blk.path, o.score, o.mode, (start, end), queries if o.score != "received" else (), keep, k_div,
                      n0, n0 - dropped, before, graph_flops(gm), sel_flops)
     return new_graph, rec
 
 
-def _check_reads(at: _Atoms, start: int, end: int, n0: int, dropped: int, name: str) -> None:
+def _check_reads(at: Atoms, start: int, end: int, n0: int, dropped: int, name: str) -> None:
     """Token reads after the site must read the prefix or the suffix; a positive index into the
     suffix moves down by the dropped count."""
     for node, idx in at.reads.items():
-        is_select = _packet(node) == "select"
+        is_select = packet(node) == "select"
         pos = idx + n0 if idx < 0 else idx
         if start <= pos < end or not is_select and pos >= start:
             what = f"token {idx}" if is_select else f"tokens up to {idx}"
@@ -442,11 +442,11 @@ def _prune_fn(batch: int, n0: int, start: int, end: int, keep: int, k_div: int, 
     return prune
 
 
-def _gather_fixed(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, index: fx.Node, at: _Atoms, n0: int, b0: int,
+def _gather_fixed(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, index: fx.Node, at: Atoms, n0: int, b0: int,
                   region: str, name: str) -> fx.Node:
     """`fixed` (a value from before the site that spans the token axis: an attention mask over
     the old count) gathered along its token dims with the kept positions."""
-    shape = _val_shape(fixed)
+    shape = val_shape(fixed)
     out_dims = at.dims[node]
     lead = len(out_dims) - len(shape)
     tok_axes = [j for j in range(len(shape)) if shape[j] == n0 and j + lead >= 0 and TOK in out_dims[j + lead]]
@@ -475,6 +475,6 @@ def _gather_fixed(gm: fx.GraphModule, node: fx.Node, fixed: fx.Node, index: fx.N
             target[ax] = k
             t = t.gather(ax, idx.expand(target))
         return t
-    ex = [torch.zeros(shape, dtype=fixed.meta["val"].dtype), torch.zeros(_val_shape(index), dtype=torch.long)]
-    new_nodes, (out,) = _splice(gm, gather, [fixed, index], ex, region, by=_NAME)
+    ex = [torch.zeros(shape, dtype=fixed.meta["val"].dtype), torch.zeros(val_shape(index), dtype=torch.long)]
+    new_nodes, (out,) = splice_in(gm, gather, [fixed, index], ex, region, by=_NAME)
     return out

@@ -126,7 +126,8 @@ def _profile(program, **opts):
 
 def test_heads_come_from_the_entropy_profile():
     """max_normalized t: exactly the heads whose normalized entropy is below t; no threshold: the
-    profile's own 'local' class (here classified with local_threshold 0.983: the tiny random model's heads are all near 0.98)."""
+    profile's own 'local' class (here classified with local_threshold 0.983: the tiny random
+    model's heads are all near 0.98)."""
     _, prog = _tiny()
     pro, ctx = _profile(prog, local_threshold=0.983, global_threshold=0.99)
     prof = pro.records["AttentionEntropyProfile"]
