@@ -52,6 +52,57 @@ def _passes(file: str, r: int | None = None) -> list:
     return out
 
 
+def compare_on_dit(wl, builds: dict, repeats: int, records: dict) -> tuple[dict, dict]:
+    """Build each contender (label -> pass list; "plain" and "cache" among them) for the CPU target,
+    time the workload's task with each and eager, alternating, 1 thread, then run the whole
+    fidelity set with each against the eager samples. `records`: record type -> the row key its
+    flops_ratio (or attention_flops_ratio) goes under. Returns (rows by label, the timing)."""
+    torch.set_num_threads(1)
+    model, example, calib = wl.build(), wl.example_inputs(), wl.calibration()
+    eager = torch_callable(model)
+    runs = {"eager": lambda: wl.task(eager)}
+    exes, programs, built = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, plist in builds.items():
+            print(f"building {label}", flush=True)
+            t0 = time.perf_counter()
+            opt = pared.optimize(model, example, target="cpu", pipeline=plist, calibration=calib, bench_repeats=0,
+                                 allow_fidelity_loss=True)
+            ex = Executor(opt.save(os.path.join(tmp, label)), threads=1)
+            exes[label], programs[label] = ex, opt.program
+            built[label] = {"build_s": round(time.perf_counter() - t0, 1), "graphs": len(opt.program.graphs)}
+            for rtype, key in records.items():
+                rec = opt.program.records.get(rtype)
+                ratio = getattr(rec, "flops_ratio", None) or getattr(rec, "attention_flops_ratio", None)
+                built[label][key] = round(ratio, 4) if rec is not None else None
+                if rec is not None and hasattr(rec, "local_heads"):
+                    built[label]["local_heads"] = rec.local_heads
+                    built[label]["trials"] = [[m, dict(v)] for m, v in rec.trials]
+            runs[label] = (lambda ex=ex: wl.task(ex, ex.reset))
+        print(f"timing {list(runs)}, {repeats} alternating rounds, 1 thread", flush=True)
+        timing = side_by_side(runs, repeats=repeats, warmup=1)
+        med = timing["median_s"]
+        base_call = sum(graphs_flops(programs["plain"]).values())
+        print("fidelity run: eager (the uncached reference)", flush=True)
+        ref = wl.run(eager)
+        rows = {}
+        for label, ex in exes.items():
+            ex.reset()
+            wl.task(ex, None)
+            spent = trace_flops(programs[label], ex.graph_trace)
+            print(f"fidelity run: {label}", flush=True)
+            fid = wl.fidelity(ref, wl.run(ex, ex.reset))
+            rows[label] = {**built[label], "timing_ms": timing_stats(timing, label),
+                           "speedup_vs_plain": med["plain"] / med[label],
+                           "speedup_vs_cache": med["cache"] / med[label],
+                           "flops_vs_plain": spent / (base_call * len(ex.trace)) if ex.trace else None,
+                           "fidelity": fid}
+            print(f"  {label}: {med[label] * 1e3:.1f} ms ({rows[label]['speedup_vs_cache']:.3f}x cache), "
+                  f"PSNR {fid['psnr_db']:.2f} dB, judge {fid['judge_acc_optimized']:.3f} "
+                  f"(eager {fid['judge_acc_reference']:.3f})", flush=True)
+    return rows, timing
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -61,48 +112,10 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(HERE, "results", "token_merge_dit.json"))
     a = ap.parse_args()
     rs = [int(v) for v in a.r.split(",") if v.strip()]
-    torch.set_num_threads(1)
     wl = get_workload("dit_mnist", steps=a.steps, samples=a.samples)
-    model, example, calib = wl.build(), wl.example_inputs(), wl.calibration()
     builds = {"plain": [], "cache": _passes("dit_cache.yaml")}
     builds.update({f"cache_tome_r{r}": _passes("dit_cache_tome.yaml", r) for r in rs})
-    eager = torch_callable(model)
-    runs = {"eager": lambda: wl.task(eager)}
-    exes, programs, records = {}, {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, plist in builds.items():
-            print(f"building {label}", flush=True)
-            t0 = time.perf_counter()
-            opt = pared.optimize(model, example, target="cpu", pipeline=plist, calibration=calib, bench_repeats=0,
-                                 allow_fidelity_loss=True)
-            ex = Executor(opt.save(os.path.join(tmp, label)), threads=1)
-            exes[label], programs[label] = ex, opt.program
-            rec = opt.program.records.get("TokenMergeDecisions")
-            records[label] = {"build_s": round(time.perf_counter() - t0, 1),
-                              "graphs": len(opt.program.graphs),
-                              "flops_ratio_merged_graphs": round(rec.flops_ratio, 4) if rec else None}
-            runs[label] = (lambda ex=ex: wl.task(ex, ex.reset))
-        print(f"timing {list(runs)}, {a.repeats} alternating rounds, 1 thread", flush=True)
-        timing = side_by_side(runs, repeats=a.repeats, warmup=1)
-        med = timing["median_s"]
-        base_call = sum(graphs_flops(programs["plain"]).values())
-        print("fidelity run: eager (the uncached, unmerged reference)", flush=True)
-        ref = wl.run(eager)
-        rows = {}
-        for label, ex in exes.items():
-            ex.reset()
-            wl.task(ex, None)
-            spent = trace_flops(programs[label], ex.graph_trace)
-            print(f"fidelity run: {label}", flush=True)
-            fid = wl.fidelity(ref, wl.run(ex, ex.reset))
-            rows[label] = {**records[label], "timing_ms": timing_stats(timing, label),
-                           "speedup_vs_plain": med["plain"] / med[label],
-                           "speedup_vs_cache": med["cache"] / med[label],
-                           "flops_vs_plain": spent / (base_call * len(ex.trace)) if ex.trace else None,
-                           "fidelity": fid}
-            print(f"  {label}: {med[label] * 1e3:.1f} ms ({rows[label]['speedup_vs_cache']:.3f}x cache), "
-                  f"PSNR {fid['psnr_db']:.2f} dB, judge {fid['judge_acc_optimized']:.3f} "
-                  f"(eager {fid['judge_acc_reference']:.3f})", flush=True)
+    rows, timing = compare_on_dit(wl, builds, a.repeats, {"TokenMergeDecisions": "flops_ratio_merged_graphs"})
     target = {label: row["speedup_vs_cache"] > 1.0 and row["fidelity"]["psnr_db"] >= 32.0 and
               row["fidelity"]["judge_acc_optimized"] >= row["fidelity"]["judge_acc_reference"] - 0.02
               for label, row in rows.items() if label.startswith("cache_tome")}

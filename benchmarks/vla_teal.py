@@ -9,6 +9,8 @@ graph, batch 1) is lowered to ONNX Runtime (1 thread) in these arms:
   teal<p>         sparsify_activations method teal: every linear input of the token head zeroed where
                   |x| <= the p-quantile of |x| on the calibration run (256 training observations)
   wina<p>         the same, scored |x_i| * ||W[:, i]||_2 (WINA)
+  teal40_greedy   TEAL's greedy allocation: per-layer sparsities on a 0.1 grid with a FLOPs-weighted
+                  mean of 0.4, from each layer's measured output error on the calibration run
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes): eager PyTorch acts,
 then every arm acts in its own closed loop from the same seeds. FLOPs of the head's linears: dense
 (what ORT runs: the masks do not skip work) and ideal (what a kernel skipping the zeroed weight
@@ -41,12 +43,12 @@ from vla_speculative import say  # noqa: E402
 HEAD = ["head.blocks.**"]
 
 
-def teal(p: float, method: str = "teal") -> list:
-    return [{"sparsify_activations": {"sparsity": p, "method": method, "layers": HEAD}}]
+def teal(p: float, method: str = "teal", allocation: str = "uniform") -> list:
+    return [{"sparsify_activations": {"sparsity": p, "method": method, "layers": HEAD, "allocation": allocation}}]
 
 
 ARMS = {"plain": [], "teal25": teal(0.25), "teal40": teal(0.4), "teal50": teal(0.5), "wina40": teal(0.4, "wina"),
-        "wina50": teal(0.5, "wina")}
+        "wina50": teal(0.5, "wina"), "teal40_greedy": teal(0.4, allocation="greedy")}
 DEFAULT = list(ARMS)
 
 
@@ -87,6 +89,7 @@ def main() -> None:
                        "head_linears_ideal": sum(x.ideal_flops for x in rec.layers) if rec else None}
         decisions[name] = None if rec is None else {
             "method": rec.method, "sparsity": rec.sparsity, "lowering": rec.lowering, "layers": len(rec.layers),
+            "allocation": rec.allocation, "per_layer": {x.layer: x.calibrated_sparsity for x in rec.layers},
             "ideal_flops_ratio": round(rec.ideal_flops_ratio, 4),
             "thresholds_median": round(statistics.median(x.threshold for x in rec.layers), 5)}
         say(f"  {flops[name]}")

@@ -209,7 +209,7 @@ def test_an_odd_grid_asks_for_a_window():
     assert _sparse(prog, heads={"blocks.0": [0]}, window=[1, 3]).modified
 
 
-@pytest.mark.parametrize("mode", ["window", "topk"])
+@pytest.mark.parametrize("mode", ["window", pytest.param("topk", marks=pytest.mark.heavy)])
 def test_lowers_on_ort_and_tvm_and_runs_torch_free(tmp_path, mode):
     from pared.ir.target import get_target
     from pared.testing import run_torch_free, save_program
