@@ -93,6 +93,9 @@ def test_structure_one_mask_per_layer_and_no_op_and_twice():
     ({"sparsity": 1.0}, "option 'sparsity' must be in \\[0, 1\\)"),
     ({"method": "cats"}, "option 'method' must be one of \\['teal', 'wina'\\]"),
     ({"sparsty": 0.5}, "unknown option 'sparsty'; did you mean 'sparsity'"),
+    ({"allocation": "knapsack"}, "option 'allocation' must be one of \\['uniform', 'greedy'\\]"),
+    ({"allocation": "greedy", "sparsity": 0.5, "max_sparsity": 0.4}, "option 'sparsity' \\(0.5\\) exceeds 'max_sparsity'"),
+    ({"allocation": "greedy", "step": 0.0}, "option 'step' must be in \\(0, 0.5\\]"),
 ])
 def test_bad_options(opts, message):
     with pytest.raises(OptionError, match=message):
