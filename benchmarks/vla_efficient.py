@@ -25,6 +25,10 @@ analysis.cost: the backbone (the 6 blocks), the encoder (ViT + backbone) and the
 Timing: the first 12 policy-call observations of two held-out demonstration episodes per task
 replayed through every arm and eager, alternating in rotating order each round, medians over
 rounds. Writes benchmarks/results/vla_efficient.json; `--part` reruns one part and keeps the other.
+`--policy all_tokens`: the same on the policy that keeps all 64 visual tokens (tokens [12, 76);
+fine-tuned from the shipped one by `examples/vla_metaworld/train.py --pool 1`), its own arms
+(ARMS_64: keep 16 or 8 of the 64 after block 0, with and without skipping 2 blocks), into
+benchmarks/results/vla_efficient_64.json.
 """
 from __future__ import annotations
 
@@ -56,8 +60,12 @@ from vla_speculative import _summary, say, time_replay  # noqa: E402
 TEXT, VISUAL = (0, 12), (12, 28)
 
 
-def prune(keep: int, after: int = 1, diversity: bool = False) -> dict:
-    o = {"keep": keep, "tokens": list(VISUAL), "queries": [list(TEXT)], "after": f"backbone.blocks.{after}"}
+#: the same for policy all_tokens (examples/vla_metaworld/vla_diffusion_64.safetensors: no pooling)
+VISUAL_64 = (12, 76)
+
+
+def prune(keep: int, after: int = 1, diversity: bool = False, visual: tuple[int, int] = VISUAL) -> dict:
+    o = {"keep": keep, "tokens": list(visual), "queries": [list(TEXT)], "after": f"backbone.blocks.{after}"}
     return {"token_prune": dict(o, score="relevance_diversity", diversity=0.5) if diversity else o}
 
 
@@ -86,6 +94,15 @@ LOOP_ARMS = {
 ARMS.update(LOOP_ARMS)
 #: every arm (the README's table is this file's arms; `--arms` reruns a few and keeps the rest)
 DEFAULT = list(ARMS)
+#: arms on the all-64-visual-token policy (`--policy all_tokens`, results in vla_efficient_64.json)
+ARMS_64 = {
+    "plain": [],
+    "skip2": [{"layer_skip": {"skip": 2}}],
+    "keep16_after0_div": [prune(16, after=0, diversity=True, visual=VISUAL_64)],
+    "keep8_after0_div": [prune(8, after=0, diversity=True, visual=VISUAL_64)],
+    "skip2_keep16_after0_div": [{"layer_skip": {"skip": 2}}, prune(16, after=0, diversity=True, visual=VISUAL_64)],
+    "skip2_keep8_after0_div": [{"layer_skip": {"skip": 2}}, prune(8, after=0, diversity=True, visual=VISUAL_64)],
+}
 
 
 def flops_of(program, example) -> dict:
@@ -160,17 +177,23 @@ def write_parts(a, previous: dict, pipelines: dict, flops: dict, decisions: dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--policy", choices=("base", "all_tokens"), default="base")
+    policy = pre.parse_known_args()[0].policy
+    arms = ARMS if policy == "base" else ARMS_64
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pre])
     ap.add_argument("--episodes", type=int, default=25)
     ap.add_argument("--tasks", default=None, help="comma-separated tasks (default: all six)")
-    ap.add_argument("--arms", nargs="*", default=DEFAULT, choices=sorted(ARMS))
+    ap.add_argument("--arms", nargs="*", default=DEFAULT if policy == "base" else list(ARMS_64), choices=sorted(arms))
     ap.add_argument("--repeats", type=int, default=9, help="timing rounds")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--part", choices=("all", "closed_loop", "timing"), default="all")
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "vla_efficient.json"))
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "vla_efficient.json" if policy == "base"
+                                                   else "vla_efficient_64.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=a.episodes, tasks=a.tasks)
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=a.episodes, tasks=a.tasks,
+                      policy=policy)
     model = wl.build()
     loop_model = get_workload("vla_metaworld", head="diffusion", decoder="loop", episodes=a.episodes,
                               tasks=a.tasks).build() if set(a.arms) & set(LOOP_ARMS) else None
@@ -181,7 +204,7 @@ def main() -> None:
     for name in a.arms:
         say(f"building {name}")
         opt = pared.optimize(loop_model if name in LOOP_ARMS else model, example, target="cpu", calibration=calib,
-                             bench_repeats=0, holdout=[], pipeline=ARMS[name], allow_fidelity_loss=True)
+                             bench_repeats=0, holdout=[], pipeline=arms[name], allow_fidelity_loss=True)
         ex[name] = Executor(opt.save(os.path.join(work, name)), threads=a.threads)
         flops[name] = flops_of(opt.program, example)
         decisions[name] = {k: v.to_json() for k, v in opt.program.records.items()
@@ -193,9 +216,11 @@ def main() -> None:
                   if f.get(k) and base.get(k)})
     eager = torch_callable(model)
 
-    write_parts(a, run_parts(a, wl, ex, eager), {n: ARMS[n] for n in a.arms}, flops, decisions,
-                what="VLA diffusion policy (unrolled policy call), EfficientVLA's backbone recipe: layer_skip + "
-                     "token_prune; closed-loop success, FLOPs per policy call, per-call latency (batch 1, ORT CPU)",
+    write_parts(a, run_parts(a, wl, ex, eager), {n: arms[n] for n in a.arms}, flops, decisions,
+                what="VLA diffusion policy (unrolled policy call" + (", all 64 visual tokens" if policy != "base" else
+                                                                    "") +
+                     "), EfficientVLA's backbone recipe: layer_skip + token_prune; closed-loop success, FLOPs per "
+                     "policy call, per-call latency (batch 1, ORT CPU)",
                 calibration="1024 training-demonstration observations (layer_skip's I(l))")
 
 

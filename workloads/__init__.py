@@ -306,6 +306,13 @@ class MiniLMWorkload(Workload):
                 "sentences": int(len(candidate))}
 
 
+#: vla_metaworld's policies: (weights file, how to train it)
+POLICIES = {"base": ("vla_diffusion.safetensors", "train.py"),
+            "large": ("vla_diffusion_large_head.npz", "train_large_head.py"),
+            "all_tokens": ("vla_diffusion_64.safetensors", "train.py --pool 1 --init vla_diffusion.safetensors "
+                                                           "--out vla_diffusion_64.safetensors")}
+
+
 class VLAWorkload(Workload):
     """The Meta-World VLA policy (examples/vla_metaworld) acting in the simulator.
 
@@ -326,6 +333,9 @@ class VLAWorkload(Workload):
     `policy="large"`: the diffusion head of vla_diffusion_large_head.npz (4 blocks of width
     256, about 5x the FLOPs per step, trained on the same frozen backbone by
     train_large_head.py), for methods the shipped head is too small to show.
+    `policy="all_tokens"`: vla_diffusion_64.safetensors, the diffusion policy whose backbone
+    sees all 64 visual tokens (no 2x2 pooling; fine-tuned from the shipped policy by
+    `train.py --pool 1`), for visual-token selection with more to select from.
 
     `decoder="loop"` keeps the head's loop in the Plan instead of unrolling it, with the same
     actions: the token head as a `pared.ir.decode.Decoder` (backbone, head, detokenize; greedy
@@ -350,10 +360,11 @@ class VLAWorkload(Workload):
         if not isinstance(calibration_steps, int) or calibration_steps < 1:
             raise OptionError("workload 'vla_metaworld': option 'calibration_steps' must be a positive integer, "
                               f"got {calibration_steps!r}")
-        if policy not in ("base", "large"):
-            raise OptionError(f"workload 'vla_metaworld': option 'policy' must be 'base' or 'large', got {policy!r}")
-        if policy == "large" and head != "diffusion":
-            raise OptionError("workload 'vla_metaworld': option policy='large' is the larger diffusion head "
+        if policy not in POLICIES:
+            raise OptionError(f"workload 'vla_metaworld': option 'policy' must be one of {list(POLICIES)}, got "
+                              f"{policy!r}")
+        if policy != "base" and head != "diffusion":
+            raise OptionError(f"workload 'vla_metaworld': option policy={policy!r} is a diffusion policy "
                               "(head='diffusion')")
         self.policy = policy
         self.decoder, self.calibration_steps = decoder, calibration_steps
@@ -364,11 +375,10 @@ class VLAWorkload(Workload):
         self._mod = example_module(self.name)
         self._dir = os.path.join(EXAMPLES, self.name)
         self.weights = os.path.join(self._dir, "vla_diffusion.safetensors")
-        self.policy_weights = os.path.join(self._dir, "vla_diffusion_large_head.npz" if policy == "large"
-                                           else "vla_diffusion.safetensors")
+        self.policy_weights = os.path.join(self._dir, POLICIES[policy][0])
         if not os.path.exists(self.policy_weights):
             raise FileNotFoundError(f"{self.policy_weights} not found: train it with "
-                                    "examples/vla_metaworld/train_large_head.py")
+                                    f"examples/vla_metaworld/{POLICIES[policy][1]}")
         self.token_weights = os.path.join(self._dir, "vla_tokens.safetensors")
         meta = self._metadata(self.weights)
         cfg = json.loads(meta["config"])

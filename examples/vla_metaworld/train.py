@@ -117,6 +117,25 @@ def optimizer_step(opt, loss: torch.Tensor, model: torch.nn.Module, ema: torch.n
             pe.mul_(d).add_(pp.detach(), alpha=1 - d)
 
 
+def repool(policy: VLAPolicy, pool: int) -> VLAPolicy:
+    """A policy of another visual pooling with `policy`'s weights: every parameter is copied but
+    the backbone's position embedding, whose visual rows are repeated over each pooled window
+    (pool 2 -> 1: each of the 16 pooled positions becomes its 2x2 window's 4 positions)."""
+    from dataclasses import replace
+    old = policy.cfg
+    new = VLAPolicy(replace(old, pool=pool))
+    sd = policy.state_dict()
+    pos = sd["backbone.pos"]                                          # (1, text + vis + 2, d)
+    g_old, g_new = old.image_size // old.patch // old.pool, old.image_size // old.patch // pool
+    t = old.text_len
+    vis = pos[:, t:t + g_old * g_old].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)
+    vis = torch.nn.functional.interpolate(vis, size=(g_new, g_new), mode="nearest")
+    vis = vis.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)
+    sd["backbone.pos"] = torch.cat([pos[:, :t], vis, pos[:, t + g_old * g_old:]], dim=1)
+    new.load_state_dict(sd)
+    return new
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock training budget")
@@ -125,6 +144,12 @@ def main():
     ap.add_argument("--out", default=os.path.join(HERE, "vla_diffusion.safetensors"))
     ap.add_argument("--n-noise", type=int, default=4)
     ap.add_argument("--shift", type=int, default=4)
+    ap.add_argument("--pool", type=int, default=None,
+                    help="visual-token pooling (2: 16 tokens, as shipped; 1: all 64). With --init from a policy "
+                         "of another pooling, its weights are ported: the backbone's visual position embeddings "
+                         "are repeated over each pooled window")
+    ap.add_argument("--log", default=None, help="training log (default: train_log.json beside the shipped "
+                                                "weights, or <out>_log.json for another --out)")
     add_training_args(ap, batch=64, lr=3e-4)
     args = ap.parse_args()
 
@@ -141,8 +166,11 @@ def main():
         policy, stats, meta = load_policy(args.init)
         prev_log = json.loads(meta.get("train_log", "{}"))
         print(f"resumed from {args.init}", flush=True)
+        if args.pool is not None and args.pool != policy.cfg.pool:
+            policy = repool(policy, args.pool)
+            print(f"ported to pool {args.pool}: {policy.backbone.pos.shape[1]} backbone tokens", flush=True)
     else:
-        policy = VLAPolicy(VLAConfig())
+        policy = VLAPolicy(VLAConfig(**({"pool": args.pool} if args.pool else {})))
         stats = state_stats(demos["states"][train_idx])
         prev_log = {}
     cfg = policy.cfg
@@ -160,6 +188,9 @@ def main():
           f"params {count_params(policy)} ({count_params(policy.backbone)} backbone, "
           f"{count_params(policy.head)} head)", flush=True)
 
+    default_out = os.path.join(HERE, "vla_diffusion.safetensors")
+    log_path = args.log or (os.path.join(HERE, "train_log.json") if os.path.abspath(args.out) == default_out
+                            else os.path.splitext(args.out)[0] + "_log.json")
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     budget = args.minutes * 60.0
     step0 = prev_log.get("steps", 0)
@@ -177,7 +208,7 @@ def main():
                "samples_seen": (step0 + step) * args.batch, "final": final}
         save_policy(args.out, ema, stats, extra={"train_log": {k: log[k] for k in
                                                                 ("steps", "wall_s", "loss_curve")}})
-        with open(os.path.join(HERE, "train_log.json"), "w") as f:
+        with open(log_path, "w") as f:
             json.dump(log, f, indent=1)
 
     policy.train()

@@ -223,9 +223,9 @@ def test_workload_options_are_checked():
         get_workload("vla_metaworld", execute=9)
     with pytest.raises(OptionError, match="does not take"):
         get_workload("vla_metaworld", samples=10)
-    with pytest.raises(OptionError, match="option 'policy' must be 'base' or 'large'"):
+    with pytest.raises(OptionError, match="option 'policy' must be one of \\['base', 'large', 'all_tokens'\\]"):
         get_workload("vla_metaworld", policy="huge")
-    with pytest.raises(OptionError, match="policy='large' is the larger diffusion head"):
+    with pytest.raises(OptionError, match="policy='large' is a diffusion policy"):
         get_workload("vla_metaworld", head="tokens", policy="large")
     with pytest.raises(OptionError, match="option 'calibration_steps' must be a positive integer"):
         get_workload("vla_metaworld", calibration_steps=0)
