@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 from pared.bench import timing_stats, write_results  # noqa: E402
 from pared.registry import get_pass  # noqa: E402
 from pared.workloads import get_workload  # noqa: E402
-from token_merge_dit import _passes, compare_on_dit  # noqa: E402
+from token_merge_dit import _passes, compare_on_dit, target_met  # noqa: E402
 
 ARMS = {
     "window_h0.8": {"max_normalized": 0.8, "window": [4, 4]},
@@ -55,9 +55,7 @@ def main() -> None:
     rows, timing = compare_on_dit(wl, builds, a.repeats, {"AttentionSparsityDecisions": "attention_flops_ratio"})
     for n in a.arms:
         rows[f"cache_{n}"]["options"] = ARMS[n]
-    target = {label: row["speedup_vs_cache"] > 1.0 and row["fidelity"]["psnr_db"] >= 32.0 and
-              row["fidelity"]["judge_acc_optimized"] >= row["fidelity"]["judge_acc_reference"] - 0.02
-              for label, row in rows.items() if label.startswith("cache_")}
+    target = target_met(rows, "cache_")
     out = {"what": f"dit_mnist: sparse_attention (local heads by attention entropy) on top of taylor_cache N=4 vs "
                    f"caching alone; one DDIM-{a.steps} batch of {wl.batch} (CFG {wl.cfg_scale}) per timed call, "
                    f"alternating, 1 thread; fidelity vs the eager (uncached) samples over {a.samples} samples",

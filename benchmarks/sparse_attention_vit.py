@@ -17,20 +17,15 @@ fp32 on the 500 held-out digits (plus accuracy). Writes benchmarks/results/spars
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import pared  # noqa: E402
 from pared.analysis.cost import graph_flops  # noqa: E402
 from pared.bench import write_results  # noqa: E402
-from pared.fidelity import side_by_side  # noqa: E402
-from pared.targets import get_target  # noqa: E402
-from pared.workloads import get_workload  # noqa: E402
+from token_prune_vit import run_vit_arms  # noqa: E402
 
 ARMS = {
     "window_rows_h0.75": {"max_normalized": 0.75, "window": [1, 7]},
@@ -50,31 +45,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "sparse_attention_vit.json"))
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    wl = get_workload("vit_mnist", batch=a.batch, samples=500)
-    model = wl.build()
-    tgt = dataclasses.replace(get_target("cpu"), threads=a.threads)
-
-    def build(pipeline):
-        return pared.optimize(model, wl.example_inputs(), target=tgt, pipeline=pipeline,
-                              calibration=wl.calibration(), allow_fidelity_loss=True, bench_repeats=0)
-
-    plain = build(None)
-    built = {n: build([{"sparse_attention": ARMS[n]}]) for n in a.arms}
-
-    def eager(x):
-        with torch.no_grad():
-            return model(torch.as_tensor(x)).numpy()
-
-    def artifact(opt):
-        return lambda x: opt.executor.run_flat(np.asarray(x))[0]
-    runners = {"torch_eager_fp32": eager, "cpu_plain": artifact(plain), **{n: artifact(o) for n, o in built.items()}}
-    outs = {k: wl.run(fn) for k, fn in runners.items()}
-    fidelity = {k: wl.fidelity(outs["torch_eager_fp32"], o) for k, o in outs.items()}
-    x = wl.x[:a.batch]
-    sp = side_by_side({k: (lambda f=f: f(x)) for k, f in runners.items()}, repeats=a.repeats, warmup=2)
-    med = sp["median_s"]
-    plain_flops = graph_flops(plain.program.main.module)
+    r = run_vit_arms(a, {n: [{"sparse_attention": ARMS[n]}] for n in a.arms})
+    built, med, fidelity, plain_flops, sp = r["built"], r["median_s"], r["fidelity"], r["plain_flops"], r["timing"]
     arms = {}
     for n, opt in built.items():
         rec = opt.program.records.get("AttentionSparsityDecisions")

@@ -35,14 +35,10 @@ ARMS = {f"keep{k}_after{b}{'_transform' if m == 'transform' else ''}": {"keep": 
                         (16, 1, "transform"), (16, 2, "transform"), (12, 1, "transform"), (8, 2, "transform"))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "token_prune_vit.json"))
-    a = ap.parse_args()
+def run_vit_arms(a, pipelines: dict) -> dict:
+    """vit_mnist side by side in one process: eager fp32, the plain ORT artifact and one artifact
+    per pipeline (label -> pass list), `a.threads` threads, batch `a.batch`; top-1 agreement with
+    eager on the 500 held-out digits, then alternating timing rounds (`a.repeats`)."""
     torch.set_num_threads(a.threads)
     wl = get_workload("vit_mnist", batch=a.batch, samples=500)
     model = wl.build()
@@ -53,7 +49,7 @@ def main() -> None:
                               calibration=wl.calibration(), allow_fidelity_loss=True, bench_repeats=0)
 
     plain = build(None)
-    built = {n: build([{"token_prune": ARMS[n]}]) for n in a.arms}
+    built = {n: build(p) for n, p in pipelines.items()}
 
     def eager(x):
         with torch.no_grad():
@@ -66,8 +62,20 @@ def main() -> None:
     fidelity = {k: wl.fidelity(outs["torch_eager_fp32"], o) for k, o in outs.items()}
     x = wl.x[:a.batch]
     sp = side_by_side({k: (lambda f=f: f(x)) for k, f in runners.items()}, repeats=a.repeats, warmup=2)
-    med = sp["median_s"]
-    plain_flops = graph_flops(plain.program.main.module)
+    return {"built": built, "median_s": sp["median_s"], "fidelity": fidelity, "timing": sp,
+            "plain_flops": graph_flops(plain.program.main.module)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "token_prune_vit.json"))
+    a = ap.parse_args()
+    r = run_vit_arms(a, {n: [{"token_prune": ARMS[n]}] for n in a.arms})
+    built, med, fidelity, plain_flops, sp = r["built"], r["median_s"], r["fidelity"], r["plain_flops"], r["timing"]
     arms = {}
     for n, opt in built.items():
         g = opt.program.records["TokenPruneDecisions"].graphs[0]

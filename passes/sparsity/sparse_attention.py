@@ -64,7 +64,7 @@ from pared.ir.regions import match, region_of
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
-from pared.passes.sparsity.tokens import constant_value
+from pared.passes.sparsity.tokens import constant_value, graph_names
 
 _NAME = "sparse_attention"
 MODES = ("window", "topk")
@@ -199,21 +199,10 @@ class _Candidate:
     local: tuple[int, ...]
 
 
-def _graph_names(program: Program, o: Any) -> list[str]:
-    names = program.called_graphs() or list(program.graphs)
-    if o.graphs:
-        for pat in o.graphs:
-            if not any(match(pat, n) for n in names):
-                raise OptionError(f"pass '{_NAME}': option 'graphs': {pat!r} matches none of the program's "
-                                  f"graphs {names}")
-        names = [n for n in names if any(match(p, n) for p in o.graphs)]
-    return names
-
-
 def _candidates(program: Program, ctx: PassContext, o: Any) -> dict[tuple[str, str], _Candidate]:
     """Every attention site the options consider, keyed (graph, softmax node), with the heads
     the options make local (all of its heads ranked, for a target)."""
-    names = _graph_names(program, o)
+    names = graph_names(program, o.graphs, _NAME)
     out: dict[tuple[str, str], _Candidate] = {}
     if o.heads is not None:
         used = set()

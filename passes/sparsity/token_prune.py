@@ -70,8 +70,8 @@ from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
 from pared.passes.sparsity.tokens import (BATCH, TOK, Atoms, NotPerToken, detect_protect, find_blocks, finish,
-                                          follow_tokens, has_tok, packet, residual_add, revalue, second_residual,
-                                          splice_in, val_shape)
+                                          follow_tokens, graph_names, has_tok, packet, residual_add, revalue,
+                                          second_residual, splice_in, val_shape)
 
 _NAME = "token_prune"
 SCORES = ("relevance", "received", "relevance_diversity")
@@ -225,13 +225,7 @@ class PruneTokens(RewritePass):
                           modified=True, stats=dict(res.stats, trials=len(trials), keep=lo))
 
     def _prune(self, program: Program, ctx: PassContext, o: Any) -> PassResult:
-        names = program.called_graphs() or list(program.graphs)
-        if o.graphs:
-            for pat in o.graphs:
-                if not any(match(pat, n) for n in names):
-                    raise OptionError(f"pass '{_NAME}': option 'graphs': {pat!r} matches none of the program's "
-                                      f"graphs {names}")
-            names = [n for n in names if any(match(p, n) for p in o.graphs)]
+        names = graph_names(program, o.graphs, _NAME)
         new_graphs = dict(program.graphs)
         done: list[GraphPrune] = []
         unfit: dict[str, str] = {}

@@ -24,14 +24,24 @@ import torch
 import torch.fx as fx
 
 from pared.ir import meta
-from pared.ir.errors import PassError
-from pared.ir.program import Graph, get_attr
-from pared.ir.regions import node_module_path
+from pared.ir.errors import OptionError, PassError
+from pared.ir.program import Graph, Program, get_attr
+from pared.ir.regions import match, node_module_path
 from pared.ir.rewrite import eliminate_dead_code, splice
 
 _aten = torch.ops.aten
 #: the symbolic atoms of a dim: the token count (changes at each merge) and the batch
 TOK, BATCH = "N", "B"
+
+
+def graph_names(program: Program, patterns: Sequence[str], who: str) -> list[str]:
+    """The graphs a token pass rewrites: those the plan calls (every graph without a plan)
+    matching option `graphs`' patterns (all when none); a pattern matching nothing is an error."""
+    names = program.called_graphs() or list(program.graphs)
+    for pat in patterns:
+        if not any(match(pat, n) for n in names):
+            raise OptionError(f"pass '{who}': option 'graphs': {pat!r} matches none of the program's graphs {names}")
+    return [n for n in names if any(match(p, n) for p in patterns)] if patterns else names
 
 
 # -- the token axis through the graph ----------------------------------------------------------
