@@ -16,7 +16,6 @@ fp32 on the 500 held-out digits (plus accuracy). Writes benchmarks/results/spars
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,8 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from pared.analysis.cost import graph_flops  # noqa: E402
-from pared.bench import write_results  # noqa: E402
-from token_prune_vit import run_vit_arms  # noqa: E402
+from token_prune_vit import vit_main, write_vit_results  # noqa: E402
 
 ARMS = {
     "window_rows_h0.75": {"max_normalized": 0.75, "window": [1, 7]},
@@ -38,15 +36,8 @@ ARMS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "sparse_attention_vit.json"))
-    a = ap.parse_args()
-    r = run_vit_arms(a, {n: [{"sparse_attention": ARMS[n]}] for n in a.arms})
-    built, med, fidelity, plain_flops, sp = r["built"], r["median_s"], r["fidelity"], r["plain_flops"], r["timing"]
+    a, r = vit_main(__doc__, "sparse_attention", ARMS, "sparse_attention_vit.json")
+    built, med, fidelity, plain_flops = r["built"], r["median_s"], r["fidelity"], r["plain_flops"]
     arms = {}
     for n, opt in built.items():
         rec = opt.program.records.get("AttentionSparsityDecisions")
@@ -66,17 +57,9 @@ def main() -> None:
         print(f"{n}: {arms[n]['local_heads']} local heads, attention FLOPs {arms[n]['attention_flops_ratio']:.3f}, "
               f"graph FLOPs {arms[n]['flops_ratio']:.3f}, {arms[n]['time_ratio_vs_plain']}x the plain artifact, "
               f"agreement {arms[n]['top1_agreement']:.3f}", flush=True)
-    write_results(a.out, {
-        "what": "sparse_attention on vit_mnist (local heads by attention entropy: 7-token windows of the 7 x 7 grid, "
-                "or top-k keys), eager, the plain ORT artifact and the sparse artifacts in one process",
-        "threads": a.threads, "repeats": sp["repeats"], "batch": a.batch, "scored_digits": 500, "heads": 24,
-        "plain": {"median_ms": round(med["cpu_plain"] * 1e3, 3), "flops": plain_flops,
-                  "vs_eager": round(med["torch_eager_fp32"] / med["cpu_plain"], 3),
-                  "accuracy": fidelity["cpu_plain"]["accuracy"]},
-        "eager": {"median_ms": round(med["torch_eager_fp32"] * 1e3, 3),
-                  "accuracy": fidelity["torch_eager_fp32"]["accuracy"]},
-        "arms": arms})
-    print("wrote", a.out)
+    write_vit_results(a, r, arms, "sparse_attention on vit_mnist (local heads by attention entropy: 7-token "
+                      "windows of the 7 x 7 grid, or top-k keys), eager, the plain ORT artifact and the sparse "
+                      "artifacts in one process", heads=24)
 
 
 if __name__ == "__main__":

@@ -66,16 +66,38 @@ def run_vit_arms(a, pipelines: dict) -> dict:
             "plain_flops": graph_flops(plain.program.main.module)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def vit_main(doc: str, pass_name: str, arms: dict, out: str) -> tuple:
+    """The command line of a vit_mnist benchmark whose arms are one pass's options, then
+    run_vit_arms on them: (args, its result)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "token_prune_vit.json"))
+    ap.add_argument("--arms", nargs="*", default=list(arms), choices=list(arms))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", out))
     a = ap.parse_args()
-    r = run_vit_arms(a, {n: [{"token_prune": ARMS[n]}] for n in a.arms})
-    built, med, fidelity, plain_flops, sp = r["built"], r["median_s"], r["fidelity"], r["plain_flops"], r["timing"]
+    return a, run_vit_arms(a, {n: [{pass_name: arms[n]}] for n in a.arms})
+
+
+def write_vit_results(a, r: dict, arms: dict, what: str, **extra) -> None:
+    """The results file of a vit_mnist benchmark: the run's settings, the plain artifact and eager
+    (time, FLOPs, accuracy) and the arms."""
+    med, fidelity = r["median_s"], r["fidelity"]
+    write_results(a.out, {
+        "what": what, "threads": a.threads, "repeats": r["timing"]["repeats"], "batch": a.batch,
+        "scored_digits": 500, **extra,
+        "plain": {"median_ms": round(med["cpu_plain"] * 1e3, 3), "flops": r["plain_flops"],
+                  "vs_eager": round(med["torch_eager_fp32"] / med["cpu_plain"], 3),
+                  "accuracy": fidelity["cpu_plain"]["accuracy"]},
+        "eager": {"median_ms": round(med["torch_eager_fp32"] * 1e3, 3),
+                  "accuracy": fidelity["torch_eager_fp32"]["accuracy"]},
+        "arms": arms})
+    print("wrote", a.out)
+
+
+def main() -> None:
+    a, r = vit_main(__doc__, "token_prune", ARMS, "token_prune_vit.json")
+    built, med, fidelity, plain_flops = r["built"], r["median_s"], r["fidelity"], r["plain_flops"]
     arms = {}
     for n, opt in built.items():
         g = opt.program.records["TokenPruneDecisions"].graphs[0]
@@ -88,17 +110,8 @@ def main() -> None:
                    "top1_agreement": fidelity[n]["top1_agreement"], "accuracy": fidelity[n]["accuracy"]}
         print(f"{n}: FLOPs {arms[n]['flops_ratio']:.3f}, {arms[n]['time_ratio_vs_plain']}x the plain artifact, "
               f"agreement {arms[n]['top1_agreement']:.3f}", flush=True)
-    write_results(a.out, {
-        "what": "token_prune on vit_mnist ([CLS] relevance; select or Token Transforming's transform), eager, the "
-                "plain ORT artifact and the pruned artifacts in one process",
-        "threads": a.threads, "repeats": sp["repeats"], "batch": a.batch, "scored_digits": 500,
-        "plain": {"median_ms": round(med["cpu_plain"] * 1e3, 3), "flops": plain_flops,
-                  "vs_eager": round(med["torch_eager_fp32"] / med["cpu_plain"], 3),
-                  "accuracy": fidelity["cpu_plain"]["accuracy"]},
-        "eager": {"median_ms": round(med["torch_eager_fp32"] * 1e3, 3),
-                  "accuracy": fidelity["torch_eager_fp32"]["accuracy"]},
-        "arms": arms})
-    print("wrote", a.out)
+    write_vit_results(a, r, arms, "token_prune on vit_mnist ([CLS] relevance; select or Token Transforming's "
+                      "transform), eager, the plain ORT artifact and the pruned artifacts in one process")
 
 
 if __name__ == "__main__":
