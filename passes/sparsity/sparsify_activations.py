@@ -16,7 +16,8 @@ demand on the calibration run). Option `allocation`:
            relative L2 of the program's outputs with that layer alone masked there, against the
            dense program's (one replay per layer and level; TEAL measures block outputs and
            re-measures after each step; here squared errors are taken as additive across layers,
-           as independent errors add in quadrature).
+           as independent errors add in quadrature). A layer called several times in one graph (an
+           unrolled decoding loop) is one choice: all its calls get its sparsity.
 Inputs a layer shares (q, k, v reading one normed x) get one mask each, as TEAL masks each
 projection.
 
@@ -218,27 +219,30 @@ def _greedy(program: Program, ctx: PassContext, prof: ActivationSparsityProfile,
         res = ActivationSparsity(sparsities=tuple(sorted(set(grid) | set(prof.sparsities))))(program, ctx)
         prof = res.program.records["ActivationSparsityProfile"]
     idx = [None] + [min(range(len(prof.sparsities)), key=lambda i: abs(prof.sparsities[i] - g)) for g in grid]
-    layers = _chosen(program, prof, o)
-    if not layers:
+    sites = _chosen(program, prof, o)
+    if not sites:
         raise OptionError(f"pass '{_NAME}': options 'layers' {list(o.layers)} / 'exclude' {list(o.exclude)} choose "
                           "no linear layer the profile measured")
+    groups: dict[str, list] = {}            # a layer called several times (an unrolled loop) is one choice
+    for gp, lin in sites:
+        groups.setdefault(lin.layer, []).append((gp, lin))
+    layers = list(groups)
+    weights = [sum(_layer_flops(program, groups[lay])) for lay in layers]
     ref = replay(program, ctx.calibration)
-    weights = _layer_flops(program, layers)
     err = [[0.0] * (n + 1) for _ in layers]
-    for i, (gp, lin) in enumerate(layers):
+    for i, lay in enumerate(layers):
         for j in range(1, n + 1):
-            masked, _ = _apply(program, prof, [(gp, lin, idx[j])], o.method)
+            masked, _ = _apply(program, prof, [(gp, lin, idx[j]) for gp, lin in groups[lay]], o.method)
             err[i][j] = float(compare_outputs(ref, replay(program.replace(graphs=masked), ctx.calibration))["rel_l2"])
-        ctx.progress(f"{_NAME}: measured {lin.layer} at {n} sparsities (rel_l2 up to {err[i][n]:.3g})")
+        ctx.progress(f"{_NAME}: measured {lay} at {n} sparsities (rel_l2 up to {err[i][n]:.3g})")
     level = [0] * len(layers)
     total = sum(weights)
     while sum(w * level[i] * o.step for i, w in enumerate(weights)) / total < o.sparsity - 1e-9:
         best = min((i for i in range(len(layers)) if level[i] < n),
                    key=lambda i: ((err[i][level[i] + 1] ** 2 - err[i][level[i]] ** 2) / weights[i], i))
         level[best] += 1
-    chosen = [(gp, lin, idx[level[i]]) for i, (gp, lin) in enumerate(layers)]
-    errors = tuple((lin.layer, int(weights[i]), tuple(round(e, 6) for e in err[i]))
-                   for i, (_, lin) in enumerate(layers))
+    chosen = [(gp, lin, idx[level[i]]) for i, lay in enumerate(layers) for gp, lin in groups[lay]]
+    errors = tuple((lay, int(weights[i]), tuple(round(e, 6) for e in err[i])) for i, lay in enumerate(layers))
     return chosen, prof, errors
 
 

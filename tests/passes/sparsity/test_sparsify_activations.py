@@ -188,3 +188,27 @@ def test_greedy_allocation_meets_the_mean_and_spends_sparsity_where_it_costs_lea
     e_greedy = compare_outputs(ref, replay(out, CALIB))["rel_l2"]
     e_uniform = compare_outputs(ref, replay(uniform, CALIB))["rel_l2"]
     assert e_greedy <= e_uniform * 1.05, (e_greedy, e_uniform)
+
+
+def test_greedy_gives_a_layer_called_twice_one_sparsity():
+    """An unrolled loop calls one linear several times: greedy allocates per layer (its calls
+    share a level and one error curve), not per call."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+    torch.manual_seed(0)
+    m = Twice().eval()
+    prog = capture(m, (torch.randn(8, 16),))
+    calib = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(s)),) for s in range(3)]
+    out, _ = _run(prog, calib, sparsity=0.4, allocation="greedy", step=0.2, max_sparsity=0.8)
+    rec = out.records["ActivationSparsityDecisions"]
+    assert sorted(lay for lay, _, _ in rec.errors) == ["a", "b"]
+    per_call = {}
+    for x in rec.layers:
+        per_call.setdefault(x.layer, set()).add(x.calibrated_sparsity)
+    assert all(len(v) == 1 for v in per_call.values()), per_call
+    assert sum(1 for x in rec.layers if x.layer == "a") in (0, 2)
