@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import pared  # noqa: E402
 from pared.analysis.cost import profile_graph  # noqa: E402
 from pared.backends.executor import Executor  # noqa: E402
+from pared.ir.capture import capture  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
 from vla_efficient import run_parts, write_parts  # noqa: E402
 from vla_speculative import say  # noqa: E402
@@ -95,7 +96,7 @@ def main() -> None:
             "ideal_flops_ratio": round(rec.ideal_flops_ratio, 4),
             "thresholds_median": round(statistics.median(x.threshold for x in rec.layers), 5)}
         say(f"  {flops[name]}")
-    base = flops.get("plain", {}).get("head_graph")
+    base = head_flops(capture(model, example))             # the unmasked head, whichever arms ran
     for f in flops.values():
         if base:
             f["head_graph_ratio"] = round(f["head_graph"] / base, 4)
