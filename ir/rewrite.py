@@ -34,13 +34,14 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
 
 
 def splice(gm: fx.GraphModule, fn: Callable[..., object], args: Sequence[fx.Node],
-           examples: Sequence[torch.Tensor], by: str) -> list[fx.Node]:
+           examples: Sequence[torch.Tensor], by: str, region: str | None = None) -> list[fx.Node]:
     """Insert `fn(*args)` into `gm` as aten ops, right after the last of `args`
     in graph order (so the results may replace any value computed later).
 
     `fn` is traced with `make_fx` on `examples` (tensors shaped like `args`), so
     it may use any torch code that traces without data-dependent control flow.
-    Every inserted node is tagged `pared.created_by = by`.
+    Every inserted node is tagged `pared.created_by = by` (and `pared.ir.region = region`
+    when given: the block the rewrite belongs to).
 
     Returns:
         the nodes holding fn's results (one per returned tensor, in order).
@@ -70,6 +71,8 @@ def splice(gm: fx.GraphModule, fn: Callable[..., object], args: Sequence[fx.Node
                 break
             new = gm.graph.node_copy(n, lambda x: env[x])
             new.meta[meta.CREATED_BY] = by
+            if region is not None:
+                new.meta[meta.REGION] = region
             env[n] = new
     leaves = results if isinstance(results, (tuple, list)) else [results]
     if not all(isinstance(x, fx.Node) for x in leaves):

@@ -64,7 +64,7 @@ from pared.ir.regions import match, region_of
 from pared.ir.rewrite import eliminate_dead_code, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
-from pared.passes.sparsity.tokens import constant_value, graph_names
+from pared.passes.sparsity.tokens import SOFTMAX, constant_value, graph_names, packet, val_shape
 
 _NAME = "sparse_attention"
 MODES = ("window", "topk")
@@ -319,11 +319,8 @@ def _apply(program: Program, ctx: PassContext, o: Any, local: dict, sites: dict,
                                       f"of {cand.layer}")
                 fn, local_keys, after = _topk_fn(att, hs, o.k)
             args = [att.q, att.kt, att.v] + ([att.bias] if att.bias is not None else [])
-            ex = [torch.zeros(_shape(a), dtype=a.meta["val"].dtype) for a in args]
-            new = set(gm.graph.nodes)
-            (out,) = splice(gm, fn, args, ex, _NAME)
-            for n in set(gm.graph.nodes) - new:
-                n.meta[meta.REGION] = cand.layer
+            ex = [torch.zeros(val_shape(a), dtype=a.meta["val"].dtype) for a in args]
+            (out,) = splice(gm, fn, args, ex, _NAME, cand.layer)
             att.pv.replace_all_uses_with(out)
             changed += 1
             done.append(SiteSparsity(name, cand.layer, cand.node, att.heads, tuple(hs), cand.normalized, att.keys,
@@ -353,20 +350,16 @@ def _apply(program: Program, ctx: PassContext, o: Any, local: dict, sites: dict,
 
 # -- finding an attention site ---------------------------------------------------------------------
 def _op(n: Any) -> str:
-    return getattr(n.target, "__name__", str(n.target)).split(".")[0] if isinstance(n, fx.Node) else ""
-
-
-def _shape(n: fx.Node) -> tuple[int, ...]:
-    return tuple(n.meta["val"].shape)
+    return packet(n) if isinstance(n, fx.Node) and n.op == "call_function" else ""
 
 
 def _softmaxes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and _op(n) in ("_softmax", "_safe_softmax", "softmax")
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX
             and n.meta.get(meta.CREATED_BY) != _NAME and fed_matmul(n) is not None]
 
 
 def _heads_of(sm: fx.Node) -> int:
-    s = _shape(sm)
+    s = val_shape(sm)
     return s[1] if len(s) == 4 else 1
 
 
@@ -392,7 +385,7 @@ class _Att:
 
 def _attention(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str) -> _Att:
     where = f"pass '{_NAME}': graph '{graph}': attention {layer} ({sm.format_node()})"
-    shape = _shape(sm)
+    shape = val_shape(sm)
     dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim", -1)
     if len(shape) not in (3, 4) or dim not in (-1, len(shape) - 1):
         raise PassError(f"{where}: not a softmax over the keys of [batch(, heads), queries, keys] scores")
@@ -406,10 +399,10 @@ def _attention(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str) -> _Att:
                                                                         "no score matmul"))
     q, kt = qk.args[0], qk.args[1]
     v = pv.args[1]
-    if _shape(q)[:2] != (batch * heads, nq) or _shape(kt)[0::2] != (batch * heads, nk) or \
-            _shape(v)[:2] != (batch * heads, nk):
+    if val_shape(q)[:2] != (batch * heads, nq) or val_shape(kt)[0::2] != (batch * heads, nk) or \
+            val_shape(v)[:2] != (batch * heads, nk):
         raise PassError(f"{where}: the attention matmuls are not [batch·heads, tokens, dim] "
-                        f"(q {list(_shape(q))}, kᵀ {list(_shape(kt))}, v {list(_shape(v))})")
+                        f"(q {list(val_shape(q))}, kᵀ {list(val_shape(kt))}, v {list(val_shape(v))})")
     bias = None
     for b in biases:
         val = constant_value(gm, b)
@@ -419,11 +412,11 @@ def _attention(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str) -> _Att:
             raise PassError(f"{where}: more than one bias is added to the scores ({bias.name}, {b.name})")
         bias = b
     if bias is not None:
-        bs = _shape(bias)
+        bs = val_shape(bias)
         if len(bs) > 4 or any(s not in (1, t) for s, t in zip(bs[::-1], (nk, nq, heads, batch))):
             raise PassError(f"{where}: its bias {bias.format_node()} (shape {list(bs)}) does not broadcast to "
                             f"[batch, heads, queries, keys] = {[batch, heads, nq, nk]}")
-    return _Att(q, kt, v, pv, bias, scale, batch, heads, nq, nk, _shape(q)[2], _shape(v)[2])
+    return _Att(q, kt, v, pv, bias, scale, batch, heads, nq, nk, val_shape(q)[2], val_shape(v)[2])
 
 
 def _scores(n: Any, where: str) -> tuple[fx.Node | None, float, list[fx.Node]]:
@@ -494,8 +487,8 @@ def _layout(o: Any, att: _Att, graph: str, layer: str) -> tuple:
                           f"of {layer}")
     if window == grid:
         raise OptionError(f"pass '{_NAME}': option 'window' {list(window)} is the whole grid: nothing is sparse")
-    if att.bias is not None and len(_shape(att.bias)) >= 2 and _shape(att.bias)[-2] != 1:
-        raise PassError(f"{where}: its bias {att.bias.format_node()} (shape {list(_shape(att.bias))}) differs per "
+    if att.bias is not None and len(val_shape(att.bias)) >= 2 and val_shape(att.bias)[-2] != 1:
+        raise PassError(f"{where}: its bias {att.bias.format_node()} (shape {list(val_shape(att.bias))}) differs per "
                         "query; window mode windows a bias over the keys only ([batch, 1, 1, keys]); use mode 'topk'")
     return grid, window, tokens
 
@@ -549,7 +542,7 @@ def _window_fn(att: _Att, local: tuple[int, ...], grid: tuple[int, int], window:
     lruns = _runs(local)
     dense = [h for h in range(H) if h not in local]
     druns = _runs(dense)
-    bshape = _shape(att.bias) if att.bias is not None else None
+    bshape = val_shape(att.bias) if att.bias is not None else None
 
     def part(t: torch.Tensor) -> torch.Tensor:           # [B, L, N, c] grid tokens -> [B·L·nw, w, c]
         c = t.shape[-1]
@@ -620,7 +613,7 @@ def _topk_fn(att: _Att, local: tuple[int, ...], k: int) -> tuple[Any, int, int]:
     B, H, N, M, d, dv, scale = att.batch, att.heads, att.queries, att.keys, att.d, att.dv, att.scale
     lruns = _runs(local)
     druns = _runs([h for h in range(H) if h not in local])
-    bshape = _shape(att.bias) if att.bias is not None else None
+    bshape = val_shape(att.bias) if att.bias is not None else None
 
     def attend(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, *bias: torch.Tensor) -> torch.Tensor:
         s = (q.reshape(B, H, N, d) @ kt.reshape(B, H, d, M)) * scale

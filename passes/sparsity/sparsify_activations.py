@@ -192,10 +192,7 @@ def _apply(program: Program, prof: ActivationSparsityProfile, chosen: list, meth
                 target = f"_sparsify_colnorm_{mm.name}"
                 args.append(add_constant(gm, target, c, _NAME, before=mm))
                 ex.append(c)
-            before = set(gm.graph.nodes)
-            (y,) = splice(gm, _mask_fn(t, method), args, ex, _NAME)
-            for n in set(gm.graph.nodes) - before:
-                n.meta[meta.REGION] = lin.layer
+            (y,) = splice(gm, _mask_fn(t, method), args, ex, _NAME, lin.layer)
             mm.replace_input_with(x, y)
             flops = node_flops(mm)
             done.append(MaskedLinear(gname, lin.layer, lin.node, float(t), float(prof.sparsities[k]), flops,

@@ -475,11 +475,8 @@ def detect_protect(x0: fx.Node) -> tuple[int, str]:
 
 def splice_in(gm: fx.GraphModule, fn: Any, args: list, examples: list, region: str, by: str) -> tuple[set, list]:
     before = set(gm.graph.nodes)
-    results = splice(gm, fn, args, examples, by)
-    new_nodes = set(gm.graph.nodes) - before
-    for n in new_nodes:
-        n.meta[meta.REGION] = region
-    return new_nodes, results
+    results = splice(gm, fn, args, examples, by, region)
+    return set(gm.graph.nodes) - before, results
 
 
 def resize(gm: fx.GraphModule, at: Atoms, result_count: dict, name: str, who: str,

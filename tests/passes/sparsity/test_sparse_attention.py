@@ -98,6 +98,9 @@ def test_window_form_shrinks_the_attention_and_keeps_dense_heads_dense():
     assert shapes == sorted([(24, 4, 5), (3, 2, 1, 17), (3, 2, 17, 17), (3, 4, 17, 17), (3, 4, 17, 17)]), shapes
     ops = res.program.graphs["main"].op_counts()
     assert not any("topk" in o or "gather" in o or "scatter" in o for o in ops), sorted(ops)
+    made = [n for n in res.program.graphs["main"].module.graph.nodes
+            if n.meta.get("pared.ir.created_by") == "sparse_attention"]
+    assert made and {n.meta.get("pared.ir.region") for n in made} == {"blocks.0"}
     (s,) = res.program.records["AttentionSparsityDecisions"].sites
     assert (s.keys, s.local_keys, s.local) == (17, 5, (1, 2))
     d = 8                                              # head dim: 32 / 4
