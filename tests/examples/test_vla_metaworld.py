@@ -327,3 +327,34 @@ def test_lossless_speculative_decoding_acts_exactly_like_greedy_in_the_simulator
     assert r["flops_per_task"]["optimized"] < r["flops_per_task"]["reference"], r["flops_per_task"]
     calls = r["graph_calls_per_call"]
     assert calls["reference"]["head"] == 16 and 1 <= calls["optimized"]["head"] < 16, calls
+
+
+def test_repool_ports_the_pooled_policy_to_all_64_tokens(monkeypatch):
+    """train.py --pool 1: every weight copied; each pooled token's backbone position embedding
+    repeated over its 2x2 window (row r, col c of the 8x8 grid reads pooled (r // 2, c // 2));
+    the ported backbone runs over all 64 visual tokens."""
+    import importlib
+    import sys
+    monkeypatch.syspath_prepend(os.path.join(EXAMPLES, "vla_metaworld"))
+    for name in ("train", "model"):             # other examples have a train.py / model.py too
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    train = importlib.import_module("train")
+    assert os.path.dirname(train.__file__) == os.path.join(EXAMPLES, "vla_metaworld")
+    torch.manual_seed(0)
+    old = train.VLAPolicy(train.VLAConfig())
+    new = train.repool(old, 1)
+    assert new.cfg.pool == 1 and old.cfg.pool == 2
+    a, b = old.state_dict(), new.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        if k != "backbone.pos":
+            assert torch.equal(a[k], b[k]), k
+    t = old.cfg.text_len
+    pa, pb = a["backbone.pos"][0], b["backbone.pos"][0]
+    assert pb.shape[0] == t + 64 + 2 and pa.shape[0] == t + 16 + 2
+    assert torch.equal(pb[:t], pa[:t]) and torch.equal(pb[-2:], pa[-2:])
+    for r in range(8):
+        for c in range(8):
+            assert torch.equal(pb[t + r * 8 + c], pa[t + (r // 2) * 4 + c // 2]), (r, c)
+    with torch.no_grad():
+        assert new.backbone.vit(torch.rand(1, 3, 64, 64)).shape[1] == 64
