@@ -244,11 +244,10 @@ def _greedy(program: Program, ctx: PassContext, prof: ActivationSparsityProfile,
 
 
 def _layer_flops(program: Program, layers: list) -> list[float]:
-    out = []
-    for gp, lin in layers:
-        node = next((n for n in program.graphs[gp.graph].module.graph.nodes if n.name == lin.node), None)
-        out.append(float(max(node_flops(node), 1)) if node is not None else 1.0)
-    return out
+    """The matmul FLOPs of each (graph profile, linear), one call."""
+    nodes = {g: {n.name: n for n in program.graphs[g].module.graph.nodes} for g in {gp.graph for gp, _ in layers}}
+    return [float(max(node_flops(nodes[gp.graph][lin.node]), 1)) if lin.node in nodes[gp.graph] else 1.0
+            for gp, lin in layers]
 
 
 def _mask_fn(t: float, method: str) -> Any:
