@@ -131,6 +131,8 @@ class LinearSpec:
     outliers: tuple[int, ...] | None = None
     block_size: int | None = None
     symmetric: bool = True
+    act_bits: int = 8                    # w8a8 static: activation codes on 2^act_bits levels (2..8; below 8
+    #                                      a clamp to the calibrated range keeps them there: DyQ-VLA's grids)
 
     @property
     def kind(self) -> str:
@@ -162,6 +164,10 @@ class LinearSpec:
             return out
         if self.dynamic == (self.act_range is not None):
             out.append("give exactly one of act_range (static) and dynamic")
+        if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8:
+            out.append(f"act_bits {self.act_bits!r} is not an activation width in 2..8")
+        elif self.act_bits < 8 and self.dynamic:
+            out.append("dynamic layers quantize activations to 8 bits; act_bits below 8 needs a static act_range")
         if self.act_range is not None:
             lo, hi = self.act_range
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
@@ -195,7 +201,8 @@ class LinearSpec:
         return out
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items() if v is not None}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()
+                if v is not None and not (k == "act_bits" and v == 8)}
 
 
 #: expert_quant's widths: bits per expert weight, 32 for float

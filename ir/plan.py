@@ -497,7 +497,7 @@ class PlanRunner:
                 self._run(n, env, path + (i,), labels, graphs)
         elif isinstance(node, Select):
             sel = node.selector
-            choice = Choice(self.step_index, lambda ref: self._to_numpy(self._read(ref, env)))
+            choice = Choice(self.step_index, lambda ref: self._to_numpy(self._read(ref, env)), self.call_index)
             key = path if node.key is None else node.key
             st = self._selectors[key] if key in self._selectors else sel.new_state()
             label, st = sel.choose(st, choice)

@@ -29,13 +29,15 @@ QMAX_S8 = 127
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
-def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
-    """uint8 scale and zero point for the range [lo, hi] widened to hold 0."""
+def activation_qparams(lo: float, hi: float, bits: int = 8) -> tuple[float, int]:
+    """uint8 scale and zero point for the range [lo, hi] widened to hold 0, on a grid of
+    2^bits levels (codes 0 .. 2^bits - 1; 8: the full uint8 range)."""
+    top = (1 << int(bits)) - 1
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo <= 0.0:
         return 1.0, 0
-    scale = float(np.float32((hi - lo) / (QMAX_U8 - QMIN_U8)))
-    zp = int(np.clip(round(QMIN_U8 - lo / scale), QMIN_U8, QMAX_U8))
+    scale = float(np.float32((hi - lo) / (top - QMIN_U8)))
+    zp = int(np.clip(round(QMIN_U8 - lo / scale), QMIN_U8, top))
     return scale, zp
 
 

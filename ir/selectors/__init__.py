@@ -11,6 +11,7 @@ import the module at the bottom of this file.
     rule   a probe signal compared with the previous call's (adaptive caching)
     latch  one case until a signal reaches a threshold, another after (Adaptive Guidance)
     bins   a case by the value of a reference, e.g. the timestep t
+    motion a precision level by kinematic proxies of a robot's state, with hysteresis (DyQ-VLA)
 """
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ from pared.ir.errors import PlanError
 
 
 class Choice:
-    """What a selector sees when it chooses: the call index within the request
-    and the values already bound (`value(ref)` gives a numpy array)."""
+    """What a selector sees when it chooses: the call index within the request (inside a
+    steps loop, the iteration), the request's own call counter `request_call` (the same for
+    every select of one call, loop or not), and the values already bound (`value(ref)` gives
+    a numpy array)."""
 
-    def __init__(self, call_index: int, value: Callable[[str], Any]):
+    def __init__(self, call_index: int, value: Callable[[str], Any], request_call: int | None = None):
         self.call_index = call_index
         self.value = value
+        self.request_call = call_index if request_call is None else request_call
 
     def scalar(self, ref: str) -> float:
         import numpy as np
@@ -110,4 +114,4 @@ def check_finite(kind: str, name: str, value: float) -> None:
         raise PlanError(f"{kind} selector: {name} must be a finite number, got {value!r}")
 
 
-from . import bins, latch, rule, table  # noqa: E402,F401  (registers the built-in selectors)
+from . import bins, latch, motion, rule, table  # noqa: E402,F401  (registers the built-in selectors)

@@ -15,3 +15,4 @@ from pared.passes.quant import timestep_quant  # noqa: F401
 from pared.passes.quant import quantize_weights_int4  # noqa: F401
 from pared.passes.quant import mixed_precision  # noqa: F401
 from pared.passes.quant import expert_quant  # noqa: F401
+from pared.passes.quant import dynamic_precision  # noqa: F401

@@ -99,6 +99,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
+import numpy as np
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.fx as fx
@@ -272,7 +273,7 @@ class QuantizeLinears(RewritePass):
         else:
             channels = any(alpha is not None or k for sites in todo.values() for alpha, k in
                            (_settings(s, o) for s in sites))
-            calls, observed = _observe(program, {n: [s.x for s in sites] for n, sites in todo.items() if sites},
+            calls, observed = observe_ranges(program, {n: [s.x for s in sites] for n, sites in todo.items() if sites},
                                        group_of, ctx.calibration, o.method, o.percentile, self.name, channels)
             for name, sites in todo.items():
                 if not sites:
@@ -293,7 +294,7 @@ class QuantizeLinears(RewritePass):
                         for name in names}
             operands = {name: sorted({x for site in ms for x in site[1:]}) for name, ms in mm_sites.items() if ms}
             if operands:
-                mm_calls, mm_obs = _observe(mid, operands, group_of, ctx.calibration, o.method, o.percentile,
+                mm_calls, mm_obs = observe_ranges(mid, operands, group_of, ctx.calibration, o.method, o.percentile,
                                             self.name, False)
                 calls += mm_calls
                 mm_done: set = set()
@@ -336,7 +337,7 @@ class QuantizeLinears(RewritePass):
         return PassResult(new, modified=True, stats=stats)
 
 
-def _observe(program: Program, taps: dict[str, list[str]], group_of: dict[str, int], calibration, method: str,
+def observe_ranges(program: Program, taps: dict[str, list[str]], group_of: dict[str, int], calibration, method: str,
              percentile: float, by: str, channels: bool) -> tuple[int, dict]:
     """Run the calibration through `program` and reduce each tapped node's values to a
     RangeObserver shared by the graphs of one weight group: (calls, (group, node) -> observer)."""
@@ -483,11 +484,13 @@ def _through(n: object, ops: set) -> object:
 
 
 def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[int, ...] | None,
-                smooth: bool, outliers: bool = False, u8_weights: bool = False):
+                smooth: bool, outliers: bool = False, u8_weights: bool = False, act_bits: int = 8):
     """The quantized layer as a torch function (traced into the graph by splice). `smooth`: the
     first constant multiplies x (1 / s, 0 on the outlier channels); `outliers`: the last two are
     the outlier channels' indices [k] and float weight rows [k, N], whose float matmul is added
-    to the result."""
+    to the result. `act_bits` below 8: x is clamped to the 2^act_bits codes' range first (ONNX
+    QuantizeLinear saturates to the dtype's range only), so its codes lie in 0 .. 2^act_bits - 1."""
+    top = (1 << act_bits) - 1
     def linear(x, *consts):
         xs = x
         if smooth:
@@ -511,6 +514,9 @@ def _qdq_linear(scale: float, zero_point: int, has_bias: bool, out_shape: tuple[
         return linear2d(x, wq, ws, wz, *bias)
 
     def linear2d(x, wq, ws, wz, *bias):
+        if top < QMAX_U8:
+            x = _aten.clamp.default(x, float(np.float32(-zero_point * scale)),
+                                    float(np.float32((top - zero_point) * scale)))
         xq = _qd.quantize_per_tensor.default(x, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
         xd = _qd.dequantize_per_tensor.default(xq, scale, zero_point, QMIN_U8, QMAX_U8, torch.uint8)
         if u8_weights:
@@ -553,7 +559,7 @@ def convert_static(src: Graph, items: list[tuple[str, LinearSpec, Site]], by: st
             w[d.outliers] = 0.0        # those channels go through the float matmul, not the int8 one
         u8 = spec.u8_weights
         wq, ws = quantize_weight(w, spec.weight_qmax)     # [K, N] int8, [N] scales
-        scale, zp = activation_qparams(d.lo, d.hi)
+        scale, zp = activation_qparams(d.lo, d.hi, spec.act_bits)
         # explicit zero points (all 0): ORT's QDQ selectors skip a DequantizeLinear without one
         consts = {"w": wq, "ws": ws, "wz": torch.zeros(ws.shape, dtype=torch.int8)}
         if u8:
@@ -591,7 +597,7 @@ def convert_static(src: Graph, items: list[tuple[str, LinearSpec, Site]], by: st
         examples = [torch.zeros(tuple(int(d) for d in xval.shape), dtype=torch.float32)] + \
             [getattr(gm, str(a.target)) for a in attrs]
         fn = _qdq_linear(scale, zp, s.bias is not None, s.out_shape, d.smooth is not None,
-                         d.outliers is not None, u8)
+                         d.outliers is not None, u8, spec.act_bits)
         (y,) = splice(gm, fn, [x] + attrs, examples, by)
         for new in created_between(layer_attrs[0], y):
             new.meta[meta.REGION] = s.region
@@ -602,6 +608,7 @@ def convert_static(src: Graph, items: list[tuple[str, LinearSpec, Site]], by: st
         smooth_range = None if d.smooth is None else (float(d.smooth.min()), float(d.smooth.max()))
         done.append(LayerQuant(s.node, s.region, s.weight, int(k), int(n_out), (min(d.lo, 0.0), max(d.hi, 0.0)),
                                scale, zp, (float(ws.min()), float(ws.max())), s.bias is not None, smooth_range,
+                               activation_bits=spec.act_bits,
                                outlier_channels=() if d.outliers is None else tuple(int(i) for i in d.outliers),
                                weight_storage="uint8" if u8 else "int8"))
     eliminate_dead_code(gm)

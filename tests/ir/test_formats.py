@@ -33,3 +33,16 @@ def test_every_table_reads_the_registry():
 def test_an_unknown_format_is_named():
     with pytest.raises(ValueError, match=r"pass 'x': unknown format 'int3'; known: fp32, w8a8, w4, w8"):
         get_format("int3", "pass 'x'")
+
+
+def test_activation_widths_of_a_static_w8a8_decision():
+    from pared.ir.formats import LinearSpec
+    ok = LinearSpec("w8a8", "t", act_range=(-1.0, 1.0), weight_qmax=127, act_bits=4)
+    assert ok.problems(8, 4, weight_qmax_limit=127) == []
+    assert "act_bits" not in LinearSpec("w8a8", "t", act_range=(0.0, 1.0), weight_qmax=127).to_json()
+    assert ok.to_json()["act_bits"] == 4
+    assert any("act_bits 1 is not an activation width in 2..8" in p for p in
+               LinearSpec("w8a8", "t", act_range=(0.0, 1.0), weight_qmax=127, act_bits=1).problems(
+                   8, 4, weight_qmax_limit=127))
+    assert any("needs a static act_range" in p for p in
+               LinearSpec("w8a8", "t", dynamic=True, weight_qmax=127, act_bits=4).problems(8, 4, weight_qmax_limit=127))

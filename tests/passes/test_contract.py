@@ -183,6 +183,11 @@ def vla_ctx(fx_: Fixture, program: Program) -> PassContext:
     return PassContext(calibration=[testing.tiny_vla_inputs(3, seed=s) for s in (11, 12)])
 
 
+def motion_ctx(fx_: Fixture, program: Program) -> PassContext:
+    """Eight observations of TinyVLA: states whose first rows give dynamic_precision 7 speeds."""
+    return PassContext(calibration=[testing.tiny_vla_inputs(3, seed=s) for s in range(11, 19)])
+
+
 def latency_ctx(fx_: Fixture, program: Program) -> PassContext:
     """latency times with the context's measurement service (ORT on the CPU)."""
     return PassContext(measure=default_profiler())
@@ -511,6 +516,13 @@ CASES: dict[str, Case] = {
         twice_why="the budget is a fraction of the float bytes the profile sees; a second profile sees only "
                   "the layers left float, so the same fraction would legitimately spend again. Given their "
                   "whole bytes (1.0), the second run must keep them as they are."),
+    # widths 8 and 4 chosen by the state's speed; a request's first call runs 8 bits: measured 0.007
+    "dynamic_precision": Case(
+        vla, {"position": [0, 1, 2], "bits": [8, 4]}, motion_ctx, noop={"position": [0, 1, 2], "exclude": ["**"]},
+        bad=(({"bits": [4, 8]}, "pass 'dynamic_precision': option 'bits' must be distinct widths in 2..8"),
+             ({"positon": [0]}, "unknown option 'positon'; did you mean 'position'"),
+             ({"input": "robot"}, "option 'input' names 'robot', which is not a program input")),
+        meaning=call_vs_model(), rel_l2=0.05),
     # -- sparsity: exact against ToMe's eager form (measured 2e-7) ----------------------------
     "layer_skip": Case(
         dit, {"skip": 2}, loop_ctx(8), noop={"skip": 0},
@@ -704,7 +716,8 @@ def test_structure_golden(name):
 
 
 #: the quantization passes: each decides, and passes/quant/convert.py converts
-QUANT = ("quantize_linears", "timestep_quant", "mixed_precision", "quantize_weights_int4", "expert_quant")
+QUANT = ("quantize_linears", "timestep_quant", "mixed_precision", "quantize_weights_int4", "expert_quant",
+         "dynamic_precision")
 
 
 @pytest.mark.parametrize("name", QUANT)
