@@ -119,6 +119,11 @@ class Motion(Selector):
                 jerk = float(np.linalg.norm(c - 2 * b + a))
         return speed, grip, jerk
 
+    def proxies_over(self, states: Any) -> list[tuple[float | None, float | None, float | None]]:
+        """The proxies of a sequence of state vectors, read as one request (calibration)."""
+        st = MotionState()
+        return [self.measure(x, st) for x in states]
+
     def propose(self, speed: float | None, grip: float | None, jerk: float | None) -> int:
         """The level the proxies ask for, before hysteresis (0: finest)."""
         if speed is None:
@@ -146,3 +151,34 @@ class Motion(Selector):
             s.pending = 0
         s.call, s.proxies = c.request_call, proxies
         return self.cases[s.level], s
+
+
+def speed_edges(speeds: Any, shares: Any, who: str) -> tuple[float, ...]:
+    """Speed edges that put `shares` (one per level, finest first, summing to 1) of the observed
+    `speeds` in each level: the quantiles at the shares' running sums.
+
+    Raises:
+        PlanError: naming `who`, when there are too few speeds or the edges do not separate the levels.
+    """
+    import numpy as np
+    v = np.asarray([x for x in speeds if x is not None], dtype=np.float64)
+    k = len(shares)
+    if k > 1 and v.size < 2 * k:
+        raise PlanError(f"{who}: the calibration run gives {v.size} speeds; {k} levels need at least {2 * k} "
+                        "(give more observations, or 'previous' indices so every observation has a speed)")
+    edges = tuple(float(np.quantile(v, q)) for q in np.cumsum(shares)[:-1])
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise PlanError(f"{who}: the calibration speeds give edges {list(edges)} that do not separate the levels "
+                        "(too few distinct speeds); give other shares or more observations")
+    return edges
+
+
+def first_rows(values: Any) -> list:
+    """The first row of each value (a tensor or an array), flattened, as float64 numpy: the state
+    vectors a calibration run's observations hold."""
+    import numpy as np
+    out = []
+    for v in values:
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        out.append(np.asarray(v, dtype=np.float64).reshape(v.shape[0] if v.ndim > 1 else 1, -1)[0])
+    return out

@@ -27,6 +27,12 @@ Drafters (`drafter:`):
              the calibration inputs (`draft_hidden`, `draft_steps`; seeded).
   none       a draft of zeros: with `refill: head` this is Jacobi decoding, the baseline a
              drafter has to beat.
+  hybrid     two of the above (`hybrid: [fine, coarse]`, default distilled for fine motion and
+             retrieval for coarse), chosen per call by the robot's motion (HeiSD's kinematic
+             switch between drafter and retrieval): a `motion` select on the state input
+             (`motion_input`) whose end-effector speed (`position` against `previous`, or the
+             previous call's) below the `fine_share` quantile of the calibration observations' speeds
+             picks the fine drafter. HeiSD's fused metric is not public; this is its speed term.
 
 Past the first rejected position (`refill:`): `head` puts the head's own guesses there (its
 argmax at those positions, computed from a prefix that was wrong at one token; Jacobi
@@ -65,9 +71,10 @@ import torch
 
 from pared.ir.capture import capture
 from pared.ir.decode import DecodeLoop
-from pared.ir.errors import OptionError, PassError
+from pared.ir.errors import OptionError, PassError, PlanError
 from pared.ir.plan import Bins, Call, Loop, Node, Select, Seq, StateBuffer, Table, map_nodes
 from pared.ir.program import Program
+from pared.ir.selectors.motion import Motion, first_rows, speed_edges
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.decode import drafters
 
@@ -89,7 +96,7 @@ class SpeculativeDecode(RewritePass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        drafter: Literal["retrieval", "distilled", "kalman", "none"] = "retrieval"
+        drafter: Literal["retrieval", "distilled", "kalman", "none", "hybrid"] = "retrieval"
         radius: int = 0                     # acceptance: 0 exact (lossless); r: within r bins of the argmax
         refill: Literal["head", "draft"] = "head"    # past a rejection: the head's guesses, or the rest of the draft
         keys: tuple[str, ...] | None = None  # retrieval: the program inputs matched (default: the small ones)
@@ -106,6 +113,12 @@ class SpeculativeDecode(RewritePass):
                                             # row than this quantile of the rows' own nearest distances (HeiSD)
         sequence: float | None = None       # accept a whole draft whose unverified tokens deviate from the
                                             # head's argmax by at most this many bins on average (HeiSD)
+        hybrid: tuple[str, str] = ("distilled", "retrieval")  # hybrid: the drafters of fine and coarse motion
+        motion_input: str = "state"         # hybrid: the program input holding the robot state
+        position: tuple[int, ...] = ()      # hybrid: its end-effector position indices (required)
+        previous: tuple[int, ...] = ()      # hybrid: the position one tick earlier (else the previous call's)
+        fine_share: float = 0.5             # hybrid: calibration share of observations the fine drafter takes
+        dwell: int = 1                      # hybrid: calls in a row the coarse drafter is asked for before taken
 
         def __post_init__(self):
             check_range(NAME, "radius", self.radius, lo=0)
@@ -117,8 +130,29 @@ class SpeculativeDecode(RewritePass):
                                   "action: the tokens are read as H actions of that many bins)")
             if self.action_dim is not None:
                 check_range(NAME, "action_dim", self.action_dim, lo=1)
-            if self.drafter != "retrieval" and (self.keys is not None or self.table is not None
-                                                 or self.skip_verify is not None):
+            for name in ("hybrid", "position", "previous"):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+            uses_retrieval = self.drafter == "retrieval" or (self.drafter == "hybrid" and "retrieval" in self.hybrid)
+            if self.drafter == "hybrid":
+                if len(self.hybrid) != 2 or self.hybrid[0] == self.hybrid[1] or \
+                        not set(self.hybrid) <= {"retrieval", "distilled", "none"}:
+                    raise OptionError(f"pass '{NAME}': option 'hybrid' takes two different drafters [fine, coarse] "
+                                      f"of retrieval, distilled and none, got {list(self.hybrid)}")
+                if not self.position:
+                    raise OptionError(f"pass '{NAME}': drafter 'hybrid' needs option 'position' (the state indices "
+                                      "of the end-effector position, whose speed picks the drafter)")
+                if self.skip_verify is not None:
+                    raise OptionError(f"pass '{NAME}': option 'skip_verify' reads the retrieval distance, which the "
+                                      "fine drafter does not produce; use it with drafter 'retrieval'")
+                check_range(NAME, "fine_share", self.fine_share, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+                check_range(NAME, "dwell", self.dwell, lo=1)
+                try:
+                    Motion("in:" + self.motion_input, ("fine", "coarse"), self.position, (0.0,), self.previous,
+                           dwell=self.dwell)
+                except PlanError as e:
+                    raise OptionError(f"pass '{NAME}': {e}") from None
+            if not uses_retrieval and (self.keys is not None or self.table is not None
+                                       or self.skip_verify is not None):
                 raise OptionError(f"pass '{NAME}': options 'keys', 'table' and 'skip_verify' belong to drafter "
                                   f"'retrieval', not {self.drafter!r}")
             if self.max_verify is not None:
@@ -191,6 +225,36 @@ class SpeculativeDecode(RewritePass):
         return PassResult(new, modified=True, stats=stats)
 
     # -- drafters: each builds its graphs and plan nodes ---------------------------------------
+    def _draft_hybrid(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
+                      example_tokens: torch.Tensor) -> "DraftParts":
+        o = self.options
+        if o.motion_input not in loop_rec.inputs:
+            raise OptionError(f"pass '{NAME}': option 'motion_input' names {o.motion_input!r}, which is not a "
+                              f"program input (inputs: {list(loop_rec.inputs)})")
+        calib = ctx.calibration
+        if callable(calib) or not calib:
+            raise PassError(f"pass '{NAME}': drafter 'hybrid' sets its speed edge on the states of calibration "
+                            "inputs (a list of input tuples); none were given. Pass calibration=[...]")
+        at = list(loop_rec.inputs).index(o.motion_input)
+        probe = Motion("in:" + o.motion_input, ("fine",), o.position, (), o.previous)
+        try:
+            proxies = probe.proxies_over(first_rows(x[at] for x in calib))
+            (edge,) = speed_edges([p[0] for p in proxies], (o.fine_share, 1.0 - o.fine_share), f"pass '{NAME}'")
+        except PlanError as e:
+            raise PassError(str(e)) from None
+        graphs, cases, detail, stats = {}, [], {}, {}
+        for role, drafter in zip(("fine", "coarse"), o.hybrid):
+            p = getattr(self, f"_draft_{drafter}")(program, loop_rec, ctx, example_tokens)
+            name = f"{DRAFT}.{drafter}"
+            graphs[name] = p.graphs[DRAFT]
+            cases.append((role, dataclasses.replace(p.draft, graph=name)))
+            detail.update(p.detail)
+            stats.update(p.stats)
+        motion = Motion("in:" + o.motion_input, ("fine", "coarse"), o.position, (edge,), o.previous, dwell=o.dwell)
+        detail.update(hybrid=tuple(o.hybrid), speed_edge=edge)
+        return DraftParts(graphs, Select(motion, tuple(cases), f"{NAME}.motion"), detail=detail,
+                          stats={**stats, "speed_edge": edge})
+
     def _draft_retrieval(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
                          example_tokens: torch.Tensor) -> "DraftParts":
         o = self.options
@@ -416,3 +480,6 @@ class SpeculativePlan(Record):
     loss_first: float | None = None
     loss_last: float | None = None
     train_token_accuracy: float | None = None
+    # hybrid
+    hybrid: tuple[str, ...] = ()        # (fine-motion drafter, coarse-motion drafter)
+    speed_edge: float | None = None     # the end-effector speed between them

@@ -41,12 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from pared.ir.errors import OptionError, PassError
+from pared.ir.errors import OptionError, PassError, PlanError
 from pared.ir.plan import Call, Select
 from pared.ir.program import Graph, Program
 from pared.ir.regions import match
 from pared.ir.rewrite import attr_targets, share_equal_constants
-from pared.ir.selectors.motion import Motion, MotionState
+from pared.ir.selectors.motion import Motion, first_rows, speed_edges
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, int8_weight_qmax, weight_format
 from pared.passes.quant.convert import apply
@@ -237,20 +237,12 @@ class SwitchPrecisionByMotion(RewritePass):
         o = self.options
         states = _states(program, calib, o.input)
         probe = Motion("in:" + o.input, ("x",), o.position, (), o.previous, o.gripper, None, None, 1)
-        st = MotionState()
-        proxies = [probe.measure(s, st) for s in states]
-        speeds = np.asarray([p[0] for p in proxies if p[0] is not None], dtype=np.float64)
-        k = len(o.bits)
-        if k > 1 and speeds.size < 2 * k:
-            raise PassError(f"pass 'dynamic_precision': the calibration run gives {speeds.size} speeds; {k} levels "
-                            f"need at least {2 * k} (give more observations, or 'previous' indices so every "
-                            "observation has a speed)")
-        shares = o.shares or tuple(1.0 / k for _ in range(k))
-        edges = tuple(float(np.quantile(speeds, q)) for q in np.cumsum(shares)[:-1])
-        if any(b <= a for a, b in zip(edges, edges[1:])) or (edges and not np.isfinite(edges).all()):
-            raise PassError(f"pass 'dynamic_precision': the calibration speeds give edges {list(edges)} that do "
-                            "not separate the levels (too few distinct speeds); give other 'shares' or more "
-                            "observations")
+        proxies = probe.proxies_over(states)
+        shares = o.shares or tuple(1.0 / len(o.bits) for _ in o.bits)
+        try:
+            edges = speed_edges([p[0] for p in proxies], shares, "pass 'dynamic_precision'")
+        except PlanError as e:
+            raise PassError(str(e)) from None
         grip = None
         if o.gripper and o.gripper_quantile is not None:
             g = np.asarray([p[1] for p in proxies], dtype=np.float64)
@@ -262,19 +254,13 @@ class SwitchPrecisionByMotion(RewritePass):
 def _states(program: Program, calib, name: str) -> list[np.ndarray]:
     """The first row of input `name` of each calibration observation."""
     at = list(program.plan.inputs).index(name)
-    out = []
-    for obs in calib:
-        v = obs[at]
-        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-        out.append(np.asarray(v, dtype=np.float64).reshape(v.shape[0] if v.ndim > 1 else 1, -1)[0])
-    return out
+    return first_rows(obs[at] for obs in calib)
 
 
 def _calibration_proposals(motion: Motion, states: list[np.ndarray]) -> dict[str, Any]:
     """The level the proxies ask for at each calibration observation (no hysteresis), and the
     share of observations per level."""
-    st = MotionState()
-    proxies = [motion.measure(s, st) for s in states]
+    proxies = motion.proxies_over(states)
     want = [motion.propose(*p) for p in proxies]
     k = len(motion.cases)
     return {"proxies": proxies, "shares": tuple(want.count(i) / max(len(want), 1) for i in range(k))}

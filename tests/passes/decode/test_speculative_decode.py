@@ -12,7 +12,7 @@ import torch
 from pared.ir.capture import capture
 from pared.ir.decode import TOKENS
 from pared.ir.errors import OptionError, PassError
-from pared.ir.plan import Call, Loop, Select, Seq, iter_nodes
+from pared.ir.plan import Loop, Select, iter_nodes
 from pared.ir.transform import PassContext
 from pared.passes.decode import drafters
 from pared.passes.decode.speculative_decode import ACCEPT, DRAFT, K_UPDATE, SpeculativeDecode
@@ -87,7 +87,9 @@ def test_accept_matches_a_python_verify_step(radius, refill, sequence):
 # -- the rewritten loop ------------------------------------------------------------------------
 @pytest.mark.parametrize("drafter,opts", [("retrieval", {}), ("none", {}), ("kalman", {"action_dim": 2}),
                                           ("retrieval", {"refill": "draft"}),
-                                          ("distilled", {"draft_steps": 150, "draft_hidden": 64})])
+                                          ("distilled", {"draft_steps": 150, "draft_hidden": 64}),
+                                          ("hybrid", {"hybrid": ("none", "retrieval"), "motion_input": "obs",
+                                                      "position": (0, 1, 2), "previous": (3, 4, 5)})])
 def test_exact_acceptance_gives_greedy_decodings_tokens(tiny, drafter, opts):
     m, prog, calib = tiny
     res = run_pass_checked(SpeculativeDecode(drafter=drafter, **opts), prog, PassContext(calibration=calib))
@@ -372,3 +374,48 @@ def test_sequence_wise_acceptance_takes_whole_drafts_and_is_marked_lossy(tiny):
     _, h_exact = _run(exact.program, held)
     _, h_seq = _run(seq.program, held)
     assert sum(h_seq) < sum(h_exact) and min(h_seq) == 1          # whole drafts accepted in one call
+
+
+# -- HeiSD's kinematic switch ----------------------------------------------------------------------
+def test_hybrid_drafts_by_the_speed_of_the_state(tiny):
+    """The fine drafter below the calibration speeds' fine_share quantile, the coarse one above it,
+    each call's draft graph as the speed computed by hand says; tokens stay greedy decoding's."""
+    m, prog, calib = tiny
+    opts = dict(drafter="hybrid", hybrid=("distilled", "retrieval"), motion_input="obs", position=(0, 1, 2),
+                previous=(3, 4, 5), fine_share=0.5, draft_steps=150, draft_hidden=64)
+    res = run_pass_checked(SpeculativeDecode(**opts), prog, PassContext(calibration=calib))
+    rec = res.program.records["SpeculativePlan"]
+    speeds = [float(torch.linalg.vector_norm(x[0][0, :3] - x[0][0, 3:6])) for x in calib]
+    assert rec.hybrid == ("distilled", "retrieval") and rec.speed_edge == pytest.approx(float(np.median(speeds)))
+    assert {f"{DRAFT}.distilled", f"{DRAFT}.retrieval"} <= set(res.program.graphs) and DRAFT not in res.program.graphs
+    held = [tiny_decoder_inputs(1, 900 + i) for i in range(10)]
+    r = res.program.runner()
+    for x in held:
+        out = r(list(x))[0]
+        with torch.no_grad():
+            assert torch.equal(out, m(*x))
+        speed = float(torch.linalg.vector_norm(x[0][0, :3] - x[0][0, 3:6]))
+        want = "distilled" if speed < rec.speed_edge else "retrieval"
+        drafts = [g for g in r.graph_trace[-1] if g.startswith(DRAFT + ".")]
+        assert drafts == [f"{DRAFT}.{want}"], (speed, rec.speed_edge, drafts)
+    used = {g for t in r.graph_trace for g in t if g.startswith(DRAFT + ".")}
+    assert len(used) == 2
+
+
+@pytest.mark.parametrize("opts, msg", [
+    ({"hybrid": ("kalman", "retrieval")}, "option 'hybrid' takes two different drafters"),
+    ({"hybrid": ("none", "none")}, "option 'hybrid' takes two different drafters"),
+    ({"position": ()}, "drafter 'hybrid' needs option 'position'"),
+    ({"skip_verify": 0.3}, "option 'skip_verify' reads the retrieval distance"),
+    ({"fine_share": 1.0}, "option 'fine_share' must be in \\(0, 1\\)"),
+    ({"previous": (3,)}, "previous has 1 indices for the 3 of position"),
+])
+def test_hybrid_bad_options(opts, msg):
+    with pytest.raises(OptionError, match=msg):
+        SpeculativeDecode(**{"drafter": "hybrid", "position": (0, 1, 2), **opts})
+
+
+def test_hybrid_names_a_missing_state_input(tiny):
+    _, prog, calib = tiny
+    with pytest.raises(OptionError, match="option 'motion_input' names 'state', which is not a program input"):
+        SpeculativeDecode(drafter="hybrid", position=(0, 1, 2))(prog, PassContext(calibration=calib))
