@@ -8,7 +8,9 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
   plain_loop       the same, decoding as a loop of the Plan (what speculative_decode rewrites)
   exact_<drafter>  speculative_decode, radius 0 (lossless): drafter none (Jacobi decoding),
                    retrieval (HeiSD: nearest calibration observation's tokens), kalman (KERV),
-                   distilled (a parallel draft head trained on the calibration tokens)
+                   distilled (a parallel draft head trained on the calibration tokens), hybrid
+                   (HeiSD's kinematic switch: distilled below the median calibration end-effector
+                   speed, retrieval above it)
   <arm>_fused      the same pipeline then fuse_calls (the head and the pick / accept one graph)
   lossy arms       (--lossy, see LOSSY) r<k>_*: draft tokens within k bins of the head's argmax;
                    kerv<k>_kalman: at most k head calls, the Kalman draft completing the chunk;
@@ -52,10 +54,15 @@ from pared.backends.executor import Executor  # noqa: E402
 from pared.bench import write_results  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
 
+#: HeiSD's kinematic switch: Meta-World's state holds the hand position [0:3] and its copy one tick
+#: earlier [18:21]; below the median calibration speed the distilled drafter, above it retrieval
+HYBRID = {"drafter": "hybrid", "hybrid": ["distilled", "retrieval"], "motion_input": "state",
+          "position": [0, 1, 2], "previous": [18, 19, 20]}
 LOSSLESS = {"exact_none": {"drafter": "none"},
             "exact_retrieval": {"drafter": "retrieval"},
             "exact_kalman": {"drafter": "kalman", "action_dim": 4},
             "exact_distilled": {"drafter": "distilled"},
+            "exact_hybrid": HYBRID,
             # then fuse_calls: the head and the pick / accept one graph per iteration
             "plain_loop_fused": {"fuse": True},
             "exact_retrieval_fused": {"drafter": "retrieval", "fuse": True}}
@@ -71,7 +78,8 @@ LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
          # HeiSD's sequence-wise relaxed acceptance: a whole draft within a mean of d bins of the head's argmax
          "seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0},
          "seq2_retrieval": {"drafter": "retrieval", "sequence": 2.0},
-         "skip25_seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0, "skip_verify": 0.25}}
+         "skip25_seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0, "skip_verify": 0.25},
+         "seq1_hybrid": dict(HYBRID, sequence=1.0)}
 
 
 def say(msg: str) -> None:
