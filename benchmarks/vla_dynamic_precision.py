@@ -15,6 +15,8 @@ calibration observations):
                observations per level; a gripper change ([3] vs [21]) above its 0.9 quantile forces 8
                bits; a coarser level after 2 calls in a row
   dyn842       bits [8, 4, 2], calibration shares 0.5 / 0.3 / 0.2
+  rand84       the control: bits [8, 4] switched by the policy's noise input instead of motion (4 bits at
+               a random ~30% of the calls, dyn84's closed-loop share): does the choice of calls matter?
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes): eager PyTorch acts, then
 every arm acts in its own closed loop from the same seeds; for the switching arms the share of
 policy calls run at each width. Memory (DynamicPrecisionDecisions.memory_ratio): the policy's
@@ -54,7 +56,11 @@ def dyq(bits: list[int], **kw) -> list:
 
 
 ARMS = {"plain": [], "int8": [{"quantize_linears": {}}], "a4": dyq([4]), "a2": dyq([2]),
-        "dyn84": dyq([8, 4]), "dyn842": dyq([8, 4, 2], shares=[0.5, 0.3, 0.2])}
+        "dyn84": dyq([8, 4]), "dyn842": dyq([8, 4, 2], shares=[0.5, 0.3, 0.2]),
+        # the control: the same two widths, 4 bits at a random ~30% of the calls (dyn84's closed-loop share),
+        # chosen by the policy's own noise input (|n[0] - n[1]| above its 0.7 quantile), not by motion
+        "rand84": [{"dynamic_precision": {"bits": [8, 4], "input": "noise", "position": [0], "previous": [1],
+                                          "shares": [0.7, 0.3], "gripper_quantile": None, "dwell": 1}}]}
 DEFAULT = list(ARMS)
 
 

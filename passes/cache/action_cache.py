@@ -18,7 +18,11 @@ Schedules (the update steps per sub-block, step 0 always among them):
             similarity of its output at step a and at step t. With update steps
             u_0 = 0 < u_1 < ... < u_{M-1}, the output computed at u_i stands for the steps
             [u_i, u_{i+1}), worth sum_t S[u_i, t]; a dynamic program picks the M updates
-            of largest total similarity. Bubbling Union: the `bubble` fraction of
+            of largest total similarity. With `groups: g` the sub-blocks share update
+            steps in g groups (merged greedily by the similarity a shared schedule
+            loses), so a request switches among at most 2^g variants instead of one per
+            distinct step (each variant is a graph with its own prepacked weights; many
+            of them cost more than their FLOPs save on the CPU). Bubbling Union: the `bubble` fraction of
             sub-blocks with the largest caching error (mean 1 - S over their steps) also
             update whenever an MLP (FFN) after them updates, so an FFN never reads a
             stale upstream feature it is sensitive to.
@@ -82,6 +86,7 @@ class ActionCachePlan(Record):
     similarity: tuple[float, ...] = ()
     bubbled: tuple[str, ...] = ()
     flops: tuple[tuple[str, int], ...] = ()
+    groups: tuple[int, ...] = ()         # option groups: the group of each sub-block (empty: one each)
 
 
 # -- the schedule --------------------------------------------------------------------
@@ -124,6 +129,42 @@ def kept_similarity(S: np.ndarray, updates: Sequence[int]) -> float:
     ups = sorted(set(updates))
     vals = [S[max(u for u in ups if u <= t), t] for t in range(k)]
     return float(np.mean(vals))
+
+
+def grouped_updates(S: np.ndarray, m: int, groups: int) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Sub-blocks that share update steps, so a request runs few distinct variants: start with
+    each sub-block alone and merge, `len(S) - groups` times, the two groups whose one schedule
+    (bac_updates on their summed similarity) keeps the most similarity summed over their
+    members (the least lost by the merge).
+
+    Args:
+        S: [n, K, K] per sub-block similarity. m: updates per group. groups: how many remain.
+    Returns:
+        (the group of each sub-block, numbered in order of first member; each group's updates).
+    """
+    n = S.shape[0]
+    members = [[i] for i in range(n)]
+
+    def value(ms: list[int]) -> tuple[float, tuple[int, ...]]:
+        ups = bac_updates(S[ms].sum(0), m)
+        return sum(kept_similarity(S[i], ups) for i in ms), ups
+    cache = {(i,): value([i]) for i in range(n)}
+    while len(members) > max(1, groups):
+        best = None
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                key = tuple(sorted(members[a] + members[b]))
+                if key not in cache:
+                    cache[key] = value(list(key))
+                loss = cache[tuple(members[a])][0] + cache[tuple(members[b])][0] - cache[key][0]
+                if best is None or loss < best[0] - 1e-12:
+                    best = (loss, a, b)
+        _, a, b = best
+        members[a] = sorted(members[a] + members[b])
+        del members[b]
+    members.sort(key=min)
+    group_of = [next(g for g, ms in enumerate(members) if i in ms) for i in range(n)]
+    return group_of, [cache[tuple(ms)][1] for ms in members]
 
 
 def bubbling_union(blocks: Sequence[str], updates: list[set[int]], errors: Sequence[float], is_ffn: Sequence[bool],
@@ -267,6 +308,8 @@ class ActionCache(RewritePass):
     class Options:
         schedule: str = "bac"          # bac (calibrated DP + Bubbling Union) | interval (fixed, EfficientVLA)
         updates: int | None = None     # bac: update steps per sub-block, step 0 included (default: half the steps)
+        groups: int | None = None      # bac: sub-blocks share update steps in this many groups (fewer variants);
+        #                                None: a schedule per sub-block
         bubble: float = 0.5            # bac: fraction of sub-blocks (largest caching error) that bubble; 0: none
         interval: int = 2              # interval: update every N steps
         parts: str = "attn,mlp"        # the child modules of each block that are cached
@@ -282,6 +325,11 @@ class ActionCache(RewritePass):
             if self.updates is not None:
                 check_range("action_cache", "updates", self.updates, lo=1)
             check_range("action_cache", "bubble", self.bubble, lo=0.0, hi=1.0)
+            if self.groups is not None:
+                check_range("action_cache", "groups", self.groups, lo=1)
+                if self.schedule != "bac":
+                    raise OptionError("pass 'action_cache' option 'groups' belongs to schedule 'bac' (interval "
+                                      "updates every sub-block at the same steps already)")
             check_range("action_cache", "interval", self.interval, lo=1)
             check_range("action_cache", "calibration_calls", self.calibration_calls, lo=1)
             if self.steps is not None:
@@ -302,6 +350,7 @@ class ActionCache(RewritePass):
             paths = [p for p, _ in blocks]
             similarity: tuple[float, ...] = ()
             bubbled: list[str] = []
+            groups: tuple[int, ...] = ()
             if o.schedule == "interval":
                 ups = [{i for i in range(steps) if refreshes(i, o.interval, 1)} for _ in blocks]
             else:
@@ -313,7 +362,12 @@ class ActionCache(RewritePass):
                 S = step_similarity(program, gname, [n for _, n in blocks], _subset(ctx.calibration,
                                     o.calibration_calls), gname in stepped_graphs, steps)
                 m = o.updates or max(1, (steps + 1) // 2)
-                ups = [set(int(u) for u in bac_updates(S[b], m)) for b in range(len(blocks))]
+                if o.groups is not None and o.groups < len(blocks):
+                    group_of, group_ups = grouped_updates(S, m, o.groups)
+                    ups = [set(int(u) for u in group_ups[g]) for g in group_of]
+                    groups = tuple(group_of)
+                else:
+                    ups = [set(int(u) for u in bac_updates(S[b], m)) for b in range(len(blocks))]
                 errors = [1.0 - kept_similarity(S[b], sorted(ups[b])) for b in range(len(blocks))]
                 bubbled = bubbling_union(paths, ups, errors, [p.rpartition(".")[2] in ffn for p in paths], o.bubble)
                 similarity = tuple(round(kept_similarity(S[b], sorted(ups[b])), 6) for b in range(len(blocks)))
@@ -323,7 +377,7 @@ class ActionCache(RewritePass):
             flops = tuple((f"{gname}.{v}", graph_flops(new.graphs[f"{gname}.{v}"]))
                           for v in ["full", *[v for v, _ in variants]])
             rec = ActionCachePlan(o.schedule, gname, steps, tuple(paths), tuple(tuple(sorted(u)) for u in ups), table,
-                                  tuple(variants), similarity, tuple(bubbled), flops)
+                                  tuple(variants), similarity, tuple(bubbled), flops, groups)
             new = new.with_record(rec, gname)
             stats["graphs"] += 1
             stats["reuse_fraction"] = round(sum(steps - len(u) for u in ups) / (steps * len(blocks)), 4)

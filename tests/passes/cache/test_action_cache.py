@@ -12,7 +12,8 @@ from pared.backends.executor import Executor
 from pared.ir.capture import capture
 from pared.ir.errors import OptionError, PassError
 from pared.ir.transform import PassContext
-from pared.passes.cache.action_cache import bac_updates, bubbling_union, kept_similarity, segment_value
+from pared.passes.cache.action_cache import (bac_updates, bubbling_union, grouped_updates, kept_similarity,
+                                             segment_value)
 from pared.registry import get_pass
 from pared.testing import eager_block_cache, op_count, tiny_denoiser, tiny_denoiser_inputs
 
@@ -66,6 +67,49 @@ def test_bubbling_union_only_for_high_error_upstream_blocks():
     ups2 = [{0, 4}, {0, 2}, {0, 5}, {0, 6}]
     assert bubbling_union(blocks, ups2, errors, [False, True, False, True], 0.0) == []
     assert ups2 == [{0, 4}, {0, 2}, {0, 5}, {0, 6}]
+
+
+def _kept(S, group_of, ups):
+    return sum(kept_similarity(S[i], ups[g]) for i, g in enumerate(group_of))
+
+
+def test_grouping_merges_the_sub_blocks_that_lose_least_together():
+    """Two families of sub-blocks, alike within (similar until step 4, or until step 2): two groups
+    recover them, and no partition into two groups (each scheduled by the DP on its summed S) keeps
+    more; one group is a single shared schedule."""
+    rng = np.random.default_rng(0)
+    k, m = 6, 2
+    S = np.zeros((4, k, k))
+    for i, cut in enumerate((4, 2, 4, 2)):
+        s = np.full((k, k), 0.2)
+        s[:cut, :cut] = s[cut:, cut:] = 0.95
+        S[i] = np.triu(s + rng.uniform(0, 0.02, (k, k)))
+        np.fill_diagonal(S[i], 1.0)
+    group_of, ups = grouped_updates(S, m, 2)
+    assert group_of == [0, 1, 0, 1] and ups == [(0, 4), (0, 2)]
+    one, (shared,) = grouped_updates(S, m, 1)
+    assert one == [0] * 4 and len(shared) == m
+    assert grouped_updates(S, m, 4)[0] == [0, 1, 2, 3]
+    # no partition into 2 groups keeps more
+    best = 0.0
+    for labels in itertools.product(range(2), repeat=4):
+        if len(set(labels)) != 2:
+            continue
+        gu = [bac_updates(S[[i for i in range(4) if labels[i] == g]].sum(0), m) for g in range(2)]
+        best = max(best, _kept(S, labels, gu))
+    assert _kept(S, group_of, ups) == pytest.approx(best)
+
+
+def test_groups_bound_the_variants_and_match_the_emulation():
+    m, prog, res = _cached(schedule="bac", updates=3, groups=2, bubble=0)
+    rec = res.program.records.get("ActionCachePlan", graph="head")
+    assert len(set(rec.groups)) == 2 and len(rec.groups) == 6
+    assert len({u for u in rec.updates}) == 2 and len(rec.variants) + 1 <= 4
+    updates = dict(zip(rec.blocks, rec.updates))
+    held = tiny_denoiser_inputs(1, 3)
+    torch.testing.assert_close(res.program(*held), eager_block_cache(m, held, updates), rtol=0, atol=2e-5)
+    with pytest.raises(OptionError, match="option 'groups' belongs to schedule 'bac'"):
+        get_pass("action_cache")(schedule="interval", groups=2)
 
 
 def test_structure_and_record():
