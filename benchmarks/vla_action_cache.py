@@ -14,6 +14,8 @@ is built as a pared Denoiser (the steps a steps loop of the Plan) and lowered to
                    dynamic program over the step-to-step cosine similarity of its output on 64
                    calibration observations (training demonstrations), then Bubbling Union
   bac<M>_nobubble  the same without Bubbling Union
+  bac<M>_g2[...]   grouped BAC: the sub-blocks share update steps in 2 groups (merged by the
+                   similarity a shared schedule loses), so each call switches among few variants
   <arm>_fused      the same pipeline then fuse_calls: the head (variant) and the DDIM update run
                    as one graph per step (11 ORT calls per policy call instead of 22)
   <arm>_shared     the same artifact loaded with share_weights=True: every head variant reads one
@@ -63,6 +65,10 @@ ARMS = {"interval2": {"schedule": "interval", "interval": 2},
         "bac3": {"schedule": "bac", "updates": 3},
         "bac3_nobubble": {"schedule": "bac", "updates": 3, "bubble": 0.0},
         "bac2": {"schedule": "bac", "updates": 2},
+        # grouped BAC: the sub-blocks share update steps in 2 groups, so a call switches among few variants
+        "bac4_g2": {"schedule": "bac", "updates": 4, "groups": 2},
+        "bac4_g2_nobubble": {"schedule": "bac", "updates": 4, "groups": 2, "bubble": 0.0},
+        "bac3_g2": {"schedule": "bac", "updates": 3, "groups": 2},
         "interval5": {"schedule": "interval", "interval": 5}}
 #: arms whose pipeline ends with fuse_calls (the head and the DDIM update one graph per step)
 FUSED = ["plain_loop_fused", "interval2_fused", "bac4_fused", "bac3_fused", "bac2_fused"]

@@ -63,6 +63,7 @@ LOSSLESS = {"exact_none": {"drafter": "none"},
             "exact_kalman": {"drafter": "kalman", "action_dim": 4},
             "exact_distilled": {"drafter": "distilled"},
             "exact_hybrid": HYBRID,
+            "exact_hybrid_rev": dict(HYBRID, hybrid=["retrieval", "distilled"]),   # the other way round
             # then fuse_calls: the head and the pick / accept one graph per iteration
             "plain_loop_fused": {"fuse": True},
             "exact_retrieval_fused": {"drafter": "retrieval", "fuse": True}}
