@@ -62,6 +62,9 @@ ARMS = {"plain": [], "int8": [{"quantize_linears": {}}], "a4": dyq([4]), "a2": d
         "rand84": [{"dynamic_precision": {"bits": [8, 4], "input": "noise", "position": [0], "previous": [1],
                                           "shares": [0.7, 0.3], "gripper_quantile": None, "dwell": 1}}]}
 DEFAULT = list(ARMS)
+ABOUT = {"what": "VLA diffusion policy (unrolled, batch 1), dynamic_precision (DyQ-VLA): closed-loop success, share "
+                 "of calls per activation width, memory vs fp32, per-call latency (ORT CPU)",
+         "calibration": "1024 training-demonstration observations"}
 
 
 class CountLevels:
@@ -139,14 +142,8 @@ def main() -> None:
             with8 = next((r for r in records.values() if r is not None and "a8" in {lv.label for lv in r.levels}), None)
             if "int8" in ex and with8 is not None:      # the same layers and ranges as every call at a8
                 out["closed_loop"]["arms"]["int8"]["memory_ratio"] = round(with8.memory_ratio({"a8": 1.0}), 4)
-            write_parts(a, out, {n: ARMS[n] for n in a.arms}, {}, decisions,
-                        what="VLA diffusion policy (unrolled, batch 1), dynamic_precision (DyQ-VLA): closed-loop "
-                             "success, share of calls per activation width, memory vs fp32, per-call latency (ORT "
-                             "CPU)", calibration="1024 training-demonstration observations")
-    write_parts(a, out, {n: ARMS[n] for n in a.arms}, {}, decisions,
-                what="VLA diffusion policy (unrolled, batch 1), dynamic_precision (DyQ-VLA): closed-loop success, "
-                     "share of calls per activation width, memory vs fp32, per-call latency (ORT CPU)",
-                calibration="1024 training-demonstration observations")
+            write_parts(a, out, {n: ARMS[n] for n in a.arms}, {}, decisions, **ABOUT)
+    write_parts(a, out, {n: ARMS[n] for n in a.arms}, {}, decisions, **ABOUT)
 
 
 if __name__ == "__main__":
