@@ -153,8 +153,27 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
                          "optimized": param_bytes(programs["optimized"])},
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
     }
+    precision = precision_summary(programs["optimized"], trace)
+    if precision is not None:
+        result["precision"] = precision
     if json_out:
         write_results(json_out, result)
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def precision_summary(program, trace) -> dict | None:
+    """For a program with dynamic_precision's decisions: the share of calls at each width in
+    `trace` (the runner's labels per call; the first label of a call is the motion select's, the
+    selects of one call agree) and the memory ratio at those shares; None without them."""
+    rec = program.records.get("DynamicPrecisionDecisions")
+    if rec is None:
+        return None
+    widths = {lv.label: lv.bits for lv in rec.levels}
+    calls = [next((p for p in str(t).split("/") if p in widths), None) for t in trace]
+    calls = [c for c in calls if c is not None]
+    if not calls:
+        return {"level_shares": {}, "memory_ratio": rec.memory_ratio()}
+    shares = {lab: n / len(calls) for lab, n in sorted(collections.Counter(calls).items())}
+    return {"level_shares": shares, "bits": widths, "memory_ratio": rec.memory_ratio(shares)}

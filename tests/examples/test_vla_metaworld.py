@@ -290,6 +290,25 @@ def test_bench_with_action_cache_switches_to_the_loop_and_caches_the_head(tmp_pa
     assert calls.get("head.full", 0) < 10
 
 
+@pytest.mark.heavy
+def test_bench_with_dynamic_precision_switches_widths_in_the_simulator(tmp_path, monkeypatch):
+    """pared bench with examples/pipelines/vla_dynamic_precision.yaml: the artifact acts in the
+    simulator with int8 weights, its calls at 8 or 4 activation bits by the hand's speed, and the
+    result reports the share of each width and the memory against fp32."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    from pared.workloads.bench import bench_workload
+    r = bench_workload("vla_metaworld", pipeline=os.path.join(EXAMPLES, "pipelines", "vla_dynamic_precision.yaml"),
+                       repeats=1, json_out=str(tmp_path / "dyq.json"),
+                       workload_options={"episodes": 1, "tasks": "reach-v3", "mse_steps": 8, "calls": 12,
+                                         "max_steps": 60, "calibration_steps": 64})
+    f = r["fidelity"]
+    assert f["episodes"] == 1 and 0 < f["action_mse_vs_reference"] < 0.05     # int8: close to eager
+    p = r["precision"]
+    assert set(p["level_shares"]) <= {"a8", "a4"} and sum(p["level_shares"].values()) == pytest.approx(1.0)
+    assert 0.2 < p["memory_ratio"] < 0.35, p
+    assert set(r["graph_calls_per_call"]["optimized"]) <= {"main.a8", "main.a4"}
+
+
 @pytest.mark.heavy      # pared bench on the trained policy, closed loop (about 1 min per head)
 @pytest.mark.parametrize("head", ["diffusion", "tokens"])
 def test_bench_workload_with_no_passes_acts_like_eager(head, tmp_path, monkeypatch):

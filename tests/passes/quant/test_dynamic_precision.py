@@ -200,3 +200,13 @@ def test_bad_programs_and_calibrations_are_named(result):
         get_pass("dynamic_precision")(position=POSITION)(prog, PassContext(calibration=lambda f: None))
     with pytest.raises(PassError, match="gives 2 speeds; 2 levels need at least 4"):
         get_pass("dynamic_precision")(position=POSITION)(prog, PassContext(calibration=_calibration(3)))
+
+
+def test_pared_bench_reports_the_widths_used_and_the_memory(result):
+    from pared.workloads.bench import precision_summary
+    _, prog, res = result
+    rec = res.program.records.get("DynamicPrecisionDecisions")
+    got = precision_summary(res.program, ["a8", "a4/full", "a4", "a2"])
+    assert got["level_shares"] == {"a2": 0.25, "a4": 0.5, "a8": 0.25}
+    assert got["memory_ratio"] == pytest.approx(rec.memory_ratio({"a8": 0.25, "a4": 0.5, "a2": 0.25}))
+    assert precision_summary(prog, ["main"]) is None
