@@ -381,13 +381,13 @@ def test_hybrid_drafts_by_the_speed_of_the_state(tiny):
     """The fine drafter below the calibration speeds' fine_share quantile, the coarse one above it,
     each call's draft graph as the speed computed by hand says; tokens stay greedy decoding's."""
     m, prog, calib = tiny
-    opts = dict(drafter="hybrid", hybrid=("distilled", "retrieval"), motion_input="obs", position=(0, 1, 2),
-                previous=(3, 4, 5), fine_share=0.5, draft_steps=150, draft_hidden=64)
+    opts = dict(drafter="hybrid", hybrid=("none", "retrieval"), motion_input="obs", position=(0, 1, 2),
+                previous=(3, 4, 5), fine_share=0.5)
     res = run_pass_checked(SpeculativeDecode(**opts), prog, PassContext(calibration=calib))
     rec = res.program.records["SpeculativePlan"]
     speeds = [float(torch.linalg.vector_norm(x[0][0, :3] - x[0][0, 3:6])) for x in calib]
-    assert rec.hybrid == ("distilled", "retrieval") and rec.speed_edge == pytest.approx(float(np.median(speeds)))
-    assert {f"{DRAFT}.distilled", f"{DRAFT}.retrieval"} <= set(res.program.graphs) and DRAFT not in res.program.graphs
+    assert rec.hybrid == ("none", "retrieval") and rec.speed_edge == pytest.approx(float(np.median(speeds)))
+    assert {f"{DRAFT}.none", f"{DRAFT}.retrieval"} <= set(res.program.graphs) and DRAFT not in res.program.graphs
     held = [tiny_decoder_inputs(1, 900 + i) for i in range(10)]
     r = res.program.runner()
     for x in held:
@@ -395,7 +395,7 @@ def test_hybrid_drafts_by_the_speed_of_the_state(tiny):
         with torch.no_grad():
             assert torch.equal(out, m(*x))
         speed = float(torch.linalg.vector_norm(x[0][0, :3] - x[0][0, 3:6]))
-        want = "distilled" if speed < rec.speed_edge else "retrieval"
+        want = "none" if speed < rec.speed_edge else "retrieval"
         drafts = [g for g in r.graph_trace[-1] if g.startswith(DRAFT + ".")]
         assert drafts == [f"{DRAFT}.{want}"], (speed, rec.speed_edge, drafts)
     used = {g for t in r.graph_trace for g in t if g.startswith(DRAFT + ".")}
