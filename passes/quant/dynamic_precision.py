@@ -79,7 +79,7 @@ class DynamicPrecisionDecisions(Record):
     jerk_threshold: float | None
     dwell: int
     weights: str                             # the one weight format the levels share
-    layers: tuple[LayerQuant, ...]           # every quantized layer, with its 8-bit scale
+    layers: tuple[LayerQuant, ...]           # every quantized layer, with the finest level's scale
     weight_bytes: int                        # the quantized layers' int8 codes and scales (stored once)
     float_weight_bytes: int                  # the same layers in fp32
     other_param_bytes: int                   # the parameters left float (embeddings, norms, excluded layers)
@@ -143,7 +143,7 @@ class SwitchPrecisionByMotion(RewritePass):
             try:   # the selector's own checks, with placeholder edges
                 Motion("in:" + self.input, tuple(f"a{x}" for x in b), self.position, tuple(range(len(b) - 1)),
                        self.previous, self.gripper, 0.0 if self.gripper else None, None, self.dwell)
-            except Exception as e:
+            except PlanError as e:
                 raise OptionError(f"pass 'dynamic_precision': {e}") from None
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
@@ -191,11 +191,8 @@ class SwitchPrecisionByMotion(RewritePass):
             for lab, b in zip(labels, o.bits):
                 specs = {k: dataclasses.replace(v, act_bits=b) for k, v in base.items()}
                 variants[n][lab], done = apply(src, specs, ctx.target, self.name)
-                if b == 8:
+                if lab == labels[0]:
                     layers += done
-            if 8 not in o.bits:
-                _, done = apply(src, base, ctx.target, self.name)
-                layers += done
         share_equal_constants([(g.module, attr_targets(g.module) - attr_targets(program.graphs[n].module))
                                for n, vs in variants.items() for g in vs.values()])
 
