@@ -276,3 +276,17 @@ def get_attr(module: torch.nn.Module, target: str) -> torch.Tensor:
     return _get_attr(module, target)
 
 
+
+
+def param_bytes(program: "Program") -> int:
+    """Bytes of the distinct parameters and constants the Program's graphs hold (a tensor several
+    graphs or nodes read counts once)."""
+    seen: dict[tuple, int] = {}
+    for g in program.graphs.values():
+        for n in g.module.graph.nodes:
+            if n.op == "get_attr":
+                t = get_attr(g.module, str(n.target))
+                if isinstance(t, torch.Tensor):
+                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+                    seen[key] = t.numel() * t.element_size()
+    return sum(seen.values())

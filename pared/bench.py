@@ -8,6 +8,8 @@ import os
 import tempfile
 from typing import Any, Mapping
 
+from pared.ir.program import param_bytes  # noqa: F401  (re-exported: the harnesses' weight bytes)
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -23,21 +25,6 @@ def portable_path(path: str | None) -> str | None:
 def trace_summary(trace: list[str]) -> dict:
     """The routine per call of one task, and how often each ran."""
     return {"calls": len(trace), "counts": {r: trace.count(r) for r in dict.fromkeys(trace)}, "routines": trace}
-
-
-def param_bytes(program) -> int:
-    """Bytes of the distinct parameters and constants the Program's graphs hold."""
-    import torch
-    from pared.ir.program import get_attr
-    seen: dict[tuple, int] = {}
-    for g in program.graphs.values():
-        for n in g.module.graph.nodes:
-            if n.op == "get_attr":
-                t = get_attr(g.module, str(n.target))
-                if isinstance(t, torch.Tensor):
-                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-                    seen[key] = t.numel() * t.element_size()
-    return sum(seen.values())
 
 
 def timing_stats(s: Mapping[str, Any], name: str) -> dict[str, float]:

@@ -43,17 +43,15 @@ import numpy as np
 
 from pared.ir.errors import OptionError, PassError, PlanError
 from pared.ir.plan import Call, Select
-from pared.ir.program import Graph, Program
+from pared.ir.program import Graph, Program, param_bytes
 from pared.ir.regions import match
 from pared.ir.rewrite import attr_targets, share_equal_constants
 from pared.ir.selectors.motion import Motion, first_rows, speed_edges
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, int8_weight_qmax, weight_format
 from pared.passes.quant.convert import apply
-from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, observe_ranges, spec_of
+from pared.passes.quant.quantize_linears import PLAIN_INT8, decide, find_sites, observe_ranges, spec_of
 
-#: quantize_linears' plain static INT8 (minmax, no smoothing or outliers): the ranges every width shares
-_PLAIN = QuantizeLinears.Options()
 
 
 @dataclass(frozen=True)
@@ -180,7 +178,7 @@ class SwitchPrecisionByMotion(RewritePass):
         seen: set = set()
         for n, sites in todo.items():
             src = program.graphs[n]
-            decided = decide(src.module, sites, {s.x: observed[(group_of[n], s.x)] for s in sites}, _PLAIN, ctx)
+            decided = decide(src.module, sites, {s.x: observed[(group_of[n], s.x)] for s in sites}, PLAIN_INT8, ctx)
             base = {d.site.out: spec_of(d, self.name, qmax) for d in decided}
             nodes = {x.name: x for x in src.module.graph.nodes}
             for d in decided:
@@ -207,9 +205,7 @@ class SwitchPrecisionByMotion(RewritePass):
         once = {(group_of[n], lq.weight): lq for n in todo for lq in layers}
         wbytes = sum(lq.in_features * lq.out_features + 4 * lq.out_features for lq in once.values())
         fbytes = sum(4 * lq.in_features * lq.out_features for lq in once.values())
-        quantized_w = {lq.weight for lq in once.values()}
-        other_params = {id(p): p for n in names for k, p in _params(program.graphs[n]) if k not in quantized_w}
-        other = sum(int(p.numel()) * p.element_size() for p in other_params.values())
+        other = param_bytes(program) - fbytes        # everything but the quantized layers' float weights
         speeds = [s for s, _, _ in props["proxies"] if s is not None]
         levels = tuple(PrecisionLevel(lab, b, props["shares"][i], elements * b // 8)
                        for i, (lab, b) in enumerate(zip(labels, o.bits)))
@@ -261,9 +257,3 @@ def _calibration_proposals(motion: Motion, states: list[np.ndarray]) -> dict[str
     want = [motion.propose(*p) for p in proxies]
     k = len(motion.cases)
     return {"proxies": proxies, "shares": tuple(want.count(i) / max(len(want), 1) for i in range(k))}
-
-
-def _params(g: Graph) -> list[tuple[str, Any]]:
-    import torch
-    gm = g.module
-    return [(k, v) for k, v in list(gm.named_parameters()) + list(gm.named_buffers()) if isinstance(v, torch.Tensor)]

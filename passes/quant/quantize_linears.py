@@ -337,6 +337,11 @@ class QuantizeLinears(RewritePass):
         return PassResult(new, modified=True, stats=stats)
 
 
+#: plain static INT8 (minmax, no smoothing or outliers): the per-layer settings timestep_quant and
+#: dynamic_precision hand to `decide`
+PLAIN_INT8 = QuantizeLinears.Options()
+
+
 def observe_ranges(program: Program, taps: dict[str, list[str]], group_of: dict[str, int], calibration, method: str,
              percentile: float, by: str, channels: bool) -> tuple[int, dict]:
     """Run the calibration through `program` and reduce each tapped node's values to a

@@ -86,7 +86,7 @@ from pared.ir.rewrite import add_constant, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.quant.common import LayerQuant, RangeObserver, int8_weight_qmax, weight_format
 from pared.passes.quant.convert import apply
-from pared.passes.quant.quantize_linears import QuantizeLinears, decide, find_sites, next_index, spec_of, Site
+from pared.passes.quant.quantize_linears import PLAIN_INT8, decide, find_sites, next_index, spec_of, Site
 
 _aten = torch.ops.aten
 #: ops that only reshape, cast or copy: a t-only border reached through these alone is not worth a table
@@ -98,8 +98,6 @@ _TRIVIAL = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.defaul
 _WEIGHT_KEYS = ("w", "ws", "wz", "bz")
 
 
-#: per-layer settings for quantize_linears' decision: no smoothing, no float outlier channels
-PLAIN_INT8 = QuantizeLinears.Options()
 
 @dataclass(frozen=True)
 class BucketQuant:

@@ -112,6 +112,7 @@ def test_one_set_of_int8_weights_and_a_clamp_per_layer_below_8_bits(result):
     n = len(rec.layers)
     assert n == 18                                  # state, 4 blocks x (qkv, proj, mlp.0, mlp.2), head
     weights = [{k: v for k, v in gr.module.named_buffers() if k.endswith("_w")} for gr in g.values()]
+    assert len(weights) == 3 and len(weights[0]) == n and {v.dtype for v in weights[0].values()} == {torch.int8}
     for w in weights[1:]:
         assert set(w) == set(weights[0]) and all(w[k] is weights[0][k] for k in w)
     for lab, clamps in (("a8", 0), ("a4", n), ("a2", n)):
