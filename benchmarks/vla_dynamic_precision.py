@@ -29,7 +29,6 @@ rounds. Writes benchmarks/results/vla_dynamic_precision.json.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import torch  # noqa: E402
 import pared  # noqa: E402
 from pared.backends.executor import Executor  # noqa: E402
 from pared.workloads import get_workload, torch_callable  # noqa: E402
+from pared.workloads.bench import precision_summary  # noqa: E402
 from vla_efficient import run_parts, write_parts  # noqa: E402
 from vla_speculative import say  # noqa: E402
 
@@ -68,11 +68,11 @@ ABOUT = {"what": "VLA diffusion policy (unrolled, batch 1), dynamic_precision (D
 
 
 class CountLevels:
-    """An Executor that counts the cases its requests chose (collected at each reset)."""
+    """An Executor that keeps the cases its requests chose (collected at each reset)."""
 
     def __init__(self, ex: Executor):
         self.ex = ex
-        self.levels: collections.Counter = collections.Counter()
+        self.trace: list[str] = []
         self.counting = True
 
     def __call__(self, *args):
@@ -80,7 +80,7 @@ class CountLevels:
 
     def reset(self) -> None:
         if self.counting:
-            self.levels.update(self.ex.trace)
+            self.trace += self.ex.trace
         self.ex.reset()
 
 
@@ -100,14 +100,14 @@ def main() -> None:
     example, calib = wl.example_inputs(), wl.calibration()
     work = tempfile.mkdtemp(prefix="pared-vla-dyq-")
     ex: dict[str, CountLevels] = {}
-    decisions, records = {}, {}
+    decisions, records, programs = {}, {}, {}
     for name in a.arms:
         say(f"building {name}")
         opt = pared.optimize(model, example, target="cpu", calibration=calib, bench_repeats=0, holdout=[],
                              pipeline=ARMS[name], allow_fidelity_loss=True)
         ex[name] = CountLevels(Executor(opt.save(os.path.join(work, name)), threads=a.threads))
         rec = opt.program.records.get("DynamicPrecisionDecisions")
-        records[name] = rec
+        records[name], programs[name] = rec, opt.program
         decisions[name] = None if rec is None else {
             "levels": {lv.label: {"bits": lv.bits, "calibration_share": round(lv.calibration_share, 4),
                                   "activation_bytes": lv.activation_bytes} for lv in rec.levels},
@@ -130,15 +130,13 @@ def main() -> None:
             for name, c in ex.items():
                 c.reset()                              # the last episode's calls
                 arm = out["closed_loop"]["arms"][name]
-                rec = records[name]
-                total = sum(c.levels.values())
-                if rec is not None and total:
-                    shares = {lab: n / total for lab, n in sorted(c.levels.items())}
-                    arm["level_shares"] = {k: round(v, 4) for k, v in shares.items()}
-                    arm["memory_ratio"] = round(rec.memory_ratio(shares), 4)
+                rec, used = records[name], precision_summary(programs[name], c.trace)   # as pared bench reports it
+                if used is not None and used["level_shares"]:
+                    arm["level_shares"] = {k: round(v, 4) for k, v in used["level_shares"].items()}
+                    arm["memory_ratio"] = round(used["memory_ratio"], 4)
                     arm["parameter_ratio"] = round((rec.weight_bytes + rec.other_param_bytes) /
                                                    (rec.float_weight_bytes + rec.other_param_bytes), 4)
-                say(f"{name}: levels {dict(c.levels)} memory {arm.get('memory_ratio')}")
+                say(f"{name}: {len(c.trace)} calls, levels {arm.get('level_shares')} memory {arm.get('memory_ratio')}")
             with8 = next((r for r in records.values() if r is not None and "a8" in {lv.label for lv in r.levels}), None)
             if "int8" in ex and with8 is not None:      # the same layers and ranges as every call at a8
                 out["closed_loop"]["arms"]["int8"]["memory_ratio"] = round(with8.memory_ratio({"a8": 1.0}), 4)
