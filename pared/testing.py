@@ -1313,10 +1313,11 @@ def tomesd_dit(model: nn.Module, r: "int | Sequence[int]", grid: "tuple[int, int
 
 # -- token pruning: a tiny VLA-shaped model and the eager reference of token_prune ---------------
 class _TinyVLABlock(TinyBlock):
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":  # type: ignore[override]
+    def forward(self, x: torch.Tensor, bias: "torch.Tensor | None" = None) -> "tuple[torch.Tensor, torch.Tensor]":  # type: ignore[override]
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5 + bias, dim=-1)
+        s = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+        p = torch.softmax(s + bias if bias is not None else s, dim=-1)
         x = x + self.proj((p @ v).transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x)), p
 
@@ -1326,9 +1327,11 @@ class TinyVLA(nn.Module):
     image) | state | readout] with the padded text keys masked by an additive bias, pre-norm
     blocks with explicit softmax attention, the head on the readout token (x[:, -1]), as
     examples/vla_metaworld's backbone. `forward(..., prune=PruneTokensRef(...))` drops tokens
-    eagerly after one block (and gathers the mask); `skip` names blocks replaced by the identity."""
+    eagerly after one block (and gathers the mask); `skip` names blocks replaced by the identity.
+    `vision_layers`: blocks over the 16 patch tokens before they join the sequence (a ViT)."""
 
-    def __init__(self, vocab: int = 10, text: int = 4, dim: int = 32, heads: int = 4, layers: int = 4):
+    def __init__(self, vocab: int = 10, text: int = 4, dim: int = 32, heads: int = 4, layers: int = 4,
+                 vision_layers: int = 0):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.patch = nn.Conv2d(1, dim, 2, stride=2)
@@ -1336,6 +1339,7 @@ class TinyVLA(nn.Module):
         self.readout = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
         self.pos = nn.Parameter(torch.randn(1, text + 16 + 2, dim) * 0.5)
         self.blocks = nn.ModuleList([_TinyVLABlock(dim, heads) for _ in range(layers)])
+        self.vision = nn.ModuleList([_TinyVLABlock(dim, heads) for _ in range(vision_layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 4)
 
@@ -1343,6 +1347,8 @@ class TinyVLA(nn.Module):
                 prune: "Callable | None" = None, skip: "Sequence[int]" = ()) -> torch.Tensor:
         b = image.shape[0]
         vis = self.patch(image).flatten(2).transpose(1, 2)
+        for blk in self.vision:
+            vis, _ = blk(vis)
         x = torch.cat([self.embed(ids), vis, self.state(state)[:, None], self.readout.expand(b, -1, -1)], dim=1)
         x = x + self.pos
         pad = (ids == 0).to(x.dtype) * -1e9
@@ -1357,9 +1363,9 @@ class TinyVLA(nn.Module):
         return self.head(self.norm(x[:, -1]))
 
 
-def tiny_vla(seed: int = 0, batch: int = 3) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+def tiny_vla(seed: int = 0, batch: int = 3, vision_layers: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(seed)
-    m = TinyVLA().eval()
+    m = TinyVLA(vision_layers=vision_layers).eval()
     return m, tiny_vla_inputs(batch, seed + 1)
 
 
@@ -1422,3 +1428,114 @@ class PruneTokensRef:
                 for p, k in enumerate(kept):
                     out[i, self.start + p] = acc[k][0] / acc[k][1]
         return out, idx
+
+
+class ReuseTokensRef:
+    """token_reuse's meaning (VLA-Cache) in eager PyTorch on TinyVLA, with Python loops and
+    argsort rather than the graph's form: one request, call by call (see
+    passes/sparsity/token_reuse.py). The first call, or one where fewer than the smallest level's
+    tokens are static and not relevant, computes every token; otherwise block l recomputes the
+    prefix, the visual tokens by priority (the `relevant` most relevant at the previous call,
+    then the most changed patches) but the k_l = round(k * alphas[l]) last of them, and the
+    suffix; its keys / values are the previous call's with the recomputed rows written in. The
+    model's vision blocks (TinyVLA(vision_layers=...)) reuse as its first block does.
+    `levels` / `chosen` record what each call did ("cold", "full" or the level k)."""
+
+    def __init__(self, model: nn.Module, *, tokens: "tuple[int, int]" = (4, 20), patch: int = 2,
+                 threshold: float = 0.996, center: float = 0.5, relevant: int = 4,
+                 levels: "Sequence[int]" = (4, 8), alphas: "Sequence[float]" = (1.0, 1.0, 1.0, 1.0),
+                 queries: "tuple[int, int] | None" = None):
+        self.m, self.tokens, self.patch, self.threshold, self.center = model, tokens, patch, threshold, center
+        self.relevant, self.levels, self.alphas = relevant, tuple(levels), tuple(alphas)
+        self.queries = queries or (0, tokens[0])
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv: "list | None" = None
+        self.patches = self.relevance = None
+        self.chosen: list = []
+
+    def _block(self, blk: nn.Module, h: torch.Tensor, r: torch.Tensor, at: int, bias: "torch.Tensor | None",
+               level: "int | None") -> tuple:
+        """One block on the rows `r` (token positions [B, R]), keys / values of the others from
+        the previous call's (state entry `at`): (h, keys, values, probabilities)."""
+        b, _, d = h.shape
+        hd = d // blk.heads
+        q, k, v = blk.qkv(blk.norm1(h)).reshape(b, -1, 3, blk.heads, hd).permute(2, 0, 3, 1, 4)
+        if level is None:
+            kf, vf = k, v
+        else:
+            kf, vf = self.kv[at][0].clone(), self.kv[at][1].clone()
+            for i in range(b):
+                kf[i][:, r[i]] = k[i]
+                vf[i][:, r[i]] = v[i]
+        s = q @ kf.transpose(-1, -2) / hd ** 0.5
+        p = torch.softmax(s + bias if bias is not None else s, dim=-1)
+        h = h + blk.proj((p @ vf).transpose(1, 2).reshape(b, -1, d))
+        return h + blk.mlp(blk.norm2(h)), kf, vf, p
+
+    def _patches(self, image: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = image.shape
+        p = self.patch
+        out = torch.stack([image[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(b, -1)
+                           for i in range(h // p) for j in range(w // p)], dim=1)
+        return out - self.center
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor, ids: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        m, (start, end) = self.m, self.tokens
+        b = image.shape[0]
+        vis = m.patch(image).flatten(2).transpose(1, 2)
+        x = torch.cat([m.embed(ids), vis, m.state(state)[:, None], m.readout.expand(b, -1, -1)], dim=1) + m.pos
+        n0, d = x.shape[1], x.shape[2]
+        bias = torch.cat([(ids == 0).to(x.dtype) * -1e9, torch.zeros(b, n0 - ids.shape[1])], dim=1)[:, None, None, :]
+        cur = self._patches(image)
+        n = end - start
+        level = None
+        if self.kv is not None:
+            cos = torch.nn.functional.cosine_similarity(cur, self.patches, dim=-1, eps=1e-12)
+            sim = torch.where((cur == self.patches).all(-1), torch.ones_like(cos), cos)
+            rel = torch.zeros(b, n)
+            for i in range(b):
+                for j in torch.argsort(self.relevance[i], descending=True)[:self.relevant].tolist():
+                    rel[i, j] = 1.0
+            free = int((((sim >= self.threshold).float()) * (1 - rel)).sum(-1).min())
+            fit = [k for k in self.levels if k <= free]
+            level = fit[-1] if fit else None
+        self.chosen.append("cold" if self.kv is None else "full" if level is None else level)
+        if level is None:
+            rows = [torch.arange(n0).expand(b, n0)] * len(m.blocks)
+        else:
+            rows = []
+            for a in self.alphas:
+                keep = n - round(level * a)
+                per = []
+                for i in range(b):
+                    prio = 4.0 * rel[i] + (1.0 - sim[i])
+                    order = torch.argsort(prio, descending=True, stable=True)[:keep] + start
+                    per.append(torch.cat([torch.arange(start), order, torch.arange(end, n0)]))
+                rows.append(torch.stack(per))
+        kv, probs = [], []
+        if len(m.vision):                          # the patch tokens before they join the sequence
+            vis0 = m.patch(image).flatten(2).transpose(1, 2)
+            vrows = rows[0][:, start:start + (rows[0].shape[1] - start - (n0 - end))] - start
+            hv = vis0.gather(1, vrows[..., None].expand(-1, -1, d))
+            for blk in m.vision:
+                hv, kf, vf, _ = self._block(blk, hv, vrows, len(kv), None, level)
+                kv.append((kf, vf))
+            vis = torch.zeros_like(vis0).scatter(1, vrows[..., None].expand(-1, -1, d), hv)
+            x = torch.cat([m.embed(ids), vis, m.state(state)[:, None], m.readout.expand(b, -1, -1)], dim=1) + m.pos
+        h = x.gather(1, rows[0][..., None].expand(-1, -1, d))
+        for li, blk in enumerate(m.blocks):
+            r = rows[li]
+            if r.shape[1] < h.shape[1]:               # rows dropped at this block: keep the first ones and the suffix
+                keep_idx = torch.cat([torch.arange(r.shape[1] - (n0 - end)),
+                                      torch.arange(h.shape[1] - (n0 - end), h.shape[1])])
+                h = h[:, keep_idx]
+            h, kf, vf, p = self._block(blk, h, r, len(kv), bias, level)
+            kv.append((kf, vf))
+            probs.append(p)
+        self.kv, self.patches = kv, cur
+        q0, q1 = self.queries
+        self.relevance = sum(p[:, :, q0:q1, start:end].sum(2).mean(1) for p in probs) / len(probs)
+        return m.head(m.norm(h[:, -1]))

@@ -156,6 +156,9 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     precision = precision_summary(programs["optimized"], trace)
     if precision is not None:
         result["precision"] = precision
+    reuse = reuse_summary(programs["optimized"], trace)
+    if reuse is not None:
+        result["token_reuse"] = reuse
     if json_out:
         write_results(json_out, result)
     import shutil
@@ -177,3 +180,26 @@ def precision_summary(program, trace) -> dict | None:
         return {"level_shares": {}, "memory_ratio": rec.memory_ratio()}
     shares = {lab: n / len(calls) for lab, n in sorted(collections.Counter(calls).items())}
     return {"level_shares": shares, "bits": widths, "memory_ratio": rec.memory_ratio(shares)}
+
+
+def reuse_summary(program, trace) -> dict | None:
+    """For a program with token_reuse's decisions: the share of calls in `trace` (the runner's
+    labels per call) that ran cold (a request's first call), full (too few static tokens) or at
+    each reuse level, and the mean visual tokens reused per call at the last block; None without
+    them."""
+    recs = [r for k, r in program.records.items() if k.split("@")[0] == "TokenReuseDecisions"]
+    if not recs:
+        return None
+    reuse = {lv.label: lv.reuse for lv in recs[0].levels}
+    calls = []
+    for t in trace:
+        parts = str(t).split("/")
+        if "cold" in parts:
+            calls.append("cold")
+        elif "warm" in parts and parts.index("warm") + 1 < len(parts):
+            calls.append(parts[parts.index("warm") + 1])
+    if not calls:
+        return {"level_shares": {}, "mean_reused": 0.0}
+    shares = {lab: n / len(calls) for lab, n in sorted(collections.Counter(calls).items())}
+    return {"level_shares": shares, "mean_reused": sum(reuse.get(c, 0) for c in calls) / len(calls),
+            "calls": len(calls)}

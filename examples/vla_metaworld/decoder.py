@@ -9,13 +9,14 @@ example_inputs / calibration hooks):
 
     pared optimize examples/pipelines/vla_tokens_speculative.yaml
     pared optimize examples/pipelines/vla_action_cache.yaml
+    pared optimize examples/pipelines/vla_token_reuse.yaml       (the 64-visual-token policy)
 """
 from __future__ import annotations
 
 
-def _workload(head: str = "tokens"):
+def _workload(head: str = "tokens", policy: str = "base"):
     from pared.workloads import get_workload
-    return get_workload("vla_metaworld", head=head, decoder="loop")
+    return get_workload("vla_metaworld", head=head, decoder="loop", policy=policy)
 
 
 def build_model():
@@ -62,4 +63,24 @@ def build_policy_call():
 
 def holdout_policy_call() -> list[tuple]:
     """64 held-out demonstration observations (with noise), as holdout_denoiser."""
+    return holdout_denoiser()
+
+
+def build_denoiser_64():
+    """The diffusion policy whose backbone sees all 64 visual tokens (vla_diffusion_64.safetensors),
+    as a pared Denoiser: what token_reuse rewrites in examples/pipelines/vla_token_reuse.yaml."""
+    return _workload("diffusion", "all_tokens").build()
+
+
+def example_inputs_denoiser_64() -> tuple:
+    return _workload("diffusion", "all_tokens").example_inputs()
+
+
+def calibration_denoiser_64() -> list[tuple]:
+    """1024 observations (with noise) spread over the training demonstration episodes."""
+    return _workload("diffusion", "all_tokens").calibration()
+
+
+def holdout_denoiser_64() -> list[tuple]:
+    """64 held-out demonstration observations (with noise)."""
     return holdout_denoiser()

@@ -5,4 +5,4 @@ manifest) and rewrites the graph with ordinary ops (gather, matmul, top-k), so t
 result lowers to ONNX Runtime and TVM with no custom op.
 """
 from pared.passes.sparsity import (layer_skip, sparse_attention, sparsify_activations, token_merge,  # noqa: F401
-                                   token_prune)
+                                   token_prune, token_reuse)

@@ -309,7 +309,7 @@ def _apply(program: Program, ctx: PassContext, o: Any, local: dict, sites: dict,
                                 f"({cand.node}) is not in the graph any more; run attention_entropy again")
             if sm.meta.get(meta.CREATED_BY) == _NAME:
                 continue                                        # rewritten already
-            att = _attention(gm, sm, name, cand.layer)
+            att = attention_site(gm, sm, name, cand.layer)
             if o.mode == "window":
                 layout = _layout(o, att, name, cand.layer)
                 fn, local_keys, after = _window_fn(att, hs, *layout)
@@ -364,7 +364,7 @@ def _heads_of(sm: fx.Node) -> int:
 
 
 @dataclass
-class _Att:
+class AttentionSite:
     q: fx.Node          # [B·H, N, d] (scaled as the graph scales it)
     kt: fx.Node         # [B·H, d, N]
     v: fx.Node          # [B·H, N, dv]
@@ -383,8 +383,10 @@ class _Att:
         return 2 * self.batch * self.heads * self.queries * self.keys * (self.d + self.dv)
 
 
-def _attention(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str) -> _Att:
-    where = f"pass '{_NAME}': graph '{graph}': attention {layer} ({sm.format_node()})"
+def attention_site(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str, who: str = _NAME) -> AttentionSite:
+    """The attention around softmax `sm`: its q, kᵀ and v operands, bias and sizes (token_reuse
+    reads it too, naming itself as `who` in errors)."""
+    where = f"pass '{who}': graph '{graph}': attention {layer} ({sm.format_node()})"
     shape = val_shape(sm)
     dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim", -1)
     if len(shape) not in (3, 4) or dim not in (-1, len(shape) - 1):
@@ -416,7 +418,7 @@ def _attention(gm: fx.GraphModule, sm: fx.Node, graph: str, layer: str) -> _Att:
         if len(bs) > 4 or any(s not in (1, t) for s, t in zip(bs[::-1], (nk, nq, heads, batch))):
             raise PassError(f"{where}: its bias {bias.format_node()} (shape {list(bs)}) does not broadcast to "
                             f"[batch, heads, queries, keys] = {[batch, heads, nq, nk]}")
-    return _Att(q, kt, v, pv, bias, scale, batch, heads, nq, nk, val_shape(q)[2], val_shape(v)[2])
+    return AttentionSite(q, kt, v, pv, bias, scale, batch, heads, nq, nk, val_shape(q)[2], val_shape(v)[2])
 
 
 def _scores(n: Any, where: str) -> tuple[fx.Node | None, float, list[fx.Node]]:
@@ -456,7 +458,7 @@ def _reaches_matmul(n: fx.Node) -> bool:
     return False
 
 
-def _layout(o: Any, att: _Att, graph: str, layer: str) -> tuple:
+def _layout(o: Any, att: AttentionSite, graph: str, layer: str) -> tuple:
     """(grid, window, tokens, globals) for a window-mode site."""
     where = f"pass '{_NAME}': graph '{graph}': attention {layer}"
     n = att.queries
@@ -530,7 +532,7 @@ def _put(heads: int, local: Sequence[int], lt: torch.Tensor, dt: torch.Tensor | 
     return torch.cat(parts, dim=1)
 
 
-def _window_fn(att: _Att, local: tuple[int, ...], grid: tuple[int, int], window: tuple[int, int],
+def _window_fn(att: AttentionSite, local: tuple[int, ...], grid: tuple[int, int], window: tuple[int, int],
                tokens: tuple[int, int]) -> tuple[Any, int, int]:
     B, H, N, d, dv, scale = att.batch, att.heads, att.queries, att.d, att.dv, att.scale
     gh, gw = grid
@@ -609,7 +611,7 @@ def _window_fn(att: _Att, local: tuple[int, ...], grid: tuple[int, int], window:
     return attend, w + G, after
 
 
-def _topk_fn(att: _Att, local: tuple[int, ...], k: int) -> tuple[Any, int, int]:
+def _topk_fn(att: AttentionSite, local: tuple[int, ...], k: int) -> tuple[Any, int, int]:
     B, H, N, M, d, dv, scale = att.batch, att.heads, att.queries, att.keys, att.d, att.dv, att.scale
     lruns = _runs(local)
     druns = _runs([h for h in range(H) if h not in local])

@@ -309,6 +309,27 @@ def test_bench_with_dynamic_precision_switches_widths_in_the_simulator(tmp_path,
     assert set(r["graph_calls_per_call"]["optimized"]) <= {"main.a8", "main.a4"}
 
 
+@pytest.mark.heavy
+def test_bench_with_token_reuse_reuses_static_tokens_in_the_simulator(tmp_path, monkeypatch):
+    """pared bench with examples/pipelines/vla_token_reuse.yaml on the 64-visual-token policy: the
+    artifact acts in the simulator, an episode's first call cold, later calls reusing the static
+    patches' tokens, and the result reports the share of calls per level."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    from pared.workloads.bench import bench_workload
+    r = bench_workload("vla_metaworld", pipeline=os.path.join(EXAMPLES, "pipelines", "vla_token_reuse.yaml"),
+                       repeats=1, json_out=str(tmp_path / "reuse.json"),
+                       workload_options={"policy": "all_tokens", "decoder": "loop", "episodes": 1,
+                                         "tasks": "reach-v3", "mse_steps": 8, "calls": 12, "max_steps": 60,
+                                         "calibration_steps": 64})
+    f = r["fidelity"]
+    assert f["episodes"] == 1 and f["action_mse_vs_reference"] < 0.05
+    u = r["token_reuse"]
+    assert u["level_shares"]["cold"] > 0 and sum(u["level_shares"].values()) == pytest.approx(1.0)
+    assert any(k.startswith("r") for k in u["level_shares"]) and u["mean_reused"] > 8, u
+    assert {g for g in r["graph_calls_per_call"]["optimized"] if g.startswith("encoder")} <= \
+        {"encoder.cold", "encoder.probe", *(f"encoder.r{k}" for k in (16, 24, 32, 40, 48))}
+
+
 @pytest.mark.heavy      # pared bench on the trained policy, closed loop (about 1 min per head)
 @pytest.mark.parametrize("head", ["diffusion", "tokens"])
 def test_bench_workload_with_no_passes_acts_like_eager(head, tmp_path, monkeypatch):

@@ -372,6 +372,25 @@ def prune_meaning(fx_: Fixture, res: PassResult):
         return fx_.model(*x, prune=testing.PruneTokensRef(1, 4, 20, 6, "relevance", ((0, 4),), 3)), res.program(*x)
 
 
+def reuse_meaning(fx_: Fixture, res: PassResult):
+    """A request of 4 calls whose frames change a few patches each (and whose states move), against
+    VLA-Cache's eager emulation (pared.testing.ReuseTokensRef): every call's outputs, stacked."""
+    img, ids, st = testing.tiny_vla_inputs(3, seed=7)
+    ref = testing.ReuseTokensRef(fx_.model, levels=(4, 8), relevant=4, alphas=(0.5, 0.5, 1, 1))
+    runner = res.program.runner()
+    want, got = [], []
+    for c in range(4):
+        if c:
+            img = img.clone()
+            img[:, :, 2 * c:2 * c + 2, 0:2] += 0.2 * c
+        x = (img, ids, st + 0.05 * c)
+        with torch.no_grad():
+            want.append(ref(*x))
+            got.append(runner(list(x))[0])
+    assert any(t.startswith("warm/r") for t in runner.trace), runner.trace
+    return torch.stack(want), torch.stack(got)
+
+
 def sparse_attention_meaning(fx_: Fixture, res: PassResult):
     """TinyViT with each recorded local head masked to its 2 x 2 window (+ [CLS]) eagerly (an
     additive -inf mask built with Python loops), on held-out images."""
@@ -549,6 +568,13 @@ CASES: dict[str, Case] = {
              ({"kepe": 2}, "unknown option 'kepe'; did you mean 'keep'"),
              ({"keep": 2, "tokens": [4, 22]}, "reads token -1 after the blocks")),
         meaning=prune_meaning, rel_l2=1e-5),
+    "token_reuse": Case(
+        vla, {"tokens": [4, 20], "patch": 2, "levels": [4, 8], "relevant": 4, "layers": [0.5, 0.5, 1, 1]},
+        noop={"tokens": [4, 20], "patch": 2, "layers": [0, 0, 0, 0]},
+        bad=(({"patch": 3}, "in 3-pixel patches does not give the 16 visual tokens"),
+             ({"relevent": 2}, "unknown option 'relevent'; did you mean 'relevant'"),
+             ({"levels": [13]}, "at most 12 visual tokens can be reused")),
+        meaning=reuse_meaning, rel_l2=1e-5),
     # named heads (the entropy-driven choice is per graph by meaning; tests/passes/sparsity covers it)
     "sparse_attention": Case(
         vit, {"heads": {"blocks.0": [1, 2], "blocks.2": [0]}}, images_ctx, noop={"max_normalized": 0.0},
