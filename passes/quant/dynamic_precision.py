@@ -174,6 +174,7 @@ class SwitchPrecisionByMotion(RewritePass):
         labels = tuple(f"a{b}" for b in o.bits)
         variants: dict[str, dict[str, Graph]] = {}
         layers: list[LayerQuant] = []
+        layers_of: dict[str, list[LayerQuant]] = {}
         elements = 0
         seen: set = set()
         for n, sites in todo.items():
@@ -191,6 +192,7 @@ class SwitchPrecisionByMotion(RewritePass):
                 variants[n][lab], done = apply(src, specs, ctx.target, self.name)
                 if lab == labels[0]:
                     layers += done
+                    layers_of[n] = list(done)
         share_equal_constants([(g.module, attr_targets(g.module) - attr_targets(program.graphs[n].module))
                                for n, vs in variants.items() for g in vs.values()])
 
@@ -202,7 +204,7 @@ class SwitchPrecisionByMotion(RewritePass):
             new = new.expand(n, vs, node, by=self.name, numeric=True)
 
         props = _calibration_proposals(motion, _states(program, calib, o.input))
-        once = {(group_of[n], lq.weight): lq for n in todo for lq in layers}
+        once = {(group_of[n], lq.weight): lq for n, lqs in layers_of.items() for lq in lqs}   # each weight once
         wbytes = sum(lq.in_features * lq.out_features + 4 * lq.out_features for lq in once.values())
         fbytes = sum(4 * lq.in_features * lq.out_features for lq in once.values())
         other = param_bytes(program) - fbytes        # everything but the quantized layers' float weights

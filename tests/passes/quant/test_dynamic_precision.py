@@ -142,6 +142,24 @@ def test_memory_is_int8_weights_and_the_levels_activation_bits(result):
     assert sum(lv.calibration_share for lv in rec.levels) == pytest.approx(1.0)
 
 
+def test_each_weight_counts_once_over_graphs_of_several_weight_groups():
+    """A Denoiser (an encoder and a head: two weight groups) whose head already has cache variants:
+    every quantized weight counts once in the bytes, so the memory is a ratio below 1 (the bytes of
+    the quantized layers' float weights are the program's float parameters they hold)."""
+    from pared.ir.program import param_bytes
+    m, x = testing.tiny_denoiser(steps=4)
+    prog = capture(m, x)
+    prog = get_pass("action_cache")(schedule="interval", interval=2)(prog, PassContext()).program
+    calib = [testing.tiny_denoiser_inputs(1, seed=s) for s in range(30, 38)]
+    res = get_pass("dynamic_precision")(input="obs", position=[0, 1, 2], bits=[8, 4])(
+        prog, PassContext(calibration=calib))
+    rec = res.program.records.get("DynamicPrecisionDecisions")
+    once = {lq.region: lq for lq in rec.layers}
+    assert rec.float_weight_bytes == sum(4 * lq.in_features * lq.out_features for lq in once.values())
+    assert 0 < rec.float_weight_bytes <= param_bytes(prog) and rec.other_param_bytes >= 0
+    assert 0 < rec.memory_ratio() < 1
+
+
 def test_the_artifact_runs_every_variant_on_integer_kernels_torch_free(tmp_path):
     m, inp = testing.tiny_vla(batch=1)
     calib = _calibration(12)
