@@ -176,6 +176,10 @@ class ReuseTokens(RewritePass):
                     raise OptionError(f"pass '{_NAME}': option 'layers' must be one of {list(LAYER_MODES)} or a "
                                       f"list of per-block shares, got {ly!r}")
             else:
+                if not isinstance(ly, (list, tuple)) or \
+                        not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in ly):
+                    raise OptionError(f"pass '{_NAME}': option 'layers' must be one of {list(LAYER_MODES)} or a "
+                                      f"list of per-block shares, got {ly!r}")
                 ly = tuple(float(a) for a in ly)
                 object.__setattr__(self, "layers", ly)
                 if not ly or any(not 0 <= a <= 1 for a in ly) or list(ly) != sorted(ly):

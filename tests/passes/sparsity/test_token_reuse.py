@@ -187,6 +187,7 @@ def test_relevant_tokens_are_never_reused():
     ({"layers": [1, 0.5, 1, 1]}, OptionError, "must be in \\[0, 1\\] and not fall with depth"),
     ({"layers": [0.5, 1]}, OptionError, "gives 2 shares but graph 'main' has 4 blocks"),
     ({"layers": "deep"}, OptionError, "option 'layers' must be one of"),
+    ({"layers": 5}, OptionError, "option 'layers' must be one of .* or a list of per-block shares, got 5"),
     ({"blocks": "nothing.*", "graphs": ["main"]}, OptionError, "option 'blocks': 'nothing.\\*' matches none"),
     ({"tokens": [4, 22]}, OptionError, "does not give the 18 visual tokens"),
     ({"tokens": [0, 16], "queries": [0, 4]}, OptionError, "overlap the visual tokens"),
