@@ -266,3 +266,25 @@ def test_lowers_on_ort_and_runs_torch_free_across_calls(tmp_path):
         assert np.abs(got - want).max() < 1e-4 * np.abs(want).max(), c
     assert f"TRACE {runner.trace}" in out
     assert any(t.endswith(("r4", "r8")) for t in runner.trace)
+
+
+def test_then_dynamic_precision_one_width_and_one_level_per_call_and_reuse_stays_exact():
+    """token_reuse, then dynamic_precision over every variant (cold, probe, levels): each call runs
+    one reuse level at one width (the selects of a call agree), the levels share one set of int8
+    weights, and an unchanged frame still returns the cold call's outputs at that width."""
+    _, x, prog = _tiny(batch=1)
+    res = _reuse(prog, levels=[4, 8], relevant=4, layers="uniform")
+    calib = [tiny_vla_inputs(1, seed=s) for s in range(40, 52)]
+    both = get_pass("dynamic_precision")(position=[0, 1, 2], bits=[8, 4], dwell=1)(
+        res.program, PassContext(calibration=calib)).program
+    assert {"main.cold.a8", "main.r8.a4", "main.probe"} <= set(both.graphs)
+    int8 = {n: {str(t.data_ptr()) for t in g.module.buffers() if t.dtype == torch.int8}
+            for n, g in both.graphs.items() if n.startswith(("main.cold", "main.r"))}
+    assert len({frozenset(v) for v in int8.values()}) == 1 and next(iter(int8.values()))   # one weight set
+    runner = both.runner()
+    with torch.no_grad():
+        cold = runner(list(x))[0]
+        warm = runner(list(x))[0]
+    level, width = runner.trace[1].split("/")[1], runner.trace[1].split("/")[2]
+    assert runner.trace[0].startswith("cold/") and level == "r8" and width == runner.trace[0].split("/")[1]
+    torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
