@@ -1444,8 +1444,9 @@ class ReuseTokensRef:
     def __init__(self, model: nn.Module, *, tokens: "tuple[int, int]" = (4, 20), patch: int = 2,
                  threshold: float = 0.996, center: float = 0.5, relevant: int = 4,
                  levels: "Sequence[int]" = (4, 8), alphas: "Sequence[float]" = (1.0, 1.0, 1.0, 1.0),
-                 queries: "tuple[int, int] | None" = None):
+                 queries: "tuple[int, int] | None" = None, relevance_blocks: "int | None" = None):
         self.m, self.tokens, self.patch, self.threshold, self.center = model, tokens, patch, threshold, center
+        self.relevance_blocks = relevance_blocks
         self.relevant, self.levels, self.alphas = relevant, tuple(levels), tuple(alphas)
         self.queries = queries or (0, tokens[0])
         self.reset()
@@ -1537,5 +1538,6 @@ class ReuseTokensRef:
             probs.append(p)
         self.kv, self.patches = kv, cur
         q0, q1 = self.queries
+        probs = probs[-(self.relevance_blocks or len(probs)):]
         self.relevance = sum(p[:, :, q0:q1, start:end].sum(2).mean(1) for p in probs) / len(probs)
         return m.head(m.norm(h[:, -1]))

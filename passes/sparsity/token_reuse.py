@@ -21,7 +21,8 @@ After, on a warm call that reuses k tokens:
     same key order), so every query still sees all N keys; rows dropped at block l stay dropped
     below it (alpha_l does not fall with depth), so the graph shrinks block by block
 Outputs unchanged; new outputs for the Plan's state: the frame's patches, the text -> vision
-relevance (mean over blocks and heads of the instruction rows' attention on each visual key),
+relevance (mean over blocks, or the last `relevance_blocks`, and heads of the instruction rows'
+attention on each visual key),
 and per block its keys, values and where each token's key sits in them.
 
 Vision blocks (option `vision_blocks`, an extension: VLA-Cache reuses in the language model
@@ -137,6 +138,7 @@ class ReuseTokens(RewritePass):
         center: float = 0.5                       # subtracted from pixels before the cosine (mid-grey of [0, 1])
         relevant: float | int = 0.25              # visual tokens always recomputed: a share of them, or a count
         queries: tuple[int, int] | None = None    # instruction rows for relevance (default: the prefix)
+        relevance_blocks: int | None = None       # the last blocks whose attention gives relevance (default: all)
         levels: tuple[int, ...] | None = None     # reuse counts of the variants (default quarters..3/4 by eighths)
         layers: Any = "entropy"                   # 'entropy', 'uniform', or one share per block
         blocks: str | None = None                 # region pattern of the blocks (default: the last run)
@@ -186,6 +188,8 @@ class ReuseTokens(RewritePass):
                     raise OptionError(f"pass '{_NAME}': option 'layers': per-block shares must be in [0, 1] and "
                                       f"not fall with depth (a token dropped stays dropped), got {list(ly)}")
             check_range(_NAME, "calibration_samples", self.calibration_samples, lo=1)
+            if self.relevance_blocks is not None:
+                check_range(_NAME, "relevance_blocks", self.relevance_blocks, lo=1)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -539,7 +543,7 @@ def _cold(src: Graph, name: str, site: _Site, o: Any) -> tuple[Graph, list[str]]
     image = [n for n in gm.graph.nodes if n.op == "placeholder"][site.image]
     ex_img = src.example_inputs[site.image]
     _, (pt,) = splice_in(gm, _patches_fn(o), [image], [torch.zeros(ex_img.shape)], blocks[0].path, _NAME)
-    probs = [b.softmax for b in blocks[len(blocks) - len(site.blocks):]]
+    probs = [b.softmax for b in blocks[len(blocks) - _relevance_count(o, site):]]
     _, (rel,) = splice_in(gm, _relevance_fn(site.b0, o.queries or (0, o.tokens[0]), o.tokens), probs,
                           [torch.zeros(val_shape(p)) for p in probs], site.blocks[-1], _NAME)
     n_keys = [val_shape(b.softmax)[-1] for b in blocks]
@@ -550,6 +554,11 @@ def _cold(src: Graph, name: str, site: _Site, o: Any) -> tuple[Graph, list[str]]
     gm.recompile()
     names = _state_names(len(blocks))
     return src.with_module(gm, output_names=src.output_names + tuple(names)), names
+
+
+def _relevance_count(o: Any, site: _Site) -> int:
+    """How many of the last backbone blocks' attention the relevance averages."""
+    return min(o.relevance_blocks or len(site.blocks), len(site.blocks))
 
 
 def _state_names(n_blocks: int) -> list[str]:
@@ -668,7 +677,7 @@ def _warm(src: Graph, name: str, site: _Site, o: Any, reuse: Sequence[int], n_re
                                 "axis; token reuse computes only some tokens' rows")
         _check_reads(at, ch.start, ch.end, ch.n0, reuse[-1], name)
 
-    first_b = len(blocks) - len(site.blocks)
+    first_b = len(blocks) - _relevance_count(o, site)
     rows = [site.n0 - k for k in reuse[first_b:]]
     probs = [b.softmax for b in blocks[first_b:]]
     invs = [inverses.get(first_b + i) for i in range(len(probs))]

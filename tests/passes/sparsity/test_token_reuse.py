@@ -50,12 +50,13 @@ def _frames(batch: int, calls: int, seed: int = 3):
     ({"levels": [4, 8], "relevant": 4, "layers": [0.5, 0.5, 1, 1]}, (0.5, 0.5, 1, 1)),
     ({"levels": [2, 6, 10], "relevant": 2, "layers": [0, 0.5, 0.5, 1], "threshold": 0.9}, (0, 0.5, 0.5, 1)),
     ({"levels": [3], "relevant": 0, "layers": "uniform"}, (1, 1, 1, 1)),
+    ({"levels": [4, 8], "relevant": 4, "layers": "uniform", "relevance_blocks": 1}, (1, 1, 1, 1)),
 ])
 def test_matches_the_eager_emulation_call_by_call(opts, alphas):
     m, _, prog = _tiny()
     res = _reuse(prog, **opts)
     ref = ReuseTokensRef(m, levels=opts["levels"], relevant=opts["relevant"], alphas=alphas,
-                         threshold=opts.get("threshold", 0.996))
+                         threshold=opts.get("threshold", 0.996), relevance_blocks=opts.get("relevance_blocks"))
     runner = res.program.runner()
     chosen = []
     for x in _frames(3, 7):
