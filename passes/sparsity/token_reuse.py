@@ -22,8 +22,8 @@ After, on a warm call that reuses k tokens:
     below it (alpha_l does not fall with depth), so the graph shrinks block by block
 Outputs unchanged; new outputs for the Plan's state: the frame's patches, the text -> vision
 relevance (mean over blocks, or the last `relevance_blocks`, and heads of the instruction rows'
-attention on each visual key),
-and per block its keys, values and where each token's key sits in them.
+attention on each visual key), and per block its keys, values and where each token's key sits in
+them.
 
 Vision blocks (option `vision_blocks`, an extension: VLA-Cache reuses in the language model
 only): the vision encoder's blocks, whose tokens are the backbone's visual tokens one for one
