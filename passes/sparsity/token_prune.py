@@ -69,9 +69,9 @@ from pared.ir.regions import match
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.layer_skip import TARGET_METRICS
-from pared.passes.sparsity.tokens import (BATCH, TOK, Atoms, NotPerToken, detect_protect, find_blocks, finish,
-                                          follow_tokens, graph_names, has_tok, packet, residual_add, revalue,
-                                          second_residual, splice_in, val_shape)
+from pared.passes.sparsity.tokens import (BATCH, TOK, Atoms, NotPerToken, check_reads_outside, detect_protect,
+                                          find_blocks, finish, follow_tokens, graph_names, has_tok,
+                                          residual_add, revalue, second_residual, splice_in, val_shape)
 
 _NAME = "token_prune"
 SCORES = ("relevance", "received", "relevance_diversity")
@@ -351,7 +351,8 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
                          "dropping tokens would change its shape (a dense output needs every token: use "
                          "token_merge, whose ToMe-SD form unmerges)", option=False)
     dropped = n - keep
-    _check_reads(at, start, end, n0, dropped, name)
+    check_reads_outside(at, start, end, dropped, _NAME, name, "the candidate range",
+                        "that pruning drops from; leave the tokens it reads out of the range")
 
     before = graph_flops(g.module)
     fn = _prune_fn(b0, n0, start, end, keep, k_div, o.score, queries,
@@ -372,21 +373,6 @@ def _prune_graph(g: Graph, name: str, o: Any, ctx: PassContext) -> tuple[Graph, 
     rec = GraphPrune(name, blk.path, o.score, o.mode, (start, end), queries if o.score != "received" else (), keep, k_div,
                      n0, n0 - dropped, before, graph_flops(gm), sel_flops)
     return new_graph, rec
-
-
-def _check_reads(at: Atoms, start: int, end: int, n0: int, dropped: int, name: str) -> None:
-    """Token reads after the site must read the prefix or the suffix; a positive index into the
-    suffix moves down by the dropped count."""
-    for node, idx in at.reads.items():
-        is_select = packet(node) == "select"
-        pos = idx + n0 if idx < 0 else idx
-        if start <= pos < end or not is_select and pos >= start:
-            what = f"token {idx}" if is_select else f"tokens up to {idx}"
-            raise OptionError(f"pass '{_NAME}': option 'tokens': graph '{name}' reads {what} after the blocks "
-                              f"({node.format_node()}), inside the candidate range [{start}, {end}) that pruning "
-                              "drops from; leave the tokens it reads out of the range")
-        if is_select and idx >= end:
-            node.args = (node.args[0], node.args[1], idx - dropped) + tuple(node.args[3:])
 
 
 def _prune_fn(batch: int, n0: int, start: int, end: int, keep: int, k_div: int, score: str,

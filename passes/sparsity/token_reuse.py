@@ -77,8 +77,9 @@ from pared.ir.regions import match
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.sparsity.sparse_attention import attention_site
-from pared.passes.sparsity.tokens import (TOK, Atoms, NotPerToken, find_blocks, follow_tokens, graph_names, packet,
-                                          residual_add, resize, revalue, second_residual, splice_in, val_shape)
+from pared.passes.sparsity.tokens import (TOK, Atoms, NotPerToken, check_reads_outside, find_blocks, follow_tokens,
+                                          graph_names, packet, residual_add, resize, revalue, second_residual,
+                                          splice_in, val_shape)
 
 _NAME = "token_reuse"
 LAYER_MODES = ("entropy", "uniform")
@@ -675,7 +676,8 @@ def _warm(src: Graph, name: str, site: _Site, o: Any, reuse: Sequence[int], n_re
             if isinstance(v, fx.Node) and v in at.dims and any(TOK in dd for dd in at.dims[v]):
                 raise PassError(f"{where}: output {src.output_names[i]!r} ({v.format_node()}) carries the token "
                                 "axis; token reuse computes only some tokens' rows")
-        _check_reads(at, ch.start, ch.end, ch.n0, reuse[-1], name)
+        check_reads_outside(at, ch.start, ch.end, reuse[-1], _NAME, name, "the visual tokens",
+                            "which a warm call does not all compute")
 
     first_b = len(blocks) - _relevance_count(o, site)
     rows = [site.n0 - k for k in reuse[first_b:]]
@@ -717,20 +719,6 @@ def _bias_add(softmax: fx.Node, bias: fx.Node, where: str) -> fx.Node:
 def _probs_shape(p: fx.Node, rows: int) -> tuple[int, ...]:
     s = val_shape(p)
     return s[:-2] + (rows, s[-1])
-
-
-def _check_reads(at: Atoms, start: int, end: int, n0: int, dropped: int, name: str) -> None:
-    """Token reads after the blocks read the prefix or the suffix; a positive index into the
-    suffix moves down by the tokens no longer there."""
-    for node, idx in at.reads.items():
-        is_select = packet(node) == "select"
-        pos = idx + n0 if idx < 0 else idx
-        if start <= pos < end or not is_select and pos >= start:
-            raise OptionError(f"pass '{_NAME}': option 'tokens': graph '{name}' reads token(s) up to {idx} "
-                              f"({node.format_node()}) inside the visual tokens [{start}, {end}), which are not "
-                              "all computed on a warm call")
-        if is_select and idx >= end:
-            node.args = (node.args[0], node.args[1], idx - dropped) + tuple(node.args[3:])
 
 
 def _probe(o: Any, site: _Site, src: Graph, state_ex: Sequence[torch.Tensor], n_rel: int) -> Graph:

@@ -473,6 +473,28 @@ def detect_protect(x0: fx.Node) -> tuple[int, str]:
     return 0, "detected: no leading parameter tokens"
 
 
+def check_reads_outside(at: Atoms, start: int, end: int, dropped: int, who: str, graph: str, range_name: str,
+                        why: str) -> None:
+    """Reads of single tokens after the re-sized blocks (`at.reads`) must read the prefix before
+    `start` or the suffix from `end`, the rows every re-sized block keeps (token_prune drops
+    candidates from [start, end), token_reuse computes only some of them); a positive index into
+    the suffix moves down by the `dropped` tokens no longer in front of it.
+
+    Raises:
+        OptionError: naming option 'tokens', the graph and the node; `range_name` and `why` say
+            what the range is to the pass.
+    """
+    for node, idx in at.reads.items():
+        is_select = packet(node) == "select"
+        pos = idx + at.n0 if idx < 0 else idx
+        if start <= pos < end or not is_select and pos >= start:
+            what = f"token {idx}" if is_select else f"tokens up to {idx}"
+            raise OptionError(f"pass '{who}': option 'tokens': graph '{graph}' reads {what} after the blocks "
+                              f"({node.format_node()}), inside {range_name} [{start}, {end}) {why}")
+        if is_select and idx >= end:
+            node.args = (node.args[0], node.args[1], idx - dropped) + tuple(node.args[3:])
+
+
 def splice_in(gm: fx.GraphModule, fn: Any, args: list, examples: list, region: str, by: str) -> tuple[set, list]:
     before = set(gm.graph.nodes)
     results = splice(gm, fn, args, examples, by, region)

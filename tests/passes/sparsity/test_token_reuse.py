@@ -219,7 +219,7 @@ def test_reading_a_visual_token_after_the_blocks_is_refused():
                 h, _ = blk(h, bias)
             return self.m.head(self.m.norm(h[:, 5]))
     prog = capture(ReadsVisual().eval(), x)
-    with pytest.raises(OptionError, match="reads token\\(s\\) up to 5 .* inside the visual tokens"):
+    with pytest.raises(OptionError, match="reads token 5 after the blocks .* inside the visual tokens \\[4, 20\\) which a warm"):
         get_pass("token_reuse")(**SITE, layers="uniform", levels=[4])(prog, PassContext())
 
 
