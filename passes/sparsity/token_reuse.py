@@ -471,21 +471,21 @@ def _bias_fn(b0: int):
     return bias
 
 
-def _relevance_fn(b0: int, queries: tuple[int, int], tokens: tuple[int, int]):
-    """Mean over blocks and heads of the instruction rows' attention on each visual key; with
-    inverses (a warm variant's key orders, one per block), each block's keys back in token order."""
+def _relevance_fn(b0: int, queries: tuple[int, int], tokens: tuple[int, int], blocks: int, reordered: bool):
+    """Mean over `blocks` blocks and their heads of the instruction rows' attention on each visual
+    key. `reordered` (a warm variant): each block's probabilities come with the inverse of its key
+    order, which puts the keys back in token order."""
     def relevance(*args: torch.Tensor) -> torch.Tensor:
-        half = len(args) // 2 if len(args) > 1 and args[-1].dtype == torch.long else len(args)
-        probs, inverses = args[:half], args[half:]
+        probs, inverses = args[:blocks], args[blocks:] if reordered else ()
         acc = None
         for i, p in enumerate(probs):
             p = p.reshape(b0, -1, p.shape[-2], p.shape[-1])
             col = p[:, :, queries[0]:queries[1]].sum(2).mean(1)                             # [B, N]
-            if inverses:
+            if reordered:
                 col = col.gather(1, inverses[i])
             r = col[:, tokens[0]:tokens[1]]
             acc = r if acc is None else acc + r
-        return acc / len(probs)
+        return acc / blocks
     return relevance
 
 
@@ -545,7 +545,7 @@ def _cold(src: Graph, name: str, site: _Site, o: Any) -> tuple[Graph, list[str]]
     ex_img = src.example_inputs[site.image]
     _, (pt,) = splice_in(gm, _patches_fn(o), [image], [torch.zeros(ex_img.shape)], blocks[0].path, _NAME)
     probs = [b.softmax for b in blocks[len(blocks) - _relevance_count(o, site):]]
-    _, (rel,) = splice_in(gm, _relevance_fn(site.b0, o.queries or (0, o.tokens[0]), o.tokens), probs,
+    _, (rel,) = splice_in(gm, _relevance_fn(site.b0, o.queries or (0, o.tokens[0]), o.tokens, len(probs), False), probs,
                           [torch.zeros(val_shape(p)) for p in probs], site.blocks[-1], _NAME)
     n_keys = [val_shape(b.softmax)[-1] for b in blocks]
     poss = {nk: splice_in(gm, _identity_fn(site.b0, nk), [rel], [torch.zeros(val_shape(rel))], site.blocks[-1],
@@ -683,7 +683,7 @@ def _warm(src: Graph, name: str, site: _Site, o: Any, reuse: Sequence[int], n_re
     rows = [site.n0 - k for k in reuse[first_b:]]
     probs = [b.softmax for b in blocks[first_b:]]
     invs = [inverses.get(first_b + i) for i in range(len(probs))]
-    _, (rel,) = splice_in(gm, _relevance_fn(b0, o.queries or (0, start), o.tokens), probs + invs,
+    _, (rel,) = splice_in(gm, _relevance_fn(b0, o.queries or (0, start), o.tokens, len(probs), True), probs + invs,
                           [torch.zeros(_probs_shape(p, rows[i])) for i, p in enumerate(probs)] +
                           [torch.zeros(b0, site.n0, dtype=torch.long) for _ in invs],
                           site.blocks[-1], _NAME)

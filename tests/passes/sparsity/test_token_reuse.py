@@ -145,16 +145,14 @@ def test_structure_fewer_rows_every_key_and_the_plan():
 def test_relevant_tokens_are_never_reused():
     """With every patch equal, the reused tokens are the least relevant ones: the `relevant` of
     highest previous relevance stay among the recomputed rows at every block."""
-    m, x, prog = _tiny(batch=1)
+    _, x, prog = _tiny(batch=1)
     res = _reuse(prog, levels=[12], relevant=4, layers="uniform")
     runner = res.program.runner()
     with torch.no_grad():
         runner(list(x))
     rel = runner.state["token_reuse.main.relevance"][0]
     top = set(torch.argsort(rel, descending=True)[:4].tolist())
-    ref = ReuseTokensRef(m, levels=[12], relevant=4)
-    ref(*x)
-    # the eager emulation's recomputed rows at a warm call: prefix, 4 visual, suffix
+    # the rows the warm variant computes at its first block: prefix, 4 visual, suffix
     g = res.program.graphs["main.r12"]
     ins = list(x) + [runner.state[f"token_reuse.main.{s}"] for s in
                      ["patches", "relevance", *(f"{x}{i}" for x in "kvp" for i in range(4))]]
@@ -289,3 +287,15 @@ def test_then_dynamic_precision_one_width_and_one_level_per_call_and_reuse_stays
     level, width = runner.trace[1].split("/")[1], runner.trace[1].split("/")[2]
     assert runner.trace[0].startswith("cold/") and level == "r8" and width == runner.trace[0].split("/")[1]
     torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
+
+
+def test_pared_bench_reports_the_share_of_calls_per_level():
+    """workloads.bench.reuse_summary reads the reuse level out of each call's labels (beside other
+    passes' labels), as pared bench reports it; None for a program without token_reuse."""
+    from pared.workloads.bench import reuse_summary
+    _, _, prog = _tiny()
+    res = _reuse(prog, levels=[4, 8], relevant=4, layers="uniform")
+    got = reuse_summary(res.program, ["cold/a8", "warm/r8/a4", "warm/full/a8", "warm/r4/a8"])
+    assert got["level_shares"] == {"cold": 0.25, "full": 0.25, "r4": 0.25, "r8": 0.25}
+    assert got["mean_reused"] == pytest.approx((8 + 4) / 4) and got["calls"] == 4
+    assert reuse_summary(prog, ["main"]) is None
