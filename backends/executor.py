@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import time
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
 from pared.backends.artifact import read_manifest, read_records
+from pared.backends.link import wait
 from pared.backends.signing import SIGNATURE, UnsignedCodeWarning
 from pared.ir import isa
 from pared.ir import structure as _structure
@@ -112,6 +114,15 @@ class Executor:
             any model file is parsed or library loaded. Without them, an artifact with
             TVM shared libraries warns (UnsignedCodeWarning, a RuntimeWarning) that
             loading it runs code from it unverified.
+        links: for a partitioned artifact (its Plan names devices and has Transfers), what
+            carries each Transfer: a mapping from a (device, device) pair, either order, to a
+            link object with `send(array) -> array`, `probe()`, `signal()` and `name`
+            (backends.link.EmulatedLink). The Plan's `bandwidth` selectors read each link's
+            `signal()` as ``link:NAME``. Without one, a Transfer hands the array over in
+            process and the selectors keep their initial bandwidth.
+        emulate: device name -> slowdown (>= 1): each graph the Plan runs on that device
+            takes `slowdown` times as long as it took here (the runtime sleeps the
+            difference), to stand in for a slower device when measuring a partition.
 
     Inputs are checked for count, dtype and shape (TypeError / ValueError naming the
     input). Values are not: NaN and Inf pass through to the runtime and propagate
@@ -125,7 +136,8 @@ class Executor:
 
     def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
                  allow_isa_mismatch: bool = False, share_weights: bool = False, shared_arena: bool = True,
-                 trusted_keys: "list | tuple | None" = None):
+                 trusted_keys: "list | tuple | None" = None, links: "Mapping[Any, Any] | None" = None,
+                 emulate: "Mapping[str, float] | None" = None):
         self.path = path
         self.manifest = read_manifest(path, trusted_keys=trusted_keys)
         if trusted_keys is None:
@@ -163,7 +175,16 @@ class Executor:
         self.structure = self.manifest.get("output_structure", _structure.TENSOR)
         with _malformed(path, "input specs"):
             self._inputs = self._program_inputs()
-        self._runner = PlanRunner(self.plan, self._run_graph)
+        self._links = {frozenset(k): v for k, v in (links or {}).items()}
+        for pair in self._links:
+            if len(pair) != 2:
+                raise ValueError(f"links: keys must be pairs of two device names, got {sorted(pair)}")
+        self._emulate = dict(emulate or {})
+        for dev, k in self._emulate.items():
+            if not isinstance(k, (int, float)) or isinstance(k, bool) or not k >= 1:
+                raise ValueError(f"emulate: device {dev!r} needs a slowdown >= 1, got {k!r}")
+        self._runner = PlanRunner(self.plan, self._run_graph, transfer=self._transfer,
+                                  signals=self._signals if self._links else None)
         self._records: RecordStore | None = None
 
     def _program_inputs(self) -> list[dict]:
@@ -211,7 +232,25 @@ class Executor:
         return list(self._runner.graph_trace)
 
     def _run_graph(self, name: str, arrays: list) -> list:
-        return self.graphs[name](arrays)
+        k = self._emulate.get(self._runner.device, 1.0) if self._emulate else 1.0
+        if k == 1.0:
+            return self.graphs[name](arrays)
+        t0 = time.perf_counter()
+        out = self.graphs[name](arrays)
+        wait((k - 1.0) * (time.perf_counter() - t0))
+        return out
+
+    def _transfer(self, value: Any, src: str, dst: str) -> Any:
+        link = self._links.get(frozenset((src, dst)))
+        if link is None:
+            if self._links:
+                raise ArtifactError(f"{self.path}: the plan transfers from {src!r} to {dst!r}, and no link between "
+                                    f"them was given (links: {[sorted(k) for k in self._links]})")
+            return value
+        return link.send(value)
+
+    def _signals(self) -> dict:
+        return {f"link:{lk.name}": lk.signal() for lk in self._links.values()}
 
     def _check(self, arrays: list) -> list[np.ndarray]:
         out = []
@@ -241,7 +280,12 @@ class Executor:
             args += [named[n] for n in names[len(args):] if n in named]
         if len(args) != len(names):
             raise TypeError(f"expected {len(names)} inputs {names}, got {len(args)}")
-        return self._runner(self._check(args))
+        counts = [lk.count for lk in self._links.values()]
+        out = self._runner(self._check(args))
+        for lk, n in zip(self._links.values(), counts):
+            if lk.count == n:   # nothing measured this call (all local, or too few bytes): keep the estimate fresh
+                lk.probe()
+        return out
 
     def __call__(self, *arrays: np.ndarray, **named: np.ndarray) -> Any:
         """Run one call; outputs in the model's structure (an array, a tuple or a dict)."""

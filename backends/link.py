@@ -207,3 +207,85 @@ class ShapingProxy:
         arrival = max(arrival, state["last_arrival"])       # in order, as TCP delivers
         state["last_arrival"] = arrival
         return arrival
+
+
+def wait(seconds: float) -> None:
+    """Block for `seconds`, precisely: time.sleep overshoots by ~0.1 ms here, which at the
+    sub-millisecond transfers and device slowdowns emulated in process is a large error; so
+    sleep until 0.3 ms before the deadline, then spin."""
+    end = time.perf_counter() + seconds
+    if seconds > 3e-4:
+        time.sleep(seconds - 3e-4)
+    while time.perf_counter() < end:
+        pass
+
+
+class EmulatedLink:
+    """A link inside one process: a Transfer over it takes the time `link` says (the
+    runtime sleeps it: RTT/2 + bytes / bandwidth, plus jitter), and it measures what it
+    delivers, as a runtime over a real link would: each transfer of at least `min_bytes`
+    gives an estimate bytes / (elapsed - RTT/2); `signal()` is [the latest estimate, how
+    many it has made], what the Plan's `bandwidth` selector reads as ``link:NAME``.
+
+    `set_link` changes the shape (a bandwidth trace). `probe()` measures the link without
+    sending a payload on the control path (an asynchronous probe: the runtime calls it when
+    a call sent nothing, so the estimate does not go stale while everything runs on the
+    edge); its bytes are counted, its time is not spent.
+
+    The ShapingProxy above shapes real sockets; this is for measuring a partitioned plan's
+    latency on one host without a server (the devices then share this host's CPU).
+    """
+
+    def __init__(self, link: Link, *, sleep: bool = True, min_bytes: int = 1024, probe_bytes: int = 16384,
+                 seed: int = 0):
+        self.link = link
+        self.sleep = sleep
+        self.min_bytes = min_bytes
+        self.probe_bytes = probe_bytes
+        self._rng = random.Random(seed)
+        self.estimate = float("nan")
+        self.count = 0
+        self.bytes_sent = 0
+        self.transfers = 0
+        self.busy_s = 0.0          # time spent in transfers
+
+    @property
+    def name(self) -> str:
+        return self.link.name
+
+    def set_link(self, link: Link) -> None:
+        if link.name != self.link.name:
+            raise ValueError(f"set_link: link {link.name!r} is not {self.link.name!r} (the plan reads it by name)")
+        self.link = link
+
+    def _duration(self, nbytes: int) -> float:
+        t = self.link.transfer_s(nbytes)
+        if self.link.jitter:
+            t += self._rng.uniform(0, self.link.jitter)
+        return t
+
+    def _measure(self, nbytes: int, elapsed: float) -> None:
+        if nbytes >= self.min_bytes:
+            self.estimate = nbytes / max(elapsed - self.link.rtt / 2, 1e-9)
+            self.count += 1
+
+    def send(self, value: Any) -> Any:
+        nbytes = int(getattr(value, "nbytes", 0))
+        t = self._duration(nbytes)
+        t0 = time.perf_counter()
+        if self.sleep and t > 0:
+            wait(t)
+        elapsed = time.perf_counter() - t0 if self.sleep else t
+        self._measure(nbytes, max(elapsed, t))
+        self.bytes_sent += nbytes
+        self.transfers += 1
+        self.busy_s += elapsed
+        return value
+
+    def probe(self) -> None:
+        self._measure(self.probe_bytes, self._duration(self.probe_bytes))
+        self.bytes_sent += self.probe_bytes
+
+    def signal(self):
+        import numpy as np
+        return np.array([self.estimate, float(self.count)])

@@ -25,6 +25,8 @@ References (the one place they are defined; every pass uses them this way):
   ``step:NAME``    a per-step scalar from `Plan.step_values` (a float32 tensor of
                    shape [1], e.g. a forecast coefficient); past the table's end,
                    its last value
+  ``link:NAME``    what the runtime measured of link NAME: [bandwidth bytes/s, count]
+                   (selectors read it; unbound where no link is measured)
 
 Steps. By default a step is one call of the program (a denoiser called once per
 sampler step by the user's loop), so selectors choose, and `step:` references
@@ -446,16 +448,20 @@ class PlanRunner:
         to_numpy: converts an array for selectors (identity for numpy).
         scalar: makes the [1]-shaped float32 array of a step value.
         transfer: ``(value, src, dst) -> value`` for Transfer nodes (default: the value itself).
+        signals: ``() -> {ref: array}``, read at the start of each call: what the runtime measures
+            and selectors read, bound as ``link:NAME`` references (a link's bandwidth); default none.
 
     Attributes:
         trace: per call of the request, the case labels chosen by the selects it
             passed, joined by "/" (for a plan without selects: its graphs, joined by "+").
         graph_trace: per call, the graphs run, in order.
+        device: the device of the Call being run (None: the target's only one), for `run_graph`.
     """
 
     def __init__(self, plan: Plan, run_graph: Callable[[str, list], list], to_numpy: Callable[[Any], Any] = lambda a: a,
                  scalar: Callable[[float], Any] | None = None,
-                 transfer: Callable[[Any, str, str], Any] | None = None):
+                 transfer: Callable[[Any, str, str], Any] | None = None,
+                 signals: Callable[[], Mapping[str, Any]] | None = None):
         self.plan = plan
         self._run_graph = run_graph
         self._to_numpy = to_numpy
@@ -464,6 +470,8 @@ class PlanRunner:
             scalar = lambda v: np.array([v], dtype=np.float32)   # noqa: E731
         self._scalar = scalar
         self._transfer = transfer or (lambda v, src, dst: v)
+        self._signals = signals
+        self.device: str | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -486,6 +494,7 @@ class PlanRunner:
 
     def _run(self, node: Node, env: dict, path: tuple, labels: list, graphs: list) -> None:
         if isinstance(node, Call):
+            self.device = node.device
             outs = self._run_graph(node.graph, [self._read(r, env) for r in node.inputs])
             graphs.append(node.graph)
             for ref, val in zip(node.outputs, outs):
@@ -527,7 +536,10 @@ class PlanRunner:
                     if v.size and v[0]:
                         break
         elif isinstance(node, Transfer):
-            env[node.out] = self._transfer(self._read(node.ref, env), node.src, node.dst)
+            val = self._transfer(self._read(node.ref, env), node.src, node.dst)
+            if node.out.startswith("state:"):
+                self.state[node.out[6:]] = val
+            env[node.out] = val
         else:
             raise PlanError(f"unknown plan node {type(node).__name__}")
 
@@ -544,6 +556,8 @@ class PlanRunner:
         if len(inputs) != len(self.plan.inputs):
             raise PlanError(f"expected {len(self.plan.inputs)} inputs {list(self.plan.inputs)}, got {len(inputs)}")
         env: dict[str, Any] = {f"in:{n}": v for n, v in zip(self.plan.inputs, inputs)}
+        if self._signals is not None:
+            env.update({k: v for k, v in self._signals().items() if k.startswith("link:")})
         self._steps = []
         self._bind_steps(env)
         labels: list[str] = []

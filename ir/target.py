@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ class Target:
                               "{kind: llvm, mtriple: ...}; TVM 0.27 rejects target strings")
         if self.ort_opt_level not in ORT_OPT_LEVELS:
             raise TargetError(f"target '{self.name}': ort_opt_level must be one of {ORT_OPT_LEVELS}")
+        for f in ("threads", "peak_flops", "mem_bandwidth"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TargetError(f"target '{self.name}': {f} must be a number, got {v!r}"
+                                  + (" (YAML reads 1.0e11 as text: write 1.0e+11)" if isinstance(v, str) else ""))
         if self.threads < 0 or self.peak_flops <= 0 or self.mem_bandwidth <= 0:
             raise TargetError(f"target '{self.name}': threads must be >= 0 and peak_flops, mem_bandwidth > 0")
         object.__setattr__(self, "precisions", tuple(self.precisions))
@@ -296,3 +302,176 @@ def get_target(spec: "str | os.PathLike | Target | Mapping[str, Any]") -> Target
     hint = f"did you mean '{close[0]}'? " if close else ""
     raise TargetError(f"unknown target '{s}'; {hint}known targets: {', '.join(NAMED)}, "
                       "or a device profile .yaml")
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """How a device this host cannot run is stood in for when measuring: the host runs the
+    device's graphs with target `host` and the time each call took is stretched `slowdown`
+    times (the runtime sleeps the difference). For benchmarks of a placement whose edge is
+    slower than this host; a real deployment leaves it out."""
+
+    host: str = "cpu"
+    slowdown: float = 1.0
+
+    def __post_init__(self):
+        s = self.slowdown
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 1:
+            raise TargetError(f"emulation: slowdown must be a number >= 1, got {s!r}")
+        if self.host not in NAMED:
+            raise TargetError(f"emulation: 'host' must name a target ({', '.join(NAMED)}), got {self.host!r}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A link between two named devices (both directions)."""
+
+    a: str
+    b: str
+    link: Link
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Devices and the links between them, as data: what a partition is built for.
+
+    devices: name (`edge`, `cloud`, ...) -> Target; routes: the links between them;
+    emulated: name -> Emulation for devices this host stands in for (benchmarks).
+    A YAML file spells it::
+
+        name: pi5-and-server
+        devices:
+          edge: {profile: pi5.yaml}         # a device profile file (relative to this file), or
+          cloud: cpu                        # a named target, or a mapping of Target fields
+        links:
+          - {between: [edge, cloud], name: wifi, mbit: 20, rtt_ms: 30}
+        emulate:
+          edge: {host: cpu, slowdown: 4}
+    """
+
+    name: str
+    devices: Mapping[str, Target]
+    routes: tuple[Route, ...] = ()
+    emulated: Mapping[str, Emulation] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.devices:
+            raise TargetError(f"deployment '{self.name}': needs at least one device")
+        object.__setattr__(self, "devices", dict(self.devices))
+        object.__setattr__(self, "emulated", dict(self.emulated))
+        object.__setattr__(self, "routes", tuple(self.routes))
+        for r in self.routes:
+            for d in (r.a, r.b):
+                if d not in self.devices:
+                    raise TargetError(f"deployment '{self.name}': link '{r.link.name}' names device '{d}', "
+                                      f"which is not one of its devices ({', '.join(self.devices)})")
+        for d in self.emulated:
+            if d not in self.devices:
+                raise TargetError(f"deployment '{self.name}': emulate names device '{d}', which is not one of "
+                                  f"its devices ({', '.join(self.devices)})")
+
+    def device(self, name: str) -> Target:
+        if name not in self.devices:
+            raise TargetError(f"deployment '{self.name}' has no device '{name}'; it has {', '.join(self.devices)}")
+        return self.devices[name]
+
+    def link(self, a: str, b: str) -> Link:
+        for r in self.routes:
+            if {r.a, r.b} == {a, b}:
+                return r.link
+        raise TargetError(f"deployment '{self.name}' has no link between '{a}' and '{b}'")
+
+    def runs_here(self, name: str) -> bool:
+        """Whether this host can run (or emulate) device `name`'s graphs to measure them: an
+        emulated device, or a host target (one that does not state another CPU's arch or isa)."""
+        t = self.device(name)
+        return name in self.emulated or (t.on_host and t.arch is None and t.isa is None)
+
+    def host_target(self, name: str) -> Target:
+        """The target this host measures device `name` with (its own, or its emulation's)."""
+        if name in self.emulated:
+            return NAMED[self.emulated[name].host]
+        return self.device(name)
+
+    def slowdown(self, name: str) -> float:
+        return self.emulated[name].slowdown if name in self.emulated else 1.0
+
+    def with_link(self, a: str, b: str, link: Link) -> "Deployment":
+        routes = tuple(r for r in self.routes if {r.a, r.b} != {a, b}) + (Route(a, b, link),)
+        return dataclasses.replace(self, routes=routes)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "devices": {k: v.to_json() for k, v in self.devices.items()},
+                "links": [dict(r.link.to_json(), between=[r.a, r.b]) for r in self.routes],
+                "emulate": {k: dataclasses.asdict(v) for k, v in self.emulated.items()}}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any], *, where: str = "deployment", base: str = ".") -> "Deployment":
+        if not isinstance(d, Mapping):
+            raise TargetError(f"{where}: expected a mapping with 'devices' and 'links'")
+        unknown = [k for k in d if k not in ("name", "description", "devices", "links", "emulate")]
+        if unknown:
+            raise TargetError(f"{where}: unknown field '{unknown[0]}'; known: name, description, devices, "
+                              "links, emulate")
+        devs = d.get("devices")
+        if not isinstance(devs, Mapping) or not devs:
+            raise TargetError(f"{where}: 'devices' must map device names to targets")
+        devices = {}
+        for k, v in devs.items():
+            if isinstance(v, Mapping) and set(v) == {"profile"}:
+                v = os.path.join(base, str(v["profile"]))
+            try:
+                devices[str(k)] = get_target(v)
+            except TargetError as e:
+                raise TargetError(f"{where}: device '{k}': {e}") from None
+        routes = []
+        for i, item in enumerate(d.get("links") or ()):
+            if not isinstance(item, Mapping):
+                raise TargetError(f"{where}: links[{i}] must be a mapping")
+            item = dict(item)
+            between = item.pop("between", None)
+            if not isinstance(between, (list, tuple)) or len(between) != 2:
+                raise TargetError(f"{where}: links[{i}] needs 'between: [device, device]'")
+            mbit, rtt_ms = item.pop("mbit", None), item.pop("rtt_ms", None)
+            if mbit is not None:
+                if isinstance(mbit, bool) or not isinstance(mbit, (int, float)) or mbit <= 0:
+                    raise TargetError(f"{where}: links[{i}]: mbit must be a number > 0, got {mbit!r}")
+                item["bandwidth"] = mbit * 1e6 / 8
+            if rtt_ms is not None:
+                if isinstance(rtt_ms, bool) or not isinstance(rtt_ms, (int, float)):
+                    raise TargetError(f"{where}: links[{i}]: rtt_ms must be a number, got {rtt_ms!r}")
+                item["rtt"] = rtt_ms / 1e3
+            item.setdefault("name", f"{between[0]}-{between[1]}")
+            routes.append(Route(str(between[0]), str(between[1]), Link.from_json(item, where=f"{where}: links[{i}]")))
+        emulated = {}
+        for k, v in (d.get("emulate") or {}).items():
+            if not isinstance(v, Mapping):
+                raise TargetError(f"{where}: emulate.{k} must be a mapping like {{host: cpu, slowdown: 4}}")
+            _check_fields(Emulation, v, f"{where}: emulate.{k}")
+            emulated[str(k)] = Emulation(**dict(v))
+        return Deployment(str(d.get("name", "deployment")), devices, tuple(routes), emulated,
+                          str(d.get("description", "")))
+
+
+def get_deployment(spec: "str | os.PathLike | Deployment | Mapping[str, Any]") -> Deployment:
+    """A Deployment from a YAML file path, a mapping or a Deployment.
+
+    Raises:
+        TargetError: a missing or malformed file, naming it and the field.
+    """
+    if isinstance(spec, Deployment):
+        return spec
+    if isinstance(spec, Mapping):
+        return Deployment.from_json(spec)
+    s = os.fspath(spec)
+    if not os.path.exists(s):
+        raise TargetError(f"deployment file {s} does not exist")
+    import yaml
+    try:
+        with open(s) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise TargetError(f"deployment file {s}: not valid YAML: {e}") from None
+    return Deployment.from_json(data, where=f"deployment file {s}", base=os.path.dirname(os.path.abspath(s)))

@@ -19,6 +19,7 @@ import pared.analysis.redundancy  # noqa: F401
 import pared.analysis.token_importance  # noqa: F401
 import pared.passes.cache  # noqa: F401
 import pared.passes.decode  # noqa: F401
+import pared.passes.partition  # noqa: F401
 import pared.passes.generic  # noqa: F401
 import pared.passes.quant  # noqa: F401
 import pared.passes.sparsity  # noqa: F401

@@ -507,6 +507,30 @@ def tiny_transformer(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
     return m, (torch.randint(0, 50, (2, 16)),)
 
 
+class TinyPatchNet(nn.Module):
+    """An image in (3 x 32 x 32: 12 KB), 16 patch tokens of width `dim` after a patch embedding
+    (2 KB at dim 32), transformer blocks, a pooled head: a model whose activations shrink early,
+    so a partition has an interior cut worth taking."""
+
+    def __init__(self, dim: int = 32, layers: int = 2, patch: int = 8):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.blocks = nn.ModuleList([TinyBlock(dim, 4) for _ in range(layers)])
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean(dim=1))
+
+
+def tiny_patchnet(seed: int = 0, batch: int = 1) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(seed)
+    m = TinyPatchNet().eval()
+    return m, (torch.randn(batch, 3, 32, 32),)
+
+
 class _TinyEncoder(nn.Module):
     """(obs (B, 6) float, task (B, 2) int64) -> cond (B, dim)."""
 

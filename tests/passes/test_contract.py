@@ -103,6 +103,34 @@ def vla() -> Fixture:
     return Fixture(m, inputs, capture(m, inputs))
 
 
+#: partition's contract deployment: a slow edge and a fast cloud, stated as other CPUs (estimated)
+PARTITION_DEPLOYMENT = {"name": "contract", "devices": {
+    "edge": {"name": "slow", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e8,
+             "mem_bandwidth": 1e9, "arch": "aarch64", "isa": []},
+    "cloud": {"name": "fast", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e12,
+              "mem_bandwidth": 1e11, "arch": "x86_64", "isa": ["avx2"]}},
+    "links": [{"between": ["edge", "cloud"], "name": "wifi", "mbit": 20, "rtt_ms": 1}]}
+PARTITION_AT = ["patch", "blocks.*", "blocks.*.mlp.0"]
+
+
+@functools.cache
+def patchnet() -> Fixture:
+    m, inputs = testing.tiny_patchnet()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
+def patchnet_costed() -> Fixture:
+    """patchnet with a modeled PlacementCost (the roofline, nothing timed): partition's cuts are
+    deterministic, so its golden text is."""
+    from pared.analysis.placement import modeled_cost
+    from pared.ir.target import Deployment
+    fx_ = patchnet()
+    cost = modeled_cost(fx_.program, "main", Deployment.from_json(PARTITION_DEPLOYMENT), ("edge", "cloud"),
+                        PARTITION_AT)
+    return Fixture(fx_.model, fx_.inputs, fx_.program.with_record(cost, "main"))
+
+
 @functools.cache
 def scaled() -> Fixture:
     torch.manual_seed(0)
@@ -604,6 +632,17 @@ CASES: dict[str, Case] = {
              ({"parts": "ffn", "schedule": "interval"}, "no sub-block named one of \\['ffn'\\]"),
              ({"update": 3}, "unknown option 'update'; did you mean 'updates'")),
         meaning=block_cache_meaning, rel_l2=1e-5),
+    # -- placement: the parts compose to the model exactly (no compression) ------------------------
+    "partition": Case(
+        patchnet_costed, {"deployment": PARTITION_DEPLOYMENT, "at": PARTITION_AT, "mbit": [1, 10, 100, 1000],
+                          "compress": ["none"]},
+        noop={"deployment": PARTITION_DEPLOYMENT, "at": PARTITION_AT, "mbit": [0.001]},
+        bad=(({"deployment": None}, "pass 'partition': option 'deployment' is required"),
+             ({"deployment": PARTITION_DEPLOYMENT, "compres": ["fp16"]}, "unknown option 'compres'; did you mean "
+                                                                         "'compress'"),
+             ({"deployment": PARTITION_DEPLOYMENT, "second": "gpu"}, "has no device 'gpu'")),
+        meaning=call_vs_model(lambda fx_: (torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)),)),
+        rel_l2=1e-6),
     # -- analyses: read-only ------------------------------------------------------------------
     "activation_sparsity": Case(
         transformer, ctx=tokens_ctx,
@@ -632,6 +671,15 @@ CASES: dict[str, Case] = {
         one_linear, {"formats": ["w8a8", "w4"], "block_size": 16}, rows_ctx,
         bad=(({"format": ["w4"]}, "unknown option 'format'; did you mean 'formats'"),
              ({"block_size": 48}, "option 'block_size' must be a power of two"))),
+    # the fewest rounds: the contract, not the timings (tests/analysis/test_placement.py)
+    "placement_cost": Case(
+        patchnet, {"deployment": os.path.join(os.path.dirname(GOLDEN), "..", "examples", "targets",
+                                              "deploy_emulated.yaml"), "at": PARTITION_AT, "repeats": 3,
+                   "min_time": 0.0}, latency_ctx,
+        bad=(({"devices": []}, "option 'devices' must name at least one device"),
+             ({"deployment": PARTITION_DEPLOYMENT, "devices": ["gpu"]}, "has no device 'gpu'"),
+             ({"repeat": 3}, "unknown option 'repeat'; did you mean 'repeats'")),
+        same_record_twice=False),
     # fp32 only, the fewest rounds: the contract, not the timings (tests/analysis/test_latency.py)
     "latency": Case(
         one_linear, {"formats": [], "repeats": 3, "min_time": 0.0}, latency_ctx,

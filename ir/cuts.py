@@ -1,0 +1,268 @@
+"""Cuts: where a graph can be split in two, what crosses each cut, and the split itself.
+
+A cut at position p splits a graph's compute nodes (its call_function nodes, in graph
+order) into the first p, which run on one device, and the rest, which run on
+another. What crosses is the cut's live set: every value computed before it (or a
+graph input) that a node after it, or the graph's output, reads. Parameters do not
+cross: each side reads its own copy (a partition keeps the weights of the layers
+between its eligible cuts on both sides, RoboECC's parameter-sharing pool, so moving
+the cut moves no weights).
+
+Candidates sit at region boundaries: after the last node of a run of nodes from one
+module whose path matches a pattern (`blocks.*` after each block, `blocks.*.attn`
+after attention, `blocks.*.mlp.fc1` after the MLP expansion; `**` anywhere). A
+module called several times (a head run once per unrolled denoising step) has a run
+per call; its cuts are numbered by the call (`after:head.blocks.1#3`). Two more cuts
+always exist: `input` (position 0: the other side runs everything) and `output`
+(everything runs on this side).
+
+A graph whose nodes are not a chain still splits correctly at any position (the
+live set is what crosses); the candidate with fewest bytes is found by scanning,
+not by a min-cut over the DAG (DADS). Topological order is torch.export's, so a
+value an early node computes for a late one crosses every cut in between: that is
+counted, and such cuts are seldom chosen.
+
+    compute_nodes(gm)              the call_function nodes, in order
+    live_at(gm, p)                 the values crossing position p
+    candidate_cuts(gm, at, shapes) the candidate Cuts with their bytes
+    split(gm, p)                   (first, second): two GraphModules sharing gm's parameters
+    compress(first, second, mode)  fp16 or int8 (per-tensor scale) across the cut
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from .regions import match, node_module_path
+from .rewrite import METADATA_ASSERTS
+
+COMPRESSION = ("none", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Cut:
+    name: str                  # "input", "after:<region>#<call>", "output"
+    position: int              # compute nodes before the cut, 0 .. len(compute_nodes)
+    live: tuple[str, ...]      # names of the values crossing, in graph order
+    nbytes: int                # their bytes (fp32 as computed)
+    float_bytes: int           # the part of nbytes in floating-point tensors (what compression shrinks)
+
+    def bytes_as(self, compression: str) -> int:
+        """Bytes crossing with the float values sent as `compression` (int8: plus a 4-byte scale each)."""
+        other = self.nbytes - self.float_bytes
+        if compression == "none":
+            return self.nbytes
+        if compression == "fp16":
+            return other + self.float_bytes // 2
+        if compression == "int8":
+            return other + self.float_bytes // 4 + 4 * len(self.live)
+        raise ValueError(f"unknown compression {compression!r}; known: {', '.join(COMPRESSION)}")
+
+
+def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes that compute (call_function), in graph order; metadata checks left out."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target not in METADATA_ASSERTS]
+
+
+def live_at(gm: fx.GraphModule, position: int) -> list[fx.Node]:
+    """The values crossing a cut after the first `position` compute nodes, in graph order:
+    graph inputs and computed values read after it (parameters excluded)."""
+    nodes = compute_nodes(gm)
+    if not 0 <= position <= len(nodes):
+        raise ValueError(f"cut position {position} is outside 0..{len(nodes)}")
+    before = set(nodes[:position])
+    after = set(nodes[position:])
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    live = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or n in before:
+            if any(u in after or u is out_node for u in n.users):
+                live.append(n)
+    return live
+
+
+def _nbytes(node: fx.Node) -> tuple[int, bool]:
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        tm = node.meta.get("tensor_meta")
+        if tm is None:
+            raise ValueError(f"cut: value {node.name} has no shape recorded (run shape propagation first)")
+        n = math.prod(int(s) for s in tm.shape) * torch.empty((), dtype=tm.dtype).element_size()
+        return n, tm.dtype.is_floating_point
+    return (math.prod(int(s) for s in v.shape) * v.element_size(), v.dtype.is_floating_point)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Record every node's shape and dtype (`tensor_meta`) by running the graph on the examples."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+
+
+def _bytes_of(nodes: Sequence[fx.Node]) -> tuple[int, int]:
+    total = flt = 0
+    for n in nodes:
+        b, is_float = _nbytes(n)
+        total += b
+        flt += b if is_float else 0
+    return total, flt
+
+
+def _runs(nodes: Sequence[fx.Node]) -> list[tuple[str, int]]:
+    """(module path, index of its last node) for each maximal run of nodes inside one module
+    instance, for every module on the nodes' stacks, in order of the run's end."""
+    ends: list[tuple[str, int]] = []
+    open_paths: dict[str, int] = {}
+    prev: set[str] = set()
+    for i, n in enumerate(nodes):
+        paths = {p for p, _ in node_module_path(n)}
+        for p in prev - paths:
+            ends.append((p, open_paths.pop(p)))
+        for p in paths:
+            open_paths[p] = i
+        prev = paths
+    for p in sorted(prev, key=lambda p: -p.count(".")):
+        ends.append((p, open_paths[p]))
+    ends.sort(key=lambda e: (e[1], -e[0].count(".")))
+    return ends
+
+
+def candidate_cuts(gm: fx.GraphModule, at: Sequence[str] = ("**",)) -> list[Cut]:
+    """The candidate cuts: `input`, after each run of a module matching a pattern of `at`
+    (see module docstring), and `output`, in position order; cuts at one position are one
+    (the outermost region names it). Shapes must be recorded (propagate_shapes)."""
+    nodes = compute_nodes(gm)
+    calls: dict[str, int] = {}
+    by_pos: dict[int, str] = {}
+    for path, last in _runs(nodes):
+        calls[path] = calls.get(path, 0) + 1
+        if not any(match(p, path) for p in at):
+            continue
+        pos = last + 1
+        if pos >= len(nodes):
+            continue
+        name = f"after:{path}#{calls[path]}"
+        if pos not in by_pos or path.count(".") < by_pos[pos].split(":", 1)[1].count("."):
+            by_pos[pos] = name
+    cuts = []
+    for pos, name in [(0, "input"), *sorted(by_pos.items()), (len(nodes), "output")]:
+        live = live_at(gm, pos)
+        total, flt = _bytes_of(live)
+        cuts.append(Cut(name, pos, tuple(n.name for n in live), total, flt))
+    return cuts
+
+
+def _extract(gm: fx.GraphModule, inputs: Sequence[fx.Node], body: Sequence[fx.Node], outputs) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in inputs:
+        ph = g.placeholder(n.name)
+        ph.meta = dict(n.meta)
+        env[n] = ph
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op != "get_attr":
+                raise ValueError(f"cut: node reads {a.name}, which is on the other side of the cut and not "
+                                 "in its live set")
+            env[a] = g.get_attr(a.target)
+            env[a].meta = dict(a.meta)
+        return env[a]
+    for n in body:
+        env[n] = g.node_copy(n, lookup)
+    g.output(fx.node.map_arg(outputs, lookup))
+    out = fx.GraphModule(gm, g, gm.__class__.__name__)
+    out.graph.lint()
+    return out
+
+
+def split(gm: fx.GraphModule, position: int) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
+    """The graph cut after `position` compute nodes: (first, second, live names).
+
+    first takes gm's inputs and returns the live values (a tuple, in graph order); second
+    takes the live values (placeholders named as them) and returns gm's outputs. Both
+    read gm's parameters (the same tensors). second(*first(*x)) computes gm(*x).
+    """
+    nodes = compute_nodes(gm)
+    live = live_at(gm, position)
+    ins = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    first = _extract(gm, ins, nodes[:position], tuple(live))
+    second = _extract(gm, live, nodes[position:], out_node.args[0])
+    return first, second, [n.name for n in live]
+
+
+_aten = torch.ops.aten
+
+
+def _send(g: fx.Graph, v: fx.Node, mode: str) -> list[fx.Node]:
+    """Nodes (before the output) encoding float32 value v as `mode`."""
+    if mode == "fp16":
+        return [g.call_function(_aten._to_copy.default, (v,), {"dtype": torch.float16})]
+    a = g.call_function(_aten.abs.default, (v,))
+    m = g.call_function(_aten.max.default, (a,))
+    s = g.call_function(_aten.div.Tensor, (m, 127.0))
+    s = g.call_function(_aten.clamp_min.default, (s, 1e-12))
+    s = g.call_function(_aten.reshape.default, (s, [1]))
+    q = g.call_function(_aten.div.Tensor, (v, s))
+    q = g.call_function(_aten.round.default, (q,))
+    q = g.call_function(_aten.clamp.default, (q, -127.0, 127.0))
+    q = g.call_function(_aten._to_copy.default, (q,), {"dtype": torch.int8})
+    return [q, s]
+
+
+def _recv(g: fx.Graph, phs: Sequence[fx.Node], mode: str) -> fx.Node:
+    """Nodes decoding the received placeholders back to float32."""
+    x = g.call_function(_aten._to_copy.default, (phs[0],), {"dtype": torch.float32})
+    if mode == "int8":
+        x = g.call_function(_aten.mul.Tensor, (x, phs[1]))
+    return x
+
+
+def compress(first: fx.GraphModule, second: fx.GraphModule, mode: str,
+             examples: Sequence[torch.Tensor]) -> list[str]:
+    """Rewrite a split pair in place so the float32 values crossing travel as `mode`:
+    fp16 (a cast each way) or int8 (per-tensor symmetric: q = round(x / s), s = max|x| / 127,
+    sent as q and s; the receiver computes q * s). Other dtypes cross as they are.
+
+    Args:
+        examples: the crossing values, in order (their dtypes decide what is compressed).
+    Returns:
+        the names of what now crosses, in order (first's outputs = second's inputs): a
+        compressed value x as x_fp16, or as x_q and x_scale.
+    """
+    if mode not in COMPRESSION:
+        raise ValueError(f"unknown compression {mode!r}; known: {', '.join(COMPRESSION)}")
+    out_node = next(n for n in first.graph.nodes if n.op == "output")
+    sent = list(out_node.args[0])
+    phs = [n for n in second.graph.nodes if n.op == "placeholder"]
+    if len(sent) != len(phs) or len(phs) != len(examples):
+        raise ValueError(f"compress: {len(sent)} values sent, {len(phs)} received, {len(examples)} examples")
+    new_sent: list[fx.Node] = []
+    names: list[str] = []
+    plan = [mode if (mode != "none" and ex.dtype == torch.float32) else "none" for ex in examples]
+    with first.graph.inserting_before(out_node):
+        for v, m in zip(sent, plan):
+            new_sent += [v] if m == "none" else _send(first.graph, v, m)
+    out_node.args = (tuple(new_sent),)
+    first_compute = next((n for n in second.graph.nodes if n.op != "placeholder"), None)
+    for ph, m in zip(phs, plan):
+        if m == "none":
+            names.append(ph.name)
+            continue
+        suffixes = ["_fp16"] if m == "fp16" else ["_q", "_scale"]
+        with second.graph.inserting_before(ph):
+            new_phs = [second.graph.placeholder(ph.name + sfx) for sfx in suffixes]
+        with second.graph.inserting_before(first_compute):
+            x = _recv(second.graph, new_phs, m)
+        ph.replace_all_uses_with(x)
+        second.graph.erase_node(ph)
+        names += [p.name for p in new_phs]
+    for gm in (first, second):
+        gm.graph.lint()
+        gm.recompile()
+    return names

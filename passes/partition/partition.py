@@ -1,0 +1,308 @@
+"""`partition`: split a graph between two devices at the cut that minimizes end-to-end
+latency for the link's bandwidth, and choose the cut per call by the measured bandwidth
+(Neurosurgeon's split search, "Neurosurgeon", Kang et al., ASPLOS 2017; RoboECC's
+network-aware adjustment, arXiv 2603.20711).
+
+The cost model (analysis/placement.py) gives, for every candidate cut of the graph
+(ir/cuts.py: region boundaries, inside blocks too), the time of the part before it on
+the first device, of the part after it on the second, and the bytes crossing it. For
+each bandwidth of a sweep (the link's RTT kept) the pass finds the (cut, compression)
+pair of least modeled latency:
+
+    T(cut, c) = first(cut) + transfer(bytes_c(cut)) + second(cut) + transfer(outputs)
+
+over the cuts and the allowed compressions of the crossing values (none; fp16; int8
+with a per-tensor scale: lossy, so not allowed unless listed). `output` (everything on
+the first device) and `input` (everything on the second: the inputs cross) are cuts
+like the others. The winners over the sweep are the eligible cases; the weights of the
+layers between them are on both sides (the first device holds every prefix, the second
+every suffix: RoboECC's parameter-sharing pool), so switching moves no weights.
+
+The graph G becomes a variant pair per interior case, `G.k<pos>[_fp16|_int8]_first` and
+`..._second` (the cut after `pos` compute nodes), plus `G.whole` (the `output` case and,
+on the second device, the `input` case); each Call of G becomes a `Select` with the
+`bandwidth` selector (ir/selectors/bandwidth.py) over the cases, each a Seq of
+`Call(first part, device=first)`, a `Transfer` per crossing value, `Call(second part,
+device=second)` and a `Transfer` of each output back. The selector's band edges are
+the crossover bandwidths between neighbouring winners (where the model's latencies of
+the two are equal).
+
+The cost model is measured unless the program already holds a PlacementCost of the graph for
+the same cuts and devices (from a `placement_cost` analysis earlier in the pipeline, or
+`analysis.placement.modeled_cost`); a graph that runs fastest on the first device alone at
+every bandwidth of the sweep is left as it is.
+
+Records: PlacementCost (the model) and PartitionPlan (the sweep: per bandwidth the
+chosen case, its modeled latency, first-only, second-only, and the best over every cut).
+
+What this slice does not do: the graphs of both devices are lowered for the build target
+(the Plan says which device runs each; per-device lowering is next); a DAG min-cut
+(DADS) is not used: cuts are positions in graph order (module docstring of ir/cuts.py);
+one graph is partitioned, other graphs of the program run on the first device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pared.analysis.placement import DEFAULT_AT, PlacementCost, cut_features, placement_cost
+from pared.ir import cuts as _cuts
+from pared.ir.errors import OptionError, PassError, TargetError
+from pared.ir.plan import Call, Node, Select, Seq, Transfer
+from pared.ir.program import Graph, Program
+from pared.ir.selectors.bandwidth import Bandwidth
+from pared.ir.target import Deployment, Link, get_deployment
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
+
+MBIT = 1e6 / 8
+
+
+@dataclass(frozen=True)
+class PartitionCase:
+    label: str               # the select's case label: "whole", "cloud" style names below
+    cut: str                 # the cut's name (ir/cuts.py)
+    position: int
+    compression: str         # none | fp16 | int8
+    bytes: int               # crossing per call (with compression)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    mbit: float
+    chosen: str              # the case label of least modeled latency
+    latency_s: float         # its modeled latency
+    first_only_s: float      # everything on the first device
+    second_only_s: float     # everything on the second (inputs and outputs cross)
+
+
+@dataclass(frozen=True)
+class PartitionPlan(Record):
+    graph: str
+    first: str               # device names in the Deployment
+    second: str
+    deployment: str
+    link: str
+    rtt: float
+    cases: tuple[PartitionCase, ...]   # the cases in the artifact: the selector's, lowest bandwidth first, then
+    #                                    (option cases: all) every other cut
+    bands: tuple[str, ...]             # the selector's cases, lowest bandwidth first
+    edges_mbit: tuple[float, ...]      # band edges between them (len(bands) - 1)
+    sweep: tuple[SweepPoint, ...]
+    window: int
+    hysteresis: float
+
+    def case(self, label: str) -> PartitionCase:
+        for c in self.cases:
+            if c.label == label:
+                return c
+        raise KeyError(label)
+
+
+def _label(cut: _cuts.Cut, compression: str, last: int) -> str:
+    if cut.position == last:
+        return "first"
+    if cut.position == 0:
+        return "second" if compression == "none" else f"second_{compression}"
+    return f"k{cut.position}" + ("" if compression == "none" else f"_{compression}")
+
+
+@register_pass("partition")
+class Partition(RewritePass):
+    """Edge/cloud cuts chosen per bandwidth (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        deployment: str | dict | None = None         # a deployment YAML file (or mapping): devices and links
+        first: str = "edge"                          # the device that runs the graph's start
+        second: str = "cloud"                        # the device the rest may go to
+        graph: str | None = None                     # the graph to split (default: the one the plan calls)
+        at: tuple[str, ...] = DEFAULT_AT             # region patterns to cut after (ir/cuts.py)
+        cases: str = "winners"                       # winners: the sweep's best cuts; all: every cut (runtime choice,
+        #                                              and what a benchmark's oracle measures)
+        compress: tuple[str, ...] = ("none", "fp16")  # how the crossing values may travel (int8 is lossy)
+        mbit: tuple[float, ...] = (1, 5, 20, 100, 1000)   # the bandwidth sweep (Mbit/s) the cases come from
+        window: int = 5                              # measurements averaged to predict the bandwidth
+        hysteresis: float = 0.1                      # band margin before the cut moves (fraction)
+        repeats: int = 10                            # timing rounds of the cost model
+        min_time: float = 2.0                        # ... and at least this long (s)
+
+        def __post_init__(self):
+            if self.deployment is None:
+                raise OptionError("pass 'partition': option 'deployment' is required: a deployment file naming "
+                                  "the devices and the link between them (examples/targets/*.yaml)")
+            for name in ("at", "compress", "mbit"):
+                v = getattr(self, name)
+                object.__setattr__(self, name, (v,) if isinstance(v, (str, int, float)) else tuple(v))
+            bad = [c for c in self.compress if c not in _cuts.COMPRESSION]
+            if bad or not self.compress:
+                raise OptionError(f"pass 'partition': option 'compress' takes {list(_cuts.COMPRESSION)}, "
+                                  f"got {list(self.compress)}")
+            if not self.mbit or any(isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)
+                                    or m <= 0 for m in self.mbit):
+                raise OptionError(f"pass 'partition': option 'mbit' must be bandwidths > 0 in Mbit/s, "
+                                  f"got {list(self.mbit)}")
+            object.__setattr__(self, "mbit", tuple(sorted(set(float(m) for m in self.mbit))))
+            if self.first == self.second:
+                raise OptionError(f"pass 'partition': options 'first' and 'second' name the same device "
+                                  f"{self.first!r}")
+            if self.cases not in ("winners", "all"):
+                raise OptionError(f"pass 'partition': option 'cases' must be 'winners' or 'all', got {self.cases!r}")
+            check_range("partition", "window", self.window, lo=1)
+            check_range("partition", "hysteresis", self.hysteresis, lo=0.0, hi=0.99)
+            check_range("partition", "repeats", self.repeats, lo=3)
+            check_range("partition", "min_time", self.min_time, lo=0.0, hi=600.0)
+
+    def deployment(self) -> Deployment:
+        o = self.options
+        try:
+            dep = get_deployment(o.deployment)
+            dep.device(o.first)
+            dep.device(o.second)
+            dep.link(o.first, o.second)
+        except TargetError as e:
+            raise OptionError(f"pass 'partition' option 'deployment': {e}") from None
+        return dep
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        dep = self.deployment()
+        called = program.called_graphs()
+        if any(program.graphs[n].made_by(self.name) for n in called):
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"cases": 0})
+        gname = o.graph
+        if gname is None:
+            if len(called) != 1:
+                raise OptionError(f"pass 'partition': the program calls {len(called)} graphs {called}; "
+                                  "name the one to split with option 'graph'")
+            gname = called[0]
+        if gname not in called:
+            raise OptionError(f"pass 'partition' option 'graph': the plan does not call {gname!r}; it calls {called}")
+        for c in program.plan.calls():
+            if c.graph == gname and any(r.startswith("state:") for r in (*c.inputs, *c.outputs)):
+                raise PassError(f"pass 'partition': graph {gname!r} reads or writes carried state; splitting a "
+                                "graph with state across devices is not supported yet (partition before the "
+                                "pass that added the state)")
+        cost = self._cost(program, gname, dep, ctx)
+        link = dep.link(o.first, o.second)
+        cands = [c.cut() for c in cost.cuts]
+        last = cands[-1].position
+        options = []   # (label, cut index, compression)
+        for k, c in enumerate(cands):
+            comps = ["none"] if c.position == last or c.float_bytes == 0 else list(o.compress)
+            for comp in comps:
+                options.append((_label(c, comp, last), k, comp))
+        sweep = []
+        for mb in o.mbit:
+            lk = Link("sweep", bandwidth=mb * MBIT, rtt=link.rtt)
+            lat = {lab: cost.latency(k, o.first, o.second, lk, comp) for lab, k, comp in options}
+            best = min(lat, key=lambda lab: (lat[lab], lab))
+            sweep.append(SweepPoint(mb, best, lat[best], lat["first"], lat["second"]))
+        info = {lab: (k, comp) for lab, k, comp in options}
+        # bands in sweep order; a case that wins again after another keeps its first band only
+        order, edges = [sweep[0].chosen], []
+        for p, q in zip(sweep, sweep[1:]):
+            if q.chosen != p.chosen and q.chosen not in order and p.chosen == order[-1]:
+                edges.append(self._crossover(cost, info[p.chosen], info[q.chosen], link, o,
+                                             p.mbit * MBIT, q.mbit * MBIT))
+                order.append(q.chosen)
+        if order == ["first"] and o.cases == "winners":
+            ctx.log.info("partition: %s runs fastest on %s alone at every bandwidth of the sweep %s Mbit/s; "
+                         "left as it is", gname, o.first, list(o.mbit))
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"cases": 0})
+        labels = order + ([lab for lab, _, _ in options if lab not in order] if o.cases == "all" else [])
+        cases = tuple(PartitionCase(lab, cands[info[lab][0]].name, cands[info[lab][0]].position, info[lab][1],
+                                    cands[info[lab][0]].bytes_as(info[lab][1]) if info[lab][0] < len(cands) - 1 else 0)
+                      for lab in labels)
+        record = PartitionPlan(gname, o.first, o.second, dep.name, link.name, link.rtt, cases, tuple(order),
+                               tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis)
+        selector = Bandwidth(f"link:{link.name}", tuple(order), tuple(edges),
+                             link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis)
+        new = self._rewrite(program, gname, cost, record, selector)
+        new = new.with_record(cost, gname).with_record(record, gname)
+        ctx.log.info("partition: %s split between %s and %s over %s: %s", gname, o.first, o.second, link.name,
+                     ", ".join(f"{p.mbit:g} Mbit/s -> {p.chosen} ({p.latency_s * 1e3:.2f} ms; first only "
+                               f"{p.first_only_s * 1e3:.2f}, second only {p.second_only_s * 1e3:.2f})" for p in sweep))
+        return PassResult(new, modified=True, stats={"cases": len(cases), "cuts": len(cands)})
+
+    def _cost(self, program: Program, gname: str, dep: Deployment, ctx: PassContext) -> PlacementCost:
+        """The program's PlacementCost of the graph when it has one for these cuts and devices
+        (a `placement_cost` analysis run before, or a modeled one), else measured now."""
+        o = self.options
+        for rec in (program.records.get(PlacementCost, graph=gname), program.records.get(PlacementCost)):
+            if not isinstance(rec, PlacementCost) or rec.graph != gname:
+                continue
+            have = {d.device: (d.peak_flops, d.mem_bandwidth) for d in rec.devices}
+            if all(have.get(d) == (dep.device(d).peak_flops, dep.device(d).mem_bandwidth) for d in (o.first, o.second)):
+                names = [c.name for c in cut_features(program, gname, o.at, self.name)[1]]
+                if names == [c.name for c in rec.cuts]:
+                    ctx.log.info("partition: using the PlacementCost of %s already in the program", gname)
+                    return rec
+        return placement_cost(program, gname, dep, (o.first, o.second), ctx, o.at, o.repeats, o.min_time,
+                              where=self.name)
+
+    @staticmethod
+    def _crossover(cost: PlacementCost, a, b, link: Link, o, lo: float, hi: float) -> float:
+        """The bandwidth in [lo, hi] where case a (winning at lo) and case b (winning at hi) have
+        equal modeled latency (bisection in log bandwidth)."""
+        def diff(bw: float) -> float:
+            lk = Link("x", bandwidth=bw, rtt=link.rtt)
+            return cost.latency(a[0], o.first, o.second, lk, a[1]) - cost.latency(b[0], o.first, o.second, lk, b[1])
+        for _ in range(60):
+            mid = math.sqrt(lo * hi)
+            if diff(mid) <= 0:
+                lo = mid
+            else:
+                hi = mid
+        return math.sqrt(lo * hi)
+
+    def _rewrite(self, program: Program, gname: str, cost: PlacementCost, record: PartitionPlan,
+                 selector: Bandwidth) -> Program:
+        o = self.options
+        g = program.graphs[gname]
+        variants: dict[str, Graph] = {}
+        parts: dict[str, tuple[str, str, tuple[str, ...]]] = {}   # case -> (first graph, second graph, crossing)
+        needs_whole = any(c.label in ("first", "second") for c in record.cases)
+        if needs_whole:
+            variants["whole"] = g
+        gm = g.copy_module()
+        _cuts.propagate_shapes(gm, g.example_inputs)
+        for case in record.cases:
+            if case.label in ("first", "second"):
+                continue
+            a, b, live = _cuts.split(gm, case.position)
+            with torch.no_grad():
+                crossing = list(a(*g.example_inputs))
+            names = _cuts.compress(a, b, case.compression, crossing) if case.compression != "none" else live
+            with torch.no_grad():
+                sent = tuple(a(*g.example_inputs))
+            variants[f"{case.label}_first"] = Graph(a, g.input_names, tuple(names), g.example_inputs)
+            variants[f"{case.label}_second"] = Graph(b, tuple(names), g.output_names, sent)
+            parts[case.label] = (f"{case.label}_first", f"{case.label}_second", tuple(names))
+        first, second = o.first, o.second
+
+        def node(c: Call, graph_of) -> Node:
+            ns = f"{self.name}.{gname}"
+            cases = []
+            for case in record.cases:
+                if case.label == "first":
+                    body: Node = Call(graph_of("whole"), c.inputs, c.outputs, first)
+                elif case.label == "second":
+                    sent = tuple(f"{ns}.{case.label}.in{j}" for j in range(len(c.inputs)))
+                    got = tuple(f"{ns}.{case.label}.out{j}" for j in range(len(c.outputs)))
+                    body = Seq((*(Transfer(r, first, second, s) for r, s in zip(c.inputs, sent)),
+                                Call(graph_of("whole"), sent, got, second),
+                                *(Transfer(r, second, first, out) for r, out in zip(got, c.outputs))))
+                else:
+                    fa, fb, names = parts[case.label]
+                    h = tuple(f"{ns}.{case.label}.{n}" for n in names)
+                    h2 = tuple(f"{ns}.{case.label}.{n}@{second}" for n in names)
+                    got = tuple(f"{ns}.{case.label}.out{j}" for j in range(len(c.outputs)))
+                    body = Seq((Call(graph_of(fa), c.inputs, h, first),
+                                *(Transfer(x, first, second, y) for x, y in zip(h, h2)),
+                                Call(graph_of(fb), h2, got, second),
+                                *(Transfer(r, second, first, out) for r, out in zip(got, c.outputs))))
+                cases.append((case.label, body))
+            return Select(selector, tuple(cases), f"{self.name}.{gname}")
+        return program.expand(gname, variants, node, by=self.name)

@@ -1,0 +1,246 @@
+"""The `partition` pass: the cut per bandwidth from the cost model, the Plan it builds (a
+bandwidth select over cases of Calls on two devices and Transfers between them), the parts
+against the eager model, and the artifact run torch-free over an emulated link.
+
+Most tests give the program a modeled PlacementCost (analysis.placement.modeled_cost: the
+roofline, nothing timed), so the cuts chosen are deterministic; one test measures."""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pared.analysis.placement import PlacementCost, modeled_cost
+from pared.backends.measure import default_profiler
+from pared.ir.capture import capture
+from pared.ir.errors import OptionError, PassError
+from pared.ir.plan import Call, Seq, Transfer, iter_nodes
+from pared.ir.selectors.bandwidth import Bandwidth
+from pared.ir.target import Deployment, Link
+from pared.ir.transform import PassContext
+from pared.passes.partition.partition import MBIT, Partition, PartitionPlan
+from pared.testing import assert_close_to_eager, run_pass_checked, run_torch_free, save_program, tiny_patchnet
+
+#: a slow edge (a tenth of a GFLOP/s) and a fast cloud, stated as other CPUs (not measured here)
+DEP = {"name": "test", "devices": {
+    "edge": {"name": "slow", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e8,
+             "mem_bandwidth": 1e9, "arch": "aarch64", "isa": []},
+    "cloud": {"name": "fast", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e12,
+              "mem_bandwidth": 1e11, "arch": "x86_64", "isa": ["avx2"]}},
+    "links": [{"between": ["edge", "cloud"], "name": "wifi", "mbit": 20, "rtt_ms": 1}]}
+AT = ("patch", "blocks.*", "blocks.*.mlp.0")
+SWEEP = [1, 3, 10, 30, 100, 1000]
+
+
+@functools.cache
+def fixture():
+    m, x = tiny_patchnet()
+    prog = capture(m, x)
+    cost = modeled_cost(prog, "main", Deployment.from_json(DEP), ("edge", "cloud"), AT)
+    return m, x, prog.with_record(cost, "main")
+
+
+@functools.cache
+def partitioned(cases: str = "winners", compress: tuple = ("none", "fp16")):
+    m, x, prog = fixture()
+    res = run_pass_checked(Partition(deployment=DEP, at=list(AT), mbit=SWEEP, cases=cases, compress=list(compress)),
+                           prog, PassContext())
+    return res
+
+
+def test_sweep_picks_the_modeled_argmin_and_bands_meet_where_latencies_cross():
+    res = partitioned()
+    cost = res.program.records.of(PlacementCost, "main")
+    pp = res.program.records.of(PartitionPlan, "main")
+    # edge alone; cut after the patch embedding, fp16 across; the image to the cloud in fp16; then as it is
+    assert pp.bands == ("first", "k1_fp16", "second_fp16", "second")
+    assert [p.chosen for p in pp.sweep] == ["first", "k1_fp16", "k1_fp16", "second_fp16", "second_fp16", "second"]
+    case = {c.label: c for c in pp.cases}
+    assert case["k1_fp16"].cut == "after:patch#1" and case["k1_fp16"].bytes == 16 * 32 * 2
+    index = {c.name: i for i, c in enumerate(cost.cuts)}
+
+    def lat(label, mbit):
+        c = case[label]
+        k, comp = index[c.cut], c.compression
+        return cost.latency(k, "edge", "cloud", Link("x", bandwidth=mbit * MBIT, rtt=0.001), comp)
+    for p in pp.sweep:   # nothing the model knows beats the choice
+        lk = Link("x", bandwidth=p.mbit * MBIT, rtt=0.001)
+        every = [cost.latency(k, "edge", "cloud", lk, comp) for k in range(len(cost.cuts))
+                 for comp in ("none", "fp16")]
+        assert p.latency_s == pytest.approx(min(every))
+        assert p.first_only_s == pytest.approx(cost.latency(len(cost.cuts) - 1, "edge", "cloud", lk))
+    for (a, b), edge in zip(zip(pp.bands, pp.bands[1:]), pp.edges_mbit):
+        assert lat(a, edge) == pytest.approx(lat(b, edge), rel=1e-6)
+        assert lat(a, edge * 0.9) < lat(b, edge * 0.9) and lat(b, edge * 1.1) < lat(a, edge * 1.1)
+
+
+def test_plan_structure_devices_and_transfers():
+    res = partitioned()
+    prog = res.program
+    assert set(prog.graphs) == {"main.whole", "main.k1_fp16_first", "main.k1_fp16_second",
+                                "main.second_fp16_first", "main.second_fp16_second"}
+    (sel,) = prog.plan.selects()
+    assert isinstance(sel.selector, Bandwidth) and sel.selector.link == "link:wifi"
+    assert sel.selector.cases == ("first", "k1_fp16", "second_fp16", "second")
+    assert sel.selector.initial == 20 * MBIT
+    cases = dict(sel.cases)
+    assert cases["first"] == Call("main.whole", ("in:image",), prog.plan.outputs, "edge")
+    cut = cases["k1_fp16"]
+    assert isinstance(cut, Seq)
+    calls = [n for n in iter_nodes(cut) if isinstance(n, Call)]
+    moves = [n for n in iter_nodes(cut) if isinstance(n, Transfer)]
+    assert [(c.graph, c.device) for c in calls] == [("main.k1_fp16_first", "edge"), ("main.k1_fp16_second", "cloud")]
+    assert [(t.src, t.dst) for t in moves] == [("edge", "cloud"), ("cloud", "edge")]
+    assert moves[-1].out == prog.plan.outputs[0]
+    # the first part sends fp16, the second takes it
+    first = prog.graphs["main.k1_fp16_first"]
+    with torch.no_grad():
+        sent = first.run(*first.example_inputs)
+    assert [t.dtype for t in sent] == [torch.float16]
+    # the cloud-only case moves the inputs over and the outputs back
+    whole = [n for n in iter_nodes(cases["second"]) if isinstance(n, (Call, Transfer))]
+    assert [type(n).__name__ for n in whole] == ["Transfer", "Call", "Transfer"]
+    assert whole[1].device == "cloud"
+    assert all(g.made_by("partition") for g in prog.graphs.values())
+
+
+def test_every_case_computes_the_model():
+    """cases: all puts every cut (and compression) in the artifact; each case's parts compose to the
+    eager model: exactly without compression, within fp16 / int8 rounding with it."""
+    m, x, _ = fixture()
+    res = partitioned("all", ("none", "fp16", "int8"))
+    pp = res.program.records.of(PartitionPlan, "main")
+    assert len(pp.cases) == 1 + 6 * 3     # first; the input and 5 interior cuts x 3 compressions
+    xs = (torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)),)
+    with torch.no_grad():
+        ref = m(*xs)
+    for case in pp.cases:
+        if case.label in ("first", "second"):
+            got = res.program.graphs["main.whole"].run(*xs)[0]
+        else:
+            a = res.program.graphs[f"main.{case.label}_first"]
+            b = res.program.graphs[f"main.{case.label}_second"]
+            got = b.run(*a.run(*xs))[0]
+        bound = {"none": 1e-6, "fp16": 2e-3, "int8": 5e-2}[case.compression]
+        assert_close_to_eager(ref, got, rel_l2=bound, what=f"case {case.label}")
+
+
+def test_torch_side_plan_runs_the_initial_band():
+    m, x, _ = fixture()
+    res = partitioned()
+    runner = res.program.runner()
+    with torch.no_grad():
+        out = runner([x[0]])[0]
+    assert runner.trace == ["k1_fp16"]        # 20 Mbit/s, the link's nominal bandwidth
+    assert_close_to_eager(m(x[0]), out, rel_l2=2e-3)
+
+
+def test_artifact_follows_the_measured_bandwidth(tmp_path, monkeypatch):
+    from pared.backends import executor as ex_mod
+    from pared.backends.executor import Executor
+    from pared.backends.link import EmulatedLink
+    m, x, _ = fixture()
+    res = partitioned()
+    path = save_program(res.program, str(tmp_path / "a"), {"name": "cpu", "backend": "onnxruntime",
+                                                          "provider": "CPUExecutionProvider"})
+    waits = []
+    monkeypatch.setattr(ex_mod, "wait", lambda s: waits.append(s))
+    link = EmulatedLink(Link.mbit("wifi", 20, rtt_ms=1), sleep=False)
+    exe = Executor(path, links={("edge", "cloud"): link}, emulate={"edge": 3.0})
+    xs = x[0].numpy()
+    with torch.no_grad():
+        ref = m(x[0]).numpy()
+    labels = []
+    for mbit in [20] * 2 + [0.5] * 6 + [500] * 6:
+        link.set_link(Link.mbit("wifi", mbit, rtt_ms=1))
+        out = exe(xs)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-3)
+        labels.append(exe.trace[-1])
+    # the window (5) averages the drop in before the cut moves back to the edge; at 500 Mbit/s the
+    # image goes to the cloud once the average passes the next edge (21 Mbit/s + 10%)
+    assert labels[:2] == ["k1_fp16", "k1_fp16"]
+    assert "first" in labels[2:8] and labels[7] == "first"
+    assert labels[-1] == "second_fp16"
+    assert link.transfers > 0 and link.count > 0
+    # the edge's calls were stretched 3x, the cloud's not: one wait per edge call (every case but
+    # "second" runs a graph on the edge: second_fp16 casts the image there)
+    edge_calls = sum(1 for lab in labels if lab != "second")
+    assert len(waits) == edge_calls and all(w >= 0 for w in waits)
+    # and without torch: the same artifact, link and answers
+    code = f"""
+import numpy as np
+from pared.backends.executor import Executor
+from pared.backends.link import EmulatedLink
+from pared.ir.target import Link
+link = EmulatedLink(Link.mbit("wifi", 0.5, rtt_ms=1), sleep=False)
+exe = Executor({path!r}, links={{("edge", "cloud"): link}})
+x = np.load({str(tmp_path / "x.npy")!r})
+for _ in range(7):
+    out = exe(x)
+print(exe.trace, float(np.abs(out - np.load({str(tmp_path / "ref.npy")!r})).max()))
+"""
+    np.save(tmp_path / "x.npy", xs)
+    np.save(tmp_path / "ref.npy", ref)
+    got = run_torch_free(code)
+    assert "'first']" in got and float(got.split()[-1]) < 2e-3
+
+
+def test_noop_when_the_edge_alone_is_fastest():
+    """A cloud no faster than the edge: every transfer only adds time, the program is left as it is."""
+    m, x = tiny_patchnet()
+    prog = capture(m, x)
+    dep = {**DEP, "devices": {"edge": DEP["devices"]["edge"], "cloud": DEP["devices"]["edge"]}}
+    prog = prog.with_record(modeled_cost(prog, "main", Deployment.from_json(dep), ("edge", "cloud"), AT), "main")
+    res = Partition(deployment=dep, at=list(AT))(prog, PassContext())
+    assert not res.modified and res.program is prog
+
+
+def test_second_run_finds_nothing_to_do():
+    res = partitioned()
+    again = Partition(deployment=DEP, at=list(AT), mbit=SWEEP)(res.program, PassContext())
+    assert not again.modified
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({}, "option 'deployment' is required"),
+    ({"deployment": DEP, "compress": ["bf16"]}, "option 'compress' takes"),
+    ({"deployment": DEP, "mbit": [0]}, "option 'mbit' must be bandwidths > 0"),
+    ({"deployment": DEP, "first": "cloud"}, "options 'first' and 'second' name the same device"),
+    ({"deployment": DEP, "cases": "some"}, "option 'cases' must be 'winners' or 'all'"),
+    ({"deployment": DEP, "hysteresis": 1.5}, "option 'hysteresis' must be in"),
+    ({"deployment": DEP, "second": "gpu"}, "deployment 'test' has no device 'gpu'"),
+    ({"deployment": "/nope.yaml"}, "deployment file /nope.yaml does not exist"),
+    ({"deployment": DEP, "graph": "head"}, "the plan does not call 'head'"),
+])
+def test_bad_options(opts, msg):
+    m, x, prog = fixture()
+    with pytest.raises(OptionError, match=msg):
+        Partition(**opts)(prog, PassContext())
+
+
+def test_several_graphs_need_a_name_and_state_is_refused():
+    from pared.testing import two_graph_program
+    _, prog = two_graph_program()
+    with pytest.raises(OptionError, match="calls 2 graphs .*name the one to split with option 'graph'"):
+        Partition(deployment=DEP)(prog, PassContext())
+    with pytest.raises(PassError, match="graph 'full' reads or writes carried state"):
+        Partition(deployment=DEP, graph="full")(prog, PassContext())
+
+
+def test_measured_end_to_end():
+    """Without a cost record the pass measures one (deploy_emulated.yaml: both devices run here)."""
+    import os
+    m, x = tiny_patchnet()
+    prog = capture(m, x)
+    dep = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "targets", "deploy_emulated.yaml")
+    res = Partition(deployment=dep, at=list(AT), repeats=3, min_time=0.0, mbit=[0.1, 10000],
+                    cases="all")(prog, PassContext(measure=default_profiler()))
+    cost = res.program.records.of(PlacementCost, "main")
+    pp = res.program.records.of(PartitionPlan, "main")
+    assert cost.device("edge").measured and cost.device("cloud").measured
+    assert pp.sweep[0].chosen == "first"      # 0.1 Mbit/s: nothing is worth sending
+    assert math.isfinite(pp.sweep[-1].latency_s)
+    assert_close_to_eager(m(*x), res.program(*x), rel_l2=2e-3)
