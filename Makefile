@@ -15,7 +15,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The Triton server of a partition's remote half (pared serve, backends/remote.py) runs in an
+# environment of its own: nvidia-pytriton pins numpy < 2, which the rest of pared's stack (pandas 3,
+# mlxtend) does not take. The server is torch-free: ONNX Runtime and pared's Executor.
+SERVE := .venv-serve
+SERVE_STAMP := $(SERVE)/.pared-installed
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE)/bin/python || $(PY) -m venv $(SERVE)
+	$(SERVE)/bin/python -m pip install -q --upgrade pip
+	$(SERVE)/bin/python -m pip install -q 'nvidia-pytriton>=0.7' 'onnxruntime>=1.22' 'pyyaml>=6' 'rich>=13' \
+		'safetensors>=0.4' 'cryptography>=42'
+	$(SERVE)/bin/python -m pip install -q --no-deps -e .
+	touch $(SERVE_STAMP)
+
+install: $(STAMP) $(SERVE_STAMP)
 
 # The trained DiT, cached across DDIM steps, sampled torch-free from its artifact.
 demo: $(STAMP)
@@ -34,13 +48,13 @@ vla: $(STAMP)
 	MUJOCO_GL=egl OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/vla_metaworld/evaluate.py --episodes 25
 	MUJOCO_GL=egl OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/vla_metaworld/evaluate.py --episodes 25 --head tokens
 
-test: $(STAMP)
+test: $(STAMP) $(SERVE_STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
 
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,
 # sampled torch-free from their artifacts) and the MetaSchedule tuning test; CI runs
 # them after `make test`.
-test-heavy: $(STAMP)
+test-heavy: $(STAMP) $(SERVE_STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -m "heavy or tuning" tests
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
@@ -65,4 +79,4 @@ bench: $(STAMP)
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_action_cache.py --episodes 25 --policy large
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SERVE) build *.egg-info

@@ -2,8 +2,8 @@
 
 Matmuls and convolutions count 2·M·N·K multiply-adds; other ops count one
 FLOP per output element; views count none. A coarse estimate for `pared
-inspect` and, later, the placement cost model (roofline: max(FLOPs/peak,
-bytes/bandwidth)).
+inspect`, and the FLOP counts the placement cost model (analysis/placement.py)
+regresses measured segment times on.
 """
 from __future__ import annotations
 

@@ -56,9 +56,19 @@ from pared.ir.transform import Analysis, PassContext, Record, check_range, regis
 
 #: the device name of this host when the cost model measures it only to fit the regression
 HOST = "host"
-#: where a partition may cut by default: after top-level modules, after each block of a block
-#: stack, after its attention and after its MLP expansion (RoboECC cuts inside blocks too)
-DEFAULT_AT = ("*", "**.blocks.*", "**.blocks.*.attn", "**.blocks.*.mlp.fc1")
+
+def _anywhere(*patterns: str) -> tuple[str, ...]:
+    """Each pattern at the top level and under any module."""
+    return tuple(q for p in patterns for q in (p, "**." + p))
+
+
+#: where a partition may cut by default: after top-level modules and patch / position embeddings,
+#: after each block of a block stack (pared's and timm's `blocks`, diffusers' `transformer_blocks`,
+#: transformers' `layers` / `layer`), after its attention and after its MLP expansion (RoboECC cuts
+#: inside blocks too)
+DEFAULT_AT = ("*", *_anywhere("patch_embed", "pos_embed", "blocks.*", "blocks.*.attn", "blocks.*.mlp.fc1",
+                               "transformer_blocks.*", "transformer_blocks.*.attn1", "transformer_blocks.*.ff.net.0",
+                               "layers.*", "layer.*"))
 
 _MATMUL = {"mm", "addmm", "bmm", "matmul", "baddbmm", "convolution", "conv2d", "conv1d", "linear",
            "_scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention",
@@ -361,6 +371,8 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
 @register_pass("placement_cost")
 class MeasurePlacement(Analysis):
     """The placement cost model of one graph on a deployment's devices (see module docstring)."""
+
+    path_options = ("deployment",)
 
     record = PlacementCost
 

@@ -57,8 +57,9 @@ RMS_FLOOR = 1e-2
 
 
 def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> dict:
-    """Worst max-abs and relative-L2 error over outputs (relative to the output's norm, or to an
-    RMS of RMS_FLOOR for outputs smaller than that)."""
+    """Worst max-abs and relative-L2 error over outputs (relative to the norm of the output's
+    finite values, or to an RMS of RMS_FLOOR for outputs smaller than that). Equal infinities
+    agree; a NaN or an infinity where the other side differs is an error of inf."""
     worst_abs = 0.0
     worst_rel = 0.0
     for e, g in zip(expected, got):
@@ -68,9 +69,16 @@ def compare(expected: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> dict:
             return {"max_abs": float("inf"), "rel_l2": float("inf"), "shape_mismatch": [list(e.shape), list(g.shape)]}
         if e.size == 0:
             continue
-        worst_abs = max(worst_abs, float(np.max(np.abs(e - g))))
-        denom = max(float(np.linalg.norm(e)), RMS_FLOOR * float(np.sqrt(e.size)))
-        err = float(np.linalg.norm(e - g))
+        # equal values (equal infinities: a -inf attention mask) differ by 0; a NaN or an
+        # infinity on one side only differs by inf (e - g would be NaN, which max() ignores)
+        with np.errstate(invalid="ignore"):
+            same = (e == g) | (np.isnan(e) & np.isnan(g))
+            diff = np.where(same, 0.0, np.abs(e - g))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        worst_abs = max(worst_abs, float(np.max(diff)))
+        finite = np.isfinite(e)
+        denom = max(float(np.linalg.norm(e[finite])), RMS_FLOOR * float(np.sqrt(e.size)))
+        err = float(np.linalg.norm(diff)) if np.all(np.isfinite(diff)) else float("inf")
         worst_rel = max(worst_rel, err / denom)
     return {"max_abs": worst_abs, "rel_l2": worst_rel}
 

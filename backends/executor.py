@@ -120,6 +120,11 @@ class Executor:
             (backends.link.EmulatedLink). The Plan's `bandwidth` selectors read each link's
             `signal()` as ``link:NAME``. Without one, a Transfer hands the array over in
             process and the selectors keep their initial bandwidth.
+        remote: device name -> a remote device (backends.remote.TritonDevice): the graphs the
+            Plan runs on that device are sent to its server (the Transfers to and from it travel
+            inside the request), run here when it fails or times out (no step is lost; here is
+            the first device the Plan names that is not remote, its `emulate` slowdown applied);
+            its measurement of the link is bound as ``link:NAME`` like a link's.
         emulate: device name -> slowdown (>= 1): each graph the Plan runs on that device
             takes `slowdown` times as long as it took here (the runtime sleeps the
             difference), to stand in for a slower device when measuring a partition.
@@ -137,7 +142,7 @@ class Executor:
     def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
                  allow_isa_mismatch: bool = False, share_weights: bool = False, shared_arena: bool = True,
                  trusted_keys: "list | tuple | None" = None, links: "Mapping[Any, Any] | None" = None,
-                 emulate: "Mapping[str, float] | None" = None):
+                 emulate: "Mapping[str, float] | None" = None, remote: "Mapping[str, Any] | None" = None):
         self.path = path
         self.manifest = read_manifest(path, trusted_keys=trusted_keys)
         if trusted_keys is None:
@@ -176,6 +181,7 @@ class Executor:
         with _malformed(path, "input specs"):
             self._inputs = self._program_inputs()
         self._links = {frozenset(k): v for k, v in (links or {}).items()}
+        self._remote = dict(remote or {})
         for pair in self._links:
             if len(pair) != 2:
                 raise ValueError(f"links: keys must be pairs of two device names, got {sorted(pair)}")
@@ -184,7 +190,7 @@ class Executor:
             if not isinstance(k, (int, float)) or isinstance(k, bool) or not k >= 1:
                 raise ValueError(f"emulate: device {dev!r} needs a slowdown >= 1, got {k!r}")
         self._runner = PlanRunner(self.plan, self._run_graph, transfer=self._transfer,
-                                  signals=self._signals if self._links else None)
+                                  signals=self._signals if (self._links or self._remote) else None)
         self._records: RecordStore | None = None
 
     def _program_inputs(self) -> list[dict]:
@@ -232,7 +238,17 @@ class Executor:
         return list(self._runner.graph_trace)
 
     def _run_graph(self, name: str, arrays: list) -> list:
-        k = self._emulate.get(self._runner.device, 1.0) if self._emulate else 1.0
+        dev = self._remote.get(self._runner.device) if self._remote else None
+        if dev is not None:
+            entry = self.manifest["graphs"][name]
+            # a fallback runs here, on the first device the plan names that is not remote
+            here = next((c.device for c in self.plan.calls() if c.device not in self._remote), None)
+            return dev.run(name, [i["name"] for i in entry["inputs"]], arrays,
+                           [o["name"] for o in entry["outputs"]], lambda a: self._local(name, a, here))
+        return self._local(name, arrays, self._runner.device)
+
+    def _local(self, name: str, arrays: list, device: str | None) -> list:
+        k = self._emulate.get(device, 1.0) if self._emulate else 1.0
         if k == 1.0:
             return self.graphs[name](arrays)
         t0 = time.perf_counter()
@@ -241,6 +257,8 @@ class Executor:
         return out
 
     def _transfer(self, value: Any, src: str, dst: str) -> Any:
+        if src in self._remote or dst in self._remote:
+            return value       # it travels inside the remote call
         link = self._links.get(frozenset((src, dst)))
         if link is None:
             if self._links:
@@ -250,7 +268,7 @@ class Executor:
         return link.send(value)
 
     def _signals(self) -> dict:
-        return {f"link:{lk.name}": lk.signal() for lk in self._links.values()}
+        return {f"link:{lk.name}": lk.signal() for lk in (*self._links.values(), *self._remote.values())}
 
     def _check(self, arrays: list) -> list[np.ndarray]:
         out = []
@@ -280,9 +298,10 @@ class Executor:
             args += [named[n] for n in names[len(args):] if n in named]
         if len(args) != len(names):
             raise TypeError(f"expected {len(names)} inputs {names}, got {len(args)}")
-        counts = [lk.count for lk in self._links.values()]
+        measured = [*self._links.values(), *self._remote.values()]
+        counts = [lk.count for lk in measured]
         out = self._runner(self._check(args))
-        for lk, n in zip(self._links.values(), counts):
+        for lk, n in zip(measured, counts):
             if lk.count == n:   # nothing measured this call (all local, or too few bytes): keep the estimate fresh
                 lk.probe()
         return out

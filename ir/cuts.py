@@ -24,9 +24,11 @@ counted, and such cuts are seldom chosen.
 
     compute_nodes(gm)              the call_function nodes, in order
     live_at(gm, p)                 the values crossing position p
-    candidate_cuts(gm, at, shapes) the candidate Cuts with their bytes
+    candidate_cuts(gm, at)         the candidate Cuts with their bytes (a cut where a graph output is
+                                   already computed is left out: the second part would return its input)
     split(gm, p)                   (first, second): two GraphModules sharing gm's parameters
     compress(first, second, mode)  fp16 or int8 (per-tensor scale) across the cut
+    pass_through(first)            outputs of a first part that are its inputs unchanged
 """
 from __future__ import annotations
 
@@ -148,9 +150,13 @@ def candidate_cuts(gm: fx.GraphModule, at: Sequence[str] = ("**",)) -> list[Cut]
         name = f"after:{path}#{calls[path]}"
         if pos not in by_pos or path.count(".") < by_pos[pos].split(":", 1)[1].count("."):
             by_pos[pos] = name
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = set(out_node.all_input_nodes)
     cuts = []
     for pos, name in [(0, "input"), *sorted(by_pos.items()), (len(nodes), "output")]:
         live = live_at(gm, pos)
+        if 0 < pos < len(nodes) and outputs & set(live):
+            continue   # an output already computed would be the second part's input returned as it is
         total, flt = _bytes_of(live)
         cuts.append(Cut(name, pos, tuple(n.name for n in live), total, flt))
     return cuts
@@ -196,6 +202,22 @@ def split(gm: fx.GraphModule, position: int) -> tuple[fx.GraphModule, fx.GraphMo
     return first, second, [n.name for n in live]
 
 
+def pass_through(first: fx.GraphModule) -> dict[int, int]:
+    """Outputs of a first part that are its own inputs, unchanged: output index -> input index."""
+    phs = [n for n in first.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in first.graph.nodes if n.op == "output")
+    return {i: phs.index(v) for i, v in enumerate(out.args[0]) if isinstance(v, fx.Node) and v.op == "placeholder"}
+
+
+def drop_outputs(gm: fx.GraphModule, indices: set[int]) -> None:
+    """Remove the outputs at `indices` from gm (in place), and what only they needed."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(v for i, v in enumerate(out.args[0]) if i not in indices),)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
 _aten = torch.ops.aten
 
 
@@ -227,7 +249,8 @@ def compress(first: fx.GraphModule, second: fx.GraphModule, mode: str,
              examples: Sequence[torch.Tensor]) -> list[str]:
     """Rewrite a split pair in place so the float32 values crossing travel as `mode`:
     fp16 (a cast each way) or int8 (per-tensor symmetric: q = round(x / s), s = max|x| / 127,
-    sent as q and s; the receiver computes q * s). Other dtypes cross as they are.
+    sent as q and s; the receiver computes q * s; a value whose example holds infinities goes as
+    fp16 instead). Other dtypes cross as they are.
 
     Args:
         examples: the crossing values, in order (their dtypes decide what is compressed).
@@ -244,7 +267,10 @@ def compress(first: fx.GraphModule, second: fx.GraphModule, mode: str,
         raise ValueError(f"compress: {len(sent)} values sent, {len(phs)} received, {len(examples)} examples")
     new_sent: list[fx.Node] = []
     names: list[str] = []
-    plan = [mode if (mode != "none" and ex.dtype == torch.float32) else "none" for ex in examples]
+    # int8 needs a finite scale: a value with infinities (a -inf attention mask) goes as fp16, which
+    # keeps them
+    plan = ["none" if mode == "none" or ex.dtype != torch.float32 else
+            "fp16" if mode == "int8" and not bool(torch.isfinite(ex).all()) else mode for ex in examples]
     with first.graph.inserting_before(out_node):
         for v, m in zip(sent, plan):
             new_sent += [v] if m == "none" else _send(first.graph, v, m)

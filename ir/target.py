@@ -273,6 +273,18 @@ NAMED: dict[str, Target] = {
 }
 
 
+def _read_yaml(path: str, what: str) -> Any:
+    """The YAML document at `path`; TargetError naming `what` and the file when missing or malformed."""
+    if not os.path.exists(path):
+        raise TargetError(f"{what} {path} does not exist")
+    import yaml
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise TargetError(f"{what} {path}: not valid YAML: {e}") from None
+
+
 def get_target(spec: "str | os.PathLike | Target | Mapping[str, Any]") -> Target:
     """A Target from a name, a YAML device profile path, a mapping or a Target.
 
@@ -287,14 +299,7 @@ def get_target(spec: "str | os.PathLike | Target | Mapping[str, Any]") -> Target
     if s in NAMED:
         return NAMED[s]
     if s.endswith((".yaml", ".yml")):
-        if not os.path.exists(s):
-            raise TargetError(f"device profile {s} does not exist")
-        import yaml
-        try:
-            with open(s) as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise TargetError(f"device profile {s}: not valid YAML: {e}") from None
+        data = _read_yaml(s, "device profile")
         if not isinstance(data, Mapping):
             raise TargetError(f"device profile {s}: expected a mapping of target fields")
         return Target.from_json(data, where=f"device profile {s}")
@@ -466,12 +471,5 @@ def get_deployment(spec: "str | os.PathLike | Deployment | Mapping[str, Any]") -
     if isinstance(spec, Mapping):
         return Deployment.from_json(spec)
     s = os.fspath(spec)
-    if not os.path.exists(s):
-        raise TargetError(f"deployment file {s} does not exist")
-    import yaml
-    try:
-        with open(s) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise TargetError(f"deployment file {s}: not valid YAML: {e}") from None
+    data = _read_yaml(s, "deployment file")
     return Deployment.from_json(data, where=f"deployment file {s}", base=os.path.dirname(os.path.abspath(s)))

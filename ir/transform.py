@@ -275,6 +275,8 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     requires: ClassVar[tuple[type, ...]] = ()
     capture_needs: ClassVar[frozenset[str]] = frozenset()
+    #: options naming files: in a pipeline file, a relative path is relative to the file's folder
+    path_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is not None and kwargs:

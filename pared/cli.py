@@ -219,6 +219,13 @@ def cmd_sign(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pared.backends.remote import serve
+    serve(a.artifact, a.part, grpc_port=a.grpc_port, http_port=a.http_port, metrics_port=a.metrics_port,
+          trusted_keys=a.trusted_key, log=lambda m: _out().print(m, soft_wrap=True))
+    return EXIT_OK
+
+
 def _usage(message: str) -> int:
     _console().print(f"[red]usage error:[/] {message}")
     return EXIT_USAGE
@@ -339,6 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("artifact")
     sg.add_argument("--key", required=True, help="Ed25519 private key file (pared keygen)")
     sg.set_defaults(func=cmd_sign)
+    sv = sub.add_parser("serve", help="serve a partitioned artifact's remote half with Triton (KServe v2 over gRPC)")
+    sv.add_argument("artifact")
+    sv.add_argument("--part", default="cloud", help="the device whose graphs to serve (default: cloud)")
+    sv.add_argument("--grpc-port", type=int, default=8001)
+    sv.add_argument("--http-port", type=int, default=8000)
+    sv.add_argument("--metrics-port", type=int, default=8002)
+    sv.add_argument("--trusted-key", action="append", metavar="KEY.pub",
+                    help="serve only if signed by this public key (repeatable)")
+    sv.set_defaults(func=cmd_serve)
     b = sub.add_parser("bench", help="time an artifact, or benchmark a reference workload side by side")
     b.add_argument("artifact", nargs="?")
     b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm, "

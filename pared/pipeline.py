@@ -284,12 +284,20 @@ def _entry(item: Any, where: str) -> PassSpec:
     return PassSpec(name, dict(opts), where, option_where)
 
 
-def _check(spec: PassSpec) -> Any:
-    """Instantiate the pass from its spec; errors become PipelineError at spec.where."""
+def _check(spec: PassSpec, base_dir: str | None = None) -> Any:
+    """Instantiate the pass from its spec; errors become PipelineError at spec.where. Options the
+    pass names in `path_options` (files it reads), given as relative paths, are taken relative to
+    `base_dir` (the pipeline file's folder)."""
     from pared.registry import get_pass
     try:
         cls = get_pass(spec.name)
-        return cls(dict(spec.options))
+        options = dict(spec.options)
+        if base_dir is not None:
+            for k in getattr(cls, "path_options", ()):
+                v = options.get(k)
+                if isinstance(v, str) and v and not os.path.isabs(v):
+                    options[k] = os.path.join(base_dir, v)
+        return cls(options)
     except OptionError as e:
         msg = str(e)
         # the line of the option the error names (options written one per line), else the pass's
@@ -310,7 +318,7 @@ def build_passes(spec: "PipelineSpec | Sequence[Any] | str | os.PathLike | None"
     if isinstance(spec, (str, os.PathLike)):
         spec = load_pipeline(spec)
     if isinstance(spec, PipelineSpec):
-        return [_check(p) for p in spec.passes]
+        return [_check(p, spec.base_dir if spec.path else None) for p in spec.passes]
     if isinstance(spec, (Mapping, bytes)) or not isinstance(spec, Sequence):
         raise PipelineError(f"a pipeline is a YAML path or a list of passes, got {type(spec).__name__}")
     out = []

@@ -91,6 +91,8 @@ _SMALL_KEY = 256
 class SpeculativeDecode(RewritePass):
     """Draft all tokens, verify them with one head call per iteration (see module docstring)."""
 
+    path_options = ("table",)
+
     #: harnesses build the model in its decoding-loop form (a pared.ir.decode.Decoder) for this pass
     capture_needs = frozenset({"loop"})
 

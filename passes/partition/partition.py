@@ -112,6 +112,8 @@ def _label(cut: _cuts.Cut, compression: str, last: int) -> str:
 class Partition(RewritePass):
     """Edge/cloud cuts chosen per bandwidth (see module docstring)."""
 
+    path_options = ("deployment",)
+
     @dataclass(frozen=True, kw_only=True)
     class Options:
         deployment: str | dict | None = None         # a deployment YAML file (or mapping): devices and links
@@ -224,7 +226,9 @@ class Partition(RewritePass):
         ctx.log.info("partition: %s split between %s and %s over %s: %s", gname, o.first, o.second, link.name,
                      ", ".join(f"{p.mbit:g} Mbit/s -> {p.chosen} ({p.latency_s * 1e3:.2f} ms; first only "
                                f"{p.first_only_s * 1e3:.2f}, second only {p.second_only_s * 1e3:.2f})" for p in sweep))
-        return PassResult(new, modified=True, stats={"cases": len(cases), "cuts": len(cands)})
+        # the cost model stays beside the decision it supports (it describes the graph before the split)
+        return PassResult(new, modified=True, preserved=(PlacementCost,),
+                          stats={"cases": len(cases), "cuts": len(cands)})
 
     def _cost(self, program: Program, gname: str, dep: Deployment, ctx: PassContext) -> PlacementCost:
         """The program's PlacementCost of the graph when it has one for these cuts and devices
@@ -277,9 +281,15 @@ class Partition(RewritePass):
             names = _cuts.compress(a, b, case.compression, crossing) if case.compression != "none" else live
             with torch.no_grad():
                 sent = tuple(a(*g.example_inputs))
-            variants[f"{case.label}_first"] = Graph(a, g.input_names, tuple(names), g.example_inputs)
+            # an input that crosses as it is does not go through the first part (a graph returning
+            # its own input is no ONNX graph): the Transfer reads the program's value directly
+            direct = _cuts.pass_through(a)
+            if direct:
+                _cuts.drop_outputs(a, set(direct))
+            variants[f"{case.label}_first"] = Graph(
+                a, g.input_names, tuple(n for i, n in enumerate(names) if i not in direct), g.example_inputs)
             variants[f"{case.label}_second"] = Graph(b, tuple(names), g.output_names, sent)
-            parts[case.label] = (f"{case.label}_first", f"{case.label}_second", tuple(names))
+            parts[case.label] = (f"{case.label}_first", f"{case.label}_second", tuple(names), direct)
         first, second = o.first, o.second
 
         def node(c: Call, graph_of) -> Node:
@@ -295,11 +305,13 @@ class Partition(RewritePass):
                                 Call(graph_of("whole"), sent, got, second),
                                 *(Transfer(r, second, first, out) for r, out in zip(got, c.outputs))))
                 else:
-                    fa, fb, names = parts[case.label]
-                    h = tuple(f"{ns}.{case.label}.{n}" for n in names)
+                    fa, fb, names, direct = parts[case.label]
+                    h = tuple(c.inputs[direct[i]] if i in direct else f"{ns}.{case.label}.{n}"
+                              for i, n in enumerate(names))
                     h2 = tuple(f"{ns}.{case.label}.{n}@{second}" for n in names)
                     got = tuple(f"{ns}.{case.label}.out{j}" for j in range(len(c.outputs)))
-                    body = Seq((Call(graph_of(fa), c.inputs, h, first),
+                    body = Seq((Call(graph_of(fa), c.inputs, tuple(r for i, r in enumerate(h) if i not in direct),
+                                     first),
                                 *(Transfer(x, first, second, y) for x, y in zip(h, h2)),
                                 Call(graph_of(fb), h2, got, second),
                                 *(Transfer(r, second, first, out) for r, out in zip(got, c.outputs))))

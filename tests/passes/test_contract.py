@@ -103,13 +103,8 @@ def vla() -> Fixture:
     return Fixture(m, inputs, capture(m, inputs))
 
 
-#: partition's contract deployment: a slow edge and a fast cloud, stated as other CPUs (estimated)
-PARTITION_DEPLOYMENT = {"name": "contract", "devices": {
-    "edge": {"name": "slow", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e8,
-             "mem_bandwidth": 1e9, "arch": "aarch64", "isa": []},
-    "cloud": {"name": "fast", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e12,
-              "mem_bandwidth": 1e11, "arch": "x86_64", "isa": ["avx2"]}},
-    "links": [{"between": ["edge", "cloud"], "name": "wifi", "mbit": 20, "rtt_ms": 1}]}
+#: partition's contract deployment: a slow edge and a fast cloud, estimated (not measured)
+PARTITION_DEPLOYMENT = testing.SLOW_EDGE_FAST_CLOUD
 PARTITION_AT = ["patch", "blocks.*", "blocks.*.mlp.0"]
 
 

@@ -22,15 +22,10 @@ from pared.ir.selectors.bandwidth import Bandwidth
 from pared.ir.target import Deployment, Link
 from pared.ir.transform import PassContext
 from pared.passes.partition.partition import MBIT, Partition, PartitionPlan
-from pared.testing import assert_close_to_eager, run_pass_checked, run_torch_free, save_program, tiny_patchnet
+from pared.testing import (SLOW_EDGE_FAST_CLOUD, assert_close_to_eager, run_pass_checked, run_torch_free,
+                           save_program, tiny_patchnet)
 
-#: a slow edge (a tenth of a GFLOP/s) and a fast cloud, stated as other CPUs (not measured here)
-DEP = {"name": "test", "devices": {
-    "edge": {"name": "slow", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e8,
-             "mem_bandwidth": 1e9, "arch": "aarch64", "isa": []},
-    "cloud": {"name": "fast", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "peak_flops": 1e12,
-              "mem_bandwidth": 1e11, "arch": "x86_64", "isa": ["avx2"]}},
-    "links": [{"between": ["edge", "cloud"], "name": "wifi", "mbit": 20, "rtt_ms": 1}]}
+DEP = SLOW_EDGE_FAST_CLOUD
 AT = ("patch", "blocks.*", "blocks.*.mlp.0")
 SWEEP = [1, 3, 10, 30, 100, 1000]
 
@@ -244,3 +239,43 @@ def test_measured_end_to_end():
     assert pp.sweep[0].chosen == "first"      # 0.1 Mbit/s: nothing is worth sending
     assert math.isfinite(pp.sweep[-1].latency_s)
     assert_close_to_eager(m(*x), res.program(*x), rel_l2=2e-3)
+
+
+def test_an_input_that_crosses_as_it_is_skips_the_first_part():
+    """A float input read only at the end (a policy's noise) crosses the input cut in fp16 through the
+    first part's cast; an integer input crosses as it is, read by the Transfer from the program's
+    input (a graph returning its own input is no ONNX graph)."""
+    from torch import nn
+
+    class Late(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Linear(64, 64)
+            self.emb = nn.Embedding(10, 64)
+
+        def forward(self, x, ids):
+            return self.f(torch.relu(self.f(x))) + self.emb(ids)
+
+    torch.manual_seed(0)
+    m = Late().eval()
+    x = (torch.randn(8, 64), torch.randint(0, 10, (8,)))
+    prog = capture(m, x)
+    dep = {**DEP, "links": [{"between": ["edge", "cloud"], "name": "wifi", "mbit": 20, "rtt_ms": 1}]}
+    prog = prog.with_record(modeled_cost(prog, "main", Deployment.from_json(dep), ("edge", "cloud"), ("f",)), "main")
+    res = Partition(deployment=dep, at=["f"], mbit=[1000], cases="all")(prog, PassContext())
+    first = res.program.graphs["main.second_fp16_first"]
+    assert first.output_names == ("x_fp16",)          # ids do not go through it
+    (sel,) = res.program.plan.selects()
+    moves = [n for n in iter_nodes(dict(sel.cases)["second_fp16"]) if isinstance(n, Transfer)]
+    assert moves[1].ref == "in:ids"
+    with torch.no_grad():
+        assert_close_to_eager(m(*x), res.program(*x), rel_l2=2e-3)
+
+
+def test_a_pipeline_files_deployment_is_relative_to_the_file():
+    import os
+    from pared.pipeline import build_passes, load_pipeline
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "pipelines", "vla_partition.yaml")
+    (p,) = build_passes(load_pipeline(path))
+    assert os.path.isabs(p.options.deployment) and os.path.exists(p.options.deployment)
+    assert p.deployment().name == "emulated-edge-4x"
