@@ -185,7 +185,7 @@ def test_vla_closed_loop_episode_survives_a_server_killed_mid_episode(tmp_path):
     at = ("backbone",)
     prog = prog.with_record(modeled_cost(prog, "main", Deployment.from_json(SLOW_EDGE_FAST_CLOUD),
                                          ("edge", "cloud"), at), "main")
-    res = Partition(deployment=SLOW_EDGE_FAST_CLOUD, at=list(at), mbit=[100], compress=["none"])(prog, PassContext())
+    res = Partition(deployment=SLOW_EDGE_FAST_CLOUD, at=list(at), mbit=[0.1], compress=["none"])(prog, PassContext())
     (case,) = res.program.records.of("PartitionPlan", "main").cases
     assert case.cut == "after:backbone#1"
     path = save_program(res.program, str(tmp_path / "vla"), {"name": "cpu", "backend": "onnxruntime",
