@@ -128,6 +128,10 @@ class Executor:
         emulate: device name -> slowdown (>= 1): each graph the Plan runs on that device
             takes `slowdown` times as long as it took here (the runtime sleeps the
             difference), to stand in for a slower device when measuring a partition.
+        pin: select key -> case label: those selects of the Plan take that case on every call
+            instead of choosing (e.g. ``{"partition.main": "first"}`` keeps a partitioned policy
+            on the edge; a benchmark's fixed arms). A key or label the Plan lacks is an error
+            naming what it has.
 
     Inputs are checked for count, dtype and shape (TypeError / ValueError naming the
     input). Values are not: NaN and Inf pass through to the runtime and propagate
@@ -142,7 +146,8 @@ class Executor:
     def __init__(self, path: str, *, threads: int | None = None, provider: str | None = None,
                  allow_isa_mismatch: bool = False, share_weights: bool = False, shared_arena: bool = True,
                  trusted_keys: "list | tuple | None" = None, links: "Mapping[Any, Any] | None" = None,
-                 emulate: "Mapping[str, float] | None" = None, remote: "Mapping[str, Any] | None" = None):
+                 emulate: "Mapping[str, float] | None" = None, remote: "Mapping[str, Any] | None" = None,
+                 pin: "Mapping[str, str] | None" = None):
         self.path = path
         self.manifest = read_manifest(path, trusted_keys=trusted_keys)
         if trusted_keys is None:
@@ -189,8 +194,12 @@ class Executor:
         for dev, k in self._emulate.items():
             if not isinstance(k, (int, float)) or isinstance(k, bool) or not k >= 1:
                 raise ValueError(f"emulate: device {dev!r} needs a slowdown >= 1, got {k!r}")
-        self._runner = PlanRunner(self.plan, self._run_graph, transfer=self._transfer,
-                                  signals=self._signals if (self._links or self._remote) else None)
+        try:
+            self._runner = PlanRunner(self.plan, self._run_graph, transfer=self._transfer,
+                                      signals=self._signals if (self._links or self._remote) else None,
+                                      transfer_many=self._transfer_many, pin=pin)
+        except PlanError as e:
+            raise ValueError(f"{path}: {e}") from None
         self._records: RecordStore | None = None
 
     def _program_inputs(self) -> list[dict]:
@@ -266,6 +275,14 @@ class Executor:
                                     f"them was given (links: {[sorted(k) for k in self._links]})")
             return value
         return link.send(value)
+
+    def _transfer_many(self, values: list, src: str, dst: str) -> list:
+        """Values crossing together: one message over a link that can send several
+        (`send_many`), else one each."""
+        link = self._links.get(frozenset((src, dst)))
+        if link is not None and hasattr(link, "send_many") and not (src in self._remote or dst in self._remote):
+            return list(link.send_many(values))
+        return [self._transfer(v, src, dst) for v in values]
 
     def _signals(self) -> dict:
         return {f"link:{lk.name}": lk.signal() for lk in (*self._links.values(), *self._remote.values())}

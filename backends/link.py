@@ -230,7 +230,8 @@ class EmulatedLink:
     `set_link` changes the shape (a bandwidth trace). `probe()` measures the link without
     sending a payload on the control path (an asynchronous probe: the runtime calls it when
     a call sent nothing, so the estimate does not go stale while everything runs on the
-    edge); its bytes are counted, its time is not spent.
+    edge); its bytes are counted (`probe_bytes_sent`, apart from the payload's `bytes_sent`),
+    its time is not spent. `send_many` sends several values as one message (one RTT/2).
 
     The ShapingProxy above shapes real sockets; this is for measuring a partitioned plan's
     latency on one host without a server (the devices then share this host's CPU).
@@ -245,7 +246,8 @@ class EmulatedLink:
         self._rng = random.Random(seed)
         self.estimate = float("nan")
         self.count = 0
-        self.bytes_sent = 0
+        self.bytes_sent = 0        # payload (the Transfers')
+        self.probe_bytes_sent = 0  # the probes'
         self.transfers = 0
         self.busy_s = 0.0          # time spent in transfers
 
@@ -270,7 +272,11 @@ class EmulatedLink:
             self.count += 1
 
     def send(self, value: Any) -> Any:
-        nbytes = int(getattr(value, "nbytes", 0))
+        return self.send_many([value])[0]
+
+    def send_many(self, values: list) -> list:
+        """Several values as one message: one RTT/2 for all, their bytes together."""
+        nbytes = sum(int(getattr(v, "nbytes", 0)) for v in values)
         t = self._duration(nbytes)
         t0 = time.perf_counter()
         if self.sleep and t > 0:
@@ -280,11 +286,11 @@ class EmulatedLink:
         self.bytes_sent += nbytes
         self.transfers += 1
         self.busy_s += elapsed
-        return value
+        return list(values)
 
     def probe(self) -> None:
         self._measure(self.probe_bytes, self._duration(self.probe_bytes))
-        self.bytes_sent += self.probe_bytes
+        self.probe_bytes_sent += self.probe_bytes
 
     def signal(self):
         import numpy as np

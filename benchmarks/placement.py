@@ -26,7 +26,14 @@ the artifact; its PlacementCost is measured on this host as the pass does it. Th
            link's transfer times (RTT/2 + bytes / bandwidth, each way): the oracle is the least
   e2e      the cut the model chose at each bandwidth, end to end through the Executor over the
            emulated link (it sleeps the transfers and the edge's slowdown), median over calls
-           after the selector's window has filled; edge-only and cloud-only the same way
+           after the selector's window has filled; edge-only and cloud-only the same way (the
+           artifact's `first` and `second` cases pinned: Executor(pin=...)); the values crossing
+           one way travel as one message (one RTT/2), as the model charges them
+  trigger  (--part trigger) RAPID's offload trigger (ir/selectors/offload.py) on the VLA closed
+           loop (6 tasks x --episodes) at 20 Mbit/s: one artifact, three arms pinned or not --
+           every call on the edge, every call offloaded at the model's cut, offloaded only when
+           the trigger fires; success, offload share (per task), mean call latency, link bytes,
+           the trigger's cost per decision
   trace    a bandwidth trace (100 -> 3 -> 30 -> 400 Mbit/s, 40 calls each): total time of the
            adaptive artifact against each of its cases pinned for the whole episode
   faults   (--part faults) the VLA's cloud half served by Triton (PyTriton in .venv-serve) behind a
@@ -106,6 +113,9 @@ class PinnedLink:
 
     def send(self, value):
         return self.link.send(value)
+
+    def send_many(self, values):
+        return self.link.send_many(values)
 
     def probe(self):
         pass
@@ -196,10 +206,10 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
     e2e = []
     for p in pp.sweep:
         row = {"mbit": p.mbit}
-        for arm, bw in (("adaptive", None), ("edge_only", 1e-3), ("cloud_only", 1e7)):
+        for arm, case in (("adaptive", None), ("edge_only", "first"), ("cloud_only", "second")):
             link = EmulatedLink(Link.mbit("wifi", p.mbit, rtt_ms=rtt * 1e3))
-            lk = link if bw is None else PinnedLink(link, bw * MBIT)
-            ex = Executor(path, threads=1, links={("edge", "cloud"): lk}, emulate={"edge": slowdown})
+            ex = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown},
+                          pin={"partition.main": case} if case else None)
             ts = []
             for i in range(8 + 12):
                 t0 = time.perf_counter()
@@ -329,6 +339,90 @@ def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> d
     return out
 
 
+#: RAPID's trigger on the Meta-World state (39-D, normalized): the hand's position (0-2) against its copy
+#: one tick earlier (18-20); effort-like values, which Meta-World has no torques for: the gripper
+#: opening (3) and the first object's position (4-6) against their copies one tick earlier (21-24)
+TRIGGER = {"input": "state", "position": [0, 1, 2], "previous": [18, 19, 20], "effort": [3, 4, 5, 6],
+           "effort_previous": [21, 22, 23, 24], "window": 16, "smooth": 3, "threshold": 2.0, "hold": 2}
+
+
+def trigger(episodes: int, slowdown: float, rtt: float, mbit: float = 20.0) -> dict:
+    """RAPID's offload trigger on the VLA, closed loop: one artifact (partition at `mbit` with the
+    trigger), three arms over the same emulated link and episodes: every call on the edge, every
+    call offloaded (the partition's cut), and offloaded only when the trigger fires."""
+    from pared.ir.selectors.offload import Offload
+    from pared.workloads import get_workload
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=episodes)
+    model, inputs = wl.build(), wl.example_inputs()
+    calib = [x for seq in wl.calibration_sequences(per_task=3, calls=40) for x in seq]
+    t0 = time.perf_counter()
+    # fp16 across the cut moves the sampled chunk by ~1% (rel L2) after the head's 10 DDIM steps
+    opt = pared.optimize(model, inputs, calibration=calib, fidelity={"min_cosine": 0.999, "max_rel_l2": 0.02},
+                         pipeline=[{"partition": {
+        "deployment": DEPLOYMENT, "at": AT["vla"], "mbit": [mbit], "compress": ["none", "fp16"],
+        "repeats": 10, "min_time": 3.0, "trigger": TRIGGER}}])
+    build_s = time.perf_counter() - t0
+    pp = opt.program.records.of("PartitionPlan", "main")
+    path = os.path.join(tempfile.mkdtemp(prefix="pared-trigger-"), "artifact")
+    opt.save(path)
+    say(f"trigger: built in {build_s:.0f} s; offload case {pp.bands} ({pp.case(pp.bands[0]).cut}); the trigger "
+        f"offloads {pp.trigger_calibration_share:.2f} of {len(calib)} calibration calls")
+    T = wl.tasks_module()
+    out = {"mbit": mbit, "case": pp.bands[0], "cut": pp.case(pp.bands[0]).cut, "trigger": TRIGGER,
+           "calibration_calls": len(calib), "calibration_offload_share": pp.trigger_calibration_share,
+           "episodes_per_task": episodes, "build_s": build_s, "arms": {}}
+    pins = {"edge_only": {"partition.main.trigger": "edge"}, "always_offload": {"partition.main.trigger": "offload"},
+            "trigger": None}
+    for arm, pin in pins.items():
+        link = EmulatedLink(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
+        exe = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown}, pin=pin)
+        labels: list[str] = []
+
+        def fn(*args):
+            a = exe(*args)
+            labels.append(exe.trace[-1])
+            return a
+        per_task, calls_s, offloaded_by_task = {}, [], {}
+        t0 = time.perf_counter()
+        for name in wl.task_names:
+            tid = T.TASK_NAMES.index(name)
+            start = len(labels)
+            eps = [wl.episode(fn, tid, ep, exe.reset) for ep in range(episodes)]
+            per_task[name] = float(np.mean([e["success"] for e in eps]))
+            calls_s += [c for e in eps for c in e["call_s"]]
+            mine = labels[start:]
+            offloaded_by_task[name] = sum(lab != "edge" for lab in mine) / max(1, len(mine))
+        n = len(labels)
+        off = sum(lab != "edge" for lab in labels)
+        out["arms"][arm] = {
+            "success": float(np.mean(list(per_task.values()))), "per_task": per_task, "calls": n,
+            "offload_share": off / n, "offload_share_by_task": offloaded_by_task,
+            "policy_s": float(sum(calls_s)), "call_ms_mean": 1e3 * float(np.mean(calls_s)),
+            "call_ms_median": 1e3 * statistics.median(calls_s), "link_bytes": link.bytes_sent, "probe_bytes": link.probe_bytes_sent,
+            "link_messages": link.transfers, "wall_s": time.perf_counter() - t0}
+        r = out["arms"][arm]
+        say(f"  {arm}: success {r['success']:.3f}, {n} calls, offloaded {r['offload_share']:.2f}, policy time "
+            f"{r['policy_s']:.1f} s (mean call {r['call_ms_mean']:.1f} ms), link {r['link_bytes'] / 1e6:.2f} MB")
+    a = out["arms"]
+    out["speedup_vs_edge_only"] = a["edge_only"]["call_ms_mean"] / a["trigger"]["call_ms_mean"]
+    out["always_offload_speedup_vs_edge_only"] = a["edge_only"]["call_ms_mean"] / a["always_offload"]["call_ms_mean"]
+    out["link_bytes_vs_always_offload"] = a["trigger"]["link_bytes"] / max(1, a["always_offload"]["link_bytes"])
+    # the trigger's own cost: its score per call, over the calibration states, against a call
+    sel = Offload("in:state", ("edge", "offload"), **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in TRIGGER.items() if k != "input"})
+    states = [x[2].numpy()[0] for x in calib]
+    t0 = time.perf_counter()
+    for _ in range(5):
+        sel.scores_over(states)
+    per = (time.perf_counter() - t0) / (5 * len(states))
+    out["trigger_us_per_call"] = per * 1e6
+    out["trigger_overhead_vs_edge_call"] = per / (a["edge_only"]["call_ms_mean"] / 1e3)
+    say(f"  trigger: {out['speedup_vs_edge_only']:.2f}x vs edge-only (always offload "
+        f"{out['always_offload_speedup_vs_edge_only']:.2f}x), link bytes {out['link_bytes_vs_always_offload']:.2f} "
+        f"of always offloading, {per * 1e6:.0f} us per decision")
+    return out
+
+
 def plot(results: dict, path: str) -> None:
     """Latency vs bandwidth per case (measured parts + link), the chosen case marked, per workload."""
     import matplotlib
@@ -363,10 +457,11 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=["vla", "dit"], choices=["vla", "dit"])
     ap.add_argument("--mbit", nargs="+", type=float, default=[1, 5, 20, 100, 1000])
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--part", choices=["all", "sweep", "faults", "plot"], default="all",
+    ap.add_argument("--part", choices=["all", "sweep", "faults", "trigger", "plot"], default="all",
                     help="sweep: the bandwidth sweep, e2e and trace per workload; faults: the VLA served by Triton "
-                         "with the server killed and the link blackholed, closed loop; plot: only redraw the plot")
-    ap.add_argument("--episodes", type=int, default=5, help="faults: closed-loop episodes per task and arm")
+                         "with the server killed and the link blackholed, closed loop; trigger: RAPID's offload "
+                         "trigger closed loop against edge-only and always offloading; plot: only redraw the plot")
+    ap.add_argument("--episodes", type=int, default=5, help="faults, trigger: closed-loop episodes per task and arm")
     ap.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                     help="sweep: time an artifact this script built before instead of building it again")
     args = ap.parse_args()
@@ -385,7 +480,8 @@ def main():
         if args.part == "plot":
             results = old
         redo = [*(args.workloads if args.part in ("all", "sweep") else []),
-                *(["faults"] if args.part in ("all", "faults") else [])]
+                *(["faults"] if args.part in ("all", "faults") else []),
+                *(["trigger"] if args.part in ("all", "trigger") else [])]
         results.update({k: v for k, v in old.items() if k not in ("about", *redo)})
     def write():
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
@@ -398,6 +494,9 @@ def main():
             given = dict(a.split("=", 1) for a in args.artifact)
             results[name] = run(name, args.mbit, args.rounds, slowdown, rtt, given.get(name))
             write()
+    if args.part in ("all", "trigger"):
+        results["trigger"] = trigger(args.episodes, slowdown, rtt)
+        write()
     if args.part in ("all", "faults"):
         results["faults"] = faults(args.episodes, slowdown, rtt)
         write()

@@ -450,6 +450,11 @@ class PlanRunner:
         transfer: ``(value, src, dst) -> value`` for Transfer nodes (default: the value itself).
         signals: ``() -> {ref: array}``, read at the start of each call: what the runtime measures
             and selectors read, bound as ``link:NAME`` references (a link's bandwidth); default none.
+        transfer_many: ``([values], src, dst) -> [values]``: consecutive Transfers of a Seq between
+            the same two devices go as one message (one round trip over a link); default: each
+            through `transfer`.
+        pin: ``{select key: case label}``: those selects take that case every call instead of
+            asking their selector (a benchmark's fixed arm, an operator forcing local runs).
 
     Attributes:
         trace: per call of the request, the case labels chosen by the selects it
@@ -461,7 +466,9 @@ class PlanRunner:
     def __init__(self, plan: Plan, run_graph: Callable[[str, list], list], to_numpy: Callable[[Any], Any] = lambda a: a,
                  scalar: Callable[[float], Any] | None = None,
                  transfer: Callable[[Any, str, str], Any] | None = None,
-                 signals: Callable[[], Mapping[str, Any]] | None = None):
+                 signals: Callable[[], Mapping[str, Any]] | None = None,
+                 transfer_many: Callable[[list, str, str], list] | None = None,
+                 pin: Mapping[str, str] | None = None):
         self.plan = plan
         self._run_graph = run_graph
         self._to_numpy = to_numpy
@@ -471,6 +478,13 @@ class PlanRunner:
         self._scalar = scalar
         self._transfer = transfer or (lambda v, src, dst: v)
         self._signals = signals
+        self._transfer_many = transfer_many
+        self.pin = dict(pin or {})
+        keys = {n.key: n for n in iter_nodes(plan.body) if isinstance(n, Select) and n.key is not None}
+        for k, label in self.pin.items():
+            if k not in keys:
+                raise PlanError(f"pin: the plan has no select with key {k!r}; its keys are {sorted(keys)}")
+            keys[k].case(label)            # names the cases when the label is not one
         self.device: str | None = None
         self.reset()
 
@@ -502,14 +516,30 @@ class PlanRunner:
                     self.state[ref[6:]] = val
                 env[ref] = val
         elif isinstance(node, Seq):
-            for i, n in enumerate(node.nodes):
-                self._run(n, env, path + (i,), labels, graphs)
+            nodes, i = node.nodes, 0
+            while i < len(nodes):
+                n, j = nodes[i], i + 1
+                if isinstance(n, Transfer) and self._transfer_many is not None:
+                    while j < len(nodes) and isinstance(nodes[j], Transfer) and \
+                            (nodes[j].src, nodes[j].dst) == (n.src, n.dst):
+                        j += 1
+                if j - i > 1:                   # one message for the run of transfers
+                    group = nodes[i:j]
+                    vals = self._transfer_many([self._read(t.ref, env) for t in group], n.src, n.dst)
+                    for t, val in zip(group, vals):
+                        self._bind_transfer(t, val, env)
+                else:
+                    self._run(n, env, path + (i,), labels, graphs)
+                i = j
         elif isinstance(node, Select):
             sel = node.selector
             choice = Choice(self.step_index, lambda ref: self._to_numpy(self._read(ref, env)), self.call_index)
             key = path if node.key is None else node.key
             st = self._selectors[key] if key in self._selectors else sel.new_state()
-            label, st = sel.choose(st, choice)
+            if node.key in self.pin:
+                label = self.pin[node.key]
+            else:
+                label, st = sel.choose(st, choice)
             labels.append(label)
             self._run(node.case(label), env, path + (label,), labels, graphs)
             self._selectors[key] = sel.observe(st, label, choice)
@@ -536,12 +566,14 @@ class PlanRunner:
                     if v.size and v[0]:
                         break
         elif isinstance(node, Transfer):
-            val = self._transfer(self._read(node.ref, env), node.src, node.dst)
-            if node.out.startswith("state:"):
-                self.state[node.out[6:]] = val
-            env[node.out] = val
+            self._bind_transfer(node, self._transfer(self._read(node.ref, env), node.src, node.dst), env)
         else:
             raise PlanError(f"unknown plan node {type(node).__name__}")
+
+    def _bind_transfer(self, node: Transfer, val: Any, env: dict) -> None:
+        if node.out.startswith("state:"):
+            self.state[node.out[6:]] = val
+        env[node.out] = val
 
     @property
     def step_index(self) -> int:

@@ -480,6 +480,21 @@ class VLAWorkload(Workload):
                 out.append([self._demo_inputs(int(i)) for i in idx])
         return out
 
+    def calibration_sequences(self, per_task: int = 2, calls: int = 30) -> list[list[tuple]]:
+        """Policy-call inputs along training demonstration episodes (never the held-out ones): for
+        the first `per_task` episodes of each task, the observations at every `execute`-th step from
+        the start (at most `calls`), in time order; one list per episode. For calibrations that need
+        consecutive calls (an offload trigger's anomaly scores), as torch tensors."""
+        import torch
+        d = self.demos()
+        out = []
+        for tid in np.unique(d["episode_task"]):
+            eps = np.nonzero(d["episode_task"] == tid)[0][:-self.HOLDOUT_PER_TASK][:per_task]
+            for e in eps:
+                idx = np.nonzero(d["episode"] == e)[0][::self.execute][:calls]
+                out.append([tuple(torch.from_numpy(a) for a in self._demo_inputs(int(i))) for i in idx])
+        return out
+
     def train_steps(self, n: int) -> np.ndarray:
         """n step indices spread over the training demonstration episodes (not the held-out ones)."""
         d = self.demos()

@@ -66,6 +66,14 @@ def holdout_policy_call() -> list[tuple]:
     return holdout_denoiser()
 
 
+def calibration_policy_episodes() -> list[tuple]:
+    """The policy calls of 3 training demonstration episodes per task (every 4th step, at most 40
+    each), in time order: a stream whose consecutive calls an offload trigger scores."""
+    from pared.workloads import get_workload
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled")
+    return [x for seq in wl.calibration_sequences(per_task=3, calls=40) for x in seq]
+
+
 def build_denoiser_64():
     """The diffusion policy whose backbone sees all 64 visual tokens (vla_diffusion_64.safetensors),
     as a pared Denoiser: what token_reuse rewrites in examples/pipelines/vla_token_reuse.yaml."""

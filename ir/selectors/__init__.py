@@ -13,6 +13,7 @@ import the module at the bottom of this file.
     bins   a case by the value of a reference, e.g. the timestep t
     motion a precision level by kinematic proxies of a robot's state, with hysteresis (DyQ-VLA)
     bandwidth  a partition cut by the link's measured bandwidth, predicted, with hysteresis (RoboECC)
+    offload    stay on the edge or offload, by anomalies of the robot's proprioception (RAPID)
 """
 from __future__ import annotations
 
@@ -115,4 +116,4 @@ def check_finite(kind: str, name: str, value: float) -> None:
         raise PlanError(f"{kind} selector: {name} must be a finite number, got {value!r}")
 
 
-from . import bandwidth, bins, latch, motion, rule, table  # noqa: E402,F401  (registers the built-in selectors)
+from . import bandwidth, bins, latch, motion, offload, rule, table  # noqa: E402,F401  (registers the built-in selectors)

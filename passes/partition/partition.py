@@ -27,6 +27,17 @@ device=second)` and a `Transfer` of each output back. The selector's band edges 
 the crossover bandwidths between neighbouring winners (where the model's latencies of
 the two are equal).
 
+Option `trigger` adds RAPID's decision of *when* to offload (arXiv 2603.07949): an
+`offload` select (ir/selectors/offload.py) in front of the bandwidth select, whose `edge`
+case runs the whole graph on the first device and whose `offload` case is the bandwidth
+select. It scores each call's robot state (the program input `trigger.input`): the
+end-effector's acceleration and the change of effort-like values (torques, or contact
+proxies), each against its own sliding window, weighted by a softmax of the two; a call
+above `threshold` (or, with `share`, the threshold that offloads that share of the
+calibration stream, read in order as one episode) and the `hold` calls after it are
+offloaded, smooth calls stay on the edge. The record gives the threshold and the share of
+the calibration calls it offloads.
+
 The cost model is measured unless the program already holds a PlacementCost of the graph for
 the same cuts and devices (from a `placement_cost` analysis earlier in the pipeline, or
 `analysis.placement.modeled_cost`); a graph that runs fastest on the first device alone at
@@ -43,16 +54,18 @@ one graph is partitioned, other graphs of the program run on the first device.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from pared.analysis.placement import DEFAULT_AT, PlacementCost, cut_features, placement_cost
 from pared.ir import cuts as _cuts
-from pared.ir.errors import OptionError, PassError, TargetError
+from pared.ir.errors import OptionError, PassError, PlanError, TargetError
 from pared.ir.plan import Call, Node, Select, Seq, Transfer
 from pared.ir.program import Graph, Program
 from pared.ir.selectors.bandwidth import Bandwidth
+from pared.ir.selectors.offload import Offload, OffloadState, calibrated_threshold
 from pared.ir.target import Deployment, Link, get_deployment
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 
@@ -92,12 +105,26 @@ class PartitionPlan(Record):
     sweep: tuple[SweepPoint, ...]
     window: int
     hysteresis: float
+    trigger: str | None = None               # the offload trigger's state input (option trigger), or None
+    trigger_threshold: float | None = None   # its score threshold (given, or calibrated to `share`)
+    trigger_calibration_share: float | None = None   # share of calibration calls it offloads (hold included)
 
     def case(self, label: str) -> PartitionCase:
         for c in self.cases:
             if c.label == label:
                 return c
         raise KeyError(label)
+
+
+class _Probe:
+    """A Choice that holds one calibration state (what the trigger reads)."""
+
+    def __init__(self, i: int, ref: str, value):
+        self.call_index = self.request_call = i
+        self._ref, self._value = ref, value
+
+    def value(self, ref: str):
+        return self._value
 
 
 def _label(cut: _cuts.Cut, compression: str, last: int) -> str:
@@ -129,6 +156,10 @@ class Partition(RewritePass):
         hysteresis: float = 0.1                      # band margin before the cut moves (fraction)
         repeats: int = 10                            # timing rounds of the cost model
         min_time: float = 2.0                        # ... and at least this long (s)
+        trigger: dict | None = None                  # offload only on anomalous steps (RAPID): input (the state
+        #                                              input, default "state"), position, previous, effort,
+        #                                              effort_previous, window, smooth, threshold | share, hold,
+        #                                              warmup (ir/selectors/offload.py)
 
         def __post_init__(self):
             if self.deployment is None:
@@ -155,6 +186,40 @@ class Partition(RewritePass):
             check_range("partition", "hysteresis", self.hysteresis, lo=0.0, hi=0.99)
             check_range("partition", "repeats", self.repeats, lo=3)
             check_range("partition", "min_time", self.min_time, lo=0.0, hi=600.0)
+            if self.trigger is not None:
+                self.offload_selector(2.0)      # validates the fields
+
+        def offload_selector(self, threshold: float | None = None) -> Offload:
+            """The trigger's selector (`threshold` overrides the option's)."""
+            t = self.trigger
+            if not isinstance(t, Mapping):
+                raise OptionError(f"pass 'partition': option 'trigger' is a mapping (input, position, previous, "
+                                  f"effort, effort_previous, window, smooth, threshold or share, hold, warmup), "
+                                  f"got {t!r}")
+            known = {"input", "position", "previous", "effort", "effort_previous", "window", "smooth",
+                     "threshold", "share", "hold", "warmup", "floor", "sharpness"}
+            bad = sorted(set(t) - known)
+            if bad:
+                raise OptionError(f"pass 'partition': option 'trigger' has unknown key(s) {bad}; known: {sorted(known)}")
+            if "threshold" in t and "share" in t:
+                raise OptionError("pass 'partition': option 'trigger' takes a threshold or a share to calibrate "
+                                  "one from, not both")
+            if "share" in t:
+                sh = t["share"]
+                if isinstance(sh, bool) or not isinstance(sh, (int, float)) or not 0 < sh < 1:
+                    raise OptionError(f"pass 'partition': option 'trigger.share' must be in (0, 1), got {sh!r}")
+            if "position" not in t:
+                raise OptionError("pass 'partition': option 'trigger' needs 'position': the state indices of the "
+                                  "end-effector position")
+            kw = {k: v for k, v in t.items() if k not in ("input", "share", "threshold")}
+            for k in ("position", "previous", "effort", "effort_previous"):
+                if k in kw:
+                    kw[k] = (kw[k],) if isinstance(kw[k], int) else tuple(kw[k])
+            thr = threshold if threshold is not None else t.get("threshold", 2.0)
+            try:
+                return Offload("in:" + str(t.get("input", "state")), ("edge", "offload"), threshold=thr, **kw)
+            except (PlanError, TypeError) as e:
+                raise OptionError(f"pass 'partition' option 'trigger': {e}") from None
 
     def deployment(self) -> Deployment:
         o = self.options
@@ -217,11 +282,13 @@ class Partition(RewritePass):
         cases = tuple(PartitionCase(lab, cands[info[lab][0]].name, cands[info[lab][0]].position, info[lab][1],
                                     cands[info[lab][0]].bytes_as(info[lab][1]) if info[lab][0] < len(cands) - 1 else 0)
                       for lab in labels)
+        trigger, share = self._trigger(program, ctx)
         record = PartitionPlan(gname, o.first, o.second, dep.name, link.name, link.rtt, cases, tuple(order),
-                               tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis)
+                               tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis,
+                               trigger.input[3:] if trigger else None, trigger.threshold if trigger else None, share)
         selector = Bandwidth(f"link:{link.name}", tuple(order), tuple(edges),
                              link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis)
-        new = self._rewrite(program, gname, cost, record, selector)
+        new = self._rewrite(program, gname, cost, record, selector, trigger)
         new = new.with_record(cost, gname).with_record(record, gname)
         ctx.log.info("partition: %s split between %s and %s over %s: %s", gname, o.first, o.second, link.name,
                      ", ".join(f"{p.mbit:g} Mbit/s -> {p.chosen} ({p.latency_s * 1e3:.2f} ms; first only "
@@ -261,13 +328,51 @@ class Partition(RewritePass):
                 hi = mid
         return math.sqrt(lo * hi)
 
+    def _trigger(self, program: Program, ctx: PassContext) -> tuple[Offload | None, float | None]:
+        """The offload trigger (option trigger), its threshold calibrated to `share` of the calibration
+        observations when asked, and the share of them it offloads (hold included), or (None, None)."""
+        o = self.options
+        if o.trigger is None:
+            return None, None
+        sel = o.offload_selector()
+        name = sel.input[3:]
+        if name not in program.input_names:
+            raise OptionError(f"pass 'partition' option 'trigger.input': the program has no input {name!r}; "
+                              f"its inputs are {list(program.input_names)}")
+        at = list(program.input_names).index(name)
+        calib = ctx.calibration
+        states = []
+        for x in calib or ():
+            if len(x) <= at:
+                raise PassError(f"pass 'partition': a calibration input has {len(x)} values; the program's input "
+                                f"{name!r} is number {at + 1}")
+            v = x[at].detach().cpu().numpy() if hasattr(x[at], "detach") else x[at]
+            states.append(v.reshape(v.shape[0] if v.ndim > 1 else 1, -1)[0])
+        if "share" in o.trigger:
+            if not states:
+                raise PassError("pass 'partition': option 'trigger.share' calibrates the offload threshold on the "
+                                "calibration observations (in time order); none were given. Pass calibration=[...] "
+                                "or a trigger threshold")
+            thr = calibrated_threshold(sel.scores_over(states), float(o.trigger["share"]), "pass 'partition'")
+            sel = o.offload_selector(thr)
+        share = None
+        if states:
+            st = OffloadState()
+            picks = []
+            for i, v in enumerate(states):
+                picks.append(sel.choose(st, _Probe(i, sel.input, v))[0] == "offload")
+            share = sum(picks) / len(picks)
+            ctx.log.info("partition: the offload trigger (threshold %.3g) offloads %.0f%% of %d calibration calls",
+                         sel.threshold, 100 * share, len(picks))
+        return sel, share
+
     def _rewrite(self, program: Program, gname: str, cost: PlacementCost, record: PartitionPlan,
-                 selector: Bandwidth) -> Program:
+                 selector: Bandwidth, trigger: Offload | None = None) -> Program:
         o = self.options
         g = program.graphs[gname]
         variants: dict[str, Graph] = {}
         parts: dict[str, tuple[str, str, tuple[str, ...]]] = {}   # case -> (first graph, second graph, crossing)
-        needs_whole = any(c.label in ("first", "second") for c in record.cases)
+        needs_whole = trigger is not None or any(c.label in ("first", "second") for c in record.cases)
         if needs_whole:
             variants["whole"] = g
         gm = g.copy_module()
@@ -316,5 +421,9 @@ class Partition(RewritePass):
                                 Call(graph_of(fb), h2, got, second),
                                 *(Transfer(r, second, first, out) for r, out in zip(got, c.outputs))))
                 cases.append((case.label, body))
-            return Select(selector, tuple(cases), f"{self.name}.{gname}")
+            sel = Select(selector, tuple(cases), f"{self.name}.{gname}")
+            if trigger is None:
+                return sel
+            return Select(trigger, (("edge", Call(graph_of("whole"), c.inputs, c.outputs, first)), ("offload", sel)),
+                          f"{self.name}.{gname}.trigger")
         return program.expand(gname, variants, node, by=self.name)

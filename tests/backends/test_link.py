@@ -176,3 +176,23 @@ def test_a_taken_port_is_a_clear_error(echo):
     with ShapingProxy(echo.address, Link("l")) as px:
         with pytest.raises(OSError, match="link proxy: cannot listen on"):
             ShapingProxy(echo.address, Link("l"), listen=px.address).start()
+
+
+def test_emulated_link_charges_one_message_per_send_many_and_keeps_probes_apart():
+    """An EmulatedLink (no sleeping): send_many is one message (one RTT/2 + all the bytes), each
+    send its own; measurements estimate the bandwidth; probes' bytes are not payload."""
+    import numpy as np
+    from pared.backends.link import EmulatedLink
+    lk = EmulatedLink(Link.mbit("wifi", 8, rtt_ms=10), sleep=False)
+    a, b = np.zeros(1000, np.float32), np.zeros(500, np.float32)
+    got = lk.send_many([a, b])
+    assert got[0] is a and got[1] is b
+    assert lk.transfers == 1 and lk.bytes_sent == 6000
+    assert lk.busy_s == pytest.approx(0.005 + 6000 / 1e6)
+    assert lk.estimate == pytest.approx(1e6) and lk.count == 1
+    lk.send(a)
+    lk.send(b)
+    assert lk.transfers == 3 and lk.busy_s == pytest.approx(3 * 0.005 + 12000 / 1e6)
+    lk.probe()
+    assert lk.bytes_sent == 12000 and lk.probe_bytes_sent == lk.probe_bytes and lk.count == 4
+    assert list(lk.signal()) == [pytest.approx(1e6), 4.0]

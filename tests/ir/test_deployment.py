@@ -152,3 +152,36 @@ def test_plan_binds_link_signals_and_transfers_write_state():
     assert runner([np.zeros(1)])[0][0] == 1
     assert devices == [("c", "cloud"), ("a", "edge")]
     assert runner.trace == ["second", "first"]
+
+
+def test_consecutive_transfers_one_way_are_one_message_and_pins_override_the_selector():
+    """transfer_many gets each run of Transfers between the same two devices (same direction) at
+    once; a pinned select takes its pinned case whatever its selector says."""
+    from pared.ir.plan import Call, PlanRunner, Select, Seq, Transfer
+    sel = _sel(window=1, hysteresis=0.0)
+    cut = Seq((Call("a", ("in:x",), ("h1", "h2"), "edge"),
+               Transfer("h1", "edge", "cloud", "c1"), Transfer("h2", "edge", "cloud", "c2"),
+               Transfer("in:x", "edge", "cloud", "c3"),
+               Call("b", ("c1", "c2", "c3"), ("o1", "o2"), "cloud"),
+               Transfer("o1", "cloud", "edge", "y1"), Transfer("o2", "cloud", "edge", "y2")))
+    body = Select(sel, (("first", Call("w", ("in:x",), ("y1", "y2"), "edge")), ("k5", cut),
+                        ("second", Call("w", ("in:x",), ("y1", "y2"), "cloud"))), key="p")
+    plan = Plan(("x",), ("y1", "y2"), body)
+    plan.validate({"a": (1, 2), "b": (3, 2), "w": (1, 2)})
+    graphs = {"a": lambda x: [x + 1, x + 2], "b": lambda a, b, c: [a + b, c * 10], "w": lambda x: [2 * x + 3, 10 * x]}
+    messages = []
+
+    def many(vals, src, dst):
+        messages.append((src, dst, len(vals)))
+        return vals
+    sig = {"link:wifi": np.array([15 * MB, 1.0])}          # the k5 band
+    runner = PlanRunner(plan, lambda n, a: graphs[n](*a), signals=lambda: sig, transfer_many=many)
+    out = runner([np.ones(1)])
+    assert [float(o[0]) for o in out] == [5.0, 10.0]
+    assert messages == [("edge", "cloud", 3), ("cloud", "edge", 2)]
+    pinned = PlanRunner(plan, lambda n, a: graphs[n](*a), signals=lambda: sig, transfer_many=many, pin={"p": "first"})
+    assert [float(o[0]) for o in pinned([np.ones(1)])] == [5.0, 10.0] and pinned.trace == ["first"]
+    with pytest.raises(PlanError, match="pin: the plan has no select with key 'q'; its keys are \\['p'\\]"):
+        PlanRunner(plan, lambda n, a: [], pin={"q": "first"})
+    with pytest.raises(PlanError, match="has no case 'edge'; it has \\['first', 'k5', 'second'\\]"):
+        PlanRunner(plan, lambda n, a: [], pin={"p": "edge"})

@@ -279,3 +279,126 @@ def test_a_pipeline_files_deployment_is_relative_to_the_file():
     (p,) = build_passes(load_pipeline(path))
     assert os.path.isabs(p.options.deployment) and os.path.exists(p.options.deployment)
     assert p.deployment().name == "emulated-edge-4x"
+
+
+# -- the offload trigger (RAPID) --------------------------------------------------------------
+class _StatePatchNet(torch.nn.Module):
+    """TinyPatchNet with a robot state added to its pooled features (a policy's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_patchnet()[0]
+        self.state = torch.nn.Linear(8, 32)
+
+    def forward(self, image, state):
+        x = self.net.patch(image).flatten(2).transpose(1, 2)
+        for b in self.net.blocks:
+            x = b(x)
+        return self.net.head(x.mean(dim=1) + self.state(state))
+
+
+def _trajectory(n, stop_at=None, seed=0):
+    """States [x y z grip x' y' z' grip'] of a hand moving steadily, stopping dead at `stop_at`."""
+    rng = np.random.default_rng(seed)
+    p, out = np.zeros(3), []
+    for i in range(n):
+        v = np.zeros(3) if stop_at is not None and i >= stop_at else np.array([0.01, 0, 0])
+        prev, p = p, p + v + rng.normal(0, 1e-4, 3)
+        out.append(torch.tensor(np.concatenate([p, [1.0], prev, [1.0]])[None], dtype=torch.float32))
+    return out
+
+
+TRIGGER = {"position": [0, 1, 2], "previous": [4, 5, 6], "effort": [3], "effort_previous": [7],
+           "window": 8, "smooth": 1, "hold": 1}
+
+
+@functools.cache
+def triggered(**extra):
+    torch.manual_seed(0)
+    m = _StatePatchNet().eval()
+    x = (torch.randn(1, 3, 32, 32), _trajectory(1)[0])
+    prog = capture(m, x)
+    at = ("net.patch", "net.blocks.*", "net.blocks.*.mlp.0")
+    prog = prog.with_record(modeled_cost(prog, "main", Deployment.from_json(DEP), ("edge", "cloud"), at), "main")
+    calib = [(x[0], s) for s in _trajectory(200, seed=7)]
+    opts = dict(deployment=DEP, at=list(at), mbit=SWEEP, trigger={**TRIGGER, **dict(extra)})
+    res = run_pass_checked(Partition(**opts), prog, PassContext(calibration=calib))
+    return m, x, res
+
+
+def test_trigger_wraps_the_bandwidth_select_and_runs_smooth_steps_on_the_edge(tmp_path):
+    from pared.backends.executor import Executor
+    from pared.backends.link import EmulatedLink
+    from pared.ir.selectors.offload import Offload
+    m, x, res = triggered(threshold=3.0)
+    prog = res.program
+    outer = prog.plan.body if not isinstance(prog.plan.body, Seq) else prog.plan.body.nodes[0]
+    sels = prog.plan.selects()
+    assert isinstance(sels[0].selector, Offload) and isinstance(sels[1].selector, Bandwidth)
+    assert [lab for lab, _ in sels[0].cases] == ["edge", "offload"]
+    assert dict(sels[0].cases)["edge"] == Call("main.whole", ("in:image", "in:state"), prog.plan.outputs, "edge")
+    assert dict(sels[0].cases)["offload"] is sels[1]
+    assert outer is sels[0] or sels[0] in list(iter_nodes(outer))
+    pp = prog.records.of(PartitionPlan, "main")
+    assert pp.trigger == "state" and pp.trigger_threshold == 3.0
+    assert 0 < pp.trigger_calibration_share < 0.2      # a smooth calibration stream: warm-up and noise only
+    # an episode: warm-up offloads, the steady motion runs on the edge, the stop offloads (then held one call)
+    runner = prog.runner()
+    img = x[0]
+    traj = _trajectory(30, stop_at=20, seed=3)
+    with torch.no_grad():
+        for s in traj:
+            out = runner([img, s])[0]
+            assert_close_to_eager(m(img, s), out, rel_l2=2e-3)
+    t = runner.trace
+    assert all(lab.startswith("offload/") for lab in t[:4])
+    assert t[10:20] == ["edge"] * 10
+    assert t[20].startswith("offload/") and t[21].startswith("offload/") and t[-1] == "edge"
+    # the artifact decides the same way, and only offloaded calls cross the link
+    path = save_program(prog, str(tmp_path / "a"), {"name": "cpu", "backend": "onnxruntime",
+                                                     "provider": "CPUExecutionProvider"})
+    link = EmulatedLink(Link.mbit("wifi", 20, rtt_ms=1), sleep=False)
+    exe = Executor(path, links={("edge", "cloud"): link})
+    for s in traj:
+        out = exe(img.numpy(), s.numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(out, m(img, s).numpy(), rtol=0, atol=2e-3)
+    assert exe.trace == t
+    def messages(node):        # consecutive transfers in one direction travel as one message
+        if not isinstance(node, Seq):
+            return 0
+        dirs = [(n.src, n.dst) if isinstance(n, Transfer) else None for n in node.nodes]
+        return sum(1 for i, d in enumerate(dirs) if d is not None and (i == 0 or dirs[i - 1] != d))
+    moves = {lab: messages(node) for lab, node in sels[1].cases}
+    assert link.transfers == sum(moves[lab.split("/")[1]] for lab in t if lab != "edge") > 0
+    assert {moves[lab.split("/")[1]] for lab in t if lab != "edge"} == {2}      # there and back
+
+
+def test_trigger_share_is_calibrated_on_the_calibration_stream():
+    _, _, res = triggered(share=0.25)
+    pp = res.program.records.of(PartitionPlan, "main")
+    assert pp.trigger_threshold is not None and math.isfinite(pp.trigger_threshold)
+    # the threshold puts a quarter of the scored calls above it; hold (1) and warm-up add a few more
+    assert 0.25 <= pp.trigger_calibration_share <= 0.5
+
+
+@pytest.mark.parametrize("trigger,ctx_calib,msg,err", [
+    ({"position": [0], "colour": 1}, True, "option 'trigger' has unknown key\\(s\\) \\['colour'\\]", OptionError),
+    ({"position": [0], "threshold": 1, "share": 0.2}, True, "a threshold or a share", OptionError),
+    ({"previous": [4]}, True, "option 'trigger' needs 'position'", OptionError),
+    ({"position": [0], "share": 1.5}, True, "'trigger.share' must be in \\(0, 1\\)", OptionError),
+    ({"position": [0], "window": 1}, True, "option 'trigger': offload selector: window must be", OptionError),
+    ({"position": [0], "input": "proprio"}, True, "the program has no input 'proprio'", OptionError),
+    ({"position": [0], "share": 0.2}, False, "'trigger.share' calibrates .* none were given", PassError),
+    ("fast", True, "option 'trigger' expects dict", OptionError),
+])
+def test_bad_trigger_options(trigger, ctx_calib, msg, err):
+    torch.manual_seed(0)
+    m = _StatePatchNet().eval()
+    x = (torch.randn(1, 3, 32, 32), _trajectory(1)[0])
+    prog = capture(m, x)
+    at = ("net.patch",)
+    prog = prog.with_record(modeled_cost(prog, "main", Deployment.from_json(DEP), ("edge", "cloud"), at), "main")
+    calib = [(x[0], s) for s in _trajectory(40)] if ctx_calib else None
+    with pytest.raises(err, match=msg):
+        Partition(deployment=DEP, at=list(at), mbit=SWEEP, trigger=trigger)(prog, PassContext(calibration=calib))
