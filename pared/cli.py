@@ -8,6 +8,9 @@
     pared sign ARTIFACT --key KEY                  write ARTIFACT/signature.json (over manifest.json)
     pared bench --workload NAME [--pipeline P.yaml] [--target T] [--json OUT.json]
                                                    eager vs. plain lowering vs. pipeline, speed and fidelity
+    pared bench --placement sweep|trigger|faults|plot|all [--workload W] [--episodes N] [--json OUT.json]
+                                                   edge/cloud placement: cut per bandwidth vs oracle (plot),
+                                                   trace adaptation, offload trigger, faults under Triton
 
 Errors print one line (no traceback unless --debug). Exit codes: 0 success,
 1 a pared error (bad input, failed pass, failed lowering), 2 usage, 3 fidelity
@@ -232,6 +235,8 @@ def _usage(message: str) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    if a.placement:
+        return _bench_placement(a)
     if a.workload:
         if a.artifact:
             return _usage("pared bench: give an ARTIFACT or --workload, not both")
@@ -278,6 +283,31 @@ def cmd_bench(a: argparse.Namespace) -> int:
             write_results(a.json, res)
         _out().print(f"{a.artifact} ({res['target']}): median {res['median_ms']:.3f} ms, p90 {res['p90_ms']:.3f} ms, "
                      f"min {res['min_ms']:.3f} ms over {a.repeats} runs")
+    return EXIT_OK
+
+
+_PLACEMENT_WORKLOADS = {"vla_metaworld": "vla", "dit_mnist": "dit"}
+
+
+def _bench_placement(a: argparse.Namespace) -> int:
+    if a.artifact:
+        return _usage("pared bench: --placement builds its own artifacts; give no ARTIFACT")
+    argv = ["--part", a.placement]
+    if a.workload:
+        if a.workload not in _PLACEMENT_WORKLOADS:
+            return _usage(f"pared bench --placement: --workload must be one of {sorted(_PLACEMENT_WORKLOADS)}, "
+                          f"got {a.workload!r}")
+        argv += ["--workloads", _PLACEMENT_WORKLOADS[a.workload]]
+    if a.episodes is not None:
+        argv += ["--episodes", str(a.episodes)]
+    if a.repeats is not None:
+        argv += ["--rounds", str(a.repeats)]
+    if a.json not in (None, "-"):
+        argv += ["--json", a.json]
+    from pared.workloads.placement import main as placement
+    r = placement(argv)
+    if a.json == "-":
+        print(json.dumps(r))
     return EXIT_OK
 
 
@@ -359,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("artifact", nargs="?")
     b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm, "
                                       "vla_metaworld")
+    b.add_argument("--placement", choices=("sweep", "trigger", "faults", "plot", "all"),
+                   help="the edge/cloud placement benchmark (pared.workloads.placement): the bandwidth sweep "
+                        "against the oracle with a plot, end to end and over a bandwidth trace (sweep), RAPID's "
+                        "offload trigger closed loop (trigger), the Triton-served half under faults (faults); "
+                        "--workload vla_metaworld or dit_mnist limits the sweep to one")
     b.add_argument("--pipeline", help="pipeline file for the workload (default: examples/pipelines/NAME.yaml)")
     b.add_argument("--target", help="target for the workload (default: cpu)")
     b.add_argument("--samples", type=int, help="workload fidelity-set size (DiT samples, ViT digits)")

@@ -152,3 +152,28 @@ def test_console_script_entry_point():
     exe = os.path.join(os.path.dirname(sys.executable), "pared")
     p = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "optimize" in p.stdout
+
+
+def test_bench_placement_redraws_and_summarizes_a_results_file(tmp_path, capsys):
+    """`pared bench --placement plot` reads the placement results (here the committed ones), draws
+    the latency-vs-bandwidth plot beside the results folder and prints the headline figures."""
+    import shutil
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "placement.json")
+    (tmp_path / "results").mkdir()
+    dst = tmp_path / "results" / "placement.json"
+    shutil.copy(src, dst)
+    assert main(["bench", "--placement", "plot", "--json", str(dst)]) == EXIT_OK
+    out = capsys.readouterr().out
+    with open(src) as f:
+        committed = json.load(f)
+    first = committed["vla"]["sweep"][0]
+    assert f"{first['mbit']:g} Mbit/s: {first['chosen']} ({first['chosen_cut']})" in out
+    assert (tmp_path / "placement.png").stat().st_size > 10_000
+    assert json.loads(dst.read_text()) == committed          # plot redoes nothing
+
+
+def test_bench_placement_usage_errors(capsys):
+    assert main(["bench", "--placement", "sweep", "--workload", "minilm"]) == EXIT_USAGE
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--workload must be one of ['dit_mnist', 'vla_metaworld'], got 'minilm'" in err
+    assert main(["bench", "some/artifact", "--placement", "plot"]) == EXIT_USAGE

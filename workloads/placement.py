@@ -1,0 +1,557 @@
+"""The placement benchmark (issue 17): the cut the cost model picks per bandwidth against the
+oracle (every cut measured), end to end over an emulated link, a bandwidth trace that changes
+mid-episode (the adaptive plan against every fixed cut), RAPID's offload trigger closed loop, and
+the cloud half served by Triton under faults.
+
+    pared bench --placement sweep|trigger|faults|plot|all [--workload vla_metaworld|dit_mnist]
+        [--episodes 5] [--json benchmarks/results/placement.json]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/placement.py --part sweep [--workloads vla dit]
+        [--mbit 1 5 20 100 1000] [--rounds 15] [--artifact vla=PATH]
+
+The deployment is examples/targets/deploy_emulated.yaml: the cloud is this host's CPU at one
+thread (ONNX Runtime), the edge the same CPU made 4x slower (each edge graph call takes 4x as
+long: the runtime waits the difference), the link emulated in process (backends/link.
+EmulatedLink: RTT 5 ms, the bandwidth of the sweep). Both devices share this host's 2 cores,
+one at a time (a call runs its parts in sequence).
+
+Workloads:
+  vla  the Meta-World VLA's diffusion policy call as one graph (ViT + 6-block backbone + the 10
+       DDIM steps of the action head, unrolled), batch 1: the image (49 KB) in, 8x4 actions out;
+       cuts after the ViT, its blocks, each backbone block, its attention and MLP expansion, the
+       backbone, and each head step
+  dit  dit_mnist's denoiser (one DDIM step, batch 20 = 10 samples x CFG), every cut of the
+       default set (after each block, its attention, its MLP expansion)
+
+For each: `partition` with cases: all (every cut, sent as fp32 or fp16, is in the artifact) builds
+the artifact; its PlacementCost is measured on this host as the pass does it. Then:
+  parts    every graph of the artifact timed alone, alternating rounds, medians (an edge graph:
+           the host's time x 4): each case's latency at a bandwidth is its parts' times plus the
+           link's transfer times (RTT/2 + bytes / bandwidth, each way): the oracle is the least
+  e2e      the cut the model chose at each bandwidth, end to end through the Executor over the
+           emulated link (it sleeps the transfers and the edge's slowdown), median over calls
+           after the selector's window has filled; edge-only and cloud-only the same way (the
+           artifact's `first` and `second` cases pinned: Executor(pin=...)); the values crossing
+           one way travel as one message (one RTT/2), as the model charges them
+  trigger  (--part trigger) RAPID's offload trigger (ir/selectors/offload.py) on the VLA closed
+           loop (6 tasks x --episodes) at 20 Mbit/s: one artifact, three arms pinned or not --
+           every call on the edge, every call offloaded at the model's cut, offloaded only when
+           the trigger fires; success, offload share (per task), mean call latency, link bytes,
+           the trigger's cost per decision
+  trace    a bandwidth trace (100 -> 3 -> 30 -> 400 Mbit/s, 40 calls each): total time of the
+           adaptive artifact against each of its cases pinned for the whole episode
+  faults   (--part faults) the VLA's cloud half served by Triton (PyTriton in .venv-serve) behind a
+           shaped loopback link (backends/link.ShapingProxy, 100 Mbit/s), an artifact with one case
+           (the cut the model picks at 100 Mbit/s); closed-loop Meta-World episodes (6 tasks x
+           --episodes) fault-free, then with faults every 60 policy calls: the server killed at call
+           20 (restarted at 25, in the background), the link blackholed from 45 to 50 (requests time
+           out after 0.5 s). Every call must act; success against the fault-free run; fallbacks and
+           their latency
+Writes benchmarks/results/placement.json (or --json) and, beside the results folder,
+placement.png (latency vs bandwidth per cut); keeps the parts of an earlier results file it
+does not redo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import pared
+from pared.backends.executor import Executor
+from pared.backends.link import EmulatedLink
+from pared.ir.target import Link, get_deployment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+DEPLOYMENT = os.path.join(ROOT, "examples", "targets", "deploy_emulated.yaml")
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "placement.json")
+MBIT = 1e6 / 8
+AT = {"vla": ["*", "backbone.vit", "backbone.vit.blocks.*", "backbone.blocks.*", "backbone.blocks.*.attn",
+              "backbone.blocks.*.mlp.fc1"],
+      "dit": None}
+TRACE = [(100, 40), (3, 40), (30, 40), (400, 40)]
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def build(name: str):
+    from pared.workloads import get_workload
+    if name == "vla":
+        wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled")
+    else:
+        wl = get_workload("dit_mnist")
+    return wl.build(), wl.example_inputs()
+
+
+def time_graphs(exe: Executor, names: list[str], inputs: dict[str, list], rounds: int) -> dict[str, float]:
+    """Median seconds of one call of each graph, alternating rounds in rotating order."""
+    times = {n: [] for n in names}
+    for n in names:   # warm up
+        exe.graphs[n](inputs[n])
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            exe.graphs[n](inputs[n])
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+class PinnedLink:
+    """The emulated link, with the bandwidth the plan reads pinned (a fixed cut for an episode)."""
+
+    def __init__(self, link: EmulatedLink, bandwidth: float):
+        self.link, self.bandwidth, self.count = link, bandwidth, 0
+        self.name = link.name
+
+    def send(self, value):
+        return self.link.send(value)
+
+    def send_many(self, values):
+        return self.link.send_many(values)
+
+    def probe(self):
+        pass
+
+    def signal(self):
+        self.count += 1
+        return np.array([self.bandwidth, float(self.count)])
+
+
+def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float, artifact: str | None = None) -> dict:
+    model, inputs = build(name)
+    opts = {"deployment": DEPLOYMENT, "cases": "all", "mbit": mbits, "compress": ["none", "fp16"],
+            "repeats": 10, "min_time": 3.0}
+    if AT[name]:
+        opts["at"] = AT[name]
+    t0 = time.perf_counter()
+    if artifact is None:
+        opt = pared.optimize(model, inputs, pipeline=[{"partition": opts}])
+        tmp = tempfile.mkdtemp(prefix="pared-placement-")
+        path = os.path.join(tmp, "artifact")
+        opt.save(path)
+        records = opt.program.records
+    else:   # an artifact this script built before (its records hold the cost model and the plan)
+        path = artifact
+        records = Executor(path).records
+    build_s = time.perf_counter() - t0
+    pp = records.of("PartitionPlan", "main")
+    pc = records.of("PlacementCost", "main")
+    say(f"{name}: {len(pc.cuts)} cuts, {len(pp.cases)} cases, built in {build_s:.0f} s; bands {pp.bands} "
+        f"edges {[round(e, 2) for e in pp.edges_mbit]} Mbit/s")
+    exe = Executor(path, threads=1)
+    xs = [np.ascontiguousarray(t.numpy()) for t in inputs]
+    # the inputs of every graph: the first parts take the program's inputs, the second parts what
+    # crosses (their example inputs: the first part's outputs on the program's, and inputs crossing as
+    # they are)
+    graph_inputs: dict[str, list] = {"main.whole": xs}
+    for c in pp.cases:
+        if c.label in ("first", "second"):
+            continue
+        # the second part's inputs by name: what the first part sends, and program inputs crossing as they are
+        first, second = f"main.{c.label}_first", f"main.{c.label}_second"
+        sent = dict(zip([o["name"] for o in exe.manifest["graphs"][first]["outputs"]], exe.graphs[first](xs)))
+        sent.update({i["name"]: x for i, x in zip(exe.inputs, xs)})
+        graph_inputs[first] = xs
+        graph_inputs[second] = [np.ascontiguousarray(sent[i["name"]])
+                                for i in exe.manifest["graphs"][second]["inputs"]]
+    names = list(graph_inputs)
+    say(f"{name}: timing {len(names)} graphs x {rounds} rounds")
+    t_graph = time_graphs(exe, names, graph_inputs, rounds)
+    out_bytes = pc.output_bytes
+
+    def part_times(label: str) -> tuple[float, float]:
+        if label == "first":
+            return t_graph["main.whole"] * slowdown, 0.0
+        if label == "second":
+            return 0.0, t_graph["main.whole"]
+        return t_graph[f"main.{label}_first"] * slowdown, t_graph[f"main.{label}_second"]
+    index = {c.name: i for i, c in enumerate(pc.cuts)}
+    sweep = []
+    for p in pp.sweep:
+        link = Link("x", bandwidth=p.mbit * MBIT, rtt=rtt)
+        measured = {}
+        for c in pp.cases:
+            a, b = part_times(c.label)
+            t = a + b
+            if c.label != "first":
+                t += link.transfer_s(c.bytes) + link.transfer_s(out_bytes)
+            measured[c.label] = t
+        oracle = min(measured, key=measured.get)
+        chosen = p.chosen
+        k = index[pp.case(chosen).cut]
+        modeled = pc.latency(k, "edge", "cloud", link, pp.case(chosen).compression)
+        sweep.append({"mbit": p.mbit, "chosen": chosen, "chosen_cut": pp.case(chosen).cut,
+                      "chosen_bytes": pp.case(chosen).bytes,
+                      "modeled_ms": modeled * 1e3, "measured_ms": measured[chosen] * 1e3,
+                      "oracle": oracle, "oracle_cut": pp.case(oracle).cut, "oracle_ms": measured[oracle] * 1e3,
+                      "chosen_over_oracle": measured[chosen] / measured[oracle],
+                      "edge_only_ms": measured["first"] * 1e3, "cloud_only_ms": measured["second"] * 1e3,
+                      "speedup_vs_edge": measured["first"] / measured[chosen],
+                      "speedup_vs_cloud": measured["second"] / measured[chosen],
+                      "model_error": abs(modeled - measured[chosen]) / measured[chosen],
+                      "every_case_ms": {lab: round(v * 1e3, 4) for lab, v in measured.items()}})
+        say(f"  {p.mbit:g} Mbit/s: chose {chosen} ({pp.case(chosen).cut}) measured {measured[chosen]*1e3:.2f} ms, "
+            f"model {modeled*1e3:.2f}; oracle {oracle} {measured[oracle]*1e3:.2f} ms "
+            f"({measured[chosen]/measured[oracle]:.3f}x); edge-only {measured['first']*1e3:.2f}, "
+            f"cloud-only {measured['second']*1e3:.2f}")
+    # end to end through the Executor over the emulated link (sleeping), the selector adapting
+    e2e = []
+    for p in pp.sweep:
+        row = {"mbit": p.mbit}
+        for arm, case in (("adaptive", None), ("edge_only", "first"), ("cloud_only", "second")):
+            link = EmulatedLink(Link.mbit("wifi", p.mbit, rtt_ms=rtt * 1e3))
+            ex = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown},
+                          pin={"partition.main": case} if case else None)
+            ts = []
+            for i in range(8 + 12):
+                t0 = time.perf_counter()
+                ex(*xs)
+                if i >= 8:
+                    ts.append(time.perf_counter() - t0)
+            row[f"{arm}_ms"] = statistics.median(ts) * 1e3
+            if arm == "adaptive":
+                row["adaptive_case"] = ex.trace[-1]
+        sweep_row = next(s for s in sweep if s["mbit"] == p.mbit)
+        row["parts_estimate_ms"] = sweep_row["measured_ms"]
+        e2e.append(row)
+        say(f"  e2e {p.mbit:g} Mbit/s: adaptive ({row['adaptive_case']}) {row['adaptive_ms']:.2f} ms "
+            f"(parts {sweep_row['measured_ms']:.2f}), edge-only {row['edge_only_ms']:.2f}, "
+            f"cloud-only {row['cloud_only_ms']:.2f}")
+    # a bandwidth trace that changes mid-episode: adaptive against each band's case pinned
+    bands = list(pp.bands)
+    mids = {}
+    edges = list(pp.edges_mbit)
+    for i, lab in enumerate(bands):   # a bandwidth inside each band: the selector then keeps its case
+        lo = edges[i - 1] if i > 0 else edges[0] / 10 if edges else 1.0
+        hi = edges[i] if i < len(edges) else lo * 10
+        mids[lab] = (lo * hi) ** 0.5
+    trace = {}
+    for arm in ["adaptive", *bands]:
+        link = EmulatedLink(Link.mbit("wifi", TRACE[0][0], rtt_ms=rtt * 1e3))
+        lk = link if arm == "adaptive" else PinnedLink(link, mids[arm] * MBIT)
+        ex = Executor(path, threads=1, links={("edge", "cloud"): lk}, emulate={"edge": slowdown})
+        total, chosen = 0.0, []
+        for mbit, calls in TRACE:
+            link.set_link(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                ex(*xs)
+                total += time.perf_counter() - t0
+                chosen.append(ex.trace[-1])
+        trace[arm] = {"total_s": total, "cases": {lab: chosen.count(lab) for lab in dict.fromkeys(chosen)}}
+        say(f"  trace {arm}: {total:.3f} s {trace[arm]['cases']}")
+    best_fixed = min((a for a in trace if a != "adaptive"), key=lambda a: trace[a]["total_s"])
+    with torch.no_grad():
+        ref = model(*inputs)
+    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    out = exe(*xs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return {"cuts": len(pc.cuts), "cases": len(pp.cases), "build_s": build_s, "bands": list(pp.bands),
+            "edges_mbit": list(pp.edges_mbit),
+            "cost_model": {"loo_error": pc.loo_error, "fit_device": pc.fit_device,
+                           "devices": {d.device: {"whole_ms": (d.whole_s or 0) * 1e3, "sum_error": d.sum_error,
+                                                  "estimate_error": d.estimate_error} for d in pc.devices}},
+            "sweep": sweep, "e2e": e2e,
+            "trace": {"schedule_mbit_calls": TRACE, "arms": trace, "best_fixed": best_fixed,
+                      "adaptive_over_best_fixed": trace["adaptive"]["total_s"] / trace[best_fixed]["total_s"]},
+            "max_abs_error_vs_eager": float(np.abs(np.asarray(out) - ref.detach().numpy()).max())}
+
+
+def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> dict:
+    """The VLA's cloud half served by Triton (PyTriton, .venv-serve) behind a shaped loopback link;
+    closed-loop episodes with the server killed and restarted, and the link blackholed, against the
+    same episodes fault-free. The artifact has one case: the cut the model picks at `mbit`."""
+    import threading
+    from pared.backends.link import ShapingProxy
+    from pared.backends.remote import ServerProcess, TritonDevice
+    from pared.workloads import get_workload
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=episodes)
+    model, inputs = wl.build(), wl.example_inputs()
+    opt = pared.optimize(model, inputs, pipeline=[{"partition": {
+        "deployment": DEPLOYMENT, "at": AT["vla"], "mbit": [mbit], "compress": ["none", "fp16"],
+        "repeats": 10, "min_time": 3.0}}])
+    pp = opt.program.records.of("PartitionPlan", "main")
+    path = os.path.join(tempfile.mkdtemp(prefix="pared-faults-"), "artifact")
+    opt.save(path)
+    say(f"faults: the artifact's case {pp.bands} ({pp.case(pp.bands[0]).cut}); starting Triton")
+    srv = ServerProcess(path, python=os.path.join(ROOT, ".venv-serve", "bin", "python")).start()
+    out = {"case": pp.bands[0], "cut": pp.case(pp.bands[0]).cut, "mbit": mbit, "episodes_per_task": episodes}
+    try:
+        with ShapingProxy(("127.0.0.1", srv.grpc_port), Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3)) as px:
+            for arm in ("fault_free", "faults"):
+                dev = TritonDevice(f"{px.address[0]}:{px.address[1]}", timeout=0.5, backoff=1.0)
+                exe = Executor(path, threads=1, remote={"cloud": dev}, emulate={"edge": slowdown})
+                counter = {"calls": 0, "acted": 0, "events": []}
+                restarting: list = []
+
+                def fn(*args):
+                    n = counter["calls"]
+                    counter["calls"] += 1
+                    if arm == "faults":
+                        if n % 60 == 20:                       # the server dies mid-episode ...
+                            srv.kill()
+                            counter["events"].append((n, "kill"))
+                        if n % 60 == 25:                       # ... and is started again (in the background)
+                            t = threading.Thread(target=srv.start, daemon=True)
+                            t.start()
+                            restarting.append(t)
+                            counter["events"].append((n, "restart"))
+                        if n % 60 == 45:
+                            px.blackhole()
+                            counter["events"].append((n, "blackhole"))
+                        if n % 60 == 50:
+                            px.heal()
+                            counter["events"].append((n, "heal"))
+                    a = exe(*args)
+                    counter["acted"] += 1
+                    return a
+                t0 = time.perf_counter()
+                res = wl.run(fn, reset=exe.reset)
+                for t in restarting:
+                    t.join()
+                eps = [e for v in res["episodes"].values() for e in v]
+                call_s = [c for e in eps for c in e["call_s"]]
+                out[arm] = {"success": float(np.mean([e["success"] for e in eps])),
+                            "per_task": {k: float(np.mean([e["success"] for e in v])) for k, v in res["episodes"].items()},
+                            "calls": counter["calls"], "acted": counter["acted"],
+                            "remote_calls": dev.calls - dev.fallbacks, "fallbacks": dev.fallbacks,
+                            "failures": dev.failures,
+                            "fallback_ms_median": statistics.median(dev.fallback_s) * 1e3 if dev.fallback_s else None,
+                            "fallback_ms_max": max(dev.fallback_s) * 1e3 if dev.fallback_s else None,
+                            "call_ms_median": statistics.median(call_s) * 1e3, "wall_s": time.perf_counter() - t0,
+                            "events": counter["events"][:20]}
+                say(f"  {arm}: success {out[arm]['success']:.3f}, {counter['acted']}/{counter['calls']} calls acted, "
+                    f"remote {out[arm]['remote_calls']}, fallbacks {dev.fallbacks} (median "
+                    f"{out[arm]['fallback_ms_median']} ms), call median {out[arm]['call_ms_median']:.1f} ms")
+                dev.close()
+                if srv.proc is None or srv.proc.poll() is not None:
+                    srv.start()
+    finally:
+        srv.stop()
+    return out
+
+
+#: RAPID's trigger on the Meta-World state (39-D, normalized): the hand's position (0-2) against its copy
+#: one tick earlier (18-20); effort-like values, which Meta-World has no torques for: the gripper
+#: opening (3) and the first object's position (4-6) against their copies one tick earlier (21-24)
+TRIGGER = {"input": "state", "position": [0, 1, 2], "previous": [18, 19, 20], "effort": [3, 4, 5, 6],
+           "effort_previous": [21, 22, 23, 24], "window": 16, "smooth": 3, "threshold": 2.0, "hold": 2}
+
+
+def trigger(episodes: int, slowdown: float, rtt: float, mbit: float = 20.0) -> dict:
+    """RAPID's offload trigger on the VLA, closed loop: one artifact (partition at `mbit` with the
+    trigger), three arms over the same emulated link and episodes: every call on the edge, every
+    call offloaded (the partition's cut), and offloaded only when the trigger fires."""
+    from pared.ir.selectors.offload import Offload
+    from pared.workloads import get_workload
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=episodes)
+    model, inputs = wl.build(), wl.example_inputs()
+    calib = [x for seq in wl.calibration_sequences(per_task=3, calls=40) for x in seq]
+    t0 = time.perf_counter()
+    # fp16 across the cut moves the sampled chunk by ~1% (rel L2) after the head's 10 DDIM steps
+    opt = pared.optimize(model, inputs, calibration=calib, fidelity={"min_cosine": 0.999, "max_rel_l2": 0.02},
+                         pipeline=[{"partition": {
+        "deployment": DEPLOYMENT, "at": AT["vla"], "mbit": [mbit], "compress": ["none", "fp16"],
+        "repeats": 10, "min_time": 3.0, "trigger": TRIGGER}}])
+    build_s = time.perf_counter() - t0
+    pp = opt.program.records.of("PartitionPlan", "main")
+    path = os.path.join(tempfile.mkdtemp(prefix="pared-trigger-"), "artifact")
+    opt.save(path)
+    say(f"trigger: built in {build_s:.0f} s; offload case {pp.bands} ({pp.case(pp.bands[0]).cut}); the trigger "
+        f"offloads {pp.trigger_calibration_share:.2f} of {len(calib)} calibration calls")
+    T = wl.tasks_module()
+    out = {"mbit": mbit, "case": pp.bands[0], "cut": pp.case(pp.bands[0]).cut, "trigger": TRIGGER,
+           "calibration_calls": len(calib), "calibration_offload_share": pp.trigger_calibration_share,
+           "episodes_per_task": episodes, "build_s": build_s, "arms": {}}
+    pins = {"edge_only": {"partition.main.trigger": "edge"}, "always_offload": {"partition.main.trigger": "offload"},
+            "trigger": None}
+    for arm, pin in pins.items():
+        link = EmulatedLink(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
+        exe = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown}, pin=pin)
+        labels: list[str] = []
+
+        def fn(*args):
+            a = exe(*args)
+            labels.append(exe.trace[-1])
+            return a
+        per_task, calls_s, offloaded_by_task = {}, [], {}
+        t0 = time.perf_counter()
+        for name in wl.task_names:
+            tid = T.TASK_NAMES.index(name)
+            start = len(labels)
+            eps = [wl.episode(fn, tid, ep, exe.reset) for ep in range(episodes)]
+            per_task[name] = float(np.mean([e["success"] for e in eps]))
+            calls_s += [c for e in eps for c in e["call_s"]]
+            mine = labels[start:]
+            offloaded_by_task[name] = sum(lab != "edge" for lab in mine) / max(1, len(mine))
+        n = len(labels)
+        off = sum(lab != "edge" for lab in labels)
+        out["arms"][arm] = {
+            "success": float(np.mean(list(per_task.values()))), "per_task": per_task, "calls": n,
+            "offload_share": off / n, "offload_share_by_task": offloaded_by_task,
+            "policy_s": float(sum(calls_s)), "call_ms_mean": 1e3 * float(np.mean(calls_s)),
+            "call_ms_median": 1e3 * statistics.median(calls_s), "link_bytes": link.bytes_sent, "probe_bytes": link.probe_bytes_sent,
+            "link_messages": link.transfers, "wall_s": time.perf_counter() - t0}
+        r = out["arms"][arm]
+        say(f"  {arm}: success {r['success']:.3f}, {n} calls, offloaded {r['offload_share']:.2f}, policy time "
+            f"{r['policy_s']:.1f} s (mean call {r['call_ms_mean']:.1f} ms), link {r['link_bytes'] / 1e6:.2f} MB")
+    a = out["arms"]
+    out["speedup_vs_edge_only"] = a["edge_only"]["call_ms_mean"] / a["trigger"]["call_ms_mean"]
+    out["always_offload_speedup_vs_edge_only"] = a["edge_only"]["call_ms_mean"] / a["always_offload"]["call_ms_mean"]
+    out["link_bytes_vs_always_offload"] = a["trigger"]["link_bytes"] / max(1, a["always_offload"]["link_bytes"])
+    # the trigger's own cost: its score per call, over the calibration states, against a call
+    sel = Offload("in:state", ("edge", "offload"), **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in TRIGGER.items() if k != "input"})
+    states = [x[2].numpy()[0] for x in calib]
+    t0 = time.perf_counter()
+    for _ in range(5):
+        sel.scores_over(states)
+    per = (time.perf_counter() - t0) / (5 * len(states))
+    out["trigger_us_per_call"] = per * 1e6
+    out["trigger_overhead_vs_edge_call"] = per / (a["edge_only"]["call_ms_mean"] / 1e3)
+    say(f"  trigger: {out['speedup_vs_edge_only']:.2f}x vs edge-only (always offload "
+        f"{out['always_offload_speedup_vs_edge_only']:.2f}x), link bytes {out['link_bytes_vs_always_offload']:.2f} "
+        f"of always offloading, {per * 1e6:.0f} us per decision")
+    return out
+
+
+def plot(results: dict, path: str) -> None:
+    """Latency vs bandwidth per case (measured parts + link), the chosen case marked, per workload."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n in ("vla", "dit") if n in results]
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sweep = results[name]["sweep"]
+        mbits = [p["mbit"] for p in sweep]
+        labels = list(sweep[0]["every_case_ms"])
+        for lab in labels:
+            ys = [p["every_case_ms"][lab] for p in sweep]
+            strong = lab in ("first", "second") or any(p["chosen"] == lab for p in sweep)
+            ax.plot(mbits, ys, lw=1.6 if strong else 0.5, alpha=1.0 if strong else 0.35,
+                    label=lab if strong else None)
+        ax.plot(mbits, [p["measured_ms"] for p in sweep], "ko", ms=6, label="chosen (model)")
+        ax.plot(mbits, [p["oracle_ms"] for p in sweep], "r+", ms=10, label="oracle (measured)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("link bandwidth (Mbit/s)")
+        ax.set_ylabel("latency per call (ms)")
+        ax.set_title(f"{name}: every cut (thin), edge-only / cloud-only / chosen (thick)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+PARTS = ("all", "sweep", "faults", "trigger", "plot")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the parts asked for (argv as on the command line); returns the results written."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    ap = argparse.ArgumentParser(prog="placement", description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="+", default=["vla", "dit"], choices=["vla", "dit"])
+    ap.add_argument("--mbit", nargs="+", type=float, default=[1, 5, 20, 100, 1000])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--part", choices=PARTS, default="all",
+                    help="sweep: the bandwidth sweep, e2e and trace per workload; faults: the VLA served by Triton "
+                         "with the server killed and the link blackholed, closed loop; trigger: RAPID's offload "
+                         "trigger closed loop against edge-only and always offloading; plot: only redraw the plot")
+    ap.add_argument("--episodes", type=int, default=5, help="faults, trigger: closed-loop episodes per task and arm")
+    ap.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                    help="sweep: time an artifact this script built before instead of building it again")
+    ap.add_argument("--json", default=RESULTS, help="the results file (default benchmarks/results/placement.json)")
+    args = ap.parse_args(argv)
+    out_json = os.path.abspath(args.json)
+    torch.set_num_threads(1)
+    dep = get_deployment(DEPLOYMENT)
+    slowdown = dep.slowdown("edge")
+    rtt = dep.link("edge", "cloud").rtt
+    results = {"about": {"what": "edge/cloud partition: the model's cut per bandwidth vs the oracle, end to end "
+                                 "over an emulated link, a bandwidth trace, the offload trigger, faults",
+                         "deployment": os.path.relpath(DEPLOYMENT, ROOT), "edge_slowdown": slowdown,
+                         "rtt_s": rtt, "threads": 1, "host_cpus": os.cpu_count(),
+                         "date": time.strftime("%Y-%m-%d")}}
+    if os.path.exists(out_json):
+        with open(out_json) as f:
+            old = json.load(f)
+        if args.part == "plot":
+            results = old
+        redo = [*(args.workloads if args.part in ("all", "sweep") else []),
+                *(["faults"] if args.part in ("all", "faults") else []),
+                *(["trigger"] if args.part in ("all", "trigger") else [])]
+        results.update({k: v for k, v in old.items() if k not in ("about", *redo)})
+
+    def write():
+        os.makedirs(os.path.dirname(out_json), exist_ok=True)
+        tmp = out_json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, out_json)
+    if args.part in ("all", "sweep"):
+        for name in args.workloads:
+            given = dict(a.split("=", 1) for a in args.artifact)
+            results[name] = run(name, args.mbit, args.rounds, slowdown, rtt, given.get(name))
+            write()
+    if args.part in ("all", "trigger"):
+        results["trigger"] = trigger(args.episodes, slowdown, rtt)
+        write()
+    if args.part in ("all", "faults"):
+        results["faults"] = faults(args.episodes, slowdown, rtt)
+        write()
+    if any(n in results for n in ("vla", "dit")):
+        plot(results, os.path.join(os.path.dirname(os.path.dirname(out_json)), "placement.png"))
+    for line in summary(results):
+        say(line)
+    say(f"wrote {out_json}")
+    return results
+
+
+def summary(results: dict) -> list[str]:
+    """The headline figures of a results file, a line each."""
+    lines = []
+    for name in ("vla", "dit"):
+        r = results.get(name)
+        if not r:
+            continue
+        lines.append(f"{name}: {r['cuts']} cuts, bands {r['bands']} (edges {[round(e, 2) for e in r['edges_mbit']]} "
+                     "Mbit/s)")
+        e2e = {row["mbit"]: row for row in r.get("e2e", [])}
+        for p in r["sweep"]:
+            row = e2e.get(p["mbit"], {})
+            lines.append(f"  {p['mbit']:g} Mbit/s: {p['chosen']} ({p['chosen_cut']}) {p['measured_ms']:.1f} ms, "
+                         f"oracle {p['oracle_ms']:.1f} ms ({p['chosen_over_oracle']:.3f}x), "
+                         f"{p['speedup_vs_edge']:.2f}x vs edge, {p['speedup_vs_cloud']:.2f}x vs cloud"
+                         + (f"; end to end {row['adaptive_ms']:.1f} ms vs edge-only {row['edge_only_ms']:.1f}, "
+                            f"cloud-only {row['cloud_only_ms']:.1f}" if row else ""))
+        t = r.get("trace")
+        if t:
+            lines.append(f"  trace: adaptive {t['arms']['adaptive']['total_s']:.2f} s, best fixed {t['best_fixed']} "
+                         f"{t['arms'][t['best_fixed']]['total_s']:.2f} s ({t['adaptive_over_best_fixed']:.3f}x)")
+    t = results.get("trigger")
+    if t:
+        a = t["arms"]
+        lines.append(f"trigger at {t['mbit']:g} Mbit/s: offloads {a['trigger']['offload_share']:.2f} of calls, "
+                     f"{t['speedup_vs_edge_only']:.2f}x vs edge-only (always offloading "
+                     f"{t['always_offload_speedup_vs_edge_only']:.2f}x), link bytes "
+                     f"{t['link_bytes_vs_always_offload']:.2f} of always offloading; success "
+                     + ", ".join(f"{k} {v['success']:.3f}" for k, v in a.items()))
+    f = results.get("faults")
+    if f:
+        lines.append(f"faults: {f['faults']['acted']}/{f['faults']['calls']} calls acted, success "
+                     f"{f['faults']['success']:.3f} (fault-free {f['fault_free']['success']:.3f}), "
+                     f"{f['faults']['fallbacks']} fallbacks, median fallback {f['faults']['fallback_ms_median']} ms")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
