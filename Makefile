@@ -48,14 +48,16 @@ vla: $(STAMP)
 	MUJOCO_GL=egl OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/vla_metaworld/evaluate.py --episodes 25
 	MUJOCO_GL=egl OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/vla_metaworld/evaluate.py --episodes 25 --head tokens
 
+# Both test targets run on every core (pytest-xdist, at most 4 workers): a test file stays on
+# one worker (its cached fixtures are built once); the heavy tests are spread one by one.
 test: $(STAMP) $(SERVE_STAMP)
-	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,
 # sampled torch-free from their artifacts) and the MetaSchedule tuning test; CI runs
 # them after `make test`.
 test-heavy: $(STAMP) $(SERVE_STAMP)
-	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -m "heavy or tuning" tests
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist load -m "heavy or tuning" tests
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
 # eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.

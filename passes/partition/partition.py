@@ -154,6 +154,7 @@ class Partition(RewritePass):
         mbit: tuple[float, ...] = (1, 5, 20, 100, 1000)   # the bandwidth sweep (Mbit/s) the cases come from
         window: int = 5                              # measurements averaged to predict the bandwidth
         hysteresis: float = 0.1                      # band margin before the cut moves (fraction)
+        fall: str = "immediate"                      # a measured drop moves the cut at once; average: the mean only
         repeats: int = 10                            # timing rounds of the cost model
         min_time: float = 2.0                        # ... and at least this long (s)
         trigger: dict | None = None                  # offload only on anomalous steps (RAPID): input (the state
@@ -184,6 +185,8 @@ class Partition(RewritePass):
                 raise OptionError(f"pass 'partition': option 'cases' must be 'winners' or 'all', got {self.cases!r}")
             check_range("partition", "window", self.window, lo=1)
             check_range("partition", "hysteresis", self.hysteresis, lo=0.0, hi=0.99)
+            if self.fall not in ("immediate", "average"):
+                raise OptionError(f"pass 'partition': option 'fall' must be 'immediate' or 'average', got {self.fall!r}")
             check_range("partition", "repeats", self.repeats, lo=3)
             check_range("partition", "min_time", self.min_time, lo=0.0, hi=600.0)
             if self.trigger is not None:
@@ -287,7 +290,8 @@ class Partition(RewritePass):
                                tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis,
                                trigger.input[3:] if trigger else None, trigger.threshold if trigger else None, share)
         selector = Bandwidth(f"link:{link.name}", tuple(order), tuple(edges),
-                             link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis)
+                             link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis,
+                             o.fall)
         new = self._rewrite(program, gname, cost, record, selector, trigger)
         new = new.with_record(cost, gname).with_record(record, gname)
         ctx.log.info("partition: %s split between %s and %s over %s: %s", gname, o.first, o.second, link.name,

@@ -110,6 +110,19 @@ def test_moving_average_and_hysteresis_keep_the_cut_near_an_edge():
     assert labs == ["k5", "second", "second", "second"]   # mean 175, 216, 300: past 120
 
 
+def test_a_fall_is_taken_at_once_and_a_rise_on_the_average():
+    """fall: immediate predicts min(mean, latest): one slow measurement moves the cut to the edge's
+    side at the next call; a fast one moves it out only when the mean has risen. fall: average
+    waits for the mean both ways."""
+    mbit = [500, 500, 500, 2, 2, 150, 150]
+    seq = [(m * MB, i + 1) for i, m in enumerate(mbit)]
+    labs, st = _run(_sel(window=3, hysteresis=0.0), seq)
+    assert labs == ["second", "second", "second", "first", "first", "k5", "second"]
+    assert st.predicted == pytest.approx((2 + 150 + 150) / 3 * MB)
+    labs, _ = _run(_sel(window=3, hysteresis=0.0, fall="average"), seq)
+    assert labs == ["second", "second", "second", "second", "second", "k5", "second"]
+
+
 def test_unbound_link_keeps_the_initial_bandwidth():
     labs, _ = _run(_sel(), [None, None, None])
     assert labs == ["k5"] * 3
@@ -123,6 +136,7 @@ def test_json_round_trip_and_validation():
                     ({"edges": (5 * MB,)}, "3 cases need 2 edges"),
                     ({"initial": 0.0}, "initial must be a bandwidth > 0"),
                     ({"window": 0}, "window must be an integer >= 1"),
+                    ({"fall": "slow"}, "fall must be 'immediate' or 'average'"),
                     ({"hysteresis": 1.0}, "hysteresis must be in \\[0, 1\\)")]:
         with pytest.raises(PlanError, match=msg):
             _sel(**kw)
