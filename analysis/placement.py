@@ -171,6 +171,8 @@ class PlacementCost(Record):
         if k < last:
             t += link.transfer_s(self.cuts[k].cut().bytes_as(compression)) + link.transfer_s(self.output_bytes)
             t += self.codec_s(first, k, compression, "send") + self.codec_s(second, k, compression, "recv")
+            if k == 0 and compression != "none" and self.cuts[k].float_bytes:
+                t += self.device(first).overhead_s      # the encoder is a graph call of its own on the first device
         return t
 
 

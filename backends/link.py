@@ -121,6 +121,10 @@ class ShapingProxy:
     def heal(self) -> None:
         self._blackhole = False
 
+    @property
+    def blackholed(self) -> bool:
+        return self._blackhole
+
     def drop(self) -> None:
         """Close every open connection now (both sides see the connection end)."""
         if self._loop is not None:

@@ -28,8 +28,9 @@ the artifact; its PlacementCost is measured on this host as the pass does it. Th
            the host's time x 4): each case's latency at a bandwidth is its parts' times plus the
            link's transfer times (RTT/2 + bytes / bandwidth, each way): the oracle is the least
   e2e      the cut the model chose at each bandwidth, end to end through the Executor over the
-           emulated link (it sleeps the transfers and the edge's slowdown), median over calls
-           after the selector's window has filled; edge-only and cloud-only the same way (the
+           emulated link (it sleeps the transfers and the edge's slowdown), median of 30 rounds
+           after 8 calls of warm-up (the selector's window fills), the three arms alternating in
+           rotating order; edge-only and cloud-only the same way (the
            artifact's `first` and `second` cases pinned: Executor(pin=...)); the values crossing
            one way travel as one message (one RTT/2), as the model charges them
   trigger  (--part trigger) RAPID's offload trigger (ir/selectors/offload.py) on the VLA closed
@@ -38,14 +39,16 @@ the artifact; its PlacementCost is measured on this host as the pass does it. Th
            the trigger fires; success, offload share (per task), mean call latency, link bytes,
            the trigger's cost per decision
   trace    a bandwidth trace (100 -> 3 -> 30 -> 400 Mbit/s, 40 calls each): total time of the
-           adaptive artifact against each of its cases pinned for the whole episode
+           adaptive artifact against each of its cases pinned for the whole episode, every arm
+           over its own link on the same schedule, the arms alternating call by call
   faults   (--part faults) the VLA's cloud half served by Triton (PyTriton in .venv-serve) behind a
            shaped loopback link (backends/link.ShapingProxy, 100 Mbit/s), an artifact with one case
            (the cut the model picks at 100 Mbit/s); closed-loop Meta-World episodes (6 tasks x
-           --episodes) fault-free, then with faults every 60 policy calls: the server killed at call
-           20 (restarted at 25, in the background), the link blackholed from 45 to 50 (requests time
-           out after 0.5 s). Every call must act; success against the fault-free run; fallbacks and
-           their latency
+           --episodes) fault-free, then with faults in cycles of 150 policy calls: the link
+           blackholed from call 20 to 25 (requests time out after 0.5 s), the server killed at call
+           60 and started again at 65 in the background (a cycle whose server is still starting
+           skips its faults). Every call must act; success against the fault-free run; fallbacks
+           and their latency
 Writes benchmarks/results/placement.json (or --json) and, beside the results folder,
 placement.png (latency vs bandwidth per cut); keeps the parts of an earlier results file it
 does not redo.
@@ -75,6 +78,7 @@ AT = {"vla": ["*", "backbone.vit", "backbone.vit.blocks.*", "backbone.blocks.*",
               "backbone.blocks.*.mlp.fc1"],
       "dit": None}
 TRACE = [(100, 40), (3, 40), (30, 40), (400, 40)]
+E2E_WARMUP, E2E_ROUNDS = 8, 30
 
 
 def say(*a):
@@ -102,27 +106,6 @@ def time_graphs(exe: Executor, names: list[str], inputs: dict[str, list], rounds
             exe.graphs[n](inputs[n])
             times[n].append(time.perf_counter() - t0)
     return {n: statistics.median(v) for n, v in times.items()}
-
-
-class PinnedLink:
-    """The emulated link, with the bandwidth the plan reads pinned (a fixed cut for an episode)."""
-
-    def __init__(self, link: EmulatedLink, bandwidth: float):
-        self.link, self.bandwidth, self.count = link, bandwidth, 0
-        self.name = link.name
-
-    def send(self, value):
-        return self.link.send(value)
-
-    def send_many(self, values):
-        return self.link.send_many(values)
-
-    def probe(self):
-        pass
-
-    def signal(self):
-        self.count += 1
-        return np.array([self.bandwidth, float(self.count)])
 
 
 def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float, artifact: str | None = None) -> dict:
@@ -206,19 +189,23 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
     e2e = []
     for p in pp.sweep:
         row = {"mbit": p.mbit}
+        arms = {}
         for arm, case in (("adaptive", None), ("edge_only", "first"), ("cloud_only", "second")):
             link = EmulatedLink(Link.mbit("wifi", p.mbit, rtt_ms=rtt * 1e3))
-            ex = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown},
-                          pin={"partition.main": case} if case else None)
-            ts = []
-            for i in range(8 + 12):
+            arms[arm] = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown},
+                                 pin={"partition.main": case} if case else None)
+            for _ in range(E2E_WARMUP):        # the adaptive arm's window fills
+                arms[arm](*xs)
+        ts = {arm: [] for arm in arms}
+        names = list(arms)
+        for r in range(E2E_ROUNDS):            # alternating, in rotating order
+            for arm in names[r % 3:] + names[:r % 3]:
                 t0 = time.perf_counter()
-                ex(*xs)
-                if i >= 8:
-                    ts.append(time.perf_counter() - t0)
-            row[f"{arm}_ms"] = statistics.median(ts) * 1e3
-            if arm == "adaptive":
-                row["adaptive_case"] = ex.trace[-1]
+                arms[arm](*xs)
+                ts[arm].append(time.perf_counter() - t0)
+        for arm in names:
+            row[f"{arm}_ms"] = statistics.median(ts[arm]) * 1e3
+        row["adaptive_case"] = arms["adaptive"].trace[-1]
         sweep_row = next(s for s in sweep if s["mbit"] == p.mbit)
         row["parts_estimate_ms"] = sweep_row["measured_ms"]
         e2e.append(row)
@@ -227,27 +214,27 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
             f"cloud-only {row['cloud_only_ms']:.2f}")
     # a bandwidth trace that changes mid-episode: adaptive against each band's case pinned
     bands = list(pp.bands)
-    mids = {}
-    edges = list(pp.edges_mbit)
-    for i, lab in enumerate(bands):   # a bandwidth inside each band: the selector then keeps its case
-        lo = edges[i - 1] if i > 0 else edges[0] / 10 if edges else 1.0
-        hi = edges[i] if i < len(edges) else lo * 10
-        mids[lab] = (lo * hi) ** 0.5
-    trace = {}
-    for arm in ["adaptive", *bands]:
-        link = EmulatedLink(Link.mbit("wifi", TRACE[0][0], rtt_ms=rtt * 1e3))
-        lk = link if arm == "adaptive" else PinnedLink(link, mids[arm] * MBIT)
-        ex = Executor(path, threads=1, links={("edge", "cloud"): lk}, emulate={"edge": slowdown})
-        total, chosen = 0.0, []
-        for mbit, calls in TRACE:
-            link.set_link(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
-            for _ in range(calls):
+    arms_t = ["adaptive", *bands]
+    links = {arm: EmulatedLink(Link.mbit("wifi", TRACE[0][0], rtt_ms=rtt * 1e3)) for arm in arms_t}
+    exes = {arm: Executor(path, threads=1, links={("edge", "cloud"): links[arm]}, emulate={"edge": slowdown},
+                          pin=None if arm == "adaptive" else {"partition.main": arm}) for arm in arms_t}
+    totals = {arm: 0.0 for arm in arms_t}
+    chosen: dict[str, list] = {arm: [] for arm in arms_t}
+    i = 0
+    for mbit, calls in TRACE:               # every arm sees the same schedule, call by call, alternating
+        for arm in arms_t:
+            links[arm].set_link(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
+        for _ in range(calls):
+            for arm in arms_t[i % len(arms_t):] + arms_t[:i % len(arms_t)]:
                 t0 = time.perf_counter()
-                ex(*xs)
-                total += time.perf_counter() - t0
-                chosen.append(ex.trace[-1])
-        trace[arm] = {"total_s": total, "cases": {lab: chosen.count(lab) for lab in dict.fromkeys(chosen)}}
-        say(f"  trace {arm}: {total:.3f} s {trace[arm]['cases']}")
+                exes[arm](*xs)
+                totals[arm] += time.perf_counter() - t0
+                chosen[arm].append(exes[arm].trace[-1])
+            i += 1
+    trace = {arm: {"total_s": totals[arm], "cases": {lab: chosen[arm].count(lab) for lab in dict.fromkeys(chosen[arm])}}
+             for arm in arms_t}
+    for arm in arms_t:
+        say(f"  trace {arm}: {totals[arm]:.3f} s {trace[arm]['cases']}")
     best_fixed = min((a for a in trace if a != "adaptive"), key=lambda a: trace[a]["total_s"])
     with torch.no_grad():
         ref = model(*inputs)
@@ -258,11 +245,15 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
             "edges_mbit": list(pp.edges_mbit),
             "cost_model": {"loo_error": pc.loo_error, "fit_device": pc.fit_device,
                            "devices": {d.device: {"whole_ms": (d.whole_s or 0) * 1e3, "sum_error": d.sum_error,
+                                                  "overhead_us": d.overhead_s * 1e6,
                                                   "estimate_error": d.estimate_error} for d in pc.devices}},
             "sweep": sweep, "e2e": e2e,
             "trace": {"schedule_mbit_calls": TRACE, "arms": trace, "best_fixed": best_fixed,
                       "adaptive_over_best_fixed": trace["adaptive"]["total_s"] / trace[best_fixed]["total_s"]},
             "max_abs_error_vs_eager": float(np.abs(np.asarray(out) - ref.detach().numpy()).max())}
+
+
+CYCLE = 150     # policy calls per fault cycle (faults)
 
 
 def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> dict:
@@ -296,20 +287,26 @@ def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> d
                     n = counter["calls"]
                     counter["calls"] += 1
                     if arm == "faults":
-                        if n % 60 == 20:                       # the server dies mid-episode ...
+                        # a cycle of CYCLE calls: the link blackholed for 5 calls, then the server killed
+                        # mid-episode and started again in the background (Triton takes 10-40 s to come
+                        # up: a cycle whose server is still starting skips its faults)
+                        up = not restarting or not restarting[-1].is_alive()
+                        if n % CYCLE == 20 and up:
+                            px.blackhole()
+                            counter["events"].append((n, "blackhole"))
+                        if n % CYCLE == 25 and px.blackholed:
+                            px.heal()
+                            counter["events"].append((n, "heal"))
+                        if n % CYCLE == 60 and up:             # the server dies mid-episode ...
                             srv.kill()
                             counter["events"].append((n, "kill"))
-                        if n % 60 == 25:                       # ... and is started again (in the background)
-                            t = threading.Thread(target=srv.start, daemon=True)
+                        if n % CYCLE == 65 and (srv.proc is None or srv.proc.poll() is not None):
+                            t = threading.Thread(target=srv.start, daemon=True)     # ... and is started again
                             t.start()
                             restarting.append(t)
                             counter["events"].append((n, "restart"))
-                        if n % 60 == 45:
-                            px.blackhole()
-                            counter["events"].append((n, "blackhole"))
-                        if n % 60 == 50:
-                            px.heal()
-                            counter["events"].append((n, "heal"))
+                        if restarting and not restarting[-1].is_alive() and counter["events"][-1][1] == "restart":
+                            counter["events"].append((n, "up"))
                     a = exe(*args)
                     counter["acted"] += 1
                     return a
@@ -327,7 +324,7 @@ def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> d
                             "fallback_ms_median": statistics.median(dev.fallback_s) * 1e3 if dev.fallback_s else None,
                             "fallback_ms_max": max(dev.fallback_s) * 1e3 if dev.fallback_s else None,
                             "call_ms_median": statistics.median(call_s) * 1e3, "wall_s": time.perf_counter() - t0,
-                            "events": counter["events"][:20]}
+                            "events": counter["events"][:40]}
                 say(f"  {arm}: success {out[arm]['success']:.3f}, {counter['acted']}/{counter['calls']} calls acted, "
                     f"remote {out[arm]['remote_calls']}, fallbacks {dev.fallbacks} (median "
                     f"{out[arm]['fallback_ms_median']} ms), call median {out[arm]['call_ms_median']:.1f} ms")

@@ -103,12 +103,7 @@ class Motion(Selector):
         need = max(self.position + self.previous + self.gripper)
         if x.size <= need:
             raise PlanError(f"motion selector: {self.input} has {x.size} values per row; index {need} is past them")
-        pos = x[list(self.position)]
-        if self.previous:
-            v = pos - x[list(self.previous)]
-        else:
-            v = None if s.last_pos is None else pos - s.last_pos
-            s.last_pos = pos
+        v = velocity(x, self.position, self.previous, s)
         speed = None if v is None else float(np.linalg.norm(v))
         grip = float(abs(x[self.gripper[0]] - x[self.gripper[1]])) if self.gripper else None
         jerk = None
@@ -151,6 +146,18 @@ class Motion(Selector):
             s.pending = 0
         s.call, s.proxies = c.request_call, proxies
         return self.cases[s.level], s
+
+
+def velocity(x: Any, position: tuple[int, ...], previous: tuple[int, ...], s: Any) -> Any:
+    """The end effector's velocity in state vector `x`: the `position` indices less the `previous`
+    ones (the state's own copy of the last tick), or without them less the position `s.last_pos`
+    held from the previous call (updated; None on a request's first call)."""
+    pos = x[list(position)]
+    if previous:
+        return pos - x[list(previous)]
+    v = None if s.last_pos is None else pos - s.last_pos
+    s.last_pos = pos
+    return v
 
 
 def speed_edges(speeds: Any, shares: Any, who: str) -> tuple[float, ...]:

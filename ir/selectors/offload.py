@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import Choice, PlanError, Selector, check_finite, register_selector
+from .motion import velocity
 
 
 @dataclass
@@ -123,12 +124,7 @@ class Offload(Selector):
         need = max(self.position + self.previous + self.effort + self.effort_previous)
         if x.size <= need:
             raise PlanError(f"offload selector: {self.input} has {x.size} values per row; index {need} is past them")
-        pos = x[list(self.position)]
-        if self.previous:
-            v = pos - x[list(self.previous)]
-        else:
-            v = None if s.last_pos is None else pos - s.last_pos
-            s.last_pos = pos
+        v = velocity(x, self.position, self.previous, s)
         acc = None
         if v is not None:
             if s.last_v is not None:
