@@ -40,6 +40,10 @@ class BandwidthState:
     predicted: float = math.nan     # the prediction the last choice used
 
 
+#: how a measured drop is predicted (see the module docstring)
+FALLS = ("immediate", "average")
+
+
 @register_selector("bandwidth")
 @dataclass(frozen=True)
 class Bandwidth(Selector):
@@ -68,8 +72,8 @@ class Bandwidth(Selector):
             raise PlanError(f"bandwidth selector: initial must be a bandwidth > 0 (bytes/s), got {self.initial}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise PlanError(f"bandwidth selector: window must be an integer >= 1, got {self.window!r}")
-        if self.fall not in ("immediate", "average"):
-            raise PlanError(f"bandwidth selector: fall must be 'immediate' or 'average', got {self.fall!r}")
+        if self.fall not in FALLS:
+            raise PlanError(f"bandwidth selector: fall must be one of {list(FALLS)}, got {self.fall!r}")
         check_finite("bandwidth", "hysteresis", self.hysteresis)
         if not 0 <= self.hysteresis < 1:
             raise PlanError(f"bandwidth selector: hysteresis must be in [0, 1), got {self.hysteresis}")

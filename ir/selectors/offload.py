@@ -160,6 +160,15 @@ class Offload(Selector):
         st = OffloadState()
         return [self.score(x, st) for x in states]
 
+    def offloads_over(self, states: Any) -> list[bool]:
+        """Whether each of a sequence of state vectors, read as one request, is offloaded
+        (hold and warm-up included): the share a calibration stream would send."""
+        st, out = OffloadState(), []
+        for i, x in enumerate(states):
+            label, st = self.choose(st, Choice(i, lambda ref, x=x: x))
+            out.append(label == self.cases[1])
+        return out
+
     def choose(self, s: OffloadState, c: Choice) -> tuple[str, OffloadState]:
         if s.call == c.request_call:          # another select (or loop iteration) of the same call
             return self.cases[int(s.offload)], s

@@ -53,6 +53,7 @@ one graph is partitioned, other graphs of the program run on the first device.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ from pared.ir import cuts as _cuts
 from pared.ir.errors import OptionError, PassError, PlanError, TargetError
 from pared.ir.plan import Call, Node, Select, Seq, Transfer
 from pared.ir.program import Graph, Program
-from pared.ir.selectors.bandwidth import Bandwidth
-from pared.ir.selectors.offload import Offload, OffloadState, calibrated_threshold
+from pared.ir.selectors.bandwidth import FALLS, Bandwidth
+from pared.ir.selectors.offload import Offload, calibrated_threshold
 from pared.ir.target import Deployment, Link, get_deployment
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 
@@ -114,17 +115,6 @@ class PartitionPlan(Record):
             if c.label == label:
                 return c
         raise KeyError(label)
-
-
-class _Probe:
-    """A Choice that holds one calibration state (what the trigger reads)."""
-
-    def __init__(self, i: int, ref: str, value):
-        self.call_index = self.request_call = i
-        self._ref, self._value = ref, value
-
-    def value(self, ref: str):
-        return self._value
 
 
 def _label(cut: _cuts.Cut, compression: str, last: int) -> str:
@@ -185,8 +175,8 @@ class Partition(RewritePass):
                 raise OptionError(f"pass 'partition': option 'cases' must be 'winners' or 'all', got {self.cases!r}")
             check_range("partition", "window", self.window, lo=1)
             check_range("partition", "hysteresis", self.hysteresis, lo=0.0, hi=0.99)
-            if self.fall not in ("immediate", "average"):
-                raise OptionError(f"pass 'partition': option 'fall' must be 'immediate' or 'average', got {self.fall!r}")
+            if self.fall not in FALLS:
+                raise OptionError(f"pass 'partition': option 'fall' must be one of {list(FALLS)}, got {self.fall!r}")
             check_range("partition", "repeats", self.repeats, lo=3)
             check_range("partition", "min_time", self.min_time, lo=0.0, hi=600.0)
             if self.trigger is not None:
@@ -199,8 +189,7 @@ class Partition(RewritePass):
                 raise OptionError(f"pass 'partition': option 'trigger' is a mapping (input, position, previous, "
                                   f"effort, effort_previous, window, smooth, threshold or share, hold, warmup), "
                                   f"got {t!r}")
-            known = {"input", "position", "previous", "effort", "effort_previous", "window", "smooth",
-                     "threshold", "share", "hold", "warmup", "floor", "sharpness"}
+            known = {f.name for f in dataclasses.fields(Offload)} - {"cases"} | {"share"}
             bad = sorted(set(t) - known)
             if bad:
                 raise OptionError(f"pass 'partition': option 'trigger' has unknown key(s) {bad}; known: {sorted(known)}")
@@ -361,10 +350,7 @@ class Partition(RewritePass):
             sel = o.offload_selector(thr)
         share = None
         if states:
-            st = OffloadState()
-            picks = []
-            for i, v in enumerate(states):
-                picks.append(sel.choose(st, _Probe(i, sel.input, v))[0] == "offload")
+            picks = sel.offloads_over(states)
             share = sum(picks) / len(picks)
             ctx.log.info("partition: the offload trigger (threshold %.3g) offloads %.0f%% of %d calibration calls",
                          sel.threshold, 100 * share, len(picks))

@@ -136,7 +136,7 @@ def test_json_round_trip_and_validation():
                     ({"edges": (5 * MB,)}, "3 cases need 2 edges"),
                     ({"initial": 0.0}, "initial must be a bandwidth > 0"),
                     ({"window": 0}, "window must be an integer >= 1"),
-                    ({"fall": "slow"}, "fall must be 'immediate' or 'average'"),
+                    ({"fall": "slow"}, "fall must be one of \\['immediate', 'average'\\]"),
                     ({"hysteresis": 1.0}, "hysteresis must be in \\[0, 1\\)")]:
         with pytest.raises(PlanError, match=msg):
             _sel(**kw)

@@ -127,6 +127,8 @@ def test_calibrated_threshold_offloads_the_share():
     labels, _ = decide(sel(hold=0, threshold=thr), states(v))
     share = sum(lab == "offload" for lab in labels[4:]) / len(labels[4:])
     assert share == pytest.approx(0.2, abs=0.01)
+    # the pass's share of a calibration stream is the same decisions, replayed
+    assert sel(hold=0, threshold=thr).offloads_over(states(v)) == [lab == "offload" for lab in labels]
     with pytest.raises(PlanError, match="test: the calibration stream gives 3 scores"):
         calibrated_threshold([math.nan, 1.0, 2.0, 3.0], 0.5, "test")
 
