@@ -1,17 +1,16 @@
 """End to end, per model and target: optimize (empty pipeline) -> save -> load in a
 process where torch cannot be imported -> same numbers as eager (rel L2 <= 1e-4)."""
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import pared
+from pared.workloads import example_module
 from pared.testing import assert_close_to_eager, run_torch_free, tiny_transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXAMPLES = os.path.join(HERE, "..", "..", "examples")
 
 
 def _dit():
@@ -40,11 +39,12 @@ def _tiny():
 
 
 def _minilm():
-    sys.path.insert(0, os.path.join(EXAMPLES, "minilm"))
-    from model import HELD_OUT, SENTENCES, build_model, tokenize
-    ids, mask = tokenize(SENTENCES)
-    hid, hmask = tokenize(HELD_OUT)
-    return build_model(), (ids, mask), {}, (hid, hmask)
+    # by path, under its own module name: a bare `import model` would take whichever example's
+    # model.py an earlier test in this worker imported first
+    mini = example_module("minilm")
+    ids, mask = mini.tokenize(mini.SENTENCES)
+    hid, hmask = mini.tokenize(mini.HELD_OUT)
+    return mini.build_model(), (ids, mask), {}, (hid, hmask)
 
 
 MODELS = {"tiny_transformer": _tiny, "dit": _dit, "vit": _vit, "minilm": _minilm}

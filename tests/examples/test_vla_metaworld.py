@@ -376,8 +376,12 @@ def test_repool_ports_the_pooled_policy_to_all_64_tokens(monkeypatch):
     import importlib
     import sys
     monkeypatch.syspath_prepend(os.path.join(EXAMPLES, "vla_metaworld"))
+    monkeypatch.setattr(sys, "path", list(sys.path))    # train.py prepends its folder too: undone after
     for name in ("train", "model"):             # other examples have a train.py / model.py too
-        monkeypatch.delitem(sys.modules, name, raising=False)
+        # set, then delete: monkeypatch then removes what this test imports under the bare names,
+        # so a later test in this worker does not find vla_metaworld's model.py as `model`
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
     train = importlib.import_module("train")
     assert os.path.dirname(train.__file__) == os.path.join(EXAMPLES, "vla_metaworld")
     torch.manual_seed(0)
