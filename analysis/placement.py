@@ -14,6 +14,15 @@ The whole graph is timed beside them; the segments timed alone sum to less or mo
 scaled to sum to the whole graph's time less one call's overhead, and the unscaled sum's
 error is recorded.
 
+Compression (fp16, int8 across the cut) adds codec nodes. With `compressions` named, they are
+timed too, not priced by the regression: per compression, the encoder and the decoder of one
+float value (the largest cut's), less a call's overhead, per value; and the input cut's encoder
+as the partition builds it. That encoder is a graph call of its own on the program's inputs, so
+its cost includes a call with every input and output. (On the VLA, the regression priced that
+encoder near the one-op model's 7 µs; timed on this host it took 0.14 ms, which decided the
+cut at 1000 Mbit/s.) A device not run here takes the measured rate, scaled by the memory
+bandwidths.
+
 For a device it cannot run, each segment's time is estimated by a roofline regression
 fitted on the measured device's segments (Neurosurgeon fits per-layer-type regressions
 on the device; here one linear model over op classes):
@@ -108,6 +117,11 @@ class DeviceCost:
     sum_error: float | None = None          # |sum of segments timed alone + overhead - whole| / whole (measured
     #                                         only; segment_s is scaled to remove it)
     estimate_error: float | None = None     # |estimated whole - measured whole| / measured (measured only)
+    # the codecs, timed (empty: not timed; the regression prices them): "fp16.send" -> seconds per
+    # float value encoded inside a part (recv: decoded), and compression -> seconds of the input
+    # cut's encoder, a graph call of its own on the program's inputs
+    codec_s: dict = dataclasses.field(default_factory=dict)
+    input_encode_s: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -153,9 +167,11 @@ class PlacementCost(Record):
             return 0.0
         c = self.cuts[k]
         n = c.float_bytes // 4
+        d = self.device(device)
+        if f"{compression}.{side}" in d.codec_s:
+            return d.codec_s[f"{compression}.{side}"] * n
         values = len(c.live)   # an upper bound on the float values: each costs its ops
         ops = {("fp16", "send"): 1, ("fp16", "recv"): 1, ("int8", "send"): 9, ("int8", "recv"): 2}[(compression, side)]
-        d = self.device(device)
         _, b, cb, dd = self.coefficients
         flops = n * ops
         nbytes = 2 * 4 * n * ops
@@ -170,9 +186,15 @@ class PlacementCost(Record):
         t = self.before_s(first, k) + self.after_s(second, k)
         if k < last:
             t += link.transfer_s(self.cuts[k].cut().bytes_as(compression)) + link.transfer_s(self.output_bytes)
-            t += self.codec_s(first, k, compression, "send") + self.codec_s(second, k, compression, "recv")
+            t += self.codec_s(second, k, compression, "recv")
             if k == 0 and compression != "none" and self.cuts[k].float_bytes:
-                t += self.device(first).overhead_s      # the encoder is a graph call of its own on the first device
+                # the encoder is a graph call of its own on the first device: timed, or one call's
+                # overhead plus the codec's price
+                enc = self.device(first).input_encode_s
+                t += enc[compression] if compression in enc else (
+                    self.device(first).overhead_s + self.codec_s(first, k, compression, "send"))
+            else:
+                t += self.codec_s(first, k, compression, "send")
         return t
 
 
@@ -265,7 +287,7 @@ def modeled_cost(program: Program, graph: str, deployment: Deployment, devices: 
 
 def placement_cost(program: Program, graph: str, deployment: Deployment, devices: Sequence[str],
                    ctx: PassContext, at: Sequence[str] = ("**",), repeats: int = 10, min_time: float = 2.0,
-                   where: str = "placement_cost") -> PlacementCost:
+                   where: str = "placement_cost", compressions: Sequence[str] = ()) -> PlacementCost:
     """Measure and model the cuts of `graph` on `devices` (see module docstring).
 
     Raises:
@@ -301,6 +323,8 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
             for name, v in zip(b.live, outs):
                 vals[name] = v
             seg_modules.append(seg)
+    codecs = _codec_graphs(gm, g, cands, compressions, where)
+    codec_n = _codec_values(cands)
     # one set of runners per host setup: devices emulated on the same target and thread count
     # share their measurements (each scaled by its own slowdown)
     setup_of: dict[str, tuple[str, int]] = {}
@@ -328,8 +352,12 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
             runners[(setup, "whole")] = lower(Program.single(g), "the whole graph")
             small = g.example_inputs[0] if g.example_inputs[0].is_floating_point() else torch.zeros(1)
             runners[(setup, "overhead")] = lower(capture(_Times2().eval(), (small.float(),)), "the overhead model")
+            for key, cg in codecs.items():
+                runners[(setup, key)] = lower(Program.single(cg), f"the {key[1]} codec" if key[0] == "codec" else
+                                              f"the input cut's {key[1]} encoder")
         timed, rounds = _alternate(runners, repeats, min_time)
-    med = {(d, k): timed[(setup_of[d], k)] for d in measured for k in [*range(len(feats)), "whole", "overhead"]}
+    med = {(d, k): timed[(setup_of[d], k)] for d in measured
+           for k in [*range(len(feats)), "whole", "overhead", *codecs]}
     ref = measured[0]
     slow = {d: deployment.slowdown(d) for d in measured}
     raw = {d: [max(med[(d, i)] - med[(d, "overhead")], 0.0) * slow[d] for i in range(len(feats))]
@@ -359,15 +387,60 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
         if dev in measured:
             over = med[(dev, "overhead")] * slow[dev]
             whole = med[(dev, "whole")] * slow[dev]
+            per_value = {k[1]: max(med[(dev, k)] - med[(dev, "overhead")], 0.0) * slow[dev] / codec_n
+                         for k in codecs if k[0] == "codec"}
+            encode = {k[1]: med[(dev, k)] * slow[dev] for k in codecs if k[0] == "input"}
             out.append(DeviceCost(dev, t.peak_flops, t.mem_bandwidth, True, tuple(seg_s[dev]), tuple(est), over,
                                   whole, abs(sum(raw[dev]) + over - whole) / whole,
-                                  abs(sum(est) + over - whole) / whole))
+                                  abs(sum(est) + over - whole) / whole, per_value, encode))
         else:
             over = med[(ref, "overhead")] * slow[ref]
-            out.append(DeviceCost(dev, t.peak_flops, t.mem_bandwidth, False, tuple(est), tuple(est), over))
+            # a codec moves memory: the measured device's rate, scaled by the memory bandwidths
+            r = deployment.device(ref)
+            per_value = {k[1]: max(med[(ref, k)] - med[(ref, "overhead")], 0.0) * slow[ref] / codec_n
+                         * r.mem_bandwidth / t.mem_bandwidth for k in codecs if k[0] == "codec"}
+            encode = {c: over + per_value[f"{c}.send"] * cands[0].float_bytes // 4
+                      for c in compressions if f"{c}.send" in per_value}
+            out.append(DeviceCost(dev, t.peak_flops, t.mem_bandwidth, False, tuple(est), tuple(est), over,
+                                  codec_s=per_value, input_encode_s=encode))
     return PlacementCost(graph, tuple(CutCost(c.name, c.position, c.live, c.nbytes, c.float_bytes) for c in cands),
                          tuple(feats), tuple(out), tuple(float(c) for c in coef), ref,
                          float(np.median(loo)) if loo else float("nan"), out_bytes, rounds)
+
+
+def _codec_values(cands: Sequence[_cuts.Cut]) -> int:
+    """Elements of the value the codecs are timed on: the largest float cut's (at least 4096, so
+    the per-value rate is not the call's overhead over a few values)."""
+    return max(4096, max(c.float_bytes // 4 for c in cands))
+
+
+def _codec_graphs(gm: fx.GraphModule, g: Graph, cands: Sequence[_cuts.Cut], compressions: Sequence[str],
+                  where: str) -> dict[tuple[str, str], Graph]:
+    """What compression adds, as graphs to time: per compression, the encoder and decoder of one
+    float value (key ("codec", "fp16.send")), and the input cut's encoder exactly as the
+    partition builds it (key ("input", "fp16"): a call of its own, on the program's inputs)."""
+    out: dict[tuple[str, str], Graph] = {}
+    n = _codec_values(cands)
+    for c in dict.fromkeys(compressions):
+        if c not in _cuts.COMPRESSION:
+            raise OptionError(f"pass '{where}': unknown compression {c!r}; known: {', '.join(_cuts.COMPRESSION)}")
+        if c == "none":
+            continue
+        for side in ("send", "recv"):
+            cg, names, ex = _cuts.codec_graph(c, side, n)
+            outs = [a for a in next(x for x in cg.graph.nodes if x.op == "output").args[0]]
+            out[("codec", f"{c}.{side}")] = Graph(cg, names, tuple(f"y{j}" for j in range(len(outs))), ex)
+        if not cands[0].float_bytes:
+            continue
+        a, b, _ = _cuts.split(gm, 0)
+        with torch.no_grad():
+            crossing = list(a(*g.example_inputs))
+        names = _cuts.compress(a, b, c, crossing)
+        direct = _cuts.pass_through(a)
+        _cuts.drop_outputs(a, set(direct))
+        out[("input", c)] = Graph(a, g.input_names, tuple(x for i, x in enumerate(names) if i not in direct),
+                                  g.example_inputs)
+    return out
 
 
 @register_pass("placement_cost")
@@ -386,12 +459,13 @@ class MeasurePlacement(Analysis):
         at: tuple[str, ...] = DEFAULT_AT          # region patterns to cut after (ir/cuts.py)
         repeats: int = 10                         # timing rounds at least
         min_time: float = 2.0                     # ... and at least this long (s)
+        compress: tuple[str, ...] = ()            # codecs to time (fp16, int8); else the regression prices them
 
         def __post_init__(self):
             if self.deployment is None:
                 raise OptionError("pass 'placement_cost': option 'deployment' is required: a deployment file "
                                   "naming the devices and links (examples/targets/*.yaml)")
-            for name in ("devices", "at"):
+            for name in ("devices", "at", "compress"):
                 v = getattr(self, name)
                 object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
             if not self.devices:
@@ -408,4 +482,5 @@ class MeasurePlacement(Analysis):
         except TargetError as e:
             raise OptionError(f"pass 'placement_cost' option 'deployment': {e}") from None
         graph = o.graph or program.called_graphs()[0]
-        return placement_cost(program, graph, dep, o.devices, ctx, o.at, o.repeats, o.min_time)
+        return placement_cost(program, graph, dep, o.devices, ctx, o.at, o.repeats, o.min_time,
+                              compressions=o.compress)

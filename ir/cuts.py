@@ -29,6 +29,8 @@ counted, and such cuts are seldom chosen.
     split(gm, p)                   (first, second): two GraphModules sharing gm's parameters
     compress(first, second, mode)  fp16 or int8 (per-tensor scale) across the cut
     pass_through(first)            outputs of a first part that are its inputs unchanged
+    codec_graph(mode, side, n)     the encoder (or decoder) of one float value of n elements alone,
+                                   for timing what compress adds
 """
 from __future__ import annotations
 
@@ -292,3 +294,31 @@ def compress(first: fx.GraphModule, second: fx.GraphModule, mode: str,
         gm.graph.lint()
         gm.recompile()
     return names
+
+
+def codec_graph(mode: str, side: str, n: int) -> tuple[fx.GraphModule, tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """The nodes compress adds for one float32 value of n elements, as a graph of their own:
+    side "send" encodes x as `mode`, side "recv" decodes what was sent back to float32.
+
+    Returns:
+        (the graph module, its input names, example inputs).
+    """
+    if mode not in COMPRESSION or mode == "none" or side not in ("send", "recv"):
+        raise ValueError(f"codec_graph: no codec for mode {mode!r} side {side!r}; modes: fp16, int8; sides: "
+                         "send, recv")
+    g = fx.Graph()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen)
+    if side == "send":
+        outs = _send(g, g.placeholder("x"), mode)
+        names, examples = ("x",), (x,)
+    elif mode == "fp16":
+        outs = [_recv(g, [g.placeholder("x_fp16")], mode)]
+        names, examples = ("x_fp16",), (x.half(),)
+    else:
+        outs = [_recv(g, [g.placeholder("x_q"), g.placeholder("x_scale")], mode)]
+        names, examples = ("x_q", "x_scale"), ((x * 40).round().clamp(-127, 127).to(torch.int8), torch.tensor([0.02]))
+    g.output(tuple(outs))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    propagate_shapes(gm, examples)
+    return gm, names, examples

@@ -304,7 +304,7 @@ class Partition(RewritePass):
                     ctx.log.info("partition: using the PlacementCost of %s already in the program", gname)
                     return rec
         return placement_cost(program, gname, dep, (o.first, o.second), ctx, o.at, o.repeats, o.min_time,
-                              where=self.name)
+                              where=self.name, compressions=o.compress)
 
     @staticmethod
     def _crossover(cost: PlacementCost, a, b, link: Link, o, lo: float, hi: float) -> float:

@@ -37,7 +37,7 @@ def measured() -> PlacementCost:
                                arch="x86_64", isa=("avx2", "avx512f"))
     dep = dataclasses.replace(dep, devices={**dep.devices, "fast": fast})
     return placement_cost(program(), "main", dep, ("edge", "cloud", "fast"), PassContext(measure=default_profiler()),
-                          AT, repeats=3, min_time=0.2)
+                          AT, repeats=3, min_time=0.2, compressions=("none", "fp16", "int8"))
 
 
 def test_record_shape_and_measured_devices():
@@ -87,9 +87,46 @@ def test_latency_is_neurosurgeons_sum():
     assert pc.latency(last, "edge", "cloud", link) == pytest.approx(pc.before_s("edge", last))
     assert pc.latency(0, "edge", "cloud", link) == pytest.approx(
         pc.after_s("cloud", 0) + link.transfer_s(pc.cuts[0].nbytes) + link.transfer_s(pc.output_bytes))
-    # compression sends fewer bytes and pays an encode / decode estimate
+    # compression sends fewer bytes and pays an encode / decode: the regression's estimate where the
+    # codecs were not timed
     assert pc.codec_s("edge", k, "none", "send") == 0.0
-    assert pc.codec_s("edge", k, "int8", "send") > pc.codec_s("edge", k, "fp16", "send") > 0
+    untimed = dataclasses.replace(pc, devices=tuple(dataclasses.replace(d, codec_s={}, input_encode_s={})
+                                                    for d in pc.devices))
+    assert untimed.codec_s("edge", k, "int8", "send") > untimed.codec_s("edge", k, "fp16", "send") > 0
+    enc = untimed.codec_s("edge", 0, "fp16", "send") + untimed.device("edge").overhead_s
+    assert untimed.latency(0, "edge", "cloud", link, "fp16") == pytest.approx(
+        untimed.after_s("cloud", 0) + enc + untimed.codec_s("cloud", 0, "fp16", "recv")
+        + link.transfer_s(pc.cuts[0].cut().bytes_as("fp16")) + link.transfer_s(pc.output_bytes))
+
+
+def test_timed_codecs_price_compression():
+    """With compressions to time, each measured device holds the codecs' seconds per float value
+    (the emulated edge 4x the cloud's) and the input cut's encoder call; the latency uses them, and
+    an unmeasured device takes the measured rate scaled by the memory bandwidths."""
+    pc = measured()
+    link = Link.mbit("w", 10, rtt_ms=4)
+    edge, cloud, fast = (pc.device(d) for d in ("edge", "cloud", "fast"))
+    keys = {"fp16.send", "fp16.recv", "int8.send", "int8.recv"}
+    assert set(edge.codec_s) == set(cloud.codec_s) == set(fast.codec_s) == keys
+    assert set(edge.input_encode_s) == {"fp16", "int8"}
+    for key in keys:
+        assert edge.codec_s[key] == pytest.approx(4 * cloud.codec_s[key], rel=1e-9)
+        assert fast.codec_s[key] == pytest.approx(edge.codec_s[key] * edge.mem_bandwidth / fast.mem_bandwidth,
+                                                  rel=1e-9)
+    # the encoder is a call of its own: it costs at least about a call's overhead
+    assert edge.input_encode_s["fp16"] > 0.5 * edge.overhead_s
+    k = pc.index("after:patch#1")
+    n = pc.cuts[k].float_bytes // 4
+    assert pc.codec_s("edge", k, "fp16", "send") == pytest.approx(edge.codec_s["fp16.send"] * n)
+    assert pc.latency(k, "edge", "cloud", link, "fp16") == pytest.approx(
+        pc.before_s("edge", k) + pc.after_s("cloud", k) + pc.codec_s("edge", k, "fp16", "send")
+        + pc.codec_s("cloud", k, "fp16", "recv") + link.transfer_s(pc.cuts[k].cut().bytes_as("fp16"))
+        + link.transfer_s(pc.output_bytes))
+    assert pc.latency(0, "edge", "cloud", link, "fp16") == pytest.approx(
+        pc.after_s("cloud", 0) + edge.input_encode_s["fp16"] + pc.codec_s("cloud", 0, "fp16", "recv")
+        + link.transfer_s(pc.cuts[0].cut().bytes_as("fp16")) + link.transfer_s(pc.output_bytes))
+    # the record round-trips through JSON with them
+    assert PlacementCost.from_json(pc.to_json()) == pc
 
 
 def test_no_device_here_fits_on_the_host():

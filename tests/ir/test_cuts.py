@@ -137,3 +137,30 @@ def test_bad_positions_and_modes(patchnet):
         cuts.live_at(gm, 10_000)
     with pytest.raises(ValueError, match="unknown compression 'bf16'"):
         cuts.candidate_cuts(gm)[1].bytes_as("bf16")
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8"])
+def test_codec_graphs_are_what_compress_adds(patchnet, mode):
+    """codec_graph's encoder run on a cut's value sends what the compressed first part sends, and
+    its decoder turns that into what the second part computes from (q * s, or the fp16 value)."""
+    m, x, g, gm = patchnet
+    c = cuts.candidate_cuts(gm, ("patch",))[1]
+    first, second, _ = cuts.split(gm, c.position)
+    with torch.no_grad():
+        crossing = list(first(*g.example_inputs))
+    cuts.compress(first, second, mode, crossing)
+    enc, names, ex = cuts.codec_graph(mode, "send", 64)
+    assert names == ("x",) and ex[0].shape == (64,)
+    with torch.no_grad():
+        sent = first(*g.example_inputs)
+        mine = enc(crossing[0])
+    assert len(mine) == len(sent) and all(torch.equal(a, b) for a, b in zip(mine, sent))
+    dec, names, ex = cuts.codec_graph(mode, "recv", 64)
+    assert names == (("x_fp16",) if mode == "fp16" else ("x_q", "x_scale"))
+    with torch.no_grad():
+        back = dec(*mine)[0]
+    assert back.dtype == torch.float32
+    want = sent[0].float() if mode == "fp16" else sent[0].float() * sent[1]
+    assert torch.equal(back, want)
+    with pytest.raises(ValueError, match="no codec for mode 'none'"):
+        cuts.codec_graph("none", "send", 4)
