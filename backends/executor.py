@@ -78,8 +78,11 @@ def _malformed(path: str, what: str):
                             f"{str(e).splitlines()[0][:120] if str(e) else ''}); the artifact is damaged") from None
 
 
-def _warn_unverified_code(path: str, manifest: Mapping[str, Any]) -> None:
-    libs = sorted({e["file"] for e in manifest["graphs"].values() if e.get("backend") == "tvm"})
+def _warn_unverified_code(path: str, manifest: Mapping[str, Any], devices: "set | None" = None) -> None:
+    """Warn that loading runs the artifact's TVM libraries unverified (those of `devices` only,
+    for a per-device artifact)."""
+    libs = sorted({e["file"] for e in manifest["graphs"].values() if e.get("backend") == "tvm"
+                   and (devices is None or any(d in devices for d in e.get("devices", ())))})
     if not libs:
         return
     why = ("its signature was not checked (no trusted_keys given)" if os.path.isfile(os.path.join(path, SIGNATURE))
@@ -128,6 +131,13 @@ class Executor:
         emulate: device name -> slowdown (>= 1): each graph the Plan runs on that device
             takes `slowdown` times as long as it took here (the runtime sleeps the
             difference), to stand in for a slower device when measuring a partition.
+        devices: for an artifact lowered per device (its manifest's `devices`: each graph built
+            for the target of the device that runs it), the devices whose graphs this process
+            loads and runs, each with its own target (`threads` and `provider` still override).
+            None: every device the artifact names except those in `remote`. A graph built for
+            another CPU (a TVM cross build for the edge board) cannot load here: leave its device
+            out (``devices=["cloud"]``, what `pared serve --part cloud` does) or serve it
+            remotely. A Plan call on a device not loaded is an ArtifactError naming it.
         pin: select key -> case label: those selects of the Plan take that case on every call
             instead of choosing (e.g. ``{"partition.main": "first"}`` keeps a partitioned policy
             on the edge; a benchmark's fixed arms). A key or label the Plan lacks is an error
@@ -147,39 +157,58 @@ class Executor:
                  allow_isa_mismatch: bool = False, share_weights: bool = False, shared_arena: bool = True,
                  trusted_keys: "list | tuple | None" = None, links: "Mapping[Any, Any] | None" = None,
                  emulate: "Mapping[str, float] | None" = None, remote: "Mapping[str, Any] | None" = None,
-                 pin: "Mapping[str, str] | None" = None):
+                 pin: "Mapping[str, str] | None" = None, devices: "list | tuple | None" = None):
         self.path = path
         self.manifest = read_manifest(path, trusted_keys=trusted_keys)
+        self.devices = self._device_set(devices, remote)
         if trusted_keys is None:
-            _warn_unverified_code(path, self.manifest)
+            _warn_unverified_code(path, self.manifest, self.devices)
         with _malformed(path, "plan"):
             self.plan = Plan.from_json(self.manifest["plan"])
         target = dict(self.manifest["target"])
+        over: dict[str, Any] = {}
         if threads is not None:
-            target["threads"] = threads
+            over["threads"] = threads
         if provider is not None:
-            target["provider"] = provider
+            over["provider"] = provider
         if share_weights:
-            target["share_weights"] = True
+            over["share_weights"] = True
         if not shared_arena:
-            target["shared_arena"] = False
+            over["shared_arena"] = False
+        target.update(over)
+        self._overrides = over
         self.target = target
         with _malformed(path, "graphs' int8 checks"):
             check_cpu(path, self.manifest, target, allow_isa_mismatch)
         self.graphs: dict[str, Any] = {}
+        self._on: dict[tuple, Any] = {}     # (graph, device) -> its runtime, for a per-device artifact
         for name, entry in self.manifest["graphs"].items():
             backend = entry.get("backend")
             if backend not in _RUNTIMES:
                 raise ArtifactError(f"{path}: graph '{name}' has unknown backend {backend!r}")
+            mine = target
+            if self.devices is not None:
+                with _malformed(path, f"graph '{name}' devices"):
+                    serve = [d for d in entry["devices"] if d in self.devices]
+                    if not serve:
+                        continue
+                    mine = self._device_target(serve[0]) if serve[0] is not None else target
             modname, clsname = _RUNTIMES[backend]
             cls = getattr(importlib.import_module(modname), clsname)
             try:
-                self.graphs[name] = cls(path, entry, target)
-            except ArtifactError:
-                raise
+                self.graphs[name] = cls(path, entry, mine)
+            except ArtifactError as e:
+                if self.devices is None:
+                    raise
+                raise ArtifactError(f"{e}; the artifact builds it for device '{serve[0]}': load only the devices "
+                                    f"this host runs (devices=[...], as `pared serve --part NAME` does) or serve "
+                                    f"'{serve[0]}' remotely (remote={{'{serve[0]}': ...}})") from None
             except Exception as e:
                 raise ArtifactError(f"{path}: graph '{name}' could not be loaded by {backend}: "
                                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+            if self.devices is not None:
+                for d in serve:
+                    self._on[(entry["graph"], d)] = self.graphs[name]
         with _malformed(path, "plan"):
             self.plan.validate({n: (len(e["inputs"]), len(e["outputs"])) for n, e in self.manifest["graphs"].items()})
         self.structure = self.manifest.get("output_structure", _structure.TENSOR)
@@ -201,6 +230,46 @@ class Executor:
         except PlanError as e:
             raise ValueError(f"{path}: {e}") from None
         self._records: RecordStore | None = None
+
+    def _device_set(self, devices, remote) -> "set | None":
+        """The devices whose graphs load here (None: not a per-device artifact)."""
+        if not self.manifest.get("devices"):
+            if devices is not None:
+                raise ValueError(f"{self.path}: devices={list(devices)} given, and the artifact is built for one "
+                                 f"target ({self.manifest['target'].get('name')}), not per device")
+            return None
+        # devices with a target of their own, and those a graph names that run on the build target
+        with _malformed(self.path, "devices"):
+            named = {*self.manifest["devices"], *(d for e in self.manifest["graphs"].values() for d in e["devices"]
+                                                  if d is not None)}
+        if devices is None:
+            return {None, *(d for d in named if d not in (remote or {}))}
+        if isinstance(devices, str):
+            raise TypeError(f"devices must be a list of device names like [{devices!r}], got the string {devices!r}")
+        unknown = [d for d in devices if d not in named]
+        if unknown:
+            raise ValueError(f"devices: {unknown} not in the artifact; its devices are {sorted(named)}")
+        return {None, *devices}
+
+    def _device_target(self, device: str) -> dict:
+        """Device's target from the manifest, with this Executor's overrides (threads, provider, ...)."""
+        t = dict(self.manifest["devices"].get(device) or self.manifest["target"])
+        t.update({k: v for k, v in self._overrides.items() if k != "provider" or t.get("backend") == "onnxruntime"})
+        return t
+
+    def graph_on(self, graph: str, device: "str | None") -> Any:
+        """The runtime that runs `graph` when the Plan calls it on `device`.
+
+        Raises:
+            ArtifactError: a per-device artifact whose graphs for `device` this Executor did not load."""
+        if self.devices is None:
+            return self.graphs[graph]
+        rt = self._on.get((graph, device))
+        if rt is None:
+            raise ArtifactError(f"{self.path}: the plan runs graph '{graph}' on device {device!r}, and this Executor "
+                                f"loaded the graphs of {sorted(d for d in self.devices if d is not None)} only; "
+                                "load it with that device in devices=[...] or give it in remote={...}")
+        return rt
 
     def _program_inputs(self) -> list[dict]:
         specs: dict[str, dict] = {}
@@ -257,11 +326,12 @@ class Executor:
         return self._local(name, arrays, self._runner.device)
 
     def _local(self, name: str, arrays: list, device: str | None) -> list:
+        run = self.graph_on(name, device)
         k = self._emulate.get(device, 1.0) if self._emulate else 1.0
         if k == 1.0:
-            return self.graphs[name](arrays)
+            return run(arrays)
         t0 = time.perf_counter()
-        out = self.graphs[name](arrays)
+        out = run(arrays)
         wait((k - 1.0) * (time.perf_counter() - t0))
         return out
 

@@ -190,7 +190,12 @@ def serve(path: str, part: str = "cloud", *, grpc_port: int = 8001, http_port: i
     from pytriton.triton import Triton, TritonConfig
 
     from pared.backends.executor import Executor
-    exe = Executor(path, trusted_keys=trusted_keys)
+    from pared.backends.artifact import read_manifest
+    per_device = read_manifest(path, trusted_keys=trusted_keys).get("devices") or {}
+    if per_device and part not in per_device:
+        raise RemoteError(f"{path}: no device {part!r} in the artifact (its devices: {sorted(per_device)})")
+    # a per-device artifact: only this device's graphs load (the others may be built for another CPU)
+    exe = Executor(path, trusted_keys=trusted_keys, devices=[part] if per_device else None)
     graphs = sorted({c.graph for c in exe.plan.calls() if c.device == part})
     if not graphs:
         devices = sorted({str(c.device) for c in exe.plan.calls()})
@@ -207,7 +212,7 @@ def serve(path: str, part: str = "cloud", *, grpc_port: int = 8001, http_port: i
                 answers = []
                 for req in requests:
                     t0 = time.perf_counter()
-                    res = exe.graphs[name]([req[n] for n in ins])
+                    res = exe.graph_on(name, part)([req[n] for n in ins])
                     d = {o: np.ascontiguousarray(v) for o, v in zip(outs, res)}
                     d[COMPUTE] = np.array([time.perf_counter() - t0], np.float64)
                     answers.append(d)

@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 import pared
 from pared.backends.artifact import read_manifest, write_artifact
 from pared.backends.executor import Executor
-from pared.backends.lower import lower_program
+from pared.backends.lower import device_targets, lower_program
 from pared.backends.measure import default_profiler
 from pared.backends.signing import UnsignedCodeWarning
 from pared.fidelity import Fidelity, side_by_side, summarize
@@ -230,9 +230,12 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, 
     t0 = time.perf_counter()
     target_json = tgt.to_json()
 
+    devices = device_targets(program)
+
     def build(tmp: str) -> dict:
-        graphs = lower_program(program, target_json, tmp, progress=say, **dict(backend_options or {}))
-        return _manifest(program, target_json, graphs, history)
+        graphs = lower_program(program, target_json, tmp, progress=say, devices=devices,
+                               **dict(backend_options or {}))
+        return _manifest(program, target_json, graphs, history, devices)
 
     try:
         write_artifact(staging, build)
@@ -245,8 +248,14 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, 
         {"name": n, "modified": r.modified, "stats": dict(r.stats), "seconds": round(dt, 3)} for n, r, dt in history],
         "timings": {k: round(v, 3) for k, v in timings.items()}}
 
-    if tgt.is_cross:
-        report["fidelity"] = {"skipped": f"built for {tgt.tvm_target.get('mtriple')}; cannot run on this host"}
+    cross = {d: Target.from_json(t, where=f"device '{d}'") for d, t in devices.items()}
+    cross = {d: t for d, t in cross.items() if t.is_cross}
+    if tgt.is_cross or cross:
+        report["fidelity"] = {"skipped": f"built for {tgt.tvm_target.get('mtriple')}; cannot run on this host"
+                              if tgt.is_cross else
+                              "device(s) " + ", ".join(f"'{d}' built for {t.tvm_target.get('mtriple')}"
+                                                      for d, t in cross.items())
+                              + "; they cannot run on this host"}
         report["speed"] = {"skipped": "cross build"}
         opt = Optimized.__new__(Optimized)
         opt.program, opt.target, opt._staging, opt._manifest, opt.report = program, tgt, staging, manifest, report
@@ -341,9 +350,11 @@ def _loop_pair(loop: Callable, model: torch.nn.Module, executor: Any) -> tuple[l
     return ref, got
 
 
-def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequence) -> dict:
+def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequence,
+              devices: Mapping[str, dict] | None = None) -> dict:
     records = program.records.to_json()     # "Type" / "Type@graph" -> the record's JSON (Executor.records reads it)
     return {
+        **({"devices": dict(devices)} if devices else {}),
         "pared_version": pared.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": target_json,

@@ -383,14 +383,17 @@ def save_program(program: Program, path: str, target: dict) -> str:
     the artifact atomically at `path`, with the plan and the program's records, as
     `Optimized.save` does but without a fidelity run. Returns the artifact path."""
     from pared.backends.artifact import write_artifact
-    from pared.backends.lower import lower_program
+    from pared.backends.lower import device_targets, lower_program
     from pared.ir.transform import Record
 
     from pared.ir.isa import host_cpu
 
+    devices = device_targets(program)
+
     def build(tmp: str) -> dict:
-        graphs = lower_program(program, target, tmp)
-        return {"graphs": graphs, "plan": program.plan.to_json(), "target": target,
+        graphs = lower_program(program, target, tmp, devices=devices)
+        return {**({"devices": devices} if devices else {}),
+                "graphs": graphs, "plan": program.plan.to_json(), "target": target,
                 "build_cpu": host_cpu().to_json(),
                 "output_structure": program.output_structure,
                 "records": {k: r.to_json() for k, r in program.records.items() if isinstance(r, Record)}}

@@ -109,6 +109,9 @@ class PartitionPlan(Record):
     trigger: str | None = None               # the offload trigger's state input (option trigger), or None
     trigger_threshold: float | None = None   # its score threshold (given, or calibrated to `share`)
     trigger_calibration_share: float | None = None   # share of calibration calls it offloads (hold included)
+    # device -> its target's JSON (the deployment's): the lowering builds each graph for the devices
+    # that run it (backends.lower.device_targets)
+    device_targets: dict = dataclasses.field(default_factory=dict)
 
     def case(self, label: str) -> PartitionCase:
         for c in self.cases:
@@ -277,7 +280,8 @@ class Partition(RewritePass):
         trigger, share = self._trigger(program, ctx)
         record = PartitionPlan(gname, o.first, o.second, dep.name, link.name, link.rtt, cases, tuple(order),
                                tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis,
-                               trigger.input[3:] if trigger else None, trigger.threshold if trigger else None, share)
+                               trigger.input[3:] if trigger else None, trigger.threshold if trigger else None, share,
+                               {d: dep.device(d).to_json() for d in (o.first, o.second)})
         selector = Bandwidth(f"link:{link.name}", tuple(order), tuple(edges),
                              link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis,
                              o.fall)
