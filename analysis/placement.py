@@ -8,7 +8,10 @@ the pieces between consecutive candidates are the segments. For a device this ho
 run (its own target, or a Deployment's emulation of a slower one), every segment is
 lowered with the device's backend and timed (all segments in the same rounds,
 alternating, medians; a one-op model gives the per-call overhead, which a part pays
-once, not per segment; an emulated device's times are the host's times its slowdown).
+once, not per segment; an emulated device's times are the host's times its slowdown). The
+overhead is timed one call at a time right after a call of the whole graph, as a part runs in
+a plan: on this host a one-op call took 7 µs back to back and about 100 µs right after the VLA's
+whole graph, and a split pays it twice.
 The whole graph is timed beside them; the segments timed alone sum to less or more than it
 (fusions across a cut, cache effects, a run call's cost per input and output), so they are
 scaled to sum to the whole graph's time less one call's overhead, and the unscaled sum's
@@ -46,7 +49,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -65,6 +70,8 @@ from pared.ir.transform import Analysis, PassContext, Record, check_range, regis
 
 #: the device name of this host when the cost model measures it only to fit the regression
 HOST = "host"
+#: calls of the overhead model (and of the input cut's encoder) timed one at a time after the whole graph
+COLD_CALLS = 15
 
 def _anywhere(*patterns: str) -> tuple[str, ...]:
     """Each pattern at the top level and under any module."""
@@ -112,7 +119,7 @@ class DeviceCost:
     measured: bool                          # segment times measured here (else estimated)
     segment_s: tuple[float, ...]            # per segment: the time used (measured when measured)
     estimate_s: tuple[float, ...]           # per segment: the regression's estimate
-    overhead_s: float                       # per part: one runtime call's fixed cost
+    overhead_s: float                       # per part: one runtime call's fixed cost (timed after another graph)
     whole_s: float | None = None            # the whole graph, measured (None: not measured)
     sum_error: float | None = None          # |sum of segments timed alone + overhead - whole| / whole (measured
     #                                         only; segment_s is scaled to remove it)
@@ -356,8 +363,22 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
                 runners[(setup, key)] = lower(Program.single(cg), f"the {key[1]} codec" if key[0] == "codec" else
                                               f"the input cut's {key[1]} encoder")
         timed, rounds = _alternate(runners, repeats, min_time)
+        # a call's fixed cost as a plan pays it: one call right after the whole graph ran (its
+        # caches cold), not one of many back to back, which the rounds above time
+        cold: dict[Any, float] = {}
+        for setup in dict.fromkeys(setup_of.values()):
+            keys = ["overhead", *(k for k in codecs if k[0] == "input")]
+            ts: dict[Any, list[float]] = {k: [] for k in keys}
+            for _ in range(max(repeats, COLD_CALLS)):
+                for k in keys:
+                    runners[(setup, "whole")]()
+                    t0 = time.perf_counter()
+                    runners[(setup, k)]()
+                    ts[k].append(time.perf_counter() - t0)
+            cold.update({(setup, k): statistics.median(v) for k, v in ts.items()})
     med = {(d, k): timed[(setup_of[d], k)] for d in measured
            for k in [*range(len(feats)), "whole", "overhead", *codecs]}
+    call = {(d, k): cold[(setup_of[d], k)] for d in measured for k in ["overhead", *codecs] if (setup_of[d], k) in cold}
     ref = measured[0]
     slow = {d: deployment.slowdown(d) for d in measured}
     raw = {d: [max(med[(d, i)] - med[(d, "overhead")], 0.0) * slow[d] for i in range(len(feats))]
@@ -368,7 +389,7 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
     seg_s = {}
     for d in measured:
         total = sum(raw[d])
-        want = max(med[(d, "whole")] - med[(d, "overhead")], 0.0) * slow[d]
+        want = max(med[(d, "whole")] - call[(d, "overhead")], 0.0) * slow[d]
         seg_s[d] = [v * want / total for v in raw[d]] if total > 0 else raw[d]
     ref_dev = deployment.device(ref)
     x_ref = _design(feats, ref_dev.peak_flops, ref_dev.mem_bandwidth)
@@ -385,16 +406,16 @@ def placement_cost(program: Program, graph: str, deployment: Deployment, devices
         t = deployment.device(dev)
         est = [max(float(v), 0.0) for v in _design(feats, t.peak_flops, t.mem_bandwidth) @ coef]
         if dev in measured:
-            over = med[(dev, "overhead")] * slow[dev]
+            over = call[(dev, "overhead")] * slow[dev]
             whole = med[(dev, "whole")] * slow[dev]
             per_value = {k[1]: max(med[(dev, k)] - med[(dev, "overhead")], 0.0) * slow[dev] / codec_n
                          for k in codecs if k[0] == "codec"}
-            encode = {k[1]: med[(dev, k)] * slow[dev] for k in codecs if k[0] == "input"}
+            encode = {k[1]: call[(dev, k)] * slow[dev] for k in codecs if k[0] == "input"}
             out.append(DeviceCost(dev, t.peak_flops, t.mem_bandwidth, True, tuple(seg_s[dev]), tuple(est), over,
                                   whole, abs(sum(raw[dev]) + over - whole) / whole,
                                   abs(sum(est) + over - whole) / whole, per_value, encode))
         else:
-            over = med[(ref, "overhead")] * slow[ref]
+            over = call[(ref, "overhead")] * slow[ref]
             # a codec moves memory: the measured device's rate, scaled by the memory bandwidths
             r = deployment.device(ref)
             per_value = {k[1]: max(med[(ref, k)] - med[(ref, "overhead")], 0.0) * slow[ref] / codec_n

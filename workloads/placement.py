@@ -56,6 +56,7 @@ does not redo.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -108,7 +109,25 @@ def time_graphs(exe: Executor, names: list[str], inputs: dict[str, list], rounds
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float, artifact: str | None = None) -> dict:
+def replan(model, inputs, name: str):
+    """The cost model measured now, by this code, on the same graph and devices as the artifact's
+    (what `partition` would plan with if it were built again here)."""
+    from pared.analysis.placement import DEFAULT_AT, placement_cost
+    from pared.backends.measure import default_profiler
+    from pared.ir.capture import capture
+    from pared.ir.transform import PassContext
+    t0 = time.perf_counter()
+    pc = placement_cost(capture(model, inputs), "main", get_deployment(DEPLOYMENT), ("edge", "cloud"),
+                        PassContext(measure=default_profiler()), tuple(AT[name] or DEFAULT_AT), repeats=10,
+                        min_time=3.0, compressions=("none", "fp16"))
+    say(f"{name}: cost model measured again in {time.perf_counter() - t0:.0f} s: edge call overhead "
+        f"{pc.device('edge').overhead_s * 1e6:.0f} us, input fp16 encoder "
+        f"{pc.device('edge').input_encode_s.get('fp16', float('nan')) * 1e6:.0f} us")
+    return pc
+
+
+def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float, artifact: str | None = None,
+        again: bool = False) -> dict:
     model, inputs = build(name)
     opts = {"deployment": DEPLOYMENT, "cases": "all", "mbit": mbits, "compress": ["none", "fp16"],
             "repeats": 10, "min_time": 3.0}
@@ -127,6 +146,9 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
     build_s = time.perf_counter() - t0
     pp = records.of("PartitionPlan", "main")
     pc = records.of("PlacementCost", "main")
+    pc_now = replan(model, inputs, name) if again else None
+    if pc_now is not None and [c.name for c in pc_now.cuts] != [c.name for c in pc.cuts]:
+        raise SystemExit(f"{name}: the graph captured now has other cuts than the artifact's; rebuild it")
     say(f"{name}: {len(pc.cuts)} cuts, {len(pp.cases)} cases, built in {build_s:.0f} s; bands {pp.bands} "
         f"edges {[round(e, 2) for e in pp.edges_mbit]} Mbit/s")
     exe = Executor(path, threads=1)
@@ -171,7 +193,19 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
         chosen = p.chosen
         k = index[pp.case(chosen).cut]
         modeled = pc.latency(k, "edge", "cloud", link, pp.case(chosen).compression)
-        sweep.append({"mbit": p.mbit, "chosen": chosen, "chosen_cut": pp.case(chosen).cut,
+        if pc_now is not None:   # the case the cost model measured now picks among the artifact's
+            now = {c.label: pc_now.latency(index[c.cut], "edge", "cloud", link, c.compression) for c in pp.cases}
+            pick = min(now, key=now.get)
+            replanned = {"replanned_chosen": pick, "replanned_modeled_ms": now[pick] * 1e3,
+                         "replanned_measured_ms": measured[pick] * 1e3,
+                         "replanned_over_oracle": measured[pick] / measured[oracle],
+                         "replanned_model_error": abs(now[pick] - measured[pick]) / measured[pick]}
+            say(f"  {p.mbit:g} Mbit/s: the cost model measured now picks {pick} ({pp.case(pick).cut}) measured "
+                f"{measured[pick] * 1e3:.2f} ms, model {now[pick] * 1e3:.2f} ({measured[pick] / measured[oracle]:.3f}x "
+                "the oracle)")
+        else:
+            replanned = {}
+        sweep.append({**replanned, "mbit": p.mbit, "chosen": chosen, "chosen_cut": pp.case(chosen).cut,
                       "chosen_bytes": pp.case(chosen).bytes,
                       "modeled_ms": modeled * 1e3, "measured_ms": measured[chosen] * 1e3,
                       "oracle": oracle, "oracle_cut": pp.case(oracle).cut, "oracle_ms": measured[oracle] * 1e3,
@@ -209,6 +243,10 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
         sweep_row = next(s for s in sweep if s["mbit"] == p.mbit)
         row["parts_estimate_ms"] = sweep_row["measured_ms"]
         e2e.append(row)
+        # each Executor holds its ORT sessions (~1 GB for this artifact's 131 graphs) in a reference
+        # cycle with its plan runner: collect them before the next arms load
+        arms.clear()
+        gc.collect()
         say(f"  e2e {p.mbit:g} Mbit/s: adaptive ({row['adaptive_case']}) {row['adaptive_ms']:.2f} ms "
             f"(parts {sweep_row['measured_ms']:.2f}), edge-only {row['edge_only_ms']:.2f}, "
             f"cloud-only {row['cloud_only_ms']:.2f}")
@@ -247,6 +285,10 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
                            "devices": {d.device: {"whole_ms": (d.whole_s or 0) * 1e3, "sum_error": d.sum_error,
                                                   "overhead_us": d.overhead_s * 1e6,
                                                   "estimate_error": d.estimate_error} for d in pc.devices}},
+            **({"replanned_cost_model": {
+                "edge_call_overhead_us": pc_now.device("edge").overhead_s * 1e6,
+                "edge_input_fp16_encoder_us": pc_now.device("edge").input_encode_s.get("fp16", float("nan")) * 1e6,
+                "loo_error": pc_now.loo_error}} if pc_now is not None else {}),
             "sweep": sweep, "e2e": e2e,
             "trace": {"schedule_mbit_calls": TRACE, "arms": trace, "best_fixed": best_fixed,
                       "adaptive_over_best_fixed": trace["adaptive"]["total_s"] / trace[best_fixed]["total_s"]},
@@ -466,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--episodes", type=int, default=5, help="faults, trigger: closed-loop episodes per task and arm")
     ap.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                     help="sweep: time an artifact this script built before instead of building it again")
+    ap.add_argument("--replan", action="store_true",
+                    help="sweep with --artifact: also measure the cost model again with this code and report the "
+                         "case it would pick per bandwidth against the oracle")
     ap.add_argument("--json", default=RESULTS, help="the results file (default benchmarks/results/placement.json)")
     args = ap.parse_args(argv)
     out_json = os.path.abspath(args.json)
@@ -497,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.part in ("all", "sweep"):
         for name in args.workloads:
             given = dict(a.split("=", 1) for a in args.artifact)
-            results[name] = run(name, args.mbit, args.rounds, slowdown, rtt, given.get(name))
+            results[name] = run(name, args.mbit, args.rounds, slowdown, rtt, given.get(name), args.replan)
             write()
     if args.part in ("all", "trigger"):
         results["trigger"] = trigger(args.episodes, slowdown, rtt)
@@ -528,6 +573,8 @@ def summary(results: dict) -> list[str]:
             lines.append(f"  {p['mbit']:g} Mbit/s: {p['chosen']} ({p['chosen_cut']}) {p['measured_ms']:.1f} ms, "
                          f"oracle {p['oracle_ms']:.1f} ms ({p['chosen_over_oracle']:.3f}x), "
                          f"{p['speedup_vs_edge']:.2f}x vs edge, {p['speedup_vs_cloud']:.2f}x vs cloud"
+                         + (f"; measured again, the model picks {p['replanned_chosen']} "
+                            f"({p['replanned_over_oracle']:.3f}x)" if "replanned_chosen" in p else "")
                          + (f"; end to end {row['adaptive_ms']:.1f} ms vs edge-only {row['edge_only_ms']:.1f}, "
                             f"cloud-only {row['cloud_only_ms']:.1f}" if row else ""))
         t = r.get("trace")
