@@ -206,7 +206,7 @@ _UNION_TYPES = (typing.Union, types.UnionType)
 def _decode(value: Any, hint: Any, where: str) -> Any:
     """`value` (as json.loads gives it) as the type `hint` names."""
     if hint is Any or hint is object or isinstance(hint, (typing.TypeVar, typing.ForwardRef, str)):
-        return _plain(value)
+        return plain(value)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in _UNION_TYPES:
         if value is None and type(None) in args:
@@ -235,7 +235,7 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
     elif origin is tuple or hint is tuple:
         if isinstance(value, (list, tuple)):
             if not args:
-                return tuple(_plain(v) for v in value)
+                return tuple(plain(v) for v in value)
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_decode(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
             if args == ((),):
@@ -286,7 +286,7 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
         raise RecordError(f"{where}: a {hint.__qualname__} does not come back from JSON ({_json_kind(value)} "
                           f"{_short(value)}); records hold JSON-friendly fields")
     else:
-        return _plain(value)
+        return plain(value)
     raise RecordError(f"{where}: expected {_hint_name(hint)}, got {_json_kind(value)} {_short(value)}")
 
 
@@ -308,12 +308,14 @@ def _decode_key(key: str, hint: Any, where: str) -> Any:
                       f"(records' mappings are keyed by str, int or float)")
 
 
-def _plain(value: Any) -> Any:
-    """A field hinted Any: JSON lists back to tuples (records hold no lists), objects to dicts."""
+def plain(value: Any) -> Any:
+    """A JSON value as a record holds it (a field hinted Any, or a dict field): lists as tuples
+    (records hold no lists), objects as dicts. A record built from such values equals itself
+    after a JSON round trip."""
     if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 

@@ -64,6 +64,7 @@ from pared.analysis.placement import DEFAULT_AT, PlacementCost, cut_features, pl
 from pared.ir import cuts as _cuts
 from pared.ir.errors import OptionError, PassError, PlanError, TargetError
 from pared.ir.plan import Call, Node, Select, Seq, Transfer
+from pared.ir.records import plain
 from pared.ir.program import Graph, Program
 from pared.ir.selectors.bandwidth import FALLS, Bandwidth
 from pared.ir.selectors.offload import Offload, calibrated_threshold
@@ -118,15 +119,6 @@ class PartitionPlan(Record):
             if c.label == label:
                 return c
         raise KeyError(label)
-
-
-def _as_record(v):
-    """A JSON value as a record holds it after a round trip (lists as tuples)."""
-    if isinstance(v, Mapping):
-        return {k: _as_record(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return tuple(_as_record(x) for x in v)
-    return v
 
 
 def _label(cut: _cuts.Cut, compression: str, last: int) -> str:
@@ -290,7 +282,7 @@ class Partition(RewritePass):
         record = PartitionPlan(gname, o.first, o.second, dep.name, link.name, link.rtt, cases, tuple(order),
                                tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis,
                                trigger.input[3:] if trigger else None, trigger.threshold if trigger else None, share,
-                               {d: _as_record(dep.device(d).to_json()) for d in (o.first, o.second)})
+                               {d: plain(dep.device(d).to_json()) for d in (o.first, o.second)})
         selector = Bandwidth(f"link:{link.name}", tuple(order), tuple(edges),
                              link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis,
                              o.fall)

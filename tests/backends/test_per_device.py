@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from pared.analysis.placement import modeled_cost
 from pared.backends.artifact import read_manifest
 from pared.backends.executor import Executor
 from pared.backends.lower import lowering_key, placements
+from pared.backends.signing import UnsignedCodeWarning
 from pared.ir.capture import capture
 from pared.ir.errors import ArtifactError
 from pared.ir.target import Deployment, get_target
@@ -100,7 +102,12 @@ def test_every_case_runs_on_its_devices_and_matches_eager(tvm_artifact):
 def test_a_process_loads_only_the_devices_it_runs(tvm_artifact):
     m, x, prog, path = tvm_artifact
     man = read_manifest(path)
-    cloud = Executor(path, devices=["cloud"], pin={"partition.main": "second"})
+    # it loads no TVM library, so it does not warn about running the artifact's code; the edge does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsignedCodeWarning)
+        cloud = Executor(path, devices=["cloud"], pin={"partition.main": "second"})
+    with pytest.warns(UnsignedCodeWarning, match=r"main\.whole\.so"):
+        Executor(path, devices=["edge"])
     assert {e["backend"] for k, e in man["graphs"].items() if k in cloud.graphs} == {"onnxruntime"}
     with torch.no_grad():
         ref = m(*x).numpy()
