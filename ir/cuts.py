@@ -17,16 +17,21 @@ always exist: `input` (position 0: the other side runs everything) and `output`
 (everything runs on this side).
 
 A graph whose nodes are not a chain still splits correctly at any position (the
-live set is what crosses); the candidate with fewest bytes is found by scanning,
-not by a min-cut over the DAG (DADS). Topological order is torch.export's, so a
-value an early node computes for a late one crosses every cut in between: that is
-counted, and such cuts are seldom chosen.
+live set is what crosses). Topological order is torch.export's, so a value an early
+node computes for a late one crosses every cut in between: that is counted, and such
+cuts are seldom chosen. A cut need not follow graph order: any set of compute nodes
+closed under inputs can run first (`first_set`; a DAG min-cut, DADS, finds one:
+analysis/placement.dads_cut); it is named by a position and the nodes `moved` across
+it.
 
     compute_nodes(gm)              the call_function nodes, in order
     live_at(gm, p)                 the values crossing position p
+    live_of(gm, first)             the values crossing from a set of compute nodes to the rest
+    first_set(gm, p, moved)        a cut's first-side nodes (checked closed under inputs)
+    as_moved(gm, first)            a first-side set as (position, moved)
     candidate_cuts(gm, at)         the candidate Cuts with their bytes (a cut where a graph output is
                                    already computed is left out: the second part would return its input)
-    split(gm, p)                   (first, second): two GraphModules sharing gm's parameters
+    split(gm, p, moved)            (first, second): two GraphModules sharing gm's parameters
     compress(first, second, mode)  fp16 or int8 (per-tensor scale) across the cut
     pass_through(first)            outputs of a first part that are its inputs unchanged
     codec_graph(mode, side, n)     the encoder (or decoder) of one float value of n elements alone,
@@ -78,15 +83,54 @@ def live_at(gm: fx.GraphModule, position: int) -> list[fx.Node]:
     nodes = compute_nodes(gm)
     if not 0 <= position <= len(nodes):
         raise ValueError(f"cut position {position} is outside 0..{len(nodes)}")
-    before = set(nodes[:position])
-    after = set(nodes[position:])
+    return live_of(gm, set(nodes[:position]))
+
+
+def live_of(gm: fx.GraphModule, first: set[fx.Node]) -> list[fx.Node]:
+    """The values crossing from the compute nodes `first` to the rest, in graph order: graph
+    inputs and values of `first` read by another compute node or by the graph's output."""
+    after = {n for n in compute_nodes(gm) if n not in first}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    live = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or n in before:
-            if any(u in after or u is out_node for u in n.users):
-                live.append(n)
-    return live
+    return [n for n in gm.graph.nodes if (n.op == "placeholder" or n in first)
+            and any(u in after or u is out_node for u in n.users)]
+
+
+def first_set(gm: fx.GraphModule, position: int, moved: Sequence[str] = ()) -> set[fx.Node]:
+    """The compute nodes of a cut's first side: the first `position`, with the nodes named in
+    `moved` switched to the other side (a DAG cut: `moved` is empty for a cut in graph order).
+
+    Raises:
+        ValueError: a position out of range, a name that is no compute node, or a set that is not
+            closed under its inputs (a first-side node reading a second-side value: nothing comes
+            back from the second side before it ends), naming the node.
+    """
+    nodes = compute_nodes(gm)
+    if not 0 <= position <= len(nodes):
+        raise ValueError(f"cut position {position} is outside 0..{len(nodes)}")
+    first = set(nodes[:position])
+    by_name = {n.name: n for n in nodes}
+    for name in moved:
+        if name not in by_name:
+            raise ValueError(f"cut: {name!r} is no compute node of the graph")
+        first ^= {by_name[name]}
+    compute = set(nodes)
+    for n in nodes:
+        if n in first:
+            bad = [a.name for a in n.all_input_nodes if a in compute and a not in first]
+            if bad:
+                raise ValueError(f"cut: node {n.name} is on the first side but reads {bad} from the second; a cut "
+                                 "must be closed under inputs (nothing returns before the second side ends)")
+    return first
+
+
+def as_moved(gm: fx.GraphModule, first: set[fx.Node] | set[str]) -> tuple[int, tuple[str, ...]]:
+    """A first-side set as (position, moved): position its size, moved the nodes (in graph order)
+    where it differs from the first `position` compute nodes (empty for a cut in graph order)."""
+    nodes = compute_nodes(gm)
+    names = {n if isinstance(n, str) else n.name for n in first}
+    p = sum(1 for n in nodes if n.name in names)
+    prefix = {n.name for n in nodes[:p]}
+    return p, tuple(n.name for n in nodes if (n.name in names) != (n.name in prefix))
 
 
 def _nbytes(node: fx.Node) -> tuple[int, bool]:
@@ -188,19 +232,22 @@ def _extract(gm: fx.GraphModule, inputs: Sequence[fx.Node], body: Sequence[fx.No
     return out
 
 
-def split(gm: fx.GraphModule, position: int) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
-    """The graph cut after `position` compute nodes: (first, second, live names).
+def split(gm: fx.GraphModule, position: int, moved: Sequence[str] = ()
+          ) -> tuple[fx.GraphModule, fx.GraphModule, list[str]]:
+    """The graph cut after `position` compute nodes (with `moved` switched to the other side, a
+    DAG cut: first_set): (first, second, live names).
 
     first takes gm's inputs and returns the live values (a tuple, in graph order); second
     takes the live values (placeholders named as them) and returns gm's outputs. Both
     read gm's parameters (the same tensors). second(*first(*x)) computes gm(*x).
     """
     nodes = compute_nodes(gm)
-    live = live_at(gm, position)
+    side = first_set(gm, position, moved)
+    live = live_of(gm, side)
     ins = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    first = _extract(gm, ins, nodes[:position], tuple(live))
-    second = _extract(gm, live, nodes[position:], out_node.args[0])
+    first = _extract(gm, ins, [n for n in nodes if n in side], tuple(live))
+    second = _extract(gm, live, [n for n in nodes if n not in side], out_node.args[0])
     return first, second, [n.name for n in live]
 
 

@@ -548,6 +548,30 @@ def tiny_patchnet(seed: int = 0, batch: int = 1) -> tuple[nn.Module, tuple[torch
     return m, (torch.randn(batch, 3, 32, 32),)
 
 
+class TwoBranchNet(nn.Module):
+    """x (B, 4096) -> (B, 8): two branches that each shrink x, one of them then heavy, merged at the
+    end; the heavy branch comes first in graph order, so no cut in graph order runs both
+    reductions on one side and the heavy part on the other (the split a DAG min-cut finds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.red_a = nn.Linear(4096, 64)
+        self.heavy = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                                   nn.Linear(1024, 64))
+        self.red_b = nn.Linear(4096, 64)
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.heavy(self.red_a(x))
+        b = self.red_b(x)
+        return self.out(a + b)
+
+
+def two_branch_net(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(seed)
+    return TwoBranchNet().eval(), (torch.randn(1, 4096),)
+
+
 #: a deployment for partition tests: a slow edge (a tenth of a GFLOP/s) and a fast cloud, both stated
 #: as other CPUs (so estimated, never measured here), over a 20 Mbit/s, 1 ms RTT link
 SLOW_EDGE_FAST_CLOUD = {"name": "test", "devices": {

@@ -46,10 +46,15 @@ every bandwidth of the sweep is left as it is.
 Records: PlacementCost (the model) and PartitionPlan (the sweep: per bandwidth the
 chosen case, its modeled latency, first-only, second-only, and the best over every cut).
 
-What this slice does not do: the graphs of both devices are lowered for the build target
-(the Plan says which device runs each; per-device lowering is next); a DAG min-cut
-(DADS) is not used: cuts are positions in graph order (module docstring of ir/cuts.py);
-one graph is partitioned, other graphs of the program run on the first device.
+The record keeps each device's target (`device_targets`): the lowering builds every graph for
+the targets of the devices the Plan runs it on (backends/lower.py).
+
+Option `search: dads` adds DADS (Hu et al., INFOCOM 2019; analysis/dads.py): for each
+bandwidth of the sweep and each allowed compression, the minimum s-t cut of the graph's DAG
+with the cost model's per-node times, a set of nodes to run first that need not be a prefix
+(its case `d<position>[m<digest>]`, split by ir/cuts.first_set); it competes with the chain's
+cuts by modeled latency. One graph is partitioned; other graphs of the program run on the
+first device.
 """
 from __future__ import annotations
 
@@ -72,6 +77,8 @@ from pared.ir.target import Deployment, Link, get_deployment
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 
 MBIT = 1e6 / 8
+#: how the cuts are searched: in graph order at region boundaries, or also by a DAG min-cut (DADS)
+SEARCHES = ("chain", "dads")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class PartitionCase:
     position: int
     compression: str         # none | fp16 | int8
     bytes: int               # crossing per call (with compression)
+    moved: tuple[str, ...] = ()   # a DAG cut (search: dads): the nodes where its first side differs from
+    #                               the first `position` compute nodes (ir/cuts.first_set)
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,8 @@ class PartitionPlan(Record):
     # device -> its target's JSON (the deployment's): the lowering builds each graph for the devices
     # that run it (backends.lower.device_targets)
     device_targets: dict = dataclasses.field(default_factory=dict)
+    search: str = "chain"    # chain: cuts in graph order at region boundaries; dads: also a DAG min-cut per
+    #                          bandwidth and compression
 
     def case(self, label: str) -> PartitionCase:
         for c in self.cases:
@@ -151,6 +162,8 @@ class Partition(RewritePass):
         fall: str = "immediate"                      # a measured drop moves the cut at once; average: the mean only
         repeats: int = 10                            # timing rounds of the cost model
         min_time: float = 2.0                        # ... and at least this long (s)
+        search: str = "chain"                        # chain: the candidate cuts in graph order; dads: also the DAG
+        #                                              min-cut (analysis/dads.py) per bandwidth and compression
         trigger: dict | None = None                  # offload only on anomalous steps (RAPID): input (the state
         #                                              input, default "state"), position, previous, effort,
         #                                              effort_previous, window, smooth, threshold | share, hold,
@@ -175,6 +188,9 @@ class Partition(RewritePass):
             if self.first == self.second:
                 raise OptionError(f"pass 'partition': options 'first' and 'second' name the same device "
                                   f"{self.first!r}")
+            if self.search not in SEARCHES:
+                raise OptionError(f"pass 'partition': option 'search' must be one of {list(SEARCHES)}, "
+                                  f"got {self.search!r}")
             if self.cases not in ("winners", "all"):
                 raise OptionError(f"pass 'partition': option 'cases' must be 'winners' or 'all', got {self.cases!r}")
             check_range("partition", "window", self.window, lo=1)
@@ -251,38 +267,42 @@ class Partition(RewritePass):
         link = dep.link(o.first, o.second)
         cands = [c.cut() for c in cost.cuts]
         last = cands[-1].position
-        options = []   # (label, cut index, compression)
+        # every option: label -> (its latency over a link, where it cuts: (cut name, position, moved,
+        # compression, bytes))
+        lat_of: dict[str, object] = {}
+        where: dict[str, tuple] = {}
         for k, c in enumerate(cands):
             comps = ["none"] if c.position == last or c.float_bytes == 0 else list(o.compress)
             for comp in comps:
-                options.append((_label(c, comp, last), k, comp))
+                lab = _label(c, comp, last)
+                lat_of[lab] = (lambda lk, k=k, comp=comp: cost.latency(k, o.first, o.second, lk, comp))
+                where[lab] = (c.name, c.position, (), comp, c.bytes_as(comp) if k < len(cands) - 1 else 0)
+        if o.search == "dads":
+            self._dads(program, gname, cost, link, lat_of, where, {c.position for c in cands}, ctx)
         sweep = []
         for mb in o.mbit:
             lk = Link("sweep", bandwidth=mb * MBIT, rtt=link.rtt)
-            lat = {lab: cost.latency(k, o.first, o.second, lk, comp) for lab, k, comp in options}
+            lat = {lab: f(lk) for lab, f in lat_of.items()}
             best = min(lat, key=lambda lab: (lat[lab], lab))
             sweep.append(SweepPoint(mb, best, lat[best], lat["first"], lat["second"]))
-        info = {lab: (k, comp) for lab, k, comp in options}
         # bands in sweep order; a case that wins again after another keeps its first band only
         order, edges = [sweep[0].chosen], []
         for p, q in zip(sweep, sweep[1:]):
             if q.chosen != p.chosen and q.chosen not in order and p.chosen == order[-1]:
-                edges.append(self._crossover(cost, info[p.chosen], info[q.chosen], link, o,
-                                             p.mbit * MBIT, q.mbit * MBIT))
+                edges.append(self._crossover(lat_of[p.chosen], lat_of[q.chosen], link, p.mbit * MBIT, q.mbit * MBIT))
                 order.append(q.chosen)
         if order == ["first"] and o.cases == "winners":
             ctx.log.info("partition: %s runs fastest on %s alone at every bandwidth of the sweep %s Mbit/s; "
                          "left as it is", gname, o.first, list(o.mbit))
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"cases": 0})
-        labels = order + ([lab for lab, _, _ in options if lab not in order] if o.cases == "all" else [])
-        cases = tuple(PartitionCase(lab, cands[info[lab][0]].name, cands[info[lab][0]].position, info[lab][1],
-                                    cands[info[lab][0]].bytes_as(info[lab][1]) if info[lab][0] < len(cands) - 1 else 0)
+        labels = order + ([lab for lab in lat_of if lab not in order] if o.cases == "all" else [])
+        cases = tuple(PartitionCase(lab, where[lab][0], where[lab][1], where[lab][3], where[lab][4], where[lab][2])
                       for lab in labels)
         trigger, share = self._trigger(program, ctx)
         record = PartitionPlan(gname, o.first, o.second, dep.name, link.name, link.rtt, cases, tuple(order),
                                tuple(e / MBIT for e in edges), tuple(sweep), o.window, o.hysteresis,
                                trigger.input[3:] if trigger else None, trigger.threshold if trigger else None, share,
-                               {d: plain(dep.device(d).to_json()) for d in (o.first, o.second)})
+                               {d: plain(dep.device(d).to_json()) for d in (o.first, o.second)}, o.search)
         selector = Bandwidth(f"link:{link.name}", tuple(order), tuple(edges),
                              link.bandwidth if link.bandwidth else o.mbit[-1] * MBIT, o.window, o.hysteresis,
                              o.fall)
@@ -312,12 +332,12 @@ class Partition(RewritePass):
                               where=self.name, compressions=o.compress)
 
     @staticmethod
-    def _crossover(cost: PlacementCost, a, b, link: Link, o, lo: float, hi: float) -> float:
+    def _crossover(a, b, link: Link, lo: float, hi: float) -> float:
         """The bandwidth in [lo, hi] where case a (winning at lo) and case b (winning at hi) have
-        equal modeled latency (bisection in log bandwidth)."""
+        equal modeled latency (bisection in log bandwidth); a and b: latency over a link."""
         def diff(bw: float) -> float:
             lk = Link("x", bandwidth=bw, rtt=link.rtt)
-            return cost.latency(a[0], o.first, o.second, lk, a[1]) - cost.latency(b[0], o.first, o.second, lk, b[1])
+            return a(lk) - b(lk)
         for _ in range(60):
             mid = math.sqrt(lo * hi)
             if diff(mid) <= 0:
@@ -325,6 +345,26 @@ class Partition(RewritePass):
             else:
                 hi = mid
         return math.sqrt(lo * hi)
+
+    def _dads(self, program: Program, gname: str, cost: PlacementCost, link: Link, lat_of: dict, where: dict,
+              chain_positions: set[int], ctx: PassContext) -> None:
+        """Add the DAG min-cut of each bandwidth of the sweep and each compression to the options
+        (a cut the chain search has already is not added twice)."""
+        from pared.analysis.dads import dads_cut
+        o = self.options
+        gm = cut_features(program, gname, o.at, self.name)[0]
+        found = 0
+        for mb in o.mbit:
+            for comp in o.compress:
+                dc = dads_cut(cost, gm, o.first, o.second, Link("sweep", bandwidth=mb * MBIT, rtt=link.rtt), comp)
+                if dc is None or (not dc.moved and dc.position in chain_positions) or dc.label in lat_of:
+                    continue
+                lat_of[dc.label] = (lambda lk, dc=dc: dc.latency(lk, cost.output_bytes))
+                where[dc.label] = (dc.name, dc.position, dc.moved, comp, dc.nbytes)
+                found += 1
+                ctx.log.info("partition: DADS at %g Mbit/s (%s): %d nodes first, %d moved from graph order, %d bytes "
+                             "cross (%d values)", mb, comp, dc.position, len(dc.moved), dc.nbytes, len(dc.live))
+        ctx.progress(f"partition: DADS found {found} cut(s) the chain search does not have")
 
     def _trigger(self, program: Program, ctx: PassContext) -> tuple[Offload | None, float | None]:
         """The offload trigger (option trigger), its threshold calibrated to `share` of the calibration
@@ -375,7 +415,7 @@ class Partition(RewritePass):
         for case in record.cases:
             if case.label in ("first", "second"):
                 continue
-            a, b, live = _cuts.split(gm, case.position)
+            a, b, live = _cuts.split(gm, case.position, case.moved)
             with torch.no_grad():
                 crossing = list(a(*g.example_inputs))
             names = _cuts.compress(a, b, case.compression, crossing) if case.compression != "none" else live

@@ -164,3 +164,34 @@ def test_codec_graphs_are_what_compress_adds(patchnet, mode):
     assert torch.equal(back, want)
     with pytest.raises(ValueError, match="no codec for mode 'none'"):
         cuts.codec_graph("none", "send", 4)
+
+
+def test_a_cut_off_graph_order_splits_and_composes():
+    """first_set with `moved`: a first side that is no prefix (both of TwoBranchNet's reductions);
+    its parts compose to the graph, as_moved gives the set back, and a set that is not closed
+    under inputs is refused naming the node."""
+    from pared.testing import two_branch_net
+    m, x = two_branch_net()
+    g, gm = _prepared(m, x)
+    nodes = cuts.compute_nodes(gm)
+    red = [n for n in nodes if any(p in ("red_a", "red_b") for p, _ in cuts.node_module_path(n))]
+    assert len(red) == 4                                  # a weight transpose and an addmm each
+    position, moved = cuts.as_moved(gm, set(red))
+    assert position == 4 and moved                       # red_b comes after heavy in graph order
+    side = cuts.first_set(gm, position, moved)
+    assert side == set(red)
+    assert cuts.as_moved(gm, {n.name for n in red}) == (position, moved)
+    live = cuts.live_of(gm, side)
+    assert [v.op for v in live] == ["call_function", "call_function"]    # x stays on the first side
+    first, second, names = cuts.split(gm, position, moved)
+    assert names == [v.name for v in live]
+    with torch.no_grad():
+        torch.testing.assert_close(second(*first(*x))[0], gm(*x)[0])
+    # a prefix is the cut in graph order
+    assert cuts.first_set(gm, 3) == set(nodes[:3]) and cuts.as_moved(gm, set(nodes[:3])) == (3, ())
+    heavy_first = next(n for n in nodes if any(p == "heavy.0" for p, _ in cuts.node_module_path(n))
+                       and n.op == "call_function" and "addmm" in n.name)
+    with pytest.raises(ValueError, match=f"node {heavy_first.name} is on the first side but reads"):
+        cuts.first_set(gm, 0, [heavy_first.name])
+    with pytest.raises(ValueError, match="'nope' is no compute node"):
+        cuts.first_set(gm, 1, ["nope"])

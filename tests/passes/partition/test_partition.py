@@ -205,6 +205,7 @@ def test_second_run_finds_nothing_to_do():
     ({"deployment": DEP, "mbit": [0]}, "option 'mbit' must be bandwidths > 0"),
     ({"deployment": DEP, "first": "cloud"}, "options 'first' and 'second' name the same device"),
     ({"deployment": DEP, "cases": "some"}, "option 'cases' must be 'winners' or 'all'"),
+    ({"deployment": DEP, "search": "greedy"}, "option 'search' must be one of \\['chain', 'dads'\\]"),
     ({"deployment": DEP, "hysteresis": 1.5}, "option 'hysteresis' must be in"),
     ({"deployment": DEP, "second": "gpu"}, "deployment 'test' has no device 'gpu'"),
     ({"deployment": "/nope.yaml"}, "deployment file /nope.yaml does not exist"),
@@ -402,3 +403,41 @@ def test_bad_trigger_options(trigger, ctx_calib, msg, err):
     calib = [(x[0], s) for s in _trajectory(40)] if ctx_calib else None
     with pytest.raises(err, match=msg):
         Partition(deployment=DEP, at=list(at), mbit=SWEEP, trigger=trigger)(prog, PassContext(calibration=calib))
+
+
+def test_search_dads_adds_the_dag_cut_and_its_artifact_computes_the_model(tmp_path):
+    """search: dads on TwoBranchNet: at 1 Mbit/s the DAG min-cut (both reductions on the edge, the
+    heavy branch on the cloud) beats every cut in graph order; it becomes the low band's case, its
+    parts compose to the eager model, and the saved artifact runs it torch-free over the link."""
+    from pared.backends.executor import Executor
+    from pared.backends.link import EmulatedLink
+    from pared.testing import two_branch_net
+    m, x = two_branch_net()
+    prog = capture(m, x)
+    prog = prog.with_record(modeled_cost(prog, "main", Deployment.from_json(DEP), ("edge", "cloud"), ("**",)), "main")
+    chain = run_pass_checked(Partition(deployment=DEP, at=["**"], mbit=[1, 1000], compress=["none"]), prog,
+                             PassContext())
+    res = run_pass_checked(Partition(deployment=DEP, at=["**"], mbit=[1, 1000], compress=["none"], search="dads"),
+                           prog, PassContext())
+    pp = res.program.records.of(PartitionPlan, "main")
+    pc = chain.program.records.of(PartitionPlan, "main")
+    assert pp.search == "dads" and pc.search == "chain"
+    low = pp.case(pp.bands[0])
+    assert low.label.startswith("d4m") and low.moved and low.cut.startswith("dag:4~") and low.bytes == 2 * 64 * 4
+    assert pp.sweep[0].latency_s < 0.6 * pc.sweep[0].latency_s       # the chain's best at 1 Mbit/s
+    assert pp.sweep[1].chosen == pc.sweep[1].chosen                   # at 1000 Mbit/s both send the input
+    a = res.program.graphs[f"main.{low.label}_first"]
+    b = res.program.graphs[f"main.{low.label}_second"]
+    xs = (torch.randn(1, 4096, generator=torch.Generator().manual_seed(3)),)
+    with torch.no_grad():
+        ref = m(*xs)
+        assert_close_to_eager(ref, b.run(*a.run(*xs))[0], rel_l2=1e-6, what="the DADS case")
+    path = save_program(res.program, str(tmp_path / "a"), {"name": "cpu", "backend": "onnxruntime",
+                                                          "provider": "CPUExecutionProvider"})
+    link = EmulatedLink(Link.mbit("wifi", 1, rtt_ms=1), sleep=False)
+    exe = Executor(path, links={("edge", "cloud"): link})
+    for _ in range(3):
+        out = exe(xs[0].numpy())
+    assert exe.trace[-1] == low.label
+    np.testing.assert_allclose(out, ref.numpy(), rtol=0, atol=1e-4)
+    assert link.bytes_sent >= 3 * 2 * 64 * 4
