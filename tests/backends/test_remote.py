@@ -115,6 +115,45 @@ def test_fallback_runs_the_half_locally_and_every_step_acts(tmp_path_factory):
     assert exe.trace == ["k1_fp16"] * 12
 
 
+def test_bandwidth_is_measured_apart_from_the_links_fixed_time(tmp_path_factory):
+    """A request costs a fixed part (RTT, overheads) plus its bytes / bandwidth. A small request only
+    refines the fixed part; the probe (echoes of 1 byte and of probe_bytes) measures the bandwidth
+    net of it, so a link read off small requests is not taken for a slow one; probes are spaced
+    so they take at most a tenth of the link's time."""
+    path, x, ref = artifact(str(tmp_path_factory.mktemp("remote")))
+    local = Executor(path)
+    dev, client = _fake_device(local)
+    fixed, bw = 0.005, 2e6                        # 5 ms, 16 Mbit/s
+    answer = client.fn
+
+    def slow(model, arrays):
+        out = answer(model, arrays)
+        time.sleep(fixed + (sum(a.nbytes for a in arrays) + sum(v.nbytes for v in out.values())) / bw)
+        return out
+    client.fn = slow
+    exe = Executor(path, remote={"cloud": dev})
+    out = exe(x)                                  # sends 1 KB: the fixed part, no bandwidth sample
+    np.testing.assert_allclose(out, ref, atol=2e-3)
+    assert dev.count == 0 and not np.isfinite(dev.signal()[0])
+    assert fixed <= dev.fixed_s < fixed + 0.004
+    for _ in range(50):                           # the Executor probed after the call (nothing measured)
+        if dev.count:
+            break
+        time.sleep(0.01)
+    assert dev.count == 1
+    assert bw * 0.75 < dev.signal()[0] < bw * 1.25, dev.signal()
+    # bytes / time alone would have read the first call as ~0.25 MB/s
+    assert dev._probe_s > 0.01
+    before = client.requests
+    dev.probe()                                   # too soon after the last: refused
+    assert client.requests == before and dev.count == 1
+    # the next probe is sized to take about twice the fixed part at the bandwidth measured
+    assert dev.probe_size() == pytest.approx(2 * dev.fixed_s * dev.signal()[0], rel=0.01)
+    assert dev.probe_size() >= dev.probe_bytes
+    dev.estimate = 1e9
+    assert dev.probe_size() == dev.max_probe_bytes
+
+
 def test_device_needs_its_environment(tmp_path):
     with pytest.raises(RemoteError, match="its own environment"):
         ServerProcess(str(tmp_path), python=str(tmp_path / "nope" / "python"))
