@@ -8,7 +8,7 @@
     pared sign ARTIFACT --key KEY                  write ARTIFACT/signature.json (over manifest.json)
     pared bench --workload NAME [--pipeline P.yaml] [--target T] [--json OUT.json]
                                                    eager vs. plain lowering vs. pipeline, speed and fidelity
-    pared bench --placement sweep|trigger|faults|plot|all [--workload W] [--episodes N] [--json OUT.json]
+    pared bench --placement sweep|served|adapt|dads|trigger|faults|plot|all [--workload W] [--episodes N] [--json OUT.json]
                                                    edge/cloud placement: cut per bandwidth vs oracle (plot),
                                                    trace adaptation, offload trigger, faults under Triton
 
@@ -389,9 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("artifact", nargs="?")
     b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm, "
                                       "vla_metaworld")
-    b.add_argument("--placement", choices=("sweep", "trigger", "faults", "plot", "all"),
+    b.add_argument("--placement", choices=("sweep", "served", "adapt", "dads", "trigger", "faults", "plot", "all"),
                    help="the edge/cloud placement benchmark (pared.workloads.placement): the bandwidth sweep "
-                        "against the oracle with a plot, end to end and over a bandwidth trace (sweep), RAPID's "
+                        "against the oracle with a plot, end to end and over a bandwidth trace (sweep), the adaptive "
+                        "plan closed loop while the bandwidth changes mid-episode (adapt), the sweep with the cloud half "
+                        "served by Triton over the shaped link (served), the DAG min-cut against the "
+                        "chain search (dads), RAPID's "
                         "offload trigger closed loop (trigger), the Triton-served half under faults (faults); "
                         "--workload vla_metaworld or dit_mnist limits the sweep to one")
     b.add_argument("--pipeline", help="pipeline file for the workload (default: examples/pipelines/NAME.yaml)")

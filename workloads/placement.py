@@ -3,7 +3,7 @@ oracle (every cut measured), end to end over an emulated link, a bandwidth trace
 mid-episode (the adaptive plan against every fixed cut), RAPID's offload trigger closed loop, and
 the cloud half served by Triton under faults.
 
-    pared bench --placement sweep|trigger|faults|plot|all [--workload vla_metaworld|dit_mnist]
+    pared bench --placement sweep|served|adapt|dads|trigger|faults|plot|all [--workload vla_metaworld|dit_mnist]
         [--episodes 5] [--json benchmarks/results/placement.json]
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/placement.py --part sweep [--workloads vla dit]
         [--mbit 1 5 20 100 1000] [--rounds 15] [--artifact vla=PATH]
@@ -36,8 +36,21 @@ the artifact; its PlacementCost is measured on this host as the pass does it. Th
   trigger  (--part trigger) RAPID's offload trigger (ir/selectors/offload.py) on the VLA closed
            loop (6 tasks x --episodes) at 20 Mbit/s: one artifact, three arms pinned or not --
            every call on the edge, every call offloaded at the model's cut, offloaded only when
-           the trigger fires; success, offload share (per task), mean call latency, link bytes,
-           the trigger's cost per decision
+           the trigger fires -- alternating episode by episode (rotating order); success, offload
+           share (per task), mean call latency, link bytes, the trigger's cost per decision
+  served   (--part served) the VLA's sweep end to end with the cloud half served by Triton (PyTriton
+           in .venv-serve) behind the shaped loopback link (backends/link.ShapingProxy, one per
+           bandwidth), beside the same artifact (partition's winners) over the in-process emulated
+           link and the cost model's latency; 30 calls each after 8 of warm-up, alternating
+  dads     (--part dads) DADS against the chain search: per workload two artifacts (partition with
+           search: chain, and search: dads -- the DAG min-cut per bandwidth and compression), each
+           measuring its own cost model; every graph of both timed in the same alternating rounds;
+           per bandwidth each plan's chosen case measured (parts + link)
+  adapt    (--part adapt) runtime adaptation closed loop: one artifact planned for 0.2-1000 Mbit/s
+           (its cases: the cuts that win somewhere, edge-only among them); the link follows a trace
+           (100 -> 3 -> 30 -> 0.2 -> 400 Mbit/s, 20 policy calls each, cycled over each arm's calls,
+           so it changes mid-episode); the adaptive plan against each case pinned for the whole run,
+           alternating episode by episode; success and mean policy call per arm and per bandwidth
   trace    a bandwidth trace (100 -> 3 -> 30 -> 400 Mbit/s, 40 calls each): total time of the
            adaptive artifact against each of its cases pinned for the whole episode, every arm
            over its own link on the same schedule, the arms alternating call by call
@@ -80,6 +93,7 @@ AT = {"vla": ["*", "backbone.vit", "backbone.vit.blocks.*", "backbone.blocks.*",
       "dit": None}
 TRACE = [(100, 40), (3, 40), (30, 40), (400, 40)]
 E2E_WARMUP, E2E_ROUNDS = 8, 30
+SERVED_WARMUP_S = 3.0
 
 
 def say(*a):
@@ -97,16 +111,52 @@ def build(name: str):
 
 def time_graphs(exe: Executor, names: list[str], inputs: dict[str, list], rounds: int) -> dict[str, float]:
     """Median seconds of one call of each graph, alternating rounds in rotating order."""
-    times = {n: [] for n in names}
-    for n in names:   # warm up
-        exe.graphs[n](inputs[n])
+    return time_calls({n: (exe.graphs[n], inputs[n]) for n in names}, rounds)
+
+
+def time_calls(calls: dict, rounds: int) -> dict:
+    """Median seconds of each `fn(inputs)` of `calls` (key -> (fn, inputs)), alternating rounds in
+    rotating order, after a warm-up call each."""
+    keys = list(calls)
+    times = {k: [] for k in keys}
+    for k in keys:
+        calls[k][0](calls[k][1])
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            fn, x = calls[k]
             t0 = time.perf_counter()
-            exe.graphs[n](inputs[n])
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
+            fn(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def graph_inputs(exe: Executor, pp, xs: list) -> dict[str, list]:
+    """The inputs of every graph of a partitioned artifact: `main.whole` and the first parts take
+    the program's inputs, the second parts what crosses (the first part's outputs on the program's
+    inputs, and inputs crossing as they are)."""
+    out: dict[str, list] = {}
+    if "main.whole" in exe.graphs:
+        out["main.whole"] = xs
+    for c in pp.cases:
+        if c.label in ("first", "second"):
+            continue
+        first, second = f"main.{c.label}_first", f"main.{c.label}_second"
+        sent = dict(zip([o["name"] for o in exe.manifest["graphs"][first]["outputs"]], exe.graphs[first](xs)))
+        sent.update({i["name"]: x for i, x in zip(exe.inputs, xs)})
+        out[first] = xs
+        out[second] = [np.ascontiguousarray(sent[i["name"]]) for i in exe.manifest["graphs"][second]["inputs"]]
+    return out
+
+
+def case_s(t_graph: dict[str, float], label: str, nbytes: int, out_bytes: int, link: Link, slowdown: float) -> float:
+    """A case's latency from its parts timed alone: the edge's part times its slowdown, the
+    cloud's, and the link's transfers (what crosses, the outputs back)."""
+    if label == "first":
+        return t_graph["main.whole"] * slowdown
+    if label == "second":
+        return t_graph["main.whole"] + link.transfer_s(nbytes) + link.transfer_s(out_bytes)
+    return (t_graph[f"main.{label}_first"] * slowdown + t_graph[f"main.{label}_second"]
+            + link.transfer_s(nbytes) + link.transfer_s(out_bytes))
 
 
 def replan(model, inputs, name: str):
@@ -126,24 +176,32 @@ def replan(model, inputs, name: str):
     return pc
 
 
+def build_partitioned(model, inputs, label: str, mbit: list[float], calibration=None, **options):
+    """An artifact of `model` partitioned for the emulated deployment (the VLA's cuts unless `at` is
+    given; fp32 or fp16 across): (its path, its PartitionPlan, build seconds)."""
+    opts = {"deployment": DEPLOYMENT, "at": AT["vla"], "mbit": mbit, "compress": ["none", "fp16"], "repeats": 10,
+            "min_time": 3.0, **options}
+    if opts["at"] is None:
+        del opts["at"]
+    t0 = time.perf_counter()
+    # fp16 across the cut moves the VLA's sampled chunk by ~1% (rel L2) after the head's 10 DDIM steps
+    opt = pared.optimize(model, inputs, calibration=calibration, pipeline=[{"partition": opts}],
+                         fidelity={"min_cosine": 0.999, "max_rel_l2": 0.02} if calibration else None)
+    build_s = time.perf_counter() - t0
+    path = os.path.join(tempfile.mkdtemp(prefix=f"pared-{label}-"), "artifact")
+    opt.save(path)
+    return path, opt.program.records.of("PartitionPlan", "main"), build_s
+
+
 def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float, artifact: str | None = None,
         again: bool = False) -> dict:
     model, inputs = build(name)
-    opts = {"deployment": DEPLOYMENT, "cases": "all", "mbit": mbits, "compress": ["none", "fp16"],
-            "repeats": 10, "min_time": 3.0}
-    if AT[name]:
-        opts["at"] = AT[name]
-    t0 = time.perf_counter()
     if artifact is None:
-        opt = pared.optimize(model, inputs, pipeline=[{"partition": opts}])
-        tmp = tempfile.mkdtemp(prefix="pared-placement-")
-        path = os.path.join(tmp, "artifact")
-        opt.save(path)
-        records = opt.program.records
+        path, _, build_s = build_partitioned(model, inputs, "placement", mbits, at=AT[name], cases="all")
     else:   # an artifact this script built before (its records hold the cost model and the plan)
-        path = artifact
-        records = Executor(path).records
-    build_s = time.perf_counter() - t0
+        path, build_s = artifact, 0.0
+    from pared.backends.artifact import read_manifest, read_records
+    records = read_records(path, read_manifest(path))
     pp = records.of("PartitionPlan", "main")
     pc = records.of("PlacementCost", "main")
     pc_now = replan(model, inputs, name) if again else None
@@ -153,48 +211,25 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
         f"edges {[round(e, 2) for e in pp.edges_mbit]} Mbit/s")
     exe = Executor(path, threads=1)
     xs = [np.ascontiguousarray(t.numpy()) for t in inputs]
-    # the inputs of every graph: the first parts take the program's inputs, the second parts what
-    # crosses (their example inputs: the first part's outputs on the program's, and inputs crossing as
-    # they are)
-    graph_inputs: dict[str, list] = {"main.whole": xs}
-    for c in pp.cases:
-        if c.label in ("first", "second"):
-            continue
-        # the second part's inputs by name: what the first part sends, and program inputs crossing as they are
-        first, second = f"main.{c.label}_first", f"main.{c.label}_second"
-        sent = dict(zip([o["name"] for o in exe.manifest["graphs"][first]["outputs"]], exe.graphs[first](xs)))
-        sent.update({i["name"]: x for i, x in zip(exe.inputs, xs)})
-        graph_inputs[first] = xs
-        graph_inputs[second] = [np.ascontiguousarray(sent[i["name"]])
-                                for i in exe.manifest["graphs"][second]["inputs"]]
-    names = list(graph_inputs)
+    inputs_of = graph_inputs(exe, pp, xs)
+    names = list(inputs_of)
     say(f"{name}: timing {len(names)} graphs x {rounds} rounds")
-    t_graph = time_graphs(exe, names, graph_inputs, rounds)
+    t_graph = time_graphs(exe, names, inputs_of, rounds)
     out_bytes = pc.output_bytes
 
-    def part_times(label: str) -> tuple[float, float]:
-        if label == "first":
-            return t_graph["main.whole"] * slowdown, 0.0
-        if label == "second":
-            return 0.0, t_graph["main.whole"]
-        return t_graph[f"main.{label}_first"] * slowdown, t_graph[f"main.{label}_second"]
     index = {c.name: i for i, c in enumerate(pc.cuts)}
     sweep = []
     for p in pp.sweep:
         link = Link("x", bandwidth=p.mbit * MBIT, rtt=rtt)
         measured = {}
         for c in pp.cases:
-            a, b = part_times(c.label)
-            t = a + b
-            if c.label != "first":
-                t += link.transfer_s(c.bytes) + link.transfer_s(out_bytes)
-            measured[c.label] = t
+            measured[c.label] = case_s(t_graph, c.label, c.bytes, out_bytes, link, slowdown)
         oracle = min(measured, key=measured.get)
         chosen = p.chosen
-        k = index[pp.case(chosen).cut]
-        modeled = pc.latency(k, "edge", "cloud", link, pp.case(chosen).compression)
+        modeled = p.latency_s
         if pc_now is not None:   # the case the cost model measured now picks among the artifact's
-            now = {c.label: pc_now.latency(index[c.cut], "edge", "cloud", link, c.compression) for c in pp.cases}
+            now = {c.label: pc_now.latency(index[c.cut], "edge", "cloud", link, c.compression) for c in pp.cases
+                   if c.cut in index}
             pick = min(now, key=now.get)
             replanned = {"replanned_chosen": pick, "replanned_modeled_ms": now[pick] * 1e3,
                          "replanned_measured_ms": measured[pick] * 1e3,
@@ -295,6 +330,104 @@ def run(name: str, mbits: list[float], rounds: int, slowdown: float, rtt: float,
             "max_abs_error_vs_eager": float(np.abs(np.asarray(out) - ref.detach().numpy()).max())}
 
 
+def dads(names: list[str], mbits: list[float], rounds: int, slowdown: float, rtt: float) -> dict:
+    """DADS against the chain search: per workload two artifacts built the same way but for
+    `search` (chain: cuts in graph order at region boundaries; dads: also the DAG min-cut), each
+    measuring its own cost model as a user's build does; every graph of both timed alternating in
+    one process; per bandwidth each plan's chosen case measured (its parts plus the link)."""
+    out = {}
+    for name in names:
+        model, inputs = build(name)
+        xs = [np.ascontiguousarray(t.numpy()) for t in inputs]
+        plans, exes = {}, {}
+        for search in ("chain", "dads"):
+            path, plans[search], build_s = build_partitioned(model, inputs, f"dads-{search}", mbits, at=AT[name],
+                                                             search=search)
+            exes[search] = Executor(path, threads=1)
+            say(f"{name} {search}: built in {build_s:.0f} s; bands {plans[search].bands}")
+        calls = {(s, g): (exes[s].graphs[g], x) for s in plans for g, x in graph_inputs(exes[s], plans[s], xs).items()}
+        say(f"{name}: timing {len(calls)} graphs of both artifacts x {rounds} rounds")
+        t = time_calls(calls, rounds)
+        out_bytes = exes["chain"].records.of("PlacementCost", "main").output_bytes
+        rows = []
+        for pc_, pd_ in zip(plans["chain"].sweep, plans["dads"].sweep):
+            link = Link("x", bandwidth=pc_.mbit * MBIT, rtt=rtt)
+            row = {"mbit": pc_.mbit}
+            for s, p in (("chain", pc_), ("dads", pd_)):
+                c = plans[s].case(p.chosen)
+                t_graph = {g: v for (s2, g), v in t.items() if s2 == s}
+                row[s] = {"chosen": p.chosen, "cut": c.cut, "moved": len(c.moved), "bytes": c.bytes,
+                          "modeled_ms": p.latency_s * 1e3,
+                          "measured_ms": case_s(t_graph, p.chosen, c.bytes, out_bytes, link, slowdown) * 1e3}
+            row["dads_over_chain"] = row["dads"]["measured_ms"] / row["chain"]["measured_ms"]
+            rows.append(row)
+            say(f"  {pc_.mbit:g} Mbit/s: chain {row['chain']['chosen']} {row['chain']['measured_ms']:.2f} ms "
+                f"(model {row['chain']['modeled_ms']:.2f}); dads {row['dads']['chosen']} ({row['dads']['moved']} "
+                f"moved, {row['dads']['bytes']} B) {row['dads']['measured_ms']:.2f} ms (model "
+                f"{row['dads']['modeled_ms']:.2f}): {row['dads_over_chain']:.3f}x")
+        dag_cases = [c for c in plans["dads"].cases if c.label.startswith("d")]
+        out[name] = {"sweep": rows, "dads_cases": [{"label": c.label, "cut": c.cut, "position": c.position,
+                                                    "moved": len(c.moved), "bytes": c.bytes} for c in dag_cases]}
+        exes.clear()
+        gc.collect()
+    return out
+
+
+def served(mbits: list[float], slowdown: float, rtt: float) -> dict:
+    """The VLA's sweep end to end with the cloud half served by Triton behind the shaped loopback
+    link (backends/link.ShapingProxy), beside the same artifact over the in-process emulated link
+    and the cost model: per bandwidth, both arms alternating call by call after a warm-up, medians."""
+    from pared.backends.link import ShapingProxy
+    from pared.backends.remote import ServerProcess, TritonDevice
+    model, inputs = build("vla")
+    path, pp, build_s = build_partitioned(model, inputs, "served", mbits)
+    xs = [np.ascontiguousarray(t.numpy()) for t in inputs]
+    say(f"served: built in {build_s:.0f} s; cases {pp.bands}; starting Triton")
+    srv = ServerProcess(path, python=os.path.join(ROOT, ".venv-serve", "bin", "python")).start()
+    out = {"build_s": build_s, "bands": list(pp.bands), "edges_mbit": list(pp.edges_mbit), "rows": []}
+    try:
+        for p in pp.sweep:
+            link = Link.mbit("wifi", p.mbit, rtt_ms=rtt * 1e3)
+            with ShapingProxy(("127.0.0.1", srv.grpc_port), link) as px:
+                dev = TritonDevice(f"{px.address[0]}:{px.address[1]}", timeout=5.0, backoff=1.0)
+                arms = {"triton": Executor(path, threads=1, remote={"cloud": dev}, emulate={"edge": slowdown}),
+                        "emulated": Executor(path, threads=1, links={("edge", "cloud"): EmulatedLink(link)},
+                                             emulate={"edge": slowdown})}
+                # warm-up: the selector's window fills (Triton's probes are spaced: at least 3 s of calls)
+                t1, n = time.perf_counter(), 0
+                while n < E2E_WARMUP or time.perf_counter() - t1 < SERVED_WARMUP_S:
+                    for exe in arms.values():
+                        exe(*xs)
+                    n += 1
+                ts = {a: [] for a in arms}
+                names = list(arms)
+                dev_payload = dev.bytes_sent
+                for r in range(E2E_ROUNDS):
+                    for a in names[r % 2:] + names[:r % 2]:
+                        t1 = time.perf_counter()
+                        arms[a](*xs)
+                        ts[a].append(time.perf_counter() - t1)
+                row = {"mbit": p.mbit, "modeled_case": p.chosen, "modeled_ms": p.latency_s * 1e3,
+                       **{f"{a}_ms": statistics.median(v) * 1e3 for a, v in ts.items()},
+                       **{f"{a}_case": arms[a].trace[-1] for a in arms},
+                       "triton_fallbacks": dev.fallbacks, "triton_calls": dev.calls,
+                       "triton_measured_mbit": float(dev.signal()[0]) / MBIT, "triton_fixed_ms": dev.fixed_s * 1e3,
+                       "sent_kb_timed_rounds": (dev.bytes_sent - dev_payload) / 1e3}   # payload and probes
+                row["triton_over_model"] = row["triton_ms"] / row["modeled_ms"]
+                row["triton_over_emulated"] = row["triton_ms"] / row["emulated_ms"]
+                out["rows"].append(row)
+                say(f"  {p.mbit:g} Mbit/s: Triton ({row['triton_case']}) {row['triton_ms']:.2f} ms, emulated "
+                    f"({row['emulated_case']}) {row['emulated_ms']:.2f} ms, model ({p.chosen}) "
+                    f"{row['modeled_ms']:.2f} ms; {dev.fallbacks} fallbacks of {dev.calls}; the device measures "
+                    f"{row['triton_measured_mbit']:.1f} Mbit/s, fixed part {row['triton_fixed_ms']:.2f} ms")
+                dev.close()
+                arms.clear()
+                gc.collect()
+    finally:
+        srv.stop()
+    return out
+
+
 CYCLE = 150     # policy calls per fault cycle (faults)
 
 
@@ -308,12 +441,7 @@ def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> d
     from pared.workloads import get_workload
     wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=episodes)
     model, inputs = wl.build(), wl.example_inputs()
-    opt = pared.optimize(model, inputs, pipeline=[{"partition": {
-        "deployment": DEPLOYMENT, "at": AT["vla"], "mbit": [mbit], "compress": ["none", "fp16"],
-        "repeats": 10, "min_time": 3.0}}])
-    pp = opt.program.records.of("PartitionPlan", "main")
-    path = os.path.join(tempfile.mkdtemp(prefix="pared-faults-"), "artifact")
-    opt.save(path)
+    path, pp, _ = build_partitioned(model, inputs, "faults", [mbit])
     say(f"faults: the artifact's case {pp.bands} ({pp.case(pp.bands[0]).cut}); starting Triton")
     srv = ServerProcess(path, python=os.path.join(ROOT, ".venv-serve", "bin", "python")).start()
     out = {"case": pp.bands[0], "cut": pp.case(pp.bands[0]).cut, "mbit": mbit, "episodes_per_task": episodes}
@@ -378,6 +506,107 @@ def faults(episodes: int, slowdown: float, rtt: float, mbit: float = 100.0) -> d
     return out
 
 
+def closed_loop(wl, arms: list[str], step) -> dict[str, dict[str, list]]:
+    """The closed-loop episodes of every arm, alternating: for each task and episode, each arm's
+    episode in turn (the order rotating), so the arms share this host's state over the run.
+    `step(arm, task_id, episode)` runs one episode; returns arm -> task -> its episodes."""
+    T = wl.tasks_module()
+    out: dict[str, dict[str, list]] = {arm: {} for arm in arms}
+    i = 0
+    for name in wl.task_names:
+        tid = T.TASK_NAMES.index(name)
+        for ep in range(wl.episodes):
+            for arm in arms[i % len(arms):] + arms[:i % len(arms)]:
+                out[arm].setdefault(name, []).append(step(arm, tid, ep))
+            i += 1
+    for sim, cam in wl._envs.values():
+        cam.close()
+    wl._envs = {}
+    return out
+
+
+#: the link's bandwidth in the closed-loop adaptation run (adapt): (Mbit/s, policy calls), cycled over
+#: each arm's calls across episodes (an episode is ~16 calls, so most changes fall mid-episode)
+ADAPT_TRACE = [(100, 20), (3, 20), (30, 20), (0.2, 20), (400, 20)]
+#: the bandwidths the adaptation artifact is planned for (the trace's range; 0.2 Mbit/s: edge-only wins)
+ADAPT_MBIT = [0.2, 1, 5, 20, 100, 1000]
+
+
+def trace_mbit(call: int, trace=ADAPT_TRACE) -> float:
+    """The bandwidth of a trace at a call index (the trace cycles)."""
+    k = call % sum(n for _, n in trace)
+    for mbit, n in trace:
+        if k < n:
+            return mbit
+        k -= n
+    raise AssertionError("unreachable")
+
+
+def adapt(episodes: int, slowdown: float, rtt: float) -> dict:
+    """Runtime adaptation closed loop: one artifact planned over ADAPT_MBIT; the link follows
+    ADAPT_TRACE call by call (changing mid-episode); the adaptive plan against each of its cases
+    pinned for the whole run, every arm over its own link on the same schedule of its own calls,
+    the arms alternating episode by episode. Total policy time and success per arm."""
+    from pared.workloads import get_workload
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=episodes)
+    model, inputs = wl.build(), wl.example_inputs()
+    calib = [x for seq in wl.calibration_sequences(per_task=3, calls=40) for x in seq]
+    path, pp, build_s = build_partitioned(model, inputs, "adapt", ADAPT_MBIT, calibration=calib)
+    bands = list(pp.bands)
+    say(f"adapt: built in {build_s:.0f} s; cases {bands} (edges {[round(e, 2) for e in pp.edges_mbit]} Mbit/s)")
+    names = ["adaptive", *bands]
+    arms = {}
+    for arm in names:
+        link = EmulatedLink(Link.mbit("wifi", trace_mbit(0), rtt_ms=rtt * 1e3))
+        arms[arm] = {"exe": Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown},
+                                     pin=None if arm == "adaptive" else {"partition.main": arm}),
+                     "link": link, "calls": 0, "by_mbit": {}}
+
+    def step(arm, tid, ep):
+        a = arms[arm]
+
+        def fn(*args):
+            mbit = trace_mbit(a["calls"])
+            a["link"].set_link(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
+            t0 = time.perf_counter()
+            y = a["exe"](*args)
+            dt = time.perf_counter() - t0
+            a["calls"] += 1
+            d = a["by_mbit"].setdefault(str(mbit), {"calls": 0, "s": 0.0, "cases": {}})
+            d["calls"] += 1
+            d["s"] += dt
+            lab = a["exe"].trace[-1]
+            d["cases"][lab] = d["cases"].get(lab, 0) + 1
+            return y
+        return wl.episode(fn, tid, ep, a["exe"].reset)
+    t0 = time.perf_counter()
+    per_episode = closed_loop(wl, names, step)
+    out = {"trace_mbit_calls": ADAPT_TRACE, "planned_mbit": ADAPT_MBIT, "bands": bands,
+           "edges_mbit": list(pp.edges_mbit), "cuts": {b: pp.case(b).cut for b in bands}, "build_s": build_s,
+           "episodes_per_task": episodes, "wall_s": time.perf_counter() - t0, "arms": {}}
+    for arm in names:
+        eps = [e for v in per_episode[arm].values() for e in v]
+        calls_s = [c for e in eps for c in e["call_s"]]
+        out["arms"][arm] = {
+            "success": float(np.mean([e["success"] for e in eps])),
+            "per_task": {k: float(np.mean([e["success"] for e in v])) for k, v in per_episode[arm].items()},
+            "calls": len(calls_s), "policy_s": float(sum(calls_s)), "call_ms_mean": 1e3 * float(np.mean(calls_s)),
+            "by_mbit": {k: {"calls": v["calls"], "call_ms_mean": 1e3 * v["s"] / v["calls"], "cases": v["cases"]}
+                        for k, v in arms[arm]["by_mbit"].items()}}
+        r = out["arms"][arm]
+        say(f"  {arm}: success {r['success']:.3f}, {r['calls']} calls, policy time {r['policy_s']:.2f} s "
+            f"(mean call {r['call_ms_mean']:.1f} ms); per bandwidth "
+            + ", ".join(f"{k}: {v['call_ms_mean']:.1f} ms {v['cases']}" for k, v in r["by_mbit"].items()))
+    fixed = [a for a in names if a != "adaptive"]
+    # compare per call: an arm whose episodes ran longer made more calls
+    best = min(fixed, key=lambda a: out["arms"][a]["call_ms_mean"])
+    out["best_fixed"] = best
+    out["adaptive_over_best_fixed"] = out["arms"]["adaptive"]["call_ms_mean"] / out["arms"][best]["call_ms_mean"]
+    out["adaptive_policy_s_over_best_fixed"] = out["arms"]["adaptive"]["policy_s"] / out["arms"][best]["policy_s"]
+    say(f"  adapt: adaptive {out['adaptive_over_best_fixed']:.3f}x the best fixed case ({best}) per call")
+    return out
+
+
 #: RAPID's trigger on the Meta-World state (39-D, normalized): the hand's position (0-2) against its copy
 #: one tick earlier (18-20); effort-like values, which Meta-World has no torques for: the gripper
 #: opening (3) and the first object's position (4-6) against their copies one tick earlier (21-24)
@@ -394,51 +623,48 @@ def trigger(episodes: int, slowdown: float, rtt: float, mbit: float = 20.0) -> d
     wl = get_workload("vla_metaworld", head="diffusion", decoder="unrolled", episodes=episodes)
     model, inputs = wl.build(), wl.example_inputs()
     calib = [x for seq in wl.calibration_sequences(per_task=3, calls=40) for x in seq]
-    t0 = time.perf_counter()
-    # fp16 across the cut moves the sampled chunk by ~1% (rel L2) after the head's 10 DDIM steps
-    opt = pared.optimize(model, inputs, calibration=calib, fidelity={"min_cosine": 0.999, "max_rel_l2": 0.02},
-                         pipeline=[{"partition": {
-        "deployment": DEPLOYMENT, "at": AT["vla"], "mbit": [mbit], "compress": ["none", "fp16"],
-        "repeats": 10, "min_time": 3.0, "trigger": TRIGGER}}])
-    build_s = time.perf_counter() - t0
-    pp = opt.program.records.of("PartitionPlan", "main")
-    path = os.path.join(tempfile.mkdtemp(prefix="pared-trigger-"), "artifact")
-    opt.save(path)
+    path, pp, build_s = build_partitioned(model, inputs, "trigger", [mbit], calibration=calib, trigger=TRIGGER)
     say(f"trigger: built in {build_s:.0f} s; offload case {pp.bands} ({pp.case(pp.bands[0]).cut}); the trigger "
         f"offloads {pp.trigger_calibration_share:.2f} of {len(calib)} calibration calls")
-    T = wl.tasks_module()
     out = {"mbit": mbit, "case": pp.bands[0], "cut": pp.case(pp.bands[0]).cut, "trigger": TRIGGER,
            "calibration_calls": len(calib), "calibration_offload_share": pp.trigger_calibration_share,
            "episodes_per_task": episodes, "build_s": build_s, "arms": {}}
     pins = {"edge_only": {"partition.main.trigger": "edge"}, "always_offload": {"partition.main.trigger": "offload"},
             "trigger": None}
+    arms = {}
     for arm, pin in pins.items():
         link = EmulatedLink(Link.mbit("wifi", mbit, rtt_ms=rtt * 1e3))
-        exe = Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown}, pin=pin)
-        labels: list[str] = []
+        arms[arm] = {"exe": Executor(path, threads=1, links={("edge", "cloud"): link}, emulate={"edge": slowdown},
+                                     pin=pin), "link": link, "labels": [], "episodes": {}}
+
+    def step(arm, tid, ep):
+        a = arms[arm]
+        start = len(a["labels"])
 
         def fn(*args):
-            a = exe(*args)
-            labels.append(exe.trace[-1])
-            return a
-        per_task, calls_s, offloaded_by_task = {}, [], {}
-        t0 = time.perf_counter()
-        for name in wl.task_names:
-            tid = T.TASK_NAMES.index(name)
-            start = len(labels)
-            eps = [wl.episode(fn, tid, ep, exe.reset) for ep in range(episodes)]
-            per_task[name] = float(np.mean([e["success"] for e in eps]))
-            calls_s += [c for e in eps for c in e["call_s"]]
-            mine = labels[start:]
-            offloaded_by_task[name] = sum(lab != "edge" for lab in mine) / max(1, len(mine))
+            y = a["exe"](*args)
+            a["labels"].append(a["exe"].trace[-1])
+            return y
+        e = wl.episode(fn, tid, ep, a["exe"].reset)
+        e["labels"] = a["labels"][start:]
+        return e
+    per_episode = closed_loop(wl, list(pins), step)
+    for arm in pins:
+        eps_by_task = per_episode[arm]
+        labels = arms[arm]["labels"]
+        link = arms[arm]["link"]
+        calls_s = [c for eps in eps_by_task.values() for e in eps for c in e["call_s"]]
+        per_task = {k: float(np.mean([e["success"] for e in eps])) for k, eps in eps_by_task.items()}
+        offloaded_by_task = {k: sum(lab != "edge" for e in eps for lab in e["labels"])
+                             / max(1, sum(len(e["labels"]) for e in eps)) for k, eps in eps_by_task.items()}
         n = len(labels)
         off = sum(lab != "edge" for lab in labels)
         out["arms"][arm] = {
             "success": float(np.mean(list(per_task.values()))), "per_task": per_task, "calls": n,
             "offload_share": off / n, "offload_share_by_task": offloaded_by_task,
             "policy_s": float(sum(calls_s)), "call_ms_mean": 1e3 * float(np.mean(calls_s)),
-            "call_ms_median": 1e3 * statistics.median(calls_s), "link_bytes": link.bytes_sent, "probe_bytes": link.probe_bytes_sent,
-            "link_messages": link.transfers, "wall_s": time.perf_counter() - t0}
+            "call_ms_median": 1e3 * statistics.median(calls_s), "link_bytes": link.bytes_sent,
+            "probe_bytes": link.probe_bytes_sent, "link_messages": link.transfers}
         r = out["arms"][arm]
         say(f"  {arm}: success {r['success']:.3f}, {n} calls, offloaded {r['offload_share']:.2f}, policy time "
             f"{r['policy_s']:.1f} s (mean call {r['call_ms_mean']:.1f} ms), link {r['link_bytes'] / 1e6:.2f} MB")
@@ -491,7 +717,7 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-PARTS = ("all", "sweep", "faults", "trigger", "plot")
+PARTS = ("all", "sweep", "served", "adapt", "dads", "faults", "trigger", "plot")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -530,7 +756,10 @@ def main(argv: list[str] | None = None) -> dict:
             results = old
         redo = [*(args.workloads if args.part in ("all", "sweep") else []),
                 *(["faults"] if args.part in ("all", "faults") else []),
-                *(["trigger"] if args.part in ("all", "trigger") else [])]
+                *(["trigger"] if args.part in ("all", "trigger") else []),
+                *(["adapt"] if args.part in ("all", "adapt") else []),
+                *(["dads"] if args.part in ("all", "dads") else []),
+                *(["served"] if args.part in ("all", "served") else [])]
         results.update({k: v for k, v in old.items() if k not in ("about", *redo)})
 
     def write():
@@ -544,6 +773,15 @@ def main(argv: list[str] | None = None) -> dict:
             given = dict(a.split("=", 1) for a in args.artifact)
             results[name] = run(name, args.mbit, args.rounds, slowdown, rtt, given.get(name), args.replan)
             write()
+    if args.part in ("all", "served"):
+        results["served"] = served(args.mbit, slowdown, rtt)
+        write()
+    if args.part in ("all", "dads"):
+        results["dads"] = dads(args.workloads, args.mbit, args.rounds, slowdown, rtt)
+        write()
+    if args.part in ("all", "adapt"):
+        results["adapt"] = adapt(args.episodes, slowdown, rtt)
+        write()
     if args.part in ("all", "trigger"):
         results["trigger"] = trigger(args.episodes, slowdown, rtt)
         write()
@@ -589,6 +827,23 @@ def summary(results: dict) -> list[str]:
                      f"{t['always_offload_speedup_vs_edge_only']:.2f}x), link bytes "
                      f"{t['link_bytes_vs_always_offload']:.2f} of always offloading; success "
                      + ", ".join(f"{k} {v['success']:.3f}" for k, v in a.items()))
+    sv = results.get("served")
+    if sv:
+        lines.append("served by Triton over the shaped link: " + "; ".join(
+            f"{row['mbit']:g} Mbit/s {row['triton_case']} {row['triton_ms']:.1f} ms (emulated {row['emulated_ms']:.1f}, "
+            f"model {row['modeled_ms']:.1f})" for row in sv["rows"]))
+    for name, r in (results.get("dads") or {}).items():
+        lines.append(f"dads on {name}: " + "; ".join(
+            f"{row['mbit']:g} Mbit/s {row['dads']['chosen']} {row['dads']['measured_ms']:.1f} ms vs chain "
+            f"{row['chain']['chosen']} {row['chain']['measured_ms']:.1f} ms ({row['dads_over_chain']:.3f}x)"
+            for row in r["sweep"]))
+    a = results.get("adapt")
+    if a:
+        lines.append(f"adapt (closed loop, trace {a['trace_mbit_calls']}): adaptive "
+                     f"{a['arms']['adaptive']['call_ms_mean']:.1f} ms per call, success "
+                     f"{a['arms']['adaptive']['success']:.3f}; best fixed {a['best_fixed']} "
+                     f"{a['arms'][a['best_fixed']]['call_ms_mean']:.1f} ms ({a['adaptive_over_best_fixed']:.3f}x); "
+                     + ", ".join(f"{k} {v['success']:.3f}" for k, v in a["arms"].items() if k != "adaptive"))
     f = results.get("faults")
     if f:
         lines.append(f"faults: {f['faults']['acted']}/{f['faults']['calls']} calls acted, success "
