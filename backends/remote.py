@@ -16,12 +16,13 @@ the Plan's bandwidth selector, separates the link's latency from its bandwidth: 
 beyond the server's compute is a fixed part (RTT, the request's own overhead: the least such
 time of the last few small requests) plus its bytes / bandwidth. A request of at least
 `min_bytes` gives a bandwidth sample, bytes / (time - fixed part); a smaller one (an action, a
-cut after the backbone) only updates the fixed part, and the Executor then probes: an echo of
-one byte and one of the probe's size, in the background, at most every `probe_interval` s and
-so that probes take at most a tenth of the link's time. The probe's size grows with the
-bandwidth it measured (its bytes take about twice the fixed part, from `probe_bytes` up to
-`max_probe_bytes`): a 16 KB echo takes 1.3 ms at 100 Mbit/s, less than the fixed part's jitter
-over Triton (~10 ms here).
+cut after the backbone) only updates the fixed part; so does a larger one whose bytes took less
+than a quarter of the fixed part (within its jitter). When a call gave no sample the Executor
+probes: an echo of one byte and one of the probe's size, in the background, at most every
+`probe_interval` s and so that probes take at most a tenth of the link's time. The probe's size
+follows the bandwidth it measured (its bytes take about twice the fixed part, from
+`probe_bytes` up to `max_probe_bytes`; doubled after a probe too small to measure): a 16 KB echo
+takes 1.3 ms at 100 Mbit/s, less than the fixed part's jitter over Triton (~10 ms here).
 (Bytes / time alone read a 450-byte request over a 5 ms RTT as 0.7 Mbit/s on any link: the
 selector never left its lowest band.) When a request fails or times out, the Executor runs the same
 graph locally (the artifact holds every graph) and the device counts a fallback: no control
@@ -67,6 +68,8 @@ class TritonDevice:
     FIXED_WINDOW = 8
     #: the most of the link's time the probes may take
     PROBE_SHARE = 0.1
+    #: a probe's bytes take this many times the fixed part (at the bandwidth measured last)
+    PROBE_FIXED = 2.0
 
     def __init__(self, url: str, *, link: str = "wifi", timeout: float = 1.0, backoff: float = 1.0,
                  probe_bytes: int = 16384, min_bytes: int = 4096, probe_interval: float = 0.1,
@@ -79,6 +82,7 @@ class TritonDevice:
         self._fixed: list[float] = []            # the last small requests' times beyond compute
         self._last_probe = -math.inf
         self._probe_s = 0.0                      # the last probe's duration
+        self._grow = 0                           # the next probe's size after one too small to measure
         self._client = self._connect()
         self.estimate = float("nan")
         self.count = 0
@@ -105,24 +109,34 @@ class TritonDevice:
             return min(self._fixed, default=math.inf)
 
     def probe_size(self) -> int:
-        """The next probe's payload: bytes that take about twice the fixed part at the bandwidth
-        measured last, within [probe_bytes, max_probe_bytes]."""
+        """The next probe's payload: bytes that take PROBE_FIXED times the fixed part at the
+        bandwidth measured last (twice the last probe's size after a probe too small to measure),
+        within [probe_bytes, max_probe_bytes]."""
         with self._lock:
-            est, fixed = self.estimate, min(self._fixed, default=math.inf)
+            est, fixed, grow = self.estimate, min(self._fixed, default=math.inf), self._grow
+        if grow:
+            return grow
         if not (math.isfinite(est) and math.isfinite(fixed) and est > 1.0):
             return self.probe_bytes
-        return int(min(max(2 * fixed * est, self.probe_bytes), self.max_probe_bytes))
+        return int(min(max(self.PROBE_FIXED * fixed * est, self.probe_bytes), self.max_probe_bytes))
 
-    def _measure(self, nbytes: int, elapsed: float, compute: float) -> None:
+    def _measure(self, nbytes: int, elapsed: float, compute: float) -> bool:
+        """Take a request's time (beyond the server's compute) into the link's measurement; True
+        when it gave a bandwidth sample: its bytes took at least a quarter of the fixed part (less
+        is within the fixed part's jitter)."""
         t = max(elapsed - compute, 0.0)
         with self._lock:
             if nbytes < self.min_bytes:
                 self._fixed = (self._fixed + [t])[-self.FIXED_WINDOW:]
-                return
+                return False
             if not self._fixed:     # nothing to tell the fixed part from the bytes' time yet
-                return
-            self.estimate = nbytes / max(t - min(self._fixed), 1e-6)
+                return False
+            fixed = min(self._fixed)
+            if t - fixed < 0.25 * fixed:
+                return False
+            self.estimate = nbytes / (t - fixed)
             self.count += 1
+            return True
 
     def _fail(self) -> None:
         with self._lock:
@@ -141,6 +155,11 @@ class TritonDevice:
     def infer(self, graph: str, names: Sequence[str], arrays: Sequence[np.ndarray],
               outputs: Sequence[str]) -> list[np.ndarray]:
         """One inference request; RemoteError when it fails or times out."""
+        return self._request(graph, names, arrays, outputs)[0]
+
+    def _request(self, graph: str, names: Sequence[str], arrays: Sequence[np.ndarray],
+                 outputs: Sequence[str]) -> tuple[list[np.ndarray], bool]:
+        """One inference request: (its outputs, whether it gave a bandwidth sample)."""
         g = self._grpc
         inputs = []
         nbytes = 0
@@ -159,9 +178,9 @@ class TritonDevice:
         elapsed = time.perf_counter() - t0
         outs = [res.as_numpy(o) for o in outputs]
         compute = float(res.as_numpy(COMPUTE).reshape(-1)[0])
-        self._measure(nbytes + sum(o.nbytes for o in outs), elapsed, compute)
+        measured = self._measure(nbytes + sum(o.nbytes for o in outs), elapsed, compute)
         self.bytes_sent += nbytes
-        return outs
+        return outs, measured
 
     def run(self, graph: str, names: Sequence[str], arrays: Sequence[np.ndarray], outputs: Sequence[str],
             local) -> list[np.ndarray]:
@@ -194,8 +213,11 @@ class TritonDevice:
             try:
                 t0 = time.perf_counter()
                 self.infer(ECHO, ["x"], [np.zeros(1, np.uint8)], ["n"])
-                self.infer(ECHO, ["x"], [np.zeros(self.probe_size(), np.uint8)], ["n"])
+                size = self.probe_size()
+                _, measured = self._request(ECHO, ["x"], [np.zeros(size, np.uint8)], ["n"])
                 self._probe_s = time.perf_counter() - t0
+                with self._lock:
+                    self._grow = 0 if measured else min(2 * size, self.max_probe_bytes)
                 with self._lock:
                     self.down_until = 0.0
             except RemoteError:

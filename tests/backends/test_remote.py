@@ -147,11 +147,16 @@ def test_bandwidth_is_measured_apart_from_the_links_fixed_time(tmp_path_factory)
     before = client.requests
     dev.probe()                                   # too soon after the last: refused
     assert client.requests == before and dev.count == 1
-    # the next probe is sized to take about twice the fixed part at the bandwidth measured
-    assert dev.probe_size() == pytest.approx(2 * dev.fixed_s * dev.signal()[0], rel=0.01)
+    # the next probe is sized to take PROBE_FIXED times the fixed part at the bandwidth measured
+    assert dev.probe_size() == pytest.approx(dev.PROBE_FIXED * dev.fixed_s * dev.signal()[0], rel=0.01)
     assert dev.probe_size() >= dev.probe_bytes
     dev.estimate = 1e9
     assert dev.probe_size() == dev.max_probe_bytes
+    # a request whose bytes took less than a quarter of the fixed part gives no sample (jitter)
+    count = dev.count
+    assert not dev._measure(100_000, dev.fixed_s * 1.1, 0.0) and dev.count == count
+    assert dev._measure(100_000, dev.fixed_s * 2, 0.0) and dev.count == count + 1
+    assert dev.signal()[0] == pytest.approx(100_000 / dev.fixed_s)
 
 
 def test_device_needs_its_environment(tmp_path):
