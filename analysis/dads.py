@@ -36,12 +36,10 @@ segment's time.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 import torch.fx as fx
 
 from pared.analysis.placement import PlacementCost, _design, segment_features
@@ -95,31 +93,18 @@ def node_times(cost: PlacementCost, gm: fx.GraphModule, nodes: Sequence[fx.Node]
 
 
 def _value(node: fx.Node) -> tuple[int, int] | None:
-    """(bytes, float32 elements) of a node's value; None when it is not one tensor."""
-    v = node.meta.get("val")
-    if isinstance(v, torch.Tensor):
-        shape, dtype = v.shape, v.dtype
-    else:
-        tm = node.meta.get("tensor_meta")
-        if tm is None or not hasattr(tm, "shape"):
-            return None
-        shape, dtype = tm.shape, tm.dtype
-    n = math.prod(int(s) for s in shape)
-    return n * torch.empty((), dtype=dtype).element_size(), n if dtype == torch.float32 else 0
+    """(bytes, float32 bytes) of a node's value (ir/cuts.value_bytes); None when it is not one tensor."""
+    try:
+        return _cuts.value_bytes(node)
+    except ValueError:
+        return None
 
 
-def _sent_bytes(nbytes: int, f32: int, compression: str) -> int:
-    if compression == "none" or not f32:
-        return nbytes
-    rest = nbytes - 4 * f32
-    return rest + (2 * f32 if compression == "fp16" else f32 + 4)
-
-
-def _codec(cost: PlacementCost, first: str, second: str, f32: int, compression: str) -> float:
-    if compression == "none" or not f32:
-        return 0.0
-    a, b = cost.device(first).codec_s, cost.device(second).codec_s
-    return (a.get(f"{compression}.send", 0.0) + b.get(f"{compression}.recv", 0.0)) * f32
+def _codec(cost: PlacementCost, first: str, second: str, f32_bytes: int, values: int, compression: str) -> float:
+    """Encoding on `first` and decoding on `second` of `values` float32 values of `f32_bytes`."""
+    n = f32_bytes // 4
+    return (cost.codec_values_s(first, compression, "send", n, values)
+            + cost.codec_values_s(second, compression, "recv", n, values))
 
 
 def dads_cut(cost: PlacementCost, gm: fx.GraphModule, first: str, second: str, link: Link,
@@ -153,8 +138,8 @@ def dads_cut(cost: PlacementCost, gm: fx.GraphModule, first: str, second: str, l
             g.add_edge(v.name, aux)
         else:
             nb, f32 = val
-            g.add_edge(v.name, aux, capacity=_sent_bytes(nb, f32, compression) / link.bandwidth
-                       + _codec(cost, first, second, f32, compression))
+            g.add_edge(v.name, aux, capacity=_cuts.sent_bytes(nb, f32, compression, 1) / link.bandwidth
+                       + _codec(cost, first, second, f32, 1 if f32 else 0, compression))
         for u in readers:
             g.add_edge(aux, u.name)
             g.add_edge(u.name, v.name)                  # precedence: a reader on the first side ...
@@ -168,13 +153,14 @@ def dads_cut(cost: PlacementCost, gm: fx.GraphModule, first: str, second: str, l
     position, moved = _cuts.as_moved(gm, side)
     _cuts.first_set(gm, position, moved)                # closed under inputs (checked)
     live = _cuts.live_of(gm, side)
-    nbytes = f32 = 0
+    nbytes = f32 = values = 0
     for v in live:
         b, f = _value(v) or (0, 0)
-        nbytes += _sent_bytes(b, f, compression)
+        nbytes += _cuts.sent_bytes(b, f, compression, 1)
         f32 += f
+        values += bool(f)
     over1, over2 = cost.device(first).overhead_s, cost.device(second).overhead_s
     inside = np.array([n in side for n in nodes])
     return DagCut(position, moved, compression, tuple(v.name for v in live), nbytes,
                   float(t1[inside].sum()) + over1, float(t2[~inside].sum()) + over2,
-                  _codec(cost, first, second, f32, compression))
+                  _codec(cost, first, second, f32, values, compression))

@@ -170,14 +170,19 @@ class PlacementCost(Record):
         values as `compression`: the regression applied to the codec's ops (fp16: a cast each
         way; int8: |x|, max, scale, divide, round, clamp, cast to send; a cast and a multiply to
         receive)."""
-        if compression == "none":
-            return 0.0
         c = self.cuts[k]
-        n = c.float_bytes // 4
+        # len(live): an upper bound on the float values, each costing its ops
+        return self.codec_values_s(device, compression, side, c.float_bytes // 4, len(c.live))
+
+    def codec_values_s(self, device: str, compression: str, side: str, n: int, values: int) -> float:
+        """Seconds on `device` to encode (or decode) `values` float32 values of `n` elements in all
+        as `compression`: the codec's timed rate per element where the model timed it, else the
+        regression applied to its ops (see codec_s)."""
+        if compression == "none" or not n:
+            return 0.0
         d = self.device(device)
         if f"{compression}.{side}" in d.codec_s:
             return d.codec_s[f"{compression}.{side}"] * n
-        values = len(c.live)   # an upper bound on the float values: each costs its ops
         ops = {("fp16", "send"): 1, ("fp16", "recv"): 1, ("int8", "send"): 9, ("int8", "recv"): 2}[(compression, side)]
         _, b, cb, dd = self.coefficients
         flops = n * ops
@@ -271,7 +276,7 @@ def cut_features(program: Program, graph: str, at: Sequence[str], where: str = "
     nodes = _cuts.compute_nodes(gm)
     feats = [segment_features(gm, nodes[a.position:b.position]) for a, b in zip(cands, cands[1:])]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    out_bytes = sum(_cuts._nbytes(a)[0] for a in out_node.all_input_nodes)
+    out_bytes = sum(_cuts.value_bytes(a)[0] for a in out_node.all_input_nodes)
     return gm, cands, nodes, feats, out_bytes
 
 

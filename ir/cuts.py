@@ -21,7 +21,7 @@ live set is what crosses). Topological order is torch.export's, so a value an ea
 node computes for a late one crosses every cut in between: that is counted, and such
 cuts are seldom chosen. A cut need not follow graph order: any set of compute nodes
 closed under inputs can run first (`first_set`; a DAG min-cut, DADS, finds one:
-analysis/placement.dads_cut); it is named by a position and the nodes `moved` across
+analysis/dads.dads_cut); it is named by a position and the nodes `moved` across
 it.
 
     compute_nodes(gm)              the call_function nodes, in order
@@ -58,18 +58,24 @@ class Cut:
     position: int              # compute nodes before the cut, 0 .. len(compute_nodes)
     live: tuple[str, ...]      # names of the values crossing, in graph order
     nbytes: int                # their bytes (fp32 as computed)
-    float_bytes: int           # the part of nbytes in floating-point tensors (what compression shrinks)
+    float_bytes: int           # the part of nbytes in float32 tensors (what compression shrinks)
 
     def bytes_as(self, compression: str) -> int:
-        """Bytes crossing with the float values sent as `compression` (int8: plus a 4-byte scale each)."""
-        other = self.nbytes - self.float_bytes
-        if compression == "none":
-            return self.nbytes
-        if compression == "fp16":
-            return other + self.float_bytes // 2
-        if compression == "int8":
-            return other + self.float_bytes // 4 + 4 * len(self.live)
-        raise ValueError(f"unknown compression {compression!r}; known: {', '.join(COMPRESSION)}")
+        """Bytes crossing with the float32 values sent as `compression` (sent_bytes)."""
+        return sent_bytes(self.nbytes, self.float_bytes, compression, len(self.live))
+
+
+def sent_bytes(nbytes: int, f32_bytes: int, compression: str, values: int) -> int:
+    """Bytes on the link of `values` values of `nbytes` bytes, `f32_bytes` of them float32, with
+    the float32 sent as `compression` (what `compress` sends: fp16 halves them; int8 quarters
+    them plus a 4-byte scale per value, counted for each of `values`: an upper bound)."""
+    if compression == "none":
+        return nbytes
+    if compression == "fp16":
+        return nbytes - f32_bytes + f32_bytes // 2
+    if compression == "int8":
+        return nbytes - f32_bytes + f32_bytes // 4 + 4 * values
+    raise ValueError(f"unknown compression {compression!r}; known: {', '.join(COMPRESSION)}")
 
 
 def compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -133,15 +139,25 @@ def as_moved(gm: fx.GraphModule, first: set[fx.Node] | set[str]) -> tuple[int, t
     return p, tuple(n.name for n in nodes if (n.name in names) != (n.name in prefix))
 
 
-def _nbytes(node: fx.Node) -> tuple[int, bool]:
+def value_bytes(node: fx.Node) -> tuple[int, int]:
+    """(bytes, the part of them in float32: what `compress` shrinks) of a node's value.
+
+    Raises:
+        ValueError: no shape recorded (run propagate_shapes), or a value that is not one tensor
+            (a tuple of a multi-output op), naming the node.
+    """
     v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor):
+    if isinstance(v, torch.Tensor):
+        shape, dtype = v.shape, v.dtype
+    else:
         tm = node.meta.get("tensor_meta")
         if tm is None:
             raise ValueError(f"cut: value {node.name} has no shape recorded (run shape propagation first)")
-        n = math.prod(int(s) for s in tm.shape) * torch.empty((), dtype=tm.dtype).element_size()
-        return n, tm.dtype.is_floating_point
-    return (math.prod(int(s) for s in v.shape) * v.element_size(), v.dtype.is_floating_point)
+        if not hasattr(tm, "shape"):
+            raise ValueError(f"cut: value {node.name} is not one tensor; it cannot cross a cut alone")
+        shape, dtype = tm.shape, tm.dtype
+    n = math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+    return n, n if dtype == torch.float32 else 0
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -154,9 +170,9 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor])
 def _bytes_of(nodes: Sequence[fx.Node]) -> tuple[int, int]:
     total = flt = 0
     for n in nodes:
-        b, is_float = _nbytes(n)
+        b, f = value_bytes(n)
         total += b
-        flt += b if is_float else 0
+        flt += f
     return total, flt
 
 

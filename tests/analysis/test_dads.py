@@ -52,7 +52,7 @@ def _latency(cost, gm, side, link, compression="none"):
     nodes = cuts.compute_nodes(gm)
     t1, t2 = node_times(cost, gm, nodes, "edge"), node_times(cost, gm, nodes, "cloud")
     inside = np.array([n in side for n in nodes])
-    nbytes = sum(cuts._nbytes(v)[0] for v in cuts.live_of(gm, side))
+    nbytes = sum(cuts.value_bytes(v)[0] for v in cuts.live_of(gm, side))
     return (t1[inside].sum() + t2[~inside].sum() + 2 * 2e-4 + link.transfer_s(nbytes)
             + link.transfer_s(cost.output_bytes))
 
@@ -107,6 +107,12 @@ def test_fp16_across_halves_the_bytes_and_adds_the_codecs():
     plain = dads_cut(cost, gm, "edge", "cloud", link)
     half = dads_cut(cost, gm, "edge", "cloud", link, "fp16")
     assert half.nbytes == plain.nbytes // 2 and half.label.endswith("_fp16")
+    # the codecs are priced as the chain model prices them (here untimed: the regression on their
+    # ops), per float value crossing: the same price a cut in graph order with these values pays
+    n = sum(cuts.value_bytes(v)[1] for v in cuts.live_of(gm, cuts.first_set(gm, half.position, half.moved))) // 4
+    want = (cost.codec_values_s("edge", "fp16", "send", n, len(half.live))
+            + cost.codec_values_s("cloud", "fp16", "recv", n, len(half.live)))
+    assert half.codec_s == pytest.approx(want, rel=1e-12) and half.codec_s > 0 and plain.codec_s == 0
     with pytest.raises(ValueError, match="unknown compression 'bf16'"):
         dads_cut(cost, gm, "edge", "cloud", link, "bf16")
 
