@@ -364,5 +364,21 @@ def _manifest(program: Program, target_json: dict, graphs: dict, history: Sequen
         "graphs": graphs,
         "plan": program.plan.to_json(),
         "records": records,
+        "superseded_records": _superseded(history, records),
         "pipeline": [{"name": n, "modified": r.modified} for n, r, _ in history],
     }
+
+
+def _superseded(history: Sequence, final: Mapping[str, Any]) -> dict:
+    """The measurements a later rewrite invalidated (what the compiler saw before it rewrote:
+    `pared report` draws them): key -> {"by": the pass that dropped it, "record": its JSON as
+    last seen}. Records the final program still has are not repeated."""
+    out: dict = {}
+    before: dict = {}
+    for name, result, _ in history:
+        now = result.program.records.to_json()
+        for key, rec in before.items():
+            if key not in now and key not in final:
+                out[key] = {"by": name, "record": rec}
+        before = now
+    return out

@@ -6,6 +6,7 @@
     pared bench ARTIFACT [--repeats N]             latency of an artifact
     pared keygen --out KEY                         Ed25519 key pair: KEY (private, 0600) and KEY.pub
     pared sign ARTIFACT --key KEY                  write ARTIFACT/signature.json (over manifest.json)
+    pared report ARTIFACT [--out report.html]      one self-contained HTML page of what pared saw and decided
     pared bench --workload NAME [--pipeline P.yaml] [--target T] [--json OUT.json]
                                                    eager vs. plain lowering vs. pipeline, speed and fidelity
     pared bench --placement sweep|served|adapt|dads|trigger|faults|plot|all [--workload W] [--episodes N] [--json OUT.json]
@@ -99,7 +100,14 @@ def cmd_optimize(a: argparse.Namespace) -> int:
                              allow_fidelity_loss=a.allow_fidelity_loss, bench_repeats=a.repeats,
                              backend_options=spec.backend, progress=progress)
         path = opt.save(out)
+        page = None
+        if a.report:
+            from pared.report import write_report
+            progress("writing the HTML report")
+            page = write_report(path)
     _print_report(opt.report, path)
+    if page:
+        _out().print(f"report: {page}", soft_wrap=True)
     return EXIT_OK
 
 
@@ -219,6 +227,13 @@ def cmd_sign(a: argparse.Namespace) -> int:
     from pared.backends.artifact import sign_artifact
     path = sign_artifact(a.artifact, a.key)
     _out().print(f"signed {a.artifact}: {path}", soft_wrap=True)
+    return EXIT_OK
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from pared.report import write_report
+    path = write_report(a.artifact, a.out, trusted_keys=a.trusted_key)
+    _out().print(f"wrote {path} (self-contained: open it in any browser, offline)", soft_wrap=True)
     return EXIT_OK
 
 
@@ -350,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--target", help="override the file's target")
     o.add_argument("--allow-fidelity-loss", action="store_true", help="save even if the fidelity bound is missed")
     o.add_argument("--repeats", type=int, default=10, help="rounds of side-by-side timing (0: skip)")
+    o.add_argument("--report", action="store_true", help="also write the HTML report beside the artifact "
+                                                          "(ARTIFACT.report.html; see `pared report`)")
     o.add_argument("-q", "--quiet", action="store_true")
     o.set_defaults(func=cmd_optimize)
     i = sub.add_parser("inspect", help="show a model's regions, ops, parameters and FLOPs")
@@ -376,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("artifact")
     sg.add_argument("--key", required=True, help="Ed25519 private key file (pared keygen)")
     sg.set_defaults(func=cmd_sign)
+    rp = sub.add_parser("report", help="write one self-contained HTML page of what pared saw and decided")
+    rp.add_argument("artifact")
+    rp.add_argument("--out", help="the HTML file (default: beside the artifact, ARTIFACT.report.html)")
+    rp.add_argument("--trusted-key", action="append", metavar="KEY.pub",
+                    help="report only if signed by this public key (repeatable)")
+    rp.set_defaults(func=cmd_report)
     sv = sub.add_parser("serve", help="serve a partitioned artifact's remote half with Triton (KServe v2 over gRPC)")
     sv.add_argument("artifact")
     sv.add_argument("--part", default="cloud", help="the device whose graphs to serve (default: cloud)")
