@@ -211,6 +211,9 @@ def _kv(mapping: Mapping[str, Any]) -> str:
 def _short_json(v: Any, n: int = 160) -> str:
     if isinstance(v, (str, int, float, bool)) or v is None:
         return _fmt(v)
+    if isinstance(v, Mapping) and all(isinstance(x, (str, int, float, bool)) or x is None for x in v.values()):
+        s = ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+        return s if len(s) <= n else s[:n] + "..."
     s = json.dumps(v)
     return s if len(s) <= n else s[:n] + f"... ({len(s)} chars)"
 

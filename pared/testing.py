@@ -1616,3 +1616,82 @@ class ReuseTokensRef:
         probs = probs[-(self.relevance_blocks or len(probs)):]
         self.relevance = sum(p[:, :, q0:q1, start:end].sum(2).mean(1) for p in probs) / len(probs)
         return m.head(m.norm(h[:, -1]))
+
+
+# -- the report in a browser -------------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+#: Chromium on a machine with no network: no background connections, no sandbox as root
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync")
+
+
+def browser_missing(chromium: str = CHROMIUM) -> list[str]:
+    """What rendering a page in a headless browser lacks here (empty: nothing): Debian's chromium
+    and the Python package playwright, which drives it (its own browser download cannot reach its
+    host from these machines)."""
+    missing = []
+    if not os.path.exists(chromium):
+        missing.append(f"{chromium} (Debian package 'chromium': apt-get install chromium)")
+    import importlib.util
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the Python package 'playwright' (pip install -e '.[dev]')")
+    return missing
+
+
+def browse_page(page_file: str, screenshot: str, *, chromium: str = CHROMIUM, width: int = 1280) -> dict:
+    """Open a local HTML file in headless chromium, measure every `figure.plot`'s SVG and take a
+    full-page screenshot.
+
+    Returns:
+        {"errors": console errors and page exceptions, "fetched": URLs requested other than the
+        file itself and data: URLs, "plots": per figure {id, w, h, marks (drawn SVG elements),
+        shown}, "screenshot": the PNG's path}
+    Raises:
+        RuntimeError: the browser or playwright is missing (see browser_missing).
+    """
+    missing = browser_missing(chromium)
+    if missing:
+        raise RuntimeError("rendering a page needs " + " and ".join(missing))
+    from playwright.sync_api import sync_playwright
+    errors: list[str] = []
+    fetched: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=list(CHROMIUM_ARGS))
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else fetched.append(r.url))
+            page.goto("file://" + os.path.abspath(page_file), wait_until="load")
+            plots = page.evaluate("""() => [...document.querySelectorAll('figure.plot')].map(f => {
+                const s = f.querySelector('svg'); if (!s) return {id: f.id, w: 0, h: 0, marks: 0, shown: false};
+                const r = s.getBoundingClientRect();
+                return {id: f.id, w: r.width, h: r.height, marks: s.querySelectorAll('path, image, use, rect').length,
+                        shown: getComputedStyle(s).display !== 'none' && getComputedStyle(s).visibility !== 'hidden'};
+            })""")
+            page.screenshot(path=screenshot, full_page=True)
+        finally:
+            browser.close()
+    return {"errors": errors, "fetched": fetched, "plots": plots, "screenshot": screenshot}
+
+
+def plots_declared(page: str) -> int:
+    """The plots a `pared report` page says its sections hold (their data-plots)."""
+    return sum(int(n) for n in re.findall(r'<section id="[\w-]+" data-plots="(\d+)">', page))
+
+
+def assert_page_rendered(seen: dict, expected_plots: int) -> None:
+    """What browse_page saw is a page loaded without errors or fetches, every one of the
+    `expected_plots` drawn (a visible SVG of some size with marks in it), and a screenshot
+    with something on it."""
+    assert seen["errors"] == [], f"the page logged errors: {seen['errors']}"
+    assert seen["fetched"] == [], f"the page fetched {seen['fetched']}"
+    assert len(seen["plots"]) == expected_plots >= 1, (len(seen["plots"]), expected_plots)
+    for p in seen["plots"]:
+        assert p["shown"] and p["w"] > 100 and p["h"] > 50 and p["marks"] >= 5, f"plot not drawn: {p}"
+    from PIL import Image
+    with Image.open(seen["screenshot"]) as im:
+        assert im.size[1] > 900, im.size
+        # something was drawn: many distinct colours, not a blank page
+        colours = im.convert("RGB").resize((320, im.size[1] // 4)).getcolors(1 << 20) or []
+        assert len(colours) > 50, f"the screenshot has {len(colours)} colours: blank?"

@@ -27,10 +27,9 @@ from pared.ir.target import Deployment
 from pared.ir.transform import PassContext
 from pared.passes.partition.partition import Partition
 from pared.report import default_path, pareto, render_report, write_report
-from pared.testing import (SLOW_EDGE_FAST_CLOUD, save_program, tiny_dit, tiny_patchnet, tiny_sampler_loop,
-                           tiny_transformer)
-
-CHROMIUM = "/usr/bin/chromium"
+from pared.testing import (SLOW_EDGE_FAST_CLOUD, assert_page_rendered, browse_page, browser_missing, plots_declared,
+                           save_program, tiny_dit, tiny_patchnet,
+                           tiny_sampler_loop, tiny_transformer)
 
 
 @functools.cache
@@ -173,57 +172,26 @@ def test_cli_report_and_optimize_report(artifacts, tmp_path, capsys):
 
 
 # -- the browser -----------------------------------------------------------------------------------
-def _browser():
-    """Playwright with Debian's chromium, or a skip that says what is missing (`make test` installs
-    both where it runs as root, and sets PARED_REQUIRE_BROWSER=1 there: then a gap fails)."""
-    missing = []
-    if not os.path.exists(CHROMIUM):
-        missing.append(f"{CHROMIUM} (Debian package 'chromium': apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing.append("the Python package 'playwright' (pip install -e '.[dev]')")
+def _need_browser():
+    """Skip, saying what is missing, where the browser is not here (`make test` installs it where
+    it runs as root and sets PARED_REQUIRE_BROWSER=1 where chromium is: then a gap fails)."""
+    missing = browser_missing()
     if missing:
         msg = "the browser test needs " + " and ".join(missing)
         if os.environ.get("PARED_REQUIRE_BROWSER") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
-    return sync_playwright
 
 
 @pytest.mark.parametrize("which", ["cached", "mixed", "partition"])
 def test_page_renders_in_headless_chromium(artifacts, which, tmp_path):
-    sync_playwright = _browser()
+    _need_browser()
     page_file = write_report(artifacts[which], str(tmp_path / f"{which}.html"))
     with open(page_file, encoding="utf-8") as f:
-        expected = sum(_sections(f.read()).values())
-    errors, fetched = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: fetched.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
-            page.goto("file://" + page_file, wait_until="load")
-            plots = page.evaluate("""() => [...document.querySelectorAll('figure.plot')].map(f => {
-                const s = f.querySelector('svg'); if (!s) return null;
-                const r = s.getBoundingClientRect();
-                return {id: f.id, w: r.width, h: r.height,
-                        marks: s.querySelectorAll('path, image, use, rect').length,
-                        shown: getComputedStyle(s).display !== 'none'}; })""")
-            shot = str(tmp_path / f"{which}.png")
-            page.screenshot(path=shot, full_page=True)
-        finally:
-            browser.close()
-    assert errors == [] and fetched == []
-    assert len(plots) == expected >= 2
-    for p_ in plots:
-        assert p_ is not None and p_["shown"] and p_["w"] > 100 and p_["h"] > 50 and p_["marks"] >= 5, p_
+        expected = plots_declared(f.read())
+    assert expected >= 2
+    seen = browse_page(page_file, str(tmp_path / f"{which}.png"))
+    assert_page_rendered(seen, expected)
     from PIL import Image
-    with Image.open(shot) as im:
-        assert im.size[0] == 1280 and im.size[1] > 900
-        # something was drawn: many distinct colours, not a blank page
-        assert len(im.convert("RGB").resize((320, im.size[1] // 4)).getcolors(1 << 20) or []) > 50
+    with Image.open(seen["screenshot"]) as im:
+        assert im.size[0] == 1280

@@ -1,0 +1,48 @@
+"""`pared optimize --report` on three shipped workloads (the cached DiT, the mixed-precision ViT,
+the composed VLA policy): each page renders in headless chromium with every plot drawn, and shows
+what its pipeline decided. examples/report_pages.py makes the screenshots in docs/ the same way."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+from pared.testing import assert_page_rendered, browse_page, browser_missing, plots_declared
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_spec = importlib.util.spec_from_file_location("report_pages", os.path.join(ROOT, "examples", "report_pages.py"))
+report_pages = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report_pages)
+
+#: page -> (sections that must hold plots, record types the manifest must keep)
+EXPECT = {
+    "dit_cache": ({"measured", "plan", "redundancy"}, {"RedundancyProfile", "CachePlan"}),
+    "vit_mnist_mixed": ({"measured", "precision", "searches"}, {"MixedPrecisionPlan", "SensitivityProfile"}),
+    "vla_composed": ({"measured", "plan", "redundancy"}, {"ActionCachePlan", "DynamicPrecisionDecisions",
+                                                           "TokenReuseDecisions"}),
+}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", list(EXPECT))
+def test_shipped_workload_report_renders(name, tmp_path):
+    missing = browser_missing()
+    if missing:
+        msg = "the browser test needs " + " and ".join(missing)
+        if os.environ.get("PARED_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    page = report_pages.build(name, str(tmp_path), repeats=2)
+    with open(page, encoding="utf-8") as f:
+        html = f.read()
+    sections, records = EXPECT[name]
+    drawn = {k for k, n in re.findall(r'<section id="([\w-]+)" data-plots="(\d+)">', html) if int(n) > 0}
+    assert sections <= drawn, drawn
+    with open(os.path.join(str(tmp_path), name, "manifest.json")) as f:
+        m = json.load(f)
+    kept = {r["type"] for r in m["records"].values()} | {v["record"]["type"] for v in m["superseded_records"].values()}
+    assert records <= kept, kept
+    assert_page_rendered(browse_page(page, str(tmp_path / "page.png")), plots_declared(html))
