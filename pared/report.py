@@ -104,11 +104,10 @@ class Section:
 def render_report(artifact: str, *, trusted_keys: Iterable[Any] | None = None) -> str:
     """The report of `artifact` as one HTML string (see the module docstring)."""
     manifest = read_manifest(artifact, trusted_keys=trusted_keys)
-    try:
-        import matplotlib  # noqa: F401  (figures are drawn with matplotlib.figure.Figure: no pyplot, no backend)
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("matplotlib") is None:   # figures are matplotlib.figure.Figure: no pyplot
         raise ParedError("pared report draws its plots with matplotlib, which is not installed: "
-                         "pip install 'pared[report]'") from None
+                         "pip install 'pared[report]'")
     records = _records(manifest)
     sections = [
         _summary(artifact, manifest, trusted_keys is not None),
