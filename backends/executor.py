@@ -65,6 +65,27 @@ def check_cpu(path: str, manifest: Mapping[str, Any], target: Mapping[str, Any],
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def check_tvm_features(path: str, graph: str, target: Mapping[str, Any]) -> None:
+    """Refuse a TVM graph built with CPU extensions this CPU lacks (target `tvm-native`, or a
+    `mattr` list): its code would stop the process on an illegal instruction, so no flag allows it.
+
+    Raises:
+        ArtifactError: naming the graph, the features missing here and what to build instead.
+    """
+    tvm_target = target.get("tvm_target") or {}
+    mattr = tvm_target.get("mattr") or []
+    host = isa.host_cpu()
+    if not isinstance(mattr, (list, tuple)) or str(tvm_target.get("mtriple", "")).split("-")[0] not in ("", host.arch):
+        return
+    missing = isa.missing_mattr(mattr, host)
+    if missing:
+        raise ArtifactError(
+            f"{path}: graph '{graph}' was built by TVM for a CPU with {', '.join(m.lstrip('+') for m in mattr)} "
+            f"(target '{target.get('name')}'); this CPU ({host.model or host.arch}) lacks {', '.join(missing)}, and the "
+            f"code would stop on an illegal instruction. Rebuild it here (target tvm-native reads this CPU) or for "
+            f"target tvm-cpu (the {host.arch} baseline, runs on any such CPU)")
+
+
 @contextlib.contextmanager
 def _malformed(path: str, what: str):
     """The manifest is data: a field of the wrong shape in `what` is an ArtifactError naming it, never a
@@ -193,6 +214,9 @@ class Executor:
                     if not serve:
                         continue
                     mine = self._device_target(serve[0]) if serve[0] is not None else target
+            if backend == "tvm":
+                with _malformed(path, f"graph '{name}' target"):
+                    check_tvm_features(path, name, mine)
             modname, clsname = _RUNTIMES[backend]
             cls = getattr(importlib.import_module(modname), clsname)
             try:

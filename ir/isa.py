@@ -16,6 +16,10 @@ are TVM's integer kernels (LLVM computes the int32 sums the program states).
                          are left out while that emulation is active, as CPUID shows them)
     u8s8_saturates(cpu)  whether ORT's u8s8 kernels sum pairs of products in 16 bits there
     missing_for_exact_u8s8(cpu)  the features whose absence makes them saturate
+    native_mattr(cpu)    the LLVM features (`+avx2`, ...) of this CPU's SIMD and bit-manipulation
+                         extensions: what target `tvm-native` builds for
+    missing_mattr(mattr, cpu)  the ones of a build's `mattr` a CPU lacks (code built for them
+                         would stop on an illegal instruction there)
 """
 from __future__ import annotations
 
@@ -35,6 +39,18 @@ X86_EXACT_U8S8 = ("avx512_vnni", "avx_vnni", "amx_int8")
 X86_ARCHES = ("x86_64", "amd64", "i686", "i386")
 #: ONNX Runtime execution providers whose integer kernels run on the host CPU (MLAS, oneDNN)
 CPU_EXECUTION_PROVIDERS = ("CPUExecutionProvider", "OpenVINOExecutionProvider")
+#: LLVM's x86 feature -> the /proc/cpuinfo flag of a CPU that has it: the SIMD and bit-manipulation
+#: extensions LLVM's code generation uses (`tvm-native` builds with those of the build host)
+LLVM_X86_FLAGS = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt", "avx": "avx",
+    "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm", "movbe": "movbe",
+    "avx512f": "avx512f", "avx512dq": "avx512dq", "avx512cd": "avx512cd", "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512ifma": "avx512ifma",
+    "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
+    "avx512vpopcntdq": "avx512_vpopcntdq", "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni", "gfni": "gfni",
+    "vaes": "vaes", "vpclmulqdq": "vpclmulqdq"}
+#: the same for 64-bit ARM (`Features` words)
+LLVM_ARM_FLAGS = {"neon": "asimd", "dotprod": "asimddp", "i8mm": "i8mm", "fullfp16": "fphp", "sve": "sve"}
 #: the largest |q| of int8 weights that 16-bit pair sums of u8 x s8 products hold (255 * 63 * 2 < 2^15)
 QMAX_NO_SATURATION = 63
 #: the environment variable tests/support/hide_isa.c reads, and the one it sets when active
@@ -48,6 +64,7 @@ class Cpu:
     model: str = ""                             # "Intel(R) Xeon(R) ..." (x86 `model name`)
     features: tuple[str, ...] = field(default_factory=tuple)  # of FEATURES, sorted
     hidden: tuple[str, ...] = ()                # features hide_isa.c hides from CPUID in this process
+    flags: tuple[str, ...] = ()                 # every word of /proc/cpuinfo's x86 `flags` / ARM `Features`
 
     @property
     def is_x86(self) -> bool:
@@ -85,7 +102,7 @@ def parse_cpuinfo(text: str, arch: str | None = None) -> Cpu:
     else:
         found = [name for name, word in ARM_FEATURES.items() if word in words]
         model = fields.get("model name") or _arm_model(fields)
-    return Cpu(arch, model, tuple(sorted(found)))
+    return Cpu(arch, model, tuple(sorted(found)), flags=tuple(sorted(words)))
 
 
 def _arm_model(fields: dict[str, str]) -> str:
@@ -93,11 +110,12 @@ def _arm_model(fields: dict[str, str]) -> str:
     return f"ARM implementer {imp} part {part}" if imp and part else ""
 
 
-def _hidden(spec: str) -> tuple[str, ...]:
-    """The FEATURES a PARED_HIDE_ISA value hides (avx512f takes every AVX-512 part with it, as in hide_isa.c)."""
+def _hidden(spec: str, among: "tuple[str, ...] | list[str]" = X86_FEATURES) -> tuple[str, ...]:
+    """The features of `among` a PARED_HIDE_ISA value hides (avx512f takes every AVX-512 part with it, as in
+    hide_isa.c)."""
     words = {w for w in spec.replace(",", " ").split() if w}
     out = set()
-    for f in X86_FEATURES:
+    for f in among:
         if f in words or ("avx512f" in words and f.startswith("avx512")) or \
                 (f.startswith("amx") and any(w.startswith("amx") for w in words)):
             out.add(f)
@@ -120,8 +138,30 @@ def host_cpu() -> Cpu:
         cpu = Cpu(arch)
     if os.environ.get(HIDE_STATUS_ENV) == "active" and os.environ.get(HIDE_ENV):
         hidden = tuple(f for f in _hidden(os.environ[HIDE_ENV]) if f in cpu.features)
-        cpu = Cpu(cpu.arch, cpu.model, tuple(f for f in cpu.features if f not in hidden), hidden)
+        gone = set(_hidden(os.environ[HIDE_ENV], cpu.flags))
+        cpu = Cpu(cpu.arch, cpu.model, tuple(f for f in cpu.features if f not in hidden), hidden,
+                  tuple(f for f in cpu.flags if f not in gone))
     return cpu
+
+
+def _llvm_flags(arch: str) -> dict[str, str]:
+    return LLVM_X86_FLAGS if arch.lower() in X86_ARCHES else LLVM_ARM_FLAGS if arch.lower() in ("aarch64", "arm64") \
+        else {}
+
+
+def native_mattr(cpu: Cpu) -> tuple[str, ...]:
+    """LLVM `mattr` entries (`+avx2`, ...) for the extensions `cpu` has among those code generation
+    uses (LLVM_X86_FLAGS / LLVM_ARM_FLAGS), sorted."""
+    have = set(cpu.flags)
+    return tuple(sorted(f"+{f}" for f, flag in _llvm_flags(cpu.arch).items() if flag in have))
+
+
+def missing_mattr(mattr: "tuple[str, ...] | list[str]", cpu: Cpu) -> tuple[str, ...]:
+    """The features a build's `mattr` turns on (`+name`) that `cpu` lacks, by LLVM name. Features
+    pared cannot read from /proc/cpuinfo (outside LLVM_X86_FLAGS / LLVM_ARM_FLAGS) are not judged."""
+    table, have = _llvm_flags(cpu.arch), set(cpu.flags)
+    wanted = [str(m)[1:] for m in mattr if str(m).startswith("+")]
+    return tuple(f for f in wanted if f in table and table[f] not in have)
 
 
 def u8s8_saturates(arch: str, features: "tuple[str, ...] | list[str]") -> bool:

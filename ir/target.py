@@ -9,7 +9,11 @@ precisions the hardware runs fast, its peak compute and memory bandwidth (for
 the cost model), and threads. Torch-free: the Executor reads the target from
 the manifest.
 
-Named targets: ``cpu`` (the default), ``tvm-cpu``, ``tvm-aarch64``, ``openvino-cpu``, ``cuda``.
+Named targets: ``cpu`` (the default), ``tvm-cpu``, ``tvm-native``, ``tvm-aarch64``, ``openvino-cpu``,
+``cuda``. ``tvm-cpu`` builds for the architecture's baseline (x86-64: SSE2) and runs on any CPU of
+it; ``tvm-native`` (``tvm_target: {kind: llvm, mattr: host}``) builds with the build host's SIMD
+and bit-manipulation extensions, listed by ``resolve()`` (``+avx2``, ``+avx512f``, ...), and
+pared.load refuses it on a CPU that lacks one (its code would stop on an illegal instruction).
 A YAML device profile defines a custom one::
 
     name: jetson-orin-cpu
@@ -159,9 +163,16 @@ class Target:
                 isa = _isa.host_cpu().features
             elif self.backend == "tvm" and self.is_cross:
                 isa = ()
-        if (arch, isa) == (self.arch, self.isa):
+        tvm_target = self.tvm_target
+        if self.backend == "tvm" and tvm_target.get("mattr") == HOST_MATTR:
+            if self.is_cross:
+                raise TargetError(f"target '{self.name}': tvm_target mattr '{HOST_MATTR}' takes this host's CPU "
+                                  f"features, which a cross build for {tvm_target.get('mtriple')} cannot use; "
+                                  "list its features (mattr: [+neon, ...])")
+            tvm_target = {**tvm_target, "mattr": list(_isa.native_mattr(_isa.host_cpu()))}
+        if (arch, isa, tvm_target) == (self.arch, self.isa, self.tvm_target):
             return self
-        return dataclasses.replace(self, arch=arch, isa=isa)
+        return dataclasses.replace(self, arch=arch, isa=isa, tvm_target=tvm_target)
 
     @property
     def int8_weight_range(self) -> str:
@@ -250,6 +261,9 @@ class Link:
 #: MatMulTransposeFusion and TransposeOptimizer measured helpful there and stay on.
 CPU_SLOW_FUSIONS = ("SkipLayerNormFusion",)
 
+#: tvm_target `mattr` that stands for the build host's extensions (Target.resolve lists them: ir.isa.native_mattr)
+HOST_MATTR = "host"
+
 NAMED: dict[str, Target] = {
     "cpu": Target("cpu", "onnxruntime", provider="CPUExecutionProvider",
                   precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
@@ -258,6 +272,10 @@ NAMED: dict[str, Target] = {
     "tvm-cpu": Target("tvm-cpu", "tvm", tvm_target={"kind": "llvm"},
                       precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
                       description="TVM, llvm for this host"),
+    "tvm-native": Target("tvm-native", "tvm", tvm_target={"kind": "llvm", "mattr": HOST_MATTR},
+                         precisions=("fp32", "int8"), peak_flops=2e11, mem_bandwidth=2e10,
+                         description="TVM, llvm with the build host's SIMD extensions (AVX2, AVX-512, ...): "
+                                     "faster than tvm-cpu; pared.load refuses it on a CPU that lacks one"),
     "tvm-aarch64": Target("tvm-aarch64", "tvm",
                           tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
                           cross_compiler="aarch64-linux-gnu-gcc", arch="aarch64", isa=(),
