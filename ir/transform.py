@@ -168,7 +168,11 @@ class PassContext:
         measure: the Profiler analyses time models with on the target (ir/measure.py);
             injected by whoever builds the context (pared.optimize injects
             pared.backends.measure.default_profiler()); None: no measuring analysis can run.
-        progress: ``progress(message)`` callback for long work (may be None).
+        progress: ``progress(message)`` callback for long work (may be None); searches call it
+            once per finished trial.
+        trials: the executor a pass's search runs its trials on, with the search's width, seed
+            and trial count (pared.analysis.search: InProcess, RayTrials; make_trials builds one
+            from a `search` setting); None: in process, one trial at a time.
 
     Raises:
         TypeError: a target that is neither a Target, a mapping nor None.
@@ -176,7 +180,7 @@ class PassContext:
 
     def __init__(self, *, calibration: Any = None, target: Target | Mapping[str, Any] | None = None,
                  measure: Profiler | None = None, progress: Callable[[str], None] | None = None,
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, trials: Any = None):
         if isinstance(target, Mapping):
             target = Target.from_json(target, where="PassContext target")
         elif target is not None and not isinstance(target, Target):
@@ -187,6 +191,7 @@ class PassContext:
         self.measure: Profiler | None = measure
         self.progress = progress or (lambda msg: None)
         self.log = logger or log
+        self.trials = trials
 
     @property
     def records(self) -> Any:
