@@ -21,7 +21,7 @@ import torch.fx as fx
 from pared.analysis import cost
 from pared.analysis.metrics import psnr_db
 from pared.analysis.redundancy import primary_io
-from pared.analysis.search import bisect_log
+from pared.analysis.search import Trials, as_trials, bisect_log, pareto_front, pareto_search
 from pared.ir import meta
 from pared.ir.errors import PassError
 from pared.ir.goal import Goal
@@ -52,6 +52,7 @@ class CachePlan(Record):
     calibration: tuple[float, ...] = ()                # per-step figures the decision used (MagCache ratios)
     threshold: float | None = None                     # the threshold used (searched when a goal was given)
     search: tuple[tuple[float, float, float], ...] = ()  # (threshold, psnr_db, FLOPs speedup) measured
+    pareto: tuple[tuple[float, float, float], ...] = ()  # a two-objective goal: the non-dominated ones of them
     graphs: tuple[str, ...] = ()                       # the graphs it cached (their variants are `graph.variant`)
 
 
@@ -295,9 +296,10 @@ def first_blocks_probe(src: Graph, blocks: Sequence[Region], front: int, by: str
     return with_outputs(src, [("signal", f"{hidden}-{head[0].name}"), ("hidden", hidden)], by), hidden
 
 
-def with_search(program: Program, points: tuple) -> Program:
-    """`program` with the measured threshold search recorded in its CachePlan."""
-    rec = dataclasses.replace(program.records["CachePlan"], search=points)
+def with_search(program: Program, points: tuple, pareto: tuple = ()) -> Program:
+    """`program` with the measured threshold search (and the Pareto front of a two-objective
+    goal) recorded in its CachePlan."""
+    rec = dataclasses.replace(program.records["CachePlan"], search=points, pareto=pareto)
     return program.replace(records={**program.records, "CachePlan": rec})
 
 
@@ -306,8 +308,8 @@ GOALS = ("psnr_db", "speedup")
 
 
 def check_goal(pass_name: str, goal: Mapping | None) -> Goal | None:
-    """A cache pass's goal (ir/goal.py): one of {psnr_db: X} or {speedup: X}, X > 0."""
-    return Goal.parse(goal, f"pass '{pass_name}': option 'target'", GOALS, single=True, positive=True)
+    """A cache pass's goal (ir/goal.py): {psnr_db: X}, {speedup: X}, or both (a Pareto search), X > 0."""
+    return Goal.parse(goal, f"pass '{pass_name}': option 'target'", GOALS, positive=True)
 
 
 def _final(out: Any) -> "np.ndarray":
@@ -332,16 +334,34 @@ def _first(outs: list) -> Any:
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def _measure_threshold(shared: tuple, th: float) -> tuple[float, float]:
+    """One trial of a threshold search: (PSNR dB, FLOPs speedup) of the program built at `th`
+    (module level: an executor sends it to other processes)."""
+    build, calibration, reference, base = shared
+    return evaluate_on_calibration(build(th), calibration, reference, base)
+
+
 def search_threshold(pass_name: str, build: Callable[[float], Program], uncached: Program, calibration: Any,
                      goal: Mapping, lo: float, hi: float, iters: int = 7,
-                     progress: Callable[[str], None] = lambda m: None) -> tuple[float, tuple]:
-    """Bisect (in log space) for the threshold that meets `goal` on the calibration run.
+                     progress: Callable[[str], None] = lambda m: None,
+                     trials: Trials | None = None) -> tuple[float, tuple, tuple]:
+    """Search the threshold that meets `goal` on the calibration run.
 
-    psnr_db: the largest threshold whose PSNR stays >= the goal; speedup: the
-    smallest threshold whose FLOPs speedup reaches the goal. Returns (threshold,
-    the measured points ((threshold, psnr_db, speedup), ...)).
+    One term: bisect in log space (analysis.search.bisect_log, `trials.width` thresholds a
+    round). psnr_db: the largest threshold whose PSNR stays >= the goal; speedup: the
+    smallest threshold whose FLOPs speedup reaches the goal. Two terms ({psnr_db: X,
+    speedup: Y}): a Pareto search (analysis.search.pareto_search, `trials.trials` trials,
+    seeded by `trials.seed`), keeping, of the thresholds that meet both, the best by the
+    goal's first-named metric.
+
+    Args:
+        trials: the executor the trials run on (analysis.search.Trials; None: in process).
+    Returns:
+        (threshold, the measured points ((threshold, psnr_db, speedup), ...) in the order
+        tried, the Pareto front of them for a two-term goal (else ())).
     Raises:
-        PassError: when no threshold in [lo, hi] meets a speedup goal.
+        PassError: no calibration loop; no threshold in [lo, hi] meets a speedup goal; no
+            threshold tried meets both terms of a two-term goal (the message lists the front).
     """
     if not callable(calibration):
         raise PassError(f"pass '{pass_name}': option 'target' needs a calibration loop (a callable that runs one "
@@ -350,19 +370,54 @@ def search_threshold(pass_name: str, build: Callable[[float], Program], uncached
     reference = calibration(lambda *a: _first(runner(list(a))))
     base = cost.trace_flops(uncached, runner.graph_trace) / max(1, len(runner.graph_trace))
     goal = check_goal(pass_name, goal)
-    key, want = goal.terms[0]
+    trials = as_trials(trials)
+    run = trials.bind(_measure_threshold, (build, calibration, reference, base))
     points = []
 
-    def ok(th: float) -> bool:
-        psnr, sp = evaluate_on_calibration(build(th), calibration, reference, base)
-        points.append((th, round(psnr, 3), round(sp, 4)))
-        progress(f"{pass_name}: threshold {th:.4g} -> {psnr:.1f} dB, {sp:.2f}x FLOPs")
-        return goal.met({"psnr_db": psnr, "speedup": sp})
+    def said(th: float, got: tuple[float, float]) -> None:
+        progress(f"{pass_name}: threshold {th:.4g} -> {got[0]:.1f} dB, {got[1]:.2f}x FLOPs")
 
+    def measure(ths: list[float]) -> list[tuple[float, float]]:
+        got = run(ths, said)
+        points.extend((th, round(psnr, 3), round(sp, 4)) for th, (psnr, sp) in zip(ths, got))
+        return got
+
+    if len(goal.terms) == 2:
+        return _pareto_threshold(pass_name, goal, measure, points, lo, hi, trials)
+    key, want = goal.terms[0]
     # a larger threshold reuses more: PSNR falls and speedup rises with it
-    th, met = bisect_log(ok, lo, hi, holds_above=key == "speedup", iters=iters)
+    th, met = bisect_log(None, lo, hi, holds_above=key == "speedup", iters=iters, width=trials.width,
+                         batch=lambda ths: [goal.met({"psnr_db": p, "speedup": s}) for p, s in measure(ths)])
     if not met and key == "speedup":
         raise PassError(f"pass '{pass_name}': no threshold up to {hi:g} reaches a {want}x FLOPs speedup on "
                         f"the calibration run (best measured: {max(p[2] for p in points):.2f}x)")
     # a PSNR goal no trial met: the smallest threshold, as little reuse as the range allows
-    return th, tuple(points)
+    return th, tuple(points), ()
+
+
+def _pareto_threshold(pass_name: str, goal: Goal, measure: Callable, points: list, lo: float, hi: float,
+                      trials: Trials) -> tuple[float, tuple, tuple]:
+    """A two-term goal: the Pareto search over the threshold (see search_threshold)."""
+    larger = [goal.larger_is_better(k) for k in goal.metrics]
+    raw: dict[float, dict[str, float]] = {}
+
+    def batch(settings: list[dict]) -> list[tuple[float, ...]]:
+        ths = [s["threshold"] for s in settings]
+        got = measure(ths)
+        for th, (psnr, sp) in zip(ths, got):
+            raw[th] = {"psnr_db": psnr, "speedup": sp}
+        return [tuple(raw[th][k] for k in goal.metrics) for th in ths]
+
+    pareto_search(batch, {"threshold": (lo, hi)}, larger, trials=trials.trials, width=trials.width,
+                  seed=trials.seed, what=f"pass '{pass_name}': option 'target' with two objectives")
+    col = {"psnr_db": 1, "speedup": 2}
+    front = tuple(points[i] for i in pareto_front([[p[col[k]] for k in goal.metrics] for p in points], larger))
+    meeting = [p for p in points if goal.met(raw[p[0]])]
+    if not meeting:
+        shown = "; ".join(f"threshold {p[0]:g}: {p[1]:.1f} dB, {p[2]:.2f}x" for p in sorted(front))
+        raise PassError(f"pass '{pass_name}': no threshold in [{lo:g}, {hi:g}] of the {len(points)} tried meets "
+                        f"{goal} on the calibration run; the Pareto front measured: {shown}. Loosen a bound, or "
+                        "give the search more trials (search: {trials: N})")
+    first, up = goal.metrics[0], larger[0]
+    best = max(meeting, key=lambda p: (raw[p[0]][first] if up else -raw[p[0]][first], -p[0]))
+    return best[0], tuple(points), front

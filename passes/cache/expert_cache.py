@@ -213,6 +213,7 @@ class CacheExperts(RewritePass):
         threshold: float | None = None  # adaptive schedule instead: reuse while the first blocks' residual
                                      # changed less than this (accumulated relative L1), as residual_cache
         target: dict | None = None   # adaptive, with the threshold searched for {psnr_db: X} or {speedup: X}
+        #                              (both: a Pareto search, the search's trials and seed)
         front: int = 0               # adaptive: blocks that always run and give the signal (their residual);
                                      # 0: the signal is the first attention's modulated input (TeaCache)
         max_consecutive: int = 0     # adaptive: cap on reuses in a row (0: none)
@@ -255,10 +256,11 @@ class CacheExperts(RewritePass):
                 new, stats = self._build(new, program, gname, th, table)
             return new, {**stats, "graphs": len(names)}
         if o.target is not None:
-            th, points = search_threshold(self.name, lambda th: build(th, ())[0], program,
-                                          ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)
+            th, points, front = search_threshold(self.name, lambda th: build(th, ())[0], program,
+                                                 ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress,
+                                                 trials=ctx.trials)
             new, stats = build(th, ())
-            new = with_search(new, points)
+            new = with_search(new, points, front)
         else:
             new, stats = build(o.threshold, table)
         ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, %s",

@@ -69,6 +69,7 @@ class CacheByMagnitude(RewritePass):
     class Options:
         threshold: float = 0.06        # tau: accumulated error allowed while reusing
         target: dict | None = None     # instead of threshold: {psnr_db: X} or {speedup: X}, searched on the calibration run
+        #                                (both: a Pareto search, the search's trials and seed)
         max_skip: int = 3              # K: reuses in a row at most
         retention: float = 0.2         # fraction of the first steps that always compute
         first: int | None = 0          # first cached block (default: all blocks)
@@ -128,15 +129,15 @@ class CacheByMagnitude(RewritePass):
                 new = new.replace(records=cache_record(new, rec))
             return new
 
-        th, points = o.threshold, ()
+        th, points, front = o.threshold, (), ()
         if o.target is not None:
-            th, points = search_threshold(self.name, build, program, ctx.calibration, o.target, 1e-3, 4.0,
-                                          progress=ctx.progress)
+            th, points, front = search_threshold(self.name, build, program, ctx.calibration, o.target, 1e-3, 4.0,
+                                                 progress=ctx.progress, trials=ctx.trials)
         new = build(th)
         if new is program:
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"reuse_steps": 0})
         if points:
-            new = with_search(new, points)
+            new = with_search(new, points, front)
         table = new.records["CachePlan"].schedule
         ctx.log.info("magnitude_cache: %d of %d steps reuse", table.count("reuse"), calls)
         return PassResult(new, modified=True, preserved=(RedundancyProfile,),

@@ -43,6 +43,7 @@ class CacheResidualAdaptively(RewritePass):
     class Options:
         threshold: float = 0.1        # reuse while the accumulated rel-L1 change stays below this (0: never)
         target: dict | None = None    # instead of threshold: {psnr_db: X} or {speedup: X}, searched on the calibration run
+        #                               (both: a Pareto search, the search's trials and seed)
         front: int = 1                # F: blocks that always run and give the signal
         back: int = 0                 # B: tail blocks that always run
         warmup: int = 2               # the first calls always compute
@@ -64,10 +65,12 @@ class CacheResidualAdaptively(RewritePass):
         if not names or (o.target is None and o.threshold == 0):
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"cached_blocks": 0})
         if o.target is not None:
-            th, points = search_threshold(self.name, lambda th: self._build(program, names, th)[0], program,
-                                          ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress)
+            th, points, front = search_threshold(self.name, lambda th: self._build(program, names, th)[0], program,
+                                                 ctx.calibration, o.target, 1e-3, 2.0, progress=ctx.progress,
+                                                 trials=ctx.trials)
             new, stats = self._build(program, names, th)
-            return PassResult(with_search(new, points), modified=True, preserved=(RedundancyProfile,), stats=stats)
+            return PassResult(with_search(new, points, front), modified=True, preserved=(RedundancyProfile,),
+                              stats=stats)
         new, stats = self._build(program, names, o.threshold)
         ctx.log.info("residual_cache: probe %d block(s), cache %d, tail %d, threshold %g, %d graph(s)", o.front,
                      stats["cached_blocks"], o.back, o.threshold, len(names))
