@@ -47,7 +47,9 @@ With `target` (e.g. {cosine: 0.995}) the pass searches the budget instead: it
 solves the DP at a grid of budgets up to the given cap (default: all fp32) on
 the `objective` (weight_bytes, or latency: bisect on the latency budget),
 applies the distinct solutions and measures them on the calibration run
-(bisection by the objective's cost), and keeps the cheapest that meets the target.
+(bisection by the objective's cost; with a search `width` w, rounds of w
+solutions, each a trial on the context's executor, ctx.trials), and keeps the
+cheapest that meets the target.
 
 Doing: the weight-only layers are rewritten first (no calibration), then
 quantize_linears runs with every layer not chosen for w8a8 excluded, so it
@@ -67,6 +69,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -74,6 +77,7 @@ import numpy as np
 
 from pared.analysis.latency import LatencyProfile
 from pared.analysis.quant_sensitivity import SensitivityProfile, compare_outputs, replay
+from pared.analysis.search import trials_of
 from pared.ir.errors import OptionError, PassError
 from pared.ir.formats import FORMATS, LinearSpec
 from pared.ir.goal import Goal
@@ -337,37 +341,47 @@ class MixedPrecision(RewritePass):
                 sols.setdefault(key, (budget, unit))
             order = sorted(sols, key=lambda k: (total(dict(zip([x.layer for x in layers], k))), -sols[k][0]))
             metric = o.target.terms[0][0]
-            tried: dict[int, tuple[Program, dict]] = {}
+            names = [x.layer for x in layers]
+            # what a trial needs of the context (the executor may send it to another process)
+            tctx = PassContext(calibration=ctx.calibration, target=ctx.target, logger=ctx.log)
+            trials = trials_of(ctx)
+            run = trials.bind(_measure_choice, (self, program, prof.graph, names, tctx, ref))
+            tried: dict[int, dict] = {}
 
-            def probe(i: int) -> bool:
-                if i not in tried:
-                    b = dict(zip([x.layer for x in layers], order[i]))
-                    prog = self._apply(program, prof.graph, b, ctx)
-                    m = compare_outputs(ref, replay(prog.graphs[prof.graph].module, ctx.calibration))
-                    tried[i] = (prog, m)
+            def said(choice: tuple, m: Mapping[str, float]) -> None:
+                ctx.progress(f"mixed_precision: {dict(Counter(choice))} -> {metric} {m[metric]:.5g}")
+
+            def probe(idx: list[int]) -> None:
+                """Measure a round of solutions (indices into order) through the executor."""
+                new = [i for i in idx if i not in tried]
+                for i, m in zip(new, run([order[i] for i in new], said)):
+                    tried[i] = m
+                    b = dict(zip(names, order[i]))
                     probes.append((sols[order[i]][0] / full if full else 1.0, self._bytes(layers, b),
                                    _predicted(layers, b), m[metric]))
                     ctx.log.debug("mixed_precision: %s budget %.4f -> %d bytes, predicted rel L2 %.4g, %s %.5g",
                                   o.objective, *probes[-1][:3], metric, m[metric])
-                return meets(tried[i][1], o.target)
 
-            lo, hi = 0, len(order) - 1
-            if not probe(hi):
+            lo, hi, w = 0, len(order) - 1, trials.width
+            probe([hi])
+            if not meets(tried[hi], o.target):
                 pick = hi
                 ctx.log.warning("mixed_precision: target %s not met even at the largest budget (%.3f of fp32 %s); "
                                 "keeping that choice", o.target.to_json(), cap / full if full else 1.0, o.objective)
             else:
-                while lo < hi:                   # first solution (by the objective's cost) that meets the target
-                    mid = (lo + hi) // 2
-                    if probe(mid):
-                        hi = mid
-                    else:
-                        lo = mid + 1
+                # the first solution (by the objective's cost) that meets the target: rounds of `width`
+                # solutions evenly spaced in [lo, hi) (width 1: bisection's (lo + hi) // 2)
+                while lo < hi:
+                    idx = sorted({lo + (hi - lo) * j // (w + 1) for j in range(1, w + 1)}) if hi - lo > w \
+                        else list(range(lo, hi))
+                    probe(idx)
+                    hi = min([i for i in idx if meets(tried[i], o.target)], default=hi)
+                    lo = max([i + 1 for i in idx if i < hi and not meets(tried[i], o.target)], default=lo)
                 pick = lo
-            probe(pick)
-            fmt_of = dict(zip([x.layer for x in layers], order[pick]))
+            probe([pick])
+            fmt_of = dict(zip(names, order[pick]))
             budget, unit = sols[order[pick]]
-            new, measured = tried[pick][0], tried[pick][1]
+            new, measured = self._apply(program, prof.graph, fmt_of, tctx), tried[pick]
             met = meets(measured, o.target)
         if ref is None:
             ref = replay(gm, ctx.calibration)
@@ -481,6 +495,15 @@ class MixedPrecision(RewritePass):
                                 "quant_sensitivity")
             new = res.program
         return new
+
+
+def _measure_choice(shared: tuple, choice: tuple[str, ...]) -> dict[str, float]:
+    """One trial of the target search: the program with one format per layer (in the order of
+    `names`), measured against the float run on the calibration (module level: an executor
+    sends it to other processes)."""
+    pass_, program, gname, names, ctx, ref = shared
+    prog = pass_._apply(program, gname, dict(zip(names, choice)), ctx)
+    return {k: float(v) for k, v in compare_outputs(ref, replay(prog.graphs[gname].module, ctx.calibration)).items()}
 
 
 def _predicted(layers, fmt_of: Mapping[str, str]) -> float:
