@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import pared
+from pared.analysis.search import InProcess, Trials, make_trials
 from pared.backends.artifact import read_manifest, write_artifact
 from pared.backends.executor import Executor
 from pared.backends.lower import device_targets, lower_program
@@ -156,7 +157,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
              fidelity: "Fidelity | Mapping[str, float] | None" = None, allow_fidelity_loss: bool = False,
              dynamic_shapes: Any = None, bench_repeats: int = 10, backend_options: Mapping[str, Any] | None = None,
              progress: Callable[[str], None] | None = None, holdout: Any = None,
-             bench_threads: int | None = None) -> Optimized:
+             bench_threads: int | None = None, search: Any = None) -> Optimized:
     """Capture, rewrite, lower and check a model.
 
     Args:
@@ -184,14 +185,20 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
             the ONNX Runtime / TVM pool); default the target's `threads`, else
             torch's current count. Recorded as `report["speed"]["threads"]`.
         backend_options: passed to the backend (TVM: `tune`, `tune_trials`, `cache_dir`).
-        progress: called with a short message at each stage.
+        progress: called with a short message at each stage (and each finished search trial).
+        search: how the passes' searches (a `target:` goal) run their trials: None (in process,
+            or the pipeline file's `search:`), "ray" (a local Ray), or a mapping
+            {executor: in_process | ray, address: "auto" | "ray://head:10001", width: N (trials
+            per round), seed: S, trials: N (of a two-objective search), num_cpus: N (a local
+            Ray)}, or a pared.analysis.search.Trials. Recorded as `report["search"]`.
     Returns:
         Optimized.
     Raises:
         CaptureError, PipelineError, PassError, BackendError, TargetError,
-        FidelityError (unless allow_fidelity_loss).
+        FidelityError (unless allow_fidelity_loss), OptionError (a bad `search`, naming the option).
     """
     say = progress or (lambda m: log.info(m))
+    trials = None if search is None else make_trials(search)
     tgt = get_target(target).resolve()        # a host target takes this CPU's instruction set
     bounds = Fidelity.of(fidelity)
     args = normalize_inputs(example_inputs)
@@ -203,11 +210,11 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
 
     with eval_mode(model):
         return _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, allow_fidelity_loss,
-                         dynamic_shapes, bench_repeats, threads, backend_options, say)
+                         dynamic_shapes, bench_repeats, threads, backend_options, say, search, trials)
 
 
 def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, allow_fidelity_loss,
-              dynamic_shapes, bench_repeats, threads, backend_options, say) -> Optimized:
+              dynamic_shapes, bench_repeats, threads, backend_options, say, search, trials) -> Optimized:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say(f"capturing {type(model).__name__}")
@@ -218,11 +225,19 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, 
     if isinstance(pipeline, (str, os.PathLike)):
         spec = load_pipeline(os.fspath(pipeline))
         passes = build_passes(spec)
+        if trials is None and spec.search is not None:
+            trials = make_trials(spec.search)
     else:
         passes = build_passes(list(pipeline or []))
-    ctx = PassContext(calibration=calibration, target=tgt, measure=default_profiler(), progress=say)
+    trials = trials or InProcess()
+    ctx = PassContext(calibration=calibration, target=tgt, measure=default_profiler(), progress=say, trials=trials)
     t0 = time.perf_counter()
-    program, history = PassManager(passes).run(program, ctx)
+    try:
+        program, history = PassManager(passes).run(program, ctx)
+    finally:
+        searched = trials.describe()
+        if not isinstance(search, Trials):      # one the caller made stays theirs (a Ray it started runs on)
+            trials.close()
     timings["passes_s"] = time.perf_counter() - t0
 
     staging_root = tempfile.mkdtemp(prefix="pared-build-")
@@ -246,7 +261,7 @@ def _optimize(model, args, kwargs, tgt, bounds, pipeline, calibration, holdout, 
     manifest = dict(read_manifest(staging))
     report: dict[str, Any] = {"target": tgt.name, "passes": [
         {"name": n, "modified": r.modified, "stats": dict(r.stats), "seconds": round(dt, 3)} for n, r, dt in history],
-        "timings": {k: round(v, 3) for k, v in timings.items()}}
+        "timings": {k: round(v, 3) for k, v in timings.items()}, "search": searched}
 
     cross = {d: Target.from_json(t, where=f"device '{d}'") for d, t in devices.items()}
     cross = {d: t for d, t in cross.items() if t.is_cross}

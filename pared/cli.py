@@ -98,7 +98,9 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         opt = pared.optimize(model, args, kwargs=kwargs, target=a.target or spec.target or "cpu", pipeline=passes,
                              calibration=calibration, holdout=holdout, fidelity=spec.fidelity,
                              allow_fidelity_loss=a.allow_fidelity_loss, bench_repeats=a.repeats,
-                             backend_options=spec.backend, progress=progress)
+                             backend_options=spec.backend, progress=progress,
+                             search=dict(spec.search or {}, executor="ray", address=a.search_address)
+                             if a.search_address else spec.search)
         path = opt.save(out)
         page = None
         if a.report:
@@ -363,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("pipeline")
     o.add_argument("--out", help="artifact directory (default: the file's 'export')")
     o.add_argument("--target", help="override the file's target")
+    o.add_argument("--search-address", metavar="ADDR", help="run the passes' search trials on the Ray cluster at "
+                   "ADDR (auto, ray://HEAD:10001); overrides the file's search: address")
     o.add_argument("--allow-fidelity-loss", action="store_true", help="save even if the fidelity bound is missed")
     o.add_argument("--repeats", type=int, default=10, help="rounds of side-by-side timing (0: skip)")
     o.add_argument("--report", action="store_true", help="also write the HTML report beside the artifact "

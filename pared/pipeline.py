@@ -11,6 +11,7 @@ A pipeline file (YAML, ``version: 1``)::
     export: artifacts/model          # CLI only: output directory
     fidelity: {min_cosine: 0.999}
     backend: {tune: false}           # options for the backend's lowering
+    search: {executor: ray, address: auto, width: 4}   # how searches run their trials (optional)
     passes:
       - constant_folding: {max_bytes: 1000000}
       - dead_code_elimination
@@ -35,7 +36,7 @@ from pared.ir.errors import OptionError, ParedError, PipelineError, TargetError
 
 VERSION = 1
 TOP_LEVEL = ("version", "target", "model", "example_inputs", "calibration", "holdout", "export", "fidelity",
-             "backend", "passes")
+             "backend", "search", "passes")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class PipelineSpec:
     fidelity: Mapping[str, float] | None = None
     backend: Mapping[str, Any] = field(default_factory=dict)
     path: str | None = None
+    search: Mapping[str, Any] | None = None    # how searches run their trials (analysis.search.parse_search)
 
     @property
     def base_dir(self) -> str:
@@ -239,6 +241,18 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
     if not isinstance(backend, Mapping):
         raise err(f"'backend' expects a mapping of lowering options, got {type(backend).__name__}", "backend")
 
+    search = data.get("search")
+    if search is not None:
+        from pared.analysis.search import parse_search
+        if not isinstance(search, (Mapping, str)):
+            raise err(f"'search' expects a mapping like {{executor: ray, address: auto, width: 4}}, got "
+                      f"{type(search).__name__} {search!r}", "search")
+        try:
+            search = parse_search(search)
+        except OptionError as e:
+            bad = next((k for k in search if f"option '{k}'" in str(e)), None) if isinstance(search, Mapping) else None
+            raise err(str(e), "search") if bad is None else err(str(e), bad, search) from None
+
     raw = data.get("passes")
     if raw is None:
         raw = []
@@ -255,7 +269,7 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
                         example_inputs=strings["example_inputs"], calibration=strings["calibration"],
                         holdout=strings["holdout"],
                         export=export, fidelity=fidelity, backend=dict(backend),
-                        path=source if os.path.exists(source) else None)
+                        path=source if os.path.exists(source) else None, search=search)
 
 
 def _entry(item: Any, where: str) -> PassSpec:

@@ -93,7 +93,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         # every calibration input again (the VLA calibrates on 1024 observations)
         opt = pared.optimize(model, example, target=target, pipeline=plist, calibration=calib,
                              bench_repeats=0, allow_fidelity_loss=True, backend_options=backend_options,
-                             dynamic_shapes=dyn, progress=lambda m: None, holdout=[])
+                             dynamic_shapes=dyn, progress=lambda m: None, holdout=[],
+                             search=spec.search if spec else None)
         path = opt.save(os.path.join(work, label))
         programs[label] = opt.program
         contenders[label] = _own_executor(path, threads)
