@@ -11,6 +11,8 @@ Arms, each built from the same captured graph with weights lifted into parameter
   tvm_sched   pared's pipeline: the same passes plus the default schedules
   tvm_sched_host  the same with the target's mcpu set to this host's CPU (LLVM's name):
               tvm-cpu's target carries no mcpu, so LLVM builds for the x86-64 baseline (SSE2)
+  tvm_native  the same for target `tvm-native` as pared ships it: no mcpu, mattr = this host's
+              SIMD and bit-manipulation extensions as /proc/cpuinfo lists them (ir.isa.native_mattr)
   ort         pared's ONNX Runtime artifact (target cpu) run by the Executor
 Timing: per thread count, the arms called in one process, alternating (order reversed every
 other round), median of repeats in ms. `profile` lists the scheduled build's heaviest
@@ -124,10 +126,12 @@ def main() -> None:
 
     base = dict(get_target("tvm-cpu").to_json()["tvm_target"])
     targets = {"tvm_sched": tvm.target.Target(base),
-               "tvm_sched_host": tvm.target.Target(dict(base, mcpu=codegen.llvm_get_system_cpu()))}
+               "tvm_sched_host": tvm.target.Target(dict(base, mcpu=codegen.llvm_get_system_cpu())),
+               "tvm_native": tvm.target.Target(dict(get_target("tvm-native").resolve().to_json()["tvm_target"]))}
     dev = tvm.cpu(0)
     out = {"what": __doc__.split("\n\n")[0], "repeats": a.repeats, "omp_wait_policy": "PASSIVE",
            "host_mcpu": codegen.llvm_get_system_cpu(),
+           "native_mattr": list(get_target("tvm-native").resolve().to_json()["tvm_target"]["mattr"]),
            "simd_bits": {k: schedule.simd_bits(t) for k, t in targets.items()},
            "note": "machine shared with other engineers' jobs (2 cores)", "graphs": {}}
     root = tempfile.mkdtemp(prefix="tvm_schedule_")

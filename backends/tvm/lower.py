@@ -45,6 +45,9 @@ CHECK_REL_L2 = 1e-4
 #: linker options of a shipped library: stripped of its static symbol table (a third of an untuned
 #: dit_mnist library; the runtime finds its entry points in the dynamic symbol table, which stays)
 LINK_OPTIONS = ["-s"]
+#: store the float weights weight-only layers dequantize to as their codes (weights.weight_only_codes); off:
+#: the float32 values, as before packing existed (benchmarks/artifact_bytes.py compares the two)
+PACK_WEIGHT_ONLY = True
 #: ELF e_machine codes for the triples we build for
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
@@ -164,17 +167,20 @@ def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
                            "use target 'cpu' (ONNX Runtime)") from e
 
 
-def _lift_weights(mod, outdir: str, fname: str) -> tuple[Any, dict]:
+def _lift_weights(mod, outdir: str, fname: str, gm: Any = None) -> tuple[Any, dict]:
     """Lift the module's constants into parameters and write their values to
     `outdir/fname`; the manifest fields that say so. (A quantized graph's weight-side
     work was folded into constants by to_relax; a float graph is not folded here,
-    since FoldConstant would also materialize weights broadcast over the batch.)"""
+    since FoldConstant would also materialize weights broadcast over the batch.)
+    The float weights that `gm`'s weight-only layers dequantize their codes to are
+    stored as those codes (weights.weight_only_codes; dequantized again at load)."""
     from pared.backends.tvm import weights
 
     mod, values = weights.lift(mod)
     if not values:
         return mod, {}
-    return mod, {"params": weights.write(os.path.join(outdir, fname), values), "weights_file": fname}
+    codes = weights.weight_only_codes(gm) if gm is not None and PACK_WEIGHT_ONLY else None
+    return mod, {"params": weights.write(os.path.join(outdir, fname), values, codes), "weights_file": fname}
 
 
 def _tvm_target(target: Mapping[str, Any]):
@@ -277,7 +283,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     tvm_target = _tvm_target(target)
     inputs, outputs = io_spec(graph)
     quant_stats: dict = {}
-    mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights")
+    mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights", graph.module)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name)
@@ -369,10 +375,13 @@ def finish_program(entries: Mapping[str, dict], outdir: str) -> dict:
 def _record_quant(entry: dict, stats: Mapping[str, int]) -> None:
     """The manifest's account of how the quantized layers were lowered: `int8` the
     integer layers (as before), `weight_only` the block-wise weight-only ones, whose
-    codes were dequantized to float32 constants at build (see backends/tvm/quant.py)."""
+    codes were dequantized to float32 constants at build (see backends/tvm/quant.py)
+    and are stored as codes, dequantized again at load (backends/tvm/weights.py)."""
     if not stats:
         return
     entry["int8"] = {k: v for k, v in stats.items() if not k.startswith("weight_only_")}
     wo = {k[len("weight_only_"):-len("_matmul")]: v for k, v in stats.items() if k.startswith("weight_only_")}
     if wo:
-        entry["weight_only"] = dict(wo, weights="float32, dequantized at build")
+        packed = sum(1 for p in entry.get("params", []) if "derive" in p)
+        entry["weight_only"] = dict(wo, weights=f"float32 in memory; {packed} stored as their codes, dequantized "
+                                                f"at load" if packed else "float32, dequantized at build")
