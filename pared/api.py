@@ -165,7 +165,7 @@ def optimize(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str
             train/eval mode are not changed).
         example_inputs: a tensor or tuple of positional inputs.
         kwargs: keyword inputs (non-tensor values are baked in).
-        target: a target name (`cpu`, `tvm-cpu`, `tvm-aarch64`, `cuda`), a
+        target: a target name (`cpu`, `tvm-cpu`, `tvm-native`, `tvm-aarch64`, `cuda`), a
             device-profile YAML path, or a Target.
         pipeline: None (no rewrites), a pipeline YAML path, or a list of pass
             specs (`"name"`, `{"name": {options}}`, or Pass objects).
