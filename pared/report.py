@@ -118,7 +118,7 @@ def render_report(artifact: str, *, trusted_keys: Iterable[Any] | None = None) -
         _precision(records),
         _tokens(records),
         _partition(records),
-        _searches(records),
+        _searches(records, (manifest.get("report") or {}).get("search")),
         _all_records(records),
     ]
     sections = [s for s in sections if s.body]
@@ -691,13 +691,18 @@ def _scatter(s: Section, name: str, xs, ys, labels, xlabel: str, ylabel: str, ke
     s.plot(fig, name, caption)
 
 
-def _searches(records) -> Section:
+def _searches(records, how: Mapping[str, Any] | None = None) -> Section:
     s = Section("searches", "Searches: the points tried")
+    if how and how.get("trials_run"):
+        s.add("<h3>How the searches ran</h3>" + _kv(how))
     for graph, c in _of(records, "CachePlan"):
         pts = c.get("search") or []
         if not pts:
             continue
         ths, ps, sps = [_num(p[0]) for p in pts], [_num(p[1]) for p in pts], [_num(p[2]) for p in pts]
+        if c.get("pareto"):      # a two-objective search: its own front (the same points pareto() finds)
+            s.add("<p>Two-objective search: front " + _esc(", ".join(
+                f"{_num(p[0]):.4g} ({_num(p[1]):.1f} dB, {_num(p[2]):.2f}x)" for p in c["pareto"])) + "</p>")
         th = c.get("threshold")
         kept = next((i for i, t in enumerate(ths) if th is not None and abs(t - _num(th)) <= 1e-12 * max(1, abs(t))),
                     None)

@@ -86,6 +86,10 @@ def test_cached_dit_page_shows_the_heatmap_schedule_search_and_superseded_maps(a
     assert plan["search"] and plan["threshold"] in [p[0] for p in plan["search"]]
     for th, psnr, speedup in plan["search"]:
         assert f"<td>{th:.4g}</td>" in page
+    # how the search ran (in this process, how many trials)
+    how = m["report"]["search"]
+    assert how["executor"] == "in_process" and how["trials_run"] == len(plan["search"])
+    assert "How the searches ran" in page and f"<td>{how['trials_run']}</td>" in page
     # the attention analyses ran before the cache rewrote the graph: the manifest keeps them as
     # superseded, and the page draws them
     sup = m["superseded_records"]
