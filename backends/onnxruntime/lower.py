@@ -27,13 +27,14 @@ import contextlib
 import io
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import torch
 
-from pared.backends.common import (compare, export_failure, forced_values, io_spec, judge_forced, retrace,
-                                   to_numpy)
-from pared.ir.errors import BackendError
+from pared.backends.common import (compare, export_failure, forced_values, io_spec, judge_forced, plain, retrace,
+                                   to_numpy, where_in_model)
+from pared.ir.errors import ArtifactError, BackendError
 from pared.ir.program import Graph
 
 log = logging.getLogger("pared.backends.onnxruntime")
@@ -226,6 +227,32 @@ def layer_names(graph: Graph) -> dict[str, str]:
             if n.op == "get_attr" and n.meta.get(meta.REGION)}
 
 
+_ORT_NODE = (re.compile(r"Node \((?P<node>[^)\s]+)\) Op \((?P<op>\w+)\)"),
+             re.compile(r"implementation for (?P<op>\w+)\(\d+\) node with name '(?P<node>[^']+)'"))
+
+
+def ort_failure(e: BaseException, graph: Graph, name: str) -> str:
+    """What went wrong when ONNX Runtime refused or failed on the exported file of graph `name`:
+    the ONNX node and op it names, the torch node (the exporter names an ONNX node `node_<fx
+    name>`) and its module, and ORT's own first line."""
+    text = plain(str(e))
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    m = next((m for m in (p.search(text) for p in _ORT_NODE) if m), None)
+    if m is None:
+        return (f"graph '{name}': ONNX Runtime cannot run the exported file: {type(e).__name__}: {first[:400]} "
+                "(ORT names no node); try target 'tvm-cpu'")
+    fx_name = m["node"][len("node_"):] if m["node"].startswith("node_") else m["node"]
+    node = next((n for n in graph.module.graph.nodes if n.name == fx_name), None)
+    where = where_in_model(graph, fx_name, None) if node is not None else ""
+    torch_op = f" (torch op '{node.target}')" if node is not None and node.op == "call_function" else ""
+    where = (f"; it is {where}" if where else
+             "; that node is not in the captured graph: the exporter's own decompositions made it")
+    return (f"graph '{name}': ONNX Runtime cannot run the exported file at ONNX node '{m['node']}' (op {m['op']})"
+            f"{torch_op}{where}: a translation of this op, or of one feeding it, gives a shape or type ORT refuses "
+            f"or has no kernel for. ORT says: {first[:400]}. Add a translation (backends/onnxruntime/translations.py) "
+            "or try target 'tvm-cpu'")
+
+
 def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str) -> dict:
     """Export, check against the fx graph, and return the manifest entry.
 
@@ -278,7 +305,12 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
                 exact["max_weight_code"] = max(exact["max_weight_code"], max_int8_weight_code(path))
                 if check_path != path:
                     exact["checked_as"] = "uint8 weights (U8U8) on the build CPU, whose u8s8 kernels saturate"
-            got = OrtGraph(outdir, check_entry, check_target)(feed)
+            try:
+                got = OrtGraph(outdir, check_entry, check_target)(feed)
+            except (BackendError, ArtifactError):
+                raise
+            except Exception as e:  # ORT's load and run errors (Fail, NotImplemented, InvalidGraph, ...)
+                raise BackendError(ort_failure(e, graph, name)) from e
             if quantized:
                 err = check_quantized(graph, ep, check_path, check_entry, check_target, feed, got)
             else:

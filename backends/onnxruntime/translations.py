@@ -1,5 +1,6 @@
-"""ONNX translations for ops the dynamo exporter has none for, met in the models people have
-(torch.onnx.export's `custom_translation_table`: torch op -> onnxscript function).
+"""ONNX translations for ops the dynamo exporter has none for, or whose translation ONNX Runtime
+refuses, met in the models people have (torch.onnx.export's `custom_translation_table`: torch op
+-> onnxscript function).
 
     prims.view_of                   an alias (PixArt-α's attention, after decomposition) -> Identity
     aten.empty_permuted             an allocation with a physical layout (Wan 2.1's rotary
@@ -14,6 +15,15 @@
                                     [E] the cumulative row counts) -> per expert, its rows as a
                                     Slice between two offsets, one MatMul, then one Concat; rows
                                     past the last offset are zeros, as in transformers' loop
+    aten.copy                       replaces the exporter's own, which casts `src` to self's
+                                    dtype but does not broadcast it to self's shape: a scalar
+                                    written into a slice (HunyuanVideo's prompt mask,
+                                    `mask[:, :, :, 0] = True`) came out of rank 0 and ORT refused
+                                    the file -> CastLike, then Expand to self's shape
+    aten.where.self                 replaces the exporter's own on bool values (the same mask),
+                                    which ORT's CPU Where has no kernel for (nor int16, bfloat16)
+                                    -> Or(And(c, x), And(Not(c), y)) for bool; int16 and bfloat16
+                                    through int32 and float32; any other type a plain Where
 
 Each is exact: lower_graph's check compares the exported file with the fx graph as for any
 other op. `gap_translations()` lists those whose op is registered in this process (the
@@ -34,6 +44,26 @@ def _view_of(a):
 def _is_all_true(a):
     from onnxscript import opset18 as op
     return op.Cast(op.ReduceMin(op.Cast(a, to=6), keepdims=0), to=9)     # 6: INT32, 9: BOOL
+
+
+def _copy(self, src, non_blocking: bool = False):
+    from onnxscript import opset18 as op
+    return op.Expand(op.CastLike(src, self), op.Shape(self))
+
+
+def _where(condition, self, other):
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+    dtype = getattr(self, "dtype", None)
+    if dtype != getattr(other, "dtype", None):           # mixed or unknown: the exporter's own
+        return op.Where(condition, self, other)
+    if dtype == ir.DataType.BOOL:
+        return op.Or(op.And(condition, self), op.And(op.Not(condition), other))
+    wider = {ir.DataType.INT16: ir.DataType.INT32, ir.DataType.BFLOAT16: ir.DataType.FLOAT}.get(dtype)
+    if wider is not None:
+        out = op.Where(condition, op.Cast(self, to=wider.value), op.Cast(other, to=wider.value))
+        return op.Cast(out, to=dtype.value)
+    return op.Where(condition, self, other)
 
 
 def _shape_tensor(size: Any):
@@ -81,9 +111,10 @@ def gap_translations() -> dict[Any, Callable]:
     table: dict[Any, Callable] = {}
     candidates = (("prims", "view_of", _view_of), ("aten", "empty_permuted", _empty_permuted),
                   ("aten", "_is_all_true", _is_all_true),
-                  ("transformers", "grouped_mm_fallback", _grouped_mm))
+                  ("transformers", "grouped_mm_fallback", _grouped_mm), ("aten", "copy", _copy))
     for ns, name, fn in candidates:
         packet = getattr(getattr(torch.ops, ns, None), name, None) if hasattr(torch.ops, ns) else None
         if packet is not None and hasattr(packet, "default"):
             table[packet.default] = fn
+    table[torch.ops.aten.where.self] = _where
     return table

@@ -71,3 +71,55 @@ def test_grouped_mm_translation_follows_the_offsets_of_each_call(tmp_path):
             want = m(x, o).numpy()
         got = ex.run_flat(x.numpy(), o.numpy())[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"offsets {offs}")
+
+
+class _Mask(nn.Module):
+    """HunyuanVideo's token-refiner mask: a pairwise bool mask, then a scalar written into a slice
+    (aten.copy of a scalar broadcast to the slice, aten.where on bool values); plus a where on int16."""
+
+    def forward(self, x, mask, counts):
+        b = mask.bool()
+        pair = b.unsqueeze(1) & b.unsqueeze(2)
+        pair[:, :, 0] = True
+        small = torch.where(pair, counts.to(torch.int16), torch.zeros_like(counts, dtype=torch.int16))
+        return x * pair, small.to(torch.float32)
+
+
+def test_broadcast_copy_and_where_on_bool_and_int16_follow_each_mask(tmp_path):
+    """The exporter's aten.copy did not broadcast (a rank-0 result ORT refused) and ORT's CPU Where
+    has no bool or int16 kernel: pared's translations, on masks the export never saw."""
+    m = _Mask().eval()
+    g = torch.Generator().manual_seed(0)
+
+    def call(seed):
+        g.manual_seed(seed)
+        return (torch.randn(2, 5, 5, generator=g), (torch.rand(2, 5, generator=g) > 0.5).long(),
+                torch.randint(-300, 300, (2, 5, 5), generator=g))
+
+    opt = pared.optimize(m, call(0), target="cpu", bench_repeats=1)
+    ex = pared.load(opt.save(str(tmp_path / "a")))
+    for seed in range(1, 5):
+        args = call(seed)
+        with torch.no_grad():
+            want = [t.numpy() for t in m(*args)]
+        got = ex.run_flat(*[a.numpy() for a in args])
+        for w, o in zip(want, got):
+            np.testing.assert_array_equal(o, w, err_msg=f"inputs {seed}")
+
+
+def test_a_file_ort_refuses_is_named_with_its_node_and_module(monkeypatch):
+    """A translation whose result ONNX Runtime refuses (here a made-up one, as the exporter's
+    aten.copy once was): the error names the ONNX node, the torch op, the module, and ORT's words."""
+    from pared.backends.onnxruntime import lower
+
+    def bad(x):
+        from onnxscript import opset18 as op
+        return op.Unsqueeze(op.ReduceSum(x, keepdims=0), op.Constant(value_ints=[3]))   # rank 0: no axis 3
+
+    table = lower.custom_translations
+    monkeypatch.setattr(lower, "custom_translations", lambda: {**table(), torch.ops.pared_test.twice.default: bad})
+    with pytest.raises(BackendError) as err:
+        pared.optimize(_Model().eval(), (torch.randn(2, 4),), target="cpu", bench_repeats=1)
+    msg = str(err.value)
+    assert "ONNX node 'node_twice'" in msg and "pared_test.twice" in msg and "module 'inner'" in msg, msg
+    assert "ORT says" in msg and "named above" not in msg
