@@ -70,8 +70,10 @@ def primary_io(gm: fx.GraphModule, region: Region) -> tuple[fx.Node, fx.Node] | 
     """The region's main data path: (input, output) nodes of the same shape.
 
     The output is the region output with the largest tensor; the input the one
-    region input with that shape. None when there is no such unique pair (a
-    region that changes the shape has no residual).
+    region input with that shape, or, where several have it (LTX-Video's rotary
+    cos and sin are [B, tokens, dim] as its hidden states), the one the output's
+    residual chain of adds reaches (_residual_inputs). None when there is no such
+    unique pair (a region that changes the shape has no residual).
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     outs = [nodes[o] for o in region.outputs if _shape_of(nodes[o]) is not None]
@@ -80,9 +82,29 @@ def primary_io(gm: fx.GraphModule, region: Region) -> tuple[fx.Node, fx.Node] | 
     out = max(outs, key=lambda n: math.prod(int(s) if isinstance(s, int) else 1 for s in _shape_of(n)))
     shape = _shape_of(out)
     ins = [nodes[i] for i in region.inputs if _shape_of(nodes[i]) == shape]
+    if len(ins) > 1:
+        ins = _residual_inputs(out, ins, set(region.nodes))
     if len(ins) != 1:
         return None
     return ins[0], out
+
+
+def _residual_inputs(out: fx.Node, ins: list[fx.Node], inside: set[str]) -> list[fx.Node]:
+    """Those of `ins` that `out` reaches back through adds of its shape only (x + f(x) + g(...)):
+    the residual stream, not an input that only feeds a branch."""
+    add = torch.ops.aten.add.Tensor
+    shape, want = _shape_of(out), {n.name for n in ins}
+    found, seen, todo = [], set(), [out]
+    while todo:
+        n = todo.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.name in want:
+            found.append(n)
+        elif n.name in inside and n.op == "call_function" and n.target is add:
+            todo.extend(a for a in n.args if isinstance(a, fx.Node) and _shape_of(a) == shape)
+    return sorted(found, key=lambda n: [i.name for i in ins].index(n.name))
 
 
 def block_regions(program: Program, pattern: str | None = None, graph: str | None = None) -> list[Region]:

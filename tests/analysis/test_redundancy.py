@@ -70,3 +70,34 @@ def test_block_regions_needs_repeated_blocks():
     prog = capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
     with pytest.raises(PassError, match="no repeated blocks"):
         block_regions(prog)
+
+
+def test_the_primary_input_is_the_residual_stream_when_another_input_has_its_shape():
+    """LTX-Video: each block reads rotary cos and sin of the hidden states' shape; the primary
+    input is the one the output reaches back through its residual adds."""
+    from pared.analysis.redundancy import primary_io
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, rope, h):                       # rope first: the order does not decide
+            h = h + self.lin(h * rope)
+            return h + self.lin(h)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x, rope):
+            for b in self.blocks:
+                x = b(rope, x)
+            return x
+
+    prog = capture(Model().eval(), (torch.randn(2, 5, 8), torch.randn(2, 5, 8)))
+    gm = prog.main.module
+    blocks = block_regions(prog)
+    ins = [primary_io(gm, r)[0].name for r in blocks]
+    assert ins[0] == "x" and "rope" not in ins, ins
