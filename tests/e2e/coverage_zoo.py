@@ -112,6 +112,66 @@ def unet():
     return m, inputs
 
 
+def _text_mask(seed: int, tokens: int = 5):
+    """A prompt's attention mask with padding: the last one or two tokens off, by seed."""
+    mask = torch.ones(1, tokens, dtype=torch.int64)
+    mask[0, tokens - 1 - seed % 2:] = 0
+    return mask
+
+
+def cogvideox():
+    """CogVideoX (2B-style: sincos positions): 2 latent frames of 8x8, patches of 2x2."""
+    from diffusers import CogVideoXTransformer3DModel
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                    time_embed_dim=32, text_embed_dim=24, num_layers=4, sample_width=8,
+                                    sample_height=8, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
+                                    max_text_seq_length=5)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (), {"hidden_states": torch.randn(1, 2, 4, 8, 8, generator=g),      # [B, frames, C, H, W]
+                    "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
+                    "timestep": torch.randint(0, 1000, (1,), generator=g), "return_dict": False}
+    return m, inputs
+
+
+def hunyuan_video(dual: int = 2, single: int = 4):
+    """HunyuanVideo: a text token refiner (2 blocks, as released), `dual` dual-stream blocks,
+    then `single` single-stream ones; guidance-distilled (a guidance input); a padded prompt."""
+    from diffusers import HunyuanVideoTransformer3DModel
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                       num_layers=dual, num_single_layers=single, num_refiner_layers=2,
+                                       mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=24,
+                                       pooled_projection_dim=16, rope_axes_dim=(4, 6, 6))
+
+    def inputs(seed):
+        g = _g(seed)
+        return (), {"hidden_states": torch.randn(1, 4, 2, 8, 8, generator=g),      # [B, C, frames, H, W]
+                    "timestep": torch.randint(0, 1000, (1,), generator=g),
+                    "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
+                    "encoder_attention_mask": _text_mask(seed),
+                    "pooled_projections": torch.randn(1, 16, generator=g),
+                    "guidance": torch.tensor([6000.0]), "return_dict": False}
+    return m, inputs
+
+
+def ltx_video():
+    """LTX-Video: latents as tokens (2 frames of 4x4, patch 1), its rotary scale as the pipeline
+    passes it; a padded prompt."""
+    from diffusers import LTXVideoTransformer3DModel
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+                                   cross_attention_dim=32, num_layers=4, caption_channels=24)
+
+    def inputs(seed):
+        g = _g(seed)
+        return (), {"hidden_states": torch.randn(1, 2 * 4 * 4, 8, generator=g),
+                    "encoder_hidden_states": torch.randn(1, 5, 24, generator=g),
+                    "timestep": torch.randint(0, 1000, (1,), generator=g),
+                    "encoder_attention_mask": _text_mask(seed), "num_frames": 2, "height": 4, "width": 4,
+                    "rope_interpolation_scale": (8 / 25, 32, 32), "return_dict": False}
+    return m, inputs
+
+
 def _tokens(vocab: int, **extra):
     def inputs(seed):
         return (torch.randint(0, vocab, (2, 16), generator=_g(seed)),), dict(extra)
@@ -204,7 +264,8 @@ def whisper_encoder():
 ZOO = {
     "dit": ("diffusion", dit), "pixart_alpha": ("diffusion", pixart_alpha), "sd3": ("diffusion", sd3),
     "flux": ("diffusion", flux), "wan21": ("diffusion", wan21), "sana": ("diffusion", sana),
-    "unet": ("diffusion", unet),
+    "unet": ("diffusion", unet), "cogvideox": ("diffusion", cogvideox), "hunyuan_video": ("diffusion", hunyuan_video),
+    "ltx_video": ("diffusion", ltx_video),
     "llama": ("language", llama), "gpt2": ("language", gpt2), "mixtral": ("language", mixtral),
     "qwen3_moe": ("language", qwen3_moe), "llava": ("language", llava),
     "vit": ("vision", vit), "clip_vision": ("vision", clip_vision), "whisper_encoder": ("vision", whisper_encoder),

@@ -1,13 +1,18 @@
 """The coverage suite (issue 19): tiny configurations of third-party architectures, random
 weights (tests/e2e/coverage_zoo.py), each captured, lowered and compared with eager, per pass
-family and target (COVERAGE, which the README's matrix reports). Four of them met an op the
-dynamo exporter has no translation for, which pared now translates
-(backends/onnxruntime/translations.py):
+family and target (COVERAGE, which the README's matrix reports). Five of them met an op the
+dynamo exporter has no translation for, or one whose translation ONNX Runtime refuses, which
+pared now translates (backends/onnxruntime/translations.py):
 
     PixArt-α (diffusers)      prims.view_of
     Wan 2.1 (diffusers)       aten.empty_permuted
     Mixtral, Qwen3-MoE        transformers.grouped_mm_fallback (routing differs per input)
     LLaVA (transformers)      aten._is_all_true, and outputs that are None
+    HunyuanVideo (diffusers)  aten.copy (a scalar broadcast into a slice of its prompt mask) and
+                              aten.where on bool values (ORT's CPU Where has no bool kernel)
+
+LTX-Video's blocks read rotary cos and sin of the hidden states' shape; the cache passes take
+the input its residual adds reach as the block's primary input (analysis.redundancy.primary_io).
 """
 import os
 import sys
@@ -24,7 +29,7 @@ from pared.testing import assert_close_to_eager
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-from coverage_zoo import ZOO, build, flux    # noqa: E402
+from coverage_zoo import ZOO, build, flux, hunyuan_video    # noqa: E402
 
 #: the coverage matrix the README reports; a cell is True only where a test below asserts it.
 #: "cpu" / "tvm-cpu": the empty pipeline lowered and compared with eager on fresh inputs;
@@ -34,7 +39,8 @@ from coverage_zoo import ZOO, build, flux    # noqa: E402
 #: tvm-cpu fails today on llama and gpt2 (TVM's compile: a float-only intrinsic meets an integer tensor),
 #: mixtral and qwen3_moe (no converter for histc and transformers' grouped matmul), llava (masked_scatter,
 #: _is_all_true, sym_ite): their errors name the op, its node and module
-TVM = {"dit", "pixart_alpha", "sd3", "flux", "wan21", "sana", "unet", "vit", "clip_vision", "whisper_encoder"}
+TVM = {"dit", "pixart_alpha", "sd3", "flux", "wan21", "sana", "unet", "cogvideox", "hunyuan_video", "ltx_video", "vit",
+       "clip_vision", "whisper_encoder"}
 COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion", "int8": fam != "diffusion"}
             for name, (fam, _) in ZOO.items()}
 
@@ -117,17 +123,22 @@ def test_dynamic_int8_lowers_and_stays_close_to_eager(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dual,single,stack", [(2, 4, "single_transformer_blocks"), (4, 2, "transformer_blocks"),
-                                               (2, 1, "transformer_blocks")])
-def test_cache_passes_take_a_stack_of_a_two_stack_model_by_default(dual, single, stack):
-    """Flux: dual-stream blocks, then single-stream ones. The default stack is the largest with a
-    residual path; a short stack is cached whole (it once gave "block range is empty"); the
-    first call computes every block, so it equals eager."""
+@pytest.mark.parametrize("make,dual,single,stack", [(flux, 2, 4, "single_transformer_blocks"),
+                                                    (flux, 4, 2, "transformer_blocks"),
+                                                    (flux, 2, 1, "transformer_blocks"),
+                                                    (hunyuan_video, 2, 4, "single_transformer_blocks"),
+                                                    (hunyuan_video, 4, 2, "transformer_blocks")],
+                         ids=["flux-2-4", "flux-4-2", "flux-2-1", "hunyuan_video-2-4", "hunyuan_video-4-2"])
+def test_cache_passes_take_a_stack_of_a_two_stack_model_by_default(make, dual, single, stack):
+    """Flux and HunyuanVideo: dual-stream blocks, then single-stream ones (HunyuanVideo also has a
+    2-block text token refiner, not taken). The default stack is the largest with a residual
+    path; a short stack is cached whole (it once gave "block range is empty"); the first call
+    computes every block, so it equals eager."""
     from pared.ir.capture import capture
     from pared.ir.transform import PassContext
     from pared.registry import get_pass
     torch.manual_seed(0)
-    m, inputs = flux(dual, single)
+    m, inputs = make(dual, single)
     m = m.eval()
     _, kw = inputs(0)
     prog = capture(m, (), kwargs=kw)
