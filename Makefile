@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pared-installed
 
-.PHONY: demo demo-moe demo-minilm vla test test-heavy bench install clean browser
+.PHONY: demo demo-moe demo-minilm vla test test-heavy bench install clean browser cross
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,21 @@ browser:
 	else echo "pared: $(CHROMIUM) is missing and make is not root: the browser test of pared report will" \
 		"skip (as root: apt-get install chromium)"; fi
 
+# A cross-built tvm-aarch64 artifact is run by pared's own Executor in an aarch64 Python under
+# qemu-user (tests/backends/test_tvm_aarch64.py): Debian's qemu-user and gcc-aarch64-linux-gnu, and
+# Debian's arm64 python3.11 with the aarch64 wheels of numpy and TVM unpacked into build/aarch64
+# (tests/support/aarch64_env.sh). Prepared here where make runs as root, as CI does; elsewhere the
+# test says what is missing and skips; where it is prepared, PARED_REQUIRE_AARCH64=1 makes a skip fail.
+AARCH64 := build/aarch64
+cross: $(STAMP)
+	@if [ -f $(AARCH64)/.ready ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "preparing an aarch64 Python under qemu-user for the tvm-aarch64 test"; \
+		bash tests/support/aarch64_env.sh $(AARCH64) $(BIN)/python \
+			|| echo "pared: preparing $(AARCH64) failed; the tvm-aarch64 test under qemu will skip"; \
+	else echo "pared: make is not root: the test that runs a tvm-aarch64 artifact under qemu-aarch64 will" \
+		"skip (as root: make cross)"; fi
+
 # The trained DiT, cached across DDIM steps, sampled torch-free from its artifact.
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python examples/dit_cache_demo.py
@@ -64,8 +79,9 @@ vla: $(STAMP)
 
 # Both test targets run on every core (pytest-xdist, at most 4 workers): a test file stays on
 # one worker (its cached fixtures are built once); the heavy tests are spread one by one.
-test: $(STAMP) $(SERVE_STAMP) browser
+test: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
+	PARED_REQUIRE_AARCH64=$$(test -f $(AARCH64)/.ready && echo 1 || echo 0) \
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,

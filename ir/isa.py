@@ -93,9 +93,11 @@ def parse_cpuinfo(text: str, arch: str | None = None) -> Cpu:
             continue
         key, _, value = line.partition(":")
         fields.setdefault(key.strip().lower(), value.strip())
-    words = set((fields.get("flags") or fields.get("features") or "").split())
     if arch is None:
         arch = "x86_64" if "flags" in fields else "aarch64" if "features" in fields else platform.machine()
+    # x86 lists `flags`, ARM `Features`; a file of the other kind (a process under qemu-user reads the
+    # host's) tells nothing about this CPU
+    words = set((fields.get("flags") if arch.lower() in X86_ARCHES else fields.get("features") or "").split())
     if arch.lower() in X86_ARCHES:
         found = [f for f in X86_FEATURES if f in words]
         model = fields.get("model name", "")
@@ -158,8 +160,12 @@ def native_mattr(cpu: Cpu) -> tuple[str, ...]:
 
 def missing_mattr(mattr: "tuple[str, ...] | list[str]", cpu: Cpu) -> tuple[str, ...]:
     """The features a build's `mattr` turns on (`+name`) that `cpu` lacks, by LLVM name. Features
-    pared cannot read from /proc/cpuinfo (outside LLVM_X86_FLAGS / LLVM_ARM_FLAGS) are not judged."""
+    pared cannot read from /proc/cpuinfo (outside LLVM_X86_FLAGS / LLVM_ARM_FLAGS) are not judged,
+    nor any where /proc/cpuinfo listed none for this architecture (unreadable, or the host's under
+    qemu-user emulation)."""
     table, have = _llvm_flags(cpu.arch), set(cpu.flags)
+    if not have:
+        return ()
     wanted = [str(m)[1:] for m in mattr if str(m).startswith("+")]
     return tuple(f for f in wanted if f in table and table[f] not in have)
 

@@ -1695,3 +1695,44 @@ def assert_page_rendered(seen: dict, expected_plots: int) -> None:
         # something was drawn: many distinct colours, not a blank page
         colours = im.convert("RGB").resize((320, im.size[1] // 4)).getcolors(1 << 20) or []
         assert len(colours) > 50, f"the screenshot has {len(colours)} colours: blank?"
+
+
+# -- an aarch64 Python under qemu-user ------------------------------------------------------------------
+#: where tests/support/aarch64_env.sh (`make cross`) prepares it
+AARCH64_ENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "aarch64")
+
+
+def aarch64_missing(env_dir: str = AARCH64_ENV) -> list[str]:
+    """What running Python for aarch64 under qemu-user lacks here (empty: nothing)."""
+    import shutil
+    missing = []
+    if not shutil.which("qemu-aarch64"):
+        missing.append("qemu-aarch64 (Debian package 'qemu-user')")
+    if not shutil.which("aarch64-linux-gnu-gcc"):
+        missing.append("the cross linker aarch64-linux-gnu-gcc (Debian package 'gcc-aarch64-linux-gnu')")
+    if not os.path.exists(os.path.join(env_dir, ".ready")):
+        missing.append(f"an aarch64 Python with numpy and TVM in {env_dir} (as root: make cross, which runs "
+                       "tests/support/aarch64_env.sh)")
+    return missing
+
+
+def run_aarch64_python(code: str, *, env_dir: str = AARCH64_ENV, timeout: int = 600) -> str:
+    """Run Python `code` in Debian's arm64 python3.11 under qemu-aarch64 (user emulation), with the
+    aarch64 wheels of `env_dir` and this checkout's pared importable; return stdout.
+
+    Raises:
+        RuntimeError: something it needs is missing (aarch64_missing).
+        AssertionError: the code failed (with its stderr).
+    """
+    missing = aarch64_missing(env_dir)
+    if missing:
+        raise RuntimeError("running aarch64 Python needs " + " and ".join(missing))
+    import shutil
+    root = os.path.join(env_dir, "root")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": os.pathsep.join([os.path.join(env_dir, "site"), repo]), "PYTHONDONTWRITEBYTECODE": "1"}
+    p = subprocess.run([shutil.which("qemu-aarch64"), "-L", root, os.path.join(root, "usr", "bin", "python3.11"),
+                        "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, f"aarch64 Python under qemu failed:\n{p.stderr[-3000:]}"
+    return p.stdout

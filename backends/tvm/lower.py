@@ -320,7 +320,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     # cross build: link with the cross compiler if there is one, else ship objects
     cc = target.get("cross_compiler")
     if cc and shutil.which(cc):
-        from tvm.contrib import cc as tvm_cc
+        from tvm.support import cc as tvm_cc     # TVM 0.27 (tvm.contrib.cc before)
         fname = f"{name}.so"
         path = os.path.join(outdir, fname)
         ex.export_library(path, fcompile=tvm_cc.cross_compiler(cc), options=LINK_OPTIONS)

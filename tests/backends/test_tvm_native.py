@@ -31,6 +31,9 @@ def test_native_mattr_lists_the_extensions_the_cpu_has():
     arm = isa.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU part\t: 0xd0c\n", "aarch64")
     assert isa.native_mattr(arm) == ("+dotprod", "+neon")
     assert isa.missing_mattr(["+neon", "+i8mm"], arm) == ("i8mm",)
+    # an aarch64 process under qemu-user reads the x86 host's /proc/cpuinfo: nothing to judge by
+    emulated = isa.parse_cpuinfo(XEON_AVX2, "aarch64")
+    assert emulated.flags == () and isa.missing_mattr(["+neon", "+dotprod"], emulated) == ()
 
 
 def test_resolve_fills_mattr_from_this_host_and_llvm_reads_it():
