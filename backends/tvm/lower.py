@@ -51,7 +51,7 @@ PACK_WEIGHT_ONLY = True
 #: ELF e_machine codes for the triples we build for
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
-OPTIONS = ("tune", "tune_trials", "cache_dir")
+OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc")
 LINK_HINT = ("install an aarch64 cross linker (Debian/Ubuntu: apt install gcc-aarch64-linux-gnu) and rebuild, "
              "or link the objects on the target: tar xf {file} && gcc -shared -o {name}.so *.o")
 
@@ -192,7 +192,45 @@ def _tvm_target(target: Mapping[str, Any]):
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | None, name: str):
+def rpc_config(value: Any) -> dict | None:
+    """The `rpc` backend option: {tracker: "HOST:PORT", key: "DEVICE_KEY", session_timeout: seconds}
+    (a TVM RPC tracker and the key its device servers registered under), or None.
+
+    Raises:
+        BackendError: naming the field that is missing or of the wrong type.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise BackendError(f"tvm backend option 'rpc' takes {{tracker: HOST:PORT, key: NAME}}, got {value!r}")
+    unknown = set(value) - {"tracker", "key", "session_timeout"}
+    if unknown:
+        raise BackendError(f"tvm backend option 'rpc': unknown field {sorted(unknown)[0]!r} (fields: tracker, key, "
+                           "session_timeout)")
+    host, _, port = str(value.get("tracker", "")).rpartition(":")
+    if not host or not port.isdigit():
+        raise BackendError(f"tvm backend option 'rpc': 'tracker' must be HOST:PORT, got {value.get('tracker')!r}")
+    if not isinstance(value.get("key"), str) or not value["key"]:
+        raise BackendError(f"tvm backend option 'rpc': 'key' must name the device key its servers registered "
+                           f"with the tracker, got {value.get('key')!r}")
+    timeout = value.get("session_timeout", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise BackendError(f"tvm backend option 'rpc': 'session_timeout' must be seconds > 0, got {timeout!r}")
+    return {"tracker": f"{host}:{port}", "key": value["key"], "session_timeout": timeout}
+
+
+def _runner(rpc: Mapping[str, Any] | None):
+    """MetaSchedule's runner: this host's ("local"), or an RPCRunner on the tracker's devices."""
+    if rpc is None:
+        return "local"
+    from tvm.s_tir import meta_schedule as ms
+    host, _, port = rpc["tracker"].rpartition(":")
+    return ms.runner.RPCRunner(ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc["key"],
+                                                   session_timeout_sec=int(rpc["session_timeout"])))
+
+
+def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | None, name: str,
+             rpc: Mapping[str, Any] | None = None):
     import tvm
     from tvm import relax
 
@@ -203,21 +241,23 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
     if "num-cores" not in tvm_target.attrs:
         # MetaSchedule sizes its search by the physical core count the target declares
         tvm_target = tvm.target.Target(dict(tvm_target.export(), **{"num-cores": _physical_cores()}))
+    # one database per place candidates are measured: this host's, or an RPC device key's
     work_dir = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pared", "tvm"),
-                            "meta_schedule")
+                            "meta_schedule" + (f"-rpc-{rpc['key']}" if rpc else ""))
     os.makedirs(work_dir, exist_ok=True)
     # MetaSchedule's learned cost model needs xgboost (not a pared dependency: its Linux wheels pull
     # CUDA libraries); without it the search ranks candidates at random and measures the same count
     cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
-    log.info("graph '%s': tuning with MetaSchedule (%d trials, %s cost model), database in %s", name, tune_trials,
-             cost_model, work_dir)
+    log.info("graph '%s': tuning with MetaSchedule (%d trials, %s cost model, measured %s), database in %s", name,
+             tune_trials, cost_model, f"on {rpc['key']} via the RPC tracker {rpc['tracker']}" if rpc else "here",
+             work_dir)
     from tvm.s_tir.meta_schedule.relax_integration import tune_relax
     with tvm_target:
         # relax's static_shape_tuning pipeline, with the cost model chosen here
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
         tune_relax(mod, params={}, target=tvm_target, work_dir=work_dir, max_trials_global=int(tune_trials),
-                   cost_model=cost_model, seed=0)
+                   cost_model=cost_model, seed=0, runner=_runner(rpc))
         tuned = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
     return tvm.compile(tuned, target=tvm_target)
 
@@ -262,7 +302,7 @@ def _check_elf(path: str, triple: str) -> list[str]:
 
 
 def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str, *, tune: bool = False,
-                tune_trials: int = 64, cache_dir: str | None = None) -> dict:
+                tune_trials: int = 64, cache_dir: str | None = None, rpc: Mapping[str, Any] | None = None) -> dict:
     """Compile one graph for a TVM target and return its manifest entry.
 
     Raises:
@@ -277,16 +317,21 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     if not isinstance(tune, bool) or not isinstance(tune_trials, int) or tune_trials < 1:
         raise BackendError(f"tvm backend options: 'tune' must be true/false and 'tune_trials' an int >= 1, "
                            f"got tune={tune!r}, tune_trials={tune_trials!r}")
+    rpc = rpc_config(rpc)
+    if rpc is not None and not tune:
+        raise BackendError("tvm backend option 'rpc' sets where tuning measures candidates; give tune: true too")
     if tune and is_cross(target):
         raise BackendError(f"target '{target.get('name')}': tuning measures candidates on the device; a cross "
-                           "build cannot be tuned here (tune on the target, or build untuned)")
+                           "build cannot be tuned here (tune on the target, or build untuned; over RPC pared "
+                           "tunes only a device of this host's architecture so far)")
     tvm_target = _tvm_target(target)
     inputs, outputs = io_spec(graph)
     quant_stats: dict = {}
     mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights", graph.module)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name)
+            ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name,
+                          rpc=rpc)
     except BackendError:
         raise
     except Exception as e:
@@ -294,7 +339,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         raise BackendError(f"graph '{name}': TVM compile for {target.get('name')} failed: {first[:400]}; "
                            "use target 'cpu' (ONNX Runtime)") from e
     entry: dict[str, Any] = {"backend": "tvm", "function": "main", "inputs": inputs, "outputs": outputs,
-                             "tuned": tune, "tvm_version": tvm.__version__, **lifted}
+                             "tuned": tune, "tvm_version": tvm.__version__, **lifted,
+                             **({"tuned_on": {"tracker": rpc["tracker"], "key": rpc["key"]}} if rpc else {})}
     extra = [lifted["weights_file"]] if lifted else []
     triple = _triple(target)
     if not is_cross(target):

@@ -150,6 +150,67 @@ def test_metaschedule_tuning_keeps_a_database(tmp_path):
     assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
 
 
+@pytest.fixture
+def rpc_device():
+    """A TVM RPC tracker and one device server (this host) registered under key 'pared-test'."""
+    import socket
+    import time
+
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    base = s.getsockname()[1]
+    s.close()
+    tracker = Tracker("127.0.0.1", port=base, port_end=base + 50, silent=True)
+    server = rpc.Server("127.0.0.1", port=base + 60, port_end=base + 120, key="pared-test",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        for _ in range(50):          # until the server has registered its key
+            if rpc.connect_tracker("127.0.0.1", tracker.port).summary()["queue_info"].get("pared-test"):
+                break
+            time.sleep(0.2)
+        yield f"127.0.0.1:{tracker.port}"
+    finally:
+        server.terminate()
+        tracker.terminate()
+
+
+@pytest.mark.tuning
+def test_metaschedule_tuning_measures_on_an_rpc_device(tmp_path, rpc_device):
+    """Tuning for a device reached through TVM's RPC tracker: MetaSchedule's RPCRunner measures the
+    candidates on the device server, the records go to a database of that device key."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU()).eval()
+    x = torch.randn(2, 16)
+    art = _save(capture(m, (x,)), tmp_path / "a", tune=True, tune_trials=4, cache_dir=str(tmp_path / "cache"),
+                rpc={"tracker": rpc_device, "key": "pared-test"})
+    ex = Executor(art)
+    entry = ex.manifest["graphs"]["main"]
+    assert entry["tuned"] is True and entry["tuned_on"] == {"tracker": rpc_device, "key": "pared-test"}
+    db = tmp_path / "cache" / "meta_schedule-rpc-pared-test" / "database_tuning_record.json"
+    assert db.stat().st_size > 0 and not (tmp_path / "cache" / "meta_schedule").exists()
+    assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
+
+
+@pytest.mark.parametrize("rpc,msg", [
+    ({"tracker": "localhost", "key": "k"}, "'tracker' must be HOST:PORT"),
+    ({"tracker": "h:9190"}, "'key' must name the device key"),
+    ({"tracker": "h:9190", "key": "k", "session_timeout": 0}, "'session_timeout' must be seconds"),
+    ({"tracker": "h:9190", "key": "k", "timeout": 3}, "unknown field 'timeout'"),
+    ("h:9190", "takes {tracker: HOST:PORT, key: NAME}"),
+])
+def test_bad_rpc_options_are_named(rpc, msg):
+    with pytest.raises(BackendError, match=msg):
+        tvm_lower.rpc_config(rpc)
+
+
+def test_rpc_without_tuning_is_refused(tmp_path):
+    m, inputs = tiny_transformer()
+    with pytest.raises(BackendError, match="give tune: true too"):
+        _save(capture(m, inputs), tmp_path / "a", rpc={"tracker": "h:9190", "key": "k"})
+
+
 def test_cross_build_cannot_be_tuned(tmp_path):
     m, inputs = tiny_transformer()
     with pytest.raises(BackendError, match="cross build cannot be tuned"):
