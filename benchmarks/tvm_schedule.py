@@ -133,7 +133,8 @@ def main() -> None:
            "host_mcpu": codegen.llvm_get_system_cpu(),
            "native_mattr": list(get_target("tvm-native").resolve().to_json()["tvm_target"]["mattr"]),
            "simd_bits": {k: schedule.simd_bits(t) for k, t in targets.items()},
-           "note": "machine shared with other engineers' jobs (2 cores)", "graphs": {}}
+           "cpu_count": os.cpu_count(), "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+           "graphs": {}}
     root = tempfile.mkdtemp(prefix="tvm_schedule_")
     for name, (model, example) in graphs().items():
         if a.only and name not in a.only:
@@ -194,6 +195,7 @@ def main() -> None:
                                                  "top": _profile(mod, targets["tvm_sched_host"], dev)}
             print(name, threads, med, res["vs_ort"][f"threads_{threads}"], flush=True)
         out["graphs"][name] = res
+    out["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     print(out)
     write_results(a.json, out)
 
