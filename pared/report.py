@@ -672,11 +672,11 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def _scatter(s: Section, name: str, xs, ys, labels, xlabel: str, ylabel: str, kept: int | None, caption: str,
-             logx: bool = False) -> None:
+             logx: bool = False, front: list[int] | None = None) -> None:
     fig = _fig(6.5, 3.8)
     ax = fig.add_subplot()
     ax.scatter(xs, ys, color="#8a96a3", label="tried")
-    front = sorted(pareto(list(zip(xs, ys))), key=lambda i: xs[i])
+    front = sorted(pareto(list(zip(xs, ys))) if front is None else front, key=lambda i: xs[i])
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="#1d4f91", label="Pareto front")
     if kept is not None:
         ax.scatter([xs[kept]], [ys[kept]], s=140, facecolors="none", edgecolors="#b3261e", linewidths=2,
@@ -730,9 +730,41 @@ def _searches(records, how: Mapping[str, Any] | None = None) -> Section:
                  f"{', '.join(f'{k} {v}' for k, v in mp.get('target', []))}")
         s.add(_table([(f"{f:.3f}", int(b), p, m) for f, b, p, m in zip(fr, nbytes, pred, meas)],
                      ("budget fraction", "bytes", "predicted rel. L2", f"measured {metric}")))
+    for graph, d in _of(records, *_KNOB_SEARCHES):
+        _knob_search(s, d)
     for graph, rec in [(g, r) for t, g, r in records if isinstance(r.get("pareto"), list) and r.get("tried")]:
         _generic_search(s, rec)
     return s
+
+
+#: decisions whose goal search tried one integer knob: record type -> (knob, +1 when a larger knob is
+#: faster, -1 when a smaller one is, the knob the pass kept)
+_KNOB_SEARCHES = {
+    "LayerSkipDecisions": ("blocks skipped", 1, lambda d: len(d.get("blocks", []))),
+    "TokenPruneDecisions": ("tokens kept", -1, lambda d: (d.get("graphs") or [{}])[0].get("keep")),
+    "AttentionSparsityDecisions": ("heads made local", 1, lambda d: sum(len(x.get("local", []))
+                                                                        for x in d.get("sites", []))),
+}
+
+
+def _knob_search(s: Section, d: Mapping[str, Any]) -> None:
+    """A pass that searched one integer knob for its goal: the goal's metric per knob tried, the
+    front over (speed direction of the knob, metric) and the knob kept."""
+    trials = [t for t in d.get("trials") or [] if isinstance(t, (list, tuple)) and len(t) == 2]
+    goal = [k for k, _ in d.get("target") or []]
+    if not trials or not goal:
+        return
+    what, faster, kept_of = _KNOB_SEARCHES[d["type"]]
+    metric = goal[0]
+    xs = [_num(t[0]) for t in trials]
+    ys = [_num(dict(t[1]).get(metric)) for t in trials]
+    larger = metric in _FIDELITY or metric not in ("rel_l2", "rel_l1", "max_abs")
+    front = pareto([(faster * x, y if larger else -y) for x, y in zip(xs, ys)])
+    kept = kept_of(d)
+    k = next((i for i, x in enumerate(xs) if kept is not None and x == kept), None)
+    _scatter(s, f"knob-{len(s.body)}", xs, ys, [str(int(x)) for x in xs], what, metric, k,
+             f"{d['type']}: each {what} tried for {', '.join(f'{a} {b}' for a, b in d['target'])} on the calibration "
+             f"run; kept: {kept}", front=front)
 
 
 def _generic_search(s: Section, rec: Mapping[str, Any]) -> None:

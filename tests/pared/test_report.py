@@ -24,8 +24,9 @@ from pared.cli import EXIT_ERROR, EXIT_OK, main
 from pared.ir.capture import capture
 from pared.ir.errors import ArtifactError
 from pared.ir.target import Deployment
-from pared.ir.transform import PassContext
+from pared.ir.transform import PassContext, PassManager
 from pared.passes.partition.partition import Partition
+from pared.registry import get_pass
 from pared.report import default_path, pareto, render_report, write_report
 from pared.testing import (SLOW_EDGE_FAST_CLOUD, assert_page_rendered, browse_page, browser_missing, plots_declared,
                            save_program, tiny_dit, tiny_patchnet,
@@ -49,6 +50,11 @@ def _artifacts(root: str) -> dict[str, str]:
                                    {"mixed_precision": {"weight_bytes": 0.6, "target": {"cosine": 0.999},
                                                         "block_size": 16}}])
     out["mixed"] = opt.save(os.path.join(root, "mixed"))
+    m, (x, t) = tiny_dit()
+    skip, _ = PassManager([get_pass("layer_skip")(target={"psnr_db": 55.0})]).run(
+        capture(m, (x, t)), PassContext(calibration=tiny_sampler_loop(x, 8)))
+    out["skip"] = save_program(skip, os.path.join(root, "skip"), {"name": "cpu", "backend": "onnxruntime",
+                                                                  "provider": "CPUExecutionProvider"})
     m, x = tiny_patchnet()
     prog = capture(m, x)
     at = ("patch", "blocks.*", "blocks.*.mlp.0")
@@ -123,6 +129,14 @@ def test_partition_page_shows_the_sweep_and_the_cut_costs(artifacts):
         assert f"<td>{case['label']}</td>" in page
     # the plan tree shows the transfers between the devices
     assert "transfer" in page
+
+
+def test_a_knob_search_shows_each_knob_tried_and_the_one_kept(artifacts):
+    page = render_report(artifacts["skip"])
+    d = _manifest(artifacts["skip"])["records"]["LayerSkipDecisions"]
+    assert d["trials"] and len(d["blocks"]) == 2
+    assert _sections(page)["searches"] == 1
+    assert "each blocks skipped tried for psnr_db 55.0" in page and "kept: 2" in page
 
 
 def test_pareto_front_is_the_non_dominated_points():
