@@ -36,7 +36,8 @@ class SigningKeyError(ParedError):
     """A key file is missing, malformed or of the wrong kind."""
 
 
-def _atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write `data` to `path` atomically (a temporary file in its folder, fsynced, renamed over it) with `mode`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
     try:
@@ -74,8 +75,8 @@ def generate_key(out: str, *, overwrite: bool = False) -> tuple[str, str]:
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    _atomic_write(out, private, 0o600)
-    _atomic_write(pub, public, 0o644)
+    atomic_write(out, private, 0o600)
+    atomic_write(pub, public, 0o644)
     return out, pub
 
 
@@ -164,7 +165,7 @@ def signature_document(manifest_bytes: bytes, private_key: Any) -> bytes:
 def write_signature(artifact: str, manifest_bytes: bytes, private_key: Any) -> str:
     """Write `artifact`/signature.json atomically; returns its path."""
     path = os.path.join(artifact, SIGNATURE)
-    _atomic_write(path, signature_document(manifest_bytes, private_key))
+    atomic_write(path, signature_document(manifest_bytes, private_key))
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
 from pared.ir.program import param_bytes  # noqa: F401  (re-exported: the harnesses' weight bytes)
@@ -56,14 +55,6 @@ def write_results(path: str, data: dict, **dump: Any) -> str:
     os.makedirs(d, exist_ok=True)
     mine = data.get("machine")
     data = dict(data, machine={**mine, **machine()} if isinstance(mine, dict) else machine())
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".bench-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, **dict({"indent": 1}, **dump))
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from pared.backends.signing import atomic_write
+    atomic_write(path, (json.dumps(data, **dict({"indent": 1}, **dump)) + "\n").encode())
     return path

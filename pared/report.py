@@ -34,11 +34,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from pared.backends.artifact import read_manifest
+from pared.backends.signing import atomic_write
 from pared.ir.errors import ParedError
 from pared.ir.records import GRAPH_SEP
 
@@ -46,6 +46,12 @@ __all__ = ["write_report", "render_report", "default_path", "Section"]
 
 #: (larger is better) for metrics a search can record, to draw its Pareto front
 _FIDELITY = ("psnr_db", "cosine", "cosine_mean", "agreement", "accuracy", "sqnr_db", "success")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def default_path(artifact: str) -> str:
@@ -69,18 +75,7 @@ def write_report(artifact: str, out: str | None = None, *, trusted_keys: Iterabl
     out = out or default_path(artifact)
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)       # a page to share: mkstemp's 0600 would hide it
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, page.encode("utf-8"), 0o666 & ~_umask())     # a page to share, not 0600
     return out
 
 
@@ -237,6 +232,22 @@ def _num(v: Any) -> float:
     if isinstance(v, str):
         return float({"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(v, v))
     return float(v) if v is not None else math.nan
+
+
+def _heatmap(rows: Sequence[Sequence[float]], labels: Sequence[str], *, cmap: str, bar: str, xlabel: str,
+             width: float = 10, fontsize: int = 7, **limits: float):
+    """A figure of ragged rows as a heatmap (missing cells blank), one labelled row each."""
+    import numpy as np
+    z = np.full((len(rows), max(len(r) for r in rows)), np.nan)
+    for i, r in enumerate(rows):
+        z[i, :len(r)] = r
+    fig = _fig(width, 1.3 + 0.3 * len(rows))
+    ax = fig.add_subplot()
+    im = ax.imshow(z, aspect="auto", cmap=cmap, interpolation="nearest", **limits)
+    fig.colorbar(im, ax=ax, label=bar)
+    ax.set_yticks(range(len(rows)), list(labels), fontsize=fontsize)
+    ax.set_xlabel(xlabel)
+    return fig, ax
 
 
 def _counts(labels: Sequence[str]) -> str:
@@ -429,17 +440,10 @@ def _redundancy(records) -> Section:
         if not rows:
             continue
         calls = max(len(r["output_rel_l1"]) for r in rows)
-        z = np.full((len(rows), calls), np.nan)
-        for i, r in enumerate(rows):
-            vals = [_num(v) for v in r["output_rel_l1"]]
-            z[i, :len(vals)] = vals
-        z = np.log10(np.clip(z, 1e-6, None))
-        fig = _fig(10, 1.4 + 0.3 * len(rows))
-        ax = fig.add_subplot()
-        im = ax.imshow(z, aspect="auto", cmap="viridis", interpolation="nearest")
-        fig.colorbar(im, ax=ax, label="log10 rel. L1 change vs. previous step")
-        ax.set_yticks(range(len(rows)), [r["path"] for r in rows], fontsize=8)
-        ax.set_xlabel("step (call of the calibration run)")
+        logs = [[math.log10(max(_num(v), 1e-6)) if math.isfinite(_num(v)) else math.nan for v in r["output_rel_l1"]]
+                for r in rows]
+        fig, ax = _heatmap(logs, [r["path"] for r in rows], cmap="viridis", fontsize=8,
+                           bar="log10 rel. L1 change vs. previous step", xlabel="step (call of the calibration run)")
         caption = (f"Graph {prof.get('graph')}: how much each block's output changes from one step to the next "
                    f"over {prof.get('calls')} calls.")
         plan = next((c for g, c in caches if prof.get("graph") in (c.get("graphs") or [prof.get("graph")])), None)
@@ -562,40 +566,24 @@ def _precision(records) -> Section:
 
 # -- tokens --------------------------------------------------------------------------------------------
 def _tokens(records) -> Section:
-    import numpy as np
     s = Section("tokens", "Tokens: importance and attention entropy")
     for graph, prof in _of(records, "TokenImportanceProfile"):
         for g in prof.get("graphs", []):
             sites = [st for st in g.get("sites", []) if st.get("received")]
             if not sites:
                 continue
-            width = max(len(st["received"]) for st in sites)
-            z = np.full((len(sites), width), np.nan)
-            for i, st in enumerate(sites):
-                z[i, :len(st["received"])] = [_num(v) for v in st["received"]]
-            fig = _fig(10, 1.3 + 0.3 * len(sites))
-            ax = fig.add_subplot()
-            im = ax.imshow(z, aspect="auto", cmap="magma", interpolation="nearest")
-            fig.colorbar(im, ax=ax, label="attention received")
-            ax.set_yticks(range(len(sites)), [st["layer"] for st in sites], fontsize=7)
-            ax.set_xlabel("key token")
+            fig, _ = _heatmap([[_num(v) for v in st["received"]] for st in sites], [st["layer"] for st in sites],
+                              cmap="magma", bar="attention received", xlabel="key token")
             s.plot(fig, f"importance-{len(s.body)}", f"Graph {g.get('graph')}: attention each token receives, per "
                                                      f"attention layer, mean over {g.get('calls')} calibration calls")
     for graph, prof in _of(records, "AttentionEntropyProfile"):
         for g in prof.get("graphs", []):
             sites = g.get("sites", [])
-            if not sites:
+            if not any(st.get("head_normalized") for st in sites):
                 continue
-            heads = max(len(st.get("head_normalized", [])) for st in sites)
-            z = np.full((len(sites), heads), np.nan)
-            for i, st in enumerate(sites):
-                z[i, :len(st.get("head_normalized", []))] = [_num(v) for v in st.get("head_normalized", [])]
-            fig = _fig(6, 1.3 + 0.3 * len(sites))
-            ax = fig.add_subplot()
-            im = ax.imshow(z, aspect="auto", cmap="coolwarm", vmin=0, vmax=1, interpolation="nearest")
-            fig.colorbar(im, ax=ax, label="entropy / log(keys)")
-            ax.set_yticks(range(len(sites)), [f"{st['layer']} ({st.get('layer_kind')})" for st in sites], fontsize=7)
-            ax.set_xlabel("head")
+            fig, _ = _heatmap([[_num(v) for v in st.get("head_normalized", [])] for st in sites],
+                              [f"{st['layer']} ({st.get('layer_kind')})" for st in sites], width=6, cmap="coolwarm",
+                              bar="entropy / log(keys)", xlabel="head", vmin=0, vmax=1)
             s.plot(fig, f"entropy-{len(s.body)}", f"Graph {g.get('graph')}: normalized attention entropy per head "
                                                   f"(0 = one key, 1 = uniform); local < {prof.get('local_threshold')}"
                                                   f" <= mixed < {prof.get('global_threshold')} <= global")

@@ -1736,3 +1736,16 @@ def run_aarch64_python(code: str, *, env_dir: str = AARCH64_ENV, timeout: int = 
                         "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, f"aarch64 Python under qemu failed:\n{p.stderr[-3000:]}"
     return p.stdout
+
+
+def skip_or_fail_if_missing(missing: "list[str]", what: str, require_env: str) -> None:
+    """In a test: skip naming what is missing (`missing`, e.g. browser_missing()), or fail instead
+    where `require_env` is "1" (the Makefile sets it where it prepared the tool, so a gap there is
+    a failure, not a silent skip)."""
+    if not missing:
+        return
+    import pytest
+    msg = f"{what} needs " + " and ".join(missing)
+    if os.environ.get(require_env) == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)

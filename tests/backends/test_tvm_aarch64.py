@@ -7,24 +7,14 @@ import json
 import os
 
 import numpy as np
-import pytest
 import torch
 
 import pared
-from pared.testing import aarch64_missing, run_aarch64_python, tiny_transformer
-
-
-def _need():
-    missing = aarch64_missing()
-    if missing:
-        msg = "running a tvm-aarch64 artifact needs " + " and ".join(missing)
-        if os.environ.get("PARED_REQUIRE_AARCH64") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+from pared.testing import aarch64_missing, run_aarch64_python, skip_or_fail_if_missing, tiny_transformer
 
 
 def test_cross_built_artifact_runs_under_qemu_aarch64_as_eager_computes(tmp_path):
-    _need()
+    skip_or_fail_if_missing(aarch64_missing(), "running a tvm-aarch64 artifact", "PARED_REQUIRE_AARCH64")
     m, (x,) = tiny_transformer()
     opt = pared.optimize(m, (x,), target="tvm-aarch64", bench_repeats=0)
     art = opt.save(str(tmp_path / "a64"))

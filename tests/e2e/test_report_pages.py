@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from pared.testing import assert_page_rendered, browse_page, browser_missing, plots_declared
+from pared.testing import assert_page_rendered, browse_page, browser_missing, plots_declared, skip_or_fail_if_missing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("report_pages", os.path.join(ROOT, "examples", "report_pages.py"))
@@ -29,12 +29,7 @@ EXPECT = {
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", list(EXPECT))
 def test_shipped_workload_report_renders(name, tmp_path):
-    missing = browser_missing()
-    if missing:
-        msg = "the browser test needs " + " and ".join(missing)
-        if os.environ.get("PARED_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    skip_or_fail_if_missing(browser_missing(), "the browser test", "PARED_REQUIRE_BROWSER")
     page = report_pages.build(name, str(tmp_path), repeats=2)
     with open(page, encoding="utf-8") as f:
         html = f.read()

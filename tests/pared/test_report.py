@@ -29,7 +29,7 @@ from pared.passes.partition.partition import Partition
 from pared.registry import get_pass
 from pared.report import default_path, pareto, render_report, write_report
 from pared.testing import (SLOW_EDGE_FAST_CLOUD, assert_page_rendered, browse_page, browser_missing, plots_declared,
-                           save_program, tiny_dit, tiny_patchnet,
+                           save_program, skip_or_fail_if_missing, tiny_dit, tiny_patchnet,
                            tiny_sampler_loop, tiny_transformer)
 
 
@@ -162,7 +162,7 @@ def test_written_beside_the_artifact_atomically_and_readable(artifacts, tmp_path
     path = write_report(art)
     assert path == default_path(art) == art + ".report.html"
     assert os.stat(path).st_mode & 0o044 == 0o044          # a page to share, not mkstemp's 0600
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".report-")] == []
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == []         # no temporary file left
     # the artifact itself is untouched: a signed one would refuse an unlisted file
     assert sorted(os.listdir(art)) == sorted(os.listdir(artifacts["mixed"]))
 
@@ -190,20 +190,9 @@ def test_cli_report_and_optimize_report(artifacts, tmp_path, capsys):
 
 
 # -- the browser -----------------------------------------------------------------------------------
-def _need_browser():
-    """Skip, saying what is missing, where the browser is not here (`make test` installs it where
-    it runs as root and sets PARED_REQUIRE_BROWSER=1 where chromium is: then a gap fails)."""
-    missing = browser_missing()
-    if missing:
-        msg = "the browser test needs " + " and ".join(missing)
-        if os.environ.get("PARED_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.mark.parametrize("which", ["cached", "mixed", "partition"])
 def test_page_renders_in_headless_chromium(artifacts, which, tmp_path):
-    _need_browser()
+    skip_or_fail_if_missing(browser_missing(), "the browser test", "PARED_REQUIRE_BROWSER")
     page_file = write_report(artifacts[which], str(tmp_path / f"{which}.html"))
     with open(page_file, encoding="utf-8") as f:
         expected = plots_declared(f.read())
