@@ -70,10 +70,11 @@ def primary_io(gm: fx.GraphModule, region: Region) -> tuple[fx.Node, fx.Node] | 
     """The region's main data path: (input, output) nodes of the same shape.
 
     The output is the region output with the largest tensor; the input the one
-    region input with that shape, or, where several have it (LTX-Video's rotary
-    cos and sin are [B, tokens, dim] as its hidden states), the one the output's
-    residual chain of adds reaches (_residual_inputs). None when there is no such
-    unique pair (a region that changes the shape has no residual).
+    region input with that shape, or, where several have it and the region has one
+    output of that shape (LTX-Video's rotary cos and sin are [B, tokens, dim] as its
+    hidden states), the one the output's residual chain of adds reaches
+    (_residual_inputs). None when there is no such unique pair (a region that changes
+    the shape has no residual; a block called twice in one graph has two).
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     outs = [nodes[o] for o in region.outputs if _shape_of(nodes[o]) is not None]
@@ -82,7 +83,9 @@ def primary_io(gm: fx.GraphModule, region: Region) -> tuple[fx.Node, fx.Node] | 
     out = max(outs, key=lambda n: math.prod(int(s) if isinstance(s, int) else 1 for s in _shape_of(n)))
     shape = _shape_of(out)
     ins = [nodes[i] for i in region.inputs if _shape_of(nodes[i]) == shape]
-    if len(ins) > 1:
+    if len(ins) > 1 and sum(1 for o in outs if _shape_of(o) == shape) == 1:
+        # one output of that shape: a block run once, with side inputs of the same shape (rotary cos, sin);
+        # a block run several times in one graph has an output per run and no single input
         ins = _residual_inputs(out, ins, set(region.nodes))
     if len(ins) != 1:
         return None
