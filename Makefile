@@ -87,7 +87,9 @@ test: $(STAMP) $(SERVE_STAMP) browser cross
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,
 # sampled torch-free from their artifacts) and the MetaSchedule tuning test; CI runs
 # them after `make test`.
-test-heavy: $(STAMP) $(SERVE_STAMP)
+test-heavy: $(STAMP) $(SERVE_STAMP) browser cross
+	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
+	PARED_REQUIRE_AARCH64=$$(test -f $(AARCH64)/.ready && echo 1 || echo 0) \
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist load -m "heavy or tuning" tests
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):

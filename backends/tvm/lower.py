@@ -252,6 +252,7 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
              tune_trials, cost_model, f"on {rpc['key']} via the RPC tracker {rpc['tracker']}" if rpc else "here",
              work_dir)
     from tvm.s_tir.meta_schedule.relax_integration import tune_relax
+    _unnamed_handlers_off(logging.getLogger("tvm.s_tir.meta_schedule"))
     with tvm_target:
         # relax's static_shape_tuning pipeline, with the cost model chosen here
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -260,6 +261,16 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
                    cost_model=cost_model, seed=0, runner=_runner(rpc))
         tuned = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
     return tvm.compile(tuned, target=tvm_target)
+
+
+def _unnamed_handlers_off(logger: logging.Logger) -> None:
+    """MetaSchedule rebuilds its loggers' dictConfig from the names of the handlers its logger has; a
+    handler someone attached without a name (a test harness's capture handler, one a host program
+    added) makes it fail in str.format on None at the second tuning in a process. Those handlers are
+    detached from MetaSchedule's logger (its own console and file handlers are named)."""
+    for h in list(logger.handlers):
+        if h.get_name() is None:
+            logger.removeHandler(h)
 
 
 def _physical_cores() -> int:

@@ -1,18 +1,21 @@
 """Cross targets for real: a `tvm-aarch64` artifact, linked by Debian's aarch64-linux-gnu-gcc, run
 by pared's own (torch-free) Executor in an aarch64 Python under qemu-aarch64 user emulation: it
 computes what eager PyTorch does on this host. Correctness, not speed (emulation is ~10-50x slower).
-`make test` prepares the emulation where it runs as root (`make cross`); elsewhere this skips,
+`make test-heavy` runs it; `make test` and `make test-heavy` prepare the emulation where they run as
+root (`make cross`); elsewhere this skips,
 saying what is missing."""
 import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import pared
 from pared.testing import aarch64_missing, run_aarch64_python, skip_or_fail_if_missing, tiny_transformer
 
 
+@pytest.mark.heavy
 def test_cross_built_artifact_runs_under_qemu_aarch64_as_eager_computes(tmp_path):
     skip_or_fail_if_missing(aarch64_missing(), "running a tvm-aarch64 artifact", "PARED_REQUIRE_AARCH64")
     m, (x,) = tiny_transformer()

@@ -96,6 +96,7 @@ def test_packed_int4_weights_compute_the_same_in_under_a_quarter_of_the_bytes(ro
         assert np.array_equal(u, v)
 
 
+@pytest.mark.heavy
 def test_variant_graphs_share_one_packed_copy(root):
     path = _w4(root, True, "cache")
     m = _manifest(path)
