@@ -37,6 +37,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from pared.analysis.search import pareto_front
 from pared.backends.artifact import read_manifest
 from pared.backends.signing import atomic_write
 from pared.ir.errors import ParedError
@@ -651,12 +652,9 @@ def _partition(records) -> Section:
 
 # -- searches ------------------------------------------------------------------------------------------
 def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both coordinates (both larger-is-better)."""
-    keep = []
-    for i, (a, b) in enumerate(points):
-        if not any((c >= a and d >= b) and (c > a or d > b) for j, (c, d) in enumerate(points) if j != i):
-            keep.append(i)
-    return keep
+    """Indices of the points no other point beats on both coordinates (both larger-is-better):
+    analysis.search.pareto_front, the one the searches use."""
+    return pareto_front(points, (True, True))
 
 
 def _scatter(s: Section, name: str, xs, ys, labels, xlabel: str, ylabel: str, kept: int | None, caption: str,
