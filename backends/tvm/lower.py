@@ -10,16 +10,16 @@ cross compiler when one is on PATH; otherwise the compiled objects are shipped
 as a ``.tar`` to link on the target, with a warning that says so. Either way
 the objects are checked to be ELF files for the target's machine.
 
-Untuned builds get default schedules (backends/tvm/schedule.py: tiled, vectorized,
-parallel matmuls; dlight's CPU reduction rule; parallel elementwise loops) after
-TVM's fusion. Tuning (``tune=True``) runs MetaSchedule with a persistent database under
-``cache_dir`` (default ``~/.cache/pared/tvm``); it is off by default and takes
-minutes per graph.
+Every build fuses the graph (schedule.fuse), replays the schedules tuning databases hold for
+its fused functions (tuning.py: the user's own, `databases`, the ones shipped beside the
+reference workloads) and gives the rest pared's default schedules (schedule.py: tiled,
+vectorized, parallel matmuls; dlight's CPU reduction rule; parallel elementwise loops).
+Tuning (``tune=True``) runs MetaSchedule first, into the persistent database under
+``cache_dir`` (default ``~/.cache/pared/tvm``); it is off by default and takes minutes.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 import operator
@@ -51,7 +51,7 @@ PACK_WEIGHT_ONLY = True
 #: ELF e_machine codes for the triples we build for
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
-OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc")
+OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc", "databases", "fast_math")
 LINK_HINT = ("install an aarch64 cross linker (Debian/Ubuntu: apt install gcc-aarch64-linux-gnu) and rebuild, "
              "or link the objects on the target: tar xf {file} && gcc -shared -o {name}.so *.o")
 
@@ -230,47 +230,35 @@ def _runner(rpc: Mapping[str, Any] | None):
 
 
 def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | None, name: str,
-             rpc: Mapping[str, Any] | None = None):
+             rpc: Mapping[str, Any] | None = None, target_name: str = "", databases: Any = (),
+             stats: dict | None = None, fast_math: bool = False):
+    """Fuse, tune when asked, replay the tuning databases (tuning.py) and schedule the rest by default."""
     import tvm
-    from tvm import relax
 
-    if not tune:
-        # untuned: TVM's CPU pipeline with pared's default schedules after fusion (schedule.py)
-        from pared.backends.tvm import schedule
-        return tvm.compile(mod, target=tvm_target, relax_pipeline=schedule.pipeline(tvm_target))
-    if "num-cores" not in tvm_target.attrs:
-        # MetaSchedule sizes its search by the physical core count the target declares
-        tvm_target = tvm.target.Target(dict(tvm_target.export(), **{"num-cores": _physical_cores()}))
-    # one database per place candidates are measured: this host's, or an RPC device key's
-    work_dir = os.path.join(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pared", "tvm"),
-                            "meta_schedule" + (f"-rpc-{rpc['key']}" if rpc else ""))
-    os.makedirs(work_dir, exist_ok=True)
-    # MetaSchedule's learned cost model needs xgboost (not a pared dependency: its Linux wheels pull
-    # CUDA libraries); without it the search ranks candidates at random and measures the same count
-    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
-    log.info("graph '%s': tuning with MetaSchedule (%d trials, %s cost model, measured %s), database in %s", name,
-             tune_trials, cost_model, f"on {rpc['key']} via the RPC tracker {rpc['tracker']}" if rpc else "here",
-             work_dir)
-    from tvm.s_tir.meta_schedule.relax_integration import tune_relax
-    _unnamed_handlers_off(logging.getLogger("tvm.s_tir.meta_schedule"))
+    from pared.backends.tvm import schedule, tuning
+
+    fused = schedule.fuse(tvm_target, fast_math)(mod)
+    dirs: list[str] = []
+    if tune:
+        if "num-cores" not in tvm_target.attrs:
+            # MetaSchedule sizes its search by the physical core count the target declares
+            tvm_target = tvm.target.Target(dict(tvm_target.export(), **{"num-cores": _physical_cores()}))
+        work = tuning.work_dir(cache_dir, rpc)
+        tuning.tune(fused, tvm_target, trials=tune_trials, work=work, rpc=rpc, name=name, runner=_runner(rpc))
+        dirs.append(work)
+    if databases is not False:
+        dirs += tuning.sources(target_name, cache_dir, databases)
+    dirs = list(dict.fromkeys(dirs))
     with tvm_target:
-        # relax's static_shape_tuning pipeline, with the cost model chosen here
-        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                        relax.transform.CanonicalizeBindings(), relax.get_pipeline("zero")])(mod)
-        tune_relax(mod, params={}, target=tvm_target, work_dir=work_dir, max_trials_global=int(tune_trials),
-                   cost_model=cost_model, seed=0, runner=_runner(rpc))
-        tuned = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
-    return tvm.compile(tuned, target=tvm_target)
-
-
-def _unnamed_handlers_off(logger: logging.Logger) -> None:
-    """MetaSchedule rebuilds its loggers' dictConfig from the names of the handlers its logger has; a
-    handler someone attached without a name (a test harness's capture handler, one a host program
-    added) makes it fail in str.format on None at the second tuning in a process. Those handlers are
-    detached from MetaSchedule's logger (its own console and file handlers are named)."""
-    for h in list(logger.handlers):
-        if h.get_name() is None:
-            logger.removeHandler(h)
+        replayed = tuning.replay(tuning.open_databases(dirs))(fused)
+    done, total = tuning.scheduled_count(replayed)
+    if stats is not None:
+        stats.update(tuned_functions=done, functions=total,
+                     databases=[tuning.describe(d) for d in dirs])
+    if dirs:
+        log.info("graph '%s': %d of %d fused functions replayed from tuning databases %s", name, done, total,
+                 ", ".join(tuning.describe(d) for d in dirs))
+    return tvm.compile(replayed, target=tvm_target, relax_pipeline=schedule.finish(tvm_target))
 
 
 def _physical_cores() -> int:
@@ -313,7 +301,8 @@ def _check_elf(path: str, triple: str) -> list[str]:
 
 
 def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str, *, tune: bool = False,
-                tune_trials: int = 64, cache_dir: str | None = None, rpc: Mapping[str, Any] | None = None) -> dict:
+                tune_trials: int = 64, cache_dir: str | None = None, rpc: Mapping[str, Any] | None = None,
+                databases: Any = None, fast_math: bool = False) -> dict:
     """Compile one graph for a TVM target and return its manifest entry.
 
     Raises:
@@ -325,10 +314,14 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
 
     from pared.backends.tvm import quant
 
+    if not isinstance(fast_math, bool):
+        raise BackendError(f"tvm backend option 'fast_math' must be true/false, got {fast_math!r}")
     if not isinstance(tune, bool) or not isinstance(tune_trials, int) or tune_trials < 1:
         raise BackendError(f"tvm backend options: 'tune' must be true/false and 'tune_trials' an int >= 1, "
                            f"got tune={tune!r}, tune_trials={tune_trials!r}")
     rpc = rpc_config(rpc)
+    from pared.backends.tvm import tuning
+    databases = tuning.databases_option(databases)
     if rpc is not None and not tune:
         raise BackendError("tvm backend option 'rpc' sets where tuning measures candidates; give tune: true too")
     if tune and is_cross(target):
@@ -338,11 +331,13 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     tvm_target = _tvm_target(target)
     inputs, outputs = io_spec(graph)
     quant_stats: dict = {}
+    schedules: dict = {}
     mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights", graph.module)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name,
-                          rpc=rpc)
+                          rpc=rpc, target_name=str(target.get("name", "")), databases=databases,
+                          stats=schedules, fast_math=fast_math)
     except BackendError:
         raise
     except Exception as e:
@@ -350,7 +345,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         raise BackendError(f"graph '{name}': TVM compile for {target.get('name')} failed: {first[:400]}; "
                            "use target 'cpu' (ONNX Runtime)") from e
     entry: dict[str, Any] = {"backend": "tvm", "function": "main", "inputs": inputs, "outputs": outputs,
-                             "tuned": tune, "tvm_version": tvm.__version__, **lifted,
+                             "tuned": tune, "schedules": schedules, **({"fast_math": True} if fast_math else {}),
+                             "tvm_version": tvm.__version__, **lifted,
                              **({"tuned_on": {"tracker": rpc["tracker"], "key": rpc["key"]}} if rpc else {})}
     extra = [lifted["weights_file"]] if lifted else []
     triple = _triple(target)
@@ -362,7 +358,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         from pared.backends.tvm.runtime import TvmGraph
         got = TvmGraph(outdir, entry, target)(to_numpy(graph.example_inputs))
         if quant.quantizes_activations(graph.module):
-            err = _check_quantized(graph, name, tvm_target, outdir, entry, target, got)
+            err = _check_quantized(graph, name, tvm_target, outdir, entry, target, got, cache_dir, databases,
+                                       fast_math)
         else:
             # weight-only layers dequantize their codes exactly as the fx graph does
             err = compare(to_numpy(graph.run(*graph.example_inputs)), got)
@@ -396,7 +393,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
 
 
 def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entry: dict,
-                     target: Mapping[str, Any], got: list) -> dict:
+                     target: Mapping[str, Any], got: list, cache_dir: str | None = None,
+                     databases: Any = (), fast_math: bool = False) -> dict:
     """A graph that quantizes activations, compared as the ONNX Runtime backend compares one
     (backends/onnxruntime/lower.check_quantized): a second build of the graph that also outputs
     its quantizers' codes, and the fx graph run as the backends round following those codes,
@@ -411,7 +409,8 @@ def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entr
         # built as the shipped graph is (weights lifted), so the codes compared are the ones it computes
         mod, lifted = _lift_weights(to_relax(check_graph, name + "_check"), tmp, "check.weights")
         with contextlib.redirect_stdout(io.StringIO()):
-            ex = _compile(mod, tvm_target, tune=False, tune_trials=1, cache_dir=None, name=name + "_check")
+            ex = _compile(mod, tvm_target, tune=False, tune_trials=1, cache_dir=cache_dir, name=name + "_check",
+                          target_name=str(target.get("name", "")), databases=databases, fast_math=fast_math)
         path = os.path.join(tmp, "check.so")
         ex.export_library(path, options=LINK_OPTIONS)
         outputs = [{"name": n} for n in check_graph.output_names]

@@ -452,20 +452,82 @@ def unbroadcast_matmul_weights():
     return _pass
 
 
-def pipeline(target: Any):
-    """TVM's CPU pipeline (relax/backend/cpu_generic) with the default schedules run
-    after fusion, before the dataflow is lowered."""
+def fast_math_legalizations() -> dict:
+    """Legalizations of erf, tanh, exp, GELU (both forms) and softmax with TVM's polynomial
+    approximations (topi.fast_erf / fast_tanh / fast_exp, Eigen's): plain arithmetic that the
+    schedules vectorize, where the exact ones are scalar libm calls per element (GELU's erf or tanh
+    was 36-39% of the DiTs' untuned time). Not bit-identical: each is within a few float32 ulps
+    except exp, clamped to [-88.38, 88.38] (exp(-inf) gives 6e-39, not 0); the build's check
+    against the fx graph holds it to CHECK_REL_L2 like any other build."""
+    import math
+
+    from tvm import te, tirx, topi
+
+    def unary(fn, hint):
+        return lambda bb, call: bb.call_te(fn, call.args[0], primfunc_name_hint=hint)
+
+    def gelu(x: te.Tensor):
+        erf = topi.fast_erf(x * tirx.const(0.5 ** 0.5, x.dtype))
+        return x * (tirx.const(0.5, x.dtype) + erf * tirx.const(0.5, x.dtype))
+
+    def gelu_tanh(x: te.Tensor):
+        c = tirx.const(math.sqrt(2.0 / math.pi), x.dtype)
+        inner = topi.fast_tanh(c * x * (1 + tirx.const(0.044715, x.dtype) * x * x))
+        return tirx.const(0.5, x.dtype) * x * (tirx.const(1.0, x.dtype) + inner)
+
+    def softmax(bb, call):
+        return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="fast_softmax")
+
+    return {"relax.erf": unary(topi.fast_erf, "fast_erf"), "relax.tanh": unary(topi.fast_tanh, "fast_tanh"),
+            "relax.exp": unary(topi.fast_exp, "fast_exp"), "relax.nn.gelu": unary(gelu, "fast_gelu"),
+            "relax.nn.gelu_tanh": unary(gelu_tanh, "fast_gelu_tanh"), "relax.nn.softmax": softmax}
+
+
+def fuse(target: Any, fast_math: bool = False):
+    """The first half of every pared TVM build: weight broadcasts dropped, then TVM's CPU
+    library dispatch, legalization and fusion (relax/backend/cpu_generic). Its PrimFuncs are
+    what tuning measures and what a tuning database is keyed by (tuning.py). `fast_math`:
+    erf / tanh / exp / GELU / softmax legalized as polynomial approximations
+    (fast_math_legalizations)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.default_pipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential([unbroadcast_matmul_weights(), relax.transform.DeadCodeElimination()]
-                                           + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-                                           + [default_schedule()] + cpu.dataflow_lower_passes(target)
-                                           + cpu.finalize_passes(target))
-            return seq(mod)
+    legalize = cpu.legalize_passes(target)
+    if fast_math:
+        assert legalize[0].info.name == "LegalizeOps", legalize[0].info.name
+        legalize = [relax.transform.LegalizeOps(customize_legalize_map=fast_math_legalizations())] + legalize[1:]
 
-    return _pipeline
+    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.fuse")
+    def _fuse(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential([unbroadcast_matmul_weights(), relax.transform.DeadCodeElimination()]
+                                            + cpu.library_dispatch_passes(target) + legalize)(mod)
+
+    return _fuse
+
+
+def finish(target: Any, database: Any = None):
+    """The second half: schedules replayed from a tuning database (None: none), pared's default
+    schedules for every PrimFunc still unscheduled, then TVM's CPU lowering."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from pared.backends.tvm import tuning
+
+    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.finish")
+    def _finish(mod, _ctx):
+        with target:
+            mod = tuning.replay(database)(mod)
+            return tvm.transform.Sequential([default_schedule()] + cpu.dataflow_lower_passes(target)
+                                            + cpu.finalize_passes(target))(mod)
+
+    return _finish
+
+
+def pipeline(target: Any, database: Any = None, fast_math: bool = False):
+    """TVM's CPU pipeline (relax/backend/cpu_generic) with tuned schedules replayed from
+    `database` and the default schedules run after fusion, before the dataflow is lowered."""
+    import tvm
+
+    return tvm.transform.Sequential([fuse(target, fast_math), finish(target, database)], name="pared.tvm.pipeline")

@@ -140,3 +140,32 @@ def test_weight_broadcast_of_a_batched_matmul_is_dropped():
     grow = _module([(1, 5, 8), (8, 12)], lambda x, w: relax.op.matmul(
         x, relax.op.broadcast_to(w, relax.ShapeExpr([3, 8, 12]))))
     assert "broadcast_to" in schedule.unbroadcast_matmul_weights()(grow)["main"].script()
+
+
+def test_fast_math_legalizes_transcendentals_as_arithmetic_and_stays_within_the_check():
+    """fast_math: GELU (erf and tanh forms), exp and softmax become polynomial arithmetic (no
+    erf / tanh / exp call left in any PrimFunc), the default schedules still apply, and the
+    build stays within float error of TVM's exact build."""
+    import re
+
+    def body(x, w):
+        h = relax.op.matmul(x, w)
+        return relax.op.add(relax.op.add(relax.op.nn.gelu(h), relax.op.nn.gelu_tanh(h)),
+                            relax.op.add(relax.op.nn.softmax(h, axis=-1), relax.op.tanh(relax.op.exp(
+                                relax.op.multiply(h, relax.const(-0.1, "float32"))))))
+
+    mod = _module([(16, 32), (32, 48)], body)
+    with TARGET:
+        fast = schedule.fuse(TARGET, fast_math=True)(mod)
+        exact = schedule.fuse(TARGET)(mod)
+    calls = lambda m: set(re.findall(r"T\.(erf|tanh|exp)\(", m.script()))   # noqa: E731
+    assert calls(exact) == {"erf", "tanh", "exp"} and calls(fast) == set()
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((16, 32)).astype("float32"), rng.standard_normal((32, 48)).astype("float32")]
+    outs = []
+    for fm in (False, True):
+        ex = tvm.compile(mod, target=TARGET, relax_pipeline=schedule.pipeline(TARGET, fast_math=fm))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
+    err = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+    assert 0 < err < 1e-5, err
