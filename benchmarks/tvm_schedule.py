@@ -13,6 +13,8 @@ Arms, each built from the same captured graph with weights lifted into parameter
               tvm-cpu's target carries no mcpu, so LLVM builds for the x86-64 baseline (SSE2)
   tvm_native  the same for target `tvm-native` as pared ships it: no mcpu, mattr = this host's
               SIMD and bit-manipulation extensions as /proc/cpuinfo lists them (ir.isa.native_mattr)
+  tvm_sched_fast, tvm_native_fast  tvm_sched / tvm_native with the backend option fast_math
+              (erf, tanh, exp, GELU and softmax as TVM's polynomial approximations)
   ort         pared's ONNX Runtime artifact (target cpu) run by the Executor
 Timing: per thread count, the arms called in one process, alternating (order reversed every
 other round), median of repeats in ms. `profile` lists the scheduled build's heaviest
@@ -151,6 +153,9 @@ def main() -> None:
         builds = ({} if a.no_naive else {"tvm_naive": lambda: tvm.compile(mod, target=targets["tvm_sched"])})
         builds.update({k: (lambda t=t: tvm.compile(mod, target=t, relax_pipeline=schedule.pipeline(t)))
                        for k, t in targets.items()})
+        # backend option fast_math: erf / tanh / exp / GELU / softmax as polynomial arithmetic
+        builds.update({f"{k}_fast": (lambda t=targets[k]: tvm.compile(
+            mod, target=t, relax_pipeline=schedule.pipeline(t, fast_math=True))) for k in ("tvm_sched", "tvm_native")})
         for arm, build in builds.items():
             t0 = time.perf_counter()
             ex = build()

@@ -345,8 +345,15 @@ def _bench_workload(a: argparse.Namespace) -> int:
     out.print(f"{r['summary']}")
     out.print(f"pipeline {r['pipeline'] or '(none)'} -> {r['target']}, {r['torch_threads']} thread(s), "
               f"median of {r['repeats']} rounds (min-max)")
-    for k in ("eager", "backend_plain", "optimized"):
+    for k in t:
         out.print(f"  {k:14s} {t[k]['median']:10.1f} ms  ({t[k]['min']:.1f}-{t[k]['max']:.1f})")
+    if "tvm" in r:
+        v = r["tvm"]
+        tuned = sum(x.get("tuned_functions", 0) for x in v["schedules"].values())
+        total = sum(x.get("functions", 0) for x in v["schedules"].values())
+        out.print(f"TVM: {tuned} of {total} fused functions from tuning databases; time vs ONNX Runtime: "
+                  f"tuned {v['tuned_vs_ort']:.2f}x, untuned {v['untuned_vs_ort']:.2f}x "
+                  f"(untuned/tuned {v['untuned_vs_tuned']:.2f}x)")
     s = r["speedup"]
     out.print(f"speedup vs eager {s['vs_eager']:.2f}x, vs backend_plain {s['vs_backend_plain']:.2f}x "
               f"(ideal from FLOPs {r['ideal_speedup']:.2f}x)")

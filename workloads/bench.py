@@ -40,7 +40,8 @@ def _own_executor(path: str, threads: int) -> Any:
 
 def bench_workload(name: str, *, pipeline: str | None = "default", target: str | None = None, threads: int = 1,
                    repeats: int = 5, json_out: str | None = None, workload_options: Mapping[str, Any] | None = None,
-                   progress: Callable[[str], None] | None = None) -> dict:
+                   progress: Callable[[str], None] | None = None,
+                   backend_options: Mapping[str, Any] | None = None) -> dict:
     """Measure one workload; returns (and optionally writes) the result record.
 
     Args:
@@ -51,6 +52,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         threads: intra-op threads for every contender.
         repeats: timed rounds (each round runs every contender once).
         workload_options: size options for the workload (samples, steps, batch, ...).
+        backend_options: lowering options over the pipeline file's `backend:` (every contender).
     """
     import torch
     import pared
@@ -73,7 +75,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         # (the same function; eager, plain and optimized compared like with like)
         wl = get_workload(name, **{**wopts, "decoder": "loop"})
     target = target or (spec.target if spec and spec.target else "cpu")
-    backend_options = dict(spec.backend) if spec else {}
+    backend_options = {**(dict(spec.backend) if spec else {}), **dict(backend_options or {})}
     say(f"{wl.summary}; pipeline {pipeline or '(none)'}; target {target}; {threads} thread(s)")
     model = wl.build()
     example, calib = wl.example_inputs(), wl.calibration()
@@ -81,6 +83,18 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     work = tempfile.mkdtemp(prefix="pared-bench-")
     contenders: dict[str, Any] = {}
     programs = {}
+    from pared.targets import get_target
+    tvm_arms = get_target(target).backend == "tvm"
+    if tvm_arms:
+        # a TVM target is also timed against itself with no tuning database (pared's default schedules
+        # only) and against ONNX Runtime (target cpu), all three lowered with no passes
+        for label, t, opts in (("tvm_untuned", target, dict(backend_options, databases=False)),
+                               ("ort", "cpu", {})):
+            say(f"building {label}")
+            opt = pared.optimize(model, example, target=t, pipeline=[], calibration=calib, bench_repeats=0,
+                                 allow_fidelity_loss=True, backend_options=opts, progress=lambda m: None,
+                                 holdout=[])
+            contenders[label] = _own_executor(opt.save(os.path.join(work, label)), threads)
     for label, plist in (("backend_plain", []), ("optimized", passes)):
         if label == "optimized" and not plist:
             # no passes: the optimized artifact is the plain one; built once, loaded twice (own sessions)
@@ -106,9 +120,9 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         ex = contenders[label]
         return lambda: wl.task(ex, ex.reset)
 
-    say(f"timing eager / backend_plain / optimized, {repeats} alternating rounds")
-    timing = side_by_side({k: run_task(k) for k in ("eager", "backend_plain", "optimized")},
-                                         repeats=repeats, warmup=1)
+    arms = ("eager", "backend_plain", "optimized") + (("tvm_untuned", "ort") if tvm_arms else ())
+    say(f"timing {' / '.join(arms)}, {repeats} alternating rounds")
+    timing = side_by_side({k: run_task(k) for k in arms}, repeats=repeats, warmup=1)
 
     # FLOPs the pipeline removed, over the calls the task made (the plan may pick cheaper routines)
     # (both sides from the graphs their plans ran: a plain program may loop over a graph too)
@@ -136,7 +150,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         "passes": [getattr(p, "name", str(p)) for p in passes],
         "torch_threads": torch.get_num_threads(), "ort_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": timing["repeats"],
-        "timings_ms": {k: timing_stats(timing, k) for k in ("eager", "backend_plain", "optimized")},
+        "timings_ms": {k: timing_stats(timing, k) for k in arms},
         "calls_per_task": wl.calls_per_task,
         "speedup": {"vs_eager": med["eager"] / med["optimized"],
                     "vs_backend_plain": med["backend_plain"] / med["optimized"],
@@ -154,6 +168,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
                          "optimized": param_bytes(programs["optimized"])},
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
     }
+    if tvm_arms:
+        result["tvm"] = tvm_summary(med, os.path.join(work, "backend_plain"))
     precision = precision_summary(programs["optimized"], trace)
     if precision is not None:
         result["precision"] = precision
@@ -165,6 +181,20 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def tvm_summary(median_s: Mapping[str, float], plain_artifact: str) -> dict:
+    """For a TVM target: the plain build (tuned schedules replayed where a database has them) against
+    the same build with default schedules only and against ONNX Runtime, as ratios of median task
+    times (above 1: the plain TVM build is slower), and how many of its fused functions were tuned."""
+    import json
+    with open(os.path.join(plain_artifact, "manifest.json")) as f:
+        graphs = json.load(f).get("graphs", {})
+    schedules = {g: e.get("schedules") for g, e in graphs.items() if isinstance(e, dict) and e.get("schedules")}
+    return {"tuned_vs_ort": median_s["backend_plain"] / median_s["ort"],
+            "untuned_vs_ort": median_s["tvm_untuned"] / median_s["ort"],
+            "untuned_vs_tuned": median_s["tvm_untuned"] / median_s["backend_plain"],
+            "schedules": schedules}
 
 
 def precision_summary(program, trace) -> dict | None:

@@ -68,3 +68,20 @@ def test_results_files_record_the_cpu_and_its_isa(tmp_path):
     assert data["x"] == 1 and data["machine"]["threads"] == 1      # the benchmark's own keys are kept
     assert data["machine"]["cpu"] == host_cpu().to_json() and data["machine"]["cpu"]["model"] is not None
     assert not [p for p in tmp_path.iterdir() if p.name != "r.json"]    # written atomically, no leftovers
+
+
+@pytest.mark.heavy
+def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedules_and_ort():
+    """`pared bench --workload dit_mnist --target tvm-cpu`: the plain TVM build replays the tuning
+    database shipped beside the workload (the shape it was tuned at: the example batch), and is
+    timed in the same rounds as the build with default schedules only and as ONNX Runtime."""
+    from pared.workloads.bench import bench_workload
+    r = bench_workload("dit_mnist", pipeline=None, target="tvm-cpu", repeats=1,
+                       workload_options={"samples": 10, "steps": 2})
+    assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort"}
+    (s,) = r["tvm"]["schedules"].values()
+    assert s["tuned_functions"] >= 10 and "examples/dit_mnist/tvm_tuning/tvm-cpu" in s["databases"]
+    med = {k: v["median"] for k, v in r["timings_ms"].items()}
+    assert r["tvm"]["tuned_vs_ort"] == pytest.approx(med["backend_plain"] / med["ort"])
+    assert r["tvm"]["untuned_vs_tuned"] == pytest.approx(med["tvm_untuned"] / med["backend_plain"])
+    assert r["fidelity"]["psnr_db"] > 40         # the tuned build computes what eager does

@@ -1,0 +1,68 @@
+"""Tuned TVM against untuned TVM and ONNX Runtime on the three reference workloads of issue 18:
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/tvm_tuned.py [--repeats 7] [--threads 2]
+        [--workloads dit_mnist minilm vla_metaworld] [--target tvm-cpu]
+
+Each workload goes through `pared bench --workload W --target T` (pared.workloads.bench): its
+model lowered with no passes three ways in one process, timed on the workload's task in
+alternating rounds (median of repeats, threads fixed for every arm):
+  backend_plain  TVM, replaying the tuning database shipped beside the workload
+                 (examples/W/tvm_tuning/T, written by benchmarks/tvm_tune.py)
+  tvm_untuned    the same build with `databases: false` (pared's default schedules only)
+  ort            the same graph on ONNX Runtime (target cpu)
+plus eager PyTorch. The tasks: dit_mnist one 5-step DDIM request (batch 10 with CFG: 5 step
+calls of 20 rows, the shape its database was tuned at; fidelity on 20 samples); MiniLM the
+213-sentence corpus in batches of 32; the VLA its diffusion-head policy calls (fidelity: one
+closed-loop episode of reach-v3).
+Writes benchmarks/results/tvm_tuned.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: per workload: size options that keep the fidelity run short; the timed graph keeps the shape
+#: the database was tuned for (the workload's example inputs)
+OPTIONS = {"dit_mnist": {"samples": 20, "steps": 5},
+           "minilm": {},
+           "vla_metaworld": {"episodes": 1, "tasks": "reach-v3"}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=list(OPTIONS))
+    p.add_argument("--target", default="tvm-cpu")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fast-math", action="store_true", help="TVM arms built with the backend option fast_math")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "tvm_tuned.json"))
+    a = p.parse_args()
+
+    from pared.bench import write_results
+    from pared.workloads.bench import bench_workload
+
+    runs = {}
+    for w in a.workloads:
+        r = bench_workload(w, pipeline=None, target=a.target, threads=a.threads, repeats=a.repeats,
+                           workload_options=OPTIONS.get(w, {}), progress=lambda m, w=w: print(f"[{w}] {m}", flush=True),
+                           backend_options={"fast_math": True} if a.fast_math else None)
+        t = r["timings_ms"]
+        runs[w] = {"summary": r["summary"], "calls_per_task": r["calls_per_task"],
+                   "ms_per_task": {k: round(v["median"], 2) for k, v in t.items()},
+                   "ms_range": {k: [round(v["min"], 2), round(v["max"], 2)] for k, v in t.items()},
+                   **{k: round(v, 3) for k, v in r["tvm"].items() if k != "schedules"},
+                   "schedules": r["tvm"]["schedules"], "fidelity_vs_eager": r["fidelity"]}
+        print(f"[{w}] " + ", ".join(f"{k} {v['median']:.1f} ms" for k, v in t.items())
+              + f"; tuned/ORT {r['tvm']['tuned_vs_ort']:.2f}x, untuned/ORT {r['tvm']['untuned_vs_ort']:.2f}x",
+              flush=True)
+    import sys
+    write_results(a.out, {"command": " ".join(["benchmarks/tvm_tuned.py"] + sys.argv[1:]), "target": a.target,
+                          "fast_math": a.fast_math, "threads": a.threads, "repeats": a.repeats,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "workloads": runs})
+
+
+if __name__ == "__main__":
+    main()
