@@ -44,7 +44,7 @@ def _schedules(manifest: dict) -> dict:
     graphs = manifest.get("graphs", {})
     out = {}
     for g, entry in graphs.items():
-        s = (entry.get("lowered") or entry).get("schedules") if isinstance(entry, dict) else None
+        s = entry.get("schedules")
         if s:
             out[g] = s
     return out
@@ -109,7 +109,7 @@ def main() -> None:
              "untuned_build_s": round(untuned_s, 1), "tasks_with_records": pruned["workloads"],
              "records_measured": pruned["records_before"], "database_bytes": size,
              "database": tuning.describe(dst) if not a.no_ship else None,
-             "schedules_replayed": _schedules(replayed), "cost_model": _cost_model(),
+             "schedules_replayed": _schedules(replayed), "cost_model": tuning.cost_model_name(),
              "tvm": tvm.__version__, "cpu_count": os.cpu_count()}
     old = {}
     if os.path.exists(RESULTS):
@@ -119,11 +119,6 @@ def main() -> None:
     old["command"] = "benchmarks/tvm_tune.py --workload W --trials N (per workload)"
     write_results(RESULTS, old)
     print(json.dumps(entry, indent=1))
-
-
-def _cost_model() -> str:
-    import importlib.util
-    return "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
 
 
 if __name__ == "__main__":

@@ -137,15 +137,11 @@ def scheduled_count(mod) -> tuple[int, int]:
 def tune(mod, tvm_target, *, trials: int, work: str, rpc: Mapping[str, Any] | None, name: str,
          runner: Any = "local") -> None:
     """Tune the fused PrimFuncs of `mod` (a module after schedule.fuse) into the database at `work`."""
-    import importlib.util
-
     from tvm.s_tir.meta_schedule import relax_integration as ri
     from tvm.s_tir.meta_schedule.tune import tune_tasks
 
     os.makedirs(work, exist_ok=True)
-    # MetaSchedule's learned cost model needs xgboost (pared[tune]: xgboost-cpu; the xgboost wheel pulls
-    # CUDA libraries); without it the search ranks candidates at random and measures the same count
-    cost_model = "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
+    cost_model = cost_model_name()
     log.info("graph '%s': tuning with MetaSchedule (%d trials, %s cost model, measured %s), database in %s", name,
              trials, cost_model, f"on {rpc['key']} via the RPC tracker {rpc['tracker']}" if rpc else "here", work)
     _unnamed_handlers_off(logging.getLogger("tvm.s_tir.meta_schedule"))
@@ -155,6 +151,29 @@ def tune(mod, tvm_target, *, trials: int, work: str, rpc: Mapping[str, Any] | No
         contexts, weights = ri.extracted_tasks_to_tune_contexts(chosen, work, seed=0)
         tune_tasks(tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=int(trials),
                    cost_model=cost_model, runner=runner)
+    timeouts = build_timeouts(work)
+    if timeouts:
+        log.warning("graph '%s': MetaSchedule's builder timed out on %d candidate(s) (a loaded machine?); "
+                    "the functions with no working candidate keep default schedules", name, timeouts)
+
+
+def cost_model_name() -> str:
+    """MetaSchedule's learned cost model needs xgboost (pared[tune]: xgboost-cpu; the xgboost wheel pulls
+    CUDA libraries); without it the search ranks candidates at random and measures the same count."""
+    import importlib.util
+    return "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
+
+
+def build_timeouts(work: str) -> int:
+    """Candidates MetaSchedule's LocalBuilder killed for taking too long, from its logs under `work`."""
+    logs = os.path.join(work, "logs")
+    if not os.path.isdir(logs):
+        return 0
+    n = 0
+    for f in os.listdir(logs):
+        with open(os.path.join(logs, f), errors="replace") as fh:
+            n += fh.read().count("LocalBuilder: Timeout")
+    return n
 
 
 #: fused functions tuning measures, by a substring of their name: the arithmetic-heavy ones. Copies,
