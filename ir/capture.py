@@ -51,7 +51,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str,
     Returns:
         A Program with one graph and the trivial plan; for a `pared.ir.decode.Decoder` or a
         `pared.ir.denoise.Denoiser`, the Program of its parts with the decoding or denoising
-        loop in the Plan (ir/decode.py, ir/denoise.py).
+        loop in the Plan (ir/decode.py, ir/denoise.py); for a `pared.ir.stream.Streamer`, its
+        step with the KV cache as state of the Plan (ir/stream.py).
     Raises:
         CaptureError: naming the failing op or data-dependent expression, the
             user's source line, and what to try.
@@ -63,6 +64,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, kwargs: Mapping[str,
     kwargs = dict(kwargs or {})
     from .decode import Decoder, capture_decoder   # decode and denoise import this module
     from .denoise import Denoiser, capture_denoiser
+    from .stream import Streamer, capture_streamer
+    if isinstance(model, Streamer):
+        return capture_streamer(model, args, kwargs, dynamic_shapes)
     if isinstance(model, Decoder):
         return capture_decoder(model, args, kwargs, dynamic_shapes)
     if isinstance(model, Denoiser):

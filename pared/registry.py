@@ -21,6 +21,7 @@ import pared.passes.cache  # noqa: F401
 import pared.passes.decode  # noqa: F401
 import pared.passes.partition  # noqa: F401
 import pared.passes.generic  # noqa: F401
+import pared.passes.kv  # noqa: F401
 import pared.passes.quant  # noqa: F401
 import pared.passes.sparsity  # noqa: F401
 from pared.ir.transform import REGISTRY, Pass, UnknownPassError, registered_pass

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pared.ir.capture import capture
@@ -643,6 +644,81 @@ def tiny_decoder_inputs(batch: int = 1, seed: int = 1, base: "tuple | None" = No
     if base is not None:
         return base[0] + noise * torch.randn(base[0].shape, generator=g), base[1].clone()
     return torch.randn(batch, 6, generator=g), torch.randint(0, 4, (batch, 2), generator=g)
+
+
+# -- a streamed generator: a one-frame step with a KV cache (ir/stream.py) -----------------------
+class TinyFrameStep(nn.Module):
+    """step(x (B, T, D), frame_pos (1,), kv_cache, cache_pos, cache_valid) -> (y, new_kv): one
+    frame of T tokens through `layers` attention layers of `heads` heads, each attending to its
+    own frame and the valid cached slots with an ALiBi bias on the frame distance (slopes 1/2^h);
+    positions and validity per slot [C] or per layer, head and slot [L, H, C] (ir/stream.py)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, layers: int = 2, tokens: int = 4):
+        super().__init__()
+        self.heads, self.layers, self.tokens, self.head_dim = heads, layers, tokens, dim // heads
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.register_buffer("slopes", torch.tensor([2.0 ** -(h + 1) for h in range(heads)]), persistent=False)
+
+    def forward(self, x, frame_pos, kv_cache, cache_pos, cache_valid):
+        b, t, d = x.shape
+        if cache_pos.dim() == 1:
+            cache_pos = cache_pos.expand(self.layers, self.heads, -1)
+            cache_valid = cache_valid.expand(self.layers, self.heads, -1)
+        bias = -self.slopes[None, :, None] * (frame_pos.reshape(1) - cache_pos)
+        bias = torch.where(cache_valid, bias, torch.full_like(bias, -1e4))        # [L, H, C]
+        new = []
+        for i in range(self.layers):
+            q, k, v = self.qkv[i](x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            kk = torch.cat([kv_cache[i, 0], k], 2)
+            vv = torch.cat([kv_cache[i, 1], v], 2)
+            mask = torch.cat([bias[i][:, None, :].expand(self.heads, t, -1),
+                              torch.zeros(self.heads, t, t, dtype=x.dtype)], 2)[None]
+            a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            x = x + self.proj[i](a.transpose(1, 2).reshape(b, t, d))
+            new.append(torch.stack([k, v]))
+        return x, torch.stack(new)
+
+
+def tiny_streamer(seed: int = 0, batch: int = 2, capacity_frames: int = 3, layout: Any = None
+                  ) -> tuple[nn.Module, tuple]:
+    """A pared Streamer over TinyFrameStep and example inputs (x, frame_pos, append)."""
+    from pared.ir.stream import Streamer
+    torch.manual_seed(seed)
+    step = TinyFrameStep().eval()
+    m = Streamer(step, layers=step.layers, heads=step.heads, head_dim=step.head_dim, tokens_per_frame=step.tokens,
+                 capacity_frames=capacity_frames, layout=layout)
+    g = torch.Generator().manual_seed(seed + 1)
+    return m, (torch.randn(batch, step.tokens, 16, generator=g), torch.tensor([0.0]), torch.tensor([1.0]))
+
+
+def tiny_stream_calls(frames: int = 12, batch: int = 2, seed: int = 3, reads: int = 1) -> list[tuple]:
+    """A stream for tiny_streamer: per frame `reads` calls that only read the cache, then one that
+    appends (frame positions 0, 1, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for f in range(frames):
+        for r in range(reads + 1):
+            out.append((torch.randn(batch, 4, 16, generator=g), torch.tensor([float(f)]),
+                        torch.tensor([1.0 if r == reads else 0.0])))
+    return out
+
+
+def eager_stream(step: nn.Module, layout: Any, calls: Sequence[tuple], head_dim: int) -> list[torch.Tensor]:
+    """The outputs of `step` over a stream of calls (inputs..., frame_pos, append) with the cache
+    each head's policy keeps, held as frame lists by pared.ir.kvcache.KVReference (an emulation
+    independent of the KVAppend graph)."""
+    from pared.ir.kvcache import KVReference
+    ref = KVReference(layout)
+    outs = []
+    with torch.no_grad():
+        for *own, append in calls:
+            cache, pos, valid = ref.state(own[0].shape[0], head_dim, own[0].dtype)
+            y, new = step(*own, cache, pos, valid)
+            outs.append(y)
+            if float(append[0]) >= 0.5:
+                ref.append(new, float(own[-1][0]))
+    return outs
 
 
 # -- a sampler captured whole: the tiny action head of a diffusion policy ----------------------

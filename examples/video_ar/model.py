@@ -20,8 +20,8 @@ cosine one, x_t = cos(pi t / 2) x0 + sin(pi t / 2) eps, t in [0, 1].
         t           [B]             diffusion time in [0, 1]
         frame_pos   [1]             the current frame's index (float)
         kv_cache    [L, 2, B, H, C, Dh]   K/V of earlier frames, C token slots (static capacity)
-        cache_pos   [C]             frame index of each slot (float)
-        cache_valid [C]             bool: slot holds a frame (others are ignored)
+        cache_pos   [C] or [L, H, C]  frame index of each slot (float), shared or per layer and head
+        cache_valid [C] or [L, H, C]  bool: slot holds a frame (others are ignored)
         x0          [B, 1, 32, 32]  the predicted clean frame
         new_kv      [L, 2, B, H, 64, Dh]  this frame's K/V, to append to the cache
     VideoDiT.sequence(...)        the uncached training forward over a whole clip
@@ -154,17 +154,27 @@ class VideoDiT(nn.Module):
             raise ValueError(f"the KV cache holds whole frames: capacity {cap} is not a multiple of {TOKENS} tokens")
         h = self._tokens(x)
         c = self.t_embed(timestep_embedding(t))[:, None, :].expand(b, TOKENS, self.dim)
-        # ALiBi on the frame distance for cached slots, 0 within the frame; slot s holds patch s % 64
-        dist = (frame_pos.reshape(1) - cache_pos).to(x.dtype)                           # [C]
-        cached = -self.slopes[:, None] * dist[None, :]                                   # [H, C]
-        cached = torch.where(cache_valid[None, :], cached, torch.full_like(cached, MASKED))[:, None, :]
+        # ALiBi on the frame distance for cached slots, 0 within the frame; slot s holds patch s % 64.
+        # Positions and validity are per slot [C] (every layer and head alike) or per layer, head
+        # and slot [L, H, C] (a head-aware cache policy keeps other frames per head)
+        per_head = cache_pos.dim() == 3
+        dist = (frame_pos.reshape(1) - cache_pos).to(x.dtype)                           # [C] | [L, H, C]
+        slopes = self.slopes[:, None] if not per_head else self.slopes[None, :, None]
+        cached = -slopes * (dist[None, :] if not per_head else dist)                     # [H, C] | [L, H, C]
+        valid = cache_valid[None, :] if not per_head else cache_valid
+        cached = torch.where(valid, cached, torch.full_like(cached, MASKED))
         spatial = self.spatial_bias.to(x.dtype)                                          # [H, N, N]
-        bias = torch.cat([cached + spatial.repeat(1, 1, cap // TOKENS), spatial], 2)[None]  # [1, H, N, C + N]
+        spatial_c = spatial.repeat(1, 1, cap // TOKENS)                                  # [H, N, C]
+
+        def layer_bias(c: torch.Tensor) -> torch.Tensor:                                 # [H, C] -> [1, H, N, C + N]
+            return torch.cat([c[:, None, :] + spatial_c, spatial], 2)[None]
+        shared = layer_bias(cached) if not per_head else None
         new_kv = []
         for i, blk in enumerate(self.blocks):
             def attend(q, k, v, i=i):
                 kk = torch.cat([kv_cache[i, 0], k], 2)
                 vv = torch.cat([kv_cache[i, 1], v], 2)
+                bias = shared if shared is not None else layer_bias(cached[i])
                 return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias)
             h, k, v = blk(h, c, attend)
             new_kv.append(torch.stack([k, v]))

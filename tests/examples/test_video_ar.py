@@ -100,6 +100,34 @@ def test_cached_step_equals_the_uncached_clip_forward(mdl, data):
         m(noisy[:, 0], t_noisy[:, 0], torch.tensor([1.0]), kv[..., :N + 1, :], pos[:N + 1], valid[:N + 1])
 
 
+def test_per_head_slot_positions_mask_each_head_alone(mdl):
+    """Positions and validity given per layer and head ([L, H, C]) act on that layer and head
+    only: broadcasting the shared [C] ones gives the same frame, and hiding a frame from one
+    head equals running that head with the frame's slots invalid and nothing else changed."""
+    m = _random_model(mdl, seed=2)
+    x, t, f, kv, pos, valid = mdl.step_inputs(m, batch=2, capacity_frames=8)
+    L, H = m.depth, m.heads
+    with torch.no_grad():
+        ref, ref_kv = m(x, t, f, kv, pos, valid)
+        got, got_kv = m(x, t, f, kv, pos.expand(L, H, -1), valid.expand(L, H, -1))
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(got_kv, ref_kv)
+        # hide frame 1 from layer 3, head 2 only: layers before 3 are unchanged, the result differs
+        v2 = valid.expand(L, H, -1).clone()
+        v2[3, 2, mdl.TOKENS:2 * mdl.TOKENS] = False
+        hid, hid_kv = m(x, t, f, kv, pos.expand(L, H, -1), v2)
+        torch.testing.assert_close(hid_kv[:4], ref_kv[:4])
+        assert not torch.allclose(hid, ref)
+        # the same frame moved to another slot for that head alone (its own position kept) changes nothing
+        p3, kv3 = pos.expand(L, H, -1).clone(), kv.clone()
+        a, b = slice(mdl.TOKENS, 2 * mdl.TOKENS), slice(6 * mdl.TOKENS, 7 * mdl.TOKENS)
+        kv3[3, :, :, 2, b], p3[3, 2, b] = kv[3, :, :, 2, a], pos[a]
+        v3 = valid.expand(L, H, -1).clone()
+        v3[3, 2, a], v3[3, 2, b] = False, True
+        moved, _ = m(x, t, f, kv3, p3, v3)
+    torch.testing.assert_close(moved, ref, atol=2e-5, rtol=1e-5)
+
+
 def test_rollout_cache_and_window(mdl):
     m = _random_model(mdl)
     ctx = torch.rand(1, 2, 1, 32, 32) * 2 - 1

@@ -62,6 +62,12 @@ def dit_batch_dynamic() -> Fixture:
 
 
 @functools.cache
+def streamer() -> Fixture:
+    m, inputs = testing.tiny_streamer()
+    return Fixture(m, inputs, capture(m, inputs))
+
+
+@functools.cache
 def decoder() -> Fixture:
     m, inputs = testing.tiny_decoder()
     return Fixture(m, inputs, capture(m, inputs))
@@ -365,6 +371,19 @@ def call_vs_model(held_out: Callable[[Fixture], tuple] | None = None):
     return meaning
 
 
+def stream_meaning(fx_: Fixture, res: PassResult):
+    """A 12-frame stream through the program against the eager step fed the cache each head's
+    policy keeps (frame lists, pared.ir.kvcache.KVReference): past 3 frames every policy here
+    differs from the captured 3-frame window."""
+    calls = testing.tiny_stream_calls(12)
+    layout = res.program.records["KVStream"].kv_layout()
+    ref = testing.eager_stream(fx_.model.step, layout, calls, fx_.model.head_dim)
+    run = res.program.runner()
+    with torch.no_grad():
+        got = [run(list(c))[0] for c in calls]
+    return torch.stack(ref), torch.stack(got)
+
+
 def skip_meaning(fx_: Fixture, res: PassResult):
     """The sampler loop over the eager model with the skipped blocks replaced by the identity."""
     import copy
@@ -614,6 +633,22 @@ CASES: dict[str, Case] = {
              ({"radus": 1}, "unknown option 'radus'; did you mean 'radius'"),
              ({"sequence": -1.0}, "pass 'speculative_decode': option 'sequence' must be in \\[0, inf\\]")),
         meaning=call_vs_model(lambda fx_: testing.tiny_decoder_inputs(1, 77)), rel_l2=0.0),
+    # -- streamed KV caches: the eager step over the frames each head's policy keeps ------------------
+    "kv_policy": Case(
+        streamer, {"policy": "pyramid", "head_types": [["anchor", "veil"], ["wave", "dummy"]],
+                   "types": {"anchor": {"sink": 1, "recent": 2, "middle": "strided", "middle_frames": 2,
+                                        "interval": 2}}},
+        noop={"policy": "window", "frames": 3},
+        bad=(({"policy": "window"}, "policy 'window' needs option 'frames'"),
+             ({"policy": "sink_window", "frames": 1}, "leaves no room for a window after 1 sink frame"),
+             ({"policy": "pyramid", "head_types": [["anchor", "wave"]]}, "must be a \\[layers\\]\\[heads\\] "
+                                                                          "table: 2 rows of 2"),
+             ({"head_types": [["anchor", "ankor"], ["wave", "veil"]]}, "unknown type\\(s\\) \\['ankor'\\]"),
+             ({"head_types": None}, "run analysis 'head_types' before it"),
+             ({"policy": "table", "policies": [[{"sink": 1, "middle": "merged"}] * 2] * 2},
+              "middle 'merged' needs middle_frames >= 1"),
+             ({"polcy": "window"}, "unknown option 'polcy'; did you mean 'policy'")),
+        meaning=stream_meaning, rel_l2=1e-6),
     # -- plan call fusion: lossless ------------------------------------------------------------------
     "fuse_calls": Case(
         denoiser, noop={}, noop_fixture=dit,

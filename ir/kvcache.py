@@ -1,0 +1,319 @@
+"""Fixed-capacity KV caches of whole frames, kept per layer and head by a policy.
+
+A streaming generator (ir/stream.py) attends to the keys and values of earlier
+frames. Keeping every frame grows memory and time without bound; which frames a
+head keeps is its `HeadPolicy`, built from the primitives of Pyramid Forcing and
+Dummy Forcing (METHODS.md, "KV-cache policies for streaming generation"):
+
+    sink      the first `sink` frames of the stream, kept for good
+    recent    a ring of the last `recent` frames
+    middle    what to keep of a frame leaving the recent ring (`middle_frames` slots):
+              none      nothing (sink + recent is StreamingLLM; recent alone a sliding window)
+              strided   every `interval`-th frame leaving the ring, the latest `middle_frames` of them
+              periodic  one frame per period of `interval` frames, the one at `phase` within it
+                        (a Wave head's period; its latest `middle_frames` periods)
+              merged    `interval` consecutive leaving frames averaged into one slot (K, V and
+                        frame position alike), the latest `middle_frames` such slots
+
+A head with no slots at all (sink = recent = 0) sees only the current frame: Dummy
+Forcing's dropped heads.
+
+Layout. Shapes stay static (ONNX Runtime, TVM): every (layer, head) has the same
+number of frame slots, F = the largest policy's frames; for one head its slots are
+
+    [0, sink) sink | [sink, sink + recent) recent ring | then middle_frames middle | padding
+
+and slot f holds the T tokens of one frame (tokens [f*T, (f+1)*T) of the cache). The
+state is the cache [L, 2, B, H, F*T, Dh], each token slot's frame position
+[L, H, F*T] (float) and validity [L, H, F*T] (bool), and the frames appended so far
+[1] (int64). A step model reads the positions and validity per layer and head and
+masks what is not valid; padding is never valid.
+
+`KVInit` (empty state) and `KVAppend` (one frame in) are plain torch modules: the
+append computes every slot's new content as alpha*old + beta*evicted + gamma*new from
+the frame count with integer arithmetic, so it exports to one static graph that runs
+in the Executor without torch. `KVReference` is an independent eager emulation (frame
+lists) the tests hold the graph to.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import OptionError
+
+MIDDLE_KINDS = ("none", "strided", "periodic", "merged")
+
+
+@dataclass(frozen=True)
+class HeadPolicy:
+    """What one head keeps of the stream (see the module doc)."""
+
+    sink: int = 0
+    recent: int = 0
+    middle: str = "none"
+    middle_frames: int = 0
+    interval: int = 1       # strided: keep every interval-th leaving frame; periodic: the period; merged: frames per slot
+    phase: int = 0          # periodic: the frame of each period that is kept (0 .. interval-1)
+
+    def __post_init__(self):
+        for f in ("sink", "recent", "middle_frames", "interval", "phase"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise OptionError(f"KV head policy: {f} must be an integer >= 0, got {v!r}")
+        if self.middle not in MIDDLE_KINDS:
+            raise OptionError(f"KV head policy: middle must be one of {list(MIDDLE_KINDS)}, got {self.middle!r}")
+        if self.interval < 1:
+            raise OptionError(f"KV head policy: interval must be >= 1, got {self.interval}")
+        if self.middle != "none" and self.middle_frames < 1:
+            raise OptionError(f"KV head policy: middle {self.middle!r} needs middle_frames >= 1")
+        if self.middle == "none" and self.middle_frames:
+            raise OptionError("KV head policy: middle_frames is set but middle is 'none'")
+        if self.middle != "none" and self.recent < 1:
+            raise OptionError(f"KV head policy: middle {self.middle!r} keeps frames leaving the recent ring; "
+                              "it needs recent >= 1")
+        if self.middle == "periodic" and self.phase >= self.interval:
+            raise OptionError(f"KV head policy: phase {self.phase} must be below the period {self.interval}")
+
+    @property
+    def frames(self) -> int:
+        """Frame slots this head uses."""
+        return self.sink + self.recent + self.middle_frames
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "HeadPolicy":
+        unknown = set(d) - {"sink", "recent", "middle", "middle_frames", "interval", "phase"}
+        if unknown:
+            raise OptionError(f"KV head policy: unknown field(s) {sorted(unknown)}; known: sink, recent, middle, "
+                              "middle_frames, interval, phase")
+        return HeadPolicy(**dict(d))
+
+    @staticmethod
+    def window(frames: int) -> "HeadPolicy":
+        """The last `frames` frames (a FIFO; a full cache of that capacity)."""
+        return HeadPolicy(recent=frames)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """A policy per (layer, head), and the tokens per frame."""
+
+    policies: tuple[tuple[HeadPolicy, ...], ...]     # [layer][head]
+    tokens_per_frame: int
+
+    def __post_init__(self):
+        if not self.policies or not self.policies[0] or len({len(r) for r in self.policies}) != 1:
+            raise OptionError("KV layout: give one policy per layer and head (a non-empty [layers][heads] table)")
+        if self.tokens_per_frame < 1:
+            raise OptionError(f"KV layout: tokens_per_frame must be >= 1, got {self.tokens_per_frame}")
+
+    @staticmethod
+    def uniform(policy: HeadPolicy, layers: int, heads: int, tokens_per_frame: int) -> "KVLayout":
+        return KVLayout(tuple(tuple(policy for _ in range(heads)) for _ in range(layers)), tokens_per_frame)
+
+    @property
+    def layers(self) -> int:
+        return len(self.policies)
+
+    @property
+    def heads(self) -> int:
+        return len(self.policies[0])
+
+    @property
+    def frames(self) -> int:
+        """Frame slots per (layer, head): the largest policy's (at least 1, so shapes are never empty)."""
+        return max(1, max(p.frames for row in self.policies for p in row))
+
+    @property
+    def capacity(self) -> int:
+        """Token slots per (layer, head)."""
+        return self.frames * self.tokens_per_frame
+
+    def kept_frames(self) -> float:
+        """Mean frame slots in use per (layer, head) (the memory a policy holds, padding excluded)."""
+        n = [p.frames for row in self.policies for p in row]
+        return sum(n) / len(n)
+
+    def to_json(self) -> dict:
+        return {"tokens_per_frame": self.tokens_per_frame,
+                "policies": [[p.to_json() for p in row] for row in self.policies]}
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "KVLayout":
+        return KVLayout(tuple(tuple(HeadPolicy.from_json(p) for p in row) for row in d["policies"]),
+                        int(d["tokens_per_frame"]))
+
+    def table(self, field: str) -> torch.Tensor:
+        """[L, H] int64 of one policy field (the middle kind as its index in MIDDLE_KINDS)."""
+        get = (lambda p: MIDDLE_KINDS.index(p.middle)) if field == "middle" else (lambda p: getattr(p, field))
+        return torch.tensor([[get(p) for p in row] for row in self.policies], dtype=torch.int64)
+
+
+def state_shapes(layout: KVLayout, batch: int | str, head_dim: int) -> dict[str, tuple]:
+    """name -> shape of the four state tensors (cache, pos, valid, count)."""
+    c = layout.capacity
+    return {"cache": (layout.layers, 2, batch, layout.heads, c, head_dim), "pos": (layout.layers, layout.heads, c),
+            "valid": (layout.layers, layout.heads, c), "count": (1,)}
+
+
+class KVInit(torch.nn.Module):
+    """x (its batch size) -> the empty state: (cache zeros, pos zeros, valid False, count 0)."""
+
+    def __init__(self, layout: KVLayout, head_dim: int):
+        super().__init__()
+        self.layers, self.heads, self.capacity, self.head_dim = layout.layers, layout.heads, layout.capacity, head_dim
+
+    def forward(self, x: torch.Tensor):
+        b = x.shape[0]
+        return (torch.zeros(self.layers, 2, b, self.heads, self.capacity, self.head_dim, dtype=x.dtype,
+                            device=x.device),
+                torch.zeros(self.layers, self.heads, self.capacity, device=x.device),
+                torch.zeros(self.layers, self.heads, self.capacity, dtype=torch.bool, device=x.device),
+                torch.zeros(1, dtype=torch.int64, device=x.device))
+
+
+class KVAppend(torch.nn.Module):
+    """(cache, pos, valid, count, new_kv [L, 2, B, H, T, Dh], frame_pos [1]) -> the state with the
+    frame appended by each head's policy (see the module doc)."""
+
+    def __init__(self, layout: KVLayout):
+        super().__init__()
+        self.L, self.H, self.F, self.T = layout.layers, layout.heads, layout.frames, layout.tokens_per_frame
+        for f in ("sink", "recent", "middle", "middle_frames", "interval", "phase"):
+            self.register_buffer(f"_{f}", layout.table(f), persistent=False)
+        self.register_buffer("_slots", torch.arange(self.F, dtype=torch.int64), persistent=False)
+
+    def coefficients(self, count: torch.Tensor):
+        """(alpha, beta, gamma, evicted) [L, H, F] float for the frame number count[0] (0-based):
+        new slot = alpha*old + beta*evicted frame + gamma*new frame; evicted: one-hot of the
+        recent slot whose frame leaves the ring."""
+        n = count.reshape(1, 1)
+        S, R, M, K = self._sink, self._recent, self._middle_frames, self._interval
+        kind, phase = self._middle, self._phase
+
+        def onehot(slot: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return (self._slots == slot[..., None]) & cond[..., None]
+
+        nn_ = n.expand(self.L, self.H)
+        into_sink = nn_ < S
+        into_recent = (nn_ >= S) & (R > 0)
+        rslot = S + torch.remainder(nn_ - S, R.clamp(min=1))
+        evict = into_recent & (nn_ - S >= R)
+        j = nn_ - S - R                                  # the leaving frame's index past the sink
+        k = K.clamp(min=1)
+        grp, ph = torch.div(j, k, rounding_mode="floor"), torch.remainder(j, k)
+        mslot = S + R + torch.remainder(grp, M.clamp(min=1))
+        mid = evict & (M > 0)
+        strided, periodic, merged = kind == 1, kind == 2, kind == 3
+        replace = mid & ((strided & (ph == 0)) | (periodic & (ph == phase)) | (merged & (ph == 0)))
+        merge = mid & merged & (ph > 0)
+        w_new = (onehot(nn_, into_sink) | onehot(rslot, into_recent)).float()
+        share = 1.0 / (ph.float() + 1.0)                 # a merged slot's share of the c-th frame: 1 / (c + 1)
+        beta = onehot(mslot, replace).float() + onehot(mslot, merge).float() * share[..., None]
+        alpha = 1.0 - w_new - beta
+        return alpha, beta, w_new, onehot(rslot, evict).float()
+
+    def forward(self, cache: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+                new_kv: torch.Tensor, frame_pos: torch.Tensor):
+        L, H, F, T = self.L, self.H, self.F, self.T
+        alpha, beta, gamma, ev = self.coefficients(count)
+        b, dh = cache.shape[2], cache.shape[5]
+        old = cache.reshape(L, 2, b, H, F, T, dh)
+
+        def c7(c: torch.Tensor) -> torch.Tensor:
+            return c.to(cache.dtype).reshape(L, 1, 1, H, F, 1, 1)
+        evicted = (old * c7(ev)).sum(4, keepdim=True)
+        new = new_kv.reshape(L, 2, b, H, 1, T, dh)
+        cache = (c7(alpha) * old + c7(beta) * evicted + c7(gamma) * new).reshape(L, 2, b, H, F * T, dh)
+        pf = pos.reshape(L, H, F, T)[..., 0]
+        pf = alpha * pf + beta * (pf * ev).sum(-1, keepdim=True) + gamma * frame_pos.reshape(1, 1, 1)
+        vf = valid.reshape(L, H, F, T)[..., 0] | (gamma > 0) | (beta > 0)
+        pos = pf[..., None].expand(L, H, F, T).reshape(L, H, F * T)
+        valid = vf[..., None].expand(L, H, F, T).reshape(L, H, F * T)
+        return cache, pos, valid, count + 1
+
+
+class KVReference:
+    """The same policies as frame lists, eagerly (what the tests hold KVAppend to).
+
+    Per (layer, head) it keeps a dict slot -> (frame position, K/V [2, B, T, Dh], merged count)."""
+
+    def __init__(self, layout: KVLayout):
+        self.layout = layout
+        self.n = 0
+        self.slots: list[list[dict[int, list]]] = [[{} for _ in range(layout.heads)] for _ in range(layout.layers)]
+
+    def append(self, new_kv: torch.Tensor, frame_pos: float) -> None:
+        """new_kv [L, 2, B, H, T, Dh]"""
+        n = self.n
+        for li, row in enumerate(self.layout.policies):
+            for hi, p in enumerate(row):
+                slots = self.slots[li][hi]
+                kv = new_kv[li, :, :, hi].clone()
+                if n < p.sink:
+                    slots[n] = [float(frame_pos), kv, 1]
+                    continue
+                if p.recent == 0:
+                    continue                                    # past the sink, a head without a ring keeps nothing
+                r = p.sink + (n - p.sink) % p.recent
+                leaving = slots.get(r) if n - p.sink >= p.recent else None
+                slots[r] = [float(frame_pos), kv, 1]
+                if leaving is None or p.middle == "none":
+                    continue
+                j = n - p.sink - p.recent                       # the leaving frame's index past the sink
+                g, ph = divmod(j, p.interval)
+                m = p.sink + p.recent + g % p.middle_frames
+                if p.middle in ("strided", "merged") and ph == 0 or p.middle == "periodic" and ph == p.phase:
+                    slots[m] = [leaving[0], leaving[1], 1]
+                elif p.middle == "merged":
+                    pos, kv_m, c = slots[m]
+                    slots[m] = [(pos * c + leaving[0]) / (c + 1), (kv_m * c + leaving[1]) / (c + 1), c + 1]
+        self.n += 1
+
+    def frames_kept(self, layer: int, head: int) -> list[float]:
+        """The frame positions one head holds, by slot."""
+        return [self.slots[layer][head][s][0] for s in sorted(self.slots[layer][head])]
+
+    def state(self, batch: int, head_dim: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cache, pos, valid) in KVAppend's layout."""
+        lay, T = self.layout, self.layout.tokens_per_frame
+        cache = torch.zeros(lay.layers, 2, batch, lay.heads, lay.capacity, head_dim, dtype=dtype)
+        pos = torch.zeros(lay.layers, lay.heads, lay.capacity)
+        valid = torch.zeros(lay.layers, lay.heads, lay.capacity, dtype=torch.bool)
+        for li in range(lay.layers):
+            for hi in range(lay.heads):
+                for s, (p, kv, _) in self.slots[li][hi].items():
+                    cache[li, :, :, hi, s * T:(s + 1) * T] = kv
+                    pos[li, hi, s * T:(s + 1) * T] = p
+                    valid[li, hi, s * T:(s + 1) * T] = True
+        return cache, pos, valid
+
+
+def uniform_policy(name: str, frames: int, sink: int = 1) -> HeadPolicy:
+    """The uniform baselines at a budget of `frames`: `window` (the last frames), `sink_window`
+    (StreamingLLM: `sink` first frames + the last ones)."""
+    if name == "window":
+        return HeadPolicy.window(frames)
+    if name == "sink_window":
+        if frames <= sink:
+            raise OptionError(f"sink_window: a budget of {frames} frame(s) leaves no room for a window after "
+                              f"{sink} sink frame(s)")
+        return HeadPolicy(sink=sink, recent=frames - sink)
+    raise OptionError(f"unknown uniform KV policy {name!r}; known: window, sink_window")
+
+
+def layout_from(policies: Sequence[Sequence[HeadPolicy]] | HeadPolicy, layers: int, heads: int,
+                tokens_per_frame: int) -> KVLayout:
+    """A KVLayout from one policy for every head or a [layers][heads] table (checked against the model)."""
+    if isinstance(policies, HeadPolicy):
+        return KVLayout.uniform(policies, layers, heads, tokens_per_frame)
+    lay = KVLayout(tuple(tuple(r) for r in policies), tokens_per_frame)
+    if (lay.layers, lay.heads) != (layers, heads):
+        raise OptionError(f"KV layout: a {lay.layers}x{lay.heads} policy table for a model with {layers} layers "
+                          f"and {heads} heads")
+    return lay

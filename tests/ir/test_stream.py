@@ -1,0 +1,106 @@
+"""ir/stream.py: a Streamer captured with its KV cache as state of the Plan. The program over a
+stream of calls against the eager Streamer and against an eager step fed frame lists; the
+plan's structure; requests; the artifact streaming torch-free; errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pared import testing
+from pared.ir.capture import capture
+from pared.ir.errors import CaptureError
+from pared.ir.kvcache import HeadPolicy, KVLayout
+from pared.ir.plan import Bins, Call, Select, Table
+from pared.ir.stream import APPEND, INIT, STEP, KVStream, Streamer
+
+
+@pytest.fixture(scope="module")
+def captured():
+    m, ex = testing.tiny_streamer()
+    return m, capture(m, ex)
+
+
+def test_plan_keeps_the_cache_as_state_and_appends_on_request(captured):
+    m, prog = captured
+    assert set(prog.graphs) == {STEP, INIT, APPEND}
+    assert prog.plan.inputs == ("x", "frame_pos", "append")
+    assert {s.name: s.shape for s in prog.plan.state} == {
+        "kv.cache": (2, 2, 2, 2, 12, 8), "kv.pos": (2, 2, 12), "kv.valid": (2, 2, 12), "kv.count": (1,)}
+    first, step, last = prog.plan.body.nodes
+    assert isinstance(first, Select) and isinstance(first.selector, Table) and first.case("init").graph == INIT
+    assert isinstance(step, Call) and step.inputs[-3:] == ("state:kv.cache", "state:kv.pos", "state:kv.valid")
+    assert isinstance(last.selector, Bins) and last.selector.input == "in:append"
+    assert last.case("append").outputs == ("state:kv.cache", "state:kv.pos", "state:kv.valid", "state:kv.count")
+    rec = prog.records["KVStream"]
+    assert isinstance(rec, KVStream) and rec.dynamic_capacity and rec.frame_pos == "frame_pos"
+    assert rec.kv_layout() == m.layout
+    # the step graph reads any capacity: its cache input's token dimension is a symbol
+    dims = dict(zip(prog.graphs[STEP].input_names, prog.graphs[STEP].dynamic_dims))
+    assert [d for d, _ in dims["kv_cache"]] == [4] and [d for d, _ in dims["cache_pos"]] == [2]
+
+
+def test_stream_through_the_plan_equals_eager_and_frame_lists(captured):
+    m, prog = captured
+    calls = testing.tiny_stream_calls(10, reads=2)
+    run = prog.runner()
+    m.reset()
+    with torch.no_grad():
+        got = [run(list(c))[0] for c in calls]
+        eager = [m(*c) for c in calls]
+    ref = testing.eager_stream(m.step, m.layout, calls, m.head_dim)
+    for i, (g, e, r) in enumerate(zip(got, eager, ref)):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6, msg=f"call {i}")
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6, msg=f"call {i}")
+    assert run.trace[:4] == ["init/keep", "go/keep", "go/append", "go/keep"]
+    # past 3 frames the window forgets: the same frame after a full cache differs
+    full = testing.eager_stream(m.step, KVLayout.uniform(HeadPolicy.window(10), 2, 2, 4), calls, m.head_dim)
+    assert torch.allclose(full[8], ref[8]) and not torch.allclose(full[-1], ref[-1], atol=1e-4)
+
+
+def test_a_new_stream_starts_at_reset_or_an_earlier_frame(captured):
+    m, _ = captured
+    calls = testing.tiny_stream_calls(4)
+    with torch.no_grad():
+        m.reset()
+        a = [m(*c) for c in calls]
+        b = [m(*c) for c in calls]            # frame 0 again, after frame 3 was appended: a new stream
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_artifact_streams_torch_free(tmp_path):
+    from pared.registry import get_pass
+    from pared.ir.transform import PassContext
+    from pared.targets import get_target
+    m, ex = testing.tiny_streamer()
+    prog = get_pass("kv_policy")(policy="pyramid", head_types=[["anchor", "wave"], ["veil", "dummy"]])(
+        capture(m, ex), PassContext()).program
+    path = testing.save_program(prog, str(tmp_path / "art"), get_target("cpu").to_json())
+    calls = testing.tiny_stream_calls(24)
+    np.savez(tmp_path / "calls.npz", **{f"{i}_{j}": a.numpy() for i, c in enumerate(calls) for j, a in enumerate(c)})
+    out = testing.run_torch_free(f"""
+        import json, numpy as np, pared
+        ex = pared.load({path!r})
+        d = np.load({str(tmp_path / 'calls.npz')!r})
+        outs = [ex(d[f"{{i}}_0"], d[f"{{i}}_1"], d[f"{{i}}_2"]) for i in range({len(calls)})]
+        np.save({str(tmp_path / 'got.npy')!r}, np.stack(outs))
+        print(json.dumps(ex.trace[:3]))
+    """)
+    assert json.loads(out.strip().splitlines()[-1]) == ["init/keep", "go/append", "go/keep"]
+    layout = prog.records["KVStream"].kv_layout()
+    ref = torch.stack(testing.eager_stream(m.step, layout, calls, m.head_dim)).numpy()
+    got = np.load(tmp_path / "got.npy")
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_capture_errors_name_what_is_wrong():
+    m, ex = testing.tiny_streamer()
+    with pytest.raises(CaptureError, match="then `append`"):
+        capture(m, ex[:1])
+    bad = Streamer(m.step, layers=3, heads=2, head_dim=8, tokens_per_frame=4, capacity_frames=2)
+    with pytest.raises(CaptureError, match=r"new_kv\) has shape \(2, 2, 2, 2, 4, 8\); the declared cache needs "
+                                           r"\(3, 2, 2, 2, 4, 8\)"):
+        capture(bad, ex)
+    with pytest.raises(ValueError, match="give capacity_frames >= 1"):
+        Streamer(m.step, layers=2, heads=2, head_dim=8, tokens_per_frame=4)
