@@ -12,6 +12,7 @@ from __future__ import annotations
 import pared.analysis.activation_sparsity  # noqa: F401  (each import registers the passes it defines)
 import pared.analysis.attention_entropy  # noqa: F401
 import pared.analysis.cost  # noqa: F401
+import pared.analysis.head_types  # noqa: F401
 import pared.analysis.latency  # noqa: F401
 import pared.analysis.layer_redundancy  # noqa: F401
 import pared.analysis.quant_sensitivity  # noqa: F401

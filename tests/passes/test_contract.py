@@ -251,6 +251,10 @@ def block_cache_meaning(fx_: Fixture, res: PassResult):
     return testing.eager_block_cache(fx_.model, held, dict(zip(rec.blocks, rec.updates))), res.program(*held)
 
 
+def stream_ctx(fx_: Fixture, program: Program) -> PassContext:
+    return PassContext(calibration=testing.tiny_stream_calls(8))
+
+
 def images_ctx(fx_: Fixture, program: Program) -> PassContext:
     """Two calls of held-out 8x8 images for TinyViT."""
     g = torch.Generator().manual_seed(1)
@@ -684,6 +688,11 @@ CASES: dict[str, Case] = {
         bad=(({"local_threshold": 0.9, "global_threshold": 0.5}, "'local_threshold' \\(0.9\\) must not exceed"),
              ({"query_groups": [["cls", 2, 1]]}, "option 'query_groups' takes \\(name, start, stop\\)"),
              ({"graphs": ["nope"]}, "pass 'attention_entropy' option 'graphs': no graph 'nope'"))),
+    "head_types": Case(
+        streamer, {"recent": 1, "min_frames": 3, "dummy_share": 0.25}, stream_ctx,
+        bad=(({"min_frames": 2}, "option 'min_frames' \\(2\\) must exceed first_frames \\+ recent \\(2\\)"),
+             ({"query_share": 0.0}, "option 'query_share' must be in \\(0, 1\\]"),
+             ({"wave_mn": 0.3}, "unknown option 'wave_mn'; did you mean 'wave_min'"))),
     "token_importance": Case(
         vla, {"query_groups": [["text", 0, 4]]}, vla_ctx,
         bad=(({"keep_fraction": 0.0}, "pass 'token_importance': option 'keep_fraction' must be in \\(0, 1\\]"),
