@@ -147,26 +147,37 @@ class KVPolicy(RewritePass):
         old = rec.kv_layout()
         if new == old:
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
-        if not rec.dynamic_capacity and new.capacity != old.capacity:
-            raise PassError(f"pass '{NAME}': the step graph was captured with a static cache of {old.frames} "
-                            f"frame(s) (it did not export with a dynamic capacity), and this policy needs "
-                            f"{new.frames}; capture the Streamer with a layout of {new.frames} frames")
-        init, append = program.graphs[rec.init], program.graphs[rec.append]
-        x_ex = init.example_inputs[0]
-        new_kv_ex, fp_ex = append.example_inputs[4], append.example_inputs[5]
-        batch_dyn = bool(init.dynamic_dims and init.dynamic_dims[0])
-        batch_dim = torch.export.Dim("batch", min=1, max=4096) if batch_dyn else None
-        graphs = dict(program.graphs)
-        graphs.update(cache_graphs(new, rec.head_dim, x_ex, new_kv_ex, fp_ex, batch_dim))
-        plan = program.plan
-        cache_decl = next(s for s in plan.state if s.name == STATES[0])
-        keep = tuple(s for s in plan.state if s.name not in STATES)
-        decl = state_declarations(new, cache_decl.shape[2], rec.head_dim, cache_decl.dtype)
-        plan = dataclasses.replace(plan, state=keep + decl)
-        new_rec = dataclasses.replace(rec, layout=new.to_json(), policy=self.options.policy)
-        out = program.replace(graphs=graphs, plan=plan).with_record(new_rec)
+        out = with_layout(program, rec, new, self.options.policy)
         stats = {"frames_per_head": new.frames, "kept_frames_mean": round(new.kept_frames(), 3),
                  "capacity_tokens": new.capacity, "was_frames": old.frames}
         ctx.log.info("%s: %s, %d frame slot(s) per head (mean kept %.2f), was %d", NAME, self.options.policy,
                      new.frames, new.kept_frames(), old.frames)
         return PassResult(out, modified=True, stats=stats)
+
+
+def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who: str = NAME) -> Program:
+    """`program` with the cache kept by layout `new`: kv.init and kv.append captured for it, the
+    kv.* state declarations of its capacity, the KVStream record updated (policy: its name).
+
+    Raises:
+        PassError: when the step graph takes only its captured capacity and `new` needs another.
+    """
+    old = rec.kv_layout()
+    if not rec.dynamic_capacity and new.capacity != old.capacity:
+        raise PassError(f"pass '{who}': the step graph was captured with a static cache of {old.frames} frame(s) (it did not "
+                        f"export with a dynamic capacity), and this layout needs {new.frames}; capture the "
+                        f"Streamer with a layout of {new.frames} frames")
+    init, append = program.graphs[rec.init], program.graphs[rec.append]
+    x_ex = init.example_inputs[0]
+    new_kv_ex, fp_ex = append.example_inputs[4], append.example_inputs[5]
+    batch_dyn = bool(init.dynamic_dims and init.dynamic_dims[0])
+    batch_dim = torch.export.Dim("batch", min=1, max=4096) if batch_dyn else None
+    graphs = dict(program.graphs)
+    graphs.update(cache_graphs(new, rec.head_dim, x_ex, new_kv_ex, fp_ex, batch_dim))
+    plan = program.plan
+    cache_decl = next(s for s in plan.state if s.name == STATES[0])
+    keep = tuple(s for s in plan.state if s.name not in STATES)
+    decl = state_declarations(new, cache_decl.shape[2], rec.head_dim, cache_decl.dtype)
+    plan = dataclasses.replace(plan, state=keep + decl)
+    return program.replace(graphs=graphs, plan=plan).with_record(
+        dataclasses.replace(rec, layout=new.to_json(), policy=policy))

@@ -112,3 +112,25 @@ def test_errors_say_what_is_missing():
         get_pass("head_types")()(capture(dit, inputs), PassContext(calibration=[inputs]))
     with pytest.raises(OptionError, match="must exceed first_frames \\+ recent"):
         get_pass("head_types")(min_frames=3)
+
+
+def test_kv_drop_drops_the_lowest_cost_heads_and_their_attention_work(analysed):
+    rec, calls = analysed
+    m = Streamer(PatternStep(), layers=1, heads=4, head_dim=2, tokens_per_frame=T, capacity_frames=16)
+    prog = capture(m, calls[0]).with_record(rec)
+    res = get_pass("kv_drop")(share=0.25)(prog, PassContext())
+    dec = res.program.records["KVDropDecisions"]
+    assert dec.heads == ((0, 3),) and dec.costs == (pytest.approx(0.0, abs=1e-6),)
+    # head 3 computes over its own T tokens instead of 16 frames + its own: 1/17 of its work
+    assert dec.attention_flops_after / dec.attention_flops_before == pytest.approx((3 * 17 + 1) / (4 * 17))
+    lay = res.program.records["KVStream"].kv_layout()
+    assert lay.policies[0][3].frames == 0 and lay.policies[0][0].frames == 16
+    run = res.program.runner()
+    ref = testing.eager_stream(m.step, lay, calls, 2)
+    with torch.no_grad():
+        for i, c in enumerate(calls):
+            torch.testing.assert_close(run(list(c))[0], ref[i], atol=1e-6, rtol=1e-6)
+    # the dropped head's scores are [.., T queries, T keys]: one matmul of the rewritten site has T keys
+    gm = res.program.graphs["step"].module
+    made = [n for n in gm.graph.nodes if n.meta.get("pared.ir.created_by") == "kv_drop"]
+    assert any(n.target == torch.ops.aten.slice.Tensor and n.args[2] == -T for n in made)

@@ -653,6 +653,14 @@ CASES: dict[str, Case] = {
               "middle 'merged' needs middle_frames >= 1"),
              ({"polcy": "window"}, "unknown option 'polcy'; did you mean 'policy'")),
         meaning=stream_meaning, rel_l2=1e-6),
+    "kv_drop": Case(
+        streamer, {"heads": [[0, 1], [1, 0]]}, noop={"heads": []},
+        bad=(({"share": 1.5}, "pass 'kv_drop': option 'share' must be in \\[0, 1\\]"),
+             ({"heads": [[0]]}, "option 'heads' takes \\[layer, head\\] pairs"),
+             ({"heads": [[5, 0]]}, "names \\[5, 0\\]; the step has 2 layers of 2 heads"),
+             ({"heads": None}, "run analysis 'head_types' before it, or give option 'heads'"),
+             ({"shares": 0.2}, "unknown option 'shares'; did you mean 'share'")),
+        meaning=stream_meaning, rel_l2=1e-6),
     # -- plan call fusion: lossless ------------------------------------------------------------------
     "fuse_calls": Case(
         denoiser, noop={}, noop_fixture=dit,

@@ -1,0 +1,224 @@
+"""Dummy Forcing's head dropping for streamed generation: the heads that barely use the history
+keep only the current frame, and stop computing attention over the cache.
+
+Which heads: the `share` of all (layer, head) pairs with the lowest Dummy Forcing cost
+max(p_first, p_mid) of the HeadTypes record (analysis/head_types.py, on the calibration
+stream; Dummy Forcing drops 180 of Wan-1.3B's 360), or the pairs option `heads` names.
+
+Before: every head of the step attends to its cache slots and the frame's own tokens:
+    P_h = softmax(scale · q_h [K_cache ; K_own]_hᵀ + bias_h),  out_h = P_h [V_cache ; V_own]_h
+After, for a dropped head h (its cache policy becomes "nothing": ir/kvcache.HeadPolicy()):
+    out_h = softmax(scale · q_h K_own,hᵀ + bias_h[own]) V_own,h
+    the score and value matmuls cover the T own tokens instead of C + T; the other heads
+    compute what they did (their policy unchanged). The graph splits each rewritten attention
+    site into a kept-head and a dropped-head group (slices of the head axis, no gather), and
+    puts the heads back in order.
+Since a dropped head's cache slots are never valid, its masked keys had exactly zero weight
+(exp underflows for the -1e4 bias in fp32): the rewrite computes the same numbers as the
+masked dense step, with fewer FLOPs. The memory of the cache shrinks only when the largest
+remaining policy is smaller (the state keeps one capacity for every head).
+
+Reads: the KVStream record; HeadTypes (unless `heads` is given). Writes: the step graph (each
+attention site with a dropped head rewritten; `pared.ir.created_by = kv_drop`), kv.init,
+kv.append and the state declarations (the new layout), the KVStream record, a KVDropDecisions
+record (the heads, their costs, the attention FLOPs per frame before and after).
+Invariant: the same outputs as the dense step with the dropped heads' slots invalid (tests:
+against eager frame lists, pared.testing.eager_stream).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from pared.analysis.attention_entropy import find_attention
+from pared.ir import meta
+from pared.ir.errors import OptionError, PassError
+from pared.ir.kvcache import HeadPolicy, KVLayout
+from pared.ir.program import Program
+from pared.ir.records import Record
+from pared.ir.rewrite import eliminate_dead_code
+from pared.ir.stream import KVStream
+from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.kv.kv_policy import with_layout
+from pared.passes.sparsity.sparse_attention import attention_site
+
+NAME = "kv_drop"
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class KVDropDecisions(Record):
+    """The heads kv_drop dropped ([layer, head] pairs), their Dummy Forcing cost (None where
+    named by option), and the step's attention FLOPs per call over a cache of `frames` frames
+    before and after."""
+
+    heads: tuple[tuple[int, int], ...]
+    costs: tuple[float | None, ...]
+    frames: int
+    attention_flops_before: int
+    attention_flops_after: int
+    sites_rewritten: int
+
+
+def _runs(hs: list[int]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for h in hs:
+        if out and out[-1][1] == h:
+            out[-1][1] = h + 1
+        else:
+            out.append([h, h + 1])
+    return [(a, b) for a, b in out]
+
+
+@register_pass(NAME)
+class KVDrop(RewritePass):
+    """Drop the history of the heads that barely use it (see module docstring)."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Options:
+        share: float = 0.5                      # of all (layer, head) pairs, lowest cost first
+        heads: list | tuple | None = None       # [[layer, head], ...] instead of the share
+
+        def __post_init__(self):
+            check_range(NAME, "share", self.share, lo=0, hi=1)
+            if self.heads is not None:
+                for p in self.heads:
+                    if (not isinstance(p, (list, tuple)) or len(p) != 2
+                            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)):
+                        raise OptionError(f"pass '{NAME}': option 'heads' takes [layer, head] pairs of indices, "
+                                          f"got {p!r}")
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        o = self.options
+        rec = program.records.get("KVStream")
+        if not isinstance(rec, KVStream):
+            raise PassError(f"pass '{NAME}' needs a streamed KV cache: wrap the one-frame step model in "
+                            "pared.ir.stream.Streamer so capture declares it (the program has no KVStream record)")
+        L, H, T = rec.layers, rec.heads, rec.tokens_per_frame
+        costs: dict[tuple[int, int], float | None] = {}
+        if o.heads is not None:
+            for li, h in o.heads:
+                if li >= L or h >= H:
+                    raise OptionError(f"pass '{NAME}': option 'heads' names [{li}, {h}]; the step has {L} layers of "
+                                      f"{H} heads")
+                costs[(li, h)] = None
+        else:
+            types = program.records.get("HeadTypes")
+            if types is None:
+                raise OptionError(f"pass '{NAME}': which heads to drop comes from each head's Dummy Forcing cost: run "
+                                  "analysis 'head_types' before it, or give option 'heads'")
+            flat = sorted(((types.dummy_cost[li][h], li, h) for li in range(L) for h in range(H)))
+            for c, li, h in flat[:int(o.share * L * H + 1e-9)]:
+                costs[(li, h)] = c
+        old = rec.kv_layout()
+        dropped = {k for k in costs if old.policies[k[0]][k[1]].frames > 0}
+        if not dropped:
+            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"dropped_heads": 0})
+        new = KVLayout(tuple(tuple(HeadPolicy() if (li, h) in dropped else p for h, p in enumerate(row))
+                             for li, row in enumerate(old.policies)), T)
+        step = program.graphs[rec.step]
+        gm = step.copy_module()
+        sites = find_attention(gm)
+        softmaxes = [s.node for s in sites if s.source == "softmax"]
+        if len(softmaxes) != L:
+            raise PassError(f"pass '{NAME}': the step graph {rec.step!r} has {len(softmaxes)} decomposed attention "
+                            f"site(s) (softmax between two batched matmuls) for {L} layers")
+        before = after = 0
+        rewritten = 0
+        frames = new.frames
+        for li, sm in enumerate(softmaxes):
+            hs = sorted(h for (l2, h) in dropped if l2 == li)
+            att = attention_site(gm, sm, rec.step, f"layer {li}", who=NAME)
+            if att.heads != H:
+                raise PassError(f"pass '{NAME}': attention of layer {li} has {att.heads} heads; the cache has {H}")
+            per_key = 2 * att.batch * att.queries * (att.d + att.dv)
+            before += per_key * H * (frames * T + T)
+            after += per_key * ((H - len(hs)) * (frames * T + T) + len(hs) * T)
+            if not hs:
+                continue
+            out = _split_site(gm, att, hs, T, li)
+            att.pv.replace_all_uses_with(out)
+            rewritten += 1
+        eliminate_dead_code(gm)
+        gm.recompile()
+        program = program.with_graph(rec.step, step.with_module(gm))
+        out_prog = with_layout(program, rec, new, f"{rec.policy}+{NAME}", NAME)
+        order = sorted(dropped)
+        dec = KVDropDecisions(tuple(order), tuple(costs[k] for k in order), frames, before, after, rewritten)
+        out_prog = out_prog.with_record(dec)
+        ctx.log.info("%s: %d of %d heads keep only the current frame; attention FLOPs per call %.2fx at %d frames",
+                     NAME, len(order), L * H, after / max(before, 1), frames)
+        return PassResult(out_prog, modified=True,
+                          stats={"dropped_heads": len(order), "attention_flops_ratio": round(after / max(before, 1), 4),
+                                 "sites": rewritten})
+
+
+def _split_site(gm: fx.GraphModule, att, dropped: list[int], T: int, layer: int) -> fx.Node:
+    """Insert the two-group attention after the site's value matmul; returns its [B·H, N, dv] node."""
+    g = gm.graph
+    H, N, d, dv = att.heads, att.queries, att.d, att.dv
+    kept = [h for h in range(H) if h not in dropped]
+    end = sys.maxsize
+    created = []
+
+    def call(target, *args) -> fx.Node:
+        n = g.call_function(target, args)
+        n.meta[meta.CREATED_BY] = NAME
+        n.meta[meta.REGION] = f"layer {layer}"
+        created.append(n)
+        return n
+
+    with g.inserting_before(att.pv.next):
+        s_k = call(aten.sym_size.int, att.kt, 2)
+        q4 = call(aten.view.default, att.q, [-1, H, N, d])
+        kt4 = call(aten.view.default, att.kt, [-1, H, d, s_k])
+        v4 = call(aten.view.default, att.v, [-1, H, s_k, dv])
+        bias = att.bias
+        b_heads = None
+        if bias is not None:
+            bs = bias.meta["val"].shape
+            b_heads = bs[-3] if len(bs) >= 3 else 1
+
+        def heads(x: fx.Node, hs: list[int]) -> fx.Node:
+            parts = [call(aten.slice.Tensor, x, 1, a, b) for a, b in _runs(hs)]
+            return parts[0] if len(parts) == 1 else call(aten.cat.default, parts, 1)
+
+        def attend(hs: list[int], own_only: bool) -> fx.Node:
+            q, kt, v = heads(q4, hs), heads(kt4, hs), heads(v4, hs)
+            if own_only:
+                kt = call(aten.slice.Tensor, kt, 3, -T, end)
+                v = call(aten.slice.Tensor, v, 2, -T, end)
+            s = call(aten.matmul.default, q, kt)
+            if att.scale != 1.0:
+                s = call(aten.mul.Tensor, s, att.scale)
+            if bias is not None:
+                b = bias
+                if len(bias.meta["val"].shape) == 4 and b_heads == H:
+                    b = heads(b, hs)
+                if own_only:
+                    b = call(aten.slice.Tensor, b, -1, -T, end)
+                s = call(aten.add.Tensor, s, b)
+            p = call(aten._softmax.default, s, -1, False)
+            return call(aten.matmul.default, p, v)                  # [B, h', N, dv]
+
+        dropped_out = attend(dropped, True)
+        kept_out = attend(kept, False) if kept else None
+        pos = {h: ("d", i) for i, h in enumerate(dropped)}
+        pos.update({h: ("k", i) for i, h in enumerate(kept)})
+        parts, h = [], 0
+        while h < H:
+            side, i = pos[h]
+            j = h
+            while j + 1 < H and pos[j + 1][0] == side and pos[j + 1][1] == pos[j][1] + 1:
+                j += 1
+            src = dropped_out if side == "d" else kept_out
+            parts.append(src if (j - h + 1) == (len(dropped) if side == "d" else len(kept))
+                         else call(aten.slice.Tensor, src, 1, i, i + j - h + 1))
+            h = j + 1
+        out4 = parts[0] if len(parts) == 1 else call(aten.cat.default, parts, 1)
+        out = call(aten.view.default, out4, [-1, N, dv])
+    return out
