@@ -22,8 +22,10 @@ Per layer and head, averaged over batch rows, sampled queries and counted calls:
                the largest share of the profile's (distance 1 .. max_distance, mean
                removed) spectral power at one frequency of at least 2 cycles, and its
                period in frames (a Wave head attends to every period-th frame)
-    dummy_cost max(p_first, p_mid) (Dummy Forcing): a head with a low cost barely uses
-               the history, and keeps only the current frame under kv_drop
+    dummy_cost max(p_first, p_recent + p_mid) (Dummy Forcing's max(first, middle), its middle
+               being all the history between the first frames and the current one): a head
+               with a low cost barely uses the history, and keeps only the current frame
+               under kv_drop
 
 Types (this analysis's rule; Pyramid Forcing's logit sign-rate statistics are not public
 in a form that carries over, its labels are):
@@ -221,7 +223,7 @@ class HeadTypesAnalysis(Analysis):
         prof = acc.profile / acc.n[:, None, None]
         first, recent, mid, cur = (mass[..., i] for i in range(4))
         per = np.array([[periodicity(prof[li, h, 1:]) for h in range(H)] for li in range(L)])   # [L, H, 2]
-        cost = np.maximum(first, mid)
+        cost = np.maximum(first, mid + recent)      # Dummy Forcing's middle: all history after the first frames
         far = mid / np.maximum(1.0 - cur, 1e-12)
         types = np.where(per[..., 0] >= o.wave_min, "wave", np.where(far >= o.anchor_min, "anchor", "veil"))
         n_dummy = int(math.floor(o.dummy_share * L * H + 1e-9))

@@ -617,12 +617,100 @@ class VLAWorkload(Workload):
                 "heldout_steps": int(len(b)), "episodes": int(total)}
 
 
+class VideoARWorkload(Workload):
+    """Streamed video generation (examples/video_ar): rollouts of moving-digit clips frame by
+    frame, the step's KV cache kept by a pared.ir.stream.Streamer.
+
+    The model is the Streamer with the full cache of a `frames`-frame rollout (every earlier
+    frame kept); a pipeline changes what is kept (kv_policy, kv_drop). task (timed): one
+    rollout of `batch` held-out clips (test seeds 0..batch-1), `frames` frames (2 true context
+    frames, the rest generated, `steps` DDIM steps each). run (fidelity): the rollout of `clips`
+    held-out clips, measured per frame position by examples/video_ar/quality.py for the
+    reference and the candidate: identity (the judge on each tracked digit), velocity error
+    against the physics, PSNR; means over the training length, up to 4x and 4x-8x.
+    calibration: a loop rolling out `calib_clips` training clips for `calib_frames` frames.
+    """
+
+    name = "video_ar"
+
+    def __init__(self, *, batch: int = 8, frames: int = 64, steps: int = 8, clips: int = 32,
+                 calib_clips: int = 4, calib_frames: int = 32):
+        mdl = example_module("video_ar")
+        if frames <= mdl.CONTEXT_FRAMES:
+            raise OptionError(f"video_ar: frames must exceed the {mdl.CONTEXT_FRAMES} context frames, got {frames}")
+        self.batch, self.frames, self.steps, self.clips = batch, frames, steps, clips
+        self.calib_clips, self.calib_frames = calib_clips, calib_frames
+        self.summary = (f"video_ar: {frames}-frame rollouts ({frames / mdl.TRAIN_FRAMES:g}x the training length) of "
+                        f"{batch} held-out clips, DDIM {steps} steps per frame, full KV cache of {frames} frames")
+
+    def _context(self, n: int, split: str, frames: int) -> tuple[np.ndarray, list]:
+        data, mdl = example_module("video_ar", "data.py"), example_module("video_ar")
+        clips = [data.video(i, frames, split) for i in range(n)]
+        ctx = np.stack([c.frames[:mdl.CONTEXT_FRAMES] for c in clips]) * 2 - 1
+        return ctx.astype(np.float32), clips
+
+    def build(self):
+        mdl, st = example_module("video_ar"), example_module("video_ar", "stream.py")
+        return st.streamer(mdl.build_model(), frames=self.frames)
+
+    def example_inputs(self) -> tuple:
+        return example_module("video_ar", "stream.py").example_inputs(self.batch)
+
+    def calibration(self):
+        st = example_module("video_ar", "stream.py")
+        ctx, _ = self._context(self.calib_clips, "train", self.calib_frames)
+
+        def loop(fn):
+            return st.rollout(st.torch_call(fn), ctx, self.calib_frames, steps=self.steps, seed=1)
+        return loop
+
+    def task(self, fn, reset=None):
+        st = example_module("video_ar", "stream.py")
+        if reset is not None:
+            reset()
+        ctx, _ = self._context(self.batch, "test", self.frames)
+        return st.rollout(fn, ctx, self.frames, steps=self.steps, seed=0)
+
+    def run(self, fn, reset=None):
+        st = example_module("video_ar", "stream.py")
+        outs = []
+        ctx, _ = self._context(self.clips, "test", self.frames)
+        for i in range(0, self.clips, self.batch):
+            if reset is not None:
+                reset()
+            outs.append(st.rollout(fn, ctx[i:i + self.batch], self.frames, steps=self.steps, seed=i))
+        return np.concatenate(outs)
+
+    def fidelity(self, reference, candidate):
+        q, mdl = example_module("video_ar", "quality.py"), example_module("video_ar")
+        _, clips = self._context(self.clips, "test", self.frames)
+        judge = example_module("judge").load_judge()
+        px = lambda v: (np.clip(v, -1, 1) + 1) / 2             # noqa: E731
+        ref, got = q.measure(px(reference), clips, judge), q.measure(px(candidate), clips, judge)
+        k, tr = mdl.CONTEXT_FRAMES, mdl.TRAIN_FRAMES
+        spans = {"train_length": (k, tr), "to_4x": (tr, min(self.frames, 4 * tr)),
+                 "4x_to_8x": (4 * tr, self.frames)}
+        out: dict[str, Any] = {}
+        for name, (a, b) in spans.items():
+            if b <= a:
+                continue
+            for m in ("identity", "velocity_error", "psnr_db"):
+                out[f"{m}_{name}_reference"] = round(float(np.mean(ref[m][a:b])), 4)
+                out[f"{m}_{name}_optimized"] = round(float(np.mean(got[m][a:b])), 4)
+        diff = np.abs(reference - candidate)
+        out["max_abs_diff_vs_reference"] = float(diff.max())
+        out["per_frame"] = {"reference": {m: ref[m] for m in ("identity", "velocity_error", "psnr_db")},
+                            "optimized": {m: got[m] for m in ("identity", "velocity_error", "psnr_db")}}
+        return out
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "dit_mnist": lambda **kw: DiTWorkload("dit_mnist", **kw),
     "dit_moe_mnist": lambda **kw: DiTWorkload("dit_moe_mnist", **kw),
     "vit_mnist": ViTWorkload,
     "minilm": MiniLMWorkload,
     "vla_metaworld": VLAWorkload,
+    "video_ar": VideoARWorkload,
 }
 
 

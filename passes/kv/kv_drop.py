@@ -2,7 +2,7 @@
 keep only the current frame, and stop computing attention over the cache.
 
 Which heads: the `share` of all (layer, head) pairs with the lowest Dummy Forcing cost
-max(p_first, p_mid) of the HeadTypes record (analysis/head_types.py, on the calibration
+max(p_first, p_recent + p_mid) of the HeadTypes record (analysis/head_types.py, on the calibration
 stream; Dummy Forcing drops 180 of Wan-1.3B's 360), or the pairs option `heads` names.
 
 Before: every head of the step attends to its cache slots and the frame's own tokens:
@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from pared.analysis.attention_entropy import find_attention
+from pared.analysis.head_types import HeadTypes
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.kvcache import HeadPolicy, KVLayout
@@ -152,7 +153,8 @@ class KVDrop(RewritePass):
         out_prog = out_prog.with_record(dec)
         ctx.log.info("%s: %d of %d heads keep only the current frame; attention FLOPs per call %.2fx at %d frames",
                      NAME, len(order), L * H, after / max(before, 1), frames)
-        return PassResult(out_prog, modified=True,
+        # HeadTypes stays: the statistics the choice was made from (measured on the dense step)
+        return PassResult(out_prog, modified=True, preserved=(HeadTypes,),
                           stats={"dropped_heads": len(order), "attention_flops_ratio": round(after / max(before, 1), 4),
                                  "sites": rewritten})
 

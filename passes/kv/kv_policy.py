@@ -37,6 +37,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from pared.analysis.head_types import HeadTypes
 from pared.ir.errors import OptionError, PassError
 from pared.ir.kvcache import HeadPolicy, KVLayout, uniform_policy
 from pared.ir.program import Program
@@ -152,7 +153,8 @@ class KVPolicy(RewritePass):
                  "capacity_tokens": new.capacity, "was_frames": old.frames}
         ctx.log.info("%s: %s, %d frame slot(s) per head (mean kept %.2f), was %d", NAME, self.options.policy,
                      new.frames, new.kept_frames(), old.frames)
-        return PassResult(out, modified=True, stats=stats)
+        # the step graph is untouched: the head statistics (measured over the cache before) stay
+        return PassResult(out, modified=True, preserved=(HeadTypes,), stats=stats)
 
 
 def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who: str = NAME) -> Program:
