@@ -111,8 +111,7 @@ def main() -> None:
     full = st.streamer(model, frames=a.frames)
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = capture(full, st.example_inputs(2), dynamic_shapes=({0: batch}, {0: batch}, None, None))
-    wl = get_workload("video_ar", batch=a.calib_clips, frames=a.frames, steps=a.steps,
-                      calib_clips=a.calib_clips, calib_frames=a.calib_frames)
+    wl = get_workload("video_ar", batch=a.calib_clips, frames=a.frames, steps=a.steps, calib_frames=a.calib_frames)
     opts = pipeline_options()
     print(f"head_types on {a.calib_clips} calibration rollouts of {a.calib_frames} frames", flush=True)
     ctx = PassContext(calibration=wl.calibration())

@@ -331,7 +331,7 @@ def _bench_placement(a: argparse.Namespace) -> int:
 def _bench_workload(a: argparse.Namespace) -> int:
     from pared.workloads.bench import bench_workload
     opts = {k: getattr(a, k) for k in ("samples", "steps", "batch", "head", "episodes", "tasks", "decoder", "policy",
-                                       "calibration_steps")
+                                       "calibration_steps", "frames")
             if getattr(a, k) is not None}
     say = (lambda m: None) if a.quiet else (lambda m: _console().print(f"[dim]{m}[/dim]"))
     r = bench_workload(a.workload, pipeline=a.pipeline or "default", target=a.target,
@@ -357,8 +357,17 @@ def _bench_workload(a: argparse.Namespace) -> int:
     s = r["speedup"]
     out.print(f"speedup vs eager {s['vs_eager']:.2f}x, vs backend_plain {s['vs_backend_plain']:.2f}x "
               f"(ideal from FLOPs {r['ideal_speedup']:.2f}x)")
+    fid = dict(r["fidelity"])
+    per_frame = fid.pop("per_frame", None)
     out.print("fidelity: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in r["fidelity"].items()))
+                                       for k, v in fid.items()))
+    if per_frame:           # a streamed workload: the curves per frame position, at a few positions
+        n = len(next(iter(per_frame["reference"].values())))
+        at = sorted({i for i in (2, 7, 15, 31, 47, n - 1) if i < n})
+        out.print("per frame (reference -> optimized) at frames " + ", ".join(map(str, at)) + ":")
+        for m in per_frame["reference"]:
+            out.print(f"  {m:16s} " + "  ".join(f"{per_frame['reference'][m][i]:.3g}->{per_frame['optimized'][m][i]:.3g}"
+                                                for i in at))
     if a.json:
         out.print(f"wrote {a.json}")
     return EXIT_OK
@@ -422,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time an artifact, or benchmark a reference workload side by side")
     b.add_argument("artifact", nargs="?")
     b.add_argument("--workload", help="a reference workload: dit_mnist, dit_moe_mnist, vit_mnist, minilm, "
-                                      "vla_metaworld")
+                                      "vla_metaworld, video_ar")
     b.add_argument("--placement", choices=("sweep", "served", "adapt", "dads", "trigger", "faults", "plot", "all"),
                    help="the edge/cloud placement benchmark (pared.workloads.placement): the bandwidth sweep "
                         "against the oracle with a plot, end to end and over a bandwidth trace (sweep), the adaptive "
@@ -433,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workload vla_metaworld or dit_mnist limits the sweep to one")
     b.add_argument("--pipeline", help="pipeline file for the workload (default: examples/pipelines/NAME.yaml)")
     b.add_argument("--target", help="target for the workload (default: cpu)")
-    b.add_argument("--samples", type=int, help="workload fidelity-set size (DiT samples, ViT digits)")
-    b.add_argument("--steps", type=int, help="sampler steps (DiT workloads)")
+    b.add_argument("--samples", type=int, help="workload fidelity-set size (DiT samples, ViT digits, video_ar clips)")
+    b.add_argument("--steps", type=int, help="sampler steps (DiT workloads; video_ar: DDIM steps per frame)")
+    b.add_argument("--frames", type=int, help="video_ar: rollout length in frames, context included (default 64)")
     b.add_argument("--batch", type=int, help="workload batch size (the timed task runs one batch)")
     b.add_argument("--head", choices=("diffusion", "tokens"), help="vla_metaworld: the action head")
     b.add_argument("--episodes", type=int, help="vla_metaworld: closed-loop episodes per task")

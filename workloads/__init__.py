@@ -624,22 +624,23 @@ class VideoARWorkload(Workload):
     The model is the Streamer with the full cache of a `frames`-frame rollout (every earlier
     frame kept); a pipeline changes what is kept (kv_policy, kv_drop). task (timed): one
     rollout of `batch` held-out clips (test seeds 0..batch-1), `frames` frames (2 true context
-    frames, the rest generated, `steps` DDIM steps each). run (fidelity): the rollout of `clips`
+    frames, the rest generated, `steps` DDIM steps each). run (fidelity): the rollout of `samples`
     held-out clips, measured per frame position by examples/video_ar/quality.py for the
     reference and the candidate: identity (the judge on each tracked digit), velocity error
     against the physics, PSNR; means over the training length, up to 4x and 4x-8x.
-    calibration: a loop rolling out `calib_clips` training clips for `calib_frames` frames.
+    calibration: a loop rolling out `batch` training clips for `calib_frames` frames (the batch
+    of the example inputs: the captured step's batch is static).
     """
 
     name = "video_ar"
 
-    def __init__(self, *, batch: int = 8, frames: int = 64, steps: int = 8, clips: int = 32,
-                 calib_clips: int = 4, calib_frames: int = 32):
+    def __init__(self, *, batch: int = 8, frames: int = 64, steps: int = 8, samples: int = 32,
+                 calib_frames: int = 32):
         mdl = example_module("video_ar")
         if frames <= mdl.CONTEXT_FRAMES:
             raise OptionError(f"video_ar: frames must exceed the {mdl.CONTEXT_FRAMES} context frames, got {frames}")
-        self.batch, self.frames, self.steps, self.clips = batch, frames, steps, clips
-        self.calib_clips, self.calib_frames = calib_clips, calib_frames
+        self.batch, self.frames, self.steps, self.clips = batch, frames, steps, samples
+        self.calib_frames = calib_frames
         self.summary = (f"video_ar: {frames}-frame rollouts ({frames / mdl.TRAIN_FRAMES:g}x the training length) of "
                         f"{batch} held-out clips, DDIM {steps} steps per frame, full KV cache of {frames} frames")
 
@@ -658,7 +659,7 @@ class VideoARWorkload(Workload):
 
     def calibration(self):
         st = example_module("video_ar", "stream.py")
-        ctx, _ = self._context(self.calib_clips, "train", self.calib_frames)
+        ctx, _ = self._context(self.batch, "train", self.calib_frames)
 
         def loop(fn):
             return st.rollout(st.torch_call(fn), ctx, self.calib_frames, steps=self.steps, seed=1)

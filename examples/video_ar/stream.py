@@ -106,10 +106,10 @@ def build_streamer():
 
 
 def example_inputs_stream():
-    return example_inputs(1)
+    return example_inputs(4)
 
 
 def calibration_stream():
     """A loop rolling out 4 training clips for 32 frames (what head_types calibrates on)."""
     from pared.workloads import get_workload
-    return get_workload("video_ar", batch=4, calib_clips=4, calib_frames=32).calibration()
+    return get_workload("video_ar", batch=4, calib_frames=32).calibration()

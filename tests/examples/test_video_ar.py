@@ -240,7 +240,7 @@ def test_streamed_rollout_through_the_plan_equals_the_eager_streamer(mdl):
 
 def test_video_ar_workload_runs_and_judges_per_frame():
     from pared.workloads import get_workload, torch_callable
-    wl = get_workload("video_ar", batch=2, frames=10, steps=1, clips=2, calib_clips=1, calib_frames=4)
+    wl = get_workload("video_ar", batch=2, frames=10, steps=1, samples=2, calib_frames=4)
     m = wl.build()
     out = wl.run(torch_callable(m))
     assert out.shape == (2, 10, 1, 32, 32)

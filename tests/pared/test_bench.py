@@ -86,3 +86,21 @@ def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedule
     assert r["tvm"]["tuned_vs_ort"] == pytest.approx(med["backend_plain"] / med["ort"], rel=1e-3)
     assert r["tvm"]["untuned_vs_tuned"] == pytest.approx(med["tvm_untuned"] / med["backend_plain"], rel=1e-3)
     assert r["fidelity"]["psnr_db"] > 40         # the tuned build computes what eager does
+
+
+@pytest.mark.heavy
+def test_bench_video_ar_streams_the_head_aware_cache_and_reports_per_frame_curves(tmp_path, capsys):
+    out = tmp_path / "video_ar.json"
+    rc = main(["bench", "--workload", "video_ar", "--frames", "12", "--steps", "1", "--batch", "2", "--samples", "2",
+               "--repeats", "1", "--json", str(out)])
+    assert rc == EXIT_OK
+    r = json.loads(out.read_text())
+    assert r["passes"] == ["head_types", "kv_policy", "kv_drop"]
+    assert r["pipeline"].endswith("examples/pipelines/video_ar.yaml")
+    # the pipeline keeps a 16-frame pyramid and drops half the heads' history: fewer FLOPs per rollout
+    # of 12 frames only through kv_drop (the full cache of 12 frames is within the budget)
+    assert r["ideal_speedup"] > 1.05
+    f = r["fidelity"]
+    assert len(f["per_frame"]["reference"]["identity"]) == 12 and set(f["per_frame"]["optimized"]) == {
+        "identity", "velocity_error", "psnr_db"}
+    assert "per frame (reference -> optimized)" in capsys.readouterr().out
