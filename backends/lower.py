@@ -109,7 +109,7 @@ def lower_program(program: Program, target: Mapping[str, Any], outdir: str,
                                                                if devices else ""))
         t0 = time.perf_counter()
         mod = mods[t["backend"]]
-        entry = mod.lower_graph(program.graphs[g], key, t, outdir,
+        entry = mod.lower_graph(_graph_for(program, g, t), key, t, outdir,
                                 **{k: v for k, v in options.items() if k in known[t["backend"]]})
         entry["lower_seconds"] = round(time.perf_counter() - t0, 3)
         if devices:
@@ -122,3 +122,13 @@ def lower_program(program: Program, target: Mapping[str, Any], outdir: str,
         if finish is not None:
             entries.update(finish(mine, outdir))
     return {key: entries[key] for key, *_ in jobs}
+
+
+def _graph_for(program: Program, name: str, target: Mapping[str, Any]) -> "Any":
+    """The graph lowered for `target`: a streamed step's cache capacity is fixed at its layout's
+    for TVM (ir/stream.static_step), whose schedules do not split a symbolic token count."""
+    from pared.ir.stream import KVStream, static_step
+    rec = program.records.get("KVStream")
+    if target.get("backend") == "tvm" and isinstance(rec, KVStream) and rec.dynamic_capacity and name == rec.step:
+        return static_step(program, rec)
+    return program.graphs[name]

@@ -199,15 +199,18 @@ class KVAppend(torch.nn.Module):
         def onehot(slot: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return (self._slots == slot[..., None]) & cond[..., None]
 
+        def at_least_1(x: torch.Tensor) -> torch.Tensor:     # (not clamp: TVM's int clip takes no infinite bound)
+            return torch.maximum(x, torch.ones_like(x))
+
         nn_ = n.expand(self.L, self.H)
         into_sink = nn_ < S
         into_recent = (nn_ >= S) & (R > 0)
-        rslot = S + torch.remainder(nn_ - S, R.clamp(min=1))
+        rslot = S + torch.remainder(nn_ - S, at_least_1(R))
         evict = into_recent & (nn_ - S >= R)
         j = nn_ - S - R                                  # the leaving frame's index past the sink
-        k = K.clamp(min=1)
+        k = at_least_1(K)
         grp, ph = torch.div(j, k, rounding_mode="floor"), torch.remainder(j, k)
-        mslot = S + R + torch.remainder(grp, M.clamp(min=1))
+        mslot = S + R + torch.remainder(grp, at_least_1(M))
         mid = evict & (M > 0)
         strided, periodic, merged = kind == 1, kind == 2, kind == 3
         replace = mid & ((strided & (ph == 0)) | (periodic & (ph == phase)) | (merged & (ph == 0)))
