@@ -17,6 +17,13 @@ After:  every (layer, head) keeps what its policy says (ir/kvcache.py: sink, rec
                  the HeadTypes record of analysis `head_types`
     table        option `policies`: a [layers][heads] table of policies (ir/kvcache.HeadPolicy fields)
 
+Budgets. `frames: B` sizes window and sink_window, and rescales every pyramid type to B frames
+(its sink kept, the rest split between recent and middle in the type's own proportion).
+`target: {goal}` instead searches the smallest B (bisection from 1 to `max_frames`, default the
+cache's capacity now) whose layout still meets the goal on the calibration stream, measured
+against the program's outputs with the cache in force before (psnr_db, cosine, rel_l2, ...);
+assumed monotone (a larger budget never measures worse), recorded as KVBudgetSearch.
+
 Only the cache's graphs (kv.init, kv.append) and the state declarations change: the step
 graph, captured with a dynamic capacity, reads any capacity, and whatever earlier passes
 did to it stays. A step captured with a static capacity takes only a layout of that
@@ -25,7 +32,7 @@ capacity (the pass says so otherwise).
 Reads: the KVStream record (capture of a pared.ir.stream.Streamer writes it); for `pyramid`
 without `head_types`, the HeadTypes record.
 Writes: graphs kv.init and kv.append, the plan's kv.* state declarations, the KVStream record
-(layout, policy).
+(layout, policy); with `target`, a KVBudgetSearch record (the goal and its trials).
 Invariant: the program's outputs are the step's with the cache each head's policy keeps
 (tests: against an eager step fed the cache of ir.kvcache.KVReference).
 """
@@ -38,9 +45,13 @@ from typing import Any, Literal, Mapping
 import torch
 
 from pared.analysis.head_types import HeadTypes
+from pared.analysis.metrics import compare_outputs
+from pared.analysis.recorder import replay
 from pared.ir.errors import OptionError, PassError
+from pared.ir.goal import Goal
 from pared.ir.kvcache import HeadPolicy, KVLayout, uniform_policy
 from pared.ir.program import Program
+from pared.ir.records import Record
 from pared.ir.stream import STATES, KVStream, cache_graphs, state_declarations
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 
@@ -54,6 +65,39 @@ PYRAMID_DEFAULTS: dict[str, dict] = {
     "veil": {"sink": 3, "recent": 4, "middle": "merged", "middle_frames": 4, "interval": 2},
     "dummy": {},
 }
+
+
+#: the metrics option 'target' can name (analysis.metrics.compare_outputs of the calibration stream)
+TARGET_METRICS = ("psnr_db", "cosine", "cosine_mean", "rel_l2", "sqnr_db")
+
+
+@dataclass(frozen=True)
+class KVBudgetSearch(Record):
+    """kv_policy's budget search: the policy, the budget chosen (frames per head), the goal, and
+    each trial (frames, ((metric, value), ...)) in the order tried."""
+
+    policy: str
+    frames: int
+    target: tuple[tuple[str, float], ...]
+    trials: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+
+
+def rescale(p: HeadPolicy, frames: int) -> HeadPolicy:
+    """A pyramid type's policy at a budget of `frames`: its sink (at most frames - 1), the rest split
+    between recent and middle in the policy's own proportion (recent at least 1); a head keeping
+    nothing keeps nothing."""
+    if p.frames == 0:
+        return p
+    sink = min(p.sink, frames - 1)
+    rest = frames - sink
+    if p.middle == "none":
+        return dataclasses.replace(p, sink=sink, recent=rest)
+    recent = max(1, -(-rest * p.recent // (p.recent + p.middle_frames)))
+    middle = rest - recent
+    if middle < 1:
+        return HeadPolicy(sink=sink, recent=rest)
+    return dataclasses.replace(p, sink=sink, recent=recent, middle_frames=middle,
+                               phase=min(p.phase, p.interval - 1))
 
 
 def _policy(where: str, d: Any) -> HeadPolicy:
@@ -75,23 +119,38 @@ class KVPolicy(RewritePass):
     @dataclass(frozen=True, kw_only=True)
     class Options:
         policy: Literal["window", "sink_window", "pyramid", "table"] = "pyramid"
-        frames: int | None = None          # window / sink_window: the budget in frames per head
+        frames: int | None = None          # the budget in frames per head (window, sink_window; pyramid: rescaled)
         sink: int = 1                      # sink_window: sink frames
         head_types: list | tuple | None = None   # pyramid: [layers][heads] of anchor | wave | veil | dummy
         types: dict | None = None          # pyramid: per type, policy fields replacing the defaults
         policies: list | tuple | None = None     # table: [layers][heads] of policy fields
+        target: Any = None                 # instead of frames: the smallest budget meeting this goal on the
+                                           # calibration stream against the cache before, e.g. {psnr_db: 30}
+        max_frames: int | None = None      # with target: the largest budget tried (default: the cache's now)
 
         def __post_init__(self):
-            if self.policy in ("window", "sink_window"):
-                if self.frames is None:
-                    raise OptionError(f"pass '{NAME}': policy {self.policy!r} needs option 'frames' (the budget)")
+            if self.target is not None:
+                if self.policy == "table":
+                    raise OptionError(f"pass '{NAME}': option 'target' searches a budget; policy 'table' has none")
+                if self.frames is not None:
+                    raise OptionError(f"pass '{NAME}': give option 'frames' (a budget) or 'target' (a goal), not both")
+                object.__setattr__(self, "target", Goal.parse(self.target, f"pass '{NAME}': option 'target'",
+                                                              TARGET_METRICS))
+            elif self.max_frames is not None:
+                raise OptionError(f"pass '{NAME}': option 'max_frames' goes with 'target'")
+            if self.max_frames is not None:
+                check_range(NAME, "max_frames", self.max_frames, lo=1)
+            if self.policy in ("window", "sink_window") and self.frames is None and self.target is None:
+                raise OptionError(f"pass '{NAME}': policy {self.policy!r} needs option 'frames' (the budget) or "
+                                  "'target' (a goal)")
+            if self.frames is not None:
                 check_range(NAME, "frames", self.frames, lo=1)
-                check_range(NAME, "sink", self.sink, lo=0)
-                if self.policy == "sink_window":
-                    uniform_policy("sink_window", self.frames, self.sink)
-            elif self.frames is not None:
-                raise OptionError(f"pass '{NAME}': option 'frames' belongs to policies 'window' and 'sink_window', "
-                                  f"not {self.policy!r}")
+                if self.policy == "table":
+                    raise OptionError(f"pass '{NAME}': option 'frames' does not apply to policy 'table' (its "
+                                      "policies say what each head keeps)")
+            check_range(NAME, "sink", self.sink, lo=0)
+            if self.policy == "sink_window" and self.frames is not None:
+                uniform_policy("sink_window", self.frames, self.sink)
             if self.policy == "table" and self.policies is None:
                 raise OptionError(f"pass '{NAME}': policy 'table' needs option 'policies' ([layers][heads])")
             if self.types is not None:
@@ -108,11 +167,12 @@ class KVPolicy(RewritePass):
                     raise OptionError(f"pass '{NAME}': option 'head_types' holds unknown type(s) {sorted(bad)}; "
                                       f"known: {list(HEAD_TYPES)}")
 
-    def layout(self, rec: KVStream, program: Program) -> KVLayout:
-        """The layout the options give for this stream."""
+    def layout(self, rec: KVStream, program: Program, frames: int | None = None) -> KVLayout:
+        """The layout the options give for this stream (at a budget of `frames`, default option 'frames')."""
         o, L, H, T = self.options, rec.layers, rec.heads, rec.tokens_per_frame
+        frames = o.frames if frames is None else frames
         if o.policy in ("window", "sink_window"):
-            return KVLayout.uniform(uniform_policy(o.policy, o.frames, o.sink), L, H, T)
+            return KVLayout.uniform(uniform_policy(o.policy, frames, min(o.sink, frames - 1)), L, H, T)
         if o.policy == "table":
             rows = o.policies
             self._check_table("policies", rows, L, H)
@@ -129,7 +189,43 @@ class KVPolicy(RewritePass):
         self._check_table("head_types", types, L, H)
         per_type = {t: _policy(f"type {t}", {**PYRAMID_DEFAULTS[t], **dict((o.types or {}).get(t, {}))})
                     for t in HEAD_TYPES}
+        if frames is not None:
+            per_type = {t: rescale(p, frames) for t, p in per_type.items()}
         return KVLayout(tuple(tuple(per_type[t] for t in row) for row in types), T)
+
+    def _search(self, program: Program, rec: KVStream, ctx: PassContext, old: KVLayout) -> tuple[int, tuple]:
+        """The smallest budget (frames per head) whose layout meets the goal on the calibration stream
+        against the cache in force, by bisection (assumed monotone: a larger budget never measures
+        worse); returns (frames, trials: (frames, ((metric, value), ...)) in the order tried)."""
+        o = self.options
+        if ctx.calibration is None:
+            raise PassError(f"pass '{NAME}': option 'target' needs a calibration stream to measure the goal on")
+        hi = o.max_frames or old.frames
+        ref = replay(program, ctx.calibration)
+        trials: list = []
+        cache: dict[int, bool] = {}
+
+        def meets(frames: int) -> bool:
+            if frames not in cache:
+                trial = with_layout(program, rec, self.layout(rec, program, frames), o.policy)
+                measured = compare_outputs(ref, replay(trial, ctx.calibration))
+                vals = tuple((m, round(float(measured[m]), 6)) for m in o.target.metrics)
+                trials.append((frames, vals))
+                ctx.progress(f"{NAME}: {o.policy} at {frames} frame(s): " + ", ".join(f"{m} {v:.4g}" for m, v in vals))
+                cache[frames] = o.target.met(measured)
+            return cache[frames]
+
+        lo = 1 if o.policy != "sink_window" else o.sink + 1
+        if not meets(hi):
+            ctx.log.warning("%s: even %d frames miss the goal %s; keeping %d", NAME, hi, dict(o.target.terms), hi)
+            return hi, tuple(trials)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if meets(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return hi, tuple(trials)
 
     @staticmethod
     def _check_table(option: str, rows: Any, L: int, H: int) -> None:
@@ -144,11 +240,19 @@ class KVPolicy(RewritePass):
             raise PassError(f"pass '{NAME}' needs a streamed KV cache: wrap the one-frame step model in "
                             "pared.ir.stream.Streamer(step, layers=, heads=, head_dim=, tokens_per_frame=) so capture "
                             "declares it (the program has no KVStream record)")
-        new = self.layout(rec, program)
+        o = self.options
         old = rec.kv_layout()
+        trials: tuple = ()
+        if o.target is not None:
+            frames, trials = self._search(program, rec, ctx, old)
+            new = self.layout(rec, program, frames)
+        else:
+            new = self.layout(rec, program)
         if new == old:
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
-        out = with_layout(program, rec, new, self.options.policy)
+        out = with_layout(program, rec, new, o.policy)
+        if o.target is not None:
+            out = out.with_record(KVBudgetSearch(o.policy, new.frames, o.target.terms, trials))
         stats = {"frames_per_head": new.frames, "kept_frames_mean": round(new.kept_frames(), 3),
                  "capacity_tokens": new.capacity, "was_frames": old.frames}
         ctx.log.info("%s: %s, %d frame slot(s) per head (mean kept %.2f), was %d", NAME, self.options.policy,

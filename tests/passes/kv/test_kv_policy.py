@@ -1,0 +1,63 @@
+"""kv_policy's budgets: a pyramid rescaled to a budget, and the smallest budget meeting a goal on
+the calibration stream (bisection, every trial recorded), against the program with the cache
+before."""
+import pytest
+
+from pared import testing
+from pared.analysis.metrics import compare_outputs
+from pared.analysis.recorder import replay
+from pared.ir.capture import capture
+from pared.ir.errors import OptionError
+from pared.ir.kvcache import HeadPolicy
+from pared.ir.transform import PassContext
+from pared.passes.kv.kv_policy import rescale
+from pared.registry import get_pass
+
+
+@pytest.fixture(scope="module")
+def stream():
+    m, ex = testing.tiny_streamer(capacity_frames=10)
+    return m, capture(m, ex), testing.tiny_stream_calls(12)
+
+
+def test_rescale_keeps_the_sink_and_the_proportion():
+    anchor = HeadPolicy(sink=3, recent=4, middle="strided", middle_frames=4, interval=6)
+    assert rescale(anchor, 16) == HeadPolicy(sink=3, recent=7, middle="strided", middle_frames=6, interval=6)
+    assert rescale(anchor, 5) == HeadPolicy(sink=3, recent=1, middle="strided", middle_frames=1, interval=6)
+    assert rescale(anchor, 4) == HeadPolicy(sink=3, recent=1)          # no room for a middle
+    assert rescale(anchor, 1) == HeadPolicy(sink=0, recent=1)
+    assert rescale(HeadPolicy(), 8) == HeadPolicy()
+    for f in range(1, 20):
+        assert rescale(anchor, f).frames == f
+
+
+def test_target_finds_the_smallest_budget_that_meets_the_goal(stream):
+    m, prog, calls = stream
+    res = get_pass("kv_policy")(policy="window", target={"psnr_db": 45})(prog, PassContext(calibration=calls))
+    search = res.program.records["KVBudgetSearch"]
+    chosen = search.frames
+    assert res.program.records["KVStream"].kv_layout().frames == chosen < 10
+    tried = dict(search.trials)
+    assert tried[chosen][0][1] >= 45                                   # the chosen budget meets it
+    assert tried[chosen - 1][0][1] < 45                                # one frame less does not
+    # the record's figure is the program's: the stream through it against the full cache
+    ref = replay(prog, calls)
+    assert compare_outputs(ref, replay(res.program, calls))["psnr_db"] == pytest.approx(tried[chosen][0][1], abs=1e-4)
+    # a goal even the full cache does not beat keeps it (nothing to do)
+    same = get_pass("kv_policy")(policy="window", target={"psnr_db": 1e9})(prog, PassContext(calibration=calls))
+    assert not same.modified
+
+
+def test_budget_options_are_checked(stream):
+    with pytest.raises(OptionError, match="give option 'frames' \\(a budget\\) or 'target' \\(a goal\\), not both"):
+        get_pass("kv_policy")(policy="window", frames=3, target={"psnr_db": 30})
+    with pytest.raises(OptionError, match="policy 'table' has none"):
+        get_pass("kv_policy")(policy="table", policies=[], target={"psnr_db": 30})
+    with pytest.raises(OptionError, match="option 'max_frames' goes with 'target'"):
+        get_pass("kv_policy")(policy="window", frames=3, max_frames=4)
+    with pytest.raises(OptionError, match="option 'target'.*agreement"):
+        get_pass("kv_policy")(policy="window", target={"agreement": 0.9})
+    m, prog, calls = stream
+    res = get_pass("kv_policy")(policy="pyramid", frames=7, head_types=[["anchor", "wave"], ["veil", "dummy"]])(
+        prog, PassContext())
+    assert [p.frames for row in res.program.records["KVStream"].kv_layout().policies for p in row] == [7, 7, 7, 0]
