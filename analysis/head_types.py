@@ -5,7 +5,8 @@ The calibration is a stream through a captured pared.ir.stream.Streamer (calls o
 (inputs..., append)). At every attention site of the step graph (one per layer, in
 graph order; fused scaled_dot_product_attention or a softmax feeding a matmul) the
 probabilities of a sampled share of the query rows (`query_share`, seeded; Dummy
-Forcing samples a third) are recomputed from the tapped q, k and mask, and the keys
+Forcing samples a third) are taken (a softmax's value) or recomputed from the tapped q,
+k and mask (fused attention), and the keys
 are read as the cache's C slots followed by the frame's own tokens (the Streamer's
 contract). Each slot's frame comes from the step's tapped `cache_pos` / `cache_valid`
 and the call's frame position. Only calls whose cache holds at least `min_frames`
@@ -176,23 +177,24 @@ class HeadTypesAnalysis(Analysis):
             frames_held = int(vv.any(0).sum()) // T
             if frames_held < o.min_frames:
                 return
+            g = lambda n: latest[n.name] if n is not None else None       # noqa: E731
+            rows = v.shape[-2] if s.source == "softmax" else g(s.q).shape[-2]
+            take = max(1, int(round(rows * o.query_share)))
+            idx = torch.as_tensor(np.sort(rng.choice(rows, take, replace=False)))
             if s.source == "softmax":
-                a = torch.nan_to_num(v, nan=0.0)
+                a = torch.nan_to_num(v, nan=0.0).index_select(-2, idx)
             else:
-                g = lambda n: latest[n.name] if n is not None else None   # noqa: E731
-                q = g(s.q)
-                rows = q.shape[-2]
-                take = max(1, int(round(rows * o.query_share)))
-                idx = torch.as_tensor(np.sort(rng.choice(rows, take, replace=False)))
                 mask = g(s.mask)
                 if mask is not None and mask.shape[-2] == rows:
                     mask = mask.index_select(-2, idx)
-                a = sdpa_probabilities(q.index_select(-2, idx), g(s.k), mask, is_causal=s.causal, scale=s.scale)
+                a = sdpa_probabilities(g(s.q).index_select(-2, idx), g(s.k), mask, is_causal=s.causal,
+                                       scale=s.scale)
+            a = a.reshape(-1, H, a.shape[-2], a.shape[-1])          # [B, H, rows, keys] (also from [B*H, ...])
             if a.shape[-1] != vv.shape[-1] + T:
                 raise PassError(f"pass '{_NAME}': attention site {s.node.name} of {rec.step!r} has {a.shape[-1]} "
                                 f"keys; a streamed step attends to its {vv.shape[-1]} cache slots and then its "
                                 f"{T} own tokens")
-            w = a.float().mean(dim=tuple(range(a.dim() - 3)) + (a.dim() - 2,))     # [H, C + T]
+            w = a.float().mean(dim=(0, 2))                                          # [H, C + T]
             pos = latest[pos_name]
             pp = pos if pos.dim() == 1 else pos[li]
             pp = pp.expand(H, -1) if pp.dim() == 1 else pp
