@@ -206,7 +206,7 @@ def main() -> None:
                        "p_first": heads.p_first, "p_recent": heads.p_recent, "p_mid": heads.p_mid,
                        "p_current": heads.p_current, "periodicity": heads.periodicity,
                        "dummy_cost": heads.dummy_cost, "calls": heads.calls, "options": dict(heads.options)},
-        "layouts": {n: p.records["KVStream"].layout["policies"][0] for n, p in variants.items()},
+        "layouts": {n: p.records["KVStream"].layout.to_json()["policies"][0] for n, p in variants.items()},
         "quality": summary, "ground_truth": {s: {k: round(float(np.mean(truth[k][lo:hi])), 4) for k in MEASURES}
                                              for s, (lo, hi) in sp.items()},
         "latency": latency, "speedup_vs_full_at_" + last: speed, "memory": memory, "verdict": verdict,

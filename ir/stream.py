@@ -110,7 +110,7 @@ class KVStream(Record):
         inputs: the program's input names (the step's own, then `append`); frame_pos: the
             frame-position input's name.
         layers, heads, head_dim, tokens_per_frame: the cache's shape.
-        layout: the KVLayout in force (JSON), by the pass that set it (`policy`).
+        layout: the KVLayout in force, set by the pass named in `policy`.
         dynamic_capacity: the step graph takes any capacity (a multiple of tokens_per_frame).
     """
 
@@ -124,12 +124,12 @@ class KVStream(Record):
     heads: int
     head_dim: int
     tokens_per_frame: int
-    layout: dict
+    layout: KVLayout
     dynamic_capacity: bool
     policy: str = "window"
 
     def kv_layout(self) -> KVLayout:
-        return KVLayout.from_json(self.layout)
+        return self.layout
 
 
 def state_declarations(layout: KVLayout, batch: Any, head_dim: int, dtype: str) -> tuple:
@@ -221,7 +221,7 @@ def capture_streamer(model: Streamer, args: tuple, kwargs: dict, dynamic_shapes:
     prog = Program(graphs, plan)
     rec = KVStream(step=STEP, init=INIT, append=APPEND, states=STATES, inputs=names, frame_pos=fp_name,
                    layers=lay.layers, heads=lay.heads, head_dim=dh, tokens_per_frame=lay.tokens_per_frame,
-                   layout=lay.to_json(), dynamic_capacity=dynamic)
+                   layout=lay, dynamic_capacity=dynamic)
     return prog.with_record(rec)
 
 

@@ -286,4 +286,4 @@ def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who
     decl = state_declarations(new, cache_decl.shape[2], rec.head_dim, cache_decl.dtype)
     plan = dataclasses.replace(plan, state=keep + decl)
     return program.replace(graphs=graphs, plan=plan).with_record(
-        dataclasses.replace(rec, layout=new.to_json(), policy=policy))
+        dataclasses.replace(rec, layout=new, policy=policy))

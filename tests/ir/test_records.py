@@ -206,6 +206,11 @@ def pared_records() -> dict[str, list[Record]]:
         res = c.get_pass(name)(**case.options)(fx_.program, ctx)
         for _, rec in res.program.records.entries():
             out.setdefault(type(rec).__name__, []).append(rec)
+    # built here: kv_policy's budget search (its contract case sets a budget by head types)
+    fx_ = c.streamer()
+    res = c.get_pass("kv_policy")(policy="window", target={"psnr_db": 30})(
+        fx_.program, c.PassContext(calibration=c.testing.tiny_stream_calls(8)))
+    out.setdefault("KVBudgetSearch", []).append(res.program.records["KVBudgetSearch"])
     return out
 
 

@@ -23,7 +23,7 @@ if not hasattr(_contract, "CASES"):
 #: multi-graph program by meaning (it allocates from one graph's measured sensitivity)
 PROGRAM_PASSES = {"interval_cache", "taylor_cache", "magnitude_cache", "residual_cache", "delta_cache",
                   "expert_cache", "cfg_skip", "timestep_quant", "mixed_precision", "speculative_decode",
-                  "action_cache", "fuse_calls", "dynamic_precision", "token_reuse", "partition"}
+                  "action_cache", "fuse_calls", "dynamic_precision", "token_reuse", "partition", "kv_policy", "kv_drop"}
 #: graph passes whose decisions are calibrated per graph on the calls that graph ran: variants
 #: alternated per call each see their own half of the calibration run, so their thresholds differ
 #: from the single graph's by meaning (sparsify_activations: TEAL's per-layer |x| quantiles; a
