@@ -203,9 +203,9 @@ def test_shipped_checkpoint_rollout_within_training_length(mdl):
 
 
 # Measured on the shipped weights (README, "Quality"), then loosened. x0 MSE in [-1, 1]:
-# t = 1: 0.072 = 0.41 of the empty frame's 0.177; t = 0.5: 0.039; t = 0.1: 0.0075.
-# Rollout, frames 2-7 of seeds 100-111: identity 0.160 (chance 0.1, true frames 0.90),
-# velocity error 2.38 px/frame, PSNR 12.8 dB. The rollout bounds only guard against a
+# t = 1: 0.062 = 0.35 of the empty frame's 0.177; t = 0.5: 0.033; t = 0.1: 0.0057.
+# Rollout, frames 2-7 of seeds 100-111: identity 0.229 (chance 0.1, true frames 0.90),
+# velocity error 2.08 px/frame, PSNR 13.1 dB. The rollout bounds only guard against a
 # broken checkpoint (noise scores ~5 dB); they are no quality bar.
 MSE_T1_MAX = 0.5
 MSE_T05_MAX = 0.05
