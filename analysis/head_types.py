@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +48,7 @@ import torch
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
 from pared.ir.records import Record
-from pared.ir.stream import KVStream
+from pared.ir.stream import stream_record
 from pared.ir.transform import Analysis, PassContext, check_range, register_pass
 
 from .attention_entropy import find_attention, sdpa_probabilities
@@ -140,10 +139,7 @@ class HeadTypesAnalysis(Analysis):
 
     def analyze(self, program: Program, ctx: PassContext) -> HeadTypes:
         o = self.options
-        rec = program.records.get("KVStream")
-        if not isinstance(rec, KVStream):
-            raise PassError(f"pass '{_NAME}' needs a streamed KV cache: wrap the one-frame step model in "
-                            "pared.ir.stream.Streamer so capture declares it (the program has no KVStream record)")
+        rec = stream_record(program, _NAME)
         if ctx.calibration is None:
             raise PassError(f"pass '{_NAME}' needs a calibration run: a stream of calls (inputs..., append) or a "
                             "loop callable that rolls one stream out through the model")

@@ -132,6 +132,21 @@ class KVStream(Record):
         return self.layout
 
 
+def stream_record(program, who: str) -> KVStream:
+    """The program's KVStream record.
+
+    Raises:
+        PassError: naming pass `who`, when the program has none (the model was not a Streamer).
+    """
+    from .errors import PassError
+    rec = program.records.get("KVStream")
+    if not isinstance(rec, KVStream):
+        raise PassError(f"pass '{who}' needs a streamed KV cache: wrap the one-frame step model in "
+                        "pared.ir.stream.Streamer(step, layers=, heads=, head_dim=, tokens_per_frame=) so capture "
+                        "declares it (the program has no KVStream record)")
+    return rec
+
+
 def state_declarations(layout: KVLayout, batch: Any, head_dim: int, dtype: str) -> tuple:
     """The Plan's StateBuffers of the cache."""
     from .plan import StateBuffer

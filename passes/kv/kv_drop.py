@@ -27,7 +27,6 @@ against eager frame lists, pared.testing.eager_stream).
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -42,10 +41,10 @@ from pared.ir.kvcache import HeadPolicy, KVLayout
 from pared.ir.program import Program
 from pared.ir.records import Record
 from pared.ir.rewrite import eliminate_dead_code
-from pared.ir.stream import KVStream
+from pared.ir.stream import stream_record
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.kv.kv_policy import with_layout
-from pared.passes.sparsity.sparse_attention import attention_site
+from pared.passes.sparsity.sparse_attention import _runs, attention_site
 
 NAME = "kv_drop"
 aten = torch.ops.aten
@@ -63,16 +62,6 @@ class KVDropDecisions(Record):
     attention_flops_before: int
     attention_flops_after: int
     sites_rewritten: int
-
-
-def _runs(hs: list[int]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for h in hs:
-        if out and out[-1][1] == h:
-            out[-1][1] = h + 1
-        else:
-            out.append([h, h + 1])
-    return [(a, b) for a, b in out]
 
 
 @register_pass(NAME)
@@ -95,10 +84,7 @@ class KVDrop(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        rec = program.records.get("KVStream")
-        if not isinstance(rec, KVStream):
-            raise PassError(f"pass '{NAME}' needs a streamed KV cache: wrap the one-frame step model in "
-                            "pared.ir.stream.Streamer so capture declares it (the program has no KVStream record)")
+        rec = stream_record(program, NAME)
         L, H, T = rec.layers, rec.heads, rec.tokens_per_frame
         costs: dict[tuple[int, int], float | None] = {}
         if o.heads is not None:

@@ -52,7 +52,7 @@ from pared.ir.goal import Goal
 from pared.ir.kvcache import HeadPolicy, KVLayout, uniform_policy
 from pared.ir.program import Program
 from pared.ir.records import Record
-from pared.ir.stream import STATES, KVStream, cache_graphs, state_declarations
+from pared.ir.stream import STATES, KVStream, cache_graphs, state_declarations, stream_record
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 
 NAME = "kv_policy"
@@ -235,11 +235,7 @@ class KVPolicy(RewritePass):
                               "for this model")
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
-        rec = program.records.get("KVStream")
-        if not isinstance(rec, KVStream):
-            raise PassError(f"pass '{NAME}' needs a streamed KV cache: wrap the one-frame step model in "
-                            "pared.ir.stream.Streamer(step, layers=, heads=, head_dim=, tokens_per_frame=) so capture "
-                            "declares it (the program has no KVStream record)")
+        rec = stream_record(program, NAME)
         o = self.options
         old = rec.kv_layout()
         trials: tuple = ()
