@@ -308,6 +308,20 @@ def trials_of(ctx: Any) -> Trials:
     return as_trials(getattr(ctx, "trials", None))
 
 
+# -- one-dimensional: the smallest integer that meets a goal -------------------------------
+def smallest_meeting(met: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The smallest n in [lo, hi] with met(n), by bisection, assuming met is monotone (once true,
+    true for every larger n) and met(hi) holds (hi is returned without asking when lo == hi).
+    Each n is asked at most once."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if met(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 # -- one-dimensional: bisection in log space -------------------------------------
 def bisect_log(ok: Callable[[float], bool] | None, lo: float, hi: float, *, holds_above: bool, iters: int = 7,
                digits: int = 4, width: int = 1,

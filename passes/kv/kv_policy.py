@@ -47,6 +47,7 @@ import torch
 from pared.analysis.head_types import HeadTypes
 from pared.analysis.metrics import compare_outputs
 from pared.analysis.recorder import replay
+from pared.analysis.search import smallest_meeting
 from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
 from pared.ir.kvcache import HeadPolicy, KVLayout, uniform_policy
@@ -219,13 +220,7 @@ class KVPolicy(RewritePass):
         if not meets(hi):
             ctx.log.warning("%s: even %d frames miss the goal %s; keeping %d", NAME, hi, dict(o.target.terms), hi)
             return hi, tuple(trials)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if meets(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return hi, tuple(trials)
+        return smallest_meeting(meets, lo, hi), tuple(trials)
 
     @staticmethod
     def _check_table(option: str, rows: Any, L: int, H: int) -> None:

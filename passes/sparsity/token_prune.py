@@ -61,6 +61,7 @@ import torch.fx as fx
 from pared.analysis.cost import graph_flops, node_flops
 from pared.analysis.metrics import compare_outputs
 from pared.analysis.recorder import replay
+from pared.analysis.search import smallest_meeting
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
@@ -206,13 +207,7 @@ class PruneTokens(RewritePass):
             trials[keep] = tuple((m, round(float(measured[m]), 6)) for m in o.target.metrics)
             ctx.progress(f"{_NAME}: keeping {keep} of {n}: " + ", ".join(f"{m} {v:.4g}" for m, v in trials[keep]))
             return o.target.met(measured)
-        lo, hi = 1, n                               # keep = n (nothing dropped) meets any goal
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if met(mid):
-                hi = mid
-            else:
-                lo = mid + 1
+        lo = smallest_meeting(met, 1, n)            # keep = n (nothing dropped) meets any goal
         if lo >= n:
             ctx.log.info("%s: no keep below %d meets %s on the calibration run: nothing dropped", _NAME, n,
                          o.target.terms)

@@ -314,3 +314,16 @@ def test_optimize_on_ray_reports_how_the_search_ran(local_ray, tmp_path):
     with open(os.path.join(saved, "manifest.json")) as f:
         assert json.load(f)["report"]["search"]["executor"] == "ray"
     assert isinstance(make_trials("ray"), Trials)
+
+
+def test_smallest_meeting_finds_the_boundary_asking_each_point_once():
+    from pared.analysis.search import smallest_meeting
+    for boundary in range(1, 20):
+        asked = []
+
+        def met(n, b=boundary):
+            asked.append(n)
+            return n >= b
+        assert smallest_meeting(met, 1, 19) == boundary
+        assert len(asked) == len(set(asked)) and len(asked) <= 5     # bisection, not a scan
+    assert smallest_meeting(lambda n: False, 7, 7) == 7              # hi is taken as meeting
