@@ -247,6 +247,11 @@ def test_video_ar_workload_runs_and_judges_per_frame():
     fid = wl.fidelity(out, out)
     assert fid["identity_train_length_reference"] == fid["identity_train_length_optimized"]
     assert fid["max_abs_diff_vs_reference"] == 0.0
+    # a candidate that differs is judged apart: its frames against the true clips score lower
+    noisy = np.clip(out + np.random.default_rng(0).normal(0, 0.5, out.shape), -1, 1).astype(np.float32)
+    bad = wl.fidelity(out, noisy)
+    assert bad["psnr_db_train_length_optimized"] < bad["psnr_db_train_length_reference"] - 1
+    assert bad["max_abs_diff_vs_reference"] > 0.5
     assert len(fid["per_frame"]["optimized"]["identity"]) == 10
     with pytest.raises(Exception, match="frames must exceed the 2 context frames"):
         get_workload("video_ar", frames=2)
