@@ -16,8 +16,12 @@ policies at a fixed budget, side by side in one run.
       pyramid_drop   pyramid, then kv_drop (half the heads, lowest Dummy Forcing cost, keep the
                      current frame only; their attention runs over it alone)
       window_drop    window, then kv_drop (the same heads)
+      heavy          kv_policy heavy: 2 sink frames, then half the rest the last frames and half
+                     the heavy hitters (H2O per frame: the most attended frames leaving the window)
+   --arms picks some of them (full always runs: the ratios are against it).
 3. Quality: every arm rolls out the same --clips held-out clips (same noise) eagerly, the
-   Streamer holding what the arm's layout keeps (the rewritten graphs compute the same numbers:
+   Streamer holding what the arm's layout keeps (heavy: the captured program, whose step reports
+   the attention the frames are ranked by; an eager step does not) (the rewritten graphs compute the same numbers:
    tests/ir/test_stream.py, tests/passes/test_contract.py); measures per frame position by
    examples/video_ar/quality.py (identity, velocity error, PSNR), means over frame ranges.
 4. Latency: every arm's ONNX Runtime artifact (torch-free Executor) rolls out --timing-clips
@@ -55,6 +59,7 @@ def pipeline_options() -> dict:
 
 
 def arms(program, ctx, budget: int, opts: dict) -> dict:
+    """name -> the program of that arm, or a function building it."""
     from pared.ir.transform import PassManager
     from pared.registry import get_pass
     pyr = {k: v for k, v in opts["kv_policy"].items()}
@@ -64,12 +69,17 @@ def arms(program, ctx, budget: int, opts: dict) -> dict:
         return PassManager(list(passes)).run(program, ctx)[0]
     return {
         "full": program,
-        "window": run(get_pass("kv_policy")(policy="window", frames=budget)),
-        "sink_window": run(get_pass("kv_policy")(policy="sink_window", frames=budget, sink=2)),
-        "pyramid": run(get_pass("kv_policy")(**pyr)),
-        "pyramid_drop": run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(**drop)),
-        "window_drop": run(get_pass("kv_policy")(policy="window", frames=budget), get_pass("kv_drop")(**drop)),
+        "heavy": lambda: run(get_pass("kv_policy")(policy="heavy", frames=budget, sink=2)),
+        "window": lambda: run(get_pass("kv_policy")(policy="window", frames=budget)),
+        "sink_window": lambda: run(get_pass("kv_policy")(policy="sink_window", frames=budget, sink=2)),
+        "pyramid": lambda: run(get_pass("kv_policy")(**pyr)),
+        "pyramid_drop": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(**drop)),
+        "window_drop": lambda: run(get_pass("kv_policy")(policy="window", frames=budget),
+                                   get_pass("kv_drop")(**drop)),
     }
+
+
+ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "window_drop", "heavy")
 
 
 def spans(frames: int, train: int, context: int) -> dict:
@@ -90,6 +100,7 @@ def main() -> None:
     ap.add_argument("--timing-clips", type=int, default=1, help="batch of the timed rollouts")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (arms alternate within a round)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, of {', '.join(ARMS)} (full always)")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "video_ar_kv.json"))
     a = ap.parse_args()
@@ -118,7 +129,12 @@ def main() -> None:
     program = HeadTypesAnalysis(**opts["head_types"])(program, ctx).program
     heads = program.records["HeadTypes"]
     print("head types per layer:", heads.types, flush=True)
-    variants = arms(program, ctx, a.budget, opts)
+    wanted = ["full"] + [n for n in a.arms.split(",") if n and n != "full"]
+    unknown = set(wanted) - set(ARMS)
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
+    built = arms(program, ctx, a.budget, opts)
+    variants = {n: built[n] if n == "full" else built[n]() for n in ARMS if n in wanted}
 
     # -- quality: eager Streamers holding what each arm keeps, the same clips and noise ------------
     clips = [data.video(i, a.frames, "test") for i in range(a.clips)]
@@ -130,7 +146,15 @@ def main() -> None:
         rec = prog.records["KVStream"]
         lay = rec.kv_layout()
         t0 = time.perf_counter()
-        gen = st.rollout(st.torch_call(st.streamer(model, layout=lay)), context, a.frames, steps=a.steps, seed=0)
+        if lay.scored:      # heavy hitters: the program's step reports its attention (an eager step does not)
+            runner = prog.runner()
+
+            def call(*arrays, runner=runner):
+                with torch.inference_mode():
+                    return runner([torch.from_numpy(np.ascontiguousarray(x)) for x in arrays])[0].numpy()
+        else:
+            call = st.torch_call(st.streamer(model, layout=lay))
+        gen = st.rollout(call, context, a.frames, steps=a.steps, seed=0)
         rollout_s[name] = round(time.perf_counter() - t0, 1)
         m = q.measure((np.clip(gen, -1, 1) + 1) / 2, clips, judge)
         per_frame[name] = {k: m[k] for k in MEASURES}
@@ -139,7 +163,8 @@ def main() -> None:
         cache_bytes = lay.layers * 2 * a.timing_clips * lay.heads * lay.capacity * rec.head_dim * 4
         memory[name] = {"frames_per_head_capacity": lay.frames, "frames_kept_mean": round(float(np.mean(kept)), 3),
                         "kv_state_bytes_batch1": int(cache_bytes / a.timing_clips + lay.layers * lay.heads
-                                                     * lay.capacity * 5 + 8),
+                                                     * lay.capacity * 5 + 8
+                                                     + (lay.layers * lay.heads * lay.frames * 4 if lay.scored else 0)),
                         "policy": rec.policy}
         if "KVDropDecisions" in prog.records:
             d = prog.records["KVDropDecisions"]
@@ -188,7 +213,7 @@ def main() -> None:
     def pts(name: str, span: str, key: str) -> float:
         return summary[name][span][key]
     verdict = {}
-    for span in sp:
+    for span in (sp if {"pyramid", "window", "sink_window", "pyramid_drop"} <= set(variants) else ()):
         f_id, f_vel = pts("full", span, "identity"), pts("full", span, "velocity_error")
         verdict[span] = {
             "pyramid_identity_within_2_points_of_full": pts("pyramid", span, "identity") >= f_id - 0.02,

@@ -14,9 +14,22 @@ Dummy Forcing (METHODS.md, "KV-cache policies for streaming generation"):
                         (a Wave head's period; its latest `middle_frames` periods)
               merged    `interval` consecutive leaving frames averaged into one slot (K, V and
                         frame position alike), the latest `middle_frames` such slots
+              heavy     the `middle_frames` leaving frames that received the most attention
+                        (H2O's heavy hitters, per frame): a leaving frame takes an empty middle
+                        slot, else replaces the middle frame with the lowest score if its own
+                        score is higher, else is dropped
 
 A head with no slots at all (sink = recent = 0) sees only the current frame: Dummy
 Forcing's dropped heads.
+
+Scores (layouts with a `heavy` head). Each frame slot carries a score: the attention mass
+its tokens received, summed over the batch rows, query rows and tokens of the frame, and
+accumulated over the appending calls while the frame is cached (H2O accumulates over every
+decoding step; here the appending call is the one whose queries see the finished frame,
+SnapKV's observation window). The step reports the mass per cache slot (`mass` [L, H, C],
+added to the step graph by passes/kv/kv_policy.py); the append adds it to the scores before
+placing the new frame, which starts at 0. The batch rows share one policy (positions and
+validity are per layer and head), so a heavy hitter is heavy for the batch as a whole.
 
 Layout. Shapes stay static (ONNX Runtime, TVM): every (layer, head) has the same
 number of frame slots, F = the largest policy's frames; for one head its slots are
@@ -44,7 +57,9 @@ import torch
 
 from .errors import OptionError
 
-MIDDLE_KINDS = ("none", "strided", "periodic", "merged")
+MIDDLE_KINDS = ("none", "strided", "periodic", "merged", "heavy")
+HEAVY = MIDDLE_KINDS.index("heavy")
+_NOT_PICKED = 1e30      # a score no slot reaches (a finite bound: TVM's and ORT's min over +inf alike)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,9 @@ class HeadPolicy:
                               "it needs recent >= 1")
         if self.middle == "periodic" and self.phase >= self.interval:
             raise OptionError(f"KV head policy: phase {self.phase} must be below the period {self.interval}")
+        if self.middle == "heavy" and (self.interval != 1 or self.phase):
+            raise OptionError("KV head policy: middle 'heavy' ranks frames by their attention score; interval and "
+                              "phase do not apply to it (leave them 1 and 0)")
 
     @property
     def frames(self) -> int:
@@ -134,6 +152,11 @@ class KVLayout:
         """Token slots per (layer, head)."""
         return self.frames * self.tokens_per_frame
 
+    @property
+    def scored(self) -> bool:
+        """Some head keeps heavy hitters: the state carries frame scores, the step reports attention mass."""
+        return any(p.middle == "heavy" for row in self.policies for p in row)
+
     def kept_frames(self) -> float:
         """Mean frame slots in use per (layer, head) (the memory a policy holds, padding excluded)."""
         n = [p.frames for row in self.policies for p in row]
@@ -155,43 +178,56 @@ class KVLayout:
 
 
 def state_shapes(layout: KVLayout, batch: int | str, head_dim: int) -> dict[str, tuple]:
-    """name -> shape of the four state tensors (cache, pos, valid, count)."""
+    """name -> shape of the state tensors (cache, pos, valid, count; score where the layout is scored)."""
     c = layout.capacity
-    return {"cache": (layout.layers, 2, batch, layout.heads, c, head_dim), "pos": (layout.layers, layout.heads, c),
-            "valid": (layout.layers, layout.heads, c), "count": (1,)}
+    out = {"cache": (layout.layers, 2, batch, layout.heads, c, head_dim), "pos": (layout.layers, layout.heads, c),
+           "valid": (layout.layers, layout.heads, c), "count": (1,)}
+    if layout.scored:
+        out["score"] = (layout.layers, layout.heads, layout.frames)
+    return out
 
 
 class KVInit(torch.nn.Module):
-    """x (its batch size) -> the empty state: (cache zeros, pos zeros, valid False, count 0)."""
+    """x (its batch size) -> the empty state: (cache zeros, pos zeros, valid False, count 0), and
+    score zeros [L, H, F] where the layout is scored."""
 
     def __init__(self, layout: KVLayout, head_dim: int):
         super().__init__()
         self.layers, self.heads, self.capacity, self.head_dim = layout.layers, layout.heads, layout.capacity, head_dim
+        self.frames, self.scored = layout.frames, layout.scored
 
     def forward(self, x: torch.Tensor):
         b = x.shape[0]
-        return (torch.zeros(self.layers, 2, b, self.heads, self.capacity, self.head_dim, dtype=x.dtype,
-                            device=x.device),
-                torch.zeros(self.layers, self.heads, self.capacity, device=x.device),
-                torch.zeros(self.layers, self.heads, self.capacity, dtype=torch.bool, device=x.device),
-                torch.zeros(1, dtype=torch.int64, device=x.device))
+        out = (torch.zeros(self.layers, 2, b, self.heads, self.capacity, self.head_dim, dtype=x.dtype,
+                           device=x.device),
+               torch.zeros(self.layers, self.heads, self.capacity, device=x.device),
+               torch.zeros(self.layers, self.heads, self.capacity, dtype=torch.bool, device=x.device),
+               torch.zeros(1, dtype=torch.int64, device=x.device))
+        if self.scored:
+            out = out + (torch.zeros(self.layers, self.heads, self.frames, device=x.device),)
+        return out
 
 
 class KVAppend(torch.nn.Module):
     """(cache, pos, valid, count, new_kv [L, 2, B, H, T, Dh], frame_pos [1]) -> the state with the
-    frame appended by each head's policy (see the module doc)."""
+    frame appended by each head's policy (see the module doc). A scored layout's is ScoredKVAppend."""
 
     def __init__(self, layout: KVLayout):
         super().__init__()
         self.L, self.H, self.F, self.T = layout.layers, layout.heads, layout.frames, layout.tokens_per_frame
+        self.scored = layout.scored
         for f in ("sink", "recent", "middle", "middle_frames", "interval", "phase"):
             self.register_buffer(f"_{f}", layout.table(f), persistent=False)
         self.register_buffer("_slots", torch.arange(self.F, dtype=torch.int64), persistent=False)
+        if self.scored:     # earlier[g, f] = 1 where slot g comes before slot f (the first candidate, no sort)
+            self.register_buffer("_earlier", (self._slots[:, None] < self._slots[None, :]).float(), persistent=False)
 
-    def coefficients(self, count: torch.Tensor):
+    def coefficients(self, count: torch.Tensor, score: torch.Tensor | None = None,
+                     filled: torch.Tensor | None = None):
         """(alpha, beta, gamma, evicted) [L, H, F] float for the frame number count[0] (0-based):
         new slot = alpha*old + beta*evicted frame + gamma*new frame; evicted: one-hot of the
-        recent slot whose frame leaves the ring."""
+        recent slot whose frame leaves the ring. A scored layout's heavy heads also need each
+        frame slot's `score` and whether it is `filled` ([L, H, F])."""
         n = count.reshape(1, 1)
         S, R, M, K = self._sink, self._recent, self._middle_frames, self._interval
         kind, phase = self._middle, self._phase
@@ -218,13 +254,42 @@ class KVAppend(torch.nn.Module):
         w_new = (onehot(nn_, into_sink) | onehot(rslot, into_recent)).float()
         share = 1.0 / (ph.float() + 1.0)                 # a merged slot's share of the c-th frame: 1 / (c + 1)
         beta = onehot(mslot, replace).float() + onehot(mslot, merge).float() * share[..., None]
+        if self.scored:
+            beta = beta + self._heavy(mid & (kind == HEAVY), onehot(rslot, evict).float(), score, filled, S + R, M)
         alpha = 1.0 - w_new - beta
         return alpha, beta, w_new, onehot(rslot, evict).float()
 
+    def _heavy(self, leaving: torch.Tensor, evicted: torch.Tensor, score: torch.Tensor, filled: torch.Tensor,
+               first: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+        """beta [L, H, F] of the heavy heads whose ring frame leaves (`leaving` [L, H]): the
+        first empty middle slot, else the first middle slot of the lowest score if the leaving
+        frame's score is higher; zero elsewhere."""
+        in_mid = (self._slots >= first[..., None]) & (self._slots < (first + M)[..., None])
+        empty = (in_mid & ~filled).float()
+        any_empty = empty.sum(-1) > 0
+        masked = torch.where(in_mid, score, torch.full_like(score, _NOT_PICKED))
+        low = masked.amin(-1)
+        lowest = (in_mid & (masked <= low[..., None])).float()
+        cand = torch.where(any_empty[..., None], empty, lowest)
+        first_cand = (cand > 0) & ((cand @ self._earlier) == 0)
+        s_leave = (score * evicted).sum(-1)
+        take = leaving & (any_empty | (s_leave > low))
+        return (first_cand & take[..., None]).float()
+
     def forward(self, cache: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
                 new_kv: torch.Tensor, frame_pos: torch.Tensor):
+        if self.scored:
+            raise ValueError("KVAppend: this layout has heavy heads; use ScoredKVAppend (append_module(layout))")
+        return self._append(cache, pos, valid, count, new_kv, frame_pos)
+
+    def _append(self, cache, pos, valid, count, new_kv, frame_pos, score=None, mass=None):
         L, H, F, T = self.L, self.H, self.F, self.T
-        alpha, beta, gamma, ev = self.coefficients(count)
+        if self.scored:
+            score = score + mass.reshape(L, H, F, T).sum(-1)        # this call's queries over each frame slot
+            filled = valid.reshape(L, H, F, T)[..., 0]
+            alpha, beta, gamma, ev = self.coefficients(count, score, filled)
+        else:
+            alpha, beta, gamma, ev = self.coefficients(count)
         b, dh = cache.shape[2], cache.shape[5]
         old = cache.reshape(L, 2, b, H, F, T, dh)
 
@@ -238,44 +303,81 @@ class KVAppend(torch.nn.Module):
         vf = valid.reshape(L, H, F, T)[..., 0] | (gamma > 0) | (beta > 0)
         pos = pf[..., None].expand(L, H, F, T).reshape(L, H, F * T)
         valid = vf[..., None].expand(L, H, F, T).reshape(L, H, F * T)
+        if self.scored:     # scores move with their frames; a new frame starts at 0
+            score = alpha * score + beta * (score * ev).sum(-1, keepdim=True)
+            return cache, pos, valid, count + 1, score
         return cache, pos, valid, count + 1
+
+
+class ScoredKVAppend(KVAppend):
+    """KVAppend of a layout with heavy heads: (cache, pos, valid, count, score, new_kv, frame_pos,
+    mass [L, H, C]) -> (cache, pos, valid, count, score)."""
+
+    def forward(self, cache: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+                score: torch.Tensor, new_kv: torch.Tensor, frame_pos: torch.Tensor, mass: torch.Tensor):
+        return self._append(cache, pos, valid, count, new_kv, frame_pos, score, mass)
+
+
+def append_module(layout: KVLayout) -> KVAppend:
+    """The append of `layout`: ScoredKVAppend where some head keeps heavy hitters, else KVAppend."""
+    return ScoredKVAppend(layout) if layout.scored else KVAppend(layout)
 
 
 class KVReference:
     """The same policies as frame lists, eagerly (what the tests hold KVAppend to).
 
-    Per (layer, head) it keeps a dict slot -> (frame position, K/V [2, B, T, Dh], merged count)."""
+    Per (layer, head) it keeps a dict slot -> [frame position, K/V [2, B, T, Dh], merged count,
+    score]."""
 
     def __init__(self, layout: KVLayout):
         self.layout = layout
         self.n = 0
         self.slots: list[list[dict[int, list]]] = [[{} for _ in range(layout.heads)] for _ in range(layout.layers)]
 
-    def append(self, new_kv: torch.Tensor, frame_pos: float) -> None:
-        """new_kv [L, 2, B, H, T, Dh]"""
-        n = self.n
+    def append(self, new_kv: torch.Tensor, frame_pos: float, mass: torch.Tensor | None = None) -> None:
+        """new_kv [L, 2, B, H, T, Dh]; mass [L, H, C]: the attention each token slot of `state()`
+        received from this call's queries (a scored layout needs it)."""
+        n, T = self.n, self.layout.tokens_per_frame
+        if self.layout.scored and mass is None:
+            raise ValueError("KVReference: a layout with heavy heads needs each call's attention mass")
         for li, row in enumerate(self.layout.policies):
             for hi, p in enumerate(row):
                 slots = self.slots[li][hi]
+                if mass is not None:
+                    for s, e in slots.items():
+                        e[3] += float(mass[li, hi, s * T:(s + 1) * T].double().sum())
                 kv = new_kv[li, :, :, hi].clone()
                 if n < p.sink:
-                    slots[n] = [float(frame_pos), kv, 1]
+                    slots[n] = [float(frame_pos), kv, 1, 0.0]
                     continue
                 if p.recent == 0:
                     continue                                    # past the sink, a head without a ring keeps nothing
                 r = p.sink + (n - p.sink) % p.recent
                 leaving = slots.get(r) if n - p.sink >= p.recent else None
-                slots[r] = [float(frame_pos), kv, 1]
+                slots[r] = [float(frame_pos), kv, 1, 0.0]
                 if leaving is None or p.middle == "none":
+                    continue
+                first = p.sink + p.recent
+                if p.middle == "heavy":
+                    mids = range(first, first + p.middle_frames)
+                    empty = [m for m in mids if m not in slots]
+                    if empty:
+                        slots[empty[0]] = leaving
+                    else:
+                        low = min(slots[m][3] for m in mids)
+                        if leaving[3] > low:
+                            slots[next(m for m in mids if slots[m][3] == low)] = leaving
                     continue
                 j = n - p.sink - p.recent                       # the leaving frame's index past the sink
                 g, ph = divmod(j, p.interval)
-                m = p.sink + p.recent + g % p.middle_frames
+                m = first + g % p.middle_frames
                 if p.middle in ("strided", "merged") and ph == 0 or p.middle == "periodic" and ph == p.phase:
-                    slots[m] = [leaving[0], leaving[1], 1]
+                    slots[m] = [leaving[0], leaving[1], 1, leaving[3]]
                 elif p.middle == "merged":
-                    pos, kv_m, c = slots[m]
-                    slots[m] = [(pos * c + leaving[0]) / (c + 1), (kv_m * c + leaving[1]) / (c + 1), c + 1]
+                    pos, kv_m, c, sc = slots[m]
+                    share = 1.0 / (c + 1)
+                    slots[m] = [(pos * c + leaving[0]) / (c + 1), (kv_m * c + leaving[1]) / (c + 1), c + 1,
+                                (1 - share) * sc + share * leaving[3]]
         self.n += 1
 
     def frames_kept(self, layer: int, head: int) -> list[float]:
@@ -290,7 +392,7 @@ class KVReference:
         valid = torch.zeros(lay.layers, lay.heads, lay.capacity, dtype=torch.bool)
         for li in range(lay.layers):
             for hi in range(lay.heads):
-                for s, (p, kv, _) in self.slots[li][hi].items():
+                for s, (p, kv, *_) in self.slots[li][hi].items():
                     cache[li, :, :, hi, s * T:(s + 1) * T] = kv
                     pos[li, hi, s * T:(s + 1) * T] = p
                     valid[li, hi, s * T:(s + 1) * T] = True
@@ -298,16 +400,20 @@ class KVReference:
 
 
 def uniform_policy(name: str, frames: int, sink: int = 1) -> HeadPolicy:
-    """The uniform baselines at a budget of `frames`: `window` (the last frames), `sink_window`
-    (StreamingLLM: `sink` first frames + the last ones)."""
+    """The uniform policies at a budget of `frames`: `window` (the last frames), `sink_window`
+    (StreamingLLM: `sink` first frames + the last ones), `heavy` (H2O: `sink` first frames, then
+    half the rest recent and half heavy hitters, the recent half rounded up)."""
     if name == "window":
         return HeadPolicy.window(frames)
-    if name == "sink_window":
+    if name in ("sink_window", "heavy"):
         if frames <= sink:
-            raise OptionError(f"sink_window: a budget of {frames} frame(s) leaves no room for a window after "
+            raise OptionError(f"{name}: a budget of {frames} frame(s) leaves no room for a window after "
                               f"{sink} sink frame(s)")
-        return HeadPolicy(sink=sink, recent=frames - sink)
-    raise OptionError(f"unknown uniform KV policy {name!r}; known: window, sink_window")
+        rest = frames - sink
+        if name == "sink_window" or rest < 2:
+            return HeadPolicy(sink=sink, recent=rest)
+        return HeadPolicy(sink=sink, recent=rest - rest // 2, middle="heavy", middle_frames=rest // 2)
+    raise OptionError(f"unknown uniform KV policy {name!r}; known: window, sink_window, heavy")
 
 
 def layout_from(policies: Sequence[Sequence[HeadPolicy]] | HeadPolicy, layers: int, heads: int,

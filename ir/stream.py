@@ -41,12 +41,15 @@ from typing import Any
 import torch
 
 from .errors import CaptureError
-from .kvcache import HeadPolicy, KVAppend, KVInit, KVLayout, layout_from
+from .kvcache import HeadPolicy, KVAppend, KVInit, KVLayout, append_module, layout_from
 from .records import Record
 
 INIT, APPEND, STEP = "kv.init", "kv.append", "step"
 CACHE, POS, VALID, COUNT = "kv.cache", "kv.pos", "kv.valid", "kv.count"
 STATES = (CACHE, POS, VALID, COUNT)
+SCORE = "kv.score"                 # [L, H, F] each frame slot's accumulated attention (scored layouts only)
+ALL_STATES = STATES + (SCORE,)
+MASS = "kv_mass"                   # the step output reporting the attention each cache slot received
 
 
 class Streamer(torch.nn.Module):
@@ -70,6 +73,10 @@ class Streamer(torch.nn.Module):
             layout = HeadPolicy.window(capacity_frames)
         self.layout = layout if isinstance(layout, KVLayout) else layout_from(layout, layers, heads,
                                                                                tokens_per_frame)
+        if self.layout.scored:
+            raise ValueError("Streamer: a 'heavy' middle ranks frames by the attention the step gives them, which an "
+                             "eager step does not report; capture the Streamer with another layout and apply pass "
+                             "kv_policy (it makes the step graph report its attention)")
         if self.layout.tokens_per_frame != tokens_per_frame:
             raise ValueError(f"Streamer: the layout has {self.layout.tokens_per_frame} tokens per frame, the model "
                              f"{tokens_per_frame}")
@@ -112,6 +119,8 @@ class KVStream(Record):
         layers, heads, head_dim, tokens_per_frame: the cache's shape.
         layout: the KVLayout in force, set by the pass named in `policy`.
         dynamic_capacity: the step graph takes any capacity (a multiple of tokens_per_frame).
+        mass: the plan reference of the step's attention-mass output ([L, H, C], what a scored
+            layout's append reads), or None when the step does not report it.
     """
 
     step: str
@@ -127,6 +136,7 @@ class KVStream(Record):
     layout: KVLayout
     dynamic_capacity: bool
     policy: str = "window"
+    mass: str | None = None
 
     def kv_layout(self) -> KVLayout:
         return self.layout
@@ -148,13 +158,16 @@ def stream_record(program, who: str) -> KVStream:
 
 
 def state_declarations(layout: KVLayout, batch: Any, head_dim: int, dtype: str) -> tuple:
-    """The Plan's StateBuffers of the cache."""
+    """The Plan's StateBuffers of the cache (and the frame scores of a scored layout)."""
     from .plan import StateBuffer
     c = layout.capacity
-    return (StateBuffer(CACHE, (layout.layers, 2, batch, layout.heads, c, head_dim), dtype),
-            StateBuffer(POS, (layout.layers, layout.heads, c), "float32"),
-            StateBuffer(VALID, (layout.layers, layout.heads, c), "bool"),
-            StateBuffer(COUNT, (1,), "int64"))
+    out = (StateBuffer(CACHE, (layout.layers, 2, batch, layout.heads, c, head_dim), dtype),
+           StateBuffer(POS, (layout.layers, layout.heads, c), "float32"),
+           StateBuffer(VALID, (layout.layers, layout.heads, c), "bool"),
+           StateBuffer(COUNT, (1,), "int64"))
+    if layout.scored:
+        out = out + (StateBuffer(SCORE, (layout.layers, layout.heads, layout.frames), "float32"),)
+    return out
 
 
 def cache_graphs(layout: KVLayout, head_dim: int, first_input: torch.Tensor, new_kv: torch.Tensor,
@@ -165,10 +178,37 @@ def cache_graphs(layout: KVLayout, head_dim: int, first_input: torch.Tensor, new
     with torch.no_grad():
         state = init(first_input)
     init_dyn = None if batch_dim is None else ({0: batch_dim},)
-    app_dyn = None if batch_dim is None else ({2: batch_dim}, None, None, None, {2: batch_dim}, None)
+    b = {2: batch_dim} if batch_dim is not None else None
+    if layout.scored:
+        mass = torch.zeros(layout.layers, layout.heads, layout.capacity)
+        args = (*state, new_kv, frame_pos, mass)
+        app_dyn = None if batch_dim is None else (b, None, None, None, None, b, None, None)
+    else:
+        args = (*state, new_kv, frame_pos)
+        app_dyn = None if batch_dim is None else (b, None, None, None, b, None)
     return {INIT: capture(init, (first_input,), dynamic_shapes=init_dyn, name=INIT).main,
-            APPEND: capture(KVAppend(layout), (*state, new_kv, frame_pos), dynamic_shapes=app_dyn,
-                            name=APPEND).main}
+            APPEND: capture(append_module(layout), args, dynamic_shapes=app_dyn, name=APPEND).main}
+
+
+def append_inputs(rec: "KVStream") -> tuple[int, int]:
+    """Where the append graph of `rec`'s layout takes new_kv and the frame position."""
+    return (5, 6) if rec.kv_layout().scored else (4, 5)
+
+
+def rewire(plan, rec: "KVStream", layout: KVLayout):
+    """`plan` with the calls of kv.init and kv.append taking and giving the state `layout` needs
+    (the frame scores and the step's attention mass where it is scored; `rec.mass` must then be set)."""
+    import dataclasses
+    st = tuple(f"state:{s}" for s in (ALL_STATES if layout.scored else STATES))
+    if layout.scored and not rec.mass:
+        raise CaptureError("a scored KV layout needs the step's attention mass (KVStream.mass is not set)")
+    k_new, k_fp = append_inputs(rec)
+
+    def append(c):
+        extra = (rec.mass,) if layout.scored else ()
+        return dataclasses.replace(c, inputs=(*st, c.inputs[k_new], c.inputs[k_fp], *extra), outputs=st)
+    plan = plan.replace_calls(rec.init, lambda c: dataclasses.replace(c, outputs=st))
+    return plan.replace_calls(rec.append, append)
 
 
 def capture_streamer(model: Streamer, args: tuple, kwargs: dict, dynamic_shapes: Any = None):
@@ -248,7 +288,7 @@ def static_step(program, rec: KVStream):
     n_own = len(rec.inputs) - 1
     lay = rec.kv_layout()
     with torch.no_grad():
-        kv, pos, valid, _ = KVInit(lay, rec.head_dim)(step.example_inputs[0])
+        kv, pos, valid = KVInit(lay, rec.head_dim)(step.example_inputs[0])[:3]
     ex = (*step.example_inputs[:n_own], kv.to(step.example_inputs[n_own].dtype), pos, valid)
     cap_dim = {n_own: 4, n_own + 1: 2, n_own + 2: 2}
     dyn = tuple(tuple((d, s) for d, s in dims if cap_dim.get(i) != d) for i, dims in enumerate(step.dynamic_dims))

@@ -659,6 +659,8 @@ class TinyFrameStep(nn.Module):
         self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
         self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
         self.register_buffer("slopes", torch.tensor([2.0 ** -(h + 1) for h in range(heads)]), persistent=False)
+        self.record_mass = False     # eager only: keep each call's attention per cache slot in `last_mass`
+        self.last_mass: torch.Tensor | None = None
 
     def forward(self, x, frame_pos, kv_cache, cache_pos, cache_valid):
         b, t, d = x.shape
@@ -667,7 +669,7 @@ class TinyFrameStep(nn.Module):
             cache_valid = cache_valid.expand(self.layers, self.heads, -1)
         bias = -self.slopes[None, :, None] * (frame_pos.reshape(1) - cache_pos)
         bias = torch.where(cache_valid, bias, torch.full_like(bias, -1e4))        # [L, H, C]
-        new = []
+        new, masses = [], []
         for i in range(self.layers):
             q, k, v = self.qkv[i](x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
             kk = torch.cat([kv_cache[i, 0], k], 2)
@@ -675,8 +677,13 @@ class TinyFrameStep(nn.Module):
             mask = torch.cat([bias[i][:, None, :].expand(self.heads, t, -1),
                               torch.zeros(self.heads, t, t, dtype=x.dtype)], 2)[None]
             a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            if self.record_mass:       # the probabilities recomputed from q, k and the mask (not a graph's softmax)
+                from pared.analysis.attention_entropy import sdpa_probabilities
+                masses.append(sdpa_probabilities(q, kk, mask).sum((0, 2))[:, :-t])
             x = x + self.proj[i](a.transpose(1, 2).reshape(b, t, d))
             new.append(torch.stack([k, v]))
+        if self.record_mass:
+            self.last_mass = torch.stack(masses)                                    # [L, H, C]
         return x, torch.stack(new)
 
 
@@ -704,20 +711,29 @@ def tiny_stream_calls(frames: int = 12, batch: int = 2, seed: int = 3, reads: in
     return out
 
 
-def eager_stream(step: nn.Module, layout: Any, calls: Sequence[tuple], head_dim: int) -> list[torch.Tensor]:
+def eager_stream(step: nn.Module, layout: Any, calls: Sequence[tuple], head_dim: int,
+                 reference: Any = None) -> list[torch.Tensor]:
     """The outputs of `step` over a stream of calls (inputs..., frame_pos, append) with the cache
     each head's policy keeps, held as frame lists by pared.ir.kvcache.KVReference (an emulation
-    independent of the KVAppend graph)."""
+    independent of the KVAppend graph; pass `reference` to inspect it afterwards). A layout with
+    heavy heads needs a step that records its attention (TinyFrameStep.record_mass)."""
     from pared.ir.kvcache import KVReference
-    ref = KVReference(layout)
+    ref = reference if reference is not None else KVReference(layout)
+    scored = ref.layout.scored
+    if scored:
+        step.record_mass = True
     outs = []
-    with torch.no_grad():
-        for *own, append in calls:
-            cache, pos, valid = ref.state(own[0].shape[0], head_dim, own[0].dtype)
-            y, new = step(*own, cache, pos, valid)
-            outs.append(y)
-            if float(append[0]) >= 0.5:
-                ref.append(new, float(own[-1][0]))
+    try:
+        with torch.no_grad():
+            for *own, append in calls:
+                cache, pos, valid = ref.state(own[0].shape[0], head_dim, own[0].dtype)
+                y, new = step(*own, cache, pos, valid)
+                outs.append(y)
+                if float(append[0]) >= 0.5:
+                    ref.append(new, float(own[-1][0]), step.last_mass if scored else None)
+    finally:
+        if scored:
+            step.record_mass = False
     return outs
 
 

@@ -78,11 +78,14 @@ def ema_update(ema: dict, model, step: int, decay: float) -> None:
 class Progress:
     """The running loss (an exponential average with weight `smoothing` on each new value), a log
     entry and a printed line every `every` steps (and after the first), and the EMA weights saved
-    to `out_path` every `save_every_min` minutes."""
+    to `out_path` every `save_every_min` minutes (with `meta` in their metadata: what loading
+    them needs, such as an architecture option)."""
 
-    def __init__(self, out_path: str, every: int, smoothing: float, save_every_min: float):
+    def __init__(self, out_path: str, every: int, smoothing: float, save_every_min: float,
+                 meta: dict | None = None):
         import time
         self.out_path, self.every, self.smoothing, self.save_every_min = out_path, every, smoothing, save_every_min
+        self.meta = dict(meta or {})
         self.loss: float | None = None
         self.log: list[dict] = []
         self.last_save = time.time()
@@ -95,5 +98,5 @@ class Progress:
             self.log.append({"step": step, "minutes": round(elapsed / 60, 2), "loss": round(self.loss, 5)})
             print(f"step {step:6d}  {elapsed / 60:6.1f} min  loss {self.loss:.4f}", flush=True)
         if time.time() - self.last_save > self.save_every_min * 60:
-            atomic_save(ema, self.out_path, {"step": step, "minutes": round(elapsed / 60, 1)})
+            atomic_save(ema, self.out_path, {**self.meta, "step": step, "minutes": round(elapsed / 60, 1)})
             self.last_save = time.time()

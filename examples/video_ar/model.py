@@ -106,10 +106,16 @@ class Block(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    def __init__(self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4):
+    def __init__(self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4, stem: int = PATCH):
         super().__init__()
         self.dim, self.depth, self.heads, self.head_dim = dim, depth, heads, dim // heads
-        self.patch_embed = nn.Linear(PATCH * PATCH, dim)
+        if stem < PATCH or (stem - PATCH) % 2:
+            raise ValueError(f"stem {stem}: the patch embedding's window must be {PATCH} or larger by an even count")
+        self.stem = stem
+        if stem == PATCH:   # plain patchify: each token sees its own 4x4 pixels
+            self.patch_embed = nn.Linear(PATCH * PATCH, dim)
+        else:               # overlapping: each token sees a stem x stem window centred on its patch
+            self.patch_conv = nn.Conv2d(1, dim, stem, stride=PATCH, padding=(stem - PATCH) // 2)
         self.register_buffer("pos_embed", _sincos_2d(FRAME // PATCH, dim), persistent=False)
         self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
         # a fixed spatial locality bias per head, -beta_h * (patch distance)^2, so "look at
@@ -134,6 +140,8 @@ class VideoDiT(nn.Module):
         """[B, 1, 32, 32] -> [B, 64, D]"""
         b = x.shape[0]
         g = FRAME // PATCH
+        if self.stem != PATCH:
+            return self.patch_conv(x).flatten(2).transpose(1, 2) + self.pos_embed
         p = x.reshape(b, g, PATCH, g, PATCH).permute(0, 1, 3, 2, 4).reshape(b, g * g, PATCH * PATCH)
         return self.patch_embed(p) + self.pos_embed
 
@@ -224,13 +232,33 @@ class VideoDiT(nn.Module):
 
 
 def build_model(weights: str | None = WEIGHTS) -> VideoDiT:
-    m = VideoDiT(**CONFIG)
-    if weights is not None:
-        from safetensors.torch import load_file
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"{weights} is missing: train it with `python {HERE}/train.py`")
-        m.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
+    """VideoDiT with `weights` (None: random), its stem as the weights' metadata says."""
+    if weights is None:
+        return VideoDiT(**CONFIG).eval()
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights} is missing: train it with `python {HERE}/train.py`")
+    with safe_open(weights, "pt") as f:
+        stem = int((f.metadata() or {}).get("stem", PATCH))
+    m = VideoDiT(**CONFIG, stem=stem)
+    m.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     return m.eval()
+
+
+def widen_stem(state: dict, stem: int) -> dict:
+    """Weights of a plain-patchify model (`patch_embed`) as those of an overlapping `stem`:
+    the window's centre 4x4 taps are the old weights and the rest zero, so the widened
+    model computes exactly what the old one did (a start for training the stem)."""
+    if "patch_embed.weight" not in state or stem == PATCH:
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith("patch_embed.")}
+    w = state["patch_embed.weight"]                                                  # [D, 16] (row, col)
+    conv = torch.zeros(w.shape[0], 1, stem, stem, dtype=w.dtype)
+    o = (stem - PATCH) // 2
+    conv[:, 0, o:o + PATCH, o:o + PATCH] = w.reshape(-1, PATCH, PATCH)
+    out["patch_conv.weight"], out["patch_conv.bias"] = conv, state["patch_embed.bias"].clone()
+    return out
 
 
 def step_inputs(model: VideoDiT, batch: int = 1, capacity_frames: int = TRAIN_FRAMES) -> tuple:

@@ -26,15 +26,14 @@ import time
 import numpy as np
 import torch
 
-from pared.workloads.training import (Progress, atomic_save, ema_update, load_init, optimizer_step, start,
-                                      write_train_log)
+from pared.workloads.training import Progress, atomic_save, ema_update, optimizer_step, start, write_train_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
           ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
-          save_every_min: float = 5.0, init: str | None = None) -> dict:
+          save_every_min: float = 5.0, init: str | None = None, stem: int | None = None) -> dict:
     """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
     (a fresh optimizer with a new warmup; the log records the chain)."""
     from pared.workloads import example_module
@@ -44,14 +43,25 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     T = mdl.TRAIN_FRAMES
-    model = mdl.VideoDiT(**mdl.CONFIG)
-    previous = load_init(model, init)
+    if init:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(init, "pt") as f:
+            previous = dict(f.metadata() or {})
+        stem = stem or int(previous.get("stem", mdl.PATCH))
+        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem)
+        model.load_state_dict(mdl.widen_stem(load_file(init), stem))   # a wider stem starts as the old one
+    else:
+        previous = None
+        stem = stem or mdl.PATCH
+        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem)
     ema, opt, n_params = start(model, lr)
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
     t0, step = time.time(), 0
-    progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min)
+    progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min,
+                        meta={"stem": stem})
     while True:
         elapsed = time.time() - t0
         frac = max(step / steps if steps else 0.0, elapsed / (max_minutes * 60))
@@ -75,7 +85,7 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         progress.after(step, loss.item(), elapsed, ema)
     meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(progress.loss, 5),
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
-            "ctx_max": ctx_max, "t_power": t_power, "ema_decay": ema_decay,
+            "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
     if previous:
         meta["continued_from"] = previous
@@ -97,12 +107,14 @@ def main() -> None:
     p.add_argument("--t-power", type=float, default=1.0,
                    help="target noise levels t = u ** t_power, u ~ U(0, 1); below 1 favours high noise")
     p.add_argument("--init", help="continue from these EMA weights (a fresh optimizer and warmup)")
+    p.add_argument("--stem", type=int, help="patch embedding window (4: plain patches; 8: overlapping, each token "
+                   "sees 2 px around its patch); default: the --init weights' or 4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
     a = p.parse_args()
     train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
-          t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init)
+          t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ After:  every (layer, head) keeps what its policy says (ir/kvcache.py: sink, rec
 
     window       every head: the last `frames` frames (a FIFO)
     sink_window  every head: the first `sink` frames + the last `frames - sink` (StreamingLLM)
+    heavy        every head: the first `sink` frames, then half the rest the last frames and half
+                 the heavy hitters among the frames leaving them (H2O, per frame: the most attended)
     pyramid      by head type (Pyramid Forcing's table, every number an option):
                    anchor: sink 3 + strided middle (interval 6, 4 frames) + recent 4
                    wave:   sink 1 + periodic middle (period 6, 4 frames) + recent 4
@@ -17,22 +19,29 @@ After:  every (layer, head) keeps what its policy says (ir/kvcache.py: sink, rec
                  the HeadTypes record of analysis `head_types`
     table        option `policies`: a [layers][heads] table of policies (ir/kvcache.HeadPolicy fields)
 
-Budgets. `frames: B` sizes window and sink_window, and rescales every pyramid type to B frames
+Any head's middle may be `heavy` (through `types` or `policies` too). A layout with a heavy head
+is scored: the step graph gains an output, the attention mass each cache slot received
+(passes/kv/mass.py), and the state a score per frame slot that the append accumulates and
+ranks by (ir/kvcache.py). Put such a policy before kv_drop, which keeps the mass right for the
+heads it splits off.
+
+Budgets. `frames: B` sizes window, sink_window and heavy, and rescales every pyramid type to B frames
 (its sink kept, the rest split between recent and middle in the type's own proportion).
 `target: {goal}` instead searches the smallest B (bisection from 1 to `max_frames`, default the
 cache's capacity now) whose layout still meets the goal on the calibration stream, measured
 against the program's outputs with the cache in force before (psnr_db, cosine, rel_l2, ...);
 assumed monotone (a larger budget never measures worse), recorded as KVBudgetSearch.
 
-Only the cache's graphs (kv.init, kv.append) and the state declarations change: the step
-graph, captured with a dynamic capacity, reads any capacity, and whatever earlier passes
-did to it stays. A step captured with a static capacity takes only a layout of that
-capacity (the pass says so otherwise).
+Only the cache's graphs (kv.init, kv.append) and the state declarations change (and, for a
+scored layout, the step's mass output): the step graph, captured with a dynamic capacity,
+reads any capacity, and whatever earlier passes did to it stays. A step captured with a
+static capacity takes only a layout of that capacity (the pass says so otherwise).
 
 Reads: the KVStream record (capture of a pared.ir.stream.Streamer writes it); for `pyramid`
 without `head_types`, the HeadTypes record.
-Writes: graphs kv.init and kv.append, the plan's kv.* state declarations, the KVStream record
-(layout, policy); with `target`, a KVBudgetSearch record (the goal and its trials).
+Writes: graphs kv.init and kv.append (and the plan's calls of them), the plan's kv.* state
+declarations, the step graph's kv_mass output where the layout is scored (or its removal), the
+KVStream record (layout, policy, mass); with `target`, a KVBudgetSearch record (the goal and its trials).
 Invariant: the program's outputs are the step's with the cache each head's policy keeps
 (tests: against an eager step fed the cache of ir.kvcache.KVReference).
 """
@@ -53,10 +62,13 @@ from pared.ir.goal import Goal
 from pared.ir.kvcache import HeadPolicy, KVLayout, uniform_policy
 from pared.ir.program import Program
 from pared.ir.records import Record
-from pared.ir.stream import STATES, KVStream, cache_graphs, state_declarations, stream_record
+from pared.ir.stream import (ALL_STATES, STATES, KVStream, append_inputs, cache_graphs, rewire, state_declarations,
+                             stream_record)
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
+from pared.passes.kv.mass import drop_mass, report_mass
 
 NAME = "kv_policy"
+UNIFORM = ("window", "sink_window", "heavy")     # one policy for every head, sized by the budget
 HEAD_TYPES = ("anchor", "wave", "veil", "dummy")
 
 #: Pyramid Forcing's shipped per-type policies (METHODS.md)
@@ -101,6 +113,16 @@ def rescale(p: HeadPolicy, frames: int) -> HeadPolicy:
                                phase=min(p.phase, p.interval - 1))
 
 
+def type_fields(head_type: str, override: Mapping[str, Any]) -> dict:
+    """A pyramid type's policy fields: the defaults with `override` on top; an override naming
+    another middle kind drops the default kind's interval and phase unless it gives its own."""
+    base = dict(PYRAMID_DEFAULTS[head_type])
+    if "middle" in override and override["middle"] != base.get("middle"):
+        base.pop("interval", None)
+        base.pop("phase", None)
+    return {**base, **dict(override)}
+
+
 def _policy(where: str, d: Any) -> HeadPolicy:
     if isinstance(d, HeadPolicy):
         return d
@@ -119,9 +141,10 @@ class KVPolicy(RewritePass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        policy: Literal["window", "sink_window", "pyramid", "table"] = "pyramid"
-        frames: int | None = None          # the budget in frames per head (window, sink_window; pyramid: rescaled)
-        sink: int = 1                      # sink_window: sink frames
+        policy: Literal["window", "sink_window", "heavy", "pyramid", "table"] = "pyramid"
+        frames: int | None = None          # the budget in frames per head (window, sink_window, heavy;
+                                           # pyramid: rescaled)
+        sink: int = 1                      # sink_window, heavy: sink frames
         head_types: list | tuple | None = None   # pyramid: [layers][heads] of anchor | wave | veil | dummy
         types: dict | None = None          # pyramid: per type, policy fields replacing the defaults
         policies: list | tuple | None = None     # table: [layers][heads] of policy fields
@@ -141,7 +164,7 @@ class KVPolicy(RewritePass):
                 raise OptionError(f"pass '{NAME}': option 'max_frames' goes with 'target'")
             if self.max_frames is not None:
                 check_range(NAME, "max_frames", self.max_frames, lo=1)
-            if self.policy in ("window", "sink_window") and self.frames is None and self.target is None:
+            if self.policy in UNIFORM and self.frames is None and self.target is None:
                 raise OptionError(f"pass '{NAME}': policy {self.policy!r} needs option 'frames' (the budget) or "
                                   "'target' (a goal)")
             if self.frames is not None:
@@ -150,8 +173,11 @@ class KVPolicy(RewritePass):
                     raise OptionError(f"pass '{NAME}': option 'frames' does not apply to policy 'table' (its "
                                       "policies say what each head keeps)")
             check_range(NAME, "sink", self.sink, lo=0)
-            if self.policy == "sink_window" and self.frames is not None:
-                uniform_policy("sink_window", self.frames, self.sink)
+            if self.policy in ("sink_window", "heavy") and self.frames is not None:
+                try:
+                    uniform_policy(self.policy, self.frames, self.sink)
+                except OptionError as e:
+                    raise OptionError(f"pass '{NAME}': {e}") from None
             if self.policy == "table" and self.policies is None:
                 raise OptionError(f"pass '{NAME}': policy 'table' needs option 'policies' ([layers][heads])")
             if self.types is not None:
@@ -160,7 +186,9 @@ class KVPolicy(RewritePass):
                     raise OptionError(f"pass '{NAME}': option 'types' names unknown head type(s) {sorted(unknown)}; "
                                       f"known: {list(HEAD_TYPES)}")
                 for t, d in self.types.items():
-                    _policy(f"option 'types' ({t})", d)
+                    if not isinstance(d, Mapping):
+                        _policy(f"option 'types' ({t})", d)
+                    _policy(f"option 'types' ({t})", type_fields(t, d))
             if self.head_types is not None:
                 bad = {x for row in self.head_types for x in (row if isinstance(row, (list, tuple)) else [row])
                        if x not in HEAD_TYPES}
@@ -172,7 +200,7 @@ class KVPolicy(RewritePass):
         """The layout the options give for this stream (at a budget of `frames`, default option 'frames')."""
         o, L, H, T = self.options, rec.layers, rec.heads, rec.tokens_per_frame
         frames = o.frames if frames is None else frames
-        if o.policy in ("window", "sink_window"):
+        if o.policy in UNIFORM:
             return KVLayout.uniform(uniform_policy(o.policy, frames, min(o.sink, frames - 1)), L, H, T)
         if o.policy == "table":
             rows = o.policies
@@ -188,8 +216,7 @@ class KVPolicy(RewritePass):
                                 "before it")
             types = rec_types.types
         self._check_table("head_types", types, L, H)
-        per_type = {t: _policy(f"type {t}", {**PYRAMID_DEFAULTS[t], **dict((o.types or {}).get(t, {}))})
-                    for t in HEAD_TYPES}
+        per_type = {t: _policy(f"type {t}", type_fields(t, (o.types or {}).get(t, {}))) for t in HEAD_TYPES}
         if frames is not None:
             per_type = {t: rescale(p, frames) for t, p in per_type.items()}
         return KVLayout(tuple(tuple(per_type[t] for t in row) for row in types), T)
@@ -216,7 +243,7 @@ class KVPolicy(RewritePass):
                 cache[frames] = o.target.met(measured)
             return cache[frames]
 
-        lo = 1 if o.policy != "sink_window" else o.sink + 1
+        lo = 1 if o.policy not in ("sink_window", "heavy") else o.sink + 1
         if not meets(hi):
             ctx.log.warning("%s: even %d frames miss the goal %s; keeping %d", NAME, hi, dict(o.target.terms), hi)
             return hi, tuple(trials)
@@ -254,7 +281,9 @@ class KVPolicy(RewritePass):
 
 def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who: str = NAME) -> Program:
     """`program` with the cache kept by layout `new`: kv.init and kv.append captured for it, the
-    kv.* state declarations of its capacity, the KVStream record updated (policy: its name).
+    kv.* state declarations of its capacity, the KVStream record updated (policy: its name). A
+    scored layout (heavy hitters) makes the step graph report its attention mass (passes/kv/mass.py)
+    and carries frame scores as state; an unscored one removes both.
 
     Raises:
         PassError: when the step graph takes only its captured capacity and `new` needs another.
@@ -264,17 +293,23 @@ def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who
         raise PassError(f"pass '{who}': the step graph was captured with a static cache of {old.frames} frame(s) (it did not "
                         f"export with a dynamic capacity), and this layout needs {new.frames}; capture the "
                         f"Streamer with a layout of {new.frames} frames")
+    if new.scored:
+        program, rec = report_mass(program, rec, who)
     init, append = program.graphs[rec.init], program.graphs[rec.append]
     x_ex = init.example_inputs[0]
-    new_kv_ex, fp_ex = append.example_inputs[4], append.example_inputs[5]
+    k_new, k_fp = append_inputs(rec)
+    new_kv_ex, fp_ex = append.example_inputs[k_new], append.example_inputs[k_fp]
     batch_dyn = bool(init.dynamic_dims and init.dynamic_dims[0])
     batch_dim = torch.export.Dim("batch", min=1, max=4096) if batch_dyn else None
     graphs = dict(program.graphs)
     graphs.update(cache_graphs(new, rec.head_dim, x_ex, new_kv_ex, fp_ex, batch_dim))
-    plan = program.plan
+    plan = rewire(program.plan, rec, new)
     cache_decl = next(s for s in plan.state if s.name == STATES[0])
-    keep = tuple(s for s in plan.state if s.name not in STATES)
+    keep = tuple(s for s in plan.state if s.name not in ALL_STATES)
     decl = state_declarations(new, cache_decl.shape[2], rec.head_dim, cache_decl.dtype)
     plan = dataclasses.replace(plan, state=keep + decl)
-    return program.replace(graphs=graphs, plan=plan).with_record(
-        dataclasses.replace(rec, layout=new, policy=policy))
+    rec = dataclasses.replace(rec, layout=new, policy=policy, states=ALL_STATES if new.scored else STATES)
+    out = program.replace(graphs=graphs, plan=plan).with_record(rec)
+    if not new.scored and rec.mass:
+        out, _ = drop_mass(out, rec)
+    return out

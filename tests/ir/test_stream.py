@@ -69,16 +69,21 @@ def test_a_new_stream_starts_at_reset_or_an_earlier_frame(captured):
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("heavy", [False, True], ids=["pyramid", "heavy_veil"])
 @pytest.mark.parametrize("target", ["cpu", pytest.param("tvm-cpu", marks=pytest.mark.heavy)])
-def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, target):
+def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, target, heavy):
     """ONNX Runtime keeps the step's capacity dynamic; TVM gets it fixed at the layout's
-    (backends/lower.py: ir/stream.static_step)."""
+    (backends/lower.py: ir/stream.static_step). With heavy-hitter veil heads the step reports its
+    attention (split by kv_drop at layer 1) and the state carries the frame scores; the reference
+    ranks frames by the attention the eager step computes."""
     from pared.registry import get_pass
     from pared.ir.transform import PassContext
     from pared.targets import get_target
     m, ex = testing.tiny_streamer()
-    prog = get_pass("kv_policy")(policy="pyramid", head_types=[["anchor", "wave"], ["veil", "veil"]])(
+    types = {"veil": {"sink": 1, "recent": 2, "middle": "heavy", "middle_frames": 2}} if heavy else None
+    prog = get_pass("kv_policy")(policy="pyramid", head_types=[["anchor", "wave"], ["veil", "veil"]], types=types)(
         capture(m, ex), PassContext()).program
+    assert prog.records["KVStream"].kv_layout().scored == heavy
     prog = get_pass("kv_drop")(heads=[[1, 1]])(prog, PassContext()).program     # composes: drops one more
     assert prog.records["KVStream"].policy == "pyramid+kv_drop"
     path = testing.save_program(prog, str(tmp_path / "art"), get_target(target).to_json())

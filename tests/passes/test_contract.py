@@ -377,8 +377,9 @@ def call_vs_model(held_out: Callable[[Fixture], tuple] | None = None):
 
 def stream_meaning(fx_: Fixture, res: PassResult):
     """A 12-frame stream through the program against the eager step fed the cache each head's
-    policy keeps (frame lists, pared.ir.kvcache.KVReference): past 3 frames every policy here
-    differs from the captured 3-frame window."""
+    policy keeps (frame lists, pared.ir.kvcache.KVReference; heavy hitters ranked by the attention
+    the eager step computes): past 3 frames every policy here differs from the captured 3-frame
+    window."""
     calls = testing.tiny_stream_calls(12)
     layout = res.program.records["KVStream"].kv_layout()
     ref = testing.eager_stream(fx_.model.step, layout, calls, fx_.model.head_dim)
@@ -641,7 +642,8 @@ CASES: dict[str, Case] = {
     "kv_policy": Case(
         streamer, {"policy": "pyramid", "head_types": [["anchor", "veil"], ["wave", "dummy"]],
                    "types": {"anchor": {"sink": 1, "recent": 2, "middle": "strided", "middle_frames": 2,
-                                        "interval": 2}}},
+                                        "interval": 2},
+                             "veil": {"sink": 1, "recent": 1, "middle": "heavy", "middle_frames": 2}}},
         noop={"policy": "window", "frames": 3},
         bad=(({"policy": "window"}, "policy 'window' needs option 'frames'"),
              ({"policy": "sink_window", "frames": 1}, "leaves no room for a window after 1 sink frame"),
@@ -651,6 +653,8 @@ CASES: dict[str, Case] = {
              ({"head_types": None}, "run analysis 'head_types' before it"),
              ({"policy": "table", "policies": [[{"sink": 1, "middle": "merged"}] * 2] * 2},
               "middle 'merged' needs middle_frames >= 1"),
+             ({"policy": "table", "policies": [[{"recent": 1, "middle": "heavy", "middle_frames": 1, "interval": 2}]
+                                               * 2] * 2}, "interval and phase do not apply"),
              ({"polcy": "window"}, "unknown option 'polcy'; did you mean 'policy'")),
         meaning=stream_meaning, rel_l2=1e-6),
     "kv_drop": Case(

@@ -61,3 +61,43 @@ def test_budget_options_are_checked(stream):
     res = get_pass("kv_policy")(policy="pyramid", frames=7, head_types=[["anchor", "wave"], ["veil", "dummy"]])(
         prog, PassContext())
     assert [p.frames for row in res.program.records["KVStream"].kv_layout().policies for p in row] == [7, 7, 7, 0]
+
+
+def test_heavy_hitters_make_the_step_report_its_attention_and_undo_it(stream):
+    """policy heavy: the step graph gains the kv_mass output, the plan a score state the append
+    reads and writes; the stream equals frame lists ranked by the eager step's own attention.
+    Another policy afterwards takes both away again (the step graph as captured)."""
+    import torch
+    from pared.ir.stream import MASS, SCORE
+    m, prog, calls = stream
+    heavy = get_pass("kv_policy")(policy="heavy", frames=5)(prog, PassContext()).program
+    rec = heavy.records["KVStream"]
+    assert rec.kv_layout().policies[0][0] == HeadPolicy(sink=1, recent=2, middle="heavy", middle_frames=2)
+    assert heavy.graphs["step"].output_names[-1] == MASS and rec.mass == "step.kv_mass"
+    assert SCORE in {s.name for s in heavy.plan.state}
+    append = next(c for c in heavy.plan.calls() if c.graph == "kv.append")
+    assert append.inputs[-1] == "step.kv_mass" and append.outputs[-1] == f"state:{SCORE}"
+    run = heavy.runner()
+    with torch.no_grad():
+        got = [run(list(c))[0] for c in calls]
+    ref = testing.eager_stream(m.step, rec.kv_layout(), calls, m.head_dim)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=f"call {i}")
+    # the heavy middle differs from what a sink + window of the same budget keeps
+    win = testing.eager_stream(m.step, get_pass("kv_policy")(policy="sink_window", frames=5)(prog, PassContext())
+                               .program.records["KVStream"].kv_layout(), calls, m.head_dim)
+    assert not torch.allclose(win[-1], ref[-1], atol=1e-4)
+    back = get_pass("kv_policy")(policy="window", frames=4)(heavy, PassContext()).program
+    assert back.records["KVStream"].mass is None and SCORE not in {s.name for s in back.plan.state}
+    assert back.graphs["step"].output_names == prog.graphs["step"].output_names
+    assert back.graphs["step"].module.code == prog.graphs["step"].module.code
+
+
+def test_heavy_hitters_go_before_kv_drop(stream):
+    from pared.ir.errors import PassError
+    m, prog, calls = stream
+    dropped = get_pass("kv_drop")(heads=[[0, 1]])(prog, PassContext()).program
+    with pytest.raises(PassError, match="kv_drop split them: apply the heavy policy before kv_drop"):
+        get_pass("kv_policy")(policy="heavy", frames=5)(dropped, PassContext())
+    with pytest.raises(OptionError, match="pass 'kv_policy': heavy: a budget of 1 frame"):
+        get_pass("kv_policy")(policy="heavy", frames=1)

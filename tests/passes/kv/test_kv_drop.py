@@ -1,0 +1,52 @@
+"""kv_drop's goal: the most heads (lowest Dummy Forcing cost first) whose dropping still meets a
+goal on the calibration stream, every trial recorded, against the program before."""
+import pytest
+
+from pared import testing
+from pared.analysis.metrics import compare_outputs
+from pared.analysis.recorder import replay
+from pared.ir.capture import capture
+from pared.ir.errors import OptionError, PassError
+from pared.ir.transform import PassContext
+from pared.registry import get_pass
+
+
+@pytest.fixture(scope="module")
+def typed():
+    m, ex = testing.tiny_streamer(capacity_frames=10)
+    calls = testing.tiny_stream_calls(12)
+    prog = get_pass("head_types")(recent=1, min_frames=3, max_distance=8)(capture(m, ex),
+                                                                         PassContext(calibration=calls)).program
+    return prog, calls
+
+
+def test_target_drops_the_most_heads_that_meet_the_goal(typed):
+    prog, calls = typed
+    ref = replay(prog, calls)
+    # the goal between what dropping one head and dropping two measure, in cost order
+    one = get_pass("kv_drop")(share=0.25)(prog, PassContext()).program
+    two = get_pass("kv_drop")(share=0.5)(prog, PassContext()).program
+    p1 = compare_outputs(ref, replay(one, calls))["psnr_db"]
+    p2 = compare_outputs(ref, replay(two, calls))["psnr_db"]
+    assert p1 > p2
+    goal = (p1 + p2) / 2
+    res = get_pass("kv_drop")(target={"psnr_db": goal})(prog, PassContext(calibration=calls))
+    dec = res.program.records["KVDropDecisions"]
+    assert dec.heads == one.records["KVDropDecisions"].heads and len(dec.heads) == 1
+    tried = dict(dec.trials)
+    assert tried[1][0][1] == pytest.approx(p1, abs=1e-4) and tried[1][0][1] >= goal
+    assert tried[2][0][1] < goal                         # one more head misses it
+    assert dec.target == (("psnr_db", goal),)
+    # a goal nothing but the full history meets drops nothing
+    none = get_pass("kv_drop")(target={"psnr_db": 1e9})(prog, PassContext(calibration=calls))
+    assert not none.modified
+
+
+def test_target_options_are_checked(typed):
+    prog, _ = typed
+    with pytest.raises(OptionError, match="give option 'heads' \\(which to drop\\) or 'target'"):
+        get_pass("kv_drop")(heads=[[0, 0]], target={"psnr_db": 30})
+    with pytest.raises(OptionError, match="option 'target'.*agreement"):
+        get_pass("kv_drop")(target={"agreement": 0.9})
+    with pytest.raises(PassError, match="needs a calibration stream"):
+        get_pass("kv_drop")(target={"psnr_db": 30})(prog, PassContext())
