@@ -19,11 +19,11 @@ def mdl():
     return example_module("video_ar")
 
 
-def _random_model(mdl, seed=0):
+def _random_model(mdl, seed=0, stem=4):
     """A random model whose zero-initialized layers (adaLN, output) are perturbed too,
     so every path of the forward carries signal."""
     torch.manual_seed(seed)
-    m = mdl.VideoDiT(**mdl.CONFIG)
+    m = mdl.VideoDiT(**mdl.CONFIG, stem=stem)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -67,8 +67,9 @@ def test_bounce_physics_is_elastic(data):
             np.testing.assert_array_equal(c.frames[i], data.render(c.digits, c.pos[i:i + 1])[0])
 
 
-def test_cached_step_equals_the_uncached_clip_forward(mdl, data):
-    m = _random_model(mdl)
+@pytest.mark.parametrize("stem", [4, 8])
+def test_cached_step_equals_the_uncached_clip_forward(mdl, data, stem):
+    m = _random_model(mdl, stem=stem)
     T, B, N = 6, 2, mdl.TOKENS
     g = torch.Generator().manual_seed(1)
     clips = data.batch([5, 6], T)
@@ -98,6 +99,32 @@ def test_cached_step_equals_the_uncached_clip_forward(mdl, data):
     torch.testing.assert_close(x_shift, ref[:, -1], atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="whole frames"):
         m(noisy[:, 0], t_noisy[:, 0], torch.tensor([1.0]), kv[..., :N + 1, :], pos[:N + 1], valid[:N + 1])
+
+
+def test_a_wider_stem_starts_as_the_plain_patches_and_loads_by_its_metadata(mdl, tmp_path):
+    """widen_stem puts the 4x4 patch weights at the centre of the overlapping window (the rest
+    zero): the same function; build_model reads the stem from the weights' metadata."""
+    from safetensors.torch import save_file
+    plain = _random_model(mdl)
+    wide = mdl.VideoDiT(**mdl.CONFIG, stem=8)
+    wide.load_state_dict(mdl.widen_stem(plain.state_dict(), 8))
+    wide.eval()
+    ex = mdl.step_inputs(plain, 2, 4)
+    with torch.no_grad():
+        a, b = plain(*ex), wide(*ex)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():      # a trained wide stem sees the 2 px around its patch (random per channel:
+        wide.patch_conv.weight[:, :, 0, 0] += torch.randn(wide.dim, 1)   # LayerNorm removes an equal shift)
+        assert not torch.allclose(wide(*ex)[0], a[0], atol=1e-4)
+    path = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()}, path, metadata={"stem": "8"})
+    loaded = mdl.build_model(path)
+    assert loaded.stem == 8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*ex)[0], wide(*ex)[0])
+    with pytest.raises(ValueError, match="window must be 4 or larger by an even count"):
+        mdl.VideoDiT(**mdl.CONFIG, stem=5)
 
 
 def test_per_head_slot_positions_mask_each_head_alone(mdl):
