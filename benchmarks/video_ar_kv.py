@@ -18,6 +18,7 @@ policies at a fixed budget, side by side in one run.
       window_drop    window, then kv_drop (the same heads)
       heavy          kv_policy heavy: 2 sink frames, then half the rest the last frames and half
                      the heavy hitters (H2O per frame: the most attended frames leaving the window)
+      snap           the same split ranked by the latest frame's attention alone (SnapKV)
    --arms picks some of them (full always runs: the ratios are against it).
 3. Quality: every arm rolls out the same --clips held-out clips (same noise) eagerly, the
    Streamer holding what the arm's layout keeps (heavy: the captured program, whose step reports
@@ -70,6 +71,7 @@ def arms(program, ctx, budget: int, opts: dict) -> dict:
     return {
         "full": program,
         "heavy": lambda: run(get_pass("kv_policy")(policy="heavy", frames=budget, sink=2)),
+        "snap": lambda: run(get_pass("kv_policy")(policy="snap", frames=budget, sink=2)),
         "window": lambda: run(get_pass("kv_policy")(policy="window", frames=budget)),
         "sink_window": lambda: run(get_pass("kv_policy")(policy="sink_window", frames=budget, sink=2)),
         "pyramid": lambda: run(get_pass("kv_policy")(**pyr)),
@@ -79,7 +81,7 @@ def arms(program, ctx, budget: int, opts: dict) -> dict:
     }
 
 
-ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "window_drop", "heavy")
+ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "window_drop", "heavy", "snap")
 
 
 def spans(frames: int, train: int, context: int) -> dict:

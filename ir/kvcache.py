@@ -18,13 +18,16 @@ Dummy Forcing (METHODS.md, "KV-cache policies for streaming generation"):
                         (H2O's heavy hitters, per frame): a leaving frame takes an empty middle
                         slot, else replaces the middle frame with the lowest score if its own
                         score is higher, else is dropped
+              snap      as heavy, the score being the attention of the latest appending call
+                        alone (SnapKV's observation window votes; heavy accumulates it)
 
 A head with no slots at all (sink = recent = 0) sees only the current frame: Dummy
 Forcing's dropped heads.
 
-Scores (layouts with a `heavy` head). Each frame slot carries a score: the attention mass
-its tokens received, summed over the batch rows, query rows and tokens of the frame, and
-accumulated over the appending calls while the frame is cached (H2O accumulates over every
+Scores (layouts with a `heavy` or `snap` head). Each frame slot carries a score: the attention
+mass its tokens received, summed over the batch rows, query rows and tokens of the frame (the
+frame is the pooling window), and for `heavy` accumulated over the appending calls while the
+frame is cached, for `snap` the latest call's alone (H2O accumulates over every
 decoding step; here the appending call is the one whose queries see the finished frame,
 SnapKV's observation window). The step reports the mass per cache slot (`mass` [L, H, C],
 added to the step graph by passes/kv/kv_policy.py); the append adds it to the scores before
@@ -57,8 +60,9 @@ import torch
 
 from .errors import OptionError
 
-MIDDLE_KINDS = ("none", "strided", "periodic", "merged", "heavy")
-HEAVY = MIDDLE_KINDS.index("heavy")
+MIDDLE_KINDS = ("none", "strided", "periodic", "merged", "heavy", "snap")
+HEAVY, SNAP = MIDDLE_KINDS.index("heavy"), MIDDLE_KINDS.index("snap")
+RANKED = ("heavy", "snap")      # middles that rank frames by their attention score
 _NOT_PICKED = 1e30      # a score no slot reaches (a finite bound: TVM's and ORT's min over +inf alike)
 
 
@@ -91,9 +95,9 @@ class HeadPolicy:
                               "it needs recent >= 1")
         if self.middle == "periodic" and self.phase >= self.interval:
             raise OptionError(f"KV head policy: phase {self.phase} must be below the period {self.interval}")
-        if self.middle == "heavy" and (self.interval != 1 or self.phase):
-            raise OptionError("KV head policy: middle 'heavy' ranks frames by their attention score; interval and "
-                              "phase do not apply to it (leave them 1 and 0)")
+        if self.middle in RANKED and (self.interval != 1 or self.phase):
+            raise OptionError(f"KV head policy: middle {self.middle!r} ranks frames by their attention score; "
+                              "interval and phase do not apply to it (leave them 1 and 0)")
 
     @property
     def frames(self) -> int:
@@ -154,8 +158,9 @@ class KVLayout:
 
     @property
     def scored(self) -> bool:
-        """Some head keeps heavy hitters: the state carries frame scores, the step reports attention mass."""
-        return any(p.middle == "heavy" for row in self.policies for p in row)
+        """Some head ranks frames by attention (heavy, snap): the state carries frame scores, the step
+        reports attention mass."""
+        return any(p.middle in RANKED for row in self.policies for p in row)
 
     def kept_frames(self) -> float:
         """Mean frame slots in use per (layer, head) (the memory a policy holds, padding excluded)."""
@@ -255,7 +260,8 @@ class KVAppend(torch.nn.Module):
         share = 1.0 / (ph.float() + 1.0)                 # a merged slot's share of the c-th frame: 1 / (c + 1)
         beta = onehot(mslot, replace).float() + onehot(mslot, merge).float() * share[..., None]
         if self.scored:
-            beta = beta + self._heavy(mid & (kind == HEAVY), onehot(rslot, evict).float(), score, filled, S + R, M)
+            ranked = (kind == HEAVY) | (kind == SNAP)
+            beta = beta + self._heavy(mid & ranked, onehot(rslot, evict).float(), score, filled, S + R, M)
         alpha = 1.0 - w_new - beta
         return alpha, beta, w_new, onehot(rslot, evict).float()
 
@@ -285,7 +291,9 @@ class KVAppend(torch.nn.Module):
     def _append(self, cache, pos, valid, count, new_kv, frame_pos, score=None, mass=None):
         L, H, F, T = self.L, self.H, self.F, self.T
         if self.scored:
-            score = score + mass.reshape(L, H, F, T).sum(-1)        # this call's queries over each frame slot
+            seen = mass.reshape(L, H, F, T).sum(-1)                   # this call's queries over each frame slot
+            keep = (self._middle != SNAP).to(score.dtype)[..., None]   # heavy accumulates, snap takes the latest
+            score = keep * score + seen
             filled = valid.reshape(L, H, F, T)[..., 0]
             alpha, beta, gamma, ev = self.coefficients(count, score, filled)
         else:
@@ -345,7 +353,8 @@ class KVReference:
                 slots = self.slots[li][hi]
                 if mass is not None:
                     for s, e in slots.items():
-                        e[3] += float(mass[li, hi, s * T:(s + 1) * T].double().sum())
+                        seen = float(mass[li, hi, s * T:(s + 1) * T].double().sum())
+                        e[3] = seen if p.middle == "snap" else e[3] + seen
                 kv = new_kv[li, :, :, hi].clone()
                 if n < p.sink:
                     slots[n] = [float(frame_pos), kv, 1, 0.0]
@@ -358,7 +367,7 @@ class KVReference:
                 if leaving is None or p.middle == "none":
                     continue
                 first = p.sink + p.recent
-                if p.middle == "heavy":
+                if p.middle in RANKED:
                     mids = range(first, first + p.middle_frames)
                     empty = [m for m in mids if m not in slots]
                     if empty:
@@ -402,18 +411,19 @@ class KVReference:
 def uniform_policy(name: str, frames: int, sink: int = 1) -> HeadPolicy:
     """The uniform policies at a budget of `frames`: `window` (the last frames), `sink_window`
     (StreamingLLM: `sink` first frames + the last ones), `heavy` (H2O: `sink` first frames, then
-    half the rest recent and half heavy hitters, the recent half rounded up)."""
+    half the rest recent and half heavy hitters, the recent half rounded up), `snap` (the same
+    split, ranked by the latest call's attention: SnapKV)."""
     if name == "window":
         return HeadPolicy.window(frames)
-    if name in ("sink_window", "heavy"):
+    if name in ("sink_window",) + RANKED:
         if frames <= sink:
             raise OptionError(f"{name}: a budget of {frames} frame(s) leaves no room for a window after "
                               f"{sink} sink frame(s)")
         rest = frames - sink
         if name == "sink_window" or rest < 2:
             return HeadPolicy(sink=sink, recent=rest)
-        return HeadPolicy(sink=sink, recent=rest - rest // 2, middle="heavy", middle_frames=rest // 2)
-    raise OptionError(f"unknown uniform KV policy {name!r}; known: window, sink_window, heavy")
+        return HeadPolicy(sink=sink, recent=rest - rest // 2, middle=name, middle_frames=rest // 2)
+    raise OptionError(f"unknown uniform KV policy {name!r}; known: window, sink_window, heavy, snap")
 
 
 def layout_from(policies: Sequence[Sequence[HeadPolicy]] | HeadPolicy, layers: int, heads: int,

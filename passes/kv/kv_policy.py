@@ -10,6 +10,8 @@ After:  every (layer, head) keeps what its policy says (ir/kvcache.py: sink, rec
     sink_window  every head: the first `sink` frames + the last `frames - sink` (StreamingLLM)
     heavy        every head: the first `sink` frames, then half the rest the last frames and half
                  the heavy hitters among the frames leaving them (H2O, per frame: the most attended)
+    snap         as heavy, ranked by the latest appending call's attention alone (SnapKV's
+                 observation window) instead of the accumulated one
     pyramid      by head type (Pyramid Forcing's table, every number an option):
                    anchor: sink 3 + strided middle (interval 6, 4 frames) + recent 4
                    wave:   sink 1 + periodic middle (period 6, 4 frames) + recent 4
@@ -19,13 +21,13 @@ After:  every (layer, head) keeps what its policy says (ir/kvcache.py: sink, rec
                  the HeadTypes record of analysis `head_types`
     table        option `policies`: a [layers][heads] table of policies (ir/kvcache.HeadPolicy fields)
 
-Any head's middle may be `heavy` (through `types` or `policies` too). A layout with a heavy head
-is scored: the step graph gains an output, the attention mass each cache slot received
+Any head's middle may be `heavy` or `snap` (through `types` or `policies` too). A layout with
+such a head is scored: the step graph gains an output, the attention mass each cache slot received
 (passes/kv/mass.py), and the state a score per frame slot that the append accumulates and
 ranks by (ir/kvcache.py). Put such a policy before kv_drop, which keeps the mass right for the
 heads it splits off.
 
-Budgets. `frames: B` sizes window, sink_window and heavy, and rescales every pyramid type to B frames
+Budgets. `frames: B` sizes window, sink_window, heavy and snap, and rescales every pyramid type to B frames
 (its sink kept, the rest split between recent and middle in the type's own proportion).
 `target: {goal}` instead searches the smallest B (bisection from 1 to `max_frames`, default the
 cache's capacity now) whose layout still meets the goal on the calibration stream, measured
@@ -68,7 +70,7 @@ from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePas
 from pared.passes.kv.mass import drop_mass, report_mass
 
 NAME = "kv_policy"
-UNIFORM = ("window", "sink_window", "heavy")     # one policy for every head, sized by the budget
+UNIFORM = ("window", "sink_window", "heavy", "snap")     # one policy for every head, sized by the budget
 HEAD_TYPES = ("anchor", "wave", "veil", "dummy")
 
 #: Pyramid Forcing's shipped per-type policies (METHODS.md)
@@ -141,10 +143,10 @@ class KVPolicy(RewritePass):
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        policy: Literal["window", "sink_window", "heavy", "pyramid", "table"] = "pyramid"
+        policy: Literal["window", "sink_window", "heavy", "snap", "pyramid", "table"] = "pyramid"
         frames: int | None = None          # the budget in frames per head (window, sink_window, heavy;
                                            # pyramid: rescaled)
-        sink: int = 1                      # sink_window, heavy: sink frames
+        sink: int = 1                      # sink_window, heavy, snap: sink frames
         head_types: list | tuple | None = None   # pyramid: [layers][heads] of anchor | wave | veil | dummy
         types: dict | None = None          # pyramid: per type, policy fields replacing the defaults
         policies: list | tuple | None = None     # table: [layers][heads] of policy fields
@@ -173,7 +175,7 @@ class KVPolicy(RewritePass):
                     raise OptionError(f"pass '{NAME}': option 'frames' does not apply to policy 'table' (its "
                                       "policies say what each head keeps)")
             check_range(NAME, "sink", self.sink, lo=0)
-            if self.policy in ("sink_window", "heavy") and self.frames is not None:
+            if self.policy in ("sink_window", "heavy", "snap") and self.frames is not None:
                 try:
                     uniform_policy(self.policy, self.frames, self.sink)
                 except OptionError as e:
@@ -243,7 +245,7 @@ class KVPolicy(RewritePass):
                 cache[frames] = o.target.met(measured)
             return cache[frames]
 
-        lo = 1 if o.policy not in ("sink_window", "heavy") else o.sink + 1
+        lo = 1 if o.policy not in ("sink_window", "heavy", "snap") else o.sink + 1
         if not meets(hi):
             ctx.log.warning("%s: even %d frames miss the goal %s; keeping %d", NAME, hi, dict(o.target.terms), hi)
             return hi, tuple(trials)

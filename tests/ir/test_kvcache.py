@@ -92,6 +92,24 @@ def test_heavy_hitters_keep_the_most_attended_leaving_frames():
     assert state_shapes(lay, B, DH)["score"] == (1, 1, 3)
 
 
+def test_snap_ranks_by_the_latest_call_alone():
+    """A ring of 1 and one ranked slot. Frame 0 leaves with mass 5 and takes the slot; afterwards
+    the slot's frame gets 0 from every call and each leaving frame 1: heavy keeps frame 0 (its 5
+    accumulated), snap replaces it at once (its latest score is 0)."""
+    def mass_fn(lay):
+        def mass(n):
+            m = torch.zeros(1, 1, lay.capacity)
+            m[0, 0, :T] = (5.0 if n == 1 else 1.0) / T       # the ring slot only (slot 0)
+            return m
+        return mass
+    kept = {}
+    for kind in ("heavy", "snap"):
+        lay = KVLayout(((HeadPolicy(recent=1, middle=kind, middle_frames=1),),), T)
+        kept[kind] = _run(lay, 6, mass=mass_fn(lay)).frames_kept(0, 0)
+    assert kept["heavy"] == [15.0, 10.0] and kept["snap"] == [15.0, 14.0]
+    assert uniform_policy("snap", 5, sink=1) == HeadPolicy(sink=1, recent=2, middle="snap", middle_frames=2)
+
+
 def test_a_head_without_slots_has_no_valid_slot_and_padding_stays_invalid():
     lay = KVLayout(((HeadPolicy(), HeadPolicy(recent=2)),), T)
     app = KVAppend(lay)
@@ -105,9 +123,9 @@ def test_a_head_without_slots_has_no_valid_slot_and_padding_stays_invalid():
 policy = st.builds(
     lambda sink, recent, kind, m, k, ph: HeadPolicy(
         sink=sink, recent=recent if kind == "none" else max(recent, 1), middle=kind,
-        middle_frames=0 if kind == "none" else m, interval=1 if kind == "heavy" else k,
+        middle_frames=0 if kind == "none" else m, interval=1 if kind in ("heavy", "snap") else k,
         phase=ph % k if kind == "periodic" else 0),
-    st.integers(0, 3), st.integers(0, 4), st.sampled_from(["none", "strided", "periodic", "merged", "heavy"]),
+    st.integers(0, 3), st.integers(0, 4), st.sampled_from(["none", "strided", "periodic", "merged", "heavy", "snap"]),
     st.integers(1, 3), st.integers(1, 4), st.integers(0, 3))
 
 
