@@ -125,10 +125,9 @@ def lower_program(program: Program, target: Mapping[str, Any], outdir: str,
 
 
 def _graph_for(program: Program, name: str, target: Mapping[str, Any]) -> "Any":
-    """The graph lowered for `target`: a streamed step's cache capacity is fixed at its layout's
-    for TVM (ir/stream.static_step), whose schedules do not split a symbolic token count."""
-    from pared.ir.stream import KVStream, static_step
-    rec = program.records.get("KVStream")
-    if target.get("backend") == "tvm" and isinstance(rec, KVStream) and rec.dynamic_capacity and name == rec.step:
-        return static_step(program, rec)
+    """The graph lowered for `target`: for TVM, whose schedules do not split a symbolic extent
+    (a streamed step's cache capacity), with the dimensions the Plan's state pins made static
+    (Program.pinned_by_state)."""
+    if target.get("backend") == "tvm":
+        return program.pinned_by_state(name)
     return program.graphs[name]

@@ -274,7 +274,7 @@ class KVAppend(torch.nn.Module):
         empty = (in_mid & ~filled).float()
         any_empty = empty.sum(-1) > 0
         masked = torch.where(in_mid, score, torch.full_like(score, _NOT_PICKED))
-        low = masked.amin(-1)
+        low = -(-masked).max(-1).values     # (not amin: TVM's torch frontend has max.dim, no min.dim)
         lowest = (in_mid & (masked <= low[..., None])).float()
         cand = torch.where(any_empty[..., None], empty, lowest)
         first_cand = (cand > 0) & ((cand @ self._earlier) == 0)

@@ -251,6 +251,38 @@ class Program:
         """The graphs the Plan calls, in order of first appearance."""
         return list(self.plan.graph_names)
 
+    def pinned_by_state(self, name: str) -> Graph:
+        """Graph `name` with static extents for the dynamic dimensions the Plan's state
+        declarations fix: where every call of it reads an input from a declared state buffer
+        whose shape gives an integer at that dimension, and the dimension's symbol comes from
+        no other input, the symbol takes that size (the example inputs reshaped to it, zeros
+        where they change). For backends that compile static shapes better (TVM's schedules
+        cannot split a symbolic token count: a streamed step's cache capacity, ir/stream.py)."""
+        g = self.graphs[name]
+        calls = [c for c in self.plan.calls() if c.graph == name]
+        if not calls or not any(g.dynamic_dims):
+            return g
+        decls = {s.name: s for s in self.plan.state}
+        sizes: dict[str, set] = {}
+        for c in calls:
+            for i, ref in enumerate(c.inputs):
+                sb = decls.get(ref.split(":", 1)[1]) if ref.startswith("state:") else None
+                for d, sym in g.dynamic_dims[i]:
+                    size = sb.shape[d] if sb is not None and sb.shape is not None and d < len(sb.shape) else None
+                    sizes.setdefault(sym, set()).add(size if isinstance(size, int) else None)
+        pin = {sym: next(iter(v)) for sym, v in sizes.items() if len(v) == 1 and None not in v}
+        if not pin:
+            return g
+        examples, dyn = [], []
+        for ex, dims in zip(g.example_inputs, g.dynamic_dims):
+            fixed = {d: pin[sym] for d, sym in dims if sym in pin}
+            if fixed:
+                shape = [fixed.get(d, n) for d, n in enumerate(ex.shape)]
+                ex = torch.zeros(shape, dtype=ex.dtype)
+            examples.append(ex)
+            dyn.append(tuple((d, sym) for d, sym in dims if sym not in pin))
+        return g.with_module(g.module, example_inputs=tuple(examples), dynamic_dims=tuple(dyn))
+
     def runner(self) -> PlanRunner:
         """A stateful runner for one request (use `.reset()` between requests)."""
         def run_graph(name: str, args: list) -> list:

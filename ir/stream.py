@@ -278,18 +278,3 @@ def capture_streamer(model: Streamer, args: tuple, kwargs: dict, dynamic_shapes:
                    layers=lay.layers, heads=lay.heads, head_dim=dh, tokens_per_frame=lay.tokens_per_frame,
                    layout=lay, dynamic_capacity=dynamic)
     return prog.with_record(rec)
-
-
-def static_step(program, rec: KVStream):
-    """The step graph with the cache's capacity fixed at the current layout's (its example inputs
-    at that capacity, the capacity no longer a dynamic dimension), for backends that compile
-    static shapes better (TVM's schedules cannot split a symbolic token count)."""
-    step = program.graphs[rec.step]
-    n_own = len(rec.inputs) - 1
-    lay = rec.kv_layout()
-    with torch.no_grad():
-        kv, pos, valid = KVInit(lay, rec.head_dim)(step.example_inputs[0])[:3]
-    ex = (*step.example_inputs[:n_own], kv.to(step.example_inputs[n_own].dtype), pos, valid)
-    cap_dim = {n_own: 4, n_own + 1: 2, n_own + 2: 2}
-    dyn = tuple(tuple((d, s) for d, s in dims if cap_dim.get(i) != d) for i, dims in enumerate(step.dynamic_dims))
-    return step.with_module(step.module, example_inputs=ex, dynamic_dims=dyn)

@@ -73,7 +73,7 @@ def test_a_new_stream_starts_at_reset_or_an_earlier_frame(captured):
 @pytest.mark.parametrize("target", ["cpu", pytest.param("tvm-cpu", marks=pytest.mark.heavy)])
 def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, target, heavy):
     """ONNX Runtime keeps the step's capacity dynamic; TVM gets it fixed at the layout's
-    (backends/lower.py: ir/stream.static_step). With heavy-hitter veil heads the step reports its
+    (backends/lower.py: Program.pinned_by_state, from the cache's state declarations). With heavy-hitter veil heads the step reports its
     attention (split by kv_drop at layer 1) and the state carries the frame scores; the reference
     ranks frames by the attention the eager step computes."""
     from pared.registry import get_pass
@@ -114,3 +114,26 @@ def test_capture_errors_name_what_is_wrong():
         capture(bad, ex)
     with pytest.raises(ValueError, match="give capacity_frames >= 1"):
         Streamer(m.step, layers=2, heads=2, head_dim=8, tokens_per_frame=4)
+
+
+def test_state_declarations_pin_the_step_capacity_for_static_backends():
+    """Program.pinned_by_state: the step's capacity (one symbol over kv_cache, cache_pos and
+    cache_valid, all read from declared state) takes the declared size; the batch, which the
+    frame input also carries and the state declares symbolically, stays dynamic; graphs without
+    state inputs are returned as they are."""
+    from pared.registry import get_pass
+    from pared.ir.transform import PassContext
+    m, ex = testing.tiny_streamer(batch=2)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    prog = capture(m, ex, dynamic_shapes=({0: batch}, None, None))
+    prog = get_pass("kv_policy")(policy="window", frames=5)(prog, PassContext()).program
+    step = prog.graphs[STEP]
+    dims = dict(zip(step.input_names, step.dynamic_dims))
+    assert {d for d, _ in dims["kv_cache"]} == {2, 4} and {d for d, _ in dims["x"]} == {0}
+    pinned = prog.pinned_by_state(STEP)
+    got = dict(zip(pinned.input_names, pinned.dynamic_dims))
+    assert [d for d, _ in got["kv_cache"]] == [2] and got["cache_pos"] == () and got["cache_valid"] == ()
+    assert got["x"] == dims["x"]
+    ex_in = dict(zip(pinned.input_names, pinned.example_inputs))
+    assert ex_in["kv_cache"].shape[4] == ex_in["cache_pos"].shape[2] == 5 * 4
+    assert prog.pinned_by_state(INIT) is prog.graphs[INIT]
