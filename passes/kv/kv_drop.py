@@ -124,8 +124,9 @@ class KVDrop(RewritePass):
                 raise OptionError(f"pass '{NAME}': which heads to drop comes from each head's Dummy Forcing cost: run "
                                   "analysis 'head_types' before it, or give option 'heads'")
             flat = sorted(((types.dummy_cost[li][h], li, h) for li in range(L) for h in range(H)))
-            n = int(o.share * L * H + 1e-9) if o.target is None else None
-            if o.target is not None:
+            if o.target is None:
+                n = int(o.share * L * H + 1e-9)
+            else:
                 n, trials = self._search(program, rec, ctx, flat)
             for c, li, h in flat[:n]:
                 costs[(li, h)] = c
