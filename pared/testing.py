@@ -721,6 +721,9 @@ def eager_stream(step: nn.Module, layout: Any, calls: Sequence[tuple], head_dim:
     ref = reference if reference is not None else KVReference(layout)
     scored = ref.layout.scored
     if scored:
+        if not hasattr(step, "record_mass"):
+            raise ValueError(f"eager_stream: the layout ranks frames by attention, and {type(step).__name__} does "
+                             "not record it (TinyFrameStep.record_mass)")
         step.record_mass = True
     outs = []
     try:
