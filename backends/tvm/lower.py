@@ -171,11 +171,13 @@ def _lift_weights(mod, outdir: str, fname: str, gm: Any = None) -> tuple[Any, di
     """Lift the module's constants into parameters and write their values to
     `outdir/fname`; the manifest fields that say so. (A quantized graph's weight-side
     work was folded into constants by to_relax; a float graph is not folded here,
-    since FoldConstant would also materialize weights broadcast over the batch.)
+    since FoldConstant would also materialize weights broadcast over the batch, except
+    for transposes of constants: weights.fold_transposes, no per-call weight transpose.)
     The float weights that `gm`'s weight-only layers dequantize their codes to are
     stored as those codes (weights.weight_only_codes; dequantized again at load)."""
     from pared.backends.tvm import weights
 
+    mod, _ = weights.fold_transposes(mod)       # weights stored as their matmuls read them
     mod, values = weights.lift(mod)
     if not values:
         return mod, {}

@@ -97,6 +97,44 @@ def lift(mod: Any, min_bytes: int = MIN_BYTES) -> tuple[Any, list[tuple[str, np.
     return mod, lifter.values
 
 
+def fold_transposes(mod: Any) -> tuple[Any, int]:
+    """`main` with every transpose (permute_dims) of a constant replaced by the transposed
+    constant: a linear layer's weight is stored in the layout its matmul reads, instead of
+    transposed on every call. Only transposes are folded: they keep the constant's size (a
+    general constant fold would also materialize weights broadcast over the batch). Returns the
+    module and how many were folded."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Fold(PyExprMutator):
+        def __init__(self, mod=None):
+            super().__init__(mod)
+            self.folded = 0
+
+        def visit_call_(self, op):
+            new = super().visit_call_(op)
+            if getattr(new.op, "name", "") != "relax.permute_dims":
+                return new
+            value = getattr(new.args[0], "value", None)
+            if not hasattr(value, "numpy"):
+                return new
+            arr = value.numpy()
+            axes = new.attrs.axes
+            perm = [int(x) for x in axes] if axes is not None else None
+            self.folded += 1
+            return relax.const(np.ascontiguousarray(np.transpose(arr, perm)), str(arr.dtype))
+
+    fn = mod["main"]
+    folder = _Fold(mod)
+    body = folder.visit_expr(fn.body)
+    if not folder.folded:
+        return mod, 0
+    mod.update_func(mod.get_global_var("main"), relax.Function(fn.params, body, None, fn.is_pure,
+                                                               fn.attrs))
+    return mod, folder.folded
+
+
 # -- weights derived from weight-only codes ---------------------------------------------------
 #: what a derived weight's `derive` says
 DERIVE_OP = "dequantize_blocks"

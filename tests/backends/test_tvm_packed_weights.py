@@ -128,3 +128,38 @@ def test_a_derive_record_that_rebuilds_another_weight_is_refused(root, tmp_path)
         json.dump(m, f)
     with pytest.raises(ArtifactError, match="dequantized from its codes is not the weight"):
         pared.load(art)(np.zeros((2, 16), np.int64))
+
+
+def test_weight_transposes_are_folded_into_the_stored_weights():
+    """A linear layer's weight is stored transposed, as its matmul reads it: the built module has
+    no transpose of a constant left, and the artifact computes what the fx graph does."""
+    import torch
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    from pared.backends.tvm import weights
+    from pared.backends.tvm.lower import to_relax
+    from pared.ir.capture import capture
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16)).eval()
+    g = capture(m, (torch.randn(4, 32),)).main
+    mod = to_relax(g, "main")
+    count = {"const": 0}
+
+    @visitor
+    class _Count(PyExprVisitor):
+        def visit_call_(self, op):
+            if getattr(op.op, "name", "") == "relax.permute_dims" and hasattr(getattr(op.args[0], "value", None),
+                                                                               "numpy"):
+                count["const"] += 1
+            for a in op.args:
+                self.visit_expr(a)
+    _Count().visit_expr(mod["main"])
+    assert count["const"] == 2                        # both weights, transposed per call before
+    mod, folded = weights.fold_transposes(mod)
+    count["const"] = 0
+    _Count().visit_expr(mod["main"])
+    assert folded == 2 and count["const"] == 0
+    lifted, values = weights.lift(mod)
+    shapes = sorted(v.shape for _, v in values)
+    assert (32, 64) in shapes and (64, 16) in shapes   # stored as [in, out]: the matmul's layout
