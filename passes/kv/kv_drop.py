@@ -43,8 +43,6 @@ import torch.fx as fx
 
 from pared.analysis.attention_entropy import find_attention
 from pared.analysis.head_types import HeadTypes
-from pared.analysis.metrics import compare_outputs
-from pared.analysis.recorder import replay
 from pared.analysis.search import smallest_meeting
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
@@ -55,7 +53,7 @@ from pared.ir.records import Record
 from pared.ir.rewrite import eliminate_dead_code
 from pared.ir.stream import stream_record
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.kv.kv_policy import TARGET_METRICS, with_layout
+from pared.passes.kv.kv_policy import TARGET_METRICS, goal_trials, with_layout
 from pared.passes.kv.mass import MASS_LAYER, slot_mass
 from pared.passes.sparsity.sparse_attention import _runs, attention_site
 
@@ -155,21 +153,14 @@ class KVDrop(RewritePass):
         if ctx.calibration is None:
             raise PassError(f"pass '{NAME}': option 'target' needs a calibration stream to measure the goal on")
         total = len(flat)
-        ref = replay(program, ctx.calibration)
-        trials: list = []
-        cache: dict[int, bool] = {}
+        met, trials = goal_trials(program, ctx, o.target, lambda n: f"{NAME}: {n} head(s) dropped")
+
+        def build(n: int) -> Program:
+            made = drop_heads(program, rec, {(li, h): c for c, li, h in flat[:n]})
+            return program if made is None else made[0]
 
         def meets(kept: int) -> bool:          # monotone in the heads kept: more kept, nearer the reference
-            n = total - kept
-            if kept not in cache:
-                made = drop_heads(program, rec, {(li, h): c for c, li, h in flat[:n]})
-                trial = program if made is None else made[0]
-                measured = compare_outputs(ref, replay(trial, ctx.calibration))
-                vals = tuple((m, round(float(measured[m]), 6)) for m in o.target.metrics)
-                trials.append((n, vals))
-                ctx.progress(f"{NAME}: {n} head(s) dropped: " + ", ".join(f"{m} {v:.4g}" for m, v in vals))
-                cache[kept] = o.target.met(measured)
-            return cache[kept]
+            return met(total - kept, lambda: build(total - kept))
         return total - smallest_meeting(meets, 0, total), tuple(trials)
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
@@ -95,6 +95,26 @@ class KVBudgetSearch(Record):
     frames: int
     target: tuple[tuple[str, float], ...]
     trials: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+
+
+def goal_trials(program: Program, ctx: PassContext, goal: Goal, describe: Callable[[int], str]
+                ) -> tuple[Callable[[int, Callable[[], Program]], bool], list]:
+    """A goal search's measuring: met(key, build) replays the candidate build() on the calibration
+    stream against `program` once per key, appends (key, ((metric, value), ...)) to the returned
+    trials list, reports progress (`describe(key)`) and says whether the goal holds."""
+    ref = replay(program, ctx.calibration)
+    trials: list = []
+    cache: dict[int, bool] = {}
+
+    def met(key: int, build: Callable[[], Program]) -> bool:
+        if key not in cache:
+            measured = compare_outputs(ref, replay(build(), ctx.calibration))
+            vals = tuple((m, round(float(measured[m]), 6)) for m in goal.metrics)
+            trials.append((key, vals))
+            ctx.progress(f"{describe(key)}: " + ", ".join(f"{m} {v:.4g}" for m, v in vals))
+            cache[key] = goal.met(measured)
+        return cache[key]
+    return met, trials
 
 
 def rescale(p: HeadPolicy, frames: int) -> HeadPolicy:
@@ -231,19 +251,10 @@ class KVPolicy(RewritePass):
         if ctx.calibration is None:
             raise PassError(f"pass '{NAME}': option 'target' needs a calibration stream to measure the goal on")
         hi = o.max_frames or old.frames
-        ref = replay(program, ctx.calibration)
-        trials: list = []
-        cache: dict[int, bool] = {}
+        met, trials = goal_trials(program, ctx, o.target, lambda f: f"{NAME}: {o.policy} at {f} frame(s)")
 
         def meets(frames: int) -> bool:
-            if frames not in cache:
-                trial = with_layout(program, rec, self.layout(rec, program, frames), o.policy)
-                measured = compare_outputs(ref, replay(trial, ctx.calibration))
-                vals = tuple((m, round(float(measured[m]), 6)) for m in o.target.metrics)
-                trials.append((frames, vals))
-                ctx.progress(f"{NAME}: {o.policy} at {frames} frame(s): " + ", ".join(f"{m} {v:.4g}" for m, v in vals))
-                cache[frames] = o.target.met(measured)
-            return cache[frames]
+            return met(frames, lambda: with_layout(program, rec, self.layout(rec, program, frames), o.policy))
 
         lo = 1 if o.policy not in ("sink_window", "heavy", "snap") else o.sink + 1
         if not meets(hi):
