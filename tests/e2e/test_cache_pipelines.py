@@ -54,7 +54,8 @@ CALIBRATION_STEPS = {"dit_moe_full.yaml": 10}
 @pytest.mark.slow
 @pytest.mark.parametrize("workload, pipeline, graphs", [
     ("dit_mnist", "dit_cache.yaml", _variants("main", "full0", "full", "forecast")),
-    ("dit_moe_mnist", "dit_moe_cache.yaml", _variants("main", "probe", "full", "reuse")),
+    pytest.param("dit_moe_mnist", "dit_moe_cache.yaml", _variants("main", "probe", "full", "reuse"),
+                 marks=pytest.mark.heavy),
     # composed: bins by t around a step table per bucket
     pytest.param("dit_mnist", "dit_full.yaml", set().union(*(_variants(b, "full0", "full", "forecast")
                                                             for b in BUCKETS)), marks=pytest.mark.heavy),

@@ -69,7 +69,7 @@ def test_a_new_stream_starts_at_reset_or_an_earlier_frame(captured):
         torch.testing.assert_close(x, y)
 
 
-@pytest.mark.parametrize("heavy", [False, True], ids=["pyramid", "heavy_veil"])
+@pytest.mark.parametrize("heavy", [False, pytest.param(True, marks=pytest.mark.heavy)], ids=["pyramid", "heavy_veil"])
 @pytest.mark.parametrize("target", ["cpu", pytest.param("tvm-cpu", marks=pytest.mark.heavy)])
 def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, target, heavy):
     """ONNX Runtime keeps the step's capacity dynamic; TVM gets it fixed at the layout's

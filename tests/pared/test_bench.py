@@ -10,7 +10,7 @@ FIELDS = {"workload", "pipeline", "target", "torch_threads", "ort_threads", "tim
           "ideal_speedup", "fidelity", "weight_bytes"}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy     # ~1 min: in make test-heavy (make test's budget)
 def test_bench_dit_workload_writes_the_json(tmp_path, capsys):
     out = tmp_path / "res" / "dit.json"
     rc = main(["bench", "--workload", "dit_mnist", "--samples", "2", "--batch", "2", "--steps", "2",
@@ -34,7 +34,7 @@ def test_bench_dit_workload_writes_the_json(tmp_path, capsys):
     assert "speedup vs eager" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_without_passes_on_minilm(tmp_path):
     from pared.workloads.bench import bench_workload
     r = bench_workload("minilm", pipeline=None, repeats=1, workload_options={"sentences": 40, "batch": 16})
