@@ -32,8 +32,15 @@ def _score(images: list[np.ndarray]) -> float:
     return judge.score(np.concatenate(images), np.tile(LABELS, len(images)))["accuracy"]
 
 
-def test_the_trained_dit_in_dits_pipeline_generates_digits_and_stays_so_when_cached():
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_the_trained_dit_in_dits_pipeline_generates_digits_and_stays_so_when_cached(one_thread):
     pl = example_module("dit_mnist", "pipeline.py")
     pipe = pl.dit_pipeline()
     eager = [_generate(pipe, s) for s in SEEDS]
