@@ -104,3 +104,22 @@ def test_heavy_hitters_go_before_kv_drop(stream):
         get_pass("kv_policy")(policy="heavy", frames=5)(dropped, PassContext())
     with pytest.raises(OptionError, match="pass 'kv_policy': heavy: a budget of 1 frame"):
         get_pass("kv_policy")(policy="heavy", frames=1)
+
+
+def test_kv_drop_after_ranked_heads_keeps_the_kept_heads_attention(stream):
+    """kv_drop splits layer 0's attention; the kept head's mass then comes from its own group's
+    probabilities. Snap heads on this ALiBi model keep the latest leaving frames, which a zero or
+    wrong mass would not (it keeps the first ones), so the stream equals the frame lists only
+    with the right mass."""
+    import torch
+    m, prog, calls = stream
+    snap = get_pass("kv_policy")(policy="snap", frames=5)(prog, PassContext()).program
+    dropped = get_pass("kv_drop")(heads=[[0, 1]])(snap, PassContext()).program
+    lay = dropped.records["KVStream"].kv_layout()
+    assert lay.scored and lay.policies[0][1].frames == 0
+    run = dropped.runner()
+    with torch.no_grad():
+        got = [run(list(c))[0] for c in calls]
+    ref = testing.eager_stream(m.step, lay, calls, m.head_dim)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=f"call {i}")
