@@ -10,6 +10,17 @@ frame's x0 from the clean frames before it. Loss: MSE on x0.
 
     python examples/video_ar/train.py --max-minutes 45          # the shipped weights
     python examples/video_ar/train.py --steps 200 --out /tmp/w.safetensors
+    python examples/video_ar/train.py --init runs/stem8.safetensors --rollout-frac 0.5 \
+        --out examples/video_ar/runs/rollout.safetensors     # rollout-context stage
+
+Rollout-context stage (`--rollout-frac P`): in a share P of the updates the context
+frames after the first CONTEXT_FRAMES true ones are the model's own rollout (DDIM,
+`--rollout-steps`, no gradient), while the targets stay the true frames. The true
+clip is a function of its first two frames (positions, velocities, digits), so the
+regression stays well posed: the model learns to pull a drifting history back to
+the digits and motion of its first frames -- the exposure bias Self Forcing
+removes, at the cost of a rollout (about one teacher-forced update) instead of
+Self Forcing's gradient through the sampler and its distribution-matching loss.
 
 The learning rate warms up for 100 steps, then follows a cosine to 10% over the
 run (measured in steps with --steps, in wall time otherwise). Writes the EMA
@@ -33,9 +44,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
           ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
-          save_every_min: float = 5.0, init: str | None = None, stem: int | None = None) -> dict:
+          save_every_min: float = 5.0, init: str | None = None, stem: int | None = None,
+          rollout_frac: float = 0.0, rollout_steps: int = 4) -> dict:
     """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
-    (a fresh optimizer with a new warmup; the log records the chain)."""
+    (a fresh optimizer with a new warmup; the log records the chain). `rollout_frac`: the
+    share of updates whose context frames after the first CONTEXT_FRAMES are the model's own
+    rollout (DDIM, `rollout_steps` steps, no gradient) instead of the true frames; the
+    targets stay the true frames (rollout-context training, see the module's docstring)."""
+    if not 0.0 <= rollout_frac <= 1.0:
+        raise ValueError(f"--rollout-frac must lie in [0, 1], got {rollout_frac}")
+    if rollout_steps < 1:
+        raise ValueError(f"--rollout-steps must be at least 1, got {rollout_steps}")
     from pared.workloads import example_module
     mdl = example_module("video_ar")
     data = example_module("video_ar", "data.py")
@@ -59,7 +78,7 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
-    t0, step = time.time(), 0
+    t0, step, rollouts = time.time(), 0, 0
     progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min,
                         meta={"stem": stem})
     while True:
@@ -69,6 +88,10 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
             break
         clips = data.batch(rng.integers(0, 2**31, batch), T, "train")              # [B, T, 1, 32, 32]
         clean, target = clips[:, :-1], clips[:, 1:]
+        if rollout_frac and rng.random() < rollout_frac:
+            clean = mdl.rollout(model, clips[:, :mdl.CONTEXT_FRAMES], T - 1, steps=rollout_steps,
+                                seed=int(rng.integers(0, 2**31)))
+            rollouts += 1
         t_clean = torch.from_numpy(rng.uniform(0, ctx_max, (batch, T - 1))).float()
         t_noisy = torch.from_numpy(rng.uniform(0, 1, (batch, T - 1)) ** t_power).float()
         a, s = mdl.alpha_sigma(t_clean[..., None, None, None])
@@ -87,6 +110,9 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
             "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
+    if rollout_frac:
+        meta.update(objective="x0 MSE of the true frames, noisy context: the true frames or the model's own rollout",
+                    rollout_frac=rollout_frac, rollout_steps=rollout_steps, rollout_updates=rollouts)
     if previous:
         meta["continued_from"] = previous
     atomic_save(ema, out_path, meta)
@@ -109,12 +135,16 @@ def main() -> None:
     p.add_argument("--init", help="continue from these EMA weights (a fresh optimizer and warmup)")
     p.add_argument("--stem", type=int, help="patch embedding window (4: plain patches; 8: overlapping, each token "
                    "sees 2 px around its patch); default: the --init weights' or 4")
+    p.add_argument("--rollout-frac", type=float, default=0.0,
+                   help="share of updates whose context (after the first 2 true frames) is the model's own rollout")
+    p.add_argument("--rollout-steps", type=int, default=4, help="DDIM steps per frame of those rollouts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
     a = p.parse_args()
     train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
-          t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem)
+          t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem,
+          rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps)
 
 
 if __name__ == "__main__":
