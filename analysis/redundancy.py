@@ -110,36 +110,55 @@ def _residual_inputs(out: fx.Node, ins: list[fx.Node], inside: set[str]) -> list
     return sorted(found, key=lambda n: [i.name for i in ins].index(n.name))
 
 
-def block_regions(program: Program, pattern: str | None = None, graph: str | None = None) -> list[Region]:
-    """The repeated blocks of a model: regions `<parent>.<index>` with at least two
-    siblings of one module type, the largest such group (by node count) whose blocks
-    each have a residual path (primary_io: a block of a model with several stacks, such
-    as Flux's dual-stream blocks before its single-stream ones, may carry two streams,
-    which a block cache cannot reuse as one); or the regions matching `pattern`.
-
-    Raises:
-        PassError: when nothing matches.
-    """
-    regions = program.regions(graph)
-    if pattern:
-        found = [r for r in select(regions, pattern)]
-        if not found:
-            raise PassError(f"no region matches {pattern!r}; top-level regions: "
-                            f"{sorted(p for p in regions if '.' not in p)[:12]}")
-        return found
+def block_stacks(program: Program, graph: str | None = None) -> list[list[Region]]:
+    """Every stack of repeated blocks: the regions `<parent>.<index>` with at least two
+    siblings of one module type, grouped by parent, each group in index order and the
+    groups in the order the graph runs them (Flux: `transformer_blocks`, then
+    `single_transformer_blocks`). Groups of leaf modules (the Linears of an
+    nn.Sequential MLP) are left out unless nothing else repeats."""
     groups: dict[tuple[str, str], list[Region]] = {}
-    for p, r in regions.items():
+    for p, r in program.regions(graph).items():
         head, _, last = p.rpartition(".")
         if last.isdigit():
             groups.setdefault((head, r.module_type), []).append(r)
-    groups = {k: v for k, v in groups.items() if len(v) >= 2}
-    if not groups:
+    gm = program.graphs[graph].module if graph is not None else program.main.module
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    stacks = [sorted(v, key=lambda r: int(r.path.rpartition(".")[2])) for v in groups.values() if len(v) >= 2]
+    stacks = [s for s in stacks if any(r.children for r in s)] or stacks
+    return sorted(stacks, key=lambda rs: min((order[n] for n in rs[0].nodes if n in order), default=0))
+
+
+def block_regions(program: Program, pattern: str | None = None, graph: str | None = None) -> list[Region]:
+    """The repeated blocks of a model: of `block_stacks`, the largest (by node count)
+    whose blocks each have a residual path (primary_io: a block with two streams, such
+    as Flux's dual-stream blocks, has one where its streams differ in shape); or the
+    regions matching `pattern`. A comma-separated list of patterns takes each one's
+    regions in turn, so a range may run across stacks in order
+    (`transformer_blocks.*, single_transformer_blocks.*`).
+
+    Raises:
+        PassError: when nothing matches, or a region is named twice.
+    """
+    regions = program.regions(graph)
+    if pattern:
+        found: list[Region] = []
+        for part in (p.strip() for p in pattern.split(",")):
+            got = select(regions, part) if part else []
+            if not got:
+                raise PassError(f"no region matches {part!r}" + (f" (in {pattern!r})" if part != pattern else "") +
+                                f"; top-level regions: {sorted(p for p in regions if '.' not in p)[:12]}")
+            twice = [r.path for r in got if r in found]
+            if twice:
+                raise PassError(f"regions {pattern!r}: {twice[0]!r} is matched by two of its patterns")
+            found += got
+        return found
+    stacks = block_stacks(program, graph)
+    if not stacks:
         raise PassError("found no repeated blocks (a ModuleList of >= 2 modules of one type); "
                         "name the regions with the `regions` option")
     gm = program.graphs[graph].module if graph is not None else program.main.module
-    ranked = sorted(groups.values(), key=lambda rs: -sum(len(r.nodes) for r in rs))
-    best = next((rs for rs in ranked if all(primary_io(gm, r) is not None for r in rs)), ranked[0])
-    return sorted(best, key=lambda r: int(r.path.rpartition(".")[2]))
+    ranked = sorted(stacks, key=lambda rs: -sum(len(r.nodes) for r in rs))
+    return next((rs for rs in ranked if all(primary_io(gm, r) is not None for r in rs)), ranked[0])
 
 
 def calibration_calls(calibration: Any, fn: Callable[..., Any]) -> int:

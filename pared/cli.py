@@ -137,6 +137,30 @@ def _load_factory(ref: str):
     return resolve_ref(ref, os.getcwd())()
 
 
+def _print_stacks(out: Any, program: Any) -> None:
+    """The repeated block stacks, in the order they run, with their streams, and which one
+    the cache passes take by default."""
+    from pared.analysis.redundancy import block_regions, block_stacks, primary_io
+    from pared.ir.errors import PassError
+    stacks = block_stacks(program)
+    if not stacks:
+        return
+    gm = program.main.module
+    try:
+        default = block_regions(program)[0].path
+    except PassError:
+        default = None
+    out.print("block stacks, in the order they run (a cache pass's `regions` may list several, "
+              "e.g. \"a.*, b.*\", to span them):")
+    for s in stacks:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        streams = sum(1 for o in s[0].outputs if hasattr(nodes[o].meta.get("val"), "shape"))
+        residual = all(primary_io(gm, r) is not None for r in s)
+        parent = s[0].path.rpartition(".")[0]
+        out.print(f"  {parent}.*  {len(s)} × {s[0].module_type.rsplit('.', 1)[-1]}, {streams} stream(s)"
+                  + ("" if residual else ", no residual path") + ("  (the default)" if s[0].path == default else ""))
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
     from rich.tree import Tree
     import pared
@@ -178,6 +202,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             label += f", {100 * c.flops / cost.total_flops:.1f}% FLOPs"
         nodes[path] = nodes.get(parent, tree).add(label)
     out.print(tree)
+    _print_stacks(out, program)
     counts = sorted(g.op_counts().items(), key=lambda kv: -kv[1])
     out.print("ops: " + ", ".join(f"{_op_label(k)}×{v}" for k, v in counts[: a.top]))
     return EXIT_OK

@@ -969,6 +969,99 @@ def tiny_dit(seed: int = 0, layers: int = 6, batch: int = 2, *, attention: bool 
     return m, (torch.randn(batch, tokens or (16 if attention else 8), 4), torch.full((batch,), 900.0))
 
 
+class _TinyJointBlock(nn.Module):
+    """A dual-stream block (Flux's and SD3's layout, tiny): the image and the text tokens
+    each have their own adaLN and MLP and attend jointly over both. forward(img, txt, c)
+    -> (img, txt)."""
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada_img, self.ada_txt = nn.Linear(dim, 3 * dim), nn.Linear(dim, 3 * dim)
+        self.attn = TinyAttention(dim)
+        self.mlp_img, self.mlp_txt = (nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                      for _ in range(2))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        si, ki, gi = self.ada_img(c).unsqueeze(1).chunk(3, dim=-1)
+        st, kt, gt = self.ada_txt(c).unsqueeze(1).chunk(3, dim=-1)
+        joint = torch.cat([self.norm(txt) * (1 + kt) + st, self.norm(img) * (1 + ki) + si], dim=1)
+        a = self.attn(joint)
+        n = txt.shape[1]
+        txt, img = txt + gt * a[:, :n], img + gi * a[:, n:]
+        return img + gi * self.mlp_img(self.norm(img)), txt + gt * self.mlp_txt(self.norm(txt))
+
+
+class _TinySingleBlock(nn.Module):
+    """A single-stream block over the joined tokens, handing the two streams back split
+    (Flux's single_transformer_blocks). forward(img, txt, c) -> (img, txt)."""
+    def __init__(self, dim: int):
+        super().__init__()
+        self.inner = _TinyBlock(dim)
+        self.attn = TinyAttention(dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = txt.shape[1]
+        h = torch.cat([txt, img], dim=1)
+        h = self.inner(h + 0.5 * self.attn(h), c)
+        return h[:, n:], h[:, :n]
+
+
+class TinyTwoStack(nn.Module):
+    """Two block stacks in a row, each block carrying two streams (image and text tokens):
+    `dual_blocks` then `single_blocks`, as Flux. forward(x [B,T,C], ctx [B,S,Cc], t [B])
+    -> [B,T,C]; the text stream is dropped at the end. Blocks are numbered across both
+    stacks (dual first) for `span`."""
+
+    def __init__(self, channels: int = 4, ctx_channels: int = 6, dim: int = 32, dual: int = 3, single: int = 3):
+        super().__init__()
+        self.dim = dim
+        self.embed, self.ctx_embed = nn.Linear(channels, dim), nn.Linear(ctx_channels, dim)
+        self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.dual_blocks = nn.ModuleList([_TinyJointBlock(dim) for _ in range(dual)])
+        self.single_blocks = nn.ModuleList([_TinySingleBlock(dim) for _ in range(single)])
+        self.out = nn.Linear(dim, channels)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, t: torch.Tensor, *, span: tuple[int, int] | None = None,
+                residual: tuple[torch.Tensor, torch.Tensor] | None = None, record: dict | None = None) -> torch.Tensor:
+        """`span=(first, last)` with `residual=(image, text)`: replace those blocks by each
+        stream's `input + residual` (the eager meaning of a cache reuse of both streams);
+        `record`: store the span's residuals as record["residual"]."""
+        freqs = torch.exp(-torch.arange(self.dim // 2, dtype=torch.float32) * (4.0 / self.dim))
+        a = t.float()[:, None] * freqs[None]
+        c = self.t_mlp(torch.cat([a.sin(), a.cos()], dim=-1))
+        img, txt = self.embed(x), self.ctx_embed(ctx)
+        blocks = list(self.dual_blocks) + list(self.single_blocks)
+        i = 0
+        while i < len(blocks):
+            if span is not None and i == span[0]:
+                if residual is not None:
+                    img, txt = img + residual[0], txt + residual[1]
+                else:
+                    i0, t0 = img, txt
+                    for j in range(span[0], span[1] + 1):
+                        img, txt = blocks[j](img, txt, c)
+                    if record is not None:
+                        record["residual"] = (img - i0, txt - t0)
+                i = span[1] + 1
+                continue
+            img, txt = blocks[i](img, txt, c)
+            i += 1
+        return self.out(img)
+
+
+def tiny_two_stack(seed: int = 0, batch: int = 2, tokens: int = 8, text: int = 3, dual: int = 3, single: int = 3):
+    """TinyTwoStack and (x, ctx, t); `text == tokens` makes the two streams the same shape."""
+    torch.manual_seed(seed)
+    m = TinyTwoStack(dual=dual, single=single).eval()
+    with torch.no_grad():   # consecutive steps similar, like a real denoiser's
+        for b in m.dual_blocks:
+            b.ada_img.weight.mul_(0.2)
+            b.ada_txt.weight.mul_(0.2)
+        for b in m.single_blocks:
+            b.inner.ada.weight.mul_(0.2)
+    return m, (torch.randn(batch, tokens, 4), torch.randn(batch, text, 6), torch.full((batch,), 900.0))
+
+
 class TinyAttention(nn.Module):
     """Single-head self-attention over tokens [B, N, d]."""
     def __init__(self, dim: int):

@@ -1,17 +1,23 @@
 """Graph surgery shared by the cache passes: block spans, variant graphs, the CachePlan.
 
-A *span* is a contiguous range of blocks [first, last]. Its input is the
-primary input of the first block and its output the primary output of the last
-(see analysis.redundancy.primary_io); its residual is output - input.
+A *span* is a contiguous range of blocks [first, last], in one stack or running
+across stacks in order. Its input is the primary input of the first block and its
+output the primary output of the last (see analysis.redundancy.primary_io); its
+residual is output - input. A block with several streams (Flux's and SD3's
+dual-stream blocks carry the image and the text tokens) gives the span one more
+(input, output) pair per stream, `Span.streams`, each cached the same way under
+its own key (`span_keys`); otherwise a reuse would still compute the blocks for
+the stream nobody cached.
 
-    emit_residuals(graph, spans)   the graph, plus one output per span: its residual
-    reuse_spans(graph, spans)      the graph with each span replaced by
-                                   `input + cached residual` (a new input per span);
+    emit_residuals(graph, spans)   the graph, plus one output per span stream: its residual
+    reuse_spans(graph, spans)      the graph with each span stream replaced by
+                                   `input + cached residual` (a new input per stream);
                                    nodes only the span used are removed
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +44,18 @@ class Span:
     blocks: tuple[str, ...]   # region paths, in order
     input: str                # node names in the source graph
     output: str
+    streams: tuple[tuple[str, str], ...] = ()   # further (input, output) pairs: the blocks' other streams
+
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """(key, input, output) of every stream, the primary first; the key names its
+        state and graph input (`cache.<key>`)."""
+        return [(self.name, self.input, self.output)] + [
+            (f"{self.name}_s{k}", i, o) for k, (i, o) in enumerate(self.streams, 1)]
+
+
+def span_keys(spans: Sequence[Span]) -> list[str]:
+    """The keys of every stream of `spans`, in order (see Span.pairs)."""
+    return [k for s in spans for k, _, _ in s.pairs()]
 
 
 @dataclass(frozen=True)
@@ -115,16 +133,28 @@ def cache_record(program: Program, rec: "CachePlan") -> dict:
     return {**program.records, "CachePlan": rec}
 
 
-def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: str) -> Span:
-    """A span over consecutive blocks, checked to have a residual path."""
+def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: str, *,
+              streams: bool = True) -> Span:
+    """A span over consecutive blocks, checked to have a residual path. With `streams`,
+    every other tensor the last block hands on (read after the span) is paired with the
+    first block's input of its shape that only the first block reads: the span's further
+    streams (`side_streams`)."""
     if not blocks:
         raise PassError(f"pass '{pass_name}': span {name!r} has no blocks")
     first, last = primary_io(gm, blocks[0]), primary_io(gm, blocks[-1])
     if first is None or last is None:
         bad = blocks[0] if first is None else blocks[-1]
+        nodes = {n.name: n for n in gm.graph.nodes}
+        outs = [nodes[o] for o in bad.outputs if _shape(nodes[o]) is not None]
+        big = max(outs, key=lambda n: math.prod(s if isinstance(s, int) else 1 for s in _shape(n)), default=None)
+        same = [o.name for o in outs if big is not None and _shape(o) == _shape(big)]
+        if len(same) > 1:
+            raise PassError(f"pass '{pass_name}': region {bad.path!r} gives {same} of one shape {list(_shape(big))}: "
+                            "two streams of one size (image and text tokens of equal count?), so which output "
+                            "continues which input is ambiguous; cache blocks whose streams differ in shape")
         raise PassError(f"pass '{pass_name}': region {bad.path!r} has no primary input/output of one shape "
                         "(a block that maps hidden states to hidden states); cache a different block range")
-    shapes = [tuple(n.meta["val"].shape) if hasattr(n.meta.get("val"), "shape") else None for n in (first[0], last[1])]
+    shapes = [_shape(n) for n in (first[0], last[1])]
     if shapes[0] != shapes[1]:
         raise PassError(f"pass '{pass_name}': span {name!r} from {blocks[0].path!r} to {blocks[-1].path!r} takes "
                         f"{list(shapes[0] or ())} and gives {list(shapes[1] or ())}: it has no residual to reuse "
@@ -132,7 +162,44 @@ def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name
     inside = {n for b in blocks for n in b.nodes}
     if first[0].name in inside:
         raise PassError(f"pass '{pass_name}': span {name!r} input {first[0].name} lies inside the span")
-    return Span(name, tuple(b.path for b in blocks), first[0].name, last[1].name)
+    extra = side_streams(gm, blocks, first, last, f"pass '{pass_name}': span {name!r}") if streams else ()
+    return Span(name, tuple(b.path for b in blocks), first[0].name, last[1].name, extra)
+
+
+def _shape(n: fx.Node) -> tuple | None:
+    v = n.meta.get("val")
+    return tuple(v.shape) if hasattr(v, "shape") else None
+
+
+def side_streams(gm: fx.GraphModule, blocks: Sequence[Region], first: tuple[fx.Node, fx.Node],
+                 last: tuple[fx.Node, fx.Node], what: str) -> tuple[tuple[str, str], ...]:
+    """The (input, output) pairs of a span's streams besides the primary one: each tensor
+    the last block gives that is read after the span, with the one input of its shape
+    that the first block reads and no later block of the span does (a side input such as
+    the timestep embedding or rotary tables reaches every block). An output with no
+    such input stays computed by the reuse variants (correct, fewer FLOPs saved).
+
+    Raises:
+        PassError: when two inputs could be an output's stream (same shape, both first-block only).
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    inside = {n for b in blocks for n in b.nodes}
+    later = {n for b in blocks[1:] for n in b.nodes}
+    outs = [nodes[o] for o in blocks[-1].outputs if o != last[1].name and _shape(nodes[o]) is not None
+            and any(u.name not in inside for u in nodes[o].users)]
+    ins = [nodes[i] for i in blocks[0].inputs if i != first[0].name and _shape(nodes[i]) is not None
+           and not any(u.name in later for u in nodes[i].users)]
+    pairs = []
+    for o in outs:
+        cand = [i for i in ins if _shape(i) == _shape(o)]
+        if len(cand) > 1:
+            raise PassError(f"{what}: the last block's output {o.name} {list(_shape(o))} could continue any of the "
+                            f"first block's inputs {[i.name for i in cand]} (same shape): its stream is ambiguous; "
+                            "cache a block range of one stream, or name blocks whose streams differ in shape")
+        if cand:
+            pairs.append((cand[0].name, o.name))
+            ins.remove(cand[0])
+    return tuple(pairs)
 
 
 def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -146,13 +213,13 @@ def _tag(node: fx.Node, by: str, like: fx.Node) -> None:
 
 
 def emit_residuals(graph: Graph, spans: Sequence[Span], by: str) -> Graph:
-    """`graph` with one extra output per span: the span's residual (output - input)."""
+    """`graph` with one extra output per span stream (`span_keys`): its residual (output - input)."""
     gm = graph.copy_module()
     nodes = _nodes(gm)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     extra = []
-    for s in spans:
-        o, i = nodes[s.output], nodes[s.input]
+    for _, i_name, o_name in (p for s in spans for p in s.pairs()):
+        o, i = nodes[o_name], nodes[i_name]
         with gm.graph.inserting_before(out_node):
             r = gm.graph.call_function(torch.ops.aten.sub.Tensor, (o, i))
         _tag(r, by, o)
@@ -162,14 +229,15 @@ def emit_residuals(graph: Graph, spans: Sequence[Span], by: str) -> Graph:
     out_node.args = (tuple(outs + extra),)
     gm.graph.lint()
     gm.recompile()
-    return graph.with_module(gm, output_names=graph.output_names + tuple(f"cache.{s.name}" for s in spans))
+    return graph.with_module(gm, output_names=graph.output_names + tuple(f"cache.{k}" for k in span_keys(spans)))
 
 
 def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Tensor], by: str) -> Graph:
-    """`graph` with each span computed as `input + cached residual` (one new input per span).
+    """`graph` with each span computed as `input + cached residual` (one new input per
+    span stream, in `span_keys` order).
 
     Args:
-        examples: an example residual per span (for lowering's re-trace).
+        examples: an example residual per span stream (for lowering's re-trace).
     Raises:
         PassError: when spans overlap or a span's output is not read after it.
     """
@@ -178,23 +246,23 @@ def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Te
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     last_ph = placeholders[-1]
     new_names = []
-    for s in spans:
+    for key, i_name, o_name in (p for s in spans for p in s.pairs()):
         with gm.graph.inserting_after(last_ph):
-            ph = gm.graph.placeholder(f"cache_{s.name}")
-        ph.meta["val"] = nodes[s.output].meta.get("val")
+            ph = gm.graph.placeholder(f"cache_{key}")
+        ph.meta["val"] = nodes[o_name].meta.get("val")
         last_ph = ph
-        i, o = nodes[s.input], nodes[s.output]
+        i, o = nodes[i_name], nodes[o_name]
         with gm.graph.inserting_after(i):
             h = gm.graph.call_function(torch.ops.aten.add.Tensor, (i, ph))
         _tag(h, by, o)
         o.replace_all_uses_with(h)
-        new_names.append(f"cache.{s.name}")
+        new_names.append(f"cache.{key}")
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     # a cache input is batched like the model: it shares the batch symbol, if any
     batch = next((d[0][1] for d in graph.dynamic_dims if d and d[0][0] == 0), None)
-    dyn = tuple(graph.dynamic_dims) + tuple(((0, batch),) if batch else () for _ in spans)
+    dyn = tuple(graph.dynamic_dims) + tuple(((0, batch),) if batch else () for _ in new_names)
     return graph.with_module(gm, input_names=graph.input_names + tuple(new_names),
                              example_inputs=tuple(graph.example_inputs) + tuple(examples),
                              dynamic_dims=dyn)
@@ -202,27 +270,28 @@ def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Te
 
 def variant_program(program: Program, gname: str, spans: Sequence[Span], reuse: Sequence[tuple[str, Sequence[str]]],
                     schedule: Sequence[str], default: str, by: str) -> Program:
-    """Replace graph `gname` by its `full` variant (which also writes each span's
-    residual to state) and one reuse variant per entry of `reuse` (variant name ->
+    """Replace graph `gname` by its `full` variant (which also writes each span
+    stream's residual to state) and one reuse variant per entry of `reuse` (variant name ->
     span names it reuses), and each Call of it by a table Select over them."""
     src = program.graphs[gname]
     full = emit_residuals(src, spans, by)
     with torch.no_grad():
         outs = full.run(*full.example_inputs)
-    examples = {s.name: outs[len(src.output_names) + k].detach().clone() for k, s in enumerate(spans)}
+    keys = span_keys(spans)
+    examples = {k: outs[len(src.output_names) + j].detach().clone() for j, k in enumerate(keys)}
     by_name = {s.name: s for s in spans}
     variants = {"full": full}
     for vname, names in reuse:
         chosen = [by_name[n] for n in names]
-        variants[vname] = reuse_spans(src, chosen, [examples[n] for n in names], by)
-    st = {s.name: f"state:{state_name(program, by, gname, s.name)}" for s in spans}
+        variants[vname] = reuse_spans(src, chosen, [examples[k] for k in span_keys(chosen)], by)
+    st = {k: f"state:{state_name(program, by, gname, k)}" for k in keys}
 
     def node(call: Call, graph_of) -> Select:
-        cases = [("full", Call(graph_of("full"), call.inputs, call.outputs + tuple(st[s.name] for s in spans),
+        cases = [("full", Call(graph_of("full"), call.inputs, call.outputs + tuple(st[k] for k in keys),
                                call.device))]
         for vname, names in reuse:
-            cases.append((vname, Call(graph_of(vname), call.inputs + tuple(st[n] for n in names), call.outputs,
-                                      call.device)))
+            cases.append((vname, Call(graph_of(vname), call.inputs + tuple(
+                st[k] for k in span_keys([by_name[n] for n in names])), call.outputs, call.device)))
         return Select(Table(tuple(schedule), default), tuple(cases))
     return program.expand(gname, variants, node, by=by, state=[StateBuffer(r[6:]) for r in st.values()])
 

@@ -91,7 +91,8 @@ class CacheResidualAdaptively(RewritePass):
             raise OptionError(f"pass 'residual_cache' options 'front'/'back': {o.front} + {o.back} blocks leave "
                               f"none of the model's {n} blocks to cache")
         src = program.graphs[gname]
-        mid = make_span(src.module, "mid", blocks[o.front:n - o.back], self.name)
+        # one stream: the probe hands the compute and reuse variants the primary hidden state only
+        mid = make_span(src.module, "mid", blocks[o.front:n - o.back], self.name, streams=False)
         probe, h_f = first_blocks_probe(src, blocks, o.front, self.name)
         with torch.no_grad():
             sig, hid = probe.run(*probe.example_inputs)

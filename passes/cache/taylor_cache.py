@@ -44,49 +44,61 @@ def _add_input(gm, name: str, like):
     return ph
 
 
-def _full_with_delta(full0: Graph, example_last: torch.Tensor, by: str) -> Graph:
-    """full0 (whose last output is the residual r) plus an input `last` and
-    outputs (r, r - last)."""
+def _full_with_delta(full0: Graph, examples_last: list[torch.Tensor], by: str) -> Graph:
+    """full0 (whose last m outputs are the span streams' residuals r) plus m inputs
+    `last` and outputs (r..., r - last ...)."""
+    m = len(examples_last)
     gm = full0.copy_module()
     out = next(n for n in gm.graph.nodes if n.op == "output")
     outs = list(out.args[0])
-    r = outs[-1]
-    ph = _add_input(gm, "cache_last", r)
-    with gm.graph.inserting_before(out):
-        d = gm.graph.call_function(torch.ops.aten.sub.Tensor, (r, ph))
-    d.meta[meta.CREATED_BY] = by
-    out.args = (tuple(outs + [d]),)
+    deltas = []
+    for j, r in enumerate(outs[len(outs) - m:]):
+        ph = _add_input(gm, f"cache_last{_sfx(j)}", r)
+        with gm.graph.inserting_before(out):
+            d = gm.graph.call_function(torch.ops.aten.sub.Tensor, (r, ph))
+        d.meta[meta.CREATED_BY] = by
+        deltas.append(d)
+    out.args = (tuple(outs + deltas),)
     gm.graph.lint()
     gm.recompile()
-    return full0.with_module(gm, input_names=full0.input_names + ("cache.last",),
-                             output_names=full0.output_names + ("cache.delta",),
-                             example_inputs=tuple(full0.example_inputs) + (example_last,),
-                             dynamic_dims=tuple(full0.dynamic_dims) + ((),) if any(full0.dynamic_dims) else ())
+    return full0.with_module(gm, input_names=full0.input_names + tuple(f"cache.last{_sfx(j)}" for j in range(m)),
+                             output_names=full0.output_names + tuple(f"cache.delta{_sfx(j)}" for j in range(m)),
+                             example_inputs=tuple(full0.example_inputs) + tuple(examples_last),
+                             dynamic_dims=tuple(full0.dynamic_dims) + ((),) * m if any(full0.dynamic_dims) else ())
 
 
-def _forecast(reuse: Graph, example_delta: torch.Tensor, by: str) -> Graph:
-    """reuse (whose last input is the cached residual) with the residual replaced by
-    last + coef * delta (two more inputs)."""
+def _sfx(j: int) -> str:
+    """The suffix of span stream j's names (the primary stream has none; see Span.pairs)."""
+    return f"_s{j}" if j else ""
+
+
+def _forecast(reuse: Graph, examples_delta: list[torch.Tensor], by: str) -> Graph:
+    """reuse (whose last m inputs are the cached residuals) with each residual replaced by
+    last + coef * delta (m + 1 more inputs: the deltas, then coef)."""
+    m = len(examples_delta)
     gm = reuse.copy_module()
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    last = phs[-1]
-    delta = _add_input(gm, "cache_delta", last)
-    coef = _add_input(gm, "coef", last)
+    lasts = phs[len(phs) - m:]
+    deltas = [_add_input(gm, f"cache_delta{_sfx(j)}", last) for j, last in enumerate(lasts)]
+    coef = _add_input(gm, "coef", lasts[0])
     coef.meta.pop("val", None)
-    users = list(last.users)
-    first_user = next(n for n in gm.graph.nodes if n in users)
-    with gm.graph.inserting_before(first_user):
-        scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (delta, coef))
-        pred = gm.graph.call_function(torch.ops.aten.add.Tensor, (last, scaled))
-    for n in (scaled, pred):
-        n.meta[meta.CREATED_BY] = by
-    for u in users:
-        u.replace_input_with(last, pred)
+    for last, delta in zip(lasts, deltas):
+        users = list(last.users)
+        first_user = next(n for n in gm.graph.nodes if n in users)
+        with gm.graph.inserting_before(first_user):
+            scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (delta, coef))
+            pred = gm.graph.call_function(torch.ops.aten.add.Tensor, (last, scaled))
+        for n in (scaled, pred):
+            n.meta[meta.CREATED_BY] = by
+        for u in users:
+            u.replace_input_with(last, pred)
     gm.graph.lint()
     gm.recompile()
-    return reuse.with_module(gm, input_names=reuse.input_names + ("cache.delta", "coef"),
-                             example_inputs=tuple(reuse.example_inputs) + (example_delta, torch.ones(1)),
-                             dynamic_dims=tuple(reuse.dynamic_dims) + ((), ()) if any(reuse.dynamic_dims) else ())
+    return reuse.with_module(gm, input_names=reuse.input_names + tuple(f"cache.delta{_sfx(j)}" for j in range(m)) +
+                             ("coef",),
+                             example_inputs=tuple(reuse.example_inputs) + tuple(examples_delta) + (torch.ones(1),),
+                             dynamic_dims=tuple(reuse.dynamic_dims) + ((),) * (m + 1) if any(reuse.dynamic_dims)
+                             else ())
 
 
 def taylor_table(steps: int, interval: int, warmup: int) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -135,22 +147,26 @@ class ForecastBlocks(RewritePass):
             src = program.graphs[gname]
             span = make_span(src.module, "blocks", blocks[f:l_ + 1], self.name)
             full0 = emit_residuals(src, [span], self.name)
+            m = len(span.pairs())
             with torch.no_grad():
-                r = full0.run(*full0.example_inputs)[-1].detach().clone()
+                rs = [v.detach().clone() for v in full0.run(*full0.example_inputs)[-m:]]
             # an example `last` unlike r: with last == r the delta output is ~0 and the
             # backend check compares rounding noise
-            full = _full_with_delta(full0, torch.zeros_like(r), self.name)
-            forecast = _forecast(reuse_spans(src, [span], [r], self.name), torch.zeros_like(r), self.name)
-            last, delta = (f"state:{state_name(program, self.name, gname, x)}" for x in ("last", "delta"))
+            zeros = [torch.zeros_like(r) for r in rs]
+            full = _full_with_delta(full0, zeros, self.name)
+            forecast = _forecast(reuse_spans(src, [span], rs, self.name), zeros, self.name)
+            last, delta = ([f"state:{state_name(program, self.name, gname, x + _sfx(j))}" for j in range(m)]
+                           for x in ("last", "delta"))
+            last, delta = tuple(last), tuple(delta)
 
             def node(c: Call, graph_of) -> Select:
                 return Select(Table(table, "full"), (
-                    ("full0", Call(graph_of("full0"), c.inputs, c.outputs + (last,), c.device)),
-                    ("full", Call(graph_of("full"), c.inputs + (last,), c.outputs + (last, delta), c.device)),
-                    ("forecast", Call(graph_of("forecast"), c.inputs + (last, delta, coef), c.outputs, c.device)),
+                    ("full0", Call(graph_of("full0"), c.inputs, c.outputs + last, c.device)),
+                    ("full", Call(graph_of("full"), c.inputs + last, c.outputs + last + delta, c.device)),
+                    ("forecast", Call(graph_of("forecast"), c.inputs + last + delta + (coef,), c.outputs, c.device)),
                 ))
             variants = {"full0": full0, "full": full, "forecast": forecast}
-            new = new.expand(gname, variants, node, by=self.name, state=(StateBuffer(last[6:]), StateBuffer(delta[6:])),
+            new = new.expand(gname, variants, node, by=self.name, state=tuple(StateBuffer(x[6:]) for x in last + delta),
                              step_values=((coef[5:], coefs),))
             flops = tuple((f"{gname}.{v}", graph_flops(g)) for v, g in variants.items())
             rec = CachePlan("taylor_cache", (span,), (("forecast", ("blocks",)),), table, "full", flops, coefs,

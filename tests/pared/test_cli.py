@@ -31,6 +31,10 @@ MODELS_PY = textwrap.dedent("""
     def model_and_inputs():
         return tiny_transformer()
 
+    def two_stack():
+        from pared.testing import tiny_two_stack
+        return tiny_two_stack()
+
     class Branchy(torch.nn.Module):
         def forward(self, x):
             if x.sum() > 0:
@@ -100,6 +104,15 @@ def test_inspect_shows_regions(workdir, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "blocks.0" in out and "blocks.0.qkv" in out and "parameters" in out and "GFLOPs" in out
     assert "addmm" in out
+
+
+def test_inspect_lists_the_block_stacks_in_order(workdir, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)
+    assert main(["inspect", "models.py:two_stack", "-q"]) == EXIT_OK
+    out = capsys.readouterr().out
+    dual, single = out.index("dual_blocks.*  3 × _TinyJointBlock, 2 stream(s)  (the default)"), \
+        out.index("single_blocks.*  3 × _TinySingleBlock, 2 stream(s)")
+    assert "block stacks, in the order they run" in out and dual < single
 
 
 def test_inspect_untraceable_model(workdir, capsys, monkeypatch):
