@@ -26,6 +26,8 @@ import operator
 import os
 import platform
 import re
+
+import torch.fx as fx
 import shutil
 import tarfile
 from typing import Any, Mapping
@@ -110,10 +112,108 @@ def _select(node, imp):
     return imp.block_builder.emit(relax.op.take(imp.env[node.args[0]], relax.const(index, "int64"), axis=dim))
 
 
+def _dtype(node) -> str:
+    """The TVM dtype name of an fx node's value (torch.float32 -> 'float32')."""
+    return str(node.meta["val"].dtype).replace("torch.", "")
+
+
+def _arg(node, i: int, name: str, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _histc(node, imp):
+    """aten.histc(x, bins, min, max) with static min < max: each value's bin
+    floor((x - min) / (max - min) * bins), the last bin closed (x == max counts in it),
+    values outside [min, max] not counted -- torch's CPU rule, as a one-hot sum (static
+    shapes). Mixtral's and Qwen3-MoE's count of the tokens routed to each expert."""
+    from tvm import relax
+    bins = int(_arg(node, 1, "bins", 100))
+    lo, hi = float(_arg(node, 2, "min", 0)), float(_arg(node, 3, "max", 0))
+    if not lo < hi:
+        raise ValueError(f"histc with min {lo} >= max {hi} (a range read from the data) has no static form")
+    bb, op = imp.block_builder, relax.op
+    x = imp.env[node.args[0]]
+    dtype = _dtype(node.args[0])
+    flat = bb.emit(op.reshape(x, [-1]))
+    pos = bb.emit(op.multiply(op.divide(op.subtract(flat, relax.const(lo, dtype)), relax.const(hi - lo, dtype)),
+                              relax.const(float(bins), dtype)))
+    idx = bb.emit(op.astype(op.clip(op.floor(pos), 0, bins - 1), "int64"))
+    inside = bb.emit(op.logical_and(op.greater_equal(flat, relax.const(lo, dtype)),
+                                    op.less_equal(flat, relax.const(hi, dtype))))
+    hit = bb.emit(op.logical_and(op.equal(op.expand_dims(idx, 1), op.arange(0, bins, 1, "int64")),
+                                 op.expand_dims(inside, 1)))
+    return bb.emit(op.sum(op.astype(hit, dtype), axis=[0]))
+
+
+def _grouped_mm(node, imp):
+    """transformers.grouped_mm_fallback(a [S, K], w [E, K, N], offs [E]): rows sorted by
+    expert, expert e's rows between offs[e-1] and offs[e] (rows past the last offset are
+    zero, as in transformers' loop). Static form: every expert's product of every row
+    ([E, S, N], dense stacked experts), each row then takes its own expert's (a one-hot
+    sum: exact, the other terms are zeros). E times the work of the grouped loop; the
+    shapes no longer depend on the routing."""
+    from tvm import relax
+    s, e = node.args[0].meta["val"].shape[0], node.args[1].meta["val"].shape[0]
+    if not isinstance(s, int) or not isinstance(e, int):
+        raise ValueError("transformers.grouped_mm_fallback: the rows and experts must be static for TVM")
+    bb, op = imp.block_builder, relax.op
+    a, w, offs = (imp.env[n] for n in node.args[:3])
+    rows = op.expand_dims(op.arange(0, s, 1, "int64"), 1)
+    expert = bb.emit(op.sum(op.astype(op.greater_equal(rows, op.expand_dims(op.astype(offs, "int64"), 0)), "int64"),
+                            axis=[1]))                                             # [S]: offsets at or below the row
+    mine = bb.emit(op.equal(op.expand_dims(op.arange(0, e, 1, "int64"), 1), op.expand_dims(expert, 0)))   # [E, S]
+    every = bb.emit(op.matmul(op.expand_dims(a, 0), w))                            # [E, S, N]
+    return bb.emit(op.sum(op.multiply(every, op.astype(op.expand_dims(mine, 2), _dtype(node.args[0]))), axis=[0]))
+
+
+def _div(node, imp):
+    """aten.div.Tensor / div.Tensor_mode (rounding None, 'floor' or 'trunc') in the dtype
+    torch gives the result, each operand cast to it (a Python number made a constant of
+    it). TVM's own converter typed a Python divisor int32 beside int64 indices, and then
+    refused the pair (Mixtral's `index // top_k`), and divided integers as integers where
+    torch's true division gives floats."""
+    from tvm import relax
+    bb, op = imp.block_builder, relax.op
+    mode = _arg(node, 2, "rounding_mode", None)
+    out = _dtype(node)
+
+    def operand(v):
+        if not isinstance(v, fx.Node):
+            return relax.const(v, out)
+        return imp.env[v] if _dtype(v) == out else op.astype(imp.env[v], out)
+    x, y = operand(node.args[0]), operand(node.args[1])
+    if "int" not in out:
+        q = op.divide(x, y)
+        return bb.emit(q if mode is None else op.floor(q) if mode == "floor" else op.trunc(q))
+    if mode == "floor":
+        return bb.emit(op.floor_divide(x, y))
+    # trunc: the quotient of the magnitudes, with the sign of the product
+    return bb.emit(op.multiply(op.floor_divide(op.abs(x), op.abs(y)), op.multiply(op.sign(x), op.sign(y))))
+
+
+def _cumsum(node, imp):
+    """aten.cumsum with torch's result dtype: a bool or integer input sums as int64 unless
+    `dtype` says otherwise. TVM's converter keeps bool, whose sum LLVM codegen refuses
+    (transformers' position ids from the attention mask: `mask.ne(pad).cumsum(-1)`)."""
+    from tvm import relax
+    x = imp.env[node.args[0]]
+    dim = int(_arg(node, 1, "dim", 0))
+    want = _arg(node, 2, "dtype", None)
+    out = str(want).replace("torch.", "") if want is not None else _dtype(node)
+    if _dtype(node.args[0]) != out:
+        x = imp.block_builder.emit(relax.op.astype(x, out))
+    return imp.block_builder.emit(relax.op.cumsum(x, axis=dim))
+
+
 #: converters for aten ops TVM's PyTorch frontend lacks or gets wrong (its name -> converter(node, importer))
 CONVERTERS = {
     "min.dim": _min_dim,
     "select.int": _select,
+    "histc.default": _histc,
+    "cumsum.default": _cumsum,
+    "div.Tensor": _div,
+    "div.Tensor_mode": _div,
+    "grouped_mm_fallback.default": _grouped_mm,
     **{f"{prefix}.{kind}": _shift(op, python_op)
        for op, python_op, prefixes in (("right_shift", operator.rshift, ("bitwise_right_shift", "__rshift__")),
                                        ("left_shift", operator.lshift, ("bitwise_left_shift", "__lshift__")))

@@ -365,3 +365,54 @@ def test_shift_converters_unpack_codes_like_torch(tmp_path):
     for w, g in zip(Unpack()(p), got):
         assert g.dtype == np.uint8
         np.testing.assert_array_equal(w.numpy(), g)
+
+
+class TransformersGaps(nn.Module):
+    """The ops transformers' models reach that TVM's frontend lacked or got wrong: a bool
+    mask's cumsum (position ids), histc (tokens per expert), integer floor and trunc
+    division by a Python number, a float floor division."""
+
+    def forward(self, ids, x):
+        pos = (ids != 0).cumsum(-1)
+        counts = torch.histc(x, bins=4, min=0, max=3)
+        frac = torch.histc(x * 0.37, bins=5, min=-1, max=1.5)
+        return pos, counts, frac, ids // 2, torch.div(ids, 3, rounding_mode="trunc"), \
+            torch.div(x, 2, rounding_mode="floor"), torch.div(ids, 2)
+
+
+def test_transformers_gap_converters_match_torch(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[0, 3, 5, -7, 0, 2], [4, -1, 0, 0, 9, -8]])
+    x = torch.randint(-2, 6, (5, 6), generator=g).float()          # integers in and out of [0, 3]
+    program = capture(TransformersGaps(), (ids, x))
+    ex = Executor(save_program(program, tmp_path / "a", TVM_CPU))
+    for xs in (x, torch.randint(-1, 4, (5, 6), generator=g).float()):
+        got = ex(ids.numpy(), xs.numpy())
+        for k, (w, v) in enumerate(zip(TransformersGaps()(ids, xs), got)):
+            assert v.dtype == w.numpy().dtype, k
+            np.testing.assert_array_equal(w.numpy(), v, err_msg=f"output {k}")
+
+
+def test_grouped_mm_converter_takes_any_routing(tmp_path):
+    """transformers' grouped matmul of rows sorted by expert, lowered once and run on routings
+    (offsets) it was not built with: the static form has no shape that depends on them."""
+    moe = pytest.importorskip("transformers.integrations.moe")
+    op = torch.ops.transformers.grouped_mm_fallback.default
+
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(1)))
+
+        def forward(self, a, counts):
+            return op(a, self.w, counts.cumsum(0).to(torch.int32))
+    assert moe is not None
+    a = torch.randn(10, 6, generator=torch.Generator().manual_seed(2))
+    counts = torch.tensor([3, 0, 5, 2])
+    m = Grouped()
+    ex = Executor(save_program(capture(m, (a, counts)), tmp_path / "a", TVM_CPU))
+    for c in (counts, torch.tensor([0, 10, 0, 0]), torch.tensor([1, 1, 1, 4])):   # the last leaves 3 rows zero
+        with torch.no_grad():
+            want = m(a, c).numpy()
+        assert (want[7:] == 0).all() if int(c.sum()) == 7 else True
+        np.testing.assert_allclose(ex(a.numpy(), c.numpy()), want, rtol=1e-5, atol=1e-5)
