@@ -9,6 +9,11 @@ dual-stream blocks carry the image and the text tokens) gives the span one more
 its own key (`span_keys`); otherwise a reuse would still compute the blocks for
 the stream nobody cached.
 
+An *output span* (`make_output_span`, DeepCache's feature reuse) caches the values
+themselves: every value its blocks hand on, with no input (`""`); a reuse reads
+them as they were. It needs no residual path, so it may run from a U-Net's down
+blocks through its mid block into its up blocks, whose shapes change on the way.
+
     emit_residuals(graph, spans)   the graph, plus one output per span stream: its residual
     reuse_spans(graph, spans)      the graph with each span stream replaced by
                                    `input + cached residual` (a new input per stream);
@@ -29,7 +34,7 @@ from pared.analysis.metrics import psnr_db
 from pared.analysis.redundancy import primary_io
 from pared.analysis.search import Trials, as_trials, bisect_log, pareto_front, pareto_search
 from pared.ir import meta
-from pared.ir.errors import PassError
+from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
 from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
@@ -42,7 +47,7 @@ from pared.ir.transform import Record
 class Span:
     name: str                 # state name, e.g. "delta_rear"
     blocks: tuple[str, ...]   # region paths, in order
-    input: str                # node names in the source graph
+    input: str                # node names in the source graph ("": the output is cached as it is)
     output: str
     streams: tuple[tuple[str, str], ...] = ()   # further (input, output) pairs: the blocks' other streams
 
@@ -166,6 +171,38 @@ def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name
     return Span(name, tuple(b.path for b in blocks), first[0].name, last[1].name, extra)
 
 
+def make_output_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: str) -> Span:
+    """A span whose cached values are the tensors its blocks hand on (read by a node after
+    the span), as they are: DeepCache's feature reuse. The first is the span's output, the
+    others its streams; every input is "" (no residual)."""
+    if not blocks:
+        raise PassError(f"pass '{pass_name}': span {name!r} has no blocks")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    inside = {n for b in blocks for n in b.nodes}
+    order = {n: i for i, n in enumerate(nodes)}
+    outs = sorted({o for b in blocks for o in b.outputs if _shape(nodes[o]) is not None
+                   and any(u.name not in inside for u in nodes[o].users)}, key=order.get)
+    if not outs:
+        raise PassError(f"pass '{pass_name}': span {name!r} from {blocks[0].path!r} to {blocks[-1].path!r} hands "
+                        "no tensor on: nothing after it reads its blocks")
+    return Span(name, tuple(b.path for b in blocks), "", outs[0], tuple(("", o) for o in outs[1:]))
+
+
+REUSE = ("residual", "output")
+
+
+def check_reuse(pass_name: str, value: str) -> None:
+    """Option `reuse`: "residual" (the span's output - input, added to its new input) or
+    "output" (DeepCache: the values the span hands on, as they were)."""
+    if value not in REUSE:
+        raise OptionError(f"pass '{pass_name}' option 'reuse': must be one of {list(REUSE)}, got {value!r}")
+
+
+def span_of(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: str, reuse: str) -> Span:
+    """make_span or make_output_span, as option `reuse` says."""
+    return (make_output_span if reuse == "output" else make_span)(gm, name, blocks, pass_name)
+
+
 def _shape(n: fx.Node) -> tuple | None:
     v = n.meta.get("val")
     return tuple(v.shape) if hasattr(v, "shape") else None
@@ -219,9 +256,12 @@ def emit_residuals(graph: Graph, spans: Sequence[Span], by: str) -> Graph:
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     extra = []
     for _, i_name, o_name in (p for s in spans for p in s.pairs()):
-        o, i = nodes[o_name], nodes[i_name]
+        o = nodes[o_name]
+        if not i_name:                      # an output span: the value itself
+            extra.append(o)
+            continue
         with gm.graph.inserting_before(out_node):
-            r = gm.graph.call_function(torch.ops.aten.sub.Tensor, (o, i))
+            r = gm.graph.call_function(torch.ops.aten.sub.Tensor, (o, nodes[i_name]))
         _tag(r, by, o)
         extra.append(r)
     outs = out_node.args[0]
@@ -251,12 +291,17 @@ def reuse_spans(graph: Graph, spans: Sequence[Span], examples: Sequence[torch.Te
             ph = gm.graph.placeholder(f"cache_{key}")
         ph.meta["val"] = nodes[o_name].meta.get("val")
         last_ph = ph
-        i, o = nodes[i_name], nodes[o_name]
+        o = nodes[o_name]
+        new_names.append(f"cache.{key}")
+        if not i_name:                      # an output span: the cached value as it is
+            ph.meta[meta.CREATED_BY] = by
+            o.replace_all_uses_with(ph)
+            continue
+        i = nodes[i_name]
         with gm.graph.inserting_after(i):
             h = gm.graph.call_function(torch.ops.aten.add.Tensor, (i, ph))
         _tag(h, by, o)
         o.replace_all_uses_with(h)
-        new_names.append(f"cache.{key}")
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.recompile()

@@ -24,8 +24,8 @@ from pared.analysis.redundancy import RedundancyProfile, block_regions
 from pared.ir.errors import OptionError
 from pared.ir.program import Program
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, record_of, register_pass
-from pared.passes.cache.common import (CachePlan, cache_record, graph_flops, graphs_to_cache, make_span, refreshes,
-                                       variant_program)
+from pared.passes.cache.common import (CachePlan, cache_record, check_reuse, graph_flops, graphs_to_cache, refreshes,
+                                       span_of, variant_program)
 
 
 def resolve_range(n_blocks: int, first: int | None, last: int | None, pass_name: str) -> tuple[int, int]:
@@ -68,12 +68,15 @@ class CacheBlocksEveryN(RewritePass):
         warmup: int = 1              # the first steps always compute
         first: int | None = None     # first cached block (default 1: keep the first block)
         last: int | None = None      # last cached block, inclusive (default -2: keep the last block)
-        regions: str | None = None   # the blocks (pattern); default: the repeated blocks
+        regions: str | None = None   # the blocks (pattern; several, comma-separated, in order); default: the
+                                     # repeated blocks
+        reuse: str = "residual"      # "output": cache the values the blocks hand on (DeepCache; any shapes)
         steps: int | None = None     # steps per request; default: the calibration run's
 
         def __post_init__(self):
             check_range("interval_cache", "interval", self.interval, lo=1)
             check_range("interval_cache", "warmup", self.warmup, lo=1)
+            check_reuse("interval_cache", self.reuse)
             if self.steps is not None:
                 check_range("interval_cache", "steps", self.steps, lo=1)
 
@@ -88,7 +91,7 @@ class CacheBlocksEveryN(RewritePass):
         for gname in names:
             blocks = block_regions(program, o.regions, gname)
             f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
-            span = make_span(program.graphs[gname].module, "blocks", blocks[f:l_ + 1], self.name)
+            span = span_of(program.graphs[gname].module, "blocks", blocks[f:l_ + 1], self.name, o.reuse)
             new = variant_program(new, gname, [span], [("reuse", ["blocks"])], table, "full", self.name)
             flops = tuple((f"{gname}.{v}", graph_flops(new.graphs[f"{gname}.{v}"])) for v in ("full", "reuse"))
             rec = CachePlan("interval_cache", (span,), (("reuse", ("blocks",)),), table, "full", flops,

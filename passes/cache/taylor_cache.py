@@ -31,8 +31,8 @@ from pared.ir import meta
 from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.cache.common import (CachePlan, cache_record, emit_residuals, graph_flops, graphs_to_cache, make_span,
-                                       refreshes, reuse_spans, state_name)
+from pared.passes.cache.common import (CachePlan, cache_record, check_reuse, emit_residuals, graph_flops, graphs_to_cache,
+                                       refreshes, reuse_spans, span_of, state_name)
 from pared.passes.cache.interval_cache import calls_of, resolve_range
 
 
@@ -125,12 +125,15 @@ class ForecastBlocks(RewritePass):
         warmup: int = 2              # the first steps always compute (>= 2: a forecast needs a difference)
         first: int | None = None     # first cached block (default 1)
         last: int | None = None      # last cached block, inclusive (default -2)
-        regions: str | None = None   # the blocks (pattern); default: the repeated blocks
+        regions: str | None = None   # the blocks (pattern; several, comma-separated, in order); default: the
+                                     # repeated blocks
+        reuse: str = "residual"      # "output": cache the values the blocks hand on (DeepCache; any shapes)
         steps: int | None = None     # steps per request; default: the calibration run's
 
         def __post_init__(self):
             check_range("taylor_cache", "interval", self.interval, lo=1)
             check_range("taylor_cache", "warmup", self.warmup, lo=2)
+            check_reuse("taylor_cache", self.reuse)
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -145,7 +148,7 @@ class ForecastBlocks(RewritePass):
             blocks = block_regions(program, o.regions, gname)
             f, l_ = resolve_range(len(blocks), o.first, o.last, self.name)
             src = program.graphs[gname]
-            span = make_span(src.module, "blocks", blocks[f:l_ + 1], self.name)
+            span = span_of(src.module, "blocks", blocks[f:l_ + 1], self.name, o.reuse)
             full0 = emit_residuals(src, [span], self.name)
             m = len(span.pairs())
             with torch.no_grad():

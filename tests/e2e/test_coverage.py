@@ -208,3 +208,44 @@ def test_a_cache_span_runs_across_flux_stacks_and_caches_both_streams():
     with torch.no_grad():
         plain = m(**kw1)
     assert _cosine(plain, want1) < 1 - 1e-6           # the reuse changed the output: the check can fail
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["interval_cache", "taylor_cache"])
+def test_deepcache_reuses_a_unets_deep_features_across_its_down_mid_and_up_blocks(name):
+    """DeepCache on diffusers' U-Net: `reuse: output` over the second down block, the mid block
+    and the first up block (their shapes change on the way: no residual). A reuse call runs
+    none of them and equals the U-Net with the first up block's output replaced by the one the
+    full calls recorded (taylor_cache: forecast from the last two)."""
+    from pared.ir.capture import capture
+    from pared.ir.transform import PassContext
+    from pared.registry import get_pass
+    m, inputs = build("unet")
+    m = m.eval()
+    args0, kw = inputs(0)
+    prog = capture(m, args0, kwargs=kw)
+    steps = 2 if name == "interval_cache" else 4
+    opts = dict(steps=steps, regions="down_blocks.1, mid_block, up_blocks.0", first=0, last=-1, reuse="output")
+    res = get_pass(name)(**opts, **({"interval": 2} if name == "interval_cache" else {"interval": 4}))(
+        prog, PassContext())
+    p = res.program
+    (span,) = p.records["CachePlan"].spans
+    assert span.blocks == ("down_blocks.1", "mid_block", "up_blocks.0") and span.input == "" and span.streams == ()
+    table = p.plan.selects()[0].selector.cases
+    reuse = "reuse" if name == "interval_cache" else "forecast"
+    assert table[-1] == reuse and not any(b in p.regions(f"main.{reuse}") for b in span.blocks)
+    seen, runner = [], p.runner()
+    for step in range(steps):
+        args, _ = inputs(step)
+        args = (args[0], torch.tensor([900 - 200 * step]), args0[2])   # a sampler's calls: new latents and t
+        if table[step].startswith("full"):
+            h = m.up_blocks[0].register_forward_hook(lambda mod, i, out: seen.append(out.detach().clone()))
+        else:
+            c = p.records["CachePlan"].calibration[step] if name == "taylor_cache" else 0.0
+            value = seen[-1] + c * (seen[-1] - seen[-2]) if c else seen[-1]
+            h = m.up_blocks[0].register_forward_hook(lambda mod, i, out: value)
+        with torch.no_grad():
+            want = m(*args, **kw)
+        h.remove()
+        assert_close_to_eager(want, runner(flat_tensors(args, kw)), rel_l2=1e-5, what=f"{name}, call {step}")
+    assert runner.trace == list(table)

@@ -177,3 +177,36 @@ def test_a_pattern_of_the_list_that_matches_nothing_is_named():
         block_regions(prog, "dual_blocks.*, single_block.*")
     with pytest.raises(PassError, match=r"'dual_blocks.0' is matched by two of its patterns"):
         block_regions(prog, "dual_blocks.*, dual_blocks.0")
+
+
+def test_output_reuse_caches_what_the_span_hands_on():
+    """`reuse: output` (DeepCache's feature reuse): no residual; each value the span hands on is
+    cached as it is and read back on reuse steps (here both streams of the last spanned block)."""
+    m, (x, ctx), prog, res = _cached("interval_cache", interval=2, regions=CROSS, reuse="output")
+    p = res.program
+    (span,) = p.records["CachePlan"].spans
+    assert span.input == "" and [i for i, _ in span.streams] == [""]
+    assert _span_ops(p, "main.reuse", span) == 0
+    table = p.plan.selects()[0].selector.cases
+    last = m.single_blocks[1]
+    seen = []
+    ts = torch.linspace(900, 0, STEPS)
+    xe = x.clone()
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            if table[i] == "full":
+                h = last.register_forward_hook(lambda mod, a, out: seen.append(out))
+            else:
+                h = last.register_forward_hook(lambda mod, a, out: seen[-1])
+            xe = xe - 0.1 * m(xe, ctx, torch.full((x.shape[0],), float(t)))
+            h.remove()
+    runner = p.runner()
+    got = _loop(x, ctx)(lambda *a: runner(list(a))[0])
+    torch.testing.assert_close(got, xe, rtol=1e-5, atol=1e-5)
+    residual = _cached("interval_cache", interval=2, regions=CROSS)[3].program.runner()
+    assert (_loop(x, ctx)(lambda *a: residual(list(a))[0]) - got).abs().max() > 1e-5   # not the residual cache
+
+
+def test_reuse_option_is_checked():
+    with pytest.raises(Exception, match=r"pass 'interval_cache' option 'reuse': must be one of \['residual', 'output'\]"):
+        get_pass("interval_cache")(reuse="features")
