@@ -205,11 +205,64 @@ def _cumsum(node, imp):
     return imp.block_builder.emit(relax.op.cumsum(x, axis=dim))
 
 
+def _masked_scatter(node, imp):
+    """aten.masked_scatter(self, mask, source): the positions where `mask` (broadcast to
+    self's shape) is true take source's values in order, the k-th true position source's
+    k-th element (row-major): a cumulative count of the mask gathers them, so the shape
+    does not depend on the mask. LLaVA's image features written into the text embedding."""
+    from tvm import relax
+    bb, op = imp.block_builder, relax.op
+    x, mask, src = (imp.env[n] for n in node.args[:3])
+    shape = [int(d) for d in node.args[0].meta["val"].shape]
+    n_src = 1
+    for d in node.args[2].meta["val"].shape:
+        n_src *= int(d)
+    m = bb.emit(op.reshape(bb.emit(op.broadcast_to(mask, shape)), [-1]))
+    k = bb.emit(op.subtract(bb.emit(op.cumsum(bb.emit(op.astype(m, "int64")), axis=0)), relax.const(1, "int64")))
+    # positions before the first true one read element 0 (not taken); none reads past the end
+    k = bb.emit(op.minimum(bb.emit(op.maximum(k, relax.const(0, "int64"))), relax.const(max(n_src - 1, 0), "int64")))
+    picked = bb.emit(op.take(bb.emit(op.reshape(src, [-1])), k, axis=0))
+    out = bb.emit(op.where(m, picked, bb.emit(op.reshape(x, [-1]))))
+    return bb.emit(op.reshape(out, shape))
+
+
+RUNTIME_CHECKS = ("_assert_scalar.default", "_assert_async.default", "_assert_async.msg")
+
+
+def drop_runtime_checks(ep: Any) -> int:
+    """Remove the exported program's runtime assertions (`torch._check` on data-dependent
+    values: LLaVA's "as many image tokens as image features") and what only they used.
+    TVM's frontend converts none of them, and an ONNX file keeps none either; the build's
+    check against the fx graph still runs. Returns how many were removed."""
+    g = ep.graph_module.graph
+    gone = [n for n in g.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") in RUNTIME_CHECKS]
+    for n in gone:
+        g.erase_node(n)
+    if gone:
+        changed = True
+        while changed:               # what only the checks read: data-dependent scalars, sym_ite, comparisons
+            changed = False
+            for n in reversed(list(g.nodes)):
+                if n.op == "call_function" and not n.users and not _impure(n):
+                    g.erase_node(n)
+                    changed = True
+        ep.graph_module.recompile()
+    return len(gone)
+
+
+def _impure(n: fx.Node) -> bool:
+    try:
+        return n.is_impure()
+    except Exception:
+        return True
+
+
 #: converters for aten ops TVM's PyTorch frontend lacks or gets wrong (its name -> converter(node, importer))
 CONVERTERS = {
     "min.dim": _min_dim,
     "select.int": _select,
     "histc.default": _histc,
+    "masked_scatter.default": _masked_scatter,
     "cumsum.default": _cumsum,
     "div.Tensor": _div,
     "div.Tensor_mode": _div,
@@ -238,6 +291,7 @@ def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
     from pared.backends.tvm import quant
 
     ep = retrace(graph)
+    drop_runtime_checks(ep)
     stats = quant_stats if quant_stats is not None else {}
     quantized = quant.has_quantizers(ep)
     custom = dict(CONVERTERS)

@@ -416,3 +416,26 @@ def test_grouped_mm_converter_takes_any_routing(tmp_path):
             want = m(a, c).numpy()
         assert (want[7:] == 0).all() if int(c.sum()) == 7 else True
         np.testing.assert_allclose(ex(a.numpy(), c.numpy()), want, rtol=1e-5, atol=1e-5)
+
+
+class Scatter(nn.Module):
+    """LLaVA's write of image features into the text embedding, behind a data-dependent check."""
+
+    def forward(self, x, mask, src):
+        torch._check_tensor_all(mask.sum() * x.shape[-1] == src.numel())
+        return x.masked_scatter(mask.unsqueeze(-1), src)
+
+
+def test_masked_scatter_converter_and_runtime_checks(tmp_path):
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 0, 0, 0, 1, 0]]).bool()
+    src = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    program = capture(Scatter(), (x, mask, src))
+    ep = tvm_lower.retrace(program.main)
+    assert tvm_lower.drop_runtime_checks(ep) >= 1
+    assert not any("_assert" in str(n.target) or "local_scalar" in str(n.target) for n in ep.graph_module.graph.nodes)
+    ex = Executor(save_program(program, tmp_path / "a", TVM_CPU))
+    for m in (mask, torch.tensor([[1, 1, 0, 0, 0, 1], [0, 0, 1, 0, 1, 0]]).bool()):   # other positions, same count
+        got = ex(x.numpy(), m.numpy(), src.numpy())
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        np.testing.assert_array_equal(np.asarray(got), Scatter()(x, m, src).numpy())

@@ -36,11 +36,10 @@ from coverage_zoo import ZOO, build, flux, hunyuan_video    # noqa: E402
 #: "cache": interval_cache (a diffusion denoiser) lowered to cpu, the artifact following the
 #: torch-side program over a 4-call request that reuses; "int8": quantize_linears (dynamic) lowered
 #: to cpu, within cosine 0.995 of eager on fresh inputs.
-#: tvm-cpu fails today on llava only (masked_scatter, _is_all_true, sym_ite): its error names the op, its node
-#: and module. llama and gpt2 met a bool cumsum, mixtral and qwen3_moe also histc, transformers' grouped matmul
-#: and an integer floor division: backends/tvm/lower.CONVERTERS translates them
-TVM = {"dit", "pixart_alpha", "sd3", "flux", "wan21", "sana", "unet", "cogvideox", "hunyuan_video", "ltx_video", "vit",
-       "clip_vision", "whisper_encoder", "llama", "gpt2", "mixtral", "qwen3_moe"}
+#: every architecture lowers to tvm-cpu: llama and gpt2 met a bool cumsum, mixtral and qwen3_moe also histc,
+#: transformers' grouped matmul and an integer floor division, llava masked_scatter behind a data-dependent
+#: runtime check: backends/tvm/lower.CONVERTERS translates them and drop_runtime_checks removes the check
+TVM = set(ZOO)
 COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion", "int8": fam != "diffusion"}
             for name, (fam, _) in ZOO.items()}
 
