@@ -15,6 +15,11 @@ calls of 20 rows, the shape its database was tuned at; fidelity on 20 samples); 
 213-sentence corpus in batches of 32; the VLA its diffusion-head policy calls (fidelity: one
 closed-loop episode of reach-v3).
 Writes benchmarks/results/tvm_tuned.json.
+
+With --int8 each workload runs its INT8 pipeline instead (dit_mnist: dit_int8.yaml, timestep-aware
+static INT8; MiniLM: minilm_int8.yaml; the VLA: vla_int8.yaml): `optimized` is TVM's integer build
+(int8 x int8 -> int32 matmuls) and `ort_optimized` the same pipeline on ONNX Runtime, timed in the
+same rounds as the float arms. Writes benchmarks/results/tvm_int8.json unless --out says otherwise.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIONS = {"dit_mnist": {"samples": 20, "steps": 5},
            "minilm": {},
            "vla_metaworld": {"episodes": 1, "tasks": "reach-v3"}}
+INT8 = {"dit_mnist": "dit_int8.yaml", "minilm": "minilm_int8.yaml", "vla_metaworld": "vla_int8.yaml"}
 
 
 def main() -> None:
@@ -38,15 +44,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fast-math", action="store_true", help="TVM arms built with the backend option fast_math")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "tvm_tuned.json"))
+    p.add_argument("--int8", action="store_true", help="each workload's INT8 pipeline, on TVM and on ORT")
+    p.add_argument("--out", help="default: benchmarks/results/tvm_tuned.json (tvm_int8.json with --int8)")
     a = p.parse_args()
+    a.out = a.out or os.path.join(HERE, "results", "tvm_int8.json" if a.int8 else "tvm_tuned.json")
 
     from pared.bench import write_results
     from pared.workloads.bench import bench_workload
 
     runs = {}
     for w in a.workloads:
-        r = bench_workload(w, pipeline=None, target=a.target, threads=a.threads, repeats=a.repeats,
+        pipeline = os.path.join(os.path.dirname(HERE), "examples", "pipelines", INT8[w]) if a.int8 else None
+        r = bench_workload(w, pipeline=pipeline, target=a.target, threads=a.threads, repeats=a.repeats,
                            workload_options=OPTIONS.get(w, {}), progress=lambda m, w=w: print(f"[{w}] {m}", flush=True),
                            backend_options={"fast_math": True} if a.fast_math else None)
         t = r["timings_ms"]
@@ -54,13 +63,14 @@ def main() -> None:
                    "ms_per_task": {k: round(v["median"], 2) for k, v in t.items()},
                    "ms_range": {k: [round(v["min"], 2), round(v["max"], 2)] for k, v in t.items()},
                    **{k: round(v, 3) for k, v in r["tvm"].items() if k != "schedules"},
-                   "schedules": r["tvm"]["schedules"], "fidelity_vs_eager": r["fidelity"]}
+                   "schedules": r["tvm"]["schedules"], "fidelity_vs_eager": r["fidelity"],
+                   **({"pipeline": INT8[w], "passes": r["passes"]} if a.int8 else {})}
         print(f"[{w}] " + ", ".join(f"{k} {v['median']:.1f} ms" for k, v in t.items())
               + f"; tuned/ORT {r['tvm']['tuned_vs_ort']:.2f}x, untuned/ORT {r['tvm']['untuned_vs_ort']:.2f}x",
               flush=True)
     import sys
     write_results(a.out, {"command": " ".join(["benchmarks/tvm_tuned.py"] + sys.argv[1:]), "target": a.target,
-                          "fast_math": a.fast_math, "threads": a.threads, "repeats": a.repeats,
+                          "fast_math": a.fast_math, "int8": a.int8, "threads": a.threads, "repeats": a.repeats,
                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "workloads": runs})
 
 

@@ -19,6 +19,9 @@ policies at a fixed budget, side by side in one run.
       heavy          kv_policy heavy: 2 sink frames, then half the rest the last frames and half
                      the heavy hitters (H2O per frame: the most attended frames leaving the window)
       snap           the same split ranked by the latest frame's attention alone (SnapKV)
+      pyramid_goal   pyramid, then kv_drop with a goal instead of a share: the most heads (lowest
+                     Dummy Forcing cost first) whose dropping keeps --goal-db dB PSNR against the
+                     pyramid program on the calibration rollouts (bisection; the trials are recorded)
    --arms picks some of them (full always runs: the ratios are against it).
 3. Quality: every arm rolls out the same --clips held-out clips (same noise) eagerly, the
    Streamer holding what the arm's layout keeps (heavy: the captured program, whose step reports
@@ -59,7 +62,7 @@ def pipeline_options() -> dict:
     return {p.name: dict(p.options) for p in spec.passes}
 
 
-def arms(program, ctx, budget: int, opts: dict) -> dict:
+def arms(program, ctx, budget: int, opts: dict, goal_db: float = 30.0) -> dict:
     """name -> a function building that arm's program (only the arms asked for are built)."""
     from pared.ir.transform import PassManager
     from pared.registry import get_pass
@@ -78,10 +81,11 @@ def arms(program, ctx, budget: int, opts: dict) -> dict:
         "pyramid_drop": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(**drop)),
         "window_drop": lambda: run(get_pass("kv_policy")(policy="window", frames=budget),
                                    get_pass("kv_drop")(**drop)),
+        "pyramid_goal": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(target={"psnr_db": goal_db})),
     }
 
 
-ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "window_drop", "heavy", "snap")
+ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "window_drop", "heavy", "snap", "pyramid_goal")
 
 
 def spans(frames: int, train: int, context: int) -> dict:
@@ -103,6 +107,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (arms alternate within a round)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, of {', '.join(ARMS)} (full always)")
+    ap.add_argument("--goal-db", type=float, default=30.0, help="pyramid_goal: the PSNR kv_drop's head count must keep")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "video_ar_kv.json"))
     a = ap.parse_args()
@@ -135,7 +140,7 @@ def main() -> None:
     unknown = set(wanted) - set(ARMS)
     if unknown:
         raise SystemExit(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
-    built = arms(program, ctx, a.budget, opts)
+    built = arms(program, ctx, a.budget, opts, a.goal_db)
     variants = {n: built[n]() for n in ARMS if n in wanted}
 
     # -- quality: eager Streamers holding what each arm keeps, the same clips and noise ------------
@@ -172,6 +177,9 @@ def main() -> None:
             d = prog.records["KVDropDecisions"]
             memory[name]["dropped_heads"] = [list(h) for h in d.heads]
             memory[name]["attention_flops_ratio"] = round(d.attention_flops_after / d.attention_flops_before, 4)
+            if d.target:
+                memory[name]["goal"] = dict(d.target)
+                memory[name]["goal_trials"] = [{"heads_dropped": n, **dict(m)} for n, m in d.trials]
         print(f"{name}: {summary[name]} ({rollout_s[name]} s)", flush=True)
     truth = q.measure(np.stack([c.frames for c in clips]), clips, judge)
 

@@ -157,7 +157,7 @@ def _print_stacks(out: Any, program: Any) -> None:
         streams = sum(1 for o in s[0].outputs if hasattr(nodes[o].meta.get("val"), "shape"))
         residual = all(primary_io(gm, r) is not None for r in s)
         parent = s[0].path.rpartition(".")[0]
-        out.print(f"  {parent}.*  {len(s)} × {s[0].module_type.rsplit('.', 1)[-1]}, {streams} stream(s)"
+        out.print(f"  {parent}.*  {len(s)} × {s[0].module_type.rsplit('.', 1)[-1]}, {streams} output(s) each"
                   + ("" if residual else ", no residual path") + ("  (the default)" if s[0].path == default else ""))
 
 
@@ -379,6 +379,8 @@ def _bench_workload(a: argparse.Namespace) -> int:
         out.print(f"TVM: {tuned} of {total} fused functions from tuning databases; time vs ONNX Runtime: "
                   f"tuned {v['tuned_vs_ort']:.2f}x, untuned {v['untuned_vs_ort']:.2f}x "
                   f"(untuned/tuned {v['untuned_vs_tuned']:.2f}x)")
+        if "optimized_vs_ort_optimized" in v:
+            out.print(f"the pipeline on TVM vs on ONNX Runtime (ort_optimized): {v['optimized_vs_ort_optimized']:.2f}x")
     s = r["speedup"]
     out.print(f"speedup vs eager {s['vs_eager']:.2f}x, vs backend_plain {s['vs_backend_plain']:.2f}x "
               f"(ideal from FLOPs {r['ideal_speedup']:.2f}x)")

@@ -1,10 +1,13 @@
 """The side-by-side benchmark harness runs end to end on a tiny configuration and
 writes every field the JSON promises. (Timing figures are not asserted here.)"""
 import json
+import os
 
 import pytest
 
 from pared.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FIELDS = {"workload", "pipeline", "target", "torch_threads", "ort_threads", "timings_ms", "speedup",
           "ideal_speedup", "fidelity", "weight_bytes"}
@@ -86,6 +89,19 @@ def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedule
     assert r["tvm"]["tuned_vs_ort"] == pytest.approx(med["backend_plain"] / med["ort"], rel=1e-3)
     assert r["tvm"]["untuned_vs_tuned"] == pytest.approx(med["tvm_untuned"] / med["backend_plain"], rel=1e-3)
     assert r["fidelity"]["psnr_db"] > 40         # the tuned build computes what eager does
+
+
+@pytest.mark.heavy
+def test_bench_on_a_tvm_target_with_a_pipeline_also_times_it_on_ort():
+    """An INT8 pipeline on tvm-cpu: TVM's integer build is timed against the same pipeline on ONNX
+    Runtime (ort_optimized), besides the plain arms."""
+    from pared.workloads.bench import bench_workload
+    r = bench_workload("dit_mnist", pipeline=os.path.join(ROOT, "examples", "pipelines", "dit_int8.yaml"),
+                       target="tvm-cpu", repeats=1, workload_options={"samples": 10, "steps": 2})
+    assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort", "ort_optimized"}
+    med = {k: v["median"] for k, v in r["timings_ms"].items()}
+    assert r["tvm"]["optimized_vs_ort_optimized"] == pytest.approx(med["optimized"] / med["ort_optimized"], rel=1e-3)
+    assert r["fidelity"]["psnr_db"] > 20 and "timestep_quant" in r["passes"]
 
 
 @pytest.mark.heavy

@@ -110,8 +110,8 @@ def test_inspect_lists_the_block_stacks_in_order(workdir, capsys, monkeypatch):
     monkeypatch.chdir(workdir)
     assert main(["inspect", "models.py:two_stack", "-q"]) == EXIT_OK
     out = capsys.readouterr().out
-    dual, single = out.index("dual_blocks.*  3 × _TinyJointBlock, 2 stream(s)  (the default)"), \
-        out.index("single_blocks.*  3 × _TinySingleBlock, 2 stream(s)")
+    dual, single = out.index("dual_blocks.*  3 × _TinyJointBlock, 2 output(s) each  (the default)"), \
+        out.index("single_blocks.*  3 × _TinySingleBlock, 2 output(s) each")
     assert "block stacks, in the order they run" in out and dual < single
 
 
