@@ -155,8 +155,9 @@ def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name
         same = [o.name for o in outs if big is not None and _shape(o) == _shape(big)]
         if len(same) > 1:
             raise PassError(f"pass '{pass_name}': region {bad.path!r} gives {same} of one shape {list(_shape(big))}: "
-                            "two streams of one size (image and text tokens of equal count?), so which output "
-                            "continues which input is ambiguous; cache blocks whose streams differ in shape")
+                            "two streams of one size (image and text tokens of equal count?) or one block run twice, "
+                            "so which output continues which input is ambiguous; cache blocks whose streams differ "
+                            "in shape, or use reuse: output")
         raise PassError(f"pass '{pass_name}': region {bad.path!r} has no primary input/output of one shape "
                         "(a block that maps hidden states to hidden states); cache a different block range")
     shapes = [_shape(n) for n in (first[0], last[1])]
