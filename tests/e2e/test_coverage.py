@@ -152,7 +152,7 @@ def test_cache_passes_take_a_stack_of_a_two_stack_model_by_default(make, dual, s
             assert_close_to_eager(m(**kw), res.program.runner()(flat), rel_l2=1e-5, what=f"{name}, first call")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_a_cache_span_runs_across_flux_stacks_and_caches_both_streams():
     """`regions` as two patterns: the span runs from the second dual-stream block to the
     second-to-last single-stream one, its image and text streams both cached (a reuse runs none
@@ -209,7 +209,7 @@ def test_a_cache_span_runs_across_flux_stacks_and_caches_both_streams():
     assert _cosine(plain, want1) < 1 - 1e-6           # the reuse changed the output: the check can fail
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["interval_cache", "taylor_cache"])
 def test_deepcache_reuses_a_unets_deep_features_across_its_down_mid_and_up_blocks(name):
     """DeepCache on diffusers' U-Net: `reuse: output` over the second down block, the mid block
