@@ -55,9 +55,15 @@ def main() -> None:
     runs = {}
     for w in a.workloads:
         pipeline = os.path.join(os.path.dirname(HERE), "examples", "pipelines", INT8[w]) if a.int8 else None
-        r = bench_workload(w, pipeline=pipeline, target=a.target, threads=a.threads, repeats=a.repeats,
-                           workload_options=OPTIONS.get(w, {}), progress=lambda m, w=w: print(f"[{w}] {m}", flush=True),
-                           backend_options={"fast_math": True} if a.fast_math else None)
+        try:
+            r = bench_workload(w, pipeline=pipeline, target=a.target, threads=a.threads, repeats=a.repeats,
+                               workload_options=OPTIONS.get(w, {}),
+                               progress=lambda m, w=w: print(f"[{w}] {m}", flush=True),
+                               backend_options={"fast_math": True} if a.fast_math else None)
+        except Exception as e:          # one workload that does not build is a figure too: say why, go on
+            runs[w] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"}
+            print(f"[{w}] failed: {runs[w]['failed']}", flush=True)
+            continue
         t = r["timings_ms"]
         runs[w] = {"summary": r["summary"], "calls_per_task": r["calls_per_task"],
                    "ms_per_task": {k: round(v["median"], 2) for k, v in t.items()},
