@@ -21,7 +21,8 @@ policies at a fixed budget, side by side in one run.
       snap           the same split ranked by the latest frame's attention alone (SnapKV)
       pyramid_goal   pyramid, then kv_drop with a goal instead of a share: the most heads (lowest
                      Dummy Forcing cost first) whose dropping keeps --goal-db dB PSNR against the
-                     pyramid program on the calibration rollouts (bisection; the trials are recorded)
+                     pyramid program on the calibration rollouts (bisection; the trials are recorded);
+                     one arm per goal (--goal-db 30,20: pyramid_goal30 and pyramid_goal20)
    --arms picks some of them (full always runs: the ratios are against it).
 3. Quality: every arm rolls out the same --clips held-out clips (same noise) eagerly, the
    Streamer holding what the arm's layout keeps (heavy: the captured program, whose step reports
@@ -62,7 +63,7 @@ def pipeline_options() -> dict:
     return {p.name: dict(p.options) for p in spec.passes}
 
 
-def arms(program, ctx, budget: int, opts: dict, goal_db: float = 30.0) -> dict:
+def arms(program, ctx, budget: int, opts: dict, goals_db: tuple[float, ...] = (30.0,)) -> dict:
     """name -> a function building that arm's program (only the arms asked for are built)."""
     from pared.ir.transform import PassManager
     from pared.registry import get_pass
@@ -81,7 +82,8 @@ def arms(program, ctx, budget: int, opts: dict, goal_db: float = 30.0) -> dict:
         "pyramid_drop": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(**drop)),
         "window_drop": lambda: run(get_pass("kv_policy")(policy="window", frames=budget),
                                    get_pass("kv_drop")(**drop)),
-        "pyramid_goal": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(target={"psnr_db": goal_db})),
+        **{f"pyramid_goal{g:g}": (lambda g=g: run(get_pass("kv_policy")(**pyr),
+                                                  get_pass("kv_drop")(target={"psnr_db": g}))) for g in goals_db},
     }
 
 
@@ -107,7 +109,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (arms alternate within a round)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, of {', '.join(ARMS)} (full always)")
-    ap.add_argument("--goal-db", type=float, default=30.0, help="pyramid_goal: the PSNR kv_drop's head count must keep")
+    ap.add_argument("--goal-db", default="30", help="pyramid_goal: the PSNR kv_drop's head count must keep "
+                    "(comma-separated: one arm per goal)")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "video_ar_kv.json"))
     a = ap.parse_args()
@@ -136,12 +139,15 @@ def main() -> None:
     program = HeadTypesAnalysis(**opts["head_types"])(program, ctx).program
     heads = program.records["HeadTypes"]
     print("head types per layer:", heads.types, flush=True)
-    wanted = ["full"] + [n for n in a.arms.split(",") if n and n != "full"]
-    unknown = set(wanted) - set(ARMS)
+    goals = tuple(float(g) for g in a.goal_db.split(",") if g)
+    goal_arms = [f"pyramid_goal{g:g}" for g in goals]
+    wanted = ["full"] + [m for n in a.arms.split(",") if n and n != "full"
+                         for m in (goal_arms if n == "pyramid_goal" else [n])]
+    unknown = set(wanted) - set(ARMS) - set(goal_arms)
     if unknown:
         raise SystemExit(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
-    built = arms(program, ctx, a.budget, opts, a.goal_db)
-    variants = {n: built[n]() for n in ARMS if n in wanted}
+    built = arms(program, ctx, a.budget, opts, goals)
+    variants = {n: built[n]() for n in (*ARMS[:-1], *goal_arms) if n in wanted}   # (ARMS[-1]: the goal arms)
 
     # -- quality: eager Streamers holding what each arm keeps, the same clips and noise ------------
     clips = [data.video(i, a.frames, "test") for i in range(a.clips)]
@@ -176,7 +182,8 @@ def main() -> None:
         if "KVDropDecisions" in prog.records:
             d = prog.records["KVDropDecisions"]
             memory[name]["dropped_heads"] = [list(h) for h in d.heads]
-            memory[name]["attention_flops_ratio"] = round(d.attention_flops_after / d.attention_flops_before, 4)
+            memory[name]["attention_flops_ratio"] = (round(d.attention_flops_after / d.attention_flops_before, 4)
+                                                     if d.attention_flops_before else 1.0)   # no head dropped
             if d.target:
                 memory[name]["goal"] = dict(d.target)
                 memory[name]["goal_trials"] = [{"heads_dropped": n, **dict(m)} for n, m in d.trials]

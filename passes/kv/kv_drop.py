@@ -130,7 +130,15 @@ class KVDrop(RewritePass):
                 costs[(li, h)] = c
         made = drop_heads(program, rec, costs)
         if made is None:
-            return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"dropped_heads": 0})
+            if o.target is None:
+                return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={"dropped_heads": 0})
+            # a goal no head count meets: the program is unchanged, the record says what was measured
+            frames = rec.kv_layout().frames
+            ctx.log.info("%s: dropping even the cheapest head misses the goal %s; %s", NAME, o.target.terms,
+                         "; ".join(f"{n} head(s): {dict(m)}" for n, m in trials))
+            dec = KVDropDecisions((), (), frames, 0, 0, 0, o.target.terms, trials)
+            return PassResult(program.with_record(dec), modified=True, preserved=PRESERVE_ALL,
+                              stats={"dropped_heads": 0})
         out_prog, dec = made
         if o.target is not None:
             dec = dataclasses.replace(dec, target=o.target.terms, trials=trials)

@@ -37,9 +37,13 @@ def test_target_drops_the_most_heads_that_meet_the_goal(typed):
     assert tried[1][0][1] == pytest.approx(p1, abs=1e-4) and tried[1][0][1] >= goal
     assert tried[2][0][1] < goal                         # one more head misses it
     assert dec.target == (("psnr_db", goal),)
-    # a goal nothing but the full history meets drops nothing
+    # a goal nothing but the full history meets drops nothing, and the record says what was measured
     none = get_pass("kv_drop")(target={"psnr_db": 1e9})(prog, PassContext(calibration=calls))
-    assert not none.modified
+    assert none.stats["dropped_heads"] == 0 and set(none.program.graphs) == set(prog.graphs)
+    assert none.program.graphs[prog.records["KVStream"].step] is prog.graphs[prog.records["KVStream"].step]
+    empty = none.program.records["KVDropDecisions"]
+    assert empty.heads == () and empty.trials and all(m[0][1] < 1e9 for _, m in empty.trials)
+    assert dict(empty.trials)[1][0][1] == pytest.approx(p1, abs=1e-4)
 
 
 def test_target_options_are_checked(typed):
