@@ -21,6 +21,10 @@ regression stays well posed: the model learns to pull a drifting history back to
 the digits and motion of its first frames -- the exposure bias Self Forcing
 removes, at the cost of a rollout (about one teacher-forced update) instead of
 Self Forcing's gradient through the sampler and its distribution-matching loss.
+Tried once from runs/stem8 (rollout share 0.5, 28 min): the rollouts got worse (identity
+down, velocity error up; stop 41's note has the figures): where the history has drifted
+the true frame is uncertain, and an MSE objective answers uncertainty with blur. Kept as
+an option, not the recipe.
 
 The learning rate warms up for 100 steps, then follows a cosine to 10% over the
 run (measured in steps with --steps, in wall time otherwise). Writes the EMA
