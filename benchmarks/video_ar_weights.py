@@ -4,8 +4,8 @@ identity, velocity error and PSNR (full cache, DDIM 8 steps), the same clips and
 
     .venv/bin/python benchmarks/video_ar_weights.py [--weights A.safetensors,B.safetensors] [--clips 16]
 
-Default: the shipped weights and examples/video_ar/runs/stem8.safetensors (the overlapping-stem
-run, not shipped). Writes benchmarks/results/video_ar_weights.json. A quick screen for a training
+Default: the shipped weights, examples/video_ar/runs/stem8.safetensors (the overlapping-stem
+run, not shipped) and runs/stem8b.safetensors (80 more minutes of teacher forcing from stem8). Writes benchmarks/results/video_ar_weights.json. A quick screen for a training
 run; the shipped model's full figures are benchmarks/video_ar_quality.py's.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from pared.bench import write_results  # noqa: E402
 from pared.workloads import example_module  # noqa: E402
 
-DEFAULT = ",".join(os.path.join("examples", "video_ar", f) for f in ("weights.safetensors", "runs/stem8.safetensors"))
+DEFAULT = ",".join(os.path.join("examples", "video_ar", f) for f in ("weights.safetensors", "runs/stem8.safetensors",
+                                                                  "runs/stem8b.safetensors"))
 
 
 def main() -> None:
