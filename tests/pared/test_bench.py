@@ -97,7 +97,7 @@ def test_bench_on_a_tvm_target_with_a_pipeline_also_times_it_on_ort():
     Runtime (ort_optimized), besides the plain arms."""
     from pared.workloads.bench import bench_workload
     r = bench_workload("dit_mnist", pipeline=os.path.join(ROOT, "examples", "pipelines", "dit_int8.yaml"),
-                       target="tvm-cpu", repeats=1, workload_options={"samples": 10, "steps": 2})
+                       target="tvm-cpu", repeats=1, workload_options={"samples": 10, "steps": 4})
     assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort", "ort_optimized"}
     med = {k: v["median"] for k, v in r["timings_ms"].items()}
     assert r["tvm"]["optimized_vs_ort_optimized"] == pytest.approx(med["optimized"] / med["ort_optimized"], rel=1e-3)
