@@ -92,16 +92,19 @@ def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedule
 
 
 @pytest.mark.heavy
-def test_bench_on_a_tvm_target_with_a_pipeline_also_times_it_on_ort():
-    """An INT8 pipeline on tvm-cpu: TVM's integer build is timed against the same pipeline on ONNX
-    Runtime (ort_optimized), besides the plain arms."""
+def test_bench_on_a_tvm_target_with_a_pipeline_also_times_it_on_ort(tmp_path):
+    """A pipeline on tvm-cpu: TVM's optimized build is timed against the same pipeline on ONNX
+    Runtime (ort_optimized), besides the plain arms (benchmarks/tvm_tuned.py --int8 runs the INT8
+    pipelines this way; a one-pass pipeline keeps the test short)."""
     from pared.workloads.bench import bench_workload
-    r = bench_workload("dit_mnist", pipeline=os.path.join(ROOT, "examples", "pipelines", "dit_int8.yaml"),
-                       target="tvm-cpu", repeats=1, workload_options={"samples": 10, "steps": 4})
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("version: 1\npasses:\n  - constant_folding: {}\n")
+    r = bench_workload("dit_mnist", pipeline=str(pipe), target="tvm-cpu", repeats=1,
+                       workload_options={"samples": 10, "steps": 2})
     assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort", "ort_optimized"}
     med = {k: v["median"] for k, v in r["timings_ms"].items()}
     assert r["tvm"]["optimized_vs_ort_optimized"] == pytest.approx(med["optimized"] / med["ort_optimized"], rel=1e-3)
-    assert r["fidelity"]["psnr_db"] > 20 and "timestep_quant" in r["passes"]
+    assert r["fidelity"]["psnr_db"] > 40 and r["passes"] == ["constant_folding"]
 
 
 @pytest.mark.heavy
