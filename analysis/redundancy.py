@@ -59,7 +59,7 @@ class RedundancyProfile(Record):
         raise KeyError(f"no region {path!r} in the RedundancyProfile; it has {[r.path for r in self.regions]}")
 
 
-def _shape_of(node: fx.Node) -> tuple | None:
+def shape_of(node: fx.Node) -> tuple | None:
     v = node.meta.get("val")
     if isinstance(v, torch.Tensor):
         return tuple(v.shape)
@@ -77,13 +77,13 @@ def primary_io(gm: fx.GraphModule, region: Region) -> tuple[fx.Node, fx.Node] | 
     the shape has no residual; a block called twice in one graph has two).
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    outs = [nodes[o] for o in region.outputs if _shape_of(nodes[o]) is not None]
+    outs = [nodes[o] for o in region.outputs if shape_of(nodes[o]) is not None]
     if not outs:
         return None
-    out = max(outs, key=lambda n: math.prod(int(s) if isinstance(s, int) else 1 for s in _shape_of(n)))
-    shape = _shape_of(out)
-    ins = [nodes[i] for i in region.inputs if _shape_of(nodes[i]) == shape]
-    if len(ins) > 1 and sum(1 for o in outs if _shape_of(o) == shape) == 1:
+    out = max(outs, key=lambda n: math.prod(int(s) if isinstance(s, int) else 1 for s in shape_of(n)))
+    shape = shape_of(out)
+    ins = [nodes[i] for i in region.inputs if shape_of(nodes[i]) == shape]
+    if len(ins) > 1 and sum(1 for o in outs if shape_of(o) == shape) == 1:
         # one output of that shape: a block run once, with side inputs of the same shape (rotary cos, sin);
         # a block run several times in one graph has an output per run and no single input
         ins = _residual_inputs(out, ins, set(region.nodes))
@@ -96,7 +96,7 @@ def _residual_inputs(out: fx.Node, ins: list[fx.Node], inside: set[str]) -> list
     """Those of `ins` that `out` reaches back through adds of its shape only (x + f(x) + g(...)):
     the residual stream, not an input that only feeds a branch."""
     add = torch.ops.aten.add.Tensor
-    shape, want = _shape_of(out), {n.name for n in ins}
+    shape, want = shape_of(out), {n.name for n in ins}
     found, seen, todo = [], set(), [out]
     while todo:
         n = todo.pop()
@@ -106,7 +106,7 @@ def _residual_inputs(out: fx.Node, ins: list[fx.Node], inside: set[str]) -> list
         if n.name in want:
             found.append(n)
         elif n.name in inside and n.op == "call_function" and n.target is add:
-            todo.extend(a for a in n.args if isinstance(a, fx.Node) and _shape_of(a) == shape)
+            todo.extend(a for a in n.args if isinstance(a, fx.Node) and shape_of(a) == shape)
     return sorted(found, key=lambda n: [i.name for i in ins].index(n.name))
 
 
@@ -241,7 +241,7 @@ class TemporalRedundancy(Analysis):
         for r in chosen:
             io = primary_io(gm, r)
             if io is None:
-                outs = [nodes[o] for o in r.outputs if _shape_of(nodes[o]) is not None]
+                outs = [nodes[o] for o in r.outputs if shape_of(nodes[o]) is not None]
                 if not outs:
                     continue
                 taps.append((r.path, None, outs[0]))

@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from pared.analysis import cost
 from pared.analysis.metrics import psnr_db
-from pared.analysis.redundancy import primary_io
+from pared.analysis.redundancy import primary_io, shape_of
 from pared.analysis.search import Trials, as_trials, bisect_log, pareto_front, pareto_search
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
@@ -150,17 +150,17 @@ def make_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name
     if first is None or last is None:
         bad = blocks[0] if first is None else blocks[-1]
         nodes = {n.name: n for n in gm.graph.nodes}
-        outs = [nodes[o] for o in bad.outputs if _shape(nodes[o]) is not None]
-        big = max(outs, key=lambda n: math.prod(s if isinstance(s, int) else 1 for s in _shape(n)), default=None)
-        same = [o.name for o in outs if big is not None and _shape(o) == _shape(big)]
+        outs = [nodes[o] for o in bad.outputs if shape_of(nodes[o]) is not None]
+        big = max(outs, key=lambda n: math.prod(s if isinstance(s, int) else 1 for s in shape_of(n)), default=None)
+        same = [o.name for o in outs if big is not None and shape_of(o) == shape_of(big)]
         if len(same) > 1:
-            raise PassError(f"pass '{pass_name}': region {bad.path!r} gives {same} of one shape {list(_shape(big))}: "
+            raise PassError(f"pass '{pass_name}': region {bad.path!r} gives {same} of one shape {list(shape_of(big))}: "
                             "two streams of one size (image and text tokens of equal count?) or one block run twice, "
                             "so which output continues which input is ambiguous; cache blocks whose streams differ "
                             "in shape, or use reuse: output")
         raise PassError(f"pass '{pass_name}': region {bad.path!r} has no primary input/output of one shape "
                         "(a block that maps hidden states to hidden states); cache a different block range")
-    shapes = [_shape(n) for n in (first[0], last[1])]
+    shapes = [shape_of(n) for n in (first[0], last[1])]
     if shapes[0] != shapes[1]:
         raise PassError(f"pass '{pass_name}': span {name!r} from {blocks[0].path!r} to {blocks[-1].path!r} takes "
                         f"{list(shapes[0] or ())} and gives {list(shapes[1] or ())}: it has no residual to reuse "
@@ -181,7 +181,7 @@ def make_output_span(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pa
     nodes = {n.name: n for n in gm.graph.nodes}
     inside = {n for b in blocks for n in b.nodes}
     order = {n: i for i, n in enumerate(nodes)}
-    outs = sorted({o for b in blocks for o in b.outputs if _shape(nodes[o]) is not None
+    outs = sorted({o for b in blocks for o in b.outputs if shape_of(nodes[o]) is not None
                    and any(u.name not in inside for u in nodes[o].users)}, key=order.get)
     if not outs:
         raise PassError(f"pass '{pass_name}': span {name!r} from {blocks[0].path!r} to {blocks[-1].path!r} hands "
@@ -204,11 +204,6 @@ def span_of(gm: fx.GraphModule, name: str, blocks: Sequence[Region], pass_name: 
     return (make_output_span if reuse == "output" else make_span)(gm, name, blocks, pass_name)
 
 
-def _shape(n: fx.Node) -> tuple | None:
-    v = n.meta.get("val")
-    return tuple(v.shape) if hasattr(v, "shape") else None
-
-
 def side_streams(gm: fx.GraphModule, blocks: Sequence[Region], first: tuple[fx.Node, fx.Node],
                  last: tuple[fx.Node, fx.Node], what: str) -> tuple[tuple[str, str], ...]:
     """The (input, output) pairs of a span's streams besides the primary one: each tensor
@@ -223,15 +218,15 @@ def side_streams(gm: fx.GraphModule, blocks: Sequence[Region], first: tuple[fx.N
     nodes = {n.name: n for n in gm.graph.nodes}
     inside = {n for b in blocks for n in b.nodes}
     later = {n for b in blocks[1:] for n in b.nodes}
-    outs = [nodes[o] for o in blocks[-1].outputs if o != last[1].name and _shape(nodes[o]) is not None
+    outs = [nodes[o] for o in blocks[-1].outputs if o != last[1].name and shape_of(nodes[o]) is not None
             and any(u.name not in inside for u in nodes[o].users)]
-    ins = [nodes[i] for i in blocks[0].inputs if i != first[0].name and _shape(nodes[i]) is not None
+    ins = [nodes[i] for i in blocks[0].inputs if i != first[0].name and shape_of(nodes[i]) is not None
            and not any(u.name in later for u in nodes[i].users)]
     pairs = []
     for o in outs:
-        cand = [i for i in ins if _shape(i) == _shape(o)]
+        cand = [i for i in ins if shape_of(i) == shape_of(o)]
         if len(cand) > 1:
-            raise PassError(f"{what}: the last block's output {o.name} {list(_shape(o))} could continue any of the "
+            raise PassError(f"{what}: the last block's output {o.name} {list(shape_of(o))} could continue any of the "
                             f"first block's inputs {[i.name for i in cand]} (same shape): its stream is ambiguous; "
                             "cache a block range of one stream, or name blocks whose streams differ in shape")
         if cand:
