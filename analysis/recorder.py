@@ -6,6 +6,11 @@ The Program runs with its own Plan (any number of graphs, any selects), and the
 values of the tapped nodes are handed over keyed by (graph, node, call index);
 the returned trace gives the case labels the plan chose at each call.
 
+`replay` runs the calibration through a program as it is (a loop free-running: its
+next inputs come from that program's outputs); `record_inputs` keeps the inputs one
+program received and `replay_inputs` drives any program with them (teacher-forced:
+every candidate sees the reference's history, each computing its own state from it).
+
 Reads: nothing. Writes: nothing (a helper for analyses and passes).
 """
 from __future__ import annotations
@@ -116,6 +121,12 @@ def output_rows(res: Any) -> np.ndarray:
     return np.concatenate([r.reshape(1, -1).numpy() for r in rows], axis=1)
 
 
+def _stacked(outs: list[np.ndarray]) -> np.ndarray:
+    """Calls' output_rows as one array: stacked by rows when they share a width, else one row."""
+    width = {o.shape[1] for o in outs}
+    return np.concatenate(outs) if len(width) == 1 else np.concatenate([o.reshape(1, -1) for o in outs], axis=1)
+
+
 def run_output(calibration: Any, call: Callable[..., Any], outs: list[np.ndarray]) -> np.ndarray:
     """Drive `call` through the calibration run (it appends each call's output_rows to
     `outs`) and return the run's output: a loop's returned array, or every call's rows."""
@@ -126,8 +137,7 @@ def run_output(calibration: Any, call: Callable[..., Any], outs: list[np.ndarray
             return r.reshape(r.shape[0] if r.ndim else 1, -1)
     else:
         drive(calibration, call)
-    width = {o.shape[1] for o in outs}
-    return np.concatenate(outs) if len(width) == 1 else np.concatenate([o.reshape(1, -1) for o in outs], axis=1)
+    return _stacked(outs)
 
 
 def replay(program: Program, calibration: Any) -> np.ndarray:
@@ -143,6 +153,61 @@ def replay(program: Program, calibration: Any) -> np.ndarray:
         res = _structure.unflatten(program.output_structure, res)
         return res
     return run_output(calibration, call, outs)
+
+
+def record_inputs(program: Program, calibration: Any) -> list[list[tuple[torch.Tensor, ...]]]:
+    """The inputs of every call `program` receives over the calibration run, in order, one list
+    per request: the history a teacher-forced comparison replays (`replay_inputs`).
+
+    A loop calibration makes each call's inputs from the outputs it got before (a sampler, a
+    free-running rollout), so the inputs are those this program's outputs led to. The run is one
+    request, as in `replay` and `record`: one runner, never reset, its Plan's state (a KV cache)
+    carried across every call; the result holds one list. Each input is a copy (a loop may
+    reuse its buffers).
+
+    Returns:
+        [request][call] -> the call's flat input tensors.
+    Raises:
+        PassError: when there is no calibration run, or it makes no call.
+    """
+    runner = program.runner()
+    calls: list[tuple[torch.Tensor, ...]] = []
+
+    def call(*args):
+        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
+        calls.append(tuple(t.detach().clone() for t in flat))
+        with torch.no_grad():
+            res = runner(flat)
+        return _structure.unflatten(program.output_structure, res)
+    drive(calibration, call)
+    if not calls:
+        raise PassError("recorder: the calibration run made no call of the model; give it at least one")
+    return [calls]
+
+
+def replay_inputs(program: Program, requests: Sequence[Sequence[Sequence[torch.Tensor]]]) -> np.ndarray:
+    """Every recorded call through `program`, teacher-forced: each call takes the recorded inputs
+    whatever `program` answered before (its own state, e.g. the KV cache its policy keeps, is
+    computed from them). A request starts with the Plan's state reset, as it did when recorded.
+
+    Args:
+        requests: [request][call] -> flat inputs (`record_inputs`).
+    Returns:
+        Each call's float outputs (output_rows) stacked, float64 [rows, features]: for the
+        program that was recorded, exactly the outputs it gave over the calibration run.
+    Raises:
+        PassError: when `requests` holds no call.
+    """
+    runner = program.runner()
+    outs: list[np.ndarray] = []
+    for request in requests:
+        runner.reset()
+        for args in request:
+            with torch.no_grad():
+                outs.append(output_rows(runner(list(args))))
+    if not outs:
+        raise PassError("recorder: replay_inputs got no recorded call; record them with record_inputs")
+    return _stacked(outs)
 
 
 def analysed_graphs(program: Program, wanted: Sequence[str] | None, by: str) -> list[str]:

@@ -6,7 +6,12 @@ max(p_first, p_recent + p_mid) of the HeadTypes record (analysis/head_types.py, 
 stream; Dummy Forcing drops 180 of Wan-1.3B's 360), or the pairs option `heads` names, or, with
 `target: {goal}`, the most heads in that order whose dropping still meets the goal on the
 calibration stream against the program before (psnr_db, cosine, rel_l2, ...; bisection over the
-count, assumed monotone; the trials in KVDropDecisions).
+count, assumed monotone; the trials in KVDropDecisions). The goal is measured teacher-forced
+(kv_policy.goal_trials): the inputs the program before received over the calibration stream are
+recorded and replayed through it and through every candidate, the outputs compared call by call.
+A streamed calibration rolls out free-running (each frame from the earlier outputs), so running
+the loop itself through a candidate would compare two diverging trajectories (on video_ar 13 to
+17 dB PSNR whatever the head count) rather than the error of dropping the heads.
 
 Before: every head of the step attends to its cache slots and the frame's own tokens:
     P_h = softmax(scale · q_h [K_cache ; K_own]_hᵀ + bias_h),  out_h = P_h [V_cache ; V_own]_h
@@ -155,8 +160,9 @@ class KVDrop(RewritePass):
 
     def _search(self, program: Program, rec, ctx: PassContext, flat: list) -> tuple[int, tuple]:
         """The most heads (lowest cost first) whose dropping still meets the goal on the calibration
-        stream against the program before, by bisection (assumed monotone: dropping one more head
-        never measures better); returns (heads to drop, trials)."""
+        stream against the program before, teacher-forced (every candidate driven with the inputs
+        the program before received: goal_trials), by bisection (assumed monotone: dropping one
+        more head never measures better); returns (heads to drop, trials)."""
         o = self.options
         if ctx.calibration is None:
             raise PassError(f"pass '{NAME}': option 'target' needs a calibration stream to measure the goal on")
