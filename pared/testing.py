@@ -1101,7 +1101,26 @@ class TinyMoE(nn.Module):
         t = flat.shape[0]
         rows = idx * t + torch.arange(t).unsqueeze(-1)
         picked = y.reshape(-1, y.shape[-1]).index_select(0, rows.reshape(-1)).reshape(t, self.top_k, -1)
+        return self.weigh(flat, picked, gate)
+
+    def weigh(self, flat: torch.Tensor, picked: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The routed outputs per (token, choice) [T, k, d] weighed by the gates, plus the shared expert."""
         return (picked * gate.unsqueeze(-1)).sum(1) + self.shared(flat)
+
+    def dispatched(self, flat: torch.Tensor, idx: torch.Tensor, capacities: Sequence[int]) -> torch.Tensor:
+        """What moe_dispatch means, written with loops: the (token, choice) pairs in token order
+        take a slot of their expert while it has one; a pair past its expert's capacity gives zero.
+        Returns picked [T, k, d]."""
+        y = self.experts(flat)
+        picked = torch.zeros(idx.shape[0], idx.shape[1], y.shape[-1])
+        used = [0] * y.shape[0]
+        for t in range(idx.shape[0]):
+            for j in range(idx.shape[1]):
+                e = int(idx[t, j])
+                if used[e] < capacities[e]:
+                    picked[t, j] = y[e, t]
+                    used[e] += 1
+        return picked
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         b, n, d = h.shape
@@ -1143,13 +1162,35 @@ class TinyMoEDiT(nn.Module):
     cond = TinyDiT.cond
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, mode: str | None = None, cache: dict | None = None,
-                refresh: int = 0) -> torch.Tensor:
+                refresh: int = 0, capacity: Sequence[Sequence[int]] | None = None,
+                routing: str = "current") -> torch.Tensor:
+        """`capacity` (per block, per expert): moe_dispatch's slots; `routing="frozen"`: full steps
+        cache each token's chosen experts and their outputs, reuse steps weigh those by the step's
+        own router probabilities at the cached choices."""
         c = self.cond(t)
         h = self.embed(x)
         b, n, d = h.shape
         for i, blk in enumerate(self.blocks):
-            if mode is None:
+            if mode is None and capacity is None:
                 h = blk(h, c)
+                continue
+            if routing == "frozen" or capacity is not None:
+                shift, scale, gate = blk.ada(c).unsqueeze(1).chunk(3, dim=-1)
+                a = cache[("attn", i)] if mode == "reuse" else blk.attn(blk.norm(h))
+                h = h + gate * a
+                flat = (blk.norm(h) * (1 + scale) + shift).reshape(b * n, d)
+                if mode == "reuse":
+                    idx, picked = cache[("idx", i)], cache[("picked", i)]
+                    g = blk.ff.router(flat).softmax(-1).gather(-1, idx)
+                    g = g / g.sum(-1, keepdim=True)
+                else:
+                    g, idx = blk.ff.route(flat)
+                    picked = (blk.ff.dispatched(flat, idx, capacity[i]) if capacity is not None
+                              else blk.ff.experts(flat).reshape(-1, d)[(idx * flat.shape[0]
+                                                                        + torch.arange(flat.shape[0])[:, None])])
+                    if mode == "full":
+                        cache.update({("attn", i): a, ("idx", i): idx, ("picked", i): picked})
+                h = h + blk.ff.weigh(flat, picked, g).reshape(b, n, d)
                 continue
             shift, scale, gate = blk.ada(c).unsqueeze(1).chunk(3, dim=-1)
             a = blk.attn(blk.norm(h)) if mode != "reuse" else cache[("attn", i)]

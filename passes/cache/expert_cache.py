@@ -23,6 +23,13 @@ After:   `full` steps: as before, and store per layer state.experts = y [E, T, d
          tokens (gathered weights, [B, k, N, d]) and written into state.experts;
          their drift resets. That choice is made in the graph, per row, so no two
          rows (or CFG halves) share a decision or a cache entry.
+Routing `frozen` (the default where the experts are not dense stacks, e.g. after moe_dispatch's
+capacity slots; any MoE whose router top-k values weigh outputs computed from its indices):
+`full` steps store each layer's top-k indices [T, k] and the routed outputs the gates multiply
+([T, k, d]); `reuse` steps take the gates from their own router probabilities at those cached
+indices (renormalized as the graph renormalizes top-k's values) and weigh the cached outputs,
+so neither the experts nor their dispatch run, and the cache holds k outputs per token, not E.
+It needs refresh 0 (there is no cached output of an expert a token did not choose).
 Which steps are `full`: a static table (a full step every `interval` steps, as
 FORA), or, with `threshold` / `target`, the adaptive rule of residual_cache on a
 `probe` graph whose signal is the first attention's timestep-modulated input
@@ -189,6 +196,64 @@ def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region], computed:
     return stacks
 
 
+@dataclass(frozen=True)
+class RoutedCombine:
+    """Where one MoE layer weighs its routed experts' outputs by the router's gates, by node name
+    (any dispatch: dense stacked experts picked per token, or moe_dispatch's capacity slots)."""
+    region: str          # the MoE module's region
+    probs: str           # the router's probabilities [T, E] (top-k's input)
+    values: str          # top-k's values (the gates before renormalization) [T, k]
+    indices: str         # top-k's indices [T, k]
+    picked: str          # the routed experts' outputs, one per (token, choice), as the gates multiply them
+    experts: int         # E
+
+
+def find_routed_combines(gm: fx.GraphModule, regions: dict[str, Region]) -> list[RoutedCombine]:
+    """Every router top-k (over the last dim) whose values weigh, in a multiply of its region, a
+    tensor computed from its indices: that tensor is the routed experts' outputs per (token,
+    choice), whatever computed them."""
+    region_of = {}
+    for r in sorted(regions.values(), key=lambda r: r.depth):
+        region_of.update({n: r.path for n in r.nodes})
+    found = []
+    for topk in gm.graph.nodes:
+        if topk.op != "call_function" or topk.target is not _aten.topk.default:
+            continue
+        dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+        probs = topk.args[0]
+        rank = len(_shape(probs))
+        if dim not in (-1, rank - 1) or rank != 2:
+            continue
+        gets = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
+        if 0 not in gets or 1 not in gets:
+            continue
+        reach = {}
+        for which in (0, 1):
+            seen, todo = set(), [gets[which]]
+            while todo:
+                n = todo.pop()
+                if n not in seen:
+                    seen.add(n)
+                    todo += list(n.users)
+            reach[which] = seen
+        region = region_of.get(topk.name)
+        for m in gm.graph.nodes:
+            if m.op != "call_function" or m.target is not _aten.mul.Tensor or region_of.get(m.name) != region:
+                continue
+            a, b = (x for x in (m.args + (None, None))[:2])
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            for gate, picked in ((a, b), (b, a)):
+                if gate in reach[0] and gate not in reach[1] and picked in reach[1]:
+                    found.append(RoutedCombine(region or "", probs.name, gets[0].name, gets[1].name, picked.name,
+                                               int(_shape(probs)[-1])))
+                    break
+            else:
+                continue
+            break
+    return found
+
+
 def _attention_regions(program: Program, gname: str, pattern: str | None) -> list[Region]:
     """Each block's attention sub-module (module type ending in 'Attention'), or the regions matching `pattern`."""
     if pattern:
@@ -218,7 +283,13 @@ class CacheExperts(RewritePass):
                                      # 0: the signal is the first attention's modulated input (TeaCache)
         max_consecutive: int = 0     # adaptive: cap on reuses in a row (0: none)
         warmup: int = 2              # the first steps always compute in full
-        refresh: int = 1             # experts recomputed per batch row and layer on a reuse step
+        refresh: int | None = None   # experts recomputed per batch row and layer on a reuse step
+        #                              (default 1 with routing current, 0 with frozen: it needs current)
+        routing: str | None = None   # reuse steps combine cached expert outputs by: "current" (the step's own
+        #                              top-k over every expert's cached output: dense experts), "frozen" (each
+        #                              token's experts of the last full step, weighed by the step's own router
+        #                              probabilities; any dispatch, moe_dispatch's included); default: current
+        #                              where dense stacked experts are found, else frozen
         attention: bool = True       # also reuse each block's attention output on reuse steps
         attention_regions: str | None = None  # pattern of the attention regions; default: each block's *Attention
         steps: int | None = None     # static schedule: steps per request; default: the calibration run's
@@ -226,7 +297,15 @@ class CacheExperts(RewritePass):
         def __post_init__(self):
             check_range("expert_cache", "interval", self.interval, lo=1)
             check_range("expert_cache", "warmup", self.warmup, lo=1)
-            check_range("expert_cache", "refresh", self.refresh, lo=0)
+            if self.refresh is not None:
+                check_range("expert_cache", "refresh", self.refresh, lo=0)
+            if self.routing not in (None, "current", "frozen"):
+                raise OptionError(f"pass 'expert_cache': option 'routing' must be 'current' or 'frozen', "
+                                  f"got {self.routing!r}")
+            if self.routing == "frozen" and self.refresh:
+                raise OptionError("pass 'expert_cache': option 'refresh' recomputes experts whose inputs drifted, "
+                                  "over every expert's cached output; routing 'frozen' caches only the chosen "
+                                  "experts' outputs: set refresh: 0, or routing: current")
             check_range("expert_cache", "front", self.front, lo=0)
             check_range("expert_cache", "max_consecutive", self.max_consecutive, lo=0)
             if self.threshold is not None:
@@ -263,8 +342,9 @@ class CacheExperts(RewritePass):
             new = with_search(new, points, front)
         else:
             new, stats = build(o.threshold, table)
-        ctx.log.info("expert_cache: %d MoE layers (%d experts, refresh %d per row), %d attention caches, %s",
-                     stats["moe_layers"], stats["experts"], o.refresh, stats["attention_caches"],
+        ctx.log.info("expert_cache: %d MoE layers (%d experts, routing %s, refresh %d per row), %d attention "
+                     "caches, %s", stats["moe_layers"], stats["experts"], stats["routing"], stats["refresh"],
+                     stats["attention_caches"],
                      f"{table.count('reuse')} of {len(table)} steps reuse" if table
                      else f"adaptive, threshold {new.records['CachePlan'].threshold:g}")
         return PassResult(new, modified=True, preserved=(RedundancyProfile,), stats=stats)
@@ -278,13 +358,28 @@ class CacheExperts(RewritePass):
             raise PassError("pass 'expert_cache' needs a graph captured with static shapes (it splits the "
                             "tokens per batch row); capture without dynamic_shapes")
         stacks = find_expert_stacks(src.module, program.regions(gname), computed=True)
-        if not stacks:
+        routing = o.routing or ("current" if stacks else "frozen")
+        refresh = o.refresh if o.refresh is not None else (1 if routing == "current" else 0)
+        if routing == "current" and not stacks:
             raise PassError("pass 'expert_cache' found no mixture-of-experts layer with stacked expert weights "
                             "(bmm(x, W1[E,d,h]) -> act -> bmm(., W2[E,h,d]) over [E, ...] parameters, routed by "
-                            "top-k); this model has none, or writes its experts in another form")
-        e = _shape(_node(src.module, stacks[0].w1))[0]
-        if o.refresh > e:
-            raise OptionError(f"pass 'expert_cache' option 'refresh': {o.refresh} is more than the {e} experts "
+                            "top-k); this model has none, or writes its experts in another form "
+                            "(routing: frozen caches any top-k-weighed experts)")
+        if routing == "frozen":
+            stacks = find_routed_combines(src.module, program.regions(gname))
+            if not stacks:
+                raise PassError("pass 'expert_cache' found no mixture-of-experts layer: no router top-k whose "
+                                "values weigh (multiply) outputs computed from its indices")
+            if refresh:
+                raise OptionError("pass 'expert_cache' option 'refresh' needs routing: current (dense stacked "
+                                  "experts); this graph's experts are "
+                                  + ("dispatched (moe_dispatch): set refresh: 0" if o.routing is None
+                                     else "cached with routing: frozen: set refresh: 0"))
+            e = stacks[0].experts
+        else:
+            e = _shape(_node(src.module, stacks[0].w1))[0]
+        if refresh > e:
+            raise OptionError(f"pass 'expert_cache' option 'refresh': {refresh} is more than the {e} experts "
                               "of a layer")
         attn = _attention_regions(program, gname, o.attention_regions) if o.attention else []
         probe = hidden = None
@@ -316,13 +411,16 @@ class CacheExperts(RewritePass):
                 raise PassError(f"pass 'expert_cache': attention region {r.path!r} has no output shaped like its "
                                 "input; name the attention modules with `attention_regions` or set attention: false")
             attn_io.append((r.path, io[1].name))
-        full, reuse = self._variants(src, stacks, attn_io, o.refresh)
+        if routing == "frozen":
+            full, reuse = _frozen_variants(src, stacks, attn_io, self.name)
+        else:
+            full, reuse = self._variants(src, stacks, attn_io, refresh)
         k = len(stacks)
         origin = f"{self.name}.{program.origin(gname)}"
-        state = [f"{origin}.{kind}{i}" for kind in _moe_state(o.refresh) for i in range(k)] + \
+        state = [f"{origin}.{kind}{i}" for kind in _moe_state(refresh, routing) for i in range(k)] + \
             [f"{origin}.attn{i}" for i in range(len(attn_io))]
         st = tuple(f"state:{x}" for x in state)
-        updated = st[:3 * k] if o.refresh else ()      # without refresh, reuse steps only read the caches
+        updated = st[:3 * k] if refresh else ()      # without refresh, reuse steps only read the caches
         variants = {"full": full, "reuse": reuse}
         if probe is not None:
             h: tuple[str, ...] = ()
@@ -347,12 +445,14 @@ class CacheExperts(RewritePass):
                     ("reuse", Call(graph_of("reuse"), c.inputs + st, c.outputs + updated, c.device))))
         new = new.expand(gname, variants, node, by=self.name, state=[StateBuffer(x) for x in state])
         flops = tuple((f"{gname}.{v}", graph_flops(g)) for v, g in variants.items())
-        spans = tuple(Span(f"experts{i}", (s.region,), s.tokens, s.output) for i, s in enumerate(stacks)) + \
+        spans = tuple(Span(f"experts{i}", (s.region,), "", s.picked) if routing == "frozen"
+                      else Span(f"experts{i}", (s.region,), s.tokens, s.output) for i, s in enumerate(stacks)) + \
             tuple(Span(f"attn{i}", (p,), "", out) for i, (p, out) in enumerate(attn_io))
         rec = CachePlan("expert_cache", spans, (("reuse", tuple(sp.name for sp in spans)),), table, "full", flops,
                         threshold=threshold, graphs=(gname,))
         new = new.replace(records=cache_record(new, rec))
-        stats = {"moe_layers": k, "attention_caches": len(attn_io), "experts": e}
+        stats = {"moe_layers": k, "attention_caches": len(attn_io), "experts": e, "refresh": refresh,
+                 "routing": routing}
         if table:
             stats.update(reuse_steps=table.count("reuse"), steps=len(table))
         return new, stats
@@ -431,10 +531,65 @@ class CacheExperts(RewritePass):
         return full, reuse
 
 
-def _moe_state(refresh: int) -> tuple[str, ...]:
+def _moe_state(refresh: int, routing: str = "current") -> tuple[str, ...]:
     """The cache kinds per MoE layer: every expert's output, and when experts are
-    refreshed, the previous step's tokens and the per-row drift that rank them."""
+    refreshed, the previous step's tokens and the per-row drift that rank them; with
+    frozen routing, each token's chosen experts and their outputs."""
+    if routing == "frozen":
+        return ("idx", "picked")
     return ("experts", "prev", "drift") if refresh else ("experts",)
+
+
+def _frozen_variants(src: Graph, layers: list[RoutedCombine], attn_io: list[tuple[str, str]],
+                     by: str) -> tuple[Graph, Graph]:
+    """full: the graph, also returning each layer's top-k indices and routed outputs (and the
+    attention outputs); reuse: those read from the caches, the gates taken from the step's own
+    router probabilities at the cached indices (renormalized as the graph renormalizes top-k's
+    values), so the experts and their dispatch are dead code."""
+    gm = src.copy_module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    caches = [nodes[c.indices] for c in layers] + [nodes[c.picked] for c in layers] + [nodes[o] for _, o in attn_io]
+    outs_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs_node.args = (tuple(outs_node.args[0]) + tuple(caches),)
+    gm.graph.lint()
+    gm.recompile()
+    names = ([f"cache.idx{i}" for i in range(len(layers))] + [f"cache.picked{i}" for i in range(len(layers))]
+             + [f"cache.attn{i}" for i in range(len(attn_io))])
+    full = src.with_module(gm, output_names=src.output_names + tuple(names))
+    with torch.no_grad():
+        examples = [v.detach().clone() for v in full.run(*full.example_inputs)[len(src.output_names):]]
+
+    gm = src.copy_module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    phs = []
+    for name, ex in zip(names, examples):
+        with gm.graph.inserting_after(last_ph):
+            ph = gm.graph.placeholder(name.replace(".", "_"))
+        ph.meta["val"] = ex
+        ph.meta[meta.CREATED_BY] = by
+        phs.append(ph)
+        last_ph = ph
+    k = len(layers)
+    for i, c in enumerate(layers):
+        idx, picked = phs[i], phs[k + i]
+        (gate,) = splice(gm, lambda probs, ix: probs.gather(-1, ix), [nodes[c.probs], idx],
+                         [_fake(nodes[c.probs]), _zeros_as(examples[i])], by, region=c.region)
+        nodes[c.values].replace_all_uses_with(gate)
+        nodes[c.indices].replace_all_uses_with(idx)
+        nodes[c.picked].replace_all_uses_with(picked)
+    for j, (_, out) in enumerate(attn_io):
+        nodes[out].replace_all_uses_with(phs[2 * k + j])
+    eliminate_dead_code(gm)
+    gm.graph.lint()
+    gm.recompile()
+    reuse = src.with_module(gm, input_names=src.input_names + tuple(names),
+                            example_inputs=tuple(src.example_inputs) + tuple(examples), dynamic_dims=())
+    return full, reuse
+
+
+def _zeros_as(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(tuple(t.shape), dtype=t.dtype)
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:

@@ -4,5 +4,5 @@ Each pass decides what to drop or merge (a `...Decisions` record that goes into 
 manifest) and rewrites the graph with ordinary ops (gather, matmul, top-k), so the
 result lowers to ONNX Runtime and TVM with no custom op.
 """
-from pared.passes.sparsity import (layer_skip, sparse_attention, sparsify_activations, token_merge,  # noqa: F401
-                                   token_prune, token_reuse)
+from pared.passes.sparsity import (layer_skip, moe_dispatch, sparse_attention, sparsify_activations,  # noqa: F401
+                                   token_merge, token_prune, token_reuse)

@@ -66,6 +66,9 @@ CALIBRATION_STEPS = {"dit_moe_full.yaml": 10}
     # composed: static INT8 over every variant of a cache pass
     pytest.param("dit_mnist", "dit_cache_int8.yaml", _variants("main", "full0", "full", "forecast"),
                  marks=pytest.mark.heavy),
+    # composed: capacity dispatch, then expert-level caching with frozen routing
+    pytest.param("dit_moe_mnist", "dit_moe_dispatch.yaml", _variants("main", "probe", "full", "reuse"),
+                 marks=pytest.mark.heavy),
     # composed: expert-level bits, then expert-level caching
     pytest.param("dit_moe_mnist", "dit_moe_full.yaml", _variants("main", "probe", "full", "reuse"),
                  marks=pytest.mark.heavy),

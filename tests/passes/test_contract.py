@@ -344,6 +344,14 @@ def expert_meaning(fx_: Fixture, res: PassResult):
     return _eager_loop(x, 10, lambda i, xe, tt: m(xe, tt, mode=trace[i], cache=cache, refresh=1)), got
 
 
+def dispatch_meaning(fx_: Fixture, res: PassResult):
+    """Capacity dispatch: TinyMoEDiT with the record's capacities (TinyMoE.dispatched, loops)."""
+    m, x = fx_.model, fx_.inputs[0]
+    caps = [lay.capacities for lay in res.program.records["MoEDispatchPlan"].layers]
+    got, _ = _run_loop(res.program, x, 4)
+    return _eager_loop(x, 4, lambda i, xe, tt: m(xe, tt, capacity=caps)), got
+
+
 def cfg_meaning(fx_: Fixture, res: PassResult):
     """Adaptive guidance: with equal halves the latch closes after warmup and the half-batch
     graph's output, duplicated, is the model's on one half."""
@@ -542,6 +550,12 @@ CASES: dict[str, Case] = {
         bad=(({"refresh": 5}, "5 is more than the 4 experts"),
              ({"target": {"fid": 1}}, "option 'target': unknown metric 'fid'; known: psnr_db, speedup")),
         meaning=expert_meaning, rel_l2=1e-5),
+    # capacity factor 0.5: 8 slots per expert of 16 tokens x 2 choices, some pairs dropped
+    "moe_dispatch": Case(
+        moe_dit, {"capacity": 0.5}, loop_ctx(4), noop={}, noop_fixture=dit,
+        bad=(({"capacity": "max"}, "option 'capacity' must be 'calibrated' or a capacity factor"),
+             ({"margin": 0.5}, "option 'margin' must be in")),
+        meaning=dispatch_meaning, rel_l2=1e-5),
     "cfg_skip": Case(
         dit_batch_dynamic, {"threshold": 0.99, "warmup": 1}, noop={"threshold": 1.5},
         bad=(({"warmup": -1}, "option 'warmup' must be in \\[0, inf\\]"),),

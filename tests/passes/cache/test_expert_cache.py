@@ -47,7 +47,8 @@ def test_structure():
     # warmup 2, then a full step every 3rd
     assert p.plan.selects()[0].selector.cases == ("full", "full", "reuse", "reuse", "full", "reuse", "reuse", "full", "reuse",
                                         "reuse")
-    assert res.stats == {"reuse_steps": 6, "moe_layers": 3, "attention_caches": 3, "experts": 4, "steps": STEPS, "graphs": 1}
+    assert res.stats == {"reuse_steps": 6, "moe_layers": 3, "attention_caches": 3, "experts": 4, "steps": STEPS,
+                         "graphs": 1, "refresh": 1, "routing": "current"}
     # the full graph batches every expert (2 bmm per layer); reuse runs only the gathered ones (4-D matmuls)
     assert op_count(p, "aten.bmm.default", "main.full") == 3 * 2 + 3 * 2     # + attention's q@k, w@v
     assert op_count(p, "aten.bmm.default", "main.reuse") == 3 * 2             # gathered experts, no attention
