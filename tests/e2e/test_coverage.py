@@ -35,12 +35,16 @@ from coverage_zoo import ZOO, build, flux, hunyuan_video    # noqa: E402
 #: "cpu" / "tvm-cpu": the empty pipeline lowered and compared with eager on fresh inputs;
 #: "cache": interval_cache (a diffusion denoiser) lowered to cpu, the artifact following the
 #: torch-side program over a 4-call request that reuses; "int8": quantize_linears (dynamic) lowered
-#: to cpu, within cosine 0.995 of eager on fresh inputs.
+#: to cpu, within cosine 0.995 of eager on fresh inputs; "static_int8", "int4", "mixed": quantize_linears
+#: (static, calibrated), quantize_weights_int4 (every linear, forced) and mixed_precision (0.35 of
+#: the fp32 weight bytes) lowered to cpu, calibrated on three other inputs, against eager on fresh ones.
 #: every architecture lowers to tvm-cpu: llama and gpt2 met a bool cumsum, mixtral and qwen3_moe also histc,
 #: transformers' grouped matmul and an integer floor division, llava masked_scatter behind a data-dependent
 #: runtime check: backends/tvm/lower.CONVERTERS translates them and drop_runtime_checks removes the check
 TVM = set(ZOO)
-COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion", "int8": fam != "diffusion"}
+QUANT = ("int8", "static_int8", "int4", "mixed")
+COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion",
+                   **{q: fam != "diffusion" for q in QUANT}}
             for name, (fam, _) in ZOO.items()}
 
 
@@ -66,7 +70,8 @@ def _eager(model, args, kwargs) -> list:
 _EMPTY = [(n, t) for n in ZOO for t in ("cpu", "tvm-cpu") if COVERAGE[n][t]]
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
 _CELLS = {"empty pipeline → cpu": "cpu", "empty pipeline → tvm-cpu": "tvm-cpu", "interval_cache → cpu": "cache",
-          "quantize_linears (dynamic INT8) → cpu": "int8"}
+          "quantize_linears (dynamic INT8) → cpu": "int8", "quantize_linears (static INT8) → cpu": "static_int8",
+          "quantize_weights_int4 → cpu": "int4", "mixed_precision → cpu": "mixed"}
 
 
 def test_the_readme_matrix_is_the_one_these_tests_assert():
@@ -119,6 +124,36 @@ def test_dynamic_int8_lowers_and_stays_close_to_eager(name, tmp_path):
     fresh = inputs(1)
     got = ex.run_flat(*[t.numpy() for t in flat_tensors(*fresh)])
     assert _cosine(_eager(model, *fresh), got) >= 0.995
+
+
+#: per calibrated quantizer: its pipeline, the record it must leave with layers in it, the cosine
+#: of all outputs to eager on fresh inputs it must keep (measured: static INT8 >= 0.9999, INT4 on
+#: every linear 0.9926 (Llama) to 0.99999, mixed precision >= 0.9999), and the lowering check's
+#: per-output bounds (INT4 on LLaVA: one of its outputs at cosine 0.973, rel L2 0.23)
+CALIBRATED = {
+    "static_int8": ([{"quantize_linears": {"mode": "static"}}], "QuantPlan", 0.995,
+                    {"min_cosine": 0.995, "max_rel_l2": 0.1}),
+    "int4": ([{"quantize_weights_int4": {"force": True}}], "WeightQuantPlan", 0.99,
+             {"min_cosine": 0.97, "max_rel_l2": 0.3}),
+    "mixed": ([{"mixed_precision": {"weight_bytes": 0.35}}], "QuantPlan", 0.995,
+              {"min_cosine": 0.995, "max_rel_l2": 0.1}),
+}
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name,quant", [(n, q) for n in ZOO for q in CALIBRATED if COVERAGE[n][q]])
+def test_calibrated_quantizers_lower_and_stay_close_to_eager(name, quant, tmp_path):
+    pipeline, record, min_cos, fidelity = CALIBRATED[quant]
+    _, inputs = build(name)
+    calibration = [tuple(flat_tensors(*inputs(seed))) for seed in (2, 3, 4)]
+    model, inputs, opt, ex = _artifact(name, tmp_path, target="cpu", pipeline=pipeline, calibration=calibration,
+                                       fidelity=fidelity)
+    assert opt.program.records[record].layers
+    if quant == "mixed":
+        assert opt.program.records["MixedPrecisionPlan"].bytes < opt.program.records["MixedPrecisionPlan"].fp32_bytes
+    fresh = inputs(1)
+    got = ex.run_flat(*[t.numpy() for t in flat_tensors(*fresh)])
+    assert _cosine(_eager(model, *fresh), got) >= min_cos
 
 
 @pytest.mark.slow
