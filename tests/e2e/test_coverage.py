@@ -34,7 +34,8 @@ from coverage_zoo import ZOO, build, flux, hunyuan_video    # noqa: E402
 #: the coverage matrix the README reports; a cell is True only where a test below asserts it.
 #: "cpu" / "tvm-cpu": the empty pipeline lowered and compared with eager on fresh inputs;
 #: "cache": interval_cache (a diffusion denoiser) lowered to cpu, the artifact following the
-#: torch-side program over a 4-call request that reuses; "int8": quantize_linears (dynamic) lowered
+#: torch-side program over a 4-call request that reuses; "taylor": taylor_cache the same over a
+#: 6-call request that forecasts; "int8": quantize_linears (dynamic) lowered
 #: to cpu, within cosine 0.995 of eager on fresh inputs; "static_int8", "int4", "mixed": quantize_linears
 #: (static, calibrated), quantize_weights_int4 (every linear, forced) and mixed_precision (0.35 of
 #: the fp32 weight bytes) lowered to cpu, calibrated on three other inputs, against eager on fresh ones.
@@ -43,7 +44,7 @@ from coverage_zoo import ZOO, build, flux, hunyuan_video    # noqa: E402
 #: runtime check: backends/tvm/lower.CONVERTERS translates them and drop_runtime_checks removes the check
 TVM = set(ZOO)
 QUANT = ("int8", "static_int8", "int4", "mixed")
-COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion",
+COVERAGE = {name: {"cpu": True, "tvm-cpu": name in TVM, "cache": fam == "diffusion", "taylor": fam == "diffusion",
                    **{q: fam != "diffusion" for q in QUANT}}
             for name, (fam, _) in ZOO.items()}
 
@@ -70,6 +71,7 @@ def _eager(model, args, kwargs) -> list:
 _EMPTY = [(n, t) for n in ZOO for t in ("cpu", "tvm-cpu") if COVERAGE[n][t]]
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
 _CELLS = {"empty pipeline → cpu": "cpu", "empty pipeline → tvm-cpu": "tvm-cpu", "interval_cache → cpu": "cache",
+          "taylor_cache → cpu": "taylor",
           "quantize_linears (dynamic INT8) → cpu": "int8", "quantize_linears (static INT8) → cpu": "static_int8",
           "quantize_weights_int4 → cpu": "int4", "mixed_precision → cpu": "mixed"}
 
@@ -99,19 +101,23 @@ def test_empty_pipeline_lowers_and_matches_eager_on_fresh_inputs(name, target, t
     assert_close_to_eager(_eager(model, *fresh), got, rel_l2=1e-4, what=f"{name} on {target}, fresh inputs")
 
 
+CACHES = {"cache": ({"interval_cache": {"interval": 2, "steps": 4}}, 4, "reuse"),
+          "taylor": ({"taylor_cache": {"interval": 2, "warmup": 2, "steps": 6}}, 6, "forecast")}
+
+
 @pytest.mark.heavy
-@pytest.mark.parametrize("name", [n for n in ZOO if COVERAGE[n]["cache"]])
-def test_a_cache_pass_lowers_and_the_artifact_follows_the_program_over_a_request(name, tmp_path):
-    _, inputs, opt, ex = _artifact(name, tmp_path, target="cpu",
-                                   pipeline=[{"interval_cache": {"interval": 2, "steps": 4}}])
+@pytest.mark.parametrize("name,cache", [(n, c) for n in ZOO for c in CACHES if COVERAGE[n][c]])
+def test_a_cache_pass_lowers_and_the_artifact_follows_the_program_over_a_request(name, cache, tmp_path):
+    spec, steps, variant = CACHES[cache]
+    _, inputs, opt, ex = _artifact(name, tmp_path, target="cpu", pipeline=[spec])
     runner = opt.program.runner()
-    for step in range(4):                         # a sampler's calls: new latents and t each step
+    for step in range(steps):                     # a sampler's calls: new latents and t each step
         flat = flat_tensors(*inputs(step))
         with torch.no_grad():
             want = runner(flat)
         got = ex.run_flat(*[t.numpy() for t in flat])
         assert_close_to_eager(want, got, rel_l2=1e-4, what=f"{name}, call {step}")
-    assert any("reuse" in g for call in ex.graph_trace for g in call), ex.graph_trace
+    assert any(variant in g for call in ex.graph_trace for g in call), ex.graph_trace
 
 
 @pytest.mark.heavy
