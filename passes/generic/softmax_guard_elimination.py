@@ -220,7 +220,8 @@ def _not_float(node: fx.Node) -> bool:
         return not val.dtype.is_floating_point and not val.dtype.is_complex
     if isinstance(val, (tuple, list)) and val and all(isinstance(v, torch.Tensor) for v in val):
         return all(not v.dtype.is_floating_point and not v.dtype.is_complex for v in val)
-    return isinstance(val, (bool, int))
+    # a symbolic size (aten.sym_size of a dynamic dim) is an integer too
+    return isinstance(val, (bool, int, torch.SymInt, torch.SymBool))
 
 
 def _scalars_finite(node: fx.Node) -> bool:

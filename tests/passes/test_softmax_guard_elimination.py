@@ -30,7 +30,8 @@ class Attention(nn.Module):
     mask="causal": a constant triu(full(-inf)) mask (a literal -inf: kept).
     mask="rmsnorm": RMSNorm (Llama's x * rsqrt(mean(x^2) + eps)) instead of LayerNorm (proven).
     mask="rmsnorm_no_eps" / "rmsnorm_odd": rsqrt(mean(x^2)) / rsqrt(mean(x^3) + eps), which
-    may be inf / NaN (kept).
+    may be inf / NaN (kept). mask="batch_bias": a finite bias whose shape reads the batch size
+    (captured with a dynamic batch: a symbolic size, an integer, feeds it; proven).
     """
 
     def __init__(self, dim: int = 16, mask: str = "none"):
@@ -55,6 +56,8 @@ class Attention(nn.Module):
             bias = None
             if self.mask == "causal":
                 bias = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)
+            if self.mask == "batch_bias":    # finite, shaped by the (dynamic) batch: sym_size feeds it
+                bias = torch.full((x.shape[0], 1, 1, x.shape[1]), -0.5)
             if self.mask == "neg_inf":
                 bias = torch.zeros(keep.shape, dtype=x.dtype).masked_fill(~keep, float("-inf"))[:, None, None, :]
             x = x + F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(-2)
@@ -107,6 +110,23 @@ def test_removes_guard_when_scores_are_finite():
         ref = m(*inputs)
         assert torch.equal(p(*inputs), res.program(*inputs))  # bit for bit against the guarded graph
     assert_close_to_eager(ref, res.program(*inputs), rel_l2=1e-6)
+
+
+def test_a_symbolic_size_is_an_integer_so_a_dynamic_batch_keeps_the_proof():
+    """A graph captured with a dynamic batch reads the batch as aten.sym_size; that value is an
+    integer, so a bias built from it stays finite (the video_ar streamer's ALiBi bias: its guards
+    were kept, 53 -> 36 ms a step call on ORT once removed)."""
+    from torch.export import Dim
+    m, (x,) = _model("batch_bias")
+    p = capture(m, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+    assert op_count(p, "aten.sym_size.int") >= 1
+    res = _run(p)
+    assert res.stats["simplified"] == 2 and res.stats["kept_unknown_op"] == 0
+    assert all(v == 0 for v in _guard_ops(res.program).values())
+    x5 = torch.randn(5, 6, 16)
+    with torch.no_grad():
+        assert torch.equal(p(x5), res.program(x5))
+        assert_close_to_eager(m(x5), res.program(x5), rel_l2=1e-6)
 
 
 def test_idempotent_and_noop():
