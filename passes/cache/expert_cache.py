@@ -493,15 +493,7 @@ class CacheExperts(RewritePass):
         # -- reuse: caches in, attention read from them, experts refreshed per row
         gm = src.copy_module()
         nodes = {n.name: n for n in gm.graph.nodes}
-        last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-        phs = []
-        for name, ex in zip(state_names, examples):
-            with gm.graph.inserting_after(last_ph):
-                ph = gm.graph.placeholder(name.replace(".", "_"))
-            ph.meta["val"] = ex
-            ph.meta[meta.CREATED_BY] = by
-            phs.append(ph)
-            last_ph = ph
+        phs = _state_inputs(gm, state_names, examples, by)
         k = len(stacks)
         new_state = []
         for i, s in enumerate(stacks):
@@ -540,6 +532,20 @@ def _moe_state(refresh: int, routing: str = "current") -> tuple[str, ...]:
     return ("experts", "prev", "drift") if refresh else ("experts",)
 
 
+def _state_inputs(gm: fx.GraphModule, names: list[str], examples: list[torch.Tensor], by: str) -> list[fx.Node]:
+    """One placeholder per cache (`names`, dots made underscores) after the graph's inputs."""
+    last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    phs = []
+    for name, ex in zip(names, examples):
+        with gm.graph.inserting_after(last_ph):
+            ph = gm.graph.placeholder(name.replace(".", "_"))
+        ph.meta["val"] = ex
+        ph.meta[meta.CREATED_BY] = by
+        phs.append(ph)
+        last_ph = ph
+    return phs
+
+
 def _frozen_variants(src: Graph, layers: list[RoutedCombine], attn_io: list[tuple[str, str]],
                      by: str) -> tuple[Graph, Graph]:
     """full: the graph, also returning each layer's top-k indices and routed outputs (and the
@@ -561,15 +567,7 @@ def _frozen_variants(src: Graph, layers: list[RoutedCombine], attn_io: list[tupl
 
     gm = src.copy_module()
     nodes = {n.name: n for n in gm.graph.nodes}
-    last_ph = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    phs = []
-    for name, ex in zip(names, examples):
-        with gm.graph.inserting_after(last_ph):
-            ph = gm.graph.placeholder(name.replace(".", "_"))
-        ph.meta["val"] = ex
-        ph.meta[meta.CREATED_BY] = by
-        phs.append(ph)
-        last_ph = ph
+    phs = _state_inputs(gm, names, examples, by)
     k = len(layers)
     for i, c in enumerate(layers):
         idx, picked = phs[i], phs[k + i]
