@@ -114,7 +114,7 @@ def test_bench_video_ar_streams_the_head_aware_cache_and_reports_per_frame_curve
                "--repeats", "1", "--json", str(out)])
     assert rc == EXIT_OK
     r = json.loads(out.read_text())
-    assert r["passes"] == ["head_types", "kv_policy", "kv_drop"]
+    assert r["passes"] == ["softmax_guard_elimination", "head_types", "kv_policy", "kv_drop"]
     assert r["pipeline"].endswith("examples/pipelines/video_ar.yaml")
     # the pipeline keeps a 16-frame pyramid and drops half the heads' history: fewer FLOPs per rollout
     # of 12 frames only through kv_drop (the full cache of 12 frames is within the budget)
