@@ -33,12 +33,22 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
     return before - len(gm.graph.nodes)
 
 
+def examples_of(nodes: Sequence[fx.Node]) -> list[torch.Tensor]:
+    """Zero tensors shaped and typed like each node's value (`meta["val"]`): the tracing
+    examples `splice` needs when fn's arguments are those nodes."""
+    out = []
+    for n in nodes:
+        v = n.meta["val"]
+        out.append(torch.zeros(tuple(int(d) for d in v.shape), dtype=v.dtype))
+    return out
+
+
 def splice(gm: fx.GraphModule, fn: Callable[..., object], args: Sequence[fx.Node],
            examples: Sequence[torch.Tensor], by: str, region: str | None = None) -> list[fx.Node]:
     """Insert `fn(*args)` into `gm` as aten ops, right after the last of `args`
     in graph order (so the results may replace any value computed later).
 
-    `fn` is traced with `make_fx` on `examples` (tensors shaped like `args`), so
+    `fn` is traced with `make_fx` on `examples` (tensors shaped like `args`: `examples_of(args)`), so
     it may use any torch code that traces without data-dependent control flow.
     Every inserted node is tagged `pared.created_by = by` (and `pared.ir.region = region`
     when given: the block the rewrite belongs to).

@@ -58,8 +58,8 @@ from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.plan import Call, Node, Rule, Select, Seq, StateBuffer, Table
 from pared.ir.program import Graph, Program
-from pared.ir.regions import Region
-from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.regions import Region, region_of
+from pared.ir.rewrite import eliminate_dead_code, examples_of, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import (CachePlan, Span, cache_record, check_goal, first_blocks_probe, graph_flops,
                                        graphs_to_cache, refreshes, replace_with_input, search_threshold, with_outputs,
@@ -129,7 +129,7 @@ def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return const
 
 
-def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region], computed: bool = False) -> list[ExpertStack]:
+def find_expert_stacks(gm: fx.GraphModule, computed: bool = False) -> list[ExpertStack]:
     """Every `bmm(x, W1) (+b1) -> act -> bmm(., W2) (+b2)` chain over stacked
     [E, ., .] parameters, with the top-k routing of the same region. With `computed`,
     W1 and W2 may also be computed from parameters alone (expert_quant's codes,
@@ -138,9 +138,6 @@ def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region], computed:
     if computed:
         const = _constant_nodes(gm)
         weightlike = lambda n: len(_shape(n)) == 3 and n in const   # noqa: E731
-    region_of = {}          # node -> its innermost region path
-    for r in sorted(regions.values(), key=lambda r: r.depth):
-        region_of.update({n: r.path for n in r.nodes})
     stacks = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not _aten.bmm.default:
@@ -182,9 +179,9 @@ def find_expert_stacks(gm: fx.GraphModule, regions: dict[str, Region], computed:
         out = cur
         while _shape(out)[:1] != (e,) or len(_shape(out)) != 3:
             out = out.args[0]
-        region = region_of.get(n.name)
+        region = region_of(n)
         topk = [m for m in gm.graph.nodes if m.op == "call_function" and m.target is _aten.topk.default
-                and region_of.get(m.name) == region] if region else []
+                and region_of(m) == region] if region else []
         if len(topk) != 1:
             raise PassError(f"pass 'expert_cache': the stacked experts at {n.format_node()} (region {region!r}) "
                             f"have {len(topk)} top-k routing ops in their region; expected one (the router's)")
@@ -208,13 +205,10 @@ class RoutedCombine:
     experts: int         # E
 
 
-def find_routed_combines(gm: fx.GraphModule, regions: dict[str, Region]) -> list[RoutedCombine]:
+def find_routed_combines(gm: fx.GraphModule) -> list[RoutedCombine]:
     """Every router top-k (over the last dim) whose values weigh, in a multiply of its region, a
     tensor computed from its indices: that tensor is the routed experts' outputs per (token,
     choice), whatever computed them."""
-    region_of = {}
-    for r in sorted(regions.values(), key=lambda r: r.depth):
-        region_of.update({n: r.path for n in r.nodes})
     found = []
     for topk in gm.graph.nodes:
         if topk.op != "call_function" or topk.target is not _aten.topk.default:
@@ -236,16 +230,16 @@ def find_routed_combines(gm: fx.GraphModule, regions: dict[str, Region]) -> list
                     seen.add(n)
                     todo += list(n.users)
             reach[which] = seen
-        region = region_of.get(topk.name)
+        region = region_of(topk)
         for m in gm.graph.nodes:
-            if m.op != "call_function" or m.target is not _aten.mul.Tensor or region_of.get(m.name) != region:
+            if m.op != "call_function" or m.target is not _aten.mul.Tensor or region_of(m) != region:
                 continue
             a, b = (x for x in (m.args + (None, None))[:2])
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 continue
             for gate, picked in ((a, b), (b, a)):
                 if gate in reach[0] and gate not in reach[1] and picked in reach[1]:
-                    found.append(RoutedCombine(region or "", probs.name, gets[0].name, gets[1].name, picked.name,
+                    found.append(RoutedCombine(region, probs.name, gets[0].name, gets[1].name, picked.name,
                                                int(_shape(probs)[-1])))
                     break
             else:
@@ -357,7 +351,7 @@ class CacheExperts(RewritePass):
         if any(src.dynamic_dims):
             raise PassError("pass 'expert_cache' needs a graph captured with static shapes (it splits the "
                             "tokens per batch row); capture without dynamic_shapes")
-        stacks = find_expert_stacks(src.module, program.regions(gname), computed=True)
+        stacks = find_expert_stacks(src.module, computed=True)
         routing = o.routing or ("current" if stacks else "frozen")
         refresh = o.refresh if o.refresh is not None else (1 if routing == "current" else 0)
         if routing == "current" and not stacks:
@@ -366,7 +360,7 @@ class CacheExperts(RewritePass):
                             "top-k); this model has none, or writes its experts in another form "
                             "(routing: frozen caches any top-k-weighed experts)")
         if routing == "frozen":
-            stacks = find_routed_combines(src.module, program.regions(gname))
+            stacks = find_routed_combines(src.module)
             if not stacks:
                 raise PassError("pass 'expert_cache' found no mixture-of-experts layer: no router top-k whose "
                                 "values weigh (multiply) outputs computed from its indices")
@@ -474,7 +468,7 @@ class CacheExperts(RewritePass):
                 continue
             # the drift accumulator starts at zero on every full step
             zeros += splice(gm, _zeros_like_rows(batch, e), [nodes[s.tokens]],
-                            [_fake(nodes[s.tokens])], by)
+                            examples_of([nodes[s.tokens]]), by)
         experts = [nodes[s.output] for s in stacks]
         if refresh:
             experts += [nodes[s.tokens] for s in stacks] + zeros
@@ -503,7 +497,7 @@ class CacheExperts(RewritePass):
             fn = _refresh_fn(nodes, s, batch, refresh)
             args = [nodes[s.tokens], nodes[s.indices], phs[i], phs[k + i], phs[2 * k + i],
                     nodes[s.w1], nodes[s.w2]] + [nodes[p] for p in (s.b1, s.b2) if p]
-            y, x_now, drift = splice(gm, fn, args, [_fake(a) for a in args], by)
+            y, x_now, drift = splice(gm, fn, args, examples_of(args), by)
             nodes[s.output].replace_all_uses_with(y)
             new_state.append((y, x_now, drift))
         for j, (_, out) in enumerate(attn_io):
@@ -572,7 +566,7 @@ def _frozen_variants(src: Graph, layers: list[RoutedCombine], attn_io: list[tupl
     for i, c in enumerate(layers):
         idx, picked = phs[i], phs[k + i]
         (gate,) = splice(gm, lambda probs, ix: probs.gather(-1, ix), [nodes[c.probs], idx],
-                         [_fake(nodes[c.probs]), _zeros_as(examples[i])], by, region=c.region)
+                         examples_of([nodes[c.probs], idx]), by, region=c.region)
         nodes[c.values].replace_all_uses_with(gate)
         nodes[c.indices].replace_all_uses_with(idx)
         nodes[c.picked].replace_all_uses_with(picked)
@@ -586,22 +580,12 @@ def _frozen_variants(src: Graph, layers: list[RoutedCombine], attn_io: list[tupl
     return full, reuse
 
 
-def _zeros_as(t: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(tuple(t.shape), dtype=t.dtype)
-
-
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:
     return next(n for n in gm.graph.nodes if n.name == name)
 
 
 def _zeros_like_rows(batch: int, experts: int):
     return lambda x: x.new_zeros(batch, experts)
-
-
-def _fake(n: fx.Node) -> torch.Tensor:
-    """A zero tensor shaped like node `n`'s value (for tracing a splice)."""
-    v = n.meta["val"]
-    return torch.zeros(tuple(int(s) for s in v.shape), dtype=v.dtype)
 
 
 def _refresh_fn(nodes: dict, s: ExpertStack, batch: int, refresh: int):

@@ -246,7 +246,7 @@ class QuantizeExperts(RewritePass):
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
-        found = {name: find_expert_stacks(program.graphs[name].module, program.regions(name))
+        found = {name: find_expert_stacks(program.graphs[name].module)
                  for name in program.called_graphs()}
         found = {k: v for k, v in found.items() if v}
         if not found:

@@ -47,7 +47,7 @@ from pared.analysis.metrics import compare_outputs
 from pared.analysis.recorder import record, replay
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
-from pared.ir.rewrite import add_constant, eliminate_dead_code, splice
+from pared.ir.rewrite import add_constant, eliminate_dead_code, examples_of, splice
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, Record, RewritePass, check_range, register_pass
 from pared.passes.cache.expert_cache import ExpertStack, find_expert_stacks
 
@@ -202,7 +202,7 @@ class DispatchExperts(RewritePass):
         found = {}
         for name in program.called_graphs() or list(program.graphs):
             g = program.graphs[name]
-            stacks = find_expert_stacks(g.module, program.regions(name), computed=True)
+            stacks = find_expert_stacks(g.module, computed=True)
             if stacks and any(g.dynamic_dims):
                 raise PassError(f"pass '{NAME}' needs graph {name!r} captured with static shapes (capacities are "
                                 "counts of a fixed number of tokens); capture without dynamic_shapes")
@@ -288,17 +288,10 @@ class DispatchExperts(RewritePass):
             picked = picked_node(gm, s)
             args = [nodes[s.tokens], nodes[s.indices], cap, off, nodes[s.w1], nodes[s.w2]] + \
                 [nodes[b] for b in (s.b1, s.b2) if b]
-            examples = [_fake(a) for a in args]
-            (new,) = splice(gm, dispatch_fn(s, nodes, c), args, examples, self.name, region=s.region)
+            (new,) = splice(gm, dispatch_fn(s, nodes, c), args, examples_of(args), self.name, region=s.region)
             picked.replace_all_uses_with(new)
         eliminate_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
         return src.with_module(gm)
-
-
-def _fake(n: fx.Node) -> torch.Tensor:
-    v = n.meta["val"]
-    return torch.zeros(tuple(int(x) for x in v.shape), dtype=v.dtype)
-
 

@@ -31,13 +31,13 @@ def _run(program, x):
 def test_finds_each_moe_layer():
     m, (x, t) = tiny_moe_dit()
     prog = capture(m, (x, t))
-    stacks = find_expert_stacks(prog.main.module, prog.regions())
+    stacks = find_expert_stacks(prog.main.module)
     assert [s.region for s in stacks] == ["blocks.0.ff", "blocks.1.ff", "blocks.2.ff"]
     assert all(s.b1 and s.b2 and len(s.act) == 1 for s in stacks)
     # a model without experts has none
     d, (xd, td) = tiny_dit()
     pd = capture(d, (xd, td))
-    assert find_expert_stacks(pd.main.module, pd.regions()) == []
+    assert find_expert_stacks(pd.main.module) == []
 
 
 def test_structure():

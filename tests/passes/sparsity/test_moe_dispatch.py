@@ -94,7 +94,7 @@ def test_structure_experts_run_on_their_slots_only():
     p = res.program
     assert op_count(prog, "aten.bmm.default") == 3 * 2 + 3 * 2          # dense experts + attention
     assert op_count(p, "aten.bmm.default") == 3 * 2                       # attention only
-    assert find_expert_stacks(p.main.module, p.regions()) == []           # a second run finds nothing
+    assert find_expert_stacks(p.main.module) == []           # a second run finds nothing
     # per layer: 4 experts x 2 matmuls of [8, .] rows
     mms = [n for n in p.main.module.graph.nodes if n.op == "call_function"
            and n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
@@ -171,7 +171,7 @@ def test_frozen_routing_refuses_refresh():
     d = get_pass("moe_dispatch")(measure=False)(capture(m, (x, t)), ctx).program
     with pytest.raises(OptionError, match="dispatched \\(moe_dispatch\\): set refresh: 0"):
         get_pass("expert_cache")(refresh=2, interval=3, steps=10)(d, ctx)
-    assert len(find_routed_combines(d.main.module, d.regions())) == 3
+    assert len(find_routed_combines(d.main.module)) == 3
 
 
 def test_the_artifact_matches_the_program(tmp_path):
