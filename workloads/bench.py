@@ -185,6 +185,9 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     reuse = reuse_summary(programs["optimized"], trace)
     if reuse is not None:
         result["token_reuse"] = reuse
+    dispatch = dispatch_summary(programs["optimized"])
+    if dispatch is not None:
+        result["moe_dispatch"] = dispatch
     if json_out:
         write_results(json_out, result)
     import shutil
@@ -223,6 +226,23 @@ def precision_summary(program, trace) -> dict | None:
         return {"level_shares": {}, "memory_ratio": rec.memory_ratio()}
     shares = {lab: n / len(calls) for lab, n in sorted(collections.Counter(calls).items())}
     return {"level_shares": shares, "bits": widths, "memory_ratio": rec.memory_ratio(shares)}
+
+
+def dispatch_summary(program) -> dict | None:
+    """For a program with moe_dispatch's decisions: the expert rows computed per call against the
+    dense form's, the busiest expert's pairs against the layer's mean (per layer, calibration run),
+    the share of the calibration's pairs dropped, and the record's measure against the dense
+    program; None without them."""
+    rec = program.records.get("MoEDispatchPlan")
+    if rec is None:
+        return None
+    rows, dense = rec.expert_rows
+    layers = [{"region": x.region, "capacities": list(x.capacities), "most_seen": list(x.most_seen),
+               "busiest_vs_mean": (round(max(x.most_seen) / (x.tokens * x.top_k / len(x.most_seen)), 3)
+                                   if min(x.most_seen) >= 0 else None),
+               "dropped": x.dropped} for x in rec.layers]
+    return {"capacity": rec.capacity, "margin": rec.margin, "expert_rows": rows, "dense_rows": dense,
+            "rows_ratio": round(rows / dense, 4), "layers": layers, "measured": dict(rec.measured)}
 
 
 def reuse_summary(program, trace) -> dict | None:

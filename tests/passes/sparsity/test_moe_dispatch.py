@@ -186,3 +186,15 @@ def test_the_artifact_matches_the_program(tmp_path):
     opt.reset()
     got = loop(lambda *a: torch.as_tensor(np.asarray(opt(*a))))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_bench_summary_reports_the_record():
+    from pared.workloads.bench import dispatch_summary
+    m, x, prog, res = _dispatched(capacity=0.5, multiple=1)
+    got = dispatch_summary(res.program)
+    plan = res.program.records["MoEDispatchPlan"]
+    assert (got["expert_rows"], got["dense_rows"]) == (res.stats["expert_rows"], res.stats["dense_rows"]) == (3 * 4 * 4, 192)
+    lay = plan.layers[0]
+    assert got["layers"][0]["busiest_vs_mean"] == round(max(lay.most_seen) / (16 * 2 / 4), 3)
+    assert got["layers"][0]["dropped"] == lay.dropped > 0 and got["measured"] == dict(plan.measured)
+    assert dispatch_summary(prog) is None
