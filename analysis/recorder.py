@@ -170,19 +170,33 @@ def record_inputs(program: Program, calibration: Any) -> list[list[tuple[torch.T
     Raises:
         PassError: when there is no calibration run, or it makes no call.
     """
+    return record_calls(program, calibration)[0]
+
+
+def record_calls(program: Program, calibration: Any) -> tuple[list[list[tuple[torch.Tensor, ...]]], np.ndarray]:
+    """`record_inputs`, and the outputs the program gave: what `replay_inputs(program, inputs)`
+    returns, without running the calibration a second time (a goal search's reference).
+
+    Returns:
+        ([request][call] -> flat inputs, each call's float outputs stacked as replay_inputs gives them).
+    Raises:
+        PassError: when there is no calibration run, or it makes no call.
+    """
     runner = program.runner()
     calls: list[tuple[torch.Tensor, ...]] = []
+    outs: list[np.ndarray] = []
 
     def call(*args):
         flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
         calls.append(tuple(t.detach().clone() for t in flat))
         with torch.no_grad():
             res = runner(flat)
+        outs.append(output_rows(res))
         return _structure.unflatten(program.output_structure, res)
     drive(calibration, call)
     if not calls:
         raise PassError("recorder: the calibration run made no call of the model; give it at least one")
-    return [calls]
+    return [calls], _stacked(outs)
 
 
 def replay_inputs(program: Program, requests: Sequence[Sequence[Sequence[torch.Tensor]]]) -> np.ndarray:

@@ -60,7 +60,7 @@ import torch
 
 from pared.analysis.head_types import HeadTypes
 from pared.analysis.metrics import compare_outputs
-from pared.analysis.recorder import record_inputs, replay_inputs
+from pared.analysis.recorder import record_calls, replay_inputs
 from pared.analysis.search import smallest_meeting
 from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
@@ -108,7 +108,7 @@ def goal_trials(program: Program, ctx: PassContext, goal: Goal, describe: Callab
     whether the goal holds.
 
     Measured teacher-forced: the inputs of every call `program` receives over the calibration
-    stream are recorded once (analysis.recorder.record_inputs), and `program` and each candidate
+    stream are recorded once with their outputs (analysis.recorder.record_calls), and `program` and each candidate
     are driven with those same inputs (replay_inputs), their per-call outputs compared. A streamed
     calibration is typically a free-running rollout, each frame generated from the earlier outputs;
     run through a candidate, the loop follows the candidate's own trajectory, and any small change
@@ -120,8 +120,7 @@ def goal_trials(program: Program, ctx: PassContext, goal: Goal, describe: Callab
     Raises:
         PassError: when there is no calibration stream.
     """
-    requests = record_inputs(program, ctx.calibration)
-    ref = replay_inputs(program, requests)
+    requests, ref = record_calls(program, ctx.calibration)      # ref: what replay_inputs(program) gives
     trials: list = []
     cache: dict[int, bool] = {}
 

@@ -6,7 +6,7 @@ import torch
 
 from pared import testing
 from pared.analysis.metrics import compare_outputs
-from pared.analysis.recorder import record_inputs, replay, replay_inputs
+from pared.analysis.recorder import record_calls, record_inputs, replay, replay_inputs
 from pared.ir.capture import capture
 from pared.ir.errors import PassError
 from pared.ir.transform import PassContext
@@ -57,6 +57,10 @@ def test_recorded_inputs_replay_the_reference_exactly(stream):
     assert torch.equal(second[0], torch.sin(GAIN * y0))                 # the loop's own feedback
     # the recorded history through the reference gives exactly what the loop got from it
     assert np.array_equal(replay_inputs(prog, requests), replay(prog, loop))
+    # record_calls keeps those outputs while recording (a goal search's reference, not replayed again)
+    again, outputs = record_calls(prog, loop)
+    assert all(torch.equal(a, b) for c, d in zip(again[0], requests[0]) for a, b in zip(c, d))
+    assert outputs.shape[0] == 2 * FRAMES * x0.shape[0] and np.array_equal(outputs, replay_inputs(prog, requests))
 
 
 def test_a_candidate_is_replayed_on_the_reference_inputs(stream):
