@@ -16,6 +16,11 @@ calls of 20 rows, the shape its database was tuned at; fidelity on 20 samples); 
 closed-loop episode of reach-v3).
 Writes benchmarks/results/tvm_tuned.json.
 
+With --profile N every artifact arm's task is then profiled kernel by kernel over N rounds
+(pared.backends.profile: ONNX Runtime's profiler, TVM's VM instrument): time per task by kind of
+kernel (matmul, softmax, norm, elementwise, data movement, the VM's runtime builtins), the
+costliest kernels, and TVM's time by kind over ORT's (`kinds_tuned_vs_ort`): where the gap is.
+
 With --int8 each workload runs its INT8 pipeline instead (dit_mnist: dit_int8.yaml, timestep-aware
 static INT8; MiniLM: minilm_int8.yaml; the VLA: vla_int8.yaml): `optimized` is TVM's integer build
 (int8 x int8 -> int32 matmuls) and `ort_optimized` the same pipeline on ONNX Runtime, timed in the
@@ -45,6 +50,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fast-math", action="store_true", help="TVM arms built with the backend option fast_math")
     p.add_argument("--int8", action="store_true", help="each workload's INT8 pipeline, on TVM and on ORT")
+    p.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
+                   help="profile each artifact arm kernel by kernel over ROUNDS rounds after the timing")
     p.add_argument("--out", help="default: benchmarks/results/tvm_tuned.json (tvm_int8.json with --int8)")
     a = p.parse_args()
     a.out = a.out or os.path.join(HERE, "results", "tvm_int8.json" if a.int8 else "tvm_tuned.json")
@@ -59,7 +66,7 @@ def main() -> None:
             r = bench_workload(w, pipeline=pipeline, target=a.target, threads=a.threads, repeats=a.repeats,
                                workload_options=OPTIONS.get(w, {}),
                                progress=lambda m, w=w: print(f"[{w}] {m}", flush=True),
-                               backend_options={"fast_math": True} if a.fast_math else None)
+                               backend_options={"fast_math": True} if a.fast_math else None, profile=a.profile)
         except Exception as e:          # one workload that does not build is a figure too: say why, go on
             runs[w] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"}
             print(f"[{w}] failed: {runs[w]['failed']}", flush=True)
@@ -71,13 +78,29 @@ def main() -> None:
                    **{k: round(v, 3) for k, v in r["tvm"].items() if k != "schedules"},
                    "schedules": r["tvm"]["schedules"], "fidelity_vs_eager": r["fidelity"],
                    **({"pipeline": INT8[w], "passes": r["passes"]} if a.int8 else {})}
+        if r.get("kernels"):
+            runs[w]["kernels"] = r["kernels"]
+            runs[w]["kinds_tuned_vs_ort"] = kinds_ratio(r["kernels"], "backend_plain", "ort")
+            print(f"[{w}] tuned TVM over ORT by kind: " + ", ".join(
+                f"{k} {v['tvm_ms']:.1f}/{v['ort_ms']:.1f} ms" for k, v in runs[w]["kinds_tuned_vs_ort"].items()),
+                flush=True)
         print(f"[{w}] " + ", ".join(f"{k} {v['median']:.1f} ms" for k, v in t.items())
               + f"; tuned/ORT {r['tvm']['tuned_vs_ort']:.2f}x, untuned/ORT {r['tvm']['untuned_vs_ort']:.2f}x",
               flush=True)
     import sys
     write_results(a.out, {"command": " ".join(["benchmarks/tvm_tuned.py"] + sys.argv[1:]), "target": a.target,
                           "fast_math": a.fast_math, "int8": a.int8, "threads": a.threads, "repeats": a.repeats,
-                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "workloads": runs})
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "profile_rounds": a.profile,
+                          "workloads": runs})
+
+
+def kinds_ratio(kernels: dict, tvm: str, ort: str) -> dict:
+    """Per kind of kernel: TVM's and ORT's ms per task and TVM's share of the gap between them."""
+    t, o = kernels[tvm], kernels[ort]
+    gap = t["kernel_ms"] - o["kernel_ms"]
+    return {k: {"tvm_ms": t["categories"][k], "ort_ms": o["categories"][k],
+                "share_of_gap": round((t["categories"][k] - o["categories"][k]) / gap, 3) if gap else None}
+            for k in t["categories"] if t["categories"][k] or o["categories"][k]}
 
 
 if __name__ == "__main__":

@@ -361,7 +361,8 @@ def _bench_workload(a: argparse.Namespace) -> int:
     say = (lambda m: None) if a.quiet else (lambda m: _console().print(f"[dim]{m}[/dim]"))
     r = bench_workload(a.workload, pipeline=a.pipeline or "default", target=a.target,
                        threads=a.threads or 1, repeats=5 if a.repeats is None else a.repeats,
-                       json_out=a.json if a.json not in (None, "-") else None, workload_options=opts, progress=say)
+                       json_out=a.json if a.json not in (None, "-") else None, workload_options=opts, progress=say,
+                       profile=a.profile)
     if a.json == "-":
         print(json.dumps(r))
         return EXIT_OK
@@ -384,6 +385,10 @@ def _bench_workload(a: argparse.Namespace) -> int:
     s = r["speedup"]
     out.print(f"speedup vs eager {s['vs_eager']:.2f}x, vs backend_plain {s['vs_backend_plain']:.2f}x "
               f"(ideal from FLOPs {r['ideal_speedup']:.2f}x)")
+    for k, prof in r.get("kernels", {}).items():
+        kinds = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories"].items() if ms >= 0.05)
+        out.print(f"kernels of {k}: {prof['kernel_ms']:.1f} ms a task in {prof['kernels']} kernels ({kinds}); "
+                  f"costliest: " + ", ".join(f"{t['name']} {t['ms']:.1f}" for t in prof["top"][:3]))
     fid = dict(r["fidelity"])
     per_frame = fid.pop("per_frame", None)
     out.print("fidelity: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -487,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, help="timed rounds (default 50 for an artifact, 5 for a workload)")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--threads", type=int, help="intra-op threads for every contender (workload default 1)")
+    b.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
+                   help="workload: also profile each artifact's task kernel by kernel over ROUNDS rounds "
+                        "(ONNX Runtime's profiler, TVM's VM instrument): time by kind of kernel and the costliest")
     b.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
                    help="write the result as JSON to OUT.json (no file: print it to stdout)")
     b.add_argument("-q", "--quiet", action="store_true")

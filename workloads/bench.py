@@ -41,7 +41,7 @@ def _own_executor(path: str, threads: int) -> Any:
 def bench_workload(name: str, *, pipeline: str | None = "default", target: str | None = None, threads: int = 1,
                    repeats: int = 5, json_out: str | None = None, workload_options: Mapping[str, Any] | None = None,
                    progress: Callable[[str], None] | None = None,
-                   backend_options: Mapping[str, Any] | None = None) -> dict:
+                   backend_options: Mapping[str, Any] | None = None, profile: int = 0) -> dict:
     """Measure one workload; returns (and optionally writes) the result record.
 
     Args:
@@ -53,6 +53,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         repeats: timed rounds (each round runs every contender once).
         workload_options: size options for the workload (samples, steps, batch, ...).
         backend_options: lowering options over the pipeline file's `backend:` (every contender).
+        profile: when > 0, every artifact contender's task is also profiled kernel by kernel, over
+            this many rounds after the timing (pared.backends.profile; `kernels` in the result).
     """
     import torch
     import pared
@@ -132,6 +134,13 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         (("ort_optimized",) if "ort_optimized" in contenders else ())
     say(f"timing {' / '.join(arms)}, {repeats} alternating rounds")
     timing = side_by_side({k: run_task(k) for k in arms}, repeats=repeats, warmup=1)
+    kernels = {}
+    if profile > 0:
+        from pared.backends.profile import profile_kernels
+        for k in arms:
+            if k != "eager" and not (k == "optimized" and not passes):
+                say(f"profiling {k}, {profile} rounds")
+                kernels[k] = profile_kernels(contenders[k], run_task(k), rounds=profile)
 
     # FLOPs the pipeline removed, over the calls the task made (the plan may pick cheaper routines)
     # (both sides from the graphs their plans ran: a plain program may loop over a graph too)
@@ -179,6 +188,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     }
     if tvm_arms:
         result["tvm"] = tvm_summary(med, os.path.join(work, "backend_plain"))
+    if kernels:
+        result["kernels"] = kernels
     precision = precision_summary(programs["optimized"], trace)
     if precision is not None:
         result["precision"] = precision

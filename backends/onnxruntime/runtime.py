@@ -148,8 +148,9 @@ class OrtGraph:
     """
 
     def __init__(self, artifact_dir: str, entry: Mapping[str, Any], target: Mapping[str, Any]):
-        self.entry = entry
-        path = os.path.join(artifact_dir, entry["file"])
+        self.entry, self.target = entry, target
+        self.path = path = os.path.join(artifact_dir, entry["file"])
+        self.calls = 0                                  # session runs (backends/profile.py counts its warmup by them)
         self.weights: SharedWeights | None = None       # held: the store lives while any graph of it does
         self.shared_initializers: dict[str, Any] = {}
         if self._shares(entry, target):
@@ -167,6 +168,7 @@ class OrtGraph:
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         feed = {n: a for n, a in zip(self.input_names, arrays)}
+        self.calls += 1
         return self.session.run(self.output_names, feed)
 
     @staticmethod

@@ -80,8 +80,14 @@ def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedule
     timed in the same rounds as the build with default schedules only and as ONNX Runtime."""
     from pared.workloads.bench import bench_workload
     r = bench_workload("dit_mnist", pipeline=None, target="tvm-cpu", repeats=1,
-                       workload_options={"samples": 10, "steps": 2})
+                       workload_options={"samples": 10, "steps": 2}, profile=1)
     assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort"}
+    # the kernel profiles (`--profile`): every artifact arm but `optimized`, the plain build's twin here
+    assert set(r["kernels"]) == {"backend_plain", "tvm_untuned", "ort"}
+    for k, prof in r["kernels"].items():
+        assert prof["categories"]["matmul"] > 0 and prof["kernel_ms"] <= prof["task_ms"] * 1.05, k
+    assert r["kernels"]["backend_plain"]["categories"]["runtime"] > 0            # the VM's builtins
+    assert any(t["name"].startswith("fused_") for t in r["kernels"]["backend_plain"]["top"])
     (s,) = r["tvm"]["schedules"].values()
     assert s["tuned_functions"] >= 10 and "examples/dit_mnist/tvm_tuning/tvm-cpu" in s["databases"]
     med = {k: v["median"] for k, v in r["timings_ms"].items()}

@@ -1,0 +1,172 @@
+"""Where an artifact's time goes, kernel by kernel, on ONNX Runtime and on TVM. Torch-free.
+
+    prof = profile_kernels(executor, lambda: task(executor), rounds=3)
+    prof["kernel_ms"], prof["categories"]["matmul"], prof["top"][0]["name"]
+
+Every graph of the Executor is profiled with its own runtime's instrument:
+
+  onnxruntime  the session is reopened with ORT's profiler on (SessionOptions.enable_profiling);
+               a kernel is an executed node (its `<node>_kernel_time` events), named by its op
+               type and node name, so ORT's fusions (FusedMatMul, SkipLayerNormalization, ...)
+               appear as ORT runs them.
+  tvm          the Relax VM's instrument (VirtualMachine.set_instrument) is called before and
+               after every call the VM makes; a kernel is a compiled function (fused_matmul_add,
+               softmax, ...), and the VM's own builtins (vm.builtin.alloc_tensor, shape checks)
+               are kept as the runtime's share.
+
+`warmup` calls of the task run first and are not counted (ORT's first runs in the reopened
+session plan its memory). Times are wall time between a kernel's start and end as each
+runtime reports them, summed over the rounds and divided by `rounds`: per task. A kernel is
+put in one of CATEGORIES by its name, so the two runtimes' kernels can be compared by kind.
+The instruments cost time of their own (a Python call per TVM kernel); `task_ms` is the task's
+wall time while profiled, to compare with `kernel_ms`, not an unprofiled timing.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any, Callable
+
+#: the kinds of kernel a profile sums by, in report order
+CATEGORIES = ("matmul", "attention", "softmax", "norm", "elementwise", "data movement", "runtime")
+
+_MATMUL = re.compile(r"matmul|gemm|dense|conv|qlinear|qgemm|batch_mm|\bbmm|einsum")
+_MOVE = re.compile(r"fused|transpose|reshape|strided_slice|slice|concat|split|take|gather|unsqueeze|squeeze|expand|"
+                   r"broadcast_to|copy|cast|identity|flatten|tile|scatter|permute|layout_transform|pad|memcpy|shape|"
+                   r"[_\d]")
+
+
+def category(name: str) -> str:
+    """The kind of a kernel, from its name (a TVM function symbol or an ORT op type)."""
+    n = name.lower()
+    if n.startswith("vm.builtin.") or n.startswith("vm."):
+        return "runtime"
+    if "attention" in n:
+        return "attention"
+    if _MATMUL.search(n):
+        return "matmul"
+    if "softmax" in n:
+        return "softmax"
+    if "norm" in n:
+        return "norm"
+    if not _MOVE.sub("", n):                  # nothing but moves (fused_reshape3_transpose, Gather, Cast)
+        return "data movement"
+    return "elementwise"
+
+
+class _TvmProbe:
+    """Per-kernel times of one TvmGraph through the VM's instrument."""
+
+    def __init__(self, graph: Any):
+        self.graph, self.acc = graph, collections.defaultdict(lambda: [0, 0.0])
+        self._t0 = 0.0
+
+    def _instrument(self, func, symbol, before, ret, *args):
+        if before:
+            self._t0 = time.perf_counter()
+        else:
+            a = self.acc[str(symbol)]
+            a[0] += 1
+            a[1] += time.perf_counter() - self._t0
+        return 0                          # VMInstrumentReturnKind.NO_OP
+
+    def start(self) -> None:
+        self.graph.vm.set_instrument(self._instrument)
+
+    def stop(self) -> dict:
+        self.graph.vm.set_instrument(lambda *a: 0)
+        return {k: (c, s * 1e3) for k, (c, s) in self.acc.items()}
+
+
+class _OrtProbe:
+    """Per-node times of one OrtGraph from ORT's profiler, in a session reopened with it on."""
+
+    def __init__(self, graph: Any):
+        self.graph, self._saved = graph, None
+        self._dir = tempfile.mkdtemp(prefix="pared-profile-")
+        self.opened_at = self.started_at = 0
+
+    def open(self) -> None:
+        from pared.backends.onnxruntime.runtime import make_session
+        g = self.graph
+        self._saved, self.opened_at = g.session, g.calls
+        g.session = make_session(g.path, g.target, profile_prefix=os.path.join(self._dir, "ort"),
+                                 initializers=g.shared_initializers)
+
+    def start(self) -> None:
+        self.started_at = self.graph.calls
+
+    def stop(self) -> dict:
+        g = self.graph
+        path = g.session.end_profiling()
+        g.session, self._saved = self._saved, None
+        with open(path) as f:
+            events = json.load(f)
+        os.unlink(path)
+        runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+        skip = self.started_at - self.opened_at            # the warmup's runs in this session
+        start = runs[skip] if len(runs) > skip else float("inf")
+        acc: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+                op = (e.get("args") or {}).get("op_name", "")
+                node = e["name"][: -len("_kernel_time")]
+                a = acc[f"{op}:{node}" if op else node]
+                a[0] += 1
+                a[1] += e["dur"] / 1e3
+        return {k: (c, ms) for k, (c, ms) in acc.items()}
+
+
+def profile_kernels(executor: Any, task: Callable[[], Any], *, rounds: int = 3, warmup: int = 1,
+                    top: int = 15) -> dict:
+    """Profile `task` (which calls `executor`) kernel by kernel on every graph of the artifact.
+
+    Returns a dict: `task_ms` (wall time per task while profiled), `kernel_ms` (the kernels'
+    sum per task, the runtime's builtins included), `categories` (kind -> ms per task),
+    `top` (the `top` costliest kernels: graph, name, kind, calls and ms per task, share of
+    kernel_ms), and `kernels` (how many distinct kernels ran).
+
+    Raises:
+        ValueError: rounds < 1, or a graph whose runtime this profiler does not know.
+    """
+    if rounds < 1:
+        raise ValueError(f"profile_kernels: rounds must be >= 1 (got {rounds})")
+    from pared.backends.onnxruntime.runtime import OrtGraph
+    from pared.backends.tvm.runtime import TvmGraph
+    probes = {}
+    for name, g in executor.graphs.items():
+        if isinstance(g, TvmGraph):
+            probes[name] = _TvmProbe(g)
+        elif isinstance(g, OrtGraph):
+            probes[name] = _OrtProbe(g)
+        else:
+            raise ValueError(f"profile_kernels: graph '{name}' runs on {type(g).__name__}, which has no kernel profiler")
+    for p in probes.values():
+        if isinstance(p, _OrtProbe):
+            p.open()
+    try:
+        for _ in range(warmup):
+            task()
+        for p in probes.values():
+            p.start()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            task()
+        wall = (time.perf_counter() - t0) / rounds * 1e3
+    finally:
+        results = {name: p.stop() for name, p in probes.items()}
+    rows = [{"graph": g, "name": k, "kind": category(k.split(":", 1)[0]), "calls": c / rounds, "ms": ms / rounds}
+            for g, res in results.items() for k, (c, ms) in res.items()]
+    total = sum(r["ms"] for r in rows)
+    cats = {c: 0.0 for c in CATEGORIES}
+    for r in rows:
+        cats[r["kind"]] += r["ms"]
+    rows.sort(key=lambda r: -r["ms"])
+    return {"task_ms": round(wall, 3), "kernel_ms": round(total, 3), "kernels": len(rows),
+            "categories": {c: round(v, 3) for c, v in cats.items()},
+            "top": [{**r, "calls": round(r["calls"], 2), "ms": round(r["ms"], 3),
+                     "share": round(r["ms"] / total, 4) if total else 0.0} for r in rows[:top]]}
