@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pared.ir.errors import FidelityError, ParedError
 
@@ -317,6 +317,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     res = {"artifact": a.artifact, "target": ex.target.get("name"), "repeats": a.repeats,
            "median_ms": statistics.median(times) * 1e3, "p90_ms": times[int(0.9 * (len(times) - 1))] * 1e3,
            "min_ms": times[0] * 1e3, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    if a.profile:
+        from pared.backends.profile import profile_kernels
+
+        def once():
+            ex.reset()
+            ex.run_flat(*arrays)
+        res["kernels"] = profile_kernels(ex, once, rounds=a.profile)
     if a.json == "-":
         print(json.dumps(res))
     else:
@@ -325,7 +332,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
             write_results(a.json, res)
         _out().print(f"{a.artifact} ({res['target']}): median {res['median_ms']:.3f} ms, p90 {res['p90_ms']:.3f} ms, "
                      f"min {res['min_ms']:.3f} ms over {a.repeats} runs")
+        if "kernels" in res:
+            _print_kernels(_out(), "the artifact", res["kernels"])
     return EXIT_OK
+
+
+def _print_kernels(out: Any, what: str, prof: Mapping[str, Any]) -> None:
+    """One line of a kernel profile (pared.backends.profile): time by kind, the costliest kernels."""
+    kinds = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories"].items() if ms >= 0.05)
+    out.print(f"kernels of {what}: {prof['kernel_ms']:.1f} ms a task in {prof['kernels']} kernels ({kinds}); "
+              f"costliest: " + ", ".join(f"{t['name']} {t['ms']:.1f}" for t in prof["top"][:3]), soft_wrap=True)
 
 
 _PLACEMENT_WORKLOADS = {"vla_metaworld": "vla", "dit_mnist": "dit"}
@@ -334,6 +350,8 @@ _PLACEMENT_WORKLOADS = {"vla_metaworld": "vla", "dit_mnist": "dit"}
 def _bench_placement(a: argparse.Namespace) -> int:
     if a.artifact:
         return _usage("pared bench: --placement builds its own artifacts; give no ARTIFACT")
+    if a.profile:
+        return _usage("pared bench: --profile profiles an ARTIFACT or a --workload's artifacts, not --placement")
     argv = ["--part", a.placement]
     if a.workload:
         if a.workload not in _PLACEMENT_WORKLOADS:
@@ -386,9 +404,7 @@ def _bench_workload(a: argparse.Namespace) -> int:
     out.print(f"speedup vs eager {s['vs_eager']:.2f}x, vs backend_plain {s['vs_backend_plain']:.2f}x "
               f"(ideal from FLOPs {r['ideal_speedup']:.2f}x)")
     for k, prof in r.get("kernels", {}).items():
-        kinds = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories"].items() if ms >= 0.05)
-        out.print(f"kernels of {k}: {prof['kernel_ms']:.1f} ms a task in {prof['kernels']} kernels ({kinds}); "
-                  f"costliest: " + ", ".join(f"{t['name']} {t['ms']:.1f}" for t in prof["top"][:3]))
+        _print_kernels(out, k, prof)
     fid = dict(r["fidelity"])
     per_frame = fid.pop("per_frame", None)
     out.print("fidelity: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -493,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--threads", type=int, help="intra-op threads for every contender (workload default 1)")
     b.add_argument("--profile", type=int, default=0, metavar="ROUNDS",
-                   help="workload: also profile each artifact's task kernel by kernel over ROUNDS rounds "
-                        "(ONNX Runtime's profiler, TVM's VM instrument): time by kind of kernel and the costliest")
+                   help="also profile the artifact's run (with --workload: each artifact's task) kernel by kernel "
+                        "over ROUNDS rounds (ONNX Runtime's profiler, TVM's VM instrument): time by kind of kernel "
+                        "and the costliest kernels")
     b.add_argument("--json", nargs="?", const="-", metavar="OUT.json",
                    help="write the result as JSON to OUT.json (no file: print it to stdout)")
     b.add_argument("-q", "--quiet", action="store_true")

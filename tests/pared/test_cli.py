@@ -136,7 +136,13 @@ def test_run_and_bench(artifact, workdir, capsys):
     capsys.readouterr()
     assert main(["bench", artifact, "--repeats", "3", "--warmup", "1", "--json"]) == EXIT_OK
     res = json.loads(capsys.readouterr().out)
-    assert res["median_ms"] > 0 and res["repeats"] == 3
+    assert res["median_ms"] > 0 and res["repeats"] == 3 and "kernels" not in res
+    # --profile: the same run kernel by kernel (ORT's profiler), one node = one kernel call per run
+    assert main(["bench", artifact, "--repeats", "2", "--warmup", "1", "--profile", "2", "--json"]) == EXIT_OK
+    prof = json.loads(capsys.readouterr().out)["kernels"]
+    assert prof["categories"]["matmul"] > 0 and {t["calls"] for t in prof["top"]} == {1.0}
+    assert main(["bench", artifact, "--repeats", "2", "--warmup", "1", "--profile", "1"]) == EXIT_OK
+    assert "kernels of the artifact:" in capsys.readouterr().out
 
 
 def test_run_wrong_inputs(artifact, workdir, capsys):
@@ -190,3 +196,5 @@ def test_bench_placement_usage_errors(capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "--workload must be one of ['dit_mnist', 'vla_metaworld'], got 'minilm'" in err
     assert main(["bench", "some/artifact", "--placement", "plot"]) == EXIT_USAGE
+    assert main(["bench", "--placement", "plot", "--profile", "2"]) == EXIT_USAGE
+    assert "--profile profiles an ARTIFACT" in " ".join(capsys.readouterr().err.split())
