@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from typing import Any, Callable
@@ -34,7 +35,7 @@ from typing import Any, Callable
 #: the kinds of kernel a profile sums by, in report order
 CATEGORIES = ("matmul", "attention", "softmax", "norm", "elementwise", "data movement", "runtime")
 
-_MATMUL = re.compile(r"matmul|gemm|dense|conv|qlinear|qgemm|batch_mm|\bbmm|einsum")
+_MATMUL = re.compile(r"matmul|gemm|dense|conv|qlinear|bmm|batch_mm|einsum")
 _MOVE = re.compile(r"fused|transpose|reshape|strided_slice|slice|concat|split|take|gather|unsqueeze|squeeze|expand|"
                    r"broadcast_to|copy|cast|identity|flatten|tile|scatter|permute|layout_transform|pad|memcpy|shape|"
                    r"[_\d]")
@@ -88,7 +89,7 @@ class _OrtProbe:
     def __init__(self, graph: Any):
         self.graph, self._saved = graph, None
         self._dir = tempfile.mkdtemp(prefix="pared-profile-")
-        self.opened_at = self.started_at = 0
+        self.opened_at, self.started_at = 0, None
 
     def open(self) -> None:
         from pared.backends.onnxruntime.runtime import make_session
@@ -102,23 +103,34 @@ class _OrtProbe:
 
     def stop(self) -> dict:
         g = self.graph
+        if self._saved is None:                           # never opened (another probe's open failed)
+            return {}
         path = g.session.end_profiling()
         g.session, self._saved = self._saved, None
-        with open(path) as f:
-            events = json.load(f)
-        os.unlink(path)
-        runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-        skip = self.started_at - self.opened_at            # the warmup's runs in this session
-        start = runs[skip] if len(runs) > skip else float("inf")
-        acc: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
-        for e in events:
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
-                op = (e.get("args") or {}).get("op_name", "")
-                node = e["name"][: -len("_kernel_time")]
-                a = acc[f"{op}:{node}" if op else node]
-                a[0] += 1
-                a[1] += e["dur"] / 1e3
-        return {k: (c, ms) for k, (c, ms) in acc.items()}
+        try:
+            if self.started_at is None:                   # the warmup failed: nothing was measured
+                return {}
+            return ort_kernel_times(path, skip_runs=self.started_at - self.opened_at)   # the warmup's runs
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)  # the profile file (none when no run was made)
+
+
+def ort_kernel_times(path: str, skip_runs: int = 0) -> dict[str, tuple[int, float]]:
+    """The executed nodes in an ORT profile file (SessionOptions.enable_profiling), after its first
+    `skip_runs` session runs: `OpType:node` -> (calls, total ms)."""
+    with open(path) as f:
+        events = json.load(f)
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    start = runs[skip_runs] if len(runs) > skip_runs else float("inf")
+    acc: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+            op = (e.get("args") or {}).get("op_name", "")
+            node = e["name"][: -len("_kernel_time")]
+            a = acc[f"{op}:{node}" if op else node]
+            a[0] += 1
+            a[1] += e["dur"] / 1e3
+    return {k: (c, ms) for k, (c, ms) in acc.items()}
 
 
 def profile_kernels(executor: Any, task: Callable[[], Any], *, rounds: int = 3, warmup: int = 1,
@@ -145,10 +157,10 @@ def profile_kernels(executor: Any, task: Callable[[], Any], *, rounds: int = 3, 
             probes[name] = _OrtProbe(g)
         else:
             raise ValueError(f"profile_kernels: graph '{name}' runs on {type(g).__name__}, which has no kernel profiler")
-    for p in probes.values():
-        if isinstance(p, _OrtProbe):
-            p.open()
     try:
+        for p in probes.values():
+            if isinstance(p, _OrtProbe):
+                p.open()
         for _ in range(warmup):
             task()
         for p in probes.values():

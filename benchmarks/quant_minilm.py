@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import tempfile
@@ -341,17 +340,14 @@ def _profile_ops(path: str, threads: int, feed, calls: int) -> dict:
     sess = make_session(path, dict(get_target("cpu").to_json(), threads=threads),
                         profile_prefix=os.path.join(tempfile.mkdtemp(prefix="pared-prof-"), "ort"))
     names = [i.name for i in sess.get_inputs()]
-    sess.run(None, dict(zip(names, feed)))                      # warm-up, also profiled: dropped below
+    sess.run(None, dict(zip(names, feed)))                      # warm-up, also profiled: skipped below
     for _ in range(calls):
         sess.run(None, dict(zip(names, feed)))
-    with open(sess.end_profiling()) as f:
-        events = [e for e in json.load(f) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    per_run = len(events) // (calls + 1)
-    events = events[per_run:]
+    from pared.backends.profile import ort_kernel_times
     total, count = collections.Counter(), collections.Counter()
-    for e in events:
-        total[e["args"]["op_name"]] += e["dur"]
-        count[e["args"]["op_name"]] += 1
+    for key, (n, ms) in ort_kernel_times(sess.end_profiling(), skip_runs=1).items():
+        total[key.split(":", 1)[0]] += ms * 1e3
+        count[key.split(":", 1)[0]] += n
     all_us = sum(total.values())
     return {op: {"ms_per_call": round(us / calls / 1e3, 2), "share": round(us / all_us, 3),
                  "nodes": count[op] // calls} for op, us in total.most_common()}

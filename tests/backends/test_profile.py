@@ -8,7 +8,7 @@ from pared.backends.lower import lower_program
 from pared.backends.profile import CATEGORIES, category, profile_kernels
 from pared.ir.capture import capture
 from pared.targets import get_target
-from pared.testing import tiny_transformer
+from pared.testing import tiny_transformer, two_graph_program
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,39 @@ def test_tvm_profile_times_the_compiled_kernels_and_the_vm_builtins(built):
     assert {t["name"]: t["calls"] for t in again["top"]}["softmax"] == 2.0
     assert len(seen) == 2 and callable(seen[0]) and seen[-1] is None
     np.testing.assert_array_equal(ex(ids)["logits"], ref)
+
+
+def test_each_graph_of_a_plan_is_profiled_and_a_failed_open_puts_every_session_back(tmp_path, monkeypatch):
+    _, program = two_graph_program()            # a 3-call request: full once, reuse twice
+    target = get_target("cpu").to_json()
+
+    def build(tmp):
+        return {"graphs": lower_program(program, target, tmp), "plan": program.plan.to_json(), "target": target,
+                "output_structure": program.output_structure}
+    ex = _executor(write_artifact(str(tmp_path / "a"), build))
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+
+    def task():
+        ex.reset()
+        for _ in range(3):
+            ex(x)
+    prof = profile_kernels(ex, task, rounds=2, top=1000)
+    calls = {g: {t["calls"] for t in prof["top"] if t["graph"] == g} for g in ("full", "reuse")}
+    assert calls == {"full": {1.0}, "reuse": {2.0}}
+    # the second session fails to reopen with the profiler on: the first is put back too
+    import pared.backends.onnxruntime.runtime as rt
+    sessions = {name: g.session for name, g in ex.graphs.items()}
+    real, opened = rt.make_session, []
+
+    def flaky(*a, **k):
+        opened.append(1)
+        if len(opened) == 2:
+            raise RuntimeError("no profiler here")
+        return real(*a, **k)
+    monkeypatch.setattr(rt, "make_session", flaky)
+    with pytest.raises(RuntimeError, match="no profiler"):
+        profile_kernels(ex, task)
+    assert len(opened) == 2 and all(ex.graphs[n].session is s for n, s in sessions.items())
 
 
 def test_kernel_kinds_from_names():
