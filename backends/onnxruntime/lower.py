@@ -76,6 +76,48 @@ def custom_translations() -> dict:
     return table
 
 
+#: onnxscript rewrite rules left out of the exporter's optimizer: SlicesSplit (Slice pairs -> Split) is
+#: the one multi-output rule; its matcher walks the whole graph on every attempt, which made it
+#: about 40% of a 1900-node policy graph's export (32 s -> 19.5 s without it, the same graph out)
+SKIPPED_REWRITE_RULES = frozenset({"SlicesSplit"})
+
+
+def optimize_onnx(model: Any) -> None:
+    """The exporter's own optimizer (onnxscript's optimize_ir, then its ONNX fusions) on an
+    onnx_ir Model, in place, with the rules in SKIPPED_REWRITE_RULES left out."""
+    from onnxscript import optimizer, rewriter
+    from onnxscript.rewriter import onnx_fusions
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    folding = getattr(optimizer, "_constant_folding", None)
+    if rules is None or folding is None:    # another onnxscript layout: its optimizer as it is
+        optimizer.optimize_ir(model)
+        onnx_fusions.fuse(model)
+        return
+    import onnx_ir as ir
+    common = ir.passes.common
+    kept = [r for r in rules if getattr(r, "name", None) not in SKIPPED_REWRITE_RULES]
+    passes = ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager([folding.FoldConstantsPass(shape_inference=True,
+                                                         input_size_limit=folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                                                         output_size_limit=folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                                                         should_fold=lambda node: None),
+                               rewriter.RewritePass(kept), common.RemoveUnusedNodesPass(),
+                               common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
+                              steps=2, early_stop=True),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )
+    passes(model)
+    onnx_fusions.fuse(model)
+
+
 def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.export.ExportedProgram":
     """Write `graph` as an ONNX model at `path` (+ `path.data` when large); returns the
     ExportedProgram it was exported from (the file's value names are its nodes' names)."""
@@ -86,9 +128,11 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.exp
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), torch.no_grad():
         onnx_program = torch.onnx.export(ep, (), dynamo=True, input_names=list(graph.input_names),
-                                         output_names=list(graph.output_names), optimize=optimize,
+                                         output_names=list(graph.output_names), optimize=False,
                                          verbose=False, report=False,
                                          custom_translation_table=custom_translations() or None)
+    if optimize:
+        optimize_onnx(onnx_program.model)
     weight_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx_program.save(path, external_data=external)
