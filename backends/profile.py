@@ -18,8 +18,16 @@ Every graph of the Executor is profiled with its own runtime's instrument:
 session plan its memory). Times are wall time between a kernel's start and end as each
 runtime reports them, summed over the rounds and divided by `rounds`: per task. A kernel is
 put in one of CATEGORIES by its name, so the two runtimes' kernels can be compared by kind.
-The instruments cost time of their own (a Python call per TVM kernel); `task_ms` is the task's
-wall time while profiled, to compare with `kernel_ms`, not an unprofiled timing.
+The instruments cost time of their own. TVM's is a Python callback before and after every VM
+call: each call's measured time includes the return from the first and the entry into the
+second (its arguments converted to Python objects). The cheapest call of any function seen (a
+shape check or a view that does no work) bounds that cost from below; it is the graph's
+`instrument_floor_us`, and is subtracted from every call of that graph (`kernel_ms`;
+`kernel_ms_raw` is the sum before). ORT's profiler times each kernel inside the runtime and is
+left as it reports. `task_ms` is the task's wall time while profiled; `task_ms_unprofiled` the
+same number of rounds run after, instruments off; `outside_kernels_ms` what the unprofiled task
+spends outside the kernels (per-call dispatch of the runtime, the executor's own work, input
+and output copies): unprofiled wall time less `kernel_ms`.
 """
 from __future__ import annotations
 
@@ -65,15 +73,22 @@ class _TvmProbe:
     def __init__(self, graph: Any):
         self.graph, self.acc = graph, collections.defaultdict(lambda: [0, 0.0])
         self._t0 = 0.0
+        self.floor = float("inf")         # the cheapest single call seen, s
 
     def _instrument(self, func, symbol, before, ret, *args):
         if before:
             self._t0 = time.perf_counter()
         else:
+            d = time.perf_counter() - self._t0
             a = self.acc[str(symbol)]
             a[0] += 1
-            a[1] += time.perf_counter() - self._t0
+            a[1] += d
+            if d < self.floor:
+                self.floor = d
         return 0                          # VMInstrumentReturnKind.NO_OP
+
+    def floor_ms(self) -> float:
+        return self.floor * 1e3 if self.acc else 0.0
 
     def start(self) -> None:
         self.graph.vm.set_instrument(self._instrument)
@@ -137,10 +152,13 @@ def profile_kernels(executor: Any, task: Callable[[], Any], *, rounds: int = 3, 
                     top: int = 15) -> dict:
     """Profile `task` (which calls `executor`) kernel by kernel on every graph of the artifact.
 
-    Returns a dict: `task_ms` (wall time per task while profiled), `kernel_ms` (the kernels'
-    sum per task, the runtime's builtins included), `categories` (kind -> ms per task),
-    `top` (the `top` costliest kernels: graph, name, kind, calls and ms per task, share of
-    kernel_ms), and `kernels` (how many distinct kernels ran).
+    Returns a dict: `task_ms` (wall time per task while profiled), `task_ms_unprofiled` (the
+    same rounds again, instruments off), `kernel_ms` (the kernels' sum per task, the runtime's
+    builtins included, TVM's calls less their graph's instrument floor), `kernel_ms_raw` (the
+    sum as measured), `instrument_floor_us` (TVM graph -> the floor subtracted per call),
+    `outside_kernels_ms` (task_ms_unprofiled - kernel_ms, at least 0), `categories` (kind -> ms
+    per task), `top` (the `top` costliest kernels: graph, name, kind, calls and ms per task,
+    share of kernel_ms), and `kernels` (how many distinct kernels ran).
 
     Raises:
         ValueError: rounds < 1, or a graph whose runtime this profiler does not know.
@@ -171,14 +189,22 @@ def profile_kernels(executor: Any, task: Callable[[], Any], *, rounds: int = 3, 
         wall = (time.perf_counter() - t0) / rounds * 1e3
     finally:
         results = {name: p.stop() for name, p in probes.items()}
-    rows = [{"graph": g, "name": k, "kind": category(k.split(":", 1)[0]), "calls": c / rounds, "ms": ms / rounds}
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        task()
+    plain = (time.perf_counter() - t0) / rounds * 1e3
+    floors = {g: p.floor_ms() for g, p in probes.items() if isinstance(p, _TvmProbe)}
+    rows = [{"graph": g, "name": k, "kind": category(k.split(":", 1)[0]), "calls": c / rounds,
+             "ms": (ms - c * floors.get(g, 0.0)) / rounds, "raw": ms / rounds}
             for g, res in results.items() for k, (c, ms) in res.items()]
-    total = sum(r["ms"] for r in rows)
+    total, raw = sum(r["ms"] for r in rows), sum(r.pop("raw") for r in rows)
     cats = {c: 0.0 for c in CATEGORIES}
     for r in rows:
         cats[r["kind"]] += r["ms"]
     rows.sort(key=lambda r: -r["ms"])
-    return {"task_ms": round(wall, 3), "kernel_ms": round(total, 3), "kernels": len(rows),
+    return {"task_ms": round(wall, 3), "task_ms_unprofiled": round(plain, 3), "kernel_ms": round(total, 3),
+            "kernel_ms_raw": round(raw, 3), "instrument_floor_us": {g: round(f * 1e3, 3) for g, f in floors.items()},
+            "outside_kernels_ms": round(max(0.0, plain - total), 3), "kernels": len(rows),
             "categories": {c: round(v, 3) for c, v in cats.items()},
             "top": [{**r, "calls": round(r["calls"], 2), "ms": round(r["ms"], 3),
                      "share": round(r["ms"] / total, 4) if total else 0.0} for r in rows[:top]]}

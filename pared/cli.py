@@ -341,6 +341,7 @@ def _print_kernels(out: Any, what: str, prof: Mapping[str, Any]) -> None:
     """One line of a kernel profile (pared.backends.profile): time by kind, the costliest kernels."""
     kinds = ", ".join(f"{c} {ms:.1f}" for c, ms in prof["categories"].items() if ms >= 0.05)
     out.print(f"kernels of {what}: {prof['kernel_ms']:.1f} ms a task in {prof['kernels']} kernels ({kinds}); "
+              f"outside them {prof['outside_kernels_ms']:.1f} of {prof['task_ms_unprofiled']:.1f} ms unprofiled; "
               f"costliest: " + ", ".join(f"{t['name']} {t['ms']:.1f}" for t in prof["top"][:3]), soft_wrap=True)
 
 

@@ -37,6 +37,9 @@ def _check_sums(prof):
     assert set(prof["categories"]) == set(CATEGORIES)
     assert sum(prof["categories"].values()) == pytest.approx(prof["kernel_ms"], abs=0.01)
     assert 0 < prof["kernel_ms"] <= prof["task_ms"] * 1.05 + 0.05
+    assert prof["kernel_ms"] <= prof["kernel_ms_raw"] + 1e-3 and prof["task_ms_unprofiled"] > 0
+    assert prof["outside_kernels_ms"] == pytest.approx(max(0.0, prof["task_ms_unprofiled"] - prof["kernel_ms"]),
+                                                       abs=2e-3)
     shares = [t["share"] for t in prof["top"]]
     assert shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 5e-5 * len(shares)   # each rounded to 1e-4
 
@@ -48,6 +51,7 @@ def test_ort_profile_counts_each_node_once_per_call_and_skips_the_warmup(built):
     ref = ex(ids)["logits"]
     prof = profile_kernels(ex, lambda: ex(ids), rounds=2, warmup=3, top=1000)
     _check_sums(prof)
+    assert prof["instrument_floor_us"] == {} and prof["kernel_ms"] == prof["kernel_ms_raw"]   # ORT: as reported
     ops = {t["name"].split(":")[0] for t in prof["top"]}
     assert {"LayerNormalization", "Softmax"} <= ops and ops & {"MatMul", "Gemm", "FusedMatMul"}
     # one task = one session run: every node ran once per task (the 3 warmup runs left out)
@@ -69,6 +73,12 @@ def test_tvm_profile_times_the_compiled_kernels_and_the_vm_builtins(built):
     assert by["softmax"]["calls"] == 2.0 and by["softmax"]["kind"] == "softmax"
     assert any(t["kind"] == "matmul" for t in prof["top"]) and prof["categories"]["runtime"] > 0
     assert all(t["kind"] == "runtime" for t in prof["top"] if t["name"].startswith("vm.builtin."))
+    # the instrument's floor (the cheapest single call) is taken off every call: what is left is
+    # never negative, and the kernels' sum drops by exactly calls x floor
+    floor = prof["instrument_floor_us"]["main"]
+    assert 0 < floor < 1e3 and all(t["ms"] >= 0 for t in prof["top"])
+    calls = sum(t["calls"] for t in prof["top"])
+    assert prof["kernel_ms_raw"] - prof["kernel_ms"] == pytest.approx(calls * floor / 1e3, rel=1e-3, abs=2e-3)
     # profiling again on the same executor counts only that profile's rounds, and leaves no
     # instrument on the VM (set_instrument(None): no Python callback on later calls)
     vm, seen = ex.graphs["main"].vm, []
