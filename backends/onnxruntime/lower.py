@@ -127,12 +127,15 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.exp
     ep = retrace(graph)
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), torch.no_grad():
-        onnx_program = torch.onnx.export(ep, (), dynamo=True, input_names=list(graph.input_names),
-                                         output_names=list(graph.output_names), optimize=False,
-                                         verbose=False, report=False,
+        onnx_program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, report=False,
                                          custom_translation_table=custom_translations() or None)
+    model = onnx_program.model
     if optimize:
-        optimize_onnx(onnx_program.model)
+        optimize_onnx(model)
+    # named after the optimizer, as the exporter does: its CSE and output fixes may replace an output's value
+    for values, names in ((model.graph.inputs, graph.input_names), (model.graph.outputs, graph.output_names)):
+        for v, name in zip(values, names):
+            v.name = name
     weight_bytes = sum(t.numel() * t.element_size() for t in ep.state_dict.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES
     onnx_program.save(path, external_data=external)

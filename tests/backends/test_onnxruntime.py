@@ -131,3 +131,23 @@ def test_target_leaves_out_its_slow_fusions(tmp_path):
     assert "SkipLayerNormalization" not in ops["cpu"] and "LayerNormalization" in ops["cpu"]
     assert "SkipLayerNormalization" in ops["all_fusions"]
     np.testing.assert_allclose(outs["cpu"], outs["all_fusions"], rtol=1e-5, atol=1e-5)
+
+
+class _TwinOutputs(torch.nn.Module):
+    """Two outputs that are one value once the exporter's optimizer merges common subexpressions,
+    and one that is the graph's input unchanged."""
+
+    def forward(self, x):
+        return torch.relu(x) * 2, torch.relu(x) * 2, x, x + 1
+
+
+def test_outputs_keep_their_names_when_the_optimizer_merges_them(tmp_path):
+    x = torch.randn(3, 4)
+    p = capture(_TwinOutputs().eval(), (x,))
+    ex = Executor(save_program(p, tmp_path / "a", CPU))
+    out = ex(x.numpy())
+    import onnx
+    model = onnx.load(str(tmp_path / "a" / ex.manifest["graphs"]["main"]["file"]))
+    assert [o.name for o in model.graph.output] == list(p.main.output_names)
+    assert [i.name for i in model.graph.input] == list(p.main.input_names)
+    assert_close_to_eager(_TwinOutputs()(x), out, rel_l2=1e-6)
