@@ -74,43 +74,33 @@ def test_results_files_record_the_cpu_and_its_isa(tmp_path):
 
 
 @pytest.mark.heavy
-def test_bench_on_a_tvm_target_times_the_shipped_tuning_against_default_schedules_and_ort():
-    """`pared bench --workload dit_mnist --target tvm-cpu`: the plain TVM build replays the tuning
-    database shipped beside the workload (the shape it was tuned at: the example batch), and is
-    timed in the same rounds as the build with default schedules only and as ONNX Runtime."""
+def test_bench_on_a_tvm_target_times_shipped_tuning_default_schedules_ort_and_the_pipeline_on_both(tmp_path):
+    """`pared bench --workload dit_mnist --target tvm-cpu --pipeline P --profile 1`: the plain TVM
+    build replays the tuning database shipped beside the workload (the shape it was tuned at: the
+    example batch), and is timed in the same rounds as the build with default schedules only and as
+    ONNX Runtime; the pipeline's TVM build is timed against the same pipeline on ONNX Runtime
+    (ort_optimized; benchmarks/tvm_tuned.py --int8 runs the INT8 pipelines this way; a one-pass
+    pipeline keeps the test short); every artifact arm is profiled kernel by kernel."""
     from pared.workloads.bench import bench_workload
-    r = bench_workload("dit_mnist", pipeline=None, target="tvm-cpu", repeats=1,
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("version: 1\npasses:\n  - constant_folding: {}\n")
+    r = bench_workload("dit_mnist", pipeline=str(pipe), target="tvm-cpu", repeats=1,
                        workload_options={"samples": 10, "steps": 2}, profile=1)
-    assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort"}
-    # the kernel profiles (`--profile`): every artifact arm but `optimized`, the plain build's twin here
-    assert set(r["kernels"]) == {"backend_plain", "tvm_untuned", "ort"}
+    assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort", "ort_optimized"}
+    assert set(r["kernels"]) == {"backend_plain", "optimized", "tvm_untuned", "ort", "ort_optimized"}
     for k, prof in r["kernels"].items():
         assert prof["categories"]["matmul"] > 0 and prof["kernel_ms"] <= prof["task_ms"] * 1.05, k
     assert r["kernels"]["backend_plain"]["categories"]["runtime"] > 0            # the VM's builtins
     assert any(t["name"].startswith("fused_") for t in r["kernels"]["backend_plain"]["top"])
+    assert r["kernels"]["backend_plain"]["instrument_floor_us"] and not r["kernels"]["ort"]["instrument_floor_us"]
     (s,) = r["tvm"]["schedules"].values()
     assert s["tuned_functions"] >= 10 and "examples/dit_mnist/tvm_tuning/tvm-cpu" in s["databases"]
     med = {k: v["median"] for k, v in r["timings_ms"].items()}
     # (the medians in timings_ms are rounded to the microsecond)
     assert r["tvm"]["tuned_vs_ort"] == pytest.approx(med["backend_plain"] / med["ort"], rel=1e-3)
     assert r["tvm"]["untuned_vs_tuned"] == pytest.approx(med["tvm_untuned"] / med["backend_plain"], rel=1e-3)
-    assert r["fidelity"]["psnr_db"] > 40         # the tuned build computes what eager does
-
-
-@pytest.mark.heavy
-def test_bench_on_a_tvm_target_with_a_pipeline_also_times_it_on_ort(tmp_path):
-    """A pipeline on tvm-cpu: TVM's optimized build is timed against the same pipeline on ONNX
-    Runtime (ort_optimized), besides the plain arms (benchmarks/tvm_tuned.py --int8 runs the INT8
-    pipelines this way; a one-pass pipeline keeps the test short)."""
-    from pared.workloads.bench import bench_workload
-    pipe = tmp_path / "p.yaml"
-    pipe.write_text("version: 1\npasses:\n  - constant_folding: {}\n")
-    r = bench_workload("dit_mnist", pipeline=str(pipe), target="tvm-cpu", repeats=1,
-                       workload_options={"samples": 10, "steps": 2})
-    assert set(r["timings_ms"]) == {"eager", "backend_plain", "optimized", "tvm_untuned", "ort", "ort_optimized"}
-    med = {k: v["median"] for k, v in r["timings_ms"].items()}
     assert r["tvm"]["optimized_vs_ort_optimized"] == pytest.approx(med["optimized"] / med["ort_optimized"], rel=1e-3)
-    assert r["fidelity"]["psnr_db"] > 40 and r["passes"] == ["constant_folding"]
+    assert r["fidelity"]["psnr_db"] > 40 and r["passes"] == ["constant_folding"]   # computes what eager does
 
 
 @pytest.mark.heavy
