@@ -19,9 +19,9 @@ Writes benchmarks/results/tvm_tuned.json.
 With --profile N every artifact arm's task is then profiled kernel by kernel over N rounds
 (pared.backends.profile: ONNX Runtime's profiler, TVM's VM instrument): time per task by kind of
 kernel (matmul, softmax, norm, elementwise, data movement, the VM's runtime builtins), the
-costliest kernels, the time outside kernels (unprofiled task less the kernels: per-call dispatch),
-and TVM's time by kind and outside kernels over ORT's (`kinds_tuned_vs_ort`, each part's share of
-the gap between the unprofiled tasks): where the gap is.
+costliest kernels, and TVM's time by kind over ORT's (`kinds_tuned_vs_ort`, each kind's share of
+the gap between the kernels' sums; and the time outside kernels, the unprofiled task less the
+kernels): where the gap is.
 
 With --int8 each workload runs its INT8 pipeline instead (dit_mnist: dit_int8.yaml, timestep-aware
 static INT8; MiniLM: minilm_int8.yaml; the VLA: vla_int8.yaml): `optimized` is TVM's integer build
@@ -97,15 +97,16 @@ def main() -> None:
 
 
 def kinds_ratio(kernels: dict, tvm: str, ort: str) -> dict:
-    """Per kind of kernel, and for the time outside the kernels (unprofiled task less the kernels):
-    TVM's and ORT's ms per task and that part's share of the gap between the unprofiled tasks."""
+    """Per kind of kernel: TVM's and ORT's ms per task and that kind's share of the gap between the
+    kernels' sums; then the time outside the kernels (unprofiled task less the kernels), TVM's and
+    ORT's (no share: its gap is another sum's)."""
     t, o = kernels[tvm], kernels[ort]
-    tk, ok = dict(t["categories"]), dict(o["categories"])
-    tk["outside kernels"], ok["outside kernels"] = t["outside_kernels_ms"], o["outside_kernels_ms"]
-    gap = t["task_ms_unprofiled"] - o["task_ms_unprofiled"]
-    return {k: {"tvm_ms": tk[k], "ort_ms": ok[k], "share_of_gap": round((tk[k] - ok[k]) / gap, 3) if gap else None}
-            for k in tk if tk[k] or ok[k]}
-
+    gap = t["kernel_ms"] - o["kernel_ms"]
+    out = {k: {"tvm_ms": t["categories"][k], "ort_ms": o["categories"][k],
+               "share_of_gap": round((t["categories"][k] - o["categories"][k]) / gap, 3) if gap else None}
+           for k in t["categories"] if t["categories"][k] or o["categories"][k]}
+    out["outside kernels"] = {"tvm_ms": t["outside_kernels_ms"], "ort_ms": o["outside_kernels_ms"], "share_of_gap": None}
+    return out
 
 if __name__ == "__main__":
     main()
