@@ -169,3 +169,23 @@ def test_fast_math_legalizes_transcendentals_as_arithmetic_and_stays_within_the_
         outs.append(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
     err = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
     assert 0 < err < 1e-5, err
+
+
+def test_a_patchifying_conv_becomes_a_scheduled_matmul_and_other_convs_stay():
+    """patch_convs_as_matmuls: conv2d with stride = kernel and no padding (a patch embedding) is
+    rewritten to reshape / transpose / matmul, which the matmul rule schedules, within float error
+    of TVM's conv; a padded 3x3 conv and a strided conv that overlaps its patches stay convs."""
+    conv = lambda **kw: (lambda x, w: relax.op.nn.conv2d(x, w, **kw))      # noqa: E731
+    patch = _module([(2, 3, 32, 48), (16, 3, 8, 8)], conv(strides=8))
+    rewritten = schedule.patch_convs_as_matmuls()(patch)
+    assert "conv2d" not in rewritten["main"].script() and "R.matmul" in rewritten["main"].script()
+    with TARGET:
+        funcs = _primfuncs(schedule.default_schedule()(schedule.fuse(TARGET)(patch)))
+    assert not [n for n in funcs if "conv" in n]
+    assert any("matmul" in n and f.attrs["tirx.is_scheduled"] for n, f in funcs.items())
+    ref, got = _run_both(patch, [(2, 3, 32, 48), (16, 3, 8, 8)])
+    assert got.shape == ref.shape == (2, 16, 4, 6)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for keep in (_module([(1, 3, 16, 16), (4, 3, 3, 3)], conv(padding=1)),
+                 _module([(1, 3, 16, 16), (4, 3, 4, 4)], conv(strides=2))):
+        assert "conv2d" in schedule.patch_convs_as_matmuls()(keep)["main"].script()
