@@ -108,5 +108,6 @@ def kinds_ratio(kernels: dict, tvm: str, ort: str) -> dict:
     out["outside kernels"] = {"tvm_ms": t["outside_kernels_ms"], "ort_ms": o["outside_kernels_ms"], "share_of_gap": None}
     return out
 
+
 if __name__ == "__main__":
     main()
