@@ -79,20 +79,23 @@ vla: $(STAMP)
 
 # Both test targets run on every core (pytest-xdist, at most 4 workers): a test file stays on
 # one worker (its cached fixtures are built once); the heavy tests are spread one by one.
+# Both share one ONNX export cache (PARED_EXPORT_CACHE, backends/onnxruntime/export_cache.py):
+# the same graph is exported once per run of the suites, not once per test that lowers it.
+EXPORT_CACHE := PARED_EXPORT_CACHE=$(CURDIR)/build/export-cache
 test: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
 	PARED_REQUIRE_AARCH64=$$(test -f $(AARCH64)/.ready && echo 1 || echo 0) \
-	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	$(EXPORT_CACHE) MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,
 # sampled torch-free from their artifacts) and the MetaSchedule tuning tests; CI runs
 # them after `make test`. The tuning tests run first, one at a time: beside the parallel
 # run, MetaSchedule's builder timed out on every candidate and they skipped.
 test-heavy: $(STAMP) $(SERVE_STAMP) browser cross
-	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n 0 -m tuning tests
+	$(EXPORT_CACHE) MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n 0 -m tuning tests
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
 	PARED_REQUIRE_AARCH64=$$(test -f $(AARCH64)/.ready && echo 1 || echo 0) \
-	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist load -m "heavy and not tuning" tests
+	$(EXPORT_CACHE) MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist load -m "heavy and not tuning" tests
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
 # eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.

@@ -118,17 +118,27 @@ def optimize_onnx(model: Any) -> None:
     onnx_fusions.fuse(model)
 
 
-def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.export.ExportedProgram":
+def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.export.ExportedProgram | None":
     """Write `graph` as an ONNX model at `path` (+ `path.data` when large); returns the
-    ExportedProgram it was exported from (the file's value names are its nodes' names)."""
+    ExportedProgram it was exported from (the file's value names are its nodes' names), or None
+    when the file came from the export cache (PARED_EXPORT_CACHE; `retrace(graph)` gives the same
+    program)."""
     import onnx
 
+    from pared.backends.onnxruntime import export_cache
+
+    translations = custom_translations()
+    key = export_cache.export_key(graph, optimize=optimize, translations=translations) \
+        if export_cache.cache_dir() else None
+    if key is not None and export_cache.fetch(key, path):
+        log.debug("graph exported from the cache (%s)", key[:12])
+        return None
     _quiet_exporter()
     ep = retrace(graph)
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), torch.no_grad():
         onnx_program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, report=False,
-                                         custom_translation_table=custom_translations() or None)
+                                         custom_translation_table=translations or None)
     model = onnx_program.model
     if optimize:
         optimize_onnx(model)
@@ -146,6 +156,8 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.exp
         _strip_node_metadata(model)
         onnx.checker.check_model(model, full_check=False)
         onnx.save(model, path)
+    if key is not None:
+        export_cache.store(key, path)
     return ep
 
 
@@ -359,7 +371,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str)
             except Exception as e:  # ORT's load and run errors (Fail, NotImplemented, InvalidGraph, ...)
                 raise BackendError(ort_failure(e, graph, name)) from e
             if quantized:
-                err = check_quantized(graph, ep, check_path, check_entry, check_target, feed, got)
+                err = check_quantized(graph, ep or retrace(graph), check_path, check_entry, check_target, feed, got)
             else:
                 err = compare(expected, got)
             if err["rel_l2"] <= CHECK_REL_L2 and quantized:
