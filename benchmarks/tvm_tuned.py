@@ -25,8 +25,12 @@ kernels): where the gap is.
 
 With --int8 each workload runs its INT8 pipeline instead (dit_mnist: dit_int8.yaml, timestep-aware
 static INT8; MiniLM: minilm_int8.yaml; the VLA: vla_int8.yaml): `optimized` is TVM's integer build
-(int8 x int8 -> int32 matmuls) and `ort_optimized` the same pipeline on ONNX Runtime, timed in the
-same rounds as the float arms. Writes benchmarks/results/tvm_int8.json unless --out says otherwise.
+(uint8 x int8 -> int32 matmuls; on tvm-native, where the host has AVX-512 VNNI, tensorized to its
+vpdpbusd dot products) and `ort_optimized` the same pipeline on ONNX Runtime, timed in the same
+rounds as the float arms. Writes benchmarks/results/tvm_int8.json unless --out says otherwise:
+    benchmarks/tvm_tuned.py --int8 --repeats 5                                  -> tvm_int8.json
+    benchmarks/tvm_tuned.py --int8 --repeats 5 --target tvm-native --fast-math \
+        --out benchmarks/results/tvm_int8_native.json
 """
 from __future__ import annotations
 

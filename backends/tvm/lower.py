@@ -277,7 +277,7 @@ CONVERTERS = {
 def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
     """The graph as a Relax IRModule with its weights bound as constants.
 
-    A graph holding quantizers lowers its quantized linear layers to int8 x int8 ->
+    A graph holding quantizers lowers its quantized linear layers to uint8 x int8 ->
     int32 matmuls (see backends/tvm/quant.py); `quant_stats` (when given) receives
     the counts of layers lowered each way. Ops the frontend lacks and pared's
     passes emit are converted by CONVERTERS.

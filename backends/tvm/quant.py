@@ -7,9 +7,9 @@ What the quantization passes leave in the fx graph, and what Relax gets:
       xq = quantize_per_tensor(x, s_x, z_x, 0, 255, uint8)
       y  = addmm(dequantize_per_channel(bq int32, s_x*s_w), dequantize_per_tensor(xq, ...),
                  dequantize_per_channel(Wq [K, N] int8, s_w, 0, axis=1))
-    ->  xq8 = relax.quantize(x, s_x, z_x - 128, int8)          (the uint8 grid shifted into int8)
-        acc = relax.matmul(xq8, Wq, out_dtype=int32)            int8 x int8 -> int32
-        y   = float32(acc - (z_x - 128) * colsum(Wq) + bq) * (s_x * s_w)
+    ->  xq  = relax.quantize(x, s_x, z_x, uint8)                (the quantizer's own grid)
+        acc = relax.matmul(xq, Wq, out_dtype=int32)             uint8 x int8 -> int32
+        y   = float32(acc - z_x * colsum(Wq) + bq) * (s_x * s_w)
 
     dynamic (quantize_linears, mode dynamic): pared_quant.dynamic_linear(x, Wq, s_w, [b])
     ->  s_x, z_x from the range of x at run time (ONNX DynamicQuantizeLinear's rule),
@@ -24,10 +24,11 @@ What the quantization passes leave in the fx graph, and what Relax gets:
         run-time dequantize would be a separate kernel writing the float weight at
         every call. `weight_only_int4_matmul` / `weight_only_int8_matmul` count them.
 
-Shifting the uint8 activation grid by 128 gives int8 values with exactly the same
-rounding and clamping (clamp(round(x/s) + z, 0, 255) - 128 = clamp(round(x/s) + z - 128,
--128, 127)), so the integer result equals the uint8 one; the zero point folds into
-a per-column correction, as in ORT's integer kernels. A quantizer pair that is not
+The activations stay uint8 and the weights int8, the operand types of AVX-512 VNNI's
+vpdpbusd (u8 x s8 dot products into int32, without saturation), which the default matmul
+schedule tensorizes on targets that have it (schedule._schedule_vnni); elsewhere both are
+widened to int32. The zero point folds into a per-column correction, as in ORT's integer
+kernels. A quantizer pair that is not
 part of such a layer lowers to relax.quantize / relax.dequantize (float fake-quant).
 """
 from __future__ import annotations
@@ -89,13 +90,13 @@ def convert_map(ep: Any, stats: dict) -> dict[str, Callable]:
         return emit(imp, relax.op.dequantize(qv, s, relax.op.astype(z, "int32"), axis=int(axis),
                                              out_dtype="float32"))
 
-    def int8_layer(imp, x_i8, zp_shift, s_x, w_node, ws_node, bias, out_scale_bias: bool):
-        """float32 y of one integer layer: x_i8 [M, K] int8 (zero point zp_shift, a relax
-        int32 expr), Wq [K, N] int8 with scales s_w; s_x a relax float32 scalar expr."""
+    def int8_layer(imp, x_u8, zp, s_x, w_node, ws_node, bias, out_scale_bias: bool):
+        """float32 y of one integer layer: x_u8 [M, K] uint8 (zero point zp, a relax int32
+        expr), Wq [K, N] int8 with scales s_w; s_x a relax float32 scalar expr."""
         wq = imp.env[w_node]
-        acc = emit(imp, relax.op.matmul(x_i8, wq, out_dtype="int32"))
+        acc = emit(imp, relax.op.matmul(x_u8, wq, out_dtype="int32"))
         colsum = relax.op.sum(relax.op.astype(wq, "int32"), axis=[0])
-        acc = emit(imp, relax.op.subtract(acc, relax.op.multiply(zp_shift, colsum)))
+        acc = emit(imp, relax.op.subtract(acc, relax.op.multiply(zp, colsum)))
         scale = relax.op.multiply(s_x, imp.env[ws_node])
         if out_scale_bias:
             # int32 bias on the s_x * s_w grid: added to the accumulator, as QGemm does
@@ -129,11 +130,10 @@ def convert_map(ep: Any, stats: dict) -> dict[str, Callable]:
                 int_bias = (bz is not None and not np.any(bz != 0) and bs is not None and want is not None
                             and np.allclose(bs, want, rtol=1e-6, atol=0))
             bias = imp.env[bias_node.args[0]] if int_bias else imp.env[bias_node]
-        shift = int(z_x) - 128
-        x_i8 = emit(imp, relax.op.quantize(imp.env[xq.args[0]], relax.const(float(s_x), "float32"),
-                                           relax.const(shift, "int32"), axis=-1, out_dtype="int8"))
+        x_u8 = emit(imp, relax.op.quantize(imp.env[xq.args[0]], relax.const(float(s_x), "float32"),
+                                           relax.const(int(z_x), "int32"), axis=-1, out_dtype="uint8"))
         stats["int8_matmul"] = stats.get("int8_matmul", 0) + 1
-        return int8_layer(imp, x_i8, relax.const(shift, "int32"), relax.const(float(s_x), "float32"), w, ws,
+        return int8_layer(imp, x_u8, relax.const(int(z_x), "int32"), relax.const(float(s_x), "float32"), w, ws,
                           bias, int_bias)
 
     def weight_only_bits(w) -> int | None:
@@ -188,12 +188,12 @@ def convert_map(ep: Any, stats: dict) -> dict[str, Callable]:
         s_x = emit(imp, relax.op.divide(relax.op.subtract(hi, lo), relax.const(255.0, "float32")))
         s_x = emit(imp, relax.op.where(relax.op.greater(s_x, relax.const(0.0, "float32")), s_x,
                                        relax.const(1.0, "float32")))
-        zp = relax.op.clip(relax.op.round(relax.op.negative(relax.op.divide(lo, s_x))), 0, 255)
-        shift = emit(imp, relax.op.subtract(relax.op.astype(zp, "int32"), relax.const(128, "int32")))
-        q = relax.op.add(relax.op.round(relax.op.divide(xv, s_x)), relax.op.astype(shift, "float32"))
-        x_i8 = emit(imp, relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
+        zp = emit(imp, relax.op.clip(relax.op.round(relax.op.negative(relax.op.divide(lo, s_x))), 0, 255))
+        q = relax.op.add(relax.op.round(relax.op.divide(xv, s_x)), zp)
+        x_u8 = emit(imp, relax.op.astype(relax.op.clip(q, 0, 255), "uint8"))
         stats["dynamic_int8_matmul"] = stats.get("dynamic_int8_matmul", 0) + 1
-        return int8_layer(imp, x_i8, shift, s_x, w, ws, None if bias is None else imp.env[bias], False)
+        return int8_layer(imp, x_u8, emit(imp, relax.op.astype(zp, "int32")), s_x, w, ws,
+                          None if bias is None else imp.env[bias], False)
 
     return {"quantize_per_tensor.default": quantize, "dequantize_per_tensor.default": dequantize,
             "dequantize_per_channel.default": dequantize_per_channel, "addmm.default": addmm,

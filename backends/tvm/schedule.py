@@ -1,5 +1,5 @@
 """Default CPU schedules for graphs nobody has tuned: a dlight-style rule for dense and
-batched matmul (float and int8 x int8 -> int32), applied between TVM's fusion and its
+batched matmul (float, and uint8 x int8 -> int32 tensorized with AVX-512 VNNI where the target has it), applied between TVM's fusion and its
 lowering, plus dlight's own CPU reduction rule (softmax, norms) and a rule for spatial
 functions (parallel, vectorized; transposing copies in square tiles). Before fusion, a
 weight broadcast to a batched matmul's batch is dropped (unbroadcast_matmul_weights).
@@ -57,6 +57,17 @@ def simd_bits(target: Any) -> int:
     if "avx" in feats or "avx2" in feats:
         return 256
     return 128
+
+
+def has_vnni(target: Any) -> bool:
+    """Whether an LLVM target's CPU has AVX-512 VNNI (vpdpbusd: u8 x s8 dot products into int32)."""
+    from tvm.target import codegen
+
+    try:
+        feats = set(str(f) for f in codegen.llvm_get_cpu_features(target))
+    except Exception:
+        return False
+    return "avx512vnni" in feats and "avx512f" in feats
 
 
 def _lanes(target: Any, dtype_bits: int) -> int:
@@ -207,6 +218,11 @@ class Matmul(_base()):
         if realize is None or not all(_is_var(v, sch.get(l).loop_var) for v, l in zip(realize.iter_values, loops)):
             return None
 
+        if has_vnni(target) and _vnni_operands(sch, block, mm[0][1][1]) is not None:
+            try:
+                return _schedule_vnni(func, sch.get(block).name_hint, mm[0][1], target)
+            except Exception as e:  # a shape or body the intrinsic does not match: the float-style tiles
+                log.debug("matmul: VNNI schedule not applied (%s)", str(e).splitlines()[0] if str(e) else e)
         # fused producers and consumers: inline what can be, so the epilogue is one block
         outputs = _output_buffers(func)
         _inline_spatial(sch, block, outputs)
@@ -249,6 +265,92 @@ class Matmul(_base()):
                 _parallel_spatial(sch, b, lanes)
         log.debug("matmul schedule: M=%d N=%d tile %dx%d, %d lanes", m_ext, n_ext, mr, nr, lanes)
         return sch
+
+
+#: the VNNI intrinsic's tile: 16 int32 columns, 4 values of k per dot product
+VNNI_COLS, VNNI_K = 16, 4
+
+
+def _vnni_operands(sch: Any, block: Any, contiguous: int) -> tuple[int, int] | None:
+    """(read index of A, read index of B) when the matmul block is C[.., i, j] += int32(A[.., i, k])
+    * int32(B[k, j]) with A uint8, B an int8 [K, N] matrix, C int32, N a multiple of 16 and K of 4:
+    the form VNNI_U8S8 computes. None otherwise."""
+    from tvm.ir import TensorLoad as Load
+
+    stmt = sch.get(block)
+    value = stmt.body.value         # C + prod or prod + C (match_matmul checked the form)
+    prod = value.b if isinstance(value.a, Load) and value.a.source.same_as(stmt.body.buffer) else value.a
+    ops = _loads(prod)
+    if len(ops) != 2 or str(stmt.body.buffer.dtype) != "int32":
+        return None
+    b_load, a_load = ops[contiguous], ops[1 - contiguous]
+    if str(a_load.source.dtype) != "uint8" or str(b_load.source.dtype) != "int8":
+        return None
+    k, j = stmt.iter_vars[-1].var, stmt.iter_vars[-2].var
+    if len(b_load.indices) != 2 or not (_is_var(b_load.indices[0], k) and _is_var(b_load.indices[1], j)):
+        return None
+    if not a_load.indices or not _is_var(a_load.indices[-1], k):
+        return None
+    n_ext, k_ext = _const(stmt.iter_vars[-2].dom.extent), _const(stmt.iter_vars[-1].dom.extent)
+    if n_ext is None or k_ext is None or n_ext % VNNI_COLS or k_ext % VNNI_K:
+        return None
+    reads = [r.source for r in stmt.reads]
+    idx = lambda load: next((n for n, r in enumerate(reads) if r.same_as(load.source)), None)
+    a_idx, b_idx = idx(a_load), idx(b_load)
+    return None if a_idx is None or b_idx is None else (a_idx, b_idx)
+
+
+def _schedule_vnni(func: Any, name: str, match: tuple[int, int], target: Any) -> Any:
+    """The integer matmul tensorized with VNNI_U8S8 (AVX-512 VNNI), on a fresh schedule of `func`:
+
+        B [K, N] int8 -> Bp [N/16, K/4, 16, 4]        repacked in the function (parallel copy)
+        parallel for (io, jo):                          MR rows x 16 or 32 columns
+            for ko, ii, jt:  C[i, jt*16 : +16] += vpdpbusd(A[i, 4ko : +4], Bp[j/16, ko])
+            epilogue on the tile
+    A (the quantized activations) stays a buffer of its own block. The sums are exact, in another
+    order than the unscheduled loop's: the same int32 results."""
+    from tvm import s_tir
+
+    from pared.backends.tvm import intrin
+
+    n_spatial, contiguous = match
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock(name)
+    outputs = _output_buffers(func)
+    _inline_spatial(sch, block, outputs, keep_inputs=True)
+    a_idx, b_idx = _vnni_operands(sch, block, contiguous)
+    packed = sch.cache_read(block, b_idx, "global")
+    sch.transform_layout(packed, ("write", 0),
+                         lambda k, j: (j // VNNI_COLS, k // VNNI_K, j % VNNI_COLS, k % VNNI_K))
+    loops = sch.get_loops(block)
+    extents = [_const(sch.get(lp).extent) for lp in loops]
+    batch, (i, j), k = loops[: n_spatial - 2], loops[n_spatial - 2: n_spatial], loops[-1]
+    mr = _pick(extents[n_spatial - 2], (MR, 3, 2, 1))
+    groups = _pick(extents[n_spatial - 1] // VNNI_COLS, (2, 1))
+    io, ii = sch.split(i, factors=[None, mr])
+    jo, jt, ji = sch.split(j, factors=[None, groups, VNNI_COLS])
+    ko, ki = sch.split(k, factors=[None, VNNI_K])
+    sch.reorder(*batch, io, jo, ko, ii, jt, ji, ki)
+    for consumer in _consumers_chain(sch, block):
+        try:
+            sch.reverse_compute_at(consumer, jo, preserve_unit_loops=True)
+        except Exception:
+            break
+    epilogue = _blocks_under(sch, jo, exclude=(block,))
+    outer = sch.fuse(*batch, io, jo)
+    sch.parallel(outer)
+    lanes = _lanes(target, 32)
+    for b in epilogue:
+        _vectorize_inner(sch, b, lanes)
+    init = sch.decompose_reduction(block, ko)
+    _vectorize_inner(sch, init, lanes)
+    sch.tensorize(ji, intrin.VNNI_U8S8)
+    root = sch.get_sblock("root")
+    for b in sch.get_child_blocks(root):
+        if sch.get_loops(b) and not any(sch.get(lp).same_as(sch.get(outer)) for lp in sch.get_loops(b)):
+            _parallel_spatial(sch, b, _lanes(target, 8) if sch.get(b).same_as(sch.get(packed)) else lanes)
+    log.debug("matmul schedule: VNNI, tile %dx%d", mr, groups * VNNI_COLS)
+    return sch
 
 
 class Elementwise(_base()):
@@ -298,10 +400,13 @@ def _realize(sch: Any, block: Any) -> Any:
     return body if hasattr(body, "iter_values") and body.block.same_as(sch.get(block)) else None
 
 
-def _inline_spatial(sch: Any, keep: Any, outputs: list) -> None:
-    """Inline spatial blocks into their consumers (or producers) until none moves."""
+def _inline_spatial(sch: Any, keep: Any, outputs: list, keep_inputs: bool = False) -> None:
+    """Inline spatial blocks into their consumers (or producers) until none moves; with
+    `keep_inputs`, the blocks that write what `keep` reads stay blocks (a tensorized operand
+    must be a buffer)."""
     from tvm import tirx
     root = sch.get_sblock("root")
+    kept_reads = [r.source for r in sch.get(keep).reads] if keep_inputs and keep is not None else []
     progress = True
     while progress:
         progress = False
@@ -311,7 +416,7 @@ def _inline_spatial(sch: Any, keep: Any, outputs: list) -> None:
             if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(b).iter_vars):
                 continue
             for op in (sch.compute_inline, sch.reverse_compute_inline):
-                if op is sch.compute_inline and any(_in(w.source, outputs) for w in sch.get(b).writes):
+                if op is sch.compute_inline and any(_in(w.source, outputs + kept_reads) for w in sch.get(b).writes):
                     continue
                 if op is sch.reverse_compute_inline and keep is not None and \
                         any(r.source.same_as(sch.get(keep).writes[0].source) for r in sch.get(b).reads):

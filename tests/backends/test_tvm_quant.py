@@ -1,4 +1,4 @@
-"""Quantized graphs (quantize_linears) on TVM: int8 x int8 -> int32 matmuls in Relax,
+"""Quantized graphs (quantize_linears) on TVM: uint8 x int8 -> int32 matmuls in Relax,
 outputs matching ONNX Runtime's integer kernels, and a torch-free artifact load.
 
 Bound: TVM and ORT both run the layers in integers on the same int8 weights and
@@ -7,6 +7,7 @@ boundary and the two compute x / s in another order or precision. Measured rel L
 2e-8..7e-8 on this model (on all-MiniLM-L6-v2, six layers deep: 0.02 static, 0.004
 dynamic); TVM_VS_ORT leaves room for a few one-step flips.
 """
+import logging
 import os
 
 import numpy as np
@@ -68,9 +69,9 @@ def test_relax_holds_int8_matmuls_and_no_float_dequantize():
     stats: dict = {}
     text = str(to_relax(program.main, "main", stats))
     assert stats == {"int8_matmul": 3}
-    # every layer: an int8 activation times int8 weights, accumulated in int32
+    # every layer: uint8 activations (the quantizer's own grid) times int8 weights, accumulated in int32
     assert text.count('out_dtype="int32"') == 3
-    assert text.count('R.quantize(') == 3 and 'out_dtype="int8"' in text
+    assert text.count('dtype="uint8") = R.quantize(') == 3 and text.count('out_dtype="uint8"') == 3
     assert "R.dequantize(" not in text          # no fake-quant left: the weights stay int8
 
 
@@ -100,6 +101,29 @@ def test_tvm_matches_ort_and_eager(artifacts):
         assert_close_to_eager(ref, got_tvm, rel_l2=VS_EAGER, what="tvm vs eager fp32")
         # lossy: not the float model
         assert float(np.linalg.norm(ref.numpy() - got_tvm) / np.linalg.norm(ref.numpy())) > 1e-5
+
+
+@pytest.mark.slow
+def test_native_int8_layers_run_on_vnni_like_the_baseline_build(tmp_path, caplog):
+    """On a host with AVX-512 VNNI, tvm-native tensorizes the integer matmuls whose width is a
+    multiple of 16 (up, mid: 48 columns; down, 8 columns, keeps the default tiles), and the
+    artifact agrees with tvm-cpu's (the same integer sums; the float epilogues may round apart)."""
+    native = get_target("tvm-native").resolve()
+    if "+avx512vnni" not in native.tvm_target["mattr"]:
+        pytest.skip("this host lacks AVX-512 VNNI")
+    _, _, program = _quantized()
+    with caplog.at_level(logging.DEBUG, logger="pared.backends.tvm"):
+        art = save_program(program, tmp_path / "native", dict(native.to_json(), threads=1))
+    scheduled = [r.getMessage() for r in caplog.records if r.name == "pared.backends.tvm"
+                 and r.getMessage().startswith("matmul schedule")]
+    vnni = sum("VNNI" in m for m in scheduled)          # per build of the graph: 2 tensorized, 1 not
+    assert vnni > 0 and vnni == 2 * (len(scheduled) - vnni), scheduled
+    base = save_program(program, tmp_path / "cpu", TVM_CPU)
+    for seed in (3, 4):
+        xs = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(seed))
+        got, want = Executor(art)(xs.numpy()), Executor(base)(xs.numpy())
+        assert_close_to_eager(want, got, rel_l2=TVM_VS_ORT, what="tvm-native vs tvm-cpu")
+        assert_close_to_eager(program(xs), got, rel_l2=TVM_VS_ORT, what="tvm-native vs fx graph")
 
 
 def test_tvm_int8_artifact_runs_without_torch(artifacts):

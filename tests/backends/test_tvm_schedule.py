@@ -108,6 +108,63 @@ def test_int8_matmul_equals_unscheduled():
     np.testing.assert_array_equal(got, ref)
 
 
+VNNI = tvm.target.Target({"kind": "llvm", "mattr": ["+avx512f", "+avx512bw", "+avx512vnni", "+avx2", "+fma"]})
+
+
+def _host_has_vnni():
+    try:
+        return "avx512_vnni" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+def _quantized_layer(x, w, b):
+    """quant.py's static layer: activations quantized to uint8 in the graph, int8 weights, an
+    int32 bias and the float rescale fused after the matmul."""
+    q = relax.op.quantize(x, relax.const(0.05, "float32"), relax.const(7, "int32"), axis=-1, out_dtype="uint8")
+    acc = relax.op.add(relax.op.matmul(q, w, out_dtype="int32"), b)
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(0.01, "float32"))
+
+
+def test_uint8_int8_matmul_is_tensorized_with_vnni_where_the_target_has_it():
+    shapes, dtypes = [(2, 100, 128), (128, 96), (96,)], ["float32", "int8", "int32"]
+    mod = _module(shapes, _quantized_layer, dtypes)
+    (name, f), = [(n, f) for n, f in _scheduled(mod, VNNI).items() if "matmul" in n]
+    text = f.script()
+    assert "llvm.x86.avx512.vpdpbusd.512" in text                  # one vpdpbusd per 16 columns x 4 k
+    assert "T.Buffer((T.int64(6), T.int64(32), T.int64(16), T.int64(4)), \"int8\")" in text or \
+        "(T.int64(6), T.int64(32), T.int64(16), T.int64(4))" in text   # the weight packed [N/16, K/4, 16, 4]
+    assert "T.parallel(" in text
+    # the same function on a target without VNNI: the float-style tiles, no vpdpbusd
+    assert "vpdpbusd" not in _scheduled(mod, AVX512)[name].script()
+    # int8 activations (not the intrinsic's operand types) and N not a multiple of 16 are not tensorized
+    i8 = _module([(24, 40), (40, 32)], lambda x, w: relax.op.matmul(x, w, out_dtype="int32"), ["int8", "int8"])
+    u8_17 = _module([(24, 40), (40, 17)], lambda x, w: relax.op.matmul(x, w, out_dtype="int32"), ["uint8", "int8"])
+    for m in (i8, u8_17):
+        got = _scheduled(m, VNNI)["matmul"]
+        assert got.attrs["tirx.is_scheduled"] and "vpdpbusd" not in got.script()
+    if not _host_has_vnni():
+        pytest.skip("this CPU lacks AVX-512 VNNI: the tensorized build cannot run here (its structure is checked)")
+    # the tensorized build computes exactly what TVM's unscheduled build computes
+    rng = np.random.default_rng(0)
+    vals = [rng.standard_normal(shapes[0]).astype("float32") * 3, rng.integers(-128, 128, shapes[1]).astype("int8"),
+            rng.integers(-1000, 1000, shapes[2]).astype("int32")]
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(v, dev) for v in vals]
+    outs = [relax.VirtualMachine(ex, dev)["main"](*args).numpy()
+            for ex in (tvm.compile(mod, target=VNNI), tvm.compile(mod, target=VNNI, relax_pipeline=schedule.pipeline(VNNI)))]
+    np.testing.assert_array_equal(outs[1], outs[0])
+    # and a bare uint8 x int8 matmul, over the whole uint8 range, equals numpy's int64 product
+    mm = _module([(64, 256), (256, 48)], lambda x, w: relax.op.matmul(x, w, out_dtype="int32"), ["uint8", "int8"])
+    a = np.full((64, 256), 255, np.uint8)
+    a[1:] = rng.integers(0, 256, (63, 256))
+    w = np.full((256, 48), -128, np.int8)
+    w[:, 1:] = rng.integers(-128, 128, (256, 47))
+    ex = tvm.compile(mm, target=VNNI, relax_pipeline=schedule.pipeline(VNNI))
+    got = relax.VirtualMachine(ex, dev)["main"](tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev)).numpy()
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
+
+
 def test_non_matmul_functions_are_not_taken_by_the_matmul_rule():
     from tvm import s_tir
     mod = _module([(8, 16)], lambda x: relax.op.nn.softmax(relax.op.exp(x)))
