@@ -209,7 +209,10 @@ def test_served_by_triton_killed_restarted_and_blackholed(tmp_path_factory):
             dev = TritonDevice(f"{px.address[0]}:{px.address[1]}", timeout=1.0, backoff=0.5)
             exe = Executor(path, remote={"cloud": dev})
             outs, remote_calls = [], []
-            for step in range(40):
+            step, deadline = 0, None
+            # 40 steps; then, on a loaded machine (a probe or a call timing out behind the shaping
+            # proxy's thread), more steps with probes until the healed link answers or 20 s pass
+            while step < 40 or (not any(remote_calls[36:]) and time.perf_counter() < deadline):
                 if step == 10:
                     srv.kill()
                 if step == 16:
@@ -223,10 +226,13 @@ def test_served_by_triton_killed_restarted_and_blackholed(tmp_path_factory):
                 before = dev.calls - dev.fallbacks
                 outs.append(exe(x))
                 remote_calls.append(dev.calls - dev.fallbacks > before)
-                if step in (16, 17, 18, 34, 35, 36):
+                if step in (16, 17, 18, 34, 35, 36) or step >= 40:
                     dev.probe()
                     time.sleep(0.3)
-            assert len(outs) == 40
+                if step == 39:
+                    deadline = time.perf_counter() + 20.0
+                step += 1
+            assert len(outs) >= 40
             for o in outs:
                 np.testing.assert_allclose(o, ref, atol=2e-3)
             assert all(remote_calls[:10]), "the server answered before it was killed"
