@@ -44,14 +44,20 @@ MR = 4
 NR_VECTORS = 2
 
 
-def simd_bits(target: Any) -> int:
-    """The widest SIMD register, in bits, of an LLVM target's CPU (its mcpu / mattr)."""
+def _cpu_features(target: Any) -> set[str]:
+    """LLVM's CPU features of a target (its mcpu / mattr); empty for a target LLVM cannot describe."""
     from tvm.target import codegen
 
     try:
-        feats = set(str(f) for f in codegen.llvm_get_cpu_features(target))
-    except Exception:  # a target LLVM cannot describe: assume the 128-bit baseline
-        return 128
+        return set(str(f) for f in codegen.llvm_get_cpu_features(target))
+    except Exception:
+        return set()
+
+
+def simd_bits(target: Any) -> int:
+    """The widest SIMD register, in bits, of an LLVM target's CPU (its mcpu / mattr); the 128-bit
+    baseline for a target LLVM cannot describe."""
+    feats = _cpu_features(target)
     if "avx512f" in feats:
         return 512
     if "avx" in feats or "avx2" in feats:
@@ -61,13 +67,7 @@ def simd_bits(target: Any) -> int:
 
 def has_vnni(target: Any) -> bool:
     """Whether an LLVM target's CPU has AVX-512 VNNI (vpdpbusd: u8 x s8 dot products into int32)."""
-    from tvm.target import codegen
-
-    try:
-        feats = set(str(f) for f in codegen.llvm_get_cpu_features(target))
-    except Exception:
-        return False
-    return "avx512vnni" in feats and "avx512f" in feats
+    return {"avx512vnni", "avx512f"} <= _cpu_features(target)
 
 
 def _lanes(target: Any, dtype_bits: int) -> int:
