@@ -103,13 +103,25 @@ def _uses(expr: Any, var: Any) -> bool:
     return any(v.same_as(var) for v in undefined_vars(expr, []))
 
 
+def _product(store: Any) -> Any:
+    """X * Y of a store C[..] = C[..] + X * Y (either order of the sum); None for another form."""
+    from tvm.ir import TensorLoad as Load
+    from tvm.ir.prim import Add
+
+    value = store.value
+    if not isinstance(value, Add):
+        return None
+    for acc, prod in ((value.a, value.b), (value.b, value.a)):
+        if isinstance(acc, Load) and acc.source.same_as(store.buffer):
+            return prod
+    return None
+
+
 def match_matmul(block: Any) -> tuple[int, int] | None:
     """(spatial iterator count, index of the vectorized operand) when the block computes
     C[s0, .., j] += X * Y with one reduction iterator k, j last in C and in one operand
     and absent from the other; else None."""
     from tvm import tirx
-    from tvm.ir import TensorLoad as Load
-    from tvm.ir.prim import Add
 
     iters = list(block.iter_vars)
     kinds = [iv.iter_type for iv in iters]
@@ -124,13 +136,8 @@ def match_matmul(block: Any) -> tuple[int, int] | None:
     k = iters[-1].var
     if len(store.indices) != len(spatial) or not all(_is_var(i, v) for i, v in zip(store.indices, spatial)):
         return None
-    value = store.value
-    if not isinstance(value, Add):
-        return None
-    acc, prod = value.a, value.b
-    if not (isinstance(acc, Load) and acc.source.same_as(store.buffer)):
-        acc, prod = value.b, value.a
-    if not (isinstance(acc, Load) and acc.source.same_as(store.buffer)):
+    prod = _product(store)
+    if prod is None:
         return None
     ops = _loads(prod)
     if len(ops) != 2:
@@ -275,12 +282,8 @@ def _vnni_operands(sch: Any, block: Any, contiguous: int) -> tuple[int, int] | N
     """(read index of A, read index of B) when the matmul block is C[.., i, j] += int32(A[.., i, k])
     * int32(B[k, j]) with A uint8, B an int8 [K, N] matrix, C int32, N a multiple of 16 and K of 4:
     the form VNNI_U8S8 computes. None otherwise."""
-    from tvm.ir import TensorLoad as Load
-
     stmt = sch.get(block)
-    value = stmt.body.value         # C + prod or prod + C (match_matmul checked the form)
-    prod = value.b if isinstance(value.a, Load) and value.a.source.same_as(stmt.body.buffer) else value.a
-    ops = _loads(prod)
+    ops = _loads(_product(stmt.body))    # match_matmul checked the form
     if len(ops) != 2 or str(stmt.body.buffer.dtype) != "int32":
         return None
     b_load, a_load = ops[contiguous], ops[1 - contiguous]
