@@ -54,6 +54,8 @@ PACK_WEIGHT_ONLY = True
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
 OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc", "databases", "fast_math")
+#: the function TVM's LiftTransformParams makes of `main`'s weight-only work (schedule.prepack_weights)
+TRANSFORM_PARAMS = "main_transform_params"
 LINK_HINT = ("install an aarch64 cross linker (Debian/Ubuntu: apt install gcc-aarch64-linux-gnu) and rebuild, "
              "or link the objects on the target: tar xf {file} && gcc -shared -o {name}.so *.o")
 
@@ -417,6 +419,12 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
     return tvm.compile(replayed, target=tvm_target, relax_pipeline=schedule.finish(tvm_target))
 
 
+def vm_globals(ex: Any) -> list[str]:
+    """The functions a compiled Relax VM executable holds (its statistics' "Globals" list)."""
+    m = re.search(r"Globals \(#\d+\): \[([^\]]*)\]", ex.stats())
+    return [g.strip() for g in m.group(1).split(",")] if m else []
+
+
 def _physical_cores() -> int:
     try:
         import psutil
@@ -504,6 +512,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
                              "tuned": tune, "schedules": schedules, **({"fast_math": True} if fast_math else {}),
                              "tvm_version": tvm.__version__, **lifted,
                              **({"tuned_on": {"tracker": rpc["tracker"], "key": rpc["key"]}} if rpc else {})}
+    if lifted and TRANSFORM_PARAMS in vm_globals(ex):
+        entry["transform_params"] = TRANSFORM_PARAMS       # weight repacks, run once at load
     extra = [lifted["weights_file"]] if lifted else []
     triple = _triple(target)
     if not is_cross(target):
@@ -570,7 +580,9 @@ def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entr
         path = os.path.join(tmp, "check.so")
         ex.export_library(path, options=LINK_OPTIONS)
         outputs = [{"name": n} for n in check_graph.output_names]
-        check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file")}
+        check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file", "transform_params")}
+        if lifted and TRANSFORM_PARAMS in vm_globals(ex):
+            check_entry["transform_params"] = TRANSFORM_PARAMS
         values = TvmGraph(tmp, dict(check_entry, file="check.so", outputs=outputs, **lifted), target)(
             to_numpy(graph.example_inputs))
     theirs = dict(zip(names, values[n_out:]))

@@ -3,7 +3,10 @@
 The graph is a shared library exported by ``tvm.compile(...).export_library``;
 its weights are trailing parameters of ``main`` whose values the artifact's
 ``tvm.weights`` file holds (backends/tvm/weights.py; an artifact built before
-that kept them as constants in the library, and its entry lists no params). A graph built for another architecture
+that kept them as constants in the library, and its entry lists no params).
+When the build moved weight repacks out of ``main`` (the entry's
+``transform_params`` names the function, schedule.prepack_weights), that
+function runs once at load and ``main`` takes its outputs as its weights. A graph built for another architecture
 (a cross build) or left unlinked (no cross linker here) is refused with a
 message saying where it can run.
 """
@@ -62,6 +65,11 @@ class TvmGraph:
                                     f"{entry['weights_file']}, which is missing")
             self._store = WeightStore.get(path, self.device)      # held: graphs of one artifact share it
             self.params = self._store.tensors(entry["params"], f"{artifact_dir}: graph file '{entry['file']}'")
+            if entry.get("transform_params"):
+                # weight repacks the build moved out of `main` (schedule.prepack_weights): run once here,
+                # and `main` takes their outputs in place of the stored weights
+                prepack = self.vm[entry["transform_params"]]
+                self.params = list(prepack(self.params))
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         args = [self._tensor(np.ascontiguousarray(a), self.device) for a in arrays]

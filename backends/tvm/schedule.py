@@ -276,6 +276,9 @@ class Matmul(_base()):
 
 #: the VNNI intrinsic's tile: 16 int32 columns, 4 values of k per dot product
 VNNI_COLS, VNNI_K = 16, 4
+#: a block that only repacks a function parameter (MetaSchedule's mark, which TVM's
+#: SplitLayoutRewritePreproc splits out of the function)
+PREPACK_ANNOTATION = "meta_schedule.layout_rewrite_preproc"
 
 
 def _vnni_operands(sch: Any, block: Any, contiguous: int) -> tuple[int, int] | None:
@@ -325,6 +328,9 @@ def _schedule_vnni(func: Any, name: str, match: tuple[int, int], target: Any) ->
     packed = sch.cache_read(block, b_idx, "global")
     sch.transform_layout(packed, ("write", 0),
                          lambda k, j: (j // VNNI_COLS, k // VNNI_K, j % VNNI_COLS, k % VNNI_K))
+    # the repack reads only B: split out of the function and, where B is a weight, run once at load
+    # (prepack_weights)
+    sch.annotate(packed, PREPACK_ANNOTATION, True)
     loops = sch.get_loops(block)
     extents = [_const(sch.get(lp).extent) for lp in loops]
     batch, (i, j), k = loops[: n_spatial - 2], loops[n_spatial - 2: n_spatial], loops[-1]
@@ -676,10 +682,56 @@ def finish(target: Any, database: Any = None):
     def _finish(mod, _ctx):
         with target:
             mod = tuning.replay(database)(mod)
-            return tvm.transform.Sequential([default_schedule()] + cpu.dataflow_lower_passes(target)
+            return tvm.transform.Sequential([default_schedule(), prepack_weights(target)] + cpu.dataflow_lower_passes(target)
                                             + cpu.finalize_passes(target))(mod)
 
     return _finish
+
+
+def _marks_prepack(func: Any) -> bool:
+    """Whether a scheduled PrimFunc holds a block marked PREPACK_ANNOTATION under its root."""
+    from tvm import s_tir, tirx
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    sch = s_tir.Schedule(func)
+    if not _has_root(sch):
+        return False
+    return any(PREPACK_ANNOTATION in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def prepack_weights(target: Any):
+    """Weight repacks run once at load instead of at every call (TVM's cpu_weight_prepack, for
+    pared's own schedules): each scheduled function's blocks marked PREPACK_ANNOTATION (the VNNI
+    matmul's [N/16, K/4, 16, 4] copy of its weight) become a function of their own
+    (SplitLayoutRewritePreproc); then, when `main` marks its trailing parameters as weights
+    (`num_input`, weights.lift), LiftTransformParams moves every computation that reads only
+    weights into `main_transform_params`, which the runtime (runtime.TvmGraph) calls once with the
+    weights and whose outputs `main` takes instead. A module without marked blocks (every target
+    without VNNI) is left as it is; a repack of a run-time tensor stays in `main`."""
+    import tvm
+    from tvm import relax, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.prepack_weights")
+    def _prepack(mod, _ctx):
+        if not has_vnni(target):
+            return mod
+        marked = {gv for gv, f in mod.functions_items() if _marks_prepack(f)}
+        if not marked:
+            return mod
+        # TVM's split visits every PrimFunc and asserts a structure of root blocks that functions
+        # it does not split need not have (hand-written converters): give it only the marked ones
+        others = {gv: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and gv not in marked}
+        sub = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv not in others}, attrs=mod.attrs)
+        split = relax.transform.SplitLayoutRewritePreproc()(sub)
+        for gv, f in others.items():
+            split[gv] = f
+        main = split["main"]
+        if main.attrs is None or "num_input" not in main.attrs:
+            return split
+        return relax.transform.LiftTransformParams()(split)
+
+    return _prepack
 
 
 def pipeline(target: Any, database: Any = None, fast_math: bool = False):

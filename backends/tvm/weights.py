@@ -93,6 +93,9 @@ def lift(mod: Any, min_bytes: int = MIN_BYTES) -> tuple[Any, list[tuple[str, np.
         return mod, []
     params = list(fn.params) + [lifter.vars[k] for k, _ in lifter.values]
     new = relax.Function(params, body, None, fn.is_pure, fn.attrs)
+    # the leading params are the graph's inputs, the rest weights: what LiftTransformParams reads
+    # to move weight-only work (schedule.prepack_weights) out of `main`
+    new = new.with_attr("num_input", len(fn.params))
     mod.update_func(mod.get_global_var("main"), new)     # the module is the caller's fresh build
     return mod, lifter.values
 

@@ -165,6 +165,67 @@ def test_uint8_int8_matmul_is_tensorized_with_vnni_where_the_target_has_it():
     np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
 
 
+def _calls(func):
+    """Names of the functions a Relax function calls with call_tir."""
+    names = []
+    tvm.relax.analysis.post_order_visit(func.body, lambda e: names.append(e.args[0].name_hint) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir" else None)
+    return names
+
+
+def test_vnni_weight_repack_moves_out_of_main_when_the_weight_is_a_parameter():
+    shapes, dtypes = [(2, 100, 128), (128, 96), (96,)], ["float32", "int8", "int32"]
+    plain = _module(shapes, _quantized_layer, dtypes)
+    weights = tvm.IRModule({"main": plain["main"].with_attr("num_input", 1)})   # what weights.lift marks
+    with VNNI:
+        lifted = schedule.prepack_weights(VNNI)(schedule.default_schedule()(_fused(weights, VNNI)))
+        kept = schedule.prepack_weights(VNNI)(schedule.default_schedule()(_fused(plain, VNNI)))
+    # the weight is a parameter: main calls only the prepacked matmul and takes the packed weight;
+    # the repack is the one thing main_transform_params does
+    main, load = lifted["main"], lifted["main_transform_params"]
+    assert not any(n.endswith("_weight_prepack") for n in _calls(main))
+    assert any(n.endswith("_prepacked") for n in _calls(main))
+    assert [n for n in _calls(load)] == [n for n in _calls(load) if n.endswith("_weight_prepack")] != []
+    assert [tuple(int(d) for d in p.ty.shape) for p in main.params[:1]] == [(2, 100, 128)]
+    assert sorted(tuple(int(d) for d in p.ty.shape) for p in main.params[1:]) == [(6, 32, 16, 4), (96,)]
+    # the same matmul on a run-time tensor (no num_input): split, but the repack stays in main
+    names = [gv.name_hint for gv in kept.get_global_vars()]
+    assert "main_transform_params" not in names
+    assert any(n.endswith("_weight_prepack") for n in _calls(kept["main"]))
+    # a module without tensorized matmuls is left as it was
+    floats = _module([(64, 96), (96, 128)], relax.op.matmul)
+    floats = tvm.IRModule({"main": floats["main"].with_attr("num_input", 1)})
+    with VNNI:
+        fused = schedule.default_schedule()(_fused(floats, VNNI))
+        assert schedule.prepack_weights(VNNI)(fused).same_as(fused)
+    # beside a function TVM's split cannot read (cumsum's opaque loop, no root block), the repack
+    # still moves and that function is kept as it was
+    def with_cumsum(x, c, w, b):
+        return relax.Tuple([_quantized_layer(x, w, b), relax.op.cumsum(c, axis=0)])
+    mixed = _module([(2, 100, 128), (100, 96), (128, 96), (96,)], with_cumsum, ["float32", "float32", "int8", "int32"])
+    mixed = tvm.IRModule({"main": mixed["main"].with_attr("num_input", 2)})
+    with VNNI:
+        before = schedule.default_schedule()(schedule.fuse(VNNI)(mixed))    # pared's fusion dispatches cumsum
+        after = schedule.prepack_weights(VNNI)(before)
+    cumsum = [gv for gv in before.get_global_vars() if gv.name_hint.startswith("cumsum")]
+    assert cumsum and after[cumsum[0].name_hint].same_as(before[cumsum[0]])
+    assert "main_transform_params" in [gv.name_hint for gv in after.get_global_vars()]
+    if not _host_has_vnni():
+        pytest.skip("this CPU lacks AVX-512 VNNI: the tensorized build cannot run here (its structure is checked)")
+    # run: the weights through main_transform_params once, then main, equals TVM's unscheduled build
+    rng = np.random.default_rng(1)
+    vals = [rng.standard_normal(shapes[0]).astype("float32") * 3, rng.integers(-128, 128, shapes[1]).astype("int8"),
+            rng.integers(-1000, 1000, shapes[2]).astype("int32")]
+    dev = tvm.cpu()
+    x, w, b = (tvm.runtime.tensor(v, dev) for v in vals)
+    ref = relax.VirtualMachine(tvm.compile(plain, target=VNNI), dev)["main"](x, w, b).numpy()
+    vm = relax.VirtualMachine(tvm.compile(weights, target=VNNI, relax_pipeline=schedule.pipeline(VNNI)), dev)
+    packed = list(vm["main_transform_params"]([w, b]))
+    assert sorted(tuple(p.shape) for p in packed) == [(6, 32, 16, 4), (96,)]
+    for _ in range(2):                                     # the packed weight is reused, not consumed
+        np.testing.assert_array_equal(vm["main"](x, *packed).numpy(), ref)
+
+
 def test_non_matmul_functions_are_not_taken_by_the_matmul_rule():
     from tvm import s_tir
     mod = _module([(8, 16)], lambda x: relax.op.nn.softmax(relax.op.exp(x)))
