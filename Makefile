@@ -81,11 +81,13 @@ vla: $(STAMP)
 # one worker (its cached fixtures are built once); the heavy tests are spread one by one.
 # Both share one ONNX export cache (PARED_EXPORT_CACHE, backends/onnxruntime/export_cache.py):
 # the same graph is exported once per run of the suites, not once per test that lowers it.
+# After each suite the cache's lookups so far are printed (hits, misses).
 EXPORT_CACHE := PARED_EXPORT_CACHE=$(CURDIR)/build/export-cache
 test: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
 	PARED_REQUIRE_AARCH64=$$(test -f $(AARCH64)/.ready && echo 1 || echo 0) \
 	$(EXPORT_CACHE) MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile tests
+	@$(EXPORT_CACHE) $(BIN)/python -m pared.backends.onnxruntime.export_cache
 
 # The heavier end-to-end checks (the composed pipelines on the trained workloads,
 # sampled torch-free from their artifacts) and the MetaSchedule tuning tests; CI runs
@@ -96,6 +98,7 @@ test-heavy: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
 	PARED_REQUIRE_AARCH64=$$(test -f $(AARCH64)/.ready && echo 1 || echo 0) \
 	$(EXPORT_CACHE) MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n auto --maxprocesses 4 --dist load -m "heavy and not tuning" tests
+	@$(EXPORT_CACHE) $(BIN)/python -m pared.backends.onnxruntime.export_cache
 
 # Every reference workload with its default pipeline (examples/pipelines/NAME.yaml):
 # eager vs. plain lowering vs. the pipeline, side by side; JSON in benchmarks/results/.

@@ -36,6 +36,8 @@ from pared.ir.program import Graph
 ENV = "PARED_EXPORT_CACHE"
 #: the file inside an entry's folder
 FILE = "model.onnx"
+#: a line per lookup, "hit" or "miss", appended by every process that uses the folder
+COUNTS = "lookups.log"
 
 _source_digest: str | None = None
 
@@ -131,11 +133,38 @@ def fetch(key: str, path: str) -> bool:
         return False
     src = os.path.join(root, key[:2], key, FILE)
     if not os.path.isfile(src):
+        _count(root, "miss")
         return False
     tmp = f"{path}.part"
     shutil.copyfile(src, tmp)
     os.replace(tmp, path)
+    _count(root, "hit")
     return True
+
+
+def _count(root: str, kind: str) -> None:
+    """Append one lookup to the folder's COUNTS log (one short line in append mode: lines of
+    concurrent processes do not interleave). A log that cannot be written is skipped."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, COUNTS), "a") as f:
+            f.write(kind + "\n")
+    except OSError:
+        pass
+
+
+def counts(root: str | None = None) -> dict[str, int]:
+    """{"hit": n, "miss": m}: the lookups logged in the cache folder (default: PARED_EXPORT_CACHE's)
+    since it was created."""
+    root = root or cache_dir()
+    got = {"hit": 0, "miss": 0}
+    path = os.path.join(root, COUNTS) if root else None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip() in got:
+                    got[line.strip()] += 1
+    return got
 
 
 def store(key: str, path: str) -> None:
@@ -159,3 +188,14 @@ def store(key: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":      # `python -m pared.backends.onnxruntime.export_cache [DIR]`: the lookups so far
+    import sys
+    folder = sys.argv[1] if len(sys.argv) > 1 else cache_dir()
+    if not folder:
+        sys.exit(f"usage: python -m pared.backends.onnxruntime.export_cache DIR (or set {ENV})")
+    c = counts(folder)
+    total = c["hit"] + c["miss"]
+    print(f"ONNX export cache {folder}: {c['hit']} hits, {c['miss']} misses"
+          + (f" ({100 * c['hit'] / total:.0f}% of {total} lookups)" if total else ""))

@@ -2,6 +2,8 @@
 moves with everything the export depends on, a failed export stores nothing, and with the
 variable unset nothing is read or written."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _entries(d):
-    return sorted(e for sub in d.iterdir() for e in os.listdir(sub)) if d.exists() else []
+    return sorted(e for sub in d.iterdir() if sub.is_dir() for e in os.listdir(sub)) if d.exists() else []
 
 
 def test_a_hit_writes_the_file_a_fresh_export_writes_and_skips_the_exporter(tmp_path, cache, monkeypatch):
@@ -46,6 +48,11 @@ def test_a_hit_writes_the_file_a_fresh_export_writes_and_skips_the_exporter(tmp_
     assert_close_to_eager(m(ids), ex(ids.numpy()), rel_l2=1e-5)
     assert ex.manifest["graphs"]["main"]["check"]["rel_l2"] <= 1e-4
     assert not [f for f in os.listdir(cache / _entries(cache)[0][:2]) if f.startswith(".")]   # no temp folders left
+    # the lookups are counted: the first export missed, the two after it hit
+    assert export_cache.counts() == {"hit": 2, "miss": 1}
+    out = subprocess.run([sys.executable, "-m", "pared.backends.onnxruntime.export_cache", str(cache)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "2 hits, 1 misses (67% of 3 lookups)" in out
 
 
 def test_the_key_moves_with_weights_inputs_optimizer_and_translations():

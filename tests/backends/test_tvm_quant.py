@@ -128,6 +128,13 @@ def test_native_int8_layers_run_on_vnni_like_the_baseline_build(tmp_path, caplog
         got, want = native_ex(xs.numpy()), base_ex(xs.numpy())
         assert_close_to_eager(want, got, rel_l2=TVM_VS_ORT, what="tvm-native vs tvm-cpu")
         assert_close_to_eager(program(xs), got, rel_l2=TVM_VS_ORT, what="tvm-native vs fx graph")
+    # and torch-free, prepacking at load as the in-process executor does: the same outputs
+    np.save(tmp_path / "x.npy", xs.numpy())
+    run_torch_free(f"""
+        import numpy as np, pared
+        np.save({str(tmp_path / 'y.npy')!r}, pared.load({str(art)!r})(np.load({str(tmp_path / 'x.npy')!r})))
+    """)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), got)
 
 
 def test_tvm_int8_artifact_runs_without_torch(artifacts):
