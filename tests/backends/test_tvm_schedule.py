@@ -126,6 +126,18 @@ def _quantized_layer(x, w, b):
     return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(0.01, "float32"))
 
 
+def _layer_operands_on_a_vnni_host(shapes, seed):
+    """(rng, device, [x, w, b] device tensors) for _quantized_layer; skips the test where the CPU
+    lacks VNNI (the structure it checked before this call stands)."""
+    if not _host_has_vnni():
+        pytest.skip("this CPU lacks AVX-512 VNNI: the tensorized build cannot run here (its structure is checked)")
+    rng = np.random.default_rng(seed)
+    vals = [rng.standard_normal(shapes[0]).astype("float32") * 3, rng.integers(-128, 128, shapes[1]).astype("int8"),
+            rng.integers(-1000, 1000, shapes[2]).astype("int32")]
+    dev = tvm.cpu()
+    return rng, dev, [tvm.runtime.tensor(v, dev) for v in vals]
+
+
 def test_uint8_int8_matmul_is_tensorized_with_vnni_where_the_target_has_it():
     shapes, dtypes = [(2, 100, 128), (128, 96), (96,)], ["float32", "int8", "int32"]
     mod = _module(shapes, _quantized_layer, dtypes)
@@ -143,14 +155,8 @@ def test_uint8_int8_matmul_is_tensorized_with_vnni_where_the_target_has_it():
     for m in (i8, u8_17):
         got = _scheduled(m, VNNI)["matmul"]
         assert got.attrs["tirx.is_scheduled"] and "vpdpbusd" not in got.script()
-    if not _host_has_vnni():
-        pytest.skip("this CPU lacks AVX-512 VNNI: the tensorized build cannot run here (its structure is checked)")
     # the tensorized build computes exactly what TVM's unscheduled build computes
-    rng = np.random.default_rng(0)
-    vals = [rng.standard_normal(shapes[0]).astype("float32") * 3, rng.integers(-128, 128, shapes[1]).astype("int8"),
-            rng.integers(-1000, 1000, shapes[2]).astype("int32")]
-    dev = tvm.cpu()
-    args = [tvm.runtime.tensor(v, dev) for v in vals]
+    rng, dev, args = _layer_operands_on_a_vnni_host(shapes, seed=0)
     outs = [relax.VirtualMachine(ex, dev)["main"](*args).numpy()
             for ex in (tvm.compile(mod, target=VNNI), tvm.compile(mod, target=VNNI, relax_pipeline=schedule.pipeline(VNNI)))]
     np.testing.assert_array_equal(outs[1], outs[0])
@@ -210,14 +216,8 @@ def test_vnni_weight_repack_moves_out_of_main_when_the_weight_is_a_parameter():
     cumsum = [gv for gv in before.get_global_vars() if gv.name_hint.startswith("cumsum")]
     assert cumsum and after[cumsum[0].name_hint].same_as(before[cumsum[0]])
     assert "main_transform_params" in [gv.name_hint for gv in after.get_global_vars()]
-    if not _host_has_vnni():
-        pytest.skip("this CPU lacks AVX-512 VNNI: the tensorized build cannot run here (its structure is checked)")
     # run: the weights through main_transform_params once, then main, equals TVM's unscheduled build
-    rng = np.random.default_rng(1)
-    vals = [rng.standard_normal(shapes[0]).astype("float32") * 3, rng.integers(-128, 128, shapes[1]).astype("int8"),
-            rng.integers(-1000, 1000, shapes[2]).astype("int32")]
-    dev = tvm.cpu()
-    x, w, b = (tvm.runtime.tensor(v, dev) for v in vals)
+    _, dev, (x, w, b) = _layer_operands_on_a_vnni_host(shapes, seed=1)
     ref = relax.VirtualMachine(tvm.compile(plain, target=VNNI), dev)["main"](x, w, b).numpy()
     vm = relax.VirtualMachine(tvm.compile(weights, target=VNNI, relax_pipeline=schedule.pipeline(VNNI)), dev)
     packed = list(vm["main_transform_params"]([w, b]))
