@@ -81,7 +81,9 @@ vla: $(STAMP)
 # one worker (its cached fixtures are built once); the heavy tests are spread one by one.
 # Both share one ONNX export cache (PARED_EXPORT_CACHE, backends/onnxruntime/export_cache.py):
 # the same graph is exported once per run of the suites, not once per test that lowers it.
-# After each suite the cache's lookups so far are printed (hits, misses).
+# After each suite the cache's lookups so far are printed (hits, misses). The slowest tests start
+# first (tests/conftest.py, from tests/durations.json; refresh it from --durations logs with
+# tests/support/record_durations.py), so none of them is left running alone at the end.
 EXPORT_CACHE := PARED_EXPORT_CACHE=$(CURDIR)/build/export-cache
 test: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \

@@ -50,3 +50,25 @@ def test_pared_links_each_mapped_folder_where_it_imports():
             continue
         link = os.path.join(ROOT, *name.split("."))
         assert os.path.islink(link) and os.readlink(link) == os.path.join("..", folder), name
+
+
+def test_the_tests_listed_as_slow_start_first_slowest_first(tmp_path, monkeypatch):
+    """tests/conftest.py orders a run by tests/durations.json: listed tests first, slowest first,
+    the others after them in their collected order; without the file the order is left alone."""
+    import importlib.util
+    import json
+    import types
+    spec = importlib.util.spec_from_file_location("pared_tests_conftest", os.path.join(os.path.dirname(__file__),
+                                                                                        "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    path = tmp_path / "durations.json"
+    path.write_text(json.dumps({"t::slow": 400.0, "t::mid": 90.5}))
+    monkeypatch.setattr(conftest, "DURATIONS", str(path))
+    items = [types.SimpleNamespace(nodeid=n) for n in ("t::a", "t::mid", "t::b", "t::slow", "t::c")]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [i.nodeid for i in items] == ["t::slow", "t::mid", "t::a", "t::b", "t::c"]
+    monkeypatch.setattr(conftest, "DURATIONS", str(tmp_path / "missing.json"))
+    items = [types.SimpleNamespace(nodeid=n) for n in ("t::c", "t::slow")]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [i.nodeid for i in items] == ["t::c", "t::slow"]
