@@ -83,7 +83,8 @@ vla: $(STAMP)
 # the same graph is exported once per run of the suites, not once per test that lowers it.
 # After each suite the cache's lookups so far are printed (hits, misses). The slowest tests start
 # first (tests/conftest.py, from tests/durations.json; refresh it from --durations logs with
-# tests/support/record_durations.py), so none of them is left running alone at the end.
+# tests/support/record_durations.py), so a long test does not start last (on this machine the heavy
+# suite was not shorter for it: see stop 46's note).
 EXPORT_CACHE := PARED_EXPORT_CACHE=$(CURDIR)/build/export-cache
 test: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \
