@@ -54,8 +54,6 @@ PACK_WEIGHT_ONLY = True
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
 OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc", "databases", "fast_math")
-#: the function TVM's LiftTransformParams makes of `main`'s weight-only work (schedule.prepack_weights)
-TRANSFORM_PARAMS = "main_transform_params"
 LINK_HINT = ("install an aarch64 cross linker (Debian/Ubuntu: apt install gcc-aarch64-linux-gnu) and rebuild, "
              "or link the objects on the target: tar xf {file} && gcc -shared -o {name}.so *.o")
 
@@ -389,8 +387,9 @@ def _runner(rpc: Mapping[str, Any] | None):
 
 def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | None, name: str,
              rpc: Mapping[str, Any] | None = None, target_name: str = "", databases: Any = (),
-             stats: dict | None = None, fast_math: bool = False):
-    """Fuse, tune when asked, replay the tuning databases (tuning.py) and schedule the rest by default."""
+             stats: dict | None = None, fast_math: bool = False, prepacked: list | None = None):
+    """Fuse, tune when asked, replay the tuning databases (tuning.py) and schedule the rest by default;
+    `prepacked` receives the name of the function that repacks weights at load, if the build made one."""
     import tvm
 
     from pared.backends.tvm import schedule, tuning
@@ -416,13 +415,7 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
     if dirs:
         log.info("graph '%s': %d of %d fused functions replayed from tuning databases %s", name, done, total,
                  ", ".join(tuning.describe(d) for d in dirs))
-    return tvm.compile(replayed, target=tvm_target, relax_pipeline=schedule.finish(tvm_target))
-
-
-def vm_globals(ex: Any) -> list[str]:
-    """The functions a compiled Relax VM executable holds (its statistics' "Globals" list)."""
-    m = re.search(r"Globals \(#\d+\): \[([^\]]*)\]", ex.stats())
-    return [g.strip() for g in m.group(1).split(",")] if m else []
+    return tvm.compile(replayed, target=tvm_target, relax_pipeline=schedule.finish(tvm_target, prepacked=prepacked))
 
 
 def _physical_cores() -> int:
@@ -496,12 +489,13 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     inputs, outputs = io_spec(graph)
     quant_stats: dict = {}
     schedules: dict = {}
+    prepacked: list = []
     mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights", graph.module)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name,
                           rpc=rpc, target_name=str(target.get("name", "")), databases=databases,
-                          stats=schedules, fast_math=fast_math)
+                          stats=schedules, fast_math=fast_math, prepacked=prepacked)
     except BackendError:
         raise
     except Exception as e:
@@ -512,8 +506,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
                              "tuned": tune, "schedules": schedules, **({"fast_math": True} if fast_math else {}),
                              "tvm_version": tvm.__version__, **lifted,
                              **({"tuned_on": {"tracker": rpc["tracker"], "key": rpc["key"]}} if rpc else {})}
-    if lifted and TRANSFORM_PARAMS in vm_globals(ex):
-        entry["transform_params"] = TRANSFORM_PARAMS       # weight repacks, run once at load
+    if prepacked:
+        entry["transform_params"] = prepacked[0]       # weight repacks, run once at load
     extra = [lifted["weights_file"]] if lifted else []
     triple = _triple(target)
     if not is_cross(target):
@@ -574,15 +568,17 @@ def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entr
     with tempfile.TemporaryDirectory(prefix="pared-check-", dir=outdir) as tmp:
         # built as the shipped graph is (weights lifted), so the codes compared are the ones it computes
         mod, lifted = _lift_weights(to_relax(check_graph, name + "_check"), tmp, "check.weights")
+        prepacked: list = []
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=False, tune_trials=1, cache_dir=cache_dir, name=name + "_check",
-                          target_name=str(target.get("name", "")), databases=databases, fast_math=fast_math)
+                          target_name=str(target.get("name", "")), databases=databases, fast_math=fast_math,
+                          prepacked=prepacked)
         path = os.path.join(tmp, "check.so")
         ex.export_library(path, options=LINK_OPTIONS)
         outputs = [{"name": n} for n in check_graph.output_names]
         check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file", "transform_params")}
-        if lifted and TRANSFORM_PARAMS in vm_globals(ex):
-            check_entry["transform_params"] = TRANSFORM_PARAMS
+        if prepacked:
+            check_entry["transform_params"] = prepacked[0]
         values = TvmGraph(tmp, dict(check_entry, file="check.so", outputs=outputs, **lifted), target)(
             to_numpy(graph.example_inputs))
     theirs = dict(zip(names, values[n_out:]))

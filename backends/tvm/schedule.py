@@ -670,9 +670,11 @@ def fuse(target: Any, fast_math: bool = False):
     return _fuse
 
 
-def finish(target: Any, database: Any = None):
+def finish(target: Any, database: Any = None, prepacked: list | None = None):
     """The second half: schedules replayed from a tuning database (None: none), pared's default
-    schedules for every PrimFunc still unscheduled, then TVM's CPU lowering."""
+    schedules for every PrimFunc still unscheduled, weight repacks moved to load time
+    (prepack_weights; `prepacked` receives the load-time function's name when there is one), then
+    TVM's CPU lowering."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -682,7 +684,7 @@ def finish(target: Any, database: Any = None):
     def _finish(mod, _ctx):
         with target:
             mod = tuning.replay(database)(mod)
-            return tvm.transform.Sequential([default_schedule(), prepack_weights(target)] + cpu.dataflow_lower_passes(target)
+            return tvm.transform.Sequential([default_schedule(), prepack_weights(target, prepacked)] + cpu.dataflow_lower_passes(target)
                                             + cpu.finalize_passes(target))(mod)
 
     return _finish
@@ -700,15 +702,20 @@ def _marks_prepack(func: Any) -> bool:
     return any(PREPACK_ANNOTATION in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
 
 
-def prepack_weights(target: Any):
+#: the function TVM's LiftTransformParams makes of `main`'s weight-only work
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def prepack_weights(target: Any, prepacked: list | None = None):
     """Weight repacks run once at load instead of at every call (TVM's cpu_weight_prepack, for
     pared's own schedules): each scheduled function's blocks marked PREPACK_ANNOTATION (the VNNI
     matmul's [N/16, K/4, 16, 4] copy of its weight) become a function of their own
     (SplitLayoutRewritePreproc); then, when `main` marks its trailing parameters as weights
     (`num_input`, weights.lift), LiftTransformParams moves every computation that reads only
-    weights into `main_transform_params`, which the runtime (runtime.TvmGraph) calls once with the
-    weights and whose outputs `main` takes instead. A module without marked blocks (every target
-    without VNNI) is left as it is; a repack of a run-time tensor stays in `main`."""
+    weights into `main_transform_params` (TRANSFORM_PARAMS, appended to `prepacked` when given),
+    which the runtime (runtime.TvmGraph) calls once with the weights and whose outputs `main`
+    takes instead. A module without marked blocks (every target without VNNI) is left as it is; a
+    repack of a run-time tensor stays in `main`."""
     import tvm
     from tvm import relax, tirx
 
@@ -729,7 +736,10 @@ def prepack_weights(target: Any):
         main = split["main"]
         if main.attrs is None or "num_input" not in main.attrs:
             return split
-        return relax.transform.LiftTransformParams()(split)
+        lifted = relax.transform.LiftTransformParams()(split)
+        if prepacked is not None and any(gv.name_hint == TRANSFORM_PARAMS for gv in lifted.get_global_vars()):
+            prepacked.append(TRANSFORM_PARAMS)
+        return lifted
 
     return _prepack
 

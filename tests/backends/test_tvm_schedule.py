@@ -183,9 +183,11 @@ def test_vnni_weight_repack_moves_out_of_main_when_the_weight_is_a_parameter():
     shapes, dtypes = [(2, 100, 128), (128, 96), (96,)], ["float32", "int8", "int32"]
     plain = _module(shapes, _quantized_layer, dtypes)
     weights = tvm.IRModule({"main": plain["main"].with_attr("num_input", 1)})   # what weights.lift marks
+    made, none = [], []
     with VNNI:
-        lifted = schedule.prepack_weights(VNNI)(schedule.default_schedule()(_fused(weights, VNNI)))
-        kept = schedule.prepack_weights(VNNI)(schedule.default_schedule()(_fused(plain, VNNI)))
+        lifted = schedule.prepack_weights(VNNI, made)(schedule.default_schedule()(_fused(weights, VNNI)))
+        kept = schedule.prepack_weights(VNNI, none)(schedule.default_schedule()(_fused(plain, VNNI)))
+    assert made == [schedule.TRANSFORM_PARAMS] and none == []      # what lower_graph writes in the manifest
     # the weight is a parameter: main calls only the prepacked matmul and takes the packed weight;
     # the repack is the one thing main_transform_params does
     main, load = lifted["main"], lifted["main_transform_params"]
