@@ -53,7 +53,7 @@ PACK_WEIGHT_ONLY = True
 #: ELF e_machine codes for the triples we build for
 ELF_MACHINES = {"aarch64": 0xB7, "arm64": 0xB7, "x86_64": 0x3E, "riscv64": 0xF3, "armv7": 0x28, "arm": 0x28}
 #: options this backend takes (pipeline `backend:` or optimize(backend_options=...))
-OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc", "databases", "fast_math")
+OPTIONS = ("tune", "tune_trials", "cache_dir", "rpc", "databases", "fast_math", "workspace")
 LINK_HINT = ("install an aarch64 cross linker (Debian/Ubuntu: apt install gcc-aarch64-linux-gnu) and rebuild, "
              "or link the objects on the target: tar xf {file} && gcc -shared -o {name}.so *.o")
 
@@ -387,9 +387,11 @@ def _runner(rpc: Mapping[str, Any] | None):
 
 def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | None, name: str,
              rpc: Mapping[str, Any] | None = None, target_name: str = "", databases: Any = (),
-             stats: dict | None = None, fast_math: bool = False, prepacked: list | None = None):
+             stats: dict | None = None, fast_math: bool = False, load: dict | None = None,
+             workspace: bool = True):
     """Fuse, tune when asked, replay the tuning databases (tuning.py) and schedule the rest by default;
-    `prepacked` receives the name of the function that repacks weights at load, if the build made one."""
+    `load` receives the functions the runtime calls once at load (schedule.finish), for the manifest entry;
+    `workspace`: main's planned intermediates allocated once at load (schedule.hoist_workspace)."""
     import tvm
 
     from pared.backends.tvm import schedule, tuning
@@ -415,7 +417,8 @@ def _compile(mod, tvm_target, *, tune: bool, tune_trials: int, cache_dir: str | 
     if dirs:
         log.info("graph '%s': %d of %d fused functions replayed from tuning databases %s", name, done, total,
                  ", ".join(tuning.describe(d) for d in dirs))
-    return tvm.compile(replayed, target=tvm_target, relax_pipeline=schedule.finish(tvm_target, prepacked=prepacked))
+    return tvm.compile(replayed, target=tvm_target,
+                       relax_pipeline=schedule.finish(tvm_target, load=load, workspace=workspace))
 
 
 def _physical_cores() -> int:
@@ -459,8 +462,10 @@ def _check_elf(path: str, triple: str) -> list[str]:
 
 def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str, *, tune: bool = False,
                 tune_trials: int = 64, cache_dir: str | None = None, rpc: Mapping[str, Any] | None = None,
-                databases: Any = None, fast_math: bool = False) -> dict:
-    """Compile one graph for a TVM target and return its manifest entry.
+                databases: Any = None, fast_math: bool = False, workspace: bool = True) -> dict:
+    """Compile one graph for a TVM target and return its manifest entry. `workspace` (backend option,
+    default true): `main`'s intermediates allocated once at load and reused by every call
+    (schedule.hoist_workspace); false: allocated at every call, as TVM's VM does by default.
 
     Raises:
         BackendError: unsupported ops (named), a TVM compile failure, a host
@@ -471,8 +476,9 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
 
     from pared.backends.tvm import quant
 
-    if not isinstance(fast_math, bool):
-        raise BackendError(f"tvm backend option 'fast_math' must be true/false, got {fast_math!r}")
+    for option, value in (("fast_math", fast_math), ("workspace", workspace)):
+        if not isinstance(value, bool):
+            raise BackendError(f"tvm backend option '{option}' must be true/false, got {value!r}")
     if not isinstance(tune, bool) or not isinstance(tune_trials, int) or tune_trials < 1:
         raise BackendError(f"tvm backend options: 'tune' must be true/false and 'tune_trials' an int >= 1, "
                            f"got tune={tune!r}, tune_trials={tune_trials!r}")
@@ -489,13 +495,13 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
     inputs, outputs = io_spec(graph)
     quant_stats: dict = {}
     schedules: dict = {}
-    prepacked: list = []
+    load: dict = {}
     mod, lifted = _lift_weights(to_relax(graph, name, quant_stats), outdir, f"{name}.weights", graph.module)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=tune, tune_trials=tune_trials, cache_dir=cache_dir, name=name,
                           rpc=rpc, target_name=str(target.get("name", "")), databases=databases,
-                          stats=schedules, fast_math=fast_math, prepacked=prepacked)
+                          stats=schedules, fast_math=fast_math, load=load, workspace=workspace)
     except BackendError:
         raise
     except Exception as e:
@@ -506,8 +512,8 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
                              "tuned": tune, "schedules": schedules, **({"fast_math": True} if fast_math else {}),
                              "tvm_version": tvm.__version__, **lifted,
                              **({"tuned_on": {"tracker": rpc["tracker"], "key": rpc["key"]}} if rpc else {})}
-    if prepacked:
-        entry["transform_params"] = prepacked[0]       # weight repacks, run once at load
+    # run once at load: weight repacks ("transform_params"), main's workspace ("workspace")
+    entry.update(load)
     extra = [lifted["weights_file"]] if lifted else []
     triple = _triple(target)
     if not is_cross(target):
@@ -519,7 +525,7 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
         got = TvmGraph(outdir, entry, target)(to_numpy(graph.example_inputs))
         if quant.quantizes_activations(graph.module):
             err = _check_quantized(graph, name, tvm_target, outdir, entry, target, got, cache_dir, databases,
-                                       fast_math)
+                                   fast_math, workspace)
         else:
             # weight-only layers dequantize their codes exactly as the fx graph does
             err = compare(to_numpy(graph.run(*graph.example_inputs)), got)
@@ -554,31 +560,30 @@ def lower_graph(graph: Graph, name: str, target: Mapping[str, Any], outdir: str,
 
 def _check_quantized(graph: Graph, name: str, tvm_target: Any, outdir: str, entry: dict,
                      target: Mapping[str, Any], got: list, cache_dir: str | None = None,
-                     databases: Any = (), fast_math: bool = False) -> dict:
+                     databases: Any = (), fast_math: bool = False, workspace: bool = True) -> dict:
     """A graph that quantizes activations, compared as the ONNX Runtime backend compares one
     (backends/onnxruntime/lower.check_quantized): a second build of the graph that also outputs
     its quantizers' codes, and the fx graph run as the backends round following those codes,
     to CHECK_REL_L2; codes one step away at a rounding boundary are counted, not tolerated."""
     import tempfile
 
-    from pared.backends.tvm.runtime import TvmGraph
+    from pared.backends.tvm.runtime import LOAD_FUNCTIONS, TvmGraph
 
     check_graph, names = with_forced_outputs(graph)
     n_out = len(graph.output_names)
     with tempfile.TemporaryDirectory(prefix="pared-check-", dir=outdir) as tmp:
         # built as the shipped graph is (weights lifted), so the codes compared are the ones it computes
         mod, lifted = _lift_weights(to_relax(check_graph, name + "_check"), tmp, "check.weights")
-        prepacked: list = []
+        load: dict = {}
         with contextlib.redirect_stdout(io.StringIO()):
             ex = _compile(mod, tvm_target, tune=False, tune_trials=1, cache_dir=cache_dir, name=name + "_check",
                           target_name=str(target.get("name", "")), databases=databases, fast_math=fast_math,
-                          prepacked=prepacked)
+                          load=load, workspace=workspace)
         path = os.path.join(tmp, "check.so")
         ex.export_library(path, options=LINK_OPTIONS)
         outputs = [{"name": n} for n in check_graph.output_names]
-        check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file", "transform_params")}
-        if prepacked:
-            check_entry["transform_params"] = prepacked[0]
+        check_entry = {k: v for k, v in entry.items() if k not in ("params", "weights_file", *LOAD_FUNCTIONS)}
+        check_entry.update(load)
         values = TvmGraph(tmp, dict(check_entry, file="check.so", outputs=outputs, **lifted), target)(
             to_numpy(graph.example_inputs))
     theirs = dict(zip(names, values[n_out:]))

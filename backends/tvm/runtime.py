@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +22,9 @@ import numpy as np
 from pared.ir.errors import ArtifactError
 
 _threads_set: int | None = None
+
+#: manifest-entry keys naming functions of the graph's library that run once at load
+LOAD_FUNCTIONS = ("transform_params", "workspace")
 
 
 def _set_threads(n: int) -> None:
@@ -70,10 +74,14 @@ class TvmGraph:
                 # and `main` takes their outputs in place of the stored weights
                 prepack = self.vm[entry["transform_params"]]
                 self.params = list(prepack(self.params))
+        # main's intermediates, allocated once (schedule.hoist_workspace); reused by every call
+        self.workspace: list = list(self.vm[entry["workspace"]]()) if entry.get("workspace") else []
+        self._lock = threading.Lock()
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         args = [self._tensor(np.ascontiguousarray(a), self.device) for a in arrays]
-        out = self.fn(*args, *self.params)
+        with self._lock:        # the workspace holds one call's intermediates
+            out = self.fn(*args, *self.params, *self.workspace)
         if hasattr(out, "numpy"):
             return [out.numpy()]
         return [o.numpy() for o in out]

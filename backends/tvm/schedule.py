@@ -670,24 +670,118 @@ def fuse(target: Any, fast_math: bool = False):
     return _fuse
 
 
-def finish(target: Any, database: Any = None, prepacked: list | None = None):
+def finish(target: Any, database: Any = None, load: dict | None = None, workspace: bool = True):
     """The second half: schedules replayed from a tuning database (None: none), pared's default
     schedules for every PrimFunc still unscheduled, weight repacks moved to load time
-    (prepack_weights; `prepacked` receives the load-time function's name when there is one), then
-    TVM's CPU lowering."""
+    (prepack_weights), then TVM's CPU lowering. With `load` (a dict the caller reads after the
+    build), `main`'s statically planned intermediates also become a workspace allocated once at
+    load (hoist_workspace), and `load` receives the functions the runtime must call once:
+    {"transform_params": ..., "workspace": ...} (runtime.TvmGraph does both). Without it (or with
+    `workspace` false) `main` keeps its signature, for callers that run it themselves."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from pared.backends.tvm import tuning
 
+    final = cpu.finalize_passes(target)
+    assert final[0].info.name == "StaticPlanBlockMemory", final[0].info.name
+    if load is not None and workspace:
+        final = final[:1] + [hoist_workspace(load)] + final[1:]
+
     @tvm.transform.module_pass(opt_level=0, name="pared.tvm.finish")
     def _finish(mod, _ctx):
         with target:
             mod = tuning.replay(database)(mod)
-            return tvm.transform.Sequential([default_schedule(), prepack_weights(target, prepacked)] + cpu.dataflow_lower_passes(target)
-                                            + cpu.finalize_passes(target))(mod)
+            return tvm.transform.Sequential([default_schedule(), prepack_weights(target, load)]
+                                            + cpu.dataflow_lower_passes(target) + final)(mod)
 
     return _finish
+
+
+#: the function hoist_workspace makes: main's planned intermediates, allocated once
+WORKSPACE = "main_workspace"
+
+
+def _static_shape(expr: Any) -> bool:
+    from tvm import relax, tirx
+
+    return isinstance(expr, relax.ShapeExpr) and all(isinstance(v, tirx.IntImm) for v in expr.values)
+
+
+def hoist_workspace(load: dict | None = None):
+    """`main`'s intermediates as a workspace allocated once at load instead of at every call.
+
+    TVM's StaticPlanBlockMemory gives `main` storages of fixed size and views into them at fixed
+    offsets (`R.memory.alloc_storage` / `R.memory.alloc_tensor`); the VM executes each of those
+    at every call, one `vm.builtin.alloc_tensor` per intermediate (over a thousand per call of
+    the VLA's policy graph). Here each static view becomes a trailing parameter of `main`, and
+    WORKSPACE (no parameters) allocates the same storages and returns the same views, in order;
+    the runtime calls it once and passes its views to every call of `main`, one call at a time
+    (the views are reused, so calls must not overlap: runtime.TvmGraph holds a lock).
+
+    Function outputs are never planned into these storages (StaticPlanBlockMemory leaves a
+    tensor that reaches the result, through reshapes too, to a per-call allocation), so what a
+    call returns is not overwritten by the next. Views of a storage with a symbolic size, or used
+    by anything but its views, stay per call. Run after StaticPlanBlockMemory, before
+    KillAfterLastUse; `load["workspace"]` is set when the function was made."""
+    import tvm
+    from tvm import ir, relax
+
+    @tvm.transform.module_pass(opt_level=0, name="pared.tvm.hoist_workspace")
+    def _hoist(mod, _ctx):
+        names = [gv.name_hint for gv in mod.get_global_vars()]
+        if "main" not in names or WORKSPACE in names:
+            return mod
+        main = mod["main"]
+        if not isinstance(main, relax.Function) or not isinstance(main.body, relax.SeqExpr):
+            return mod
+        storage_op, tensor_op = ir.Op.get("relax.memory.alloc_storage"), ir.Op.get("relax.memory.alloc_tensor")
+
+        def call_of(b, op):
+            return isinstance(b, relax.VarBinding) and isinstance(b.value, relax.Call) and b.value.op.same_as(op)
+
+        top = [b for block in main.body.blocks for b in block.bindings]
+        storages = {b.var: b for b in top if call_of(b, storage_op) and _static_shape(b.value.args[0])}
+        views = [b for b in top if call_of(b, tensor_op) and b.value.args[0] in storages
+                 and _const(b.value.args[1]) is not None and _static_shape(b.value.args[2])]
+        view_vars = {b.var for b in views}
+        # a storage read by anything but a hoisted view (a dynamic view, a nested block) stays per call
+        used = set(relax.analysis.free_vars(main.body.body))
+        for b in top:
+            if b.var not in view_vars and b.var not in storages:
+                used.update(relax.analysis.free_vars(b.value))
+        views = [b for b in views if b.value.args[0] not in used]
+        if not views:
+            return mod
+        hoisted = {b.value.args[0] for b in views}
+        params = [relax.Var(f"workspace{i}", b.var.ty) for i, b in enumerate(views)]
+        param_of = {b.var: p for b, p in zip(views, params)}
+        blocks = []
+        for block in main.body.blocks:
+            kept = []
+            for b in block.bindings:
+                if b.var in hoisted:
+                    continue
+                kept.append(relax.VarBinding(b.var, param_of[b.var]) if b.var in param_of else b)
+            blocks.append(type(block)(kept))
+        new_main = relax.Function(list(main.params) + params, relax.SeqExpr(blocks, main.body.body),
+                                  main.ret_ty, main.is_pure, main.attrs, main.span)
+
+        bb = relax.BlockBuilder()
+        with bb.function(WORKSPACE, [], pure=False):
+            made = {v: bb.emit(storages[v].value, name_hint=v.name) for v in storages if v in hoisted}
+            out = [bb.emit(relax.Call(tensor_op, [made[b.value.args[0]]] + list(b.value.args[1:]), b.value.attrs,
+                                      b.value.ty_args), name_hint=b.var.name) for b in views]
+            bb.emit_func_output(relax.Tuple(out))
+        out_mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        out_mod[mod.get_global_var("main")] = new_main
+        out_mod[WORKSPACE] = bb.get()[WORKSPACE]
+        if load is not None:
+            load["workspace"] = WORKSPACE
+        log.debug("hoist_workspace: %d views of %d storages allocated once at load", len(views), len(hoisted))
+        return out_mod
+
+    return _hoist
 
 
 def _marks_prepack(func: Any) -> bool:
@@ -706,13 +800,13 @@ def _marks_prepack(func: Any) -> bool:
 TRANSFORM_PARAMS = "main_transform_params"
 
 
-def prepack_weights(target: Any, prepacked: list | None = None):
+def prepack_weights(target: Any, load: dict | None = None):
     """Weight repacks run once at load instead of at every call (TVM's cpu_weight_prepack, for
     pared's own schedules): each scheduled function's blocks marked PREPACK_ANNOTATION (the VNNI
     matmul's [N/16, K/4, 16, 4] copy of its weight) become a function of their own
     (SplitLayoutRewritePreproc); then, when `main` marks its trailing parameters as weights
     (`num_input`, weights.lift), LiftTransformParams moves every computation that reads only
-    weights into `main_transform_params` (TRANSFORM_PARAMS, appended to `prepacked` when given),
+    weights into `main_transform_params` (TRANSFORM_PARAMS, `load["transform_params"]` when given),
     which the runtime (runtime.TvmGraph) calls once with the weights and whose outputs `main`
     takes instead. A module without marked blocks (every target without VNNI) is left as it is; a
     repack of a run-time tensor stays in `main`."""
@@ -737,8 +831,8 @@ def prepack_weights(target: Any, prepacked: list | None = None):
         if main.attrs is None or "num_input" not in main.attrs:
             return split
         lifted = relax.transform.LiftTransformParams()(split)
-        if prepacked is not None and any(gv.name_hint == TRANSFORM_PARAMS for gv in lifted.get_global_vars()):
-            prepacked.append(TRANSFORM_PARAMS)
+        if load is not None and any(gv.name_hint == TRANSFORM_PARAMS for gv in lifted.get_global_vars()):
+            load["transform_params"] = TRANSFORM_PARAMS
         return lifted
 
     return _prepack

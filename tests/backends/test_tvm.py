@@ -41,6 +41,9 @@ def test_tiny_transformer_matches_eager(tiny_artifact):
     entry = ex.manifest["graphs"]["main"]
     assert entry["backend"] == "tvm" and entry["file"] == "main.so" and entry["linked"] is True
     assert entry["check"]["rel_l2"] <= 1e-4 and not entry["tuned"]
+    # main's planned intermediates are allocated once at load (schedule.hoist_workspace), and the
+    # calls below run through that one workspace
+    assert entry["workspace"] == "main_workspace" and len(ex.graphs["main"].workspace) >= 1
     for seed in (1, 2):
         ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(seed))
         out = ex(ids.numpy())

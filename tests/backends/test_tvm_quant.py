@@ -123,6 +123,7 @@ def test_native_int8_layers_run_on_vnni_like_the_baseline_build(tmp_path, caplog
     # the tensorized layers' weight repacks run once at load (schedule.prepack_weights), not per call
     assert native_ex.manifest["graphs"]["main"]["transform_params"] == "main_transform_params"
     assert "transform_params" not in base_ex.manifest["graphs"]["main"]
+    assert all(ex.manifest["graphs"]["main"]["workspace"] == "main_workspace" for ex in (native_ex, base_ex))
     for seed in (3, 4):
         xs = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(seed))
         got, want = native_ex(xs.numpy()), base_ex(xs.numpy())

@@ -183,11 +183,11 @@ def test_vnni_weight_repack_moves_out_of_main_when_the_weight_is_a_parameter():
     shapes, dtypes = [(2, 100, 128), (128, 96), (96,)], ["float32", "int8", "int32"]
     plain = _module(shapes, _quantized_layer, dtypes)
     weights = tvm.IRModule({"main": plain["main"].with_attr("num_input", 1)})   # what weights.lift marks
-    made, none = [], []
+    made, none = {}, {}
     with VNNI:
         lifted = schedule.prepack_weights(VNNI, made)(schedule.default_schedule()(_fused(weights, VNNI)))
         kept = schedule.prepack_weights(VNNI, none)(schedule.default_schedule()(_fused(plain, VNNI)))
-    assert made == [schedule.TRANSFORM_PARAMS] and none == []      # what lower_graph writes in the manifest
+    assert made == {"transform_params": schedule.TRANSFORM_PARAMS} and none == {}   # what lower_graph writes in the manifest
     # the weight is a parameter: main calls only the prepacked matmul and takes the packed weight;
     # the repack is the one thing main_transform_params does
     main, load = lifted["main"], lifted["main_transform_params"]
@@ -309,3 +309,91 @@ def test_a_patchifying_conv_becomes_a_scheduled_matmul_and_other_convs_stay():
     for keep in (_module([(1, 3, 16, 16), (4, 3, 3, 3)], conv(padding=1)),
                  _module([(1, 3, 16, 16), (4, 3, 4, 4)], conv(strides=2))):
         assert "conv2d" in schedule.patch_convs_as_matmuls()(keep)["main"].script()
+
+
+def _through_memory_planning(mod, target=TARGET):
+    """`mod` as pared's pipeline leaves it right after TVM's StaticPlanBlockMemory."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    with target:
+        mod = schedule.default_schedule()(schedule.fuse(target)(mod))
+        return tvm.transform.Sequential(cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)[:1])(mod)
+
+
+def _memory_calls(func):
+    names = []
+    tvm.relax.analysis.post_order_visit(func.body, lambda e: names.append(e.op.name) if isinstance(
+        e, relax.Call) and getattr(e.op, "name", "").startswith("relax.memory.alloc") else None)
+    return names
+
+
+def _chain(x, w1, w2, w3):
+    """Intermediates for the memory planner, and an output that is a reshape of a computed tensor."""
+    h = relax.op.nn.gelu(relax.op.matmul(x, w1))
+    h = relax.op.add(relax.op.multiply(h, h), relax.op.matmul(h, w2))
+    y = relax.op.matmul(h, w3)
+    return relax.Tuple([relax.op.reshape(y, (8, 2, 8)), relax.op.sum(h)])
+
+
+def test_hoisted_workspace_is_allocated_once_and_reused_by_every_call():
+    shapes = [(8, 16), (16, 32), (32, 32), (32, 16)]
+    mod = _module(shapes, _chain)
+    planned = _through_memory_planning(mod)
+    views = _memory_calls(planned["main"]).count("relax.memory.alloc_tensor")
+    assert views >= 2
+    load = {}
+    hoisted = schedule.hoist_workspace(load)(planned)
+    assert load == {"workspace": schedule.WORKSPACE}
+    main, ws = hoisted["main"], hoisted[schedule.WORKSPACE]
+    # main allocates no planned intermediate any more; each became a trailing parameter, and the
+    # workspace function allocates the same views
+    assert _memory_calls(main) == []
+    assert len(main.params) == len(shapes) + views
+    assert _memory_calls(ws).count("relax.memory.alloc_tensor") == views and not ws.params
+    assert [str(p.ty) for p in main.params[len(shapes):]] == [str(f) for f in ws.ret_ty.fields]
+    # without `load` (callers that run main themselves) main keeps its signature
+    with TARGET:
+        plain_build = tvm.compile(mod, target=TARGET, relax_pipeline=schedule.pipeline(TARGET))
+        load = {}
+        build = tvm.compile(mod, target=TARGET, relax_pipeline=tvm.transform.Sequential(
+            [schedule.fuse(TARGET), schedule.finish(TARGET, load=load)]))
+    assert load == {"workspace": schedule.WORKSPACE}
+    dev = tvm.cpu(0)
+    rng = np.random.default_rng(0)
+    ref_vm, vm = relax.VirtualMachine(plain_build, dev), relax.VirtualMachine(build, dev)
+    workspace = list(vm[schedule.WORKSPACE]())
+    assert len(workspace) == views
+    w = [tvm.runtime.tensor(rng.standard_normal(s).astype("float32")) for s in shapes[1:]]
+    first = None
+    for _ in range(3):
+        x = tvm.runtime.tensor(rng.standard_normal(shapes[0]).astype("float32"))
+        want = [o.numpy() for o in ref_vm["main"](x, *w)]
+        got = vm["main"](x, *w, *workspace)
+        for g, r in zip(got, want):
+            np.testing.assert_array_equal(g.numpy(), r)       # same kernels, same order: bit for bit
+        if first is None:
+            first, first_values = got, [o.numpy() for o in got]
+    # what a call returned is its own memory: the later calls through the same workspace left it alone
+    for g, r in zip(first, first_values):
+        np.testing.assert_array_equal(g.numpy(), r)
+
+
+def test_workspace_leaves_symbolic_intermediates_per_call():
+    n = tvm.tirx.Var("n", "int64")
+    mod = _module([(n, 16), (16, 32), (32, 16)], lambda x, w1, w2: relax.op.matmul(
+        relax.op.nn.gelu(relax.op.matmul(x, w1)), w2))
+    hoisted = schedule.hoist_workspace({})(_through_memory_planning(mod))
+    assert schedule.WORKSPACE not in [gv.name_hint for gv in hoisted.get_global_vars()]
+    load = {}
+    with TARGET:
+        build = tvm.compile(mod, target=TARGET, relax_pipeline=tvm.transform.Sequential(
+            [schedule.fuse(TARGET), schedule.finish(TARGET, load=load)]))
+    assert load == {}
+    vm = relax.VirtualMachine(build, tvm.cpu(0))
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((16, 32)).astype("float32"), rng.standard_normal((32, 16)).astype("float32")
+    for rows in (3, 5):
+        x = rng.standard_normal((rows, 16)).astype("float32")
+        got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, w1, w2))).numpy()
+        h = x @ w1
+        want = (0.5 * h * (1 + np.vectorize(__import__("math").erf)(h / np.sqrt(2)))) @ w2
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
