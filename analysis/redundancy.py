@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from pared.analysis.cost import node_flops
 from pared.ir.errors import OptionError, PassError
-from pared.analysis.recorder import drive
+from pared.analysis.recorder import drive, tapped
 from pared.ir.program import Program
 from pared.ir.regions import Region, select
 from pared.ir.transform import Analysis, PassContext, Record, register_pass
@@ -172,19 +172,12 @@ def observe_values(gm: fx.GraphModule, nodes: Sequence[fx.Node], calibration: An
     """Run `gm` as the model through the calibration run, handing the value of each
     of `nodes` to `on_value(node name, tensor)` at every call. Returns the number
     of calls. (What to keep — every value, or a running range — is the caller's.)"""
-    watch = {n.name for n in nodes}
-
-    class Observer(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in watch and isinstance(out, torch.Tensor):
-                on_value(n.name, out)
-            return out
+    observed = tapped(gm, {n.name for n in nodes}, on_value)
 
     def call(*args):
         flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
         with torch.no_grad():
-            out = Observer(gm).run(*flat)
+            out = observed(*flat)
         return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
 
     return calibration_calls(calibration, call)

@@ -108,3 +108,43 @@ def test_errors_say_what_is_missing(stream):
         record_inputs(prog, [])
     with pytest.raises(PassError, match="got no recorded call"):
         replay_inputs(prog, [[]])
+
+
+def test_tapped_graph_hands_over_what_an_interpreter_sees_in_the_same_order():
+    import torch.fx as fx
+
+    from pared.analysis.recorder import tapped
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x, y):
+            h = torch.relu(self.lin(x))
+            h = h + y
+            return h * 2, h.sum()
+    gm = fx.symbolic_trace(M())
+    names = [n.name for n in gm.graph.nodes]
+    watch = {n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_module", "call_function")} | {"output"}
+    code = gm.code
+
+    seen_interp = []
+
+    class Observer(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in watch and isinstance(out, torch.Tensor):
+                seen_interp.append((n.name, out.clone()))
+            return out
+    seen = []
+    t = tapped(gm, watch, lambda name, v: seen.append((name, v.clone())))
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    want = Observer(gm).run(x, y)
+    got = t(x, y)
+    assert [n for n, _ in seen] == [n for n, _ in seen_interp] == [n for n in names if n in watch and n != "output"]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(seen, seen_interp))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # the model's graph is left as it was; the copy shares its weights
+    assert gm.code == code and [n.name for n in gm.graph.nodes] == names
+    assert t.lin.weight is gm.lin.weight
