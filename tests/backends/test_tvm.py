@@ -102,6 +102,21 @@ def test_unsupported_op_is_named(tmp_path):
     assert not os.path.exists(tmp_path / "a")
 
 
+def test_workspace_option_off_allocates_per_call_as_tvm_does(tmp_path, tiny_artifact):
+    m, on = tiny_artifact
+    program = capture(*tiny_transformer())
+    off = _save(program, tmp_path / "off", workspace=False)
+    entry = read_manifest(off)["graphs"]["main"]
+    assert "workspace" not in entry
+    ex_off, ex_on = Executor(off), Executor(on)
+    assert ex_off.graphs["main"].workspace == [] and ex_on.graphs["main"].workspace
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    for k, v in ex_on(ids.numpy()).items():
+        np.testing.assert_array_equal(ex_off(ids.numpy())[k], v)          # the same kernels: bit for bit
+    with pytest.raises(BackendError, match=r"tvm backend option 'workspace' must be true/false, got 'no'"):
+        _save(program, tmp_path / "bad", workspace="no")
+
+
 def test_unknown_backend_option(tmp_path):
     m, inputs = tiny_transformer()
     with pytest.raises(BackendError, match=r"unknown option 'tunes'; did you mean 'tune'"):
