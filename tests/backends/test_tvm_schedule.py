@@ -90,6 +90,18 @@ def test_matmul_bias_gelu_equals_unscheduled(m, k, n):
     np.testing.assert_array_equal(got, ref)
 
 
+def test_a_large_weight_runs_column_panel_by_column_panel_with_the_same_sums():
+    # [K, N] over COLUMN_ORDER_BYTES: the column tiles (i1) outer, rows streamed; below, rows outer
+    big, small = [(64, 512), (512, 640), (640,)], [(64, 96), (96, 128), (128,)]
+    assert 512 * 640 * 4 > schedule.COLUMN_ORDER_BYTES > 96 * 128 * 4
+    for shapes, fused in ((big, "i1_0_i0_0_fused"), (small, "i0_0_i1_0_fused")):
+        mod = _module(shapes, _matmul_bias_gelu)
+        (f,) = [f for n, f in _scheduled(mod).items() if "matmul" in n]
+        assert f"for {fused} in T.parallel(" in f.script()
+        ref, got = _run_both(mod, shapes)
+        np.testing.assert_array_equal(got, ref)             # k ascending in every tile: bit for bit
+
+
 @pytest.mark.parametrize("b,m,k,n", [(3, 16, 8, 24), (5, 7, 9, 11), (4, 6, 8, 13)])
 def test_batched_matmul_equals_unscheduled(b, m, k, n):
     mod = _module([(b, m, k), (b, k, n)], relax.op.matmul)
