@@ -29,24 +29,15 @@ from tvm_tuned import INT8, OPTIONS  # noqa: E402  (the same tasks and pipelines
 
 
 def _allocations(ex, example) -> int:
-    """`vm.builtin.alloc_tensor` calls in one call of each TVM graph of the executor, summed."""
-    from pared.backends.tvm.runtime import TvmGraph
-    counts = {"n": 0}
+    """`vm.builtin.alloc_tensor` calls in one call of the executor, over all its graphs (the kernel
+    profiler's counts: pared.backends.profile)."""
+    from pared.backends.profile import profile_kernels
 
-    def instrument(func, symbol, before, ret, *args):
-        if before and str(symbol) == "vm.builtin.alloc_tensor":
-            counts["n"] += 1
-        return 0
-    graphs = [g for g in ex.graphs.values() if isinstance(g, TvmGraph)]
-    for g in graphs:
-        g.vm.set_instrument(instrument)
-    try:
+    def task():
         ex.reset()
         ex.run_flat(*example)
-    finally:
-        for g in graphs:
-            g.vm.set_instrument(None)
-    return counts["n"]
+    rows = profile_kernels(ex, task, rounds=1, warmup=0, top=10 ** 9)["top"]
+    return round(sum(r["calls"] for r in rows if r["name"] == "vm.builtin.alloc_tensor"))
 
 
 def main() -> None:

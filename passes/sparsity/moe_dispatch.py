@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 
 from pared.analysis.metrics import compare_outputs
-from pared.analysis.recorder import record, replay
+from pared.analysis.recorder import record, replay, tapped
 from pared.ir.errors import OptionError, PassError
 from pared.ir.program import Program
 from pared.ir.rewrite import add_constant, eliminate_dead_code, examples_of, splice
@@ -114,15 +114,8 @@ def _check_rows(gm: fx.GraphModule, example_inputs: tuple, s: ExpertStack, picke
     """Check on the example inputs that `picked` reads row idx[t, j] * T + t for pair t*k + j."""
     want = {s.indices, picked.args[2].name}
     seen: dict[str, torch.Tensor] = {}
-
-    class Tap(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in want:
-                seen[n.name] = out
-            return out
     with torch.no_grad():
-        Tap(gm).run(*example_inputs)
+        tapped(gm, want, seen.__setitem__)(*example_inputs)
     idx, rows = seen[s.indices], seen[picked.args[2].name]
     t = idx.shape[0]
     expect = (idx * t + torch.arange(t).unsqueeze(-1)).reshape(-1)

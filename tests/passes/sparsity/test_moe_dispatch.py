@@ -198,3 +198,21 @@ def test_the_bench_summary_reports_the_record():
     assert got["layers"][0]["busiest_vs_mean"] == round(max(lay.most_seen) / (16 * 2 / 4), 3)
     assert got["layers"][0]["dropped"] == lay.dropped > 0 and got["measured"] == dict(plan.measured)
     assert dispatch_summary(prog) is None
+
+
+def test_rows_picked_out_of_token_order_are_refused():
+    # the experts' rows picked in reverse: the pass reads the picks on the example inputs (the
+    # values tapped from the graph) and refuses, naming what it expected
+    from pared.passes.sparsity.moe_dispatch import picked_node
+    m, (x, t) = tiny_moe_dit()
+    prog = capture(m, (x, t))
+    (name, g), = prog.graphs.items()
+    stack = find_expert_stacks(g.module)[0]
+    picked = picked_node(g.module, stack)
+    rows = picked.args[2]
+    with g.module.graph.inserting_before(picked):
+        flipped = g.module.graph.call_function(torch.flip, (rows, [0]))
+    picked.replace_input_with(rows, flipped)
+    g.module.recompile()
+    with pytest.raises(PassError, match=r"are not idx\[t, j\] \* T \+ t in token order"):
+        get_pass("moe_dispatch")()(prog, PassContext(calibration=tiny_sampler_loop(x, STEPS)))
