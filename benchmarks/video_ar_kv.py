@@ -135,7 +135,9 @@ def main() -> None:
     model = mdl.build_model()
     full = st.streamer(model, frames=a.frames)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = capture(full, st.example_inputs(2), dynamic_shapes=({0: batch}, {0: batch}, None, None))
+    P = model.prev_frames                    # the step also reads its last P frames (an input before `append`)
+    program = capture(full, st.example_inputs(2, P),
+                      dynamic_shapes=({0: batch}, {0: batch}, None, *(({0: batch},) if P else ()), None))
     if a.guard == "eliminate":
         from pared.registry import get_pass
         from pared.ir.transform import PassContext as _Ctx
@@ -177,7 +179,7 @@ def main() -> None:
                     return runner([torch.from_numpy(np.ascontiguousarray(x)) for x in arrays])[0].numpy()
         else:
             call = st.torch_call(st.streamer(model, layout=lay))
-        gen = st.rollout(call, context, a.frames, steps=a.steps, seed=0)
+        gen = st.rollout(call, context, a.frames, steps=a.steps, seed=0, prev_frames=P)
         rollout_s[name] = round(time.perf_counter() - t0, 1)
         m = q.measure((np.clip(gen, -1, 1) + 1) / 2, clips, judge)
         per_frame[name] = {k: m[k] for k in MEASURES}
@@ -213,7 +215,8 @@ def main() -> None:
     def timed(call, reset) -> list[float]:
         reset()
         marks = [time.perf_counter()]
-        st.rollout(call, tctx, a.frames, steps=a.steps, seed=0, on_frame=lambda f, x: marks.append(time.perf_counter()))
+        st.rollout(call, tctx, a.frames, steps=a.steps, seed=0, prev_frames=P,
+                   on_frame=lambda f, x: marks.append(time.perf_counter()))
         return list(np.diff(marks) * 1e3)
 
     arms_t = {**{n: (lambda e=e: timed(e, e.reset)) for n, e in executors.items()},

@@ -641,6 +641,7 @@ class VideoARWorkload(Workload):
             raise OptionError(f"video_ar: frames must exceed the {mdl.CONTEXT_FRAMES} context frames, got {frames}")
         self.batch, self.frames, self.steps, self.clips = batch, frames, steps, samples
         self.calib_frames = calib_frames
+        self.prev = int(mdl.weights_meta().get("prev_frames", 0))    # the step also reads its last frames
         self.summary = (f"video_ar: {frames}-frame rollouts ({frames / mdl.TRAIN_FRAMES:g}x the training length) of "
                         f"{batch} held-out clips, DDIM {steps} steps per frame, full KV cache of {frames} frames")
 
@@ -655,14 +656,15 @@ class VideoARWorkload(Workload):
         return st.streamer(mdl.build_model(), frames=self.frames)
 
     def example_inputs(self) -> tuple:
-        return example_module("video_ar", "stream.py").example_inputs(self.batch)
+        return example_module("video_ar", "stream.py").example_inputs(self.batch, self.prev)
 
     def calibration(self):
         st = example_module("video_ar", "stream.py")
         ctx, _ = self._context(self.batch, "train", self.calib_frames)
 
         def loop(fn):
-            return st.rollout(st.torch_call(fn), ctx, self.calib_frames, steps=self.steps, seed=1)
+            return st.rollout(st.torch_call(fn), ctx, self.calib_frames, steps=self.steps, seed=1,
+                              prev_frames=self.prev)
         return loop
 
     def task(self, fn, reset=None):
@@ -670,7 +672,7 @@ class VideoARWorkload(Workload):
         if reset is not None:
             reset()
         ctx, _ = self._context(self.batch, "test", self.frames)
-        return st.rollout(fn, ctx, self.frames, steps=self.steps, seed=0)
+        return st.rollout(fn, ctx, self.frames, steps=self.steps, seed=0, prev_frames=self.prev)
 
     def run(self, fn, reset=None):
         st = example_module("video_ar", "stream.py")
@@ -679,7 +681,8 @@ class VideoARWorkload(Workload):
         for i in range(0, self.clips, self.batch):
             if reset is not None:
                 reset()
-            outs.append(st.rollout(fn, ctx[i:i + self.batch], self.frames, steps=self.steps, seed=i))
+            outs.append(st.rollout(fn, ctx[i:i + self.batch], self.frames, steps=self.steps, seed=i,
+                                   prev_frames=self.prev))
         return np.concatenate(outs)
 
     def fidelity(self, reference, candidate):

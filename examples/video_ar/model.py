@@ -106,16 +106,22 @@ class Block(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    def __init__(self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4, stem: int = PATCH):
+    def __init__(self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4, stem: int = PATCH,
+                 prev_frames: int = 0):
         super().__init__()
         self.dim, self.depth, self.heads, self.head_dim = dim, depth, heads, dim // heads
         if stem < PATCH or (stem - PATCH) % 2:
             raise ValueError(f"stem {stem}: the patch embedding's window must be {PATCH} or larger by an even count")
-        self.stem = stem
+        if prev_frames < 0:
+            raise ValueError(f"prev_frames must be >= 0, got {prev_frames}")
+        self.stem, self.prev_frames = stem, prev_frames
+        ch = 1 + prev_frames   # the frame, then the last `prev_frames` finished frames' pixels (newest first)
         if stem == PATCH:   # plain patchify: each token sees its own 4x4 pixels
-            self.patch_embed = nn.Linear(PATCH * PATCH, dim)
+            self.patch_embed = nn.Linear(ch * PATCH * PATCH, dim)
         else:               # overlapping: each token sees a stem x stem window centred on its patch
-            self.patch_conv = nn.Conv2d(1, dim, stem, stride=PATCH, padding=(stem - PATCH) // 2)
+            self.patch_conv = nn.Conv2d(ch, dim, stem, stride=PATCH, padding=(stem - PATCH) // 2)
+        if prev_frames:     # x0 = network output + gate * the previous frame (a residual; starts at 0)
+            self.prev_gate = nn.Parameter(torch.zeros(1))
         self.register_buffer("pos_embed", _sincos_2d(FRAME // PATCH, dim), persistent=False)
         self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
         # a fixed spatial locality bias per head, -beta_h * (patch distance)^2, so "look at
@@ -136,31 +142,41 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     # -- patches ---------------------------------------------------------------------------
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1, 32, 32] -> [B, 64, D]"""
+    def _tokens(self, x: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1, 32, 32] (+ prev [B, P, 32, 32]) -> [B, 64, D]"""
         b = x.shape[0]
         g = FRAME // PATCH
+        if self.prev_frames:
+            if prev is None or prev.shape[1] != self.prev_frames:
+                raise ValueError(f"this VideoDiT reads the last {self.prev_frames} frame(s): give prev "
+                                 f"[B, {self.prev_frames}, {FRAME}, {FRAME}]")
+            x = torch.cat([x, prev.to(x.dtype)], 1)
         if self.stem != PATCH:
             return self.patch_conv(x).flatten(2).transpose(1, 2) + self.pos_embed
-        p = x.reshape(b, g, PATCH, g, PATCH).permute(0, 1, 3, 2, 4).reshape(b, g * g, PATCH * PATCH)
+        ch = x.shape[1]
+        p = x.reshape(b, ch, g, PATCH, g, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, ch * PATCH * PATCH)
         return self.patch_embed(p) + self.pos_embed
 
-    def _frame(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _frame(self, h: torch.Tensor, c: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
         """[B, 64, D] (+ cond [B, 64, D]) -> [B, 1, 32, 32]"""
         b = h.shape[0]
         g = FRAME // PATCH
         shift, scale = self.ada_out(c).chunk(2, -1)
         p = self.out(self.norm_out(h) * (1 + scale) + shift)
-        return p.reshape(b, g, g, PATCH, PATCH).permute(0, 1, 3, 2, 4).reshape(b, 1, FRAME, FRAME)
+        out = p.reshape(b, g, g, PATCH, PATCH).permute(0, 1, 3, 2, 4).reshape(b, 1, FRAME, FRAME)
+        if self.prev_frames:
+            out = out + self.prev_gate * prev[:, :1].to(out.dtype)
+        return out
 
     # -- one frame against the cache (the inference step; static shapes) -------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, frame_pos: torch.Tensor, kv_cache: torch.Tensor,
-                cache_pos: torch.Tensor, cache_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                cache_pos: torch.Tensor, cache_valid: torch.Tensor,
+                prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b = x.shape[0]
         cap = kv_cache.shape[4]
         if cap % TOKENS:
             raise ValueError(f"the KV cache holds whole frames: capacity {cap} is not a multiple of {TOKENS} tokens")
-        h = self._tokens(x)
+        h = self._tokens(x, prev)
         c = self.t_embed(timestep_embedding(t))[:, None, :].expand(b, TOKENS, self.dim)
         # ALiBi on the frame distance for cached slots, 0 within the frame; slot s holds patch s % 64.
         # Positions and validity are per slot [C] (every layer and head alike) or per layer, head
@@ -186,7 +202,7 @@ class VideoDiT(nn.Module):
                 return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias)
             h, k, v = blk(h, c, attend)
             new_kv.append(torch.stack([k, v]))
-        return self._frame(h, c), torch.stack(new_kv)
+        return self._frame(h, c, prev), torch.stack(new_kv)
 
     # -- a whole clip at once (training; the reference for the cached path) -----------------
     def sequence(self, clean: torch.Tensor, t_clean: torch.Tensor, noisy: torch.Tensor, t_noisy: torch.Tensor,
@@ -205,7 +221,14 @@ class VideoDiT(nn.Module):
         """
         b, tc, tn = clean.shape[0], clean.shape[1], noisy.shape[1]
         frames = torch.cat([clean, noisy], 1).flatten(0, 1)                         # [B*(Tc+Tn), 1, 32, 32]
-        h = self._tokens(frames).reshape(b, (tc + tn) * TOKENS, self.dim)
+        prev = None
+        if self.prev_frames:    # frame at position p reads context frames p-1, ..., p-P (zeros before 0)
+            P = self.prev_frames
+            padded = torch.cat([torch.zeros_like(clean[:, :1]).expand(b, P, -1, -1, -1), clean], 1)
+            at = torch.cat([torch.arange(tc, device=clean.device), noisy_pos.to(clean.device).long()])
+            idx = (at[:, None] - torch.arange(1, P + 1, device=clean.device)[None] + P)     # [Tc+Tn, P]
+            prev = padded[:, idx.flatten()].reshape(b, tc + tn, P, FRAME, FRAME).flatten(0, 1)
+        h = self._tokens(frames, prev).reshape(b, (tc + tn) * TOKENS, self.dim)
         temb = self.t_embed(timestep_embedding(torch.cat([t_clean, t_noisy], 1)))     # [B, Tc+Tn, D]
         c = temb.repeat_interleave(TOKENS, 1)
         pos = torch.cat([torch.arange(tc, device=clean.device), noisy_pos.to(clean.device)]).float()
@@ -222,7 +245,8 @@ class VideoDiT(nn.Module):
         for blk in self.blocks:
             h, _, _ = blk(h, c, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
         out = h.reshape(b, tc + tn, TOKENS, self.dim)[:, tc:].flatten(0, 1)
-        return self._frame(out, c.reshape(b, tc + tn, TOKENS, self.dim)[:, tc:].flatten(0, 1)).reshape(
+        prev_n = None if prev is None else prev.reshape(b, tc + tn, -1, FRAME, FRAME)[:, tc:].flatten(0, 1)
+        return self._frame(out, c.reshape(b, tc + tn, TOKENS, self.dim)[:, tc:].flatten(0, 1), prev_n).reshape(
             b, tn, 1, FRAME, FRAME)
 
     def empty_cache(self, batch: int, capacity_tokens: int, dtype=torch.float32):
@@ -231,17 +255,36 @@ class VideoDiT(nn.Module):
                 torch.zeros(capacity_tokens), torch.zeros(capacity_tokens, dtype=torch.bool))
 
 
+class PrevStep(nn.Module):
+    """The step of a VideoDiT that reads its last frames with `prev` among the step's own inputs,
+    before the cache (as pared's Streamer passes them):
+    step(x, t, frame_pos, prev, kv_cache, cache_pos, cache_valid) -> (x0, new_kv)."""
+
+    def __init__(self, model: VideoDiT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, frame_pos, prev, kv_cache, cache_pos, cache_valid):
+        return self.model(x, t, frame_pos, kv_cache, cache_pos, cache_valid, prev)
+
+
+def weights_meta(weights: str = WEIGHTS) -> dict:
+    """The metadata of a weights file (the training run, its stem and prev_frames)."""
+    from safetensors import safe_open
+    with safe_open(weights, "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def build_model(weights: str | None = WEIGHTS) -> VideoDiT:
-    """VideoDiT with `weights` (None: random), its stem as the weights' metadata says."""
+    """VideoDiT with `weights` (None: random), its stem and previous-frame inputs as the weights'
+    metadata says."""
     if weights is None:
         return VideoDiT(**CONFIG).eval()
-    from safetensors import safe_open
     from safetensors.torch import load_file
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights} is missing: train it with `python {HERE}/train.py`")
-    with safe_open(weights, "pt") as f:
-        stem = int((f.metadata() or {}).get("stem", PATCH))
-    m = VideoDiT(**CONFIG, stem=stem)
+    meta = weights_meta(weights)
+    m = VideoDiT(**CONFIG, stem=int(meta.get("stem", PATCH)), prev_frames=int(meta.get("prev_frames", 0)))
     m.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     return m.eval()
 
@@ -259,6 +302,33 @@ def widen_stem(state: dict, stem: int) -> dict:
     conv[:, 0, o:o + PATCH, o:o + PATCH] = w.reshape(-1, PATCH, PATCH)
     out["patch_conv.weight"], out["patch_conv.bias"] = conv, state["patch_embed.bias"].clone()
     return out
+
+
+def widen_prev(state: dict, prev_frames: int) -> dict:
+    """Weights of a model without previous-frame inputs as those of one reading the last
+    `prev_frames` frames: the embedding's new input channels and the residual gate start at
+    zero, so the widened model computes exactly what the old one did."""
+    if not prev_frames:
+        return state
+    out = dict(state)
+    if "patch_conv.weight" in state:
+        w = state["patch_conv.weight"]                                               # [D, ch, s, s]
+        if w.shape[1] == 1:
+            out["patch_conv.weight"] = torch.cat([w, w.new_zeros(w.shape[0], prev_frames, *w.shape[2:])], 1)
+    else:
+        w = state["patch_embed.weight"]                                              # [D, ch * 16]
+        if w.shape[1] == PATCH * PATCH:
+            out["patch_embed.weight"] = torch.cat([w, w.new_zeros(w.shape[0], prev_frames * PATCH * PATCH)], 1)
+    out.setdefault("prev_gate", torch.zeros(1))
+    return out
+
+
+def previous(frames: list, f: int, count: int, like: torch.Tensor) -> torch.Tensor | None:
+    """[B, count, 32, 32]: frames f-1, ..., f-count of `frames` (a list of [B, 1, 32, 32]),
+    zeros before frame 0; None when count is 0."""
+    if not count:
+        return None
+    return torch.cat([frames[f - k] if f - k >= 0 else torch.zeros_like(like) for k in range(1, count + 1)], 1)
 
 
 def step_inputs(model: VideoDiT, batch: int = 1, capacity_frames: int = TRAIN_FRAMES) -> tuple:
@@ -298,11 +368,13 @@ def rollout(model: VideoDiT, context: torch.Tensor, frames: int, *, steps: int =
     out = [context[:, i] for i in range(k)]
     a_c, s_c = alpha_sigma(torch.tensor(ctx_t))
 
+    P = getattr(model, "prev_frames", 0)
+
     def append(frame: torch.Tensor, f: int):
         nonlocal kv, cpos
         xc = a_c * frame + s_c * torch.randn(frame.shape, generator=g).to(dev)
         _, new = model(xc, torch.full((b,), ctx_t), torch.tensor([float(f)]), kv, cpos,
-                       torch.ones(cpos.shape[0], dtype=torch.bool))
+                       torch.ones(cpos.shape[0], dtype=torch.bool), previous(out, f, P, frame))
         kv = torch.cat([kv, new], 4)
         cpos = torch.cat([cpos, torch.full((TOKENS,), float(f))])
         if window is not None and cpos.shape[0] > window * TOKENS:
@@ -316,7 +388,7 @@ def rollout(model: VideoDiT, context: torch.Tensor, frames: int, *, steps: int =
         valid = torch.ones(cpos.shape[0], dtype=torch.bool)
         for i in range(steps):
             t, s = ts[i], ts[i + 1]
-            x0, _ = model(x, t.expand(b), torch.tensor([float(f)]), kv, cpos, valid)
+            x0, _ = model(x, t.expand(b), torch.tensor([float(f)]), kv, cpos, valid, previous(out, f, P, x))
             x0 = x0.clamp(-1, 1)
             a_t, s_t = alpha_sigma(t)
             a_s, s_s = alpha_sigma(s)

@@ -7,6 +7,10 @@ captured Program and a torch-free artifact.
     streamer(model, layout=KVLayout(...))      any per-head policy (ir/kvcache.py)
     rollout(call, context, frames, steps=8)    call(x, t, frame_pos, append) -> x0, numpy in and out
 
+A model that also reads the pixels of its last P finished frames (`VideoDiT(prev_frames=P)`)
+streams as step(x, t, frame_pos, prev [B, P, 32, 32], cache...): its calls take `prev` before
+`append` (`rollout(..., prev_frames=P)` passes them; only the KV cache is state of the Plan).
+
 A frame is generated as in model.rollout: DDIM from noise, `steps` calls that read
 the cache (append 0), then the finished frame re-encoded at CTX_T in one call that
 appends its K/V (append 1). The first CONTEXT_FRAMES true frames enter the same way.
@@ -26,27 +30,32 @@ def streamer(model: Any, frames: int | None = None, layout: Any = None):
     from pared.ir.stream import Streamer
     from pared.workloads import example_module
     mdl = example_module("video_ar")
-    return Streamer(model, layers=model.depth, heads=model.heads, head_dim=model.head_dim,
+    step = mdl.PrevStep(model) if getattr(model, "prev_frames", 0) else model
+    return Streamer(step, layers=model.depth, heads=model.heads, head_dim=model.head_dim,
                     tokens_per_frame=mdl.TOKENS, capacity_frames=frames, layout=layout, frame_pos_input=2)
 
 
-def example_inputs(batch: int):
-    """Example inputs of the streamed step: (x, t, frame_pos, append), torch."""
+def example_inputs(batch: int, prev_frames: int = 0):
+    """Example inputs of the streamed step: (x, t, frame_pos, [prev,] append), torch."""
     import torch
     from pared.workloads import example_module
     mdl = example_module("video_ar")
     g = torch.Generator().manual_seed(0)
+    prev = (torch.zeros(batch, prev_frames, mdl.FRAME, mdl.FRAME),) if prev_frames else ()
     return (torch.randn(batch, 1, mdl.FRAME, mdl.FRAME, generator=g), torch.full((batch,), 0.5),
-            torch.tensor([0.0]), torch.tensor([1.0]))
+            torch.tensor([0.0]), *prev, torch.tensor([1.0]))
 
 
 def rollout(call: Callable[..., Any], context: np.ndarray, frames: int, *, steps: int = 8, seed: int = 0,
-            ctx_t: float | None = None, on_frame: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+            ctx_t: float | None = None, on_frame: Callable[[int, np.ndarray], None] | None = None,
+            prev_frames: int = 0) -> np.ndarray:
     """Generate clips frame after frame through `call(x, t, frame_pos, append) -> x0` (numpy).
 
     Args:
         context: [B, K, 1, 32, 32] true first frames in [-1, 1] (returned as they are).
         frames: the clip length returned (context included).
+        prev_frames: the model reads its last this many frames: `call(x, t, frame_pos, prev,
+            append)`, prev [B, P, 32, 32] the frames before frame_pos, newest first (zeros before 0).
     Returns:
         [B, frames, 1, 32, 32] float32 in [-1, 1].
     """
@@ -61,10 +70,16 @@ def rollout(call: Callable[..., Any], context: np.ndarray, frames: int, *, steps
     def ac(t: float) -> tuple[float, float]:
         return math.cos(t * math.pi / 2), math.sin(t * math.pi / 2)
 
+    def prev(f: int) -> tuple:
+        if not prev_frames:
+            return ()
+        zero = np.zeros_like(out[0])
+        return (np.concatenate([out[f - j] if f - j >= 0 else zero for j in range(1, prev_frames + 1)], 1),)
+
     def commit(frame: np.ndarray, f: int) -> None:
         a, s = ac(ctx_t)
         xc = (a * frame + s * rng.standard_normal(frame.shape)).astype(f32)
-        call(xc, np.full((b,), ctx_t, f32), np.array([f], f32), append)
+        call(xc, np.full((b,), ctx_t, f32), np.array([f], f32), *prev(f), append)
 
     out = [context[:, i].astype(f32) for i in range(k)]
     for f in range(k):
@@ -75,7 +90,7 @@ def rollout(call: Callable[..., Any], context: np.ndarray, frames: int, *, steps
         for i in range(steps):
             a_t, s_t = ac(ts[i])
             a_s, s_s = ac(ts[i + 1])
-            x0 = np.clip(np.asarray(call(x, np.full((b,), ts[i], f32), np.array([f], f32), keep)), -1, 1)
+            x0 = np.clip(np.asarray(call(x, np.full((b,), ts[i], f32), np.array([f], f32), *prev(f), keep)), -1, 1)
             x = (a_s * x0 + s_s * (x - a_t * x0) / s_t).astype(f32)
         out.append(x)
         if on_frame is not None:
@@ -106,7 +121,8 @@ def build_streamer():
 
 
 def example_inputs_stream():
-    return example_inputs(4)
+    from pared.workloads import example_module
+    return example_inputs(4, int(example_module("video_ar").weights_meta().get("prev_frames", 0)))
 
 
 def calibration_stream():

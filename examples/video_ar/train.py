@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
           ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
           save_every_min: float = 5.0, init: str | None = None, stem: int | None = None,
-          rollout_frac: float = 0.0, rollout_steps: int = 4) -> dict:
+          rollout_frac: float = 0.0, rollout_steps: int = 4, prev_frames: int | None = None) -> dict:
     """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
     (a fresh optimizer with a new warmup; the log records the chain). `rollout_frac`: the
     share of updates whose context frames after the first CONTEXT_FRAMES are the model's own
@@ -72,19 +72,22 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         with safe_open(init, "pt") as f:
             previous = dict(f.metadata() or {})
         stem = stem or int(previous.get("stem", mdl.PATCH))
-        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem)
-        model.load_state_dict(mdl.widen_stem(load_file(init), stem))   # a wider stem starts as the old one
+        prev_frames = int(previous.get("prev_frames", 0)) if prev_frames is None else prev_frames
+        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=prev_frames)
+        # a wider stem, or new previous-frame inputs, start as the old model
+        model.load_state_dict(mdl.widen_prev(mdl.widen_stem(load_file(init), stem), prev_frames))
     else:
         previous = None
         stem = stem or mdl.PATCH
-        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem)
+        prev_frames = prev_frames or 0
+        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=prev_frames)
     ema, opt, n_params = start(model, lr)
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
     t0, step, rollouts = time.time(), 0, 0
     progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min,
-                        meta={"stem": stem})
+                        meta={"stem": stem, "prev_frames": prev_frames})
     while True:
         elapsed = time.time() - t0
         frac = max(step / steps if steps else 0.0, elapsed / (max_minutes * 60))
@@ -112,7 +115,7 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         progress.after(step, loss.item(), elapsed, ema)
     meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(progress.loss, 5),
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
-            "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "ema_decay": ema_decay,
+            "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "prev_frames": prev_frames, "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
     if rollout_frac:
         meta.update(objective="x0 MSE of the true frames, noisy context: the true frames or the model's own rollout",
@@ -142,13 +145,16 @@ def main() -> None:
     p.add_argument("--rollout-frac", type=float, default=0.0,
                    help="share of updates whose context (after the first 2 true frames) is the model's own rollout")
     p.add_argument("--rollout-steps", type=int, default=4, help="DDIM steps per frame of those rollouts")
+    p.add_argument("--prev-frames", type=int, help="the step also reads the pixels of the last N finished frames "
+                   "(input channels of the embedding, and a residual to the last one); default: the --init weights' "
+                   "or 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
     a = p.parse_args()
     train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
           t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem,
-          rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps)
+          rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps, prev_frames=a.prev_frames)
 
 
 if __name__ == "__main__":

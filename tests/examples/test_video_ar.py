@@ -19,11 +19,11 @@ def mdl():
     return example_module("video_ar")
 
 
-def _random_model(mdl, seed=0, stem=4):
+def _random_model(mdl, seed=0, stem=4, prev_frames=0):
     """A random model whose zero-initialized layers (adaLN, output) are perturbed too,
     so every path of the forward carries signal."""
     torch.manual_seed(seed)
-    m = mdl.VideoDiT(**mdl.CONFIG, stem=stem)
+    m = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=prev_frames)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -125,6 +125,63 @@ def test_a_wider_stem_starts_as_the_plain_patches_and_loads_by_its_metadata(mdl,
         torch.testing.assert_close(loaded(*ex)[0], wide(*ex)[0])
     with pytest.raises(ValueError, match="window must be 4 or larger by an even count"):
         mdl.VideoDiT(**mdl.CONFIG, stem=5)
+
+
+@pytest.mark.parametrize("stem", [4, 8])
+def test_previous_frame_inputs_cached_step_equals_the_clip_forward(mdl, data, stem):
+    """A model that reads its last 2 frames' pixels: frame p of the uncached clip forward reads
+    context frames p-1 and p-2 (zeros before frame 0), exactly what the cached step computes
+    when given those frames as `prev`; each prev channel changes the output."""
+    m = _random_model(mdl, seed=3, stem=stem, prev_frames=2)
+    T, B, N = 5, 2, mdl.TOKENS
+    g = torch.Generator().manual_seed(2)
+    clips = data.batch([7, 8], T)
+    t_clean = torch.rand(B, T - 1, generator=g) * 0.1
+    t_noisy = torch.rand(B, T - 1, generator=g)
+    clean = clips[:, :-1] + 0.05 * torch.randn(clips[:, :-1].shape, generator=g)
+    noisy = clips[:, 1:] + 0.5 * torch.randn(clips[:, 1:].shape, generator=g)
+    frames = [clean[:, i] for i in range(T - 1)]
+    with torch.no_grad():
+        ref = m.sequence(clean, t_clean, noisy, t_noisy, torch.arange(1, T))
+        kv, pos, valid = m.empty_cache(B, T * N)
+        for f in range(T - 1):
+            _, new = m(clean[:, f], t_clean[:, f], torch.tensor([float(f)]), kv, pos, valid,
+                       mdl.previous(frames, f, 2, clean[:, 0]))
+            kv[..., f * N:(f + 1) * N, :], pos[f * N:(f + 1) * N], valid[f * N:(f + 1) * N] = new, f, True
+            prev = mdl.previous(frames, f + 1, 2, clean[:, 0])
+            x0, _ = m(noisy[:, f], t_noisy[:, f], torch.tensor([float(f + 1)]), kv, pos, valid, prev)
+            torch.testing.assert_close(x0, ref[:, f], atol=2e-5, rtol=1e-5)
+            for k in range(2):
+                other = prev.clone()
+                other[:, k] = 0.3
+                assert not torch.allclose(m(noisy[:, f], t_noisy[:, f], torch.tensor([float(f + 1)]), kv, pos,
+                                            valid, other)[0], x0, atol=1e-4)
+        with pytest.raises(ValueError, match="reads the last 2 frame"):
+            m(noisy[:, 0], t_noisy[:, 0], torch.tensor([1.0]), kv, pos, valid)
+    assert mdl.previous(frames, 0, 2, clean[:, 0]).abs().max() == 0     # nothing before frame 0
+
+
+def test_previous_frame_inputs_start_as_the_model_without_them_and_load_by_metadata(mdl, tmp_path):
+    """widen_prev adds zero input channels and a zero residual gate: the widened model computes
+    what the old one did, whatever its prev frames; build_model reads prev_frames from the
+    weights' metadata."""
+    from safetensors.torch import save_file
+    for stem in (4, 8):
+        old = _random_model(mdl, stem=stem)
+        new = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=2)
+        new.load_state_dict(mdl.widen_prev(old.state_dict(), 2))
+        new.eval()
+        ex = mdl.step_inputs(old, 2, 4)
+        with torch.no_grad():
+            a, b = old(*ex), new(*ex, torch.randn(2, 2, 32, 32))
+        torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=1e-6)
+    path = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in new.state_dict().items()}, path, metadata={"stem": "8", "prev_frames": "2"})
+    loaded = mdl.build_model(path)
+    assert (loaded.stem, loaded.prev_frames) == (8, 2)
+    with pytest.raises(ValueError, match="prev_frames must be >= 0"):
+        mdl.VideoDiT(**mdl.CONFIG, prev_frames=-1)
 
 
 def test_per_head_slot_positions_mask_each_head_alone(mdl):
@@ -263,6 +320,34 @@ def test_streamed_rollout_through_the_plan_equals_the_eager_streamer(mdl):
     w = st.rollout(st.torch_call(st.streamer(m, layout=HeadPolicy.window(3))), ctx, 6, steps=2, seed=5)
     np.testing.assert_allclose(w[:, :4], eager[:, :4], atol=2e-5)      # frames 2, 3 see <= 3 cached frames
     assert np.abs(w[:, 5] - eager[:, 5]).max() > 1e-4                    # frame 5 has lost frames 0 and 1
+
+
+def test_streamed_rollout_with_previous_frames_through_the_plan_equals_the_eager_rollout(mdl):
+    """A model reading its last 2 frames streams with `prev` as a step input before `append`: the
+    numpy driver's rollout through the captured Program equals the eager Streamer's, and the
+    eager Streamer's equals model.rollout's frames when both draw the same noise (checked on the
+    context re-encoding: the first generated frame's inputs)."""
+    from pared.ir.capture import capture
+    st = example_module("video_ar", "stream.py")
+    m = _random_model(mdl, seed=6, stem=8, prev_frames=2)
+    s = st.streamer(m, frames=6)
+    prog = capture(s, st.example_inputs(2, 2))
+    assert prog.input_names[3] == "prev" and prog.input_names[-1] == "append"
+    ctx = np.random.default_rng(1).uniform(-1, 1, (2, 2, 1, 32, 32)).astype(np.float32)
+    eager = st.rollout(st.torch_call(s), ctx, 6, steps=2, seed=5, prev_frames=2)
+    run = prog.runner()
+    got = st.rollout(lambda *a: run([torch.from_numpy(x) for x in a])[0].numpy(), ctx, 6, steps=2, seed=5,
+                     prev_frames=2)
+    np.testing.assert_allclose(got, eager, atol=2e-5)
+    # the driver passes the frames before frame_pos, newest first: a wrong order changes the result
+    seen = []
+    st.rollout(lambda *a: (seen.append(a), np.zeros_like(a[0]))[1], ctx, 4, steps=1, seed=5, prev_frames=2)
+    frame3 = [a for a in seen if a[2][0] == 3][0]          # (a call returning 0 generates frames of 0)
+    np.testing.assert_array_equal(frame3[3][:, 0:1], np.zeros_like(ctx[:, 0]))     # frame 2: generated
+    np.testing.assert_array_equal(frame3[3][:, 1:2], ctx[:, 1])                     # frame 1: context
+    first = [a for a in seen if a[2][0] == 1][0]
+    np.testing.assert_array_equal(first[3][:, 0:1], ctx[:, 0])                       # frame 0 before frame 1
+    np.testing.assert_array_equal(first[3][:, 1:2], np.zeros_like(ctx[:, 0]))       # nothing before frame 0
 
 
 def test_video_ar_workload_runs_and_judges_per_frame():
