@@ -5,8 +5,12 @@ identity, velocity error and PSNR (full cache, DDIM 8 steps), the same clips and
     .venv/bin/python benchmarks/video_ar_weights.py [--weights A.safetensors,B.safetensors] [--clips 16]
 
 Default: the shipped weights, examples/video_ar/runs/stem8.safetensors (the overlapping-stem
-run, not shipped) and runs/stem8b.safetensors (80 more minutes of teacher forcing from stem8). Writes benchmarks/results/video_ar_weights.json. A quick screen for a training
-run; the shipped model's full figures are benchmarks/video_ar_quality.py's.
+run, not shipped), runs/stem8b.safetensors (80 more minutes of teacher forcing from stem8),
+runs/prev2.safetensors (stem8b given its last 2 frames' pixels as inputs, 65 more minutes),
+runs/prev2b.safetensors (36 more minutes from prev2) and runs/prev2_scratch.safetensors (that
+architecture from random weights, 60 minutes). Writes
+benchmarks/results/video_ar_weights.json. A quick screen for a training run; the shipped model's
+full figures are benchmarks/video_ar_quality.py's.
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from pared.bench import write_results  # noqa: E402
 from pared.workloads import example_module  # noqa: E402
 
 DEFAULT = ",".join(os.path.join("examples", "video_ar", f) for f in ("weights.safetensors", "runs/stem8.safetensors",
-                                                                  "runs/stem8b.safetensors"))
+                                                                  "runs/stem8b.safetensors", "runs/prev2.safetensors",
+                                                                  "runs/prev2b.safetensors",
+                                                                  "runs/prev2_scratch.safetensors"))
 
 
 def main() -> None:
@@ -63,6 +69,7 @@ def main() -> None:
         meas = q.measure((np.clip(gen, -1, 1) + 1) / 2, [c for c in clips])
         out[path] = {
             "stem": m.stem,
+            "prev_frames": m.prev_frames,
             "teacher_forced_mse_t1_vs_empty_frame": round(tf[1.0] / empty, 4),
             "teacher_forced_mse_t05": round(tf[0.5], 5),
             "rollout": {name: {k: round(float(np.mean(meas[k][lo:hi])), 4)
