@@ -18,16 +18,21 @@ def atomic_save(state: dict, path: str, meta: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_meta(path: str) -> dict:
+    """The metadata of the safetensors file at `path` (what atomic_save wrote: the training run)."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_init(model, path: str | None) -> dict | None:
     """Load the weights at `path` (safetensors) into `model` to continue training from them;
     their metadata (the run that wrote them), or None without a path."""
     if not path:
         return None
-    from safetensors import safe_open
     from safetensors.torch import load_file
     model.load_state_dict(load_file(path))
-    with safe_open(path, "pt") as f:
-        return dict(f.metadata() or {})
+    return read_meta(path)
 
 
 def start(model, lr: float):

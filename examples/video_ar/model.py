@@ -270,9 +270,8 @@ class PrevStep(nn.Module):
 
 def weights_meta(weights: str = WEIGHTS) -> dict:
     """The metadata of a weights file (the training run, its stem and prev_frames)."""
-    from safetensors import safe_open
-    with safe_open(weights, "pt") as f:
-        return dict(f.metadata() or {})
+    from pared.workloads.training import read_meta
+    return read_meta(weights)
 
 
 def build_model(weights: str | None = WEIGHTS) -> VideoDiT:

@@ -67,10 +67,8 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     rng = np.random.default_rng(seed)
     T = mdl.TRAIN_FRAMES
     if init:
-        from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(init, "pt") as f:
-            previous = dict(f.metadata() or {})
+        previous = mdl.weights_meta(init)
         stem = stem or int(previous.get("stem", mdl.PATCH))
         prev_frames = int(previous.get("prev_frames", 0)) if prev_frames is None else prev_frames
         model = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=prev_frames)

@@ -325,8 +325,7 @@ def test_streamed_rollout_through_the_plan_equals_the_eager_streamer(mdl):
 def test_streamed_rollout_with_previous_frames_through_the_plan_equals_the_eager_rollout(mdl):
     """A model reading its last 2 frames streams with `prev` as a step input before `append`: the
     numpy driver's rollout through the captured Program equals the eager Streamer's, and the
-    eager Streamer's equals model.rollout's frames when both draw the same noise (checked on the
-    context re-encoding: the first generated frame's inputs)."""
+    driver passes the frames before frame_pos, newest first, zeros before frame 0."""
     from pared.ir.capture import capture
     st = example_module("video_ar", "stream.py")
     m = _random_model(mdl, seed=6, stem=8, prev_frames=2)
