@@ -27,16 +27,42 @@ PAGES = {
 }
 
 
-def build(name: str, artifacts: str, repeats: int = 10) -> str:
-    """Optimize PAGES[name] into `artifacts`/NAME with its report beside it; returns the page's path."""
+def build(name: str, artifacts: str, repeats: int = 10, options: dict | None = None) -> str:
+    """Optimize PAGES[name] into `artifacts`/NAME with its report beside it; returns the page's path.
+    `options` ({pass: {option: value}}) changes pass options of the file first: the changed copy
+    is written to `artifacts`/NAME.yaml (its references made absolute) and optimized instead."""
     from pared.cli import EXIT_OK, main
     out = os.path.join(artifacts, name)
-    rc = main(["optimize", os.path.join(HERE, PAGES[name]), "--out", out, "--report", "--repeats", str(repeats),
-               "-q"])
+    pipeline = os.path.join(HERE, PAGES[name])
+    if options:
+        pipeline = _changed_copy(pipeline, options, os.path.join(artifacts, f"{name}.yaml"))
+    rc = main(["optimize", pipeline, "--out", out, "--report", "--repeats", str(repeats), "-q"])
     if rc != EXIT_OK:
         raise SystemExit(f"pared optimize {PAGES[name]} exited {rc}")
     from pared.report import default_path
     return default_path(out)
+
+
+def _changed_copy(pipeline: str, options: dict, dest: str) -> str:
+    """`pipeline` with `options` merged into its passes' options, written to `dest`."""
+    import yaml
+    with open(pipeline, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    base = os.path.dirname(pipeline)
+    for key in ("model", "example_inputs", "calibration", "holdout"):
+        if data.get(key) and not os.path.isabs(data[key]):
+            data[key] = os.path.normpath(os.path.join(base, data[key]))
+    data.pop("export", None)                    # the copy is optimized with --out
+    names = [next(iter(p)) for p in data["passes"]]
+    for name, changed in options.items():
+        if name not in names:
+            raise ValueError(f"{pipeline} has no pass {name!r} (its passes: {names})")
+        entry = data["passes"][names.index(name)]
+        entry[name] = {**(entry[name] or {}), **changed}
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with open(dest, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return dest
 
 
 def screenshot(page: str, png: str) -> dict:

@@ -317,13 +317,23 @@ def test_bench_with_dynamic_precision_switches_widths_in_the_simulator(tmp_path,
 
 @pytest.mark.heavy
 def test_bench_with_token_reuse_reuses_static_tokens_in_the_simulator(tmp_path, monkeypatch):
-    """pared bench with examples/pipelines/vla_token_reuse.yaml on the 64-visual-token policy: the
+    """pared bench with examples/pipelines/vla_token_reuse.yaml's pass on the 64-visual-token policy: the
     artifact acts in the simulator, an episode's first call cold, later calls reusing the static
     patches' tokens, and the result reports the share of calls per level."""
     monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    import yaml
+
     from pared.workloads.bench import bench_workload
-    r = bench_workload("vla_metaworld", pipeline=os.path.join(EXAMPLES, "pipelines", "vla_token_reuse.yaml"),
-                       repeats=1, json_out=str(tmp_path / "reuse.json"),
+    # the shipped file's passes with two reuse levels of its five (each level one more encoder
+    # graph to lower, ~17 s here); the bins select still chooses among levels
+    with open(os.path.join(EXAMPLES, "pipelines", "vla_token_reuse.yaml"), encoding="utf-8") as f:
+        spec = yaml.safe_load(f)
+    (entry,) = spec["passes"]
+    entry["token_reuse"]["levels"] = [24, 40]
+    pipe = tmp_path / "reuse.yaml"
+    pipe.write_text(yaml.safe_dump({k: spec[k] for k in ("version", "target", "fidelity", "passes")}),
+                    encoding="utf-8")
+    r = bench_workload("vla_metaworld", pipeline=str(pipe), repeats=1, json_out=str(tmp_path / "reuse.json"),
                        workload_options={"policy": "all_tokens", "decoder": "loop", "episodes": 1,
                                          "tasks": "reach-v3", "mse_steps": 8, "calls": 12, "max_steps": 60,
                                          "calibration_steps": 64})
@@ -333,7 +343,7 @@ def test_bench_with_token_reuse_reuses_static_tokens_in_the_simulator(tmp_path, 
     assert u["level_shares"]["cold"] > 0 and sum(u["level_shares"].values()) == pytest.approx(1.0)
     assert any(k.startswith("r") for k in u["level_shares"]) and u["mean_reused"] > 8, u
     assert {g for g in r["graph_calls_per_call"]["optimized"] if g.startswith("encoder")} <= \
-        {"encoder.cold", "encoder.probe", *(f"encoder.r{k}" for k in (16, 24, 32, 40, 48))}
+        {"encoder.cold", "encoder.probe", "encoder.r24", "encoder.r40"}
 
 
 @pytest.mark.heavy      # pared bench on the trained policy, closed loop (about 1 min per head)
