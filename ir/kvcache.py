@@ -331,6 +331,51 @@ def append_module(layout: KVLayout) -> KVAppend:
     return ScoredKVAppend(layout) if layout.scored else KVAppend(layout)
 
 
+def rows_layout(layout: KVLayout, rows: Sequence[tuple[int, int]]) -> KVLayout:
+    """The layout of a compact state that keeps only `rows` ((layer, head) pairs, in order): one
+    "layer" whose "heads" are those rows, each with its own policy."""
+    if not rows:
+        raise OptionError("KV layout: a compact state needs at least one (layer, head) row")
+    return KVLayout((tuple(layout.policies[li][h] for li, h in rows),), layout.tokens_per_frame)
+
+
+class RowsKVAppend(torch.nn.Module):
+    """The append of a compact state (rows_layout): (cache, pos, valid, count, new_kv [L, 2, B, H,
+    T, Dh], frame_pos) with new_kv reduced to the kept rows ([1, 2, B, R, T, Dh]), then appended by
+    the rows' policies. A scored layout's is ScoredRowsKVAppend (see rows_append_module)."""
+
+    def __init__(self, layout: KVLayout, rows: Sequence[tuple[int, int]]):
+        super().__init__()
+        self.inner = append_module(rows_layout(layout, rows))
+        self.L, self.H = layout.layers, layout.heads
+        self.register_buffer("_rows", torch.tensor([li * self.H + h for li, h in rows], dtype=torch.int64),
+                             persistent=False)
+
+    def rows(self, new_kv: torch.Tensor) -> torch.Tensor:
+        b, t, dh = new_kv.shape[2], new_kv.shape[4], new_kv.shape[5]
+        flat = new_kv.permute(1, 2, 0, 3, 4, 5).reshape(2, b, self.L * self.H, t, dh)
+        return flat.index_select(2, self._rows)[None]
+
+    def forward(self, cache: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+                new_kv: torch.Tensor, frame_pos: torch.Tensor):
+        return self.inner(cache, pos, valid, count, self.rows(new_kv), frame_pos)
+
+
+class ScoredRowsKVAppend(RowsKVAppend):
+    """RowsKVAppend of a scored layout: (cache, pos, valid, count, score, new_kv, frame_pos, mass
+    [L, H, C]) with the mass reduced to the kept rows too."""
+
+    def forward(self, cache: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, count: torch.Tensor,
+                score: torch.Tensor, new_kv: torch.Tensor, frame_pos: torch.Tensor, mass: torch.Tensor):
+        mass = mass.reshape(self.L * self.H, mass.shape[-1]).index_select(0, self._rows)[None]
+        return self.inner(cache, pos, valid, count, score, self.rows(new_kv), frame_pos, mass)
+
+
+def rows_append_module(layout: KVLayout, rows: Sequence[tuple[int, int]]) -> RowsKVAppend:
+    """The append of `layout`'s compact state of `rows`."""
+    return ScoredRowsKVAppend(layout, rows) if layout.scored else RowsKVAppend(layout, rows)
+
+
 class KVReference:
     """The same policies as frame lists, eagerly (what the tests hold KVAppend to).
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .errors import CaptureError
-from .kvcache import HeadPolicy, KVAppend, KVInit, KVLayout, append_module, layout_from
+from .kvcache import HeadPolicy, KVAppend, KVInit, KVLayout, append_module, layout_from, rows_append_module, rows_layout
 from .records import Record
 
 INIT, APPEND, STEP = "kv.init", "kv.append", "step"
@@ -121,6 +121,9 @@ class KVStream(Record):
         dynamic_capacity: the step graph takes any capacity (a multiple of tokens_per_frame).
         mass: the plan reference of the step's attention-mass output ([L, H, C], what a scored
             layout's append reads), or None when the step does not report it.
+        rows: None when the state holds every (layer, head) ([L, 2, B, H, C, Dh]); else the
+            (layer, head) of each row of a compact state ([1, 2, B, R, C, Dh], pos and valid
+            [1, R, C]: state_layout()), layer-major, as kv_drop keeps it.
     """
 
     step: str
@@ -137,9 +140,15 @@ class KVStream(Record):
     dynamic_capacity: bool
     policy: str = "window"
     mass: str | None = None
+    rows: tuple[tuple[int, int], ...] | None = None
 
     def kv_layout(self) -> KVLayout:
         return self.layout
+
+    def state_layout(self) -> KVLayout:
+        """The layout the state is declared in: `layout`, or for a compact state one "layer" of
+        the kept rows (ir/kvcache.rows_layout)."""
+        return self.layout if self.rows is None else rows_layout(self.layout, self.rows)
 
 
 def stream_record(program, who: str) -> KVStream:
@@ -171,23 +180,27 @@ def state_declarations(layout: KVLayout, batch: Any, head_dim: int, dtype: str) 
 
 
 def cache_graphs(layout: KVLayout, head_dim: int, first_input: torch.Tensor, new_kv: torch.Tensor,
-                 frame_pos: torch.Tensor, batch_dim: Any = None) -> dict:
-    """The kv.init and kv.append graphs of a layout (captured; the batch dynamic when `batch_dim`)."""
+                 frame_pos: torch.Tensor, batch_dim: Any = None, rows: Any = None) -> dict:
+    """The kv.init and kv.append graphs of a layout (captured; the batch dynamic when `batch_dim`);
+    with `rows` ((layer, head) pairs), of its compact state of those rows (KVStream.rows): the
+    append still takes the step's full new_kv (and mass)."""
     from .capture import capture
-    init = KVInit(layout, head_dim)
+    kept = layout if rows is None else rows_layout(layout, rows)
+    init = KVInit(kept, head_dim)
     with torch.no_grad():
         state = init(first_input)
     init_dyn = None if batch_dim is None else ({0: batch_dim},)
     b = {2: batch_dim} if batch_dim is not None else None
+    append = append_module(layout) if rows is None else rows_append_module(layout, rows)
     if layout.scored:
-        mass = torch.zeros(layout.layers, layout.heads, layout.capacity)
+        mass = torch.zeros(layout.layers, layout.heads, kept.capacity)
         args = (*state, new_kv, frame_pos, mass)
         app_dyn = None if batch_dim is None else (b, None, None, None, None, b, None, None)
     else:
         args = (*state, new_kv, frame_pos)
         app_dyn = None if batch_dim is None else (b, None, None, None, b, None)
     return {INIT: capture(init, (first_input,), dynamic_shapes=init_dyn, name=INIT).main,
-            APPEND: capture(append_module(layout), args, dynamic_shapes=app_dyn, name=APPEND).main}
+            APPEND: capture(append, args, dynamic_shapes=app_dyn, name=APPEND).main}
 
 
 def append_inputs(rec: "KVStream") -> tuple[int, int]:

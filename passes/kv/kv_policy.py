@@ -64,7 +64,7 @@ from pared.analysis.recorder import record_calls, replay_inputs
 from pared.analysis.search import smallest_meeting
 from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
-from pared.ir.kvcache import HeadPolicy, KVLayout, uniform_policy
+from pared.ir.kvcache import HeadPolicy, KVLayout, rows_layout, uniform_policy
 from pared.ir.program import Program
 from pared.ir.records import Record
 from pared.ir.stream import (ALL_STATES, STATES, KVStream, append_inputs, cache_graphs, rewire, state_declarations,
@@ -310,14 +310,18 @@ class KVPolicy(RewritePass):
         return PassResult(out, modified=True, preserved=(HeadTypes,), stats=stats)
 
 
-def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who: str = NAME) -> Program:
+def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who: str = NAME,
+                rows: tuple | None = None) -> Program:
     """`program` with the cache kept by layout `new`: kv.init and kv.append captured for it, the
     kv.* state declarations of its capacity, the KVStream record updated (policy: its name). A
     scored layout (heavy hitters) makes the step graph report its attention mass (passes/kv/mass.py)
-    and carries frame scores as state; an unscored one removes both.
+    and carries frame scores as state; an unscored one removes both. With `rows` ((layer, head)
+    pairs) the state is compact, only those rows (KVStream.rows; the caller has rewritten the step
+    graph to read it: kv_drop).
 
     Raises:
-        PassError: when the step graph takes only its captured capacity and `new` needs another.
+        PassError: when the step graph takes only its captured capacity and `new` needs another;
+            when the state is already compact (kv_drop rewrote the step to read it).
     """
     old = rec.kv_layout()
     if not rec.dynamic_capacity and new.capacity != old.capacity:
@@ -325,7 +329,11 @@ def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who
                         f"export with a dynamic capacity), and this layout needs {new.frames}; capture the "
                         f"Streamer with a layout of {new.frames} frames")
     if new.scored:
-        program, rec = report_mass(program, rec, who)
+        program, rec = report_mass(program, rec, who)     # (names kv_drop's split sites first)
+    if rec.rows is not None:
+        raise PassError(f"pass '{who}': kv_drop compacted the cache state to the {len(rec.rows)} (layer, head) "
+                        "rows that keep frames and rewrote the step graph to read them; apply this pass before "
+                        "kv_drop, or run kv_drop with compact: false")
     init, append = program.graphs[rec.init], program.graphs[rec.append]
     x_ex = init.example_inputs[0]
     k_new, k_fp = append_inputs(rec)
@@ -333,13 +341,15 @@ def with_layout(program: Program, rec: KVStream, new: KVLayout, policy: str, who
     batch_dyn = bool(init.dynamic_dims and init.dynamic_dims[0])
     batch_dim = torch.export.Dim("batch", min=1, max=4096) if batch_dyn else None
     graphs = dict(program.graphs)
-    graphs.update(cache_graphs(new, rec.head_dim, x_ex, new_kv_ex, fp_ex, batch_dim))
+    graphs.update(cache_graphs(new, rec.head_dim, x_ex, new_kv_ex, fp_ex, batch_dim, rows))
     plan = rewire(program.plan, rec, new)
     cache_decl = next(s for s in plan.state if s.name == STATES[0])
     keep = tuple(s for s in plan.state if s.name not in ALL_STATES)
-    decl = state_declarations(new, cache_decl.shape[2], rec.head_dim, cache_decl.dtype)
+    decl = state_declarations(new if rows is None else rows_layout(new, rows), cache_decl.shape[2], rec.head_dim,
+                              cache_decl.dtype)
     plan = dataclasses.replace(plan, state=keep + decl)
-    rec = dataclasses.replace(rec, layout=new, policy=policy, states=ALL_STATES if new.scored else STATES)
+    rec = dataclasses.replace(rec, layout=new, policy=policy, states=ALL_STATES if new.scored else STATES,
+                              rows=None if rows is None else tuple(tuple(r) for r in rows))
     out = program.replace(graphs=graphs, plan=plan).with_record(rec)
     if not new.scored and rec.mass:
         out, _ = drop_mass(out, rec)

@@ -75,7 +75,8 @@ def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, targe
     """ONNX Runtime keeps the step's capacity dynamic; TVM gets it fixed at the layout's
     (backends/lower.py: Program.pinned_by_state, from the cache's state declarations). With heavy-hitter veil heads the step reports its
     attention (split by kv_drop at layer 1) and the state carries the frame scores; the reference
-    ranks frames by the attention the eager step computes."""
+    ranks frames by the attention the eager step computes. kv_drop compacts the state to the
+    heads that keep frames."""
     from pared.registry import get_pass
     from pared.ir.transform import PassContext
     from pared.targets import get_target
@@ -86,6 +87,13 @@ def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, targe
     assert prog.records["KVStream"].kv_layout().scored == heavy
     prog = get_pass("kv_drop")(heads=[[1, 1]])(prog, PassContext()).program     # composes: drops one more
     assert prog.records["KVStream"].policy == "pyramid+kv_drop"
+    # the compact state: rows only for the three heads that keep frames, what the artifact carries
+    rec = prog.records["KVStream"]
+    assert rec.rows == ((0, 0), (0, 1), (1, 0))
+    c, f = rec.kv_layout().capacity, rec.kv_layout().frames
+    assert {s.name: s.shape for s in prog.plan.state} == {
+        "kv.cache": (1, 2, 2, 3, c, 8), "kv.pos": (1, 3, c), "kv.valid": (1, 3, c), "kv.count": (1,),
+        **({"kv.score": (1, 3, f)} if heavy else {})}
     path = testing.save_program(prog, str(tmp_path / "art"), get_target(target).to_json())
     calls = testing.tiny_stream_calls(24)
     np.savez(tmp_path / "calls.npz", **{f"{i}_{j}": a.numpy() for i, c in enumerate(calls) for j, a in enumerate(c)})

@@ -677,6 +677,7 @@ CASES: dict[str, Case] = {
              ({"heads": [[0]]}, "option 'heads' takes \\[layer, head\\] pairs"),
              ({"heads": [[5, 0]]}, "names \\[5, 0\\]; the step has 2 layers of 2 heads"),
              ({"heads": None}, "run analysis 'head_types' before it, or give option 'heads'"),
+             ({"compact": 1}, "option 'compact' expects bool, got int 1"),
              ({"shares": 0.2}, "unknown option 'shares'; did you mean 'share'")),
         meaning=stream_meaning, rel_l2=1e-6),
     # -- plan call fusion: lossless ------------------------------------------------------------------

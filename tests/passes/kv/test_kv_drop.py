@@ -1,5 +1,7 @@
 """kv_drop's goal: the most heads (lowest Dummy Forcing cost first) whose dropping still meets a
-goal on the calibration stream, every trial recorded, against the program before."""
+goal on the calibration stream, every trial recorded, against the program before. Its compact
+state: rows only for the heads that keep frames, the same stream as the full state and the
+eager frame lists, heavy hitters' scores per row, and the errors."""
 import pytest
 import torch
 
@@ -87,3 +89,146 @@ def test_target_is_measured_on_the_reference_inputs(typed):
     assert dec.heads == one.records["KVDropDecisions"].heads
     tried = dict(dec.trials)
     assert tried[1][0][1] == pytest.approx(p1, abs=1e-3) and tried[2][0][1] == pytest.approx(p2, abs=1e-3)
+
+
+# -- the compact cache state: only the (layer, head) pairs that keep frames have rows ------------------
+@pytest.fixture(scope="module")
+def drops():
+    m, ex = testing.tiny_streamer()
+    prog = capture(m, ex)
+    full = get_pass("kv_drop")(heads=[[0, 1], [1, 0]], compact=False)(prog, PassContext()).program
+    res = get_pass("kv_drop")(heads=[[0, 1], [1, 0]])(prog, PassContext())
+    return m, prog, full, res
+
+
+def _stream(prog, calls):
+    run = prog.runner()
+    with torch.no_grad():
+        return [run(list(c))[0] for c in calls]
+
+
+def test_compact_state_streams_what_the_full_state_does(drops):
+    m, _, full, res = drops
+    calls = testing.tiny_stream_calls(10, reads=1)
+    lay = res.program.records["KVStream"].kv_layout()
+    assert lay == full.records["KVStream"].kv_layout()
+    ref = testing.eager_stream(m.step, lay, calls, m.head_dim)
+    for i, (c, f, r) in enumerate(zip(_stream(res.program, calls), _stream(full, calls), ref)):
+        torch.testing.assert_close(c, f, atol=1e-6, rtol=1e-6, msg=f"call {i}")
+        torch.testing.assert_close(c, r, atol=1e-6, rtol=1e-6, msg=f"call {i}")
+
+
+def test_compact_state_has_a_row_per_kept_head_and_the_step_reads_only_those(drops):
+    from pared.ir.stream import STEP
+    _, prog, full, res = drops
+    rec = res.program.records["KVStream"]
+    assert rec.rows == ((0, 0), (1, 1)) and full.records["KVStream"].rows is None
+    shapes = {s.name: s.shape for s in res.program.plan.state}
+    assert shapes == {"kv.cache": (1, 2, 2, 2, 12, 8), "kv.pos": (1, 2, 12), "kv.valid": (1, 2, 12), "kv.count": (1,)}
+    assert {s.name: s.shape for s in full.plan.state}["kv.cache"] == (2, 2, 2, 2, 12, 8)
+    assert {s.name: s.shape for s in prog.plan.state}["kv.cache"] == (2, 2, 2, 2, 12, 8)     # the input unchanged
+    dec = res.program.records["KVDropDecisions"]
+    assert (dec.state_rows_before, dec.state_rows_after) == (4, 2) and res.stats["state_rows"] == 2
+    # cache 4 B/float, positions float, validity bool, the count int64; halved but for the count
+    assert (dec.state_bytes_before, dec.state_bytes_after) == (4 * 2 * 12 * 8 * 4 + 4 * 12 * 5 + 8,
+                                                               2 * 2 * 12 * 8 * 4 + 2 * 12 * 5 + 8)
+    # the step reads the cache only as its one "layer" of rows; each layer's heads from their rows
+    step = res.program.graphs[STEP]
+    g = step.module.graph
+    cache = next(n for n in g.nodes if n.op == "placeholder" and n.target == "kv_cache")
+    assert [(u.target, u.args[1:]) for u in cache.users] == [(torch.ops.aten.select.int, (0, 0))]
+    rows = [n for n in g.nodes if n.target == torch.ops.aten.slice.Tensor and n.args[0].target ==
+            torch.ops.aten.select.int and n.args[0].args[0] in cache.users]
+    assert sorted((n.args[0].args[2], n.args[2], n.args[3]) for n in rows) == [(0, 0, 1), (0, 1, 2), (1, 0, 1),
+                                                                                 (1, 1, 2)]
+    assert all(u.target == torch.ops.aten.cat.default for n in rows for u in n.users)
+    ex = dict(zip(step.input_names, step.example_inputs))
+    assert ex["kv_cache"].shape[:4] == (1, 2, 2, 2) and ex["cache_pos"].shape[:2] == ex["cache_valid"].shape[:2] == (1, 2)
+    assert dict(zip(step.input_names, step.dynamic_dims))["kv_cache"] == \
+        dict(zip(prog.graphs[STEP].input_names, prog.graphs[STEP].dynamic_dims))["kv_cache"]
+
+
+def test_compact_state_with_heavy_hitters_keeps_their_scores_per_row():
+    """Snap heads rank frames by the attention the step reports: the compact append reduces the
+    step's mass [L, H, C] to the kept rows, and the scores are declared per row."""
+    m, ex = testing.tiny_streamer(capacity_frames=10)
+    snap = get_pass("kv_policy")(policy="snap", frames=5)(capture(m, ex), PassContext()).program
+    full = get_pass("kv_drop")(heads=[[0, 1], [1, 1]], compact=False)(snap, PassContext()).program
+    comp = get_pass("kv_drop")(heads=[[0, 1], [1, 1]])(snap, PassContext()).program
+    rec = comp.records["KVStream"]
+    assert rec.rows == ((0, 0), (1, 0)) and rec.kv_layout().scored
+    assert {s.name: s.shape for s in comp.plan.state} == {
+        "kv.cache": (1, 2, 2, 2, 20, 8), "kv.pos": (1, 2, 20), "kv.valid": (1, 2, 20), "kv.count": (1,),
+        "kv.score": (1, 2, 5)}
+    calls = testing.tiny_stream_calls(12)
+    ref = testing.eager_stream(m.step, rec.kv_layout(), calls, m.head_dim)
+    for i, (c, f, r) in enumerate(zip(_stream(comp, calls), _stream(full, calls), ref)):
+        torch.testing.assert_close(c, f, atol=1e-6, rtol=1e-6, msg=f"call {i}")
+        torch.testing.assert_close(c, r, atol=1e-5, rtol=1e-5, msg=f"call {i}")
+
+
+def test_compact_state_options_and_order_are_checked(drops):
+    _, _, full, res = drops
+    with pytest.raises(OptionError, match="pass 'kv_drop': option 'compact' expects bool, got str 'yes'"):
+        get_pass("kv_drop")(compact="yes")
+    again = get_pass("kv_drop")(heads=[[0, 1], [1, 0]])(res.program, PassContext())
+    assert again.modified is False and again.program is res.program            # nothing more to drop
+    with pytest.raises(PassError, match="an earlier kv_drop compacted the cache state to 2 \\(layer, head\\) rows"):
+        get_pass("kv_drop")(heads=[[0, 0]])(res.program, PassContext())
+    with pytest.raises(PassError, match="pass 'kv_policy': kv_drop compacted the cache state.*apply this pass before "
+                                        "kv_drop, or run kv_drop with compact: false"):
+        get_pass("kv_policy")(policy="window", frames=2)(res.program, PassContext())
+    assert get_pass("kv_policy")(policy="window", frames=2)(full, PassContext()).modified   # the full state resizes
+
+
+class _ScaledCache(torch.nn.Module):
+    """TinyFrameStep reading its whole cache scaled: not the kv_cache[layer, j] a compact state replaces."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def forward(self, x, frame_pos, kv_cache, cache_pos, cache_valid):
+        return self.step(x, frame_pos, kv_cache * 0.5, cache_pos, cache_valid)
+
+
+def test_compact_state_needs_the_step_to_read_its_history_by_layer():
+    from pared.ir.stream import Streamer
+    m, ex = testing.tiny_streamer()
+    s = Streamer(_ScaledCache(m.step), layers=2, heads=2, head_dim=8, tokens_per_frame=4, capacity_frames=3)
+    prog = capture(s, ex)
+    with pytest.raises(PassError, match="pass 'kv_drop': the step graph 'step' reads its cache as %mul.*expected "
+                                        "kv_cache\\[layer, 0 \\| 1\\]; run with compact: false"):
+        get_pass("kv_drop")(heads=[[0, 1]])(prog, PassContext())
+    res = get_pass("kv_drop")(heads=[[0, 1]], compact=False)(prog, PassContext())
+    assert res.modified and res.program.records["KVStream"].rows is None
+
+
+def test_compact_state_without_a_layer_streams_torch_free(tmp_path):
+    """Every head of layer 0 dropped: the layer has no rows, its snap heads' mass is zero, and
+    the artifact (ONNX Runtime) carries the one row left, equal to the eager frame lists."""
+    import json
+
+    import numpy as np
+
+    from pared.targets import get_target
+    m, ex = testing.tiny_streamer(capacity_frames=10)
+    snap = get_pass("kv_policy")(policy="snap", frames=5)(capture(m, ex), PassContext()).program
+    prog = get_pass("kv_drop")(heads=[[0, 0], [0, 1], [1, 1]])(snap, PassContext()).program
+    rec = prog.records["KVStream"]
+    assert rec.rows == ((1, 0),)
+    assert {s.name: s.shape for s in prog.plan.state}["kv.cache"] == (1, 2, 2, 1, 20, 8)
+    path = testing.save_program(prog, str(tmp_path / "art"), get_target("cpu").to_json())
+    calls = testing.tiny_stream_calls(12)
+    np.savez(tmp_path / "calls.npz", **{f"{i}_{j}": a.numpy() for i, c in enumerate(calls) for j, a in enumerate(c)})
+    out = testing.run_torch_free(f"""
+        import json, numpy as np, pared
+        ex = pared.load({path!r})
+        d = np.load({str(tmp_path / 'calls.npz')!r})
+        outs = [ex(d[f"{{i}}_0"], d[f"{{i}}_1"], d[f"{{i}}_2"]) for i in range({len(calls)})]
+        np.save({str(tmp_path / 'got.npy')!r}, np.stack(outs))
+        print(json.dumps(ex.trace[:2]))
+    """)
+    assert json.loads(out.strip().splitlines()[-1]) == ["init/keep", "go/append"]
+    ref = torch.stack(testing.eager_stream(m.step, rec.kv_layout(), calls, m.head_dim)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), ref, atol=2e-5, rtol=1e-5)
