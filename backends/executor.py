@@ -339,6 +339,12 @@ class Executor:
         """The graphs run at each call since the last reset."""
         return list(self._runner.graph_trace)
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the state the plan carries now (a KV cache, features reused across calls): 0
+        before the request's first call and after reset()."""
+        return int(sum(getattr(v, "nbytes", 0) for v in self._runner.state.values()))
+
     def _run_graph(self, name: str, arrays: list) -> list:
         dev = self._remote.get(self._runner.device) if self._remote else None
         if dev is not None:

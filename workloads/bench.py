@@ -151,6 +151,8 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     ex = contenders["optimized"]
     ex.reset()
     wl.task(ex, None)
+    # the state each plan carries at the end of the task (a KV cache; features reused across calls)
+    state_bytes = {"reference": plain.state_bytes, "optimized": ex.state_bytes}
     trace = ex.trace
     spent = trace_flops(programs["optimized"], ex.graph_trace)
     remaining = spent / base if base else 1.0
@@ -184,6 +186,7 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
         "fidelity": fid,
         "weight_bytes": {"reference": param_bytes(programs["backend_plain"]),
                          "optimized": param_bytes(programs["optimized"])},
+        "state_bytes": state_bytes,
         "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__},
     }
     if tvm_arms:

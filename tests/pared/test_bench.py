@@ -115,6 +115,9 @@ def test_bench_video_ar_streams_the_head_aware_cache_and_reports_per_frame_curve
     # the pipeline keeps a 16-frame pyramid and drops half the heads' history: fewer FLOPs per rollout
     # of 12 frames only through kv_drop (the full cache of 12 frames is within the budget)
     assert r["ideal_speedup"] > 1.05
+    # the KV state at the end of a rollout: the pyramid's 16 frames per head, but rows only for the
+    # half of the heads that keep any (kv_drop's compact state), against every head's 12 frames
+    assert 0 < r["state_bytes"]["optimized"] < r["state_bytes"]["reference"], r["state_bytes"]
     f = r["fidelity"]
     assert len(f["per_frame"]["reference"]["identity"]) == 12 and set(f["per_frame"]["optimized"]) == {
         "identity", "velocity_error", "psnr_db"}

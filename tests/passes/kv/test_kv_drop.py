@@ -227,8 +227,13 @@ def test_compact_state_without_a_layer_streams_torch_free(tmp_path):
         d = np.load({str(tmp_path / 'calls.npz')!r})
         outs = [ex(d[f"{{i}}_0"], d[f"{{i}}_1"], d[f"{{i}}_2"]) for i in range({len(calls)})]
         np.save({str(tmp_path / 'got.npy')!r}, np.stack(outs))
-        print(json.dumps(ex.trace[:2]))
+        print(json.dumps([ex.trace[:2], ex.state_bytes]))
     """)
-    assert json.loads(out.strip().splitlines()[-1]) == ["init/keep", "go/append"]
+    trace, held = json.loads(out.strip().splitlines()[-1])
+    assert trace == ["init/keep", "go/append"]
+    # what the artifact carries is the compact state as declared: one row, its scores, the count
+    size = {"float32": 4, "bool": 1, "int64": 8}
+    assert held == sum(int(np.prod(s.shape)) * size[s.dtype] for s in prog.plan.state) == \
+        2 * 2 * 20 * 8 * 4 + 20 * 5 + 5 * 4 + 8
     ref = torch.stack(testing.eager_stream(m.step, rec.kv_layout(), calls, m.head_dim)).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "got.npy"), ref, atol=2e-5, rtol=1e-5)
