@@ -711,6 +711,27 @@ def tiny_stream_calls(frames: int = 12, batch: int = 2, seed: int = 3, reads: in
     return out
 
 
+def stream_torch_free(artifact: str, calls: Sequence[tuple], work: str, trace: int = 3) -> tuple:
+    """Run tiny_stream_calls through `artifact` in a process without torch (run_torch_free):
+    (the outputs stacked [calls, ...], the first `trace` cases the plan chose, the state bytes the
+    artifact holds after the last call). `work`: a folder for the exchanged arrays."""
+    import json
+
+    import numpy as np
+    inputs, outputs = os.path.join(work, "calls.npz"), os.path.join(work, "got.npy")
+    np.savez(inputs, **{f"{i}_{j}": a.numpy() for i, c in enumerate(calls) for j, a in enumerate(c)})
+    out = run_torch_free(f"""
+        import json, numpy as np, pared
+        ex = pared.load({artifact!r})
+        d = np.load({inputs!r})
+        outs = [ex(*(d[f"{{i}}_{{j}}"] for j in range({len(calls[0])}))) for i in range({len(calls)})]
+        np.save({outputs!r}, np.stack(outs))
+        print(json.dumps([ex.trace[:{trace}], ex.state_bytes]))
+    """)
+    cases, held = json.loads(out.strip().splitlines()[-1])
+    return np.load(outputs), cases, held
+
+
 def eager_stream(step: nn.Module, layout: Any, calls: Sequence[tuple], head_dim: int,
                  reference: Any = None) -> list[torch.Tensor]:
     """The outputs of `step` over a stream of calls (inputs..., frame_pos, append) with the cache

@@ -1,7 +1,6 @@
 """ir/stream.py: a Streamer captured with its KV cache as state of the Plan. The program over a
 stream of calls against the eager Streamer and against an eager step fed frame lists; the
 plan's structure; requests; the artifact streaming torch-free; errors."""
-import json
 
 import numpy as np
 import pytest
@@ -96,19 +95,10 @@ def test_artifact_streams_torch_free_after_kv_policy_and_kv_drop(tmp_path, targe
         **({"kv.score": (1, 3, f)} if heavy else {})}
     path = testing.save_program(prog, str(tmp_path / "art"), get_target(target).to_json())
     calls = testing.tiny_stream_calls(24)
-    np.savez(tmp_path / "calls.npz", **{f"{i}_{j}": a.numpy() for i, c in enumerate(calls) for j, a in enumerate(c)})
-    out = testing.run_torch_free(f"""
-        import json, numpy as np, pared
-        ex = pared.load({path!r})
-        d = np.load({str(tmp_path / 'calls.npz')!r})
-        outs = [ex(d[f"{{i}}_0"], d[f"{{i}}_1"], d[f"{{i}}_2"]) for i in range({len(calls)})]
-        np.save({str(tmp_path / 'got.npy')!r}, np.stack(outs))
-        print(json.dumps(ex.trace[:3]))
-    """)
-    assert json.loads(out.strip().splitlines()[-1]) == ["init/keep", "go/append", "go/keep"]
+    got, trace, _ = testing.stream_torch_free(path, calls, str(tmp_path))
+    assert trace == ["init/keep", "go/append", "go/keep"]
     layout = prog.records["KVStream"].kv_layout()
     ref = torch.stack(testing.eager_stream(m.step, layout, calls, m.head_dim)).numpy()
-    got = np.load(tmp_path / "got.npy")
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 

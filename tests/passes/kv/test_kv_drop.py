@@ -207,8 +207,6 @@ def test_compact_state_needs_the_step_to_read_its_history_by_layer():
 def test_compact_state_without_a_layer_streams_torch_free(tmp_path):
     """Every head of layer 0 dropped: the layer has no rows, its snap heads' mass is zero, and
     the artifact (ONNX Runtime) carries the one row left, equal to the eager frame lists."""
-    import json
-
     import numpy as np
 
     from pared.targets import get_target
@@ -220,20 +218,11 @@ def test_compact_state_without_a_layer_streams_torch_free(tmp_path):
     assert {s.name: s.shape for s in prog.plan.state}["kv.cache"] == (1, 2, 2, 1, 20, 8)
     path = testing.save_program(prog, str(tmp_path / "art"), get_target("cpu").to_json())
     calls = testing.tiny_stream_calls(12)
-    np.savez(tmp_path / "calls.npz", **{f"{i}_{j}": a.numpy() for i, c in enumerate(calls) for j, a in enumerate(c)})
-    out = testing.run_torch_free(f"""
-        import json, numpy as np, pared
-        ex = pared.load({path!r})
-        d = np.load({str(tmp_path / 'calls.npz')!r})
-        outs = [ex(d[f"{{i}}_0"], d[f"{{i}}_1"], d[f"{{i}}_2"]) for i in range({len(calls)})]
-        np.save({str(tmp_path / 'got.npy')!r}, np.stack(outs))
-        print(json.dumps([ex.trace[:2], ex.state_bytes]))
-    """)
-    trace, held = json.loads(out.strip().splitlines()[-1])
+    got, trace, held = testing.stream_torch_free(path, calls, str(tmp_path), trace=2)
     assert trace == ["init/keep", "go/append"]
     # what the artifact carries is the compact state as declared: one row, its scores, the count
     size = {"float32": 4, "bool": 1, "int64": 8}
     assert held == sum(int(np.prod(s.shape)) * size[s.dtype] for s in prog.plan.state) == \
         2 * 2 * 20 * 8 * 4 + 20 * 5 + 5 * 4 + 8
     ref = torch.stack(testing.eager_stream(m.step, rec.kv_layout(), calls, m.head_dim)).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
