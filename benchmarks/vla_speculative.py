@@ -17,6 +17,10 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
                    skip<q>_*: no head call for retrievals nearer than the table's q-quantile;
                    seq<d>_*: a whole draft accepted when its tokens are within a mean of d bins of
                    the head's argmax (HeiSD's sequence-wise relaxed acceptance)
+  composed         (--lossy composed) token_reuse (VLA-Cache on the backbone's 16 pooled visual
+                   tokens), speculative_decode (retrieval, exact) and dynamic_precision ([8, 4]
+                   bits by the hand's speed) on one artifact; exact acceptance reproduces the int8
+                   head's greedy tokens, not eager's, so it acts in its own closed loop
 
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes, as the workload): eager
 PyTorch's greedy policy acts; every lossless arm shadows it, called on the same observation at
@@ -78,6 +82,13 @@ LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
          "skip50_r2_retrieval": {"drafter": "retrieval", "radius": 2, "skip_verify": 0.5},
          # HeiSD's sequence-wise relaxed acceptance: a whole draft within a mean of d bins of the head's argmax
          "seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0},
+         # issue 16's methods of the token policy on one artifact: VLA-Cache over the backbone's 16
+         # pooled visual tokens (16 px patches), lossless retrieval drafting, DyQ-VLA's [8, 4] bits
+         "composed": {"pipeline": [
+             {"token_reuse": {"tokens": [12, 28], "patch": 16, "input": "image", "blocks": "blocks.*"}},
+             {"speculative_decode": {"drafter": "retrieval"}},
+             {"dynamic_precision": {"bits": [8, 4], "input": "state", "position": [0, 1, 2],
+                                    "previous": [18, 19, 20], "gripper": [3, 21]}}]},
          "seq2_retrieval": {"drafter": "retrieval", "sequence": 2.0},
          "skip25_seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0, "skip_verify": 0.25},
          "seq1_hybrid": dict(HYBRID, sequence=1.0)}
@@ -88,11 +99,14 @@ def say(msg: str) -> None:
 
 
 def heads(ex: Executor) -> int:
-    return sum(g == "head" or g.startswith("head+") for g in ex.graph_trace[-1])
+    """Head calls of the executor's last policy call (a fused head+..., a precision variant head.a<b>)."""
+    return sum(g == "head" or g.startswith(("head+", "head.")) for g in ex.graph_trace[-1])
 
 
 def pipeline_of(o: dict | None) -> list:
     o = dict(o or {})
+    if "pipeline" in o:
+        return list(o["pipeline"])
     fuse = o.pop("fuse", False)
     return ([{"speculative_decode": o}] if o else []) + (["fuse_calls"] if fuse else [])
 
@@ -132,6 +146,9 @@ def main() -> None:
         ex[name] = Executor(opt.save(os.path.join(work, name)), threads=a.threads)
         rec = opt.program.records.get("SpeculativePlan")
         records[name] = None if rec is None else dict(rec.to_json())
+        dq = opt.program.records.get("DynamicPrecisionDecisions")
+        if dq is not None:          # the composed arm: its memory against fp32 (int8 weights)
+            records[name] = dict(records[name] or {}, memory_ratio=round(dq.memory_ratio(), 4))
     say("building plain_unrolled")
     unrolled_wl = get_workload("vla_metaworld", decoder="unrolled", **opts)
     opt = pared.optimize(unrolled_wl.build(), example, target="cpu", pipeline=[], bench_repeats=0)
@@ -248,17 +265,25 @@ def _closed_loop(a, wl, ex, eager, lossless, relaxed, n_tok) -> dict:
     for n in relaxed:
         counts = {"calls": 0, "heads": 0}
 
-        def act(*args, n=n, counts=counts):
+        ran: dict[str, int] = {}
+
+        def act(*args, n=n, counts=counts, ran=ran):
             out = ex[n](*args)
             counts["calls"] += 1
             counts["heads"] += heads(ex[n])
+            for g in ex[n].graph_trace[-1]:
+                if g.startswith(("encoder", "head")):
+                    ran[g] = ran.get(g, 0) + 1
             return out
         say(f"closed loop: {n} acting")
         t0 = time.perf_counter()
         run = wl.run(act, ex[n].reset)
         say(f"  took {time.perf_counter() - t0:.0f} s")
         fid = wl.fidelity(ref_run, run)
-        results[n] = dict(_summary(wl, run, fid), head_calls_per_policy_call=counts["heads"] / max(counts["calls"], 1))
+        results[n] = dict(_summary(wl, run, fid), head_calls_per_policy_call=counts["heads"] / max(counts["calls"], 1),
+                          encoder_variant_shares={g: round(c / max(counts["calls"], 1), 4)
+                                                  for g, c in sorted(ran.items())
+                                                  if g.startswith("encoder") and g != "encoder.probe"})
     for r in results.values():
         r["tokens_per_head_call"] = round(n_tok / r["head_calls_per_policy_call"], 3)
     return {"episodes_per_task": a.episodes, "tasks": wl.task_names, "arms": results}
