@@ -15,6 +15,9 @@ policies at a fixed budget, side by side in one run.
       pyramid        kv_policy pyramid, its per-type policies as in examples/pipelines/video_ar.yaml
       pyramid_drop   pyramid, then kv_drop (half the heads, lowest Dummy Forcing cost, keep the
                      current frame only; their attention runs over it alone)
+      pyramid_drop_fullstate
+                     pyramid_drop with kv_drop's compact: false (the state keeps every head's rows,
+                     the dropped heads' too: the memory and time compact saves)
       window_drop    window, then kv_drop (the same heads)
       heavy          kv_policy heavy: 2 sink frames, then half the rest the last frames and half
                      the heavy hitters (H2O per frame: the most attended frames leaving the window)
@@ -80,6 +83,8 @@ def arms(program, ctx, budget: int, opts: dict, goals_db: tuple[float, ...] = (3
         "sink_window": lambda: run(get_pass("kv_policy")(policy="sink_window", frames=budget, sink=2)),
         "pyramid": lambda: run(get_pass("kv_policy")(**pyr)),
         "pyramid_drop": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(**drop)),
+        "pyramid_drop_fullstate": lambda: run(get_pass("kv_policy")(**pyr),
+                                              get_pass("kv_drop")(**dict(drop, compact=False))),
         "window_drop": lambda: run(get_pass("kv_policy")(policy="window", frames=budget),
                                    get_pass("kv_drop")(**drop)),
         **{f"pyramid_goal{g:g}": (lambda g=g: run(get_pass("kv_policy")(**pyr),
@@ -87,7 +92,8 @@ def arms(program, ctx, budget: int, opts: dict, goals_db: tuple[float, ...] = (3
     }
 
 
-ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "window_drop", "heavy", "snap", "pyramid_goal")
+ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "pyramid_drop_fullstate", "window_drop", "heavy",
+        "snap", "pyramid_goal")
 
 
 def spans(frames: int, train: int, context: int) -> dict:
@@ -185,11 +191,12 @@ def main() -> None:
         per_frame[name] = {k: m[k] for k in MEASURES}
         summary[name] = {s: {k: round(float(np.mean(m[k][lo:hi])), 4) for k in MEASURES} for s, (lo, hi) in sp.items()}
         kept = [min(p.frames, a.frames) for row in lay.policies for p in row]
-        cache_bytes = lay.layers * 2 * a.timing_clips * lay.heads * lay.capacity * rec.head_dim * 4
+        sl = rec.state_layout()     # the rows the state keeps (kv_drop's compact state: the heads keeping frames)
+        rows = sl.layers * sl.heads
         memory[name] = {"frames_per_head_capacity": lay.frames, "frames_kept_mean": round(float(np.mean(kept)), 3),
-                        "kv_state_bytes_batch1": int(cache_bytes / a.timing_clips + lay.layers * lay.heads
-                                                     * lay.capacity * 5 + 8
-                                                     + (lay.layers * lay.heads * lay.frames * 4 if lay.scored else 0)),
+                        "kv_state_rows": rows,
+                        "kv_state_bytes_batch1": int(rows * 2 * sl.capacity * rec.head_dim * 4 + rows * sl.capacity * 5
+                                                     + 8 + (rows * sl.frames * 4 if sl.scored else 0)),
                         "policy": rec.policy}
         if "KVDropDecisions" in prog.records:
             d = prog.records["KVDropDecisions"]
