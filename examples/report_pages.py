@@ -49,16 +49,21 @@ def _changed_copy(pipeline: str, options: dict, dest: str) -> str:
     with open(pipeline, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     base = os.path.dirname(pipeline)
-    for key in ("model", "example_inputs", "calibration", "holdout"):
+    refs = ["model", "example_inputs", "calibration", "holdout"]
+    if str(data.get("target", "")).endswith((".yaml", ".yml")):       # a target profile file
+        refs.append("target")
+    for key in refs:
         if data.get(key) and not os.path.isabs(data[key]):
             data[key] = os.path.normpath(os.path.join(base, data[key]))
     data.pop("export", None)                    # the copy is optimized with --out
-    names = [next(iter(p)) for p in data["passes"]]
+    passes = data["passes"]
+    names = [p if isinstance(p, str) else next(iter(p)) for p in passes]     # "- name" or "- name: {...}"
     for name, changed in options.items():
         if name not in names:
             raise ValueError(f"{pipeline} has no pass {name!r} (its passes: {names})")
-        entry = data["passes"][names.index(name)]
-        entry[name] = {**(entry[name] or {}), **changed}
+        i = names.index(name)
+        had = {} if isinstance(passes[i], str) else (passes[i][name] or {})
+        passes[i] = {name: {**had, **changed}}
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, sort_keys=False)
