@@ -118,8 +118,8 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     if rollout_frac:
         meta.update(objective="x0 MSE of the true frames, noisy context: the true frames or the model's own rollout",
                     rollout_frac=rollout_frac, rollout_steps=rollout_steps, rollout_updates=rollouts)
-    if previous:
-        meta["continued_from"] = previous
+    if previous:        # the run it started from, one level (that run's own start is in its log)
+        meta["continued_from"] = {k: v for k, v in previous.items() if k != "continued_from"}
     atomic_save(ema, out_path, meta)
     log_path = (os.path.join(os.path.dirname(out_path), "train_log.json")
                 if os.path.basename(out_path) == "weights.safetensors" else os.path.splitext(out_path)[0] + "_log.json")
