@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from pared.bench import write_results  # noqa: E402
 from pared.workloads import example_module  # noqa: E402
+from pared.ir.kvcache import state_bytes  # noqa: E402
 
 MEASURES = ("identity", "velocity_error", "psnr_db")
 
@@ -195,8 +196,7 @@ def main() -> None:
         rows = sl.layers * sl.heads
         memory[name] = {"frames_per_head_capacity": lay.frames, "frames_kept_mean": round(float(np.mean(kept)), 3),
                         "kv_state_rows": rows,
-                        "kv_state_bytes_batch1": int(rows * 2 * sl.capacity * rec.head_dim * 4 + rows * sl.capacity * 5
-                                                     + 8 + (rows * sl.frames * 4 if sl.scored else 0)),
+                        "kv_state_bytes_batch1": state_bytes(sl, 1, rec.head_dim),
                         "policy": rec.policy}
         if "KVDropDecisions" in prog.records:
             d = prog.records["KVDropDecisions"]

@@ -53,6 +53,7 @@ lists) the tests hold the graph to.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -190,6 +191,13 @@ def state_shapes(layout: KVLayout, batch: int | str, head_dim: int) -> dict[str,
     if layout.scored:
         out["score"] = (layout.layers, layout.heads, layout.frames)
     return out
+
+
+def state_bytes(layout: KVLayout, batch: int, head_dim: int, itemsize: int = 4) -> int:
+    """Bytes of the state of `layout` (state_shapes) for `batch` streams: the cache at `itemsize`
+    bytes an element, positions and scores float32, validity bool, the count int64."""
+    per = {"cache": itemsize, "pos": 4, "valid": 1, "count": 8, "score": 4}
+    return sum(math.prod(shape) * per[k] for k, shape in state_shapes(layout, batch, head_dim).items())
 
 
 class KVInit(torch.nn.Module):

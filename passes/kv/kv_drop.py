@@ -67,7 +67,7 @@ from pared.analysis.search import smallest_meeting
 from pared.ir import meta
 from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
-from pared.ir.kvcache import HeadPolicy, KVLayout, rows_layout, state_shapes
+from pared.ir.kvcache import HeadPolicy, KVLayout, rows_layout, state_bytes
 from pared.ir.program import Program
 from pared.ir.records import Record
 from pared.ir.rewrite import add_constant, eliminate_dead_code
@@ -270,15 +270,11 @@ def drop_heads(program: Program, rec, costs: dict, compact: bool = True, log: An
     itemsize = torch.empty((), dtype=getattr(torch, next(
         s.dtype for s in program.plan.state if s.name == CACHE))).element_size()
 
-    def state_bytes(lay: KVLayout) -> int:
-        shapes = state_shapes(lay, 1, rec.head_dim)
-        sizes = {k: int(torch.Size(v).numel()) for k, v in shapes.items()}
-        return sizes["cache"] * itemsize + sizes["pos"] * 4 + sizes["valid"] + sizes["count"] * 8 \
-            + sizes.get("score", 0) * 4
     kept = new if rows is None else rows_layout(new, rows)
     return out_prog, KVDropDecisions(tuple(order), tuple(costs[k] for k in order), frames, before, after, rewritten,
                                      state_rows_before=L * H, state_rows_after=kept.layers * kept.heads,
-                                     state_bytes_before=state_bytes(old), state_bytes_after=state_bytes(kept))
+                                     state_bytes_before=state_bytes(old, 1, rec.head_dim, itemsize),
+                                     state_bytes_after=state_bytes(kept, 1, rec.head_dim, itemsize))
 
 
 _RESHAPE = {"view", "_unsafe_view", "reshape", "expand", "clone", "contiguous", "alias"}
