@@ -35,39 +35,13 @@ def build(name: str, artifacts: str, repeats: int = 10, options: dict | None = N
     out = os.path.join(artifacts, name)
     pipeline = os.path.join(HERE, PAGES[name])
     if options:
-        pipeline = _changed_copy(pipeline, options, os.path.join(artifacts, f"{name}.yaml"))
+        from pared.testing import pipeline_with_options
+        pipeline = pipeline_with_options(pipeline, options, os.path.join(artifacts, f"{name}.yaml"))
     rc = main(["optimize", pipeline, "--out", out, "--report", "--repeats", str(repeats), "-q"])
     if rc != EXIT_OK:
         raise SystemExit(f"pared optimize {PAGES[name]} exited {rc}")
     from pared.report import default_path
     return default_path(out)
-
-
-def _changed_copy(pipeline: str, options: dict, dest: str) -> str:
-    """`pipeline` with `options` merged into its passes' options, written to `dest`."""
-    import yaml
-    with open(pipeline, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    base = os.path.dirname(pipeline)
-    refs = ["model", "example_inputs", "calibration", "holdout"]
-    if str(data.get("target", "")).endswith((".yaml", ".yml")):       # a target profile file
-        refs.append("target")
-    for key in refs:
-        if data.get(key) and not os.path.isabs(data[key]):
-            data[key] = os.path.normpath(os.path.join(base, data[key]))
-    data.pop("export", None)                    # the copy is optimized with --out
-    passes = data["passes"]
-    names = [p if isinstance(p, str) else next(iter(p)) for p in passes]     # "- name" or "- name: {...}"
-    for name, changed in options.items():
-        if name not in names:
-            raise ValueError(f"{pipeline} has no pass {name!r} (its passes: {names})")
-        i = names.index(name)
-        had = {} if isinstance(passes[i], str) else (passes[i][name] or {})
-        passes[i] = {name: {**had, **changed}}
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with open(dest, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    return dest
 
 
 def screenshot(page: str, png: str) -> dict:

@@ -711,6 +711,35 @@ def tiny_stream_calls(frames: int = 12, batch: int = 2, seed: int = 3, reads: in
     return out
 
 
+def pipeline_with_options(pipeline: str, options: dict, dest: str) -> str:
+    """The pipeline file `pipeline` with `options` ({pass: {option: value}}) merged into its
+    passes' options, written to `dest` with its references made absolute (so it runs from
+    anywhere); returns `dest`. For tests that run a shipped pipeline with a cheaper setting."""
+    import yaml
+    with open(pipeline, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    base = os.path.dirname(pipeline)
+    refs = ["model", "example_inputs", "calibration", "holdout"]
+    if str(data.get("target", "")).endswith((".yaml", ".yml")):       # a target profile file
+        refs.append("target")
+    for key in refs:
+        if data.get(key) and not os.path.isabs(data[key]):
+            data[key] = os.path.normpath(os.path.join(base, data[key]))
+    data.pop("export", None)                    # the copy is optimized with --out
+    passes = data["passes"]
+    names = [p if isinstance(p, str) else next(iter(p)) for p in passes]     # "- name" or "- name: {...}"
+    for name, changed in options.items():
+        if name not in names:
+            raise ValueError(f"{pipeline} has no pass {name!r} (its passes: {names})")
+        i = names.index(name)
+        had = {} if isinstance(passes[i], str) else (passes[i][name] or {})
+        passes[i] = {name: {**had, **changed}}
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with open(dest, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return dest
+
+
 def stream_torch_free(artifact: str, calls: Sequence[tuple], work: str, trace: int = 3) -> tuple:
     """Run tiny_stream_calls through `artifact` in a process without torch (run_torch_free):
     (the outputs stacked [calls, ...], the first `trace` cases the plan chose, the state bytes the

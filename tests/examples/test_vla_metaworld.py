@@ -321,19 +321,13 @@ def test_bench_with_token_reuse_reuses_static_tokens_in_the_simulator(tmp_path, 
     artifact acts in the simulator, an episode's first call cold, later calls reusing the static
     patches' tokens, and the result reports the share of calls per level."""
     monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
-    import yaml
-
+    from pared.testing import pipeline_with_options
     from pared.workloads.bench import bench_workload
-    # the shipped file's passes with two reuse levels of its five (each level one more encoder
-    # graph to lower, ~17 s here); the bins select still chooses among levels
-    with open(os.path.join(EXAMPLES, "pipelines", "vla_token_reuse.yaml"), encoding="utf-8") as f:
-        spec = yaml.safe_load(f)
-    (entry,) = spec["passes"]
-    entry["token_reuse"]["levels"] = [24, 40]
-    pipe = tmp_path / "reuse.yaml"
-    pipe.write_text(yaml.safe_dump({k: spec[k] for k in ("version", "target", "fidelity", "passes")}),
-                    encoding="utf-8")
-    r = bench_workload("vla_metaworld", pipeline=str(pipe), repeats=1, json_out=str(tmp_path / "reuse.json"),
+    # the shipped file with two reuse levels of its five (each level one more encoder graph to
+    # lower, ~17 s here); the bins select still chooses among levels
+    pipe = pipeline_with_options(os.path.join(EXAMPLES, "pipelines", "vla_token_reuse.yaml"),
+                                 {"token_reuse": {"levels": [24, 40]}}, str(tmp_path / "reuse.yaml"))
+    r = bench_workload("vla_metaworld", pipeline=pipe, repeats=1, json_out=str(tmp_path / "reuse.json"),
                        workload_options={"policy": "all_tokens", "decoder": "loop", "episodes": 1,
                                          "tasks": "reach-v3", "mse_steps": 8, "calls": 12, "max_steps": 60,
                                          "calibration_steps": 64})

@@ -9,6 +9,7 @@ from pared.ir.errors import PipelineError
 from pared.passes.generic.constant_folding import FoldConstants
 from pared.passes.generic.dead_code_elimination import EliminateDeadCode
 from pared.pipeline import PassSpec, build_passes, load_pipeline, parse_pipeline, resolve_ref
+from pared.workloads import EXAMPLES as EXAMPLES_DIR
 
 GOOD = """\
 version: 1
@@ -159,3 +160,24 @@ def test_every_shipped_pipeline_file_parses(path):
     spec = load_pipeline(path)
     passes = build_passes(spec)
     assert spec.model and spec.example_inputs and passes
+
+
+def test_pipeline_with_options_changes_one_pass_and_runs_from_anywhere(tmp_path):
+    """pared.testing.pipeline_with_options: the named passes' options merged (a bare name too),
+    the references absolute, the copy a valid pipeline; an unknown pass is refused."""
+    from pared.testing import pipeline_with_options
+    pipelines = os.path.join(EXAMPLES_DIR, "pipelines")
+    out = pipeline_with_options(os.path.join(pipelines, "vla_composed.yaml"), {"token_reuse": {"levels": [32]}},
+                                str(tmp_path / "a" / "vla.yaml"))
+    spec = load_pipeline(out)
+    opts = {p.name: dict(p.options) for p in spec.passes}
+    assert opts["token_reuse"]["levels"] == [32] and opts["token_reuse"]["patch"] == 8       # merged, not replaced
+    assert opts["action_cache"] == {"schedule": "bac", "updates": 4}                         # the others as they were
+    assert spec.model == os.path.join(EXAMPLES_DIR, "vla_metaworld", "decoder.py") + ":build_denoiser_64"
+    out = pipeline_with_options(os.path.join(pipelines, "video_ar.yaml"),
+                                {"softmax_guard_elimination": {}, "kv_drop": {"share": 0.25}}, str(tmp_path / "v.yaml"))
+    spec = load_pipeline(out)
+    assert [p.name for p in spec.passes][0] == "softmax_guard_elimination"
+    assert {p.name: dict(p.options) for p in spec.passes}["kv_drop"] == {"share": 0.25}
+    with pytest.raises(ValueError, match="has no pass 'kv_policy'"):
+        pipeline_with_options(os.path.join(pipelines, "vla_composed.yaml"), {"kv_policy": {}}, str(tmp_path / "x.yaml"))
