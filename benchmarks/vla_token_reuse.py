@@ -1,12 +1,13 @@
 """VLA-Cache's cross-frame token reuse on the Meta-World VLA, judged in closed loop.
 
     MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/vla_token_reuse.py
-        [--episodes 25] [--part all|closed_loop|timing] [--arms ...]
+        [--episodes 25] [--part all|closed_loop|timing] [--arms ...] [--policy all_tokens|wide]
 
 The diffusion policy whose backbone sees all 64 visual tokens (policy "all_tokens": ViT over 64
 patches of 8x8 pixels, the 6-block backbone over 12 text + 64 visual + state + readout tokens),
 captured as a pared Denoiser (the encoder graph; the head's 10 DDIM steps a loop of the Plan),
-lowered to ONNX Runtime (1 thread), in these arms:
+lowered to ONNX Runtime (1 thread); `--policy wide`: that policy at twice the ViT / backbone width
+(d_model 256, 8 heads; vla_metaworld's policy "wide"). In these arms:
   plain         the plain artifact (fp32)
   reuse         token_reuse on the backbone's 6 blocks: a visual token whose 8x8 patch has cosine
                 >= 0.996 to the previous control step's (centred pixels; 1 when equal) and is not
@@ -70,6 +71,9 @@ ARMS = {"plain": [], "reuse": [{"token_reuse": dict(SITE)}],
                      {"dynamic_precision": {"bits": [8, 4], "input": "state", "position": [0, 1, 2],
                                             "previous": [18, 19, 20], "gripper": [3, 21]}}]}
 DEFAULT = list(ARMS)
+POLICY = {"all_tokens": "vla_diffusion_64.safetensors: ViT and backbone d_model 128, 4 heads",
+          "wide": "vla_diffusion_64_wide.safetensors: ViT and backbone d_model 256, 8 heads (widened from "
+                  "vla_diffusion_64, fine-tuned)"}
 ABOUT = {"what": "VLA diffusion policy with 64 visual tokens (Denoiser: encoder graph + 10 DDIM head steps in the "
                  "Plan, batch 1), token_reuse (VLA-Cache): closed-loop success, share of calls per reuse level, "
                  "per-call and backbone latency (ORT CPU)",
@@ -102,10 +106,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calibration", type=int, default=1024, help="calibration observations")
     ap.add_argument("--part", choices=("all", "closed_loop", "timing"), default="all")
-    ap.add_argument("--json", default=os.path.join(HERE, "results", "vla_token_reuse.json"))
+    ap.add_argument("--policy", choices=("all_tokens", "wide"), default="all_tokens",
+                    help="the 64-token policy, or it widened to d_model 256 (vla_metaworld's policy='wide')")
+    ap.add_argument("--json", default=None, help="default: results/vla_token_reuse.json, or "
+                                                  "vla_token_reuse_wide.json for --policy wide")
     a = ap.parse_args()
+    a.json = a.json or os.path.join(HERE, "results", "vla_token_reuse.json" if a.policy == "all_tokens"
+                                    else "vla_token_reuse_wide.json")
     torch.set_num_threads(a.threads)
-    wl = get_workload("vla_metaworld", head="diffusion", decoder="loop", policy="all_tokens", episodes=a.episodes,
+    wl = get_workload("vla_metaworld", head="diffusion", decoder="loop", policy=a.policy, episodes=a.episodes,
                       tasks=a.tasks, calibration_steps=a.calibration)
     model = wl.build()
     example, calib = wl.example_inputs(), wl.calibration()
@@ -150,7 +159,7 @@ def main() -> None:
                 say(f"{name}: {len(c.trace)} calls, reuse {used}, precision {precision}")
         else:
             out = _timing(a, wl, ex, eager, out)
-        write_parts(a, out, {n: ARMS[n] for n in a.arms}, {}, decisions, **ABOUT)
+        write_parts(a, out, {n: ARMS[n] for n in a.arms}, {}, decisions, **ABOUT, policy=POLICY[a.policy])
 
 
 def _timing(a, wl, ex: dict, eager, previous: dict) -> dict:

@@ -310,7 +310,10 @@ class MiniLMWorkload(Workload):
 POLICIES = {"base": ("vla_diffusion.safetensors", "train.py"),
             "large": ("vla_diffusion_large_head.npz", "train_large_head.py"),
             "all_tokens": ("vla_diffusion_64.safetensors", "train.py --pool 1 --init vla_diffusion.safetensors "
-                                                           "--out vla_diffusion_64.safetensors")}
+                                                           "--out vla_diffusion_64.safetensors"),
+            "wide": ("vla_diffusion_64_wide.safetensors", "train.py --init vla_diffusion_64.safetensors --widen "
+                                                          "--half --lr 1e-4 --warmup 100 "
+                                                          "--out vla_diffusion_64_wide.safetensors")}
 
 
 class VLAWorkload(Workload):
@@ -336,6 +339,10 @@ class VLAWorkload(Workload):
     `policy="all_tokens"`: vla_diffusion_64.safetensors, the diffusion policy whose backbone
     sees all 64 visual tokens (no 2x2 pooling; fine-tuned from the shipped policy by
     `train.py --pool 1`), for visual-token selection with more to select from.
+    `policy="wide"`: vla_diffusion_64_wide.safetensors, that policy at twice the width (ViT and
+    backbone d_model 256, 8 heads; the head as before): widened from it computing the same
+    function, then fine-tuned (`train.py --widen`); 2.8x the encoder's parameters, for methods
+    whose gain the 128-wide encoder's per-op overheads hide.
 
     `decoder="loop"` keeps the head's loop in the Plan instead of unrolling it, with the same
     actions: the token head as a `pared.ir.decode.Decoder` (backbone, head, detokenize; greedy

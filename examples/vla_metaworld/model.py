@@ -66,6 +66,7 @@ class VLAConfig:
     state_dim: int = 39
     d_model: int = 128
     n_heads: int = 4
+    backbone_heads: int = 0    # heads of the ViT and backbone blocks (0: n_heads; the head keeps n_heads)
     backbone_layers: int = 6
     mlp_ratio: int = 4
     # action head
@@ -135,7 +136,7 @@ class ViTEncoder(nn.Module):
         self.grid = cfg.image_size // cfg.patch                # 8
         self.patch_embed = nn.Conv2d(3, d, cfg.patch, stride=cfg.patch)
         self.pos = nn.Parameter(torch.randn(1, self.grid * self.grid, d) * 0.02)
-        self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio)
+        self.blocks = nn.ModuleList([Block(d, cfg.backbone_heads or cfg.n_heads, cfg.mlp_ratio)
                                      for _ in range(cfg.vit_layers)])
         self.ln = nn.LayerNorm(d)
 
@@ -170,7 +171,7 @@ class VLABackbone(nn.Module):
         n_tok = cfg.text_len + n_vis + 2
         # learned position + modality embedding for the whole sequence
         self.pos = nn.Parameter(torch.randn(1, n_tok, d) * 0.02)
-        self.blocks = nn.ModuleList([Block(d, cfg.n_heads, cfg.mlp_ratio)
+        self.blocks = nn.ModuleList([Block(d, cfg.backbone_heads or cfg.n_heads, cfg.mlp_ratio)
                                      for _ in range(cfg.backbone_layers)])
         self.ln = nn.LayerNorm(d)
 
@@ -532,25 +533,30 @@ class TokenPolicyCall(nn.Module):
 # --------------------------------------------------------------------------
 # safetensors I/O (no pickle): config and normalization stats in the metadata
 # --------------------------------------------------------------------------
-def _write_safetensors(path: str, module: nn.Module, meta: dict, extra: dict | None = None):
+def _write_safetensors(path: str, module: nn.Module, meta: dict, extra: dict | None = None,
+                       dtype: torch.dtype | None = None):
     """The module's weights with string metadata (``extra`` values JSON-encoded),
-    written atomically: never a half-written file."""
+    written atomically: never a half-written file. `dtype` (e.g. float16, for a
+    file under the repository's size limit) stores the floating tensors so; the
+    loaders return float32 modules, whose weights are then exactly the stored ones."""
     import json
     import os
     from safetensors.torch import save_file
     meta = dict(meta, **{k: json.dumps(v) for k, v in (extra or {}).items()})
-    sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+          for k, v in module.state_dict().items()}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
-def save_policy(path: str, policy: VLAPolicy, stats: dict, extra: dict | None = None):
+def save_policy(path: str, policy: VLAPolicy, stats: dict, extra: dict | None = None,
+                dtype: torch.dtype | None = None):
     import json
     _write_safetensors(path, policy, {"config": json.dumps(asdict(policy.cfg)),
                                       "stats": json.dumps({k: np.asarray(v).tolist() for k, v in stats.items()}),
-                                      "vocab": json.dumps(VOCAB)}, extra)
+                                      "vocab": json.dumps(VOCAB)}, extra, dtype)
 
 
 def load_policy(path: str) -> tuple[VLAPolicy, dict, dict]:
@@ -561,7 +567,7 @@ def load_policy(path: str) -> tuple[VLAPolicy, dict, dict]:
         meta = f.metadata()
     cfg = VLAConfig(**json.loads(meta["config"]))
     policy = VLAPolicy(cfg)
-    policy.load_state_dict(load_file(path))
+    policy.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
     stats = {k: np.array(v, dtype=np.float32) for k, v in json.loads(meta["stats"]).items()}
     return policy, stats, meta
 

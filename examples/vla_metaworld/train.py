@@ -136,6 +136,55 @@ def repool(policy: VLAPolicy, pool: int) -> VLAPolicy:
     return new
 
 
+def widen(policy: VLAPolicy, generator: torch.Generator, noise: float = 0.1) -> VLAPolicy:
+    """The same policy at twice the ViT / backbone width (d_model and their heads doubled, the
+    head's width unchanged), computing the same function (Net2WiderNet, every unit copied once):
+    each width-d vector becomes [x, x] (a LayerNorm of [x, x] is [LN(x), LN(x)]; a head's copy
+    attends as the head), an output of width d is copied, an input of width d is split as
+    [W/2 + E, W/2 - E] with E ~ N(0, (noise * std W)^2). E cancels on the copied inputs, so the
+    function is unchanged, but the two copies of a unit get different gradients: training moves
+    them apart."""
+    from dataclasses import replace
+    old = policy.cfg
+    d = old.d_model
+    new = VLAPolicy(replace(old, d_model=2 * d, backbone_heads=2 * (old.backbone_heads or old.n_heads)))
+    sd = policy.state_dict()
+    out = {}
+
+    def dup(t: torch.Tensor, axis: int, chunks: int = 1) -> torch.Tensor:
+        parts = t.chunk(chunks, dim=axis)
+        return torch.cat([torch.cat([c, c], dim=axis) for c in parts], dim=axis)
+
+    def split(t: torch.Tensor, axis: int) -> torch.Tensor:
+        e = torch.randn(t.shape, generator=generator) * noise * float(t.std())
+        return torch.cat([t / 2 + e, t / 2 - e], dim=axis)
+
+    for k, v in sd.items():
+        if not k.startswith("backbone.") and k != "head.c_proj.weight":
+            out[k] = v.clone()
+            continue
+        if k == "head.c_proj.weight":                           # reads cond, width d
+            out[k] = split(v, 1)
+        elif k.endswith(".qkv.weight"):                          # (3d, d): q, k, v each copied
+            out[k] = split(dup(v, 0, 3), 1)
+        elif k.endswith(".qkv.bias"):
+            out[k] = dup(v, 0, 3)
+        elif v.dim() == 2 and k.endswith(".weight") and k != "backbone.text_emb.weight":
+            # Linear (out, in): an output of width d (or the MLP's r*d hidden) copied; an input of
+            # width d (or r*d) split. state_proj.0 reads the 39-D state: only its output widens.
+            w = dup(v, 0)
+            out[k] = w if k == "backbone.state_proj.0.weight" else split(w, 1)
+        elif k == "backbone.vit.patch_embed.weight":             # conv (d, 3, p, p)
+            out[k] = dup(v, 0)
+        else:                                                    # biases, LayerNorms, embeddings: last axis
+            out[k] = dup(v, v.dim() - 1)
+    missing = {k: tuple(v.shape) for k, v in new.state_dict().items() if tuple(out[k].shape) != tuple(v.shape)}
+    if missing:
+        raise AssertionError(f"widen: shapes differ {missing}")
+    new.load_state_dict(out)
+    return new
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock training budget")
@@ -148,10 +197,18 @@ def main():
                     help="visual-token pooling (2: 16 tokens, as shipped; 1: all 64). With --init from a policy "
                          "of another pooling, its weights are ported: the backbone's visual position embeddings "
                          "are repeated over each pooled window")
+    ap.add_argument("--widen", action="store_true",
+                    help="with --init: start from that policy at twice the ViT / backbone width, computing the "
+                         "same function (`widen`)")
+    ap.add_argument("--half", action="store_true",
+                    help="store the weights as float16 (a file under 20 MB for the widened policy); they load "
+                         "as float32")
     ap.add_argument("--log", default=None, help="training log (default: train_log.json beside the shipped "
                                                 "weights, or <out>_log.json for another --out)")
     add_training_args(ap, batch=64, lr=3e-4)
     args = ap.parse_args()
+    if args.widen and not args.init:
+        ap.error("--widen widens the policy of --init: give --init")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -169,6 +226,9 @@ def main():
         if args.pool is not None and args.pool != policy.cfg.pool:
             policy = repool(policy, args.pool)
             print(f"ported to pool {args.pool}: {policy.backbone.pos.shape[1]} backbone tokens", flush=True)
+        if args.widen:
+            policy = widen(policy, gen)
+            print(f"widened to d_model {policy.cfg.d_model}, {policy.cfg.backbone_heads} heads", flush=True)
     else:
         policy = VLAPolicy(VLAConfig(**({"pool": args.pool} if args.pool else {})))
         stats = state_stats(demos["states"][train_idx])
@@ -207,7 +267,8 @@ def main():
                "settings": {**vars(args), "config": cfg.__dict__},
                "samples_seen": (step0 + step) * args.batch, "final": final}
         save_policy(args.out, ema, stats, extra={"train_log": {k: log[k] for k in
-                                                                ("steps", "wall_s", "loss_curve")}})
+                                                                ("steps", "wall_s", "loss_curve")}},
+                    dtype=torch.float16 if args.half else None)
         with open(log_path, "w") as f:
             json.dump(log, f, indent=1)
 

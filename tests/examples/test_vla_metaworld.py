@@ -251,7 +251,7 @@ def test_the_loop_decoder_acts_as_the_unrolled_one_and_calibrates_on_training_ep
     assert len(seqs) == 6 and all(len(s) == 5 for s in seqs)
 
 
-@pytest.mark.parametrize("policy", ["base", "large"])
+@pytest.mark.parametrize("policy", ["base", "large", "wide"])
 def test_the_denoiser_acts_as_the_unrolled_diffusion_policy(policy):
     """decoder='loop' on the diffusion head: a pared Denoiser (the DDIM steps a steps loop of the
     plan) with the same actions as the unrolled policy call, bit for bit, and the captured
@@ -379,10 +379,8 @@ def test_lossless_speculative_decoding_acts_exactly_like_greedy_in_the_simulator
     assert calls["reference"]["head"] == 16 and 1 <= calls["optimized"]["head"] < 16, calls
 
 
-def test_repool_ports_the_pooled_policy_to_all_64_tokens(monkeypatch):
-    """train.py --pool 1: every weight copied; each pooled token's backbone position embedding
-    repeated over its 2x2 window (row r, col c of the 8x8 grid reads pooled (r // 2, c // 2));
-    the ported backbone runs over all 64 visual tokens."""
+def _import_train(monkeypatch):
+    """examples/vla_metaworld/train.py, imported for this test only."""
     import importlib
     import sys
     monkeypatch.syspath_prepend(os.path.join(EXAMPLES, "vla_metaworld"))
@@ -394,6 +392,14 @@ def test_repool_ports_the_pooled_policy_to_all_64_tokens(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     train = importlib.import_module("train")
     assert os.path.dirname(train.__file__) == os.path.join(EXAMPLES, "vla_metaworld")
+    return train
+
+
+def test_repool_ports_the_pooled_policy_to_all_64_tokens(monkeypatch):
+    """train.py --pool 1: every weight copied; each pooled token's backbone position embedding
+    repeated over its 2x2 window (row r, col c of the 8x8 grid reads pooled (r // 2, c // 2));
+    the ported backbone runs over all 64 visual tokens."""
+    train = _import_train(monkeypatch)
     torch.manual_seed(0)
     old = train.VLAPolicy(train.VLAConfig())
     new = train.repool(old, 1)
@@ -412,3 +418,39 @@ def test_repool_ports_the_pooled_policy_to_all_64_tokens(monkeypatch):
             assert torch.equal(pb[t + r * 8 + c], pa[t + (r // 2) * 4 + c // 2]), (r, c)
     with torch.no_grad():
         assert new.backbone.vit(torch.rand(1, 3, 64, 64)).shape[1] == 64
+
+
+def test_widen_doubles_the_encoder_and_computes_the_same_function(monkeypatch, tmp_path):
+    """train.py --widen: ViT and backbone at twice d_model and twice the heads (head width and
+    heads unchanged); every width-d vector of the encoder is its old value twice, so cond is
+    [cond, cond] and the action chunk is the same; the split inputs differ between the two
+    copies (E != 0: training moves them apart). Stored as float16 (--half), the policy loads
+    as float32 with exactly the stored values."""
+    train = _import_train(monkeypatch)
+    torch.manual_seed(0)
+    old = train.VLAPolicy(train.VLAConfig(pool=1, backbone_layers=2)).eval()
+    for p in old.head.parameters():             # the head starts at zero output (adaLN-Zero): give it some
+        torch.nn.init.normal_(p, std=0.05)
+    new = train.widen(old, torch.Generator().manual_seed(1)).eval()
+    d = old.cfg.d_model
+    assert (new.cfg.d_model, new.cfg.backbone_heads, new.cfg.n_heads, new.cfg.d_head) == (2 * d, 8, 4, 128)
+    assert new.backbone.blocks[0].attn.h == 8 and new.head.blocks[0].attn.h == 4
+    w = new.backbone.blocks[0].attn.proj.weight
+    assert not torch.allclose(w[:, :d], w[:, d:])                      # the split halves differ
+    torch.testing.assert_close(w[:, :d] + w[:, d:], old.backbone.blocks[0].attn.proj.weight.repeat(2, 1))
+    img, txt, st = torch.rand(2, 3, 64, 64), torch.randint(1, 20, (2, 12)), torch.randn(2, 39)
+    noise = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        a, b = old.backbone(img, txt, st), new.backbone(img, txt, st)
+        torch.testing.assert_close(b, torch.cat([a, a], 1), atol=2e-5, rtol=0)
+        torch.testing.assert_close(new.sample(img, txt, st, noise), old.sample(img, txt, st, noise), atol=2e-5,
+                                   rtol=0)
+    path = str(tmp_path / "wide.safetensors")
+    train.save_policy(path, new, {"state_mean": np.zeros(39)}, dtype=torch.float16)
+    from safetensors.torch import load_file
+    stored = load_file(path)
+    assert stored["backbone.pos"].dtype == torch.float16
+    back, _, _ = train.load_policy(path)
+    assert back.cfg == new.cfg
+    for k, v in back.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, stored[k].float()), k
