@@ -186,6 +186,12 @@ class SpeculativeDecode(RewritePass):
         if o.action_dim is not None and n % o.action_dim:
             raise OptionError(f"pass '{NAME}': option 'action_dim' ({o.action_dim}) does not divide the "
                               f"{n} tokens per call")
+        if loop_rec.head not in program.graphs:
+            variants = sorted(g for g in program.graphs if g.startswith(loop_rec.head + "."))
+            raise PassError(f"pass '{NAME}': the decoding loop's head graph {loop_rec.head!r} is not in the program"
+                            + (f" (an earlier pass replaced it by variants {variants})" if variants else "")
+                            + f"; run {NAME} before the passes that rewrite the head into variants "
+                              "(dynamic_precision, the quantization passes)")
         graphs = dict(program.graphs)
         head = program.graphs[loop_rec.head]
         example_tokens = head.example_inputs[0]

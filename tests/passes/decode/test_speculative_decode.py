@@ -270,6 +270,12 @@ def test_bad_options_and_programs_are_named(tiny, tmp_path):
         SpeculativeDecode(table=str(bad), keys=("obs",))(prog, PassContext())
     with pytest.raises(OptionError, match="does not exist"):
         SpeculativeDecode(table=str(tmp_path / "nope.npz"))(prog, PassContext())
+    # after a pass that replaced the head by variants (dynamic_precision: head.a8 / head.a4)
+    renamed = prog.replace(graphs={("head.a8" if k == "head" else k): g for k, g in prog.graphs.items()},
+                           plan=prog.plan.replace_calls("head", lambda c: dataclasses.replace(c, graph="head.a8")))
+    with pytest.raises(PassError, match=r"head graph 'head' is not in the program \(an earlier pass replaced it by "
+                                        r"variants \['head.a8'\]\); run speculative_decode before"):
+        SpeculativeDecode(drafter="none")(renamed, PassContext())
 
 
 def test_a_table_file_drafts_its_tokens(tiny, tmp_path):
