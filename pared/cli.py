@@ -501,9 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decoder", choices=("unrolled", "loop"),
                    help="vla_metaworld: the head's loop (greedy decoding, or the DDIM steps) unrolled in one graph, "
                         "or as a loop of the plan (a pass that rewrites that loop picks loop)")
-    b.add_argument("--policy", choices=("base", "large", "all_tokens"),
-                   help="vla_metaworld diffusion policy: the shipped one, its larger head (train_large_head.py), or "
-                        "the one whose backbone sees all 64 visual tokens (vla_diffusion_64.safetensors)")
+    b.add_argument("--policy", choices=("base", "large", "all_tokens", "wide"),
+                   help="vla_metaworld diffusion policy: the shipped one, its larger head (train_large_head.py), "
+                        "the one whose backbone sees all 64 visual tokens (vla_diffusion_64.safetensors), or that one "
+                        "at twice the ViT / backbone width (vla_diffusion_64_wide.safetensors)")
     b.add_argument("--calibration-steps", type=int, dest="calibration_steps",
                    help="vla_metaworld: calibration observations from the training demonstrations (default 1024)")
     b.add_argument("--repeats", type=int, help="timed rounds (default 50 for an artifact, 5 for a workload)")

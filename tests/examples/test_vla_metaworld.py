@@ -223,8 +223,12 @@ def test_workload_options_are_checked():
         get_workload("vla_metaworld", execute=9)
     with pytest.raises(OptionError, match="does not take"):
         get_workload("vla_metaworld", samples=10)
-    with pytest.raises(OptionError, match="option 'policy' must be one of \\['base', 'large', 'all_tokens'\\]"):
+    with pytest.raises(OptionError, match="option 'policy' must be one of \\['base', 'large', 'all_tokens', 'wide'\\]"):
         get_workload("vla_metaworld", policy="huge")
+    from pared.cli import build_parser                  # pared bench --policy offers the same policies
+    from pared.workloads import POLICIES
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    assert next(a for a in bench._actions if a.dest == "policy").choices == tuple(POLICIES)
     with pytest.raises(OptionError, match="policy='large' is a diffusion policy"):
         get_workload("vla_metaworld", head="tokens", policy="large")
     with pytest.raises(OptionError, match="option 'calibration_steps' must be a positive integer"):
