@@ -77,6 +77,11 @@ class VLAConfig:
     train_timesteps: int = 100
     ddim_steps: int = 10
 
+    @property
+    def encoder_heads(self) -> int:
+        """Heads of the ViT and backbone blocks."""
+        return self.backbone_heads or self.n_heads
+
 
 # --------------------------------------------------------------------------
 # Transformer pieces (explicit matmul/softmax attention: plain ATen ops)
@@ -136,7 +141,7 @@ class ViTEncoder(nn.Module):
         self.grid = cfg.image_size // cfg.patch                # 8
         self.patch_embed = nn.Conv2d(3, d, cfg.patch, stride=cfg.patch)
         self.pos = nn.Parameter(torch.randn(1, self.grid * self.grid, d) * 0.02)
-        self.blocks = nn.ModuleList([Block(d, cfg.backbone_heads or cfg.n_heads, cfg.mlp_ratio)
+        self.blocks = nn.ModuleList([Block(d, cfg.encoder_heads, cfg.mlp_ratio)
                                      for _ in range(cfg.vit_layers)])
         self.ln = nn.LayerNorm(d)
 
@@ -171,7 +176,7 @@ class VLABackbone(nn.Module):
         n_tok = cfg.text_len + n_vis + 2
         # learned position + modality embedding for the whole sequence
         self.pos = nn.Parameter(torch.randn(1, n_tok, d) * 0.02)
-        self.blocks = nn.ModuleList([Block(d, cfg.backbone_heads or cfg.n_heads, cfg.mlp_ratio)
+        self.blocks = nn.ModuleList([Block(d, cfg.encoder_heads, cfg.mlp_ratio)
                                      for _ in range(cfg.backbone_layers)])
         self.ln = nn.LayerNorm(d)
 

@@ -147,7 +147,7 @@ def widen(policy: VLAPolicy, generator: torch.Generator, noise: float = 0.1) -> 
     from dataclasses import replace
     old = policy.cfg
     d = old.d_model
-    new = VLAPolicy(replace(old, d_model=2 * d, backbone_heads=2 * (old.backbone_heads or old.n_heads)))
+    new = VLAPolicy(replace(old, d_model=2 * d, backbone_heads=2 * old.encoder_heads))
     sd = policy.state_dict()
     out = {}
 
@@ -178,9 +178,10 @@ def widen(policy: VLAPolicy, generator: torch.Generator, noise: float = 0.1) -> 
             out[k] = dup(v, 0)
         else:                                                    # biases, LayerNorms, embeddings: last axis
             out[k] = dup(v, v.dim() - 1)
-    missing = {k: tuple(v.shape) for k, v in new.state_dict().items() if tuple(out[k].shape) != tuple(v.shape)}
-    if missing:
-        raise AssertionError(f"widen: shapes differ {missing}")
+    wrong = {k: (tuple(out[k].shape), tuple(v.shape)) for k, v in new.state_dict().items()
+             if out[k].shape != v.shape}
+    if wrong:
+        raise AssertionError(f"widen: a rule gave the wrong shape (got, want): {wrong}")
     new.load_state_dict(out)
     return new
 
