@@ -341,7 +341,7 @@ class VLAWorkload(Workload):
     `train.py --pool 1`), for visual-token selection with more to select from.
     `policy="wide"`: vla_diffusion_64_wide.safetensors, that policy at twice the width (ViT and
     backbone d_model 256, 8 heads; the head as before): widened from it computing the same
-    function, then fine-tuned (`train.py --widen`); 4x the encoder's parameters, for methods
+    function, then fine-tuned (`train.py --widen`); 3.9x the encoder's parameters, for methods
     whose gain the 128-wide encoder's per-op overheads hide.
 
     `decoder="loop"` keeps the head's loop in the Plan instead of unrolling it, with the same
