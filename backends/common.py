@@ -49,6 +49,21 @@ def retrace(graph: Graph) -> "torch.export.ExportedProgram":
                                    dynamic_shapes=dynamic_shapes_for(graph), strict=False)
 
 
+def decomposed_ops(ep: "torch.export.ExportedProgram", table: Any) -> list[str]:
+    """The ops of `ep`'s graphs (subgraphs included) that the decomposition table `table` would
+    rewrite. Where there are none, `ep.run_decompositions(table)` retraces the whole program
+    (a functionalizing trace, about half of an ONNX export's time) only to give back the same
+    ops: pared's graphs are decomposed to core ATen when captured (ir/capture.py), so the
+    backends skip it then (ONNX Runtime: export_onnx; TVM: from_exported_program)."""
+    found = set()
+    for m in ep.graph_module.modules():
+        if isinstance(m, torch.fx.GraphModule):
+            for n in m.graph.nodes:
+                if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target in table:
+                    found.add(str(n.target))
+    return sorted(found)
+
+
 #: outputs whose RMS is below this are compared in absolute terms (rel L2 against this RMS): an
 #: output that is zero up to float noise (a difference of two equal computations) has no scale
 #: of its own; on an AVX2-only CPU expert_cache's drift outputs came out 5e-8 in torch and 7e-7 in

@@ -28,12 +28,13 @@ import io
 import logging
 import os
 import re
-from typing import Any, Mapping
+import threading
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from pared.backends.common import (compare, export_failure, forced_values, io_spec, judge_forced, plain, retrace,
-                                   to_numpy, where_in_model)
+from pared.backends.common import (compare, decomposed_ops, export_failure, forced_values, io_spec, judge_forced,
+                                   plain, retrace, to_numpy, where_in_model)
 from pared.ir.errors import ArtifactError, BackendError
 from pared.ir.program import Graph
 
@@ -118,6 +119,89 @@ def optimize_onnx(model: Any) -> None:
     onnx_fusions.fuse(model)
 
 
+_SHORTCUT_LOCK = threading.Lock()
+_SHORTCUT_DEPTH = 0
+_REGISTRIES: dict[Any, Any] = {}
+_TABLES: dict[frozenset, dict] = {}
+
+
+@contextlib.contextmanager
+def exporter_shortcuts() -> Iterator[bool]:
+    """Two shortcuts through the pinned exporter's internals (torch.onnx._internal.exporter), each
+    giving what the exporter itself would; yields whether they are on.
+
+    - Decomposition: the exporter retraces the program with its decomposition table (ops without
+      an ONNX translation, rewritten into ops with one): about half the time of an export. pared's
+      graphs are decomposed when captured, so mostly no op is in that table (`decomposed_ops`) and
+      the retrace gives back the same ops; then the program goes on as it is (a copy of its graph:
+      the exporter edits the graph it translates). A program with such an op is decomposed.
+    - The registry of torchlib's translations, built once per process and opset (about 0.9 s per
+      export) and copied for each export (the exporter adds the custom translations to its copy).
+
+    With another layout of the exporter's internals nothing is patched (yields False)."""
+    global _SHORTCUT_DEPTH
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes, _registration
+        decompose = _fx_passes.decompose_with_registry
+        from_torchlib = _registration.ONNXRegistry.__dict__["from_torchlib"]
+        implemented, table_of = _decomp.get_onnx_implemented_overloads, _decomp.create_onnx_friendly_decomposition_table
+    except (ImportError, AttributeError, KeyError):
+        yield False
+        return
+
+    def lean_decompose(ep: Any, registry: Any) -> Any:
+        ops = frozenset(implemented(registry))
+        if ops not in _TABLES:
+            _TABLES[ops] = table_of(set(ops))
+        nested = any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children())
+        if nested or decomposed_ops(ep, _TABLES[ops]):
+            return decompose(ep, registry)
+        import copy
+        return ep._update(torch.fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph)), ep.graph_signature)
+
+    def cached_registry(cls: Any, opset_version: Any = None, **kwargs: Any) -> Any:
+        args = {} if opset_version is None else {"opset_version": opset_version}
+        key = (cls, opset_version, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = from_torchlib.__func__(cls, **args, **kwargs)
+        base = _REGISTRIES[key]
+        registry = cls()
+        registry.__dict__.update(base.__dict__)
+        registry.functions = {k: list(v) for k, v in base.functions.items()}
+        return registry
+
+    with _SHORTCUT_LOCK:
+        if _SHORTCUT_DEPTH == 0:
+            _fx_passes.decompose_with_registry = lean_decompose
+            _registration.ONNXRegistry.from_torchlib = classmethod(cached_registry)
+        _SHORTCUT_DEPTH += 1
+    try:
+        yield True
+    finally:
+        with _SHORTCUT_LOCK:
+            _SHORTCUT_DEPTH -= 1
+            if _SHORTCUT_DEPTH == 0:
+                _fx_passes.decompose_with_registry = decompose
+                _registration.ONNXRegistry.from_torchlib = from_torchlib
+
+
+def _torch_onnx_export(ep: "torch.export.ExportedProgram", translations: Mapping[Any, Callable]) -> Any:
+    """torch.onnx.export of `ep` (dynamo, unoptimized, quiet), through `exporter_shortcuts`; if
+    that fails, once more without them (the error then is the exporter's own)."""
+    def run() -> Any:
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            return torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, report=False,
+                                     custom_translation_table=translations or None)
+    with exporter_shortcuts() as on:
+        try:
+            return run()
+        except Exception:
+            if not on:
+                raise
+            log.debug("export through the shortcuts failed; exporting as the exporter does", exc_info=True)
+    return run()
+
+
 def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.export.ExportedProgram | None":
     """Write `graph` as an ONNX model at `path` (+ `path.data` when large); returns the
     ExportedProgram it was exported from (the file's value names are its nodes' names), or None
@@ -135,10 +219,7 @@ def export_onnx(graph: Graph, path: str, *, optimize: bool = True) -> "torch.exp
         return None
     _quiet_exporter()
     ep = retrace(graph)
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), torch.no_grad():
-        onnx_program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False, report=False,
-                                         custom_translation_table=translations or None)
+    onnx_program = _torch_onnx_export(ep, translations)
     model = onnx_program.model
     if optimize:
         optimize_onnx(model)

@@ -32,8 +32,8 @@ import shutil
 import tarfile
 from typing import Any, Mapping
 
-from pared.backends.common import (compare, io_spec, judge_forced, retrace, to_numpy, where_in_model,
-                                   with_forced_outputs)
+from pared.backends.common import (compare, decomposed_ops, io_spec, judge_forced, retrace, to_numpy,
+                                   where_in_model, with_forced_outputs)
 from pared.ir.errors import BackendError
 from pared.ir.program import Graph
 
@@ -226,6 +226,16 @@ def _masked_scatter(node, imp):
     return bb.emit(op.reshape(out, shape))
 
 
+def needs_decomposition(ep: Any) -> bool:
+    """Whether TVM's frontend should decompose `ep` to core ATen first (its default: a retrace of
+    the whole program). pared's graphs are core ATen when captured, so only a graph with an op of
+    the default decomposition table, or a nested graph, is decomposed."""
+    import torch.export
+    if any(isinstance(m, fx.GraphModule) for _, m in ep.graph_module.named_children()):
+        return True
+    return bool(decomposed_ops(ep, torch.export.default_decompositions()))
+
+
 RUNTIME_CHECKS = ("_assert_scalar.default", "_assert_async.default", "_assert_async.msg")
 
 
@@ -301,7 +311,7 @@ def to_relax(graph: Graph, name: str, quant_stats: dict | None = None):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=False,
-                                        custom_convert_map=custom)
+                                        custom_convert_map=custom, run_ep_decomposition=needs_decomposition(ep))
         if quantized:
             # the fake-quant bindings the integer layers replaced, and the weight-side
             # constants (column sums, s_x * s_w) folded at build time

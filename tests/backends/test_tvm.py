@@ -328,7 +328,8 @@ def test_a_splat_constant_is_made_at_run_time_not_stored():
     vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu(0))
     a = np.ones((4, 256), np.float32)
     got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w)).numpy()
-    np.testing.assert_allclose(got, a @ w + 2.0, rtol=1e-5)
+    # sums of 256 terms of size ~1 (|a @ w| ~ 16): float32 rounding of another summation order is ~1e-5 absolute
+    np.testing.assert_allclose(got, a @ w + 2.0, rtol=1e-5, atol=1e-4)
 
 
 class _ReadEnds(nn.Module):
