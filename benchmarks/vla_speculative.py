@@ -21,6 +21,9 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
                    tokens), speculative_decode (retrieval, exact) and dynamic_precision ([8, 4]
                    bits by the hand's speed) on one artifact; exact acceptance reproduces the int8
                    head's greedy tokens, not eager's, so it acts in its own closed loop
+  composed_dq_first (--lossy composed_dq_first) the same three with dynamic_precision before
+                   speculative_decode: the draft graph stays float and each call verifies at the
+                   width its greedy decoding takes
 
 Closed loop (6 Meta-World tasks x --episodes seeded evaluation episodes, as the workload): eager
 PyTorch's greedy policy acts; every lossless arm shadows it, called on the same observation at
@@ -89,6 +92,14 @@ LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
              {"speculative_decode": {"drafter": "retrieval"}},
              {"dynamic_precision": {"bits": [8, 4], "input": "state", "position": [0, 1, 2],
                                     "previous": [18, 19, 20], "gripper": [3, 21]}}]},
+         # the same three with dynamic_precision before speculative_decode: the retrieval draft stays
+         # float, its table holds the int8 head's own greedy tokens, and each call verifies through
+         # the motion select at the width greedy decoding would take
+         "composed_dq_first": {"pipeline": [
+             {"token_reuse": {"tokens": [12, 28], "patch": 16, "input": "image", "blocks": "blocks.*"}},
+             {"dynamic_precision": {"bits": [8, 4], "input": "state", "position": [0, 1, 2],
+                                    "previous": [18, 19, 20], "gripper": [3, 21]}},
+             {"speculative_decode": {"drafter": "retrieval"}}]},
          "seq2_retrieval": {"drafter": "retrieval", "sequence": 2.0},
          "skip25_seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0, "skip_verify": 0.25},
          "seq1_hybrid": dict(HYBRID, sequence=1.0)}

@@ -55,7 +55,10 @@ Reads: the DecodeLoop record (capture of a pared.ir.decode.Decoder writes it).
 Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`) and
 `speculative_decode.accept`; the decoding Loop becomes draft + Loop(until done, at most N);
 a SpeculativePlan record. Earlier rewrites of the head call (quantization, variants) stay as
-they are: only the pick step is replaced.
+they are: only the pick step is replaced. Variants of the head behind a select that chooses once
+per call (dynamic_precision's motion select) are verified through that select, so every head call
+of a policy call runs the variant greedy decoding would have run; a select that may choose anew
+per token is refused.
 Invariant: `radius: 0` without `max_verify` or `skip_verify` gives greedy decoding's tokens
 exactly, whatever the drafter.
 """
@@ -186,15 +189,9 @@ class SpeculativeDecode(RewritePass):
         if o.action_dim is not None and n % o.action_dim:
             raise OptionError(f"pass '{NAME}': option 'action_dim' ({o.action_dim}) does not divide the "
                               f"{n} tokens per call")
-        if loop_rec.head not in program.graphs:
-            variants = sorted(g for g in program.graphs if g.startswith(loop_rec.head + "."))
-            raise PassError(f"pass '{NAME}': the decoding loop's head graph {loop_rec.head!r} is not in the program"
-                            + (f" (an earlier pass replaced it by variants {variants})" if variants else "")
-                            + f"; run {NAME} before the passes that rewrite the head into variants "
-                              "(dynamic_precision, the quantization passes)")
+        heads = _head_graphs(program, loop_rec, loops)
         graphs = dict(program.graphs)
-        head = program.graphs[loop_rec.head]
-        example_tokens = head.example_inputs[0]
+        example_tokens = program.graphs[heads[0]].example_inputs[0]
         stats: dict = {"tokens": n}
         parts = getattr(self, f"_draft_{o.drafter}")(program, loop_rec, ctx, example_tokens)
         graphs.update(parts.graphs)
@@ -401,6 +398,38 @@ class _Zeros(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(tokens)
+
+
+#: selectors that choose once per policy call (every select and loop iteration of one call takes the
+#: same case): the verify loop may call the head through them and stay greedy decoding's equal
+PER_CALL_SELECTORS = frozenset({"motion"})
+
+
+def _head_graphs(program: Program, rec: DecodeLoop, loops: list[Loop]) -> list[str]:
+    """The graphs the greedy loops call as the head: the head itself, or the variants an earlier pass
+    put in its place behind a select that chooses once per call (dynamic_precision's motion
+    select). Verification then runs the variant greedy decoding would have run for that call, so
+    exact acceptance stays lossless. A select that may choose per iteration (a step table, bins on
+    a value of the loop) would verify a run of tokens with another variant than greedy decoding
+    used for each: refused."""
+    from pared.ir.plan import iter_nodes
+    called = {c.graph for lp in loops for node in lp.body.nodes[:-1] for c in iter_nodes(node) if isinstance(c, Call)}
+    if rec.head in program.graphs and rec.head in called:
+        heads = [rec.head]
+    else:
+        heads = sorted(g for g in called if g.startswith(rec.head + "."))
+    if not heads:
+        raise PassError(f"pass '{NAME}': the decoding loop calls neither its head graph {rec.head!r} nor variants "
+                        f"of it ({rec.head}.*); an earlier pass changed the loop")
+    for lp in loops:
+        for node in lp.body.nodes[:-1]:
+            for sel in iter_nodes(node):
+                if isinstance(sel, Select) and sel.selector.kind not in PER_CALL_SELECTORS:
+                    raise PassError(f"pass '{NAME}': the decoding loop chooses among {[lab for lab, _ in sel.cases]} "
+                                    f"by a {sel.selector.kind!r} select, which may choose anew at each token; the "
+                                    "verify loop checks several tokens per head call, so it would not verify them "
+                                    f"with the variants greedy decoding uses. Run {NAME} before that pass")
+    return heads
 
 
 def _input_graph(program: Program) -> str:

@@ -270,12 +270,72 @@ def test_bad_options_and_programs_are_named(tiny, tmp_path):
         SpeculativeDecode(table=str(bad), keys=("obs",))(prog, PassContext())
     with pytest.raises(OptionError, match="does not exist"):
         SpeculativeDecode(table=str(tmp_path / "nope.npz"))(prog, PassContext())
-    # after a pass that replaced the head by variants (dynamic_precision: head.a8 / head.a4)
-    renamed = prog.replace(graphs={("head.a8" if k == "head" else k): g for k, g in prog.graphs.items()},
-                           plan=prog.plan.replace_calls("head", lambda c: dataclasses.replace(c, graph="head.a8")))
-    with pytest.raises(PassError, match=r"head graph 'head' is not in the program \(an earlier pass replaced it by "
-                                        r"variants \['head.a8'\]\); run speculative_decode before"):
+    # a loop whose head an earlier pass replaced by something else altogether
+    renamed = prog.replace(graphs={("other" if k == "head" else k): g for k, g in prog.graphs.items()},
+                           plan=prog.plan.replace_calls("head", lambda c: dataclasses.replace(c, graph="other")))
+    with pytest.raises(PassError, match=r"calls neither its head graph 'head' nor variants of it"):
         SpeculativeDecode(drafter="none")(renamed, PassContext())
+    # variants behind a select that may choose per token (bins on the position): refused, naming the order
+    from pared.ir.plan import Bins
+    per_token = prog.replace(
+        graphs={**{k: g for k, g in prog.graphs.items() if k != "head"}, "head.x": prog.graphs["head"],
+                "head.y": prog.graphs["head"]},
+        plan=prog.plan.replace_calls("head", lambda c: Select(Bins("decode.pos", (4.0,), ("x", "y")), (
+            ("x", dataclasses.replace(c, graph="head.x")), ("y", dataclasses.replace(c, graph="head.y"))))))
+    with pytest.raises(PassError, match=r"by a 'bins' select, which may choose anew at each token.*Run "
+                                        r"speculative_decode before that pass"):
+        SpeculativeDecode(drafter="none")(per_token, PassContext())
+
+
+# -- after dynamic_precision: verification through the per-call precision select ------------------------------
+def _moving(n_calls: int, seed: int = 5) -> list[tuple]:
+    """One request's observations: the first three values (the 'position') move at speeds that
+    change over the request, so the motion select takes both widths."""
+    g = torch.Generator().manual_seed(seed)
+    obs0, task = tiny_decoder_inputs(1, seed)
+    pos, out = obs0.clone(), []
+    for i in range(n_calls):
+        speed = 0.02 if (i // 4) % 2 == 0 else 0.8
+        pos = pos.clone()
+        pos[:, :3] += speed * torch.randn(1, 3, generator=g)
+        out.append((pos, task))
+    return out
+
+
+@pytest.fixture(scope="module")
+def precise(tiny):
+    from pared.registry import get_pass
+    m, prog, calib = tiny
+    demo = _moving(32, seed=9)
+    dp = get_pass("dynamic_precision")(input="obs", position=[0, 1, 2], bits=[8, 4], dwell=1)
+    return dp(prog, PassContext(calibration=demo)).program, demo
+
+
+@pytest.mark.parametrize("drafter", ["none", "retrieval"])
+def test_after_dynamic_precision_each_call_verifies_with_its_width_and_stays_greedy(precise, drafter):
+    quant, demo = precise
+    res = run_pass_checked(SpeculativeDecode(drafter=drafter), quant, PassContext(calibration=demo))
+    spec = res.program
+    loops = [n for n in iter_nodes(spec.plan.body) if isinstance(n, Loop) and n.until is not None]
+    assert loops
+    sel = [n for n in iter_nodes(loops[0].body) if isinstance(n, Select)]
+    assert [s.selector.kind for s in sel] == ["motion"] and {lab for lab, _ in sel[0].cases} == {"a8", "a4"}
+    assert res.program.records["SpeculativePlan"].lossless
+    # one request of moving observations: the same tokens as the quantized program's greedy loop,
+    # call by call, and each call's head calls all at the width greedy decoding took for it
+    calls = _moving(16)
+    g, s = _tokens_out(quant).runner(), _tokens_out(spec).runner()
+    widths, fewer = set(), 0
+    for x in calls:
+        want, got = g(list(x))[0], s(list(x))[0]
+        assert torch.equal(torch.as_tensor(np.asarray(got)), torch.as_tensor(np.asarray(want)))
+        gw = {name for name in g.graph_trace[-1] if name.startswith("head.")}
+        sw = {name for name in s.graph_trace[-1] if name.startswith("head.")}
+        assert len(gw) == 1 and sw == gw
+        widths |= gw
+        fewer += sum(n.startswith("head.") for n in s.graph_trace[-1]) < N
+    assert widths == {"head.a8", "head.a4"}        # the request took both widths
+    assert fewer > 0
 
 
 def test_a_table_file_drafts_its_tokens(tiny, tmp_path):
@@ -318,6 +378,35 @@ def test_the_artifact_runs_the_same_loop_torch_free(tiny, tmp_path, drafter, opt
         assert np.array_equal(np.asarray(got), want.numpy())
         assert ex.graph_trace[-1] == r.graph_trace[-1]
     assert "SpeculativePlan" in ex.records
+
+
+@pytest.mark.slow
+def test_after_dynamic_precision_the_artifact_decodes_as_the_quantized_greedy_artifact(precise, tiny, tmp_path):
+    """torch-free, on ORT's integer kernels: the composed artifact against dynamic_precision's alone,
+    one request of moving observations, the same tokens and width per call, fewer head calls."""
+    import pared
+    m, _, _ = tiny
+    _, demo = precise
+    dp = {"dynamic_precision": {"input": "obs", "position": [0, 1, 2], "bits": [8, 4], "dwell": 1}}
+    arts = {}
+    for name, pipe in (("greedy", [dp]), ("spec", [dp, {"speculative_decode": {"drafter": "retrieval"}}])):
+        opt = pared.optimize(m, demo[0], target="cpu", calibration=demo, bench_repeats=0, pipeline=pipe,
+                             allow_fidelity_loss=True, holdout=demo[:1])
+        arts[name] = pared.load(opt.save(str(tmp_path / name)))
+    heads = {"greedy": 0, "spec": 0}
+    widths = set()
+    for x in _moving(12):
+        outs, w = {}, {}
+        for name, ex in arts.items():
+            outs[name] = np.asarray(ex(*[t.numpy() for t in x]))
+            calls = [g for g in ex.graph_trace[-1] if g.startswith("head.")]
+            heads[name] += len(calls)
+            w[name] = set(calls)
+        assert np.array_equal(outs["spec"], outs["greedy"])
+        assert len(w["greedy"]) == 1 and w["spec"] == w["greedy"]
+        widths |= w["greedy"]
+    assert widths == {"head.a8", "head.a4"}
+    assert heads["spec"] < heads["greedy"] == 12 * N
 
 
 # -- the lossy savings: capped verification (KERV completion) and verify-skip (HeiSD) -------------
