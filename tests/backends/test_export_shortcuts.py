@@ -17,6 +17,13 @@ from pared.ir.capture import capture
 from pared.testing import tiny_transformer
 
 
+@pytest.fixture(autouse=True)
+def _no_export_cache(monkeypatch):
+    """These tests count the exporter's own work: a hit in the suites' export cache would skip it."""
+    from pared.backends.onnxruntime import export_cache
+    monkeypatch.delenv(export_cache.ENV, raising=False)
+
+
 class _Block(torch.nn.Module):
     """Linear, LayerNorm, GELU, attention: captured, none of its ops is in the exporter's table."""
 
