@@ -64,6 +64,15 @@ def decomposed_ops(ep: "torch.export.ExportedProgram", table: Any) -> list[str]:
     return sorted(found)
 
 
+def needs_retrace(ep: "torch.export.ExportedProgram", table: Any) -> bool:
+    """Whether a backend must decompose `ep` with `table` (a retrace) before translating it: when
+    an op of it is in the table (`decomposed_ops`), or it has nested graphs (control flow, whose
+    subgraphs a translator may edit in place and a copy of the top graph would still share)."""
+    if any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children()):
+        return True
+    return bool(decomposed_ops(ep, table))
+
+
 #: outputs whose RMS is below this are compared in absolute terms (rel L2 against this RMS): an
 #: output that is zero up to float noise (a difference of two equal computations) has no scale
 #: of its own; on an AVX2-only CPU expert_cache's drift outputs came out 5e-8 in torch and 7e-7 in

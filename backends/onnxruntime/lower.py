@@ -24,6 +24,7 @@ fuses into DynamicQuantizeMatMul.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from pared.backends.common import (compare, decomposed_ops, export_failure, forced_values, io_spec, judge_forced,
+from pared.backends.common import (compare, export_failure, forced_values, io_spec, judge_forced, needs_retrace,
                                    plain, retrace, to_numpy, where_in_model)
 from pared.ir.errors import ArtifactError, BackendError
 from pared.ir.program import Graph
@@ -153,10 +154,8 @@ def exporter_shortcuts() -> Iterator[bool]:
         ops = frozenset(implemented(registry))
         if ops not in _TABLES:
             _TABLES[ops] = table_of(set(ops))
-        nested = any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children())
-        if nested or decomposed_ops(ep, _TABLES[ops]):
+        if needs_retrace(ep, _TABLES[ops]):
             return decompose(ep, registry)
-        import copy
         return ep._update(torch.fx.GraphModule(ep.graph_module, copy.deepcopy(ep.graph)), ep.graph_signature)
 
     def cached_registry(cls: Any, opset_version: Any = None, **kwargs: Any) -> Any:

@@ -32,8 +32,8 @@ import shutil
 import tarfile
 from typing import Any, Mapping
 
-from pared.backends.common import (compare, decomposed_ops, io_spec, judge_forced, retrace, to_numpy,
-                                   where_in_model, with_forced_outputs)
+from pared.backends.common import (compare, io_spec, judge_forced, needs_retrace, retrace,
+                                   to_numpy, where_in_model, with_forced_outputs)
 from pared.ir.errors import BackendError
 from pared.ir.program import Graph
 
@@ -231,9 +231,7 @@ def needs_decomposition(ep: Any) -> bool:
     the whole program). pared's graphs are core ATen when captured, so only a graph with an op of
     the default decomposition table, or a nested graph, is decomposed."""
     import torch.export
-    if any(isinstance(m, fx.GraphModule) for _, m in ep.graph_module.named_children()):
-        return True
-    return bool(decomposed_ops(ep, torch.export.default_decompositions()))
+    return needs_retrace(ep, torch.export.default_decompositions())
 
 
 RUNTIME_CHECKS = ("_assert_scalar.default", "_assert_async.default", "_assert_async.msg")
