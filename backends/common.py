@@ -73,6 +73,60 @@ def needs_retrace(ep: "torch.export.ExportedProgram", table: Any) -> bool:
     return bool(decomposed_ops(ep, table))
 
 
+
+def _squeeze_dims(graph: "torch.fx.Graph", node: "torch.fx.Node") -> bool:
+    """Rewrite `aten.squeeze.dims(x, dims)` in place as torch's own decomposition of it
+    (torch._refs.squeeze) gives on a static shape: the dims of size 1, canonicalized, as one
+    `prims.squeeze(x, [d])` per dim from the last, or `prims.view_of(x)` where none is of size 1.
+    False (nothing changed) where a squeezed dim's size is symbolic or x has no dims."""
+    x, dims = node.args[0], node.args[1]
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return False
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    sizes = [val.shape[d % val.dim()] for d in dims]
+    if not all(isinstance(s, int) for s in sizes):
+        return False
+    keep = sorted({d % val.dim() for d, s in zip(dims, sizes) if s == 1}, reverse=True)
+    steps = [(torch.ops.prims.squeeze.default, ([d],)) for d in keep] or [(torch.ops.prims.view_of.default, ())]
+    cur, cur_val = x, val
+    with graph.inserting_before(node):
+        for op, extra in steps:
+            new = graph.call_function(op, (cur, *extra))
+            new.meta = {**node.meta, "val": op(cur_val, *extra)}
+            cur, cur_val = new, new.meta["val"]
+    node.replace_all_uses_with(cur)
+    graph.erase_node(node)
+    return True
+
+
+#: ops a backend's decomposition table may list that pared rewrites node by node, as that table's
+#: decomposition would, instead of retracing the whole program for them (`local_decomposition`):
+#: op -> rewrite(graph, node), False where it cannot (then the program is retraced)
+LOCAL_DECOMPOSITIONS = {torch.ops.aten.squeeze.dims: _squeeze_dims}
+
+
+def local_decomposition(ep: "torch.export.ExportedProgram", table: Any) -> "torch.fx.GraphModule | None":
+    """A copy of `ep`'s graph module with the ops of `table` in it rewritten node by node
+    (LOCAL_DECOMPOSITIONS), as `ep.run_decompositions(table)` would give them, without the
+    retrace; None where the program needs the retrace: nested graphs, an op of `table` with no
+    local rewrite, or a rewrite that cannot apply (a symbolic size). The program handed in is
+    not changed (its graph is copied first)."""
+    import copy
+    if any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children()):
+        return None
+    found = decomposed_ops(ep, table)
+    local = {str(op): fn for op, fn in LOCAL_DECOMPOSITIONS.items() if op in table}
+    if any(op not in local for op in found):
+        return None
+    graph = copy.deepcopy(ep.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and str(node.target) in local and str(node.target) in found:
+            if not local[str(node.target)](graph, node):
+                return None
+    graph.lint()
+    return torch.fx.GraphModule(ep.graph_module, graph)
+
 #: outputs whose RMS is below this are compared in absolute terms (rel L2 against this RMS): an
 #: output that is zero up to float noise (a difference of two equal computations) has no scale
 #: of its own; on an AVX2-only CPU expert_cache's drift outputs came out 5e-8 in torch and 7e-7 in

@@ -175,3 +175,114 @@ def test_tvm_skips_the_core_aten_decomposition_only_where_it_is_the_identity(mon
     fast = tvm_lower.to_relax(g, "main").script()
     monkeypatch.setattr(tvm_lower, "needs_decomposition", lambda ep: True)
     assert tvm_lower.to_relax(g, "main").script() == fast
+
+
+class _Squeeze(torch.nn.Module):
+    """aten.squeeze.dims, which the exporter's table decomposes: dims of size 1 (one negative),
+    a dim that is not of size 1 (kept), and a squeeze that drops nothing (an alias)."""
+
+    def forward(self, x, y):
+        a = torch.squeeze(x, (1, -1)) * 2                 # [3, 1, 4, 1] -> [3, 4]
+        b = torch.squeeze(y, (0, 2))                      # [2, 5, 1] -> [2, 5]: dim 0 is kept
+        c = torch.squeeze(a, (0,))                        # nothing of size 1: the same tensor
+        return a.sum(-1, keepdim=True) + b.sum() + c
+
+
+def _squeeze_inputs():
+    torch.manual_seed(1)
+    return torch.randn(3, 1, 4, 1), torch.randn(2, 5, 1)
+
+
+def _onnx_table():
+    from torch.onnx._internal.exporter import _decomp, _registration
+    registry = _registration.ONNXRegistry.from_torchlib()
+    return _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+
+
+def _targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_squeeze_dims_is_rewritten_node_by_node_as_the_tables_retrace_gives_it():
+    from pared.backends.common import local_decomposition
+    g = capture(_Squeeze(), _squeeze_inputs()).main
+    ep = lower.retrace(g)
+    table = _onnx_table()
+    assert decomposed_ops(ep, table) == ["aten.squeeze.dims"]      # the case this test is for
+    before = ep.graph_module.code
+    gm = local_decomposition(ep, table)
+    assert ep.graph_module.code == before                           # the program handed in is unchanged
+    retraced = ep.run_decompositions(table).graph_module
+    assert _targets(gm) == _targets(retraced)                       # the same ops in the same order
+    assert "prims.view_of.default" in _targets(gm) and _targets(gm).count("prims.squeeze.default") == 3
+    for want, got in zip(retraced(*g.example_inputs), gm(*g.example_inputs)):
+        assert torch.equal(want, got)
+
+
+def test_a_symbolic_size_under_squeeze_dims_needs_the_retrace():
+    from pared.backends.common import local_decomposition
+
+    class SqueezeBatch(torch.nn.Module):
+        def forward(self, x):
+            return torch.squeeze(x, (0, 2)) + 1
+
+    x = torch.randn(2, 5, 1)
+    ep = torch.export.export(SqueezeBatch(), (x,), dynamic_shapes=({0: torch.export.Dim("b")},))
+    assert local_decomposition(ep, _onnx_table()) is None           # is dim 0 of size 1? only a retrace can say
+
+
+def test_a_graph_whose_only_table_op_is_squeeze_dims_exports_without_the_retrace(tmp_path, monkeypatch):
+    inputs = _squeeze_inputs()
+    g = capture(_Squeeze(), inputs).main
+    calls = _spy_decompose(monkeypatch)
+    fast = str(tmp_path / "fast.onnx")
+    lower.export_onnx(g, fast)
+    assert calls == []
+    monkeypatch.setattr(lower, "exporter_shortcuts", _no_shortcuts)
+    slow = str(tmp_path / "slow.onnx")
+    lower.export_onnx(g, slow)
+    assert len(calls) == 1
+    ops = [sorted(n.op_type for n in onnx.load(p).graph.node) for p in (fast, slow)]
+    assert ops[0] == ops[1]
+    got = []
+    for path in (fast, slow):
+        sess = ort.InferenceSession(path)
+        got.append(sess.run(None, dict(zip([i.name for i in sess.get_inputs()], [t.numpy() for t in inputs])))[0])
+    np.testing.assert_array_equal(got[0], got[1])                   # the same computation
+    np.testing.assert_allclose(got[0], _Squeeze()(*inputs).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_rules_tried_only_at_their_root_op_rewrite_as_every_rule_everywhere(tmp_path, monkeypatch):
+    """optimize_onnx tries a rewrite rule only at nodes of its pattern's root op type: the file is
+    byte for byte the one every rule tried at every node gives, and rules did fire on this graph."""
+    m, inputs = tiny_transformer()
+    g = capture(m, inputs).main
+    fired = []
+    real = lower._RootOpRule.try_rewrite
+
+    def counting(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if out is not None:
+            fired.append(str(self._rule))
+        return out
+    monkeypatch.setattr(lower._RootOpRule, "try_rewrite", counting)
+    filtered = str(tmp_path / "filtered.onnx")
+    lower.export_onnx(g, filtered)
+    assert fired                                          # the comparison below is not of an untouched graph
+    monkeypatch.setattr(lower, "_at_root_op", lambda rule: rule)
+    everywhere = str(tmp_path / "everywhere.onnx")
+    lower.export_onnx(g, everywhere)
+    assert onnx.load(filtered).SerializeToString() == onnx.load(everywhere).SerializeToString()
+
+
+def test_a_rule_is_filtered_only_where_its_pattern_ends_in_one_constant_op():
+    from onnxscript import rewriter
+    rules = list(rewriter._DEFAULT_REWRITE_RULES)
+    wrapped = [lower._at_root_op(r) for r in rules]
+    assert sum(isinstance(w, lower._RootOpRule) for w in wrapped) >= len(rules) - 3
+    for r, w in zip(rules, wrapped):
+        if isinstance(w, lower._RootOpRule):
+            assert w._op_type == str(r._target_pattern.output_node.op)
+            assert w.name == r.name and w.remove_nodes == r.remove_nodes     # the rule's own attributes
+        else:
+            assert w is r
