@@ -46,15 +46,29 @@ from pared.workloads.training import Progress, atomic_save, ema_update, optimize
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, digit_weight: float) -> torch.Tensor:
+    """MSE of x0 where a pixel of the target's digits (above -0.8) weighs 1 + digit_weight and
+    the background 1, normalized by the total weight (digit_weight 0: plain MSE)."""
+    if not digit_weight:
+        return torch.nn.functional.mse_loss(pred, target)
+    w = 1.0 + digit_weight * (target > -0.8).to(pred.dtype)
+    return (w * (pred - target) ** 2).sum() / w.sum()
+
+
 def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
           ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
           save_every_min: float = 5.0, init: str | None = None, stem: int | None = None,
-          rollout_frac: float = 0.0, rollout_steps: int = 4, prev_frames: int | None = None) -> dict:
+          rollout_frac: float = 0.0, rollout_steps: int = 4, prev_frames: int | None = None,
+          digit_weight: float = 0.0) -> dict:
     """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
     (a fresh optimizer with a new warmup; the log records the chain). `rollout_frac`: the
     share of updates whose context frames after the first CONTEXT_FRAMES are the model's own
     rollout (DDIM, `rollout_steps` steps, no gradient) instead of the true frames; the
-    targets stay the true frames (rollout-context training, see the module's docstring)."""
+    targets stay the true frames (rollout-context training, see the module's docstring).
+    `digit_weight` W: the x0 loss weighs a pixel of the target's digits (above -0.8; the
+    background is -1) 1 + W times a background pixel (W = 0: plain MSE)."""
+    if digit_weight < 0:
+        raise ValueError(f"--digit-weight must be at least 0, got {digit_weight}")
     if not 0.0 <= rollout_frac <= 1.0:
         raise ValueError(f"--rollout-frac must lie in [0, 1], got {rollout_frac}")
     if rollout_steps < 1:
@@ -106,7 +120,7 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         pred = model.sequence(clean, t_clean, noisy, t_noisy, noisy_pos)
-        loss = torch.nn.functional.mse_loss(pred, target)
+        loss = weighted_mse(pred, target, digit_weight)
         optimizer_step(opt, model, loss)
         ema_update(ema, model, step, ema_decay)
         step += 1
@@ -115,6 +129,9 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
             "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "prev_frames": prev_frames, "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
+    if digit_weight:
+        meta.update(digit_weight=digit_weight,
+                    objective=f"x0 MSE with digit pixels weighted {1 + digit_weight:g}x, teacher forcing, noisy context")
     if rollout_frac:
         meta.update(objective="x0 MSE of the true frames, noisy context: the true frames or the model's own rollout",
                     rollout_frac=rollout_frac, rollout_steps=rollout_steps, rollout_updates=rollouts)
@@ -146,13 +163,16 @@ def main() -> None:
     p.add_argument("--prev-frames", type=int, help="the step also reads the pixels of the last N finished frames "
                    "(input channels of the embedding, and a residual to the last one); default: the --init weights' "
                    "or 0")
+    p.add_argument("--digit-weight", type=float, default=0.0,
+                   help="weigh the x0 loss on the target's digit pixels 1 + W times the background's (0: plain MSE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
     a = p.parse_args()
     train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
           t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem,
-          rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps, prev_frames=a.prev_frames)
+          rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps, prev_frames=a.prev_frames,
+          digit_weight=a.digit_weight)
 
 
 if __name__ == "__main__":

@@ -366,3 +366,17 @@ def test_video_ar_workload_runs_and_judges_per_frame():
     assert len(fid["per_frame"]["optimized"]["identity"]) == 10
     with pytest.raises(Exception, match="frames must exceed the 2 context frames"):
         get_workload("video_ar", frames=2)
+
+
+def test_digit_weighted_loss_weighs_digit_pixels_and_is_plain_mse_at_zero():
+    train = example_module("video_ar", "train.py")
+    target = torch.full((1, 1, 1, 2, 2), -1.0)
+    target[..., 0, 0] = 1.0                                   # one digit pixel, three background
+    pred = target.clone()
+    pred[..., 0, 0] -= 0.5                                    # error 0.25 on the digit pixel
+    pred[..., 1, 1] += 0.5                                    # and on one background pixel
+    assert torch.allclose(train.weighted_mse(pred, target, 0.0), torch.tensor(0.125))
+    # weights 5, 1, 1, 1: (5 * 0.25 + 0.25) / 8
+    assert torch.allclose(train.weighted_mse(pred, target, 4.0), torch.tensor(1.5 / 8))
+    with pytest.raises(ValueError, match="--digit-weight"):
+        train.train("/tmp/unused.safetensors", max_minutes=0.0, digit_weight=-1.0)
