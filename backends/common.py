@@ -79,7 +79,9 @@ def _squeeze_dims(graph: "torch.fx.Graph", node: "torch.fx.Node") -> bool:
     (torch._refs.squeeze) gives on a static shape: the dims of size 1, canonicalized, as one
     `prims.squeeze(x, [d])` per dim from the last, or `prims.view_of(x)` where none is of size 1.
     False (nothing changed) where a squeezed dim's size is symbolic or x has no dims."""
-    x, dims = node.args[0], node.args[1]
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    x, dims = node.args
     val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return False
@@ -93,7 +95,8 @@ def _squeeze_dims(graph: "torch.fx.Graph", node: "torch.fx.Node") -> bool:
     with graph.inserting_before(node):
         for op, extra in steps:
             new = graph.call_function(op, (cur, *extra))
-            new.meta = {**node.meta, "val": op(cur_val, *extra)}
+            new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}    # the last one's shape
+            new.meta["val"] = op(cur_val, *extra)
             cur, cur_val = new, new.meta["val"]
     node.replace_all_uses_with(cur)
     graph.erase_node(node)
