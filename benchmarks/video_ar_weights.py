@@ -8,8 +8,9 @@ Default: the shipped weights, examples/video_ar/runs/stem8.safetensors (the over
 run, not shipped), runs/stem8b.safetensors (80 more minutes of teacher forcing from stem8),
 runs/prev2.safetensors (stem8b given its last 2 frames' pixels as inputs, 65 more minutes),
 runs/prev2b.safetensors (36 more minutes from prev2), runs/prev2c.safetensors (100 more minutes
-from prev2b, one thread), runs/prev2d.safetensors (90 more minutes from prev2c, one thread) and runs/prev2_scratch.safetensors (that architecture from random
-weights, 60 minutes). Writes
+from prev2b, one thread), runs/prev2d.safetensors (90 more minutes from prev2c, one thread),
+runs/digitw.safetensors (85 more minutes from prev2d with the digit pixels' loss weighted 5x) and
+runs/prev2_scratch.safetensors (that architecture from random weights, 60 minutes). Writes
 benchmarks/results/video_ar_weights.json. A quick screen for a training run; the shipped model's
 full figures are benchmarks/video_ar_quality.py's.
 """
@@ -31,7 +32,7 @@ from pared.workloads import example_module  # noqa: E402
 DEFAULT = ",".join(os.path.join("examples", "video_ar", f) for f in ("weights.safetensors", "runs/stem8.safetensors",
                                                                   "runs/stem8b.safetensors", "runs/prev2.safetensors",
                                                                   "runs/prev2b.safetensors", "runs/prev2c.safetensors",
-                                                                  "runs/prev2d.safetensors",
+                                                                  "runs/prev2d.safetensors", "runs/digitw.safetensors",
                                                                   "runs/prev2_scratch.safetensors"))
 
 

@@ -26,6 +26,11 @@ down, velocity error up; stop 41's note has the figures): where the history has 
 the true frame is uncertain, and an MSE objective answers uncertainty with blur. Kept as
 an option, not the recipe.
 
+Digit-weighted loss (`--digit-weight W`): the x0 loss weighs the target's digit pixels (above
+-0.8; the background is -1) 1 + W times the background's. About 89% of a frame is background,
+so plain MSE spends most of its weight on keeping the background empty; the digits' strokes are
+what the judge reads for identity.
+
 The learning rate warms up for 100 steps, then follows a cosine to 10% over the
 run (measured in steps with --steps, in wall time otherwise). Writes the EMA
 weights (atomically, every few minutes and at the end) to weights.safetensors
