@@ -98,8 +98,13 @@ def _squeeze_dims(graph: "torch.fx.Graph", node: "torch.fx.Node") -> bool:
             new.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}    # the last one's shape
             new.meta["val"] = op(cur_val, *extra)
             cur, cur_val = new, new.meta["val"]
+    name = node.name
     node.replace_all_uses_with(cur)
     graph.erase_node(node)
+    # the last node takes the replaced one's name (no other node can hold it: fx never reuses a
+    # name), so the exported value keeps the name of the program's node, as the retrace names it
+    cur.name = name
+    graph._graph_namespace._rename_object(cur, name)
     return True
 
 

@@ -215,6 +215,9 @@ def test_squeeze_dims_is_rewritten_node_by_node_as_the_tables_retrace_gives_it()
     retraced = ep.run_decompositions(table).graph_module
     assert _targets(gm) == _targets(retraced)                       # the same ops in the same order
     assert "prims.view_of.default" in _targets(gm) and _targets(gm).count("prims.squeeze.default") == 3
+    # every node of the program keeps its name (a rewritten one's on the last node replacing it):
+    # the exported file's values are named after the program's nodes
+    assert {n.name for n in ep.graph.nodes} <= {n.name for n in gm.graph.nodes}
     for want, got in zip(retraced(*g.example_inputs), gm(*g.example_inputs)):
         assert torch.equal(want, got)
 
