@@ -64,14 +64,16 @@ def decomposed_ops(ep: "torch.export.ExportedProgram", table: Any) -> list[str]:
     return sorted(found)
 
 
+def _nested_graphs(ep: "torch.export.ExportedProgram") -> bool:
+    """Whether `ep` has nested graphs (control flow): a translator may edit their subgraphs in
+    place, and a copy of the top graph would still share them, so such a program is retraced."""
+    return any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children())
+
+
 def needs_retrace(ep: "torch.export.ExportedProgram", table: Any) -> bool:
     """Whether a backend must decompose `ep` with `table` (a retrace) before translating it: when
-    an op of it is in the table (`decomposed_ops`), or it has nested graphs (control flow, whose
-    subgraphs a translator may edit in place and a copy of the top graph would still share)."""
-    if any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children()):
-        return True
-    return bool(decomposed_ops(ep, table))
-
+    an op of it is in the table (`decomposed_ops`), or it has nested graphs."""
+    return _nested_graphs(ep) or bool(decomposed_ops(ep, table))
 
 
 def _squeeze_dims(graph: "torch.fx.Graph", node: "torch.fx.Node") -> bool:
@@ -121,19 +123,16 @@ def local_decomposition(ep: "torch.export.ExportedProgram", table: Any) -> "torc
     local rewrite, or a rewrite that cannot apply (a symbolic size). The program handed in is
     not changed (its graph is copied first)."""
     import copy
-    if any(isinstance(m, torch.fx.GraphModule) for _, m in ep.graph_module.named_children()):
-        return None
-    found = decomposed_ops(ep, table)
-    local = {str(op): fn for op, fn in LOCAL_DECOMPOSITIONS.items() if op in table}
-    if any(op not in local for op in found):
+    if _nested_graphs(ep) or any(op not in {str(k) for k in LOCAL_DECOMPOSITIONS} for op in decomposed_ops(ep, table)):
         return None
     graph = copy.deepcopy(ep.graph)
     for node in list(graph.nodes):
-        if node.op == "call_function" and str(node.target) in local and str(node.target) in found:
-            if not local[str(node.target)](graph, node):
-                return None
+        rewrite = LOCAL_DECOMPOSITIONS.get(node.target) if node.op == "call_function" else None
+        if rewrite is not None and node.target in table and not rewrite(graph, node):
+            return None
     graph.lint()
     return torch.fx.GraphModule(ep.graph_module, graph)
+
 
 #: outputs whose RMS is below this are compared in absolute terms (rel L2 against this RMS): an
 #: output that is zero up to float noise (a difference of two equal computations) has no scale
