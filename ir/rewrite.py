@@ -5,9 +5,12 @@
     splice(gm, fn, args, examples, by)      trace a torch function to aten ops and
                                             insert it into `gm`, reading `args`
     add_constant(gm, name, value, by, ...)  a new tensor constant (buffer + get_attr node)
+    narrow_split_linears(gm, by)            a linear whose output is split, and only some of
+                                            the pieces read, computes only those pieces
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Sequence
 
 import torch
@@ -102,6 +105,140 @@ def add_constant(gm: fx.GraphModule, target: str, value: torch.Tensor, by: str, 
     a.meta["val"] = value
     a.meta[meta.CREATED_BY] = by
     return a
+
+
+_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.permute.default}
+
+
+def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        v = getattr(gm, str(node.target), None)
+        if v is None:
+            try:
+                v = gm.get_parameter(str(node.target))
+            except AttributeError:
+                try:
+                    v = gm.get_buffer(str(node.target))
+                except AttributeError:
+                    return None
+        return v if isinstance(v, torch.Tensor) else None
+    return None
+
+
+#: shape ops that may stand between a linear and the split of its features, as long as they keep
+#: the feature dimension last and whole (adaLN's `ada(c).unsqueeze(1).chunk(6, -1)`)
+_FEATURE_KEEPING = {torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                    torch.ops.aten._unsafe_view.default}
+
+
+def _keeps_features(n: fx.Node) -> bool:
+    if not (n.op == "call_function" and n.target in _FEATURE_KEEPING and len(n.users) == 1):
+        return False
+    src, out = n.args[0].meta.get("val"), n.meta.get("val")
+    if src is None or out is None or src.dim() == 0 or out.dim() == 0 or src.shape[-1] != out.shape[-1]:
+        return False
+    if n.target == torch.ops.aten.unsqueeze.default:
+        return n.args[1] % out.dim() != out.dim() - 1
+    shape = list(n.args[1])
+    return shape[-1] in (-1, src.shape[-1]) and -1 not in shape[:-1]
+
+
+def _split_linear(gm: fx.GraphModule, split: fx.Node):
+    """(addmm node, the shape ops after it, bias, weight [out, in], sizes, used piece indices) when
+    `split` splits the features of `addmm(bias, x, transpose(weight))` of constant weight and bias,
+    through shape ops that keep the features last and whole, nothing else reads that product and
+    only some pieces are read (each through getitem); else None."""
+    sizes = list(split.args[1])
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    src = split.args[0]
+    val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if val is None or dim % val.dim() != val.dim() - 1:
+        return None
+    chain = []
+    mm = src
+    while isinstance(mm, fx.Node) and _keeps_features(mm):
+        chain.append(mm)
+        mm = mm.args[0]
+    if not (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target == torch.ops.aten.addmm.default
+            and len(mm.users) == 1 and not mm.kwargs):
+        return None
+    bias_n, _, wt = mm.args
+    if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _TRANSPOSES
+            and (wt.target == torch.ops.aten.t.default or list(wt.args[1]) in ([1, 0], [-1, -2]))):
+        return None
+    w, b = _constant(gm, wt.args[0]), _constant(gm, bias_n)
+    if w is None or b is None or w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[0] \
+            or sum(sizes) != w.shape[0]:
+        return None
+    if any(u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
+           for u in split.users):
+        return None
+    used = sorted({u.args[1] % len(sizes) for u in split.users})
+    if len(used) == len(sizes) or not used:
+        return None
+    return mm, chain[::-1], b, w, sizes, used
+
+
+def narrow_split_linears(gm: fx.GraphModule, by: str) -> int:
+    """Where a linear layer's output (`addmm(bias, x, weight.T)`, constant weight and bias) is
+    split along its features and only some pieces are read (e.g. adaLN's shift/scale/gate chunks
+    of a block whose sub-block is no longer computed), compute only those pieces: a linear with
+    the weight rows and bias entries of the read pieces, split into them. Shape ops between the
+    linear and the split that keep the features last and whole (unsqueeze, view) are carried
+    over. The values read are the same dot products. Dead-code elimination cannot do this (the
+    product is one op). Returns the number of linears narrowed; the narrowed constants are new
+    buffers (the old ones stay for any other reader)."""
+    narrowed = 0
+    for split in list(gm.graph.nodes):
+        if not (split.op == "call_function" and split.target == torch.ops.aten.split_with_sizes.default):
+            continue
+        found = _split_linear(gm, split)
+        if found is None:
+            continue
+        mm, chain, b, w, sizes, used = found
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in used])
+        width, new_sizes = len(rows), [sizes[i] for i in used]
+        base = f"{mm.name}_narrowed"
+        wn = add_constant(gm, f"{base}_weight", w.detach()[rows].clone(), by, before=mm)
+        bn = add_constant(gm, f"{base}_bias", b.detach()[rows].clone(), by, before=mm)
+        created = []
+        with gm.graph.inserting_before(split):
+            wt = gm.graph.call_function(torch.ops.aten.permute.default, (wn, [1, 0]))
+            cur = gm.graph.call_function(torch.ops.aten.addmm.default, (bn, mm.args[1], wt))
+            created += [(wt, None), (cur, mm)]
+            for op in chain:
+                args = list(op.args)
+                args[0] = cur
+                if op.target != torch.ops.aten.unsqueeze.default:
+                    args[1] = list(args[1])[:-1] + [width]
+                cur = gm.graph.call_function(op.target, tuple(args))
+                created.append((cur, op))
+            new_split = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (cur, new_sizes, -1))
+        for n, like in created:
+            old = like.meta.get("val") if like is not None else None
+            if old is not None:
+                n.meta["val"] = old.new_empty(tuple(old.shape[:-1]) + (width,))
+            elif n is wt and mm.meta.get("val") is not None:
+                n.meta["val"] = mm.meta["val"].new_empty((w.shape[1], width))
+            n.meta[meta.CREATED_BY] = by
+            if meta.REGION in mm.meta:
+                n.meta[meta.REGION] = mm.meta[meta.REGION]
+        if cur.meta.get("val") is not None:
+            new_split.meta["val"] = [cur.meta["val"].new_empty(tuple(cur.meta["val"].shape[:-1]) + (s,))
+                                     for s in new_sizes]
+        new_split.meta[meta.CREATED_BY] = by
+        for u in list(split.users):
+            with gm.graph.inserting_before(u):
+                g = gm.graph.call_function(operator.getitem, (new_split, used.index(u.args[1] % len(sizes))))
+            g.meta.update(u.meta)
+            g.meta[meta.CREATED_BY] = by
+            u.replace_all_uses_with(g)
+            gm.graph.erase_node(u)
+        narrowed += 1
+    if narrowed:
+        eliminate_dead_code(gm)
+    return narrowed
 
 
 def attr_targets(gm: fx.GraphModule) -> set[str]:

@@ -274,6 +274,35 @@ def weights_meta(weights: str = WEIGHTS) -> dict:
     return read_meta(weights)
 
 
+def config_of(meta: dict) -> dict:
+    """The architecture a weights file's metadata names: CONFIG, with the depth of a grown model."""
+    return dict(CONFIG, depth=int(meta.get("depth", CONFIG["depth"])))
+
+
+def grow_depth(state: dict, depth: int, new_depth: int) -> dict:
+    """Weights of a `depth`-block model as those of a `new_depth`-block one that computes exactly the
+    same: the new blocks, spread evenly among the old ones, are freshly initialized with their
+    adaLN-Zero modulation at zero, so each adds nothing to the residual stream until trained (the
+    old blocks keep their order; a start for training a deeper model)."""
+    if new_depth < depth:
+        raise ValueError(f"--grow-depth can only add blocks: {depth} -> {new_depth}")
+    if new_depth == depth:
+        return state
+    # old block i goes to slot round(i * new_depth / depth): the new ones fill the gaps evenly
+    where = {i: round(i * new_depth / depth) for i in range(depth)}
+    fresh = VideoDiT(**dict(CONFIG, depth=new_depth)).state_dict()
+    out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    taken = set(where.values())
+    for k, v in fresh.items():
+        if k.startswith("blocks.") and int(k.split(".")[1]) not in taken:
+            out[k] = v
+    for k, v in state.items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            out[f"blocks.{where[int(i)]}.{rest}"] = v
+    return out
+
+
 def build_model(weights: str | None = WEIGHTS) -> VideoDiT:
     """VideoDiT with `weights` (None: random), its stem and previous-frame inputs as the weights'
     metadata says."""
@@ -283,7 +312,7 @@ def build_model(weights: str | None = WEIGHTS) -> VideoDiT:
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights} is missing: train it with `python {HERE}/train.py`")
     meta = weights_meta(weights)
-    m = VideoDiT(**CONFIG, stem=int(meta.get("stem", PATCH)), prev_frames=int(meta.get("prev_frames", 0)))
+    m = VideoDiT(**config_of(meta), stem=int(meta.get("stem", PATCH)), prev_frames=int(meta.get("prev_frames", 0)))
     m.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     return m.eval()
 

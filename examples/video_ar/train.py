@@ -64,14 +64,16 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
           ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
           save_every_min: float = 5.0, init: str | None = None, stem: int | None = None,
           rollout_frac: float = 0.0, rollout_steps: int = 4, prev_frames: int | None = None,
-          digit_weight: float = 0.0) -> dict:
+          digit_weight: float = 0.0, depth: int | None = None) -> dict:
     """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
     (a fresh optimizer with a new warmup; the log records the chain). `rollout_frac`: the
     share of updates whose context frames after the first CONTEXT_FRAMES are the model's own
     rollout (DDIM, `rollout_steps` steps, no gradient) instead of the true frames; the
     targets stay the true frames (rollout-context training, see the module's docstring).
     `digit_weight` W: the x0 loss weighs a pixel of the target's digits (above -0.8; the
-    background is -1) 1 + W times a background pixel (W = 0: plain MSE)."""
+    background is -1) 1 + W times a background pixel (W = 0: plain MSE). `depth`: the number of
+    blocks (default: the --init weights' or CONFIG's); more than the --init weights' grows the
+    model, its new blocks starting as identities (`model.grow_depth`)."""
     if digit_weight < 0:
         raise ValueError(f"--digit-weight must be at least 0, got {digit_weight}")
     if not 0.0 <= rollout_frac <= 1.0:
@@ -90,21 +92,25 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         previous = mdl.weights_meta(init)
         stem = stem or int(previous.get("stem", mdl.PATCH))
         prev_frames = int(previous.get("prev_frames", 0)) if prev_frames is None else prev_frames
-        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=prev_frames)
-        # a wider stem, or new previous-frame inputs, start as the old model
-        model.load_state_dict(mdl.widen_prev(mdl.widen_stem(load_file(init), stem), prev_frames))
+        old_depth = mdl.config_of(previous)["depth"]
+        depth = depth or old_depth
+        model = mdl.VideoDiT(**dict(mdl.CONFIG, depth=depth), stem=stem, prev_frames=prev_frames)
+        # a wider stem, new previous-frame inputs, or new blocks start as the old model
+        state = mdl.widen_prev(mdl.widen_stem(load_file(init), stem), prev_frames)
+        model.load_state_dict(mdl.grow_depth(state, old_depth, depth))
     else:
         previous = None
         stem = stem or mdl.PATCH
         prev_frames = prev_frames or 0
-        model = mdl.VideoDiT(**mdl.CONFIG, stem=stem, prev_frames=prev_frames)
+        depth = depth or mdl.CONFIG["depth"]
+        model = mdl.VideoDiT(**dict(mdl.CONFIG, depth=depth), stem=stem, prev_frames=prev_frames)
     ema, opt, n_params = start(model, lr)
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
     t0, step, rollouts = time.time(), 0, 0
     progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min,
-                        meta={"stem": stem, "prev_frames": prev_frames})
+                        meta={"stem": stem, "prev_frames": prev_frames, "depth": depth})
     while True:
         elapsed = time.time() - t0
         frac = max(step / steps if steps else 0.0, elapsed / (max_minutes * 60))
@@ -132,7 +138,8 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         progress.after(step, loss.item(), elapsed, ema)
     meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(progress.loss, 5),
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
-            "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "prev_frames": prev_frames, "ema_decay": ema_decay,
+            "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "prev_frames": prev_frames, "depth": depth,
+            "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
     if digit_weight:
         meta.update(digit_weight=digit_weight,
@@ -170,6 +177,8 @@ def main() -> None:
                    "or 0")
     p.add_argument("--digit-weight", type=float, default=0.0,
                    help="weigh the x0 loss on the target's digit pixels 1 + W times the background's (0: plain MSE)")
+    p.add_argument("--depth", type=int, help="blocks of the model; more than the --init weights' adds blocks "
+                   "that start as identities (default: the --init weights' or 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
@@ -177,7 +186,7 @@ def main() -> None:
     train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
           t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem,
           rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps, prev_frames=a.prev_frames,
-          digit_weight=a.digit_weight)
+          digit_weight=a.digit_weight, depth=a.depth)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from pared.ir.errors import OptionError, PassError
 from pared.ir.plan import Call, Select, StateBuffer, Table
 from pared.ir.program import Graph, Program
 from pared.ir.records import Record
-from pared.ir.rewrite import eliminate_dead_code
+from pared.ir.rewrite import eliminate_dead_code, narrow_split_linears
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
 from pared.passes.cache.common import graph_flops, graphs_to_cache, refreshes, state_name
 from pared.passes.cache.interval_cache import calls_of
@@ -198,7 +198,9 @@ def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
 def cached_variant(src: Graph, reuse: Sequence[tuple[str, str]], emit: Sequence[tuple[str, str]],
                    examples: dict[str, torch.Tensor], by: str) -> Graph:
     """`src` with each reused node's value read from a new input, and each emitted node's value
-    as an extra output; what only the reused nodes needed is removed.
+    as an extra output; what only the reused nodes needed is removed, down to the rows of a
+    linear whose split output they alone read (`narrow_split_linears`: adaLN's shift and scale of
+    a reused sub-block, while its gate is still read).
 
     Args:
         reuse / emit: (name, node name) pairs; a reused value becomes input `cache.<name>`, an
@@ -221,6 +223,9 @@ def cached_variant(src: Graph, reuse: Sequence[tuple[str, str]], emit: Sequence[
         nodes[node].replace_all_uses_with(ph)
         last_ph = ph
     eliminate_dead_code(gm)
+    # a reused sub-block's adaLN shift and scale are no longer read, only its gate: the modulation's
+    # linear computes only the pieces still read (the same values)
+    narrow_split_linears(gm, by)
     gm.graph.lint()
     gm.recompile()
     batch = next((d[0][1] for d in src.dynamic_dims if d and d[0][0] == 0), None)

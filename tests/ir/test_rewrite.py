@@ -5,7 +5,7 @@ import torch.fx as fx
 
 from pared.ir import meta
 from pared.ir.capture import capture
-from pared.ir.rewrite import eliminate_dead_code, splice
+from pared.ir.rewrite import eliminate_dead_code, narrow_split_linears, splice
 from pared.ir.transform import PassContext
 from pared.registry import get_pass
 from pared.testing import op_count
@@ -60,3 +60,48 @@ def test_splice_refuses_constants_and_wrong_arity():
         splice(gm, lambda a: a + torch.tensor([1.0, 2.0, 3.0, 4.0]), [nodes["mul"]], [torch.zeros(3, 4)], "t")
     with pytest.raises(ValueError, match="takes 1 tensors, given 2"):
         splice(gm, lambda a: a + 1, [nodes["mul"], nodes["y"]], [torch.zeros(3, 4)], "t")
+
+
+class _Modulated(torch.nn.Module):
+    """adaLN-style: one linear's output split in three; `use` says which pieces are read."""
+
+    def __init__(self, use=(0, 2), shared=False):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3 * 5)
+        self.use, self.shared = use, shared
+
+    def forward(self, x):
+        y = self.lin(x)
+        parts = y.split([5, 5, 5], dim=-1)
+        out = sum(parts[i] * (i + 1) for i in self.use)
+        return out + y.sum() if self.shared else out
+
+
+def _addmm_widths(gm):
+    return [n.meta["val"].shape[-1] for n in gm.graph.nodes if n.target == torch.ops.aten.addmm.default]
+
+
+@pytest.mark.parametrize("use", [(0, 2), (1,), (2, 0)])
+def test_narrow_split_linears_computes_only_the_pieces_read(use):
+    m = _Modulated(use).eval()
+    x = torch.randn(4, 8)
+    gm = capture(m, (x,)).main.copy_module()
+    assert _addmm_widths(gm) == [15]
+    assert narrow_split_linears(gm, "test") == 1
+    gm.graph.lint()
+    gm.recompile()
+    assert _addmm_widths(gm) == [5 * len(set(use))]
+    sizes = [n.args[1] for n in gm.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
+    assert sizes == [[5] * len(set(use))]
+    assert all(n.meta[meta.CREATED_BY] == "test" for n in gm.graph.nodes
+               if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.split_with_sizes.default))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), m(x),
+                                   rtol=1e-6, atol=1e-6)
+    assert narrow_split_linears(gm, "test") == 0            # nothing left to narrow
+
+
+def test_narrow_split_linears_leaves_a_linear_read_whole():
+    for m in (_Modulated((0, 1, 2)), _Modulated((0,), shared=True)):   # every piece read / the product read too
+        gm = capture(m.eval(), (torch.randn(4, 8),)).main.copy_module()
+        assert narrow_split_linears(gm, "test") == 0 and _addmm_widths(gm) == [15]

@@ -130,6 +130,16 @@ def test_structure_and_record():
         + op_count(p, "aten.bmm.default", g)
     if every:
         assert mm(f"head.{every[0]}") < mm("head.full") - 3 * 4
+        # and each block's adaLN linear computes only the two gates still read, not shift and scale
+        def ada_splits(g):
+            return [n.args[1] for n in p.graphs[g].module.graph.nodes
+                    if n.target == torch.ops.aten.split_with_sizes.default and len(n.args[1]) in (2, 6)]
+        assert ada_splits("head.full") == [[32] * 6] * 3
+        assert ada_splits(f"head.{every[0]}") == [[32] * 2] * 3
+        torch.testing.assert_close(p.graphs[f"head.{every[0]}"].module.get_buffer(
+            next(n.target for n in p.graphs[f"head.{every[0]}"].module.graph.nodes
+                 if n.op == "get_attr" and "narrowed_weight" in str(n.target))),
+            torch.cat([m.head.blocks[0].ada.weight[64:96], m.head.blocks[0].ada.weight[160:192]]), rtol=0, atol=0)
     flops = dict(rec.flops)
     assert all(flops[f"head.{v}"] < flops["head.full"] for v, _ in rec.variants)
     assert set(prog.graphs) == {"encoder", "denoise.start", "head", "denoise.update"}   # input left alone
