@@ -184,6 +184,34 @@ def test_previous_frame_inputs_start_as_the_model_without_them_and_load_by_metad
         mdl.VideoDiT(**mdl.CONFIG, prev_frames=-1)
 
 
+def test_grown_depth_starts_as_the_model_it_grew_from_and_loads_by_metadata(mdl, tmp_path):
+    """grow_depth spreads identity blocks (adaLN-Zero) among the old ones: the deeper model's
+    frame and its old blocks' K/V are the old model's; build_model reads the depth from the
+    weights' metadata; shrinking is refused."""
+    from safetensors.torch import save_file
+    old = _random_model(mdl)
+    new = mdl.VideoDiT(**dict(mdl.CONFIG, depth=8))
+    new.load_state_dict(mdl.grow_depth(old.state_dict(), 6, 8))
+    new.eval()
+    ex = list(mdl.step_inputs(old, 2, 4))
+    where = [round(i * 8 / 6) for i in range(6)]
+    assert where == [0, 1, 3, 4, 5, 7]
+    with torch.no_grad():
+        a = old(*ex)
+        kv = torch.randn(8, *ex[3].shape[1:])          # the deeper model's cache: the old layers' at their slots
+        kv[where] = ex[3]
+        ex[3] = kv
+        b = new(*ex)
+    torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a[1], b[1][where], atol=1e-6, rtol=1e-6)
+    assert b[1][[2, 6]].abs().sum() > 0                       # the new blocks attend (their K/V exist)
+    path = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in new.state_dict().items()}, path, metadata={"depth": "8"})
+    assert mdl.build_model(path).depth == 8
+    with pytest.raises(ValueError, match="can only add blocks"):
+        mdl.grow_depth(new.state_dict(), 8, 6)
+
+
 def test_per_head_slot_positions_mask_each_head_alone(mdl):
     """Positions and validity given per layer and head ([L, H, C]) act on that layer and head
     only: broadcasting the shared [C] ones gives the same frame, and hiding a frame from one
