@@ -9,7 +9,9 @@ run, not shipped), runs/stem8b.safetensors (80 more minutes of teacher forcing f
 runs/prev2.safetensors (stem8b given its last 2 frames' pixels as inputs, 65 more minutes),
 runs/prev2b.safetensors (36 more minutes from prev2), runs/prev2c.safetensors (100 more minutes
 from prev2b, one thread), runs/prev2d.safetensors (90 more minutes from prev2c, one thread),
-runs/digitw.safetensors (85 more minutes from prev2d with the digit pixels' loss weighted 5x) and
+runs/digitw.safetensors (85 more minutes from prev2d with the digit pixels' loss weighted 5x),
+runs/deep8.safetensors (prev2d grown to 8 blocks, the 2 new ones starting as identities, 95 more
+minutes) and
 runs/prev2_scratch.safetensors (that architecture from random weights, 60 minutes). Writes
 benchmarks/results/video_ar_weights.json. A quick screen for a training run; the shipped model's
 full figures are benchmarks/video_ar_quality.py's.
@@ -33,6 +35,7 @@ DEFAULT = ",".join(os.path.join("examples", "video_ar", f) for f in ("weights.sa
                                                                   "runs/stem8b.safetensors", "runs/prev2.safetensors",
                                                                   "runs/prev2b.safetensors", "runs/prev2c.safetensors",
                                                                   "runs/prev2d.safetensors", "runs/digitw.safetensors",
+                                                                  "runs/deep8.safetensors",
                                                                   "runs/prev2_scratch.safetensors"))
 
 

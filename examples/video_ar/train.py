@@ -31,6 +31,10 @@ Digit-weighted loss (`--digit-weight W`): the x0 loss weighs the target's digit 
 so plain MSE spends most of its weight on keeping the background empty; the digits' strokes are
 what the judge reads for identity.
 
+Deeper model (`--depth N` with `--init`): the new blocks are spread evenly among the old ones
+and start as identities (adaLN-Zero: their modulation is zero), so training starts from what the
+smaller model computes (`model.grow_depth`); the depth is stored in the weights' metadata.
+
 The learning rate warms up for 100 steps, then follows a cosine to 10% over the
 run (measured in steps with --steps, in wall time otherwise). Writes the EMA
 weights (atomically, every few minutes and at the end) to weights.safetensors
