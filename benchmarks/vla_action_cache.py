@@ -17,6 +17,8 @@ is built as a pared Denoiser (the steps a steps loop of the Plan) and lowered to
   bac<M>_g2[...]   grouped BAC: the sub-blocks share update steps in 2 groups (merged by the
                    similarity a shared schedule loses), so each call switches among few variants
   bac<M>_g1        one group: every sub-block updates at the same M steps (one reuse variant)
+  <arm>_nonarrow   the ablation of action_cache's narrowing (narrow: false): each variant's adaLN
+                   linears computed whole, a reused sub-block's shift and scale included
   <arm>_fused      the same pipeline then fuse_calls: the head (variant) and the DDIM update run
                    as one graph per step (11 ORT calls per policy call instead of 22)
   <arm>_shared     the same artifact loaded with share_weights=True: every head variant reads one
@@ -71,10 +73,12 @@ ARMS = {"interval2": {"schedule": "interval", "interval": 2},
         "bac4_g2_nobubble": {"schedule": "bac", "updates": 4, "groups": 2, "bubble": 0.0},
         "bac3_g2": {"schedule": "bac", "updates": 3, "groups": 2},
         "bac3_g1": {"schedule": "bac", "updates": 3, "groups": 1},     # one schedule for every sub-block
+        # ablation: the variants' adaLN linears computed whole (a reused sub-block's shift and scale too)
+        "bac3_g2_nonarrow": {"schedule": "bac", "updates": 3, "groups": 2, "narrow": False},
         "interval5": {"schedule": "interval", "interval": 5}}
 #: arms whose pipeline ends with fuse_calls (the head and the DDIM update one graph per step)
 FUSED = ["plain_loop_fused", "interval2_fused", "bac4_fused", "bac3_fused", "bac2_fused", "bac3_g2_fused",
-         "bac3_g1_fused"]
+         "bac3_g1_fused", "bac3_g2_nonarrow_fused"]
 #: arms whose artifact is loaded with share_weights=True: the variants read one copy of the weights
 #: (ORT prepacking off) instead of a prepacked copy per variant session
 SHARED = ["plain_loop_shared", "interval2_shared", "bac4_shared", "bac3_shared"]

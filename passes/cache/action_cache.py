@@ -196,7 +196,7 @@ def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
 
 
 def cached_variant(src: Graph, reuse: Sequence[tuple[str, str]], emit: Sequence[tuple[str, str]],
-                   examples: dict[str, torch.Tensor], by: str) -> Graph:
+                   examples: dict[str, torch.Tensor], by: str, narrow: bool = True) -> Graph:
     """`src` with each reused node's value read from a new input, and each emitted node's value
     as an extra output; what only the reused nodes needed is removed, down to the rows of a
     linear whose split output they alone read (`narrow_split_linears`: adaLN's shift and scale of
@@ -206,6 +206,7 @@ def cached_variant(src: Graph, reuse: Sequence[tuple[str, str]], emit: Sequence[
         reuse / emit: (name, node name) pairs; a reused value becomes input `cache.<name>`, an
             emitted one output `cache.<name>`.
         examples: name -> an example value (for lowering's re-trace).
+        narrow: narrow the linears whose split output is now read in part (False: an ablation).
     """
     gm = src.copy_module()
     nodes = _nodes(gm)
@@ -225,7 +226,8 @@ def cached_variant(src: Graph, reuse: Sequence[tuple[str, str]], emit: Sequence[
     eliminate_dead_code(gm)
     # a reused sub-block's adaLN shift and scale are no longer read, only its gate: the modulation's
     # linear computes only the pieces still read (the same values)
-    narrow_split_linears(gm, by)
+    if narrow:
+        narrow_split_linears(gm, by)
     gm.graph.lint()
     gm.recompile()
     batch = next((d[0][1] for d in src.dynamic_dims if d and d[0][0] == 0), None)
@@ -322,6 +324,8 @@ class ActionCache(RewritePass):
         regions: str | None = None     # the blocks (pattern); default: the repeated blocks
         steps: int | None = None       # steps per request; default: the steps loop's, or the calibration run's
         calibration_calls: int = 64    # bac: program calls of the calibration run used for S
+        narrow: bool = True            # a variant's modulation linears keep only the rows still read (a reused
+        #                                sub-block's gate, not its shift and scale); False: the ablation
 
         def __post_init__(self):
             if self.schedule not in SCHEDULES:
@@ -414,7 +418,8 @@ class ActionCache(RewritePass):
         for r, lab in labels.items():
             # a computed sub-block writes its output when a later step of the request reuses it
             emit = [(p, node_of[p]) for p, _ in blocks if p not in r]
-            variants[lab] = cached_variant(src, [(p, node_of[p]) for p in r], emit, examples, self.name)
+            variants[lab] = cached_variant(src, [(p, node_of[p]) for p in r], emit, examples, self.name,
+                                           narrow=self.options.narrow)
         st = {p: f"state:{state_name(program, self.name, gname, p)}" for p, _ in blocks}
 
         def node(call: Call, graph_of) -> Select:

@@ -145,6 +145,20 @@ def test_structure_and_record():
     assert set(prog.graphs) == {"encoder", "denoise.start", "head", "denoise.update"}   # input left alone
 
 
+def test_narrowing_off_keeps_whole_modulation_linears_and_the_same_values():
+    m, prog, on = _cached(schedule="interval", interval=3)
+    _, _, off = _cached(schedule="interval", interval=3, narrow=False)
+    rec = on.program.records.get("ActionCachePlan", graph="head")
+    every = next(v for v, r in rec.variants if len(r) == 6)
+
+    def widths(res):
+        return [n.meta["val"].shape[-1] for n in res.program.graphs[f"head.{every}"].module.graph.nodes
+                if n.target == torch.ops.aten.addmm.default]
+    assert 6 * 32 in widths(off) and 6 * 32 not in widths(on) and 2 * 32 in widths(on)
+    held = tiny_denoiser_inputs(1, 5)
+    torch.testing.assert_close(on.program(*held), off.program(*held), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("opts", [{"schedule": "bac", "updates": 3}, {"schedule": "bac", "updates": 4, "bubble": 0},
                                   {"schedule": "interval", "interval": 3}])
 def test_matches_the_eager_emulation(opts):
