@@ -199,7 +199,9 @@ def narrow_split_linears(gm: fx.GraphModule, by: str) -> int:
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in used])
         width, new_sizes = len(rows), [sizes[i] for i in used]
-        base = f"{mm.name}_narrowed"
+        # named by the rows kept: variants of one graph narrowing the same linear to other pieces
+        # hold constants of other names (whatever matches constants by name across variants)
+        base = f"{mm.name}_narrowed_{'_'.join(map(str, used))}"
         wn = add_constant(gm, f"{base}_weight", w.detach()[rows].clone(), by, before=mm)
         bn = add_constant(gm, f"{base}_bias", b.detach()[rows].clone(), by, before=mm)
         created = []

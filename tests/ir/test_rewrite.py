@@ -93,6 +93,9 @@ def test_narrow_split_linears_computes_only_the_pieces_read(use):
     assert _addmm_widths(gm) == [5 * len(set(use))]
     sizes = [n.args[1] for n in gm.graph.nodes if n.target == torch.ops.aten.split_with_sizes.default]
     assert sizes == [[5] * len(set(use))]
+    # the new constants are named by the pieces kept (variants keeping other pieces hold other names)
+    kept = "_".join(map(str, sorted(set(use))))
+    assert any(str(n.target).endswith(f"_narrowed_{kept}_weight") for n in gm.graph.nodes if n.op == "get_attr")
     assert all(n.meta[meta.CREATED_BY] == "test" for n in gm.graph.nodes
                if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.split_with_sizes.default))
     with torch.no_grad():

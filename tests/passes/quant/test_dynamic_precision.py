@@ -154,7 +154,10 @@ def test_each_weight_counts_once_over_graphs_of_several_weight_groups():
     res = get_pass("dynamic_precision")(input="obs", position=[0, 1, 2], bits=[8, 4])(
         prog, PassContext(calibration=calib))
     rec = res.program.records.get("DynamicPrecisionDecisions")
-    once = {lq.region: lq for lq in rec.layers}
+    # each weight once: a (region, weight) pair; action_cache's reuse variant holds its own narrowed
+    # modulation weights (the gates' rows), distinct tensors the artifact stores as well
+    once = {(lq.region, lq.weight): lq for lq in rec.layers}
+    assert any("narrowed" in w for _, w in once)
     assert rec.float_weight_bytes == sum(4 * lq.in_features * lq.out_features for lq in once.values())
     assert 0 < rec.float_weight_bytes <= param_bytes(prog) and rec.other_param_bytes >= 0
     assert 0 < rec.memory_ratio() < 1
