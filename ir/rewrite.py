@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 
 from . import meta
+from .patterns import SAME_SHAPE, Site, find_sites
+from .program import get_attr
 
 #: checks torch.export leaves in a graph (dtype/device of a traced value). fx
 #: treats them as impure, so plain dead-code elimination keeps them and every
@@ -107,32 +109,13 @@ def add_constant(gm: fx.GraphModule, target: str, value: torch.Tensor, by: str, 
     return a
 
 
-_TRANSPOSES = {torch.ops.aten.t.default, torch.ops.aten.permute.default}
-
-
-def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        v = getattr(gm, str(node.target), None)
-        if v is None:
-            try:
-                v = gm.get_parameter(str(node.target))
-            except AttributeError:
-                try:
-                    v = gm.get_buffer(str(node.target))
-                except AttributeError:
-                    return None
-        return v if isinstance(v, torch.Tensor) else None
-    return None
-
-
 #: shape ops that may stand between a linear and the split of its features, as long as they keep
 #: the feature dimension last and whole (adaLN's `ada(c).unsqueeze(1).chunk(6, -1)`)
-_FEATURE_KEEPING = {torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
-                    torch.ops.aten._unsafe_view.default}
+_FEATURE_KEEPING = SAME_SHAPE | {torch.ops.aten.unsqueeze.default}
 
 
-def _keeps_features(n: fx.Node) -> bool:
-    if not (n.op == "call_function" and n.target in _FEATURE_KEEPING and len(n.users) == 1):
+def _keeps_features(n: object) -> bool:
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target in _FEATURE_KEEPING):
         return False
     src, out = n.args[0].meta.get("val"), n.meta.get("val")
     if src is None or out is None or src.dim() == 0 or out.dim() == 0 or src.shape[-1] != out.shape[-1]:
@@ -143,32 +126,28 @@ def _keeps_features(n: fx.Node) -> bool:
     return shape[-1] in (-1, src.shape[-1]) and -1 not in shape[:-1]
 
 
-def _split_linear(gm: fx.GraphModule, split: fx.Node):
-    """(addmm node, the shape ops after it, bias, weight [out, in], sizes, used piece indices) when
-    `split` splits the features of `addmm(bias, x, transpose(weight))` of constant weight and bias,
-    through shape ops that keep the features last and whole, nothing else reads that product and
-    only some pieces are read (each through getitem); else None."""
+def _split_linear(nodes: dict[str, fx.Node], site: Site):
+    """(matmul node, the shape ops after it, the split, its sizes, the piece indices read) when the
+    linear `site` (an nn.Linear: [N, K] weight behind a transpose, a bias inside the addmm or none)
+    is read only by a split of its features, through shape ops that keep the features last and
+    whole, and only some pieces are read (each through getitem); else None."""
+    mm = nodes[site.node]
+    if not site.transposed or site.out != site.node or mm.target == torch.ops.aten.bmm.default:
+        return None
+    chain, cur = [], mm
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if not _keeps_features(nxt):
+            break
+        chain.append(nxt)
+        cur = nxt
+    split = next(iter(cur.users)) if len(cur.users) == 1 else None
+    if split is None or split.op != "call_function" or split.target != torch.ops.aten.split_with_sizes.default:
+        return None
     sizes = list(split.args[1])
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-    src = split.args[0]
-    val = src.meta.get("val") if isinstance(src, fx.Node) else None
-    if val is None or dim % val.dim() != val.dim() - 1:
-        return None
-    chain = []
-    mm = src
-    while isinstance(mm, fx.Node) and _keeps_features(mm):
-        chain.append(mm)
-        mm = mm.args[0]
-    if not (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target == torch.ops.aten.addmm.default
-            and len(mm.users) == 1 and not mm.kwargs):
-        return None
-    bias_n, _, wt = mm.args
-    if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _TRANSPOSES
-            and (wt.target == torch.ops.aten.t.default or list(wt.args[1]) in ([1, 0], [-1, -2]))):
-        return None
-    w, b = _constant(gm, wt.args[0]), _constant(gm, bias_n)
-    if w is None or b is None or w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[0] \
-            or sum(sizes) != w.shape[0]:
+    val = cur.meta.get("val")
+    if val is None or dim % val.dim() != val.dim() - 1 or sum(sizes) != int(val.shape[-1]):
         return None
     if any(u.op != "call_function" or u.target is not operator.getitem or not isinstance(u.args[1], int)
            for u in split.users):
@@ -176,38 +155,42 @@ def _split_linear(gm: fx.GraphModule, split: fx.Node):
     used = sorted({u.args[1] % len(sizes) for u in split.users})
     if len(used) == len(sizes) or not used:
         return None
-    return mm, chain[::-1], b, w, sizes, used
+    return mm, chain, split, sizes, used
 
 
 def narrow_split_linears(gm: fx.GraphModule, by: str) -> int:
-    """Where a linear layer's output (`addmm(bias, x, weight.T)`, constant weight and bias) is
-    split along its features and only some pieces are read (e.g. adaLN's shift/scale/gate chunks
-    of a block whose sub-block is no longer computed), compute only those pieces: a linear with
+    """Where a linear layer's output (a `find_sites` layer: `addmm(bias, x, weight.T)` or
+    `mm(x, weight.T)`, parameter weight and bias) is split along its features and only some
+    pieces are read (e.g. adaLN's shift/scale/gate chunks of a block whose sub-block is no
+    longer computed), compute only those pieces: a linear with
     the weight rows and bias entries of the read pieces, split into them. Shape ops between the
     linear and the split that keep the features last and whole (unsqueeze, view) are carried
     over. The values read are the same dot products. Dead-code elimination cannot do this (the
     product is one op). Returns the number of linears narrowed; the narrowed constants are new
     buffers (the old ones stay for any other reader)."""
     narrowed = 0
-    for split in list(gm.graph.nodes):
-        if not (split.op == "call_function" and split.target == torch.ops.aten.split_with_sizes.default):
-            continue
-        found = _split_linear(gm, split)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in find_sites(gm, batched=False):
+        found = _split_linear(nodes, site)
         if found is None:
             continue
-        mm, chain, b, w, sizes, used = found
+        mm, chain, split, sizes, used = found
+        w = get_attr(gm, site.weight).detach()
+        b = get_attr(gm, site.bias).detach() if site.bias is not None else None
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in used])
         width, new_sizes = len(rows), [sizes[i] for i in used]
         # named by the rows kept: variants of one graph narrowing the same linear to other pieces
         # hold constants of other names (whatever matches constants by name across variants)
         base = f"{mm.name}_narrowed_{'_'.join(map(str, used))}"
-        wn = add_constant(gm, f"{base}_weight", w.detach()[rows].clone(), by, before=mm)
-        bn = add_constant(gm, f"{base}_bias", b.detach()[rows].clone(), by, before=mm)
+        wn = add_constant(gm, f"{base}_weight", w[rows].clone(), by, before=mm)
+        bn = add_constant(gm, f"{base}_bias", b[rows].clone(), by, before=mm) if b is not None else None
+        x = nodes[site.x]
         created = []
         with gm.graph.inserting_before(split):
             wt = gm.graph.call_function(torch.ops.aten.permute.default, (wn, [1, 0]))
-            cur = gm.graph.call_function(torch.ops.aten.addmm.default, (bn, mm.args[1], wt))
+            cur = (gm.graph.call_function(torch.ops.aten.addmm.default, (bn, x, wt)) if bn is not None
+                   else gm.graph.call_function(torch.ops.aten.mm.default, (x, wt)))
             created += [(wt, None), (cur, mm)]
             for op in chain:
                 args = list(op.args)

@@ -285,7 +285,7 @@ def grow_depth(state: dict, depth: int, new_depth: int) -> dict:
     adaLN-Zero modulation at zero, so each adds nothing to the residual stream until trained (the
     old blocks keep their order; a start for training a deeper model)."""
     if new_depth < depth:
-        raise ValueError(f"--grow-depth can only add blocks: {depth} -> {new_depth}")
+        raise ValueError(f"--depth can only add blocks to the --init weights' {depth}, got {new_depth}")
     if new_depth == depth:
         return state
     # old block i goes to slot round(i * new_depth / depth): the new ones fill the gaps evenly

@@ -65,9 +65,9 @@ def test_splice_refuses_constants_and_wrong_arity():
 class _Modulated(torch.nn.Module):
     """adaLN-style: one linear's output split in three; `use` says which pieces are read."""
 
-    def __init__(self, use=(0, 2), shared=False):
+    def __init__(self, use=(0, 2), shared=False, bias=True):
         super().__init__()
-        self.lin = torch.nn.Linear(8, 3 * 5)
+        self.lin = torch.nn.Linear(8, 3 * 5, bias=bias)
         self.use, self.shared = use, shared
 
     def forward(self, x):
@@ -78,12 +78,13 @@ class _Modulated(torch.nn.Module):
 
 
 def _addmm_widths(gm):
-    return [n.meta["val"].shape[-1] for n in gm.graph.nodes if n.target == torch.ops.aten.addmm.default]
+    return [n.meta["val"].shape[-1] for n in gm.graph.nodes
+            if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default)]
 
 
-@pytest.mark.parametrize("use", [(0, 2), (1,), (2, 0)])
-def test_narrow_split_linears_computes_only_the_pieces_read(use):
-    m = _Modulated(use).eval()
+@pytest.mark.parametrize("use, bias", [((0, 2), True), ((1,), True), ((2, 0), True), ((0, 2), False)])
+def test_narrow_split_linears_computes_only_the_pieces_read(use, bias):
+    m = _Modulated(use, bias=bias).eval()
     x = torch.randn(4, 8)
     gm = capture(m, (x,)).main.copy_module()
     assert _addmm_widths(gm) == [15]
@@ -97,7 +98,8 @@ def test_narrow_split_linears_computes_only_the_pieces_read(use):
     kept = "_".join(map(str, sorted(set(use))))
     assert any(str(n.target).endswith(f"_narrowed_{kept}_weight") for n in gm.graph.nodes if n.op == "get_attr")
     assert all(n.meta[meta.CREATED_BY] == "test" for n in gm.graph.nodes
-               if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.split_with_sizes.default))
+               if n.target in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+                               torch.ops.aten.split_with_sizes.default))
     with torch.no_grad():
         torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), (tuple, list)) else gm(x), m(x),
                                    rtol=1e-6, atol=1e-6)
