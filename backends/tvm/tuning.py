@@ -141,6 +141,8 @@ def tune(mod, tvm_target, *, trials: int, work: str, rpc: Mapping[str, Any] | No
     from tvm.s_tir.meta_schedule.tune import tune_tasks
 
     os.makedirs(work, exist_ok=True)
+    families = intrinsic_families(tvm_target)
+    load_intrinsics(families)  # before the tune contexts: TuneContext imports the whole package otherwise
     cost_model = cost_model_name()
     log.info("graph '%s': tuning with MetaSchedule (%d trials, %s cost model, measured %s), database in %s", name,
              trials, cost_model, f"on {rpc['key']} via the RPC tracker {rpc['tracker']}" if rpc else "here", work)
@@ -150,11 +152,62 @@ def tune(mod, tvm_target, *, trials: int, work: str, rpc: Mapping[str, Any] | No
         log.info("graph '%s': %d tasks tuned: %s", name, len(chosen), ", ".join(t.task_name for t in chosen))
         contexts, weights = ri.extracted_tasks_to_tune_contexts(chosen, work, seed=0)
         tune_tasks(tasks=contexts, task_weights=weights, work_dir=work, max_trials_global=int(trials),
-                   cost_model=cost_model, runner=runner)
+                   cost_model=cost_model, runner=runner, builder=_builder(families))
     timeouts = build_timeouts(work)
     if timeouts:
         log.warning("graph '%s': MetaSchedule's builder timed out on %d candidate(s) (a loaded machine?); "
                     "the functions with no working candidate keep default schedules", name, timeouts)
+
+
+#: TVM's package of tensor intrinsics, which MetaSchedule imports whole (TuneContext, and its builder
+#: in every worker before each candidate's build): its CUDA module alone generates hundreds of MMA
+#: variants, 30 s of the 38-48 s the import takes on a 2-core AMD EPYC host, which is more than the
+#: builder's 30 s timeout per candidate, so every candidate failed there.
+INTRIN_PACKAGE = "tvm.s_tir.tensor_intrin"
+
+
+def intrinsic_families(tvm_target) -> tuple[str, ...] | None:
+    """The modules of INTRIN_PACKAGE a target's schedules can tensorize with: for a CPU (LLVM) target
+    the one of its architecture; None (the whole package) for any other kind of target."""
+    if tvm_target.kind.name != "llvm":
+        return None
+    triple = str(tvm_target.attrs.get("mtriple", "") or "").lower()
+    if triple.startswith(("aarch64", "arm")):
+        return ("arm_cpu",)
+    if triple.startswith("riscv"):
+        return ("riscv_cpu",)
+    return ("x86",)
+
+
+def load_intrinsics(families: Sequence[str] | None) -> None:
+    """Register the tensor intrinsics of `families` (modules of INTRIN_PACKAGE) without running the
+    package's __init__, which imports every family: the package goes into sys.modules as a namespace
+    over its folder, so a later `import` of it is a no-op and any other family still imports on
+    demand. `None`, or a package already imported, imports it the ordinary way."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if families is None or INTRIN_PACKAGE in sys.modules:
+        importlib.import_module(INTRIN_PACKAGE)
+    else:
+        parent_name, _, leaf = INTRIN_PACKAGE.rpartition(".")
+        parent = importlib.import_module(parent_name)
+        package = importlib.util.module_from_spec(importlib.util.find_spec(INTRIN_PACKAGE))
+        sys.modules[INTRIN_PACKAGE] = package
+        setattr(parent, leaf, package)
+    for family in families or ():
+        importlib.import_module(f"{INTRIN_PACKAGE}.{family}")
+
+
+def _builder(families: Sequence[str] | None):
+    """MetaSchedule's local builder whose workers load only `families` of intrinsics when they start
+    (an initializer runs outside the per-candidate timeout; the default build's own import of the
+    package is then a no-op)."""
+    import functools
+
+    from tvm.s_tir.meta_schedule.builder import LocalBuilder
+    return LocalBuilder(initializer=functools.partial(load_intrinsics, families))
 
 
 def cost_model_name() -> str:

@@ -167,9 +167,7 @@ def test_metaschedule_tuning_keeps_a_database(tmp_path):
     assert os.path.getsize(tmp_path / "cache" / "meta_schedule" / "database_tuning_record.json") > 0
     # a record that failed to build is written too: a working one must have been replayed
     from pared.backends.tvm import tuning
-    if ex.manifest["graphs"]["main"]["schedules"]["tuned_functions"] == 0 and \
-            tuning.build_timeouts(str(tmp_path / "cache" / "meta_schedule")):
-        pytest.skip("MetaSchedule's builder timed out on every candidate (machine under load)")
+    assert tuning.build_timeouts(str(tmp_path / "cache" / "meta_schedule")) == 0
     assert ex.manifest["graphs"]["main"]["schedules"]["tuned_functions"] >= 1
     assert_close_to_eager(m(x), ex(x.numpy()), rel_l2=1e-5)
 
