@@ -84,7 +84,8 @@ vla: $(STAMP)
 # After each suite the cache's lookups so far are printed (hits, misses). The slowest tests start
 # first (tests/conftest.py, from tests/durations.json; refresh it from --durations logs with
 # tests/support/record_durations.py), so a long test does not start last (on this machine the heavy
-# suite was not shorter for it: see stop 46's note).
+# suite was not shorter for it: see stop 46's note). PARED_TEST_CPU_LOG=FILE records each test's
+# wall and CPU time (tests/support/cpu_report.py FILE: the tests that leave a core idle).
 EXPORT_CACHE := PARED_EXPORT_CACHE=$(CURDIR)/build/export-cache
 test: $(STAMP) $(SERVE_STAMP) browser cross
 	PARED_REQUIRE_BROWSER=$$(test -x $(CHROMIUM) && echo 1 || echo 0) \

@@ -72,3 +72,31 @@ def test_the_tests_listed_as_slow_start_first_slowest_first(tmp_path, monkeypatc
     items = [types.SimpleNamespace(nodeid=n) for n in ("t::c", "t::slow")]
     conftest.pytest_collection_modifyitems(None, items)
     assert [i.nodeid for i in items] == ["t::c", "t::slow"]
+
+
+def test_the_cpu_log_records_wall_and_cpu_time_per_test(tmp_path, monkeypatch):
+    """With PARED_TEST_CPU_LOG set, tests/conftest.py appends a line per test (its wall and CPU
+    time) and tests/support/cpu_report.py sums them: a test that sleeps shows as idle."""
+    import importlib.util
+    import json
+    import time
+    import types
+    here = os.path.dirname(__file__)
+    spec = importlib.util.spec_from_file_location("pared_tests_conftest", os.path.join(here, "conftest.py"))
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    log = tmp_path / "cpu.jsonl"
+    monkeypatch.setenv(conftest.CPU_LOG, str(log))
+    for name, work in (("t::sleeps", lambda: time.sleep(0.3)), ("t::spins", lambda: sum(range(3_000_000)))):
+        gen = conftest.pytest_runtest_protocol(types.SimpleNamespace(nodeid=name), None)
+        next(gen)
+        work()
+        assert next(gen, "done") == "done"
+    rows = {r["test"]: r for r in map(json.loads, log.read_text().splitlines())}
+    assert rows["t::sleeps"]["wall_s"] >= 0.3 and rows["t::sleeps"]["cpu_s"] < 0.15
+    assert rows["t::spins"]["cpu_s"] > 0.5 * rows["t::spins"]["wall_s"] > 0
+    spec = importlib.util.spec_from_file_location("cpu_report", os.path.join(here, "support", "cpu_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    text = report.summary(str(log), top=1)
+    assert text.startswith("2 tests") and "t::sleeps" in text and "t::spins" not in text.split("top 1:")[1]
