@@ -93,8 +93,9 @@ def test_the_cpu_log_records_wall_and_cpu_time_per_test(tmp_path, monkeypatch):
         work()
         assert next(gen, "done") == "done"
     rows = {r["test"]: r for r in map(json.loads, log.read_text().splitlines())}
+    # CPU time, unlike wall time, does not grow when the test shares its core (xdist's other worker)
     assert rows["t::sleeps"]["wall_s"] >= 0.3 and rows["t::sleeps"]["cpu_s"] < 0.15
-    assert rows["t::spins"]["cpu_s"] > 0.5 * rows["t::spins"]["wall_s"] > 0
+    assert rows["t::spins"]["cpu_s"] >= 0.03 and rows["t::spins"]["cpu_s"] > rows["t::sleeps"]["cpu_s"]
     spec = importlib.util.spec_from_file_location("cpu_report", os.path.join(here, "support", "cpu_report.py"))
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)

@@ -161,8 +161,9 @@ def tune(mod, tvm_target, *, trials: int, work: str, rpc: Mapping[str, Any] | No
 
 #: TVM's package of tensor intrinsics, which MetaSchedule imports whole (TuneContext, and its builder
 #: in every worker before each candidate's build): its CUDA module alone generates hundreds of MMA
-#: variants, 30 s of the 38-48 s the import takes on a 2-core AMD EPYC host, which is more than the
-#: builder's 30 s timeout per candidate, so every candidate failed there.
+#: variants, most of the 32-46 s the import takes on a 2-core AMD EPYC host, which is more than the
+#: builder's 30 s timeout per candidate, so every candidate failed there
+#: (benchmarks/tvm_tuning_intrinsics.py).
 INTRIN_PACKAGE = "tvm.s_tir.tensor_intrin"
 
 
