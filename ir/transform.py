@@ -282,6 +282,9 @@ class Pass:
     capture_needs: ClassVar[frozenset[str]] = frozenset()
     #: options naming files: in a pipeline file, a relative path is relative to the file's folder
     path_options: ClassVar[tuple[str, ...]] = ()
+    #: options naming a factory (`path/to/file.py:function`): a pipeline resolves the string to the
+    #: function (a relative path relative to the pipeline file's folder); Python callers may give it
+    ref_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any = None, **kwargs: Any):
         if options is not None and kwargs:

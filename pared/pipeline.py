@@ -259,11 +259,12 @@ def parse_pipeline(data: Any, *, source: str = "<pipeline>") -> PipelineSpec:
     if not isinstance(raw, list):
         raise err(f"'passes' expects a list of '- name: {{options}}' entries, got {type(raw).__name__}", "passes")
     specs = []
+    base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else None
     for i, item in enumerate(raw):
         line = _line(raw, i)
         where = f"{source}:{line}" if line else f"{source}: passes[{i}]"
         spec = _entry(item, where)
-        _check(spec)
+        _check(spec, base)
         specs.append(spec)
     return PipelineSpec(passes=tuple(specs), target=target, model=strings["model"],
                         example_inputs=strings["example_inputs"], calibration=strings["calibration"],
@@ -301,7 +302,8 @@ def _entry(item: Any, where: str) -> PassSpec:
 def _check(spec: PassSpec, base_dir: str | None = None) -> Any:
     """Instantiate the pass from its spec; errors become PipelineError at spec.where. Options the
     pass names in `path_options` (files it reads), given as relative paths, are taken relative to
-    `base_dir` (the pipeline file's folder)."""
+    `base_dir` (the pipeline file's folder); those in `ref_options` (`file.py:function`) become
+    the function."""
     from pared.registry import get_pass
     try:
         cls = get_pass(spec.name)
@@ -311,6 +313,13 @@ def _check(spec: PassSpec, base_dir: str | None = None) -> Any:
                 v = options.get(k)
                 if isinstance(v, str) and v and not os.path.isabs(v):
                     options[k] = os.path.join(base_dir, v)
+        for k in getattr(cls, "ref_options", ()):
+            v = options.get(k)
+            if isinstance(v, str):
+                try:
+                    options[k] = resolve_ref(v, base_dir)
+                except PipelineError as e:
+                    raise OptionError(f"pass '{spec.name}': option {k!r}: {e}") from None
         return cls(options)
     except OptionError as e:
         msg = str(e)

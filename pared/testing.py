@@ -852,6 +852,33 @@ def tiny_denoiser(seed: int = 0, steps: int = 8, batch: int = 1) -> tuple[nn.Mod
     return m, tiny_denoiser_inputs(batch, seed + 1)
 
 
+class _CondCopy(nn.Module):
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return cond.clone()
+
+
+class TinyActionBins(nn.Module):
+    """A sampled action chunk (B, H, A) in about [-1, 1] -> its bins (B, H*A) int64 of `vocab`."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round((x.clamp(-1, 1).flatten(1) + 1) * (0.5 * (self.vocab - 1))).long()
+
+
+def tiny_draft_sampler(seed: int = 0, steps: int = 6, n_tokens: int = 8, vocab: int = 16) -> tuple:
+    """A drafter for tiny_decoder (speculative_decode's `denoiser` drafter): (a pared Denoiser over the
+    decoder's cond (B, 32) whose finish bins its (B, n_tokens / 4, 4) sample, its initial sample)."""
+    from pared.ir.denoise import Denoiser
+    torch.manual_seed(seed)
+    head = TinyActionHead(horizon=n_tokens // 4)
+    schedule = {"t": [float(v) for v in torch.linspace(900, 0, steps)], "scale": [0.1] * steps}
+    m = Denoiser(_CondCopy(), head, TinyUpdate(), schedule, head_values=("t",), finish=TinyActionBins(vocab)).eval()
+    return m, torch.randn(1, n_tokens // 4, 4, generator=torch.Generator().manual_seed(seed + 1))
+
+
 def tiny_denoiser_inputs(batch: int = 1, seed: int = 1) -> tuple:
     g = torch.Generator().manual_seed(seed)
     obs, task = tiny_decoder_inputs(batch, seed)

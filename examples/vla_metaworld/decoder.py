@@ -33,6 +33,25 @@ def calibration() -> list[tuple]:
     return _workload().calibration()
 
 
+def draft_denoiser(steps: int | None = None):
+    """The diffusion head of the same backbone as the token head's drafter (speculative_decode's
+    `drafter: denoiser`, examples/pipelines/vla_four_composed.yaml): (a pared Denoiser over the
+    backbone's cond whose finish bins the first 4 of its 8 actions, its fixed initial noise); its
+    10 DDIM steps, or `steps`."""
+    import os
+    from pared.workloads import example_module
+    M, here = example_module("vla_metaworld"), os.path.dirname(os.path.abspath(__file__))
+    backbone = os.path.join(here, "vla_diffusion.safetensors")
+    policy, _, _ = M.load_policy(backbone)
+    head, _ = M.load_token_head(os.path.join(here, "vla_tokens.safetensors"), check_backbone=backbone)
+    return M.diffusion_drafter(policy.eval(), head.cfg, steps=steps)
+
+
+def draft_denoiser_4():
+    """draft_denoiser over a 4-step DDIM schedule of the same head: a cheaper, rougher draft."""
+    return draft_denoiser(4)
+
+
 def build_denoiser():
     return _workload("diffusion").build()
 

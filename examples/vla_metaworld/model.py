@@ -514,6 +514,48 @@ def diffusion_denoiser(policy: VLAPolicy):
     return Denoiser(policy.backbone, policy.head, DDIMUpdate(), schedule, head_values=("t",), finish=Clamp())
 
 
+class PassCond(nn.Module):
+    """cond -> a copy of cond: the encoder of a sampler that reads another head's condition."""
+
+    def forward(self, cond):
+        return cond.clone()
+
+
+class ActionTokens(nn.Module):
+    """A sampled action chunk (B, H', A) -> the first `horizon` actions' bins (B, horizon*A) int64,
+    as the token head reads them (actions_to_tokens)."""
+
+    def __init__(self, horizon: int, bins: int = 256):
+        super().__init__()
+        self.horizon, self.bins = horizon, bins
+
+    def forward(self, x):
+        return actions_to_tokens(x[:, :self.horizon], self.bins)
+
+
+def diffusion_drafter(policy: VLAPolicy, token_cfg: "TokenHeadConfig", seed: int = 0, steps: int | None = None):
+    """The diffusion head as the token head's drafter (speculative_decode's `denoiser` drafter):
+    (a pared Denoiser from the backbone's cond to the binned first actions of its DDIM sample,
+    the fixed initial noise of one row). Both heads read the same backbone's cond, so the drafter
+    adds only the head's DDIM steps to a policy call: the policy's 10, or `steps` (a coarser DDIM
+    schedule of the same head: a cheaper, rougher draft)."""
+    from pared.ir.denoise import Denoiser
+    d = diffusion_denoiser(policy)
+    schedule = d.schedule
+    if steps is not None and steps != d.steps:
+        ac = policy.alphas_cumprod
+        ts = ddim_timesteps(policy.cfg.train_timesteps, steps)
+        a = [float(ac[t]) for t in ts] + [1.0]
+        schedule = {"t": [float(t) for t in ts], "sa": [math.sqrt(a[i]) for i in range(steps)],
+                    "s1a": [math.sqrt(1 - a[i]) for i in range(steps)],
+                    "sap": [math.sqrt(a[i + 1]) for i in range(steps)],
+                    "s1ap": [math.sqrt(1 - a[i + 1]) for i in range(steps)]}
+    sampler = Denoiser(PassCond(), d.head, d.update, schedule, d.head_values,
+                       finish=ActionTokens(token_cfg.horizon, token_cfg.bins))
+    noise = torch.randn(1, policy.cfg.horizon, policy.cfg.action_dim, generator=torch.Generator().manual_seed(seed))
+    return sampler, noise
+
+
 class TokenPolicyCall(nn.Module):
     """call(image, text_ids, state) -> actions (B,H,A): the backbone and greedy
     decoding of the H*A action tokens, unrolled (each step writes its token

@@ -25,6 +25,14 @@ Drafters (`drafter:`):
   distilled  a parallel draft head (LayerNorm + 2-layer MLP on the head's condition, all N tokens
              in one call, Medusa-style) trained at compile time on the head's greedy tokens for
              the calibration inputs (`draft_hidden`, `draft_steps`; seeded).
+  denoiser   another policy head's action, sampled and binned: `draft_model` (a callable, or
+             `file.py:function` in a pipeline file) returns `(sampler, noise)`, a pared
+             `Denoiser` whose encoder reads the Decoder's condition (the head's inputs after
+             the tokens) and whose finish bins its sample into the N draft tokens, and the
+             initial sample of one row (the same every call, so the draft is deterministic).
+             Its steps become a steps loop of this plan (a DenoiseLoop record names it), so
+             cache passes (action_cache) schedule the drafter's head. A diffusion action head
+             drafting for a token head on the same backbone.
   none       a draft of zeros: with `refill: head` this is Jacobi decoding, the baseline a
              drafter has to beat.
   hybrid     two of the above (`hybrid: [fine, coarse]`, default distilled for fine motion and
@@ -52,7 +60,9 @@ by at most d bins on average (HeiSD's sequence-wise relaxed acceptance; the pape
 aggregate is not public, the mean absolute bin distance is this pass's).
 
 Reads: the DecodeLoop record (capture of a pared.ir.decode.Decoder writes it).
-Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`) and
+Writes: graphs `speculative_decode.draft` (+ `.kalman_start`, `.kalman_update`; the denoiser
+drafter: `speculative_decode.noise` and the sampler's graphs `draft_encoder`, `draft.start`,
+`draft_head`, `draft.update`, `draft_finish`, with a DenoiseLoop record) and
 `speculative_decode.accept`; the decoding Loop becomes draft + Loop(until done, at most N);
 a SpeculativePlan record. Earlier rewrites of the head call (quantization, variants) stay as
 they are: only the pick step is replaced. Variants of the head behind a select that chooses once
@@ -67,13 +77,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from pared.ir.capture import capture
 from pared.ir.decode import DecodeLoop
+from pared.ir.denoise import DenoiseLoop, Denoiser
 from pared.ir.errors import OptionError, PassError, PlanError
 from pared.ir.plan import Bins, Call, Loop, Node, Select, Seq, StateBuffer, Table, map_nodes
 from pared.ir.program import Program
@@ -86,6 +97,11 @@ DRAFT, ACCEPT = f"{NAME}.draft", f"{NAME}.accept"
 K_START, K_UPDATE = f"{NAME}.kalman_start", f"{NAME}.kalman_update"
 #: the references the pass adds
 N_REF, DONE_REF, KF_STATE, DIST_REF = f"{NAME}.n", f"{NAME}.done", f"{NAME}.kalman", f"{NAME}.distance"
+NOISE = f"{NAME}.noise"
+#: the denoiser drafter's graphs, by their names in its own capture (the head's name has no dot: cache
+#: passes find a sampler's head by a graph's origin up to its first dot)
+DRAFT_GRAPHS = {"encoder": "draft_encoder", "denoise.start": "draft.start", "head": "draft_head",
+                "denoise.update": "draft.update", "finish": "draft_finish"}
 #: default keys: inputs with at most this many values per row
 _SMALL_KEY = 256
 
@@ -95,13 +111,14 @@ class SpeculativeDecode(RewritePass):
     """Draft all tokens, verify them with one head call per iteration (see module docstring)."""
 
     path_options = ("table",)
+    ref_options = ("draft_model",)
 
     #: harnesses build the model in its decoding-loop form (a pared.ir.decode.Decoder) for this pass
     capture_needs = frozenset({"loop"})
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
-        drafter: Literal["retrieval", "distilled", "kalman", "none", "hybrid"] = "retrieval"
+        drafter: Literal["retrieval", "distilled", "kalman", "denoiser", "none", "hybrid"] = "retrieval"
         radius: int = 0                     # acceptance: 0 exact (lossless); r: within r bins of the argmax
         refill: Literal["head", "draft"] = "head"    # past a rejection: the head's guesses, or the rest of the draft
         keys: tuple[str, ...] | None = None  # retrieval: the program inputs matched (default: the small ones)
@@ -118,6 +135,8 @@ class SpeculativeDecode(RewritePass):
                                             # row than this quantile of the rows' own nearest distances (HeiSD)
         sequence: float | None = None       # accept a whole draft whose unverified tokens deviate from the
                                             # head's argmax by at most this many bins on average (HeiSD)
+        draft_model: Any = None             # denoiser: a callable returning (a pared Denoiser over the head's
+                                            # condition whose finish gives the draft tokens, its initial sample)
         hybrid: tuple[str, str] = ("distilled", "retrieval")  # hybrid: the drafters of fine and coarse motion
         motion_input: str = "state"         # hybrid: the program input holding the robot state
         position: tuple[int, ...] = ()      # hybrid: its end-effector position indices (required)
@@ -156,6 +175,13 @@ class SpeculativeDecode(RewritePass):
                            dwell=self.dwell)
                 except PlanError as e:
                     raise OptionError(f"pass '{NAME}': {e}") from None
+            if self.drafter == "denoiser" and not callable(self.draft_model):
+                raise OptionError(f"pass '{NAME}': drafter 'denoiser' needs option 'draft_model': a callable (in a "
+                                  "pipeline file 'path/to/file.py:function') returning (a pared Denoiser over the "
+                                  f"head's condition, its initial sample); got {self.draft_model!r}")
+            if self.drafter != "denoiser" and self.draft_model is not None:
+                raise OptionError(f"pass '{NAME}': option 'draft_model' belongs to drafter 'denoiser', not "
+                                  f"{self.drafter!r}")
             if not uses_retrieval and (self.keys is not None or self.table is not None
                                        or self.skip_verify is not None):
                 raise OptionError(f"pass '{NAME}': options 'keys', 'table' and 'skip_verify' belong to drafter "
@@ -220,12 +246,14 @@ class SpeculativeDecode(RewritePass):
             return Seq(tuple(nodes + ([parts.after] if parts.after is not None else [])))
 
         body = map_nodes(program.plan.body, lambda node: speculative(node) if node in loops else node)
-        plan = dataclasses.replace(program.plan, body=body).with_declarations(parts.state)
+        plan = dataclasses.replace(program.plan, body=body).with_declarations(parts.state, parts.step_values)
         lossless = o.radius == 0 and o.max_verify is None and o.skip_verify is None and o.sequence is None
         detail.update(refill=o.refill, max_verify=o.max_verify)
         rec = SpeculativePlan(drafter=o.drafter, radius=o.radius, tokens=n, lossless=lossless, sequence=o.sequence,
                               **detail)
         new = program.replace(graphs=graphs, plan=plan).with_record(rec)
+        for extra in parts.records:
+            new = new.with_record(extra)
         ctx.log.info("%s: %s drafts, radius %d, %d tokens", NAME, o.drafter, o.radius, n)
         return PassResult(new, modified=True, stats=stats)
 
@@ -294,6 +322,79 @@ class SpeculativeDecode(RewritePass):
                     example_tokens: torch.Tensor) -> "DraftParts":
         graph = capture(drafters.Counted(_Zeros(loop_rec.n_tokens)), (example_tokens,), name=DRAFT).main
         return DraftParts({DRAFT: graph}, Call(DRAFT, (loop_rec.tokens,), (loop_rec.tokens, N_REF)))
+
+    def _draft_denoiser(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
+                        example_tokens: torch.Tensor) -> "DraftParts":
+        o = self.options
+        n, batch = loop_rec.n_tokens, example_tokens.shape[0]
+        what = f"pass '{NAME}': option 'draft_model' ({getattr(o.draft_model, '__name__', o.draft_model)!r})"
+        made = o.draft_model()
+        if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], Denoiser)
+                and isinstance(made[1], torch.Tensor)):
+            raise OptionError(f"{what} must return (a pared.ir.denoise.Denoiser, its initial sample tensor); got "
+                              f"{type(made).__name__}")
+        sampler, noise = made
+        if noise.dim() < 1 or noise.shape[0] != 1 or not noise.dtype.is_floating_point:
+            raise OptionError(f"{what}: the initial sample must be one float row (1, ...), got "
+                              f"{tuple(noise.shape)} {noise.dtype}")
+        # the head's example inputs after the tokens are the condition the sampler's encoder reads
+        cond_ex = tuple(program.graphs[_head_graphs(program, loop_rec, _pick_loops(program.plan.body, loop_rec))[0]]
+                        .example_inputs[1:])
+        if len(cond_ex) != len(loop_rec.cond):
+            raise PassError(f"pass '{NAME}': the head reads {len(loop_rec.cond)} condition tensors but its example "
+                            f"has {len(cond_ex)}")
+        x_ex = noise.expand(batch, *noise.shape[1:]).clone()
+        counted = Denoiser(sampler.encoder, sampler.head, sampler.update, sampler.schedule, sampler.head_values,
+                           finish=drafters.Counted(sampler.finish if sampler.finish is not None else _Identity()))
+        with torch.no_grad():
+            try:
+                draft, _ = counted(*cond_ex, x_ex)
+            except Exception as e:      # the user's sampler: say which part failed
+                raise PassError(f"{what}: the sampler failed on the head's condition "
+                                f"{[tuple(c.shape) for c in cond_ex]} and the initial sample: "
+                                f"{type(e).__name__}: {e}") from e
+        if draft.dtype != torch.int64 or tuple(draft.shape) != (batch, n):
+            raise PassError(f"{what}: the sampler's finish must give the draft tokens, int64 of shape ({batch}, {n}); "
+                            f"got {draft.dtype} {tuple(draft.shape)}")
+        if int(draft.min()) < 0 or int(draft.max()) >= loop_rec.vocab:
+            raise PassError(f"{what}: the sampler's draft holds tokens outside [0, {loop_rec.vocab}) "
+                            f"({int(draft.min())}..{int(draft.max())}); clamp its bins in finish")
+        sub = capture(counted, (*cond_ex, x_ex), name="draft")
+        rec = sub.records.get("DenoiseLoop")
+        graphs = {DRAFT_GRAPHS[g]: graph for g, graph in sub.graphs.items()}
+        noise_graph = capture(_FixedNoise(noise), (cond_ex[0],), name=NOISE).main
+        graphs[NOISE] = noise_graph
+        ins = dict(zip(rec.inputs, (*loop_rec.cond, NOISE)))
+        outs = dict(zip(sub.plan.outputs, (loop_rec.tokens, N_REF)))
+
+        def ref(r: str) -> str:
+            if r in outs:
+                return outs[r]
+            kind, sep, name = r.partition(":")
+            if sep and kind == "in":
+                return ins[name]
+            if sep:
+                return f"{kind}:{ref(name)}"
+            if r.startswith("denoise."):
+                return "draft." + r[len("denoise."):]
+            g, _, tail = r.partition(".")
+            return f"{DRAFT_GRAPHS[g]}.{tail}" if g in DRAFT_GRAPHS else r
+
+        def rename(node: Node) -> Node:
+            if isinstance(node, Call):
+                return dataclasses.replace(node, graph=DRAFT_GRAPHS[node.graph], inputs=tuple(map(ref, node.inputs)),
+                                           outputs=tuple(map(ref, node.outputs)))
+            return node
+        draft_node = Seq((Call(NOISE, (loop_rec.cond[0],), (NOISE,)), map_nodes(sub.plan.body, rename)))
+        steps = tuple((ref(k), v) for k, v in sub.plan.step_values)
+        loop = DenoiseLoop(head=DRAFT_GRAPHS[rec.head], update=DRAFT_GRAPHS[rec.update],
+                           start=DRAFT_GRAPHS[rec.start], cond=tuple(ref(c) for c in rec.cond), x=ref(rec.x),
+                           out=ref(rec.out), steps=rec.steps, values=tuple(ref(v) for v in rec.values),
+                           inputs=loop_rec.inputs)
+        return DraftParts(graphs, draft_node, step_values=steps, records=(loop,),
+                          detail={"draft_model": getattr(o.draft_model, "__qualname__", str(o.draft_model)),
+                                  "sampler_steps": rec.steps},
+                          stats={"sampler_steps": rec.steps})
 
     def _draft_kalman(self, program: Program, loop_rec: DecodeLoop, ctx: PassContext,
                       example_tokens: torch.Tensor) -> "DraftParts":
@@ -387,6 +488,22 @@ def _decode_calibration(program: Program, loop_rec: DecodeLoop, ctx: PassContext
         if i % 256 == 255:
             ctx.progress(f"{NAME}: {i + 1}/{len(sets)} calibration inputs decoded")
     return inputs, torch.cat(rows), [torch.cat(v) for v in vals]
+
+
+class _FixedNoise(torch.nn.Module):
+    """The denoiser drafter's initial sample: one stored row, repeated over the batch of the condition."""
+
+    def __init__(self, noise: torch.Tensor):
+        super().__init__()
+        self.register_buffer("noise", noise.detach().clone())
+
+    def forward(self, cond0: torch.Tensor) -> torch.Tensor:
+        return self.noise.expand(cond0.shape[0], *self.noise.shape[1:]).clone()
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class _Zeros(torch.nn.Module):
@@ -488,6 +605,8 @@ class DraftParts:
     state: tuple[StateBuffer, ...] = ()
     detail: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    step_values: tuple = ()                 # the denoiser drafter's per-step values
+    records: tuple = ()                     # program-wide records it adds (the denoiser's DenoiseLoop)
 
 
 @dataclass(frozen=True)
@@ -517,6 +636,9 @@ class SpeculativePlan(Record):
     loss_first: float | None = None
     loss_last: float | None = None
     train_token_accuracy: float | None = None
+    # denoiser
+    draft_model: str = ""
+    sampler_steps: int | None = None
     # hybrid
     hybrid: tuple[str, ...] = ()        # (fine-motion drafter, coarse-motion drafter)
     speed_edge: float | None = None     # the end-effector speed between them

@@ -16,7 +16,7 @@ from pared.ir.plan import Loop, Select, iter_nodes
 from pared.ir.transform import PassContext
 from pared.passes.decode import drafters
 from pared.passes.decode.speculative_decode import ACCEPT, DRAFT, K_UPDATE, SpeculativeDecode
-from pared.testing import run_pass_checked, tiny_decoder, tiny_decoder_inputs, tiny_transformer
+from pared.testing import run_pass_checked, tiny_decoder, tiny_decoder_inputs, tiny_draft_sampler, tiny_transformer
 
 N = 8
 
@@ -514,3 +514,117 @@ def test_hybrid_names_a_missing_state_input(tiny):
     _, prog, calib = tiny
     with pytest.raises(OptionError, match="option 'motion_input' names 'state', which is not a program input"):
         SpeculativeDecode(drafter="hybrid", position=(0, 1, 2))(prog, PassContext(calibration=calib))
+
+
+# -- the denoiser drafter: another head's sampled action as the draft ------------------------------------
+def _draft_sampler():
+    return tiny_draft_sampler(seed=3)
+
+
+def _draft_tokens_eager(m, x):
+    """What the denoiser drafter proposes for inputs x, in eager PyTorch: the sampler run on the
+    decoder's condition from its fixed initial sample."""
+    sampler, noise = _draft_sampler()
+    with torch.no_grad():
+        cond = m.cond(*x)
+        return sampler(*cond, noise.expand(cond[0].shape[0], *noise.shape[1:]))
+
+
+def test_denoiser_drafts_are_the_samplers_binned_action_and_exact_acceptance_stays_greedy(tiny):
+    m, prog, calib = tiny
+    held = [tiny_decoder_inputs(1, 300 + i) for i in range(6)]
+    res = run_pass_checked(SpeculativeDecode(drafter="denoiser", draft_model=_draft_sampler), prog, PassContext())
+    outs, heads = _run(res.program, held)
+    with torch.no_grad():
+        for x, got in zip(held, outs):
+            assert torch.equal(got, m(*x)), "exact acceptance must reproduce greedy decoding bit for bit"
+    assert all(1 <= h <= N for h in heads)
+    rec = res.program.records["SpeculativePlan"]
+    assert rec.drafter == "denoiser" and rec.lossless and rec.sampler_steps == 6
+    # accepting any token (radius = vocab): one head call, and the tokens are the draft itself, which
+    # must be the eager sampler's binned action
+    anything = SpeculativeDecode(drafter="denoiser", draft_model=_draft_sampler, radius=16)(prog, PassContext())
+    r = _tokens_out(anything.program).runner()
+    for x in held:
+        r.reset()
+        got = r(list(x))[0]
+        assert _heads(r) == 1
+        assert torch.equal(got, _draft_tokens_eager(m, x))
+
+
+def test_the_denoiser_drafters_steps_are_a_steps_loop_that_action_cache_schedules(tiny):
+    from pared.passes.cache.action_cache import ActionCache
+    from pared.passes.decode.speculative_decode import NOISE
+    m, prog, calib = tiny
+    res = SpeculativeDecode(drafter="denoiser", draft_model=_draft_sampler)(prog, PassContext())
+    plan = res.program.plan
+    loop = res.program.records["DenoiseLoop"]
+    assert (loop.head, loop.update, loop.start, loop.steps) == ("draft_head", "draft.update", "draft.start", 6)
+    steps = plan.step_loops()
+    assert len(steps) == 1 and steps[0].count == 6
+    assert [c.graph for c in steps[0].body.nodes] == ["draft_head", "draft.update"]
+    assert dict(plan.step_values)["draft.scale"] == (0.1,) * 6
+    order = list(plan.graph_names)
+    # the noise and the sampler run after the encoder and before the verify loop's head
+    assert order.index("encoder") < order.index(NOISE) < order.index("draft_head") < order.index("head")
+    assert "decode.pick" not in order
+    # action_cache finds the drafter's head (not the token head) and schedules its sub-blocks; the
+    # verify loop still checks every token, so the tokens stay greedy decoding's
+    cached = run_pass_checked(ActionCache(schedule="interval", interval=2), res.program, PassContext())
+    acp = cached.program.records.get("ActionCachePlan", graph="draft_head")
+    assert acp is not None and acp.steps == 6 and cached.program.records.get("ActionCachePlan", graph="head") is None
+    called = set(cached.program.plan.graph_names)
+    assert "draft_head" not in called and any(g.startswith("draft_head.") for g in called) and "head" in called
+    held = [tiny_decoder_inputs(1, 320 + i) for i in range(4)]
+    outs, _ = _run(cached.program, held)
+    with torch.no_grad():
+        for x, got in zip(held, outs):
+            assert torch.equal(got, m(*x))
+
+
+def test_the_denoiser_drafter_artifact_runs_torch_free(tiny, tmp_path):
+    import pared
+    m, prog, calib = tiny
+    held = [tiny_decoder_inputs(1, 340 + i) for i in range(4)]
+    opt = pared.optimize(m, tiny_decoder_inputs(1, 1), target="cpu", bench_repeats=0, holdout=held[:1],
+                         pipeline=[{"speculative_decode": {"drafter": "denoiser", "draft_model": _draft_sampler,
+                                                           "radius": 2}}], allow_fidelity_loss=True)
+    ex = pared.load(opt.save(str(tmp_path / "art")))
+    r = opt.program.runner()
+    for x in held:
+        got = ex(*[t.numpy() for t in x])
+        want = r(list(x))[0]
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-6)
+        assert ex.graph_trace[-1] == r.graph_trace[-1]
+    assert ex.records["SpeculativePlan"].drafter == "denoiser" and "DenoiseLoop" in ex.records
+
+
+def test_denoiser_drafter_bad_options_are_named(tiny, tmp_path):
+    from pared.ir.errors import PipelineError
+    from pared.pipeline import build_passes
+    m, prog, calib = tiny
+    with pytest.raises(OptionError, match="drafter 'denoiser' needs option 'draft_model'"):
+        SpeculativeDecode(drafter="denoiser")
+    with pytest.raises(OptionError, match="option 'draft_model' belongs to drafter 'denoiser', not 'none'"):
+        SpeculativeDecode(drafter="none", draft_model=_draft_sampler)
+    with pytest.raises(OptionError, match="must return \\(a pared.ir.denoise.Denoiser, its initial sample"):
+        SpeculativeDecode(drafter="denoiser", draft_model=lambda: _draft_sampler()[0])(prog, PassContext())
+    with pytest.raises(OptionError, match="one float row \\(1, ...\\)"):
+        SpeculativeDecode(drafter="denoiser",
+                          draft_model=lambda: (_draft_sampler()[0], torch.zeros(2, 2, 4)))(prog, PassContext())
+
+    def floats():               # no finish: the sampler returns its float sample, not tokens
+        s, noise = _draft_sampler()
+        return type(s)(s.encoder, s.head, s.update, s.schedule, s.head_values), noise
+    with pytest.raises(PassError, match="finish must give the draft tokens, int64 of shape \\(1, 8\\)"):
+        SpeculativeDecode(drafter="denoiser", draft_model=floats)(prog, PassContext())
+    # in a pipeline, the factory is 'file.py:function' relative to the file; a missing one names the option
+    f = tmp_path / "p.yaml"
+    f.write_text("version: 1\npasses:\n  - speculative_decode: {drafter: denoiser, draft_model: nope.py:f}\n")
+    with pytest.raises(PipelineError, match="option 'draft_model': nope.py:f: file .*nope.py does not exist"):
+        build_passes(str(f))
+    (tmp_path / "drafts.py").write_text("from pared.testing import tiny_draft_sampler\n"
+                                        "def draft():\n    return tiny_draft_sampler(seed=3)\n")
+    f.write_text("version: 1\npasses:\n  - speculative_decode: {drafter: denoiser, draft_model: drafts.py:draft}\n")
+    (p,) = build_passes(str(f))
+    assert callable(p.options.draft_model) and p.options.draft_model.__name__ == "draft"
