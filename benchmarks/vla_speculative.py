@@ -21,6 +21,13 @@ Decoder and lowered to ONNX Runtime (1 thread) in several arms:
                    tokens), speculative_decode (retrieval, exact) and dynamic_precision ([8, 4]
                    bits by the hand's speed) on one artifact; exact acceptance reproduces the int8
                    head's greedy tokens, not eager's, so it acts in its own closed loop
+  exact_denoiser / r2_denoiser  the diffusion head of the same backbone drafts (10 DDIM steps from a
+                   fixed noise, its first 4 actions binned); r2_denoiser_bac adds action_cache (BAC, 4
+                   updates) on the drafting head; *_denoiser4: a 4-step DDIM schedule of the same head
+  four_composed    (--lossy four_composed) token_reuse, r2_denoiser's speculative_decode, action_cache on
+                   the drafting head and dynamic_precision on one artifact; four_composed_4 the same
+                   with the 4-step drafter and BAC at 2 of its 4 steps (the pipeline file
+                   examples/pipelines/vla_four_composed.yaml is four_composed_4 with exact acceptance)
   composed_dq_first (--lossy composed_dq_first) the same three with dynamic_precision before
                    speculative_decode: the draft graph stays float and each call verifies at the
                    width its greedy decoding takes
@@ -65,7 +72,15 @@ from pared.workloads import get_workload, torch_callable  # noqa: E402
 #: earlier [18:21]; below the median calibration speed the distilled drafter, above it retrieval
 HYBRID = {"drafter": "hybrid", "hybrid": ["distilled", "retrieval"], "motion_input": "state",
           "position": [0, 1, 2], "previous": [18, 19, 20]}
+#: the diffusion head of the same backbone as the drafter (its first 4 actions binned)
+DENOISER = {"drafter": "denoiser",
+            "draft_model": os.path.join(HERE, "..", "examples", "vla_metaworld", "decoder.py") + ":draft_denoiser"}
+DYQ = {"dynamic_precision": {"bits": [8, 4], "input": "state", "position": [0, 1, 2], "previous": [18, 19, 20],
+                             "gripper": [3, 21]}}
+DENOISER4 = dict(DENOISER, draft_model=DENOISER["draft_model"] + "_4")     # a 4-step DDIM schedule of it
 LOSSLESS = {"exact_none": {"drafter": "none"},
+            "exact_denoiser": DENOISER,
+            "exact_denoiser4": DENOISER4,
             "exact_retrieval": {"drafter": "retrieval"},
             "exact_kalman": {"drafter": "kalman", "action_dim": 4},
             "exact_distilled": {"drafter": "distilled"},
@@ -100,6 +115,23 @@ LOSSY = {"r2_retrieval": {"drafter": "retrieval", "radius": 2},
              {"dynamic_precision": {"bits": [8, 4], "input": "state", "position": [0, 1, 2],
                                     "previous": [18, 19, 20], "gripper": [3, 21]}},
              {"speculative_decode": {"drafter": "retrieval"}}]},
+         "r2_denoiser": dict(DENOISER, radius=2),
+         "r2_denoiser_bac": {"pipeline": [{"speculative_decode": dict(DENOISER, radius=2)},
+                                          {"action_cache": {"schedule": "bac", "updates": 4}}]},
+         # all four of issue 16's methods on one artifact: VLA-Cache on the backbone, the diffusion head
+         # drafting for the token head (radius 2), BAC on the drafting head, DyQ-VLA's [8, 4] bits over
+         # every linear
+         "four_composed": {"pipeline": [
+             {"token_reuse": {"tokens": [12, 28], "patch": 16, "input": "image", "blocks": "blocks.*"}},
+             {"speculative_decode": dict(DENOISER, radius=2)},
+             {"action_cache": {"schedule": "bac", "updates": 4}},
+             DYQ]},
+         "r2_denoiser4": dict(DENOISER4, radius=2),
+         "four_composed_4": {"pipeline": [
+             {"token_reuse": {"tokens": [12, 28], "patch": 16, "input": "image", "blocks": "blocks.*"}},
+             {"speculative_decode": dict(DENOISER4, radius=2)},
+             {"action_cache": {"schedule": "bac", "updates": 2}},
+             DYQ]},
          "seq2_retrieval": {"drafter": "retrieval", "sequence": 2.0},
          "skip25_seq1_retrieval": {"drafter": "retrieval", "sequence": 1.0, "skip_verify": 0.25},
          "seq1_hybrid": dict(HYBRID, sequence=1.0)}

@@ -199,6 +199,9 @@ def bench_workload(name: str, *, pipeline: str | None = "default", target: str |
     reuse = reuse_summary(programs["optimized"], trace)
     if reuse is not None:
         result["token_reuse"] = reuse
+    spec = speculative_summary(programs["optimized"], ex.graph_trace)
+    if spec is not None:
+        result["speculative"] = spec
     dispatch = dispatch_summary(programs["optimized"])
     if dispatch is not None:
         result["moe_dispatch"] = dispatch
@@ -257,6 +260,22 @@ def dispatch_summary(program) -> dict | None:
                "dropped": x.dropped} for x in rec.layers]
     return {"capacity": rec.capacity, "margin": rec.margin, "expert_rows": rows, "dense_rows": dense,
             "rows_ratio": round(rows / dense, 4), "layers": layers, "measured": dict(rec.measured)}
+
+
+def speculative_summary(program, graph_trace) -> dict | None:
+    """For a program with speculative_decode's plan: its drafter and acceptance, the decoding head's
+    calls per program call in `graph_trace` (the graphs each call ran; a variant `head.<label>` or a
+    fused `head+...` counts as the head) and the tokens fixed per head call (tokens / head calls:
+    the mean accepted run plus the head's own token); None without it."""
+    rec, loop = program.records.get("SpeculativePlan"), program.records.get("DecodeLoop")
+    if rec is None or loop is None or not graph_trace:
+        return None
+    heads = [sum(g == loop.head or g.startswith((loop.head + ".", loop.head + "+")) for g in graphs)
+             for graphs in graph_trace]
+    mean = sum(heads) / len(heads)
+    return {"drafter": rec.drafter, "radius": rec.radius, "lossless": rec.lossless, "tokens": rec.tokens,
+            "head_calls_per_call": mean, "tokens_per_head_call": rec.tokens / mean if mean else None,
+            "calls": len(heads)}
 
 
 def reuse_summary(program, trace) -> dict | None:

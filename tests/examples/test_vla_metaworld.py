@@ -383,6 +383,36 @@ def test_lossless_speculative_decoding_acts_exactly_like_greedy_in_the_simulator
     assert calls["reference"]["head"] == 16 and 1 <= calls["optimized"]["head"] < 16, calls
 
 
+@pytest.mark.heavy
+def test_bench_with_the_four_methods_on_one_artifact(tmp_path, monkeypatch):
+    """pared bench with examples/pipelines/vla_four_composed.yaml: one artifact of the token policy
+    in which the backbone reuses static tokens (token_reuse), the diffusion head of the same backbone
+    drafts the tokens in a steps loop (speculative_decode's denoiser drafter) whose sub-blocks run
+    BAC's schedule (action_cache), every linear runs int8 at 8 or 4 activation bits by the hand's
+    speed (dynamic_precision), and the token head verifies; it acts in the simulator and the result
+    reports each method's figures."""
+    monkeypatch.setenv("MUJOCO_GL", os.environ.get("MUJOCO_GL", "egl"))
+    from pared.workloads.bench import bench_workload
+    r = bench_workload("vla_metaworld", pipeline=os.path.join(EXAMPLES, "pipelines", "vla_four_composed.yaml"),
+                       repeats=1, json_out=str(tmp_path / "four.json"),
+                       workload_options={"head": "tokens", "episodes": 1, "tasks": "reach-v3", "mse_steps": 8,
+                                         "calls": 12, "max_steps": 60, "calibration_steps": 64})
+    assert r["passes"] == ["token_reuse", "speculative_decode", "action_cache", "dynamic_precision"]
+    f = r["fidelity"]
+    assert f["episodes"] == 1 and f["action_mse_vs_reference"] < 0.05
+    spec = r["speculative"]
+    assert spec["drafter"] == "denoiser" and spec["radius"] == 0 and spec["lossless"]
+    assert 1 <= spec["head_calls_per_call"] < 16 and spec["tokens_per_head_call"] > 1
+    assert 0.2 < r["precision"]["memory_ratio"] < 0.35
+    assert r["token_reuse"]["level_shares"]["cold"] > 0
+    calls = r["graph_calls_per_call"]["optimized"]
+    # the drafting head: 4 DDIM steps per call, each a BAC variant at one of the two widths
+    drafts = {g: n for g, n in calls.items() if g.startswith("draft_head.")}
+    assert sum(drafts.values()) == pytest.approx(4) and calls["draft.update"] == pytest.approx(4)
+    assert any(".reuse" in g for g in drafts) and all(g.endswith((".a8", ".a4")) for g in drafts), drafts
+    assert {g for g in calls if g.startswith("head")} <= {"head.a8", "head.a4"}
+
+
 def _import_train(monkeypatch):
     """examples/vla_metaworld/train.py, imported for this test only."""
     import importlib
