@@ -124,6 +124,12 @@ bench: $(STAMP)
 	# action-head caching of the diffusion head (shipped and larger head): closed loop and timing
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_action_cache.py --episodes 25
 	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_action_cache.py --episodes 25 --policy large
+	# the four embodied methods on one artifact (the diffusion head drafting for the token head)
+	MUJOCO_GL=egl OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/vla_speculative.py --lossless exact_retrieval \
+		exact_denoiser exact_denoiser4 --lossy r2_denoiser r2_denoiser4 four_composed four_composed_4 \
+		composed_dq_first --json benchmarks/results/vla_four_composed.json
+	$(BENCH) vla_metaworld --head tokens --decoder loop --episodes 25 \
+		--pipeline examples/pipelines/vla_four_composed.yaml --json benchmarks/results/vla_four_composed_bench.json
 
 clean:
 	rm -rf $(VENV) $(SERVE) build *.egg-info
