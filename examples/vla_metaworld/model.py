@@ -504,14 +504,20 @@ def diffusion_denoiser(policy: VLAPolicy):
     DDIM step; clamp): the same actions as ``DiffusionPolicyCall``, with the K steps a
     loop of the pared Plan instead of unrolled in one graph."""
     from pared.ir.denoise import Denoiser
-    call = DiffusionPolicyCall(policy)
-    a = call.alphas
-    schedule = {"t": [float(t) for t in call.ts],
-                "sa": [math.sqrt(a[i]) for i in range(len(call.ts))],
-                "s1a": [math.sqrt(1 - a[i]) for i in range(len(call.ts))],
-                "sap": [math.sqrt(a[i + 1]) for i in range(len(call.ts))],
-                "s1ap": [math.sqrt(1 - a[i + 1]) for i in range(len(call.ts))]}
-    return Denoiser(policy.backbone, policy.head, DDIMUpdate(), schedule, head_values=("t",), finish=Clamp())
+    return Denoiser(policy.backbone, policy.head, DDIMUpdate(), ddim_schedule(policy), head_values=("t",),
+                    finish=Clamp())
+
+
+def ddim_schedule(policy: VLAPolicy, steps: int | None = None) -> dict[str, list[float]]:
+    """DDIMUpdate's per-step values (timestep, sqrt(a_t), sqrt(1-a_t), sqrt(a_prev), sqrt(1-a_prev))
+    over the policy's `ddim_steps` (what DiffusionPolicyCall runs), or `steps` evenly spaced steps."""
+    k = policy.cfg.ddim_steps if steps is None else steps
+    ac = policy.alphas_cumprod
+    ts = ddim_timesteps(policy.cfg.train_timesteps, k)
+    a = [float(ac[t]) for t in ts] + [1.0]
+    return {"t": [float(t) for t in ts], "sa": [math.sqrt(a[i]) for i in range(k)],
+            "s1a": [math.sqrt(1 - a[i]) for i in range(k)], "sap": [math.sqrt(a[i + 1]) for i in range(k)],
+            "s1ap": [math.sqrt(1 - a[i + 1]) for i in range(k)]}
 
 
 class PassCond(nn.Module):
@@ -540,17 +546,7 @@ def diffusion_drafter(policy: VLAPolicy, token_cfg: "TokenHeadConfig", seed: int
     adds only the head's DDIM steps to a policy call: the policy's 10, or `steps` (a coarser DDIM
     schedule of the same head: a cheaper, rougher draft)."""
     from pared.ir.denoise import Denoiser
-    d = diffusion_denoiser(policy)
-    schedule = d.schedule
-    if steps is not None and steps != d.steps:
-        ac = policy.alphas_cumprod
-        ts = ddim_timesteps(policy.cfg.train_timesteps, steps)
-        a = [float(ac[t]) for t in ts] + [1.0]
-        schedule = {"t": [float(t) for t in ts], "sa": [math.sqrt(a[i]) for i in range(steps)],
-                    "s1a": [math.sqrt(1 - a[i]) for i in range(steps)],
-                    "sap": [math.sqrt(a[i + 1]) for i in range(steps)],
-                    "s1ap": [math.sqrt(1 - a[i + 1]) for i in range(steps)]}
-    sampler = Denoiser(PassCond(), d.head, d.update, schedule, d.head_values,
+    sampler = Denoiser(PassCond(), policy.head, DDIMUpdate(), ddim_schedule(policy, steps), head_values=("t",),
                        finish=ActionTokens(token_cfg.horizon, token_cfg.bins))
     noise = torch.randn(1, policy.cfg.horizon, policy.cfg.action_dim, generator=torch.Generator().manual_seed(seed))
     return sampler, noise
