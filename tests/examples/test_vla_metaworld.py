@@ -402,7 +402,8 @@ def test_bench_with_the_four_methods_on_one_artifact(tmp_path, monkeypatch):
     assert f["episodes"] == 1 and f["action_mse_vs_reference"] < 0.05
     spec = r["speculative"]
     assert spec["drafter"] == "denoiser" and spec["radius"] == 0 and spec["lossless"]
-    assert 1 <= spec["head_calls_per_call"] < 16 and spec["tokens_per_head_call"] > 1
+    # over the 12 timed calls (one request: its first call cold), not the fidelity run's last call
+    assert spec["calls"] == 12 and 1 <= spec["head_calls_per_call"] < 16 and spec["tokens_per_head_call"] > 1
     assert 0.2 < r["precision"]["memory_ratio"] < 0.35
     assert r["token_reuse"]["level_shares"]["cold"] > 0
     calls = r["graph_calls_per_call"]["optimized"]
@@ -411,6 +412,7 @@ def test_bench_with_the_four_methods_on_one_artifact(tmp_path, monkeypatch):
     assert sum(drafts.values()) == pytest.approx(4) and calls["draft.update"] == pytest.approx(4)
     assert any(".reuse" in g for g in drafts) and all(g.endswith((".a8", ".a4")) for g in drafts), drafts
     assert {g for g in calls if g.startswith("head")} <= {"head.a8", "head.a4"}
+    assert sum(n for g, n in calls.items() if g.startswith("encoder.cold")) == pytest.approx(1 / 12)
 
 
 def _import_train(monkeypatch):
