@@ -176,16 +176,8 @@ def run_output(calibration: Any, call: Callable[..., Any], outs: list[np.ndarray
 def replay(program: Program, calibration: Any) -> np.ndarray:
     """The calibration run's output through `program` (its Plan, every graph) as one float64
     array [rows, features]: a loop's returned array, or every call's float outputs stacked."""
-    runner = program.runner()
     outs: list[np.ndarray] = []
-
-    def call(*args):
-        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
-        res = runner(flat)
-        outs.append(output_rows(res))
-        res = _structure.unflatten(program.output_structure, res)
-        return res
-    return run_output(calibration, call, outs)
+    return run_output(calibration, _caller(program, lambda res: outs.append(output_rows(res))), outs)
 
 
 def record_inputs(program: Program, calibration: Any) -> list[list[tuple[torch.Tensor, ...]]]:
@@ -230,6 +222,43 @@ def record_calls(program: Program, calibration: Any) -> tuple[list[list[tuple[to
     if not calls:
         raise PassError("recorder: the calibration run made no call of the model; give it at least one")
     return [calls], _stacked(outs)
+
+
+def run_free(program: Program, calibration: Any,
+             on_outputs: Callable[[Sequence[torch.Tensor]], None] | None = None) -> Any:
+    """The calibration run through `program`, free-running: every call answers with `program`'s own
+    outputs (its state, e.g. a KV cache, carried from call to call), so a loop that feeds its
+    outputs back follows `program`'s own trajectory. The state starts fresh; `on_outputs` sees
+    each call's flat outputs.
+
+    Returns:
+        What the loop returns (a callable calibration, e.g. a rollout's frames), or each call's
+        outputs in order (a list calibration).
+    Raises:
+        PassError: when there is no calibration run.
+    """
+    if calibration is None:
+        raise PassError("needs a calibration run: pass calibration= a list of consecutive step inputs, "
+                        "or a loop callable that runs one request (e.g. a sampler) through the model")
+    call = _caller(program, on_outputs)
+    if callable(calibration):
+        return calibration(call)
+    return [call(*(item if isinstance(item, (tuple, list)) else (item,))) for item in calibration]
+
+
+def _caller(program: Program, on_outputs: Callable[[Sequence[torch.Tensor]], None] | None = None
+            ) -> Callable[..., Any]:
+    """`program` (a fresh runner: its state starts empty) as the model a calibration loop calls."""
+    runner = program.runner()
+
+    def call(*args):
+        flat = [a if isinstance(a, torch.Tensor) else torch.as_tensor(a) for a in args]
+        with torch.no_grad():
+            res = runner(flat)
+        if on_outputs is not None:
+            on_outputs(res)
+        return _structure.unflatten(program.output_structure, res)
+    return call
 
 
 def replay_inputs(program: Program, requests: Sequence[Sequence[Sequence[torch.Tensor]]]) -> np.ndarray:

@@ -8,6 +8,11 @@ A goal is a mapping of metric -> bound, every term to be met:
     {bytes: 0.3}              at most 0.3 of the float bytes
     {latency: 0.6}            at most 0.6 of the float latency
     {rel_l2: 0.01, cosine: 0.999}
+    {accuracy_drop: 0.02}     a judge's accuracy at most 0.02 below the unoptimized run's
+    {error_rise: 0.1}         a judge's error at most 0.1 above the unoptimized run's (its units)
+
+`accuracy_drop` and `error_rise` are judged: a pass that takes a `judge` (a function of the
+reference's and the candidate's outputs, e.g. kv_policy's) measures them by calling it.
 
 Each metric knows its direction (METRICS: larger is better, or smaller is). A
 pass says which metrics it can measure (`allowed`); parsing names the pass, the
@@ -26,6 +31,7 @@ METRICS: dict[str, bool] = {
     "psnr_db": True, "sqnr_db": True, "cosine": True, "cosine_mean": True, "agreement": True,
     "accuracy": True, "success": True, "speedup": True,
     "rel_l2": False, "rel_l1": False, "max_abs": False, "bytes": False, "latency": False, "flops": False,
+    "accuracy_drop": False, "error_rise": False,
 }
 
 

@@ -129,3 +129,39 @@ def calibration_stream():
     """A loop rolling out 4 training clips for 32 frames (what head_types calibrates on)."""
     from pared.workloads import get_workload
     return get_workload("video_ar", batch=4, calib_frames=32).calibration()
+
+
+def judge(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """The rollout-quality judge of a cache budget search (kv_policy / kv_drop option `judge`): two
+    rollouts of the workload's calibration stream (`VideoARWorkload.calibration`: training clips
+    0..B-1, frames in [-1, 1], [B, T, 1, 32, 32]) measured against the true clips by quality.py, the
+    generated frames only:
+
+        accuracy_drop  the reference's identity (the judge reading each tracked digit) minus the
+                       candidate's, in points of [0, 1]
+        error_rise     the candidate's velocity error minus the reference's, px/frame
+        psnr_db        the candidate's frames against the reference's
+
+    Raises:
+        ValueError: rollouts of another shape, or whose context frames are not those clips'."""
+    from pared.workloads import example_module
+    data, mdl, q = (example_module("video_ar", "data.py"), example_module("video_ar"),
+                    example_module("video_ar", "quality.py"))
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    if reference.shape != candidate.shape or reference.ndim != 5 or reference.shape[2:] != (1, mdl.FRAME, mdl.FRAME):
+        raise ValueError(f"video_ar judge: expected two rollouts [B, T, 1, {mdl.FRAME}, {mdl.FRAME}] of one shape, "
+                         f"got {reference.shape} and {candidate.shape}")
+    b, t = reference.shape[:2]
+    k = mdl.CONTEXT_FRAMES
+    clips = [data.video(i, t, "train") for i in range(b)]
+    truth = np.stack([c.frames[:k] for c in clips]).astype(np.float32) * 2 - 1
+    if not np.allclose(reference[:, :k], truth, atol=1e-5):
+        raise ValueError("video_ar judge: the rollouts do not start from the calibration clips (training clips "
+                         f"0..{b - 1}); it judges VideoARWorkload.calibration's rollouts only")
+    px = lambda v: (np.clip(v, -1, 1) + 1) / 2       # noqa: E731
+    j = example_module("judge").load_judge()
+    ref, got = q.measure(px(reference), clips, j), q.measure(px(candidate), clips, j)
+    mse = float(np.mean((px(reference[:, k:]) - px(candidate[:, k:])) ** 2))
+    return {"accuracy_drop": float(np.mean(ref["identity"][k:]) - np.mean(got["identity"][k:])),
+            "error_rise": float(np.mean(got["velocity_error"][k:]) - np.mean(ref["velocity_error"][k:])),
+            "psnr_db": float(10 * math.log10(1.0 / mse)) if mse > 0 else math.inf}

@@ -11,7 +11,9 @@ count, assumed monotone; the trials in KVDropDecisions). The goal is measured te
 recorded and replayed through it and through every candidate, the outputs compared call by call.
 A streamed calibration rolls out free-running (each frame from the earlier outputs), so running
 the loop itself through a candidate would compare two diverging trajectories (on video_ar 13 to
-17 dB PSNR whatever the head count) rather than the error of dropping the heads.
+17 dB PSNR whatever the head count) rather than the error of dropping the heads. With option
+`judge`, the goal is measured on the rollouts themselves, scored by the judge against the program
+before's (kv_policy's option of the same name: accuracy_drop, error_rise, ...).
 
 Before: every head of the step attends to its cache slots and the frame's own tokens:
     P_h = softmax(scale · q_h [K_cache ; K_own]_hᵀ + bias_h),  out_h = P_h [V_cache ; V_own]_h
@@ -73,7 +75,8 @@ from pared.ir.records import Record
 from pared.ir.rewrite import add_constant, eliminate_dead_code
 from pared.ir.stream import CACHE, POS, VALID, stream_record
 from pared.ir.transform import PRESERVE_ALL, PassContext, PassResult, RewritePass, check_range, register_pass
-from pared.passes.kv.kv_policy import TARGET_METRICS, goal_trials, with_layout
+from pared.passes.kv.kv_policy import (JUDGED_METRICS, TARGET_METRICS, check_judge, goal_trials, judge_name,
+                                       with_layout)
 from pared.passes.kv.mass import MASS_LAYER, slot_mass
 from pared.passes.sparsity.sparse_attention import _runs, attention_site
 from pared.passes.sparsity.tokens import packet, val_shape
@@ -103,11 +106,14 @@ class KVDropDecisions(Record):
     state_rows_after: int = 0
     state_bytes_before: int = 0
     state_bytes_after: int = 0
+    judge: str = ""
 
 
 @register_pass(NAME)
 class KVDrop(RewritePass):
     """Drop the history of the heads that barely use it (see module docstring)."""
+
+    ref_options = ("judge",)
 
     @dataclass(frozen=True, kw_only=True)
     class Options:
@@ -117,8 +123,11 @@ class KVDrop(RewritePass):
                                                 # still meet this goal on the calibration stream, e.g. {psnr_db: 30}
         compact: bool = True                    # the cache state keeps rows only for the (layer, head) pairs
                                                 # that keep frames (the dropped heads' memory is freed)
+        judge: Any = None                       # with target: measure it on free-running rollouts,
+                                                # judge(reference, candidate) -> {metric: value} (kv_policy's)
 
         def __post_init__(self):
+            check_judge(NAME, self.judge, self.target)
             check_range(NAME, "share", self.share, lo=0, hi=1)
             if self.heads is not None:
                 for p in self.heads:
@@ -131,7 +140,8 @@ class KVDrop(RewritePass):
                     raise OptionError(f"pass '{NAME}': give option 'heads' (which to drop) or 'target' (a goal), "
                                       "not both")
                 object.__setattr__(self, "target", Goal.parse(self.target, f"pass '{NAME}': option 'target'",
-                                                              TARGET_METRICS))
+                                                              TARGET_METRICS + JUDGED_METRICS if self.judge
+                                                              else TARGET_METRICS))
 
     def __call__(self, program: Program, ctx: PassContext) -> PassResult:
         o = self.options
@@ -165,12 +175,12 @@ class KVDrop(RewritePass):
             frames = rec.kv_layout().frames
             ctx.log.info("%s: dropping even the cheapest head misses the goal %s; %s", NAME, o.target.terms,
                          "; ".join(f"{n} head(s): {dict(m)}" for n, m in trials))
-            dec = KVDropDecisions((), (), frames, 0, 0, 0, o.target.terms, trials)
+            dec = KVDropDecisions((), (), frames, 0, 0, 0, o.target.terms, trials, judge=judge_name(o.judge))
             return PassResult(program.with_record(dec), modified=True, preserved=PRESERVE_ALL,
                               stats={"dropped_heads": 0})
         out_prog, dec = made
         if o.target is not None:
-            dec = dataclasses.replace(dec, target=o.target.terms, trials=trials)
+            dec = dataclasses.replace(dec, target=o.target.terms, trials=trials, judge=judge_name(o.judge))
         out_prog = out_prog.with_record(dec)
         ctx.log.info("%s: %d of %d heads keep only the current frame; attention FLOPs per call %.2fx at %d frames; "
                      "cache state %d -> %d (layer, head) rows, %d -> %d bytes per stream",
@@ -193,7 +203,7 @@ class KVDrop(RewritePass):
         if ctx.calibration is None:
             raise PassError(f"pass '{NAME}': option 'target' needs a calibration stream to measure the goal on")
         total = len(flat)
-        met, trials = goal_trials(program, ctx, o.target, lambda n: f"{NAME}: {n} head(s) dropped")
+        met, trials = goal_trials(program, ctx, o.target, lambda n: f"{NAME}: {n} head(s) dropped", o.judge, NAME)
 
         def build(n: int) -> Program:
             made = drop_heads(program, rec, {(li, h): c for c, li, h in flat[:n]}, o.compact)

@@ -36,6 +36,13 @@ assumed monotone (a larger budget never measures worse), recorded as KVBudgetSea
 is measured teacher-forced (goal_trials): every candidate is driven with the inputs the program
 before received over the calibration stream, and the outputs compared call by call; a
 free-running rollout through the candidate would measure how far two samples drift apart.
+With option `judge` (a callable or `file.py:function`) the goal is measured on the rollouts
+instead: the program before and each candidate run the calibration loop free-running, and
+judge(reference, candidate) scores the two loops' results by the quality a user cares about
+(accuracy_drop, error_rise: e.g. examples/video_ar/stream.py:judge, the digits' identity and the
+motion's velocity error on the calibration clips against the full cache's). A per-call error does
+not track that: on video_ar one dropped head measured 35 dB per call and still cost 2.6 identity
+points over a rollout.
 
 Only the cache's graphs (kv.init, kv.append) and the state declarations change (and, for a
 scored layout, the step's mass output): the step graph, captured with a dynamic capacity,
@@ -60,7 +67,7 @@ import torch
 
 from pared.analysis.head_types import HeadTypes
 from pared.analysis.metrics import compare_outputs
-from pared.analysis.recorder import record_calls, replay_inputs
+from pared.analysis.recorder import record_calls, replay_inputs, run_free
 from pared.analysis.search import smallest_meeting
 from pared.ir.errors import OptionError, PassError
 from pared.ir.goal import Goal
@@ -87,46 +94,104 @@ PYRAMID_DEFAULTS: dict[str, dict] = {
 
 #: the metrics option 'target' can name (analysis.metrics.compare_outputs of the calibration stream)
 TARGET_METRICS = ("psnr_db", "cosine", "cosine_mean", "rel_l2", "sqnr_db")
+#: and, with option 'judge', the judged ones (the judge returns them; it may return the above too)
+JUDGED_METRICS = ("accuracy_drop", "error_rise")
+
+
+def judge_name(judge: Any) -> str:
+    """How a record names option 'judge' ("" when there is none: the goal was measured teacher-forced)."""
+    if judge is None:
+        return ""
+    mod = getattr(judge, "__module__", "") or ""
+    return f"{mod.rsplit('.', 1)[-1]}.{getattr(judge, '__qualname__', repr(judge))}".lstrip(".")
+
+
+def check_judge(name: str, judge: Any, target: Any) -> None:
+    """Option 'judge' of a goal search (kv_policy, kv_drop): a callable, and only with 'target'.
+
+    Raises:
+        OptionError: naming the pass and the option.
+    """
+    if judge is None:
+        return
+    if target is None:
+        raise OptionError(f"pass '{name}': option 'judge' measures option 'target' (a goal); give a target too")
+    if not callable(judge):
+        raise OptionError(f"pass '{name}': option 'judge' must be a callable judge(reference, candidate) -> "
+                          f"{{metric: value}} or 'path/to/file.py:function', got {judge!r}")
 
 
 @dataclass(frozen=True)
 class KVBudgetSearch(Record):
     """kv_policy's budget search: the policy, the budget chosen (frames per head), the goal, and
-    each trial (frames, ((metric, value), ...)) in the order tried."""
+    each trial (frames, ((metric, value), ...)) in the order tried; `judge`: the judge that
+    measured the goal on free-running rollouts ("": teacher-forced, per call)."""
 
     policy: str
     frames: int
     target: tuple[tuple[str, float], ...]
     trials: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+    judge: str = ""
 
 
-def goal_trials(program: Program, ctx: PassContext, goal: Goal, describe: Callable[[int], str]
+def goal_trials(program: Program, ctx: PassContext, goal: Goal, describe: Callable[[int], str],
+                judge: Callable[[Any, Any], Mapping[str, float]] | None = None, where: str = NAME
                 ) -> tuple[Callable[[int, Callable[[], Program]], bool], list]:
     """A goal search's measuring (kv_policy's budget, kv_drop's head count): met(key, build)
     measures the candidate build() against `program` once per key, appends (key, ((metric,
     value), ...)) to the returned trials list, reports progress (`describe(key)`) and says
     whether the goal holds.
 
-    Measured teacher-forced: the inputs of every call `program` receives over the calibration
-    stream are recorded once with their outputs (analysis.recorder.record_calls), and `program` and each candidate
-    are driven with those same inputs (replay_inputs), their per-call outputs compared. A streamed
-    calibration is typically a free-running rollout, each frame generated from the earlier outputs;
-    run through a candidate, the loop follows the candidate's own trajectory, and any small change
-    sends it elsewhere, so the metric would measure two different samples drifting apart (video_ar:
-    13 to 17 dB PSNR for 1 to 12 dropped heads) instead of the candidate's error. With the
-    reference's inputs every candidate sees the same history, its cache computed by its own policy
-    from it, and the error is measured per call. A list calibration is replayed as it is either way.
+    Without a judge, measured teacher-forced: the inputs of every call `program` receives over the
+    calibration stream are recorded once with their outputs (analysis.recorder.record_calls), and
+    `program` and each candidate are driven with those same inputs (replay_inputs), their per-call
+    outputs compared. A streamed calibration is typically a free-running rollout, each frame
+    generated from the earlier outputs; run through a candidate, the loop follows the candidate's
+    own trajectory, and any small change sends it elsewhere, so an output metric would measure two
+    different samples drifting apart (video_ar: 13 to 17 dB PSNR for 1 to 12 dropped heads) instead
+    of the candidate's error. With the reference's inputs every candidate sees the same history,
+    its cache computed by its own policy from it, and the error is measured per call. A list
+    calibration is replayed as it is either way.
+
+    With a judge, measured free-running (analysis.recorder.run_free): `program` and each candidate
+    run the calibration loop on their own outputs, and `judge(reference, candidate)` scores the two
+    results (what the loop returns, e.g. the rollouts' frames) by the quality the user cares about,
+    returning at least the goal's metrics (accuracy_drop, error_rise, ...): the rollout's quality,
+    which a per-call error does not track (a head whose per-call error is small can still let a
+    long rollout drift).
 
     Raises:
-        PassError: when there is no calibration stream.
+        PassError: when there is no calibration stream, or the judge fails or leaves out a metric
+            of the goal (naming the pass `where`, the judge and the metric).
     """
-    requests, ref = record_calls(program, ctx.calibration)      # ref: what replay_inputs(program) gives
     trials: list = []
     cache: dict[int, bool] = {}
+    if judge is None:
+        requests, ref = record_calls(program, ctx.calibration)      # ref: what replay_inputs(program) gives
+
+        def measure(candidate: Program) -> Mapping[str, float]:
+            return compare_outputs(ref, replay_inputs(candidate, requests))
+    else:
+        name = getattr(judge, "__qualname__", repr(judge))
+        reference = run_free(program, ctx.calibration)
+
+        def measure(candidate: Program) -> Mapping[str, float]:
+            try:
+                got = judge(reference, run_free(candidate, ctx.calibration))
+            except Exception as e:
+                raise PassError(f"pass '{where}': option 'judge' ({name}) failed: {type(e).__name__}: {e}") from e
+            if not isinstance(got, Mapping):
+                raise PassError(f"pass '{where}': option 'judge' ({name}) must return a mapping of metric -> value, "
+                                f"got {type(got).__name__}")
+            missing = [m for m in goal.metrics if m not in got]
+            if missing:
+                raise PassError(f"pass '{where}': option 'judge' ({name}) returned no {missing[0]!r}, a metric of "
+                                f"the goal (it returned {sorted(got)})")
+            return got
 
     def met(key: int, build: Callable[[], Program]) -> bool:
         if key not in cache:
-            measured = compare_outputs(ref, replay_inputs(build(), requests))
+            measured = measure(build())
             vals = tuple((m, round(float(measured[m]), 6)) for m in goal.metrics)
             trials.append((key, vals))
             ctx.progress(f"{describe(key)}: " + ", ".join(f"{m} {v:.4g}" for m, v in vals))
@@ -179,6 +244,8 @@ def _policy(where: str, d: Any) -> HeadPolicy:
 class KVPolicy(RewritePass):
     """Set what each (layer, head) keeps of a streamed KV cache (see module docstring)."""
 
+    ref_options = ("judge",)
+
     @dataclass(frozen=True, kw_only=True)
     class Options:
         policy: Literal["window", "sink_window", "heavy", "snap", "pyramid", "table"] = "pyramid"
@@ -191,15 +258,19 @@ class KVPolicy(RewritePass):
         target: Any = None                 # instead of frames: the smallest budget meeting this goal on the
                                            # calibration stream against the cache before, e.g. {psnr_db: 30}
         max_frames: int | None = None      # with target: the largest budget tried (default: the cache's now)
+        judge: Any = None                  # with target: measure it free-running, judge(reference, candidate)
+                                           # -> {metric: value} (a callable or `file.py:function`)
 
         def __post_init__(self):
+            check_judge(NAME, self.judge, self.target)
             if self.target is not None:
                 if self.policy == "table":
                     raise OptionError(f"pass '{NAME}': option 'target' searches a budget; policy 'table' has none")
                 if self.frames is not None:
                     raise OptionError(f"pass '{NAME}': give option 'frames' (a budget) or 'target' (a goal), not both")
                 object.__setattr__(self, "target", Goal.parse(self.target, f"pass '{NAME}': option 'target'",
-                                                              TARGET_METRICS))
+                                                              TARGET_METRICS + JUDGED_METRICS if self.judge
+                                                              else TARGET_METRICS))
             elif self.max_frames is not None:
                 raise OptionError(f"pass '{NAME}': option 'max_frames' goes with 'target'")
             if self.max_frames is not None:
@@ -269,7 +340,7 @@ class KVPolicy(RewritePass):
         if ctx.calibration is None:
             raise PassError(f"pass '{NAME}': option 'target' needs a calibration stream to measure the goal on")
         hi = o.max_frames or old.frames
-        met, trials = goal_trials(program, ctx, o.target, lambda f: f"{NAME}: {o.policy} at {f} frame(s)")
+        met, trials = goal_trials(program, ctx, o.target, lambda f: f"{NAME}: {o.policy} at {f} frame(s)", o.judge)
 
         def meets(frames: int) -> bool:
             return met(frames, lambda: with_layout(program, rec, self.layout(rec, program, frames), o.policy))
@@ -301,7 +372,7 @@ class KVPolicy(RewritePass):
             return PassResult(program, modified=False, preserved=PRESERVE_ALL, stats={})
         out = with_layout(program, rec, new, o.policy)
         if o.target is not None:
-            out = out.with_record(KVBudgetSearch(o.policy, new.frames, o.target.terms, trials))
+            out = out.with_record(KVBudgetSearch(o.policy, new.frames, o.target.terms, trials, judge_name(o.judge)))
         stats = {"frames_per_head": new.frames, "kept_frames_mean": round(new.kept_frames(), 3),
                  "capacity_tokens": new.capacity, "was_frames": old.frames}
         ctx.log.info("%s: %s, %d frame slot(s) per head (mean kept %.2f), was %d", NAME, self.options.policy,

@@ -91,6 +91,42 @@ def test_target_is_measured_on_the_reference_inputs(typed):
     assert tried[1][0][1] == pytest.approx(p1, abs=1e-3) and tried[2][0][1] == pytest.approx(p2, abs=1e-3)
 
 
+def test_a_judge_measures_the_goal_on_the_candidates_own_rollouts(typed):
+    """With option 'judge' the goal is measured free-running: each trial is the judge's score of the
+    candidate's own rollout (the eager Streamer keeping what its layout keeps, the loop feeding its
+    outputs back) against the program before's, and the most heads meeting it are dropped."""
+    import numpy as np
+    prog, _ = typed
+    x0 = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(5))
+
+    def loop(fn):
+        x, outs = x0, []
+        for f in range(12):
+            for append in (0.0, 1.0):
+                y = fn(x, torch.tensor([float(f)]), torch.tensor([append]))
+                outs.append(np.asarray(y))
+                x = torch.tanh(torch.as_tensor(outs[-1]))
+        return np.stack(outs)
+
+    def judge(reference, candidate):
+        return {"error_rise": float(np.abs(candidate - reference).mean())}
+
+    def eager_free(p):        # the eager Streamer with p's per-head policies, free-running
+        e, _ = testing.tiny_streamer(capacity_frames=10, layout=p.records["KVStream"].kv_layout())
+        with torch.no_grad():
+            return loop(e.eval())
+    ref = eager_free(prog)
+    scores = [judge(ref, eager_free(get_pass("kv_drop")(share=n / 4)(prog, PassContext()).program))["error_rise"]
+              for n in (1, 2)]
+    assert 0 < scores[0] < scores[1]
+    goal = sum(scores) / 2
+    res = get_pass("kv_drop")(target={"error_rise": goal}, judge=judge)(prog, PassContext(calibration=loop))
+    dec = res.program.records["KVDropDecisions"]
+    assert len(dec.heads) == 1 and dec.judge.endswith("judge")
+    tried = dict(dec.trials)
+    assert tried[1][0][1] == pytest.approx(scores[0], abs=1e-5) and tried[2][0][1] == pytest.approx(scores[1], abs=1e-5)
+
+
 # -- the compact cache state: only the (layer, head) pairs that keep frames have rows ------------------
 @pytest.fixture(scope="module")
 def drops():

@@ -7,7 +7,7 @@ from pared import testing
 from pared.analysis.metrics import compare_outputs
 from pared.analysis.recorder import replay
 from pared.ir.capture import capture
-from pared.ir.errors import OptionError
+from pared.ir.errors import OptionError, PassError
 from pared.ir.kvcache import HeadPolicy
 from pared.ir.transform import PassContext
 from pared.passes.kv.kv_policy import rescale
@@ -123,3 +123,96 @@ def test_kv_drop_after_ranked_heads_keeps_the_kept_heads_attention(stream):
     ref = testing.eager_stream(m.step, lay, calls, m.head_dim)
     for i, (g, r) in enumerate(zip(got, ref)):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=f"call {i}")
+
+
+def _free_loop(frames: int = 8, batch: int = 2, seed: int = 5):
+    """A free-running loop over tiny_streamer: each frame reads the cache once from the last frame's
+    output (squashed), then appends its own output; returns the outputs [frames, B, T, D]."""
+    import numpy as np
+    import torch
+
+    def loop(fn):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 4, 16, generator=g)
+        outs = []
+        for f in range(frames):
+            pos = torch.tensor([float(f)])
+            y = fn(x, pos, torch.tensor([0.0]))
+            fn(y, pos, torch.tensor([1.0]))
+            outs.append(np.asarray(y))
+            x = torch.as_tensor(np.tanh(outs[-1]))
+        return np.stack(outs)
+    return loop
+
+
+def _drift(reference, candidate):
+    """A judge: the candidate rollout's relative distance from the reference's."""
+    import numpy as np
+    return {"error_rise": float(np.linalg.norm(candidate - reference) / np.linalg.norm(reference))}
+
+
+def test_a_judge_measures_the_goal_on_free_running_rollouts(stream):
+    """With option 'judge', each trial runs the calibration loop free-running through the candidate
+    (the loop feeds the candidate's own outputs back) and scores it with the judge against the
+    program before's rollout: every trial's figure is the judge's on the eager Streamer with that
+    window, and the budget chosen is the smallest meeting the goal."""
+    import torch
+    from pared.ir.kvcache import KVLayout, uniform_policy
+    m, prog, _ = stream
+    loop = _free_loop()
+    res = get_pass("kv_policy")(policy="window", target={"error_rise": 0.05}, judge=_drift)(
+        prog, PassContext(calibration=loop))
+    search = res.program.records["KVBudgetSearch"]
+    assert search.judge.endswith("_drift")
+    with torch.no_grad():
+        full = loop(m.eval())
+        for frames, ((metric, value),) in search.trials:
+            e, _ = testing.tiny_streamer(capacity_frames=10,
+                                         layout=KVLayout.uniform(uniform_policy("window", frames, 0), 2, 2, 4))
+            assert metric == "error_rise"
+            assert value == pytest.approx(_drift(full, loop(e.eval()))["error_rise"], abs=1e-5), frames
+    tried = dict(search.trials)
+    chosen = search.frames
+    assert res.program.records["KVStream"].kv_layout().frames == chosen < 8
+    assert tried[chosen][0][1] <= 0.05 < tried[chosen - 1][0][1]
+    # the same goal teacher-forced is another measure (no judge: per-call outputs, here rel_l2)
+    tf = get_pass("kv_policy")(policy="window", target={"rel_l2": 0.05})(prog, PassContext(calibration=loop))
+    assert tf.program.records["KVBudgetSearch"].judge == ""
+
+
+def test_judge_options_are_checked(stream):
+    m, prog, _ = stream
+    with pytest.raises(OptionError, match="option 'judge' measures option 'target'"):
+        get_pass("kv_policy")(policy="window", frames=3, judge=_drift)
+    with pytest.raises(OptionError, match="option 'judge' must be a callable"):
+        get_pass("kv_policy")(policy="window", target={"error_rise": 0.1}, judge=3)
+    with pytest.raises(OptionError, match="option 'target'.*accuracy_drop"):     # judged metrics need a judge
+        get_pass("kv_policy")(policy="window", target={"accuracy_drop": 0.02})
+    with pytest.raises(OptionError, match="option 'judge' measures"):
+        get_pass("kv_drop")(share=0.5, judge=_drift)
+    loop = _free_loop(frames=3)
+    with pytest.raises(PassError, match="option 'judge' \\(.*_drift\\) returned no 'accuracy_drop'"):
+        get_pass("kv_policy")(policy="window", target={"accuracy_drop": 0.02}, judge=_drift)(
+            prog, PassContext(calibration=loop))
+
+    def broken(reference, candidate):
+        raise RuntimeError("no judge model here")
+    with pytest.raises(PassError, match="option 'judge' \\(.*broken\\) failed: RuntimeError: no judge model here"):
+        long = _free_loop()
+        get_pass("kv_drop")(target={"error_rise": 0.1}, judge=broken)(
+            get_pass("head_types")()(prog, PassContext(calibration=long)).program, PassContext(calibration=long))
+
+
+def test_a_pipeline_file_names_the_judge_relative_to_itself(tmp_path, stream):
+    from pared.pipeline import build_passes, load_pipeline
+    (tmp_path / "judges.py").write_text("def drift(reference, candidate):\n"
+                                        "    import numpy as np\n"
+                                        "    return {'error_rise': float(np.abs(candidate - reference).max())}\n")
+    (tmp_path / "p.yaml").write_text("version: 1\npasses:\n  - kv_policy:\n      policy: window\n"
+                                     "      target: {error_rise: 0.5}\n      judge: judges.py:drift\n")
+    (p,) = build_passes(load_pipeline(str(tmp_path / "p.yaml")))
+    assert p.options.judge.__name__ == "drift"
+    (tmp_path / "bad.yaml").write_text("version: 1\npasses:\n  - kv_policy:\n      policy: window\n"
+                                       "      target: {error_rise: 0.5}\n      judge: nowhere.py:drift\n")
+    with pytest.raises(Exception, match="bad.yaml:6.*kv_policy.*option 'judge'.*nowhere.py"):
+        build_passes(load_pipeline(str(tmp_path / "bad.yaml")))
