@@ -69,8 +69,9 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     return torch.cat([args.cos(), args.sin()], -1)
 
 
-def alibi_slopes(heads: int) -> torch.Tensor:
-    return torch.tensor([2.0 ** -h for h in range(heads)])
+def alibi_slopes(heads: int, anchor_heads: int = 0) -> torch.Tensor:
+    """1, 1/2, 1/4, ... per head; the last `anchor_heads` heads 0 (no decay with frame distance)."""
+    return torch.tensor([2.0 ** -h if h < heads - anchor_heads else 0.0 for h in range(heads)])
 
 
 def locality_betas(heads: int) -> torch.Tensor:
@@ -107,14 +108,16 @@ class Block(nn.Module):
 
 class VideoDiT(nn.Module):
     def __init__(self, dim: int = 128, depth: int = 6, heads: int = 4, mlp_ratio: int = 4, stem: int = PATCH,
-                 prev_frames: int = 0):
+                 prev_frames: int = 0, anchor_heads: int = 0):
         super().__init__()
         self.dim, self.depth, self.heads, self.head_dim = dim, depth, heads, dim // heads
         if stem < PATCH or (stem - PATCH) % 2:
             raise ValueError(f"stem {stem}: the patch embedding's window must be {PATCH} or larger by an even count")
         if prev_frames < 0:
             raise ValueError(f"prev_frames must be >= 0, got {prev_frames}")
-        self.stem, self.prev_frames = stem, prev_frames
+        if not 0 <= anchor_heads < heads:
+            raise ValueError(f"anchor_heads must lie in [0, {heads - 1}], got {anchor_heads}")
+        self.stem, self.prev_frames, self.anchor_heads = stem, prev_frames, anchor_heads
         ch = 1 + prev_frames   # the frame, then the last `prev_frames` finished frames' pixels (newest first)
         if stem == PATCH:   # plain patchify: each token sees its own 4x4 pixels
             self.patch_embed = nn.Linear(ch * PATCH * PATCH, dim)
@@ -123,7 +126,9 @@ class VideoDiT(nn.Module):
         if prev_frames:     # x0 = network output + gate * the previous frame (a residual; starts at 0)
             self.prev_gate = nn.Parameter(torch.zeros(1))
         self.register_buffer("pos_embed", _sincos_2d(FRAME // PATCH, dim), persistent=False)
-        self.register_buffer("slopes", alibi_slopes(heads), persistent=False)
+        # the last `anchor_heads` heads have slope 0: no decay with frame distance, so they can read
+        # the first (true) frames as easily as the last ones at any rollout length
+        self.register_buffer("slopes", alibi_slopes(heads, anchor_heads), persistent=False)
         # a fixed spatial locality bias per head, -beta_h * (patch distance)^2, so "look at
         # the same place in the last frame" is there from the start. Fixed, not learned: a
         # mask that needs a gradient sends CPU SDPA to its slow path (2x the step time here)
@@ -312,7 +317,8 @@ def build_model(weights: str | None = WEIGHTS) -> VideoDiT:
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights} is missing: train it with `python {HERE}/train.py`")
     meta = weights_meta(weights)
-    m = VideoDiT(**config_of(meta), stem=int(meta.get("stem", PATCH)), prev_frames=int(meta.get("prev_frames", 0)))
+    m = VideoDiT(**config_of(meta), stem=int(meta.get("stem", PATCH)), prev_frames=int(meta.get("prev_frames", 0)),
+                 anchor_heads=int(meta.get("anchor_heads", 0)))
     m.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     return m.eval()
 

@@ -64,11 +64,38 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, digit_weight: float) 
     return (w * (pred - target) ** 2).sum() / w.sum()
 
 
+@torch.no_grad()
+def degrade(model, clean: torch.Tensor, t_clean: torch.Tensor, which: torch.Tensor, depth: int = 1) -> torch.Tensor:
+    """`clean` [B, T-1, ...] with the frames after the first CONTEXT_FRAMES of the clips in `which`
+    replaced by the model's one-step x0 predictions from pure noise, each from the true frames
+    before it (teacher-forced): the kind of error a rollout's frames carry, without a rollout.
+    `depth` d > 1 repeats it d times, each pass predicting from the previous pass's frames (the
+    first CONTEXT_FRAMES stay true), so the errors compound as over d frames of a rollout."""
+    from pared.workloads import example_module
+    mdl = example_module("video_ar")
+    k = mdl.CONTEXT_FRAMES
+    sub = clean[which]
+    n, tc = sub.shape[0], sub.shape[1]
+    a, s = mdl.alpha_sigma(t_clean[which][..., None, None, None])
+    ctx = a * sub + s * torch.randn_like(sub)
+    pos = torch.arange(k, tc)
+    was = model.training
+    model.eval()
+    for _ in range(depth):
+        pred = model.sequence(ctx, t_clean[which], torch.randn(n, tc - k, *sub.shape[2:]), torch.ones(n, tc - k), pos)
+        ctx = torch.cat([ctx[:, :k], a[:, k:] * pred.clamp(-1, 1) + s[:, k:] * torch.randn_like(pred)], 1)
+    model.train(was)
+    out = clean.clone()
+    out[which, k:] = pred.clamp(-1, 1)
+    return out
+
+
 def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch: int = 8, lr: float = 5e-4,
           ctx_max: float = 0.15, t_power: float = 1.0, ema_decay: float = 0.995, seed: int = 0, threads: int = 1,
           save_every_min: float = 5.0, init: str | None = None, stem: int | None = None,
           rollout_frac: float = 0.0, rollout_steps: int = 4, prev_frames: int | None = None,
-          digit_weight: float = 0.0, depth: int | None = None) -> dict:
+          digit_weight: float = 0.0, depth: int | None = None, anchor_heads: int | None = None,
+          degrade_frac: float = 0.0, degrade_depth: int = 1) -> dict:
     """Train for `max_minutes` (or `steps`); `init`: continue from saved EMA weights
     (a fresh optimizer with a new warmup; the log records the chain). `rollout_frac`: the
     share of updates whose context frames after the first CONTEXT_FRAMES are the model's own
@@ -77,11 +104,18 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     `digit_weight` W: the x0 loss weighs a pixel of the target's digits (above -0.8; the
     background is -1) 1 + W times a background pixel (W = 0: plain MSE). `depth`: the number of
     blocks (default: the --init weights' or CONFIG's); more than the --init weights' grows the
-    model, its new blocks starting as identities (`model.grow_depth`)."""
+    model, its new blocks starting as identities (`model.grow_depth`). `anchor_heads`: the last K
+    heads of every block get ALiBi slope 0 (default: the --init weights' or 0). `degrade_frac`: the
+    share of clips whose context frames after the first CONTEXT_FRAMES are the model's own one-step
+    predictions (x0 from pure noise, teacher-forced, no gradient) instead of the true frames."""
     if digit_weight < 0:
         raise ValueError(f"--digit-weight must be at least 0, got {digit_weight}")
     if not 0.0 <= rollout_frac <= 1.0:
         raise ValueError(f"--rollout-frac must lie in [0, 1], got {rollout_frac}")
+    if not 0.0 <= degrade_frac <= 1.0:
+        raise ValueError(f"--degrade-frac must lie in [0, 1], got {degrade_frac}")
+    if degrade_depth < 1:
+        raise ValueError(f"--degrade-depth must be at least 1, got {degrade_depth}")
     if rollout_steps < 1:
         raise ValueError(f"--rollout-steps must be at least 1, got {rollout_steps}")
     from pared.workloads import example_module
@@ -98,7 +132,9 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         prev_frames = int(previous.get("prev_frames", 0)) if prev_frames is None else prev_frames
         old_depth = mdl.config_of(previous)["depth"]
         depth = depth or old_depth
-        model = mdl.VideoDiT(**dict(mdl.CONFIG, depth=depth), stem=stem, prev_frames=prev_frames)
+        anchor_heads = int(previous.get("anchor_heads", 0)) if anchor_heads is None else anchor_heads
+        model = mdl.VideoDiT(**dict(mdl.CONFIG, depth=depth), stem=stem, prev_frames=prev_frames,
+                             anchor_heads=anchor_heads)
         # a wider stem, new previous-frame inputs, or new blocks start as the old model
         state = mdl.widen_prev(mdl.widen_stem(load_file(init), stem), prev_frames)
         model.load_state_dict(mdl.grow_depth(state, old_depth, depth))
@@ -107,14 +143,16 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
         stem = stem or mdl.PATCH
         prev_frames = prev_frames or 0
         depth = depth or mdl.CONFIG["depth"]
-        model = mdl.VideoDiT(**dict(mdl.CONFIG, depth=depth), stem=stem, prev_frames=prev_frames)
+        anchor_heads = anchor_heads or 0
+        model = mdl.VideoDiT(**dict(mdl.CONFIG, depth=depth), stem=stem, prev_frames=prev_frames,
+                             anchor_heads=anchor_heads)
     ema, opt, n_params = start(model, lr)
     print(f"training {n_params / 1e6:.2f}M parameters, {T}-frame clips, batch {batch}, "
           f"{f'{steps} steps' if steps else f'{max_minutes} min'}, {threads} thread(s)", flush=True)
     noisy_pos = torch.arange(1, T)
-    t0, step, rollouts = time.time(), 0, 0
+    t0, step, rollouts, degraded = time.time(), 0, 0, 0
     progress = Progress(out_path, every=25, smoothing=0.05, save_every_min=save_every_min,
-                        meta={"stem": stem, "prev_frames": prev_frames, "depth": depth})
+                        meta={"stem": stem, "prev_frames": prev_frames, "depth": depth, "anchor_heads": anchor_heads})
     while True:
         elapsed = time.time() - t0
         frac = max(step / steps if steps else 0.0, elapsed / (max_minutes * 60))
@@ -127,6 +165,11 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
                                 seed=int(rng.integers(0, 2**31)))
             rollouts += 1
         t_clean = torch.from_numpy(rng.uniform(0, ctx_max, (batch, T - 1))).float()
+        if degrade_frac:
+            which = torch.from_numpy(rng.random(batch) < degrade_frac)
+            if bool(which.any()):
+                clean = degrade(model, clean, t_clean, which, degrade_depth)
+                degraded += int(which.sum())
         t_noisy = torch.from_numpy(rng.uniform(0, 1, (batch, T - 1)) ** t_power).float()
         a, s = mdl.alpha_sigma(t_clean[..., None, None, None])
         clean = a * clean + s * torch.randn_like(clean)
@@ -143,6 +186,7 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     meta = {"step": step, "minutes": round((time.time() - t0) / 60, 1), "final_loss": round(progress.loss, 5),
             "params": n_params, "batch": batch, "clip_frames": T, "threads": threads, "seed": seed, "lr": lr,
             "ctx_max": ctx_max, "t_power": t_power, "stem": stem, "prev_frames": prev_frames, "depth": depth,
+            "anchor_heads": anchor_heads,
             "ema_decay": ema_decay,
             "objective": "x0 MSE, teacher forcing, noisy context"}
     if digit_weight:
@@ -151,6 +195,10 @@ def train(out_path: str, *, max_minutes: float, steps: int | None = None, batch:
     if rollout_frac:
         meta.update(objective="x0 MSE of the true frames, noisy context: the true frames or the model's own rollout",
                     rollout_frac=rollout_frac, rollout_steps=rollout_steps, rollout_updates=rollouts)
+    if degrade_frac:
+        meta.update(objective="x0 MSE of the true frames, noisy context: the true frames or, after the first "
+                              "CONTEXT_FRAMES, the model's own one-step predictions",
+                    degrade_frac=degrade_frac, degrade_depth=degrade_depth, degraded_clips=degraded)
     if previous:        # the run it started from, one level (that run's own start is in its log)
         meta["continued_from"] = {k: v for k, v in previous.items() if k != "continued_from"}
     atomic_save(ema, out_path, meta)
@@ -183,6 +231,12 @@ def main() -> None:
                    help="weigh the x0 loss on the target's digit pixels 1 + W times the background's (0: plain MSE)")
     p.add_argument("--depth", type=int, help="blocks of the model; more than the --init weights' adds blocks "
                    "that start as identities (default: the --init weights' or 6)")
+    p.add_argument("--anchor-heads", type=int, help="the last K heads get ALiBi slope 0 (no decay with frame "
+                   "distance; default: the --init weights' or 0)")
+    p.add_argument("--degrade-frac", type=float, default=0.0,
+                   help="share of clips whose context after the first frames is the model's own one-step predictions")
+    p.add_argument("--degrade-depth", type=int, default=1,
+                   help="passes of those predictions, each from the last pass's frames (errors compounding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "weights.safetensors"))
@@ -190,7 +244,8 @@ def main() -> None:
     train(a.out, max_minutes=a.max_minutes, steps=a.steps, batch=a.batch, lr=a.lr, ctx_max=a.ctx_max,
           t_power=a.t_power, seed=a.seed, threads=a.threads, init=a.init, stem=a.stem,
           rollout_frac=a.rollout_frac, rollout_steps=a.rollout_steps, prev_frames=a.prev_frames,
-          digit_weight=a.digit_weight, depth=a.depth)
+          digit_weight=a.digit_weight, depth=a.depth, anchor_heads=a.anchor_heads, degrade_frac=a.degrade_frac,
+          degrade_depth=a.degrade_depth)
 
 
 if __name__ == "__main__":

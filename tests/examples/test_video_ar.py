@@ -212,6 +212,88 @@ def test_grown_depth_starts_as_the_model_it_grew_from_and_loads_by_metadata(mdl,
         mdl.grow_depth(new.state_dict(), 8, 6)
 
 
+def test_anchor_heads_read_every_frame_distance_alike_and_load_by_metadata(mdl, tmp_path):
+    """VideoDiT(anchor_heads=1): the last head's ALiBi slope is 0, the others' as before; so its
+    output does not change when the cached frames move further back (the other heads' does), and
+    build_model reads anchor_heads from the weights' metadata."""
+    from safetensors.torch import save_file
+    assert mdl.alibi_slopes(4, 1).tolist() == [1.0, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="anchor_heads must lie in"):
+        mdl.VideoDiT(anchor_heads=4)
+    torch.manual_seed(0)
+    m = mdl.VideoDiT(anchor_heads=1).eval()
+    for p in m.parameters():          # adaLN-Zero and the output start at zero: give them weights
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, fpos, kv, cpos, valid = mdl.step_inputs(m, 1, 3)
+    head = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            head[name] = args[0]
+        return hook
+    m.blocks[0].proj.register_forward_hook(keep("near"))
+    with torch.no_grad():
+        m(x, t, fpos, kv, cpos, valid)
+        near = head["near"].clone()
+        m(x, t, fpos + 40, kv, cpos, valid)            # the same cache, 40 frames further back
+        far = head["near"]
+    hd = m.head_dim
+    torch.testing.assert_close(near[..., 3 * hd:], far[..., 3 * hd:])      # the anchor head: the same
+    assert not torch.allclose(near[..., :hd], far[..., :hd])                 # slope 1: not
+    path = str(tmp_path / "w.safetensors")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, path, metadata={"anchor_heads": "1"})
+    assert mdl.build_model(path).slopes.tolist() == [1.0, 0.5, 0.25, 0.0]
+
+
+def test_degraded_context_replaces_only_the_later_context_frames_by_one_step_predictions(mdl, data):
+    """train.degrade: the clips picked keep their first CONTEXT_FRAMES frames and get the model's
+    one-step x0 prediction (from pure noise, teacher-forced) for the rest; the others are untouched;
+    depth 2 predicts again from the first pass's frames."""
+    train = example_module("video_ar", "train.py")
+    torch.manual_seed(0)
+    m = _random_model(mdl)
+    clips = data.batch(np.arange(3), mdl.TRAIN_FRAMES, "train")
+    clean = clips[:, :-1]
+    t_clean = torch.full(clean.shape[:2], 0.05)
+    which = torch.tensor([True, False, True])
+    k = mdl.CONTEXT_FRAMES
+    for depth in (1, 2):
+        torch.manual_seed(1)
+        out = train.degrade(m, clean, t_clean, which, depth)
+        assert torch.equal(out[1], clean[1]) and torch.equal(out[:, :k], clean[:, :k])
+        assert not torch.allclose(out[0, k:], clean[0, k:])
+        assert out.abs().max() <= 1
+    torch.manual_seed(1)           # depth 1 by hand: the x0 at t = 1 of each later frame from the true ones
+    a, s = mdl.alpha_sigma(t_clean[which][..., None, None, None])
+    ctx = a * clean[which] + s * torch.randn_like(clean[which])
+    with torch.no_grad():
+        want = m.sequence(ctx, t_clean[which], torch.randn(2, clean.shape[1] - k, *clean.shape[2:]),
+                          torch.ones(2, clean.shape[1] - k), torch.arange(k, clean.shape[1])).clamp(-1, 1)
+    torch.manual_seed(1)
+    got = train.degrade(m, clean, t_clean, which, 1)
+    torch.testing.assert_close(got[which][:, k:], want)
+
+
+def test_judge_scores_a_rollout_against_the_reference_on_the_calibration_clips(data):
+    """stream.judge: the identity and velocity error of two rollouts of the calibration clips
+    (training clips 0..B-1), the candidate's against the reference's: a rollout against itself
+    loses nothing; frames that keep only the context (the rest blank) lose identity and motion;
+    rollouts of other clips are refused."""
+    st, mdl = example_module("video_ar", "stream.py"), example_module("video_ar")
+    true = np.stack([data.video(i, 12, "train").frames for i in range(2)]).astype(np.float32) * 2 - 1
+    same = st.judge(true, true)
+    assert same["accuracy_drop"] == 0 and same["error_rise"] == 0 and same["psnr_db"] == float("inf")
+    blank = true.copy()
+    blank[:, mdl.CONTEXT_FRAMES:] = -1
+    worse = st.judge(true, blank)
+    assert worse["accuracy_drop"] > 0.5 and worse["error_rise"] > 1 and worse["psnr_db"] < 15
+    other = np.stack([data.video(i, 12, "test").frames for i in range(2)]).astype(np.float32) * 2 - 1
+    with pytest.raises(ValueError, match="do not start from the calibration clips"):
+        st.judge(other, other)
+    with pytest.raises(ValueError, match="two rollouts"):
+        st.judge(true, true[:, :5])
+
+
 def test_per_head_slot_positions_mask_each_head_alone(mdl):
     """Positions and validity given per layer and head ([L, H, C]) act on that layer and head
     only: broadcasting the shared [C] ones gives the same frame, and hiding a frame from one
