@@ -40,7 +40,7 @@ browser:
 	@if [ -x $(CHROMIUM) ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
 		echo "installing Debian's chromium for the report's browser test"; \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		flock /tmp/pared-apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null' \
 			|| echo "pared: apt-get could not install chromium; the browser test will skip"; \
 	else echo "pared: $(CHROMIUM) is missing and make is not root: the browser test of pared report will" \
 		"skip (as root: apt-get install chromium)"; fi

@@ -16,16 +16,19 @@ out=$1
 py=$2
 [ -f "$out/.ready" ] && exit 0
 export DEBIAN_FRONTEND=noninteractive
+# apt and dpkg one at a time: `make -j` may run this beside the browser target's apt-get
+lock=${PARED_APT_LOCK:-/tmp/pared-apt.lock}
+apt_get() { flock "$lock" apt-get "$@"; }
 if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/dev/null; then
-    apt-get update -qq
-    apt-get install -y -qq qemu-user gcc-aarch64-linux-gnu >/dev/null
+    apt_get update -qq
+    apt_get install -y -qq qemu-user gcc-aarch64-linux-gnu >/dev/null
 fi
 if ! dpkg --print-foreign-architectures | grep -qx arm64; then
-    dpkg --add-architecture arm64
+    flock "$lock" dpkg --add-architecture arm64
 fi
-apt-get update -qq
+apt_get update -qq
 rm -rf "$out" && mkdir -p "$out/debs" "$out/root" "$out/site" "$out/wheels"
-(cd "$out/debs" && apt-get download -qq \
+(cd "$out/debs" && apt_get download -qq \
     libc6:arm64 libgcc-s1:arm64 libstdc++6:arm64 libgomp1:arm64 python3.11-minimal:arm64 \
     libpython3.11-minimal:arm64 libpython3.11-stdlib:arm64 zlib1g:arm64 libexpat1:arm64 libffi8:arm64 \
     libssl3:arm64 libbz2-1.0:arm64 liblzma5:arm64 libcrypt1:arm64 libuuid1:arm64 libtinfo6:arm64 \
