@@ -26,6 +26,11 @@ policies at a fixed budget, side by side in one run.
                      Dummy Forcing cost first) whose dropping keeps --goal-db dB PSNR against the
                      pyramid program on the calibration rollouts (bisection; the trials are recorded);
                      one arm per goal (--goal-db 30,20: pyramid_goal30 and pyramid_goal20)
+      pyramid_judged pyramid, then kv_drop with a goal judged on the rollouts themselves: the most
+                     heads whose dropping keeps the calibration rollouts' identity within
+                     --judge-goal's first number and their velocity error within its second of the
+                     pyramid program's (option judge: examples/video_ar/stream.py:judge, the
+                     free-running calibration rollouts scored by quality.py; the trials are recorded)
    --arms picks some of them (full always runs: the ratios are against it).
 3. Quality: every arm rolls out the same --clips held-out clips (same noise) eagerly, the
    Streamer holding what the arm's layout keeps (heavy: the captured program, whose step reports
@@ -67,7 +72,8 @@ def pipeline_options() -> dict:
     return {p.name: dict(p.options) for p in spec.passes}
 
 
-def arms(program, ctx, budget: int, opts: dict, goals_db: tuple[float, ...] = (30.0,)) -> dict:
+def arms(program, ctx, budget: int, opts: dict, goals_db: tuple[float, ...] = (30.0,),
+         judged: tuple[float, float] = (0.02, 0.1)) -> dict:
     """name -> a function building that arm's program (only the arms asked for are built)."""
     from pared.ir.transform import PassManager
     from pared.registry import get_pass
@@ -88,13 +94,16 @@ def arms(program, ctx, budget: int, opts: dict, goals_db: tuple[float, ...] = (3
                                               get_pass("kv_drop")(**dict(drop, compact=False))),
         "window_drop": lambda: run(get_pass("kv_policy")(policy="window", frames=budget),
                                    get_pass("kv_drop")(**drop)),
+        "pyramid_judged": lambda: run(get_pass("kv_policy")(**pyr), get_pass("kv_drop")(
+            target={"accuracy_drop": judged[0], "error_rise": judged[1]},
+            judge=example_module("video_ar", "stream.py").judge)),
         **{f"pyramid_goal{g:g}": (lambda g=g: run(get_pass("kv_policy")(**pyr),
                                                   get_pass("kv_drop")(target={"psnr_db": g}))) for g in goals_db},
     }
 
 
 ARMS = ("full", "window", "sink_window", "pyramid", "pyramid_drop", "pyramid_drop_fullstate", "window_drop", "heavy",
-        "snap", "pyramid_goal")
+        "snap", "pyramid_judged", "pyramid_goal")
 
 
 def spans(frames: int, train: int, context: int) -> dict:
@@ -118,6 +127,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run, of {', '.join(ARMS)} (full always)")
     ap.add_argument("--goal-db", default="30", help="pyramid_goal: the PSNR kv_drop's head count must keep "
                     "(comma-separated: one arm per goal)")
+    ap.add_argument("--judge-goal", default="0.02,0.1", help="pyramid_judged: the identity drop (points of "
+                    "[0, 1]) and the velocity error rise (px/frame) kv_drop's head count must keep against the pyramid")
     ap.add_argument("--guard", choices=("keep", "eliminate"), default="keep",
                     help="eliminate: run softmax_guard_elimination on the captured program first, so every arm "
                     "(full included) drops torch's fully-masked-row softmax guard (exact: the masks here are "
@@ -165,7 +176,10 @@ def main() -> None:
     unknown = set(wanted) - set(ARMS) - set(goal_arms)
     if unknown:
         raise SystemExit(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
-    built = arms(program, ctx, a.budget, opts, goals)
+    judged = tuple(float(x) for x in a.judge_goal.split(","))
+    if len(judged) != 2:
+        raise SystemExit(f"--judge-goal takes two numbers (identity drop, velocity error rise), got {a.judge_goal!r}")
+    built = arms(program, ctx, a.budget, opts, goals, judged)
     variants = {n: built[n]() for n in (*ARMS[:-1], *goal_arms) if n in wanted}   # (ARMS[-1]: the goal arms)
 
     # -- quality: eager Streamers holding what each arm keeps, the same clips and noise ------------
@@ -205,6 +219,7 @@ def main() -> None:
                                                      if d.attention_flops_before else 1.0)   # no head dropped
             if d.target:
                 memory[name]["goal"] = dict(d.target)
+                memory[name]["goal_judge"] = d.judge or "teacher-forced per-call outputs"
                 memory[name]["goal_trials"] = [{"heads_dropped": n, **dict(m)} for n, m in d.trials]
         print(f"{name}: {summary[name]} ({rollout_s[name]} s)", flush=True)
     truth = q.measure(np.stack([c.frames for c in clips]), clips, judge)
