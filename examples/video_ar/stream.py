@@ -140,10 +140,12 @@ def judge(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         accuracy_drop  the reference's identity (the judge reading each tracked digit) minus the
                        candidate's, in points of [0, 1]
         error_rise     the candidate's velocity error minus the reference's, px/frame
-        psnr_db        the candidate's frames against the reference's
+        psnr_db        the candidate's frames against the reference's (analysis.metrics.psnr_db:
+                       identical rollouts give its cap)
 
     Raises:
         ValueError: rollouts of another shape, or whose context frames are not those clips'."""
+    from pared.analysis.metrics import psnr_db
     from pared.workloads import example_module
     data, mdl, q = (example_module("video_ar", "data.py"), example_module("video_ar"),
                     example_module("video_ar", "quality.py"))
@@ -161,7 +163,6 @@ def judge(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     px = lambda v: (np.clip(v, -1, 1) + 1) / 2       # noqa: E731
     j = example_module("judge").load_judge()
     ref, got = q.measure(px(reference), clips, j), q.measure(px(candidate), clips, j)
-    mse = float(np.mean((px(reference[:, k:]) - px(candidate[:, k:])) ** 2))
     return {"accuracy_drop": float(np.mean(ref["identity"][k:]) - np.mean(got["identity"][k:])),
             "error_rise": float(np.mean(got["velocity_error"][k:]) - np.mean(ref["velocity_error"][k:])),
-            "psnr_db": float(10 * math.log10(1.0 / mse)) if mse > 0 else math.inf}
+            "psnr_db": psnr_db(px(reference[:, k:]), px(candidate[:, k:]))}

@@ -172,7 +172,7 @@ def goal_trials(program: Program, ctx: PassContext, goal: Goal, describe: Callab
         def measure(candidate: Program) -> Mapping[str, float]:
             return compare_outputs(ref, replay_inputs(candidate, requests))
     else:
-        name = getattr(judge, "__qualname__", repr(judge))
+        name = judge_name(judge)
         reference = run_free(program, ctx.calibration)
 
         def measure(candidate: Program) -> Mapping[str, float]:

@@ -214,5 +214,6 @@ def test_a_pipeline_file_names_the_judge_relative_to_itself(tmp_path, stream):
     assert p.options.judge.__name__ == "drift"
     (tmp_path / "bad.yaml").write_text("version: 1\npasses:\n  - kv_policy:\n      policy: window\n"
                                        "      target: {error_rise: 0.5}\n      judge: nowhere.py:drift\n")
-    with pytest.raises(Exception, match="bad.yaml:6.*kv_policy.*option 'judge'.*nowhere.py"):
+    from pared.ir.errors import PipelineError
+    with pytest.raises(PipelineError, match="bad.yaml:6.*kv_policy.*option 'judge'.*nowhere.py"):
         build_passes(load_pipeline(str(tmp_path / "bad.yaml")))
